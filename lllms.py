@@ -290,6 +290,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        arms = [a for a in args if a is not type(None)]
+        if len(arms) == 1:  # Optional[X]: X's own error is the precise one
+            return _coerce(value, arms[0], path)
         for arm in args:
             if arm is type(None):
                 continue
@@ -1883,8 +1886,18 @@ class _Handler(BaseHTTPRequestHandler):
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:
             raise InvalidRequest("invalid Content-Length header") from None
-        if length > self.server.model_server.config.max_body_bytes:
+        if length < 0:
+            raise InvalidRequest("invalid Content-Length header")
+        limit = self.server.model_server.config.max_body_bytes
+        if length > limit:
             self.close_connection = True  # the unread body would poison keep-alive
+            # Read and drop a moderate excess so the client gets to read the 413 instead of a broken pipe.
+            left = length if length <= 4 * limit else 0
+            while left > 0:
+                got = self.rfile.read(min(left, 1 << 16))
+                if not got:
+                    break
+                left -= len(got)
             raise PayloadTooLarge(
                 f"request body of {length} bytes exceeds the limit of {self.server.model_server.config.max_body_bytes}",
                 code="body_too_large",

