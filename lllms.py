@@ -25,6 +25,7 @@ import random
 import re
 import secrets
 import signal
+import socket
 import struct
 import sys
 import threading
@@ -32,6 +33,7 @@ import time
 import types
 import typing
 from collections.abc import Iterator
+from contextlib import suppress as _suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal, Union
@@ -991,7 +993,7 @@ class _Pool:
             if model.id in self.paths:
                 for _ in range(model.min_instances):
                     inst = self._reserve(model)
-                    self._load(inst)
+                    self._load(inst, busy=False)
         self._reaper = threading.Thread(target=self._reap_loop, name="lllms-ttl", daemon=True)
         self._reaper.start()
 
@@ -1043,12 +1045,10 @@ class _Pool:
             raise Unavailable("the server is shutting down", headers={"Retry-After": "5"})
         if inst.state == "loading":
             try:
-                self._load(inst)
+                self._load(inst, busy=True)
             except BaseException:
                 self.release(inst, ok=False)
                 raise
-            with self.cond:
-                inst.state = "busy"
         return inst
 
     def release(self, inst: _Instance, ok: bool, context_key: str | None = None) -> None:
@@ -1116,15 +1116,22 @@ class _Pool:
             self.instances[model.id].append(inst)
         return inst
 
-    def _load(self, inst: _Instance) -> None:
-        """Create the engine for a reserved instance; on failure remove it and record the error."""
+    def _load(self, inst: _Instance, busy: bool) -> None:
+        """Create the engine for a reserved instance, leaving it busy (for its requester) or idle.
+
+        On failure the instance is removed and the error recorded for status.
+        """
         model = inst.model
+        engine: Engine | None = None
         try:
             engine = _make_engine(model, self.paths[model.id])
             engine.load()
             if model.preload is not None:
                 engine.preload(model.preload.messages, model.preload.prefix)
         except BaseException as exc:
+            if engine is not None:
+                with _suppress(Exception):
+                    engine.close()
             with self.cond:
                 if inst in self.instances[model.id]:
                     self.instances[model.id].remove(inst)
@@ -1141,8 +1148,11 @@ class _Pool:
             if model.preload is not None:
                 inst.context_key = _history_key(model.preload.messages or [], model.preload.prefix or "")
             self.model_errors.pop(model.id, None)
-            if inst.state == "loading" and inst in self.instances[model.id]:
-                inst.state = "idle"  # a min_instances load; a request's load flips it to busy itself
+            # Flip state in the same critical section, so no other request can grab a fresh instance
+            # between "loaded" and "taken by the request that created it".
+            inst.state = "busy" if busy else "idle"
+            if not busy:
+                self._dispatch()
             self.cond.notify_all()
 
     def _replenish(self, model: ModelConfig) -> None:
@@ -1154,11 +1164,9 @@ class _Pool:
 
         def load() -> None:
             try:
-                self._load(inst)
+                self._load(inst, busy=False)
             except Exception as exc:
                 log.error("could not replace an instance of %s: %s", model.id, exc)
-            with self.cond:
-                self._dispatch()
 
         threading.Thread(target=load, name=f"lllms-load-{model.id}", daemon=True).start()
 
@@ -1573,11 +1581,12 @@ class CompletionStream:
     def _run(self) -> Iterator[Chunk]:
         pool = self._server._pool
         inst = pool.acquire(self._model.id, self._key, self._cancel, self._deadline)
-        ok = False
+        ok = ran = False
         chunks: Iterator[Chunk] | None = None
         try:
             chunks = self._start(inst.engine)
             for ch in chunks:
+                ran = True
                 self.text += ch.text
                 if ch.finish_reason is not None:
                     self.finish_reason, self.usage = ch.finish_reason, ch.usage
@@ -1598,7 +1607,8 @@ class CompletionStream:
             if chunks is not None and hasattr(chunks, "close"):
                 chunks.close()
             # What the instance's context now holds: the request plus what was generated so far.
-            pool.release(inst, ok, self._after(self.text) if ok else "")
+            # A request refused before generation (e.g. too long) left the context as it was.
+            pool.release(inst, ok, self._after(self.text) if ok and ran else None if ok else "")
 
     def __iter__(self) -> CompletionStream:
         return self
@@ -1818,6 +1828,11 @@ class _Handler(BaseHTTPRequestHandler):
         "/openai/v1/embeddings": {"POST": "_post_embeddings"},
     }
 
+    def setup(self) -> None:
+        super().setup()
+        # One small write per token: without NODELAY, Nagle + delayed ACK can stall a stream by 40 ms a token.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
         log.debug("%s %s", self.address_string(), format % args)
 
@@ -1959,7 +1974,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._write_chunk(b"")
         except APIError as exc:
             # Mid-stream failures become an error event, which the SDK raises as APIError.
-            with _suppress_disconnect():
+            with _suppress(BrokenPipeError, ConnectionResetError, TimeoutError):
                 self._write_chunk(b"data: " + json.dumps(exc.envelope()).encode("utf-8") + b"\n\n")
                 self._write_chunk(b"")
             self.close_connection = True
@@ -2015,17 +2030,10 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, embedding_response(e, req["encoding_format"], req["dimensions"]))
 
 
-class _suppress_disconnect:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, tp: Any, exc: Any, tb: Any) -> bool:
-        return tp is not None and issubclass(tp, (BrokenPipeError, ConnectionResetError, TimeoutError))
-
-
 class _HTTPD(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 128
     model_server: ModelServer
 
 
