@@ -45,22 +45,14 @@ def wait_until(predicate: Any, timeout: float = 20.0, what: str = "condition") -
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def get_json(url: str, path: str) -> tuple[int, dict[str, Any], dict[str, str]]:
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, json.loads(resp.read()), dict(resp.getheaders())
-    finally:
-        conn.close()
-
-
-def post_raw(url: str, path: str, body: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any, dict]:
+def http_request(
+    url: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, Any, dict[str, str]]:
+    """One request on a fresh connection: (status, parsed JSON body or None, headers)."""
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     try:
-        conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
         resp = conn.getresponse()
         raw = resp.read()
         return resp.status, json.loads(raw) if raw else None, dict(resp.getheaders())
@@ -68,16 +60,12 @@ def post_raw(url: str, path: str, body: bytes, headers: dict[str, str] | None = 
         conn.close()
 
 
-def request_raw(url: str, method: str, path: str) -> tuple[int, Any, dict]:
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    try:
-        conn.request(method, path)
-        resp = conn.getresponse()
-        raw = resp.read()
-        return resp.status, json.loads(raw) if raw else None, dict(resp.getheaders())
-    finally:
-        conn.close()
+def get_json(url: str, path: str) -> tuple[int, Any, dict[str, str]]:
+    return http_request(url, "GET", path)
+
+
+def post_raw(url: str, path: str, body: bytes) -> tuple[int, Any, dict[str, str]]:
+    return http_request(url, "POST", path, body)
 
 
 def free_port() -> int:
@@ -101,6 +89,11 @@ def assert_envelope(body: Any, *, param: str | None = None, code: str | None = N
 def decode_b64(s: str) -> list[float]:
     raw = base64.b64decode(s)
     return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+
+
+def smol_config(path: str, **model: Any) -> dict[str, Any]:
+    """A config serving SmolLM2 as model "smol" with a 512-token context; `model` overrides its keys."""
+    return {"models": {"smol": {"task": "text-completion", "file": path, "context_size": 512, **model}}}
 
 
 CHAT = [{"role": "user", "content": "Name three colours."}]
@@ -562,16 +555,7 @@ def test_model_server_embedded(smollm2: str, tiny_bert: str) -> None:
 
 
 def test_temperature_zero_and_seed_zero_are_honoured(smollm2: str) -> None:
-    config = {
-        "models": {
-            "smol": {
-                "task": "text-completion",
-                "file": smollm2,
-                "context_size": 512,
-                "completion_defaults": {"temperature": 1.5, "seed": 7},
-            }
-        }
-    }
+    config = smol_config(smollm2, completion_defaults={"temperature": 1.5, "seed": 7})
     prompt = [{"role": "user", "content": "Write a sentence about the sea."}]
     with lllms.ModelServer(config) as ms:
         greedy = {ms.chat("smol", prompt, temperature=0, seed=None, max_tokens=16).text for _ in range(2)}
@@ -586,7 +570,7 @@ def test_temperature_zero_and_seed_zero_are_honoured(smollm2: str) -> None:
 def test_usage_counts_match_the_tokenizer(smollm2: str) -> None:
     import llama_cpp
 
-    config = {"models": {"smol": {"task": "text-completion", "file": smollm2, "context_size": 512}}}
+    config = smol_config(smollm2)
     prompt = "Once upon a time"
     with lllms.ModelServer(config) as ms:
         c = ms.complete("smol", prompt, max_tokens=20, temperature=0)
@@ -600,17 +584,7 @@ def test_usage_counts_match_the_tokenizer(smollm2: str) -> None:
 
 def test_preload_prefix_is_reused(smollm2: str) -> None:
     system = [{"role": "system", "content": "You are a pirate. Answer every question like a pirate would."}]
-    config = {
-        "models": {
-            "smol": {
-                "task": "text-completion",
-                "file": smollm2,
-                "context_size": 512,
-                "min_instances": 1,
-                "preload": {"messages": system},
-            }
-        }
-    }
+    config = smol_config(smollm2, min_instances=1, preload={"messages": system})
     with lllms.ModelServer(config) as ms:
         c = ms.chat("smol", [*system, {"role": "user", "content": "Where is the treasure?"}], max_tokens=4)
         assert c.usage.cached_tokens >= 15 and c.usage.cached_tokens < c.usage.prompt_tokens
@@ -816,13 +790,13 @@ def test_http_error_envelopes(
 
 
 def test_http_method_not_allowed_and_unknown_get(http_server: lllms.HTTPServer) -> None:
-    status, payload, headers = request_raw(http_server.url, "GET", "/openai/v1/chat/completions")
+    status, payload, headers = http_request(http_server.url, "GET", "/openai/v1/chat/completions")
     assert status == 405 and headers["Allow"] == "POST"
     assert_envelope(payload, code="method_not_allowed")
-    status, payload, _ = request_raw(http_server.url, "GET", "/nope")
+    status, payload, _ = http_request(http_server.url, "GET", "/nope")
     assert status == 404
     assert_envelope(payload, code="not_found")
-    status, payload, _ = request_raw(http_server.url, "DELETE", "/openai/v1/models")
+    status, payload, _ = http_request(http_server.url, "DELETE", "/openai/v1/models")
     assert status == 405
 
 
