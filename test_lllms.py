@@ -927,3 +927,58 @@ def test_cli_rejects_bad_config(tmp_path: Any) -> None:
         timeout=60,
     )
     assert proc.returncode == 2 and "models.m.maxInstance: unknown key" in proc.stderr
+
+
+# ==== shapes validate against OpenAI's OpenAPI spec
+
+
+def _sse_events(url: str, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
+    host, port = url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    try:
+        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
+        raw = conn.getresponse().read().decode()
+    finally:
+        conn.close()
+    return [json.loads(e[len("data: ") :]) for e in raw.split("\n\n") if e.startswith("data: {")]
+
+
+def test_responses_validate_against_openapi_spec(http_server: lllms.HTTPServer, openapi: Any) -> None:
+    url = http_server.url
+    chat = {"model": "smol", "messages": CHAT, "max_tokens": 6}
+    status, body, _ = post_raw(url, "/v1/chat/completions", json.dumps(chat).encode())
+    assert status == 200
+    openapi("CreateChatCompletionResponse", body)
+    events = _sse_events(
+        url, "/v1/chat/completions", {**chat, "stream": True, "stream_options": {"include_usage": True}}
+    )
+    assert len(events) >= 3
+    for event in events:
+        openapi("CreateChatCompletionStreamResponse", event)
+    for event in _sse_events(url, "/v1/chat/completions", {**chat, "stream": True}):
+        openapi("CreateChatCompletionStreamResponse", event)
+    comp = {"model": "smol", "prompt": "Hello", "max_tokens": 4}
+    status, body, _ = post_raw(url, "/v1/completions", json.dumps(comp).encode())
+    openapi("CreateCompletionResponse", body)
+    events = _sse_events(url, "/v1/completions", {**comp, "stream": True, "stream_options": {"include_usage": True}})
+    # The spec has no completion chunk schema: a chunk is a completion whose finish_reason may still be null and
+    # whose usage is null until the last, usage-only chunk (as OpenAI streams it). Check the finishing chunk
+    # against the completion schema, and that every chunk has its shape.
+    *chunks, usage_chunk = events
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    openapi("CreateCompletionResponse", {k: v for k, v in chunks[-1].items() if k != "usage"})
+    for event in chunks:
+        assert event.keys() == chunks[-1].keys() and event["usage"] is None
+        assert event["choices"][0].keys() == chunks[-1]["choices"][0].keys()
+    assert usage_chunk["choices"] == [] and usage_chunk["usage"]["total_tokens"] > 0
+    status, body, _ = post_raw(url, "/v1/embeddings", json.dumps({"model": "bert", "input": ["a", "b"]}).encode())
+    openapi("CreateEmbeddingResponse", body)
+    openapi("ListModelsResponse", get_json(url, "/v1/models")[1])
+    openapi("Model", get_json(url, "/v1/models/smol")[1])
+    for status, body, _ in (
+        get_json(url, "/v1/models/nope"),
+        post_raw(url, "/v1/chat/completions", b"{"),
+        post_raw(url, "/v1/chat/completions", json.dumps({**chat, "n": 3}).encode()),
+    ):
+        assert status >= 400
+        openapi("ErrorResponse", body)
