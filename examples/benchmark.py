@@ -78,7 +78,9 @@ class Side:
 
     def summary(self) -> dict[str, Any]:
         return {
+            "name": self.name,
             "median_tok_s": round(self.median_tok_s, 2),
+            "min_max_tok_s": [round(min(r.tok_s for r in self.runs), 1), round(max(r.tok_s for r in self.runs), 1)],
             "median_ttft_ms": round(self.median_ttft * 1000, 1),
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": sorted({r.tokens for r in self.runs}),
@@ -301,19 +303,18 @@ def scenario_stream(args: argparse.Namespace) -> dict[str, Any]:
         "ttft_delta_ms": round((b.median_ttft - a.median_ttft) * 1000, 1),
         "identical_text": same_text,
         "notes": notes,
-        "_sides": (a, b),
     }
 
 
 def print_stream(result: dict[str, Any]) -> None:
-    a, b = result["_sides"]
-    n = len(a.runs)
-    width = max(len(a.name), len(b.name))
-    for side in (a, b):
-        tokens = ",".join(str(t) for t in sorted({r.tokens for r in side.runs}))
+    sides = [result["in_process"], result["lllms"]]
+    width = max(len(s["name"]) for s in sides)
+    for s in sides:
+        tokens = ",".join(map(str, s["completion_tokens"]))
         print(
-            f"{side.name:<{width}}: {side.median_tok_s:6.1f} tok/s (median of {n}), "
-            f"ttft {side.median_ttft * 1000:5.1f} ms, {tokens} completion tokens, {side.prompt_tokens} prompt tokens"
+            f"{s['name']:<{width}}: {s['median_tok_s']:6.1f} tok/s (median of {len(s['runs'])}; "
+            f"{s['min_max_tok_s'][0]:.1f}-{s['min_max_tok_s'][1]:.1f}), ttft {s['median_ttft_ms']:5.1f} ms, "
+            f"{tokens} completion tokens, {s['prompt_tokens']} prompt tokens"
         )
     print(f"ratio: {result['ratio']:.2f}  (lllms / in-process tok/s)")
     print(f"identical text on both sides: {'yes' if result['identical_text'] else 'NO'}")
@@ -324,6 +325,23 @@ def print_stream(result: dict[str, Any]) -> None:
 SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Callable[[dict[str, Any]], None]]] = {
     "stream": (scenario_stream, print_stream),
 }
+
+
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Fraction of all CPU time spent busy over `seconds`, from /proc/stat (None where there is none)."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return round(1 - (idle1 - idle0) / max(total1 - total0, 1), 3)
 
 
 def machine_info() -> dict[str, Any]:
@@ -339,6 +357,7 @@ def machine_info() -> dict[str, Any]:
     return {
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
+        "cpu_busy_before": cpu_busy(),
         "python": platform.python_version(),
         "lllms": lllms.__version__,
         "llama_cpp_python": llama_cpp.__version__,
@@ -356,14 +375,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds < 1 or args.max_tokens < 1:
         ap.error("--rounds and --max-tokens must be >= 1")
     args.model = args.model or lllms._find_default_model()
+    if not os.path.isfile(args.model):
+        ap.error(f"no such model file: {args.model}")
 
     info = machine_info()
+    if (info["cpu_busy_before"] or 0) > 0.2:
+        print(
+            f"warning: the CPUs were {info['cpu_busy_before']:.0%} busy: other work may skew the timings",
+            file=sys.stderr,
+        )
     run, show = SCENARIOS[args.scenario]
     result = run(args)
     if args.json:
-        print(json.dumps({"machine": info, **{k: v for k, v in result.items() if not k.startswith("_")}}, indent=2))
+        print(json.dumps({"machine": info, **result}, indent=2))
         return 0
-    print(f"machine: {info['cpu']}, {info['cpu_count']} CPUs")
+    busy = "" if info["cpu_busy_before"] is None else f", {info['cpu_busy_before']:.0%} busy just before the run"
+    print(f"machine: {info['cpu']}, {info['cpu_count']} CPUs{busy}")
     print(f"versions: python {info['python']}, lllms {info['lllms']}, llama-cpp-python {info['llama_cpp_python']}")
     s = result["settings"]
     print(
