@@ -14,6 +14,7 @@ import argparse
 import base64
 import codecs
 import collections
+import ctypes
 import dataclasses
 import importlib.util
 import itertools
@@ -24,6 +25,7 @@ import os
 import random
 import re
 import secrets
+import select
 import signal
 import socket
 import struct
@@ -32,7 +34,7 @@ import threading
 import time
 import types
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress as _suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -202,6 +204,7 @@ class ModelConfig:
     device: DeviceConfig = field(default_factory=DeviceConfig)
     preload: PreloadConfig | None = None
     chat_template: str | None = None  # Jinja template overriding the model's own
+    state_cache_bytes: int = 0  # RAM for contexts spilled from instances, restored when their chat returns
     id: str = field(default="", metadata={"internal": True})
 
     def _check(self, path: str) -> None:
@@ -222,6 +225,8 @@ class ModelConfig:
             )
         if self.ttl < 0:
             raise ConfigError(f"{path}.ttl: must be >= 0, got {self.ttl}")
+        if self.state_cache_bytes < 0:
+            raise ConfigError(f"{path}.state_cache_bytes: must be >= 0, got {self.state_cache_bytes}")
         try:
             SamplingParams.from_dict(self.completion_defaults)
         except InvalidRequest as exc:
@@ -239,12 +244,22 @@ class ServerConfig:
     listen: ListenConfig = field(default_factory=ListenConfig)
     models_dir: str = field(default_factory=_default_models_dir)
     max_body_bytes: int = 8 * 1024 * 1024
+    max_queue: int | None = None  # requests allowed to wait; beyond it, 503 with Retry-After. None: unbounded
+    queue_timeout: float | None = None  # seconds a request may wait for an instance; then 503 with Retry-After
+    request_timeout: float | None = None  # seconds per request; generation then ends with the partial text
+    keepalive_interval: float = 5.0  # seconds between SSE keep-alive comments while a stream waits in the queue
 
     def _check(self, path: str) -> None:
         if self.concurrency < 1:
             raise ConfigError(f"concurrency: must be >= 1, got {self.concurrency}")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes: must be >= 1024, got {self.max_body_bytes}")
+        if self.max_queue is not None and self.max_queue < 0:
+            raise ConfigError(f"max_queue: must be >= 0, got {self.max_queue}")
+        for key in ("queue_timeout", "request_timeout", "keepalive_interval"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{key}: must be > 0, got {value}")
         for model_id, model in self.models.items():
             if not re.fullmatch(r"[A-Za-z0-9_.:-]+", model_id):
                 raise ConfigError(f"models.{model_id}: model ids must match [A-Za-z0-9_.:-]+")
@@ -566,14 +581,18 @@ class Chunk:
     usage: Usage | None = None
 
 
+_StopCheck = Callable[[], bool] | None
+
+
 class Engine:
     """One loaded model instance. Not thread-safe: the pool gives it one request at a time."""
 
     name = "engine"
 
-    def __init__(self, model: ModelConfig, path: str) -> None:
+    def __init__(self, model: ModelConfig, path: str, state_cache: _StateCache | None = None) -> None:
         self.model = model
         self.path = path
+        self.state_cache = state_cache  # shared by the model's instances; engines that can't save state ignore it
 
     def load(self) -> None:
         """Load the model; raise on failure."""
@@ -586,13 +605,23 @@ class Engine:
     def preload(self, messages: list[dict[str, Any]] | None, prefix: str | None) -> None:
         """Evaluate leading context so requests that start with it reuse it."""
 
-    def chat(self, messages: list[dict[str, Any]], params: SamplingParams) -> Iterator[Chunk]:
-        """Generate the assistant's reply with the model's chat template."""
+    def chat(
+        self, messages: list[dict[str, Any]], params: SamplingParams, should_stop: _StopCheck = None
+    ) -> Iterator[Chunk]:
+        """Generate the assistant's reply with the model's chat template.
+
+        `should_stop` is polled between tokens; when it returns True the stream ends with finish_reason "length".
+        Validation errors (prompt too long, ...) raise here, before the first chunk is asked for.
+        """
         raise NotImplementedError
 
-    def complete(self, prompt: str, params: SamplingParams) -> Iterator[Chunk]:
+    def complete(self, prompt: str, params: SamplingParams, should_stop: _StopCheck = None) -> Iterator[Chunk]:
         """Continue a raw text prompt."""
         raise NotImplementedError
+
+    def context_info(self) -> tuple[int, str]:
+        """Tokens in the context now, and a short preview of its text (for status)."""
+        return 0, ""
 
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Normalised vectors, one per text, and the number of tokens read."""
@@ -631,10 +660,69 @@ class _StopMatcher:
         return out
 
 
+# Spill a context only when a prompt would throw away at least this many of its tokens, and restore a saved
+# state only when it saves at least this many more tokens than the instance's own context already does.
+_MIN_SPILL_TOKENS = 32
+_MIN_RESTORE_GAIN = 16
+
 _CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
+
+
+class _StateCache:
+    """KV states of conversations pushed out of their instance, kept in RAM up to a byte budget (LRU).
+
+    Shared by all instances of one model, so a conversation can come back on any of them. Keys are the exact
+    token sequences the states hold; a state is only ever restored for a prompt that starts with all of them.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.entries: collections.OrderedDict[tuple[int, ...], Any] = collections.OrderedDict()
+        self.bytes = 0
+        self.lock = threading.Lock()
+        self.saved = self.restored = 0
+
+    def put(self, tokens: tuple[int, ...], state: Any) -> None:
+        size = len(state)
+        if size > self.limit:
+            return
+        with self.lock:
+            # A longer history supersedes its own prefixes.
+            for key in [k for k in self.entries if len(k) <= len(tokens) and tokens[: len(k)] == k]:
+                self.bytes -= len(self.entries.pop(key))
+            self.entries[tokens] = state
+            self.bytes += size
+            self.saved += 1
+            while self.bytes > self.limit:
+                _, old = self.entries.popitem(last=False)
+                self.bytes -= len(old)
+
+    def best(self, prompt: list[int], longer_than: int) -> tuple[tuple[int, ...], Any] | None:
+        """The longest saved state whose tokens are a prefix of prompt, if it covers more than longer_than."""
+        with self.lock:
+            best = None
+            for key in self.entries:
+                if longer_than < len(key) <= len(prompt) and (best is None or len(key) > len(best)):
+                    if tuple(prompt[: len(key)]) == key:
+                        best = key
+            if best is None:
+                return None
+            self.entries.move_to_end(best)
+            self.restored += 1
+            return best, self.entries[best]
+
+    def info(self) -> dict[str, int]:
+        with self.lock:
+            return {
+                "limit_bytes": self.limit,
+                "bytes": self.bytes,
+                "entries": len(self.entries),
+                "saved": self.saved,
+                "restored": self.restored,
+            }
 
 
 _load_options = threading.local()
@@ -671,8 +759,8 @@ class LlamaCppEngine(Engine):
 
     name = "llama-cpp"
 
-    def __init__(self, model: ModelConfig, path: str) -> None:
-        super().__init__(model, path)
+    def __init__(self, model: ModelConfig, path: str, state_cache: _StateCache | None = None) -> None:
+        super().__init__(model, path, state_cache)
         self.llm: Any = None
         self._embedder: Any = None
         self._formatter: Any = None
@@ -790,13 +878,26 @@ class LlamaCppEngine(Engine):
         self.llm.reset()
         self.llm.eval(tokens)
 
-    def chat(self, messages: list[dict[str, Any]], params: SamplingParams) -> Iterator[Chunk]:
+    def chat(
+        self, messages: list[dict[str, Any]], params: SamplingParams, should_stop: _StopCheck = None
+    ) -> Iterator[Chunk]:
         self._need_text_model()
-        return self._generate(self._render(messages), params, "messages")
+        return self._generate(self._render(messages), params, "messages", should_stop)
 
-    def complete(self, prompt: str, params: SamplingParams) -> Iterator[Chunk]:
+    def complete(self, prompt: str, params: SamplingParams, should_stop: _StopCheck = None) -> Iterator[Chunk]:
         self._need_text_model()
-        return self._generate(self._tokenize(prompt, "prompt"), params, "prompt")
+        return self._generate(self._tokenize(prompt, "prompt"), params, "prompt", should_stop)
+
+    def context_info(self) -> tuple[int, str]:
+        if self.llm is None:
+            return 0, ""
+        return self.llm.n_tokens, self.context_text(limit=48)[:80]
+
+    def context_text(self, limit: int | None = None) -> str:
+        """The text the context holds (its first `limit` tokens), special tokens included."""
+        llm = self.llm
+        n = llm.n_tokens if limit is None else min(limit, llm.n_tokens)
+        return llm.detokenize(llm.input_ids[:n].tolist(), special=True).decode("utf-8", errors="replace")
 
     def _need_text_model(self) -> None:
         if self.llm is None:
@@ -817,7 +918,41 @@ class LlamaCppEngine(Engine):
             return n
         return max(0, n - 1) if n == len(tokens) else n
 
-    def _generate(self, tokens: list[int], p: SamplingParams, param: str) -> Iterator[Chunk]:
+    def _spill_and_restore(self, tokens: list[int]) -> None:
+        """Keep a context this prompt would clobber in the state cache, and restore a better one from it."""
+        llm, cache = self.llm, self.state_cache
+        if cache is None:
+            return
+        reuse, held = self._cached_prefix(tokens), llm.n_tokens
+        found = cache.best(tokens, longer_than=reuse + _MIN_RESTORE_GAIN)
+        if held - reuse >= _MIN_SPILL_TOKENS:
+            cache.put(tuple(llm.input_ids[:held].tolist()), self._save_seq())
+        if found is not None:
+            self._load_seq(*found)
+
+    def _save_seq(self) -> Any:
+        """The KV cache of sequence 0, without the logits that llama-cpp-python's save_state also copies."""
+        llama_cpp, ctx = self._import(), self.llm._ctx.ctx
+        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        n = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
+        return buf if n == size else bytes(buf)[:n]
+
+    def _load_seq(self, tokens: tuple[int, ...], state: Any) -> None:
+        llama_cpp, llm = self._import(), self.llm
+        llm._ctx.kv_cache_clear()
+        src = state if isinstance(state, ctypes.Array) else (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, src, len(state), 0) == 0:
+            log.warning("%s: restoring a saved context failed; evaluating the prompt instead", self.model.id)
+            llm.reset()
+            return
+        llm.input_ids[: len(tokens)] = tokens
+        llm.n_tokens = len(tokens)
+        llm._requires_eval = True  # the logits of the last token were not saved
+
+    def _generate(
+        self, tokens: list[int], p: SamplingParams, param: str, should_stop: _StopCheck = None
+    ) -> Iterator[Chunk]:
         llama_cpp = self._import()
         llm = self.llm
         n_ctx = llm.n_ctx()
@@ -829,15 +964,22 @@ class LlamaCppEngine(Engine):
             )
         room = n_ctx - len(tokens)
         max_new = room if p.max_tokens is None else min(p.max_tokens, room)
+        self._spill_and_restore(tokens)
         cached = self._cached_prefix(tokens)
         # seed 0 is a real seed; 0xFFFFFFFF would mean "random" to llama.cpp.
         llm.set_seed(random.getrandbits(32) % 0xFFFFFFFF if p.seed is None else p.seed % 0xFFFFFFFF)
         last_n = self._default_last_n if p.repeat_last_n is None else p.repeat_last_n
         llm.last_n_tokens_size = n_ctx if last_n == -1 else last_n
-        return self._stream(llama_cpp, tokens, p, max_new, cached)
+        return self._stream(llama_cpp, tokens, p, max_new, cached, should_stop)
 
     def _stream(
-        self, llama_cpp: Any, tokens: list[int], p: SamplingParams, max_new: int, cached: int
+        self,
+        llama_cpp: Any,
+        tokens: list[int],
+        p: SamplingParams,
+        max_new: int,
+        cached: int,
+        should_stop: _StopCheck,
     ) -> Iterator[Chunk]:
         llm = self.llm
         vocab = llm._model.vocab
@@ -871,7 +1013,7 @@ class LlamaCppEngine(Engine):
                         break
                     if text:
                         yield Chunk(text)
-                    if usage.completion_tokens >= max_new:
+                    if usage.completion_tokens >= max_new or (should_stop is not None and should_stop()):
                         break
             finally:
                 gen.close()
@@ -908,13 +1050,13 @@ class LlamaCppEngine(Engine):
 _ENGINES: dict[str, type[Engine]] = {"llama-cpp": LlamaCppEngine}
 
 
-def _make_engine(model: ModelConfig, path: str) -> Engine:
+def _make_engine(model: ModelConfig, path: str, state_cache: _StateCache | None = None) -> Engine:
     cls = _ENGINES.get(model.engine)
     if cls is None:
         raise Unavailable(
             f"model '{model.id}': the {model.engine} engine is not available yet", code="engine_unavailable"
         )
-    return cls(model, path)
+    return cls(model, path, state_cache)
 
 
 # ==== 5. pool: instances, queue, context routing, ttl
@@ -935,7 +1077,10 @@ class _Instance:
         self.last_used = time.monotonic()
         self.last_used_wall = self.created
         self.requests = 0
+        self.cached_tokens = 0  # prompt tokens reused from this instance's context, summed over requests
         self.context_key = ""  # request history this instance's context holds, in _history_key form
+        self.context_tokens = 0
+        self.preview = ""
 
     def info(self) -> dict[str, Any]:
         return {
@@ -946,18 +1091,21 @@ class _Instance:
             "created": int(self.created),
             "last_used": int(self.last_used_wall),
             "requests": self.requests,
+            "context_tokens": self.context_tokens,
+            "cached_tokens": self.cached_tokens,
+            "preview": self.preview,
         }
 
 
 class _Ticket:
-    """A request waiting for an instance, in FIFO order across models."""
+    """A request's place in the queue; `ready` is set once it holds an instance (or the server stopped)."""
 
     def __init__(self, model_id: str, key: str) -> None:
         self.model_id = model_id
         self.key = key
         self.ready = threading.Event()
         self.instance: _Instance | None = None
-        self.created = time.monotonic()
+        self.queued_at = time.monotonic()
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -980,10 +1128,14 @@ class _Pool:
         self.paths = paths
         self.model_errors = model_errors
         self.instances: dict[str, list[_Instance]] = {m: [] for m in config.models}
+        self.state_caches = {
+            m.id: _StateCache(m.state_cache_bytes) for m in config.models.values() if m.state_cache_bytes
+        }
         self.queue: collections.deque[_Ticket] = collections.deque()
         self.running = 0
         self.cond = threading.Condition()
         self.stopping = False
+        self.service_time = 1.0  # moving average of seconds an instance is held, for Retry-After
         self._reaper: threading.Thread | None = None
 
     # -- lifecycle
@@ -1015,34 +1167,52 @@ class _Pool:
         if self._reaper is not None:
             self._reaper.join(timeout=5)
 
-    # -- acquiring and releasing
+    # -- queueing
 
-    def acquire(self, model_id: str, key: str, cancel: threading.Event | None, deadline: float | None) -> _Instance:
-        """Wait in line for an instance of model_id, preferring one whose context shares key's prefix."""
+    def retry_after(self) -> str:
+        """Seconds until a slot is likely free: the queue ahead times the average hold, spread over the slots."""
+        waiting = len(self.queue) + 1
+        return str(max(1, math.ceil(self.service_time * waiting / self.config.concurrency)))
+
+    def enqueue(self, model_id: str, key: str) -> _Ticket:
+        """Join the queue for an instance of model_id whose context shares key's prefix, if one is free.
+
+        Raises Unavailable (503 with Retry-After) when the server is stopping or the queue is full.
+        """
         ticket = _Ticket(model_id, key)
         with self.cond:
             if self.stopping:
-                raise Unavailable("the server is shutting down", headers={"Retry-After": "5"})
+                raise Unavailable("the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
             self.queue.append(ticket)
             self._dispatch()
+            limit = self.config.max_queue
+            if not ticket.ready.is_set() and limit is not None and len(self.queue) > limit:
+                self.queue.remove(ticket)
+                raise Unavailable(
+                    f"the server is busy: {limit} requests are already waiting",
+                    code="queue_full",
+                    headers={"Retry-After": self.retry_after()},
+                )
+        return ticket
+
+    def wait(self, ticket: _Ticket, cancel: Any, deadline: float | None) -> _Instance:
+        """Wait for the ticket's instance (loading it if new). `cancel.is_set()` or the deadline give up."""
         try:
-            while not ticket.ready.wait(0.1 if cancel is not None or deadline is not None else None):
+            while not ticket.ready.wait(0.05 if cancel is not None or deadline is not None else None):
                 if cancel is not None and cancel.is_set():
-                    raise Unavailable("request cancelled while waiting", code="cancelled")
+                    raise Unavailable("the request was cancelled while waiting", code="cancelled")
                 if deadline is not None and time.monotonic() >= deadline:
+                    with self.cond:
+                        retry = self.retry_after()
                     raise Unavailable(
-                        "timed out waiting for a free instance", code="queue_timeout", headers={"Retry-After": "1"}
+                        "timed out waiting for a free instance", code="queue_timeout", headers={"Retry-After": retry}
                     )
         except BaseException:
-            with self.cond:
-                if ticket in self.queue:
-                    self.queue.remove(ticket)
-                elif ticket.instance is not None:
-                    self._release_locked(ticket.instance, ok=ticket.instance.state != "loading")
+            self.abandon(ticket)
             raise
         inst = ticket.instance
         if inst is None:
-            raise Unavailable("the server is shutting down", headers={"Retry-After": "5"})
+            raise Unavailable("the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
         if inst.state == "loading":
             try:
                 self._load(inst, busy=True)
@@ -1051,19 +1221,47 @@ class _Pool:
                 raise
         return inst
 
-    def release(self, inst: _Instance, ok: bool, context_key: str | None = None) -> None:
+    def abandon(self, ticket: _Ticket) -> None:
+        """Leave the queue, or hand back an instance granted but never used."""
+        with self.cond:
+            if ticket in self.queue:
+                self.queue.remove(ticket)
+                self._dispatch()  # a waiter behind this one may be servable now
+                return
+            inst, ticket.instance = ticket.instance, None
+        if inst is not None and inst.state != "gone":
+            self.release(inst, ok=inst.state != "loading", used=False)
+
+    # -- releasing
+
+    def release(
+        self,
+        inst: _Instance,
+        ok: bool,
+        context_key: str | None = None,
+        cached_tokens: int = 0,
+        used: bool = True,
+    ) -> None:
+        """Give an instance back. ok=False disposes it (its engine failed); context_key is what it now holds."""
+        info = inst.engine.context_info() if ok and used and inst.engine is not None else None
         with self.cond:
             if context_key is not None:
                 inst.context_key = context_key
-            doomed = self._release_locked(inst, ok)
+            if info is not None:
+                inst.context_tokens, inst.preview = info
+            inst.cached_tokens += cached_tokens
+            doomed = self._release_locked(inst, ok, used)
         if doomed:
             self._close(inst)
 
-    def _release_locked(self, inst: _Instance, ok: bool) -> bool:
+    def _release_locked(self, inst: _Instance, ok: bool, used: bool = True) -> bool:
         """Return the slot and the instance; True when the caller must close the instance."""
         self.running -= 1
-        inst.requests += 1
-        inst.last_used, inst.last_used_wall = time.monotonic(), time.time()
+        now = time.monotonic()
+        if used:
+            inst.requests += 1
+            self.service_time = 0.8 * self.service_time + 0.2 * (now - inst.last_used)
+            inst.last_used, inst.last_used_wall = now, time.time()
         insts = self.instances[inst.model.id]
         dispose = not ok or self.stopping or (inst.model.ttl == 0 and len(insts) > inst.model.min_instances)
         if dispose:
@@ -1105,6 +1303,7 @@ class _Pool:
                 continue  # this model is saturated; later tickets for other models may still run
             self.queue.remove(ticket)
             self.running += 1
+            best.last_used = time.monotonic()  # start of the hold, for service_time
             ticket.instance = best
             ticket.ready.set()
 
@@ -1124,7 +1323,7 @@ class _Pool:
         model = inst.model
         engine: Engine | None = None
         try:
-            engine = _make_engine(model, self.paths[model.id])
+            engine = _make_engine(model, self.paths[model.id], self.state_caches.get(model.id))
             engine.load()
             if model.preload is not None:
                 engine.preload(model.preload.messages, model.preload.prefix)
@@ -1143,10 +1342,12 @@ class _Pool:
             if isinstance(exc, APIError):
                 raise
             raise Unavailable(f"model '{model.id}' failed to load: {exc}", code="model_load_failed") from exc
+        info = engine.context_info()
         with self.cond:
             inst.engine = engine
             if model.preload is not None:
                 inst.context_key = _history_key(model.preload.messages or [], model.preload.prefix or "")
+            inst.context_tokens, inst.preview = info
             self.model_errors.pop(model.id, None)
             # Flip state in the same critical section, so no other request can grab a fresh instance
             # between "loaded" and "taken by the request that created it".
@@ -1291,7 +1492,7 @@ _SAMPLING_KEYS = {
     "seed",
     "stop",
 }
-# Spec parameters that change nothing about the output; accepted and not used.
+# Spec parameters that change nothing about the output, and request controls handled outside sampling.
 _INERT_KEYS = {
     "user",
     "metadata",
@@ -1302,6 +1503,7 @@ _INERT_KEYS = {
     "stream",
     "stream_options",
     "model",
+    "timeout",  # lllms' own: seconds for the whole request
 }
 
 
@@ -1369,18 +1571,28 @@ _COMPLETION_UNSUPPORTED: dict[str, Any] = {
 }
 
 
+def _common_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """model, sampling params, stream flags and lllms' own `timeout` (seconds) of a chat or completion request."""
+    stream, include_usage = _stream_flags(body)
+    timeout = body.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
+    ):
+        raise InvalidRequest("'timeout' must be a positive number of seconds", param="timeout")
+    return {
+        "model": _model_field(body),
+        "params": _sampling_from(body),
+        "stream": stream,
+        "include_usage": include_usage,
+        "timeout": timeout,
+    }
+
+
 def parse_chat_request(body: dict[str, Any]) -> dict[str, Any]:
     """An OpenAI chat request as ModelServer.chat keyword arguments (plus stream flags)."""
     _check_keys(body, _SAMPLING_KEYS | _INERT_KEYS | set(_CHAT_UNSUPPORTED) | {"messages"})
     _reject_unsupported(body, _CHAT_UNSUPPORTED)
-    stream, include_usage = _stream_flags(body)
-    return {
-        "model": _model_field(body),
-        "messages": _parse_messages(body.get("messages")),
-        "params": _sampling_from(body),
-        "stream": stream,
-        "include_usage": include_usage,
-    }
+    return {**_common_fields(body), "messages": _parse_messages(body.get("messages"))}
 
 
 def parse_completion_request(body: dict[str, Any]) -> dict[str, Any]:
@@ -1392,17 +1604,10 @@ def parse_completion_request(body: dict[str, Any]) -> dict[str, Any]:
         prompt = prompt[0]
     if not isinstance(prompt, str):
         raise InvalidRequest("'prompt' must be a string (lists and token ids are not supported yet)", param="prompt")
-    stream, include_usage = _stream_flags(body)
-    params = _sampling_from(body)
-    if params.max_tokens is None:
-        params.max_tokens = 16  # the spec's default for legacy completions
-    return {
-        "model": _model_field(body),
-        "prompt": prompt,
-        "params": params,
-        "stream": stream,
-        "include_usage": include_usage,
-    }
+    fields = _common_fields(body)
+    if fields["params"].max_tokens is None:
+        fields["params"].max_tokens = 16  # the spec's default for legacy completions
+    return {**fields, "prompt": prompt}
 
 
 def parse_embedding_request(body: dict[str, Any]) -> dict[str, Any]:
@@ -1534,6 +1739,7 @@ class Completion:
     text: str
     finish_reason: str
     usage: Usage
+    instance_id: str | None = None  # the pool instance that served it
 
 
 @dataclass
@@ -1546,10 +1752,10 @@ class Embeddings:
 
 
 class CompletionStream:
-    """Chunks of a completion as they are generated. Close it (or use `with`) to stop early.
+    """Chunks of a completion as they are generated. Iterate it to the end, or close it (`with`) to stop early.
 
-    The model is checked when the stream is created; an instance is taken when iteration starts
-    and given back when the stream ends or is closed.
+    Creating the stream puts the request in the queue, so a full queue fails at once; `wait_ready()` tells
+    when an instance is free. Iterating takes the instance, which goes back when the stream ends or closes.
     """
 
     def __init__(
@@ -1557,10 +1763,10 @@ class CompletionStream:
         server: ModelServer,
         model: ModelConfig,
         key: str,
-        start: Any,
+        start: Callable[[Engine, _StopCheck], Iterator[Chunk]],
         prefix: str,
-        after: Any,
-        cancel: threading.Event | None,
+        after: Callable[[str], str],
+        cancel: Any,
         timeout: float | None,
     ) -> None:
         self.id = f"{prefix}-{secrets.token_urlsafe(12)}"
@@ -1569,30 +1775,43 @@ class CompletionStream:
         self.text = ""
         self.finish_reason: str | None = None
         self.usage: Usage | None = None
+        self.instance_id: str | None = None  # which instance served it, once known
         self._server = server
-        self._model = model
-        self._key = key
-        self._start = start  # engine -> chunk iterator
+        self._start = start  # (engine, should_stop) -> chunk iterator
         self._after = after  # generated text -> context key for the instance
-        self._cancel = cancel
-        self._deadline = None if timeout is None else time.monotonic() + timeout
+        self._cancel = cancel  # anything with is_set(): a threading.Event, or the HTTP layer's client watch
+        now = time.monotonic()
+        self._deadline = None if timeout is None else now + timeout
+        qt = server.config.queue_timeout
+        queue_deadline = None if qt is None else now + qt
+        self._queue_deadline = min((d for d in (queue_deadline, self._deadline) if d is not None), default=None)
+        self._ticket = server._pool.enqueue(model.id, key)
+        self._started = False
         self._gen = self._run()
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Whether an instance is free for this request (True at once if iteration has begun)."""
+        return self._started or self._ticket.ready.wait(timeout)
+
+    def _should_stop(self) -> bool:
+        if self._cancel is not None and self._cancel.is_set():
+            return True
+        return self._deadline is not None and time.monotonic() >= self._deadline
 
     def _run(self) -> Iterator[Chunk]:
         pool = self._server._pool
-        inst = pool.acquire(self._model.id, self._key, self._cancel, self._deadline)
+        inst = pool.wait(self._ticket, self._cancel, self._queue_deadline)
+        self.instance_id = inst.id
         ok = ran = False
         chunks: Iterator[Chunk] | None = None
         try:
-            chunks = self._start(inst.engine)
+            chunks = self._start(typing.cast(Engine, inst.engine), self._should_stop)
             for ch in chunks:
                 ran = True
                 self.text += ch.text
                 if ch.finish_reason is not None:
                     self.finish_reason, self.usage = ch.finish_reason, ch.usage
                 yield ch
-                if self._cancel is not None and self._cancel.is_set():
-                    break
             ok = True
         except GeneratorExit:
             ok = True  # the consumer stopped early; the instance is still sound
@@ -1608,15 +1827,21 @@ class CompletionStream:
                 chunks.close()
             # What the instance's context now holds: the request plus what was generated so far.
             # A request refused before generation (e.g. too long) left the context as it was.
-            pool.release(inst, ok, self._after(self.text) if ok and ran else None if ok else "")
+            key = self._after(self.text) if ok and ran else None if ok else ""
+            pool.release(inst, ok, key, self.usage.cached_tokens if self.usage else 0)
 
     def __iter__(self) -> CompletionStream:
         return self
 
     def __next__(self) -> Chunk:
+        self._started = True
         return next(self._gen)
 
     def close(self) -> None:
+        """Stop generating and give the instance back (or leave the queue)."""
+        if not self._started:
+            self._started = True
+            self._server._pool.abandon(self._ticket)
         self._gen.close()
 
     def __enter__(self) -> CompletionStream:
@@ -1624,6 +1849,11 @@ class CompletionStream:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+    def __del__(self) -> None:
+        # A stream dropped unread must not keep its place in the queue, or an instance.
+        with _suppress(Exception):
+            self.close()
 
 
 class ModelServer:
@@ -1697,11 +1927,17 @@ class ModelServer:
         *,
         stream: bool = False,
         params: SamplingParams | None = None,
-        cancel: threading.Event | None = None,
+        cancel: Any = None,
         timeout: float | None = None,
         **kw: Any,
     ) -> Completion | CompletionStream:
-        """Chat with a model. Sampling settings come as `params` or keywords (temperature=0, ...)."""
+        """Chat with a model. Sampling settings come as `params` or keywords (temperature=0, ...).
+
+        `cancel` (anything with `is_set()`, such as a threading.Event) abandons the request: it leaves the queue,
+        or generation stops at the next token. `timeout` (default: config `request_timeout`) bounds the whole
+        request: waiting past it is a 503, and generation past it ends with the partial text and
+        finish_reason "length".
+        """
         cfg = self._model(model, "text-completion")
         msgs = _parse_messages(messages)
         p = self._params(cfg, params, kw)
@@ -1709,11 +1945,11 @@ class ModelServer:
             self,
             cfg,
             _history_key(msgs),
-            lambda e: e.chat(msgs, p),
+            lambda e, should_stop: e.chat(msgs, p, should_stop),
             "chatcmpl",
             lambda text: _history_key([*msgs, {"role": "assistant", "content": text}]),
             cancel,
-            timeout,
+            self.config.request_timeout if timeout is None else timeout,
         )
         return s if stream else _drain(s)
 
@@ -1724,30 +1960,38 @@ class ModelServer:
         *,
         stream: bool = False,
         params: SamplingParams | None = None,
-        cancel: threading.Event | None = None,
+        cancel: Any = None,
         timeout: float | None = None,
         **kw: Any,
     ) -> Completion | CompletionStream:
-        """Continue a text prompt."""
+        """Continue a text prompt. `cancel` and `timeout` work as for chat()."""
         cfg = self._model(model, "text-completion")
         if not isinstance(prompt, str):
             raise InvalidRequest("'prompt' must be a string", param="prompt")
         p = self._params(cfg, params, kw)
         s = CompletionStream(
-            self, cfg, prompt, lambda e: e.complete(prompt, p), "cmpl", lambda text: prompt + text, cancel, timeout
+            self,
+            cfg,
+            prompt,
+            lambda e, should_stop: e.complete(prompt, p, should_stop),
+            "cmpl",
+            lambda text: prompt + text,
+            cancel,
+            self.config.request_timeout if timeout is None else timeout,
         )
         return s if stream else _drain(s)
 
     def embed(
-        self, model: str, input: str | list[str], *, cancel: threading.Event | None = None, timeout: float | None = None
+        self, model: str, input: str | list[str], *, cancel: Any = None, timeout: float | None = None
     ) -> Embeddings:
-        """Normalised embedding vectors, one per input string."""
+        """Normalised embedding vectors, one per input string. `cancel` and `timeout` bound the wait in the queue."""
         cfg = self._model(model, "embedding")
         texts = [input] if isinstance(input, str) else input
         if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
             raise InvalidRequest("'input' must be a string or a list of strings", param="input")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        inst = self._pool.acquire(cfg.id, "", cancel, deadline)
+        limits = [t for t in (timeout, self.config.request_timeout, self.config.queue_timeout) if t is not None]
+        deadline = time.monotonic() + min(limits) if limits else None
+        inst = self._pool.wait(self._pool.enqueue(cfg.id, ""), cancel, deadline)
         ok = False
         try:
             vectors, n = typing.cast(Engine, inst.engine).embed(texts)
@@ -1785,6 +2029,8 @@ class ModelServer:
                 "ttl": m.ttl,
                 "instances": c,
             }
+            if m.id in self._pool.state_caches:
+                models[m.id]["state_cache"] = self._pool.state_caches[m.id].info()
         return {
             "server": "lllms",
             "version": __version__,
@@ -1807,6 +2053,7 @@ def _drain(s: CompletionStream) -> Completion:
         text=s.text,
         finish_reason=s.finish_reason or "stop",
         usage=s.usage or Usage(),
+        instance_id=s.instance_id,
     )
 
 
@@ -1952,20 +2199,21 @@ class _Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _send_sse(self, stream: CompletionStream, events: Iterator[dict[str, Any]]) -> None:
-        """Stream events as SSE over chunked encoding; errors before the first event get a plain status."""
+        """Stream events as SSE over chunked encoding.
+
+        Errors before the first event get a plain status. A request that must wait in the queue gets its
+        headers early and `: keepalive` comments while it waits, so proxies and clients don't time out;
+        its errors then arrive as an SSE error event.
+        """
+        interval = self.server.model_server.config.keepalive_interval
         try:
-            first = next(events, None)  # waits for an instance and the first token; errors surface here
-        except BaseException:
-            stream.close()
-            raise
-        self._status = 200
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("X-Accel-Buffering", "no")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        try:
+            while not stream.wait_ready(interval):
+                if not self._status:
+                    self._sse_headers(stream)
+                self._write_chunk(b": keepalive\n\n")
+            first = next(events, None)  # takes the instance and evaluates the prompt; errors surface here
+            if not self._status:
+                self._sse_headers(stream)
             event = first
             while event is not None:
                 self._write_chunk(b"data: " + json.dumps(event, ensure_ascii=False).encode("utf-8") + b"\n\n")
@@ -1973,6 +2221,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._write_chunk(b"data: [DONE]\n\n")
             self._write_chunk(b"")
         except APIError as exc:
+            if not self._status:
+                raise
             # Mid-stream failures become an error event, which the SDK raises as APIError.
             with _suppress(BrokenPipeError, ConnectionResetError, TimeoutError):
                 self._write_chunk(b"data: " + json.dumps(exc.envelope()).encode("utf-8") + b"\n\n")
@@ -1982,6 +2232,20 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # client left: closing the stream stops generation
         finally:
             stream.close()
+
+    def _sse_headers(self, stream: CompletionStream) -> None:
+        self._status = 200
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")
+        self.send_header("Transfer-Encoding", "chunked")
+        if stream.instance_id:
+            self.send_header("X-Lllms-Instance", stream.instance_id)
+        self.end_headers()
+
+    def _client_watch(self) -> _ClientWatch:
+        return _ClientWatch(self.connection)
 
     # -- endpoints
 
@@ -2008,26 +2272,44 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _post_chat(self) -> None:
         req = parse_chat_request(self._read_json())
-        stream, include_usage = req.pop("stream"), req.pop("include_usage")
-        s = typing.cast(CompletionStream, self.server.model_server.chat(**req, stream=True))
-        if stream:
-            self._send_sse(s, chat_chunks(s, include_usage))
-        else:
-            self._send_json(200, chat_response(_drain(s)))
+        self._complete(self.server.model_server.chat, req, chat_chunks, chat_response)
 
     def _post_completions(self) -> None:
         req = parse_completion_request(self._read_json())
+        self._complete(self.server.model_server.complete, req, completion_chunks, completion_response)
+
+    def _complete(self, method: Any, req: dict[str, Any], chunks: Any, response: Any) -> None:
+        """Run a chat or text completion; streamed as SSE, or answered as one JSON object."""
         stream, include_usage = req.pop("stream"), req.pop("include_usage")
-        s = typing.cast(CompletionStream, self.server.model_server.complete(**req, stream=True))
+        s = typing.cast(CompletionStream, method(**req, stream=True, cancel=self._client_watch()))
         if stream:
-            self._send_sse(s, completion_chunks(s, include_usage))
+            self._send_sse(s, chunks(s, include_usage))
         else:
-            self._send_json(200, completion_response(_drain(s)))
+            done = _drain(s)
+            self._send_json(200, response(done), {"X-Lllms-Instance": done.instance_id} if done.instance_id else None)
 
     def _post_embeddings(self) -> None:
         req = parse_embedding_request(self._read_json())
-        e = self.server.model_server.embed(req["model"], req["input"])
+        e = self.server.model_server.embed(req["model"], req["input"], cancel=self._client_watch())
         self._send_json(200, embedding_response(e, req["encoding_format"], req["dimensions"]))
+
+
+class _ClientWatch:
+    """`is_set()` turns true once the client has closed its connection, so its request can be abandoned."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.gone = False
+
+    def is_set(self) -> bool:
+        if not self.gone:
+            try:
+                readable, _, _ = select.select([self.sock], [], [], 0)
+                # Readable with nothing to read is EOF; a pipelined next request is data, not a goodbye.
+                self.gone = bool(readable) and self.sock.recv(1, socket.MSG_PEEK) == b""
+            except (OSError, ValueError):
+                self.gone = True
+        return self.gone
 
 
 class _HTTPD(ThreadingHTTPServer):

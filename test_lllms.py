@@ -294,7 +294,7 @@ class GateEngine(lllms.Engine):
     def close(self) -> None:
         GateEngine.closed.append(self.model.id)
 
-    def complete(self, prompt: str, params: lllms.SamplingParams) -> Iterator[lllms.Chunk]:
+    def complete(self, prompt: str, params: lllms.SamplingParams, should_stop: Any = None) -> Iterator[lllms.Chunk]:
         if GateEngine.fail_next:
             GateEngine.fail_next = False
             raise RuntimeError("engine exploded")
@@ -310,7 +310,7 @@ class GateEngine(lllms.Engine):
 @pytest.fixture
 def gate_server(monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> Iterator[lllms.ModelServer]:
     GateEngine.started, GateEngine.gates, GateEngine.closed, GateEngine.fail_next = [], {}, [], False
-    monkeypatch.setattr(lllms, "_make_engine", lambda model, path: GateEngine(model, path))
+    monkeypatch.setattr(lllms, "_make_engine", lambda model, path, state_cache=None: GateEngine(model, path))
     for name in ("a.gguf", "b.gguf"):
         (tmp_path / name).write_bytes(b"x")
     config = {
