@@ -34,7 +34,7 @@ import threading
 import time
 import types
 import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress as _suppress
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -675,7 +675,8 @@ class _StateCache:
     """KV states of conversations pushed out of their instance, kept in RAM up to a byte budget (LRU).
 
     Shared by all instances of one model, so a conversation can come back on any of them. Keys are the exact
-    token sequences the states hold; a state is only ever restored for a prompt that starts with all of them.
+    token sequences the states hold. A restored state is truncated to the part the prompt really starts with,
+    so nothing of another conversation survives into a request.
     """
 
     def __init__(self, limit: int) -> None:
@@ -701,13 +702,14 @@ class _StateCache:
                 self.bytes -= len(old)
 
     def best(self, prompt: list[int], longer_than: int) -> tuple[tuple[int, ...], Any] | None:
-        """The longest saved state whose tokens are a prefix of prompt, if it covers more than longer_than."""
+        """The saved state sharing the longest prefix with prompt, if that prefix is longer than longer_than."""
         with self.lock:
-            best = None
+            best, best_n = None, longer_than
             for key in self.entries:
-                if longer_than < len(key) <= len(prompt) and (best is None or len(key) > len(best)):
-                    if tuple(prompt[: len(key)]) == key:
-                        best = key
+                if len(key) > best_n:
+                    n = _common_token_prefix(key, prompt)
+                    if n > best_n:
+                        best, best_n = key, n
             if best is None:
                 return None
             self.entries.move_to_end(best)
@@ -723,6 +725,15 @@ class _StateCache:
                 "saved": self.saved,
                 "restored": self.restored,
             }
+
+
+def _common_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 _load_options = threading.local()
@@ -908,12 +919,7 @@ class LlamaCppEngine(Engine):
     def _cached_prefix(self, tokens: list[int]) -> int:
         """How many prompt tokens llama-cpp will reuse from the KV cache (mirrors Llama.generate)."""
         llm = self.llm
-        held = llm.input_ids[: llm.n_tokens]
-        n = 0
-        for a, b in zip(held, tokens, strict=False):
-            if a != b:
-                break
-            n += 1
+        n = _common_token_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens)
         if n == len(tokens) and llm.n_tokens == len(tokens) and not getattr(llm, "_requires_eval", True):
             return n
         return max(0, n - 1) if n == len(tokens) else n
@@ -928,7 +934,7 @@ class LlamaCppEngine(Engine):
         if held - reuse >= _MIN_SPILL_TOKENS:
             cache.put(tuple(llm.input_ids[:held].tolist()), self._save_seq())
         if found is not None:
-            self._load_seq(*found)
+            self._load_seq(*found, tokens)
 
     def _save_seq(self) -> Any:
         """The KV cache of sequence 0, without the logits that llama-cpp-python's save_state also copies."""
@@ -938,7 +944,8 @@ class LlamaCppEngine(Engine):
         n = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
         return buf if n == size else bytes(buf)[:n]
 
-    def _load_seq(self, tokens: tuple[int, ...], state: Any) -> None:
+    def _load_seq(self, tokens: tuple[int, ...], state: Any, prompt: list[int]) -> None:
+        """Restore a saved context, then cut it back to the part the prompt shares with it."""
         llama_cpp, llm = self._import(), self.llm
         llm._ctx.kv_cache_clear()
         src = state if isinstance(state, ctypes.Array) else (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
@@ -946,8 +953,10 @@ class LlamaCppEngine(Engine):
             log.warning("%s: restoring a saved context failed; evaluating the prompt instead", self.model.id)
             llm.reset()
             return
-        llm.input_ids[: len(tokens)] = tokens
-        llm.n_tokens = len(tokens)
+        keep = _common_token_prefix(tokens, prompt)
+        llm._ctx.kv_cache_seq_rm(-1, keep, -1)
+        llm.input_ids[:keep] = tokens[:keep]
+        llm.n_tokens = keep
         llm._requires_eval = True  # the logits of the last token were not saved
 
     def _generate(
