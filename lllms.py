@@ -205,6 +205,9 @@ class ModelConfig:
     preload: PreloadConfig | None = None
     chat_template: str | None = None  # Jinja template overriding the model's own
     state_cache_bytes: int = 0  # RAM for contexts spilled from instances, restored when their chat returns
+    prepare: Literal["on-demand", "async", "blocking"] = "on-demand"  # when a url model is downloaded
+    verify: Literal["sha256", "size", "none"] = "sha256"  # how deeply a file already in place is checked at start
+    token: str | None = None  # bearer token for huggingface.co downloads; default: $HF_TOKEN
     id: str = field(default="", metadata={"internal": True})
 
     def _check(self, path: str) -> None:
@@ -248,6 +251,8 @@ class ServerConfig:
     queue_timeout: float | None = None  # seconds a request may wait for an instance; then 503 with Retry-After
     request_timeout: float | None = None  # seconds per request; generation then ends with the partial text
     keepalive_interval: float = 5.0  # seconds between SSE keep-alive comments while a stream waits in the queue
+    download_attempts: int = 5  # tries in a row without progress before a download fails
+    download_stall_timeout: float = 30.0  # seconds without a byte before a download is retried
 
     def _check(self, path: str) -> None:
         if self.concurrency < 1:
@@ -256,7 +261,9 @@ class ServerConfig:
             raise ConfigError(f"max_body_bytes: must be >= 1024, got {self.max_body_bytes}")
         if self.max_queue is not None and self.max_queue < 0:
             raise ConfigError(f"max_queue: must be >= 0, got {self.max_queue}")
-        for key in ("queue_timeout", "request_timeout", "keepalive_interval"):
+        if self.download_attempts < 1:
+            raise ConfigError(f"download_attempts: must be >= 1, got {self.download_attempts}")
+        for key in ("queue_timeout", "request_timeout", "keepalive_interval", "download_stall_timeout"):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {value}")
@@ -498,62 +505,821 @@ class SamplingParams:
 
 
 # ==== 3. model store: paths, download, checksum
+#
+# A model given by url lives at _url_path(url, models_dir). _fetch() makes it present: a file already there that
+# checks out is used with no network access; otherwise one thread in one process downloads it (threads share an
+# entry in _inflight, processes take {dest}.lock) while the others wait and then check again. A download streams to
+# {dest}.part, resumes it with Range after a restart, a dropped connection or a stall, hashes as it goes, and is
+# renamed into place only once its sha256 matches. {dest}.lllms.json caches the file's sha256 for later starts.
+
+_HF_HOSTS = ("huggingface.co", "hf.co")
+_READ_SIZE = 1 << 18  # read1() returns after one recv at most, so cancel and progress stay responsive
+_PROGRESS_INTERVAL = 0.25
+_MAX_RETRY_DELAY = 120.0
+_LOCK_STALE_AFTER = 2 * 3600.0  # seconds without a heartbeat before another host's lock counts as abandoned
+_LOCK_HEARTBEAT = 60.0
+_LOCK_GUARD_STALE = 10.0  # seconds; a breaker holds {lock}.break for microseconds
+_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
+_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
+
+
+class _DownloadError(Unavailable):
+    """A download failed. `permanent`: retrying cannot help (404, 401/403, checksum mismatch, disk full).
+
+    An Unavailable (503, code model_download_failed) so it reaches HTTP clients like any model that cannot load.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        permanent: bool = False,
+        retry_after: float | None = None,
+        code: str = "model_download_failed",
+    ) -> None:
+        super().__init__(message, code=code)
+        self.permanent = permanent
+        self.retry_after = retry_after  # seconds the server asked us to wait (429, 503)
+
+
+class _DownloadCancelled(_DownloadError):
+    """The caller's cancel event was set; the part file stays, for a later download to resume."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(f"download of {url} cancelled", permanent=True, code="model_download_cancelled")
+
+
+# ---- 3a. where files go
+
+
+def _is_hf(hostname: str | None) -> bool:
+    return hostname in _HF_HOSTS
+
+
+def _normalize_url(url: str) -> str:
+    """The URL to fetch: Hugging Face's /blob/ (an HTML page) becomes /resolve/ (the file itself)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    segs = parts.path.split("/")  # "", org, repo, "blob", rev, path...
+    if _is_hf(parts.hostname) and len(segs) >= 6 and segs[3] == "blob":
+        segs[3] = "resolve"
+        return urlunsplit(parts._replace(path="/".join(segs)))
+    return url
+
+
+def _bad_segment(seg: str) -> str | None:
+    """Why one decoded path segment could leave its directory, or None."""
+    from urllib.parse import unquote
+
+    if seg in ("", ".", ".."):
+        return f"path segment {seg!r}"
+    if "/" in seg or "\\" in seg:
+        return f"encoded slash or backslash in {seg!r}"
+    if any(ord(c) < 32 or c == "\x7f" for c in seg):
+        return f"control character (NUL, newline...) in {seg!r}"
+    if re.match(r"[A-Za-z]:", seg):
+        return f"drive letter in {seg!r}"
+    if unquote(seg) in (".", ".."):  # %252e%252e: harmless here, but nobody means it
+        return f"doubly encoded dot segment {seg!r}"
+    return None
 
 
 def _url_path(url: str, models_dir: str) -> str:
-    """Where a URL's file lives under models_dir; never outside it."""
+    """Where a URL's file lives under models_dir; never outside it. Raises ConfigError.
+
+    https://huggingface.co/{org}/{repo}/resolve|blob/{rev}/{path} -> huggingface/{org}/{repo}-{rev}/{path};
+    any other URL -> {host}/{path}. The query string plays no part.
+    """
     from urllib.parse import unquote, urlsplit
 
     parts = urlsplit(url)
+    if not parts.hostname:
+        raise ConfigError(f"url {url!r} has no host")
     segs = [unquote(s) for s in parts.path.split("/") if s]
-    if parts.hostname in ("huggingface.co", "hf.co") and len(segs) >= 5 and segs[2] in ("resolve", "blob"):
+    if not segs or parts.path.endswith("/"):
+        raise ConfigError(f"url {url!r} does not name a file")
+    if _is_hf(parts.hostname) and len(segs) >= 5 and segs[2] in ("resolve", "blob"):
         org, repo, _, rev, *rest = segs
-        segs = ["huggingface", org, f"{repo}-{rev}", *rest]
+        # A revision such as refs/pr/1 arrives as one percent-encoded segment; keep it one directory.
+        segs = ["huggingface", org, f"{repo}-{rev.replace('/', '--')}", *rest]
     else:
-        segs = [parts.hostname or "unknown-host", *segs]
-    if any(s in ("", ".", "..") or "\\" in s or "\x00" in s for s in segs):
-        raise ConfigError(f"url {url!r} would escape models_dir")
-    root = os.path.realpath(models_dir)
-    path = os.path.realpath(os.path.join(root, *segs))
-    if not path.startswith(root + os.sep):
+        segs = [parts.hostname, *segs]
+    for seg in segs:
+        problem = _bad_segment(seg)
+        if problem:
+            raise ConfigError(f"url {url!r} would escape models_dir: {problem}")
+    # Checked lexically: a symlink the user made inside models_dir (to another disk, say) is theirs to make.
+    root = os.path.realpath(os.path.expanduser(models_dir))
+    path = os.path.normpath(os.path.join(root, *segs))
+    if os.path.commonpath([root, path]) != root or path == root:
         raise ConfigError(f"url {url!r} would escape models_dir")
     return path
+
+
+def _auth_headers(url: str, token: str | None = None) -> dict[str, str]:
+    """Authorization for a huggingface.co URL, from `token` or $HF_TOKEN; other hosts, and plain http, get none."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme != "https" or not _is_hf(parts.hostname):
+        return {}
+    token = (token or os.environ.get("HF_TOKEN") or "").strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+# ---- 3b. checksums, cached beside the file
+
+
+def _hash_into(path: str, hasher: Any) -> int:
+    """Feed a file to hasher; returns its size. Every hash of a file on disk goes through here."""
+    size = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            hasher.update(block)
+            size += len(block)
+    return size
 
 
 def _sha256_file(path: str) -> str:
     import hashlib
 
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    _hash_into(path, h)
     return h.hexdigest()
 
 
-def _resolve_model_file(model: ModelConfig, models_dir: str) -> str:
-    """Absolute path of a model's file, checked to exist (and to match sha256 when given)."""
+def _sidecar_path(path: str) -> str:
+    return path + ".lllms.json"
+
+
+def _read_sidecar(path: str, st: os.stat_result) -> dict[str, Any] | None:
+    """The sidecar's record when it still describes the file (same size and mtime), else None."""
+    try:
+        with open(_sidecar_path(path), encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("size") != st.st_size or data.get("mtime_ns") != st.st_mtime_ns:
+        return None
+    return data
+
+
+def _write_sidecar(path: str, digest: str, *, url: str | None = None) -> None:
+    """Remember a file's sha256, keyed by its size and mtime, so later starts need not read it again."""
+    st = os.stat(path)
+    data: dict[str, Any] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    if url is not None:
+        data["url"] = url
+    side = _sidecar_path(path)
+    tmp = f"{side}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(data, f)
+        os.replace(tmp, side)
+    except OSError as exc:  # a read-only models_dir only costs a re-hash next time
+        log.debug("cannot write %s: %s", side, exc)
+        with _suppress(OSError):
+            os.remove(tmp)
+
+
+def _cached_sha256(path: str) -> str:
+    """A file's sha256: from its sidecar while size and mtime match, else hashed (and the sidecar rewritten)."""
+    st = os.stat(path)
+    record = _read_sidecar(path, st)
+    if record is not None and re.fullmatch(r"[0-9a-f]{64}", str(record.get("sha256"))):
+        return record["sha256"]
+    digest = _sha256_file(path)
+    _write_sidecar(path, digest)
+    return digest
+
+
+def _verify_existing(
+    path: str,
+    *,
+    sha256: str | None,
+    size: int | None = None,
+    mode: Literal["sha256", "size", "none"] = "sha256",
+) -> bool:
+    """Whether the file at path can be used as is, with no download.
+
+    mode "sha256": its sha256 (cached in the sidecar) matches; "size": its size matches `size`, or the size its
+    sidecar recorded; "none": it exists. With no sha256 (or size) to compare, existing is enough.
+    """
+    if mode not in ("sha256", "size", "none"):
+        raise ConfigError(f"verify mode must be 'sha256', 'size' or 'none', got {mode!r}")
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    if not os.path.isfile(path):
+        return False
+    if mode == "none":
+        return True
+    if size is not None and st.st_size != size:
+        return False
+    if mode == "size":
+        if size is not None:
+            return True
+        # Without a size, the sidecar still knows the size the file had when it was downloaded or hashed.
+        try:
+            with open(_sidecar_path(path), encoding="utf-8") as f:
+                recorded = json.load(f).get("size")
+        except (OSError, ValueError, AttributeError):
+            return True
+        return recorded is None or recorded == st.st_size
+    if sha256 is None:
+        return True
+    return _cached_sha256(path) == sha256.lower()
+
+
+# ---- 3c. download: one file, resumable, checked
+
+
+def _keeps_credentials(old_url: str, new_url: str) -> bool:
+    """Whether a redirect may carry Authorization along: same host and port, and no https -> http downgrade."""
+    from urllib.parse import urlsplit
+
+    a, b = urlsplit(old_url), urlsplit(new_url)
+    return a.hostname == b.hostname and a.port == b.port and not (a.scheme == "https" and b.scheme != "https")
+
+
+def _opener() -> Any:
+    """A urllib opener whose redirects keep Range (a plain header, copied) but drop credentials on a host change.
+
+    urllib copies every header to the redirect target, Authorization included, so a huggingface.co token would
+    reach the CDN the file is served from (which needs none: its URL is signed). requests strips it; we do too.
+    """
+    import urllib.request
+
+    class RedirectHandler(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+            # 308 is 307 for a GET; Python 3.10's urllib does not know 308.
+            new = super().redirect_request(req, fp, 307 if code == 308 else code, msg, headers, newurl)
+            if new is not None and not _keeps_credentials(req.full_url, new.full_url):
+                for key in [k for k in new.headers if k.lower() in ("authorization", "cookie")]:
+                    del new.headers[key]
+            return new
+
+        http_error_308 = urllib.request.HTTPRedirectHandler.http_error_302
+
+    return urllib.request.build_opener(RedirectHandler)
+
+
+def _retry_after(headers: Any) -> float | None:
+    value = headers.get("Retry-After") if headers is not None else None
+    try:
+        return min(float(value), _MAX_RETRY_DELAY) if value is not None else None
+    except ValueError:  # an HTTP date: rare enough to treat as "soon"
+        return None
+
+
+def _network_error(exc: BaseException, url: str, stall_timeout: float) -> _DownloadError:
+    """A _DownloadError saying what went wrong on the wire; permanent when a retry would meet the same answer."""
+    import http.client
+    import ssl
+    import urllib.error
+
+    if isinstance(exc, _DownloadError):
+        return exc
+    if isinstance(exc, urllib.error.HTTPError):
+        # exc.url may be a signed CDN URL after a redirect: name the configured one instead.
+        what = f"HTTP {exc.code} {exc.reason} from {url}"
+        if exc.code in (401, 403):
+            hint = (
+                "; a private or gated model needs a token (HF_TOKEN) whose account accepted its terms"
+                if _is_hf(_host(url))
+                else "; the server refused to serve it without credentials"
+            )
+            return _DownloadError(what + hint, permanent=True)
+        if exc.code in (404, 410):
+            return _DownloadError(what + "; check the url", permanent=True)
+        if 300 <= exc.code < 400:  # urllib gave up on a redirect loop, or a redirect without a Location
+            return _DownloadError(f"{what}: too many redirects, or one with no Location", permanent=True)
+        permanent = 400 <= exc.code < 500 and exc.code not in (408, 425, 429)
+        return _DownloadError(what, permanent=permanent, retry_after=_retry_after(exc.headers))
+    if isinstance(exc, urllib.error.URLError):
+        if not isinstance(exc.reason, BaseException):  # "unknown url type" and the like
+            return _DownloadError(f"cannot download {url}: {exc.reason}", permanent=True)
+        exc = exc.reason
+    if isinstance(exc, TimeoutError):
+        return _DownloadError(f"download of {url} stalled: no data for {stall_timeout:g}s")
+    if isinstance(exc, ConnectionRefusedError):
+        return _DownloadError(f"cannot connect to {_host(url)} for {url}: connection refused")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return _DownloadError(f"cannot download {url}: {exc.verify_message or exc}", permanent=True)
+    if isinstance(exc, socket.gaierror):
+        return _DownloadError(f"cannot resolve {_host(url)} for {url}: {exc.strerror or exc}")
+    if isinstance(exc, ValueError):  # a malformed URL
+        return _DownloadError(f"cannot download {url}: {exc}", permanent=True)
+    if isinstance(exc, (OSError, http.client.HTTPException)):
+        return _DownloadError(f"download of {url} failed: {type(exc).__name__}: {exc}")
+    raise exc
+
+
+def _host(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname or url
+
+
+class _Transfer:
+    """One download's state across attempts: the part file, the bytes in it, and the hasher that has seen them."""
+
+    def __init__(
+        self,
+        url: str,
+        part: str,
+        *,
+        headers: dict[str, str],
+        stall_timeout: float,
+        progress: Callable[[int, int | None], None] | None,
+        cancel: threading.Event | None,
+    ) -> None:
+        import hashlib
+
+        self.url = url
+        self.part = part
+        self.headers = {"User-Agent": f"lllms/{__version__}", "Accept-Encoding": "identity", **headers}
+        self.stall_timeout = stall_timeout
+        self.progress = progress
+        self.cancel = cancel
+        self.hasher = hashlib.sha256()
+        # Hash what an earlier run left, once; what arrives from now on streams into the same hasher.
+        self.done = _hash_into(part, self.hasher) if os.path.exists(part) else 0
+        self.total: int | None = None  # the file's size, once a response tells it
+        self._opener = _opener()
+        self._reported = 0.0
+
+    def restart(self) -> None:
+        """Empty the part: the server will not resume it."""
+        import hashlib
+
+        self.hasher = hashlib.sha256()
+        self.done = 0
+        try:
+            with open(self.part, "wb"):
+                pass
+        except OSError as exc:
+            raise _DownloadError(f"cannot write {self.part}: {exc}", permanent=True) from None
+
+    def report(self, *, final: bool = False) -> None:
+        now = time.monotonic()
+        if self.progress is not None and (final or now - self._reported >= _PROGRESS_INTERVAL):
+            self._reported = now
+            self.progress(self.done, self.total)
+
+    def attempt(self) -> None:
+        """One request, appending to the part. Returns when the file is whole; raises _DownloadError otherwise."""
+        import urllib.error
+        import urllib.request
+
+        if self.cancel is not None and self.cancel.is_set():
+            raise _DownloadCancelled(self.url)
+        headers = dict(self.headers)
+        if self.done:
+            headers["Range"] = f"bytes={self.done}-"
+        request = urllib.request.Request(self.url, headers=headers)
+        try:
+            # The timeout bounds the connect and then each read: a stall raises TimeoutError, and we resume.
+            response = self._opener.open(request, timeout=self.stall_timeout)
+        except urllib.error.HTTPError as exc:
+            with _suppress(Exception):
+                exc.close()
+            if exc.code == 416 and self.done:
+                self._unsatisfiable(exc.headers.get("Content-Range", ""))
+                return
+            raise _network_error(exc, self.url, self.stall_timeout) from None
+        except Exception as exc:
+            raise _network_error(exc, self.url, self.stall_timeout) from None
+        with response:
+            self._receive(response)
+
+    def _unsatisfiable(self, content_range: str) -> None:
+        """416 to our Range: the part is whole already (we died between its last byte and the rename), or stale."""
+        m = _UNSATISFIED_RANGE.fullmatch(content_range.strip())
+        if m and int(m[1]) == self.done:
+            self.total = self.done
+            return
+        self.restart()
+        raise _DownloadError(f"{self.url}: the server cannot resume from byte {self.done}; starting over")
+
+    def _receive(self, response: Any) -> None:
+        start = self.done
+        if response.status == 206:
+            content_range = response.headers.get("Content-Range") or ""
+            m = _CONTENT_RANGE.fullmatch(content_range.strip())
+            total = None if not m or m[3] == "*" else int(m[3])
+            if not m or int(m[1]) != start or (None not in (total, self.total) and total != self.total):
+                # Bytes from elsewhere in the file, or from a file that changed size: the part cannot take them.
+                self.restart()
+                raise _DownloadError(
+                    f"{self.url}: asked for bytes from {start}, got Content-Range {content_range!r}; starting over"
+                )
+        elif response.status == 200:
+            if start:
+                log.info("%s: the server ignored Range; downloading from the start", self.url)
+                self.restart()
+            total = _int_or_none(response.headers.get("Content-Length"))
+        else:
+            raise _DownloadError(f"unexpected HTTP {response.status} from {self.url}")
+        self.total = total
+        read = getattr(response, "read1", response.read)
+        try:
+            with open(self.part, "ab" if self.done else "wb") as f:
+                while True:
+                    if self.cancel is not None and self.cancel.is_set():
+                        raise _DownloadCancelled(self.url)
+                    try:
+                        chunk = read(_READ_SIZE)
+                    except Exception as exc:
+                        raise _network_error(exc, self.url, self.stall_timeout) from None
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    self.hasher.update(chunk)
+                    self.done += len(chunk)
+                    self.report()
+        except OSError as exc:  # only the part file raises OSError here: network errors are converted above
+            raise _DownloadError(f"cannot write {self.part}: {exc}", permanent=True) from None
+        if total is not None and self.done < total:
+            raise _DownloadError(f"download of {self.url} cut off at {self.done} of {total} bytes")
+        if total is not None and self.done > total:
+            self.restart()
+            raise _DownloadError(f"{self.url} sent more than its {total} bytes; starting over")
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _sleep(seconds: float, cancel: threading.Event | None) -> bool:
+    """Sleep, waking early when cancel is set; returns whether it was."""
+    if cancel is None:
+        time.sleep(seconds)
+        return False
+    return cancel.wait(seconds)
+
+
+def _download(
+    url: str,
+    dest: str,
+    *,
+    sha256: str | None = None,
+    headers: dict[str, str] | None = None,
+    attempts: int = 5,
+    stall_timeout: float = 30.0,
+    backoff: float = 1.0,
+    progress: Callable[[int, int | None], None] | None = None,
+    cancel: threading.Event | None = None,
+) -> None:
+    """Download url to dest via {dest}.part, resuming a part left by an earlier run; rename it into place (and
+    write its sidecar) only once its sha256 matches. The file is read once at most: the part, when resuming.
+
+    `attempts` counts tries in a row that add nothing to the part, with exponential backoff between them; a try
+    that gets further than any before resumes at once, so a link that drops every few hundred MB still finishes.
+    progress(done_bytes, total_bytes_or_None) comes every ~0.25s and at the end. Callers that might race on dest
+    hold its lock (_fetch does). Raises _DownloadError, or _DownloadCancelled when cancel is set.
+    """
+    url = _normalize_url(url)
+    expected = sha256.lower() if sha256 else None
+    part = dest + ".part"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+        transfer = _Transfer(
+            url, part, headers=headers or {}, stall_timeout=stall_timeout, progress=progress, cancel=cancel
+        )
+    except OSError as exc:
+        raise _DownloadError(f"cannot download {url} to {dest}: {exc}", permanent=True) from None
+    best = transfer.done
+    failures = 0
+    while True:
+        try:
+            transfer.attempt()
+            break
+        except _DownloadError as exc:
+            if exc.permanent:
+                raise
+            if transfer.done > best:
+                best = transfer.done
+                failures = 0
+                log.info("%s; resuming from byte %d", exc.message, transfer.done)
+                continue
+            failures += 1
+            if failures >= attempts:
+                raise _DownloadError(f"{exc.message} (gave up after {failures} attempts)") from None
+            delay = min(backoff * 2 ** (failures - 1), _MAX_RETRY_DELAY) * random.uniform(0.5, 1.0)
+            delay = max(delay, exc.retry_after or 0.0)
+            log.warning("%s; retrying in %.1fs (attempt %d of %d)", exc.message, delay, failures + 1, attempts)
+            if _sleep(delay, cancel):
+                raise _DownloadCancelled(url) from None
+    transfer.report(final=True)
+    digest = transfer.hasher.hexdigest()
+    if expected is not None and digest != expected:
+        with _suppress(FileNotFoundError):
+            os.remove(part)
+        raise _DownloadError(
+            f"sha256 mismatch for {url}: expected {expected}, got {digest}; the download was deleted",
+            permanent=True,
+            code="model_checksum_mismatch",
+        )
+    try:
+        # The data reaches the disk before the rename does, so a crash leaves a whole file or none.
+        fd = os.open(part, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(part, dest)
+    except OSError as exc:
+        raise _DownloadError(f"cannot move {part} to {dest}: {exc}", permanent=True) from None
+    _write_sidecar(dest, digest, url=url)
+
+
+# ---- 3d. one downloader per file: threads share a flight, processes take a lock file
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name == "nt":  # os.kill(pid, 0) would terminate it there; let the lock's age decide
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, someone else's
+        return True
+    return True
+
+
+def _lock_holder(path: str) -> tuple[dict[str, Any] | None, float] | None:
+    """A lock file's contents (None when unreadable) and seconds since its last heartbeat; None: no lock."""
+    try:
+        age = time.time() - os.stat(path).st_mtime
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        info = json.loads(text)
+    except ValueError:
+        return None, age
+    return (info if isinstance(info, dict) else None), age
+
+
+_held_locks: set[str] = set()  # lock files this process holds; guarded by _inflight_lock
+
+
+class _FileLock:
+    """{dest}.lock: one process downloads dest while others wait. Created with O_EXCL; holds pid, host and a nonce.
+
+    A lock is stale, and broken, when its pid is gone (same host), when it names this process without being held
+    here (a restarted container reuses its pid), or when its heartbeat (mtime, touched every minute while held)
+    is older than stale_after. Breakers take {lock}.break and judge again under it, so none removes a fresh lock.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        poll: float = 0.5,
+        stale_after: float = _LOCK_STALE_AFTER,
+        cancel: threading.Event | None = None,
+        what: str = "",
+    ) -> None:
+        self.path = path
+        self.poll = poll
+        self.stale_after = stale_after
+        self.cancel = cancel
+        self.what = what or path
+        self._nonce = secrets.token_hex(8)
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+
+    def __enter__(self) -> _FileLock:
+        announced = False
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = _lock_holder(self.path)
+                if holder is None:
+                    continue  # released just now
+                reason = self._stale(*holder)
+                if reason:
+                    self._break()
+                    continue
+                if not announced:
+                    info = holder[0] or {}
+                    log.info(
+                        "waiting for %s: pid %s on %s is downloading it", self.what, info.get("pid"), info.get("host")
+                    )
+                    announced = True
+                if _sleep(self.poll, self.cancel):
+                    raise _DownloadCancelled(self.what) from None
+                continue
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8") as f:
+                    json.dump({"pid": os.getpid(), "host": socket.gethostname(), "nonce": self._nonce}, f)
+            except OSError:
+                with _suppress(OSError):
+                    os.remove(self.path)
+                raise
+            with _inflight_lock:
+                _held_locks.add(self.path)
+            self._heartbeat = threading.Thread(target=self._beat, name="lllms-lock-heartbeat", daemon=True)
+            self._heartbeat.start()
+            return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        with _inflight_lock:
+            _held_locks.discard(self.path)
+        # Remove it only while it is still ours: had it been broken as stale, it now belongs to someone else.
+        holder = _lock_holder(self.path)
+        if holder is not None and holder[0] is not None and holder[0].get("nonce") == self._nonce:
+            with _suppress(FileNotFoundError):
+                os.remove(self.path)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(min(_LOCK_HEARTBEAT, self.stale_after / 4)):
+            with _suppress(OSError):
+                os.utime(self.path)
+
+    def _stale(self, info: dict[str, Any] | None, age: float) -> str | None:
+        """Why the lock is abandoned, or None while its holder may still be working."""
+        if age > self.stale_after:
+            return f"no heartbeat for {age:.0f}s"
+        if info is None:  # created but not yet written, or its writer died in between
+            return f"unreadable and {age:.0f}s old" if age > _LOCK_GUARD_STALE else None
+        if info.get("host") != socket.gethostname():
+            return None  # its pid means nothing here; the heartbeat decides
+        pid = info.get("pid")
+        if not isinstance(pid, int) or pid <= 0:
+            return f"bad pid {pid!r}"
+        if pid == os.getpid():
+            with _inflight_lock:
+                return None if self.path in _held_locks else "left by an earlier process with this pid"
+        return None if _pid_alive(pid) else f"pid {pid} is gone"
+
+    def _break(self) -> None:
+        guard = self.path + ".break"
+        try:
+            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            # Another waiter is breaking it. A guard whose breaker died is itself stale after a few seconds.
+            with _suppress(OSError):
+                if time.time() - os.stat(guard).st_mtime > _LOCK_GUARD_STALE:
+                    os.remove(guard)
+            _sleep(min(self.poll, 0.05), None)
+            return
+        os.close(fd)
+        try:
+            # Judge again under the guard: since we looked, a live process may have replaced the stale lock.
+            holder = _lock_holder(self.path)
+            reason = holder and self._stale(*holder)
+            if reason:
+                os.remove(self.path)
+                log.warning("removed stale download lock %s (%s)", self.path, reason)
+        except FileNotFoundError:
+            pass
+        finally:
+            with _suppress(OSError):
+                os.remove(guard)
+
+
+@dataclass
+class _Flight:
+    """A download in progress in this process; other threads wanting the same file wait on `done`."""
+
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+_inflight: dict[str, _Flight] = {}
+_inflight_lock = threading.Lock()
+
+
+def _fetch(
+    url: str,
+    dest: str,
+    *,
+    sha256: str | None = None,
+    headers: dict[str, str] | None = None,
+    verify: Literal["sha256", "size", "none"] = "sha256",
+    size: int | None = None,
+    attempts: int = 5,
+    stall_timeout: float = 30.0,
+    backoff: float = 1.0,
+    progress: Callable[[int, int | None], None] | None = None,
+    cancel: threading.Event | None = None,
+    lock_poll: float = 0.5,
+    lock_stale_after: float = _LOCK_STALE_AFTER,
+) -> str:
+    """Make dest a checked copy of url and return its absolute path.
+
+    A file already there that passes _verify_existing is used with no network access. Otherwise one thread of one
+    process downloads it while the rest wait, then check the file against their own sha256 (its sidecar makes that
+    cheap). A permanent failure is shared with the waiting threads; after any other, the next one tries itself.
+    """
+    dest = os.path.abspath(dest)
+    while True:
+        with _inflight_lock:
+            flight = _inflight.get(dest)
+            leading = flight is None
+            if flight is None:
+                flight = _inflight[dest] = _Flight()
+        if leading:
+            break
+        log.info("waiting for %s: another thread is downloading it", dest)
+        while not flight.done.wait(None if cancel is None else 0.1):
+            if cancel is not None and cancel.is_set():
+                raise _DownloadCancelled(url)
+        err = flight.error
+        if isinstance(err, _DownloadError) and err.permanent and not isinstance(err, _DownloadCancelled):
+            raise _DownloadError(err.message, permanent=True, code=err.code or "model_download_failed") from err
+    try:
+        if not _verify_existing(dest, sha256=sha256, size=size, mode=verify):
+            try:
+                os.makedirs(os.path.dirname(dest), exist_ok=True)
+            except OSError as exc:
+                raise _DownloadError(f"cannot download {url} to {dest}: {exc}", permanent=True) from None
+            with _FileLock(dest + ".lock", poll=lock_poll, stale_after=lock_stale_after, cancel=cancel, what=dest):
+                # Another process may have finished it while we waited for the lock.
+                if not _verify_existing(dest, sha256=sha256, size=size, mode=verify):
+                    if os.path.exists(dest):
+                        log.warning("%s does not match its sha256 %s; downloading it again", dest, sha256)
+                    _download(
+                        url,
+                        dest,
+                        sha256=sha256,
+                        headers=headers,
+                        attempts=attempts,
+                        stall_timeout=stall_timeout,
+                        backoff=backoff,
+                        progress=progress,
+                        cancel=cancel,
+                    )
+    except BaseException as exc:
+        flight.error = exc
+        raise
+    finally:
+        with _inflight_lock:
+            del _inflight[dest]
+        flight.done.set()
+    return dest
+
+
+def _model_path(model: ModelConfig, models_dir: str) -> str:
+    """Where a model's file is: its `file` (absolute or under models_dir), or its url's place under models_dir."""
     models_dir = os.path.expanduser(models_dir)
     if model.file is not None:
         path = os.path.expanduser(model.file)
-        path = path if os.path.isabs(path) else os.path.join(models_dir, path)
-    else:
-        path = _url_path(typing.cast(str, model.url), models_dir)
-    if not os.path.isfile(path):
-        if model.url is not None:
-            raise Unavailable(
-                f"model '{model.id}': {path} is not present and downloading from urls is not implemented yet; "
-                f"fetch {model.url} there yourself",
-                code="model_not_ready",
-            )
-        raise Unavailable(f"model '{model.id}': file not found: {path}", code="model_not_ready")
-    if model.sha256 is not None:
-        actual = _sha256_file(path)
-        if actual != model.sha256.lower():
-            raise Unavailable(
-                f"model '{model.id}': sha256 mismatch for {path}: expected {model.sha256.lower()}, got {actual}",
-                code="model_checksum_mismatch",
-            )
-    return path
+        return path if os.path.isabs(path) else os.path.join(models_dir, path)
+    return _url_path(_normalize_url(typing.cast(str, model.url)), models_dir)
+
+
+class _ModelFile:
+    """Where one model's file stands, as status shows it: unprepared, downloading, ready or error."""
+
+    def __init__(self, model: ModelConfig, path: str) -> None:
+        self.model = model
+        self.path = path
+        self.state = "unprepared"
+        self.error: str | None = None
+        self.failures = 0
+        self.retry_at = 0.0  # monotonic time before which a failed model is not retried
+        self.thread: threading.Thread | None = None
+        self.done = 0
+        self.total: int | None = None
+        self.speed = 0.0  # bytes/s, smoothed
+        self._last = (0.0, 0)
+
+    def progress(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        t0, d0 = self._last
+        if t0 and now > t0 and done >= d0:
+            rate = (done - d0) / (now - t0)
+            self.speed = rate if not self.speed else 0.7 * self.speed + 0.3 * rate
+        self._last = (now, done)
+        self.done, self.total = done, total
+
+    def info(self) -> dict[str, Any] | None:
+        if self.state != "downloading":
+            return None
+        pct = round(100.0 * self.done / self.total, 1) if self.total else None
+        left = (self.total - self.done) / self.speed if self.total and self.speed > 0 else None
+        return {
+            "bytes": self.done,
+            "total": self.total,
+            "percent": pct,
+            "speed": round(self.speed),
+            "eta": None if left is None else round(left, 1),
+        }
 
 
 # ==== 4. engines: one class per binding, behind one small interface
@@ -1114,6 +1880,7 @@ class _Ticket:
         self.key = key
         self.ready = threading.Event()
         self.instance: _Instance | None = None
+        self.error: APIError | None = None  # why it will never get an instance (its model failed to prepare)
         self.queued_at = time.monotonic()
 
 
@@ -1145,6 +1912,7 @@ class _Pool:
         self.cond = threading.Condition()
         self.stopping = False
         self.service_time = 1.0  # moving average of seconds an instance is held, for Retry-After
+        self.failed: dict[str, APIError] = {}  # models whose file could not be prepared, until they are retried
         self._reaper: threading.Thread | None = None
 
     # -- lifecycle
@@ -1152,9 +1920,7 @@ class _Pool:
     def start(self) -> None:
         for model in self.config.models.values():
             if model.id in self.paths:
-                for _ in range(model.min_instances):
-                    inst = self._reserve(model)
-                    self._load(inst, busy=False)
+                self.model_ready(model)
         self._reaper = threading.Thread(target=self._reap_loop, name="lllms-ttl", daemon=True)
         self._reaper.start()
 
@@ -1192,6 +1958,8 @@ class _Pool:
         with self.cond:
             if self.stopping:
                 raise Unavailable("the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
+            if model_id in self.failed:
+                raise self.failed[model_id]
             self.queue.append(ticket)
             self._dispatch()
             limit = self.config.max_queue
@@ -1219,6 +1987,8 @@ class _Pool:
         except BaseException:
             self.abandon(ticket)
             raise
+        if ticket.error is not None:
+            raise ticket.error
         inst = ticket.instance
         if inst is None:
             raise Unavailable("the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
@@ -1229,6 +1999,33 @@ class _Pool:
                 self.release(inst, ok=False)
                 raise
         return inst
+
+    def model_ready(self, model: ModelConfig) -> None:
+        """A model's file is in place: load its min_instances and serve whoever waits for it."""
+        with self.cond:
+            missing = model.min_instances - len(self.instances[model.id])
+            reserved = [_Instance(model) for _ in range(max(missing, 0))]
+            self.instances[model.id].extend(reserved)  # reserved under the lock, so no two callers double up
+        for i, inst in enumerate(reserved):
+            try:
+                self._load(inst, busy=False)
+            except Exception as exc:
+                log.error("%s", exc)
+                with self.cond:
+                    for rest in reserved[i + 1 :]:
+                        self.instances[model.id].remove(rest)
+                break
+        with self.cond:
+            self._dispatch()
+
+    def fail_model(self, model_id: str, error: APIError) -> None:
+        """A model's file could not be prepared: its waiting requests get the error, and so do new ones."""
+        with self.cond:
+            self.failed[model_id] = error
+            for ticket in [t for t in self.queue if t.model_id == model_id]:
+                self.queue.remove(ticket)
+                ticket.error = error
+                ticket.ready.set()
 
     def abandon(self, ticket: _Ticket) -> None:
         """Leave the queue, or hand back an instance granted but never used."""
@@ -1292,6 +2089,8 @@ class _Pool:
         for ticket in list(self.queue):
             if self.running >= self.config.concurrency:
                 return
+            if ticket.model_id not in self.paths:
+                continue  # its file is still being prepared
             model = self.config.models[ticket.model_id]
             insts = self.instances[ticket.model_id]
             idle = [i for i in insts if i.state == "idle"]
@@ -1317,12 +2116,6 @@ class _Pool:
             ticket.ready.set()
 
     # -- instances
-
-    def _reserve(self, model: ModelConfig) -> _Instance:
-        inst = _Instance(model)
-        with self.cond:
-            self.instances[model.id].append(inst)
-        return inst
 
     def _load(self, inst: _Instance, busy: bool) -> None:
         """Create the engine for a reserved instance, leaving it busy (for its requester) or idle.
@@ -1872,9 +2665,18 @@ class ModelServer:
         print(server.chat("smollm2", [{"role": "user", "content": "Hi"}]).text)
     """
 
-    def __init__(self, config: ServerConfig | dict[str, Any] | str | os.PathLike) -> None:
+    def __init__(
+        self,
+        config: ServerConfig | dict[str, Any] | str | os.PathLike,
+        progress: Callable[[str, int, int | None], None] | None = None,
+    ) -> None:
+        """`progress(model_id, bytes_done, bytes_total)` is called while model files download."""
         self.config = load_config(config)
         self.created = int(time.time())
+        self._progress = progress
+        self._files = {m.id: _ModelFile(m, _model_path(m, self.config.models_dir)) for m in self.config.models.values()}
+        self._files_lock = threading.Lock()
+        self._cancel_downloads = threading.Event()
         self._paths: dict[str, str] = {}
         self._errors: dict[str, str] = {}
         self._pool = _Pool(self.config, self._paths, self._errors)
@@ -1883,15 +2685,18 @@ class ModelServer:
         self._stopped = False
 
     def start(self) -> ModelServer:
-        """Locate model files and load min_instances of each model. Idempotent."""
+        """Check model files, start downloads as each model's `prepare` says, load min_instances. Idempotent.
+
+        Local files and url models already downloaded are checked here (no network). A url model still to fetch
+        downloads now ("blocking"), in the background ("async") or on its first request ("on-demand").
+        """
         if self._started:
             return self
         for model in self.config.models.values():
-            try:
-                self._paths[model.id] = _resolve_model_file(model, self.config.models_dir)
-            except APIError as exc:
-                self._errors[model.id] = exc.message
-                log.error("%s", exc.message)
+            if model.url is None or model.prepare == "blocking" or self._present(model):
+                self._prepare(model, block=True)
+            elif model.prepare == "async":
+                self._prepare(model, block=False)
         self._pool.start()
         self._started = True
         log.info("ready: %s", ", ".join(self.config.models) or "no models")
@@ -1901,7 +2706,93 @@ class ModelServer:
         """Refuse new work, let running requests finish for up to `grace` seconds, free all instances."""
         if self._started and not self._stopped:
             self._stopped = True
+            self._cancel_downloads.set()  # a part file stays, and resumes on the next start
             self._pool.stop(grace)
+
+    def prepare(self) -> dict[str, str]:
+        """Download and verify every model's file now, without loading any; returns {model id: error}."""
+        for model in self.config.models.values():
+            with _suppress(APIError):
+                self._prepare(model, block=True, load=False)
+        return {m: f.error for m, f in self._files.items() if f.state == "error" and f.error}
+
+    def _present(self, model: ModelConfig) -> bool:
+        """Whether a url model's file is already in place and checks out (no network)."""
+        try:
+            return _verify_existing(self._files[model.id].path, sha256=model.sha256, mode=model.verify)
+        except OSError:
+            return False
+
+    def _prepare(self, model: ModelConfig, block: bool, load: bool = True) -> None:
+        """Make the model's file ready, or join the preparation under way; a model that failed retries after a
+        back-off (raising its error until then)."""
+        f = self._files[model.id]
+        with self._files_lock:
+            if f.state == "ready":
+                return
+            if f.state == "error" and time.monotonic() < f.retry_at:
+                wait = max(1, math.ceil(f.retry_at - time.monotonic()))
+                raise Unavailable(typing.cast(str, f.error), code="model_not_ready", headers={"Retry-After": str(wait)})
+            if f.thread is None:
+                self._pool.failed.pop(model.id, None)
+                f.thread = threading.Thread(
+                    target=self._prepare_run, args=(model, load), name=f"lllms-prepare-{model.id}", daemon=True
+                )
+                f.thread.start()
+            thread = f.thread
+        if block:
+            thread.join()
+
+    def _prepare_run(self, model: ModelConfig, load: bool) -> None:
+        f = self._files[model.id]
+        try:
+            if model.url is None:
+                if not os.path.isfile(f.path):
+                    raise Unavailable(f"model '{model.id}': file not found: {f.path}", code="model_not_ready")
+                if not _verify_existing(f.path, sha256=model.sha256, mode=model.verify):
+                    raise Unavailable(
+                        f"model '{model.id}': {f.path} does not match its sha256 {model.sha256}",
+                        code="model_checksum_mismatch",
+                    )
+            else:
+                if not self._present(model):
+                    with self._files_lock:
+                        f.state = "downloading"
+                    log.info("downloading %s for model %s to %s", model.url, model.id, f.path)
+
+                def progress(done: int, total: int | None) -> None:
+                    f.progress(done, total)
+                    if self._progress is not None:
+                        self._progress(model.id, done, total)
+
+                _fetch(
+                    _normalize_url(model.url),
+                    f.path,
+                    sha256=model.sha256,
+                    headers=_auth_headers(model.url, model.token),
+                    verify=model.verify,
+                    attempts=self.config.download_attempts,
+                    stall_timeout=self.config.download_stall_timeout,
+                    progress=progress,
+                    cancel=self._cancel_downloads,
+                )
+        except Exception as exc:
+            error = exc if isinstance(exc, APIError) else Unavailable(f"model '{model.id}': {exc}")
+            with self._files_lock:
+                f.failures += 1
+                # Try again on a later request, backing off: 5 s, 10 s, 20 s ... up to 5 minutes.
+                f.retry_at = time.monotonic() + min(300.0, 5.0 * 2 ** (f.failures - 1))
+                f.state, f.error, f.thread = "error", error.message, None
+                self._errors[model.id] = error.message
+            log.error("model %s is not available: %s", model.id, error.message)
+            self._pool.fail_model(model.id, error)
+            return
+        with self._files_lock:
+            f.state, f.error, f.thread, f.failures = "ready", None, None, 0
+            self._errors.pop(model.id, None)
+            self._paths[model.id] = f.path
+        if load:
+            self._pool.model_ready(model)
 
     def __enter__(self) -> ModelServer:
         return self.start()
@@ -1918,11 +2809,7 @@ class ModelServer:
         if task == "text-completion" and model.task != "text-completion":
             raise InvalidRequest(f"model '{model_id}' is an embedding model", param="model", code="wrong_task")
         if model.id not in self._paths:
-            raise Unavailable(
-                self._errors.get(model.id, f"model '{model_id}' is not available"),
-                code="model_not_ready",
-                headers={"Retry-After": "30"},
-            )
+            self._prepare(model, block=False)  # the request then waits in the queue until the file is ready
         return model
 
     def _params(self, model: ModelConfig, params: SamplingParams | None, kw: dict[str, Any]) -> SamplingParams:
@@ -2024,13 +2911,15 @@ class ModelServer:
         models = {}
         for m in self.config.models.values():
             c = counts[m.id]
-            state = "error" if m.id in self._errors else "ready" if m.id in self._paths else "unprepared"
+            f = self._files[m.id]
+            state = "error" if m.id in self._errors else f.state
             models[m.id] = {
                 "status": state,
                 "engine": m.engine,
                 "task": m.task,
                 "error": self._errors.get(m.id),
-                "file": self._paths.get(m.id),
+                "download": f.info(),
+                "file": f.path,
                 "url": m.url,
                 "context_size": m.context_size,
                 "min_instances": m.min_instances,
