@@ -3267,9 +3267,70 @@ def start_http_server(
 # ==== 9. CLI
 
 
+class _ProgressPrinter:
+    """Download progress for the CLI: one redrawn line on a terminal, else a log line every few seconds."""
+
+    def __init__(self, stream: Any = None, every: float = 5.0) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.every = every if not self.tty else 0.2
+        self.seen: dict[str, tuple[float, float, int]] = {}  # model -> (start, last shown, bytes at start)
+
+    def __call__(self, model_id: str, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        start, shown, first = self.seen.setdefault(model_id, (now, 0.0, done))
+        finished = total is not None and done >= total
+        if now - shown < self.every and not finished:
+            return
+        self.seen[model_id] = (start, now, first)
+        speed = (done - first) / (now - start) if now > start else 0.0
+        pct = f"{100.0 * done / total:5.1f}%" if total else "  ?  "
+        eta = f" ETA {(total - done) / speed:.0f}s" if total and speed > 0 and not finished else ""
+        size = f"{done / 1e6:.1f}/{total / 1e6:.1f} MB" if total else f"{done / 1e6:.1f} MB"
+        line = f"{model_id}: {pct} {size} {speed / 1e6:.1f} MB/s{eta}"
+        if self.tty:
+            filled = int(30 * done / total) if total else 0
+            self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {line}\x1b[K" + ("\n" if finished else ""))
+            self.stream.flush()
+        else:
+            log.info("downloading %s", line)
+
+
+def _list_models_dir(config: ServerConfig) -> int:
+    """Print what models_dir holds: each file, its size, its recorded sha256, and the models that use it."""
+    root = os.path.expanduser(config.models_dir)
+    users: dict[str, list[str]] = {}
+    for m in config.models.values():
+        users.setdefault(os.path.abspath(_model_path(m, config.models_dir)), []).append(m.id)
+    print(f"models_dir: {root}")
+    found = False
+    for dirpath, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            if name.endswith((".lllms.json", ".lock", ".break")):
+                continue
+            path = os.path.join(dirpath, name)
+            base = path.removesuffix(".part")
+            sidecar = _read_sidecar(path, os.stat(path)) if not name.endswith(".part") else None
+            digest = (sidecar or {}).get("sha256") or "-"
+            state = "partial download" if name.endswith(".part") else f"sha256 {digest}"
+            models = ", ".join(users.get(os.path.abspath(base), [])) or "-"
+            print(f"{os.path.getsize(path):>14,d}  {os.path.relpath(path, root)}  {state}  models: {models}")
+            found = True
+    if not found:
+        print("(empty)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`lllms --config models.json`: serve until Ctrl-C or SIGTERM."""
+    """`lllms [serve|prepare|list] --config models.json`: serve until Ctrl-C or SIGTERM, or manage model files."""
     ap = argparse.ArgumentParser(prog="lllms", description="Serve local GGUF models over an OpenAI-compatible API.")
+    ap.add_argument(
+        "command",
+        nargs="?",
+        default="serve",
+        choices=["serve", "prepare", "list"],
+        help="serve (default); prepare: download and verify every model, then exit; list: show models_dir",
+    )
     ap.add_argument("--config", help="JSON config file (default: the built-in SmolLM2-135M-Instruct)")
     ap.add_argument("--host", help="listen address (default: config listen.host or 127.0.0.1)")
     ap.add_argument("--port", type=int, help="listen port (default: config listen.port or 3000)")
@@ -3282,10 +3343,25 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"lllms: {exc}", file=sys.stderr)
         return 2
+    if args.command == "list":
+        return _list_models_dir(config)
+    ms = ModelServer(config, progress=_ProgressPrinter())
     stop = threading.Event()
+
+    def on_signal(*_: Any) -> None:
+        stop.set()
+        ms._cancel_downloads.set()  # also ends a blocking download at start-up; its part file resumes later
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    ms = ModelServer(config).start()
+        signal.signal(sig, on_signal)
+    if args.command == "prepare":
+        errors = ms.prepare()
+        for model_id, error in errors.items():
+            print(f"lllms: {model_id}: {error}", file=sys.stderr)
+        if not errors:
+            log.info("all models are ready: %s", ", ".join(config.models))
+        return 1 if errors else 0
+    ms.start()
     try:
         http = HTTPServer(ms, args.host, args.port).start()
     except OSError as exc:
