@@ -1389,6 +1389,10 @@ class Engine:
         """Tokens in the context now, and a short preview of its text (for status)."""
         return 0, ""
 
+    @classmethod
+    def check_params(cls, params: SamplingParams) -> None:
+        """Raise InvalidRequest naming any parameter this engine cannot honour (never ignore one silently)."""
+
     def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         """Normalised vectors, one per text, and the number of tokens read."""
         raise NotImplementedError
@@ -2681,6 +2685,11 @@ class ModelServer:
         self._errors: dict[str, str] = {}
         self._pool = _Pool(self.config, self._paths, self._errors)
         self._defaults = {m.id: SamplingParams.from_dict(m.completion_defaults) for m in self.config.models.values()}
+        for m in self.config.models.values():
+            try:
+                _ENGINES.get(m.engine, Engine).check_params(self._defaults[m.id])
+            except InvalidRequest as exc:
+                raise ConfigError(f"models.{m.id}.completion_defaults: {exc.message}") from None
         self._started = False
         self._stopped = False
 
@@ -2813,8 +2822,9 @@ class ModelServer:
         return model
 
     def _params(self, model: ModelConfig, params: SamplingParams | None, kw: dict[str, Any]) -> SamplingParams:
-        p = params if params is not None else SamplingParams.from_dict(kw)
-        return p.merged_over(self._defaults[model.id])
+        p = (params if params is not None else SamplingParams.from_dict(kw)).merged_over(self._defaults[model.id])
+        _ENGINES.get(model.engine, Engine).check_params(p)
+        return p
 
     def chat(
         self,
