@@ -4,6 +4,9 @@ The models are written with the ``gguf`` package and a seeded NumPy RNG, so
 they are deterministic, a few hundred KB in size and need no download. Their
 output is gibberish, but they exercise the full load/tokenize/generate/embed
 code paths of llama-cpp-python and gpt4all.
+
+Also here: OpenAPI validation of responses against OpenAI's spec, and for the
+download tests a local HTTP file server that misbehaves on request.
 """
 
 from __future__ import annotations
@@ -11,9 +14,19 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib.util
+import logging
 import os
+import random
+import re
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import gguf
 import numpy as np
@@ -526,3 +539,241 @@ def openapi() -> OpenAPIValidator:
             raise
         pytest.skip(str(exc))
     return load_openapi(path)
+
+
+# ---------------------------------------------------------------------------
+# Model downloads: a local HTTP file server that can misbehave, a log watcher and a thread-leak check.
+#
+# ``file_server`` runs on 127.0.0.1, port 0, in a thread. It honours ``Range: bytes=N-``, records every request,
+# and can be told to cut a response short, ignore Range, stall, answer with a status, redirect, or hold a response
+# at a gate until the test opens it. Stalls and gates end at teardown (or ``close()``), and ``server_close()``
+# joins every handler thread, so no thread outlives its test. A test using ``file_server`` also gets
+# ``no_thread_leaks``: the download tests check that nothing they start keeps running. Other tests are free to
+# leave daemon threads behind.
+# ---------------------------------------------------------------------------
+
+DATA = random.Random(1234).randbytes(3 * 1024 * 1024 + 123)  # odd size: not a multiple of any read size
+DATA_PATH = "/files/model.gguf"
+
+
+@dataclass
+class Seen:
+    """One request as the file server saw it; ``time`` is ``time.monotonic()`` on arrival."""
+
+    method: str
+    path: str
+    range: str | None
+    authorization: str | None
+    host: str | None
+    time: float = 0.0
+
+
+@dataclass
+class FileServer:
+    """What the handler serves and how it misbehaves; tests set the fields, the handler reads them."""
+
+    files: dict[str, bytes] = field(default_factory=dict)
+    seen: list[Seen] = field(default_factory=list)
+    cut_after: dict[str, int] = field(default_factory=dict)  # path -> bytes of body, then close (once)
+    stall_after: dict[str, int] = field(default_factory=dict)  # path -> bytes of body, then stall (once)
+    status: dict[str, list[int]] = field(default_factory=dict)  # path -> statuses to answer, one per request
+    redirects: dict[str, Any] = field(default_factory=dict)  # path -> Location (302), or (status, Location)
+    ignore_range: bool = False
+    gate: threading.Event | None = None  # when set up: send headers and 64 KiB, then wait for it
+    at_gate: threading.Event = field(default_factory=threading.Event)
+    stop: threading.Event = field(default_factory=threading.Event)  # ends stalls and gates at teardown
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    port: int = 0
+    _httpd: Any = None
+    _thread: threading.Thread | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url(self, path: str = DATA_PATH) -> str:
+        return self.base + path
+
+    def gets(self, path: str | None = None) -> list[Seen]:
+        with self.lock:
+            return [s for s in self.seen if s.method == "GET" and (path is None or s.path == path)]
+
+    def close(self) -> None:
+        """Stop serving (idempotent): ends stalls and gates, joins the handler threads; the port then refuses."""
+        self.stop.set()
+        if self.gate is not None:
+            self.gate.set()
+        if self._httpd is not None:
+            self._httpd.shutdown()
+            self._httpd.server_close()
+            self._httpd = None
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _take(self, table: dict[str, Any], path: str) -> Any:
+        with self.lock:
+            return table.pop(path, None)
+
+    def _next_status(self, path: str) -> int | None:
+        with self.lock:
+            queue = self.status.get(path)
+            return queue.pop(0) if queue else None
+
+
+class _FileHandler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: Any
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        srv: FileServer = self.server.files
+        path = urlsplit(self.path).path
+        h = self.headers
+        with srv.lock:
+            srv.seen.append(Seen("GET", path, h.get("Range"), h.get("Authorization"), h["Host"], time.monotonic()))
+        self.close_connection = True
+        if path in srv.redirects:
+            target = srv.redirects[path]
+            code, location = target if isinstance(target, tuple) else (302, target)
+            self.send_response(code)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        code = srv._next_status(path)
+        if code is not None:
+            self.send_response(code)
+            self.send_header("Content-Length", "0")
+            if code in (429, 503):
+                self.send_header("Retry-After", "0")
+            self.end_headers()
+            return
+        data = srv.files.get(path)
+        if data is None:
+            self.send_error(404)
+            return
+        start = 0
+        m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if m and not srv.ignore_range:
+            start = int(m[1])
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(len(data) - start))
+        self.end_headers()
+        body = memoryview(data)[start:]
+        try:
+            cut = srv._take(srv.cut_after, path)
+            if cut is not None:
+                self.wfile.write(body[:cut])
+                self.wfile.flush()
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            stall = srv._take(srv.stall_after, path)
+            if stall is not None:
+                self.wfile.write(body[:stall])
+                self.wfile.flush()
+                srv.stop.wait()
+                return
+            if srv.gate is not None:
+                self.wfile.write(body[: 1 << 16])
+                self.wfile.flush()
+                body = body[1 << 16 :]
+                srv.at_gate.set()
+                while not (srv.gate.wait(0.05) or srv.stop.is_set()):
+                    pass
+            for i in range(0, len(body), 1 << 16):
+                self.wfile.write(body[i : i + (1 << 16)])
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+@pytest.fixture
+def no_thread_leaks() -> Iterator[None]:
+    """Fail the test if a thread it started is still running 5 s after it (and its later fixtures) ended."""
+    before = set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5
+    for t in set(threading.enumerate()) - before:
+        t.join(max(0.0, deadline - time.monotonic()))
+    left = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert not left, f"threads left running: {left}"
+
+
+@pytest.fixture
+def file_server(monkeypatch: pytest.MonkeyPatch, no_thread_leaks: None) -> Iterator[FileServer]:
+    """A local HTTP file server serving ``DATA`` at ``DATA_PATH``; more with ``file_server.files[path] = data``."""
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    state = FileServer(files={DATA_PATH: DATA})
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _FileHandler)
+    httpd.daemon_threads = False  # server_close() then joins the handler threads
+    httpd.files = state  # type: ignore[attr-defined]
+    state.port = httpd.server_address[1]
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="file-server")
+    thread.daemon = True
+    state._httpd, state._thread = httpd, thread
+    thread.start()
+    try:
+        yield state
+    finally:
+        state.close()
+
+
+@pytest.fixture
+def closed_port(no_thread_leaks: None) -> int:
+    """A port nothing listens on (for download tests, which also get ``no_thread_leaks``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LogWatch(logging.Handler):
+    """Records lllms log messages so a test can wait for one (another thread reaching a point) with a deadline."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.messages: list[str] = []
+        self._cond = threading.Condition()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self._cond:
+            self.messages.append(record.getMessage())
+            self._cond.notify_all()
+
+    def wait_for(self, text: str, timeout: float = 5.0) -> str:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                hits = [m for m in self.messages if text in m]
+                if hits:
+                    return hits[0]
+                left = deadline - time.monotonic()
+                assert left > 0, f"no log message containing {text!r}; got {self.messages}"
+                self._cond.wait(left)
+
+
+@pytest.fixture
+def logs() -> Iterator[LogWatch]:
+    """Every message the ``lllms`` logger emits during the test, DEBUG and up."""
+    logger = logging.getLogger("lllms")
+    watch = LogWatch()
+    old = logger.level
+    logger.addHandler(watch)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield watch
+    finally:
+        logger.removeHandler(watch)
+        logger.setLevel(old)

@@ -1010,7 +1010,8 @@ def _download(
                 continue
             failures += 1
             if failures >= attempts:
-                raise _DownloadError(f"{exc.message} (gave up after {failures} attempts)") from None
+                tries = f"{failures} attempt" + ("s" if failures != 1 else "")
+                raise _DownloadError(f"{exc.message} (gave up after {tries})") from None
             delay = min(backoff * 2 ** (failures - 1), _MAX_RETRY_DELAY) * random.uniform(0.5, 1.0)
             delay = max(delay, exc.retry_after or 0.0)
             log.warning("%s; retrying in %.1fs (attempt %d of %d)", exc.message, delay, failures + 1, attempts)
@@ -1985,8 +1986,9 @@ class _Pool:
                 if deadline is not None and time.monotonic() >= deadline:
                     with self.cond:
                         retry = self.retry_after()
+                    what = "a free instance" if ticket.model_id in self.paths else "the model's file to download"
                     raise Unavailable(
-                        "timed out waiting for a free instance", code="queue_timeout", headers={"Retry-After": retry}
+                        f"timed out waiting for {what}", code="queue_timeout", headers={"Retry-After": retry}
                     )
         except BaseException:
             self.abandon(ticket)
@@ -2743,7 +2745,11 @@ class ModelServer:
                 wait = max(1, math.ceil(f.retry_at - time.monotonic()))
                 raise Unavailable(typing.cast(str, f.error), code="model_not_ready", headers={"Retry-After": str(wait)})
             if f.thread is None:
+                # A retry: status shows the new attempt, not the last failure.
                 self._pool.failed.pop(model.id, None)
+                self._errors.pop(model.id, None)
+                f.state, f.error, f.done, f.total, f.speed = "unprepared", None, 0, None, 0.0
+                f._last = (0.0, 0)
                 f.thread = threading.Thread(
                     target=self._prepare_run, args=(model, load), name=f"lllms-prepare-{model.id}", daemon=True
                 )
@@ -2772,7 +2778,10 @@ class ModelServer:
                 def progress(done: int, total: int | None) -> None:
                     f.progress(done, total)
                     if self._progress is not None:
-                        self._progress(model.id, done, total)
+                        try:
+                            self._progress(model.id, done, total)
+                        except Exception:  # a broken callback must not fail the download
+                            log.exception("the progress callback failed")
 
                 _fetch(
                     _normalize_url(model.url),
@@ -2800,7 +2809,7 @@ class ModelServer:
             f.state, f.error, f.thread, f.failures = "ready", None, None, 0
             self._errors.pop(model.id, None)
             self._paths[model.id] = f.path
-        if load:
+        if load or self._started:  # a prepare() on a running server still serves those waiting
             self._pool.model_ready(model)
 
     def __enter__(self) -> ModelServer:

@@ -7,6 +7,7 @@ A fake engine appears only in pool-logic unit tests, where it makes scheduling d
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.client
 import itertools
 import json
@@ -21,6 +22,7 @@ import threading
 import time
 import typing
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import openai
@@ -29,6 +31,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lllms
+from conftest import DATA, DATA_PATH, FileServer, LogWatch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -1206,3 +1209,834 @@ def test_preloaded_instances_are_ready_at_start(smollm2: str) -> None:
         assert all("pirate" in i["preview"] and i["context_tokens"] > 10 for i in status["instances"])
         c = ms.chat("smol", [*system, {"role": "user", "content": "Hello!"}], max_tokens=4)
         assert c.usage.cached_tokens >= status["instances"][0]["context_tokens"] - 1
+
+
+# ==== model store: downloads
+#
+# The store's pieces (paths, _download, _fetch, locks, sidecars) against conftest's misbehaving file_server, then
+# acceptance tests driving ModelServer and the HTTP API on real GGUF files downloaded from it. Tests using
+# file_server also fail if they leave a thread running (conftest's no_thread_leaks).
+
+DATA_SHA = hashlib.sha256(DATA).hexdigest()
+MiB = 1 << 20
+FAST = {"backoff": 0.01, "stall_timeout": 5.0}  # a local server answers at once; stalls set their own timeout
+
+
+@pytest.fixture
+def dest(tmp_path: Any) -> str:
+    return str(tmp_path / "models" / "127.0.0.1" / "files" / "model.gguf")
+
+
+@pytest.fixture
+def hash_reads(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Paths of every file read for hashing (lllms._hash_into is the only reader)."""
+    reads: list[str] = []
+    real = lllms._hash_into
+
+    def counting(path: str, hasher: Any) -> int:
+        reads.append(path)
+        return real(path, hasher)
+
+    monkeypatch.setattr(lllms, "_hash_into", counting)
+    return reads
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # reaped: the pid is free
+    return child.pid
+
+
+def _write_lock(path: str, *, pid: int, host: str | None = None) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump({"pid": pid, "host": host or socket.gethostname(), "nonce": "theirs"}, f)
+
+
+# ---- paths
+
+
+def test_hf_urls_map_under_huggingface(tmp_path: Any) -> None:
+    root = os.path.realpath(tmp_path)
+    for url in (
+        "https://huggingface.co/org/repo/resolve/main/sub/m.gguf",
+        "https://huggingface.co/org/repo/blob/main/sub/m.gguf?download=true",
+        "https://hf.co/org/repo/resolve/main/sub/m.gguf",
+    ):
+        assert lllms._url_path(url, str(tmp_path)) == os.path.join(
+            root, "huggingface", "org", "repo-main", "sub", "m.gguf"
+        )
+    pr = lllms._url_path("https://huggingface.co/org/repo/resolve/refs%2Fpr%2F1/m.gguf", str(tmp_path))
+    assert pr == os.path.join(root, "huggingface", "org", "repo-refs--pr--1", "m.gguf")
+    other = lllms._url_path("https://example.com:8443/a/b%20c.gguf", str(tmp_path))
+    assert other == os.path.join(root, "example.com", "a", "b c.gguf")
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://example.com/a/../../etc/passwd",
+        "https://example.com/a/%2e%2e/%2e%2e/etc/passwd",
+        "https://example.com/a/%2E%2E/x",
+        "https://example.com/a/%252e%252e/x",
+        "https://example.com/a/..%2F..%2Fx",
+        "https://example.com/%2Fetc%2Fpasswd",
+        "https://example.com/a/..%5C..%5Cx",
+        "https://example.com/a/b%00.gguf",
+        "https://example.com/C:/x.gguf",
+        "https://huggingface.co/../repo/resolve/main/x.gguf",
+        "https://huggingface.co/org/repo/resolve/main/%2e%2e/%2e%2e/%2e%2e/x",
+    ],
+)
+def test_url_paths_never_escape(tmp_path: Any, url: str) -> None:
+    with pytest.raises(lllms.ConfigError, match="would escape models_dir"):
+        lllms._url_path(url, str(tmp_path))
+
+
+def test_url_path_needs_a_file(tmp_path: Any) -> None:
+    with pytest.raises(lllms.ConfigError, match="does not name a file"):
+        lllms._url_path("https://example.com/dir/", str(tmp_path))
+    with pytest.raises(lllms.ConfigError, match="no host"):
+        lllms._url_path("file:///etc/passwd", str(tmp_path))
+
+
+def test_normalize_url_turns_blob_into_resolve() -> None:
+    blob = "https://huggingface.co/org/repo/blob/main/sub/m.gguf?download=true"
+    assert lllms._normalize_url(blob) == "https://huggingface.co/org/repo/resolve/main/sub/m.gguf?download=true"
+    assert lllms._normalize_url("https://example.com/org/repo/blob/main/m.gguf").count("/blob/") == 1
+
+
+def test_auth_headers_only_for_huggingface(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_env\n")
+    hf = "https://huggingface.co/org/repo/resolve/main/m.gguf"
+    assert lllms._auth_headers(hf) == {"Authorization": "Bearer hf_env"}
+    assert lllms._auth_headers(hf, "hf_conf") == {"Authorization": "Bearer hf_conf"}
+    assert lllms._auth_headers("https://example.com/m.gguf", "hf_conf") == {}
+    assert lllms._auth_headers("https://cdn-lfs.huggingface.co/x", "hf_conf") == {}
+    assert lllms._auth_headers("http://huggingface.co/org/repo/resolve/main/m.gguf", "hf_conf") == {}
+    monkeypatch.delenv("HF_TOKEN")
+    assert lllms._auth_headers(hf) == {}
+
+
+# ---- download
+
+
+def test_download_streams_hashes_and_reports(file_server: FileServer, dest: str, hash_reads: list[str]) -> None:
+    calls: list[tuple[int, int | None]] = []
+    lllms._download(file_server.url(), dest, sha256=DATA_SHA, progress=lambda d, t: calls.append((d, t)), **FAST)
+    assert _read(dest) == DATA
+    assert not os.path.exists(dest + ".part")
+    assert calls[-1] == (len(DATA), len(DATA))
+    assert len(calls) <= 3  # throttled to one per 0.25s (a local 3 MB download takes far less)
+    assert hash_reads == []  # hashed while streaming, never read back
+    side = json.loads(_read(dest + ".lllms.json"))
+    assert side["sha256"] == DATA_SHA and side["size"] == len(DATA)
+    assert lllms._verify_existing(dest, sha256=DATA_SHA) and hash_reads == []
+
+
+def test_resume_after_cut_connection(file_server: FileServer, dest: str, hash_reads: list[str]) -> None:
+    file_server.cut_after[DATA_PATH] = MiB
+    lllms._download(file_server.url(), dest, sha256=DATA_SHA, **FAST)
+    assert _read(dest) == DATA
+    assert [g.range for g in file_server.gets()] == [None, f"bytes={MiB}-"]
+    assert hash_reads == []  # the hasher carried on across the resume
+
+
+def test_resume_part_left_by_earlier_run(file_server: FileServer, dest: str, hash_reads: list[str]) -> None:
+    _write(dest + ".part", DATA[: 2 * MiB])
+    lllms._download(file_server.url(), dest, sha256=DATA_SHA, **FAST)
+    assert _read(dest) == DATA
+    assert [g.range for g in file_server.gets()] == [f"bytes={2 * MiB}-"]
+    assert hash_reads == [dest + ".part"]  # the part, once; the finished file never
+
+
+def test_complete_part_is_finished_without_a_body(file_server: FileServer, dest: str) -> None:
+    _write(dest + ".part", DATA)  # died between the last byte and the rename
+    lllms._download(file_server.url(), dest, sha256=DATA_SHA, **FAST)
+    assert _read(dest) == DATA
+    assert [g.range for g in file_server.gets()] == [f"bytes={len(DATA)}-"]  # answered 416 bytes */size
+
+
+def test_wrong_sha256_deletes_everything(file_server: FileServer, dest: str) -> None:
+    wrong = "0" * 64
+    with pytest.raises(lllms._DownloadError) as info:
+        lllms._download(file_server.url(), dest, sha256=wrong, **FAST)
+    msg = str(info.value)
+    assert wrong in msg and DATA_SHA in msg and file_server.url() in msg
+    assert info.value.permanent and info.value.code == "model_checksum_mismatch" and info.value.status == 503
+    assert not os.path.exists(dest) and not os.path.exists(dest + ".part")
+    assert len(file_server.gets()) == 1  # a mismatch is not retried
+
+
+def test_range_ignored_starts_over(file_server: FileServer, dest: str) -> None:
+    _write(dest + ".part", b"x" * MiB)  # junk: only a restart from byte 0 gives the right digest
+    file_server.ignore_range = True
+    lllms._download(file_server.url(), dest, sha256=DATA_SHA, **FAST)
+    assert _read(dest) == DATA
+    assert [g.range for g in file_server.gets()] == [f"bytes={MiB}-"]
+
+
+def test_stall_is_detected_and_resumed(file_server: FileServer, dest: str, logs: LogWatch) -> None:
+    file_server.stall_after[DATA_PATH] = MiB
+    started = time.monotonic()
+    lllms._download(file_server.url(), dest, sha256=DATA_SHA, backoff=0.01, stall_timeout=0.5)
+    elapsed = time.monotonic() - started
+    assert _read(dest) == DATA
+    assert [g.range for g in file_server.gets()] == [None, f"bytes={MiB}-"]
+    assert 0.5 <= elapsed < 2.5
+    logs.wait_for("no data for 0.5s", timeout=0)
+
+
+def test_stall_before_any_byte_counts_as_attempt(file_server: FileServer, dest: str) -> None:
+    file_server.stall_after[DATA_PATH] = 0
+    lllms._download(file_server.url(), dest, sha256=DATA_SHA, backoff=0.01, stall_timeout=0.3)
+    assert _read(dest) == DATA
+    assert [g.range for g in file_server.gets()] == [None, None]
+
+
+def test_404_is_permanent(file_server: FileServer, dest: str) -> None:
+    url = file_server.url("/files/missing.gguf")
+    with pytest.raises(lllms._DownloadError, match=r"HTTP 404 .* from http://127\.0\.0\.1:\d+/files/missing\.gguf"):
+        lllms._download(url, dest, **FAST)
+    assert len(file_server.gets()) == 1
+
+
+@pytest.mark.parametrize("code", [401, 403])
+def test_auth_failures_are_permanent(file_server: FileServer, dest: str, code: int) -> None:
+    file_server.status[DATA_PATH] = [code]
+    with pytest.raises(lllms._DownloadError, match=f"HTTP {code} .*credentials") as info:
+        lllms._download(file_server.url(), dest, **FAST)
+    assert info.value.permanent and len(file_server.gets()) == 1
+
+
+def test_server_errors_are_retried(file_server: FileServer, dest: str) -> None:
+    file_server.status[DATA_PATH] = [503, 500]
+    lllms._download(file_server.url(), dest, sha256=DATA_SHA, **FAST)
+    assert _read(dest) == DATA and len(file_server.gets()) == 3
+
+
+def test_connection_refused_retried_then_reported(closed_port: int, dest: str) -> None:
+    url = f"http://127.0.0.1:{closed_port}/m.gguf"
+    started = time.monotonic()
+    with pytest.raises(lllms._DownloadError) as info:
+        lllms._download(url, dest, attempts=3, backoff=0.01)
+    assert "connection refused" in str(info.value) and url in str(info.value)
+    assert "gave up after 3 attempts" in str(info.value) and not info.value.permanent
+    assert time.monotonic() - started < 2
+
+
+@pytest.mark.parametrize("code", [301, 302, 303, 307, 308])
+def test_redirect_keeps_range_and_same_host_auth(file_server: FileServer, dest: str, code: int) -> None:
+    file_server.redirects["/old.gguf"] = (code, file_server.url())
+    _write(dest + ".part", DATA[:MiB])
+    lllms._download(file_server.url("/old.gguf"), dest, sha256=DATA_SHA, headers={"Authorization": "Bearer t"}, **FAST)
+    assert _read(dest) == DATA
+    assert [(g.path, g.range, g.authorization) for g in file_server.gets()] == [
+        ("/old.gguf", f"bytes={MiB}-", "Bearer t"),
+        (DATA_PATH, f"bytes={MiB}-", "Bearer t"),
+    ]
+
+
+def test_redirect_loop_is_permanent(file_server: FileServer, dest: str) -> None:
+    file_server.redirects["/loop.gguf"] = file_server.url("/loop.gguf")
+    with pytest.raises(lllms._DownloadError, match="too many redirects") as info:
+        lllms._download(file_server.url("/loop.gguf"), dest, **FAST)
+    assert info.value.permanent
+
+
+def test_cross_host_redirect_drops_authorization(file_server: FileServer, dest: str) -> None:
+    # Another host name for the same server:
+    file_server.redirects["/old.gguf"] = f"http://localhost:{file_server.port}{DATA_PATH}"
+    lllms._download(file_server.url("/old.gguf"), dest, sha256=DATA_SHA, headers={"Authorization": "Bearer t"}, **FAST)
+    assert _read(dest) == DATA
+    assert [(g.host, g.authorization) for g in file_server.gets()] == [
+        (f"127.0.0.1:{file_server.port}", "Bearer t"),
+        (f"localhost:{file_server.port}", None),
+    ]
+
+
+def test_cancel_keeps_the_part(file_server: FileServer, dest: str) -> None:
+    cancel = threading.Event()
+    seen: list[int] = []
+
+    def progress(done: int, total: int | None) -> None:
+        seen.append(done)
+        cancel.set()  # as a caller's other thread would, once bytes have arrived
+
+    with pytest.raises(lllms._DownloadCancelled, match="cancelled"):
+        lllms._download(file_server.url(), dest, sha256=DATA_SHA, progress=progress, cancel=cancel, **FAST)
+    assert not os.path.exists(dest)
+    assert os.path.getsize(dest + ".part") == seen[-1] > 0  # what arrived stays, for a later resume
+    lllms._download(file_server.url(), dest, sha256=DATA_SHA, **FAST)
+    assert _read(dest) == DATA and file_server.gets()[-1].range == f"bytes={seen[-1]}-"
+
+
+# ---- existing files and the sidecar
+
+
+def test_existing_file_means_no_request(closed_port: int, dest: str) -> None:
+    _write(dest, DATA)
+    url = f"http://127.0.0.1:{closed_port}/m.gguf"  # any network access would fail
+    assert lllms._fetch(url, dest, sha256=DATA_SHA, attempts=1) == dest
+
+
+def test_existing_mismatch_is_downloaded_again(file_server: FileServer, dest: str) -> None:
+    _write(dest, b"old version")
+    assert lllms._fetch(file_server.url(), dest, sha256=DATA_SHA, **FAST) == dest
+    assert _read(dest) == DATA and len(file_server.gets()) == 1
+
+
+def test_sidecar_spares_the_second_hash(dest: str, hash_reads: list[str]) -> None:
+    _write(dest, DATA)
+    assert lllms._verify_existing(dest, sha256=DATA_SHA)
+    assert lllms._verify_existing(dest, sha256=DATA_SHA.upper())
+    assert not lllms._verify_existing(dest, sha256="1" * 64)
+    assert hash_reads == [dest]
+    os.utime(dest, ns=(1, 1))  # changed mtime: the record no longer describes the file
+    assert lllms._verify_existing(dest, sha256=DATA_SHA)
+    assert hash_reads == [dest, dest]
+
+
+def test_verify_modes(dest: str, hash_reads: list[str]) -> None:
+    assert not lllms._verify_existing(dest, sha256=DATA_SHA)  # missing
+    _write(dest, DATA)
+    assert lllms._verify_existing(dest, sha256="1" * 64, mode="none")
+    assert lllms._verify_existing(dest, sha256="1" * 64, mode="size", size=len(DATA))
+    assert not lllms._verify_existing(dest, sha256=DATA_SHA, mode="size", size=5)
+    assert not lllms._verify_existing(dest, sha256=DATA_SHA, size=5)  # wrong size: no need to hash
+    assert lllms._verify_existing(dest, sha256=None)
+    assert hash_reads == []
+    with pytest.raises(lllms.ConfigError, match="verify mode"):
+        lllms._verify_existing(dest, sha256=None, mode="fast")  # type: ignore[arg-type]
+
+
+# ---- one download per file
+
+
+def test_two_threads_share_one_download(file_server: FileServer, dest: str, logs: LogWatch) -> None:
+    file_server.gate = threading.Event()
+    results: list[str] = []
+
+    def fetch() -> None:
+        results.append(lllms._fetch(file_server.url(), dest, sha256=DATA_SHA, **FAST))
+
+    first = threading.Thread(target=fetch)
+    first.start()
+    assert file_server.at_gate.wait(5)  # the first download is under way
+    second = threading.Thread(target=fetch)
+    second.start()
+    logs.wait_for("another thread is downloading it")
+    file_server.gate.set()
+    first.join(5)
+    second.join(5)
+    assert results == [dest, dest]
+    assert len(file_server.gets()) == 1
+    assert _read(dest) == DATA and lllms._inflight == {}
+
+
+def test_threads_share_a_permanent_failure(file_server: FileServer, dest: str, logs: LogWatch) -> None:
+    file_server.gate = threading.Event()
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            lllms._fetch(file_server.url(), dest, sha256="0" * 64, **FAST)
+        except lllms._DownloadError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch), threading.Thread(target=fetch)]
+    threads[0].start()
+    assert file_server.at_gate.wait(5)
+    threads[1].start()
+    logs.wait_for("another thread is downloading it")
+    file_server.gate.set()
+    for t in threads:
+        t.join(5)
+    assert len(errors) == 2 and all("sha256 mismatch" in str(e) for e in errors)
+    assert len(file_server.gets()) == 1
+
+
+def test_waits_for_another_process_then_uses_its_file(file_server: FileServer, dest: str, logs: LogWatch) -> None:
+    os.makedirs(os.path.dirname(dest))
+    _write_lock(dest + ".lock", pid=os.getppid())  # a live process on this host holds it
+    results: list[str] = []
+    t = threading.Thread(
+        target=lambda: results.append(lllms._fetch(file_server.url(), dest, sha256=DATA_SHA, lock_poll=0.02))
+    )
+    t.start()
+    logs.wait_for(f"pid {os.getppid()} on {socket.gethostname()} is downloading it")
+    _write(dest + ".tmp", DATA)  # what the other process does: the whole file appears at once
+    os.replace(dest + ".tmp", dest)
+    os.remove(dest + ".lock")
+    t.join(5)
+    assert results == [dest]
+    assert file_server.gets() == []
+    assert not os.path.exists(dest + ".lock")
+
+
+def test_lock_of_a_dead_pid_is_broken(file_server: FileServer, dest: str, logs: LogWatch) -> None:
+    os.makedirs(os.path.dirname(dest))
+    pid = _dead_pid()
+    _write_lock(dest + ".lock", pid=pid)
+    assert lllms._fetch(file_server.url(), dest, sha256=DATA_SHA, lock_poll=0.02, **FAST) == dest
+    assert _read(dest) == DATA and len(file_server.gets()) == 1
+    logs.wait_for(f"pid {pid} is gone", timeout=0)
+    assert not os.path.exists(dest + ".lock") and not os.path.exists(dest + ".lock.break")
+
+
+def test_old_lock_from_another_host_is_broken(file_server: FileServer, dest: str, logs: LogWatch) -> None:
+    os.makedirs(os.path.dirname(dest))
+    _write_lock(dest + ".lock", pid=1, host="elsewhere")
+    old = time.time() - 3 * 3600
+    os.utime(dest + ".lock", (old, old))
+    assert lllms._fetch(file_server.url(), dest, sha256=DATA_SHA, lock_poll=0.02, **FAST) == dest
+    logs.wait_for("no heartbeat for", timeout=0)
+
+
+def test_lock_naming_this_process_is_left_over(file_server: FileServer, dest: str) -> None:
+    os.makedirs(os.path.dirname(dest))
+    _write_lock(dest + ".lock", pid=os.getpid())  # e.g. pid 1 in a restarted container
+    assert lllms._fetch(file_server.url(), dest, sha256=DATA_SHA, lock_poll=0.02, **FAST) == dest
+
+
+def test_lock_is_held_during_download_and_released(file_server: FileServer, dest: str) -> None:
+    file_server.gate = threading.Event()
+    t = threading.Thread(target=lllms._fetch, args=(file_server.url(), dest), kwargs={"sha256": DATA_SHA, **FAST})
+    t.start()
+    assert file_server.at_gate.wait(5)
+    info = json.loads(_read(dest + ".lock"))
+    assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+    file_server.gate.set()
+    t.join(5)
+    assert not os.path.exists(dest + ".lock") and _read(dest) == DATA
+
+
+# ---- acceptance: ModelServer and HTTP, downloading real GGUF files from file_server
+
+TINY_PATH = "/files/tiny.gguf"
+SMOL_PATH = "/files/smol.gguf"
+TINY_CHAT = [{"role": "user", "content": "hello"}]
+FRANCE = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "What is the capital of France?"},
+]
+
+
+@dataclass
+class Hosted:
+    """A real GGUF on file_server: its URL, bytes and sha256, and where a download of it lands under models_dir."""
+
+    url: str
+    data: bytes
+    sha256: str
+    models_dir: str
+    dest: str
+
+
+def _host(file_server: FileServer, path: str, data: bytes, models_dir: str) -> Hosted:
+    file_server.files[path] = data
+    # The port plays no part in the place: <models_dir>/<host>/<url path>.
+    dest = os.path.join(os.path.realpath(models_dir), "127.0.0.1", *path.strip("/").split("/"))
+    return Hosted(file_server.url(path), data, hashlib.sha256(data).hexdigest(), models_dir, dest)
+
+
+@pytest.fixture
+def tiny(file_server: FileServer, tiny_llama: str, tmp_path: Any) -> Hosted:
+    """The tiny llama GGUF, served at TINY_PATH."""
+    return _host(file_server, TINY_PATH, _read(tiny_llama), str(tmp_path / "models"))
+
+
+def dl_config(h: Hosted, server: dict[str, Any] | None = None, **model: Any) -> dict[str, Any]:
+    """Model "m" downloaded from h and checked against its sha256; `server` and `model` override config keys."""
+    m = {"task": "text-completion", "url": h.url, "sha256": h.sha256, "context_size": 64, **model}
+    return {"models_dir": h.models_dir, "download_stall_timeout": 10.0, **(server or {}), "models": {"m": m}}
+
+
+def _st(ms: lllms.ModelServer, model_id: str = "m") -> dict[str, Any]:
+    return ms.status()["models"][model_id]
+
+
+def _sdk(server: lllms.HTTPServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def _downloading(ms: lllms.ModelServer, model_id: str = "m") -> dict[str, Any] | None:
+    """The model's download progress once its first bytes have arrived, else None."""
+    st = _st(ms, model_id)
+    return st["download"] if st["status"] == "downloading" and (st["download"] or {}).get("bytes") else None
+
+
+def test_download_cut_off_halfway_resumes_then_serves(
+    file_server: FileServer, smollm2: str, tmp_path: Any, hash_reads: list[str]
+) -> None:
+    """Acceptance: a transfer cut off halfway resumes from the byte where it stopped, the file matches its sha256
+    (hashed while streaming, never read back), progress ends at the total, and SmolLM2 answers from it."""
+    smol = _host(file_server, SMOL_PATH, _read(smollm2), str(tmp_path / "models"))
+    size = len(smol.data)
+    file_server.cut_after[SMOL_PATH] = size // 2
+    calls: list[tuple[str, int, int | None]] = []
+    config = dl_config(smol, prepare="blocking", context_size=512)
+    with lllms.ModelServer(config, progress=lambda *a: calls.append(a)) as ms:
+        st = _st(ms)
+        assert (st["status"], st["error"], st["download"], st["file"]) == ("ready", None, None, smol.dest)
+        assert smol.dest == lllms._url_path(smol.url, smol.models_dir)
+        assert [g.range for g in file_server.gets()] == [None, f"bytes={size // 2}-"]
+        assert hashlib.sha256(_read(smol.dest)).hexdigest() == smol.sha256
+        assert not os.path.exists(smol.dest + ".part") and not os.path.exists(smol.dest + ".lock")
+        assert hash_reads == []
+        assert calls and {(m, total) for m, _, total in calls} == {("m", size)}
+        done = [d for _, d, _ in calls]
+        assert done == sorted(done) and done[-1] == size
+        c = ms.chat("m", FRANCE, temperature=0, max_tokens=12)
+        assert "Paris" in c.text, c.text
+
+
+def test_download_stopped_midway_resumes_on_the_next_start(file_server: FileServer, tiny: Hosted) -> None:
+    """stop() during a download keeps the part; the next start asks for the rest with a Range from its size."""
+    file_server.gate = threading.Event()
+    ms = lllms.ModelServer(dl_config(tiny, prepare="async")).start()
+    try:
+        assert file_server.at_gate.wait(10)
+        wait_until(lambda: _downloading(ms), what="the first bytes")
+    finally:
+        ms.stop()
+    file_server.gate.set()  # the cancelled transfer reads one more chunk, then gives up
+    wait_until(lambda: "cancelled" in (_st(ms)["error"] or ""), what="the download to end")
+    part = os.path.getsize(tiny.dest + ".part")
+    assert part >= 1 << 16 and not os.path.exists(tiny.dest) and not os.path.exists(tiny.dest + ".lock")
+    with lllms.ModelServer(dl_config(tiny, prepare="blocking")) as ms:
+        assert _st(ms)["status"] == "ready"
+        assert [g.range for g in file_server.gets()] == [None, f"bytes={part}-"]
+        assert _read(tiny.dest) == tiny.data and not os.path.exists(tiny.dest + ".part")
+        assert ms.chat("m", TINY_CHAT, max_tokens=4).usage.completion_tokens > 0
+
+
+def test_wrong_sha256_is_an_error_leaving_no_file_and_requests_get_503(file_server: FileServer, tiny: Hosted) -> None:
+    """Acceptance: a checksum mismatch leaves status "error", no file and no part; requests get a 503 that says why."""
+    wrong = "0" * 64
+    config = dl_config(tiny, prepare="blocking", sha256=wrong)
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server, _sdk(server) as sdk:
+        st = _st(server.model_server)
+        assert st["status"] == "error" and st["download"] is None
+        assert "sha256 mismatch" in st["error"] and wrong in st["error"] and tiny.sha256 in st["error"]
+        assert os.listdir(os.path.dirname(tiny.dest)) == []  # no file, part, lock or sidecar
+        for stream in (False, True):
+            with pytest.raises(openai.InternalServerError) as exc:
+                sdk.chat.completions.create(model="m", messages=TINY_CHAT, max_tokens=4, stream=stream)
+            assert exc.value.status_code == 503 and "sha256 mismatch" in exc.value.body["message"]
+            assert int(exc.value.response.headers["Retry-After"]) >= 1
+        status, body, _ = get_json(server.url, "/")
+        assert status == 200 and body["models"]["m"]["status"] == "error"
+        assert "sha256 mismatch" in body["models"]["m"]["error"]
+    assert len(file_server.gets()) == 1  # within the back-off, requests do not download again
+
+
+def test_server_ignoring_range_still_yields_the_right_file(file_server: FileServer, tiny: Hosted) -> None:
+    """Acceptance: a resume answered with the whole file (200, Range ignored) starts over and ends correct."""
+    file_server.cut_after[TINY_PATH] = 100_000
+    file_server.ignore_range = True
+    with lllms.ModelServer(dl_config(tiny, prepare="blocking")) as ms:
+        assert _st(ms)["status"] == "ready"
+        assert [g.range for g in file_server.gets()] == [None, "bytes=100000-"]
+        assert _read(tiny.dest) == tiny.data
+        assert ms.chat("m", TINY_CHAT, max_tokens=4).usage.completion_tokens > 0
+
+
+def test_stall_is_detected_and_retried_within_the_stall_timeout(
+    file_server: FileServer, tiny: Hosted, logs: LogWatch
+) -> None:
+    """Acceptance: a server that stops sending mid-file is given up on after download_stall_timeout, and resumed."""
+    file_server.stall_after[TINY_PATH] = 1 << 16
+    with lllms.ModelServer(dl_config(tiny, {"download_stall_timeout": 0.5}, prepare="blocking")) as ms:
+        assert _st(ms)["status"] == "ready" and _read(tiny.dest) == tiny.data
+        first, second = file_server.gets()
+        assert (first.range, second.range) == (None, f"bytes={1 << 16}-")
+        assert 0.5 <= second.time - first.time < 0.5 + 5  # the stall timeout, plus slack for a loaded machine
+        logs.wait_for("stalled: no data for 0.5s; resuming from byte 65536", timeout=0)
+        assert ms.chat("m", TINY_CHAT, max_tokens=4).usage.completion_tokens > 0
+
+
+def test_404_and_connection_refused_are_clear_errors(file_server: FileServer, tiny: Hosted, closed_port: int) -> None:
+    """Acceptance: status and responses (first request, later ones, streamed or not) say what went wrong."""
+    missing = file_server.url("/files/missing.gguf")
+    refused = f"http://127.0.0.1:{closed_port}/files/tiny.gguf"
+    config = dl_config(tiny, {"download_attempts": 1})
+    config["models"] = {
+        "missing": {"task": "text-completion", "url": missing},  # on-demand: the first request downloads
+        "refused": {"task": "text-completion", "url": refused, "prepare": "blocking"},
+        "m": config["models"]["m"],
+    }
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server, _sdk(server) as sdk:
+        ms = server.model_server
+        assert _st(ms, "missing")["status"] == "unprepared"
+        assert _st(ms, "refused")["status"] == "error"
+        assert _st(ms, "refused")["error"].startswith(f"cannot connect to 127.0.0.1 for {refused}: connection refused")
+        with pytest.raises(openai.InternalServerError) as exc:
+            sdk.chat.completions.create(model="missing", messages=TINY_CHAT, max_tokens=4)
+        assert exc.value.status_code == 503 and exc.value.code == "model_download_failed"
+        assert exc.value.body["message"] == f"HTTP 404 Not Found from {missing}; check the url"
+        assert _st(ms, "missing")["status"] == "error" and _st(ms, "missing")["error"] == exc.value.body["message"]
+        for model, text in (("missing", "HTTP 404 Not Found"), ("refused", "connection refused")):
+            for stream in (False, True):
+                with pytest.raises(openai.InternalServerError) as exc:
+                    sdk.completions.create(model=model, prompt="hi", max_tokens=4, stream=stream)
+                assert exc.value.status_code == 503 and text in exc.value.body["message"]
+                assert exc.value.code == "model_not_ready" and int(exc.value.response.headers["Retry-After"]) >= 1
+        assert sdk.chat.completions.create(model="m", messages=TINY_CHAT, max_tokens=4).choices[0].message.content
+        assert [g.path for g in file_server.gets()] == ["/files/missing.gguf", TINY_PATH]
+
+
+def test_redirect_to_another_path_is_followed(file_server: FileServer, tiny: Hosted) -> None:
+    """Acceptance: a redirect is followed; the file lands where the configured URL says."""
+    file_server.redirects["/old/tiny.gguf"] = tiny.url
+    config = dl_config(tiny, prepare="blocking", url=file_server.url("/old/tiny.gguf"))
+    with lllms.ModelServer(config) as ms:
+        st = _st(ms)
+        assert st["status"] == "ready" and st["file"].endswith(os.path.join("127.0.0.1", "old", "tiny.gguf"))
+        assert [g.path for g in file_server.gets()] == ["/old/tiny.gguf", TINY_PATH]
+        assert _read(st["file"]) == tiny.data
+        assert ms.chat("m", TINY_CHAT, max_tokens=4).usage.completion_tokens > 0
+
+
+def test_two_models_with_one_url_download_it_once(file_server: FileServer, tiny: Hosted, logs: LogWatch) -> None:
+    """Acceptance: two models naming one URL share one download, even when both start at once."""
+    file_server.gate = threading.Event()
+    config = dl_config(tiny, prepare="async")
+    config["models"]["n"] = dict(config["models"]["m"])
+    with lllms.ModelServer(config) as ms:
+        assert file_server.at_gate.wait(10)
+        logs.wait_for("another thread is downloading it")
+        assert _st(ms, "m")["status"] == _st(ms, "n")["status"] == "downloading"
+        file_server.gate.set()
+        wait_until(lambda: _st(ms, "m")["status"] == _st(ms, "n")["status"] == "ready", what="both models ready")
+        assert _st(ms, "m")["file"] == _st(ms, "n")["file"] == tiny.dest
+        assert len(file_server.gets()) == 1
+        for model in ("m", "n"):
+            assert ms.chat(model, TINY_CHAT, max_tokens=4).usage.completion_tokens > 0
+
+
+def test_two_model_servers_sharing_models_dir_download_once(
+    file_server: FileServer, tiny: Hosted, logs: LogWatch
+) -> None:
+    """Acceptance: two ModelServers in one process with one models_dir both end up ready; one download."""
+    file_server.gate = threading.Event()
+    config = dl_config(tiny, prepare="async")
+    with lllms.ModelServer(config) as first:
+        assert file_server.at_gate.wait(10)
+        with lllms.ModelServer(config) as second:
+            logs.wait_for("another thread is downloading it")
+            assert _st(second)["status"] == "downloading"
+            file_server.gate.set()
+            for ms in (first, second):
+                wait_until(lambda ms=ms: _st(ms)["status"] == "ready", what="the model ready")
+                assert ms.chat("m", TINY_CHAT, max_tokens=4).usage.completion_tokens > 0
+    assert len(file_server.gets()) == 1 and _read(tiny.dest) == tiny.data
+
+
+def test_requests_during_a_download_wait_then_succeed(file_server: FileServer, tiny: Hosted) -> None:
+    """Acceptance: a request sent while the file downloads waits in the queue and is answered once it is ready."""
+    file_server.gate = threading.Event()
+    with lllms.start_http_server(dl_config(tiny, prepare="async"), host="127.0.0.1", port=0) as server:
+        ms = server.model_server
+        assert file_server.at_gate.wait(10)
+        progress = wait_until(lambda: _downloading(ms), what="download progress")
+        assert set(progress) == {"bytes", "total", "percent", "speed", "eta"}
+        assert progress["total"] == len(tiny.data) and 0 < progress["bytes"] < len(tiny.data)
+        assert progress["percent"] == round(100 * progress["bytes"] / len(tiny.data), 1)
+        status, body, _ = get_json(server.url, "/")
+        assert status == 200 and body["models"]["m"]["status"] == "downloading" and body["models"]["m"]["download"]
+        with _sdk(server) as sdk:
+            thread, out = _run_in_thread(
+                lambda: sdk.chat.completions.create(model="m", messages=TINY_CHAT, max_tokens=4)
+            )
+            wait_until(lambda: _queued(ms, 1), what="the request to queue")
+            assert _st(ms)["instances"]["queued"] == 1 and thread.is_alive()
+            file_server.gate.set()
+            thread.join(30)
+        assert "error" not in out and out["result"].choices[0].message.content is not None
+        st = _st(ms)
+        assert st["status"] == "ready" and st["download"] is None and st["error"] is None
+
+
+def test_streaming_request_during_a_download_gets_keepalives_then_data(file_server: FileServer, tiny: Hosted) -> None:
+    """Acceptance: a stream waiting for its model's file gets `: keepalive` comments, then its data."""
+    file_server.gate = threading.Event()
+    config = dl_config(tiny, {"keepalive_interval": 0.05})  # on-demand: the request itself starts the download
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        try:
+            body = json.dumps({"model": "m", "messages": TINY_CHAT, "max_tokens": 4, "stream": True})
+            conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
+            assert file_server.at_gate.wait(10)
+            assert resp.readline() == b": keepalive\n" and resp.readline() == b"\n"
+            assert resp.readline() == b": keepalive\n" and resp.readline() == b"\n"  # sent with the transfer held
+            assert _st(server.model_server)["status"] == "downloading" and _queued(server.model_server, 1)
+            file_server.gate.set()
+            raw = resp.read().decode()
+        finally:
+            conn.close()
+    events = [e.strip("\n") for e in raw.split("\n\n") if e.strip("\n")]
+    assert events[-1] == "data: [DONE]"
+    data = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
+    assert data and all(e.startswith(("data: {", ": keepalive", "data: [DONE]")) for e in events)
+    assert all(d["object"] == "chat.completion.chunk" for d in data)
+
+
+def test_streaming_request_gets_an_error_event_when_its_download_fails(file_server: FileServer, tiny: Hosted) -> None:
+    """A stream that already got its headers (keep-alives) while the file downloaded learns the failure as an event."""
+    file_server.gate = threading.Event()
+    config = dl_config(tiny, {"keepalive_interval": 0.05}, sha256="0" * 64)
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server, _sdk(server) as sdk:
+        stream = sdk.chat.completions.create(model="m", messages=TINY_CHAT, max_tokens=4, stream=True)
+        assert file_server.at_gate.wait(10)
+        file_server.gate.set()
+        with pytest.raises(openai.APIError, match="sha256 mismatch"):
+            list(stream)
+        assert _st(server.model_server)["status"] == "error"
+
+
+def test_prepare_blocking_start_returns_with_the_model_ready(file_server: FileServer, tiny: Hosted) -> None:
+    with lllms.ModelServer(dl_config(tiny, prepare="blocking")) as ms:
+        st = _st(ms)
+        assert (st["status"], st["download"], st["error"]) == ("ready", None, None)
+        assert len(file_server.gets()) == 1 and _read(tiny.dest) == tiny.data
+        assert ms.status()["instances"] == []  # ready to load, not loaded: min_instances is 0
+        assert ms.chat("m", TINY_CHAT, max_tokens=4).usage.completion_tokens > 0
+
+
+def test_prepare_async_start_returns_while_downloading(file_server: FileServer, tiny: Hosted) -> None:
+    file_server.gate = threading.Event()
+    with lllms.ModelServer(dl_config(tiny, prepare="async", min_instances=1)) as ms:  # returned: not blocked
+        assert file_server.at_gate.wait(10)
+        assert _st(ms)["status"] == "downloading" and not os.path.exists(tiny.dest)
+        file_server.gate.set()
+        wait_until(lambda: ms.status()["instances"], what="the min instance to load once the file is in")
+        assert _st(ms)["status"] == "ready" and _read(tiny.dest) == tiny.data
+        assert ms.chat("m", TINY_CHAT, max_tokens=4).usage.completion_tokens > 0
+
+
+def test_prepare_on_demand_waits_for_the_first_request(file_server: FileServer, tiny: Hosted) -> None:
+    with lllms.ModelServer(dl_config(tiny)) as ms:  # "on-demand" is the default
+        st = _st(ms)
+        assert (st["status"], st["download"], st["error"], st["file"]) == ("unprepared", None, None, tiny.dest)
+        assert file_server.gets() == [] and not os.path.exists(tiny.dest)
+        assert ms.chat("m", TINY_CHAT, max_tokens=4).usage.completion_tokens > 0
+        assert _st(ms)["status"] == "ready" and len(file_server.gets()) == 1
+
+
+def test_failed_model_retries_on_a_later_request_after_its_back_off(file_server: FileServer, tiny: Hosted) -> None:
+    """Acceptance: a failed model answers with its error and Retry-After until its back-off (5 s, then 10 s) is over,
+    then the next request tries again. The test ends each back-off early by moving retry_at."""
+    file_server.status[TINY_PATH] = [404, 404]
+    with lllms.ModelServer(dl_config(tiny)) as ms:
+        with pytest.raises(lllms.Unavailable, match="HTTP 404") as exc:
+            ms.chat("m", TINY_CHAT, max_tokens=4)  # the request that started the download gets its error
+        assert exc.value.code == "model_download_failed"
+        assert _st(ms)["status"] == "error" and 3 < ms._files["m"].retry_at - time.monotonic() <= 5
+        with pytest.raises(lllms.Unavailable, match="HTTP 404") as exc:
+            ms.chat("m", TINY_CHAT, max_tokens=4)  # within the back-off: the error, no new download
+        assert exc.value.code == "model_not_ready" and 1 <= int(exc.value.headers["Retry-After"]) <= 5
+        assert len(file_server.gets()) == 1
+        ms._files["m"].retry_at = 0.0  # the back-off is over
+        with pytest.raises(lllms.Unavailable, match="HTTP 404"):
+            ms.chat("m", TINY_CHAT, max_tokens=4)
+        assert len(file_server.gets()) == 2 and 8 < ms._files["m"].retry_at - time.monotonic() <= 10  # doubled
+        ms._files["m"].retry_at = 0.0
+        assert ms.chat("m", TINY_CHAT, max_tokens=4).usage.completion_tokens > 0
+        st = _st(ms)
+        assert (st["status"], st["error"]) == ("ready", None) and len(file_server.gets()) == 3
+
+
+@pytest.mark.parametrize("verify", ["sha256", "size", "none"])
+def test_restart_with_the_file_present_makes_no_request(
+    file_server: FileServer, tiny: Hosted, hash_reads: list[str], verify: str
+) -> None:
+    """Acceptance: once downloaded, the model starts and answers with the file server gone, without re-hashing."""
+    with lllms.ModelServer(dl_config(tiny, prepare="blocking")) as ms:
+        assert _st(ms)["status"] == "ready"
+    file_server.close()  # any request now is refused
+    for prepare in ("on-demand", "blocking"):
+        with lllms.ModelServer(dl_config(tiny, prepare=prepare, verify=verify)) as ms:
+            assert _st(ms)["status"] == "ready"  # checked at start, from the sidecar
+            assert ms.chat("m", TINY_CHAT, max_tokens=4).usage.completion_tokens > 0
+    assert len(file_server.gets()) == 1 and hash_reads == []
+
+
+def test_progress_callback_gets_increasing_counts_ending_at_the_total(file_server: FileServer, tiny: Hosted) -> None:
+    """Acceptance: progress(model_id, done, total) counts up to the total."""
+    file_server.gate = threading.Event()
+    calls: list[tuple[str, int, int | None]] = []
+    with lllms.ModelServer(dl_config(tiny, prepare="async"), progress=lambda *a: calls.append(a)) as ms:
+        wait_until(lambda: calls, what="a first progress call")
+        assert calls[0][1] < len(tiny.data)  # called during the transfer, not only at its end
+        file_server.gate.set()
+        wait_until(lambda: _st(ms)["status"] == "ready", what="the model ready")
+    size = len(tiny.data)
+    assert {(m, total) for m, _, total in calls} == {("m", size)}
+    done = [d for _, d, _ in calls]
+    assert done == sorted(done) and done[0] > 0 and done[-1] == size
+
+
+def test_prepare_downloads_every_model_without_loading_any(
+    file_server: FileServer, tiny: Hosted, closed_port: int
+) -> None:
+    """Acceptance: ModelServer.prepare() fetches the files and returns the errors; no instance is loaded."""
+    config = dl_config(tiny, {"download_attempts": 1}, min_instances=1)
+    config["models"]["gone"] = {"task": "text-completion", "url": f"http://127.0.0.1:{closed_port}/gone.gguf"}
+    ms = lllms.ModelServer(config)
+    errors = ms.prepare()
+    assert list(errors) == ["gone"] and "connection refused" in errors["gone"]
+    assert _st(ms)["status"] == "ready" and _read(tiny.dest) == tiny.data
+    assert ms.status()["instances"] == []
+    with ms.start():
+        assert [i["model"] for i in ms.status()["instances"]] == ["m"]  # min_instances, loaded by start()
+        assert ms.chat("m", TINY_CHAT, max_tokens=4).usage.completion_tokens > 0
+    assert len(file_server.gets()) == 1
+
+
+def test_prepare_on_a_started_server_serves_the_requests_that_waited(file_server: FileServer, tiny: Hosted) -> None:
+    """prepare() on a running server: a request queued while prepare()'s download runs is answered when it ends."""
+    file_server.gate = threading.Event()
+    with lllms.ModelServer(dl_config(tiny)) as ms:
+        prep, prepared = _run_in_thread(ms.prepare)
+        assert file_server.at_gate.wait(10)
+        req, out = _run_in_thread(lambda: ms.chat("m", TINY_CHAT, max_tokens=4))
+        wait_until(lambda: _queued(ms, 1), what="the request to queue")
+        file_server.gate.set()
+        prep.join(30)
+        assert prepared == {"result": {}} and _st(ms)["status"] == "ready"
+        wait_until(lambda: not req.is_alive(), timeout=5, what="the waiting request to be answered")
+        assert "error" not in out and out["result"].usage.completion_tokens > 0
+
+
+def test_status_says_downloading_while_a_failed_model_retries(file_server: FileServer, tiny: Hosted) -> None:
+    """A failed model's retry shows as "downloading", with its progress, not as the old error."""
+    file_server.status[TINY_PATH] = [404]
+    with lllms.ModelServer(dl_config(tiny)) as ms:
+        with pytest.raises(lllms.Unavailable, match="HTTP 404"):
+            ms.chat("m", TINY_CHAT, max_tokens=4)
+        file_server.gate = threading.Event()
+        ms._files["m"].retry_at = 0.0  # the back-off is over
+        req, out = _run_in_thread(lambda: ms.chat("m", TINY_CHAT, max_tokens=4))
+        assert file_server.at_gate.wait(10)
+        progress = wait_until(lambda: _st(ms)["download"], what="progress of the retry")
+        assert progress["bytes"] > 0
+        try:
+            assert _st(ms)["status"] == "downloading"
+        finally:
+            file_server.gate.set()
+            req.join(30)
+        assert "error" not in out and _st(ms)["status"] == "ready"
