@@ -73,6 +73,18 @@ def post_raw(url: str, path: str, body: bytes) -> tuple[int, Any, dict[str, str]
     return http_request(url, "POST", path, body)
 
 
+def raw_post(url: str, path: str, body: dict[str, Any]) -> socket.socket:
+    """Send a POST on a bare socket and return it unread, so a test can hang up whenever it likes."""
+    host, port = url.removeprefix("http://").split(":")
+    data = json.dumps(body)
+    sock = socket.create_connection((host, int(port)), timeout=30)
+    sock.sendall(
+        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\n\r\n{data}".encode()
+    )
+    return sock
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -837,12 +849,8 @@ def test_http_sse_framing_is_exact(http_server: lllms.HTTPServer) -> None:
 
 
 def test_http_client_disconnect_releases_instance(http_server: lllms.HTTPServer) -> None:
-    body = json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 60, "stream": True})
-    host, port = http_server.url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=30)
-    sock.sendall(
-        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+    sock = raw_post(
+        http_server.url, "/v1/completions", {"model": "tiny", "prompt": "hello", "max_tokens": 60, "stream": True}
     )
     assert sock.recv(64).startswith(b"HTTP/1.1 200")
     sock.close()
@@ -1156,13 +1164,7 @@ def test_waiting_request_is_dropped_when_its_client_leaves(smollm2: str) -> None
     with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
         ms = server.model_server
         holder = _hold_slot(ms)
-        host, port = server.url.removeprefix("http://").split(":")
-        body = json.dumps({"model": "smol", "messages": CHAT, "max_tokens": 4})
-        sock = socket.create_connection((host, int(port)), timeout=30)
-        sock.sendall(
-            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
-        )
+        sock = raw_post(server.url, "/v1/chat/completions", {"model": "smol", "messages": CHAT, "max_tokens": 4})
         wait_until(lambda: _queued(ms, 1), what="the request to queue")
         sock.close()
         wait_until(lambda: _queued(ms, 0), timeout=5, what="the abandoned request to leave the queue")
@@ -1173,12 +1175,8 @@ def test_waiting_request_is_dropped_when_its_client_leaves(smollm2: str) -> None
 def test_disconnect_mid_stream_frees_the_instance_with_true_context(smollm2: str) -> None:
     """Acceptance: after a client disconnects mid-stream the instance is idle within 2 s and serves again."""
     with lllms.start_http_server(smol_config(smollm2, context_size=2048), host="127.0.0.1", port=0) as server:
-        body = json.dumps({"model": "smol", "prompt": "1, 2, 3,", "max_tokens": 1500, "stream": True})
-        host, port = server.url.removeprefix("http://").split(":")
-        sock = socket.create_connection((host, int(port)), timeout=30)
-        sock.sendall(
-            f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n{body}".encode()
+        sock = raw_post(
+            server.url, "/v1/completions", {"model": "smol", "prompt": "1, 2, 3,", "max_tokens": 1500, "stream": True}
         )
         received = b""
         while received.count(b"data: {") < 5:
@@ -2040,3 +2038,28 @@ def test_status_says_downloading_while_a_failed_model_retries(file_server: FileS
             file_server.gate.set()
             req.join(30)
         assert "error" not in out and _st(ms)["status"] == "ready"
+
+
+def test_cli_prepare_downloads_then_list_shows_it(tmp_path: Any, file_server: Any, tiny_llama: str) -> None:
+    data = open(tiny_llama, "rb").read()
+    file_server.files["/m/tiny.gguf"] = data
+    sha = hashlib.sha256(data).hexdigest()
+    models = {"t": {"task": "text-completion", "url": file_server.url("/m/tiny.gguf"), "sha256": sha}}
+    cfg = tmp_path / "models.json"
+    cfg.write_text(json.dumps({"models_dir": str(tmp_path / "store"), "models": models}))
+    run = [sys.executable, os.path.join(HERE, "lllms.py")]
+    prep = subprocess.run([*run, "prepare", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert prep.returncode == 0, prep.stderr
+    assert "all models are ready: t" in prep.stderr and "downloading t: 100.0%" in prep.stderr
+    assert len(file_server.gets("/m/tiny.gguf")) == 1
+    listed = subprocess.run([*run, "list", "--config", str(cfg)], capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 0
+    line = next(ln for ln in listed.stdout.splitlines() if "tiny.gguf" in ln)
+    assert f"{len(data):,d}" in line and sha in line and "models: t" in line
+    # A wrong checksum fails the verb with the reason, and leaves no file behind.
+    models["t"]["sha256"] = "0" * 64
+    models["t"]["url"] = file_server.url("/m/other.gguf")
+    file_server.files["/m/other.gguf"] = data
+    cfg.write_text(json.dumps({"models_dir": str(tmp_path / "store"), "models": models}))
+    bad = subprocess.run([*run, "prepare", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "sha256" in bad.stderr and "lllms: t:" in bad.stderr
