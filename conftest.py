@@ -19,9 +19,10 @@ import os
 import random
 import re
 import socket
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -777,3 +778,98 @@ def logs() -> Iterator[LogWatch]:
     finally:
         logger.removeHandler(watch)
         logger.setLevel(old)
+
+
+# ---- gpt4all test models
+
+
+def make_gpt4all_smollm2(src: str | Path, dst: str | Path) -> str:
+    """Copy a SmolLM2 GGUF with `tokenizer.ggml.pre` set to "command-r", which gpt4all 2.8's llama.cpp knows.
+
+    SmolLM2's "smollm" pre-tokenizer is newer than that llama.cpp, and "command-r" uses the same split regex.
+    Every other key (with its value type), the alignment and every tensor (type, shape, bytes) are copied as is.
+    """
+    reader = gguf.GGUFReader(src)
+    arch = reader.get_field(gguf.Keys.General.ARCHITECTURE).contents()
+    writer = gguf.GGUFWriter(dst, arch=arch, endianess=reader.endianess)
+    alignment = reader.get_field(gguf.Keys.General.ALIGNMENT)
+    if alignment is not None:
+        writer.data_alignment = alignment.contents()
+    for kv in reader.fields.values():
+        # GGUFWriter writes the header fields and the architecture itself.
+        if kv.name == gguf.Keys.General.ARCHITECTURE or kv.name.startswith("GGUF."):
+            continue
+        kind = kv.types[0]
+        sub = kv.types[-1] if kind == gguf.GGUFValueType.ARRAY else None
+        value = "command-r" if kv.name == gguf.Keys.Tokenizer.PRE else kv.contents()
+        writer.add_key_value(kv.name, value, kind, sub_type=sub)
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(t.data, tensor_endianess=reader.endianess)
+    writer.close()
+    return str(dst)
+
+
+@pytest.fixture(scope="session")
+def smollm2_g4a(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """SmolLM2-135M-Instruct, loadable by gpt4all 2.8 (~98 MB, written once per session)."""
+    return make_gpt4all_smollm2(find_smollm2(), tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-g4a.gguf")
+
+
+@pytest.fixture(scope="session")
+def monkeypatch_session() -> Iterator[pytest.MonkeyPatch]:
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_unnamed(tmp_path_factory: pytest.TempPathFactory, monkeypatch_session: pytest.MonkeyPatch) -> str:
+    """A tiny BERT whose general.name gpt4all has no task prefix for."""
+    monkeypatch_session.setattr(sys.modules[__name__], "BERT_MODEL_NAME", "my-own-embedder")
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert2") / "my-embedder.gguf")
+
+
+@pytest.fixture(scope="session")
+def ref_tokenizer(smollm2: str) -> Iterator[Callable[[str], list[int]]]:
+    """llama-cpp-python's tokenizer for the original SmolLM2 (vocab only: nothing is computed)."""
+    import llama_cpp
+
+    llm = llama_cpp.Llama(model_path=smollm2, vocab_only=True, verbose=False)
+
+    def tokenize(text: str) -> list[int]:
+        return llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+
+    yield tokenize
+    llm.close()
+
+
+@pytest.fixture
+def g4a_serve() -> Iterator[Callable[..., Any]]:
+    """g4a_serve(path, **model_settings) -> a started ModelServer with model "g" on the gpt4all engine."""
+    import lllms
+
+    servers: list[Any] = []
+
+    def start(path: str, task: str = "text-completion", **settings: Any) -> Any:
+        model = {"task": task, "engine": "gpt4all", "file": path, "device": {"cpu_threads": 1}, **settings}
+        server = lllms.ModelServer({"models": {"g": model}})
+        servers.append(server)
+        return server.start()
+
+    yield start
+    for server in servers:
+        server.stop(grace=5)
+
+
+def engine_of(server: Any, model_id: str = "g") -> Any:
+    """The engine of the model's single instance."""
+    import lllms
+
+    (inst,) = server._pool.instances[model_id]
+    assert isinstance(inst.engine, lllms.Gpt4AllEngine)
+    return inst.engine

@@ -30,6 +30,7 @@ import signal
 import socket
 import struct
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -1827,7 +1828,776 @@ class LlamaCppEngine(Engine):
         return [list(map(float, v)) for v in vectors], total
 
 
-_ENGINES: dict[str, type[Engine]] = {"llama-cpp": LlamaCppEngine}
+# -- gguf metadata: gpt4all 2.8 exposes none, so read the header ourselves
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+class _GgufHeader:
+    """Reads the key/value metadata at the start of a GGUF file (tensors are never read)."""
+
+    def __init__(self, path: str, wanted: Callable[[str], bool]) -> None:
+        self.values: dict[str, Any] = {}
+        with open(path, "rb") as f:
+            self._f, self._buf, self._pos = f, b"", 0
+            if self._take(4) != b"GGUF":
+                raise ValueError(f"{path} is not a GGUF file")
+            version = self._scalar("<I")
+            if version < 2:
+                raise ValueError(f"{path}: GGUF version {version} is too old")
+            self._scalar("<Q")  # tensor count
+            for _ in range(self._scalar("<Q")):
+                key = self._string()
+                kind = self._scalar("<I")
+                if wanted(key):
+                    self.values[key] = self._value(kind)
+                else:
+                    self._skip(kind)
+
+    def _take(self, n: int) -> bytes:
+        while self._pos + n > len(self._buf):
+            more = self._f.read(max(1 << 20, n))
+            if not more:
+                raise ValueError("truncated GGUF header")
+            self._buf, self._pos = self._buf[self._pos :] + more, 0
+        out = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+    def _scalar(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self._take(struct.calcsize(fmt)))[0]
+
+    def _string(self) -> str:
+        return self._take(self._scalar("<Q")).decode("utf-8", errors="replace")
+
+    def _value(self, kind: int) -> Any:
+        if kind == _GGUF_STRING:
+            return self._string()
+        if kind == _GGUF_ARRAY:
+            sub, n = self._scalar("<I"), self._scalar("<Q")
+            return [self._value(sub) for _ in range(n)]
+        if kind not in _GGUF_SCALARS:
+            raise ValueError(f"unknown GGUF value type {kind}")
+        return self._scalar(_GGUF_SCALARS[kind])
+
+    def _skip(self, kind: int) -> None:
+        if kind == _GGUF_ARRAY:
+            sub, n = self._scalar("<I"), self._scalar("<Q")
+            if sub in _GGUF_SCALARS:
+                self._take(n * struct.calcsize(_GGUF_SCALARS[sub]))
+            else:
+                for _ in range(n):
+                    self._skip(sub)
+        elif kind == _GGUF_STRING:
+            self._take(self._scalar("<Q"))
+        else:
+            self._value(kind)
+
+
+# -- chat templates: gpt4all 2.8 has no Jinja, so known template families are recognised and rendered in Python
+
+_TEMPLATE_FAMILIES = ("chatml", "llama-3", "gemma", "phi-3", "mistral")
+_ALTERNATE_MSG = "Conversation roles must alternate user/assistant/user/assistant/..."
+
+
+class _ChatTemplate:
+    """Renders messages exactly as the Jinja template of one known family would.
+
+    Families are recognised by signature strings. ChatML also picks up a default system prompt the template adds
+    when the conversation has none (SmolLM2, Qwen2).
+    """
+
+    def __init__(self, family: str, bos: str = "", eos: str = "", source: str = "") -> None:
+        self.family, self.bos, self.eos = family, bos, eos
+        norm = _normalize_template(source)
+        self.use_bos = "bos_token" in norm
+        self.always_prompt = bool(source) and "add_generation_prompt" not in norm
+        self.trim = family in ("llama-3", "gemma") or re.search(r"content'\](\|trim|\.strip\(\))", norm) is not None
+        self.default_system: str | None = None
+        if family == "chatml":
+            m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]+?)<\|im_end\|>", source)
+            if m:
+                self.default_system = m.group(1).replace("\\n", "\n")
+        self.eos_at_end = family == "phi-3" and (not source or "eos_token" in norm)
+        self.no_system = "System role not supported" in source
+        self.alternate = "must alternate" in source
+
+    @classmethod
+    def detect(cls, source: str, bos: str, eos: str) -> _ChatTemplate | None:
+        """The family of a Jinja template, a family name, or None when it is none we know."""
+        if source.strip().lower() in _TEMPLATE_FAMILIES:
+            return cls(source.strip().lower(), bos, eos)
+        norm = _normalize_template(source)
+        chatml_role = r"<\|im_start\|>(?:'\+|\{\{-?\s*)(?:m|message)\['role'\]"
+        if "<|im_end|>" in norm and re.search(chatml_role, norm):
+            return cls("chatml", bos, eos, source)
+        if all(s in norm for s in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")):
+            # Llama 3.1+ templates add dates and tool prompts to the system turn: not plain Llama 3.
+            return None if "Cutting Knowledge" in source or "tools" in norm else cls("llama-3", bos, eos, source)
+        if "<start_of_turn>" in norm and "<end_of_turn>" in norm and "'model'" in norm:
+            return cls("gemma", bos, eos, source)
+        if all(f"'<|{r}|>\n'+message['content']+'<|end|>\n'" in norm for r in ("system", "user", "assistant")):
+            return cls("phi-3", bos, eos, source)
+        if "'[INST] '+message['content']+' [/INST]'" in norm and "message['content']+eos_token" in norm:
+            return cls("mistral", bos, eos, source)
+        return None
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        if self.no_system and messages and messages[0]["role"] == "system":
+            raise ValueError("System role not supported")
+        if self.alternate:
+            for i, m in enumerate(messages):
+                if (m["role"] == "user") != (i % 2 == 0):
+                    raise ValueError(_ALTERNATE_MSG)
+        out = [self.bos] if self.use_bos else []
+        gen = add_generation_prompt or self.always_prompt
+        if self.family == "chatml":
+            if self.default_system is not None and messages[0]["role"] != "system":
+                out.append(f"<|im_start|>system\n{self.default_system}<|im_end|>\n")
+            out += [f"<|im_start|>{m['role']}\n{self._content(m)}<|im_end|>\n" for m in messages]
+            out += ["<|im_start|>assistant\n"] if gen else []
+        elif self.family == "llama-3":
+            out += [
+                f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{self._content(m)}<|eot_id|>" for m in messages
+            ]
+            out += ["<|start_header_id|>assistant<|end_header_id|>\n\n"] if gen else []
+        elif self.family == "gemma":
+            for m in messages:
+                role = "model" if m["role"] == "assistant" else m["role"]
+                out.append(f"<start_of_turn>{role}\n{self._content(m)}<end_of_turn>\n")
+            out += ["<start_of_turn>model\n"] if gen else []
+        elif self.family == "phi-3":
+            out += [f"<|{m['role']}|>\n{self._content(m)}<|end|>\n" for m in messages]
+            out += ["<|assistant|>\n"] if gen else [self.eos] if self.eos_at_end else []
+        else:  # mistral v0.1/v0.2: the [/INST] closing a user turn is the generation prompt
+            for m in messages:
+                if m["role"] not in ("user", "assistant"):
+                    raise ValueError("Only user and assistant roles are supported!")
+                out.append(f"[INST] {m['content']} [/INST]" if m["role"] == "user" else m["content"] + self.eos)
+        return "".join(out)
+
+    def _content(self, m: dict[str, Any]) -> str:
+        return m["content"].strip() if self.trim else m["content"]
+
+
+def _normalize_template(source: str) -> str:
+    """The template with quotes, escapes, spacing and attribute access unified, for signature checks."""
+    s = source.replace('"', "'").replace("\\n", "\n")
+    s = re.sub(r"(\bm(?:essage)?)\.(role|content)\b", r"\1['\2']", s)
+    s = re.sub(r"\s*\|\s*trim\b", "|trim", s)
+    return re.sub(r" *\+ *", "+", s)
+
+
+# -- native calls
+
+
+_stderr_lock = threading.Lock()
+
+
+class _CapturedStderr:
+    """Collects what native code writes to fd 2 while loading (gpt4all reports load failures only there), then
+    writes it on to the real stderr, so nothing another thread wrote meanwhile is lost."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def __enter__(self) -> _CapturedStderr:
+        _stderr_lock.acquire()
+        try:
+            with _suppress(Exception):
+                sys.stderr.flush()
+            self._file = tempfile.TemporaryFile()
+            self._saved = os.dup(2)
+            os.dup2(self._file.fileno(), 2)
+        except BaseException:
+            _stderr_lock.release()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        try:
+            os.dup2(self._saved, 2)
+            os.close(self._saved)
+            self._file.seek(0)
+            data = self._file.read()
+            self._file.close()
+            with _suppress(OSError):
+                os.write(2, data)
+            self.text = data.decode("utf-8", errors="replace")
+        finally:
+            _stderr_lock.release()
+
+    def errors(self) -> str:
+        """The lines that explain a failure, without the routine noise about missing CUDA libraries."""
+        lines = [ln.strip() for ln in self.text.splitlines() if "error" in ln.lower() or "failed" in ln.lower()]
+        return "; ".join(ln for ln in lines if "libllamamodel" not in ln) or "see the log for gpt4all's output"
+
+
+class _Handoff:
+    """A small bounded queue from the native callback thread to the consumer; close() releases both sides."""
+
+    def __init__(self, limit: int = 8) -> None:
+        self.items: collections.deque[Any] = collections.deque()
+        self.cond = threading.Condition()
+        self.limit = limit
+        self.closed = False
+
+    def put(self, item: Any, force: bool = False) -> bool:
+        """Queue an item, waiting for room unless forced; False once the consumer has gone."""
+        with self.cond:
+            while not force and len(self.items) >= self.limit and not self.closed:
+                self.cond.wait()
+            if self.closed:
+                return False
+            self.items.append(item)
+            self.cond.notify_all()
+            return True
+
+    def get(self) -> Any:
+        with self.cond:
+            while not self.items:
+                self.cond.wait()
+            item = self.items.popleft()
+            self.cond.notify_all()
+            return item
+
+    def close(self) -> None:
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+
+
+class _Gpt4AllRun:
+    """One native `llmodel_prompt` call on a worker thread: feeds `text` after the kept context, then generates.
+
+    The callbacks make every decision (stop sequence, max_tokens, should_stop, consumer gone) and answer False
+    to end generation; gpt4all has no other way to stop. Emitted chunks go through a `_Handoff`.
+    """
+
+    def __init__(
+        self,
+        engine: Gpt4AllEngine,
+        text: str,
+        kept: int,
+        params: SamplingParams,
+        should_stop: _StopCheck,
+        generate: bool = True,
+    ) -> None:
+        self.engine, self.text, self.kept, self.params, self.should_stop = engine, text, kept, params, should_stop
+        self.max_new = (engine.n_ctx if params.max_tokens is None else params.max_tokens) if generate else 0
+        self.prompt_ids: list[int] = []
+        self.pieces: list[tuple[str, int]] = []  # generated text, one entry per token (or per completed character)
+        self.pending = 0  # generated tokens holding an incomplete UTF-8 character
+        self.generated = 0
+        self.callbacks = 0  # response callbacks received, for tests
+        self.error: str | None = None  # text gpt4all reported with token id -1
+        self.failure: BaseException | None = None  # an exception inside a callback
+        self.prompt_aborted = False
+        self.generating = False
+        self.finish: str | None = None
+        self.started = threading.Event()  # set at the first generated token, or when the native call is over
+        self.cancelled = threading.Event()
+        self.out = _Handoff()
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = _StopMatcher(params.stop or [])
+        self.thread = threading.Thread(target=self._main, name="lllms-gpt4all", daemon=True)
+
+    # -- worker thread
+
+    def _main(self) -> None:
+        try:
+            self.engine._native_prompt(self)
+        except Exception as exc:  # reported to the consumer instead
+            self.failure = exc
+        finally:
+            self.engine._commit(self)
+            self.out.put(self._final(), force=True)
+            self.started.set()
+
+    def on_prompt(self, token: int) -> bool:
+        self.prompt_ids.append(token)
+        try:
+            stop = self.cancelled.is_set() or (self.should_stop is not None and self.should_stop())
+        except Exception as exc:  # an exception must not cross the C callback
+            self.failure, stop = exc, True
+        self.prompt_aborted = stop
+        return not stop
+
+    def on_response(self, token: int, piece: bytes | None) -> bool:
+        self.callbacks += 1
+        if token < 0:
+            self.error = (piece or b"").decode("utf-8", errors="replace")
+            return False
+        if not self.generating:
+            self.generating = True
+            self.started.set()
+        try:
+            # The token is in the context whatever we answer: gpt4all evaluates a token before reporting it.
+            self.generated += 1
+            text = self.decoder.decode(piece or b"")
+            if text:
+                self.pieces.append((text, self.pending + 1))
+                self.pending = 0
+            else:
+                self.pending += 1
+            if self.finish is not None or self.cancelled.is_set():
+                return False
+            emit, stopped = self.stops.feed(text)
+            if emit and not self.out.put(Chunk(emit)):
+                return False  # the consumer closed the stream
+            if stopped:
+                self.finish = "stop"
+            elif self.generated >= min(self.max_new, self.engine.n_ctx - self.kept - len(self.prompt_ids)):
+                self.finish = "length"
+            elif self.should_stop is not None and self.should_stop():
+                self.finish = "length"
+            return self.finish is None
+        except Exception as exc:  # an exception must not cross the C callback
+            self.failure = exc
+            return False
+
+    def _final(self) -> Any:
+        if self.failure is not None:
+            return self.failure
+        tail = ""
+        finish = self.finish
+        if finish != "stop":
+            tail, stopped = self.stops.feed(self.decoder.decode(b"", final=True))
+            tail += "" if stopped else self.stops.flush()
+            if stopped:
+                finish = "stop"
+        if finish is None:
+            # gpt4all ended on its own: an end-of-turn token, or a full context (shifting is off).
+            full = self.kept + len(self.prompt_ids) + self.generated >= self.engine.n_ctx - 1
+            finish = "length" if self.prompt_aborted or full or self.max_new == 0 else "stop"
+        usage = Usage(
+            prompt_tokens=self.kept + len(self.prompt_ids), completion_tokens=self.generated, cached_tokens=self.kept
+        )
+        return Chunk(tail, finish_reason=finish, usage=usage)
+
+    # -- consumer side
+
+    @property
+    def refused(self) -> bool:
+        """gpt4all declined the prompt without a word (the kept context plus the new text overflow it)."""
+        return not self.prompt_ids and self.error is None and self.failure is None
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+        self.out.close()
+
+    def join(self) -> None:
+        self.thread.join()
+
+
+class _Gpt4AllStream:
+    """The chunks of one run. Closing it (or dropping it) ends generation and waits for the native call to return,
+    so the engine is never handed to the next request mid-generation."""
+
+    def __init__(self, run: _Gpt4AllRun) -> None:
+        self._run: _Gpt4AllRun | None = run
+
+    def __iter__(self) -> _Gpt4AllStream:
+        return self
+
+    def __next__(self) -> Chunk:
+        run = self._run
+        if run is None:
+            raise StopIteration
+        item = run.out.get()
+        if isinstance(item, Chunk) and item.finish_reason is None:
+            return item
+        self._run = None
+        run.join()
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        run, self._run = self._run, None
+        if run is not None:
+            run.cancel()
+            run.join()
+
+    def __del__(self) -> None:
+        with _suppress(Exception):
+            self.close()
+
+
+class Gpt4AllEngine(Engine):
+    """gpt4all: one `gpt4all.GPT4All` per instance (or `Embed4All` for embedding models).
+
+    gpt4all 2.8 offers no tokenizer, no Jinja and no stop control beyond the token callback, so this engine
+    renders known chat templates itself, tracks its context as text spans with token counts, and drives the
+    native prompt call from a worker thread whose callbacks decide when to stop.
+    """
+
+    name = "gpt4all"
+    _N_BATCH = 128  # gpt4all's prompt batch limit (LLMODEL_MAX_PROMPT_BATCH)
+    _DEFAULT_CTX = 2048
+    _EMBEDDING_ARCHES = ("bert", "nomic-bert")  # gpt4all 2.8 embeds with these and completes with the others
+
+    def __init__(self, model: ModelConfig, path: str, state_cache: _StateCache | None = None) -> None:
+        super().__init__(model, path, state_cache)
+        self._gpt: Any = None  # gpt4all.GPT4All
+        self._embedder: Any = None  # gpt4all.Embed4All
+        self._prompt_ctx: Any = None  # the LLModelPromptContext this engine owns
+        self._template: _ChatTemplate | None = None
+        self._spans: list[tuple[str, int]] = []  # what the context holds: (text, tokens) pieces, in order
+        self._run: _Gpt4AllRun | None = None
+        self._embed_prefix: str | None = None
+        self._embed_limit = 510
+        self.n_ctx = 0
+        self.bos_text = ""
+        self.add_bos = False
+        self._specials: dict[int, str] = {}
+        self._special_re: re.Pattern[str] | None = None
+
+    # -- loading
+
+    @staticmethod
+    def _import() -> Any:
+        try:
+            import gpt4all
+            from gpt4all import _pyllmodel
+        except ImportError:
+            raise Unavailable(
+                "the gpt4all engine needs gpt4all: pip install 'lllms[gpt4all]'", code="engine_not_installed"
+            ) from None
+        if not hasattr(_pyllmodel, "llmodel") or len(_pyllmodel.llmodel.llmodel_prompt.argtypes) != 9:
+            raise Unavailable("the gpt4all engine needs gpt4all 2.8", code="engine_not_installed")
+        return gpt4all
+
+    def _device(self) -> str:
+        # "auto" stays on the CPU: gpt4all's Kompute backend fails on many machines and has no cheap probe.
+        return "gpu" if self.model.device.gpu is True else "cpu"
+
+    def _open(self, cls: Any, n_ctx: int) -> Any:
+        """Construct `cls` (GPT4All or Embed4All) on our file, checking that the native load really worked."""
+        gpt4all = self._import()
+        folder, name = os.path.split(os.path.abspath(self.path))
+        if not name.endswith((".gguf", ".bin")):
+            raise Unavailable(
+                f"model '{self.model.id}': gpt4all only opens files named *.gguf, got {name}", code="model_load_failed"
+            )
+        dev = self.model.device
+        kwargs: dict[str, Any] = {
+            "model_path": folder,
+            "allow_download": False,
+            "device": self._device(),
+            "n_threads": dev.cpu_threads or os.cpu_count() or 1,
+            "n_ctx": n_ctx,
+        }
+        if dev.gpu_layers is not None:
+            kwargs["ngl"] = dev.gpu_layers
+        obj: Any = None
+        error: Exception | None = None
+        with _CapturedStderr() as captured:
+            try:
+                obj = cls(name, **kwargs)
+            except ValueError as exc:
+                if kwargs["device"] != "cpu":  # init_gpu found no usable GPU
+                    raise Unavailable(f"model '{self.model.id}': {exc}", code="gpu_unavailable") from None
+                error = exc
+            except Exception as exc:  # a failed load does not raise, but set_thread_count then does
+                error = exc
+        llm = getattr(getattr(obj, "gpt4all", obj), "model", None)
+        if error is None and llm is not None and gpt4all._pyllmodel.llmodel.llmodel_isModelLoaded(llm.model):
+            return obj
+        if llm is not None:
+            llm.close()
+        why = captured.errors() if error is None or "not loaded" in str(error) else f"{error}; {captured.errors()}"
+        raise Unavailable(f"model '{self.model.id}' failed to load in gpt4all: {why}", code="model_load_failed")
+
+    def load(self) -> None:
+        def wanted(key: str) -> bool:
+            if key in ("tokenizer.ggml.merges", "tokenizer.ggml.scores"):
+                return False
+            return key.startswith(("general.", "tokenizer.")) or key.endswith(".context_length")
+
+        try:
+            meta = _GgufHeader(self.path, wanted).values
+        except (OSError, ValueError) as exc:
+            raise Unavailable(f"model '{self.model.id}' failed to load: {exc}", code="model_load_failed") from None
+        arch = meta.get("general.architecture", "")
+        trained = int(meta.get(f"{arch}.context_length") or self._DEFAULT_CTX)
+        if (arch in self._EMBEDDING_ARCHES) != (self.model.task == "embedding"):
+            can = "embeddings only" if arch in self._EMBEDDING_ARCHES else "text completion, not embeddings"
+            raise Unavailable(
+                f"model '{self.model.id}': gpt4all does {can} with a '{arch}' model; check models.{self.model.id}.task",
+                code="model_load_failed",
+            )
+        if self.model.task == "embedding":
+            from gpt4all import Embed4All
+
+            n_ctx = self.model.context_size or trained
+            self._embed_limit = min(n_ctx, trained) - 2  # [CLS] and [SEP]
+            self._embedder = self._open(Embed4All, n_ctx)
+            return
+        tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
+        types: list[int] = meta.get("tokenizer.ggml.token_type") or []
+
+        def text_of(key: str) -> str:
+            i = meta.get(key)
+            return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else ""
+
+        self.bos_text, eos_text = text_of("tokenizer.ggml.bos_token_id"), text_of("tokenizer.ggml.eos_token_id")
+        # llama.cpp's default when the key is missing: SentencePiece vocabularies add BOS, BPE ones do not.
+        add_bos = meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")
+        self.add_bos = bool(add_bos) and bool(self.bos_text)
+        # Unknown, control and user-defined tokens: the ones llama.cpp matches as text when parsing specials.
+        self._specials = {i: t for i, (t, k) in enumerate(zip(tokens, types, strict=False)) if k in (2, 3, 4) and t}
+        if self._specials:
+            alts = sorted(set(self._specials.values()), key=len, reverse=True)
+            self._special_re = re.compile("|".join(map(re.escape, alts)))
+        source = self.model.chat_template or meta.get("tokenizer.chat_template")
+        if source is None:
+            log.warning("model %s has no chat template; using ChatML (set chat_template to override)", self.model.id)
+            source = "chatml"
+        self._template = _ChatTemplate.detect(source, self.bos_text, eos_text)
+        if self._template is None:
+            where = "its chat_template" if self.model.chat_template else "the model's chat template"
+            raise Unavailable(
+                f"model '{self.model.id}': the gpt4all engine cannot render {where}; it renders "
+                f"{', '.join(_TEMPLATE_FAMILIES)} templates. Set models.{self.model.id}.chat_template to one of those "
+                "names or to a template of those families",
+                code="chat_template_unsupported",
+            )
+        self.n_ctx = self.model.context_size or min(trained, self._DEFAULT_CTX)
+        from gpt4all import GPT4All
+
+        self._gpt = self._open(GPT4All, self.n_ctx)
+        self._prompt_ctx = self._import()._pyllmodel.LLModelPromptContext(
+            tokens_size=0, n_past=0, n_ctx=self.n_ctx, n_batch=self._N_BATCH, context_erase=0.75
+        )
+
+    def close(self) -> None:
+        self._settle()
+        for obj in (self._gpt, self._embedder):
+            if obj is not None:
+                obj.close()
+        self._gpt = self._embedder = self._prompt_ctx = None
+        self._spans = []
+
+    # -- requests
+
+    @classmethod
+    def check_params(cls, params: SamplingParams) -> None:
+        """Reject what gpt4all 2.8 cannot do: it takes no seed and has no frequency or presence penalty."""
+        if params.seed is not None:
+            raise InvalidRequest("'seed' is not supported by the gpt4all engine", param="seed")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if getattr(params, name):
+                raise InvalidRequest(f"'{name}' is not supported by the gpt4all engine", param=name)
+
+    def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> str:
+        assert self._template is not None
+        try:
+            return self._template.render(messages, generation_prompt)
+        except ValueError as exc:
+            raise InvalidRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from None
+
+    def _need_text_model(self) -> None:
+        if self._gpt is None:
+            raise InvalidRequest(f"model '{self.model.id}' is an embedding model", code="wrong_task", param="model")
+
+    def preload(self, messages: list[dict[str, Any]] | None, prefix: str | None) -> None:
+        if self._gpt is None:
+            return
+        text = self._render(messages, generation_prompt=False) if messages else prefix or ""
+        if not text:
+            return
+        try:
+            stream = self._start(text, SamplingParams(), "prefix", None, generate=False)
+        except InvalidRequest:
+            raise Unavailable(
+                f"model '{self.model.id}': preload is longer than the context", code="preload_too_long"
+            ) from None
+        for _ in stream:
+            pass
+
+    def chat(
+        self, messages: list[dict[str, Any]], params: SamplingParams, should_stop: _StopCheck = None
+    ) -> Iterator[Chunk]:
+        self._need_text_model()
+        self.check_params(params)
+        return self._start(self._render(messages), params, "messages", should_stop)
+
+    def complete(self, prompt: str, params: SamplingParams, should_stop: _StopCheck = None) -> Iterator[Chunk]:
+        self._need_text_model()
+        self.check_params(params)
+        return self._start(prompt, params, "prompt", should_stop)
+
+    def context_info(self) -> tuple[int, str]:
+        if self._prompt_ctx is None:
+            return 0, ""
+        return self._prompt_ctx.n_past, "".join(t for t, _ in self._spans)[:80]
+
+    # -- context reuse
+
+    def _plan(self, text: str) -> tuple[int, int, str]:
+        """(spans kept, tokens kept, text left to feed): the longest run of held spans the text starts with,
+        always leaving something to feed, since generation samples from the logits of the last fed token."""
+        pos = tokens = kept = 0
+        for i, (piece, n) in enumerate(self._spans):
+            end = pos + len(piece)
+            if end >= len(text) or not text.startswith(piece, pos):
+                break
+            pos, tokens, kept = end, tokens + n, i + 1
+        return kept, tokens, text[pos:]
+
+    def _split(self, text: str, ids: list[int], bos_added: bool) -> list[tuple[str, int]]:
+        """Fed text as spans cut at its special tokens, whose token positions are known without a tokenizer;
+        special tokens tokenize on their own, so cutting there changes nothing when a later request re-feeds."""
+        hits = list(self._special_re.finditer(text)) if self._special_re is not None else []
+        positions = [i for i in range(1 if bos_added else 0, len(ids)) if ids[i] in self._specials]
+        pairs = list(zip(hits, positions, strict=False))
+        if len(hits) != len(positions) or any(self._specials[ids[i]] != h.group() for h, i in pairs):
+            return [(text, len(ids))]
+        spans = []
+        t0 = k0 = 0
+        for h, i in pairs:
+            for t1, k1 in ((h.start(), i), (h.end(), i + 1)):
+                if t1 > t0:
+                    spans.append((text[t0:t1], k1 - k0))
+                    t0, k0 = t1, k1
+        if t0 < len(text):
+            spans.append((text[t0:], len(ids) - k0))
+        return spans
+
+    def _settle(self) -> None:
+        """Make sure no native call is running: stop and wait for a run a consumer left behind."""
+        run, self._run = self._run, None
+        if run is not None and run.thread.is_alive():
+            run.cancel()
+            run.join()
+
+    def _start(
+        self, text: str, p: SamplingParams, param: str, should_stop: _StopCheck, generate: bool = True
+    ) -> Iterator[Chunk]:
+        """Start feeding and generating; returns once the prompt is evaluated, so a prompt that does not fit
+        raises here, before any chunk."""
+        if self.add_bos and text.startswith(self.bos_text):
+            text = text[len(self.bos_text) :]  # gpt4all adds BOS itself: never a second one
+        if not text and not self.add_bos:
+            raise InvalidRequest(f"'{param}' must not be empty", param=param)
+        self._settle()
+        kept_spans, kept, rest = self._plan(text)
+        del self._spans[kept_spans:]
+        self._prompt_ctx.n_past = kept
+        run = self._run = _Gpt4AllRun(self, rest, kept, p, should_stop, generate)
+        run.thread.start()
+        run.started.wait()
+        if not run.generating:
+            run.join()  # the call ended before generating: the prompt was refused, cut short, or only fed
+            if run.failure is not None:
+                raise run.failure
+            if run.error is not None and "context window" not in run.error:
+                raise Unavailable(f"model '{self.model.id}': gpt4all refused the prompt: {run.error}")
+            # gpt4all reports a text longer than the context as an error, and a text that does not fit after the
+            # kept context not at all (shifting is off). The whole prompt is then too long as well.
+            if run.error is not None or run.refused:
+                raise InvalidRequest(
+                    f"the prompt does not fit the model's context of {self.n_ctx} tokens",
+                    param=param,
+                    code="context_length_exceeded",
+                )
+        return _Gpt4AllStream(run)
+
+    def _native_prompt(self, run: _Gpt4AllRun) -> None:
+        """The blocking llmodel_prompt call (worker thread). Called directly rather than through
+        LLModel.prompt_model, which forces context shifting on and merges tokens in its UTF-8 decoder."""
+        g4a = self._import()._pyllmodel
+        p, ctx = run.params, self._prompt_ctx
+        greedy = p.temperature == 0
+        ctx.n_predict = run.max_new
+        ctx.temp = 1.0 if greedy else 0.8 if p.temperature is None else p.temperature
+        ctx.top_k = 1 if greedy else 40 if p.top_k is None else p.top_k
+        ctx.top_p = 0.95 if p.top_p is None else p.top_p
+        ctx.min_p = 0.05 if p.min_p is None else p.min_p
+        ctx.repeat_penalty = 1.0 if p.repeat_penalty is None else p.repeat_penalty
+        last_n = 64 if p.repeat_last_n is None else p.repeat_last_n
+        ctx.repeat_last_n = self.n_ctx if last_n == -1 else last_n
+        ctx.n_batch = self._N_BATCH
+        g4a.llmodel.llmodel_prompt(
+            self._gpt.model.model,
+            run.text.encode("utf-8"),
+            b"%1%2",  # the bare prompt; with no %2, gpt4all would append "\n\n" after the reply
+            g4a.PromptCallback(run.on_prompt),
+            g4a.ResponseCallback(run.on_response),
+            False,  # no context shifting: it would silently drop the start of the conversation
+            ctypes.byref(ctx),
+            True,  # evaluate special tokens written in the text
+            None,
+        )
+
+    def _commit(self, run: _Gpt4AllRun) -> None:
+        """Record what the context holds after a run (worker thread, after the native call returned)."""
+        ctx = self._prompt_ctx
+        fed_all = run.prompt_ids and not run.prompt_aborted and run.error is None and run.failure is None
+        if not fed_all:
+            # Nothing or part of the text went in: keep only the spans that were there before.
+            ctx.n_past = min(run.kept, ctx.tokens_size)
+            if ctx.n_past != run.kept:
+                self._spans, ctx.n_past = [], 0
+            return
+        expected = run.kept + len(run.prompt_ids) + run.generated
+        if ctx.n_past != expected:
+            log.warning("%s: gpt4all holds %d tokens, expected %d; resetting", self.model.id, ctx.n_past, expected)
+            self._spans, ctx.n_past = [], 0
+            return
+        self._spans += self._split(run.text, run.prompt_ids, bos_added=run.kept == 0 and self.add_bos)
+        self._spans += run.pieces
+        if run.pending:  # an unfinished character at the end: text that no prompt can match
+            self._spans.append(("\ufffd", run.pending))
+
+    # -- embeddings
+
+    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        """Inputs longer than the model's context are refused, like the llama-cpp engine and OpenAI do, instead of
+        gpt4all's default of averaging windows. Only inputs long enough to possibly overflow are embedded alone
+        to measure them (every token covers at least one byte), the rest go in one call."""
+        if self._embedder is None:
+            raise InvalidRequest(f"model '{self.model.id}' is not an embedding model", param="model", code="wrong_task")
+        for i, text in enumerate(texts):
+            if not text:
+                raise InvalidRequest(f"input[{i}] is empty", param="input")
+        if not texts:
+            return [], 0
+        vectors: list[list[float]] = [[] for _ in texts]
+        # Room for the special tokens and a task prefix gpt4all may add ("search_document: ").
+        short = {i for i, t in enumerate(texts) if len(t.encode("utf-8")) + 32 <= self._embed_limit}
+        batches = [sorted(short)] if short else []
+        batches += [[i] for i in range(len(texts)) if i not in short]
+        total = 0
+        for batch in batches:
+            vecs, n = self._embed_call([texts[i] for i in batch])
+            if batch[0] not in short and n > self._embed_limit:
+                raise InvalidRequest(
+                    f"input[{batch[0]}] is longer than the model's embedding context of {self._embed_limit} tokens",
+                    param="input",
+                    code="context_length_exceeded",
+                )
+            for i, v in zip(batch, vecs, strict=True):
+                norm = sum(x * x for x in v) ** 0.5 or 1.0
+                vectors[i] = [float(x) / norm for x in v]
+            total += n
+        return vectors, total
+
+    def _embed_call(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        try:
+            out = self._embedder.embed(texts, prefix=self._embed_prefix, return_dict=True)
+        except RuntimeError as exc:
+            if self._embed_prefix is not None or "specify a prefix" not in str(exc):
+                raise
+            # A model gpt4all has no task prefix for: embed the text as it is.
+            self._embed_prefix = ""
+            out = self._embedder.embed(texts, prefix="", return_dict=True)
+        return out["embeddings"], int(out["n_prompt_tokens"])
+
+
+_ENGINES: dict[str, type[Engine]] = {"llama-cpp": LlamaCppEngine, "gpt4all": Gpt4AllEngine}
 
 
 def _make_engine(model: ModelConfig, path: str, state_cache: _StateCache | None = None) -> Engine:

@@ -29,9 +29,10 @@ import openai
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 import lllms
-from conftest import DATA, DATA_PATH, FileServer, LogWatch
+from conftest import DATA, DATA_PATH, FileServer, LogWatch, engine_of
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -2063,3 +2064,408 @@ def test_cli_prepare_downloads_then_list_shows_it(tmp_path: Any, file_server: An
     cfg.write_text(json.dumps({"models_dir": str(tmp_path / "store"), "models": models}))
     bad = subprocess.run([*run, "prepare", "--config", str(cfg)], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 1 and "sha256" in bad.stderr and "lllms: t:" in bad.stderr
+
+
+# ==== gpt4all engine (real gpt4all 2.8 on a SmolLM2 copy it can load, and tiny GGUFs)
+
+
+SYSTEM = "You are a helpful assistant."
+G4A_FRANCE = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "What is the capital of France?"}]
+DRAGON = [{"role": "user", "content": "Write a long story about a dragon."}]  # 200+ tokens at temperature 0
+
+# ---- chat templates: the Python renderings must equal llama-cpp-python's Jinja rendering
+
+CONVERSATIONS: list[list[dict[str, Any]]] = [
+    [{"role": "user", "content": "Hello"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
+    [
+        {"role": "user", "content": "Who are you?"},
+        {"role": "assistant", "content": "   I am an assistant   "},
+        {"role": "user", "content": "Another question\nwith two lines"},
+    ],
+    [
+        {"role": "system", "content": "You are a pirate.\n"},
+        {"role": "user", "content": "¿Qué tal? 你好 🎉"},
+        {"role": "assistant", "content": "Arr!"},
+        {"role": "user", "content": "<b>bold</b> {{ not jinja }} {% raw %}"},
+    ],
+    [{"role": "user", "content": "a"}, {"role": "system", "content": "late system"}, {"role": "user", "content": "b"}],
+]
+
+FAMILY_TEMPLATES = {
+    # teknium/OpenHermes-2.5-Mistral-7B
+    "chatml": "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}",
+    # Qwen2-style: default system prompt, attribute access, whitespace control
+    "chatml-default-system": "{%- for message in messages %}{%- if loop.first and messages[0].role != 'system' %}"
+    "{{- '<|im_start|>system\\nYou are Qwen, a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}",
+    # lllms' own fallback
+    "chatml-lllms": lllms._CHATML_TEMPLATE,
+    # meta-llama/Meta-Llama-3-8B-Instruct
+    "llama-3": "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = "
+    "'<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}",
+    # google/gemma-2-2b-it
+    "gemma": "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}",
+    # microsoft/Phi-3-mini-4k-instruct
+    "phi-3": "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}",
+    # mistralai/Mistral-7B-Instruct-v0.2
+    "mistral": "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}",
+}
+
+
+def _jinja(template: str, messages: list[dict[str, Any]], gen: bool, bos: str = "<s>", eos: str = "</s>") -> str:
+    return Jinja2ChatFormatter(template, eos, bos, add_generation_prompt=gen)(messages=messages).prompt
+
+
+def _ours(template: str, messages: list[dict[str, Any]], gen: bool, bos: str = "<s>", eos: str = "</s>") -> str:
+    t = lllms._ChatTemplate.detect(template, bos, eos)
+    assert t is not None
+    return t.render(messages, gen)
+
+
+def _outcome(render: Any, *args: Any) -> tuple[str, str]:
+    try:
+        return "ok", render(*args)
+    except ValueError as exc:
+        return "error", str(exc)
+
+
+def test_smollm2_template_renders_like_jinja(smollm2_g4a: str) -> None:
+    meta = lllms._GgufHeader(smollm2_g4a, lambda k: k.startswith("tokenizer.")).values
+    template, tokens = meta["tokenizer.chat_template"], meta["tokenizer.ggml.tokens"]
+    bos, eos = tokens[meta["tokenizer.ggml.bos_token_id"]], tokens[meta["tokenizer.ggml.eos_token_id"]]
+    t = lllms._ChatTemplate.detect(template, bos, eos)
+    assert t is not None and t.family == "chatml"
+    assert t.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    for messages in CONVERSATIONS:
+        for gen in (True, False):
+            assert _ours(template, messages, gen, bos, eos) == _jinja(template, messages, gen, bos, eos)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILY_TEMPLATES))
+def test_family_templates_render_like_jinja(name: str) -> None:
+    template = FAMILY_TEMPLATES[name]
+    for messages in CONVERSATIONS:
+        for gen in (True, False):
+            ours = _outcome(_ours, template, messages, gen)
+            theirs = _outcome(_jinja, template, messages, gen)
+            assert ours[0] == theirs[0], (messages, ours, theirs)
+            if ours[0] == "ok":
+                assert ours == theirs
+
+
+def test_unknown_template_is_refused_naming_the_config_key(g4a_serve: Any, smollm2_g4a: str) -> None:
+    weird = "{% for m in messages %}### {{ m.role }}: {{ m.content }}\n{% endfor %}"
+    server = g4a_serve(smollm2_g4a, chat_template=weird)
+    with pytest.raises(lllms.Unavailable) as err:
+        server.chat("g", G4A_FRANCE, max_tokens=1)
+    assert err.value.code == "chat_template_unsupported"
+    assert "models.g.chat_template" in err.value.message
+
+
+def test_family_name_as_chat_template(g4a_serve: Any, smollm2_g4a: str) -> None:
+    server = g4a_serve(smollm2_g4a, chat_template="chatml")
+    r = server.chat("g", G4A_FRANCE, temperature=0, max_tokens=12)
+    assert "Paris" in r.text
+
+
+# ---- loading
+
+
+def test_failed_load_surfaces_the_loader_error(g4a_serve: Any, smollm2: str) -> None:
+    server = g4a_serve(smollm2)  # pre-tokenizer "smollm" is too new for gpt4all 2.8
+    with pytest.raises(lllms.Unavailable) as err:
+        server.complete("g", "Hi", max_tokens=1)
+    assert err.value.code == "model_load_failed"
+    assert "unknown pre-tokenizer type: 'smollm'" in err.value.message
+
+
+def test_file_must_be_named_gguf(g4a_serve: Any, smollm2_g4a: str, tmp_path: Any) -> None:
+    link = tmp_path / "model.bin2"
+    link.symlink_to(smollm2_g4a)
+    with pytest.raises(lllms.Unavailable, match=r"\*\.gguf"):
+        g4a_serve(str(link)).complete("g", "Hi", max_tokens=1)
+
+
+def test_task_must_suit_the_architecture(g4a_serve: Any, smollm2_g4a: str, tiny_bert: str) -> None:
+    with pytest.raises(lllms.Unavailable, match=r"embeddings only .* models\.g\.task"):
+        g4a_serve(tiny_bert).complete("g", "hello", max_tokens=1)
+    with pytest.raises(lllms.Unavailable, match=r"text completion, not embeddings"):
+        g4a_serve(smollm2_g4a, task="embedding").embed("g", "hello")
+
+
+# ---- chat, cache, usage
+
+
+def test_chat_answers_and_counts_like_llama_cpp(g4a_serve: Any, smollm2_g4a: str, ref_tokenizer: Any) -> None:
+    server = g4a_serve(smollm2_g4a)
+    r = server.chat("g", G4A_FRANCE, temperature=0, max_tokens=24)
+    assert "Paris" in r.text
+    assert r.finish_reason == "stop"
+    eng = engine_of(server)
+    prompt = eng._render(G4A_FRANCE)
+    assert r.usage.prompt_tokens == len(ref_tokenizer(prompt)) == 27
+    assert r.usage.completion_tokens == len(ref_tokenizer(r.text)) > 0
+    assert r.usage.cached_tokens == 0
+    n, preview = eng.context_info()
+    assert n == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert preview == (prompt + r.text)[:80]
+
+
+def test_second_turn_reuses_the_first(g4a_serve: Any, smollm2_g4a: str, ref_tokenizer: Any) -> None:
+    server = g4a_serve(smollm2_g4a)
+    first = server.chat("g", G4A_FRANCE, temperature=0, max_tokens=24)
+    turn2 = [*G4A_FRANCE, {"role": "assistant", "content": first.text}, {"role": "user", "content": "And of Germany?"}]
+    second = server.chat("g", turn2, temperature=0, max_tokens=24)
+    assert "Berlin" in second.text
+    assert second.usage.cached_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
+    assert second.usage.prompt_tokens == len(ref_tokenizer(engine_of(server)._render(turn2)))
+    # The reused KV cache gives what a fresh context gives.
+    fresh = g4a_serve(smollm2_g4a).chat("g", turn2, temperature=0, max_tokens=24)
+    assert fresh.usage.cached_tokens == 0
+    assert fresh.text == second.text
+    # The same request again backs off only to the last special token of the prompt.
+    again = server.chat("g", turn2, temperature=0, max_tokens=24)
+    assert again.text == second.text
+    assert second.usage.prompt_tokens - 4 <= again.usage.cached_tokens < second.usage.prompt_tokens
+
+
+def test_divergent_history_keeps_the_shared_prefix(g4a_serve: Any, smollm2_g4a: str, ref_tokenizer: Any) -> None:
+    server = g4a_serve(smollm2_g4a)
+    server.chat("g", G4A_FRANCE, temperature=0, max_tokens=8)
+    other = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Name a color."}]
+    b = server.chat("g", other, temperature=0, max_tokens=8)
+    # Shared up to the special token before "user\n...", where the two prompts part.
+    shared = f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>"
+    assert b.usage.cached_tokens == len(ref_tokenizer(shared))
+
+
+def test_preload_is_reused(g4a_serve: Any, smollm2_g4a: str, ref_tokenizer: Any) -> None:
+    server = g4a_serve(smollm2_g4a, preload={"messages": [{"role": "system", "content": SYSTEM}]}, min_instances=1)
+    n = len(ref_tokenizer(f"<|im_start|>system\n{SYSTEM}<|im_end|>\n"))
+    assert engine_of(server).context_info()[0] == n
+    r = server.chat("g", G4A_FRANCE, temperature=0, max_tokens=8)
+    assert r.usage.cached_tokens == n
+
+
+def test_completion_parses_special_tokens(g4a_serve: Any, smollm2_g4a: str, ref_tokenizer: Any) -> None:
+    server = g4a_serve(smollm2_g4a)
+    prompt = (
+        "<|im_start|>user\nWhat is the capital of France? Réponds en français 🙂<|im_end|>\n<|im_start|>assistant\n"
+    )
+    r = server.complete("g", prompt, temperature=0, max_tokens=16)
+    assert r.usage.prompt_tokens == len(ref_tokenizer(prompt))
+    assert r.text
+
+
+def test_stop_sequences_are_never_emitted(g4a_serve: Any, smollm2_g4a: str) -> None:
+    server = g4a_serve(smollm2_g4a)
+    plain = server.complete("g", "The capital of France is", temperature=0, max_tokens=12)
+    assert plain.text.startswith(" Paris.")
+    for stop, expect in ((["\n"], " Paris."), (["is."], " Par"), (["zzz", "ris"], " Pa")):
+        stream = server.complete("g", "The capital of France is", temperature=0, max_tokens=12, stop=stop, stream=True)
+        chunks = list(stream)
+        assert "".join(c.text for c in chunks) == expect
+        assert chunks[-1].finish_reason == "stop"
+        assert stream.usage is not None and stream.usage.completion_tokens <= 4
+
+
+def test_context_full_ends_with_length(g4a_serve: Any, smollm2_g4a: str) -> None:
+    server = g4a_serve(smollm2_g4a, context_size=64)
+    r = server.chat("g", DRAGON, temperature=0)
+    assert r.finish_reason == "length"
+    assert r.usage.prompt_tokens + r.usage.completion_tokens == 64
+
+
+def test_max_tokens(g4a_serve: Any, smollm2_g4a: str) -> None:
+    server = g4a_serve(smollm2_g4a)
+    r = server.complete("g", "Once upon a time", temperature=0, max_tokens=5)
+    assert (r.finish_reason, r.usage.completion_tokens) == ("length", 5)
+    r = server.complete("g", "Once upon a time", max_tokens=0)
+    assert (r.text, r.finish_reason, r.usage.completion_tokens, r.usage.prompt_tokens) == ("", "length", 0, 4)
+
+
+# ---- streaming and stopping
+
+
+def test_closing_a_stream_stops_native_generation(g4a_serve: Any, smollm2_g4a: str) -> None:
+    server = g4a_serve(smollm2_g4a)
+    stream = server.chat("g", DRAGON, temperature=0, max_tokens=400, stream=True)
+    got = [next(stream), next(stream)]
+    assert all(c.finish_reason is None for c in got)
+    stream.close()
+    run = engine_of(server)._run
+    assert run is not None and not run.thread.is_alive()  # close() waited for the native call to return
+    callbacks = run.callbacks
+    assert callbacks <= len(got) + lllms._Handoff().limit + 4  # the hand-off buffer, not the 400 asked for
+    r = server.chat("g", G4A_FRANCE, temperature=0, max_tokens=24)  # the instance is sound
+    assert "Paris" in r.text
+    assert run.callbacks == callbacks  # and the old call never woke up again
+
+
+def test_cancel_ends_generation_with_length(g4a_serve: Any, smollm2_g4a: str) -> None:
+    server = g4a_serve(smollm2_g4a)
+    cancel = threading.Event()
+    stream = server.chat("g", DRAGON, temperature=0, max_tokens=400, stream=True, cancel=cancel)
+    first = next(stream)
+    assert first.finish_reason is None
+    cancel.set()
+    rest = list(stream)
+    assert rest[-1].finish_reason == "length"
+    assert stream.usage is not None and stream.usage.completion_tokens < 20
+
+
+def test_timeout_ends_generation_with_length(g4a_serve: Any, smollm2_g4a: str) -> None:
+    server = g4a_serve(smollm2_g4a)
+    server.complete("g", "Hi", max_tokens=1)  # load first: the timeout covers the whole request
+    t0 = time.monotonic()
+    r = server.chat("g", DRAGON, temperature=0, max_tokens=2000, timeout=0.5)
+    elapsed = time.monotonic() - t0
+    assert r.finish_reason == "length"
+    assert r.usage.completion_tokens < 2000
+    assert elapsed < 5  # one token or one prompt batch past the deadline, not 2000 tokens
+
+
+def test_should_stop_during_the_prompt(g4a_serve: Any, smollm2_g4a: str) -> None:
+    server = g4a_serve(smollm2_g4a, min_instances=1)
+    eng = engine_of(server)
+    chunks = list(eng.complete("word " * 300, lllms.SamplingParams(max_tokens=5), should_stop=lambda: True))
+    assert [c.finish_reason for c in chunks] == ["length"]
+    assert chunks[0].usage is not None and chunks[0].usage.completion_tokens == 0
+    assert eng.context_info()[0] == 0  # a half-fed prompt is not kept
+    r = server.complete("g", "The capital of France is", temperature=0, max_tokens=3)
+    assert r.text.startswith(" Paris")
+
+
+# ---- validation
+
+
+def test_prompt_too_long_raises_before_any_chunk(g4a_serve: Any, smollm2_g4a: str) -> None:
+    server = g4a_serve(smollm2_g4a, context_size=64, min_instances=1)
+    eng = engine_of(server)
+    long = [{"role": "user", "content": "tell me " * 80}]
+    with pytest.raises(lllms.InvalidRequest) as err:
+        eng.chat(long, lllms.SamplingParams())  # raises from chat() itself, like the llama-cpp engine
+    assert (err.value.code, err.value.param) == ("context_length_exceeded", "messages")
+    assert "64 tokens" in err.value.message
+    with pytest.raises(lllms.InvalidRequest) as err:
+        server.complete("g", "word " * 100, max_tokens=4, stream=True).__next__()
+    assert (err.value.code, err.value.param) == ("context_length_exceeded", "prompt")
+    r = server.chat("g", G4A_FRANCE, temperature=0, max_tokens=8)  # the instance survives
+    assert r.usage.completion_tokens > 0
+
+
+def test_prompt_overflowing_after_the_kept_context_is_refused(g4a_serve: Any, smollm2_g4a: str) -> None:
+    server = g4a_serve(smollm2_g4a, context_size=64)
+    first = server.complete("g", "Count: one two three", temperature=0, max_tokens=30)
+    held = first.usage.prompt_tokens + first.usage.completion_tokens
+    # Extends the held context past 64 tokens, although the new part alone would fit.
+    prompt = "Count: one two three" + first.text + " and" * (66 - held)
+    with pytest.raises(lllms.InvalidRequest) as err:
+        server.complete("g", prompt, max_tokens=2)
+    assert (err.value.code, err.value.param) == ("context_length_exceeded", "prompt")
+    assert first.text.startswith(" four five six")
+    r = server.complete("g", "Count: one two three four five six and", max_tokens=2)
+    assert r.usage.cached_tokens == first.usage.prompt_tokens + 3  # the context survived the refusal
+
+
+def test_unsupported_parameters_are_rejected() -> None:
+    with pytest.raises(lllms.InvalidRequest) as err:
+        lllms.Gpt4AllEngine.check_params(lllms.SamplingParams(seed=1))
+    assert (err.value.param, err.value.message) == ("seed", "'seed' is not supported by the gpt4all engine")
+    for name in ("frequency_penalty", "presence_penalty"):
+        with pytest.raises(lllms.InvalidRequest) as err:
+            lllms.Gpt4AllEngine.check_params(lllms.SamplingParams(**{name: 0.5}))
+        assert err.value.param == name
+    lllms.Gpt4AllEngine.check_params(lllms.SamplingParams(frequency_penalty=0.0, presence_penalty=0.0, temperature=0.1))
+
+
+def test_seed_is_a_400_before_any_instance(g4a_serve: Any, smollm2_g4a: str) -> None:
+    server = g4a_serve(smollm2_g4a)
+    with pytest.raises(lllms.InvalidRequest) as err:
+        server.chat("g", G4A_FRANCE, seed=42)
+    assert err.value.status == 400 and err.value.param == "seed"
+    assert server._pool.instances["g"] == []
+    with pytest.raises(lllms.ConfigError, match="seed"):
+        lllms.ModelServer(
+            {
+                "models": {
+                    "g": {
+                        "task": "text-completion",
+                        "engine": "gpt4all",
+                        "file": smollm2_g4a,
+                        "completion_defaults": {"seed": 1},
+                    }
+                }
+            }
+        )
+
+
+def test_sampling_parameters_are_applied(g4a_serve: Any, smollm2_g4a: str) -> None:
+    server = g4a_serve(smollm2_g4a)
+    greedy = server.complete("g", "My favourite animal is", temperature=0, max_tokens=8)
+    for kw in ({"top_k": 1, "temperature": 1.5}, {"top_p": 0.0, "temperature": 1.0}):
+        assert server.complete("g", "My favourite animal is", max_tokens=8, **kw).text == greedy.text
+    r = server.complete(
+        "g", "My favourite animal is", temperature=0.7, min_p=0.1, repeat_penalty=1.3, repeat_last_n=-1, max_tokens=8
+    )
+    assert r.usage.completion_tokens > 0
+
+
+# ---- tiny random model: byte-level pieces, token accounting
+
+
+def test_tiny_llama_token_accounting(g4a_serve: Any, tiny_llama: str) -> None:
+    server = g4a_serve(tiny_llama)
+    for _ in range(2):
+        r = server.chat("g", [{"role": "user", "content": "hello world ✓"}], temperature=0, max_tokens=20)
+        eng = engine_of(server)
+        assert sum(n for _, n in eng._spans) == eng.context_info()[0]
+        assert eng.context_info()[0] == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert r.usage.cached_tokens > 0
+
+
+# ---- embeddings
+
+
+def test_embeddings(g4a_serve: Any, tiny_bert: str) -> None:
+    server = g4a_serve(tiny_bert, task="embedding")
+    out = server.embed("g", ["hello world", "the test", "hi"])
+    assert len(out.vectors) == 3 and all(len(v) == 64 for v in out.vectors)
+    assert all(abs(math.sqrt(sum(x * x for x in v)) - 1) < 1e-6 for v in out.vectors)
+    assert out.usage.prompt_tokens == 5  # gpt4all counts the text tokens, without [CLS] and [SEP]
+    single = server.embed("g", "hello world")
+    assert single.vectors[0] == pytest.approx(out.vectors[0], abs=1e-5)
+    with pytest.raises(lllms.InvalidRequest) as err:
+        server.embed("g", ["hi", "hello " * 600])
+    assert (err.value.code, err.value.param) == ("context_length_exceeded", "input")
+    assert "input[1]" in err.value.message
+    near = server.embed("g", ["hello " * 500])  # long, but it fits: measured on its own
+    assert near.usage.prompt_tokens == 500
+    with pytest.raises(lllms.InvalidRequest, match="empty"):
+        server.embed("g", ["hi", ""])
+    with pytest.raises(lllms.InvalidRequest) as err:
+        server.chat("g", G4A_FRANCE)
+    assert err.value.code == "wrong_task"
+
+
+def test_embeddings_of_a_model_without_task_prefix(g4a_serve: Any, tiny_bert_unnamed: str) -> None:
+    out = g4a_serve(tiny_bert_unnamed, task="embedding").embed("g", ["hello", "world"])
+    assert len(out.vectors) == 2 and out.usage.prompt_tokens == 2
