@@ -3085,11 +3085,11 @@ _INERT_KEYS = {
 }
 
 
-def _reject_unsupported(body: dict[str, Any], unsupported: dict[str, Any]) -> None:
+def _reject_unsupported(body: dict[str, Any], unsupported: dict[str, Any], engine: str) -> None:
     """400 for each parameter the engine can't honour, unless it has its neutral value."""
     for key, neutral in unsupported.items():
         if key in body and body[key] not in neutral:
-            raise InvalidRequest(f"'{key}' is not supported by lllms' llama-cpp engine yet", param=key)
+            raise InvalidRequest(f"'{key}' is not supported by the {engine} engine", param=key)
 
 
 def _check_keys(body: dict[str, Any], allowed: set[str]) -> None:
@@ -3166,17 +3166,17 @@ def _common_fields(body: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def parse_chat_request(body: dict[str, Any]) -> dict[str, Any]:
+def parse_chat_request(body: dict[str, Any], engine: str = "llama-cpp") -> dict[str, Any]:
     """An OpenAI chat request as ModelServer.chat keyword arguments (plus stream flags)."""
     _check_keys(body, _SAMPLING_KEYS | _INERT_KEYS | set(_CHAT_UNSUPPORTED) | {"messages"})
-    _reject_unsupported(body, _CHAT_UNSUPPORTED)
+    _reject_unsupported(body, _CHAT_UNSUPPORTED, engine)
     return {**_common_fields(body), "messages": _parse_messages(body.get("messages"))}
 
 
-def parse_completion_request(body: dict[str, Any]) -> dict[str, Any]:
+def parse_completion_request(body: dict[str, Any], engine: str = "llama-cpp") -> dict[str, Any]:
     """An OpenAI completions request as ModelServer.complete keyword arguments (plus stream flags)."""
     _check_keys(body, _SAMPLING_KEYS | _INERT_KEYS | set(_COMPLETION_UNSUPPORTED) | {"prompt"})
-    _reject_unsupported(body, _COMPLETION_UNSUPPORTED)
+    _reject_unsupported(body, _COMPLETION_UNSUPPORTED, engine)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -3931,6 +3931,12 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("X-Lllms-Instance", stream.instance_id)
         self.end_headers()
 
+    def _engine_of(self, body: dict[str, Any]) -> str:
+        """The engine of the requested model, so a refusal can name it (an unknown model is a 404 later)."""
+        name = body.get("model")
+        model = self.server.model_server.config.models.get(name) if isinstance(name, str) else None
+        return model.engine if model is not None else "llama-cpp"
+
     def _client_watch(self) -> _ClientWatch:
         return _ClientWatch(self.connection)
 
@@ -3958,11 +3964,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, model_object(model, ms.created))
 
     def _post_chat(self) -> None:
-        req = parse_chat_request(self._read_json())
+        body = self._read_json()
+        req = parse_chat_request(body, self._engine_of(body))
         self._complete(self.server.model_server.chat, req, chat_chunks, chat_response)
 
     def _post_completions(self) -> None:
-        req = parse_completion_request(self._read_json())
+        body = self._read_json()
+        req = parse_completion_request(body, self._engine_of(body))
         self._complete(self.server.model_server.complete, req, completion_chunks, completion_response)
 
     def _complete(self, method: Any, req: dict[str, Any], chunks: Any, response: Any) -> None:

@@ -2469,3 +2469,95 @@ def test_embeddings(g4a_serve: Any, tiny_bert: str) -> None:
 def test_embeddings_of_a_model_without_task_prefix(g4a_serve: Any, tiny_bert_unnamed: str) -> None:
     out = g4a_serve(tiny_bert_unnamed, task="embedding").embed("g", ["hello", "world"])
     assert len(out.vectors) == 2 and out.usage.prompt_tokens == 2
+
+
+# ==== both engines side by side over HTTP
+
+
+@pytest.fixture(scope="module")
+def mixed_server(smollm2: str, smollm2_g4a: str, tiny_bert: str) -> Iterator[lllms.HTTPServer]:
+    config = {
+        "concurrency": 2,
+        "models": {
+            "llama": {"task": "text-completion", "file": smollm2, "context_size": 1024},
+            "g4a": {
+                "task": "text-completion",
+                "engine": "gpt4all",
+                "file": smollm2_g4a,
+                "context_size": 1024,
+                "device": {"cpu_threads": 1},
+            },
+            "g4a-embed": {"task": "embedding", "engine": "gpt4all", "file": tiny_bert},
+        },
+    }
+    server = lllms.start_http_server(config, host="127.0.0.1", port=0)
+    yield server
+    server.stop()
+
+
+def test_llama_cpp_and_gpt4all_side_by_side(mixed_server: lllms.HTTPServer) -> None:
+    sdk = openai.OpenAI(base_url=mixed_server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    msgs = [{"role": "system", "content": "You are a helpful assistant."}, *CHAT]
+    for model in ("llama", "g4a"):
+        r = sdk.chat.completions.create(model=model, messages=msgs, max_tokens=8, temperature=0)
+        assert r.choices[0].message.content and r.usage is not None and r.usage.prompt_tokens > 10
+        chunks = list(
+            sdk.chat.completions.create(
+                model=model,
+                messages=msgs,
+                max_tokens=8,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens <= 8
+        assert chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens  # both engines count the same prompt alike
+        s = sdk.completions.create(
+            model=model, prompt="1, 2, 3, 4, 5,", max_tokens=24, temperature=0, stop=[", 8"], stream=True
+        )
+        text = "".join(c.choices[0].text for c in s)
+        assert text == " 6, 7", model
+    e = sdk.embeddings.create(model="g4a-embed", input=["a cat", "a dog"])
+    assert len(e.data) == 2 and len(e.data[0].embedding) == 64
+    assert {m.id for m in sdk.models.list()} == {"llama", "g4a", "g4a-embed"}
+
+
+def test_gpt4all_refuses_what_it_cannot_honour(mixed_server: lllms.HTTPServer) -> None:
+    sdk = openai.OpenAI(base_url=mixed_server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    for kwargs, param in (
+        ({"seed": 1}, "seed"),
+        ({"tools": [tool]}, "tools"),
+        ({"presence_penalty": 0.5}, "presence_penalty"),
+    ):
+        with pytest.raises(openai.BadRequestError) as exc:
+            sdk.chat.completions.create(model="g4a", messages=CHAT, max_tokens=2, **kwargs)
+        assert exc.value.param == param and "gpt4all" in str(exc.value.message), exc.value.message
+    # seed is fine on llama-cpp
+    assert sdk.chat.completions.create(model="llama", messages=CHAT, max_tokens=2, seed=1).choices
+
+
+def test_gpt4all_disconnect_mid_stream_then_next_request(mixed_server: lllms.HTTPServer) -> None:
+    ms = mixed_server.model_server
+    sock = raw_post(
+        mixed_server.url, "/v1/completions", {"model": "g4a", "prompt": "1, 2, 3,", "max_tokens": 400, "stream": True}
+    )
+    received = b""
+    while received.count(b"data: {") < 3:
+        received += sock.recv(4096)
+    sock.close()
+
+    def g4a_idle() -> bool:
+        return ms.status()["models"]["g4a"]["instances"]["busy"] == 0
+
+    wait_until(g4a_idle, timeout=5, what="the gpt4all instance to be released")
+    inst = ms._pool.instances["g4a"][0]
+    engine = typing.cast(lllms.Gpt4AllEngine, inst.engine)
+    assert inst.context_tokens == engine.context_info()[0] < 100  # generation really stopped
+    status, payload, _ = post_raw(
+        mixed_server.url,
+        "/v1/completions",
+        json.dumps({"model": "g4a", "prompt": "1, 2, 3,", "max_tokens": 3}).encode(),
+    )
+    assert status == 200 and payload["usage"]["completion_tokens"] == 3
