@@ -2869,27 +2869,41 @@ class _Pool:
                 continue  # its file is still being prepared
             model = self.config.models[ticket.model_id]
             insts = self.instances[ticket.model_id]
-            idle = [i for i in insts if i.state == "idle"]
-            # Longest shared history wins; then an empty instance; then the least recently used.
-            best = max(
-                idle,
-                default=None,
-                key=lambda i: (_common_prefix(i.context_key, ticket.key), i.context_key == "", -i.last_used),
-            )
-            if best is not None and _useful_prefix(ticket.key, _common_prefix(best.context_key, ticket.key)):
-                best.state = "busy"
-            elif len(insts) < model.max_instances:
-                best = _Instance(model)  # a fresh instance rather than clobbering another conversation
-                insts.append(best)
-            elif best is not None:
-                best.state = "busy"
-            else:
+            best = self._choose(ticket, model, insts)
+            if best is None:
                 continue  # this model is saturated; later tickets for other models may still run
             self.queue.remove(ticket)
             self.running += 1
             best.last_used = time.monotonic()  # start of the hold, for service_time
             ticket.instance = best
             ticket.ready.set()
+
+    @staticmethod
+    def _choose(ticket: _Ticket, model: ModelConfig, insts: list[_Instance]) -> _Instance | None:
+        """The instance for a ticket, marked busy (or a new one, loading); None when the model is saturated.
+
+        The idle instance sharing the longest useful history wins. Without one, the request takes an empty idle
+        instance (it costs nothing), then a new instance while under max_instances, and only then the least
+        recently used idle one, whose conversation it displaces. Lock held.
+        """
+        idle = [i for i in insts if i.state == "idle"]
+        shared = [(_common_prefix(i.context_key, ticket.key), i) for i in idle]
+        useful = [(n, i) for n, i in shared if _useful_prefix(ticket.key, n)]
+        empty = [i for i in idle if not i.context_key]
+        if useful:
+            best = max(useful, key=lambda s: (s[0], -s[1].last_used))[1]
+        elif empty:
+            best = min(empty, key=lambda i: i.last_used)
+        elif len(insts) < model.max_instances:
+            best = _Instance(model)
+            insts.append(best)
+            return best
+        elif idle:
+            best = min(idle, key=lambda i: i.last_used)
+        else:
+            return None
+        best.state = "busy"
+        return best
 
     # -- instances
 

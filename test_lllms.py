@@ -1012,13 +1012,17 @@ def _turns(ms: lllms.ModelServer, convs: dict[str, list[dict[str, str]]], turns:
     return out
 
 
-def test_interleaved_conversations_stay_on_their_instances(smollm2: str) -> None:
-    """Acceptance: A and B alternate on max_instances 2; each keeps its instance and reuses its history."""
+@pytest.mark.parametrize("warm", [0, 2])
+def test_interleaved_conversations_stay_on_their_instances(smollm2: str, warm: int) -> None:
+    """Acceptance: A and B alternate on max_instances 2; each keeps its instance and reuses its history.
+
+    With min_instances 2 both instances start empty, and each conversation must claim its own.
+    """
     convs = {
         "A": [{"role": "system", "content": "You are a helpful assistant. The secret launch code is 7319."}],
         "B": [{"role": "system", "content": "Write like a poet who loves the ocean and the moon."}],
     }
-    with lllms.ModelServer(smol_config(smollm2, max_instances=2, context_size=1024)) as ms:
+    with lllms.ModelServer(smol_config(smollm2, max_instances=2, min_instances=warm, context_size=1024)) as ms:
         done = _turns(ms, convs, 3)
         for name, completions in done.items():
             assert len({c.instance_id for c in completions}) == 1, name

