@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -651,11 +652,88 @@ def print_conversations(result: dict[str, Any]) -> None:
         print(f"note: {note}")
 
 
+def _ttft(server: lllms.ModelServer, model: str, messages: list[dict[str, str]], max_tokens: int) -> tuple[float, Any]:
+    """Seconds to the first non-empty chunk of a streamed chat, and the final usage."""
+    t0 = time.perf_counter()
+    first = 0.0
+    usage = None
+    with typing.cast(
+        lllms.CompletionStream, server.chat(model, messages, stream=True, temperature=0, max_tokens=max_tokens)
+    ) as stream:
+        for chunk in stream:
+            if chunk.text and not first:
+                first = time.perf_counter() - t0
+            usage = chunk.usage or usage
+    return first, usage
+
+
+def scenario_turns(args: argparse.Namespace) -> dict[str, Any]:
+    """A chat's second turn on the instance that served its first (warm) vs on a fresh instance (cold), per engine.
+
+    The gpt4all engine runs on a copy of the model whose pre-tokenizer gpt4all 2.8 accepts (conftest.py makes it).
+    """
+    import conftest  # the tests' model helpers: gpt4all's SmolLM2 copy
+
+    tmp = tempfile.mkdtemp(prefix="lllms-turns-")
+    g4a_file = conftest.make_gpt4all_smollm2(args.model, os.path.join(tmp, "smollm2-g4a.gguf"))
+    threads = os.cpu_count() or 1
+    words = [w for group in _WORDS.values() for w in group.split("|")]
+    notes = ". ".join(f"{words[i % len(words)]} {words[(i * 7 + 3) % len(words)]}" for i in range(120))
+    first = [{"role": "system", "content": "Notes: " + notes}, {"role": "user", "content": "Hi!"}]
+    rows = []
+    for engine, path in (("llama-cpp", args.model), ("gpt4all", g4a_file)):
+        model = {
+            "task": "text-completion",
+            "engine": engine,
+            "file": path,
+            "context_size": 2048,
+            "device": {"cpu_threads": threads},
+        }
+        warm, cold, cached = [], [], []
+        for _ in range(args.rounds):
+            with lllms.ModelServer({"models": {"m": model}}) as server:
+                reply = server.chat("m", first, temperature=0, max_tokens=args.max_tokens)
+                second = [
+                    *first,
+                    {"role": "assistant", "content": reply.text},
+                    {"role": "user", "content": "And one more thing?"},
+                ]
+                t, usage = _ttft(server, "m", second, args.max_tokens)
+                warm.append(t)
+                cached.append(usage.cached_tokens)
+            with lllms.ModelServer({"models": {"m": model}}) as fresh:
+                fresh.chat("m", [{"role": "user", "content": "x"}], max_tokens=1)  # load it, unrelated context
+                t, usage = _ttft(fresh, "m", second, args.max_tokens)
+                cold.append(t)
+        rows.append(
+            {
+                "engine": engine,
+                "prompt_tokens": usage.prompt_tokens,
+                "cached_tokens": statistics.median(cached),
+                "warm_ttft": statistics.median(warm),
+                "cold_ttft": statistics.median(cold),
+            }
+        )
+    settings = {"model": args.model, "max_tokens": args.max_tokens, "rounds": args.rounds}
+    return {"settings": {**settings, "context_size": 2048, "n_threads": threads}, "rows": rows}
+
+
+def print_turns(result: dict[str, Any]) -> None:
+    print("second turn of a chat: time to first token on the instance that served turn 1 vs a fresh one (medians)")
+    print(f"{'engine':10} {'prompt':>7} {'cached':>7} {'warm instance':>14} {'cold instance':>14} {'speed-up':>9}")
+    for r in result["rows"]:
+        print(
+            f"{r['engine']:10} {r['prompt_tokens']:>7} {r['cached_tokens']:>7.0f} {r['warm_ttft'] * 1000:>11.1f} ms"
+            f" {r['cold_ttft'] * 1000:>11.1f} ms {r['cold_ttft'] / r['warm_ttft']:>8.1f}x"
+        )
+
+
 SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Callable[[dict[str, Any]], None]]] = {
     "stream": (scenario_stream, print_stream),
     "conversations": (scenario_conversations, print_conversations),
+    "turns": (scenario_turns, print_turns),
 }
-DEFAULT_MAX_TOKENS = {"stream": 256, "conversations": CONV_MAX_TOKENS}
+DEFAULT_MAX_TOKENS = {"stream": 256, "conversations": CONV_MAX_TOKENS, "turns": 16}
 
 
 def cpu_busy(seconds: float = 1.0) -> float | None:
