@@ -209,6 +209,10 @@ class ModelConfig:
     prepare: Literal["on-demand", "async", "blocking"] = "on-demand"  # when a url model is downloaded
     verify: Literal["sha256", "size", "none"] = "sha256"  # how deeply a file already in place is checked at start
     token: str | None = None  # bearer token for huggingface.co downloads; default: $HF_TOKEN
+    long_inputs: Literal["error", "truncate", "mean"] = "error"  # embedding inputs longer than the context
+    # A gpt4all-style chat format, used instead of the model's template: %1 is the user's message, %2 the reply.
+    prompt_template: str | None = None
+    system_template: str | None = None  # with prompt_template: a system message, %1 its content
     id: str = field(default="", metadata={"internal": True})
 
     def _check(self, path: str) -> None:
@@ -235,6 +239,10 @@ class ModelConfig:
             SamplingParams.from_dict(self.completion_defaults)
         except InvalidRequest as exc:
             raise ConfigError(f"{path}.completion_defaults.{exc.param}: {exc.message}") from None
+        if self.prompt_template is not None and "%1" not in self.prompt_template:
+            raise ConfigError(f"{path}.prompt_template: must contain %1, where the user's message goes")
+        if self.system_template is not None and self.prompt_template is None:
+            raise ConfigError(f"{path}.system_template: only applies with prompt_template")
         if self.preload is not None and self.task == "embedding":
             raise ConfigError(f"{path}.preload: only text-completion models can preload context")
 
@@ -1395,8 +1403,12 @@ class Engine:
     def check_params(cls, params: SamplingParams) -> None:
         """Raise InvalidRequest naming any parameter this engine cannot honour (never ignore one silently)."""
 
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """Normalised vectors, one per text, and the number of tokens read."""
+    def embed(self, texts: list[str], dimensions: int | None = None) -> tuple[list[list[float]], int]:
+        """Normalised vectors, one per text, and the number of tokens read.
+
+        Inputs longer than the context follow the model's `long_inputs`. `dimensions` shortens the vectors where
+        the model allows it (Matryoshka models); otherwise it must equal the model's size.
+        """
         raise NotImplementedError
 
 
@@ -1430,6 +1442,29 @@ class _StopMatcher:
     def flush(self) -> str:
         out, self.pending = self.pending, ""
         return out
+
+
+class _PromptTemplate:
+    """A gpt4all-style chat format from config: `prompt_template` wraps each user message (%1) and the reply
+    (%2, or the end of the template); `system_template` wraps a system message (%1)."""
+
+    def __init__(self, prompt: str, system: str | None) -> None:
+        self.user, _, self.after_reply = prompt.partition("%2")
+        self.system = system if system is not None else "%1\n"
+
+    def render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> str:
+        out = []
+        for m in messages:
+            if m["role"] == "system":
+                out.append(self.system.replace("%1", m["content"]))
+            elif m["role"] == "user":
+                out.append(self.user.replace("%1", m["content"]))
+            else:
+                out.append(m["content"] + (self.after_reply or "\n"))
+        # The user part already ends where the reply begins; without a generation prompt, stop before it.
+        if not generation_prompt and messages and messages[-1]["role"] == "user":
+            out[-1] = out[-1][: len(out[-1]) - len(self.user.split("%1")[-1])]
+        return "".join(out)
 
 
 # Spill a context only when a prompt would throw away at least this many of its tokens, and restore a saved
@@ -1638,6 +1673,9 @@ class LlamaCppEngine(Engine):
     # -- prompts
 
     def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> list[int]:
+        if self.model.prompt_template is not None:
+            tmpl = _PromptTemplate(self.model.prompt_template, self.model.system_template)
+            return self._tokenize(tmpl.render(messages, generation_prompt), param="messages")
         self._formatter.add_generation_prompt = generation_prompt
         try:
             text = self._formatter(messages=messages).prompt
@@ -1807,25 +1845,43 @@ class LlamaCppEngine(Engine):
 
     # -- embeddings
 
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    def embed(self, texts: list[str], dimensions: int | None = None) -> tuple[list[list[float]], int]:
         if self._embedder is None:
             self._embedder = self._new_embedder(self._import())
         emb = self._embedder
-        n_ctx = emb.n_ctx()
+        if dimensions is not None and dimensions != emb.n_embd():
+            raise InvalidRequest(
+                f"'dimensions' must be {emb.n_embd()} for model '{self.model.id}': the llama-cpp engine cannot "
+                "tell whether a model may be shortened (Matryoshka), so it never does",
+                param="dimensions",
+            )
+        n_ctx, mode = emb.n_ctx(), self.model.long_inputs
+        vectors: list[list[float]] = []
         total = 0
         for i, text in enumerate(texts):
-            n = len(emb.tokenize(text.encode("utf-8"), add_bos=True, special=False))
-            if n > n_ctx:
+            tokens = emb.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+            if len(tokens) <= n_ctx:
+                vectors.append(list(map(float, emb.embed(text, normalize=True, truncate=False))))
+                total += len(tokens)
+            elif mode == "error":
                 raise InvalidRequest(
-                    f"input[{i}] is {n} tokens but the model's embedding context is {n_ctx} tokens",
+                    f"input[{i}] is {len(tokens)} tokens but the model's embedding context is {n_ctx} tokens "
+                    f"(set models.{self.model.id}.long_inputs to 'truncate' or 'mean' to accept such inputs)",
                     param="input",
                     code="context_length_exceeded",
                 )
-            total += n
-        if not texts:
-            return [], 0
-        vectors = emb.embed(texts, normalize=True, truncate=False)
-        return [list(map(float, v)) for v in vectors], total
+            elif mode == "truncate":
+                vectors.append(list(map(float, emb.embed(text, normalize=True, truncate=True))))
+                total += n_ctx
+            else:  # mean over context-sized windows, weighted by their length
+                windows = [tokens[j : j + n_ctx - 2] for j in range(0, len(tokens), n_ctx - 2)]
+                texts_w = [emb.detokenize(w).decode("utf-8", errors="ignore") for w in windows]
+                parts = emb.embed(texts_w, normalize=True, truncate=True)
+                mean = [sum(len(w) * v[k] for w, v in zip(windows, parts, strict=True)) for k in range(len(parts[0]))]
+                norm = math.sqrt(sum(x * x for x in mean)) or 1.0
+                vectors.append([x / norm for x in mean])
+                total += len(tokens)
+        return vectors, total
 
 
 # -- gguf metadata: gpt4all 2.8 exposes none, so read the header ourselves
@@ -2248,6 +2304,7 @@ class Gpt4AllEngine(Engine):
         self._run: _Gpt4AllRun | None = None
         self._embed_prefix: str | None = None
         self._embed_limit = 510
+        self._dimensions: int | None = None  # of the embed() call in progress
         self.n_ctx = 0
         self.bos_text = ""
         self.add_bos = False
@@ -2352,16 +2409,22 @@ class Gpt4AllEngine(Engine):
             alts = sorted(set(self._specials.values()), key=len, reverse=True)
             self._special_re = re.compile("|".join(map(re.escape, alts)))
         source = self.model.chat_template or meta.get("tokenizer.chat_template")
-        if source is None:
+        if self.model.prompt_template is not None:
+            source = "prompt_template"
+        elif source is None:
             log.warning("model %s has no chat template; using ChatML (set chat_template to override)", self.model.id)
             source = "chatml"
-        self._template = _ChatTemplate.detect(source, self.bos_text, eos_text)
+        self._template: _ChatTemplate | _PromptTemplate | None = (
+            _PromptTemplate(self.model.prompt_template, self.model.system_template)
+            if self.model.prompt_template is not None
+            else _ChatTemplate.detect(source, self.bos_text, eos_text)
+        )
         if self._template is None:
             where = "its chat_template" if self.model.chat_template else "the model's chat template"
             raise Unavailable(
                 f"model '{self.model.id}': the gpt4all engine cannot render {where}; it renders "
                 f"{', '.join(_TEMPLATE_FAMILIES)} templates. Set models.{self.model.id}.chat_template to one of those "
-                "names or to a template of those families",
+                f"names or to a template of those families, or set models.{self.model.id}.prompt_template",
                 code="chat_template_unsupported",
             )
         self.n_ctx = self.model.context_size or min(trained, self._DEFAULT_CTX)
@@ -2554,10 +2617,10 @@ class Gpt4AllEngine(Engine):
 
     # -- embeddings
 
-    def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
-        """Inputs longer than the model's context are refused, like the llama-cpp engine and OpenAI do, instead of
-        gpt4all's default of averaging windows. Only inputs long enough to possibly overflow are embedded alone
-        to measure them (every token covers at least one byte), the rest go in one call."""
+    def embed(self, texts: list[str], dimensions: int | None = None) -> tuple[list[list[float]], int]:
+        """Inputs longer than the model's context are refused by default (`long_inputs: "error"`), like the
+        llama-cpp engine and OpenAI do; "truncate" and "mean" use gpt4all's own long-text modes. Only inputs long
+        enough to possibly overflow are embedded alone to measure them (every token covers at least one byte)."""
         if self._embedder is None:
             raise InvalidRequest(f"model '{self.model.id}' is not an embedding model", param="model", code="wrong_task")
         for i, text in enumerate(texts):
@@ -2565,6 +2628,10 @@ class Gpt4AllEngine(Engine):
                 raise InvalidRequest(f"input[{i}] is empty", param="input")
         if not texts:
             return [], 0
+        self._dimensions = dimensions
+        if self.model.long_inputs != "error":
+            vecs, total = self._embed_call(texts)
+            return [[float(x) / (math.sqrt(sum(y * y for y in v)) or 1.0) for x in v] for v in vecs], total
         vectors: list[list[float]] = [[] for _ in texts]
         # Room for the special tokens and a task prefix gpt4all may add ("search_document: ").
         short = {i for i, t in enumerate(texts) if len(t.encode("utf-8")) + 32 <= self._embed_limit}
@@ -2575,7 +2642,8 @@ class Gpt4AllEngine(Engine):
             vecs, n = self._embed_call([texts[i] for i in batch])
             if batch[0] not in short and n > self._embed_limit:
                 raise InvalidRequest(
-                    f"input[{batch[0]}] is longer than the model's embedding context of {self._embed_limit} tokens",
+                    f"input[{batch[0]}] is longer than the model's embedding context of {self._embed_limit} tokens "
+                    f"(set models.{self.model.id}.long_inputs to 'truncate' or 'mean' to accept such inputs)",
                     param="input",
                     code="context_length_exceeded",
                 )
@@ -2586,14 +2654,21 @@ class Gpt4AllEngine(Engine):
         return vectors, total
 
     def _embed_call(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        mode = "truncate" if self.model.long_inputs == "truncate" else "mean"
+        kw = {"dimensionality": self._dimensions, "long_text_mode": mode, "return_dict": True}
         try:
-            out = self._embedder.embed(texts, prefix=self._embed_prefix, return_dict=True)
-        except RuntimeError as exc:
-            if self._embed_prefix is not None or "specify a prefix" not in str(exc):
-                raise
-            # A model gpt4all has no task prefix for: embed the text as it is.
-            self._embed_prefix = ""
-            out = self._embedder.embed(texts, prefix="", return_dict=True)
+            try:
+                out = self._embedder.embed(texts, prefix=self._embed_prefix, **kw)
+            except RuntimeError as exc:
+                if self._embed_prefix is not None or "specify a prefix" not in str(exc):
+                    raise
+                # A model gpt4all has no task prefix for: embed the text as it is.
+                self._embed_prefix = ""
+                out = self._embedder.embed(texts, prefix="", **kw)
+        except (ValueError, RuntimeError) as exc:
+            if self._dimensions is not None and "imensionality" in str(exc):
+                raise InvalidRequest(f"'dimensions': {exc}", param="dimensions") from None
+            raise
         return out["embeddings"], int(out["n_prompt_tokens"])
 
 
@@ -3294,14 +3369,9 @@ def completion_chunks(s: CompletionStream, include_usage: bool) -> Iterator[dict
             yield {**base, "choices": [], "usage": _usage_json(ch.usage)}
 
 
-def embedding_response(e: Embeddings, encoding_format: str, dimensions: int | None) -> dict[str, Any]:
+def embedding_response(e: Embeddings, encoding_format: str) -> dict[str, Any]:
     data = []
     for i, vec in enumerate(e.vectors):
-        if dimensions is not None and dimensions != len(vec):
-            raise InvalidRequest(
-                f"'dimensions' must equal the model's embedding size ({len(vec)}); it cannot be shortened",
-                param="dimensions",
-            )
         value: Any = vec
         if encoding_format == "base64":
             value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
@@ -3681,7 +3751,13 @@ class ModelServer:
         return s if stream else _drain(s)
 
     def embed(
-        self, model: str, input: str | list[str], *, cancel: Any = None, timeout: float | None = None
+        self,
+        model: str,
+        input: str | list[str],
+        *,
+        dimensions: int | None = None,
+        cancel: Any = None,
+        timeout: float | None = None,
     ) -> Embeddings:
         """Normalised embedding vectors, one per input string. `cancel` and `timeout` bound the wait in the queue."""
         cfg = self._model(model, "embedding")
@@ -3693,7 +3769,7 @@ class ModelServer:
         inst = self._pool.wait(self._pool.enqueue(cfg.id, ""), cancel, deadline)
         ok = False
         try:
-            vectors, n = typing.cast(Engine, inst.engine).embed(texts)
+            vectors, n = typing.cast(Engine, inst.engine).embed(texts, dimensions)
             ok = True
         except APIError as exc:
             ok = exc.status < 500
@@ -3999,8 +4075,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _post_embeddings(self) -> None:
         req = parse_embedding_request(self._read_json())
-        e = self.server.model_server.embed(req["model"], req["input"], cancel=self._client_watch())
-        self._send_json(200, embedding_response(e, req["encoding_format"], req["dimensions"]))
+        e = self.server.model_server.embed(
+            req["model"], req["input"], dimensions=req["dimensions"], cancel=self._client_watch()
+        )
+        self._send_json(200, embedding_response(e, req["encoding_format"]))
 
 
 class _ClientWatch:

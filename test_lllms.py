@@ -2591,3 +2591,82 @@ def test_real_minilm_embeddings_on_both_engines(minilm: str) -> None:
             assert cos(cat, kitten) > 0.5 > 0.2 > cos(cat, stocks), model
             vectors[model] = cat
         assert cos(vectors["mini-llama"], vectors["mini-g4a"]) > 0.999  # both engines compute the same model
+
+
+# ==== embeddings: long inputs and dimensions; chat formats from config
+
+
+@pytest.mark.parametrize("engine", ["llama-cpp", "gpt4all"])
+def test_long_embedding_inputs_follow_long_inputs(tiny_bert: str, engine: str) -> None:
+    long_text = "hello world " * 400  # far beyond the tiny bert's 512-token context
+    models = {
+        mode: {"task": "embedding", "engine": engine, "file": tiny_bert, "long_inputs": mode}
+        for mode in ("error", "truncate", "mean")
+    }
+    with lllms.ModelServer({"models": models}) as ms:
+        with pytest.raises(lllms.InvalidRequest) as exc:
+            ms.embed("error", [long_text])
+        assert exc.value.code == "context_length_exceeded" and "long_inputs" in exc.value.message
+        truncated = ms.embed("truncate", [long_text, "short"])
+        mean = ms.embed("mean", [long_text, "short"])
+        for e in (truncated, mean):
+            assert len(e.vectors) == 2 and all(abs(math.sqrt(sum(x * x for x in v)) - 1) < 1e-4 for v in e.vectors)
+        assert mean.usage.prompt_tokens > truncated.usage.prompt_tokens > 500
+        assert truncated.vectors[1] == pytest.approx(mean.vectors[1], abs=1e-5)  # short inputs are unaffected
+        assert truncated.vectors[0] != pytest.approx(mean.vectors[0], abs=1e-3)
+
+
+def test_dimensions_are_refused_where_the_model_cannot_shorten(tiny_bert: str) -> None:
+    models = {e: {"task": "embedding", "engine": e, "file": tiny_bert} for e in ("llama-cpp", "gpt4all")}
+    with lllms.ModelServer({"models": models}) as ms:
+        for model in models:
+            assert len(ms.embed(model, "hi", dimensions=64).vectors[0]) == 64  # the model's own size is fine
+            with pytest.raises(lllms.InvalidRequest) as exc:
+                ms.embed(model, "hi", dimensions=16)
+            assert exc.value.param == "dimensions", model
+
+
+CHATML_PARTS = {
+    "prompt_template": "<|im_start|>user\n%1<|im_end|>\n<|im_start|>assistant\n%2<|im_end|>\n",
+    "system_template": "<|im_start|>system\n%1<|im_end|>\n",
+}
+
+
+def test_prompt_template_from_config_on_both_engines(smollm2: str, smollm2_g4a: str, ref_tokenizer: Any) -> None:
+    msgs = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "Name a colour."},
+    ]
+    expected = (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nHello!"
+        "<|im_end|>\n<|im_start|>user\nName a colour.<|im_end|>\n<|im_start|>assistant\n"
+    )
+    assert lllms._PromptTemplate(**{k.split("_")[0]: v for k, v in CHATML_PARTS.items()}).render(msgs) == expected
+    models = {
+        "llama": {"task": "text-completion", "file": smollm2, "context_size": 512, **CHATML_PARTS},
+        "g4a": {
+            "task": "text-completion",
+            "engine": "gpt4all",
+            "file": smollm2_g4a,
+            "context_size": 512,
+            "device": {"cpu_threads": 1},
+            "chat_template": "{{ something gpt4all cannot render }}",  # prompt_template wins over it
+            **CHATML_PARTS,
+        },
+    }
+    with lllms.ModelServer({"models": models}) as ms:
+        for model in models:
+            c = ms.chat(model, msgs, max_tokens=4, temperature=0)
+            assert c.text and c.usage.prompt_tokens == len(ref_tokenizer(expected)), (model, c.usage)
+        llama = typing.cast(lllms.LlamaCppEngine, ms._pool.instances["llama"][0].engine)
+        assert llama.context_text().startswith(expected)
+
+
+def test_prompt_template_config_errors() -> None:
+    base = {"task": "text-completion", "file": "x"}
+    with pytest.raises(lllms.ConfigError, match="prompt_template: must contain %1"):
+        lllms.load_config({"models": {"m": {**base, "prompt_template": "no placeholder"}}})
+    with pytest.raises(lllms.ConfigError, match="system_template: only applies with prompt_template"):
+        lllms.load_config({"models": {"m": {**base, "system_template": "%1"}}})
