@@ -86,6 +86,17 @@ def raw_post(url: str, path: str, body: dict[str, Any]) -> socket.socket:
     return sock
 
 
+def hang_up_mid_stream(url: str, model: str, events: int, max_tokens: int) -> None:
+    """Stream "1, 2, 3," from model, read `events` data events, then hang up."""
+    sock = raw_post(
+        url, "/v1/completions", {"model": model, "prompt": "1, 2, 3,", "max_tokens": max_tokens, "stream": True}
+    )
+    received = b""
+    while received.count(b"data: {") < events:
+        received += sock.recv(4096)
+    sock.close()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -1180,13 +1191,7 @@ def test_waiting_request_is_dropped_when_its_client_leaves(smollm2: str) -> None
 def test_disconnect_mid_stream_frees_the_instance_with_true_context(smollm2: str) -> None:
     """Acceptance: after a client disconnects mid-stream the instance is idle within 2 s and serves again."""
     with lllms.start_http_server(smol_config(smollm2, context_size=2048), host="127.0.0.1", port=0) as server:
-        sock = raw_post(
-            server.url, "/v1/completions", {"model": "smol", "prompt": "1, 2, 3,", "max_tokens": 1500, "stream": True}
-        )
-        received = b""
-        while received.count(b"data: {") < 5:
-            received += sock.recv(4096)
-        sock.close()
+        hang_up_mid_stream(server.url, "smol", events=5, max_tokens=1500)
         ms = server.model_server
         wait_until(
             lambda: ms.status()["instances"][0]["state"] == "idle", timeout=2, what="the instance to be idle in 2 s"
@@ -2544,13 +2549,7 @@ def test_gpt4all_refuses_what_it_cannot_honour(mixed_server: lllms.HTTPServer) -
 
 def test_gpt4all_disconnect_mid_stream_then_next_request(mixed_server: lllms.HTTPServer) -> None:
     ms = mixed_server.model_server
-    sock = raw_post(
-        mixed_server.url, "/v1/completions", {"model": "g4a", "prompt": "1, 2, 3,", "max_tokens": 400, "stream": True}
-    )
-    received = b""
-    while received.count(b"data: {") < 3:
-        received += sock.recv(4096)
-    sock.close()
+    hang_up_mid_stream(mixed_server.url, "g4a", events=3, max_tokens=400)
 
     def g4a_idle() -> bool:
         return ms.status()["models"]["g4a"]["instances"]["busy"] == 0
