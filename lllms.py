@@ -16,6 +16,7 @@ import codecs
 import collections
 import ctypes
 import dataclasses
+import hmac
 import importlib.util
 import itertools
 import json
@@ -104,6 +105,11 @@ class InvalidRequest(APIError):
 
 class NotFound(APIError):
     status = 404
+    type = "invalid_request_error"
+
+
+class Unauthorized(APIError):
+    status = 401
     type = "invalid_request_error"
 
 
@@ -262,6 +268,8 @@ class ServerConfig:
     keepalive_interval: float = 5.0  # seconds between SSE keep-alive comments while a stream waits in the queue
     download_attempts: int = 5  # tries in a row without progress before a download fails
     download_stall_timeout: float = 30.0  # seconds without a byte before a download is retried
+    api_keys: list[str] = field(default_factory=list)  # bearer keys the HTTP API requires; plus $LLLMS_API_KEY
+    cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API ("*": any)
 
     def _check(self, path: str) -> None:
         if self.concurrency < 1:
@@ -3865,17 +3873,24 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self, method: str) -> None:
         self._t0 = time.monotonic()
         self._status = 0
+        self._request_id = _request_id(self.headers.get("X-Request-Id"))
         path = self.path.split("?", 1)[0]
         if path.startswith("/v1/"):
             path = "/openai" + path
         path = path.rstrip("/") or "/"
         try:
+            if method == "OPTIONS":
+                return self._preflight()
+            # Every route but the health check needs a key, unknown ones too, so routes are not revealed.
+            self._authed = self._authenticate() if not (method in ("GET", "HEAD") and path == "/health") else False
             routes = self._ROUTES.get(path)
             arg = None
             if routes is None and path.startswith("/openai/v1/models/"):
                 routes, arg = {"GET": "_get_model"}, path[len("/openai/v1/models/") :]
             if routes is None:
                 raise NotFound(f"no such endpoint: {method} {self.path}", code="not_found")
+            if method == "HEAD" and "GET" in routes:
+                method = "GET"  # _send_json leaves the body out
             if method not in routes:
                 raise MethodNotAllowed(
                     f"{method} is not allowed on {path}",
@@ -3893,13 +3908,66 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_error(APIError(f"internal error: {type(exc).__name__}"))
         finally:
             log.info(
-                '%s "%s %s" %s %.1fms',
+                '%s "%s %s" %s %.1fms id=%s',
                 self.client_address[0],
-                method,
+                self.command,
                 self.path,
                 self._status or "-",
                 (time.monotonic() - self._t0) * 1000,
+                self._request_id,
             )
+
+    def _authenticate(self) -> bool:
+        """True when a configured key was given; raises 401 when keys are configured and none matches."""
+        keys = self.server.api_keys
+        if not keys:
+            return False
+        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+        given_b = given.strip().encode("utf-8", errors="replace")
+        # Compare against every key, in constant time, so timing reveals neither a key nor which one matched.
+        ok = False
+        for key in keys:
+            ok |= hmac.compare_digest(given_b, key.encode("utf-8"))
+        if scheme.lower() != "bearer" or not ok:
+            raise Unauthorized(
+                "a valid API key is required: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        return True
+
+    def _cors_origin(self) -> str | None:
+        allowed = self.server.model_server.config.cors_origins
+        origin = self.headers.get("Origin")
+        if not allowed or origin is None:
+            return None
+        return origin if origin in allowed or "*" in allowed else None
+
+    def _preflight(self) -> None:
+        """Answer a CORS preflight; without cors_origins there is no CORS, and OPTIONS is not allowed."""
+        if self._cors_origin() is None:
+            raise MethodNotAllowed(
+                "OPTIONS is only answered for CORS preflights from origins in cors_origins",
+                code="method_not_allowed",
+                headers={"Allow": "GET, POST"},
+            )
+        self._status = 204
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type, X-Request-Id")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def end_headers(self) -> None:
+        # Every response, errors included, carries its request id (and CORS headers for allowed origins).
+        self.send_header("X-Request-Id", getattr(self, "_request_id", "-"))
+        origin = self._cors_origin() if hasattr(self, "headers") and self.headers is not None else None
+        if origin is not None:
+            self.send_header("Access-Control-Allow-Origin", origin)
+            self.send_header("Access-Control-Expose-Headers", "X-Request-Id, X-Lllms-Instance, Retry-After")
+            self.send_header("Vary", "Origin")
+        super().end_headers()
 
     def do_GET(self) -> None:
         self._handle("GET")
@@ -3915,6 +3983,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_PATCH(self) -> None:
         self._handle("PATCH")
+
+    def do_HEAD(self) -> None:
+        self._handle("HEAD")
+
+    def do_OPTIONS(self) -> None:
+        self._handle("OPTIONS")
 
     # -- plumbing
 
@@ -4033,7 +4107,13 @@ class _Handler(BaseHTTPRequestHandler):
     # -- endpoints
 
     def _get_status(self) -> None:
-        self._send_json(200, self.server.model_server.status())
+        status = self.server.model_server.status()
+        if not self._authed:
+            # Without a key, show no file system paths: just file names.
+            for m in status["models"].values():
+                m["file"] = os.path.basename(m["file"]) if m["file"] else None
+                m["error"] = _strip_paths(m["error"]) if m["error"] else None
+        self._send_json(200, status)
 
     def _get_health(self) -> None:
         ms = self.server.model_server
@@ -4081,6 +4161,18 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, embedding_response(e, req["encoding_format"]))
 
 
+def _request_id(given: str | None) -> str:
+    """The client's X-Request-Id when it is a sane token, else a new one."""
+    if given and re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", given):
+        return given
+    return secrets.token_hex(8)
+
+
+def _strip_paths(text: str) -> str:
+    """Text with each absolute path cut to its last component."""
+    return re.sub(r"(?:/[^/\s'\":]+)+/([^/\s'\":]+)", r"\1", text)
+
+
 class _ClientWatch:
     """`is_set()` turns true once the client has closed its connection, so its request can be abandoned."""
 
@@ -4103,6 +4195,7 @@ class _HTTPD(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     request_queue_size = 128
+    api_keys: list[str]
     model_server: ModelServer
 
 
@@ -4112,8 +4205,17 @@ class HTTPServer:
     def __init__(self, model_server: ModelServer, host: str | None = None, port: int | None = None) -> None:
         self.model_server = model_server
         listen = model_server.config.listen
-        self._httpd = _HTTPD((host or listen.host, listen.port if port is None else port), _Handler)
+        host = host or listen.host
+        self._httpd = _HTTPD((host, listen.port if port is None else port), _Handler)
         self._httpd.model_server = model_server
+        env_keys = [k.strip() for k in os.environ.get("LLLMS_API_KEY", "").split(",") if k.strip()]
+        self._httpd.api_keys = [*model_server.config.api_keys, *env_keys]
+        if not self._httpd.api_keys and host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
+            log.warning(
+                "!!! listening on %s with no api_keys: anyone who can reach this address can use every model. "
+                "Set api_keys in the config or LLLMS_API_KEY. !!!",
+                host,
+            )
         self._thread: threading.Thread | None = None
 
     @property

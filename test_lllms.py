@@ -2669,3 +2669,70 @@ def test_prompt_template_config_errors() -> None:
         lllms.load_config({"models": {"m": {**base, "prompt_template": "no placeholder"}}})
     with pytest.raises(lllms.ConfigError, match="system_template: only applies with prompt_template"):
         lllms.load_config({"models": {"m": {**base, "system_template": "%1"}}})
+
+
+# ==== safety: authentication, CORS, request ids
+
+
+def _all_routes() -> list[tuple[str, str]]:
+    routes = [(m, p) for p, methods in lllms._Handler._ROUTES.items() for m in methods]
+    routes += [("GET", "/openai/v1/models/tiny"), ("GET", "/nope"), ("DELETE", "/openai/v1/models")]
+    return routes + [(m, p.replace("/openai/v1/", "/v1/")) for m, p in routes if p.startswith("/openai/v1/")]
+
+
+def test_api_keys_guard_every_route_but_health(tiny_llama: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LLLMS_API_KEY", "env-key-1, env-key-2")
+    config = {"api_keys": ["cfg-key"], "models": {"tiny": {"task": "text-completion", "file": tiny_llama}}}
+    body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 1, "messages": CHAT, "input": "x"}).encode()
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        url = server.url
+        for method, path in _all_routes():
+            send = body if method == "POST" else None
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic cfg-key"}):
+                status, payload, got = http_request(url, method, path, send, headers)
+                if (method, path) == ("GET", "/health"):
+                    assert status == 200
+                    continue
+                assert status == 401, (method, path, headers, status)
+                assert_envelope(payload, code="invalid_api_key")
+                assert got["WWW-Authenticate"] == "Bearer"
+            for key in ("cfg-key", "env-key-1", "env-key-2"):
+                status, _, _ = http_request(url, method, path, send, {"Authorization": f"Bearer {key}"})
+                assert status != 401, (method, path, key)
+        # Authenticated, status shows where files are.
+        status, payload, _ = http_request(url, "GET", "/", None, {"Authorization": "Bearer cfg-key"})
+        assert payload["models"]["tiny"]["file"] == tiny_llama
+
+
+def test_status_without_keys_shows_no_paths_and_head_options_work(tiny_llama: str, tmp_path: Any) -> None:
+    config = {
+        "cors_origins": ["http://app.example"],
+        "models": {
+            "tiny": {"task": "text-completion", "file": tiny_llama},
+            "gone": {"task": "text-completion", "file": str(tmp_path / "nope.gguf")},
+        },
+    }
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        status, payload, headers = http_request(server.url, "GET", "/")
+        assert status == 200 and payload["models"]["tiny"]["file"] == os.path.basename(tiny_llama)
+        assert str(tmp_path) not in json.dumps(payload) and "nope.gguf" in payload["models"]["gone"]["error"]
+        ids = {http_request(server.url, "GET", "/health")[2]["X-Request-Id"] for _ in range(3)}
+        assert len(ids) == 3
+        _, _, headers = http_request(server.url, "GET", "/health", None, {"X-Request-Id": "trace-42"})
+        assert headers["X-Request-Id"] == "trace-42"
+        host, port = server.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=30)
+        conn.request("HEAD", "/v1/models")
+        resp = conn.getresponse()
+        assert resp.status == 200 and int(resp.getheader("Content-Length")) > 0 and resp.read() == b""
+        conn.close()
+        pre = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
+        status, _, headers = http_request(server.url, "OPTIONS", "/v1/chat/completions", None, pre)
+        assert status == 204 and headers["Access-Control-Allow-Origin"] == "http://app.example"
+        assert "Authorization" in headers["Access-Control-Allow-Headers"]
+        status, _, headers = http_request(
+            server.url, "OPTIONS", "/v1/chat/completions", None, {"Origin": "http://evil"}
+        )
+        assert status == 405 and "Access-Control-Allow-Origin" not in headers
+        _, _, headers = http_request(server.url, "GET", "/v1/models", None, {"Origin": "http://app.example"})
+        assert headers["Access-Control-Allow-Origin"] == "http://app.example"
