@@ -113,6 +113,11 @@ class Unauthorized(APIError):
     type = "invalid_request_error"
 
 
+class LengthRequired(APIError):
+    status = 411
+    type = "invalid_request_error"
+
+
 class MethodNotAllowed(APIError):
     status = 405
     type = "invalid_request_error"
@@ -3994,7 +3999,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _read_json(self) -> dict[str, Any]:
         if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            raise APIError("chunked request bodies are not supported; send Content-Length", code="length_required")
+            self.close_connection = True  # the unread chunked body would poison keep-alive
+            raise LengthRequired(
+                "chunked request bodies are not supported; send Content-Length", code="length_required"
+            )
         try:
             length = int(self.headers.get("Content-Length", "0"))
         except ValueError:

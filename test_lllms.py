@@ -2736,3 +2736,16 @@ def test_status_without_keys_shows_no_paths_and_head_options_work(tiny_llama: st
         assert status == 405 and "Access-Control-Allow-Origin" not in headers
         _, _, headers = http_request(server.url, "GET", "/v1/models", None, {"Origin": "http://app.example"})
         assert headers["Access-Control-Allow-Origin"] == "http://app.example"
+
+
+def test_chunked_request_body_is_a_411(http_server: lllms.HTTPServer) -> None:
+    host, port = http_server.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    conn.send(b"2\r\n{}\r\n0\r\n\r\n")
+    resp = conn.getresponse()
+    assert resp.status == 411
+    assert_envelope(json.loads(resp.read()), code="length_required")
+    conn.close()
