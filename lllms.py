@@ -2776,6 +2776,7 @@ class _Pool:
         self.stopping = False
         self.service_time = 1.0  # moving average of seconds an instance is held, for Retry-After
         self.failed: dict[str, APIError] = {}  # models whose file could not be prepared, until they are retried
+        self.abort = threading.Event()  # set when stop()'s grace is over: running generations end at once
         self._reaper: threading.Thread | None = None
 
     # -- lifecycle
@@ -2796,7 +2797,15 @@ class _Pool:
             deadline = time.monotonic() + grace
             while self.running and (left := deadline - time.monotonic()) > 0:
                 self.cond.wait(left)
+            if self.running:
+                # Grace is over: generations stop at their next token; give them a moment to hand back.
+                self.abort.set()
+                deadline = time.monotonic() + 5.0
+                while self.running and (left := deadline - time.monotonic()) > 0:
+                    self.cond.wait(left)
             doomed = [i for insts in self.instances.values() for i in insts if i.state != "busy"]
+            for inst in doomed:
+                inst.state = "gone"  # a load still under way sees this and frees what it loaded
             for insts in self.instances.values():
                 insts[:] = [i for i in insts if i.state == "busy"]  # those are closed on release
             self.cond.notify_all()
@@ -2867,6 +2876,8 @@ class _Pool:
     def model_ready(self, model: ModelConfig) -> None:
         """A model's file is in place: load its min_instances and serve whoever waits for it."""
         with self.cond:
+            if self.stopping:
+                return
             missing = model.min_instances - len(self.instances[model.id])
             reserved = [_Instance(model) for _ in range(max(missing, 0))]
             self.instances[model.id].extend(reserved)  # reserved under the lock, so no two callers double up
@@ -2913,7 +2924,13 @@ class _Pool:
         used: bool = True,
     ) -> None:
         """Give an instance back. ok=False disposes it (its engine failed); context_key is what it now holds."""
-        info = inst.engine.context_info() if ok and used and inst.engine is not None else None
+        info = None
+        if ok and used and inst.engine is not None:
+            try:
+                info = inst.engine.context_info()
+            except Exception:
+                log.exception("%s: reading its context failed; disposing it", inst.id)
+                ok = False
         with self.cond:
             if context_key is not None:
                 inst.context_key = context_key
@@ -3022,7 +3039,18 @@ class _Pool:
             if isinstance(exc, APIError):
                 raise
             raise Unavailable(f"model '{model.id}' failed to load: {exc}", code="model_load_failed") from exc
-        info = engine.context_info()
+        try:
+            info = engine.context_info()
+        except Exception:
+            info = (0, "")
+        with self.cond:
+            orphan = self.stopping or inst not in self.instances[model.id]
+            if orphan:
+                inst.state = "gone"
+        if orphan:  # stop() ran while it loaded: free it rather than leak it
+            with _suppress(Exception):
+                engine.close()
+            raise Unavailable("the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
         with self.cond:
             inst.engine = engine
             if model.preload is not None:
@@ -3469,9 +3497,17 @@ class CompletionStream:
         return self._started or self._ticket.ready.wait(timeout)
 
     def _should_stop(self) -> bool:
-        if self._cancel is not None and self._cancel.is_set():
+        if (self._cancel is not None and self._cancel.is_set()) or self._server._pool.abort.is_set():
             return True
         return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def waiting_left(self) -> float | None:
+        """Seconds this queued request may still wait (None: no limit); 0 once cancelled or out of time."""
+        if self._cancel is not None and self._cancel.is_set():
+            return 0.0
+        if self._queue_deadline is None:
+            return None
+        return max(0.0, self._queue_deadline - time.monotonic())
 
     def _run(self) -> Iterator[Chunk]:
         pool = self._server._pool
@@ -3879,6 +3915,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._t0 = time.monotonic()
         self._status = 0
         self._request_id = _request_id(self.headers.get("X-Request-Id"))
+        self._body_read = False
         path = self.path.split("?", 1)[0]
         if path.startswith("/v1/"):
             path = "/openai" + path
@@ -3912,6 +3949,8 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("unhandled error on %s %s", method, path)
             self._send_error(APIError(f"internal error: {type(exc).__name__}"))
         finally:
+            if self.server.model_server._stopped:
+                self.close_connection = True
             log.info(
                 '%s "%s %s" %s %.1fms id=%s',
                 self.client_address[0],
@@ -3963,6 +4002,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Content-Length", "0")
         self.end_headers()
+
+    def parse_request(self) -> bool:
+        self._request_id = secrets.token_hex(8)  # a fresh id even for errors the stdlib answers itself
+        return super().parse_request()
 
     def end_headers(self) -> None:
         # Every response, errors included, carries its request id (and CORS headers for allowed origins).
@@ -4024,6 +4067,7 @@ class _Handler(BaseHTTPRequestHandler):
                 code="body_too_large",
             )
         raw = self.rfile.read(length) if length > 0 else b""
+        self._body_read = True
         try:
             body = json.loads(raw)
         except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -4048,6 +4092,11 @@ class _Handler(BaseHTTPRequestHandler):
         if self._status:  # headers already went out
             self.close_connection = True
             return
+        if not getattr(self, "_body_read", False) and (
+            self.headers.get("Content-Length", "0").strip() not in ("", "0") or self.headers.get("Transfer-Encoding")
+        ):
+            # The body was never read: left on the connection, it would be parsed as the next request.
+            self.close_connection = True
         try:
             self._send_json(exc.status, exc.envelope(), exc.headers)
         except (BrokenPipeError, ConnectionResetError):
@@ -4066,7 +4115,9 @@ class _Handler(BaseHTTPRequestHandler):
         """
         interval = self.server.model_server.config.keepalive_interval
         try:
-            while not stream.wait_ready(interval):
+            while not stream.wait_ready(interval if (left := stream.waiting_left()) is None else min(interval, left)):
+                if stream.waiting_left() == 0:
+                    break  # out of time or cancelled: taking the first event raises the 503 for it
                 if not self._status:
                     self._sse_headers(stream)
                 self._write_chunk(b": keepalive\n\n")
@@ -4187,13 +4238,15 @@ class _ClientWatch:
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.gone = False
+        # poll(), not select(): select fails for descriptors above 1024.
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
 
     def is_set(self) -> bool:
         if not self.gone:
             try:
-                readable, _, _ = select.select([self.sock], [], [], 0)
                 # Readable with nothing to read is EOF; a pipelined next request is data, not a goodbye.
-                self.gone = bool(readable) and self.sock.recv(1, socket.MSG_PEEK) == b""
+                self.gone = bool(self._poll.poll(0)) and self.sock.recv(1, socket.MSG_PEEK) == b""
             except (OSError, ValueError):
                 self.gone = True
         return self.gone
@@ -4238,7 +4291,8 @@ class HTTPServer:
 
     def stop(self, grace: float = 10.0) -> None:
         """Stop accepting connections, then stop the model server."""
-        self._httpd.shutdown()
+        if self._thread is not None:  # shutdown() waits for a serve_forever() that must have started
+            self._httpd.shutdown()
         self._httpd.server_close()
         if self._thread is not None:
             self._thread.join()

@@ -2749,3 +2749,39 @@ def test_chunked_request_body_is_a_411(http_server: lllms.HTTPServer) -> None:
     assert resp.status == 411
     assert_envelope(json.loads(resp.read()), code="length_required")
     conn.close()
+
+
+def test_streaming_request_in_queue_gets_its_queue_timeout(smollm2: str) -> None:
+    config = {**smol_config(smollm2), "concurrency": 1, "queue_timeout": 0.5, "keepalive_interval": 0.1}
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        holder = _hold_slot(server.model_server, max_tokens=1500)
+        host, port = server.url.removeprefix("http://").split(":")
+        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        body = json.dumps({"model": "smol", "messages": CHAT, "max_tokens": 4, "stream": True})
+        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
+        raw = conn.getresponse().read().decode()  # keep-alives, then the timeout as an SSE error event
+        conn.close()
+        holder.close()
+        errors = [json.loads(e[6:]) for e in raw.split("\n\n") if e.startswith('data: {"error"')]
+        assert len(errors) == 1 and errors[0]["error"]["code"] == "queue_timeout"
+        assert ": keepalive" in raw and "chat.completion.chunk" not in raw
+
+
+def test_an_unread_body_is_never_parsed_as_a_request(http_server: lllms.HTTPServer) -> None:
+    host, port = http_server.url.removeprefix("http://").split(":")
+    smuggled = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+    for path in (b"/nope", b"/v1/models"):  # a 404 and a 405 raised before the body is read
+        sock = socket.create_connection((host, int(port)), timeout=30)
+        sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+        sock.close()
+        assert data.count(b"HTTP/1.1 ") == 1 and b'"status": "ok"' not in data, data
+
+
+def test_http_server_context_manager_without_start_exits(tiny_llama: str) -> None:
+    ms = lllms.ModelServer({"models": {"t": {"task": "text-completion", "file": tiny_llama}}}).start()
+    with lllms.HTTPServer(ms, "127.0.0.1", 0):
+        pass  # never started: leaving must not wait for a serve loop that never ran
+    assert ms.status()["state"] == "stopped"
