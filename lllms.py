@@ -3454,6 +3454,17 @@ class Embeddings:
     usage: Usage
 
 
+def _engine_failure(exc: Exception, inst: _Instance) -> tuple[bool, APIError]:
+    """Whether an instance stays sound after its engine raised exc, and the error to give the caller.
+
+    A client error (a prompt too long, ...) leaves it sound; anything else disposes of it.
+    """
+    if isinstance(exc, APIError):
+        return exc.status < 500, exc
+    log.exception("engine failure on %s", inst.id)
+    return False, EngineError(f"the engine failed: {exc}", code="engine_error")
+
+
 class CompletionStream:
     """Chunks of a completion as they are generated. Iterate it to the end, or close it (`with`) to stop early.
 
@@ -3527,12 +3538,11 @@ class CompletionStream:
         except GeneratorExit:
             ok = True  # the consumer stopped early; the instance is still sound
             raise
-        except APIError as exc:
-            ok = exc.status < 500
-            raise
         except Exception as exc:
-            log.exception("engine failure on %s", inst.id)
-            raise EngineError(f"the engine failed: {exc}", code="engine_error") from exc
+            ok, error = _engine_failure(exc, inst)
+            if error is exc:
+                raise
+            raise error from exc
         finally:
             if chunks is not None and hasattr(chunks, "close"):
                 chunks.close()
@@ -3820,12 +3830,11 @@ class ModelServer:
         try:
             vectors, n = typing.cast(Engine, inst.engine).embed(texts, dimensions)
             ok = True
-        except APIError as exc:
-            ok = exc.status < 500
-            raise
         except Exception as exc:
-            log.exception("embedding failure on %s", inst.id)
-            raise EngineError(f"the engine failed: {exc}", code="engine_error") from exc
+            ok, error = _engine_failure(exc, inst)
+            if error is exc:
+                raise
+            raise error from exc
         finally:
             self._pool.release(inst, ok)
         return Embeddings(model=cfg.id, vectors=vectors, usage=Usage(prompt_tokens=n))
