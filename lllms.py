@@ -3545,7 +3545,11 @@ class CompletionStream:
             raise error from exc
         finally:
             if chunks is not None and hasattr(chunks, "close"):
-                chunks.close()
+                try:
+                    chunks.close()
+                except Exception:  # the instance must still go back, but not for reuse
+                    log.exception("closing a generation on %s failed", inst.id)
+                    ok = False
             # What the instance's context now holds: the request plus what was generated so far.
             # A request refused before generation (e.g. too long) left the context as it was.
             key = self._after(self.text) if ok and ran else None if ok else ""
