@@ -1309,8 +1309,7 @@ def _model_path(model: ModelConfig, models_dir: str) -> str:
 class _ModelFile:
     """Where one model's file stands, as status shows it: unprepared, downloading, ready or error."""
 
-    def __init__(self, model: ModelConfig, path: str) -> None:
-        self.model = model
+    def __init__(self, path: str) -> None:
         self.path = path
         self.state = "unprepared"
         self.error: str | None = None
@@ -2744,7 +2743,6 @@ class _Ticket:
         self.ready = threading.Event()
         self.instance: _Instance | None = None
         self.error: APIError | None = None  # why it will never get an instance (its model failed to prepare)
-        self.queued_at = time.monotonic()
 
 
 def _common_prefix(a: str, b: str) -> int:
@@ -3597,7 +3595,7 @@ class ModelServer:
         self.config = load_config(config)
         self.created = int(time.time())
         self._progress = progress
-        self._files = {m.id: _ModelFile(m, _model_path(m, self.config.models_dir)) for m in self.config.models.values()}
+        self._files = {m.id: _ModelFile(_model_path(m, self.config.models_dir)) for m in self.config.models.values()}
         self._files_lock = threading.Lock()
         self._cancel_downloads = threading.Event()
         self._paths: dict[str, str] = {}
