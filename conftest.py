@@ -21,6 +21,7 @@ import random
 import re
 import socket
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -390,13 +391,27 @@ _NULLABLE_WRAP_KEYS = ("$ref", "allOf", "anyOf", "oneOf", "not", "const")
 
 
 def openapi_spec_path() -> str:
-    """Return the path of OpenAI's ``openapi.yaml``: ``$LLLMS_OPENAPI``, else ``<repo>/../shared/openai/``."""
+    """Return the path of OpenAI's ``openapi.yaml``: ``$LLLMS_OPENAPI``, else ``shared/openai/`` beside this checkout,
+    else beside the local repository it was cloned from (a scratch clone elsewhere still finds it)."""
     env = os.environ.get(OPENAPI_ENV)
-    path = Path(env) if env else Path(__file__).resolve().parent.parent / "shared" / "openai" / "openapi.yaml"
-    if not path.is_file():
-        where = f"${OPENAPI_ENV}" if env else "the default location"
-        raise FileNotFoundError(f"OpenAI OpenAPI spec not found at {path} ({where}); set ${OPENAPI_ENV} to its path")
-    return str(path)
+    if env:
+        if not Path(env).is_file():
+            raise FileNotFoundError(f"OpenAI OpenAPI spec not found at {env} (${OPENAPI_ENV})")
+        return env
+    here = Path(__file__).resolve().parent
+    homes = [here]
+    origin = subprocess.run(
+        ["git", "-C", str(here), "config", "--get", "remote.origin.url"], capture_output=True, text=True
+    ).stdout.strip()
+    if origin and Path(origin).is_dir():
+        homes.append(Path(origin).resolve())
+    tried = [home.parent / "shared" / "openai" / "openapi.yaml" for home in homes]
+    for path in tried:
+        if path.is_file():
+            return str(path)
+    raise FileNotFoundError(
+        f"OpenAI OpenAPI spec not found at {' or '.join(map(str, tried))}; set ${OPENAPI_ENV} to its path"
+    )
 
 
 def _to_json_schema(schema: Any, home: str) -> Any:
