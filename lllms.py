@@ -16,6 +16,7 @@ import codecs
 import collections
 import ctypes
 import dataclasses
+import functools
 import hmac
 import importlib.util
 import itertools
@@ -224,6 +225,8 @@ class ModelConfig:
     # A gpt4all-style chat format, used instead of the model's template: %1 is the user's message, %2 the reply.
     prompt_template: str | None = None
     system_template: str | None = None  # with prompt_template: a system message, %1 its content
+    # Grammars requests may name in `grammar`: a GBNF string, or a JSON schema (an object).
+    grammars: dict[str, str | dict[str, Any]] = field(default_factory=dict)
     id: str = field(default="", metadata={"internal": True})
 
     def _check(self, path: str) -> None:
@@ -256,6 +259,9 @@ class ModelConfig:
             raise ConfigError(f"{path}.system_template: only applies with prompt_template")
         if self.preload is not None and self.task == "embedding":
             raise ConfigError(f"{path}.preload: only text-completion models can preload context")
+        for name, grammar in self.grammars.items():
+            if not name or (isinstance(grammar, str) and not grammar.strip()):
+                raise ConfigError(f"{path}.grammars.{name}: needs a name and a non-empty grammar")
 
 
 @dataclass
@@ -456,6 +462,29 @@ def default_config() -> dict[str, Any]:
 # ---- 2b. sampling parameters, shared by config defaults and requests
 
 
+def _logit_bias(value: Any, key: str) -> dict[int, float]:
+    """OpenAI's logit_bias: {"token id": bias from -100 to 100}."""
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"'{key}' must be an object mapping token ids to biases", param=key)
+    out = {}
+    for tok, bias in value.items():
+        tid = (
+            tok
+            if isinstance(tok, int)
+            else int(tok)
+            if isinstance(tok, str) and re.fullmatch(r"[0-9]{1,10}", tok)
+            else None
+        )
+        if tid is None or isinstance(tid, bool) or tid < 0:
+            raise InvalidRequest(f"'{key}' keys must be token ids (non-negative integers), got {tok!r}", param=key)
+        if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
+            raise InvalidRequest(f"'{key}' values must be numbers from -100 to 100, got {bias!r}", param=key)
+        out[tid] = float(bias)
+    if len(out) > 1024:
+        raise InvalidRequest(f"'{key}' may hold at most 1024 tokens", param=key)
+    return out
+
+
 @dataclass
 class SamplingParams:
     """Generation settings; None means the engine default."""
@@ -471,6 +500,10 @@ class SamplingParams:
     presence_penalty: float | None = None
     seed: int | None = None
     stop: list[str] | None = None
+    # Additive biases by token id; -100 bans a token and +100 makes the +100 tokens the only choices.
+    logit_bias: dict[int, float] | None = None
+    logprobs: int | None = None  # report each token's logprob and this many alternatives; None: no logprobs
+    grammar: str | None = None  # GBNF the output must match
 
     _RANGES: typing.ClassVar[dict[str, tuple[float, float]]] = {
         "max_tokens": (0, 2**31),
@@ -483,6 +516,7 @@ class SamplingParams:
         "frequency_penalty": (-2.0, 2.0),
         "presence_penalty": (-2.0, 2.0),
         "seed": (-(2**63), 2**64 - 1),
+        "logprobs": (0, 20),
     }
 
     @classmethod
@@ -498,9 +532,17 @@ class SamplingParams:
                 continue
             if name == "stop":
                 value = [value] if isinstance(value, str) else value
-                if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value) or len(value) > 16:
-                    raise InvalidRequest("'stop' must be a non-empty string or a list of up to 16 of them", param=key)
-                setattr(out, name, value)
+                if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value) or len(value) > 4:
+                    raise InvalidRequest("'stop' must be a non-empty string or a list of up to 4 of them", param=key)
+                setattr(out, name, value or None)
+                continue
+            if name == "logit_bias":
+                out.logit_bias = _logit_bias(value, key) or None
+                continue
+            if name == "grammar":
+                if not isinstance(value, str) or not value.strip():
+                    raise InvalidRequest("'grammar' must be a non-empty GBNF string", param=key)
+                out.grammar = value
                 continue
             base = typing.get_args(hints[name])[0]
             if (
@@ -1361,12 +1403,29 @@ class Usage:
 
 
 @dataclass
+class TokenLogprob:
+    """One token of output (or of an echoed prompt): its text, bytes, logprob and the likeliest alternatives.
+
+    `text` is the part of the output this token completed, so the texts of a reply's tokens join to exactly
+    its content; `raw` is the token's own bytes (a character split across tokens shows up there).
+    """
+
+    text: str
+    raw: bytes
+    logprob: float | None  # None for a prompt's first token, which nothing predicts
+    top: list[tuple[str, bytes, float]] | None = None
+
+
+@dataclass
 class Chunk:
-    """A piece of streamed output. The last chunk has finish_reason and usage set."""
+    """A piece of streamed output. The last chunk of a choice has finish_reason set; the request's last, usage."""
 
     text: str
     finish_reason: str | None = None
     usage: Usage | None = None
+    logprobs: list[TokenLogprob] | None = None  # the tokens of `text`, when logprobs were asked for
+    index: int = 0  # the choice it belongs to
+    tool_calls: list[dict[str, Any]] | None = None  # deltas: {index, id?, name?, arguments}; set by ModelServer
 
 
 _StopCheck = Callable[[], bool] | None
@@ -1403,8 +1462,20 @@ class Engine:
         """
         raise NotImplementedError
 
-    def complete(self, prompt: str, params: SamplingParams, should_stop: _StopCheck = None) -> Iterator[Chunk]:
-        """Continue a raw text prompt."""
+    def complete(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        should_stop: _StopCheck = None,
+        *,
+        echo: bool = False,
+        suffix: str | None = None,
+    ) -> Iterator[Chunk]:
+        """Continue a raw prompt: text, or the model's token ids.
+
+        `echo` first yields the prompt itself (with its tokens' logprobs when params ask for logprobs); `suffix`
+        asks for the text between prompt and suffix (fill-in-the-middle), where the model can do that.
+        """
         raise NotImplementedError
 
     def context_info(self) -> tuple[int, str]:
@@ -1415,13 +1486,24 @@ class Engine:
     def check_params(cls, params: SamplingParams) -> None:
         """Raise InvalidRequest naming any parameter this engine cannot honour (never ignore one silently)."""
 
-    def embed(self, texts: list[str], dimensions: int | None = None) -> tuple[list[list[float]], int]:
-        """Normalised vectors, one per text, and the number of tokens read.
+    def embed(self, texts: list[str] | list[list[int]], dimensions: int | None = None) -> tuple[list[list[float]], int]:
+        """Normalised vectors, one per input (a text, or the model's token ids), and the number of tokens read.
 
         Inputs longer than the context follow the model's `long_inputs`. `dimensions` shortens the vectors where
         the model allows it (Matryoshka models); otherwise it must equal the model's size.
         """
         raise NotImplementedError
+
+
+def _prefixed(first: Chunk, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    """`first`, then `chunks`; closing it closes them, which stops their generation."""
+    try:
+        yield first
+        yield from chunks
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
 
 
 class _StopMatcher:
@@ -1482,6 +1564,8 @@ class _PromptTemplate:
 # Spill a context only when a prompt would throw away at least this many of its tokens, and restore a saved
 # state only when it saves at least this many more tokens than the instance's own context already does.
 _MIN_SPILL_TOKENS = 32
+_FORCE_BIAS = 1e4  # what logit_bias +100 adds: beats any real logit, stays finite
+_MIN_LOGPROB = -9999.0  # JSON has no -inf
 _MIN_RESTORE_GAIN = 16
 
 _CHATML_TEMPLATE = (
@@ -1717,9 +1801,47 @@ class LlamaCppEngine(Engine):
         self._need_text_model()
         return self._generate(self._render(messages), params, "messages", should_stop)
 
-    def complete(self, prompt: str, params: SamplingParams, should_stop: _StopCheck = None) -> Iterator[Chunk]:
+    def complete(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        should_stop: _StopCheck = None,
+        *,
+        echo: bool = False,
+        suffix: str | None = None,
+    ) -> Iterator[Chunk]:
         self._need_text_model()
-        return self._generate(self._tokenize(prompt, "prompt"), params, "prompt", should_stop)
+        tokens = self._tokenize(prompt, "prompt") if isinstance(prompt, str) else self._check_ids(prompt, "prompt")
+        if suffix is not None:
+            tokens = self._infill(tokens, suffix)
+        return self._generate(tokens, params, "prompt", should_stop, echo=echo)
+
+    def _check_ids(self, tokens: list[int], param: str) -> list[int]:
+        n_vocab = self.llm.n_vocab()
+        bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            raise InvalidRequest(
+                f"'{param}': token id {bad} is not in the model's vocabulary (0..{n_vocab - 1})", param
+            )
+        return list(tokens)
+
+    def _infill(self, prefix: list[int], suffix: str) -> list[int]:
+        """Fill-in-the-middle: the model's FIM tokens around prefix and suffix (as llama.cpp's server does)."""
+        llama_cpp, llm = self._import(), self.llm
+        vocab = llm._model.vocab
+        pre, suf, mid = (
+            f(vocab)
+            for f in (llama_cpp.llama_vocab_fim_pre, llama_cpp.llama_vocab_fim_suf, llama_cpp.llama_vocab_fim_mid)
+        )
+        if min(pre, suf, mid) < 0:
+            raise InvalidRequest(
+                f"'suffix' needs a model with fill-in-the-middle tokens; '{self.model.id}' has none", param="suffix"
+            )
+        bos = llm.token_bos()
+        body = [t for t in prefix if t != bos]
+        head = [bos] if llm._model.add_bos_token() and bos >= 0 else []
+        tail = llm.tokenize(suffix.encode("utf-8"), add_bos=False, special=False)
+        return [*head, pre, *body, suf, *tail, mid]
 
     def context_info(self) -> tuple[int, str]:
         if self.llm is None:
@@ -1739,7 +1861,7 @@ class LlamaCppEngine(Engine):
     # -- generation
 
     def _cached_prefix(self, tokens: list[int]) -> int:
-        """How many prompt tokens llama-cpp will reuse from the KV cache (mirrors Llama.generate)."""
+        """How many prompt tokens can be reused from the KV cache (as Llama.generate decides it)."""
         llm = self.llm
         n = _common_token_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens)
         if n == len(tokens) and llm.n_tokens == len(tokens) and not getattr(llm, "_requires_eval", True):
@@ -1781,8 +1903,66 @@ class LlamaCppEngine(Engine):
         llm.n_tokens = keep
         llm._requires_eval = True  # the logits of the last token were not saved
 
+    def _sampler(self, llama_cpp: Any, p: SamplingParams) -> Any:
+        """llama.cpp's native sampler chain for these params: bias, penalties, grammar, then the sampling itself."""
+        from llama_cpp._internals import LlamaSampler
+
+        llm = self.llm
+        n_vocab = llm.n_vocab()
+        chain = LlamaSampler()
+        try:
+            if p.logit_bias:
+                bad = next((t for t in p.logit_bias if t >= n_vocab), None)
+                if bad is not None:
+                    raise InvalidRequest(
+                        f"'logit_bias': token id {bad} is not in the model's vocabulary (0..{n_vocab - 1})",
+                        param="logit_bias",
+                    )
+                # -100 is a ban; +100 must win against any logit, yet stay finite so several +100 tokens still
+                # compete on their own logits.
+                chain.add_logit_bias(
+                    n_vocab,
+                    {t: -math.inf if b <= -100 else _FORCE_BIAS if b >= 100 else b for t, b in p.logit_bias.items()},
+                )
+            last_n = self._default_last_n if p.repeat_last_n is None else p.repeat_last_n
+            chain.add_penalties(
+                n_vocab,
+                penalty_last_n=llm.n_ctx() if last_n == -1 else last_n,
+                penalty_repeat=1.0 if p.repeat_penalty is None else p.repeat_penalty,
+                penalty_freq=p.frequency_penalty or 0.0,
+                penalty_present=p.presence_penalty or 0.0,
+            )
+            if p.grammar is not None:
+                grammar = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, p.grammar.encode("utf-8"), b"root")
+                if not grammar:
+                    raise InvalidRequest(
+                        "the grammar is not valid GBNF (rules need a 'root' rule, defined names, no left recursion)",
+                        param="grammar",
+                    )
+                llama_cpp.llama_sampler_chain_add(chain.sampler, grammar)
+            # seed 0 is a real seed; 0xFFFFFFFF would mean "random" to llama.cpp.
+            seed = random.getrandbits(32) % 0xFFFFFFFF if p.seed is None else p.seed % 0xFFFFFFFF
+            temp = 0.8 if p.temperature is None else p.temperature
+            if temp <= 0:
+                chain.add_greedy()
+            else:
+                chain.add_top_k(40 if p.top_k is None else p.top_k)
+                chain.add_top_p(0.95 if p.top_p is None else p.top_p, 1)
+                chain.add_min_p(0.05 if p.min_p is None else p.min_p, 1)
+                chain.add_temp(temp)
+                chain.add_dist(seed)
+        except BaseException:
+            chain.close()
+            raise
+        return chain
+
     def _generate(
-        self, tokens: list[int], p: SamplingParams, param: str, should_stop: _StopCheck = None
+        self,
+        tokens: list[int],
+        p: SamplingParams,
+        param: str,
+        should_stop: _StopCheck = None,
+        echo: bool = False,
     ) -> Iterator[Chunk]:
         llama_cpp = self._import()
         llm = self.llm
@@ -1793,71 +1973,160 @@ class LlamaCppEngine(Engine):
                 param=param,
                 code="context_length_exceeded",
             )
+        if not tokens:
+            raise InvalidRequest("the prompt is empty", param=param)
         room = n_ctx - len(tokens)
         max_new = room if p.max_tokens is None else min(p.max_tokens, room)
-        self._spill_and_restore(tokens)
-        cached = self._cached_prefix(tokens)
-        # seed 0 is a real seed; 0xFFFFFFFF would mean "random" to llama.cpp.
-        llm.set_seed(random.getrandbits(32) % 0xFFFFFFFF if p.seed is None else p.seed % 0xFFFFFFFF)
-        last_n = self._default_last_n if p.repeat_last_n is None else p.repeat_last_n
-        llm.last_n_tokens_size = n_ctx if last_n == -1 else last_n
-        return self._stream(llama_cpp, tokens, p, max_new, cached, should_stop)
+        sampler = self._sampler(llama_cpp, p)  # raises on a bad grammar or bias before anything is evaluated
+        echoed: list[TokenLogprob] | None = None
+        try:
+            if echo and p.logprobs is not None:
+                echoed = self._eval_with_logprobs(tokens, p.logprobs)
+                reuse, cached = len(tokens), 0  # all of it is evaluated now, none of it was reused
+            else:
+                self._spill_and_restore(tokens)
+                reuse = cached = self._cached_prefix(tokens)
+        except BaseException:
+            sampler.close()
+            raise
+        usage = Usage(prompt_tokens=len(tokens), cached_tokens=cached)
+        return self._stream(llama_cpp, sampler, tokens, p, max_new, reuse, usage, should_stop, echo, echoed)
+
+    def _prefill(self, tokens: list[int], cached: int) -> None:
+        """Evaluate the prompt, reusing the first `cached` tokens the context already holds."""
+        llm = self.llm
+        if cached == len(tokens):
+            return  # the whole prompt is in place, and so are its last logits
+        if cached > 0 and llm._ctx.kv_cache_seq_rm(-1, cached, -1):
+            llm.n_tokens = cached
+        else:
+            llm.reset()
+        llm.eval(tokens[llm.n_tokens :])
+
+    def _eval_with_logprobs(self, tokens: list[int], top: int) -> list[TokenLogprob]:
+        """Evaluate the prompt from scratch keeping every position's logits: the logprob of each prompt token."""
+        import numpy as np
+
+        llm = self.llm
+        n_vocab = llm.n_vocab()
+        llm.reset()
+        llm._ctx.kv_cache_clear()
+        out = [TokenLogprob(*self._piece(tokens[0]), None)]
+        step = 128  # logits for every position cost step * n_vocab floats
+        for i in range(0, len(tokens), step):
+            batch = tokens[i : i + step]
+            llm._batch.set_batch(batch=batch, n_past=i, logits_all=True)
+            llm._ctx.decode(llm._batch)
+            llm.input_ids[i : i + len(batch)] = batch
+            llm.n_tokens = i + len(batch)
+            rows = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), n_vocab))
+            for j in range(len(batch)):
+                if i + j + 1 < len(tokens):
+                    out.append(self._logprob(rows[j], tokens[i + j + 1], top))
+        llm._requires_eval = False
+        return out
+
+    def _piece(self, token: int) -> tuple[str, bytes]:
+        raw = self.llm.detokenize([token])
+        return raw.decode("utf-8", errors="replace"), raw
+
+    def _logprob(self, logits: Any, token: int, top: int) -> TokenLogprob:
+        """The logprob of `token` under these logits, and the `top` likeliest tokens (vectorised, no vocab loop)."""
+        import numpy as np
+
+        m = float(logits.max())
+        lse = m + math.log(float(np.exp(logits - m).sum()))
+        alts = None
+        if top > 0:
+            ids = np.argpartition(logits, -top)[-top:]
+            ids = ids[np.argsort(-logits[ids])]
+            alts = [(*self._piece(int(t)), max(float(logits[t]) - lse, _MIN_LOGPROB)) for t in ids]
+        text, raw = self._piece(token)
+        return TokenLogprob(text, raw, max(float(logits[token]) - lse, _MIN_LOGPROB), alts)
 
     def _stream(
         self,
         llama_cpp: Any,
+        sampler: Any,
         tokens: list[int],
         p: SamplingParams,
         max_new: int,
-        cached: int,
+        reuse: int,
+        usage: Usage,
         should_stop: _StopCheck,
+        echo: bool,
+        echoed: list[TokenLogprob] | None,
     ) -> Iterator[Chunk]:
+        import numpy as np
+
         llm = self.llm
         vocab = llm._model.vocab
+        n_vocab = llm.n_vocab()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = _StopMatcher(p.stop or [])
-        usage = Usage(prompt_tokens=len(tokens), cached_tokens=cached)
+        marks = _LogprobMarks() if p.logprobs is not None else None
         finish = "length"
         stopped = False  # by a stop string: then nothing after it may be emitted
-        if max_new > 0:
-            gen = llm.generate(
-                tokens,
-                temp=0.8 if p.temperature is None else p.temperature,
-                top_p=0.95 if p.top_p is None else p.top_p,
-                top_k=40 if p.top_k is None else p.top_k,
-                min_p=0.05 if p.min_p is None else p.min_p,
-                repeat_penalty=1.0 if p.repeat_penalty is None else p.repeat_penalty,
-                frequency_penalty=p.frequency_penalty or 0.0,
-                presence_penalty=p.presence_penalty or 0.0,
-            )
-            try:
-                for token in gen:
-                    if llama_cpp.llama_vocab_is_eog(vocab, token):
-                        finish = "stop"
-                        break
-                    usage.completion_tokens += 1
-                    text, stopped = stops.feed(decoder.decode(llm.detokenize([token])))
-                    if stopped:
-                        if text:
-                            yield Chunk(text)
-                        finish = "stop"
-                        break
-                    if text:
-                        yield Chunk(text)
-                    if usage.completion_tokens >= max_new or (should_stop is not None and should_stop()):
-                        break
-            finally:
-                gen.close()
+        try:
+            if echo:
+                text = llm.detokenize(tokens).decode("utf-8", errors="replace")
+                yield Chunk(text, logprobs=echoed)
+            generated = token = 0
+            if max_new > 0:
+                self._prefill(tokens, reuse)
+            while generated < max_new:
+                if generated:
+                    llm.eval([token])  # the previous token, now that its logits are no longer needed
+                token = sampler.sample(llm._ctx, -1)
+                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                    finish = "stop"
+                    break
+                generated += 1
+                usage.completion_tokens = generated
+                raw = llm.detokenize([token])
+                piece = decoder.decode(raw)
+                if marks is not None:
+                    logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+                    entry = self._logprob(logits, token, p.logprobs)
+                    marks.add(TokenLogprob(piece, raw, entry.logprob, entry.top))
+                text, stopped = stops.feed(piece)
+                if text or stopped:
+                    yield Chunk(text, logprobs=marks.take(text, stopped) if marks else None)
+                if stopped:
+                    finish = "stop"
+                    break
+                if should_stop is not None and should_stop():
+                    break
+        finally:
+            sampler.close()
         tail = ""
         if not stopped:
             tail, stopped = stops.feed(decoder.decode(b"", final=True))
             finish = "stop" if stopped else finish
             tail += "" if stopped else stops.flush()
-        yield Chunk(tail, finish_reason=finish, usage=usage)
+        lps = marks.take(tail, stopped, final=True) if marks else None
+        yield Chunk(tail, finish_reason=finish, usage=usage, logprobs=lps)
 
     # -- embeddings
 
-    def embed(self, texts: list[str], dimensions: int | None = None) -> tuple[list[list[float]], int]:
+    def _embed_tokens(self, tokens: list[int]) -> list[float]:
+        """One pooled, normalised vector for a token sequence that fits the context."""
+        import numpy as np
+
+        llama_cpp, emb = self._import(), self._embedder
+        emb._batch.reset()
+        emb._batch.add_sequence(tokens, 0, True)
+        emb._ctx.kv_cache_clear()
+        emb._ctx.decode(emb._batch)
+        emb._batch.reset()
+        ptr = llama_cpp.llama_get_embeddings_seq(emb._ctx.ctx, 0)
+        if not ptr:
+            raise EngineError(f"model '{self.model.id}' gave no pooled embedding", code="engine_error")
+        vec = np.ctypeslib.as_array(ptr, shape=(emb.n_embd(),)).astype(np.float64)
+        norm = float(np.sqrt((vec * vec).sum())) or 1.0
+        return (vec / norm).tolist()
+
+    def embed(self, texts: list[str] | list[list[int]], dimensions: int | None = None) -> tuple[list[list[float]], int]:
         if self._embedder is None:
             self._embedder = self._new_embedder(self._import())
         emb = self._embedder
@@ -1870,10 +2139,18 @@ class LlamaCppEngine(Engine):
         n_ctx, mode = emb.n_ctx(), self.model.long_inputs
         vectors: list[list[float]] = []
         total = 0
-        for i, text in enumerate(texts):
-            tokens = emb.tokenize(text.encode("utf-8"), add_bos=True, special=False)
+        for i, item in enumerate(texts):
+            if isinstance(item, str):
+                tokens = emb.tokenize(item.encode("utf-8"), add_bos=True, special=False)
+            else:
+                bad = next((t for t in item if not 0 <= t < emb.n_vocab()), None)
+                if bad is not None:
+                    raise InvalidRequest(f"input[{i}]: token id {bad} is not in the model's vocabulary", "input")
+                tokens = list(item)
+            if not tokens:
+                raise InvalidRequest(f"input[{i}] is empty", param="input")
             if len(tokens) <= n_ctx:
-                vectors.append(list(map(float, emb.embed(text, normalize=True, truncate=False))))
+                vectors.append(self._embed_tokens(tokens))
                 total += len(tokens)
             elif mode == "error":
                 raise InvalidRequest(
@@ -1883,17 +2160,44 @@ class LlamaCppEngine(Engine):
                     code="context_length_exceeded",
                 )
             elif mode == "truncate":
-                vectors.append(list(map(float, emb.embed(text, normalize=True, truncate=True))))
+                vectors.append(self._embed_tokens(tokens[:n_ctx]))
                 total += n_ctx
             else:  # mean over context-sized windows, weighted by their length
-                windows = [tokens[j : j + n_ctx - 2] for j in range(0, len(tokens), n_ctx - 2)]
-                texts_w = [emb.detokenize(w).decode("utf-8", errors="ignore") for w in windows]
-                parts = emb.embed(texts_w, normalize=True, truncate=True)
+                windows = [tokens[j : j + n_ctx] for j in range(0, len(tokens), n_ctx)]
+                parts = [self._embed_tokens(w) for w in windows]
                 mean = [sum(len(w) * v[k] for w, v in zip(windows, parts, strict=True)) for k in range(len(parts[0]))]
                 norm = math.sqrt(sum(x * x for x in mean)) or 1.0
                 vectors.append([x / norm for x in mean])
                 total += len(tokens)
         return vectors, total
+
+
+class _LogprobMarks:
+    """Hands out per-token logprobs in step with the text a stream emits, which lags behind the tokens while a
+    stop sequence might still match, and may end inside a token when one does."""
+
+    def __init__(self) -> None:
+        self.pending: list[TokenLogprob] = []
+        self.done = 0  # characters of pending[0].text already emitted
+
+    def add(self, entry: TokenLogprob) -> None:
+        self.pending.append(entry)
+
+    def take(self, emitted: str, stopped: bool, final: bool = False) -> list[TokenLogprob]:
+        """The entries whose text `emitted` completes; at a stop, the cut token too, shortened to what was shown."""
+        out, budget = [], len(emitted)
+        while self.pending and len(self.pending[0].text) - self.done <= budget:
+            budget -= len(self.pending[0].text) - self.done
+            out.append(self.pending.pop(0))
+            self.done = 0
+        self.done += budget
+        if stopped and self.pending and self.done:
+            cut = self.pending[0]
+            text = cut.text[: self.done]
+            out.append(TokenLogprob(text, text.encode("utf-8"), cut.logprob, cut.top))
+        if stopped or final:
+            self.pending, self.done = [], 0
+        return out
 
 
 # -- gguf metadata: gpt4all 2.8 exposes none, so read the header ourselves
@@ -2459,12 +2763,15 @@ class Gpt4AllEngine(Engine):
 
     @classmethod
     def check_params(cls, params: SamplingParams) -> None:
-        """Reject what gpt4all 2.8 cannot do: it takes no seed and has no frequency or presence penalty."""
+        """Reject what gpt4all 2.8 cannot do: no seed, no frequency or presence penalty, no logit bias, logprobs
+        or grammar (its sampler is native and closed)."""
         if params.seed is not None:
             raise InvalidRequest("'seed' is not supported by the gpt4all engine", param="seed")
-        for name in ("frequency_penalty", "presence_penalty"):
+        for name in ("frequency_penalty", "presence_penalty", "logit_bias", "grammar"):
             if getattr(params, name):
                 raise InvalidRequest(f"'{name}' is not supported by the gpt4all engine", param=name)
+        if params.logprobs is not None:
+            raise InvalidRequest("'logprobs' is not supported by the gpt4all engine", param="logprobs")
 
     def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> str:
         assert self._template is not None
@@ -2499,10 +2806,23 @@ class Gpt4AllEngine(Engine):
         self.check_params(params)
         return self._start(self._render(messages), params, "messages", should_stop)
 
-    def complete(self, prompt: str, params: SamplingParams, should_stop: _StopCheck = None) -> Iterator[Chunk]:
+    def complete(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        should_stop: _StopCheck = None,
+        *,
+        echo: bool = False,
+        suffix: str | None = None,
+    ) -> Iterator[Chunk]:
         self._need_text_model()
         self.check_params(params)
-        return self._start(prompt, params, "prompt", should_stop)
+        if not isinstance(prompt, str):
+            raise InvalidRequest("token id prompts are not supported by the gpt4all engine", param="prompt")
+        if suffix is not None:
+            raise InvalidRequest("'suffix' is not supported by the gpt4all engine", param="suffix")
+        chunks = self._start(prompt, params, "prompt", should_stop)
+        return _prefixed(Chunk(prompt), chunks) if echo else chunks
 
     def context_info(self) -> tuple[int, str]:
         if self._prompt_ctx is None:
@@ -2629,13 +2949,15 @@ class Gpt4AllEngine(Engine):
 
     # -- embeddings
 
-    def embed(self, texts: list[str], dimensions: int | None = None) -> tuple[list[list[float]], int]:
+    def embed(self, texts: list[str] | list[list[int]], dimensions: int | None = None) -> tuple[list[list[float]], int]:
         """Inputs longer than the model's context are refused by default (`long_inputs: "error"`), like the
         llama-cpp engine and OpenAI do; "truncate" and "mean" use gpt4all's own long-text modes. Only inputs long
         enough to possibly overflow are embedded alone to measure them (every token covers at least one byte)."""
         if self._embedder is None:
             raise InvalidRequest(f"model '{self.model.id}' is not an embedding model", param="model", code="wrong_task")
         for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise InvalidRequest("token id inputs are not supported by the gpt4all engine", param="input")
             if not text:
                 raise InvalidRequest(f"input[{i}] is empty", param="input")
         if not texts:
@@ -3425,6 +3747,325 @@ def embedding_response(e: Embeddings, encoding_format: str) -> dict[str, Any]:
 
 def model_object(model: ModelConfig, created: int) -> dict[str, Any]:
     return {"id": model.id, "object": "model", "created": created, "owned_by": "lllms"}
+
+
+# ---- 6b. tools and structured output, for any chat model: prompt, grammar, and a parser for the reply
+#
+# A model with tools answers in one JSON shape, enforced by grammar so that calls are always well-formed:
+#   {"tool_calls": [{"name": "get_weather", "arguments": {...}}, ...]}   or   {"response": "plain text"}
+# The shape is the same for every model, so it also works for models whose template knows nothing of tools.
+
+_TOOL_CALLS_OPEN = '{"tool_calls": ['
+_RESPONSE_OPEN = '{"response": '
+
+
+def _schema_converter() -> Any:
+    try:
+        from llama_cpp.llama_grammar import SchemaConverter
+    except ImportError:
+        raise InvalidRequest(
+            "JSON schemas and tools need llama-cpp-python: pip install 'lllms[llama-cpp]'", param="response_format"
+        ) from None
+    return SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+
+
+def _visit_schema(conv: Any, schema: Any, name: str, param: str) -> str:
+    """Add GBNF rules for a JSON schema to a converter; the name of its top rule."""
+    if not isinstance(schema, dict):
+        raise InvalidRequest(f"'{param}' must be a JSON schema object", param=param)
+    try:
+        schema = conv.resolve_refs(json.loads(json.dumps(schema)), name)  # a copy: resolving rewrites it
+        return conv.visit(schema, name)
+    except RecursionError:
+        raise InvalidRequest(f"'{param}' is nested too deeply", param=param) from None
+    except Exception as exc:  # the converter raises plain errors for schemas it can't express
+        raise InvalidRequest(f"'{param}' could not be turned into a grammar: {exc}", param=param) from None
+
+
+@functools.lru_cache(maxsize=64)
+def _schema_grammar(schema_json: str, param: str) -> str:
+    """GBNF for the JSON values a schema allows."""
+    conv = _schema_converter()
+    _visit_schema(conv, json.loads(schema_json), "", param)
+    return conv.format_grammar()
+
+
+def _json_grammar(schema: dict[str, Any], param: str = "response_format") -> str:
+    return _schema_grammar(json.dumps(schema, sort_keys=True), param)
+
+
+def _tool_function(tool: Any, i: int) -> dict[str, Any]:
+    where = f"tools[{i}]"
+    if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+        raise InvalidRequest(f"'{where}' must be an object with type 'function'", param=where)
+    fn = tool.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise InvalidRequest(f"'{where}.function' must be an object with a 'name'", param=f"{where}.function")
+    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", fn["name"]):
+        raise InvalidRequest(
+            f"'{where}.function.name' must be 1-64 letters, digits, underscores or dashes", param=f"{where}.function"
+        )
+    params = fn.get("parameters")
+    if params is not None and not isinstance(params, dict):
+        raise InvalidRequest(f"'{where}.function.parameters' must be a JSON schema object", param=f"{where}.function")
+    desc = fn.get("description")
+    if desc is not None and not isinstance(desc, str):
+        raise InvalidRequest(f"'{where}.function.description' must be a string", param=f"{where}.function")
+    return {
+        "name": fn["name"],
+        "description": desc or "",
+        "parameters": params if params is not None else {"type": "object", "properties": {}},
+    }
+
+
+@dataclass
+class _ToolPlan:
+    """What a request's tools and tool_choice ask of the model."""
+
+    functions: list[dict[str, Any]]  # the callable ones
+    mode: Literal["auto", "required"]
+    parallel: bool
+
+
+def _tool_plan(tools: Any, tool_choice: Any, parallel: Any) -> _ToolPlan | None:
+    """Validate tools, tool_choice and parallel_tool_calls; None when the model must not call tools."""
+    if tools is None or tools == []:
+        if tool_choice not in (None, "none", "auto"):
+            raise InvalidRequest("'tool_choice' needs 'tools'", param="tool_choice")
+        return None
+    if not isinstance(tools, list):
+        raise InvalidRequest("'tools' must be a list of function tools", param="tools")
+    if len(tools) > 128:
+        raise InvalidRequest("'tools' may hold at most 128 tools", param="tools")
+    functions = [_tool_function(t, i) for i, t in enumerate(tools)]
+    names = [f["name"] for f in functions]
+    if len(set(names)) != len(names):
+        raise InvalidRequest("'tools' has two functions with the same name", param="tools")
+    if parallel is not None and not isinstance(parallel, bool):
+        raise InvalidRequest("'parallel_tool_calls' must be a boolean", param="parallel_tool_calls")
+    choice = "auto" if tool_choice is None else tool_choice
+    if choice == "none":
+        return None
+    if choice in ("auto", "required"):
+        return _ToolPlan(functions, choice, parallel is not False)
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
+        raise InvalidRequest(
+            "'tool_choice' must be 'none', 'auto', 'required' or "
+            '{"type": "function", "function": {"name": ...}}',
+            param="tool_choice",
+        )
+    if name not in names:
+        raise InvalidRequest(f"'tool_choice' names '{name}', which is not in 'tools'", param="tool_choice")
+    return _ToolPlan([functions[names.index(name)]], "required", False)
+
+
+def _tool_grammar(plan: _ToolPlan) -> str:
+    """GBNF for a reply: the call list (each call's arguments valid for its schema), or with `auto` plain text."""
+    conv = _schema_converter()
+    lit = conv._format_literal
+    calls = []
+    for i, fn in enumerate(plan.functions):
+        args = _visit_schema(conv, fn["parameters"], f"tool-{i}-arguments", f"tools[{i}].function.parameters")
+        head = lit('{"name": ' + json.dumps(fn["name"]) + ', "arguments": ')
+        calls.append(conv._add_rule(f"tool-{i}-call", f'{head} {args} "}}"'))
+    call = conv._add_rule("tool-call", " | ".join(calls))
+    many = f" ({lit(', ')} {call})*" if plan.parallel else ""
+    root = f"{lit(_TOOL_CALLS_OPEN)} {call}{many} {lit(']}')}"
+    if plan.mode == "auto":
+        text = _visit_schema(conv, {"type": "string"}, "response-text", "tools")
+        root += f' | {lit(_RESPONSE_OPEN)} {text} "}}"'
+    conv._add_rule("root", root)
+    return conv.format_grammar()
+
+
+def _tool_instructions(plan: _ToolPlan) -> str:
+    lines = ["You can call these tools:"]
+    lines += [json.dumps(fn, ensure_ascii=False) for fn in plan.functions]
+    calls = '{"tool_calls": [{"name": ..., "arguments": {...}}]}'
+    if plan.mode == "auto":
+        lines.append(
+            f"\nAnswer in JSON: {calls} to call tools when the request needs one, "
+            'or {"response": "..."} to reply to the user directly.'
+        )
+    else:
+        lines.append(f"\nAnswer in JSON: {calls}, calling the tools the request needs.")
+    return "\n".join(lines)
+
+
+def _call_json(call: dict[str, Any]) -> str:
+    """A call as the model writes it; its arguments verbatim, so a returning conversation matches the context."""
+    fn = call.get("function") or {}
+    args = fn.get("arguments")
+    try:
+        json.loads(args)
+    except (TypeError, ValueError):
+        args = json.dumps(args if args is not None else {})
+    return '{"name": ' + json.dumps(fn.get("name")) + ', "arguments": ' + args + "}"
+
+
+def _tool_messages(messages: list[dict[str, Any]], plan: _ToolPlan | None) -> list[dict[str, Any]]:
+    """Messages for the chat template: tool instructions in the system message, calls and replies written as
+    the model writes them, and tool results as user messages (templates rarely know a 'tool' role)."""
+    names = {}
+    out: list[dict[str, Any]] = []
+    for m in messages:
+        role, content = m["role"], m["content"]
+        if role == "assistant" and m.get("tool_calls"):
+            for c in m["tool_calls"]:
+                names[c.get("id")] = (c.get("function") or {}).get("name")
+            content = _TOOL_CALLS_OPEN + ", ".join(_call_json(c) for c in m["tool_calls"]) + "]}"
+        elif role == "assistant" and plan is not None:
+            content = _RESPONSE_OPEN + json.dumps(content, ensure_ascii=False) + "}"
+        elif role == "tool":
+            name = names.get(m.get("tool_call_id")) or "a tool"
+            text = f"Result of {name}: {content}"
+            if out and out[-1].get("_tool_result"):
+                out[-1]["content"] += "\n" + text
+                continue
+            out.append({"role": "user", "content": text, "_tool_result": True})
+            continue
+        out.append({"role": role, "content": content})
+    for m in out:
+        m.pop("_tool_result", None)
+    if plan is not None:
+        if out and out[0]["role"] == "system":
+            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + _tool_instructions(plan)}
+        else:
+            out.insert(0, {"role": "system", "content": _tool_instructions(plan)})
+    return out
+
+
+class _ReplyParser:
+    """Reads a tool-enabled reply as it streams: content from {"response": ...}, call deltas from tool_calls.
+
+    The grammar fixes every literal but the arguments' own JSON, so this tracks only string escapes and nesting.
+    """
+
+    def __init__(self) -> None:
+        self.state = "head"
+        self.buf = ""  # undecided head, or a pending escape inside the response string
+        self.expect = ""  # a literal still to skip
+        self.calls: list[dict[str, Any]] = []  # {id, name, arguments}
+        self.depth = 0
+        self.in_string = self.escaped = False
+
+    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """Content text, and call deltas ({index, id?, name?, arguments})."""
+        content: list[str] = []
+        deltas: list[dict[str, Any]] = []
+        for ch in text:
+            self._step(ch, content, deltas)
+        merged: list[dict[str, Any]] = []
+        for d in deltas:  # one arguments fragment per call per chunk
+            if merged and merged[-1]["index"] == d["index"] and "id" not in d:
+                merged[-1]["arguments"] += d["arguments"]
+            else:
+                merged.append(d)
+        return "".join(content), merged
+
+    def finish(self) -> str:
+        """Whatever was held back, when the reply was not in the expected shape (a cut-off head)."""
+        out, self.buf = (self.buf, "") if self.state == "head" else ("", self.buf)
+        return out
+
+    def _step(self, ch: str, content: list[str], deltas: list[dict[str, Any]]) -> None:
+        if self.expect:
+            if ch.isspace() and self.expect[0] != ch:
+                return
+            self.expect = self.expect[1:] if ch == self.expect[0] else ""
+            return
+        state = self.state
+        if state == "head":
+            self.buf += ch
+            if self.buf == _TOOL_CALLS_OPEN:
+                self.state, self.buf, self.expect = "call", "", '{"name": "'
+            elif self.buf == _RESPONSE_OPEN:
+                self.state, self.buf, self.expect = "text", "", '"'
+            elif not (_TOOL_CALLS_OPEN.startswith(self.buf) or _RESPONSE_OPEN.startswith(self.buf)):
+                self.state = "plain"  # not the tool shape (no grammar held it): pass it on as it is
+                content.append(self.buf)
+                self.buf = ""
+        elif state == "plain":
+            content.append(ch)
+        elif state == "text":
+            self._text(ch, content)
+        elif state == "call":
+            self.buf += ch
+            if ch == '"':
+                self.calls.append({"id": "call_" + secrets.token_hex(12), "name": self.buf[:-1], "arguments": ""})
+                c = self.calls[-1]
+                deltas.append({"index": len(self.calls) - 1, "id": c["id"], "name": c["name"], "arguments": ""})
+                self.state, self.buf, self.expect = "arguments", "", ', "arguments": '
+        elif state == "arguments":
+            self._arguments(ch, deltas)
+        elif state == "between":
+            if ch == ",":
+                self.state, self.expect = "call", '{"name": "'
+            elif ch == "]":
+                self.state = "done"
+
+    def _text(self, ch: str, content: list[str]) -> None:
+        if self.buf:
+            self.buf += ch
+            high = len(self.buf) == 6 and self.buf[1] == "u" and self.buf[2:4].lower() in ("d8", "d9", "da", "db")
+            if (self.buf[1] != "u" or len(self.buf) == 6) and not high or len(self.buf) == 12:
+                try:
+                    decoded = json.loads(f'"{self.buf}"')
+                except ValueError:
+                    decoded = "\ufffd"
+                content.append(decoded.encode("utf-8", "replace").decode("utf-8"))  # no lone surrogates
+                self.buf = ""
+        elif ch == "\\":
+            self.buf = ch
+        elif ch == '"':
+            self.state = "done"
+        else:
+            content.append(ch)
+
+    def _arguments(self, ch: str, deltas: list[dict[str, Any]]) -> None:
+        emit = True
+        if self.in_string:
+            self.in_string = not (ch == '"' and not self.escaped)
+            self.escaped = ch == "\\" and not self.escaped
+        elif ch == '"':
+            self.in_string = True
+        elif ch in "{[":
+            self.depth += 1
+        elif ch in "}]":
+            if self.depth == 0:  # the call's own closing brace
+                self.state = "between"
+                return
+            self.depth -= 1
+        elif ch.isspace() and self.depth == 0:
+            emit = False
+        if emit:
+            c = self.calls[-1]
+            c["arguments"] += ch
+            deltas.append({"index": len(self.calls) - 1, "arguments": ch})
+
+
+def _format_grammar(response_format: Any) -> str | None:
+    """GBNF for OpenAI's response_format, or None for plain text."""
+    if response_format is None:
+        return None
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return _json_grammar({"type": "object"})
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise InvalidRequest(
+                "'response_format.json_schema' must be an object with a 'name' and a 'schema'", param="response_format"
+            )
+        return _json_grammar(spec.get("schema") or {}, "response_format")
+    raise InvalidRequest(
+        '\'response_format\' must be {"type": "text"}, {"type": "json_object"} or '
+        '{"type": "json_schema", "json_schema": {...}}',
+        param="response_format",
+    )
 
 
 # ==== 7. ModelServer: the embedding API
