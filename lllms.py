@@ -1435,6 +1435,8 @@ class Engine:
     """One loaded model instance. Not thread-safe: the pool gives it one request at a time."""
 
     name = "engine"
+    grammars = False  # can constrain output by grammar: tools, response_format, grammar
+    logprobs = False  # can report token logprobs: logprobs, best_of
 
     def __init__(self, model: ModelConfig, path: str, state_cache: _StateCache | None = None) -> None:
         self.model = model
@@ -1672,6 +1674,7 @@ class LlamaCppEngine(Engine):
     """llama-cpp-python: one `llama_cpp.Llama` per instance, plus an embedding context on demand."""
 
     name = "llama-cpp"
+    grammars = logprobs = True
 
     def __init__(self, model: ModelConfig, path: str, state_cache: _StateCache | None = None) -> None:
         super().__init__(model, path, state_cache)
@@ -3461,7 +3464,7 @@ def _useful_prefix(key: str, n: int) -> bool:
 
 def _history_key(messages: list[dict[str, Any]], text: str = "") -> str:
     """A string whose prefixes mirror a conversation's prefixes, for routing to the right instance."""
-    parts = [f"\x1e{m.get('role')}\x1f{m.get('content')}" for m in messages]
+    parts = [f"\x1e{m.get('role')}\x1f{m.get('content')}" for m in messages]  # rendered ones: calls are content
     return "".join(parts) + text
 
 
@@ -3471,8 +3474,52 @@ def _history_key(messages: list[dict[str, Any]], text: str = "") -> str:
 _CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
 
 
+def _text_content(content: Any, where: str, optional: bool = False) -> str:
+    """A message's content as one string: a string, or a list of text parts."""
+    if content is None and optional:
+        return ""
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequest(
+                    f"'{where}.content[{j}]': only text content parts are supported", param=f"{where}.content"
+                )
+            texts.append(part["text"])
+        return "".join(texts)
+    if not isinstance(content, str):
+        raise InvalidRequest(f"'{where}.content' must be a string or a list of text parts", param=f"{where}.content")
+    return content
+
+
+def _parse_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+    if not isinstance(calls, list):
+        raise InvalidRequest(f"'{where}.tool_calls' must be a list", param=f"{where}.tool_calls")
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        if (
+            not isinstance(fn, dict)
+            or not isinstance(fn.get("name"), str)
+            or not isinstance(fn.get("arguments", ""), str)
+            or not isinstance(c.get("id", ""), str)
+        ):
+            raise InvalidRequest(
+                f"'{where}.tool_calls[{j}]' must be {{id, type: 'function', function: {{name, arguments}}}}",
+                param=f"{where}.tool_calls",
+            )
+        out.append(
+            {
+                "id": c.get("id", ""),
+                "type": "function",
+                "function": {"name": fn["name"], "arguments": fn.get("arguments", "")},
+            }
+        )
+    return out
+
+
 def _parse_messages(messages: Any) -> list[dict[str, Any]]:
-    """Validate chat messages into {role, content} dicts with string content."""
+    """Validate chat messages into {role, content} dicts with string content, keeping tool calls and results."""
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty list", param="messages")
     out = []
@@ -3485,24 +3532,46 @@ def _parse_messages(messages: Any) -> list[dict[str, Any]]:
             raise InvalidRequest(
                 f"'{where}.role' must be one of {sorted(_CHAT_ROLES)}, got {role!r}", param=f"{where}.role"
             )
-        if role == "tool" or m.get("tool_calls") or m.get("function_call"):
-            raise InvalidRequest(f"'{where}': tool messages and tool calls are not supported yet", param=where)
-        content = m.get("content")
-        if isinstance(content, list):
-            texts = []
-            for j, part in enumerate(content):
-                if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise InvalidRequest(
-                        f"'{where}.content[{j}]': only text content parts are supported", param=f"{where}.content"
-                    )
-                texts.append(part["text"])
-            content = "".join(texts)
-        if not isinstance(content, str):
-            raise InvalidRequest(
-                f"'{where}.content' must be a string or a list of text parts", param=f"{where}.content"
-            )
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        if m.get("function_call") is not None:
+            raise InvalidRequest(f"'{where}.function_call' is deprecated; use tool_calls", param=where)
+        calls = m.get("tool_calls") if role == "assistant" else None
+        msg: dict[str, Any] = {
+            "role": "system" if role == "developer" else role,
+            "content": _text_content(m.get("content"), where, optional=bool(calls) or role == "assistant"),
+        }
+        if calls:
+            msg["tool_calls"] = _parse_tool_calls(calls, where)
+        if role == "tool":
+            if not isinstance(m.get("tool_call_id"), str):
+                raise InvalidRequest(f"'{where}.tool_call_id' must be a string", param=f"{where}.tool_call_id")
+            msg["tool_call_id"] = m["tool_call_id"]
+        out.append(msg)
     return out
+
+
+def _is_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _prompt_list(prompt: Any, param: str = "prompt") -> list[str] | list[list[int]]:
+    """A prompt in any of OpenAI's forms, as a list of prompts: strings, or lists of token ids."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if _is_ids(prompt) and prompt:
+        return [prompt]
+    if isinstance(prompt, list) and prompt:
+        if all(isinstance(x, str) for x in prompt):
+            return prompt
+        if all(_is_ids(x) and x for x in prompt):
+            return prompt
+    raise InvalidRequest(
+        f"'{param}' must be a string, a list of strings, a list of token ids, or a list of such lists", param=param
+    )
+
+
+def _prompt_key(prompt: str | list[int]) -> str:
+    """The routing key of a completion prompt; token ids get one of their own, which only they can share."""
+    return prompt if isinstance(prompt, str) else "\x00" + " ".join(map(str, prompt))
 
 
 _SAMPLING_KEYS = {
@@ -3514,24 +3583,23 @@ _SAMPLING_KEYS = {
     "min_p",
     "repeat_penalty",
     "repeat_last_n",
-    "repeat_penalty_num",
     "frequency_penalty",
     "presence_penalty",
     "seed",
     "stop",
+    "logit_bias",
+    "grammar",
 }
-# Spec parameters that change nothing about the output, and request controls handled outside sampling.
-_INERT_KEYS = {
-    "user",
-    "metadata",
-    "service_tier",
-    "prompt_cache_key",
-    "safety_identifier",
-    "store",
-    "stream",
-    "stream_options",
-    "model",
-    "timeout",  # lllms' own: seconds for the whole request
+# Spec parameters no engine can honour: a 400 unless they have their neutral value. Output-neutral ones
+# (user, metadata, store, service_tier, prediction, ...) are accepted, and unknown fields are ignored, as OpenAI does.
+_CHAT_UNSUPPORTED: dict[str, Any] = {
+    "modalities": (None, ["text"]),
+    "audio": (None,),
+    "reasoning_effort": (None,),
+    "web_search_options": (None,),
+    "verbosity": (None,),
+    "functions": (None, []),
+    "function_call": (None, "none"),
 }
 
 
@@ -3539,13 +3607,8 @@ def _reject_unsupported(body: dict[str, Any], unsupported: dict[str, Any], engin
     """400 for each parameter the engine can't honour, unless it has its neutral value."""
     for key, neutral in unsupported.items():
         if key in body and body[key] not in neutral:
-            raise InvalidRequest(f"'{key}' is not supported by the {engine} engine", param=key)
-
-
-def _check_keys(body: dict[str, Any], allowed: set[str]) -> None:
-    for key in body:
-        if key not in allowed:
-            raise InvalidRequest(f"unrecognized request argument '{key}'", param=key)
+            hint = "; use 'tools'" if key in ("functions", "function_call") else ""
+            raise InvalidRequest(f"'{key}' is not supported by the {engine} engine{hint}", param=key)
 
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -3555,7 +3618,12 @@ def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
         raise InvalidRequest("'stream_options' must be an object", param="stream_options")
-    return bool(stream), bool((opts or {}).get("include_usage"))
+    if opts is not None and not stream:
+        raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    usage = (opts or {}).get("include_usage")
+    if usage is not None and not isinstance(usage, bool):
+        raise InvalidRequest("'stream_options.include_usage' must be a boolean", param="stream_options")
+    return bool(stream), bool(usage)
 
 
 def _model_field(body: dict[str, Any]) -> str:
@@ -3566,41 +3634,29 @@ def _model_field(body: dict[str, Any]) -> str:
 
 
 def _sampling_from(body: dict[str, Any]) -> SamplingParams:
-    if "max_tokens" in body and "max_completion_tokens" in body:
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         raise InvalidRequest("give 'max_tokens' or 'max_completion_tokens', not both", param="max_completion_tokens")
     return SamplingParams.from_dict({k: v for k, v in body.items() if k in _SAMPLING_KEYS})
 
 
-_CHAT_UNSUPPORTED: dict[str, Any] = {
-    "n": (None, 1),
-    "logprobs": (None, False),
-    "top_logprobs": (None,),
-    "logit_bias": (None, {}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "functions": (None, []),
-    "function_call": (None, "none"),
-    "parallel_tool_calls": (None, True, False),
-    "response_format": (None, {"type": "text"}),
-    "modalities": (None, ["text"]),
-    "audio": (None,),
-    "prediction": (None,),
-    "reasoning_effort": (None,),
-    "web_search_options": (None,),
-    "verbosity": (None,),
-}
-_COMPLETION_UNSUPPORTED: dict[str, Any] = {
-    "n": (None, 1),
-    "best_of": (None, 1),
-    "logprobs": (None,),
-    "logit_bias": (None, {}),
-    "echo": (None, False),
-    "suffix": (None, ""),
-}
+def _int_field(body: dict[str, Any], key: str, lo: int, hi: int, default: Any = None) -> Any:
+    value = body.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise InvalidRequest(f"'{key}' must be an integer from {lo} to {hi}, got {json.dumps(value)[:40]}", param=key)
+    return value
+
+
+def _bool_field(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise InvalidRequest(f"'{key}' must be a boolean", param=key)
+    return bool(value)
 
 
 def _common_fields(body: dict[str, Any]) -> dict[str, Any]:
-    """model, sampling params, stream flags and lllms' own `timeout` (seconds) of a chat or completion request."""
+    """model, sampling params, n, stream flags and lllms' own `timeout` (seconds) of a chat or completion."""
     stream, include_usage = _stream_flags(body)
     timeout = body.get("timeout")
     if timeout is not None and (
@@ -3610,6 +3666,7 @@ def _common_fields(body: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": _model_field(body),
         "params": _sampling_from(body),
+        "n": _int_field(body, "n", 1, 128, 1),
         "stream": stream,
         "include_usage": include_usage,
         "timeout": timeout,
@@ -3618,34 +3675,43 @@ def _common_fields(body: dict[str, Any]) -> dict[str, Any]:
 
 def parse_chat_request(body: dict[str, Any], engine: str = "llama-cpp") -> dict[str, Any]:
     """An OpenAI chat request as ModelServer.chat keyword arguments (plus stream flags)."""
-    _check_keys(body, _SAMPLING_KEYS | _INERT_KEYS | set(_CHAT_UNSUPPORTED) | {"messages"})
     _reject_unsupported(body, _CHAT_UNSUPPORTED, engine)
-    return {**_common_fields(body), "messages": _parse_messages(body.get("messages"))}
+    fields = _common_fields(body)
+    top = _int_field(body, "top_logprobs", 0, 20)
+    if _bool_field(body, "logprobs"):
+        fields["params"].logprobs = top or 0
+    elif top is not None:
+        raise InvalidRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    return {
+        **fields,
+        "messages": _parse_messages(body.get("messages")),
+        "tools": body.get("tools"),
+        "tool_choice": body.get("tool_choice"),
+        "parallel_tool_calls": body.get("parallel_tool_calls"),
+        "response_format": body.get("response_format"),
+    }
 
 
 def parse_completion_request(body: dict[str, Any], engine: str = "llama-cpp") -> dict[str, Any]:
     """An OpenAI completions request as ModelServer.complete keyword arguments (plus stream flags)."""
-    _check_keys(body, _SAMPLING_KEYS | _INERT_KEYS | set(_COMPLETION_UNSUPPORTED) | {"prompt"})
-    _reject_unsupported(body, _COMPLETION_UNSUPPORTED, engine)
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-        prompt = prompt[0]
-    if not isinstance(prompt, str):
-        raise InvalidRequest("'prompt' must be a string (lists and token ids are not supported yet)", param="prompt")
     fields = _common_fields(body)
+    fields["params"].logprobs = _int_field(body, "logprobs", 0, 5)
     if fields["params"].max_tokens is None:
         fields["params"].max_tokens = 16  # the spec's default for legacy completions
-    return {**fields, "prompt": prompt}
+    suffix = body.get("suffix")
+    if suffix is not None and not isinstance(suffix, str):
+        raise InvalidRequest("'suffix' must be a string", param="suffix")
+    return {
+        **fields,
+        "prompt": _prompt_list(body.get("prompt")),
+        "best_of": _int_field(body, "best_of", 0, 20) or None,
+        "echo": _bool_field(body, "echo"),
+        "suffix": suffix or None,
+    }
 
 
 def parse_embedding_request(body: dict[str, Any]) -> dict[str, Any]:
-    _check_keys(body, {"model", "input", "encoding_format", "dimensions", "user"})
-    texts = body.get("input")
-    texts = [texts] if isinstance(texts, str) else texts
-    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
-        raise InvalidRequest(
-            "'input' must be a string or a non-empty list of strings (token ids are not supported yet)", param="input"
-        )
+    texts = _prompt_list(body.get("input"), "input")
     if len(texts) > 2048:
         raise InvalidRequest("'input' may hold at most 2048 items", param="input")
     fmt = body.get("encoding_format") or "float"
@@ -3666,20 +3732,66 @@ def _usage_json(u: Usage) -> dict[str, Any]:
     }
 
 
+def _chat_logprobs(entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
+    if entries is None:
+        return None
+    return {
+        "content": [
+            {
+                "token": t.text,
+                "logprob": t.logprob if t.logprob is not None else 0.0,
+                "bytes": list(t.raw),
+                "top_logprobs": [{"token": a, "logprob": lp, "bytes": list(b)} for a, b, lp in t.top or ()],
+            }
+            for t in entries
+        ],
+        "refusal": None,
+    }
+
+
+def _completion_logprobs(entries: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
+    """The legacy shape; text offsets count from `offset`, where these tokens start in the choice's text."""
+    if entries is None:
+        return None
+    offsets = []
+    for t in entries:
+        offsets.append(offset)
+        offset += len(t.text)
+    return {
+        "tokens": [t.text for t in entries],
+        "token_logprobs": [t.logprob for t in entries],
+        "top_logprobs": [None if t.top is None else {a: lp for a, _, lp in t.top} for t in entries],
+        "text_offset": offsets,
+    }
+
+
+def _tool_calls_json(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls
+    ]
+
+
 def chat_response(c: Completion) -> dict[str, Any]:
+    choices = []
+    for ch in c.choices:
+        message: dict[str, Any] = {"role": "assistant", "content": ch.text, "refusal": None}
+        if ch.tool_calls:
+            message["tool_calls"] = _tool_calls_json(ch.tool_calls)
+            message["content"] = ch.text or None
+        choices.append(
+            {
+                "index": ch.index,
+                "message": message,
+                "logprobs": _chat_logprobs(ch.logprobs),
+                "finish_reason": ch.finish_reason,
+            }
+        )
     return {
         "id": c.id,
         "object": "chat.completion",
         "created": c.created,
         "model": c.model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": c.text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": c.finish_reason,
-            }
-        ],
+        "choices": choices,
         "usage": _usage_json(c.usage),
     }
 
@@ -3690,44 +3802,80 @@ def completion_response(c: Completion) -> dict[str, Any]:
         "object": "text_completion",
         "created": c.created,
         "model": c.model,
-        "choices": [{"index": 0, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}],
+        "choices": [
+            {
+                "index": ch.index,
+                "text": ch.text,
+                "logprobs": _completion_logprobs(ch.logprobs, 0),
+                "finish_reason": ch.finish_reason,
+            }
+            for ch in c.choices
+        ],
         "usage": _usage_json(c.usage),
     }
 
 
 def chat_chunks(s: CompletionStream, include_usage: bool) -> Iterator[dict[str, Any]]:
-    """OpenAI chat.completion.chunk objects for a stream: role first, then content, then finish and usage."""
+    """OpenAI chat.completion.chunk objects: per choice, role first, then content or call deltas (id, type and
+    name only in a call's first delta), then finish; usage last when asked for."""
     base = {"id": s.id, "object": "chat.completion.chunk", "created": s.created, "model": s.model}
     extra = {"usage": None} if include_usage else {}
-    first = True
+    started: set[int] = set()
+    usage = None
     for ch in s:
-        if first or ch.text:
-            delta: dict[str, Any] = {"role": "assistant", "content": ch.text} if first else {"content": ch.text}
-            yield {**base, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}], **extra}
-            first = False
+        delta: dict[str, Any] = {}
+        if ch.index not in started:
+            started.add(ch.index)
+            delta["role"] = "assistant"
+            delta["content"] = ""
+        if ch.text:
+            delta["content"] = ch.text
+        if ch.tool_calls:
+            delta["tool_calls"] = [
+                {"index": d["index"], "function": {"arguments": d["arguments"]}}
+                if "id" not in d
+                else {
+                    "index": d["index"],
+                    "id": d["id"],
+                    "type": "function",
+                    "function": {"name": d["name"], "arguments": d["arguments"]},
+                }
+                for d in ch.tool_calls
+            ]
+        if delta or ch.logprobs:
+            choice = {"index": ch.index, "delta": delta, "logprobs": _chat_logprobs(ch.logprobs), "finish_reason": None}
+            yield {**base, "choices": [choice], **extra}
         if ch.finish_reason is not None:
             yield {
                 **base,
-                "choices": [{"index": 0, "delta": {}, "logprobs": None, "finish_reason": ch.finish_reason}],
+                "choices": [{"index": ch.index, "delta": {}, "logprobs": None, "finish_reason": ch.finish_reason}],
                 **extra,
             }
-            if include_usage and ch.usage is not None:
-                yield {**base, "choices": [], "usage": _usage_json(ch.usage)}
+        usage = ch.usage or usage
+    if include_usage and usage is not None:
+        yield {**base, "choices": [], "usage": _usage_json(usage)}
 
 
 def completion_chunks(s: CompletionStream, include_usage: bool) -> Iterator[dict[str, Any]]:
-    """OpenAI text_completion chunks for a stream; the last one carries finish_reason."""
+    """OpenAI text_completion chunks; a choice's last one carries its finish_reason, and usage comes last."""
     base = {"id": s.id, "object": "text_completion", "created": s.created, "model": s.model}
     extra = {"usage": None} if include_usage else {}
+    offsets: dict[int, int] = {}
+    usage = None
     for ch in s:
-        if ch.text or ch.finish_reason is not None:
-            yield {
-                **base,
-                "choices": [{"index": 0, "text": ch.text, "logprobs": None, "finish_reason": ch.finish_reason}],
-                **extra,
+        if ch.text or ch.logprobs or ch.finish_reason is not None:
+            start = offsets.get(ch.index, 0)
+            offsets[ch.index] = start + len(ch.text)
+            choice = {
+                "index": ch.index,
+                "text": ch.text,
+                "logprobs": _completion_logprobs(ch.logprobs, start),
+                "finish_reason": ch.finish_reason,
             }
-        if ch.finish_reason is not None and include_usage and ch.usage is not None:
-            yield {**base, "choices": [], "usage": _usage_json(ch.usage)}
+            yield {**base, "choices": [choice], **extra}
+        usage = ch.usage or usage
+    if include_usage and usage is not None:
+        yield {**base, "choices": [], "usage": _usage_json(usage)}
 
 
 def embedding_response(e: Embeddings, encoding_format: str) -> dict[str, Any]:
@@ -4072,16 +4220,44 @@ def _format_grammar(response_format: Any) -> str | None:
 
 
 @dataclass
+class Choice:
+    """One generated answer of a completion."""
+
+    index: int
+    text: str = ""  # the content: without the tool-call shape, with the prompt when echoed
+    finish_reason: str | None = None
+    logprobs: list[TokenLogprob] | None = None
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # {id, name, arguments}
+    raw: str = ""  # what the model generated, as its context holds it
+
+    @property
+    def score(self) -> float:
+        """Cumulative logprob, for best_of."""
+        return sum(t.logprob for t in self.logprobs or () if t.logprob is not None)
+
+
+@dataclass
 class Completion:
     """A finished chat or text completion."""
 
     id: str
     model: str
     created: int
-    text: str
-    finish_reason: str
+    choices: list[Choice]
     usage: Usage
     instance_id: str | None = None  # the pool instance that served it
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def finish_reason(self) -> str:
+        return self.choices[0].finish_reason or "stop"
+
+    @property
+    def tool_calls(self) -> list[dict[str, Any]]:
+        return self.choices[0].tool_calls
 
 
 @dataclass
@@ -4104,11 +4280,46 @@ def _engine_failure(exc: Exception, inst: _Instance) -> tuple[bool, APIError]:
     return False, EngineError(f"the engine failed: {exc}", code="engine_error")
 
 
+def _choices(runs: list[Callable[[], Iterator[Chunk]]], first_of_prompt: list[bool]) -> Iterator[Chunk]:
+    """Generate choices one after another on one instance, numbering their chunks; the last chunk carries the
+    usage of all of them (each distinct prompt counted once)."""
+    total = Usage()
+    for i, run in enumerate(runs):
+        chunks = run()
+        try:
+            for ch in chunks:
+                ch.index = i
+                if ch.usage is not None:
+                    if first_of_prompt[i]:
+                        total.prompt_tokens += ch.usage.prompt_tokens
+                        total.cached_tokens += ch.usage.cached_tokens
+                    total.completion_tokens += ch.usage.completion_tokens
+                    ch.usage = total if i == len(runs) - 1 else None
+                yield ch
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+
+def _chat_run(messages: list[dict[str, Any]], p: SamplingParams) -> Callable[[Engine, _StopCheck], Iterator[Chunk]]:
+    return lambda engine, should_stop: engine.chat(messages, p, should_stop)
+
+
+def _complete_run(
+    prompt: str | list[int], p: SamplingParams, echo: bool, suffix: str | None
+) -> Callable[[Engine, _StopCheck], Iterator[Chunk]]:
+    extra = {k: v for k, v in (("echo", echo), ("suffix", suffix)) if v}
+    return lambda engine, should_stop: engine.complete(prompt, p, should_stop, **extra)
+
+
 class CompletionStream:
     """Chunks of a completion as they are generated. Iterate it to the end, or close it (`with`) to stop early.
 
     Creating the stream puts the request in the queue, so a full queue fails at once; `wait_ready()` tells
     when an instance is free. Iterating takes the instance, which goes back when the stream ends or closes.
+    Chunks carry their choice's `index`; with tools, their text is the reply's content and `tool_calls` the
+    call deltas.
     """
 
     def __init__(
@@ -4118,20 +4329,21 @@ class CompletionStream:
         key: str,
         start: Callable[[Engine, _StopCheck], Iterator[Chunk]],
         prefix: str,
-        after: Callable[[str], str],
+        after: Callable[[int, str], str],
         cancel: Any,
         timeout: float | None,
+        tools: bool = False,
     ) -> None:
         self.id = f"{prefix}-{secrets.token_urlsafe(12)}"
         self.model = model.id
         self.created = int(time.time())
-        self.text = ""
-        self.finish_reason: str | None = None
+        self.choices: dict[int, Choice] = {}
         self.usage: Usage | None = None
         self.instance_id: str | None = None  # which instance served it, once known
         self._server = server
         self._start = start  # (engine, should_stop) -> chunk iterator
-        self._after = after  # generated text -> context key for the instance
+        self._after = after  # (choice index, generated text) -> context key for the instance
+        self._parsers: dict[int, _ReplyParser] | None = {} if tools else None
         self._cancel = cancel  # anything with is_set(): a threading.Event, or the HTTP layer's client watch
         now = time.monotonic()
         self._deadline = None if timeout is None else now + timeout
@@ -4141,6 +4353,15 @@ class CompletionStream:
         self._ticket = server._pool.enqueue(model.id, key)
         self._started = False
         self._gen = self._run()
+
+    @property
+    def text(self) -> str:
+        """The first choice's text so far."""
+        return self.choices[0].text if 0 in self.choices else ""
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.choices[0].finish_reason if 0 in self.choices else None
 
     def wait_ready(self, timeout: float | None = None) -> bool:
         """Whether an instance is free for this request (True at once if iteration has begun)."""
@@ -4159,20 +4380,40 @@ class CompletionStream:
             return None
         return max(0.0, self._queue_deadline - time.monotonic())
 
+    def _record(self, ch: Chunk) -> Chunk:
+        """Fold a chunk into its choice; with tools, turn the raw reply into content and call deltas."""
+        c = self.choices.setdefault(ch.index, Choice(ch.index))
+        c.raw += ch.text
+        if self._parsers is not None:
+            parser = self._parsers.setdefault(ch.index, _ReplyParser())
+            text, calls = parser.feed(ch.text)
+            if ch.finish_reason is not None:
+                text += parser.finish()
+            ch = dataclasses.replace(ch, text=text, tool_calls=calls or None)
+            if ch.finish_reason == "stop" and parser.calls:
+                ch.finish_reason = "tool_calls"
+            c.tool_calls = parser.calls
+        c.text += ch.text
+        if ch.logprobs is not None:
+            c.logprobs = (c.logprobs or []) + ch.logprobs
+        if ch.finish_reason is not None:
+            c.finish_reason = ch.finish_reason
+        if ch.usage is not None:
+            self.usage = ch.usage
+        return ch
+
     def _run(self) -> Iterator[Chunk]:
         pool = self._server._pool
         inst = pool.wait(self._ticket, self._cancel, self._queue_deadline)
         self.instance_id = inst.id
         ok = ran = False
+        last = 0
         chunks: Iterator[Chunk] | None = None
         try:
             chunks = self._start(typing.cast(Engine, inst.engine), self._should_stop)
             for ch in chunks:
-                ran = True
-                self.text += ch.text
-                if ch.finish_reason is not None:
-                    self.finish_reason, self.usage = ch.finish_reason, ch.usage
-                yield ch
+                ran, last = True, ch.index
+                yield self._record(ch)
             ok = True
         except GeneratorExit:
             ok = True  # the consumer stopped early; the instance is still sound
@@ -4189,9 +4430,9 @@ class CompletionStream:
                 except Exception:  # the instance must still go back, but not for reuse
                     log.exception("closing a generation on %s failed", inst.id)
                     ok = False
-            # What the instance's context now holds: the request plus what was generated so far.
+            # What the instance's context now holds: the last choice's request plus what was generated so far.
             # A request refused before generation (e.g. too long) left the context as it was.
-            key = self._after(self.text) if ok and ran else None if ok else ""
+            key = self._after(last, self.choices[last].raw) if ok and ran else None if ok else ""
             pool.release(inst, ok, key, self.usage.cached_tokens if self.usage else 0)
 
     def __iter__(self) -> CompletionStream:
@@ -4388,8 +4629,37 @@ class ModelServer:
 
     def _params(self, model: ModelConfig, params: SamplingParams | None, kw: dict[str, Any]) -> SamplingParams:
         p = (params if params is not None else SamplingParams.from_dict(kw)).merged_over(self._defaults[model.id])
-        _ENGINES.get(model.engine, Engine).check_params(p)
+        engine = _ENGINES.get(model.engine, Engine)
+        engine.check_params(p)
+        if p.grammar is not None:
+            p.grammar = self._grammar(model, p.grammar)
         return p
+
+    def _grammar(self, model: ModelConfig, grammar: str) -> str:
+        """A request's `grammar`: GBNF itself, or the name of one of the model's grammars (or built-in 'json')."""
+        if "::=" in grammar:
+            return grammar
+        named = model.grammars.get(grammar)
+        if named is None and grammar == "json":
+            named = {"type": "object"}
+        if named is None:
+            known = sorted({*model.grammars, "json"})
+            raise InvalidRequest(
+                f"'grammar' is neither GBNF nor one of model '{model.id}''s grammars: {', '.join(known)}",
+                param="grammar",
+            )
+        return named if isinstance(named, str) else _json_grammar(named, "grammar")
+
+    @staticmethod
+    def _count(value: Any, param: str, lo: int, hi: int) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise InvalidRequest(f"'{param}' must be an integer from {lo} to {hi}", param=param)
+        return value
+
+    @staticmethod
+    def _seeded(p: SamplingParams, i: int) -> SamplingParams:
+        """Choice i's params: with a seed, its own seed, so that n choices differ yet repeat."""
+        return p if p.seed is None or i == 0 else dataclasses.replace(p, seed=p.seed + i)
 
     def chat(
         self,
@@ -4400,72 +4670,136 @@ class ModelServer:
         params: SamplingParams | None = None,
         cancel: Any = None,
         timeout: float | None = None,
+        n: int = 1,
+        tools: list[dict[str, Any]] | None = None,
+        tool_choice: Any = None,
+        parallel_tool_calls: bool | None = None,
+        response_format: dict[str, Any] | None = None,
         **kw: Any,
     ) -> Completion | CompletionStream:
         """Chat with a model. Sampling settings come as `params` or keywords (temperature=0, ...).
 
-        `cancel` (anything with `is_set()`, such as a threading.Event) abandons the request: it leaves the queue,
-        or generation stops at the next token. `timeout` (default: config `request_timeout`) bounds the whole
-        request: waiting past it is a 503, and generation past it ends with the partial text and
-        finish_reason "length".
+        `tools`, `tool_choice`, `parallel_tool_calls` and `response_format` are OpenAI's; the reply's calls are
+        in `tool_calls`. `n` asks for that many choices. `cancel` (anything with `is_set()`, such as a
+        threading.Event) abandons the request: it leaves the queue, or generation stops at the next token.
+        `timeout` (default: config `request_timeout`) bounds the whole request: waiting past it is a 503, and
+        generation past it ends with the partial text and finish_reason "length".
         """
         cfg = self._model(model, "text-completion")
         msgs = _parse_messages(messages)
         p = self._params(cfg, params, kw)
+        n = self._count(n, "n", 1, 128)
+        plan = _tool_plan(tools, tool_choice, parallel_tool_calls)
+        fmt = _format_grammar(response_format)
+        engine = _ENGINES.get(cfg.engine, Engine)
+        for name, used in (("tools", plan), ("response_format", fmt)):
+            if used is not None and not engine.grammars:
+                raise InvalidRequest(f"'{name}' is not supported by the {cfg.engine} engine", param=name)
+        if plan is not None and (fmt or p.grammar):
+            raise InvalidRequest("'tools' cannot be combined with a grammar or response_format", param="tools")
+        if fmt is not None and p.grammar is not None:
+            raise InvalidRequest("give 'grammar' or 'response_format', not both", param="grammar")
+        if plan is not None or fmt is not None:
+            p = dataclasses.replace(p, grammar=_tool_grammar(plan) if plan is not None else fmt)
+        rendered = _tool_messages(msgs, plan)
+        runs = [_chat_run(rendered, self._seeded(p, i)) for i in range(n)]
         s = CompletionStream(
             self,
             cfg,
-            _history_key(msgs),
-            lambda e, should_stop: e.chat(msgs, p, should_stop),
+            _history_key(rendered),
+            lambda e, ss: _choices([functools.partial(r, e, ss) for r in runs], [i == 0 for i in range(n)]),
             "chatcmpl",
-            lambda text: _history_key([*msgs, {"role": "assistant", "content": text}]),
+            lambda _, raw: _history_key([*rendered, {"role": "assistant", "content": raw}]),
             cancel,
             self.config.request_timeout if timeout is None else timeout,
+            tools=plan is not None,
         )
         return s if stream else _drain(s)
 
     def complete(
         self,
         model: str,
-        prompt: str,
+        prompt: str | list[str] | list[int] | list[list[int]],
         *,
         stream: bool = False,
         params: SamplingParams | None = None,
         cancel: Any = None,
         timeout: float | None = None,
+        n: int = 1,
+        best_of: int | None = None,
+        echo: bool = False,
+        suffix: str | None = None,
         **kw: Any,
     ) -> Completion | CompletionStream:
-        """Continue a text prompt. `cancel` and `timeout` work as for chat()."""
+        """Continue a prompt: a string, a list of strings, token ids, or a list of those (each prompt gets `n`
+        choices, numbered prompt by prompt). `best_of` generates that many per prompt and keeps the `n` with the
+        highest cumulative logprob. `echo` puts the prompt before the completion; `suffix` asks for infill.
+        `cancel` and `timeout` work as for chat()."""
         cfg = self._model(model, "text-completion")
-        if not isinstance(prompt, str):
-            raise InvalidRequest("'prompt' must be a string", param="prompt")
+        prompts = _prompt_list(prompt)
         p = self._params(cfg, params, kw)
+        n = self._count(n, "n", 1, 128)
+        if not isinstance(echo, bool):
+            raise InvalidRequest("'echo' must be a boolean", param="echo")
+        if suffix is not None and not isinstance(suffix, str):
+            raise InvalidRequest("'suffix' must be a string", param="suffix")
+        tries = n if best_of is None else self._count(best_of, "best_of", 1, 20)
+        if tries < n:
+            raise InvalidRequest("'best_of' must be at least 'n'", param="best_of")
+        if tries > n and stream:
+            raise InvalidRequest("'best_of' cannot be used with stream", param="best_of")
+        if tries > n and not _ENGINES.get(cfg.engine, Engine).logprobs:
+            raise InvalidRequest(f"'best_of' is not supported by the {cfg.engine} engine", param="best_of")
+        if len(prompts) * tries > 128:
+            raise InvalidRequest("at most 128 choices per request (prompts times n or best_of)", param="n")
+        gen_p = dataclasses.replace(p, logprobs=0) if tries > n and p.logprobs is None else p
+        runs = [_complete_run(x, self._seeded(gen_p, i), echo, suffix) for x in prompts for i in range(tries)]
+        keys = [_prompt_key(x) for x in prompts]
         s = CompletionStream(
             self,
             cfg,
-            prompt,
-            lambda e, should_stop: e.complete(prompt, p, should_stop),
+            keys[0],
+            lambda e, ss: _choices(
+                [functools.partial(r, e, ss) for r in runs], [i % tries == 0 for i in range(len(runs))]
+            ),
             "cmpl",
-            lambda text: prompt + text,
+            lambda i, raw: (
+                keys[i // tries] + (raw[len(prompts[i // tries]) :] if echo else raw)
+                if isinstance(prompts[i // tries], str)
+                else keys[i // tries]
+            ),
             cancel,
             self.config.request_timeout if timeout is None else timeout,
         )
-        return s if stream else _drain(s)
+        if stream:
+            return s
+        done = _drain(s)
+        if tries > n:  # keep each prompt's n best, renumbered
+            best = []
+            for k in range(len(prompts)):
+                group = done.choices[k * tries : (k + 1) * tries]
+                best += sorted(group, key=lambda c: -c.score)[:n]
+            for i, c in enumerate(best):
+                c.index = i
+                c.logprobs = c.logprobs if p.logprobs is not None else None
+            done.choices = best
+        return done
 
     def embed(
         self,
         model: str,
-        input: str | list[str],
+        input: str | list[str] | list[int] | list[list[int]],
         *,
         dimensions: int | None = None,
         cancel: Any = None,
         timeout: float | None = None,
     ) -> Embeddings:
-        """Normalised embedding vectors, one per input string. `cancel` and `timeout` bound the wait in the queue."""
+        """Normalised embedding vectors, one per input: a string, or the model's token ids (or a list of either).
+        `cancel` and `timeout` bound the wait in the queue."""
         cfg = self._model(model, "embedding")
-        texts = [input] if isinstance(input, str) else input
-        if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-            raise InvalidRequest("'input' must be a string or a list of strings", param="input")
+        texts = _prompt_list(input, "input")
+        if len(texts) > 2048:
+            raise InvalidRequest("'input' may hold at most 2048 items", param="input")
         limits = [t for t in (timeout, self.config.request_timeout, self.config.queue_timeout) if t is not None]
         deadline = time.monotonic() + min(limits) if limits else None
         inst = self._pool.wait(self._pool.enqueue(cfg.id, ""), cancel, deadline)
@@ -4524,14 +4858,11 @@ def _drain(s: CompletionStream) -> Completion:
     with s:
         for _ in s:
             pass
+    choices = [s.choices[i] for i in sorted(s.choices)] or [Choice(0)]
+    for c in choices:
+        c.finish_reason = c.finish_reason or "stop"
     return Completion(
-        id=s.id,
-        model=s.model,
-        created=s.created,
-        text=s.text,
-        finish_reason=s.finish_reason or "stop",
-        usage=s.usage or Usage(),
-        instance_id=s.instance_id,
+        id=s.id, model=s.model, created=s.created, choices=choices, usage=s.usage or Usage(), instance_id=s.instance_id
     )
 
 
