@@ -204,14 +204,21 @@ def _write(writer: gguf.GGUFWriter) -> None:
     writer.close()
 
 
-def make_tiny_llama(path: str | Path, seed: int = 0) -> str:
+FIM_TOKENS = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]
+
+
+def make_tiny_llama(path: str | Path, seed: int = 0, fim: bool = False) -> str:
     """Write a tiny random-weight ``llama`` GGUF with a ChatML template to ``path``.
 
     Byte-level BPE vocab (``gpt2`` model, ``default`` pre-tokenizer) covering all
-    256 bytes, so any text can be tokenized. Returns the path as a string.
+    256 bytes, so any text can be tokenized. With ``fim``, three more control tokens
+    are declared as its fill-in-the-middle tokens. Returns the path as a string.
     """
     rng = np.random.default_rng(seed)
     tokens, types, merges = llama_vocab()
+    if fim:
+        tokens += FIM_TOKENS
+        types += [int(gguf.TokenType.CONTROL)] * len(FIM_TOKENS)
     n_vocab = len(tokens)
     head_dim = LLAMA_N_EMBD // LLAMA_N_HEAD
 
@@ -242,6 +249,9 @@ def make_tiny_llama(path: str | Path, seed: int = 0) -> str:
     w.add_add_bos_token(False)
     w.add_add_eos_token(False)
     w.add_chat_template(CHATML_TEMPLATE)
+    if fim:
+        for key, tok in zip(("fim_pre", "fim_suf", "fim_mid"), FIM_TOKENS, strict=True):
+            w.add_uint32(f"tokenizer.ggml.{key}_token_id", tokens.index(tok))
 
     n_embd, n_ff, n_kv = LLAMA_N_EMBD, LLAMA_N_FF, LLAMA_N_HEAD_KV * head_dim
     w.add_tensor("token_embd.weight", _weight(rng, n_vocab, n_embd))
@@ -349,6 +359,12 @@ def find_smollm2() -> str:
 def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Path of a tiny random-weight llama chat GGUF (in its own directory)."""
     return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama") / "tiny-llama.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_fim(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of a tiny llama GGUF that declares fill-in-the-middle tokens."""
+    return make_tiny_llama(tmp_path_factory.mktemp("tiny_llama_fim") / "tiny-llama-fim.gguf", fim=True)
 
 
 @pytest.fixture(scope="session")

@@ -1824,7 +1824,7 @@ class LlamaCppEngine(Engine):
         bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
         if bad is not None:
             raise InvalidRequest(
-                f"'{param}': token id {bad} is not in the model's vocabulary (0..{n_vocab - 1})", param
+                f"'{param}': token id {bad} is not in the model's vocabulary (0..{n_vocab - 1})", param=param
             )
         return list(tokens)
 
@@ -2148,7 +2148,7 @@ class LlamaCppEngine(Engine):
             else:
                 bad = next((t for t in item if not 0 <= t < emb.n_vocab()), None)
                 if bad is not None:
-                    raise InvalidRequest(f"input[{i}]: token id {bad} is not in the model's vocabulary", "input")
+                    raise InvalidRequest(f"input[{i}]: token id {bad} is not in the model's vocabulary", param="input")
                 tokens = list(item)
             if not tokens:
                 raise InvalidRequest(f"input[{i}] is empty", param="input")
@@ -3759,8 +3759,9 @@ def _completion_logprobs(entries: list[TokenLogprob] | None, offset: int) -> dic
         offset += len(t.text)
     return {
         "tokens": [t.text for t in entries],
-        "token_logprobs": [t.logprob for t in entries],
-        "top_logprobs": [None if t.top is None else {a: lp for a, _, lp in t.top} for t in entries],
+        # The spec wants numbers: a prompt's first token, which nothing predicts, gets 0 where OpenAI sends null.
+        "token_logprobs": [t.logprob if t.logprob is not None else 0.0 for t in entries],
+        "top_logprobs": [{a: lp for a, _, lp in t.top or ()} for t in entries],
         "text_offset": offsets,
     }
 
@@ -3977,6 +3978,8 @@ class _ToolPlan:
 
 def _tool_plan(tools: Any, tool_choice: Any, parallel: Any) -> _ToolPlan | None:
     """Validate tools, tool_choice and parallel_tool_calls; None when the model must not call tools."""
+    if parallel is not None and not isinstance(parallel, bool):
+        raise InvalidRequest("'parallel_tool_calls' must be a boolean", param="parallel_tool_calls")
     if tools is None or tools == []:
         if tool_choice not in (None, "none", "auto"):
             raise InvalidRequest("'tool_choice' needs 'tools'", param="tool_choice")
@@ -3989,8 +3992,6 @@ def _tool_plan(tools: Any, tool_choice: Any, parallel: Any) -> _ToolPlan | None:
     names = [f["name"] for f in functions]
     if len(set(names)) != len(names):
         raise InvalidRequest("'tools' has two functions with the same name", param="tools")
-    if parallel is not None and not isinstance(parallel, bool):
-        raise InvalidRequest("'parallel_tool_calls' must be a boolean", param="parallel_tool_calls")
     choice = "auto" if tool_choice is None else tool_choice
     if choice == "none":
         return None
@@ -5188,11 +5189,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _complete(self, method: Any, req: dict[str, Any], chunks: Any, response: Any) -> None:
         """Run a chat or text completion; streamed as SSE, or answered as one JSON object."""
         stream, include_usage = req.pop("stream"), req.pop("include_usage")
-        s = typing.cast(CompletionStream, method(**req, stream=True, cancel=self._client_watch()))
         if stream:
+            s = typing.cast(CompletionStream, method(**req, stream=True, cancel=self._client_watch()))
             self._send_sse(s, chunks(s, include_usage))
         else:
-            done = _drain(s)
+            done = typing.cast(Completion, method(**req, cancel=self._client_watch()))
             self._send_json(200, response(done), {"X-Lllms-Instance": done.instance_id} if done.instance_id else None)
 
     def _post_embeddings(self) -> None:

@@ -7,12 +7,14 @@ A fake engine appears only in pool-logic unit tests, where it makes scheduling d
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import http.client
 import itertools
 import json
 import math
 import os
+import re
 import signal
 import socket
 import struct
@@ -25,6 +27,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+import jsonschema
 import openai
 import pytest
 from hypothesis import given, settings
@@ -1009,6 +1012,453 @@ def test_responses_validate_against_openapi_spec(http_server: lllms.HTTPServer, 
 
 
 # ==== context cache, spill, queueing and cancellation, with real SmolLM2 instances
+
+
+# ==== OpenAI conformance: tools, structured output, logprobs, n, echo, logit_bias, seeds, prompt forms
+
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CLOCK = {
+    "type": "function",
+    "function": {
+        "name": "get_time",
+        "description": "Get the current time in a timezone",
+        "parameters": {
+            "type": "object",
+            "properties": {"timezone": {"type": "string"}, "format": {"type": "string", "enum": ["12h", "24h"]}},
+            "required": ["timezone", "format"],
+        },
+    },
+}
+PARIS = [{"role": "user", "content": "What's the weather in Paris?"}]
+
+
+def _tool(name: str) -> dict[str, Any]:
+    return next(t for t in (WEATHER, CLOCK) if t["function"]["name"] == name)
+
+
+def _calls(message: Any) -> list[tuple[str, str]]:
+    return [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+
+
+def test_json_schema_and_json_object_responses_validate(client: openai.OpenAI) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": schema, "strict": True}}
+    for temperature in (0, 1):
+        r = client.chat.completions.create(
+            model="smol",
+            messages=[{"role": "user", "content": "Invent a person."}],
+            response_format=fmt,
+            temperature=temperature,
+            max_tokens=80,
+        )
+        assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+        jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    r = client.chat.completions.create(
+        model="smol", messages=CHAT, response_format={"type": "json_object"}, temperature=0, max_tokens=80
+    )
+    assert r.choices[0].finish_reason == "stop" and isinstance(json.loads(r.choices[0].message.content), dict)
+
+
+def test_named_grammars_from_config_and_gbnf_in_requests(smollm2: str) -> None:
+    colours = 'root ::= "red" | "green" | "blue"'
+    cfg = smol_config(smollm2, grammars={"colour": colours, "point": {"type": "array", "items": {"type": "integer"}}})
+    with lllms.ModelServer(cfg) as ms:
+        assert ms.chat("smol", CHAT, grammar="colour", temperature=1, max_tokens=8).text in ("red", "green", "blue")
+        point = json.loads(ms.chat("smol", CHAT, grammar="point", temperature=0, max_tokens=40).text)
+        assert isinstance(point, list) and all(isinstance(x, int) for x in point)
+        assert ms.chat("smol", CHAT, grammar='root ::= "yes" | "no"', max_tokens=4).text in ("yes", "no")
+        for grammar in ("nonsense", "root ::= (", "root ::= undefined-rule"):
+            with pytest.raises(lllms.InvalidRequest) as err:
+                ms.chat("smol", CHAT, grammar=grammar, max_tokens=4)
+            assert err.value.param == "grammar"
+        assert ms.chat("smol", CHAT, max_tokens=4).text  # a bad grammar costs the instance nothing
+
+
+@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
+def test_forced_tool_calls_stream_exactly_like_non_streamed(
+    client: openai.OpenAI, http_server: lllms.HTTPServer, choice: Any
+) -> None:
+    kw = {"model": "smol", "messages": PARIS, "tools": [WEATHER, CLOCK], "tool_choice": choice, "temperature": 0}
+    r = client.chat.completions.create(**kw, max_tokens=80)
+    msg = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls" and msg.tool_calls, msg
+    for call in msg.tool_calls:
+        assert call.type == "function" and re.fullmatch(r"call_[0-9a-f]{24}", call.id)
+        jsonschema.validate(json.loads(call.function.arguments), _tool(call.function.name)["function"]["parameters"])
+    if isinstance(choice, dict):
+        assert _calls(msg) and {name for name, _ in _calls(msg)} == {"get_time"}
+    with client.chat.completions.stream(**kw, max_tokens=80) as s:
+        final = s.get_final_completion()
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert _calls(final.choices[0].message) == _calls(msg)
+    # OpenAI's delta rules, on the wire: role once; id, type and name only in a call's first delta.
+    events = _sse_events(http_server.url, "/v1/chat/completions", {**kw, "max_tokens": 80, "stream": True})
+    deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
+    assert sum("role" in d for d in deltas) == 1
+    seen: dict[int, dict[str, str]] = {}
+    for d in deltas:
+        for tc in d.get("tool_calls", []):
+            if tc["index"] not in seen:
+                assert tc["id"].startswith("call_") and tc["type"] == "function" and tc["function"]["name"]
+                seen[tc["index"]] = {"id": tc["id"], "name": tc["function"]["name"], "arguments": ""}
+            else:
+                assert set(tc) == {"index", "function"} and set(tc["function"]) == {"arguments"}
+            seen[tc["index"]]["arguments"] += tc["function"]["arguments"]
+    assert [(c["name"], c["arguments"]) for c in seen.values()] == _calls(msg)
+
+
+def test_parallel_tool_calls_false_gives_at_most_one_call(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model="smol",
+        messages=[{"role": "user", "content": "Weather in Paris, London and Rome?"}],
+        tools=[WEATHER],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        temperature=0,
+        max_tokens=80,
+    )
+    assert len(r.choices[0].message.tool_calls) == 1
+
+
+def test_tool_choice_auto_calls_a_tool_only_when_the_request_needs_one(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model="smol", messages=PARIS, tools=[WEATHER], tool_choice="auto", temperature=0, max_tokens=80
+    )
+    assert r.choices[0].finish_reason == "tool_calls"
+    ((name, args),) = _calls(r.choices[0].message)
+    assert name == "get_weather" and "paris" in json.loads(args)["city"].lower()
+    r = client.chat.completions.create(
+        model="smol",
+        messages=[{"role": "user", "content": "Say hello"}],
+        tools=[WEATHER],
+        temperature=0,
+        max_tokens=40,
+    )
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.content and "{" not in r.choices[0].message.content
+    # tool_choice none: the tools are ignored, and the prompt is the plain one
+    plain = client.chat.completions.create(model="smol", messages=PARIS, temperature=0, max_tokens=12)
+    none = client.chat.completions.create(
+        model="smol", messages=PARIS, tools=[WEATHER], tool_choice="none", temperature=0, max_tokens=12
+    )
+    assert none.choices[0].message.content == plain.choices[0].message.content
+    assert none.usage.prompt_tokens == plain.usage.prompt_tokens
+
+
+def test_tool_round_trip_renders_calls_and_results_and_reuses_the_context(client: openai.OpenAI) -> None:
+    first = client.chat.completions.create(model="smol", messages=PARIS, tools=[WEATHER], temperature=0, max_tokens=80)
+    call = first.choices[0].message.tool_calls[0]
+    history = [
+        *PARIS,
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18, "sky": "sunny"}'},
+    ]
+    r = client.chat.completions.create(model="smol", messages=history, tools=[WEATHER], temperature=0, max_tokens=60)
+    assert r.choices[0].finish_reason in ("stop", "tool_calls", "length")
+    assert r.choices[0].message.content or r.choices[0].message.tool_calls
+    # The call came back as generated, so the instance's context still serves the first exchange. (Not always
+    # all of it: constrained decoding may pick a tokenization of the call that differs from the tokenizer's.)
+    assert r.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
+    plan = lllms._tool_plan([WEATHER], "auto", None)
+    rendered = lllms._tool_messages(lllms._parse_messages(history), plan)
+    assert [m["role"] for m in rendered] == ["system", "user", "assistant", "user"]
+    assert "get_weather" in rendered[0]["content"]
+    assert rendered[2]["content"] == (
+        '{"tool_calls": [{"name": "get_weather", "arguments": ' + call.function.arguments + "}]}"
+    )
+    assert rendered[3]["content"] == 'Result of get_weather: {"temperature_c": 18, "sky": "sunny"}'
+
+
+def test_reply_parser_streams_content_and_calls_in_any_split() -> None:
+    reply = (
+        '{"tool_calls": [{"name": "a", "arguments": {"x": "}\\"{", "y": [1, {"z": 2}]}}, '
+        '{"name": "b", "arguments": {}}]}'
+    )
+    text = '{"response": "caf\\u00e9 \\ud83d\\ude00 \\"q\\" \\\\ done"}'
+    for size in (1, 2, 3, 7, 1000):
+        p = lllms._ReplyParser()
+        deltas = [d for i in range(0, len(reply), size) for d in p.feed(reply[i : i + size])[1]]
+        assert [(c["name"], json.loads(c["arguments"])) for c in p.calls] == [
+            ("a", {"x": '}"{', "y": [1, {"z": 2}]}),
+            ("b", {}),
+        ]
+        assert [d["index"] for d in deltas if "id" in d] == [0, 1]
+        assert "".join(d["arguments"] for d in deltas if d["index"] == 0) == p.calls[0]["arguments"]
+        q = lllms._ReplyParser()
+        content = "".join(q.feed(text[i : i + size])[0] for i in range(0, len(text), size))
+        assert content == 'café 😀 "q" \\ done' and not q.calls
+
+
+def test_chat_logprobs_join_to_the_content_streamed_or_not(client: openai.OpenAI) -> None:
+    kw = {"model": "smol", "messages": CHAT, "temperature": 0, "max_tokens": 16, "logprobs": True, "top_logprobs": 3}
+    r = client.chat.completions.create(**kw)
+    content, lps = r.choices[0].message.content, r.choices[0].logprobs.content
+    assert content and "".join(t.token for t in lps) == content
+    assert bytes(b for t in lps for b in t.bytes).decode() == content
+    for t in lps:
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        assert t.top_logprobs[0].logprob >= t.top_logprobs[1].logprob >= t.top_logprobs[2].logprob
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob)  # greedy took the likeliest
+    chunks = list(client.chat.completions.create(**kw, stream=True))
+    streamed = [t for c in chunks if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content]
+    assert (
+        "".join(t.token for t in streamed)
+        == content
+        == "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    )
+    # A stop sequence cuts the text inside a token: the logprobs are cut with it.
+    cut = client.chat.completions.create(**{**kw, "stop": [content[3:6]]})
+    assert "".join(t.token for t in cut.choices[0].logprobs.content) == cut.choices[0].message.content == content[:3]
+
+
+def test_n_choices_streamed_and_not(client: openai.OpenAI) -> None:
+    kw = {"model": "smol", "messages": CHAT, "temperature": 1, "max_tokens": 10, "seed": 11, "n": 3}
+    r = client.chat.completions.create(**kw)
+    assert [c.index for c in r.choices] == [0, 1, 2] and all(c.message.content for c in r.choices)
+    assert len({c.message.content for c in r.choices}) > 1  # each choice samples on its own
+    texts: dict[int, str] = collections.defaultdict(str)
+    finished = set()
+    for chunk in client.chat.completions.create(**kw, stream=True):
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+            if c.finish_reason:
+                finished.add(c.index)
+    assert finished == {0, 1, 2}
+    assert [texts[i] for i in range(3)] == [c.message.content for c in r.choices]  # same seed, same choices
+    assert r.usage.prompt_tokens < r.usage.completion_tokens + r.usage.prompt_tokens  # the prompt counted once
+
+
+def test_completions_echo_with_logprobs_and_scoring_without_generating(client: openai.OpenAI) -> None:
+    prompt = "The capital of France is"
+    r = client.completions.create(model="smol", prompt=prompt, max_tokens=4, echo=True, logprobs=2, temperature=0)
+    text, lp = r.choices[0].text, r.choices[0].logprobs
+    assert text.startswith(prompt) and len(text) > len(prompt)
+    assert "".join(lp.tokens) == text
+    assert lp.token_logprobs[0] == 0 and all(x <= 0 for x in lp.token_logprobs[1:])
+    assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
+    assert lp.top_logprobs[0] == {} and all(len(t) == 2 for t in lp.top_logprobs[1:])
+    # lm-eval-harness' loglikelihood: the prompt's logprobs, nothing generated
+    s = client.completions.create(model="smol", prompt=prompt, max_tokens=0, echo=True, logprobs=0, temperature=0)
+    assert s.choices[0].text == prompt and s.usage.completion_tokens == 0
+    assert s.choices[0].logprobs.token_logprobs == lp.token_logprobs[: len(s.choices[0].logprobs.tokens)]
+    streamed = "".join(
+        c.choices[0].text
+        for c in client.completions.create(
+            model="smol", prompt=prompt, max_tokens=4, echo=True, temperature=0, stream=True
+        )
+        if c.choices
+    )
+    assert streamed == text
+
+
+def test_logit_bias_bans_and_forces_tokens(client: openai.OpenAI, smollm2: str) -> None:
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model_path=smollm2, vocab_only=True, verbose=False)
+    kw = {"model": "smol", "messages": CHAT, "temperature": 0, "max_tokens": 1, "logprobs": True, "top_logprobs": 2}
+    greedy = client.chat.completions.create(**kw).choices[0].logprobs.content[0]
+    (tid,) = vocab.tokenize(bytes(greedy.bytes), add_bos=False, special=False)
+    banned = client.chat.completions.create(**kw, logit_bias={str(tid): -100}).choices[0].logprobs.content[0]
+    assert banned.token != greedy.token and banned.token == greedy.top_logprobs[1].token
+    (forced,) = vocab.tokenize(b" zebra", add_bos=False, special=False)
+    r = client.chat.completions.create(**{**kw, "max_tokens": 3}, logit_bias={str(forced): 100})
+    assert r.choices[0].message.content == " zebra" * 3
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**kw, logit_bias={"99999999": 1})
+    assert err.value.body["param"] == "logit_bias"
+
+
+def test_seed_repeats_and_no_seed_varies(client: openai.OpenAI) -> None:
+    kw = {"model": "smol", "messages": CHAT, "temperature": 1, "max_tokens": 12}
+    seeded = {client.chat.completions.create(**kw, seed=42).choices[0].message.content for _ in range(3)}
+    assert len(seeded) == 1
+    unseeded = {client.chat.completions.create(**kw).choices[0].message.content for _ in range(4)}
+    assert len(unseeded) > 1
+
+
+def test_include_usage_gives_a_final_usage_chunk(client: openai.OpenAI) -> None:
+    for create, kw in (
+        (client.chat.completions.create, {"messages": CHAT}),
+        (client.completions.create, {"prompt": "Hello"}),
+    ):
+        chunks = list(create(model="smol", max_tokens=5, stream=True, stream_options={"include_usage": True}, **kw))
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+        assert all(c.usage is None for c in chunks[:-1])
+        plain = list(create(model="smol", max_tokens=5, stream=True, **kw))
+        assert all(c.usage is None and c.choices for c in plain)
+
+
+def test_prompt_forms_lists_and_token_ids(client: openai.OpenAI, smollm2: str) -> None:
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model_path=smollm2, vocab_only=True, verbose=False)
+    a, b = "The capital of France is", "One, two, three,"
+    r = client.completions.create(model="smol", prompt=[a, b], n=2, max_tokens=4, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1, 2, 3]
+    assert r.choices[0].text == r.choices[1].text != r.choices[2].text == r.choices[3].text
+    ids = vocab.tokenize(a.encode(), add_bos=False, special=False)
+    by_ids = client.completions.create(model="smol", prompt=ids, max_tokens=4, temperature=0)
+    assert by_ids.choices[0].text == r.choices[0].text and by_ids.usage.prompt_tokens == len(ids)
+    both = client.completions.create(model="smol", prompt=[ids, ids], max_tokens=4, temperature=0)
+    assert [c.text for c in both.choices] == [r.choices[0].text] * 2
+    best = client.completions.create(model="smol", prompt=a, n=2, best_of=4, max_tokens=4, temperature=1, seed=3)
+    assert [c.index for c in best.choices] == [0, 1] and all(c.logprobs is None for c in best.choices)
+    for bad in ([a, 1], [[1, "x"]], [], [[]], [-1]):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model="smol", prompt=bad, max_tokens=1)
+        assert err.value.body["param"] == "prompt", bad
+
+
+def test_suffix_fills_in_the_middle_where_the_model_can(tiny_llama_fim: str, client: openai.OpenAI) -> None:
+    import llama_cpp
+
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model="smol", prompt="def f(", suffix="    return x\n", max_tokens=4)
+    assert err.value.body["param"] == "suffix" and "fill-in-the-middle" in err.value.message
+    cfg = {"models": {"fim": {"task": "text-completion", "file": tiny_llama_fim, "context_size": 128}}}
+    vocab = llama_cpp.Llama(model_path=tiny_llama_fim, vocab_only=True, verbose=False)
+    n = len(vocab.tokenize(b"def f(", add_bos=False, special=False)) + len(
+        vocab.tokenize(b"return x", add_bos=False, special=False)
+    )
+    with lllms.ModelServer(cfg) as ms:
+        c = ms.complete("fim", "def f(", suffix="return x", max_tokens=3, temperature=0)
+        assert c.usage.prompt_tokens == n + 3  # prefix, suffix and the three FIM tokens
+        assert ms.status()["instances"][0]["preview"].startswith("<fim_prefix>def f(<fim_suffix>return x")
+
+
+def test_embeddings_take_token_arrays(client: openai.OpenAI, tiny_bert: str) -> None:
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model_path=tiny_bert, vocab_only=True, verbose=False)
+    words = ["hello world", "the cat"]
+    ids = [vocab.tokenize(w.encode(), add_bos=True, special=False) for w in words]
+    by_text = client.embeddings.create(model="bert", input=words)
+    by_ids = client.embeddings.create(model="bert", input=ids)
+    one = client.embeddings.create(model="bert", input=ids[0])
+    for t, i in zip(by_text.data, by_ids.data, strict=True):
+        assert t.embedding == pytest.approx(i.embedding, abs=1e-6)
+    assert one.data[0].embedding == pytest.approx(by_text.data[0].embedding, abs=1e-6)
+    assert by_ids.usage.prompt_tokens == sum(map(len, ids))
+    with pytest.raises(openai.BadRequestError) as err:
+        client.embeddings.create(model="bert", input=[[10**6]])
+    assert err.value.body["param"] == "input"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("temperature", 2.5),
+        ("temperature", -0.1),
+        ("top_p", 1.5),
+        ("frequency_penalty", -2.5),
+        ("presence_penalty", 2.5),
+        ("n", 0),
+        ("n", 129),
+        ("stop", ["a", "b", "c", "d", "e"]),
+        ("max_tokens", -1),
+        ("max_completion_tokens", "many"),
+        ("seed", 1.5),
+        ("logit_bias", {"5": 101}),
+        ("logit_bias", {"five": 1}),
+        ("top_logprobs", 21),
+        ("logprobs", "yes"),
+        ("stream_options", {"include_usage": True}),
+        ("tools", "get_weather"),
+        ("tools", [{"type": "function", "function": {"name": "bad name!"}}]),
+        ("tool_choice", "sometimes"),
+        ("tool_choice", {"type": "function", "function": {"name": "missing"}}),
+        ("parallel_tool_calls", "no"),
+        ("response_format", {"type": "xml"}),
+        ("response_format", {"type": "json_schema", "json_schema": {"schema": {}}}),
+        ("messages", [{"role": "tool", "content": "x"}]),
+    ],
+)
+def test_chat_fields_out_of_range_name_their_param(client: openai.OpenAI, field: str, value: Any) -> None:
+    body: dict[str, Any] = {"model": "smol", "messages": CHAT, "max_tokens": 2, field: value}
+    if field == "top_logprobs":
+        body["logprobs"] = True
+    if field == "tool_choice":
+        body["tools"] = [WEATHER]
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(**body)
+    param = err.value.body["param"]
+    assert param == field or param.startswith(field + "["), err.value.body
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("logprobs", 6), ("best_of", 21), ("best_of", 1), ("echo", "yes"), ("suffix", 5), ("n", 200), ("prompt", 5)],
+)
+def test_completion_fields_out_of_range_name_their_param(client: openai.OpenAI, field: str, value: Any) -> None:
+    body: dict[str, Any] = {"model": "smol", "prompt": "x", "max_tokens": 2, field: value}
+    if field == "best_of":
+        body["n"] = 2
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(**body)
+    assert err.value.body["param"] == field
+
+
+def test_unknown_fields_are_ignored_and_neutral_ones_accepted(client: openai.OpenAI) -> None:
+    r = client.chat.completions.create(
+        model="smol",
+        messages=CHAT,
+        max_tokens=2,
+        user="u1",
+        metadata={"a": "b"},
+        store=False,
+        service_tier="auto",
+        prediction={"type": "content", "content": "x"},
+        max_completion_tokens=None,
+        extra_body={"frobnicate": 1},
+    )
+    assert r.choices[0].message.content
+
+
+def test_conformance_shapes_validate_against_openapi_spec(http_server: lllms.HTTPServer, openapi: Any) -> None:
+    url = http_server.url
+    bodies = [
+        {"model": "smol", "messages": PARIS, "tools": [WEATHER, CLOCK], "tool_choice": "required", "max_tokens": 60},
+        {"model": "smol", "messages": CHAT, "logprobs": True, "top_logprobs": 2, "n": 2, "max_tokens": 5},
+        {
+            "model": "smol",
+            "messages": CHAT,
+            "max_tokens": 40,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+        },
+    ]
+    for body in bodies:
+        status, payload, _ = post_raw(url, "/v1/chat/completions", json.dumps(body).encode())
+        assert status == 200, payload
+        openapi("CreateChatCompletionResponse", payload)
+        events = _sse_events(
+            url, "/v1/chat/completions", {**body, "stream": True, "stream_options": {"include_usage": True}}
+        )
+        assert len(events) >= 3
+        for event in events:
+            openapi("CreateChatCompletionStreamResponse", event)
+    comp = {"model": "smol", "prompt": ["Hello", "Bye"], "echo": True, "logprobs": 3, "max_tokens": 3, "n": 2}
+    status, payload, _ = post_raw(url, "/v1/completions", json.dumps(comp).encode())
+    openapi("CreateCompletionResponse", payload)
+    finishing = [
+        e for e in _sse_events(url, "/v1/completions", {**comp, "stream": True}) if e["choices"][0]["finish_reason"]
+    ]
+    assert sorted(e["choices"][0]["index"] for e in finishing) == [0, 1, 2, 3]
+    for event in finishing:  # the spec has no completion chunk schema: see test_responses_validate_against_openapi_spec
+        openapi("CreateCompletionResponse", event)
+    status, payload, _ = post_raw(url, "/v1/embeddings", json.dumps({"model": "bert", "input": [[5, 6, 7]]}).encode())
+    openapi("CreateEmbeddingResponse", payload)
 
 
 def _turns(ms: lllms.ModelServer, convs: dict[str, list[dict[str, str]]], turns: int) -> dict[str, list[Any]]:
