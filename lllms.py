@@ -3583,6 +3583,7 @@ _SAMPLING_KEYS = {
     "min_p",
     "repeat_penalty",
     "repeat_last_n",
+    "repeat_penalty_num",
     "frequency_penalty",
     "presence_penalty",
     "seed",

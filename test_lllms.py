@@ -2954,6 +2954,28 @@ def mixed_server(smollm2: str, smollm2_g4a: str, tiny_bert: str) -> Iterator[lll
     server.stop()
 
 
+def test_gpt4all_refuses_what_needs_grammars_or_logprobs_and_does_n_and_echo(mixed_server: lllms.HTTPServer) -> None:
+    sdk = openai.OpenAI(base_url=mixed_server.url + "/v1", api_key="x", max_retries=0, timeout=120)
+    chat = {"model": "g4a", "messages": CHAT, "max_tokens": 4}
+    for field, value in (
+        ("tools", [WEATHER]),
+        ("response_format", {"type": "json_object"}),
+        ("logprobs", True),
+        ("logit_bias", {"5": 1}),
+    ):
+        with pytest.raises(openai.BadRequestError) as err:
+            sdk.chat.completions.create(**chat, **{field: value})
+        assert err.value.body["param"] == field and "gpt4all" in err.value.message
+    for field, value in (("best_of", 3), ("suffix", "x"), ("prompt", [1, 2, 3])):
+        with pytest.raises(openai.BadRequestError) as err:
+            sdk.completions.create(**{"model": "g4a", "prompt": "Hi", "max_tokens": 2, field: value})
+        assert err.value.body["param"] == field and "gpt4all" in err.value.message
+    r = sdk.chat.completions.create(**chat, n=2, temperature=0)
+    assert [c.index for c in r.choices] == [0, 1] and r.choices[0].message.content == r.choices[1].message.content
+    e = sdk.completions.create(model="g4a", prompt="One, two,", max_tokens=3, echo=True, temperature=0)
+    assert e.choices[0].text.startswith("One, two,") and len(e.choices[0].text) > len("One, two,")
+
+
 def test_llama_cpp_and_gpt4all_side_by_side(mixed_server: lllms.HTTPServer) -> None:
     sdk = openai.OpenAI(base_url=mixed_server.url + "/v1", api_key="x", max_retries=0, timeout=120)
     msgs = [{"role": "system", "content": "You are a helpful assistant."}, *CHAT]
