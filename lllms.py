@@ -1816,8 +1816,11 @@ class LlamaCppEngine(Engine):
         self._need_text_model()
         tokens = self._tokenize(prompt, "prompt") if isinstance(prompt, str) else self._check_ids(prompt, "prompt")
         if suffix is not None:
+            if echo:
+                raise InvalidRequest("'echo' cannot be combined with 'suffix'", param="echo")
             tokens = self._infill(tokens, suffix)
-        return self._generate(tokens, params, "prompt", should_stop, echo=echo)
+        text = prompt if isinstance(prompt, str) else None
+        return self._generate(tokens, params, "prompt", should_stop, echo=echo, prompt_text=text)
 
     def _check_ids(self, tokens: list[int], param: str) -> list[int]:
         n_vocab = self.llm.n_vocab()
@@ -1878,7 +1881,10 @@ class LlamaCppEngine(Engine):
             return
         reuse, held = self._cached_prefix(tokens), llm.n_tokens
         found = cache.best(tokens, longer_than=reuse + _MIN_RESTORE_GAIN)
-        if held - reuse >= _MIN_SPILL_TOKENS:
+        # A held context that merely continues this prompt (a sibling choice, a regenerated reply) is not worth
+        # keeping: nobody sends it back.
+        continues = _common_token_prefix(llm.input_ids[:held].tolist(), tokens) == len(tokens)
+        if held - reuse >= _MIN_SPILL_TOKENS and not continues:
             cache.put(tuple(llm.input_ids[:held].tolist()), self._save_seq())
         if found is not None:
             self._load_seq(*found, tokens)
@@ -1906,59 +1912,6 @@ class LlamaCppEngine(Engine):
         llm.n_tokens = keep
         llm._requires_eval = True  # the logits of the last token were not saved
 
-    def _sampler(self, llama_cpp: Any, p: SamplingParams) -> Any:
-        """llama.cpp's native sampler chain for these params: bias, penalties, grammar, then the sampling itself."""
-        from llama_cpp._internals import LlamaSampler
-
-        llm = self.llm
-        n_vocab = llm.n_vocab()
-        chain = LlamaSampler()
-        try:
-            if p.logit_bias:
-                bad = next((t for t in p.logit_bias if t >= n_vocab), None)
-                if bad is not None:
-                    raise InvalidRequest(
-                        f"'logit_bias': token id {bad} is not in the model's vocabulary (0..{n_vocab - 1})",
-                        param="logit_bias",
-                    )
-                # -100 is a ban; +100 must win against any logit, yet stay finite so several +100 tokens still
-                # compete on their own logits.
-                chain.add_logit_bias(
-                    n_vocab,
-                    {t: -math.inf if b <= -100 else _FORCE_BIAS if b >= 100 else b for t, b in p.logit_bias.items()},
-                )
-            last_n = self._default_last_n if p.repeat_last_n is None else p.repeat_last_n
-            chain.add_penalties(
-                n_vocab,
-                penalty_last_n=llm.n_ctx() if last_n == -1 else last_n,
-                penalty_repeat=1.0 if p.repeat_penalty is None else p.repeat_penalty,
-                penalty_freq=p.frequency_penalty or 0.0,
-                penalty_present=p.presence_penalty or 0.0,
-            )
-            if p.grammar is not None:
-                grammar = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, p.grammar.encode("utf-8"), b"root")
-                if not grammar:
-                    raise InvalidRequest(
-                        "the grammar is not valid GBNF (rules need a 'root' rule, defined names, no left recursion)",
-                        param="grammar",
-                    )
-                llama_cpp.llama_sampler_chain_add(chain.sampler, grammar)
-            # seed 0 is a real seed; 0xFFFFFFFF would mean "random" to llama.cpp.
-            seed = random.getrandbits(32) % 0xFFFFFFFF if p.seed is None else p.seed % 0xFFFFFFFF
-            temp = 0.8 if p.temperature is None else p.temperature
-            if temp <= 0:
-                chain.add_greedy()
-            else:
-                chain.add_top_k(40 if p.top_k is None else p.top_k)
-                chain.add_top_p(0.95 if p.top_p is None else p.top_p, 1)
-                chain.add_min_p(0.05 if p.min_p is None else p.min_p, 1)
-                chain.add_temp(temp)
-                chain.add_dist(seed)
-        except BaseException:
-            chain.close()
-            raise
-        return chain
-
     def _generate(
         self,
         tokens: list[int],
@@ -1966,6 +1919,7 @@ class LlamaCppEngine(Engine):
         param: str,
         should_stop: _StopCheck = None,
         echo: bool = False,
+        prompt_text: str | None = None,
     ) -> Iterator[Chunk]:
         llama_cpp = self._import()
         llm = self.llm
@@ -1980,11 +1934,15 @@ class LlamaCppEngine(Engine):
             raise InvalidRequest("the prompt is empty", param=param)
         room = n_ctx - len(tokens)
         max_new = room if p.max_tokens is None else min(p.max_tokens, room)
-        sampler = self._sampler(llama_cpp, p)  # raises on a bad grammar or bias before anything is evaluated
+        last_n = self._default_last_n if p.repeat_last_n is None else p.repeat_last_n
+        # raises on a bad grammar or bias before anything is evaluated
+        sampler = _Sampler(llama_cpp, llm, p, n_ctx if last_n == -1 else min(last_n, n_ctx))
         echoed: list[TokenLogprob] | None = None
+        pieces = self._prompt_pieces(tokens, prompt_text) if echo else []
+        echo_text = ("".join(t for t, _ in pieces) if prompt_text is None else prompt_text) if echo else None
         try:
             if echo and p.logprobs is not None:
-                echoed = self._eval_with_logprobs(tokens, p.logprobs)
+                echoed = self._eval_with_logprobs(tokens, p.logprobs, pieces)
                 reuse, cached = len(tokens), 0  # all of it is evaluated now, none of it was reused
             else:
                 self._spill_and_restore(tokens)
@@ -1993,7 +1951,7 @@ class LlamaCppEngine(Engine):
             sampler.close()
             raise
         usage = Usage(prompt_tokens=len(tokens), cached_tokens=cached)
-        return self._stream(llama_cpp, sampler, tokens, p, max_new, reuse, usage, should_stop, echo, echoed)
+        return self._stream(llama_cpp, sampler, tokens, p, max_new, reuse, usage, should_stop, echo_text, echoed)
 
     def _prefill(self, tokens: list[int], cached: int) -> None:
         """Evaluate the prompt, reusing the first `cached` tokens the context already holds."""
@@ -2006,7 +1964,25 @@ class LlamaCppEngine(Engine):
             llm.reset()
         llm.eval(tokens[llm.n_tokens :])
 
-    def _eval_with_logprobs(self, tokens: list[int], top: int) -> list[TokenLogprob]:
+    def _prompt_pieces(self, tokens: list[int], text: str | None) -> list[tuple[str, bytes]]:
+        """Each prompt token's text and bytes, decoded in sequence so that the texts join to the prompt: a
+        character split across tokens belongs to the token that completes it, and special tokens show as written.
+        A BOS the tokenizer added (not in `text`) shows as nothing."""
+        llm = self.llm
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        bos = llm.token_bos()
+        out = []
+        for i, t in enumerate(tokens):
+            raw = llm.detokenize([t], special=True)
+            if i == 0 and t == bos and text is not None and not text.startswith(raw.decode("utf-8", "replace")):
+                raw = b""
+            out.append((decoder.decode(raw), raw))
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            out[-1] = (out[-1][0] + tail, out[-1][1])
+        return out
+
+    def _eval_with_logprobs(self, tokens: list[int], top: int, pieces: list[tuple[str, bytes]]) -> list[TokenLogprob]:
         """Evaluate the prompt from scratch keeping every position's logits: the logprob of each prompt token."""
         import numpy as np
 
@@ -2014,7 +1990,7 @@ class LlamaCppEngine(Engine):
         n_vocab = llm.n_vocab()
         llm.reset()
         llm._ctx.kv_cache_clear()
-        out = [TokenLogprob(*self._piece(tokens[0]), None)]
+        out = [TokenLogprob(*pieces[0], None)]
         step = 128  # logits for every position cost step * n_vocab floats
         for i in range(0, len(tokens), step):
             batch = tokens[i : i + step]
@@ -2024,8 +2000,10 @@ class LlamaCppEngine(Engine):
             llm.n_tokens = i + len(batch)
             rows = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), n_vocab))
             for j in range(len(batch)):
-                if i + j + 1 < len(tokens):
-                    out.append(self._logprob(rows[j], tokens[i + j + 1], top))
+                k = i + j + 1
+                if k < len(tokens):
+                    entry = self._logprob(rows[j], tokens[k], top)
+                    out.append(TokenLogprob(*pieces[k], entry.logprob, entry.top))
         llm._requires_eval = False
         return out
 
@@ -2057,7 +2035,7 @@ class LlamaCppEngine(Engine):
         reuse: int,
         usage: Usage,
         should_stop: _StopCheck,
-        echo: bool,
+        echo: str | None,
         echoed: list[TokenLogprob] | None,
     ) -> Iterator[Chunk]:
         import numpy as np
@@ -2071,16 +2049,23 @@ class LlamaCppEngine(Engine):
         finish = "length"
         stopped = False  # by a stop string: then nothing after it may be emitted
         try:
-            if echo:
-                text = llm.detokenize(tokens).decode("utf-8", errors="replace")
-                yield Chunk(text, logprobs=echoed)
+            if echo is not None:
+                yield Chunk(echo, logprobs=echoed)
             generated = token = 0
             if max_new > 0:
                 self._prefill(tokens, reuse)
             while generated < max_new:
                 if generated:
                     llm.eval([token])  # the previous token, now that its logits are no longer needed
-                token = sampler.sample(llm._ctx, -1)
+                logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+                token = sampler.sample(logits)
+                if token is None:  # the grammar allows nothing the bias leaves
+                    if not generated:
+                        raise InvalidRequest(
+                            "the grammar allows no token that logit_bias leaves (or none at all)", param="grammar"
+                        )
+                    finish = "stop"
+                    break
                 if llama_cpp.llama_vocab_is_eog(vocab, token):
                     finish = "stop"
                     break
@@ -2089,7 +2074,6 @@ class LlamaCppEngine(Engine):
                 raw = llm.detokenize([token])
                 piece = decoder.decode(raw)
                 if marks is not None:
-                    logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
                     entry = self._logprob(logits, token, p.logprobs)
                     marks.add(TokenLogprob(piece, raw, entry.logprob, entry.top))
                 text, stopped = stops.feed(piece)
@@ -2166,13 +2150,132 @@ class LlamaCppEngine(Engine):
                 vectors.append(self._embed_tokens(tokens[:n_ctx]))
                 total += n_ctx
             else:  # mean over context-sized windows, weighted by their length
-                windows = [tokens[j : j + n_ctx] for j in range(0, len(tokens), n_ctx)]
+                # Each window keeps the sequence's own first and last special tokens ([CLS] and [SEP] for BERT).
+                bos, ends = emb.token_bos(), {emb.token_eos(), emb._model.token_sep()}
+                head = tokens[:1] if tokens[0] == bos else []
+                tail = tokens[-1:] if tokens[-1] in ends else []
+                body = tokens[len(head) : len(tokens) - len(tail)]
+                step = n_ctx - len(head) - len(tail)
+                windows = [head + body[j : j + step] + tail for j in range(0, len(body), step)]
                 parts = [self._embed_tokens(w) for w in windows]
                 mean = [sum(len(w) * v[k] for w, v in zip(windows, parts, strict=True)) for k in range(len(parts[0]))]
                 norm = math.sqrt(sum(x * x for x in mean)) or 1.0
                 vectors.append([x / norm for x in mean])
                 total += len(tokens)
         return vectors, total
+
+
+class _Sampler:
+    """llama.cpp's samplers, run stage by stage over a candidate array of our own.
+
+    Bias and penalties come first, then the sampling proper (greedy, or top-k, top-p, min-p, temperature and a
+    seeded draw). A grammar checks only the token drawn, and constrains the whole array only when it rejects that
+    token, as llama.cpp's server does: that keeps constrained generation near full speed. When the grammar and a
+    bias leave no token at all, `sample` says so, where llama.cpp itself would abort the process.
+    """
+
+    def __init__(self, llama_cpp: Any, llm: Any, p: SamplingParams, last_n: int) -> None:
+        import numpy as np
+        from llama_cpp._internals import LlamaSampler
+
+        self.lc, self.llm = llama_cpp, llm
+        n_vocab = self.n_vocab = llm.n_vocab()
+        self.pre, self.post, self.grammar = LlamaSampler(), LlamaSampler(), None
+        try:
+            if p.logit_bias:
+                bad = next((t for t in p.logit_bias if t >= n_vocab), None)
+                if bad is not None:
+                    raise InvalidRequest(
+                        f"'logit_bias': token id {bad} is not in the model's vocabulary (0..{n_vocab - 1})",
+                        param="logit_bias",
+                    )
+                # -100 is a ban; +100 must beat any logit, yet stay finite so that several +100 tokens still
+                # compete on their own logits.
+                bias = {t: -math.inf if b <= -100 else _FORCE_BIAS if b >= 100 else b for t, b in p.logit_bias.items()}
+                self.pre.add_logit_bias(n_vocab, bias)
+            self.pre.add_penalties(
+                n_vocab,
+                penalty_last_n=last_n,
+                penalty_repeat=1.0 if p.repeat_penalty is None else p.repeat_penalty,
+                penalty_freq=p.frequency_penalty or 0.0,
+                penalty_present=p.presence_penalty or 0.0,
+            )
+            if p.grammar is not None:
+                self.grammar = llama_cpp.llama_sampler_init_grammar(
+                    llm._model.vocab, p.grammar.encode("utf-8"), b"root"
+                )
+                if not self.grammar:
+                    raise InvalidRequest(
+                        "the grammar is not valid GBNF (it needs a 'root' rule, defined names, no left recursion)",
+                        param="grammar",
+                    )
+            temp = 0.8 if p.temperature is None else p.temperature
+            if temp <= 0:
+                self.post.add_greedy()
+            else:
+                # seed 0 is a real seed; 0xFFFFFFFF would mean "random" to llama.cpp.
+                seed = random.getrandbits(32) % 0xFFFFFFFF if p.seed is None else p.seed % 0xFFFFFFFF
+                self.post.add_top_k(40 if p.top_k is None else p.top_k)
+                self.post.add_top_p(0.95 if p.top_p is None else p.top_p, 1)
+                self.post.add_min_p(0.05 if p.min_p is None else p.min_p, 1)
+                self.post.add_temp(temp)
+                self.post.add_dist(seed)
+        except BaseException:
+            self.close()
+            raise
+        row = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
+        self.cand, self.one = np.recarray((n_vocab,), dtype=row), np.recarray((1,), dtype=row)
+        self.ids = np.arange(n_vocab, dtype=np.intc)
+        self.arr = self._array(self.cand)
+        self.one_arr = self._array(self.one)
+
+    def _array(self, rows: Any) -> Any:
+        lc = self.lc
+        return lc.llama_token_data_array(
+            data=rows.ctypes.data_as(lc.llama_token_data_p), size=len(rows), selected=-1, sorted=False
+        )
+
+    def _apply(self, sampler: Any, arr: Any) -> None:
+        self.lc.llama_sampler_apply(sampler, ctypes.byref(arr))
+
+    def _fill(self, logits: Any) -> None:
+        self.cand.id[:] = self.ids
+        self.cand.logit[:] = logits
+        self.cand.p[:] = 0
+        self.arr.size, self.arr.selected, self.arr.sorted = self.n_vocab, -1, False
+        self._apply(self.pre.sampler, self.arr)
+
+    def _draw(self) -> int:
+        self._apply(self.post.sampler, self.arr)
+        return int(self.cand.id[self.arr.selected])
+
+    def sample(self, logits: Any) -> int | None:
+        """The next token for these logits (accepted by every stage), or None when no token is allowed."""
+        import numpy as np
+
+        self._fill(logits)
+        token = self._draw()
+        if self.grammar is not None:
+            self.one.id[0], self.one.logit[0], self.one.p[0] = token, 0.0, 0.0
+            self.one_arr.size, self.one_arr.selected, self.one_arr.sorted = 1, -1, False
+            self._apply(self.grammar, self.one_arr)
+            if not np.isfinite(self.one.logit[0]):
+                self._fill(logits)
+                self._apply(self.grammar, self.arr)
+                if not np.isfinite(self.cand.logit[: self.arr.size]).any():
+                    return None
+                token = self._draw()
+            self.lc.llama_sampler_accept(self.grammar, token)
+        self.pre.accept(token)
+        self.post.accept(token)
+        return token
+
+    def close(self) -> None:
+        self.pre.close()
+        self.post.close()
+        if self.grammar:
+            self.lc.llama_sampler_free(self.grammar)
+            self.grammar = None
 
 
 class _LogprobMarks:
@@ -3998,7 +4101,8 @@ def _tool_plan(tools: Any, tool_choice: Any, parallel: Any) -> _ToolPlan | None:
         return None
     if choice in ("auto", "required"):
         return _ToolPlan(functions, choice, parallel is not False)
-    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    fn = choice.get("function") if isinstance(choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
         raise InvalidRequest(
             "'tool_choice' must be 'none', 'auto', 'required' or "
@@ -4210,7 +4314,10 @@ def _format_grammar(response_format: Any) -> str | None:
             raise InvalidRequest(
                 "'response_format.json_schema' must be an object with a 'name' and a 'schema'", param="response_format"
             )
-        return _json_grammar(spec.get("schema") or {}, "response_format")
+        schema = spec.get("schema", {})
+        if not isinstance(schema, dict):
+            raise InvalidRequest("'response_format.json_schema.schema' must be an object", param="response_format")
+        return _json_grammar(schema, "response_format")
     raise InvalidRequest(
         '\'response_format\' must be {"type": "text"}, {"type": "json_object"} or '
         '{"type": "json_schema", "json_schema": {...}}',
@@ -4282,11 +4389,18 @@ def _engine_failure(exc: Exception, inst: _Instance) -> tuple[bool, APIError]:
     return False, EngineError(f"the engine failed: {exc}", code="engine_error")
 
 
-def _choices(runs: list[Callable[[], Iterator[Chunk]]], first_of_prompt: list[bool]) -> Iterator[Chunk]:
+def _choices(
+    runs: list[Callable[[], Iterator[Chunk]]], first_of_prompt: list[bool], should_stop: _StopCheck = None
+) -> Iterator[Chunk]:
     """Generate choices one after another on one instance, numbering their chunks; the last chunk carries the
-    usage of all of them (each distinct prompt counted once)."""
+    usage of all of them (each distinct prompt counted once). Once should_stop() holds, no further choice starts."""
     total = Usage()
     for i, run in enumerate(runs):
+        if i and should_stop is not None and should_stop():
+            # Out of time (or cancelled): the rest end empty, as a generation cut short ends, with "length".
+            for j in range(i, len(runs)):
+                yield Chunk("", finish_reason="length", usage=total if j == len(runs) - 1 else None, index=j)
+            return
         chunks = run()
         try:
             for ch in chunks:
@@ -4709,7 +4823,7 @@ class ModelServer:
             self,
             cfg,
             _history_key(rendered),
-            lambda e, ss: _choices([functools.partial(r, e, ss) for r in runs], [i == 0 for i in range(n)]),
+            lambda e, ss: _choices([functools.partial(r, e, ss) for r in runs], [i == 0 for i in range(n)], ss),
             "chatcmpl",
             lambda _, raw: _history_key([*rendered, {"role": "assistant", "content": raw}]),
             cancel,
@@ -4762,7 +4876,7 @@ class ModelServer:
             cfg,
             keys[0],
             lambda e, ss: _choices(
-                [functools.partial(r, e, ss) for r in runs], [i % tries == 0 for i in range(len(runs))]
+                [functools.partial(r, e, ss) for r in runs], [i % tries == 0 for i in range(len(runs))], ss
             ),
             "cmpl",
             lambda i, raw: (

@@ -1356,6 +1356,65 @@ def test_embeddings_take_token_arrays(client: openai.OpenAI, tiny_bert: str) -> 
     assert err.value.body["param"] == "input"
 
 
+def test_dead_end_grammars_and_bans_end_cleanly_instead_of_aborting(smollm2: str) -> None:
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model_path=smollm2, vocab_only=True, verbose=False)
+    eog = {t: -100 for t in range(vocab.n_vocab()) if llama_cpp.llama_vocab_is_eog(vocab._model.vocab, t)}
+    boolean = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "boolean"}}}
+    msgs = [{"role": "user", "content": "Say yes as JSON"}]
+    z_tokens = {t: -100 for t in range(vocab.n_vocab()) if vocab.detokenize([t]).startswith(b"z")}
+    with lllms.ModelServer(smol_config(smollm2)) as ms:
+        # The grammar is complete and only EOS could follow, but EOS is banned: the reply ends there.
+        for temperature in (0, 0.7):
+            r = ms.chat("smol", msgs, response_format=boolean, logit_bias=eog, temperature=temperature, seed=1)
+            assert isinstance(json.loads(r.text), bool) and r.finish_reason == "stop"
+        # Nothing is allowed from the start: a 400, and the instance is fine.
+        for grammar, bias in (('root ::= "z"', z_tokens), ('root ::= "\\x00"', {})):
+            with pytest.raises(lllms.InvalidRequest) as err:
+                ms.chat("smol", msgs, grammar=grammar, logit_bias=bias or None, max_tokens=4, temperature=0)
+            assert err.value.param == "grammar"
+        assert ms.chat("smol", CHAT, max_tokens=3).text
+        assert ms.status()["models"]["smol"]["instances"]["busy"] == 0
+
+
+def test_echo_returns_the_prompt_as_sent_with_aligned_logprobs(smollm2: str, tiny_llama_fim: str) -> None:
+    cfg = smol_config(smollm2)
+    cfg["models"]["fim"] = {"task": "text-completion", "file": tiny_llama_fim, "context_size": 128}
+    with lllms.ModelServer(cfg) as ms:
+        for prompt in ("<|im_start|>user\nhi", "Café 日本語 😀 ok"):
+            c = ms.complete("smol", prompt, echo=True, max_tokens=0, logprobs=1)
+            assert c.text == prompt
+            assert "".join(t.text for t in c.choices[0].logprobs) == prompt
+            c = ms.complete("smol", prompt, echo=True, max_tokens=3, temperature=0)
+            assert c.text.startswith(prompt) and len(c.text) > len(prompt)
+        with pytest.raises(lllms.InvalidRequest) as err:
+            ms.complete("fim", "def f(", suffix="return x", echo=True, max_tokens=2)
+        assert err.value.param == "echo"
+
+
+def test_sibling_choices_do_not_fill_the_state_cache(smollm2: str) -> None:
+    with lllms.ModelServer(smol_config(smollm2, state_cache_bytes=64 << 20)) as ms:
+        c = ms.chat("smol", CHAT, n=4, max_tokens=40, temperature=1, seed=2)
+        assert len(c.choices) == 4
+        assert ms.status()["models"]["smol"]["state_cache"]["entries"] == 0
+
+
+def test_cancel_stops_the_remaining_choices(smollm2: str) -> None:
+    with lllms.ModelServer(smol_config(smollm2)) as ms:
+        cancel = threading.Event()
+        stream = ms.complete("smol", ["A", "B", "C"], n=3, max_tokens=20, stream=True, cancel=cancel, temperature=1)
+        with stream:
+            chunks = []
+            for ch in stream:
+                chunks.append(ch)
+                cancel.set()
+        ends = {ch.index: ch.finish_reason for ch in chunks if ch.finish_reason}
+        assert sorted(ends) == list(range(9)) and all(ends[i] == "length" for i in range(1, 9))
+        assert all(not stream.choices[i].text for i in range(1, 9))
+        assert stream.usage is not None and stream.usage.completion_tokens <= 2
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -1379,9 +1438,11 @@ def test_embeddings_take_token_arrays(client: openai.OpenAI, tiny_bert: str) -> 
         ("tools", [{"type": "function", "function": {"name": "bad name!"}}]),
         ("tool_choice", "sometimes"),
         ("tool_choice", {"type": "function", "function": {"name": "missing"}}),
+        ("tool_choice", {"type": "function", "function": "get_weather"}),
         ("parallel_tool_calls", "no"),
         ("response_format", {"type": "xml"}),
         ("response_format", {"type": "json_schema", "json_schema": {"schema": {}}}),
+        ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": []}}),
         ("messages", [{"role": "tool", "content": "x"}]),
     ],
 )

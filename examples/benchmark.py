@@ -728,12 +728,48 @@ def print_turns(result: dict[str, Any]) -> None:
         )
 
 
+def scenario_features(args: argparse.Namespace) -> dict[str, Any]:
+    """Generation speed with the per-token features on vs off, side by side on one instance: a 1,000-token
+    logit_bias, logprobs with 20 alternatives, and a JSON grammar. EOS is banned in every variant, so each
+    generates exactly max_tokens (the grammar variant may finish its object early; its own token count is used)."""
+    threads = os.cpu_count() or 1
+    model = {"task": "text-completion", "file": args.model, "context_size": 2048, "device": {"cpu_threads": threads}}
+    messages = [{"role": "user", "content": "Write a long story about a lighthouse keeper."}]
+    with lllms.ModelServer({"models": {"m": model}}) as server:
+        server.chat("m", messages, max_tokens=1)  # load it
+        ban = {str(t): -100 for t in (0, 1, 2)}  # SmolLM2's <|endoftext|>, <|im_start|>, <|im_end|>
+        big = {**ban, **{str(1000 + 17 * i): -5.0 for i in range(997)}}
+        variants = {
+            "plain": {"logit_bias": ban},
+            "logit_bias (1,000 tokens)": {"logit_bias": big},
+            "logprobs (top 20)": {"logit_bias": ban, "logprobs": 20},
+            "json grammar": {"logit_bias": ban, "grammar": "json"},
+        }
+        rows = {name: [] for name in variants}
+        for _ in range(args.rounds):
+            for name, kw in variants.items():
+                t0 = time.perf_counter()
+                c = server.chat("m", messages, temperature=0.8, seed=1, max_tokens=args.max_tokens, **kw)
+                rows[name].append(c.usage.completion_tokens / (time.perf_counter() - t0))
+    base = statistics.median(rows["plain"])
+    out = [{"variant": k, "tok_s": statistics.median(v), "ratio": statistics.median(v) / base} for k, v in rows.items()]
+    settings = {"model": args.model, "max_tokens": args.max_tokens, "rounds": args.rounds}
+    return {"settings": {**settings, "context_size": 2048, "n_threads": threads}, "rows": out}
+
+
+def print_features(result: dict[str, Any]) -> None:
+    print("generation speed with per-token features (temperature 0.8 here), one instance, medians (ratio to plain)")
+    for r in result["rows"]:
+        print(f"{r['variant']:28} {r['tok_s']:8.1f} tok/s {r['ratio']:6.2f}")
+
+
 SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Callable[[dict[str, Any]], None]]] = {
     "stream": (scenario_stream, print_stream),
     "conversations": (scenario_conversations, print_conversations),
     "turns": (scenario_turns, print_turns),
+    "features": (scenario_features, print_features),
 }
-DEFAULT_MAX_TOKENS = {"stream": 256, "conversations": CONV_MAX_TOKENS, "turns": 16}
+DEFAULT_MAX_TOKENS = {"stream": 256, "conversations": CONV_MAX_TOKENS, "turns": 16, "features": 128}
 
 
 def cpu_busy(seconds: float = 1.0) -> float | None:
