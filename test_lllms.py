@@ -54,13 +54,15 @@ def wait_until(predicate: Any, timeout: float = 20.0, what: str = "condition") -
 def http_request(
     url: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
 ) -> tuple[int, Any, dict[str, str]]:
-    """One request on a fresh connection: (status, parsed JSON body or None, headers)."""
+    """One request on a fresh connection: (status, parsed JSON body (other bodies as text) or None, headers)."""
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     try:
         conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
         resp = conn.getresponse()
         raw = resp.read()
+        if raw and not (resp.getheader("Content-Type") or "").startswith("application/json"):
+            return resp.status, raw.decode(), dict(resp.getheaders())
         return resp.status, json.loads(raw) if raw else None, dict(resp.getheaders())
     finally:
         conn.close()
