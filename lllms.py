@@ -4079,6 +4079,16 @@ def _number(v: float) -> str:
 # ==== 8. HTTP handler and SSE
 
 
+_STDLIB_ERROR_CODES = {
+    400: "bad_request",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    414: "uri_too_long",
+    431: "headers_too_large",
+    503: "shutting_down",
+}
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"lllms/{__version__}"
@@ -4264,12 +4274,21 @@ class _Handler(BaseHTTPRequestHandler):
             code, explain = 408, f"the request did not arrive within read_timeout ({timeout:g}s)"
         elif cut == "shutdown":
             code, explain = 503, "the server is shutting down"
+        elif isinstance(self.rfile, _HeaderReader) and self.rfile.truncated:
+            code = 400
+        elif code == 505:  # HTTP/2 or later on this HTTP/1.1 socket: the client's mistake, not ours
+            code = 400
+        headers = {"Connection": "close"}
+        if code == 501:  # a method no route has
+            code, headers["Allow"] = 405, "GET, HEAD, POST, OPTIONS"
         text = explain or message or HTTPStatus(code).phrase
-        exc = (InvalidRequest if code < 500 else APIError)(text, code=f"http_{code}")
+        exc = (InvalidRequest if code < 500 else APIError)(text, code=_STDLIB_ERROR_CODES.get(code, f"http_{code}"))
         exc.status = code
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # unknown yet (a bad request line): answer in HTTP/1.1 all the same
+            self.request_version = "HTTP/1.1"
         with _suppress(OSError):
-            self._send_json(code, exc.envelope(), {"Connection": "close"})
+            self._send_json(code, exc.envelope(), headers)
         metrics = self.server.model_server._metrics
         metrics.inc("lllms_http_requests_total", {"endpoint": "other", "method": "other", "status": str(code)})
         self._access_log(time.monotonic() - getattr(self, "_t0", time.monotonic()))
@@ -4546,13 +4565,17 @@ class _HeaderReader:
         self._lines = 0
         self._max_lines = max_lines
         self._budget = budget
+        self.truncated = False  # the connection ended (or was cut) before the headers did
 
     def readline(self, limit: int = -1) -> bytes:
         import http.client
 
         line = self._rfile.readline(self._left + 2)  # room for the blank line that ends the headers
-        if line in (b"\r\n", b"\n", b""):
+        if line in (b"\r\n", b"\n"):
             return line
+        if not line.endswith(b"\n") and len(line) <= self._left:
+            self.truncated = True
+            raise http.client.HTTPException("the request headers ended early")
         self._left -= len(line)
         self._lines += 1
         if self._left < 0:

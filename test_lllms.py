@@ -2787,3 +2787,183 @@ def test_http_server_context_manager_without_start_exits(tiny_llama: str) -> Non
     with lllms.HTTPServer(ms, "127.0.0.1", 0):
         pass  # never started: leaving must not wait for a serve loop that never ran
     assert ms.status()["state"] == "stopped"
+
+
+# ==== hardening: limits, robust parsing, connections, drain, health, metrics, abuse
+
+
+TINY_LIMITS = {
+    "concurrency": 2,
+    "max_json_depth": 16,
+    "max_messages": 8,
+    "max_request_chars": 4000,
+    "max_header_bytes": 4096,
+    "max_headers": 20,
+    "request_timeout": 20,
+}
+
+
+def tiny_config(tiny_llama: str, tiny_bert: str | None = None, **server: Any) -> dict[str, Any]:
+    """tiny_llama as "tiny" (max_tokens_limit 8) and, given, tiny_bert as "bert", under TINY_LIMITS."""
+    models: dict[str, Any] = {
+        "tiny": {"task": "text-completion", "file": tiny_llama, "context_size": 64, "max_tokens_limit": 8}
+    }
+    if tiny_bert is not None:
+        models["bert"] = {"task": "embedding", "file": tiny_bert}
+    return {**TINY_LIMITS, **server, "models": models}
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_llama: str, tiny_bert: str) -> Iterator[lllms.HTTPServer]:
+    config = tiny_config(tiny_llama, tiny_bert)
+    config["models"]["tiny"]["max_instances"] = 2
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        yield server
+
+
+def address(server: lllms.HTTPServer) -> tuple[str, int]:
+    host, port = server.url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Read one response with a Content-Length body (or up to EOF) from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"connection closed mid-response: {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k: v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    status = int(lines[0].split()[1])
+    if status < 200:  # an interim response: no body
+        return status, headers, body
+    length = int(headers.get("Content-Length", "-1"))
+    while length < 0 or len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return status, headers, body
+
+
+def exchange(server: lllms.HTTPServer, data: bytes) -> tuple[int, dict[str, str], Any]:
+    """Send raw bytes on a fresh connection and read one response: (status, headers, JSON body)."""
+    with socket.create_connection(address(server), timeout=30) as sock:
+        sock.sendall(data)
+        status, headers, body = read_response(sock)
+    return status, headers, json.loads(body) if body else None
+
+
+def tiny_body(**fields: Any) -> bytes:
+    return json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 2, **fields}).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "status", "param", "code"),
+    [
+        (b'{"model": "tiny", "prompt": "caf\xe9"}', "application/json", 400, None, "invalid_json"),
+        (b"\xff\xfe{\x00}\x00", "application/json", 400, None, "invalid_json"),
+        (b'"just a string"', "application/json", 400, None, "invalid_json"),
+        (b"null", "application/json", 400, None, "invalid_json"),
+        (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "application/json", 400, None, "invalid_json"),
+        (b'{"a": ' + b"[" * 20 + b"]" * 20 + b"}", "application/json", 400, "a", "invalid_json"),
+        (b'{"model": "tiny", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", "application/json", 400, None, None),
+        (b'{"model": "tiny", "prompt": "x", "seed": 99999999999999999999999}', "application/json", 400, None, None),
+        (b'{"model": "tiny", "prompt": "x", "temperature": 1e999}', "application/json", 400, None, "invalid_json"),
+        (b'{"model": "tiny", "prompt": "x", "temperature": NaN}', "application/json", 400, None, "invalid_json"),
+        (b'{"model": "tiny", "prompt": "x", "temperature": -Infinity}', "application/json", 400, None, "invalid_json"),
+        (b'{"model": "tiny", "prompt": "\\ud800"}', "application/json", 400, "prompt", "invalid_json"),
+        (tiny_body(), "text/plain", 415, None, "unsupported_media_type"),
+        (tiny_body(), "application/x-www-form-urlencoded", 415, None, "unsupported_media_type"),
+        (tiny_body(), "application/json; charset=latin-1", 415, None, "unsupported_media_type"),
+        (tiny_body(prompt="x" * 4001), "application/json", 400, "prompt", "request_too_large"),
+        (
+            json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}] * 9}).encode(),
+            "application/json",
+            400,
+            "messages",
+            "too_many_messages",
+        ),
+        (tiny_body(max_tokens=9), "application/json", 400, "max_tokens", "max_tokens_exceeded"),
+    ],
+)
+def test_bad_bodies_get_a_4xx_envelope(
+    tiny_server: lllms.HTTPServer, body: bytes, ctype: str, status: int, param: str | None, code: str | None
+) -> None:
+    got, payload, headers = http_request(tiny_server.url, "POST", "/v1/completions", body, {"Content-Type": ctype})
+    assert got == status, payload
+    assert headers["Content-Type"] == "application/json"
+    assert_envelope(payload, param=param, code=code)
+
+
+def test_json_content_type_variants_and_a_missing_one_are_accepted(tiny_server: lllms.HTTPServer) -> None:
+    for ctype in ("application/json", "Application/JSON; charset=UTF-8", 'application/json;charset="utf-8"'):
+        status, payload, _ = http_request(
+            tiny_server.url, "POST", "/v1/completions", tiny_body(), {"Content-Type": ctype}
+        )
+        assert status == 200, (ctype, payload)
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+    status, _, payload = exchange(tiny_server, head % len(tiny_body()) + tiny_body())
+    assert status == 200 and payload["object"] == "text_completion"
+
+
+def test_framing_errors_get_a_4xx_envelope(tiny_server: lllms.HTTPServer) -> None:
+    post = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    cases = [
+        (post + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\n{}", 400, "invalid_content_length"),
+        (post + b"Content-Length: +5\r\n\r\n{}", 400, "invalid_content_length"),
+        (post + b"Transfer-Encoding: gzip\r\n\r\n", 411, "length_required"),
+        (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n", 414, "uri_too_long"),
+        (b"GET /health HTTP/1.1\r\n" + b"X-Big: " + b"b" * 5000 + b"\r\n\r\n", 431, "headers_too_large"),
+        (b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(21)) + b"\r\n", 431, None),
+        (b"GET /health HTTP/9.9\r\n\r\n", 400, "bad_request"),
+        (b"GET /health HTTP/2.0\r\n\r\n", 400, "bad_request"),
+        (b"NONSENSE\r\n\r\n", 400, "bad_request"),
+        (b"BREW /v1/models HTTP/1.1\r\n\r\n", 405, "method_not_allowed"),
+    ]
+    for data, status, code in cases:
+        got, headers, payload = exchange(tiny_server, data)
+        assert got == status, (data[:60], got, payload)
+        assert_envelope(payload, code=code)
+        assert headers["Content-Type"] == "application/json"
+
+
+def test_expect_100_continue(tiny_server: lllms.HTTPServer) -> None:
+    body = tiny_body()
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nExpect: 100-continue\r\n"
+        b"Content-Length: %d\r\n\r\n"
+    )
+    with socket.create_connection(address(tiny_server), timeout=30) as sock:
+        sock.sendall(head % (b"application/json", len(body)))
+        status, _, _ = read_response(sock)
+        assert status == 100  # only now does the client send its body
+        sock.sendall(body)
+        status, _, payload = read_response(sock)
+        assert status == 200 and json.loads(payload)["usage"]["completion_tokens"] <= 2
+    # Headers that already fail get the refusal instead of a 100, and the body is never needed.
+    with socket.create_connection(address(tiny_server), timeout=30) as sock:
+        sock.sendall(head % (b"text/plain", len(body)))
+        status, _, payload = read_response(sock)
+        assert status == 415
+        assert_envelope(json.loads(payload), code="unsupported_media_type")
+        assert sock.recv(1) == b""  # and the connection closes, since the body may still come
+
+
+def test_max_tokens_limit_is_enforced_by_the_model_server(tiny_llama: str) -> None:
+    with lllms.ModelServer(tiny_config(tiny_llama)) as ms:
+        with pytest.raises(lllms.InvalidRequest) as exc:
+            ms.chat("tiny", CHAT, max_tokens=9)
+        assert exc.value.param == "max_tokens" and exc.value.status == 400
+        with pytest.raises(lllms.InvalidRequest):
+            ms.complete("tiny", "hello", max_tokens=100, stream=True)
+        # Without max_tokens the limit is the default: the tiny model never stops on its own.
+        assert ms.complete("tiny", "hello", temperature=0).usage.completion_tokens == 8
+        assert ms.chat("tiny", CHAT, max_tokens=8).usage.completion_tokens <= 8
+    with pytest.raises(lllms.ConfigError, match="above max_tokens_limit"):
+        lllms.load_config(
+            {"models": {"m": {**tiny_config(tiny_llama)["models"]["tiny"], "completion_defaults": {"max_tokens": 9}}}}
+        )
