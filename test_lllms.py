@@ -13,6 +13,8 @@ import itertools
 import json
 import math
 import os
+import re
+import select
 import signal
 import socket
 import struct
@@ -22,6 +24,7 @@ import threading
 import time
 import typing
 from collections.abc import Iterator
+from contextlib import suppress as contextlib_suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -2858,7 +2861,7 @@ def exchange(server: lllms.HTTPServer, data: bytes) -> tuple[int, dict[str, str]
 
 
 def tiny_body(**fields: Any) -> bytes:
-    return json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 2, **fields}).encode()
+    return json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 2, "temperature": 0, **fields}).encode()
 
 
 @pytest.mark.parametrize(
@@ -2967,3 +2970,328 @@ def test_max_tokens_limit_is_enforced_by_the_model_server(tiny_llama: str) -> No
         lllms.load_config(
             {"models": {"m": {**tiny_config(tiny_llama)["models"]["tiny"], "completion_defaults": {"max_tokens": 9}}}}
         )
+
+
+def conn_threads() -> int:
+    return sum(1 for t in threading.enumerate() if t.name == "lllms-conn")
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_connections_past_max_connections_get_a_quick_503(tiny_llama: str, no_thread_leaks: None) -> None:
+    config = tiny_config(tiny_llama, max_connections=3)
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        held = [socket.create_connection(address(server), timeout=30) for _ in range(3)]
+        wait_until(lambda: len(server._httpd.conns) == 3, what="3 connections registered")
+        with socket.create_connection(address(server), timeout=30) as sock:
+            status, headers, body = read_response(sock)  # answered without sending anything: no thread read it
+            assert status == 503 and headers["Retry-After"] == "1" and headers["Connection"] == "close"
+            assert_envelope(json.loads(body), code="too_many_connections")
+            assert sock.recv(1) == b""
+        assert conn_threads() == 3
+        held.pop().close()
+        wait_until(lambda: len(server._httpd.conns) == 2, what="a connection to end")
+        status, _, _ = http_request(server.url, "GET", "/health")
+        assert status == 200
+        for sock in held:
+            sock.close()
+        metrics = http_request(server.url, "GET", "/metrics")[1]
+        assert "lllms_http_connections_refused_total 1" in metrics
+
+
+def test_slowloris_connections_are_dropped_and_others_served(tiny_llama: str, no_thread_leaks: None) -> None:
+    """50 connections send their headers a byte at a time, never finishing. A normal client is served meanwhile,
+    and each slow one is cut at read_timeout with a 408 (or just closed), never held longer."""
+    config = tiny_config(tiny_llama, read_timeout=1.0, idle_timeout=1.0)
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        slow = [socket.create_connection(address(server), timeout=30) for _ in range(50)]
+        idle = [socket.create_connection(address(server), timeout=30) for _ in range(5)]  # never send a byte
+        for sock in slow + idle:
+            sock.setblocking(False)
+        header = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"z" * 10_000
+        sent = dict.fromkeys(slow, 0)
+        answers: dict[socket.socket, bytes] = {}
+        served = False
+        deadline = time.monotonic() + 30
+        while len(answers) < len(slow) + len(idle):
+            assert time.monotonic() < deadline, f"{len(slow) + len(idle) - len(answers)} connections still open"
+            for sock in slow:
+                if sock not in answers:
+                    with contextlib_suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
+                        sent[sock] += sock.send(header[sent[sock] : sent[sock] + 1])
+            if not served and min(sent.values()) >= 5:
+                # Every slow connection is open and part way through its headers: a normal client is served.
+                status, payload, _ = post_raw(server.url, "/v1/completions", tiny_body())
+                assert status == 200 and payload["choices"][0]["text"] is not None
+                served = True
+            # Wait for answers (or closes), about a byte every 20 ms per connection.
+            readable, _, _ = select.select([s for s in slow + idle if s not in answers], [], [], 0.02)
+            for sock in readable:
+                try:
+                    answers[sock] = sock.recv(65536) or b"<closed>"
+                except ConnectionResetError:
+                    answers[sock] = b"<reset>"
+        assert served
+        for sock in slow:
+            answer = answers[sock]
+            assert answer.startswith(b"HTTP/1.1 408 ") or answer in (b"<closed>", b"<reset>"), answer[:80]
+            assert sent[sock] < 2000  # cut after about a second, not when the header ended
+        assert sum(answers[s].startswith(b"HTTP/1.1 408 ") for s in slow) >= 40
+        assert all(answers[s] in (b"<closed>", b"<reset>") for s in idle)  # idle past idle_timeout: closed
+        for sock in slow + idle:
+            sock.close()
+        wait_until(lambda: not server._httpd.conns, what="all connections to end")
+        status, _, _ = http_request(server.url, "GET", "/health")
+        assert status == 200
+
+
+def test_stop_ends_idle_keepalive_connections_and_leaks_nothing(tiny_llama: str, no_thread_leaks: None) -> None:
+    fds = open_fds()
+    server = lllms.start_http_server(tiny_config(tiny_llama, idle_timeout=300), host="127.0.0.1", port=0)
+    conns = []
+    for _ in range(3):  # each served once, then idle in keep-alive
+        conn = http.client.HTTPConnection(*address(server), timeout=30)
+        conn.request("POST", "/v1/completions", body=tiny_body(), headers={"Content-Type": "application/json"})
+        assert conn.getresponse().read()
+        conns.append(conn)
+    assert conn_threads() == 3
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < 5  # not idle_timeout
+    assert conn_threads() == 0 and not server._httpd.conns
+    assert [t.name for t in threading.enumerate() if t.name.startswith("lllms")] == []
+    for conn in conns:
+        conn.close()
+    assert open_fds() <= fds
+
+
+def hold_at(n: int, reached: threading.Event, gate: threading.Event, abort: threading.Event | None = None) -> Any:
+    """An engine stream hook: the generation pauses before its chunk n until `gate` (or `abort`) is set."""
+
+    def hook(chunks: Iterator[lllms.Chunk]) -> Iterator[lllms.Chunk]:
+        try:
+            for i, chunk in enumerate(chunks):
+                if i == n:
+                    reached.set()
+                    deadline = time.monotonic() + 30
+                    while not gate.wait(0.01) and not (abort is not None and abort.is_set()):
+                        assert time.monotonic() < deadline, "the test never opened the gate"
+                yield chunk
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    return hook
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def sse_data(raw: bytes) -> list[Any]:
+    """The data of each SSE event in a raw chunked response ("[DONE]" as a string)."""
+    events = re.findall(rb"data: (.*?)\n\n", raw)
+    return [e.decode() if e == b"[DONE]" else json.loads(e) for e in events]
+
+
+def test_drain_finishes_running_streams_and_refuses_new_requests(
+    tiny_llama: str, engine_hooks: Any, no_thread_leaks: None
+) -> None:
+    reached, gate = threading.Event(), threading.Event()
+    engine_hooks.stream = hold_at(2, reached, gate)
+    server = lllms.start_http_server(tiny_config(tiny_llama), host="127.0.0.1", port=0)
+    url = server.url
+    stream = raw_post(
+        url,
+        "/v1/completions",
+        {
+            "model": "tiny",
+            "prompt": "hello",
+            "max_tokens": 8,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    assert reached.wait(30)
+    idle = http.client.HTTPConnection(*address(server), timeout=30)
+    idle.request("GET", "/health")
+    assert idle.getresponse().read()  # served, then idle in keep-alive
+    stopper = threading.Thread(target=server.stop, kwargs={"grace": 60})
+    stopper.start()
+    wait_until(lambda: server.model_server.state == "draining", what="draining")
+    status, payload, headers = http_request(url, "GET", "/health")
+    assert status == 503 and headers["Retry-After"]
+    assert_envelope(payload, code="draining")
+    status, payload, headers = post_raw(url, "/v1/completions", tiny_body())
+    assert status == 503 and int(headers["Retry-After"]) >= 1
+    assert_envelope(payload, code="shutting_down")
+    with pytest.raises((http.client.HTTPException, OSError)):  # the idle keep-alive connection was closed
+        idle.request("GET", "/health")
+        idle.getresponse()
+    idle.close()
+    assert stopper.is_alive()  # still waiting for the running stream
+    gate.set()
+    events = sse_data(read_to_eof(stream))
+    stream.close()
+    assert events[-1] == "[DONE]"
+    assert events[-2]["usage"]["completion_tokens"] == 8  # finished, not cut short
+    assert events[-3]["choices"][0]["finish_reason"] == "length"
+    stopper.join(30)
+    assert not stopper.is_alive()
+    status = server.model_server.status()
+    assert status["state"] == "stopped" and status["instances"] == []
+
+
+def test_drain_past_its_grace_cuts_generation_short(tiny_llama: str, engine_hooks: Any, no_thread_leaks: None) -> None:
+    reached, gate = threading.Event(), threading.Event()
+    server = lllms.start_http_server(tiny_config(tiny_llama), host="127.0.0.1", port=0)
+    engine_hooks.stream = hold_at(2, reached, gate, abort=server.model_server._pool.abort)
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 8, "temperature": 0, "stream": True}
+    stream = raw_post(server.url, "/v1/completions", body)
+    assert reached.wait(30)
+    server.stop(grace=0.2)  # the gate never opens: the grace ends the generation
+    events = sse_data(read_to_eof(stream))
+    stream.close()
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+    assert len(events) - 1 < 8
+    assert server.model_server.status()["instances"] == []
+
+
+def test_health_is_503_while_starting(tiny_llama: str, engine_hooks: Any, no_thread_leaks: None) -> None:
+    loading, gate = threading.Event(), threading.Event()
+    engine_hooks.before_load = lambda: (loading.set(), gate.wait(30))
+    config = tiny_config(tiny_llama)
+    config["models"]["tiny"]["min_instances"] = 1
+    ms = lllms.ModelServer(config)
+    server = lllms.HTTPServer(ms, "127.0.0.1", 0).start()
+    try:
+        starter = threading.Thread(target=ms.start)
+        starter.start()
+        assert loading.wait(30)
+        status, payload, headers = http_request(server.url, "GET", "/health")
+        assert status == 503 and headers["Retry-After"] == "1"
+        assert_envelope(payload, code="starting")
+        status, payload, headers = post_raw(server.url, "/v1/completions", tiny_body())
+        assert status == 503 and headers["Retry-After"]
+        gate.set()
+        starter.join(30)
+        assert http_request(server.url, "GET", "/health")[:2] == (200, {"status": "ok"})
+        assert post_raw(server.url, "/v1/completions", tiny_body())[0] == 200
+    finally:
+        gate.set()
+        server.stop()
+
+
+def test_engine_fault_mid_stream_is_an_sdk_error_and_the_next_request_succeeds(
+    tiny_llama: str, engine_hooks: Any
+) -> None:
+    def fail_once(chunks: Iterator[lllms.Chunk]) -> Iterator[lllms.Chunk]:
+        engine_hooks.stream = None  # the next generation runs as it should
+        for i, chunk in enumerate(chunks):
+            if i == 1:
+                raise RuntimeError("injected engine fault")
+            yield chunk
+
+    with lllms.start_http_server(tiny_config(tiny_llama), host="127.0.0.1", port=0) as server:
+        sdk = _sdk(server)
+        engine_hooks.stream = fail_once
+        got = []
+        with pytest.raises(openai.APIError, match="injected engine fault") as exc:
+            for chunk in sdk.completions.create(model="tiny", prompt="hello", max_tokens=8, stream=True, temperature=0):
+                got.append(chunk)
+        assert got and exc.value.code == "engine_error"  # raised mid-stream, after real chunks
+        (first,) = server.model_server.status()["instances"] or [None]
+        assert first is None  # the faulty instance was disposed
+        r = sdk.completions.create(model="tiny", prompt="hello", max_tokens=4, temperature=0)
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4
+        engine_hooks.stream = fail_once  # and without streaming: a 500 in the envelope
+        status, payload, _ = post_raw(server.url, "/v1/completions", tiny_body(max_tokens=8))
+        assert status == 500
+        assert_envelope(payload, code="engine_error")
+        assert post_raw(server.url, "/v1/completions", tiny_body())[0] == 200
+        assert server.model_server.status()["concurrency"]["running"] == 0
+
+
+_SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)')
+
+
+def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Samples of a Prometheus text exposition, checking its grammar, TYPE lines and histogram buckets."""
+    assert text.endswith("\n")
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    types: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            types[name] = kind
+            continue
+        if line.startswith("# HELP ") or not line:
+            continue
+        m = _SAMPLE.fullmatch(line)
+        assert m, f"not a sample line: {line!r}"
+        labels = tuple(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', m[2] or ""))
+        family = re.sub(r"_(bucket|sum|count)$", "", m[1]) if m[1] not in types else m[1]
+        assert family in types, f"{m[1]} has no TYPE line"
+        samples[(m[1], labels)] = float(m[3])
+    for (name, labels), count in samples.items():
+        if name.endswith("_count") and types.get(name[: -len("_count")]) == "histogram":
+            buckets = [v for (n, lb), v in samples.items() if n == name[:-6] + "_bucket" and lb[:-1] == labels]
+            assert buckets == sorted(buckets) and buckets[-1] == count
+    return samples
+
+
+def test_metrics_count_requests_tokens_and_times(tiny_server: lllms.HTTPServer) -> None:
+    url = tiny_server.url
+
+    def metrics() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        status, text, headers = http_request(url, "GET", "/metrics")
+        assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return parse_metrics(text)
+
+    def moved(after: Any, before: Any, name: str, **labels: str) -> float:
+        key = (name, tuple(labels.items()))
+        return after.get(key, 0) - before.get(key, 0)
+
+    before = metrics()
+    sdk = _sdk(tiny_server)
+    prompt = "hello world, the world is on hello"
+    a = sdk.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0)
+    b = sdk.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3, temperature=0)
+    streamed = list(
+        sdk.completions.create(
+            model="tiny", prompt=prompt, max_tokens=5, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    e = sdk.embeddings.create(model="bert", input=["hello world", "hi"])
+    assert http_request(url, "GET", "/nope")[0] == 404
+    after = metrics()
+    completions = {"endpoint": "/openai/v1/completions", "method": "POST", "status": "200"}
+    assert moved(after, before, "lllms_http_requests_total", **completions) == 2
+    assert moved(after, before, "lllms_http_requests_total", endpoint="other", method="GET", status="404") == 1
+    assert moved(after, before, "lllms_http_request_duration_seconds_count", endpoint="/openai/v1/completions") == 2
+    assert moved(after, before, "lllms_time_to_first_token_seconds_count", model="tiny") == 3
+    out = a.usage.completion_tokens + b.usage.completion_tokens + (streamed[-1].usage.completion_tokens or 0)
+    assert moved(after, before, "lllms_completion_tokens_total", model="tiny") == out > 0
+    prompt_in = a.usage.prompt_tokens + b.usage.prompt_tokens + streamed[-1].usage.prompt_tokens
+    assert moved(after, before, "lllms_prompt_tokens_total", model="tiny") == prompt_in
+    assert moved(after, before, "lllms_prompt_tokens_total", model="bert") == e.usage.prompt_tokens > 0
+    # The streamed request repeated the first one's prompt on an instance that held it.
+    assert moved(after, before, "lllms_cached_prompt_tokens_total", model="tiny") > 0
+    assert after[("lllms_up", ())] == 1 and after[("lllms_queue_length", ())] == 0
+    assert after[("lllms_requests_running", ())] == 0
+    assert after[("lllms_instances", (("model", "tiny"), ("state", "busy")))] == 0
+    assert after[("lllms_instances", (("model", "tiny"), ("state", "idle")))] >= 1
+    assert after[("lllms_http_connections", ())] >= 1  # the scrape's own
+
+
+def test_metrics_count_download_bytes(file_server: FileServer, tiny: Hosted) -> None:
+    with lllms.ModelServer(dl_config(tiny, prepare="blocking")) as ms:
+        samples = parse_metrics(ms.metrics())
+        assert samples[("lllms_download_bytes_total", (("model", "m"),))] == len(tiny.data)
