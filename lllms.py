@@ -1707,6 +1707,10 @@ class LlamaCppEngine(Engine):
                 return
             self.llm = self._construct(llama_cpp, n_ctx=self.model.context_size or 0)
             self._default_last_n = self.llm.last_n_tokens_size
+            # llama.cpp pads a context past the size asked for, but llama-cpp-python sizes its token buffer by the
+            # request: a prompt reaching past that end crashed the engine. The buffer gets the real size.
+            if len(self.llm.input_ids) < self.llm.n_ctx():
+                self.llm.input_ids.resize(self.llm.n_ctx(), refcheck=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise Unavailable(f"model '{self.model.id}' failed to load: {exc}", code="model_load_failed") from exc
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
