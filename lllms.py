@@ -1837,6 +1837,10 @@ class LlamaCppEngine(Engine):
     ) -> Iterator[Chunk]:
         llama_cpp = self._import()
         llm = self.llm
+        if not tokens:  # an empty prompt: llama-cpp-python cannot sample from nothing, so start from BOS
+            if llm.token_bos() < 0:
+                raise InvalidRequest("the prompt is empty", param=param, code="empty_prompt")
+            tokens = [llm.token_bos()]
         n_ctx = llm.n_ctx()
         if len(tokens) >= n_ctx:
             raise InvalidRequest(
