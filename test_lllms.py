@@ -7,6 +7,7 @@ A fake engine appears only in pool-logic unit tests, where it makes scheduling d
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import http.client
 import itertools
@@ -30,7 +31,7 @@ from typing import Any
 
 import openai
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -3295,3 +3296,181 @@ def test_metrics_count_download_bytes(file_server: FileServer, tiny: Hosted) -> 
     with lllms.ModelServer(dl_config(tiny, prepare="blocking")) as ms:
         samples = parse_metrics(ms.metrics())
         assert samples[("lllms_download_bytes_total", (("model", "m"),))] == len(tiny.data)
+
+
+_POST_PATHS = [p for p, methods in lllms._Handler._ROUTES.items() if "POST" in methods]
+_json_leaf = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+_json = st.recursive(
+    _json_leaf,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    max_leaves=12,
+)
+_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "developer", "tool"]) | _json},
+    optional={"content": st.text(max_size=40) | _json, "name": _json, "tool_calls": _json},
+)
+_request = st.fixed_dictionaries(
+    {"model": st.sampled_from(["tiny", "bert", "nope", ""]) | _json},
+    optional={
+        "messages": st.lists(_message, max_size=10) | _json,
+        "prompt": st.text(max_size=60) | st.lists(st.text(max_size=10), max_size=3) | _json,
+        "input": st.text(max_size=60) | st.lists(st.text(max_size=10), max_size=10) | _json,
+        "max_tokens": st.integers(-3, 12) | _json,
+        "max_completion_tokens": st.integers(-3, 12) | _json,
+        "temperature": st.floats(-1, 3) | _json,
+        "top_p": _json,
+        "top_k": st.integers(-5, 2**40),
+        "seed": st.integers(-(2**64), 2**65),
+        "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=20) | _json,
+        "stream": st.booleans() | _json,
+        "stream_options": st.fixed_dictionaries({"include_usage": _json}) | _json,
+        "n": _json,
+        "logit_bias": _json,
+        "encoding_format": st.sampled_from(["float", "base64", "int8"]) | _json,
+        "dimensions": st.integers(-2, 100) | _json,
+        "timeout": _json,
+        "user": _json,
+        "frobnicate": _json,
+    },
+)
+_sampling = {
+    "max_tokens": st.integers(0, 8),
+    "temperature": st.floats(0, 2),
+    "seed": st.integers(0, 2**32),
+    "stop": st.lists(st.text(min_size=1, max_size=3), max_size=3),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+}
+_valid = {
+    "chat": st.fixed_dictionaries(
+        {
+            "model": st.just("tiny"),
+            "messages": st.lists(
+                st.fixed_dictionaries(
+                    {"role": st.sampled_from(["user", "system", "assistant"]), "content": st.text(max_size=40)}
+                ),
+                min_size=1,
+                max_size=4,
+            ),
+        },
+        optional=_sampling,
+    ),
+    "completions": st.fixed_dictionaries(
+        {"model": st.just("tiny"), "prompt": st.text(max_size=60)}, optional=_sampling
+    ),
+    "embeddings": st.fixed_dictionaries(
+        {
+            "model": st.just("bert"),
+            "input": st.text(max_size=60) | st.lists(st.text(max_size=20), min_size=1, max_size=4),
+        },
+        optional={"encoding_format": st.sampled_from(["float", "base64"])},
+    ),
+}
+
+
+def _nearly_valid(path: str) -> st.SearchStrategy[bytes]:
+    """A valid request for the endpoint, as often as not with one field replaced by random JSON."""
+    base = _valid["chat" if "/chat/" in path else path.rsplit("/", 1)[-1]]
+    keys = st.sampled_from([*_sampling, "model", "messages", "prompt", "input", "encoding_format", "dimensions"])
+    return st.tuples(base, st.dictionaries(keys, _json, max_size=1)).map(
+        lambda t: json.dumps({**t[0], **t[1]}, ensure_ascii=False).encode()
+    )
+
+
+_bodies = st.one_of(
+    _request.map(lambda r: json.dumps(r).encode()),
+    _request.map(lambda r: json.dumps(r, ensure_ascii=False).encode()).flatmap(
+        lambda raw: st.tuples(st.integers(0, max(0, len(raw) - 1)), st.binary(min_size=1, max_size=3)).map(
+            lambda cut: raw[: cut[0]] + cut[1] + raw[cut[0] :]  # stray bytes: often bad UTF-8 or bad JSON
+        )
+    ),
+    _json.map(lambda v: json.dumps(v).encode()),
+    st.binary(max_size=300),
+    st.integers(1, 50_000).map(lambda n: b'{"model": "tiny", "prompt": ' + b"[" * n + b"]" * n + b"}"),
+    st.integers(0, 10_000).map(lambda n: json.dumps({"model": "tiny", "prompt": "hello " * n}).encode()),
+    st.sampled_from(
+        [
+            b'{"model": "tiny", "prompt": "x", "max_tokens": 1e999}',
+            b'{"model": "tiny", "prompt": "x", "temperature": NaN}',
+            b'{"model": "tiny", "prompt": "x", "seed": Infinity}',
+            b'{"model": "tiny", "prompt": "x", "seed": ' + b"7" * 5000 + b"}",
+            b'{"model": "tiny", "prompt": "x", "top_p": 0.' + b"1" * 5000 + b"}",
+            b'{"model": "tiny", "prompt": "\\udfff"}',
+            b'{"model": "bert", "input": ["\\ud800\\u0000"]}',
+            b'{"model": "tiny", "prompt": "\\u0000"}',
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "\\u0000\\ufffe"}]}',
+            b"\xef\xbb\xbf{}",
+            b"",
+        ]
+    ),
+)
+
+
+def test_fuzzed_bodies_never_get_a_5xx_or_hang(tiny_llama: str, tiny_bert: str) -> None:
+    """Thousands of generated bodies (random JSON, wrong types, huge strings, bad UTF-8) to every POST endpoint:
+    each gets an answer within its socket deadline, never a 5xx; afterwards a valid request is served and no
+    instance is stuck."""
+    config = tiny_config(tiny_llama, tiny_bert, request_timeout=5)
+    seen: collections.Counter[int] = collections.Counter()
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        host, port = address(server)
+        paths = st.sampled_from(_POST_PATHS + [p.replace("/openai", "") for p in _POST_PATHS])
+
+        @settings(
+            max_examples=1500,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(request=paths.flatmap(lambda p: st.tuples(st.just(p), st.one_of(_nearly_valid(p), _bodies))))
+        def post(request: tuple[str, bytes]) -> None:
+            path, body = request
+            conn = http.client.HTTPConnection(host, port, timeout=20)  # the deadline: a hang fails here
+            try:
+                conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                raw = resp.read()
+            finally:
+                conn.close()
+            seen[resp.status] += 1
+            assert resp.status < 500, (resp.status, raw[:300])
+            if resp.status >= 400:
+                assert_envelope(json.loads(raw))
+            elif resp.getheader("Content-Type") == "text/event-stream":
+                assert raw.endswith(b"data: [DONE]\n\n"), raw[-300:]
+                assert b'"server_error"' not in raw, raw[-300:]
+            else:
+                assert json.loads(raw)["object"] in ("text_completion", "chat.completion", "list")
+
+        post()
+        assert seen[200] > 0 and seen[400] > 0, seen  # the fuzzing reached the engines as well as the checks
+        status, payload, _ = post_raw(server.url, "/v1/chat/completions", tiny_body(messages=CHAT, prompt=None))
+        assert status == 400  # both prompt and messages: a 400, still
+        body = json.dumps({"model": "tiny", "messages": CHAT, "max_tokens": 3}).encode()
+        status, payload, _ = post_raw(server.url, "/v1/chat/completions", body)
+        assert status == 200 and payload["choices"][0]["message"]["role"] == "assistant"
+        status = server.model_server.status()
+        assert status["concurrency"]["running"] == 0 and status["concurrency"]["queued"] == 0
+        assert all(i["state"] == "idle" for i in status["instances"]), status["instances"]
+
+
+def test_prompt_past_a_small_context_size_after_a_cached_prefix(tiny_llama: str) -> None:
+    """Found by the fuzz test: llama.cpp pads a small context_size (to 256), but llama-cpp-python's token buffer
+    kept the size asked for (64); a prompt reaching past that, after a cached prefix, crashed the engine."""
+    with lllms.ModelServer(tiny_config(tiny_llama)) as ms:
+        first = "the " * 48
+        assert 40 < ms.complete("tiny", first, max_tokens=1).usage.prompt_tokens < 60
+        longer = ms.complete("tiny", first + "q" * 20, max_tokens=1)  # a byte-level token per q: past 64
+        assert longer.usage.prompt_tokens > 64 and longer.usage.cached_tokens > 40
+        with pytest.raises(lllms.InvalidRequest) as exc:
+            ms.complete("tiny", first + "q" * 250, max_tokens=1)
+        assert exc.value.code == "context_length_exceeded"
+        assert ms.complete("tiny", first, max_tokens=1).usage.cached_tokens > 0  # the instance is sound
+
+
+def test_empty_prompt_starts_from_bos(tiny_llama: str) -> None:
+    """Found by the fuzz test: an empty prompt (no BOS added by this model) failed llama-cpp-python's sampler."""
+    with lllms.ModelServer(tiny_config(tiny_llama)) as ms:
+        c = ms.complete("tiny", "", max_tokens=2, temperature=0)
+        assert c.usage.prompt_tokens == 1 and c.usage.completion_tokens == 2
+        assert ms.status()["instances"][0]["state"] == "idle"
