@@ -3474,3 +3474,118 @@ def test_empty_prompt_starts_from_bos(tiny_llama: str) -> None:
         c = ms.complete("tiny", "", max_tokens=2, temperature=0)
         assert c.usage.prompt_tokens == 1 and c.usage.completion_tokens == 2
         assert ms.status()["instances"][0]["state"] == "idle"
+
+
+def test_load_of_32_mixed_clients_against_a_small_queue(tiny_llama: str, no_thread_leaks: None) -> None:
+    """32 clients at once, mixing streaming, non-streaming and hanging up mid-stream, against concurrency 2 and
+    max_queue 8: every answer is a success or a 503 with Retry-After, nothing hangs, and afterwards every instance
+    is idle and the server's threads are back to what they were."""
+    config = tiny_config(tiny_llama, concurrency=2, max_queue=8)
+    config["models"]["tiny"].update(max_instances=2, max_tokens_limit=None)
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        baseline = threading.active_count()
+        outcomes: collections.Counter[str] = collections.Counter()
+        problems: list[str] = []
+        lock = threading.Lock()
+
+        def note(outcome: str) -> None:
+            with lock:
+                outcomes[outcome] += 1
+
+        def request(kind: int, i: int) -> None:
+            body = {"model": "tiny", "prompt": f"client {i}", "max_tokens": 48, "stream": kind != 0}
+            if kind == 2:  # hang up after the first event
+                with raw_post(server.url, "/v1/completions", body) as sock:
+                    head = sock.recv(65536)
+                    while head.startswith(b"HTTP/1.1 200") and b"data: {" not in head:
+                        head += sock.recv(65536)
+                assert head.startswith((b"HTTP/1.1 200", b"HTTP/1.1 503")), head[:100]
+                assert head.startswith(b"HTTP/1.1 200") or b"Retry-After: " in head
+                return note("hung up" if head.startswith(b"HTTP/1.1 200") else "503")
+            conn = http.client.HTTPConnection(*address(server), timeout=30)  # the deadline: a hang fails here
+            try:
+                conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                raw = resp.read()
+            finally:
+                conn.close()
+            if resp.status == 503:
+                assert int(resp.getheader("Retry-After")) >= 1
+                assert_envelope(json.loads(raw), code="queue_full")
+                return note("503")
+            assert resp.status == 200, raw[:200]
+            if kind == 1:
+                assert raw.endswith(b"data: [DONE]\n\n") and b'"error"' not in raw
+            else:
+                assert json.loads(raw)["choices"][0]["finish_reason"] in ("stop", "length")
+            note("streamed" if kind == 1 else "completed")
+
+        def client(i: int) -> None:
+            for j in range(6):
+                try:
+                    request((i + j) % 3, i)
+                except Exception as exc:  # collected, for the assertion below
+                    problems.append(f"client {i}: {exc!r}")
+
+        clients = [threading.Thread(target=client, args=(i,), name=f"client-{i}") for i in range(32)]
+        for t in clients:
+            t.start()
+        deadline = time.monotonic() + 60
+        for t in clients:
+            t.join(max(0.0, deadline - time.monotonic()))
+        assert not [t.name for t in clients if t.is_alive()], "clients still waiting after 60 s"
+        assert not problems, problems[:5]
+        assert sum(outcomes.values()) == 32 * 6 and outcomes["completed"] and outcomes["streamed"], outcomes
+
+        def settled() -> bool:
+            status = server.model_server.status()
+            busy = [i for i in status["instances"] if i["state"] != "idle"]
+            return not busy and status["concurrency"]["running"] == 0 and status["concurrency"]["queued"] == 0
+
+        wait_until(settled, timeout=10, what="every instance to be idle")
+        wait_until(lambda: threading.active_count() <= baseline, timeout=10, what="threads back to baseline")
+        assert post_raw(server.url, "/v1/completions", tiny_body())[0] == 200
+
+
+def test_cli_sigterm_drains_a_running_stream_then_exits_0(tmp_path: Any, smollm2: str) -> None:
+    """SIGTERM during a long generation: that stream completes, a new request gets a 503, and the process exits 0."""
+    cfg = tmp_path / "models.json"
+    # One thread: on a busy 2-core machine, llama.cpp's threads waiting on each other can stall it for minutes.
+    cfg.write_text(json.dumps({"shutdown_grace": 300, **smol_config(smollm2, device={"cpu_threads": 1})}))
+    port = free_port()
+    proc = _cli(["--config", str(cfg)], port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(proc, url)
+        body = {
+            "model": "smol",
+            "prompt": "1, 2, 3,",
+            "max_tokens": 64,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        with raw_post(url, "/v1/completions", body) as stream:
+            received = b""
+            while b"data: {" not in received:
+                received += stream.recv(65536)
+            proc.send_signal(signal.SIGTERM)  # SmolLM2 takes a second or more for the rest of the 64 tokens
+
+            def refused() -> tuple[int, Any, dict[str, str]] | None:
+                got = post_raw(url, "/v1/completions", json.dumps({**body, "stream": False}).encode())
+                return got if got[0] != 200 else None
+
+            status, payload, headers = wait_until(refused, timeout=30, what="a 503 while draining")
+            assert status == 503 and int(headers["Retry-After"]) >= 1
+            assert_envelope(payload, code="shutting_down")
+            events = sse_data(received + read_to_eof(stream))
+        assert events[-1] == "[DONE]"
+        assert events[-2]["usage"]["completion_tokens"] == 64  # completed, not cut short
+        assert proc.wait(60) == 0
+        out = proc.stdout.read() if proc.stdout else ""
+        assert "draining: waiting up to 300s for 1 running requests" in out, out[-2000:]
+        assert "Traceback" not in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
