@@ -2973,8 +2973,9 @@ def test_max_tokens_limit_is_enforced_by_the_model_server(tiny_llama: str) -> No
         )
 
 
-def conn_threads() -> int:
-    return sum(1 for t in threading.enumerate() if t.name == "lllms-conn")
+def conn_threads(server: lllms.HTTPServer) -> list[threading.Thread]:
+    """The live threads serving this server's connections (other servers' are not counted)."""
+    return [c.thread for c in list(server._httpd.conns.values()) if c.thread is not None and c.thread.is_alive()]
 
 
 def open_fds() -> int:
@@ -2991,7 +2992,7 @@ def test_connections_past_max_connections_get_a_quick_503(tiny_llama: str, no_th
             assert status == 503 and headers["Retry-After"] == "1" and headers["Connection"] == "close"
             assert_envelope(json.loads(body), code="too_many_connections")
             assert sock.recv(1) == b""
-        assert conn_threads() == 3
+        assert len(conn_threads(server)) == 3
         held.pop().close()
         wait_until(lambda: len(server._httpd.conns) == 2, what="a connection to end")
         status, _, _ = http_request(server.url, "GET", "/health")
@@ -3049,7 +3050,7 @@ def test_slowloris_connections_are_dropped_and_others_served(tiny_llama: str, no
 
 
 def test_stop_ends_idle_keepalive_connections_and_leaks_nothing(tiny_llama: str, no_thread_leaks: None) -> None:
-    fds = open_fds()
+    fds, before = open_fds(), set(threading.enumerate())
     server = lllms.start_http_server(tiny_config(tiny_llama, idle_timeout=300), host="127.0.0.1", port=0)
     conns = []
     for _ in range(3):  # each served once, then idle in keep-alive
@@ -3057,12 +3058,13 @@ def test_stop_ends_idle_keepalive_connections_and_leaks_nothing(tiny_llama: str,
         conn.request("POST", "/v1/completions", body=tiny_body(), headers={"Content-Type": "application/json"})
         assert conn.getresponse().read()
         conns.append(conn)
-    assert conn_threads() == 3
+    threads = conn_threads(server)
+    assert len(threads) == 3
     started = time.monotonic()
     server.stop()
     assert time.monotonic() - started < 5  # not idle_timeout
-    assert conn_threads() == 0 and not server._httpd.conns
-    assert [t.name for t in threading.enumerate() if t.name.startswith("lllms")] == []
+    assert not server._httpd.conns and not any(t.is_alive() for t in threads)
+    assert [t.name for t in set(threading.enumerate()) - before if t.is_alive()] == []  # joined by stop()
     for conn in conns:
         conn.close()
     assert open_fds() <= fds
