@@ -4182,8 +4182,8 @@ class _Handler(BaseHTTPRequestHandler):
             handler(arg) if arg is not None else handler()
         except APIError as exc:
             self._send_error(exc)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # the client left, or stopped reading past the socket timeout
         except Exception as exc:
             log.exception("unhandled error on %s %s", method, path)
             self._send_error(APIError(f"internal error: {type(exc).__name__}"))
