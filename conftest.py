@@ -1019,3 +1019,46 @@ def make_minilm_gguf(dst: str | Path) -> str:
 def minilm(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Path of the real all-MiniLM-L6-v2 as a GGUF (f16, ~45 MB, in its own directory, converted once per session)."""
     return make_minilm_gguf(tmp_path_factory.mktemp("minilm") / MINILM_FILENAME)
+
+
+# ---- real engines with a hook, to hold or break a generation at a chosen point
+
+
+@dataclass
+class EngineHooks:
+    """What `engine_hooks` does to each engine: `stream(chunks)` wraps every chat and completion chunk stream,
+    `before_load()` runs before every load."""
+
+    stream: Callable[[Iterator[Any]], Iterator[Any]] | None = None
+    before_load: Callable[[], None] | None = None
+
+
+@pytest.fixture
+def engine_hooks(monkeypatch: pytest.MonkeyPatch) -> EngineHooks:
+    """Every engine the pool creates is the real one, passed through the hooks set on the returned object."""
+    import lllms
+
+    hooks = EngineHooks()
+    make_real = lllms._make_engine
+
+    def make(model: Any, path: str, state_cache: Any = None) -> Any:
+        engine = make_real(model, path, state_cache)
+        load, chat, complete = engine.load, engine.chat, engine.complete
+
+        def hooked_load() -> None:
+            if hooks.before_load is not None:
+                hooks.before_load()
+            load()
+
+        def through(method: Callable[..., Iterator[Any]]) -> Callable[..., Iterator[Any]]:
+            def call(*args: Any, **kwargs: Any) -> Iterator[Any]:
+                chunks = method(*args, **kwargs)
+                return hooks.stream(chunks) if hooks.stream is not None else chunks
+
+            return call
+
+        engine.load, engine.chat, engine.complete = hooked_load, through(chat), through(complete)
+        return engine
+
+    monkeypatch.setattr(lllms, "_make_engine", make)
+    return hooks

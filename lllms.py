@@ -40,6 +40,7 @@ import typing
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress as _suppress
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal, Union
 
@@ -126,6 +127,16 @@ class MethodNotAllowed(APIError):
 
 class PayloadTooLarge(APIError):
     status = 413
+    type = "invalid_request_error"
+
+
+class UnsupportedMediaType(APIError):
+    status = 415
+    type = "invalid_request_error"
+
+
+class RequestTimeout(APIError):
+    status = 408
     type = "invalid_request_error"
 
 
@@ -227,6 +238,7 @@ class ModelConfig:
     system_template: str | None = None  # with prompt_template: a system message, %1 its content
     # Grammars requests may name in `grammar`: a GBNF string, or a JSON schema (an object).
     grammars: dict[str, str | dict[str, Any]] = field(default_factory=dict)
+    max_tokens_limit: int | None = None  # ceiling on a request's max_tokens (400 above it); None: the context
     id: str = field(default="", metadata={"internal": True})
 
     def _check(self, path: str) -> None:
@@ -262,6 +274,15 @@ class ModelConfig:
         for name, grammar in self.grammars.items():
             if not name or (isinstance(grammar, str) and not grammar.strip()):
                 raise ConfigError(f"{path}.grammars.{name}: needs a name and a non-empty grammar")
+        if self.max_tokens_limit is not None:
+            if self.max_tokens_limit < 1:
+                raise ConfigError(f"{path}.max_tokens_limit: must be >= 1, got {self.max_tokens_limit}")
+            default = SamplingParams.from_dict(self.completion_defaults).max_tokens
+            if default is not None and default > self.max_tokens_limit:
+                raise ConfigError(
+                    f"{path}.completion_defaults.max_tokens: {default} is above "
+                    f"max_tokens_limit {self.max_tokens_limit}"
+                )
 
 
 @dataclass
@@ -281,17 +302,43 @@ class ServerConfig:
     download_stall_timeout: float = 30.0  # seconds without a byte before a download is retried
     api_keys: list[str] = field(default_factory=list)  # bearer keys the HTTP API requires; plus $LLLMS_API_KEY
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API ("*": any)
+    # HTTP limits; README "Running it safely" explains each.
+    max_header_bytes: int = 16 * 1024  # request line plus headers; beyond it, 431
+    max_headers: int = 64  # header lines; beyond it, 431 (the stdlib parser stops at 100 anyway)
+    max_json_depth: int = 64  # nesting of arrays and objects in a request body; beyond it, 400
+    max_messages: int = 1024  # items in a request's messages, prompt or input list; beyond it, 400
+    max_request_chars: int = 1_000_000  # characters in all strings of a request body; beyond it, 400
+    max_connections: int = 256  # open client connections (a thread each); beyond it, 503 and closed at once
+    idle_timeout: float = 30.0  # seconds a keep-alive connection may wait for its next request
+    read_timeout: float = 30.0  # seconds to receive a request's headers and body, from its first byte
+    shutdown_grace: float = 30.0  # seconds SIGTERM lets running requests finish before they are cut short
 
     def _check(self, path: str) -> None:
         if self.concurrency < 1:
             raise ConfigError(f"concurrency: must be >= 1, got {self.concurrency}")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes: must be >= 1024, got {self.max_body_bytes}")
+        if self.max_header_bytes < 1024:
+            raise ConfigError(f"max_header_bytes: must be >= 1024, got {self.max_header_bytes}")
+        if not 1 <= self.max_headers <= 100:
+            raise ConfigError(f"max_headers: must be between 1 and 100, got {self.max_headers}")
+        for key in ("max_json_depth", "max_messages", "max_request_chars", "max_connections"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.shutdown_grace < 0:
+            raise ConfigError(f"shutdown_grace: must be >= 0, got {self.shutdown_grace}")
         if self.max_queue is not None and self.max_queue < 0:
             raise ConfigError(f"max_queue: must be >= 0, got {self.max_queue}")
         if self.download_attempts < 1:
             raise ConfigError(f"download_attempts: must be >= 1, got {self.download_attempts}")
-        for key in ("queue_timeout", "request_timeout", "keepalive_interval", "download_stall_timeout"):
+        for key in (
+            "queue_timeout",
+            "request_timeout",
+            "keepalive_interval",
+            "download_stall_timeout",
+            "idle_timeout",
+            "read_timeout",
+        ):
             value = getattr(self, key)
             if value is not None and value <= 0:
                 raise ConfigError(f"{key}: must be > 0, got {value}")
@@ -1747,6 +1794,10 @@ class LlamaCppEngine(Engine):
                 return
             self.llm = self._construct(llama_cpp, n_ctx=self.model.context_size or 0)
             self._default_last_n = self.llm.last_n_tokens_size
+            # llama.cpp pads a context past the size asked for, but llama-cpp-python sizes its token buffer by the
+            # request: a prompt reaching past that end crashed the engine. The buffer gets the real size.
+            if len(self.llm.input_ids) < self.llm.n_ctx():
+                self.llm.input_ids.resize(self.llm.n_ctx(), refcheck=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise Unavailable(f"model '{self.model.id}' failed to load: {exc}", code="model_load_failed") from exc
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
@@ -1923,6 +1974,10 @@ class LlamaCppEngine(Engine):
     ) -> Iterator[Chunk]:
         llama_cpp = self._import()
         llm = self.llm
+        if not tokens:  # an empty prompt: llama-cpp-python cannot sample from nothing, so start from BOS
+            if llm.token_bos() < 0:
+                raise InvalidRequest("the prompt is empty", param=param, code="empty_prompt")
+            tokens = [llm.token_bos()]
         n_ctx = llm.n_ctx()
         if len(tokens) >= n_ctx:
             raise InvalidRequest(
@@ -1930,8 +1985,6 @@ class LlamaCppEngine(Engine):
                 param=param,
                 code="context_length_exceeded",
             )
-        if not tokens:
-            raise InvalidRequest("the prompt is empty", param=param)
         room = n_ctx - len(tokens)
         max_new = room if p.max_tokens is None else min(p.max_tokens, room)
         last_n = self._default_last_n if p.repeat_last_n is None else p.repeat_last_n
@@ -3631,7 +3684,7 @@ def _parse_messages(messages: Any) -> list[dict[str, Any]]:
         if not isinstance(m, dict):
             raise InvalidRequest(f"'{where}' must be an object", param=where)
         role = m.get("role")
-        if role not in _CHAT_ROLES:
+        if not isinstance(role, str) or role not in _CHAT_ROLES:
             raise InvalidRequest(
                 f"'{where}.role' must be one of {sorted(_CHAT_ROLES)}, got {role!r}", param=f"{where}.role"
             )
@@ -4022,10 +4075,69 @@ def _schema_converter() -> Any:
     return SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
 
 
+# Keywords llama-cpp-python's schema converter would skip without a word: a schema using them is refused rather
+# than half enforced.
+_UNENFORCED_KEYWORDS = {
+    "minimum",
+    "maximum",
+    "exclusiveMinimum",
+    "exclusiveMaximum",
+    "multipleOf",
+    "uniqueItems",
+    "minProperties",
+    "maxProperties",
+    "patternProperties",
+    "propertyNames",
+    "dependentRequired",
+    "dependentSchemas",
+    "if",
+    "then",
+    "else",
+    "not",
+    "contains",
+    "minContains",
+    "maxContains",
+    "unevaluatedProperties",
+    "unevaluatedItems",
+}
+
+
+def _unenforced(schema: Any, path: str = "$") -> str | None:
+    """The first keyword (with its path) in a schema that the grammar could not enforce."""
+    if isinstance(schema, list):
+        return next((f for i, x in enumerate(schema) if (f := _unenforced(x, f"{path}[{i}]"))), None)
+    if not isinstance(schema, dict):
+        return None
+    for key, value in schema.items():
+        if key in _UNENFORCED_KEYWORDS:
+            return f"{path}.{key}"
+        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            found = next((f for k, v in value.items() if (f := _unenforced(v, f"{path}.{key}.{k}"))), None)
+        elif key in ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties"):
+            found = _unenforced(value, f"{path}.{key}")
+        else:
+            continue
+        if found:
+            return found
+    return None
+
+
+def _formatted(conv: Any) -> str:
+    """The converter's grammar, with JSON strings' control characters excluded (as upstream llama.cpp has it):
+    this converter lets a raw newline into a string, which no JSON parser accepts."""
+    return conv.format_grammar().replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
+
+
 def _visit_schema(conv: Any, schema: Any, name: str, param: str) -> str:
     """Add GBNF rules for a JSON schema to a converter; the name of its top rule."""
     if not isinstance(schema, dict):
         raise InvalidRequest(f"'{param}' must be a JSON schema object", param=param)
+    if (where := _unenforced(schema)) is not None:
+        raise InvalidRequest(
+            f"'{param}': the schema keyword {where} cannot be enforced by grammar, so it is refused rather than "
+            "ignored",
+            param=param.split(".")[0].split("[")[0] if param.startswith("response_format") else param,
+        )
     try:
         schema = conv.resolve_refs(json.loads(json.dumps(schema)), name)  # a copy: resolving rewrites it
         return conv.visit(schema, name)
@@ -4040,7 +4152,7 @@ def _schema_grammar(schema_json: str, param: str) -> str:
     """GBNF for the JSON values a schema allows."""
     conv = _schema_converter()
     _visit_schema(conv, json.loads(schema_json), "", param)
-    return conv.format_grammar()
+    return _formatted(conv)
 
 
 def _json_grammar(schema: dict[str, Any], param: str = "response_format") -> str:
@@ -4130,7 +4242,7 @@ def _tool_grammar(plan: _ToolPlan) -> str:
         text = _visit_schema(conv, {"type": "string"}, "response-text", "tools")
         root += f' | {lit(_RESPONSE_OPEN)} {text} "}}"'
     conv._add_rule("root", root)
-    return conv.format_grammar()
+    return _formatted(conv)
 
 
 def _tool_instructions(plan: _ToolPlan) -> str:
@@ -4550,6 +4662,7 @@ class CompletionStream:
             # A request refused before generation (e.g. too long) left the context as it was.
             key = self._after(last, self.choices[last].raw) if ok and ran else None if ok else ""
             pool.release(inst, ok, key, self.usage.cached_tokens if self.usage else 0)
+            self._server._metrics.count_usage(self.model, self.usage)
 
     def __iter__(self) -> CompletionStream:
         return self
@@ -4606,7 +4719,9 @@ class ModelServer:
             except InvalidRequest as exc:
                 raise ConfigError(f"models.{m.id}.completion_defaults: {exc.message}") from None
         self._started = False
-        self._stopped = False
+        self._stopped = False  # set when stop() begins: from then on new requests get 503
+        self._drained = False  # set when stop() has freed everything
+        self._metrics = _Metrics()
 
     def start(self) -> ModelServer:
         """Check model files, start downloads as each model's `prepare` says, load min_instances. Idempotent.
@@ -4627,11 +4742,20 @@ class ModelServer:
         return self
 
     def stop(self, grace: float = 10.0) -> None:
-        """Refuse new work, let running requests finish for up to `grace` seconds, free all instances."""
+        """Drain: refuse new work (503), let running requests finish for up to `grace` seconds, free all instances."""
         if self._started and not self._stopped:
             self._stopped = True
             self._cancel_downloads.set()  # a part file stays, and resumes on the next start
+            log.info("draining: waiting up to %gs for %d running requests", grace, self._pool.running)
             self._pool.stop(grace)
+            self._drained = True
+
+    @property
+    def state(self) -> str:
+        """starting, ready, draining (stop() under way) or stopped."""
+        if self._drained or (self._stopped and not self._started):
+            return "stopped"
+        return "draining" if self._stopped else "ready" if self._started else "starting"
 
     def prepare(self) -> dict[str, str]:
         """Download and verify every model's file now, without loading any; returns {model id: error}."""
@@ -4690,6 +4814,7 @@ class ModelServer:
 
                 def progress(done: int, total: int | None) -> None:
                     f.progress(done, total)
+                    self._metrics.count_download(model.id, done)
                     if self._progress is not None:
                         try:
                             self._progress(model.id, done, total)
@@ -4745,11 +4870,10 @@ class ModelServer:
 
     def _params(self, model: ModelConfig, params: SamplingParams | None, kw: dict[str, Any]) -> SamplingParams:
         p = (params if params is not None else SamplingParams.from_dict(kw)).merged_over(self._defaults[model.id])
-        engine = _ENGINES.get(model.engine, Engine)
-        engine.check_params(p)
+        _ENGINES.get(model.engine, Engine).check_params(p)
         if p.grammar is not None:
             p.grammar = self._grammar(model, p.grammar)
-        return p
+        return _max_tokens_ceiling(model, p)
 
     def _grammar(self, model: ModelConfig, grammar: str) -> str:
         """A request's `grammar`: GBNF itself, or the name of one of the model's grammars (or built-in 'json')."""
@@ -4930,10 +5054,26 @@ class ModelServer:
             raise error from exc
         finally:
             self._pool.release(inst, ok)
+        self._metrics.count_usage(cfg.id, Usage(prompt_tokens=n))
         return Embeddings(model=cfg.id, vectors=vectors, usage=Usage(prompt_tokens=n))
 
     def models(self) -> list[ModelConfig]:
         return list(self.config.models.values())
+
+    def metrics(self, gauges: dict[str, list[tuple[dict[str, str], float]]] | None = None) -> str:
+        """Counters, histograms and gauges in Prometheus' text format, as served at GET /metrics."""
+        counts, _, running, queued = self._pool.snapshot()
+        ours: dict[str, list[tuple[dict[str, str], float]]] = {
+            "lllms_up": [({}, 1 if self.state == "ready" else 0)],
+            "lllms_queue_length": [({}, queued)],
+            "lllms_requests_running": [({}, running)],
+            "lllms_instances": [
+                ({"model": m, "state": state}, c[state])
+                for m, c in counts.items()
+                for state in ("idle", "busy", "loading")
+            ],
+        }
+        return self._metrics.render({**ours, **(gauges or {})})
 
     def status(self) -> dict[str, Any]:
         """Models, instances and the queue, as served at GET /."""
@@ -4963,7 +5103,7 @@ class ModelServer:
             "server": "lllms",
             "version": __version__,
             "uptime": int(time.time()) - self.created,
-            "state": "stopped" if self._stopped else "ready" if self._started else "starting",
+            "state": self.state,
             "concurrency": {"limit": self.config.concurrency, "running": running, "queued": queued},
             "models": models,
             "instances": infos,
@@ -4982,18 +5122,134 @@ def _drain(s: CompletionStream) -> Completion:
     )
 
 
+# ---- 7b. request ceilings and metrics
+
+
+def _max_tokens_ceiling(model: ModelConfig, p: SamplingParams) -> SamplingParams:
+    """p held to the model's max_tokens_limit: no max_tokens means the limit, and more than it is a 400."""
+    limit = model.max_tokens_limit
+    if limit is None:
+        return p
+    if p.max_tokens is None:
+        return dataclasses.replace(p, max_tokens=limit)
+    if p.max_tokens > limit:
+        raise InvalidRequest(
+            f"'max_tokens' is {p.max_tokens}, above the limit of {limit} for model '{model.id}'",
+            param="max_tokens",
+            code="max_tokens_exceeded",
+        )
+    return p
+
+
+_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+_METRICS: dict[str, tuple[str, str]] = {
+    "lllms_up": ("gauge", "1 when the server takes requests, 0 while it starts or drains"),
+    "lllms_http_requests_total": ("counter", "HTTP requests answered, by endpoint, method and status"),
+    "lllms_http_request_duration_seconds": ("histogram", "Seconds from a request's headers to its last byte"),
+    "lllms_time_to_first_token_seconds": ("histogram", "Seconds from a completion request to its first chunk"),
+    "lllms_http_connections": ("gauge", "Open client connections"),
+    "lllms_http_connections_refused_total": ("counter", "Connections refused because max_connections were open"),
+    "lllms_queue_length": ("gauge", "Requests waiting for an instance"),
+    "lllms_requests_running": ("gauge", "Requests holding an instance"),
+    "lllms_instances": ("gauge", "Instances by model and state"),
+    "lllms_prompt_tokens_total": ("counter", "Prompt tokens of finished requests"),
+    "lllms_completion_tokens_total": ("counter", "Generated tokens"),
+    "lllms_cached_prompt_tokens_total": ("counter", "Prompt tokens reused from an instance's context, not evaluated"),
+    "lllms_download_bytes_total": ("counter", "Bytes of model files downloaded"),
+}
+_Labels = tuple[tuple[str, str], ...]
+
+
+class _Metrics:
+    """Counters and histograms for GET /metrics, rendered in Prometheus' text exposition format."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._series: dict[str, dict[_Labels, Any]] = {}
+        self._downloaded: dict[str, int] = {}  # bytes each model's download had reached at its last report
+
+    def inc(self, name: str, labels: dict[str, str], value: float = 1) -> None:
+        with self._lock:
+            series = self._series.setdefault(name, {})
+            key = tuple(labels.items())
+            series[key] = series.get(key, 0) + value
+
+    def observe(self, name: str, labels: dict[str, str], value: float) -> None:
+        import bisect
+
+        with self._lock:
+            series = self._series.setdefault(name, {})
+            counts, total = series.get(tuple(labels.items()), ([0] * (len(_BUCKETS) + 1), 0.0))
+            counts[bisect.bisect_left(_BUCKETS, value)] += 1
+            series[tuple(labels.items())] = (counts, total + value)
+
+    def count_usage(self, model_id: str, usage: Usage | None) -> None:
+        if usage is not None:
+            self.inc("lllms_prompt_tokens_total", {"model": model_id}, usage.prompt_tokens)
+            self.inc("lllms_completion_tokens_total", {"model": model_id}, usage.completion_tokens)
+            self.inc("lllms_cached_prompt_tokens_total", {"model": model_id}, usage.cached_tokens)
+
+    def count_download(self, model_id: str, done: int) -> None:
+        """A download reached `done` bytes; a smaller count than before means it started over."""
+        with self._lock:
+            last = self._downloaded.get(model_id, 0)
+            self._downloaded[model_id] = done
+        self.inc("lllms_download_bytes_total", {"model": model_id}, done - last if done >= last else done)
+
+    def render(self, gauges: dict[str, list[tuple[dict[str, str], float]]]) -> str:
+        with self._lock:
+            snapshot = {name: dict(series) for name, series in self._series.items()}
+        lines = []
+        for name, (kind, help_) in _METRICS.items():
+            lines += [f"# HELP {name} {help_}", f"# TYPE {name} {kind}"]
+            if kind == "gauge":
+                lines += [f"{name}{_labels(tuple(lb.items()))} {_number(v)}" for lb, v in gauges.get(name, [])]
+                continue
+            for key, value in snapshot.get(name, {}).items():
+                if kind == "counter":
+                    lines.append(f"{name}{_labels(key)} {_number(value)}")
+                    continue
+                counts, total = value
+                for bound, n in zip([*_BUCKETS, math.inf], itertools.accumulate(counts), strict=True):
+                    le = "+Inf" if bound == math.inf else _number(bound)
+                    lines.append(f"{name}_bucket{_labels((*key, ('le', le)))} {n}")
+                lines += [f"{name}_sum{_labels(key)} {_number(total)}", f"{name}_count{_labels(key)} {sum(counts)}"]
+        return "\n".join(lines) + "\n"
+
+
+def _labels(pairs: _Labels) -> str:
+    def esc(v: str) -> str:
+        return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+    return "{" + ",".join(f'{k}="{esc(v)}"' for k, v in pairs) + "}" if pairs else ""
+
+
+def _number(v: float) -> str:
+    return str(int(v)) if float(v).is_integer() else repr(float(v))
+
+
 # ==== 8. HTTP handler and SSE
+
+
+_STDLIB_ERROR_CODES = {
+    400: "bad_request",
+    405: "method_not_allowed",
+    408: "request_timeout",
+    414: "uri_too_long",
+    431: "headers_too_large",
+    503: "shutting_down",
+}
 
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"lllms/{__version__}"
-    timeout = 300  # seconds a socket may stay silent, so dead clients don't pin threads
     server: _HTTPD
 
     _ROUTES: typing.ClassVar[dict[str, dict[str, str]]] = {
         "/": {"GET": "_get_status"},
         "/health": {"GET": "_get_health"},
+        "/metrics": {"GET": "_get_metrics"},
         "/openai/v1/models": {"GET": "_get_models"},
         "/openai/v1/chat/completions": {"POST": "_post_chat"},
         "/openai/v1/completions": {"POST": "_post_completions"},
@@ -5001,9 +5257,33 @@ class _Handler(BaseHTTPRequestHandler):
     }
 
     def setup(self) -> None:
+        config = self.server.model_server.config
+        # A backstop for every blocking read and write; the server's watchdog enforces the finer deadlines.
+        self.timeout = max(config.idle_timeout, config.read_timeout)
         super().setup()
         # One small write per token: without NODELAY, Nagle + delayed ACK can stall a stream by 40 ms a token.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._conn = self.server.conns.get(self.connection) or _Conn(self.connection)
+        self._served = 0
+
+    def handle_one_request(self) -> None:
+        """Wait up to idle_timeout for a request to begin, then give it read_timeout to arrive whole."""
+        srv, config = self.server, self.server.model_server.config
+        self.headers, self._expect_continue = None, False  # type: ignore[assignment]
+        if srv.draining and self._served:
+            self.close_connection = True  # a kept-alive connection ends at once when draining
+            return
+        srv.arm(self._conn, config.idle_timeout, idle=True)
+        try:
+            begun = self.rfile.peek(1)
+        except OSError:
+            begun = b""
+        if not begun:
+            self.close_connection = True
+            return
+        srv.arm(self._conn, config.read_timeout)
+        self._served += 1
+        super().handle_one_request()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
         log.debug("%s %s", self.address_string(), format % args)
@@ -5015,10 +5295,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._status = 0
         self._request_id = _request_id(self.headers.get("X-Request-Id"))
         self._body_read = False
+        if method != "POST":
+            self.server.arm(self._conn, None)  # the request is in: what follows is not bounded by read_timeout
         path = self.path.split("?", 1)[0]
         if path.startswith("/v1/"):
             path = "/openai" + path
         path = path.rstrip("/") or "/"
+        endpoint = path if path in self._ROUTES else "other"
         try:
             if method == "OPTIONS":
                 return self._preflight()
@@ -5028,6 +5311,7 @@ class _Handler(BaseHTTPRequestHandler):
             arg = None
             if routes is None and path.startswith("/openai/v1/models/"):
                 routes, arg = {"GET": "_get_model"}, path[len("/openai/v1/models/") :]
+                endpoint = "/openai/v1/models/{model}"
             if routes is None:
                 raise NotFound(f"no such endpoint: {method} {self.path}", code="not_found")
             if method == "HEAD" and "GET" in routes:
@@ -5042,23 +5326,31 @@ class _Handler(BaseHTTPRequestHandler):
             handler(arg) if arg is not None else handler()
         except APIError as exc:
             self._send_error(exc)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # the client left, or stopped reading past the socket timeout
         except Exception as exc:
             log.exception("unhandled error on %s %s", method, path)
             self._send_error(APIError(f"internal error: {type(exc).__name__}"))
         finally:
             if self.server.model_server._stopped:
                 self.close_connection = True
-            log.info(
-                '%s "%s %s" %s %.1fms id=%s',
-                self.client_address[0],
-                self.command,
-                self.path,
-                self._status or "-",
-                (time.monotonic() - self._t0) * 1000,
-                self._request_id,
-            )
+            elapsed = time.monotonic() - self._t0
+            metrics = self.server.model_server._metrics
+            status = str(self._status or "none")
+            metrics.inc("lllms_http_requests_total", {"endpoint": endpoint, "method": method, "status": status})
+            metrics.observe("lllms_http_request_duration_seconds", {"endpoint": endpoint}, elapsed)
+            self._access_log(elapsed)
+
+    def _access_log(self, elapsed: float) -> None:
+        log.info(
+            '%s "%s %s" %s %.1fms id=%s',
+            self.client_address[0],
+            self.command,
+            self.path,
+            self._status or "-",
+            elapsed * 1000,
+            self._request_id,
+        )
 
     def _authenticate(self) -> bool:
         """True when a configured key was given; raises 401 when keys are configured and none matches."""
@@ -5104,7 +5396,54 @@ class _Handler(BaseHTTPRequestHandler):
 
     def parse_request(self) -> bool:
         self._request_id = secrets.token_hex(8)  # a fresh id even for errors the stdlib answers itself
-        return super().parse_request()
+        self._status, self._t0 = 0, time.monotonic()
+        limit = self.server.model_server.config.max_header_bytes
+        if len(self.raw_requestline) > limit:
+            self.command, self.requestline, self.request_version = "", "", ""
+            self.send_error(414, None, f"the request line is longer than max_header_bytes ({limit})")
+            return False
+        # The stdlib parser reads header lines through this, which refuses past the byte and line limits.
+        rfile = self.rfile
+        self.rfile = _HeaderReader(
+            rfile, limit - len(self.raw_requestline), self.server.model_server.config.max_headers
+        )
+        try:
+            return super().parse_request()
+        finally:
+            self.rfile = rfile
+
+    def handle_expect_100(self) -> bool:
+        # "100 Continue" waits until the headers pass every check, just before the body is read; a refusal
+        # before then is the final answer, and the client need not send its body.
+        self._expect_continue = True
+        return True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The stdlib parser's refusals (bad request line, headers too large, ...), in the OpenAI envelope."""
+        cut = self._conn.cut
+        if cut == "timeout":
+            timeout = self.server.model_server.config.read_timeout
+            code, explain = 408, f"the request did not arrive within read_timeout ({timeout:g}s)"
+        elif cut == "shutdown":
+            code, explain = 503, "the server is shutting down"
+        elif isinstance(self.rfile, _HeaderReader) and self.rfile.truncated:
+            code = 400
+        elif code == 505:  # HTTP/2 or later on this HTTP/1.1 socket: the client's mistake, not ours
+            code = 400
+        headers = {"Connection": "close"}
+        if code == 501:  # a method no route has
+            code, headers["Allow"] = 405, "GET, HEAD, POST, OPTIONS"
+        text = explain or message or HTTPStatus(code).phrase
+        exc = (InvalidRequest if code < 500 else APIError)(text, code=_STDLIB_ERROR_CODES.get(code, f"http_{code}"))
+        exc.status = code
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # unknown yet (a bad request line): answer in HTTP/1.1 all the same
+            self.request_version = "HTTP/1.1"
+        with _suppress(OSError):
+            self._send_json(code, exc.envelope(), headers)
+        metrics = self.server.model_server._metrics
+        metrics.inc("lllms_http_requests_total", {"endpoint": "other", "method": "other", "status": str(code)})
+        self._access_log(time.monotonic() - getattr(self, "_t0", time.monotonic()))
 
     def end_headers(self) -> None:
         # Every response, errors included, carries its request id (and CORS headers for allowed origins).
@@ -5140,18 +5479,24 @@ class _Handler(BaseHTTPRequestHandler):
     # -- plumbing
 
     def _read_json(self) -> dict[str, Any]:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True  # the unread chunked body would poison keep-alive
+        config = self.server.model_server.config
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True  # the unread body would poison keep-alive
             raise LengthRequired(
-                "chunked request bodies are not supported; send Content-Length", code="length_required"
+                "chunked (and other Transfer-Encoding) request bodies are not supported; send Content-Length",
+                code="length_required",
             )
-        try:
-            length = int(self.headers.get("Content-Length", "0"))
-        except ValueError:
-            raise InvalidRequest("invalid Content-Length header") from None
-        if length < 0:
-            raise InvalidRequest("invalid Content-Length header")
-        limit = self.server.model_server.config.max_body_bytes
+        lengths = {v.strip() for v in self.headers.get_all("Content-Length") or []}
+        if len(lengths) > 1 or not all(re.fullmatch(r"[0-9]{1,18}", v) for v in lengths):
+            self.close_connection = True  # where this body ends is unknowable
+            raise InvalidRequest("invalid Content-Length header", code="invalid_content_length")
+        length = int(lengths.pop()) if lengths else 0
+        ctype = self.headers.get("Content-Type")
+        if ctype is not None and not _is_json_type(ctype):
+            raise UnsupportedMediaType(
+                f"Content-Type must be application/json (UTF-8), got {ctype[:100]!r}", code="unsupported_media_type"
+            )
+        limit = config.max_body_bytes
         if length > limit:
             self.close_connection = True  # the unread body would poison keep-alive
             # Read and drop a moderate excess so the client gets to read the 413 instead of a broken pipe.
@@ -5165,21 +5510,35 @@ class _Handler(BaseHTTPRequestHandler):
                 f"request body of {length} bytes exceeds the limit of {self.server.model_server.config.max_body_bytes}",
                 code="body_too_large",
             )
-        raw = self.rfile.read(length) if length > 0 else b""
-        self._body_read = True
+        if self._expect_continue and length > 0:
+            self._expect_continue = False
+            self.send_response_only(100)
+            self.end_headers()
+        timed_out = False
         try:
-            body = json.loads(raw)
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
-        return body
+            raw = self.rfile.read(length) if length > 0 else b""
+        except TimeoutError:
+            raw, timed_out = b"", True
+        self._body_read = True
+        self.server.arm(self._conn, None)  # the request is in: generating is not bounded by read_timeout
+        if len(raw) < length:
+            self.close_connection = True
+            if timed_out or self._conn.cut == "timeout":
+                raise RequestTimeout(
+                    f"the request body did not arrive within read_timeout ({config.read_timeout:g}s)",
+                    code="request_timeout",
+                )
+            raise InvalidRequest("the request body ended before Content-Length bytes", code="incomplete_body")
+        return _parse_body(raw, config)
 
     def _send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        self._send(status, data, "application/json", headers)
+
+    def _send(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         self._status = status
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
@@ -5221,6 +5580,8 @@ class _Handler(BaseHTTPRequestHandler):
                     self._sse_headers(stream)
                 self._write_chunk(b": keepalive\n\n")
             first = next(events, None)  # takes the instance and evaluates the prompt; errors surface here
+            if first is not None:
+                self._first_token(stream.model)
             if not self._status:
                 self._sse_headers(stream)
             event = first
@@ -5262,6 +5623,10 @@ class _Handler(BaseHTTPRequestHandler):
     def _client_watch(self) -> _ClientWatch:
         return _ClientWatch(self.connection)
 
+    def _first_token(self, model_id: str) -> None:
+        elapsed = time.monotonic() - self._t0
+        self.server.model_server._metrics.observe("lllms_time_to_first_token_seconds", {"model": model_id}, elapsed)
+
     # -- endpoints
 
     def _get_status(self) -> None:
@@ -5274,9 +5639,15 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, status)
 
     def _get_health(self) -> None:
+        state = self.server.model_server.state
+        if state != "ready":
+            raise Unavailable(f"the server is {state}", code=state, headers={"Retry-After": "1"})
+        self._send_json(200, {"status": "ok"})
+
+    def _get_metrics(self) -> None:
         ms = self.server.model_server
-        ok = ms._started and not ms._stopped
-        self._send_json(200 if ok else 503, {"status": "ok" if ok else "unavailable"})
+        text = ms.metrics({"lllms_http_connections": [({}, len(self.server.conns))]})
+        self._send(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
 
     def _get_models(self) -> None:
         ms = self.server.model_server
@@ -5308,7 +5679,17 @@ class _Handler(BaseHTTPRequestHandler):
             s = typing.cast(CompletionStream, method(**req, stream=True, cancel=self._client_watch()))
             self._send_sse(s, chunks(s, include_usage))
         else:
-            done = typing.cast(Completion, method(**req, cancel=self._client_watch()))
+            if (req.get("best_of") or 0) > req.get("n", 1):  # best_of picks once every candidate is done
+                done = typing.cast(Completion, method(**req, cancel=self._client_watch()))
+            else:
+                s = typing.cast(CompletionStream, method(**req, stream=True, cancel=self._client_watch()))
+                try:
+                    if next(s, None) is not None:
+                        self._first_token(s.model)
+                except BaseException:
+                    s.close()
+                    raise
+                done = _drain(s)
             self._send_json(200, response(done), {"X-Lllms-Instance": done.instance_id} if done.instance_id else None)
 
     def _post_embeddings(self) -> None:
@@ -5331,6 +5712,135 @@ def _strip_paths(text: str) -> str:
     return re.sub(r"(?:/[^/\s'\":]+)+/([^/\s'\":]+)", r"\1", text)
 
 
+class _HeaderReader:
+    """Hands header lines to the stdlib parser within a byte budget and a line count; past them, 431."""
+
+    def __init__(self, rfile: Any, budget: int, max_lines: int) -> None:
+        self._rfile = rfile
+        self._left = budget
+        self._lines = 0
+        self._max_lines = max_lines
+        self._budget = budget
+        self.truncated = False  # the connection ended (or was cut) before the headers did
+
+    def readline(self, limit: int = -1) -> bytes:
+        import http.client
+
+        line = self._rfile.readline(self._left + 2)  # room for the blank line that ends the headers
+        if line in (b"\r\n", b"\n"):
+            return line
+        if not line.endswith(b"\n") and len(line) <= self._left:
+            self.truncated = True
+            raise http.client.HTTPException("the request headers ended early")
+        self._left -= len(line)
+        self._lines += 1
+        if self._left < 0:
+            raise http.client.HTTPException(f"the request headers are longer than max_header_bytes ({self._budget})")
+        if self._lines > self._max_lines:
+            raise http.client.HTTPException(f"the request has more than max_headers ({self._max_lines}) headers")
+        return line
+
+
+def _is_json_type(content_type: str) -> bool:
+    """Whether a Content-Type is JSON in UTF-8: application/json, with no charset or a UTF-8 one."""
+    mime, *params = (p.strip().lower() for p in content_type.split(";"))
+    charsets = [p.partition("=")[2].strip('"') for p in params if p.startswith("charset=")]
+    return mime == "application/json" and all(c in ("utf-8", "utf8") for c in charsets)
+
+
+def _json_int(text: str) -> int:
+    # Python refuses int() on over 4300 digits with a ValueError; anything past 64 bits is no valid value here.
+    value = int(text) if len(text) <= 21 else None
+    if value is None or not -(2**63) <= value < 2**64:
+        raise ValueError(f"the number {text[:30]}{'...' if len(text) > 30 else ''} is out of range")
+    return value
+
+
+def _json_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:30]}{'...' if len(text) > 30 else ''} is out of range")
+    return value
+
+
+def _json_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _parse_body(raw: bytes, config: ServerConfig) -> dict[str, Any]:
+    """A request body as a JSON object within the limits of config; a 400 naming what is wrong otherwise."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(
+            f"the request body is not valid UTF-8 ({exc.reason} at byte {exc.start})", code="invalid_json"
+        ) from None
+    try:
+        body = json.loads(text, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    except RecursionError:
+        raise InvalidRequest(
+            f"the request body nests deeper than max_json_depth ({config.max_json_depth})", code="invalid_json"
+        ) from None
+    except ValueError as exc:  # from the number hooks
+        raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
+    _check_body_limits(body, config)
+    return body
+
+
+def _check_body_limits(body: dict[str, Any], config: ServerConfig) -> None:
+    """400 for a body nested too deep, with too many messages, too much text, or text that is not Unicode."""
+    for key in ("messages", "prompt", "input"):
+        items = body.get(key)
+        if isinstance(items, list) and len(items) > config.max_messages:
+            raise InvalidRequest(
+                f"'{key}' holds {len(items)} items; the limit is max_messages ({config.max_messages})",
+                param=key,
+                code="too_many_messages",
+            )
+    chars = dict.fromkeys(body, 0)
+    # (value, nesting level if it is a container, the top-level key it is under); a loop, not recursion.
+    stack: list[tuple[Any, int, str]] = [(v, 2, k) for k, v in body.items()]
+    strings: list[tuple[str, str]] = [(k, k) for k in body]
+    while stack:
+        value, level, top = stack.pop()
+        if isinstance(value, str):
+            strings.append((value, top))
+        elif isinstance(value, (dict, list)):
+            if level > config.max_json_depth:
+                raise InvalidRequest(
+                    f"the request body nests deeper than max_json_depth ({config.max_json_depth})",
+                    param=top,
+                    code="invalid_json",
+                )
+            if isinstance(value, dict):
+                strings += [(k, top) for k in value]
+                value = value.values()
+            stack += [(v, level + 1, top) for v in value]
+    for text, top in strings:
+        chars[top] += len(text)
+        if not text.isascii():
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest(
+                    f"'{top}' holds a string that is not valid Unicode (a lone surrogate escape)",
+                    param=top,
+                    code="invalid_json",
+                ) from None
+    total = sum(chars.values())
+    if total > config.max_request_chars:
+        raise InvalidRequest(
+            f"the request holds {total} characters of text; "
+            f"the limit is max_request_chars ({config.max_request_chars})",
+            param=max(chars, key=lambda k: chars[k]),
+            code="request_too_large",
+        )
+
+
 class _ClientWatch:
     """`is_set()` turns true once the client has closed its connection, so its request can be abandoned."""
 
@@ -5351,12 +5861,117 @@ class _ClientWatch:
         return self.gone
 
 
+class _Conn:
+    """An open client connection: its thread, and the deadline by which it must have sent what it owes."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.thread: threading.Thread | None = None
+        self.deadline: float | None = None
+        self.idle = False  # waiting for its next request
+        self.cut: str | None = None  # why the server cut its reading side: "timeout" or "shutdown"
+
+
 class _HTTPD(ThreadingHTTPServer):
+    """A thread per connection, at most max_connections of them, each dropped when it sends too slowly."""
+
     daemon_threads = True
+    block_on_close = False  # connection threads are tracked in `conns`, and joined with a deadline
     allow_reuse_address = True
     request_queue_size = 128
     api_keys: list[str]
-    model_server: ModelServer
+
+    def __init__(self, address: tuple[str, int], model_server: ModelServer) -> None:
+        self.model_server = model_server
+        self.conns: dict[socket.socket, _Conn] = {}
+        self.conns_lock = threading.Lock()
+        self.draining = False
+        super().__init__(address, _Handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        conn = _Conn(request)
+        with self.conns_lock:
+            full = len(self.conns) >= self.model_server.config.max_connections
+            if not full:
+                self.conns[request] = conn
+        if full:
+            self._refuse(request)
+            return
+        conn.thread = threading.Thread(
+            target=self.process_request_thread, args=(request, client_address), name="lllms-conn", daemon=True
+        )
+        conn.thread.start()
+
+    def _refuse(self, sock: socket.socket) -> None:
+        """A 503 without a thread: written if the socket takes it at once, never waited for."""
+        self.model_server._metrics.inc("lllms_http_connections_refused_total", {})
+        limit = self.model_server.config.max_connections
+        body = json.dumps(
+            Unavailable(f"the server is busy: {limit} connections are open", code="too_many_connections").envelope()
+        ).encode()
+        head = (
+            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n"
+            f"X-Request-Id: {secrets.token_hex(8)}\r\n\r\n"
+        )
+        with _suppress(OSError):
+            sock.setblocking(False)
+            sock.send(head.encode() + body)
+            # Read what already came, so closing doesn't reset the connection before the client reads the 503.
+            sock.recv(1 << 16)
+        super().shutdown_request(sock)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self.conns_lock:
+            self.conns.pop(request, None)
+        super().shutdown_request(request)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+    def arm(self, conn: _Conn, seconds: float | None, idle: bool = False) -> None:
+        """Give a connection `seconds` to send its next part (None: no deadline)."""
+        with self.conns_lock:
+            conn.deadline = None if seconds is None else time.monotonic() + seconds
+            conn.idle = idle
+
+    def service_actions(self) -> None:
+        """Cut the reading side of connections past their deadline: the read blocking their thread ends."""
+        now = time.monotonic()
+        with self.conns_lock:
+            for conn in self.conns.values():
+                if conn.deadline is not None and now >= conn.deadline:
+                    self._cut(conn, "timeout")
+
+    def cut_idle(self) -> None:
+        """End the connections waiting for a next request (draining)."""
+        with self.conns_lock:
+            for conn in self.conns.values():
+                if conn.idle:
+                    self._cut(conn, "shutdown")
+
+    @staticmethod
+    def _cut(conn: _Conn, why: str, how: int = socket.SHUT_RD) -> None:
+        conn.deadline, conn.cut = None, why
+        with _suppress(OSError):
+            conn.sock.shutdown(how)
+
+    def close_all(self, timeout: float) -> None:
+        """Wait up to `timeout` for connection threads to end, then cut their sockets both ways and join them."""
+        self.cut_idle()
+        deadline = time.monotonic() + timeout
+        with self.conns_lock:
+            conns = list(self.conns.values())
+        for conn in conns:
+            if conn.thread is not None:
+                conn.thread.join(max(0.0, deadline - time.monotonic()))
+        late = [c for c in conns if c.thread is not None and c.thread.is_alive()]
+        for conn in late:
+            self._cut(conn, "shutdown", socket.SHUT_RDWR)
+        for conn in late:
+            typing.cast(threading.Thread, conn.thread).join(5.0)
+            if conn.thread.is_alive():  # type: ignore[union-attr]
+                log.warning("a connection thread did not end: it is still in its request")
 
 
 class HTTPServer:
@@ -5366,8 +5981,7 @@ class HTTPServer:
         self.model_server = model_server
         listen = model_server.config.listen
         host = host or listen.host
-        self._httpd = _HTTPD((host, listen.port if port is None else port), _Handler)
-        self._httpd.model_server = model_server
+        self._httpd = _HTTPD((host, listen.port if port is None else port), model_server)
         env_keys = [k.strip() for k in os.environ.get("LLLMS_API_KEY", "").split(",") if k.strip()]
         self._httpd.api_keys = [*model_server.config.api_keys, *env_keys]
         if not self._httpd.api_keys and host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
@@ -5384,18 +5998,25 @@ class HTTPServer:
         return f"http://{host}:{port}"
 
     def start(self) -> HTTPServer:
-        self._thread = threading.Thread(target=self._httpd.serve_forever, name="lllms-http", daemon=True)
+        # The serve loop also runs the connection watchdog (service_actions), so it wakes often.
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="lllms-http", daemon=True
+        )
         self._thread.start()
         return self
 
     def stop(self, grace: float = 10.0) -> None:
-        """Stop accepting connections, then stop the model server."""
+        """Drain, then stop: new requests get 503 and idle connections close while running requests finish
+        (for up to `grace` seconds); then the model server frees its instances and every connection ends."""
+        self._httpd.draining = True
+        self._httpd.cut_idle()
+        self.model_server.stop(grace)
         if self._thread is not None:  # shutdown() waits for a serve_forever() that must have started
             self._httpd.shutdown()
         self._httpd.server_close()
         if self._thread is not None:
             self._thread.join()
-        self.model_server.stop(grace)
+        self._httpd.close_all(timeout=5.0)
 
     def __enter__(self) -> HTTPServer:
         return self
@@ -5501,6 +6122,8 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
 
     def on_signal(*_: Any) -> None:
+        if stop.is_set():  # a second signal: cut the drain short
+            ms._pool.abort.set()
         stop.set()
         ms._cancel_downloads.set()  # also ends a blocking download at start-up; its part file resumes later
 
@@ -5513,18 +6136,17 @@ def main(argv: list[str] | None = None) -> int:
         if not errors:
             log.info("all models are ready: %s", ", ".join(config.models))
         return 1 if errors else 0
-    ms.start()
     try:
-        http = HTTPServer(ms, args.host, args.port).start()
+        http = HTTPServer(ms, args.host, args.port).start()  # listening first: /health says 503 while models load
     except OSError as exc:
         print(f"lllms: cannot listen: {exc}", file=sys.stderr)
-        ms.stop()
         return 1
+    ms.start()
     log.info("serving %s on %s/openai/v1", ", ".join(config.models), http.url)
     while not stop.wait(0.5):
         pass
-    log.info("shutting down")
-    http.stop()
+    log.info("shutting down: running requests get up to %gs to finish", config.shutdown_grace)
+    http.stop(config.shutdown_grace)
     return 0
 
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import select
 import signal
 import socket
 import struct
@@ -24,13 +25,14 @@ import threading
 import time
 import typing
 from collections.abc import Iterator
+from contextlib import suppress as contextlib_suppress
 from dataclasses import dataclass
 from typing import Any
 
 import jsonschema
 import openai
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
@@ -57,13 +59,15 @@ def wait_until(predicate: Any, timeout: float = 20.0, what: str = "condition") -
 def http_request(
     url: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
 ) -> tuple[int, Any, dict[str, str]]:
-    """One request on a fresh connection: (status, parsed JSON body or None, headers)."""
+    """One request on a fresh connection: (status, parsed JSON body (other bodies as text) or None, headers)."""
     host, port = url.removeprefix("http://").split(":")
     conn = http.client.HTTPConnection(host, int(port), timeout=60)
     try:
         conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
         resp = conn.getresponse()
         raw = resp.read()
+        if raw and not (resp.getheader("Content-Type") or "").startswith("application/json"):
+            return resp.status, raw.decode(), dict(resp.getheaders())
         return resp.status, json.loads(raw) if raw else None, dict(resp.getheaders())
     finally:
         conn.close()
@@ -226,6 +230,10 @@ def test_config_accepts_lllms_camel_case_and_aliases(tmp_path: Any) -> None:
             "models.m.preload.messages",
         ),
         ({"listen": {"port": 70000}}, "listen.port"),
+        ({"max_headers": 101}, "max_headers: must be between 1 and 100"),
+        ({"max_connections": 0}, "max_connections: must be >= 1"),
+        ({"read_timeout": 0}, "read_timeout: must be > 0"),
+        ({"models": {"m": {"task": "text-completion", "file": "x", "maxTokensLimit": 0}}}, "models.m.max_tokens_limit"),
         ({"models": []}, "models: expected an object"),
         ([], "config: expected an object"),
     ],
@@ -1050,7 +1058,7 @@ def _calls(message: Any) -> list[tuple[str, str]]:
 def test_json_schema_and_json_object_responses_validate(client: openai.OpenAI) -> None:
     schema = {
         "type": "object",
-        "properties": {"name": {"type": "string"}, "age": {"type": "integer", "minimum": 0}},
+        "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
         "required": ["name", "age"],
         "additionalProperties": False,
     }
@@ -1061,10 +1069,13 @@ def test_json_schema_and_json_object_responses_validate(client: openai.OpenAI) -
             messages=[{"role": "user", "content": "Invent a person."}],
             response_format=fmt,
             temperature=temperature,
+            seed=1,
             max_tokens=80,
         )
         assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
         jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+    # No raw control characters inside strings: llama-cpp-python's converter would allow them, JSON does not.
+    assert 'char ::= [^"\\\\\\x7F\\x00-\\x1F]' in lllms._json_grammar({"type": "string"})
     r = client.chat.completions.create(
         model="smol", messages=CHAT, response_format={"type": "json_object"}, temperature=0, max_tokens=80
     )
@@ -1443,6 +1454,10 @@ def test_cancel_stops_the_remaining_choices(smollm2: str) -> None:
         ("response_format", {"type": "xml"}),
         ("response_format", {"type": "json_schema", "json_schema": {"schema": {}}}),
         ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": []}}),
+        (
+            "response_format",
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 0}}},
+        ),
         ("messages", [{"role": "tool", "content": "x"}]),
     ],
 )
@@ -3318,3 +3333,806 @@ def test_http_server_context_manager_without_start_exits(tiny_llama: str) -> Non
     with lllms.HTTPServer(ms, "127.0.0.1", 0):
         pass  # never started: leaving must not wait for a serve loop that never ran
     assert ms.status()["state"] == "stopped"
+
+
+# ==== hardening: limits, robust parsing, connections, drain, health, metrics, abuse
+
+
+TINY_LIMITS = {
+    "concurrency": 2,
+    "max_json_depth": 16,
+    "max_messages": 8,
+    "max_request_chars": 4000,
+    "max_header_bytes": 4096,
+    "max_headers": 20,
+    "request_timeout": 20,
+}
+
+
+def tiny_config(tiny_llama: str, tiny_bert: str | None = None, **server: Any) -> dict[str, Any]:
+    """tiny_llama as "tiny" (max_tokens_limit 8) and, given, tiny_bert as "bert", under TINY_LIMITS."""
+    models: dict[str, Any] = {
+        "tiny": {"task": "text-completion", "file": tiny_llama, "context_size": 64, "max_tokens_limit": 8}
+    }
+    if tiny_bert is not None:
+        models["bert"] = {"task": "embedding", "file": tiny_bert}
+    return {**TINY_LIMITS, **server, "models": models}
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_llama: str, tiny_bert: str) -> Iterator[lllms.HTTPServer]:
+    config = tiny_config(tiny_llama, tiny_bert)
+    config["models"]["tiny"]["max_instances"] = 2
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        yield server
+
+
+def address(server: lllms.HTTPServer) -> tuple[str, int]:
+    host, port = server.url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
+def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """Read one response with a Content-Length body (or up to EOF) from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"connection closed mid-response: {data!r}")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {k: v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+    status = int(lines[0].split()[1])
+    if status < 200:  # an interim response: no body
+        return status, headers, body
+    length = int(headers.get("Content-Length", "-1"))
+    while length < 0 or len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        body += chunk
+    return status, headers, body
+
+
+def exchange(server: lllms.HTTPServer, data: bytes) -> tuple[int, dict[str, str], Any]:
+    """Send raw bytes on a fresh connection and read one response: (status, headers, JSON body)."""
+    with socket.create_connection(address(server), timeout=30) as sock:
+        sock.sendall(data)
+        status, headers, body = read_response(sock)
+    return status, headers, json.loads(body) if body else None
+
+
+def tiny_body(**fields: Any) -> bytes:
+    return json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 2, "temperature": 0, **fields}).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "status", "param", "code"),
+    [
+        (b'{"model": "tiny", "prompt": "caf\xe9"}', "application/json", 400, None, "invalid_json"),
+        (b"\xff\xfe{\x00}\x00", "application/json", 400, None, "invalid_json"),
+        (b'"just a string"', "application/json", 400, None, "invalid_json"),
+        (b"null", "application/json", 400, None, "invalid_json"),
+        (b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "application/json", 400, None, "invalid_json"),
+        (b'{"a": ' + b"[" * 20 + b"]" * 20 + b"}", "application/json", 400, "a", "invalid_json"),
+        (b'{"model": "tiny", "prompt": "x", "max_tokens": ' + b"9" * 5000 + b"}", "application/json", 400, None, None),
+        (b'{"model": "tiny", "prompt": "x", "seed": 99999999999999999999999}', "application/json", 400, None, None),
+        (b'{"model": "tiny", "prompt": "x", "temperature": 1e999}', "application/json", 400, None, "invalid_json"),
+        (b'{"model": "tiny", "prompt": "x", "temperature": NaN}', "application/json", 400, None, "invalid_json"),
+        (b'{"model": "tiny", "prompt": "x", "temperature": -Infinity}', "application/json", 400, None, "invalid_json"),
+        (b'{"model": "tiny", "prompt": "\\ud800"}', "application/json", 400, "prompt", "invalid_json"),
+        (tiny_body(), "text/plain", 415, None, "unsupported_media_type"),
+        (tiny_body(), "application/x-www-form-urlencoded", 415, None, "unsupported_media_type"),
+        (tiny_body(), "application/json; charset=latin-1", 415, None, "unsupported_media_type"),
+        (tiny_body(prompt="x" * 4001), "application/json", 400, "prompt", "request_too_large"),
+        (
+            json.dumps({"model": "tiny", "messages": [{"role": "user", "content": "x"}] * 9}).encode(),
+            "application/json",
+            400,
+            "messages",
+            "too_many_messages",
+        ),
+        (tiny_body(max_tokens=9), "application/json", 400, "max_tokens", "max_tokens_exceeded"),
+    ],
+)
+def test_bad_bodies_get_a_4xx_envelope(
+    tiny_server: lllms.HTTPServer, body: bytes, ctype: str, status: int, param: str | None, code: str | None
+) -> None:
+    got, payload, headers = http_request(tiny_server.url, "POST", "/v1/completions", body, {"Content-Type": ctype})
+    assert got == status, payload
+    assert headers["Content-Type"] == "application/json"
+    assert_envelope(payload, param=param, code=code)
+
+
+def test_json_content_type_variants_and_a_missing_one_are_accepted(tiny_server: lllms.HTTPServer) -> None:
+    for ctype in ("application/json", "Application/JSON; charset=UTF-8", 'application/json;charset="utf-8"'):
+        status, payload, _ = http_request(
+            tiny_server.url, "POST", "/v1/completions", tiny_body(), {"Content-Type": ctype}
+        )
+        assert status == 200, (ctype, payload)
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+    status, _, payload = exchange(tiny_server, head % len(tiny_body()) + tiny_body())
+    assert status == 200 and payload["object"] == "text_completion"
+
+
+def test_framing_errors_get_a_4xx_envelope(tiny_server: lllms.HTTPServer) -> None:
+    post = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    cases = [
+        (post + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\n{}", 400, "invalid_content_length"),
+        (post + b"Content-Length: +5\r\n\r\n{}", 400, "invalid_content_length"),
+        (post + b"Transfer-Encoding: gzip\r\n\r\n", 411, "length_required"),
+        (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n", 414, "uri_too_long"),
+        (b"GET /health HTTP/1.1\r\n" + b"X-Big: " + b"b" * 5000 + b"\r\n\r\n", 431, "headers_too_large"),
+        (b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(21)) + b"\r\n", 431, None),
+        (b"GET /health HTTP/9.9\r\n\r\n", 400, "bad_request"),
+        (b"GET /health HTTP/2.0\r\n\r\n", 400, "bad_request"),
+        (b"NONSENSE\r\n\r\n", 400, "bad_request"),
+        (b"BREW /v1/models HTTP/1.1\r\n\r\n", 405, "method_not_allowed"),
+    ]
+    for data, status, code in cases:
+        got, headers, payload = exchange(tiny_server, data)
+        assert got == status, (data[:60], got, payload)
+        assert_envelope(payload, code=code)
+        assert headers["Content-Type"] == "application/json"
+
+
+def test_expect_100_continue(tiny_server: lllms.HTTPServer) -> None:
+    body = tiny_body()
+    head = (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nExpect: 100-continue\r\n"
+        b"Content-Length: %d\r\n\r\n"
+    )
+    with socket.create_connection(address(tiny_server), timeout=30) as sock:
+        sock.sendall(head % (b"application/json", len(body)))
+        status, _, _ = read_response(sock)
+        assert status == 100  # only now does the client send its body
+        sock.sendall(body)
+        status, _, payload = read_response(sock)
+        assert status == 200 and json.loads(payload)["usage"]["completion_tokens"] <= 2
+    # Headers that already fail get the refusal instead of a 100, and the body is never needed.
+    with socket.create_connection(address(tiny_server), timeout=30) as sock:
+        sock.sendall(head % (b"text/plain", len(body)))
+        status, _, payload = read_response(sock)
+        assert status == 415
+        assert_envelope(json.loads(payload), code="unsupported_media_type")
+        assert sock.recv(1) == b""  # and the connection closes, since the body may still come
+
+
+def test_max_tokens_limit_is_enforced_by_the_model_server(tiny_llama: str) -> None:
+    with lllms.ModelServer(tiny_config(tiny_llama)) as ms:
+        with pytest.raises(lllms.InvalidRequest) as exc:
+            ms.chat("tiny", CHAT, max_tokens=9)
+        assert exc.value.param == "max_tokens" and exc.value.status == 400
+        with pytest.raises(lllms.InvalidRequest):
+            ms.complete("tiny", "hello", max_tokens=100, stream=True)
+        # Without max_tokens the limit is the default: the tiny model never stops on its own.
+        assert ms.complete("tiny", "hello", temperature=0).usage.completion_tokens == 8
+        assert ms.chat("tiny", CHAT, max_tokens=8).usage.completion_tokens <= 8
+    with pytest.raises(lllms.ConfigError, match="above max_tokens_limit"):
+        lllms.load_config(
+            {"models": {"m": {**tiny_config(tiny_llama)["models"]["tiny"], "completion_defaults": {"max_tokens": 9}}}}
+        )
+
+
+def conn_threads(server: lllms.HTTPServer) -> list[threading.Thread]:
+    """The live threads serving this server's connections (other servers' are not counted)."""
+    return [c.thread for c in list(server._httpd.conns.values()) if c.thread is not None and c.thread.is_alive()]
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_connections_past_max_connections_get_a_quick_503(tiny_llama: str, no_thread_leaks: None) -> None:
+    config = tiny_config(tiny_llama, max_connections=3)
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        held = [socket.create_connection(address(server), timeout=30) for _ in range(3)]
+        wait_until(lambda: len(server._httpd.conns) == 3, what="3 connections registered")
+        with socket.create_connection(address(server), timeout=30) as sock:
+            status, headers, body = read_response(sock)  # answered without sending anything: no thread read it
+            assert status == 503 and headers["Retry-After"] == "1" and headers["Connection"] == "close"
+            assert_envelope(json.loads(body), code="too_many_connections")
+            assert sock.recv(1) == b""
+        assert len(conn_threads(server)) == 3
+        held.pop().close()
+        wait_until(lambda: len(server._httpd.conns) == 2, what="a connection to end")
+        status, _, _ = http_request(server.url, "GET", "/health")
+        assert status == 200
+        for sock in held:
+            sock.close()
+        metrics = http_request(server.url, "GET", "/metrics")[1]
+        assert "lllms_http_connections_refused_total 1" in metrics
+
+
+def test_slowloris_connections_are_dropped_and_others_served(tiny_llama: str, no_thread_leaks: None) -> None:
+    """50 connections send their headers a byte at a time, never finishing. A normal client is served meanwhile,
+    and each slow one is cut at read_timeout with a 408 (or just closed), never held longer."""
+    config = tiny_config(tiny_llama, read_timeout=1.0, idle_timeout=1.0)
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        slow = [socket.create_connection(address(server), timeout=30) for _ in range(50)]
+        idle = [socket.create_connection(address(server), timeout=30) for _ in range(5)]  # never send a byte
+        for sock in slow + idle:
+            sock.setblocking(False)
+        header = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"z" * 10_000
+        sent = dict.fromkeys(slow, 0)
+        answers: dict[socket.socket, bytes] = {}
+        served = False
+        deadline = time.monotonic() + 30
+        while len(answers) < len(slow) + len(idle):
+            assert time.monotonic() < deadline, f"{len(slow) + len(idle) - len(answers)} connections still open"
+            for sock in slow:
+                if sock not in answers:
+                    with contextlib_suppress(BlockingIOError, BrokenPipeError, ConnectionResetError):
+                        sent[sock] += sock.send(header[sent[sock] : sent[sock] + 1])
+            if not served and min(sent.values()) >= 5:
+                # Every slow connection is open and part way through its headers: a normal client is served.
+                status, payload, _ = post_raw(server.url, "/v1/completions", tiny_body())
+                assert status == 200 and payload["choices"][0]["text"] is not None
+                served = True
+            # Wait for answers (or closes), about a byte every 20 ms per connection.
+            readable, _, _ = select.select([s for s in slow + idle if s not in answers], [], [], 0.02)
+            for sock in readable:
+                try:
+                    answers[sock] = sock.recv(65536) or b"<closed>"
+                except ConnectionResetError:
+                    answers[sock] = b"<reset>"
+        assert served
+        for sock in slow:
+            answer = answers[sock]
+            assert answer.startswith(b"HTTP/1.1 408 ") or answer in (b"<closed>", b"<reset>"), answer[:80]
+            assert sent[sock] < 2000  # cut after about a second, not when the header ended
+        timed_out = [answers[s] for s in slow if answers[s].startswith(b"HTTP/1.1 408 ")]
+        assert timed_out  # the rest may see the close first: a 408 racing the bytes they still send
+        assert_envelope(json.loads(timed_out[0].partition(b"\r\n\r\n")[2]), code="request_timeout")
+        assert all(answers[s] in (b"<closed>", b"<reset>") for s in idle)  # idle past idle_timeout: closed
+        for sock in slow + idle:
+            sock.close()
+        wait_until(lambda: not server._httpd.conns, what="all connections to end")
+        status, _, _ = http_request(server.url, "GET", "/health")
+        assert status == 200
+
+
+def test_stop_ends_idle_keepalive_connections_and_leaks_nothing(tiny_llama: str, no_thread_leaks: None) -> None:
+    fds, before = open_fds(), set(threading.enumerate())
+    server = lllms.start_http_server(tiny_config(tiny_llama, idle_timeout=300), host="127.0.0.1", port=0)
+    conns = []
+    for _ in range(3):  # each served once, then idle in keep-alive
+        conn = http.client.HTTPConnection(*address(server), timeout=30)
+        conn.request("POST", "/v1/completions", body=tiny_body(), headers={"Content-Type": "application/json"})
+        assert conn.getresponse().read()
+        conns.append(conn)
+    threads = conn_threads(server)
+    assert len(threads) == 3
+    started = time.monotonic()
+    server.stop()
+    assert time.monotonic() - started < 5  # not idle_timeout
+    assert not server._httpd.conns and not any(t.is_alive() for t in threads)
+    assert [t.name for t in set(threading.enumerate()) - before if t.is_alive()] == []  # joined by stop()
+    for conn in conns:
+        conn.close()
+    assert open_fds() <= fds
+
+
+def hold_at(n: int, reached: threading.Event, gate: threading.Event, abort: threading.Event | None = None) -> Any:
+    """An engine stream hook: the generation pauses before its chunk n until `gate` (or `abort`) is set."""
+
+    def hook(chunks: Iterator[lllms.Chunk]) -> Iterator[lllms.Chunk]:
+        try:
+            for i, chunk in enumerate(chunks):
+                if i == n:
+                    reached.set()
+                    deadline = time.monotonic() + 30
+                    while not gate.wait(0.01) and not (abort is not None and abort.is_set()):
+                        assert time.monotonic() < deadline, "the test never opened the gate"
+                yield chunk
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+
+    return hook
+
+
+def read_to_eof(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def sse_data(raw: bytes) -> list[Any]:
+    """The data of each SSE event in a raw chunked response ("[DONE]" as a string)."""
+    events = re.findall(rb"data: (.*?)\n\n", raw)
+    return [e.decode() if e == b"[DONE]" else json.loads(e) for e in events]
+
+
+def test_drain_finishes_running_streams_and_refuses_new_requests(
+    tiny_llama: str, engine_hooks: Any, no_thread_leaks: None
+) -> None:
+    reached, gate = threading.Event(), threading.Event()
+    engine_hooks.stream = hold_at(2, reached, gate)
+    server = lllms.start_http_server(tiny_config(tiny_llama), host="127.0.0.1", port=0)
+    url = server.url
+    stream = raw_post(
+        url,
+        "/v1/completions",
+        {
+            "model": "tiny",
+            "prompt": "hello",
+            "max_tokens": 8,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        },
+    )
+    assert reached.wait(30)
+    idle = http.client.HTTPConnection(*address(server), timeout=30)
+    idle.request("GET", "/health")
+    assert idle.getresponse().read()  # served, then idle in keep-alive
+    stopper = threading.Thread(target=server.stop, kwargs={"grace": 60})
+    stopper.start()
+    wait_until(lambda: server.model_server.state == "draining", what="draining")
+    status, payload, headers = http_request(url, "GET", "/health")
+    assert status == 503 and headers["Retry-After"]
+    assert_envelope(payload, code="draining")
+    status, payload, headers = post_raw(url, "/v1/completions", tiny_body())
+    assert status == 503 and int(headers["Retry-After"]) >= 1
+    assert_envelope(payload, code="shutting_down")
+    with pytest.raises((http.client.HTTPException, OSError)):  # the idle keep-alive connection was closed
+        idle.request("GET", "/health")
+        idle.getresponse()
+    idle.close()
+    assert stopper.is_alive()  # still waiting for the running stream
+    gate.set()
+    events = sse_data(read_to_eof(stream))
+    stream.close()
+    assert events[-1] == "[DONE]"
+    assert events[-2]["usage"]["completion_tokens"] == 8  # finished, not cut short
+    assert events[-3]["choices"][0]["finish_reason"] == "length"
+    stopper.join(30)
+    assert not stopper.is_alive()
+    status = server.model_server.status()
+    assert status["state"] == "stopped" and status["instances"] == []
+
+
+def test_drain_past_its_grace_cuts_generation_short(tiny_llama: str, engine_hooks: Any, no_thread_leaks: None) -> None:
+    reached, gate = threading.Event(), threading.Event()
+    server = lllms.start_http_server(tiny_config(tiny_llama), host="127.0.0.1", port=0)
+    engine_hooks.stream = hold_at(2, reached, gate, abort=server.model_server._pool.abort)
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 8, "temperature": 0, "stream": True}
+    stream = raw_post(server.url, "/v1/completions", body)
+    assert reached.wait(30)
+    server.stop(grace=0.2)  # the gate never opens: the grace ends the generation
+    events = sse_data(read_to_eof(stream))
+    stream.close()
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
+    assert len(events) - 1 < 8
+    assert server.model_server.status()["instances"] == []
+
+
+def test_health_is_503_while_starting(tiny_llama: str, engine_hooks: Any, no_thread_leaks: None) -> None:
+    loading, gate = threading.Event(), threading.Event()
+    engine_hooks.before_load = lambda: (loading.set(), gate.wait(30))
+    config = tiny_config(tiny_llama)
+    config["models"]["tiny"]["min_instances"] = 1
+    ms = lllms.ModelServer(config)
+    server = lllms.HTTPServer(ms, "127.0.0.1", 0).start()
+    try:
+        starter = threading.Thread(target=ms.start)
+        starter.start()
+        assert loading.wait(30)
+        status, payload, headers = http_request(server.url, "GET", "/health")
+        assert status == 503 and headers["Retry-After"] == "1"
+        assert_envelope(payload, code="starting")
+        status, payload, headers = post_raw(server.url, "/v1/completions", tiny_body())
+        assert status == 503 and headers["Retry-After"]
+        gate.set()
+        starter.join(30)
+        assert http_request(server.url, "GET", "/health")[:2] == (200, {"status": "ok"})
+        assert post_raw(server.url, "/v1/completions", tiny_body())[0] == 200
+    finally:
+        gate.set()
+        server.stop()
+
+
+def test_engine_fault_mid_stream_is_an_sdk_error_and_the_next_request_succeeds(
+    tiny_llama: str, engine_hooks: Any
+) -> None:
+    def fail_once(chunks: Iterator[lllms.Chunk]) -> Iterator[lllms.Chunk]:
+        engine_hooks.stream = None  # the next generation runs as it should
+        for i, chunk in enumerate(chunks):
+            if i == 1:
+                raise RuntimeError("injected engine fault")
+            yield chunk
+
+    with lllms.start_http_server(tiny_config(tiny_llama), host="127.0.0.1", port=0) as server:
+        sdk = _sdk(server)
+        engine_hooks.stream = fail_once
+        got = []
+        with pytest.raises(openai.APIError, match="injected engine fault") as exc:
+            for chunk in sdk.completions.create(model="tiny", prompt="hello", max_tokens=8, stream=True, temperature=0):
+                got.append(chunk)
+        assert got and exc.value.code == "engine_error"  # raised mid-stream, after real chunks
+        (first,) = server.model_server.status()["instances"] or [None]
+        assert first is None  # the faulty instance was disposed
+        r = sdk.completions.create(model="tiny", prompt="hello", max_tokens=4, temperature=0)
+        assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4
+        engine_hooks.stream = fail_once  # and without streaming: a 500 in the envelope
+        status, payload, _ = post_raw(server.url, "/v1/completions", tiny_body(max_tokens=8))
+        assert status == 500
+        assert_envelope(payload, code="engine_error")
+        assert post_raw(server.url, "/v1/completions", tiny_body())[0] == 200
+        assert server.model_server.status()["concurrency"]["running"] == 0
+
+
+_SAMPLE = re.compile(r'([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?:[a-zA-Z_][a-zA-Z0-9_]*="(?:[^"\\]|\\.)*",?)*\})? (\S+)')
+
+
+def parse_metrics(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Samples of a Prometheus text exposition, checking its grammar, TYPE lines and histogram buckets."""
+    assert text.endswith("\n")
+    samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    types: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("# TYPE "):
+            _, _, name, kind = line.split(" ")
+            types[name] = kind
+            continue
+        if line.startswith("# HELP ") or not line:
+            continue
+        m = _SAMPLE.fullmatch(line)
+        assert m, f"not a sample line: {line!r}"
+        labels = tuple(re.findall(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"', m[2] or ""))
+        family = re.sub(r"_(bucket|sum|count)$", "", m[1]) if m[1] not in types else m[1]
+        assert family in types, f"{m[1]} has no TYPE line"
+        samples[(m[1], labels)] = float(m[3])
+    for (name, labels), count in samples.items():
+        if name.endswith("_count") and types.get(name[: -len("_count")]) == "histogram":
+            buckets = [v for (n, lb), v in samples.items() if n == name[:-6] + "_bucket" and lb[:-1] == labels]
+            assert buckets == sorted(buckets) and buckets[-1] == count
+    return samples
+
+
+def test_metrics_count_requests_tokens_and_times(tiny_server: lllms.HTTPServer) -> None:
+    url = tiny_server.url
+
+    def metrics() -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+        status, text, headers = http_request(url, "GET", "/metrics")
+        assert status == 200 and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        return parse_metrics(text)
+
+    def moved(after: Any, before: Any, name: str, **labels: str) -> float:
+        key = (name, tuple(labels.items()))
+        return after.get(key, 0) - before.get(key, 0)
+
+    before = metrics()
+    sdk = _sdk(tiny_server)
+    prompt = "hello world, the world is on hello"
+    a = sdk.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0)
+    b = sdk.chat.completions.create(model="tiny", messages=CHAT, max_tokens=3, temperature=0)
+    streamed = list(
+        sdk.completions.create(
+            model="tiny", prompt=prompt, max_tokens=5, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    e = sdk.embeddings.create(model="bert", input=["hello world", "hi"])
+    assert http_request(url, "GET", "/nope")[0] == 404
+    after = metrics()
+    completions = {"endpoint": "/openai/v1/completions", "method": "POST", "status": "200"}
+    assert moved(after, before, "lllms_http_requests_total", **completions) == 2
+    assert moved(after, before, "lllms_http_requests_total", endpoint="other", method="GET", status="404") == 1
+    assert moved(after, before, "lllms_http_request_duration_seconds_count", endpoint="/openai/v1/completions") == 2
+    assert moved(after, before, "lllms_time_to_first_token_seconds_count", model="tiny") == 3
+    out = a.usage.completion_tokens + b.usage.completion_tokens + (streamed[-1].usage.completion_tokens or 0)
+    assert moved(after, before, "lllms_completion_tokens_total", model="tiny") == out > 0
+    prompt_in = a.usage.prompt_tokens + b.usage.prompt_tokens + streamed[-1].usage.prompt_tokens
+    assert moved(after, before, "lllms_prompt_tokens_total", model="tiny") == prompt_in
+    assert moved(after, before, "lllms_prompt_tokens_total", model="bert") == e.usage.prompt_tokens > 0
+    # The streamed request repeated the first one's prompt on an instance that held it.
+    assert moved(after, before, "lllms_cached_prompt_tokens_total", model="tiny") > 0
+    assert after[("lllms_up", ())] == 1 and after[("lllms_queue_length", ())] == 0
+    assert after[("lllms_requests_running", ())] == 0
+    assert after[("lllms_instances", (("model", "tiny"), ("state", "busy")))] == 0
+    assert after[("lllms_instances", (("model", "tiny"), ("state", "idle")))] >= 1
+    assert after[("lllms_http_connections", ())] >= 1  # the scrape's own
+
+
+def test_metrics_count_download_bytes(file_server: FileServer, tiny: Hosted) -> None:
+    with lllms.ModelServer(dl_config(tiny, prepare="blocking")) as ms:
+        samples = parse_metrics(ms.metrics())
+        assert samples[("lllms_download_bytes_total", (("model", "m"),))] == len(tiny.data)
+
+
+_POST_PATHS = [p for p, methods in lllms._Handler._ROUTES.items() if "POST" in methods]
+_json_leaf = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
+_json = st.recursive(
+    _json_leaf,
+    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4),
+    max_leaves=12,
+)
+_message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "system", "assistant", "developer", "tool"]) | _json},
+    optional={"content": st.text(max_size=40) | _json, "name": _json, "tool_calls": _json},
+)
+_request = st.fixed_dictionaries(
+    {"model": st.sampled_from(["tiny", "bert", "nope", ""]) | _json},
+    optional={
+        "messages": st.lists(_message, max_size=10) | _json,
+        "prompt": st.text(max_size=60) | st.lists(st.text(max_size=10), max_size=3) | _json,
+        "input": st.text(max_size=60) | st.lists(st.text(max_size=10), max_size=10) | _json,
+        "max_tokens": st.integers(-3, 12) | _json,
+        "max_completion_tokens": st.integers(-3, 12) | _json,
+        "temperature": st.floats(-1, 3) | _json,
+        "top_p": _json,
+        "top_k": st.integers(-5, 2**40),
+        "seed": st.integers(-(2**64), 2**65),
+        "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=20) | _json,
+        "stream": st.booleans() | _json,
+        "stream_options": st.fixed_dictionaries({"include_usage": _json}) | _json,
+        "n": _json,
+        "logit_bias": _json,
+        "encoding_format": st.sampled_from(["float", "base64", "int8"]) | _json,
+        "dimensions": st.integers(-2, 100) | _json,
+        "timeout": _json,
+        "user": _json,
+        "frobnicate": _json,
+    },
+)
+_sampling = {
+    "max_tokens": st.integers(0, 8),
+    "temperature": st.floats(0, 2),
+    "seed": st.integers(0, 2**32),
+    "stop": st.lists(st.text(min_size=1, max_size=3), max_size=3),
+    "stream": st.booleans(),
+    "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
+}
+_valid = {
+    "chat": st.fixed_dictionaries(
+        {
+            "model": st.just("tiny"),
+            "messages": st.lists(
+                st.fixed_dictionaries(
+                    {"role": st.sampled_from(["user", "system", "assistant"]), "content": st.text(max_size=40)}
+                ),
+                min_size=1,
+                max_size=4,
+            ),
+        },
+        optional=_sampling,
+    ),
+    "completions": st.fixed_dictionaries(
+        {"model": st.just("tiny"), "prompt": st.text(max_size=60)}, optional=_sampling
+    ),
+    "embeddings": st.fixed_dictionaries(
+        {
+            "model": st.just("bert"),
+            "input": st.text(max_size=60) | st.lists(st.text(max_size=20), min_size=1, max_size=4),
+        },
+        optional={"encoding_format": st.sampled_from(["float", "base64"])},
+    ),
+}
+
+
+def _nearly_valid(path: str) -> st.SearchStrategy[bytes]:
+    """A valid request for the endpoint, as often as not with one field replaced by random JSON."""
+    base = _valid["chat" if "/chat/" in path else path.rsplit("/", 1)[-1]]
+    keys = st.sampled_from([*_sampling, "model", "messages", "prompt", "input", "encoding_format", "dimensions"])
+    return st.tuples(base, st.dictionaries(keys, _json, max_size=1)).map(
+        lambda t: json.dumps({**t[0], **t[1]}, ensure_ascii=False).encode()
+    )
+
+
+_bodies = st.one_of(
+    _request.map(lambda r: json.dumps(r).encode()),
+    _request.map(lambda r: json.dumps(r, ensure_ascii=False).encode()).flatmap(
+        lambda raw: st.tuples(st.integers(0, max(0, len(raw) - 1)), st.binary(min_size=1, max_size=3)).map(
+            lambda cut: raw[: cut[0]] + cut[1] + raw[cut[0] :]  # stray bytes: often bad UTF-8 or bad JSON
+        )
+    ),
+    _json.map(lambda v: json.dumps(v).encode()),
+    st.binary(max_size=300),
+    st.integers(1, 50_000).map(lambda n: b'{"model": "tiny", "prompt": ' + b"[" * n + b"]" * n + b"}"),
+    st.integers(0, 10_000).map(lambda n: json.dumps({"model": "tiny", "prompt": "hello " * n}).encode()),
+    st.sampled_from(
+        [
+            b'{"model": "tiny", "prompt": "x", "max_tokens": 1e999}',
+            b'{"model": "tiny", "prompt": "x", "temperature": NaN}',
+            b'{"model": "tiny", "prompt": "x", "seed": Infinity}',
+            b'{"model": "tiny", "prompt": "x", "seed": ' + b"7" * 5000 + b"}",
+            b'{"model": "tiny", "prompt": "x", "top_p": 0.' + b"1" * 5000 + b"}",
+            b'{"model": "tiny", "prompt": "\\udfff"}',
+            b'{"model": "bert", "input": ["\\ud800\\u0000"]}',
+            b'{"model": "tiny", "prompt": "\\u0000"}',
+            b'{"model": "tiny", "messages": [{"role": "user", "content": "\\u0000\\ufffe"}]}',
+            b"\xef\xbb\xbf{}",
+            b"",
+        ]
+    ),
+)
+
+
+def test_fuzzed_bodies_never_get_a_5xx_or_hang(tiny_llama: str, tiny_bert: str) -> None:
+    """Thousands of generated bodies (random JSON, wrong types, huge strings, bad UTF-8) to every POST endpoint:
+    each gets an answer within its socket deadline, never a 5xx; afterwards a valid request is served and no
+    instance is stuck."""
+    config = tiny_config(tiny_llama, tiny_bert, request_timeout=5)
+    seen: collections.Counter[int] = collections.Counter()
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        host, port = address(server)
+        paths = st.sampled_from(_POST_PATHS + [p.replace("/openai", "") for p in _POST_PATHS])
+
+        @settings(
+            max_examples=1500,
+            deadline=None,
+            database=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(request=paths.flatmap(lambda p: st.tuples(st.just(p), st.one_of(_nearly_valid(p), _bodies))))
+        def post(request: tuple[str, bytes]) -> None:
+            path, body = request
+            conn = http.client.HTTPConnection(host, port, timeout=20)  # the deadline: a hang fails here
+            try:
+                conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                raw = resp.read()
+            finally:
+                conn.close()
+            seen[resp.status] += 1
+            assert resp.status < 500, (resp.status, raw[:300])
+            if resp.status >= 400:
+                assert_envelope(json.loads(raw))
+            elif resp.getheader("Content-Type") == "text/event-stream":
+                assert raw.endswith(b"data: [DONE]\n\n"), raw[-300:]
+                assert b'"server_error"' not in raw, raw[-300:]
+            else:
+                assert json.loads(raw)["object"] in ("text_completion", "chat.completion", "list")
+
+        post()
+        assert seen[200] > 0 and seen[400] > 0, seen  # the fuzzing reached the engines as well as the checks
+        status, payload, _ = post_raw(server.url, "/v1/chat/completions", tiny_body(messages=CHAT, temperature=9))
+        assert status == 400 and payload["error"]["param"] == "temperature"  # validation still works
+        body = json.dumps({"model": "tiny", "messages": CHAT, "max_tokens": 3}).encode()
+        status, payload, _ = post_raw(server.url, "/v1/chat/completions", body)
+        assert status == 200 and payload["choices"][0]["message"]["role"] == "assistant"
+        status = server.model_server.status()
+        assert status["concurrency"]["running"] == 0 and status["concurrency"]["queued"] == 0
+        assert all(i["state"] == "idle" for i in status["instances"]), status["instances"]
+
+
+def test_prompt_past_a_small_context_size_after_a_cached_prefix(tiny_llama: str) -> None:
+    """Found by the fuzz test: llama.cpp pads a small context_size (to 256), but llama-cpp-python's token buffer
+    kept the size asked for (64); a prompt reaching past that, after a cached prefix, crashed the engine."""
+    with lllms.ModelServer(tiny_config(tiny_llama)) as ms:
+        first = "the " * 48
+        assert 40 < ms.complete("tiny", first, max_tokens=1).usage.prompt_tokens < 60
+        longer = ms.complete("tiny", first + "q" * 20, max_tokens=1)  # a byte-level token per q: past 64
+        assert longer.usage.prompt_tokens > 64 and longer.usage.cached_tokens > 40
+        with pytest.raises(lllms.InvalidRequest) as exc:
+            ms.complete("tiny", first + "q" * 250, max_tokens=1)
+        assert exc.value.code == "context_length_exceeded"
+        assert ms.complete("tiny", first, max_tokens=1).usage.cached_tokens > 0  # the instance is sound
+
+
+def test_empty_prompt_starts_from_bos(tiny_llama: str) -> None:
+    """Found by the fuzz test: an empty prompt (no BOS added by this model) failed llama-cpp-python's sampler."""
+    with lllms.ModelServer(tiny_config(tiny_llama)) as ms:
+        c = ms.complete("tiny", "", max_tokens=2, temperature=0)
+        assert c.usage.prompt_tokens == 1 and c.usage.completion_tokens == 2
+        assert ms.status()["instances"][0]["state"] == "idle"
+
+
+def test_load_of_32_mixed_clients_against_a_small_queue(tiny_llama: str, no_thread_leaks: None) -> None:
+    """32 clients at once, mixing streaming, non-streaming and hanging up mid-stream, against concurrency 2 and
+    max_queue 8: every answer is a success or a 503 with Retry-After, nothing hangs, and afterwards every instance
+    is idle and the server's threads are back to what they were."""
+    config = tiny_config(tiny_llama, concurrency=2, max_queue=8)
+    config["models"]["tiny"].update(max_instances=2, max_tokens_limit=None)
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        baseline = threading.active_count()
+        outcomes: collections.Counter[str] = collections.Counter()
+        problems: list[str] = []
+        lock = threading.Lock()
+
+        def note(outcome: str) -> None:
+            with lock:
+                outcomes[outcome] += 1
+
+        def request(kind: int, i: int) -> None:
+            body = {"model": "tiny", "prompt": f"client {i}", "max_tokens": 48, "stream": kind != 0}
+            if kind == 2:  # hang up after the first event
+                with raw_post(server.url, "/v1/completions", body) as sock:
+                    head = sock.recv(65536)
+                    while head.startswith(b"HTTP/1.1 200") and b"data: {" not in head:
+                        head += sock.recv(65536)
+                assert head.startswith((b"HTTP/1.1 200", b"HTTP/1.1 503")), head[:100]
+                assert head.startswith(b"HTTP/1.1 200") or b"Retry-After: " in head
+                return note("hung up" if head.startswith(b"HTTP/1.1 200") else "503")
+            conn = http.client.HTTPConnection(*address(server), timeout=30)  # the deadline: a hang fails here
+            try:
+                conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+                resp = conn.getresponse()
+                raw = resp.read()
+            finally:
+                conn.close()
+            if resp.status == 503:
+                assert int(resp.getheader("Retry-After")) >= 1
+                assert_envelope(json.loads(raw), code="queue_full")
+                return note("503")
+            assert resp.status == 200, raw[:200]
+            if kind == 1:
+                assert raw.endswith(b"data: [DONE]\n\n") and b'"error"' not in raw
+            else:
+                assert json.loads(raw)["choices"][0]["finish_reason"] in ("stop", "length")
+            note("streamed" if kind == 1 else "completed")
+
+        def client(i: int) -> None:
+            for j in range(6):
+                try:
+                    request((i + j) % 3, i)
+                except Exception as exc:  # collected, for the assertion below
+                    problems.append(f"client {i}: {exc!r}")
+
+        clients = [threading.Thread(target=client, args=(i,), name=f"client-{i}") for i in range(32)]
+        for t in clients:
+            t.start()
+        deadline = time.monotonic() + 60
+        for t in clients:
+            t.join(max(0.0, deadline - time.monotonic()))
+        assert not [t.name for t in clients if t.is_alive()], "clients still waiting after 60 s"
+        assert not problems, problems[:5]
+        assert sum(outcomes.values()) == 32 * 6 and outcomes["completed"] and outcomes["streamed"], outcomes
+
+        def settled() -> bool:
+            status = server.model_server.status()
+            busy = [i for i in status["instances"] if i["state"] != "idle"]
+            return not busy and status["concurrency"]["running"] == 0 and status["concurrency"]["queued"] == 0
+
+        wait_until(settled, timeout=10, what="every instance to be idle")
+        wait_until(lambda: threading.active_count() <= baseline, timeout=10, what="threads back to baseline")
+        assert post_raw(server.url, "/v1/completions", tiny_body())[0] == 200
+
+
+def test_cli_sigterm_drains_a_running_stream_then_exits_0(tmp_path: Any, smollm2: str) -> None:
+    """SIGTERM during a long generation: that stream completes, a new request gets a 503, and the process exits 0."""
+    cfg = tmp_path / "models.json"
+    # One thread: on a busy 2-core machine, llama.cpp's threads waiting on each other can stall it for minutes.
+    cfg.write_text(json.dumps({"shutdown_grace": 300, **smol_config(smollm2, device={"cpu_threads": 1})}))
+    port = free_port()
+    proc = _cli(["--config", str(cfg)], port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(proc, url)
+        body = {
+            "model": "smol",
+            "prompt": "1, 2, 3,",
+            "max_tokens": 64,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        with raw_post(url, "/v1/completions", body) as stream:
+            received = b""
+            while b"data: {" not in received:
+                received += stream.recv(65536)
+            proc.send_signal(signal.SIGTERM)  # SmolLM2 takes a second or more for the rest of the 64 tokens
+
+            def refused() -> tuple[int, Any, dict[str, str]] | None:
+                plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+                got = post_raw(url, "/v1/completions", json.dumps(plain).encode())
+                return got if got[0] != 200 else None
+
+            status, payload, headers = wait_until(refused, timeout=30, what="a 503 while draining")
+            assert status == 503 and int(headers["Retry-After"]) >= 1
+            assert_envelope(payload, code="shutting_down")
+            events = sse_data(received + read_to_eof(stream))
+        assert events[-1] == "[DONE]"
+        assert events[-2]["usage"]["completion_tokens"] == 64  # completed, not cut short
+        assert proc.wait(60) == 0
+        out = proc.stdout.read() if proc.stdout else ""
+        assert "draining: waiting up to 300s for 1 running requests" in out, out[-2000:]
+        assert "Traceback" not in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
