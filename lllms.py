@@ -4065,23 +4065,102 @@ _TOOL_CALLS_OPEN = '{"tool_calls": ['
 _RESPONSE_OPEN = '{"response": '
 
 
-def _schema_converter() -> Any:
+_INT_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def _digits_between(x: str, y: str) -> str:
+    """GBNF for the decimal strings of one length from x to y (inclusive)."""
+    n = 0
+    while n < len(x) and x[n] == y[n]:
+        n += 1
+    head, x, y = (f'"{x[:n]}" ' if n else ""), x[n:], y[n:]
+    if not x:
+        return head.strip()
+    rest = len(x) - 1
+    anys = " [0-9]" * rest
+    if x[1:] == "0" * rest and y[1:] == "9" * rest:
+        return f"{head}[{x[0]}-{y[0]}]{anys}"
+    alts = [f'"{x[0]}" ({_digits_between(x[1:], "9" * rest)})']
+    if int(x[0]) + 1 <= int(y[0]) - 1:
+        alts.append(f"[{int(x[0]) + 1}-{int(y[0]) - 1}]{anys}")
+    alts.append(f'"{y[0]}" ({_digits_between("0" * rest, y[1:])})')
+    return f"{head}({' | '.join(alts)})"
+
+
+def _naturals_between(lo: int, hi: int | None) -> str:
+    """GBNF for the integers from lo >= 0 to hi (None: no end), written without leading zeros."""
+    alts = []
+    short = len(str(lo))
+    for width in range(short, (short if hi is None else len(str(hi))) + 1):
+        a = max(lo, 10 ** (width - 1) if width > 1 else 0)
+        b = 10**width - 1 if hi is None else min(hi, 10**width - 1)
+        if a <= b:
+            alts.append(_digits_between(str(a), str(b)))
+    if hi is None:  # every number with more digits than lo
+        alts.append(f"[1-9]{' [0-9]' * short} [0-9]*")
+    return f"({' | '.join(alts)})"
+
+
+def _integers_between(lo: int | None, hi: int | None) -> str:
+    """GBNF for the JSON integers from lo to hi (None: unbounded on that side)."""
+    alts = []
+    if lo is None or lo < 0:  # negatives: "-" and a magnitude
+        top = None if lo is None else -lo
+        bottom = 1 if hi is None or hi >= 0 else -hi
+        if top is None or bottom <= top:
+            alts.append(f'"-" {_naturals_between(bottom, top)}')
+    if hi is None or hi >= 0:
+        alts.append(_naturals_between(max(lo or 0, 0), hi))
+    return f"({' | '.join(alts)})"
+
+
+def _int_bounds(schema: dict[str, Any], param: str) -> tuple[int | None, int | None]:
+    """An integer schema's inclusive bounds."""
+    for key in _INT_BOUNDS:
+        v = schema.get(key)
+        if key in schema and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise InvalidRequest(f"'{param}': {key} must be a number", param=param)
+    lows = [math.ceil(schema["minimum"])] if "minimum" in schema else []
+    lows += [math.floor(schema["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in schema else []
+    highs = [math.floor(schema["maximum"])] if "maximum" in schema else []
+    highs += [math.ceil(schema["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in schema else []
+    lo, hi = max(lows, default=None), min(highs, default=None)
+    if lo is not None and hi is not None and lo > hi:
+        raise InvalidRequest(f"'{param}': no integer lies between the schema's bounds", param=param)
+    return lo, hi
+
+
+@functools.cache
+def _converter_class() -> Any:
     try:
-        from llama_cpp.llama_grammar import SchemaConverter
+        from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
     except ImportError:
         raise InvalidRequest(
             "JSON schemas and tools need llama-cpp-python: pip install 'lllms[llama-cpp]'", param="response_format"
         ) from None
-    return SchemaConverter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+
+    class _Converter(SchemaConverter):
+        """llama-cpp-python's converter, plus integer ranges, which it leaves out."""
+
+        param = "response_format"
+
+        def visit(self, schema: Any, name: str) -> Any:
+            if isinstance(schema, dict) and schema.get("type") == "integer" and any(k in schema for k in _INT_BOUNDS):
+                lo, hi = _int_bounds(schema, self.param)
+                rule = name + "-" if name in RESERVED_NAMES else name or "root"
+                return self._add_rule(rule, f"{_integers_between(lo, hi)} space")
+            return super().visit(schema, name)
+
+    return _Converter
+
+
+def _schema_converter() -> Any:
+    return _converter_class()(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
 
 
 # Keywords llama-cpp-python's schema converter would skip without a word: a schema using them is refused rather
-# than half enforced.
+# than half enforced. Bounds are enforced for integers (by lllms' own rule), not for other numbers.
 _UNENFORCED_KEYWORDS = {
-    "minimum",
-    "maximum",
-    "exclusiveMinimum",
-    "exclusiveMaximum",
     "multipleOf",
     "uniqueItems",
     "minProperties",
@@ -4109,7 +4188,7 @@ def _unenforced(schema: Any, path: str = "$") -> str | None:
     if not isinstance(schema, dict):
         return None
     for key, value in schema.items():
-        if key in _UNENFORCED_KEYWORDS:
+        if key in _UNENFORCED_KEYWORDS or (key in _INT_BOUNDS and schema.get("type") != "integer"):
             return f"{path}.{key}"
         if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
             found = next((f for k, v in value.items() if (f := _unenforced(v, f"{path}.{key}.{k}"))), None)

@@ -1058,7 +1058,10 @@ def _calls(message: Any) -> list[tuple[str, str]]:
 def test_json_schema_and_json_object_responses_validate(client: openai.OpenAI) -> None:
     schema = {
         "type": "object",
-        "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+        "properties": {
+            "name": {"type": "string", "maxLength": 20},
+            "age": {"type": "integer", "minimum": 0, "exclusiveMaximum": 130},
+        },
         "required": ["name", "age"],
         "additionalProperties": False,
     }
@@ -1190,6 +1193,28 @@ def test_tool_round_trip_renders_calls_and_results_and_reuses_the_context(client
         '{"tool_calls": [{"name": "get_weather", "arguments": ' + call.function.arguments + "}]}"
     )
     assert rendered[3]["content"] == 'Result of get_weather: {"temperature_c": 18, "sky": "sunny"}'
+
+
+def _gbnf_regex(gbnf: str) -> re.Pattern[str]:
+    """A Python regex for the small GBNF subset _integers_between writes: literals, classes, groups, | and *."""
+    return re.compile(re.sub(r'"([^"]*)"', lambda m: re.escape(m.group(1)), gbnf).replace(" ", ""))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    lo=st.none() | st.integers(-(10**6), 10**6),
+    span=st.none() | st.integers(0, 10**6),
+    values=st.lists(st.integers(-(10**7), 10**7), min_size=20, max_size=20),
+)
+def test_integer_range_grammar_matches_exactly_the_range(lo: int | None, span: int | None, values: list[int]) -> None:
+    hi = None if span is None else (span if lo is None else lo + span)
+    rx = _gbnf_regex(lllms._integers_between(lo, hi))
+    edges = [x for b in (lo, hi) if b is not None for x in (b - 1, b, b + 1)]
+    for v in values + edges + [0, -1, 1]:
+        inside = (lo is None or v >= lo) and (hi is None or v <= hi)
+        assert bool(rx.fullmatch(str(v))) == inside, (lo, hi, v)
+    for junk in ("-0", "01", "-007", "", "-", "+1", "1.0"):
+        assert not rx.fullmatch(junk), (lo, hi, junk)
 
 
 def test_reply_parser_streams_content_and_calls_in_any_split() -> None:
@@ -1456,7 +1481,14 @@ def test_cancel_stops_the_remaining_choices(smollm2: str) -> None:
         ("response_format", {"type": "json_schema", "json_schema": {"name": "x", "schema": []}}),
         (
             "response_format",
-            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 0}}},
+            {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "number", "minimum": 0}}},
+        ),
+        (
+            "response_format",
+            {
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "integer", "minimum": 5, "maximum": 1}},
+            },
         ),
         ("messages", [{"role": "tool", "content": "x"}]),
     ],
