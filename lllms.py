@@ -3627,7 +3627,7 @@ def _history_key(messages: list[dict[str, Any]], text: str = "") -> str:
 # ==== 6. OpenAI request/response translation
 
 
-_CHAT_ROLES = {"system", "developer", "user", "assistant", "tool"}
+_CHAT_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
 
 def _text_content(content: Any, where: str, optional: bool = False) -> str:
@@ -3688,11 +3688,11 @@ def _parse_messages(messages: Any) -> list[dict[str, Any]]:
             raise InvalidRequest(
                 f"'{where}.role' must be one of {sorted(_CHAT_ROLES)}, got {role!r}", param=f"{where}.role"
             )
-        if m.get("function_call") is not None:
-            raise InvalidRequest(f"'{where}.function_call' is deprecated; use tool_calls", param=where)
         calls = m.get("tool_calls") if role == "assistant" else None
+        if role == "assistant" and m.get("function_call") is not None:  # the deprecated single call
+            calls = [{"id": f"function-{i}", "type": "function", "function": m["function_call"]}]
         msg: dict[str, Any] = {
-            "role": "system" if role == "developer" else role,
+            "role": {"developer": "system", "function": "tool"}.get(role, role),
             "content": _text_content(m.get("content"), where, optional=bool(calls) or role == "assistant"),
         }
         if calls:
@@ -3701,8 +3701,33 @@ def _parse_messages(messages: Any) -> list[dict[str, Any]]:
             if not isinstance(m.get("tool_call_id"), str):
                 raise InvalidRequest(f"'{where}.tool_call_id' must be a string", param=f"{where}.tool_call_id")
             msg["tool_call_id"] = m["tool_call_id"]
+        if role == "function":  # a deprecated function result answers the latest call of that name
+            name = m.get("name")
+            ids = [c["id"] for o in out for c in o.get("tool_calls", ()) if c["function"]["name"] == name]
+            if not isinstance(name, str) or not ids:
+                raise InvalidRequest(f"'{where}.name' must name an earlier function_call", param=f"{where}.name")
+            msg["tool_call_id"] = ids[-1]
         out.append(msg)
     return out
+
+
+def _legacy_functions(body: dict[str, Any]) -> tuple[Any, Any, bool]:
+    """tools and tool_choice for the deprecated functions and function_call; and whether they were used."""
+    functions, call = body.get("functions"), body.get("function_call")
+    if functions is None:
+        if call is not None:
+            raise InvalidRequest("'function_call' needs 'functions'", param="function_call")
+        return body.get("tools"), body.get("tool_choice"), False
+    if body.get("tools") is not None or body.get("tool_choice") is not None:
+        raise InvalidRequest("give 'tools' or the deprecated 'functions', not both", param="functions")
+    if not isinstance(functions, list):
+        raise InvalidRequest("'functions' must be a list of functions", param="functions")
+    tools = [{"type": "function", "function": f} for f in functions]
+    if call is None or call in ("none", "auto"):
+        return tools, call, True
+    if isinstance(call, dict) and isinstance(call.get("name"), str):
+        return tools, {"type": "function", "function": {"name": call["name"]}}, True
+    raise InvalidRequest("'function_call' must be 'none', 'auto' or {\"name\": ...}", param="function_call")
 
 
 def _is_ids(value: Any) -> bool:
@@ -3755,8 +3780,6 @@ _CHAT_UNSUPPORTED: dict[str, Any] = {
     "reasoning_effort": (None,),
     "web_search_options": (None,),
     "verbosity": (None,),
-    "functions": (None, []),
-    "function_call": (None, "none"),
 }
 
 
@@ -3764,8 +3787,7 @@ def _reject_unsupported(body: dict[str, Any], unsupported: dict[str, Any], engin
     """400 for each parameter the engine can't honour, unless it has its neutral value."""
     for key, neutral in unsupported.items():
         if key in body and body[key] not in neutral:
-            hint = "; use 'tools'" if key in ("functions", "function_call") else ""
-            raise InvalidRequest(f"'{key}' is not supported by the {engine} engine{hint}", param=key)
+            raise InvalidRequest(f"'{key}' is not supported by the {engine} engine", param=key)
 
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -3839,14 +3861,18 @@ def parse_chat_request(body: dict[str, Any], engine: str = "llama-cpp") -> dict[
         fields["params"].logprobs = top or 0
     elif top is not None:
         raise InvalidRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    return {
+    tools, choice, legacy = _legacy_functions(body)
+    req = {
         **fields,
         "messages": _parse_messages(body.get("messages")),
-        "tools": body.get("tools"),
-        "tool_choice": body.get("tool_choice"),
-        "parallel_tool_calls": body.get("parallel_tool_calls"),
+        "tools": tools,
+        "tool_choice": choice,
+        "parallel_tool_calls": False if legacy else body.get("parallel_tool_calls"),
         "response_format": body.get("response_format"),
     }
+    if legacy:
+        req["legacy_functions"] = True  # answer with function_call, as the deprecated API does
+    return req
 
 
 def parse_completion_request(body: dict[str, Any], engine: str = "llama-cpp") -> dict[str, Any]:
@@ -3929,19 +3955,27 @@ def _tool_calls_json(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def chat_response(c: Completion) -> dict[str, Any]:
+def _legacy_finish(reason: str | None, legacy: bool) -> str | None:
+    return "function_call" if legacy and reason == "tool_calls" else reason
+
+
+def chat_response(c: Completion, legacy_functions: bool = False) -> dict[str, Any]:
     choices = []
     for ch in c.choices:
         message: dict[str, Any] = {"role": "assistant", "content": ch.text, "refusal": None}
         if ch.tool_calls:
-            message["tool_calls"] = _tool_calls_json(ch.tool_calls)
             message["content"] = ch.text or None
+            if legacy_functions:
+                call = ch.tool_calls[0]
+                message["function_call"] = {"name": call["name"], "arguments": call["arguments"]}
+            else:
+                message["tool_calls"] = _tool_calls_json(ch.tool_calls)
         choices.append(
             {
                 "index": ch.index,
                 "message": message,
                 "logprobs": _chat_logprobs(ch.logprobs),
-                "finish_reason": ch.finish_reason,
+                "finish_reason": _legacy_finish(ch.finish_reason, legacy_functions),
             }
         )
     return {
@@ -3973,7 +4007,7 @@ def completion_response(c: Completion) -> dict[str, Any]:
     }
 
 
-def chat_chunks(s: CompletionStream, include_usage: bool) -> Iterator[dict[str, Any]]:
+def chat_chunks(s: CompletionStream, include_usage: bool, legacy_functions: bool = False) -> Iterator[dict[str, Any]]:
     """OpenAI chat.completion.chunk objects: per choice, role first, then content or call deltas (id, type and
     name only in a call's first delta), then finish; usage last when asked for."""
     base = {"id": s.id, "object": "chat.completion.chunk", "created": s.created, "model": s.model}
@@ -3988,7 +4022,12 @@ def chat_chunks(s: CompletionStream, include_usage: bool) -> Iterator[dict[str, 
             delta["content"] = ""
         if ch.text:
             delta["content"] = ch.text
-        if ch.tool_calls:
+        if ch.tool_calls and legacy_functions:
+            d = ch.tool_calls[0]  # one call at most: the deprecated API has no parallel calls
+            delta["function_call"] = (
+                {"name": d["name"], "arguments": d["arguments"]} if "id" in d else {"arguments": d["arguments"]}
+            )
+        elif ch.tool_calls:
             delta["tool_calls"] = [
                 {"index": d["index"], "function": {"arguments": d["arguments"]}}
                 if "id" not in d
@@ -4006,7 +4045,14 @@ def chat_chunks(s: CompletionStream, include_usage: bool) -> Iterator[dict[str, 
         if ch.finish_reason is not None:
             yield {
                 **base,
-                "choices": [{"index": ch.index, "delta": {}, "logprobs": None, "finish_reason": ch.finish_reason}],
+                "choices": [
+                    {
+                        "index": ch.index,
+                        "delta": {},
+                        "logprobs": None,
+                        "finish_reason": _legacy_finish(ch.finish_reason, legacy_functions),
+                    }
+                ],
                 **extra,
             }
         usage = ch.usage or usage
@@ -5754,6 +5800,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _complete(self, method: Any, req: dict[str, Any], chunks: Any, response: Any) -> None:
         """Run a chat or text completion; streamed as SSE, or answered as one JSON object."""
         stream, include_usage = req.pop("stream"), req.pop("include_usage")
+        if req.pop("legacy_functions", False):
+            chunks = functools.partial(chunks, legacy_functions=True)
+            response = functools.partial(response, legacy_functions=True)
         if stream:
             s = typing.cast(CompletionStream, method(**req, stream=True, cancel=self._client_watch()))
             self._send_sse(s, chunks(s, include_usage))

@@ -1237,6 +1237,38 @@ def test_reply_parser_streams_content_and_calls_in_any_split() -> None:
         assert content == 'café 😀 "q" \\ done' and not q.calls
 
 
+def test_deprecated_functions_work_as_tools(client: openai.OpenAI, http_server: lllms.HTTPServer, openapi: Any) -> None:
+    fn = WEATHER["function"]
+    kw = {"model": "smol", "messages": PARIS, "functions": [fn], "temperature": 0, "max_tokens": 60}
+    r = client.chat.completions.create(**kw, function_call={"name": "get_weather"})
+    call = r.choices[0].message.function_call
+    assert r.choices[0].finish_reason == "function_call" and r.choices[0].message.tool_calls is None
+    assert call.name == "get_weather" and json.loads(call.arguments)["city"]
+    parts = [c.choices[0].delta.function_call for c in client.chat.completions.create(**kw, stream=True) if c.choices]
+    parts = [p for p in parts if p is not None]
+    assert parts[0].name == "get_weather" and all(p.name is None for p in parts[1:])
+    assert "".join(p.arguments or "" for p in parts) == call.arguments
+    history = [
+        *PARIS,
+        {"role": "assistant", "content": None, "function_call": call.model_dump()},
+        {"role": "function", "name": "get_weather", "content": "sunny, 18C"},
+    ]
+    answer = client.chat.completions.create(**{**kw, "messages": history})
+    assert answer.choices[0].message.content or answer.choices[0].message.function_call
+    body = {**kw, "function_call": "auto"}
+    status, payload, _ = post_raw(http_server.url, "/v1/chat/completions", json.dumps(body).encode())
+    openapi("CreateChatCompletionResponse", payload)
+    for event in _sse_events(http_server.url, "/v1/chat/completions", {**body, "stream": True}):
+        openapi("CreateChatCompletionStreamResponse", event)
+    for bad, param in (
+        ({"functions": [fn], "tools": [WEATHER]}, "functions"),
+        ({"function_call": "auto"}, "function_call"),
+    ):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.chat.completions.create(model="smol", messages=PARIS, max_tokens=2, **bad)
+        assert err.value.body["param"] == param
+
+
 def test_chat_logprobs_join_to_the_content_streamed_or_not(client: openai.OpenAI) -> None:
     kw = {"model": "smol", "messages": CHAT, "temperature": 0, "max_tokens": 16, "logprobs": True, "top_logprobs": 3}
     r = client.chat.completions.create(**kw)
