@@ -3981,10 +3981,64 @@ _valid = {
 def _nearly_valid(path: str) -> st.SearchStrategy[bytes]:
     """A valid request for the endpoint, as often as not with one field replaced by random JSON."""
     base = _valid["chat" if "/chat/" in path else path.rsplit("/", 1)[-1]]
-    keys = st.sampled_from([*_sampling, "model", "messages", "prompt", "input", "encoding_format", "dimensions"])
-    return st.tuples(base, st.dictionaries(keys, _json, max_size=1)).map(
+    keys = st.sampled_from(
+        [*_sampling, *_conformance, "model", "messages", "prompt", "input", "encoding_format", "dimensions"]
+    )
+    shaped = st.sampled_from(sorted(_conformance)).flatmap(lambda k: _conformance[k].map(lambda v: {k: v}))
+    return st.tuples(base, st.dictionaries(keys, _json, max_size=1) | shaped).map(
         lambda t: json.dumps({**t[0], **t[1]}, ensure_ascii=False).encode()
     )
+
+
+# The OpenAI fields beyond sampling, each in a nearly right shape, so the fuzzing reaches grammars and tools.
+_schema = st.recursive(
+    st.fixed_dictionaries({"type": st.sampled_from(["string", "integer", "number", "boolean", "null", "object"])})
+    | st.fixed_dictionaries(
+        {"type": st.just("integer"), "minimum": st.integers(-50, 50), "maximum": st.integers(-50, 50)}
+    )
+    | st.fixed_dictionaries({"enum": st.lists(_json, max_size=3)})
+    | _json,
+    lambda inner: (
+        st.fixed_dictionaries({"type": st.just("array"), "items": inner})
+        | st.fixed_dictionaries(
+            {"type": st.just("object"), "properties": st.dictionaries(st.text(max_size=4), inner, max_size=3)}
+        )
+        | st.fixed_dictionaries({"anyOf": st.lists(inner, max_size=3)})
+    ),
+    max_leaves=6,
+)
+_conformance = {
+    "tools": st.lists(
+        st.fixed_dictionaries(
+            {
+                "type": st.just("function"),
+                "function": st.fixed_dictionaries(
+                    {"name": st.sampled_from(["f", "g", "bad name"]), "parameters": _schema}
+                ),
+            }
+        ),
+        max_size=2,
+    ),
+    "tool_choice": st.sampled_from(["none", "auto", "required", {"type": "function", "function": {"name": "f"}}]),
+    "parallel_tool_calls": st.booleans(),
+    "response_format": st.fixed_dictionaries(
+        {
+            "type": st.just("json_schema"),
+            "json_schema": st.fixed_dictionaries({"name": st.just("x"), "schema": _schema}),
+        }
+    )
+    | st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "xml"])}),
+    "grammar": st.sampled_from(['root ::= "a"', "root ::= (", "json", "nope", "root ::= [^\\x00-\\x7f]", ""]),
+    "logit_bias": st.dictionaries(st.integers(0, 400).map(str), st.floats(-100, 100), max_size=3),
+    "logprobs": st.booleans() | st.integers(0, 6),
+    "top_logprobs": st.integers(0, 21),
+    "n": st.integers(0, 3),
+    "best_of": st.integers(0, 3),
+    "echo": st.booleans(),
+    "suffix": st.text(max_size=5),
+    "functions": st.lists(st.fixed_dictionaries({"name": st.just("f"), "parameters": _schema}), max_size=1),
+    "function_call": st.sampled_from(["auto", "none", {"name": "f"}, {"name": 3}]),
+}
 
 
 _bodies = st.one_of(
