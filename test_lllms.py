@@ -3954,7 +3954,7 @@ _sampling = {
 _valid = {
     "chat": st.fixed_dictionaries(
         {
-            "model": st.just("tiny"),
+            "model": st.sampled_from(["tiny", "g4a"]),
             "messages": st.lists(
                 st.fixed_dictionaries(
                     {"role": st.sampled_from(["user", "system", "assistant"]), "content": st.text(max_size=40)}
@@ -3966,11 +3966,11 @@ _valid = {
         optional=_sampling,
     ),
     "completions": st.fixed_dictionaries(
-        {"model": st.just("tiny"), "prompt": st.text(max_size=60)}, optional=_sampling
+        {"model": st.sampled_from(["tiny", "g4a"]), "prompt": st.text(max_size=60)}, optional=_sampling
     ),
     "embeddings": st.fixed_dictionaries(
         {
-            "model": st.just("bert"),
+            "model": st.sampled_from(["bert", "g4a-bert"]),
             "input": st.text(max_size=60) | st.lists(st.text(max_size=20), min_size=1, max_size=4),
         },
         optional={"encoding_format": st.sampled_from(["float", "base64"])},
@@ -4071,10 +4071,14 @@ _bodies = st.one_of(
 
 
 def test_fuzzed_bodies_never_get_a_5xx_or_hang(tiny_llama: str, tiny_bert: str) -> None:
-    """Thousands of generated bodies (random JSON, wrong types, huge strings, bad UTF-8) to every POST endpoint:
+    """Thousands of generated bodies (random JSON, wrong types, huge strings, bad UTF-8) to every POST endpoint,
+    on both engines:
     each gets an answer within its socket deadline, never a 5xx; afterwards a valid request is served and no
     instance is stuck."""
     config = tiny_config(tiny_llama, tiny_bert, request_timeout=5)
+    # The same tiny models on the gpt4all engine, so its native code gets the same abuse.
+    config["models"]["g4a"] = {**config["models"]["tiny"], "engine": "gpt4all", "device": {"cpu_threads": 1}}
+    config["models"]["g4a-bert"] = {**config["models"]["bert"], "engine": "gpt4all"}
     seen: collections.Counter[int] = collections.Counter()
     with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
         host, port = address(server)
