@@ -316,6 +316,10 @@ class ServerConfig:
     def _check(self, path: str) -> None:
         if self.concurrency < 1:
             raise ConfigError(f"concurrency: must be >= 1, got {self.concurrency}")
+        for i, key in enumerate(self.api_keys):
+            # An empty key would let "Authorization: Bearer" in; a key with spaces or non-ASCII can't be sent.
+            if not re.fullmatch(r"[\x21-\x7e]+", key):
+                raise ConfigError(f"api_keys[{i}]: must be non-empty printable ASCII without spaces")
         if self.max_body_bytes < 1024:
             raise ConfigError(f"max_body_bytes: must be >= 1024, got {self.max_body_bytes}")
         if self.max_header_bytes < 1024:
@@ -5305,6 +5309,7 @@ class _Metrics:
         with self._lock:
             series = self._series.setdefault(name, {})
             counts, total = series.get(tuple(labels.items()), ([0] * (len(_BUCKETS) + 1), 0.0))
+            counts = list(counts)  # a new list: render's snapshot holds the old one
             counts[bisect.bisect_left(_BUCKETS, value)] += 1
             series[tuple(labels.items())] = (counts, total + value)
 
@@ -5422,6 +5427,13 @@ class _Handler(BaseHTTPRequestHandler):
         self._body_read = False
         if method != "POST":
             self.server.arm(self._conn, None)  # the request is in: what follows is not bounded by read_timeout
+            if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length", "0").strip() not in (
+                "",
+                "0",
+            ):
+                self.close_connection = True  # a body nobody reads must not be parsed as the next request
+        if self.server.draining:
+            self.close_connection = True
         path = self.path.split("?", 1)[0]
         if path.startswith("/v1/"):
             path = "/openai" + path
@@ -5501,6 +5513,8 @@ class _Handler(BaseHTTPRequestHandler):
         origin = self.headers.get("Origin")
         if not allowed or origin is None:
             return None
+        if not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]{1,255}", origin):
+            return None  # never echo anything but a plain origin back into a header
         return origin if origin in allowed or "*" in allowed else None
 
     def _preflight(self) -> None:
@@ -5533,9 +5547,15 @@ class _Handler(BaseHTTPRequestHandler):
             rfile, limit - len(self.raw_requestline), self.server.model_server.config.max_headers
         )
         try:
-            return super().parse_request()
+            ok = super().parse_request()
         finally:
             self.rfile = rfile
+        if ok and (self.headers.defects or self.headers.get_payload()):
+            # A malformed header line ("Name : value", no colon) ends the stdlib's header parsing and drops every
+            # header after it, Content-Length included: refuse, as RFC 9112 says, rather than misframe the body.
+            self.send_error(400, None, "a malformed header line")
+            return False
+        return ok
 
     def handle_expect_100(self) -> bool:
         # "100 Continue" waits until the headers pass every check, just before the body is read; a refusal
@@ -5625,7 +5645,8 @@ class _Handler(BaseHTTPRequestHandler):
         if length > limit:
             self.close_connection = True  # the unread body would poison keep-alive
             # Read and drop a moderate excess so the client gets to read the 413 instead of a broken pipe.
-            left = length if length <= 4 * limit else 0
+            # (Not when the client awaits "100 Continue": it has sent nothing.)
+            left = length if length <= 4 * limit and not self._expect_continue else 0
             while left > 0:
                 got = self.rfile.read(min(left, 1 << 16))
                 if not got:
@@ -5667,6 +5688,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         for k, v in (headers or {}).items():
             self.send_header(k, v)
+        if self.close_connection and "Connection" not in (headers or {}):
+            self.send_header("Connection", "close")  # so a kept-alive client does not send into a closed socket
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(data)
@@ -5686,7 +5709,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _write_chunk(self, data: bytes) -> None:
-        self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        if self.request_version == "HTTP/1.0":  # no chunked encoding there: the body ends when the connection does
+            if data:
+                self.wfile.write(data)
+        else:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
         self.wfile.flush()
 
     def _send_sse(self, stream: CompletionStream, events: Iterator[dict[str, Any]]) -> None:
@@ -5734,7 +5761,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream")
         self.send_header("Cache-Control", "no-cache")
         self.send_header("X-Accel-Buffering", "no")
-        self.send_header("Transfer-Encoding", "chunked")
+        if self.request_version == "HTTP/1.0":
+            self.send_header("Connection", "close")
+        else:
+            self.send_header("Transfer-Encoding", "chunked")
         if stream.instance_id:
             self.send_header("X-Lllms-Instance", stream.instance_id)
         self.end_headers()
@@ -5919,6 +5949,10 @@ def _parse_body(raw: bytes, config: ServerConfig) -> dict[str, Any]:
     return body
 
 
+_JSON_SCALARS = {int, float, bool, type(None)}
+_MAX_JSON_CONTAINERS = 100_000
+
+
 def _check_body_limits(body: dict[str, Any], config: ServerConfig) -> None:
     """400 for a body nested too deep, with too many messages, too much text, or text that is not Unicode."""
     for key in ("messages", "prompt", "input"):
@@ -5930,35 +5964,55 @@ def _check_body_limits(body: dict[str, Any], config: ServerConfig) -> None:
                 code="too_many_messages",
             )
     chars = dict.fromkeys(body, 0)
-    # (value, nesting level if it is a container, the top-level key it is under); a loop, not recursion.
-    stack: list[tuple[Any, int, str]] = [(v, 2, k) for k, v in body.items()]
-    strings: list[tuple[str, str]] = [(k, k) for k in body]
-    while stack:
-        value, level, top = stack.pop()
-        if isinstance(value, str):
-            strings.append((value, top))
-        elif isinstance(value, (dict, list)):
-            if level > config.max_json_depth:
-                raise InvalidRequest(
-                    f"the request body nests deeper than max_json_depth ({config.max_json_depth})",
-                    param=top,
-                    code="invalid_json",
-                )
-            if isinstance(value, dict):
-                strings += [(k, top) for k in value]
-                value = value.values()
-            stack += [(v, level + 1, top) for v in value]
-    for text, top in strings:
-        chars[top] += len(text)
-        if not text.isascii():
+
+    def text(value: str, top: str) -> None:
+        chars[top] += len(value)
+        if not value.isascii():
             try:
-                text.encode("utf-8")
+                value.encode("utf-8")
             except UnicodeEncodeError:
                 raise InvalidRequest(
                     f"'{top}' holds a string that is not valid Unicode (a lone surrogate escape)",
                     param=top,
                     code="invalid_json",
                 ) from None
+
+    # Containers only go on the stack (with their nesting level and top-level key): a loop, not recursion, and
+    # nothing kept per number, so a body of millions of numbers costs little.
+    stack: list[tuple[Any, int, str]] = []
+    for key, value in body.items():
+        text(key, key)
+        if isinstance(value, str):
+            text(value, key)
+        elif isinstance(value, (dict, list)):
+            stack.append((value, 2, key))
+    containers = 0
+    while stack:
+        value, level, top = stack.pop()
+        containers += 1
+        if containers > _MAX_JSON_CONTAINERS:  # no real request comes near; a flood of {} costs memory and time
+            raise InvalidRequest(
+                f"the request body holds more than {_MAX_JSON_CONTAINERS} JSON objects and arrays",
+                param=top,
+                code="invalid_json",
+            )
+        if level > config.max_json_depth:
+            raise InvalidRequest(
+                f"the request body nests deeper than max_json_depth ({config.max_json_depth})",
+                param=top,
+                code="invalid_json",
+            )
+        if isinstance(value, dict):
+            for k in value:
+                text(k, top)
+            value = list(value.values())
+        if set(map(type, value)) <= _JSON_SCALARS:
+            continue  # numbers, booleans and nulls only: nothing to count (checked at C speed)
+        for v in value:
+            if isinstance(v, str):
+                text(v, top)
+            elif isinstance(v, (dict, list)):
+                stack.append((v, level + 1, top))
     total = sum(chars.values())
     if total > config.max_request_chars:
         raise InvalidRequest(

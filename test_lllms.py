@@ -3541,6 +3541,58 @@ def test_framing_errors_get_a_4xx_envelope(tiny_server: lllms.HTTPServer) -> Non
         assert headers["Content-Type"] == "application/json"
 
 
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_unread_bodies_and_malformed_headers_never_become_a_second_request(tiny_server: lllms.HTTPServer) -> None:
+    smuggled = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
+    for data in (
+        b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled) + smuggled,
+        b"GET /health HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1f\r\n" + smuggled,
+        # "Name : value" ends the stdlib's header parsing: Content-Length after it would be lost.
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length : %d\r\n\r\n" % len(smuggled) + smuggled,
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n" + smuggled,
+    ):
+        with socket.create_connection(address(tiny_server), timeout=30) as sock:
+            sock.sendall(data)
+            answer = _read_all(sock)  # the server closes: one response, never two
+        assert answer.count(b"HTTP/1.1 ") == 1, answer[:300]
+        assert b"Connection: close" in answer.partition(b"\r\n\r\n")[0]
+
+
+def test_closing_responses_say_so_and_http10_streams_are_not_chunked(tiny_server: lllms.HTTPServer) -> None:
+    big = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    limit = tiny_server.model_server.config.max_body_bytes
+    with socket.create_connection(address(tiny_server), timeout=30) as sock:
+        sock.sendall(big % (limit + 1) + b"x" * (limit + 1))
+        status, headers, _ = read_response(sock)
+    assert status == 413 and headers["Connection"] == "close"
+    body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 3, "stream": True}).encode()
+    with socket.create_connection(address(tiny_server), timeout=30) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+        head, _, rest = _read_all(sock).partition(b"\r\n\r\n")
+    assert b"Transfer-Encoding" not in head and b"Connection: close" in head
+    assert rest.startswith(b"data: {") and rest.endswith(b"data: [DONE]\n\n")
+
+
+def test_api_keys_must_be_real_keys_and_cors_echoes_only_plain_origins(tiny_llama: str) -> None:
+    for key in ("", " ", "two words", "ключ"):
+        with pytest.raises(lllms.ConfigError, match=r"api_keys\[0\]"):
+            lllms.load_config({"api_keys": [key], "models": {}})
+    config = tiny_config(tiny_llama, cors_origins=["*"])
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        for origin, echoed in ((b"http://app.example:8080", True), (b"http://a\r\n X-Injected: yes", False)):
+            with socket.create_connection(address(server), timeout=30) as sock:
+                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nOrigin: " + origin + b"\r\n\r\n")
+                _, headers, _ = read_response(sock)
+            assert (headers.get("Access-Control-Allow-Origin") == origin.decode()) is echoed
+            assert "X-Injected" not in headers
+
+
 def test_expect_100_continue(tiny_server: lllms.HTTPServer) -> None:
     body = tiny_body()
     head = (
