@@ -4987,7 +4987,7 @@ class ModelServer:
 
     def _model(self, model_id: str, task: str) -> ModelConfig:
         if not self._started:
-            raise Unavailable("the server is not started", headers={"Retry-After": "1"})
+            raise Unavailable("the server is not started", code="starting", headers={"Retry-After": "1"})
         model = self.config.models.get(model_id)
         if model is None:
             raise NotFound(f"the model '{model_id}' does not exist", param="model", code="model_not_found")
