@@ -6126,10 +6126,11 @@ class _HTTPD(ThreadingHTTPServer):
                     self._cut(conn, "timeout")
 
     def cut_idle(self) -> None:
-        """End the connections waiting for a next request (draining)."""
+        """End the connections waiting for a next request, or still sending one (draining): they get a 503 now
+        instead of holding the drain up."""
         with self.conns_lock:
             for conn in self.conns.values():
-                if conn.idle:
+                if conn.idle or conn.deadline is not None:
                     self._cut(conn, "shutdown")
 
     @staticmethod
