@@ -1548,15 +1548,20 @@ class Engine:
         raise NotImplementedError
 
 
+def _close(chunks: Iterator[Chunk]) -> None:
+    """Close a chunk iterator that can be closed (generators, engine streams): that stops its generation."""
+    close = getattr(chunks, "close", None)
+    if close is not None:
+        close()
+
+
 def _prefixed(first: Chunk, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
     """`first`, then `chunks`; closing it closes them, which stops their generation."""
     try:
         yield first
         yield from chunks
     finally:
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            close()
+        _close(chunks)
 
 
 class _StopMatcher:
@@ -1921,10 +1926,11 @@ class LlamaCppEngine(Engine):
 
     # -- generation
 
-    def _cached_prefix(self, tokens: list[int]) -> int:
-        """How many prompt tokens can be reused from the KV cache (as Llama.generate decides it)."""
+    def _cached_prefix(self, tokens: list[int], common: int | None = None) -> int:
+        """How many prompt tokens can be reused from the KV cache (as Llama.generate decides it); `common`, when
+        known, is how many leading tokens the context shares with the prompt."""
         llm = self.llm
-        n = _common_token_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens)
+        n = _common_token_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens) if common is None else common
         if n == len(tokens) and llm.n_tokens == len(tokens) and not getattr(llm, "_requires_eval", True):
             return n
         return max(0, n - 1) if n == len(tokens) else n
@@ -1934,12 +1940,13 @@ class LlamaCppEngine(Engine):
         llm, cache = self.llm, self.state_cache
         if cache is None:
             return
-        reuse, held = self._cached_prefix(tokens), llm.n_tokens
+        held = llm.n_tokens
+        common = _common_token_prefix(llm.input_ids[:held].tolist(), tokens)
+        reuse = self._cached_prefix(tokens, common)
         found = cache.best(tokens, longer_than=reuse + _MIN_RESTORE_GAIN)
         # A held context that merely continues this prompt (a sibling choice, a regenerated reply) is not worth
         # keeping: nobody sends it back.
-        continues = _common_token_prefix(llm.input_ids[:held].tolist(), tokens) == len(tokens)
-        if held - reuse >= _MIN_SPILL_TOKENS and not continues:
+        if held - reuse >= _MIN_SPILL_TOKENS and common < len(tokens):
             cache.put(tuple(llm.input_ids[:held].tolist()), self._save_seq())
         if found is not None:
             self._load_seq(*found, tokens)
@@ -2059,8 +2066,7 @@ class LlamaCppEngine(Engine):
             for j in range(len(batch)):
                 k = i + j + 1
                 if k < len(tokens):
-                    entry = self._logprob(rows[j], tokens[k], top)
-                    out.append(TokenLogprob(*pieces[k], entry.logprob, entry.top))
+                    out.append(TokenLogprob(*pieces[k], *self._logprob(rows[j], tokens[k], top)))
         llm._requires_eval = False
         return out
 
@@ -2068,7 +2074,7 @@ class LlamaCppEngine(Engine):
         raw = self.llm.detokenize([token])
         return raw.decode("utf-8", errors="replace"), raw
 
-    def _logprob(self, logits: Any, token: int, top: int) -> TokenLogprob:
+    def _logprob(self, logits: Any, token: int, top: int) -> tuple[float, list[tuple[str, bytes, float]] | None]:
         """The logprob of `token` under these logits, and the `top` likeliest tokens (vectorised, no vocab loop)."""
         import numpy as np
 
@@ -2079,8 +2085,7 @@ class LlamaCppEngine(Engine):
             ids = np.argpartition(logits, -top)[-top:]
             ids = ids[np.argsort(-logits[ids])]
             alts = [(*self._piece(int(t)), max(float(logits[t]) - lse, _MIN_LOGPROB)) for t in ids]
-        text, raw = self._piece(token)
-        return TokenLogprob(text, raw, max(float(logits[token]) - lse, _MIN_LOGPROB), alts)
+        return max(float(logits[token]) - lse, _MIN_LOGPROB), alts
 
     def _stream(
         self,
@@ -2131,8 +2136,7 @@ class LlamaCppEngine(Engine):
                 raw = llm.detokenize([token])
                 piece = decoder.decode(raw)
                 if marks is not None:
-                    entry = self._logprob(logits, token, p.logprobs)
-                    marks.add(TokenLogprob(piece, raw, entry.logprob, entry.top))
+                    marks.add(TokenLogprob(piece, raw, *self._logprob(logits, token, p.logprobs)))
                 text, stopped = stops.feed(piece)
                 if text or stopped:
                     yield Chunk(text, logprobs=marks.take(text, stopped) if marks else None)
@@ -3822,13 +3826,17 @@ def _sampling_from(body: dict[str, Any]) -> SamplingParams:
     return SamplingParams.from_dict({k: v for k, v in body.items() if k in _SAMPLING_KEYS})
 
 
-def _int_field(body: dict[str, Any], key: str, lo: int, hi: int, default: Any = None) -> Any:
-    value = body.get(key)
-    if value is None:
-        return default
+def _int_param(value: Any, param: str, lo: int, hi: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise InvalidRequest(f"'{key}' must be an integer from {lo} to {hi}, got {json.dumps(value)[:40]}", param=key)
+        raise InvalidRequest(
+            f"'{param}' must be an integer from {lo} to {hi}, got {json.dumps(value, default=str)[:40]}", param=param
+        )
     return value
+
+
+def _int_field(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
+    value = body.get(key)
+    return None if value is None else _int_param(value, key, lo, hi)
 
 
 def _bool_field(body: dict[str, Any], key: str) -> bool:
@@ -3849,7 +3857,7 @@ def _common_fields(body: dict[str, Any]) -> dict[str, Any]:
     return {
         "model": _model_field(body),
         "params": _sampling_from(body),
-        "n": _int_field(body, "n", 1, 128, 1),
+        "n": body.get("n"),
         "stream": stream,
         "include_usage": include_usage,
         "timeout": timeout,
@@ -3885,29 +3893,19 @@ def parse_completion_request(body: dict[str, Any], engine: str = "llama-cpp") ->
     fields["params"].logprobs = _int_field(body, "logprobs", 0, 5)
     if fields["params"].max_tokens is None:
         fields["params"].max_tokens = 16  # the spec's default for legacy completions
-    suffix = body.get("suffix")
-    if suffix is not None and not isinstance(suffix, str):
-        raise InvalidRequest("'suffix' must be a string", param="suffix")
-    return {
-        **fields,
-        "prompt": _prompt_list(body.get("prompt")),
-        "best_of": _int_field(body, "best_of", 0, 20) or None,
-        "echo": _bool_field(body, "echo"),
-        "suffix": suffix or None,
-    }
+    # ModelServer.complete checks these, for HTTP and embedded callers alike.
+    return {**fields, **{k: body.get(k) for k in ("prompt", "best_of", "echo", "suffix")}}
 
 
 def parse_embedding_request(body: dict[str, Any]) -> dict[str, Any]:
-    texts = _prompt_list(body.get("input"), "input")
-    if len(texts) > 2048:
-        raise InvalidRequest("'input' may hold at most 2048 items", param="input")
     fmt = body.get("encoding_format") or "float"
     if fmt not in ("float", "base64"):
         raise InvalidRequest("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
     dims = body.get("dimensions")
     if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or dims < 1):
         raise InvalidRequest("'dimensions' must be a positive integer", param="dimensions")
-    return {"model": _model_field(body), "input": texts, "encoding_format": fmt, "dimensions": dims}
+    # ModelServer.embed checks input, for HTTP and embedded callers alike.
+    return {"model": _model_field(body), "input": body.get("input"), "encoding_format": fmt, "dimensions": dims}
 
 
 def _usage_json(u: Usage) -> dict[str, Any]:
@@ -4356,7 +4354,14 @@ def _tool_plan(tools: Any, tool_choice: Any, parallel: Any) -> _ToolPlan | None:
 
 
 def _tool_grammar(plan: _ToolPlan) -> str:
-    """GBNF for a reply: the call list (each call's arguments valid for its schema), or with `auto` plain text."""
+    """GBNF for a reply: the call list (each call's arguments valid for its schema), or with `auto` plain text.
+    Cached: an agent sends the same tools with every turn."""
+    return _tool_grammar_of(json.dumps(dataclasses.asdict(plan), sort_keys=True))
+
+
+@functools.lru_cache(maxsize=64)
+def _tool_grammar_of(plan_json: str) -> str:
+    plan = _ToolPlan(**json.loads(plan_json))
     conv = _schema_converter()
     lit = conv._format_literal
     calls = []
@@ -4404,6 +4409,7 @@ def _tool_messages(messages: list[dict[str, Any]], plan: _ToolPlan | None) -> li
     the model writes them, and tool results as user messages (templates rarely know a 'tool' role)."""
     names = {}
     out: list[dict[str, Any]] = []
+    after_result = False  # consecutive results merge into one user message
     for m in messages:
         role, content = m["role"], m["content"]
         if role == "assistant" and m.get("tool_calls"):
@@ -4415,14 +4421,14 @@ def _tool_messages(messages: list[dict[str, Any]], plan: _ToolPlan | None) -> li
         elif role == "tool":
             name = names.get(m.get("tool_call_id")) or "a tool"
             text = f"Result of {name}: {content}"
-            if out and out[-1].get("_tool_result"):
+            if after_result:
                 out[-1]["content"] += "\n" + text
-                continue
-            out.append({"role": "user", "content": text, "_tool_result": True})
+            else:
+                out.append({"role": "user", "content": text})
+            after_result = True
             continue
+        after_result = False
         out.append({"role": role, "content": content})
-    for m in out:
-        m.pop("_tool_result", None)
     if plan is not None:
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + _tool_instructions(plan)}
@@ -4654,9 +4660,7 @@ def _choices(
                     ch.usage = total if i == len(runs) - 1 else None
                 yield ch
         finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
+            _close(chunks)
 
 
 def _chat_run(messages: list[dict[str, Any]], p: SamplingParams) -> Callable[[Engine, _StopCheck], Iterator[Chunk]]:
@@ -4702,7 +4706,7 @@ class CompletionStream:
         self._after = after  # (choice index, generated text) -> context key for the instance
         self._parsers: dict[int, _ReplyParser] | None = {} if tools else None
         self._cancel = cancel  # anything with is_set(): a threading.Event, or the HTTP layer's client watch
-        now = time.monotonic()
+        now = self._t0 = time.monotonic()
         self._deadline = None if timeout is None else now + timeout
         qt = server.config.queue_timeout
         queue_deadline = None if qt is None else now + qt
@@ -4769,6 +4773,9 @@ class CompletionStream:
         try:
             chunks = self._start(typing.cast(Engine, inst.engine), self._should_stop)
             for ch in chunks:
+                if not ran:
+                    elapsed = time.monotonic() - self._t0
+                    self._server._metrics.observe("lllms_time_to_first_token_seconds", {"model": self.model}, elapsed)
                 ran, last = True, ch.index
                 yield self._record(ch)
             ok = True
@@ -4781,9 +4788,9 @@ class CompletionStream:
                 raise
             raise error from exc
         finally:
-            if chunks is not None and hasattr(chunks, "close"):
+            if chunks is not None:
                 try:
-                    chunks.close()
+                    _close(chunks)
                 except Exception:  # the instance must still go back, but not for reuse
                     log.exception("closing a generation on %s failed", inst.id)
                     ok = False
@@ -5020,12 +5027,6 @@ class ModelServer:
         return named if isinstance(named, str) else _json_grammar(named, "grammar")
 
     @staticmethod
-    def _count(value: Any, param: str, lo: int, hi: int) -> int:
-        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-            raise InvalidRequest(f"'{param}' must be an integer from {lo} to {hi}", param=param)
-        return value
-
-    @staticmethod
     def _seeded(p: SamplingParams, i: int) -> SamplingParams:
         """Choice i's params: with a seed, its own seed, so that n choices differ yet repeat."""
         return p if p.seed is None or i == 0 else dataclasses.replace(p, seed=p.seed + i)
@@ -5039,7 +5040,7 @@ class ModelServer:
         params: SamplingParams | None = None,
         cancel: Any = None,
         timeout: float | None = None,
-        n: int = 1,
+        n: int | None = 1,
         tools: list[dict[str, Any]] | None = None,
         tool_choice: Any = None,
         parallel_tool_calls: bool | None = None,
@@ -5057,7 +5058,7 @@ class ModelServer:
         cfg = self._model(model, "text-completion")
         msgs = _parse_messages(messages)
         p = self._params(cfg, params, kw)
-        n = self._count(n, "n", 1, 128)
+        n = 1 if n is None else _int_param(n, "n", 1, 128)
         plan = _tool_plan(tools, tool_choice, parallel_tool_calls)
         fmt = _format_grammar(response_format)
         engine = _ENGINES.get(cfg.engine, Engine)
@@ -5094,9 +5095,9 @@ class ModelServer:
         params: SamplingParams | None = None,
         cancel: Any = None,
         timeout: float | None = None,
-        n: int = 1,
+        n: int | None = 1,
         best_of: int | None = None,
-        echo: bool = False,
+        echo: bool | None = False,
         suffix: str | None = None,
         **kw: Any,
     ) -> Completion | CompletionStream:
@@ -5107,12 +5108,14 @@ class ModelServer:
         cfg = self._model(model, "text-completion")
         prompts = _prompt_list(prompt)
         p = self._params(cfg, params, kw)
-        n = self._count(n, "n", 1, 128)
-        if not isinstance(echo, bool):
+        n = 1 if n is None else _int_param(n, "n", 1, 128)
+        if echo is not None and not isinstance(echo, bool):
             raise InvalidRequest("'echo' must be a boolean", param="echo")
         if suffix is not None and not isinstance(suffix, str):
             raise InvalidRequest("'suffix' must be a string", param="suffix")
-        tries = n if best_of is None else self._count(best_of, "best_of", 1, 20)
+        echo, suffix = bool(echo), suffix or None
+        # best_of 0 (the spec allows it) means no extra candidates, as leaving it out does.
+        tries = n if best_of is None else _int_param(best_of, "best_of", 0, 20) or n
         if tries < n:
             raise InvalidRequest("'best_of' must be at least 'n'", param="best_of")
         if tries > n and stream:
@@ -5275,7 +5278,10 @@ _METRICS: dict[str, tuple[str, str]] = {
     "lllms_up": ("gauge", "1 when the server takes requests, 0 while it starts or drains"),
     "lllms_http_requests_total": ("counter", "HTTP requests answered, by endpoint, method and status"),
     "lllms_http_request_duration_seconds": ("histogram", "Seconds from a request's headers to its last byte"),
-    "lllms_time_to_first_token_seconds": ("histogram", "Seconds from a completion request to its first chunk"),
+    "lllms_time_to_first_token_seconds": (
+        "histogram",
+        "Seconds from a completion request reaching the model server to its first chunk",
+    ),
     "lllms_http_connections": ("gauge", "Open client connections"),
     "lllms_http_connections_refused_total": ("counter", "Connections refused because max_connections were open"),
     "lllms_queue_length": ("gauge", "Requests waiting for an instance"),
@@ -5732,8 +5738,6 @@ class _Handler(BaseHTTPRequestHandler):
                     self._sse_headers(stream)
                 self._write_chunk(b": keepalive\n\n")
             first = next(events, None)  # takes the instance and evaluates the prompt; errors surface here
-            if first is not None:
-                self._first_token(stream.model)
             if not self._status:
                 self._sse_headers(stream)
             event = first
@@ -5777,10 +5781,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _client_watch(self) -> _ClientWatch:
         return _ClientWatch(self.connection)
-
-    def _first_token(self, model_id: str) -> None:
-        elapsed = time.monotonic() - self._t0
-        self.server.model_server._metrics.observe("lllms_time_to_first_token_seconds", {"model": model_id}, elapsed)
 
     # -- endpoints
 
@@ -5837,17 +5837,7 @@ class _Handler(BaseHTTPRequestHandler):
             s = typing.cast(CompletionStream, method(**req, stream=True, cancel=self._client_watch()))
             self._send_sse(s, chunks(s, include_usage))
         else:
-            if (req.get("best_of") or 0) > req.get("n", 1):  # best_of picks once every candidate is done
-                done = typing.cast(Completion, method(**req, cancel=self._client_watch()))
-            else:
-                s = typing.cast(CompletionStream, method(**req, stream=True, cancel=self._client_watch()))
-                try:
-                    if next(s, None) is not None:
-                        self._first_token(s.model)
-                except BaseException:
-                    s.close()
-                    raise
-                done = _drain(s)
+            done = typing.cast(Completion, method(**req, cancel=self._client_watch()))
             self._send_json(200, response(done), {"X-Lllms-Instance": done.instance_id} if done.instance_id else None)
 
     def _post_embeddings(self) -> None:
