@@ -978,18 +978,23 @@ def _sse_events(url: str, path: str, body: dict[str, Any]) -> list[dict[str, Any
     return [json.loads(e[len("data: ") :]) for e in raw.split("\n\n") if e.startswith("data: {")]
 
 
-def test_responses_validate_against_openapi_spec(http_server: lllms.HTTPServer, openapi: Any) -> None:
-    url = http_server.url
-    chat = {"model": "smol", "messages": CHAT, "max_tokens": 6}
-    status, body, _ = post_raw(url, "/v1/chat/completions", json.dumps(chat).encode())
-    assert status == 200
-    openapi("CreateChatCompletionResponse", body)
+def _check_chat_shapes(url: str, body: dict[str, Any], openapi: Any) -> None:
+    """A chat request's response, and every chunk of it streamed with usage, against the spec's schemas."""
+    status, payload, _ = post_raw(url, "/v1/chat/completions", json.dumps(body).encode())
+    assert status == 200, payload
+    openapi("CreateChatCompletionResponse", payload)
     events = _sse_events(
-        url, "/v1/chat/completions", {**chat, "stream": True, "stream_options": {"include_usage": True}}
+        url, "/v1/chat/completions", {**body, "stream": True, "stream_options": {"include_usage": True}}
     )
     assert len(events) >= 3
     for event in events:
         openapi("CreateChatCompletionStreamResponse", event)
+
+
+def test_responses_validate_against_openapi_spec(http_server: lllms.HTTPServer, openapi: Any) -> None:
+    url = http_server.url
+    chat = {"model": "smol", "messages": CHAT, "max_tokens": 6}
+    _check_chat_shapes(url, chat, openapi)
     for event in _sse_events(url, "/v1/chat/completions", {**chat, "stream": True}):
         openapi("CreateChatCompletionStreamResponse", event)
     comp = {"model": "smol", "prompt": "Hello", "max_tokens": 4}
@@ -1255,11 +1260,7 @@ def test_deprecated_functions_work_as_tools(client: openai.OpenAI, http_server: 
     ]
     answer = client.chat.completions.create(**{**kw, "messages": history})
     assert answer.choices[0].message.content or answer.choices[0].message.function_call
-    body = {**kw, "function_call": "auto"}
-    status, payload, _ = post_raw(http_server.url, "/v1/chat/completions", json.dumps(body).encode())
-    openapi("CreateChatCompletionResponse", payload)
-    for event in _sse_events(http_server.url, "/v1/chat/completions", {**body, "stream": True}):
-        openapi("CreateChatCompletionStreamResponse", event)
+    _check_chat_shapes(http_server.url, {**kw, "function_call": "auto"}, openapi)
     for bad, param in (
         ({"functions": [fn], "tools": [WEATHER]}, "functions"),
         ({"function_call": "auto"}, "function_call"),
@@ -1579,15 +1580,7 @@ def test_conformance_shapes_validate_against_openapi_spec(http_server: lllms.HTT
         },
     ]
     for body in bodies:
-        status, payload, _ = post_raw(url, "/v1/chat/completions", json.dumps(body).encode())
-        assert status == 200, payload
-        openapi("CreateChatCompletionResponse", payload)
-        events = _sse_events(
-            url, "/v1/chat/completions", {**body, "stream": True, "stream_options": {"include_usage": True}}
-        )
-        assert len(events) >= 3
-        for event in events:
-            openapi("CreateChatCompletionStreamResponse", event)
+        _check_chat_shapes(url, body, openapi)
     comp = {"model": "smol", "prompt": ["Hello", "Bye"], "echo": True, "logprobs": 3, "max_tokens": 3, "n": 2}
     status, payload, _ = post_raw(url, "/v1/completions", json.dumps(comp).encode())
     openapi("CreateCompletionResponse", payload)
@@ -3385,9 +3378,7 @@ def test_an_unread_body_is_never_parsed_as_a_request(http_server: lllms.HTTPServ
     for path in (b"/nope", b"/v1/models"):  # a 404 and a 405 raised before the body is read
         sock = socket.create_connection((host, int(port)), timeout=30)
         sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
-        data = b""
-        while chunk := sock.recv(65536):
-            data += chunk
+        data = read_to_eof(sock)
         sock.close()
         assert data.count(b"HTTP/1.1 ") == 1 and b'"status": "ok"' not in data, data
 
@@ -3541,13 +3532,6 @@ def test_framing_errors_get_a_4xx_envelope(tiny_server: lllms.HTTPServer) -> Non
         assert headers["Content-Type"] == "application/json"
 
 
-def _read_all(sock: socket.socket) -> bytes:
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data
-
-
 def test_unread_bodies_and_malformed_headers_never_become_a_second_request(tiny_server: lllms.HTTPServer) -> None:
     smuggled = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"
     for data in (
@@ -3559,7 +3543,7 @@ def test_unread_bodies_and_malformed_headers_never_become_a_second_request(tiny_
     ):
         with socket.create_connection(address(tiny_server), timeout=30) as sock:
             sock.sendall(data)
-            answer = _read_all(sock)  # the server closes: one response, never two
+            answer = read_to_eof(sock)  # the server closes: one response, never two
         assert answer.count(b"HTTP/1.1 ") == 1, answer[:300]
         assert b"Connection: close" in answer.partition(b"\r\n\r\n")[0]
 
@@ -3574,7 +3558,7 @@ def test_closing_responses_say_so_and_http10_streams_are_not_chunked(tiny_server
     body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 3, "stream": True}).encode()
     with socket.create_connection(address(tiny_server), timeout=30) as sock:
         sock.sendall(b"POST /v1/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        head, _, rest = _read_all(sock).partition(b"\r\n\r\n")
+        head, _, rest = read_to_eof(sock).partition(b"\r\n\r\n")
     assert b"Transfer-Encoding" not in head and b"Connection: close" in head
     assert rest.startswith(b"data: {") and rest.endswith(b"data: [DONE]\n\n")
 
