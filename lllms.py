@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import argparse
 import base64
+import bisect
 import codecs
 import collections
 import ctypes
 import dataclasses
 import functools
+import hashlib
 import hmac
+import http.client
 import importlib.util
 import itertools
 import json
@@ -30,6 +33,7 @@ import secrets
 import select
 import signal
 import socket
+import ssl
 import struct
 import sys
 import tempfile
@@ -37,12 +41,21 @@ import threading
 import time
 import types
 import typing
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress as _suppress
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal, Union
+from urllib.parse import unquote, urlsplit, urlunsplit
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
+    import msvcrt
 
 __version__ = "0.1.0"
 __all__ = [
@@ -77,7 +90,7 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 class APIError(Exception):
-    """An error a client can be told about, in OpenAI's error envelope."""
+    """An error a client can be told about, in OpenAI's error envelope. `status` overrides the class's."""
 
     status = 500
     type = "server_error"
@@ -89,69 +102,34 @@ class APIError(Exception):
         param: str | None = None,
         code: str | None = None,
         headers: dict[str, str] | None = None,
+        status: int | None = None,
     ) -> None:
         super().__init__(message)
-        self.message = message
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
+        self.message, self.param, self.code, self.headers = message, param, code, headers or {}
+        self.status = status or self.status
 
     def envelope(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
 class InvalidRequest(APIError):
-    status = 400
-    type = "invalid_request_error"
+    """The request is wrong (400, or the 4xx status given)."""
+
+    status, type = 400, "invalid_request_error"
 
 
-class NotFound(APIError):
+class NotFound(InvalidRequest):
     status = 404
-    type = "invalid_request_error"
-
-
-class Unauthorized(APIError):
-    status = 401
-    type = "invalid_request_error"
-
-
-class LengthRequired(APIError):
-    status = 411
-    type = "invalid_request_error"
-
-
-class MethodNotAllowed(APIError):
-    status = 405
-    type = "invalid_request_error"
-
-
-class PayloadTooLarge(APIError):
-    status = 413
-    type = "invalid_request_error"
-
-
-class UnsupportedMediaType(APIError):
-    status = 415
-    type = "invalid_request_error"
-
-
-class RequestTimeout(APIError):
-    status = 408
-    type = "invalid_request_error"
 
 
 class Unavailable(APIError):
     """The server cannot take the request now (stopping, model failed to load, queue full)."""
 
     status = 503
-    type = "server_error"
 
 
 class EngineError(APIError):
     """The engine failed while serving a request."""
-
-    status = 500
-    type = "server_error"
 
 
 class ConfigError(ValueError):
@@ -631,9 +609,6 @@ _HF_HOSTS = ("huggingface.co", "hf.co")
 _READ_SIZE = 1 << 18  # read1() returns after one recv at most, so cancel and progress stay responsive
 _PROGRESS_INTERVAL = 0.25
 _MAX_RETRY_DELAY = 120.0
-_LOCK_STALE_AFTER = 2 * 3600.0  # seconds without a heartbeat before another host's lock counts as abandoned
-_LOCK_HEARTBEAT = 60.0
-_LOCK_GUARD_STALE = 10.0  # seconds; a breaker holds {lock}.break for microseconds
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
 
@@ -673,8 +648,6 @@ def _is_hf(hostname: str | None) -> bool:
 
 def _normalize_url(url: str) -> str:
     """The URL to fetch: Hugging Face's /blob/ (an HTML page) becomes /resolve/ (the file itself)."""
-    from urllib.parse import urlsplit, urlunsplit
-
     parts = urlsplit(url)
     segs = parts.path.split("/")  # "", org, repo, "blob", rev, path...
     if _is_hf(parts.hostname) and len(segs) >= 6 and segs[3] == "blob":
@@ -685,8 +658,6 @@ def _normalize_url(url: str) -> str:
 
 def _bad_segment(seg: str) -> str | None:
     """Why one decoded path segment could leave its directory, or None."""
-    from urllib.parse import unquote
-
     if seg in ("", ".", ".."):
         return f"path segment {seg!r}"
     if "/" in seg or "\\" in seg:
@@ -706,8 +677,6 @@ def _url_path(url: str, models_dir: str) -> str:
     https://huggingface.co/{org}/{repo}/resolve|blob/{rev}/{path} -> huggingface/{org}/{repo}-{rev}/{path};
     any other URL -> {host}/{path}. The query string plays no part.
     """
-    from urllib.parse import unquote, urlsplit
-
     parts = urlsplit(url)
     if not parts.hostname:
         raise ConfigError(f"url {url!r} has no host")
@@ -734,8 +703,6 @@ def _url_path(url: str, models_dir: str) -> str:
 
 def _auth_headers(url: str, token: str | None = None) -> dict[str, str]:
     """Authorization for a huggingface.co URL, from `token` or $HF_TOKEN; other hosts, and plain http, get none."""
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     if parts.scheme != "https" or not _is_hf(parts.hostname):
         return {}
@@ -757,8 +724,6 @@ def _hash_into(path: str, hasher: Any) -> int:
 
 
 def _sha256_file(path: str) -> str:
-    import hashlib
-
     h = hashlib.sha256()
     _hash_into(path, h)
     return h.hexdigest()
@@ -853,8 +818,6 @@ def _verify_existing(
 
 def _keeps_credentials(old_url: str, new_url: str) -> bool:
     """Whether a redirect may carry Authorization along: same host and port, and no https -> http downgrade."""
-    from urllib.parse import urlsplit
-
     a, b = urlsplit(old_url), urlsplit(new_url)
     return a.hostname == b.hostname and a.port == b.port and not (a.scheme == "https" and b.scheme != "https")
 
@@ -865,7 +828,6 @@ def _opener() -> Any:
     urllib copies every header to the redirect target, Authorization included, so a huggingface.co token would
     reach the CDN the file is served from (which needs none: its URL is signed). requests strips it; we do too.
     """
-    import urllib.request
 
     class RedirectHandler(urllib.request.HTTPRedirectHandler):
         def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
@@ -891,10 +853,6 @@ def _retry_after(headers: Any) -> float | None:
 
 def _network_error(exc: BaseException, url: str, stall_timeout: float) -> _DownloadError:
     """A _DownloadError saying what went wrong on the wire; permanent when a retry would meet the same answer."""
-    import http.client
-    import ssl
-    import urllib.error
-
     if isinstance(exc, _DownloadError):
         return exc
     if isinstance(exc, urllib.error.HTTPError):
@@ -933,8 +891,6 @@ def _network_error(exc: BaseException, url: str, stall_timeout: float) -> _Downl
 
 
 def _host(url: str) -> str:
-    from urllib.parse import urlsplit
-
     return urlsplit(url).hostname or url
 
 
@@ -951,8 +907,6 @@ class _Transfer:
         progress: Callable[[int, int | None], None] | None,
         cancel: threading.Event | None,
     ) -> None:
-        import hashlib
-
         self.url = url
         self.part = part
         self.headers = {"User-Agent": f"lllms/{__version__}", "Accept-Encoding": "identity", **headers}
@@ -968,8 +922,6 @@ class _Transfer:
 
     def restart(self) -> None:
         """Empty the part: the server will not resume it."""
-        import hashlib
-
         self.hasher = hashlib.sha256()
         self.done = 0
         try:
@@ -986,9 +938,6 @@ class _Transfer:
 
     def attempt(self) -> None:
         """One request, appending to the part. Returns when the file is whole; raises _DownloadError otherwise."""
-        import urllib.error
-        import urllib.request
-
         if self.cancel is not None and self.cancel.is_set():
             raise _DownloadCancelled(self.url)
         headers = dict(self.headers)
@@ -1155,157 +1104,52 @@ def _download(
     _write_sidecar(dest, digest, url=url)
 
 
-# ---- 3d. one downloader per file: threads share a flight, processes take a lock file
+# ---- 3d. one downloader per file: threads share a flight, processes take a lock the kernel releases
 
 
-def _pid_alive(pid: int) -> bool:
-    if os.name == "nt":  # os.kill(pid, 0) would terminate it there; let the lock's age decide
-        return True
+def _try_lock(fd: int) -> bool:
+    """Lock an open file without waiting. The OS drops the lock when its process dies, so none is ever stale."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+    except OSError:
         return False
-    except PermissionError:  # alive, someone else's
-        return True
     return True
 
 
-def _lock_holder(path: str) -> tuple[dict[str, Any] | None, float] | None:
-    """A lock file's contents (None when unreadable) and seconds since its last heartbeat; None: no lock."""
-    try:
-        age = time.time() - os.stat(path).st_mtime
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        return None
-    try:
-        info = json.loads(text)
-    except ValueError:
-        return None, age
-    return (info if isinstance(info, dict) else None), age
-
-
-_held_locks: set[str] = set()  # lock files this process holds; guarded by _inflight_lock
-
-
 class _FileLock:
-    """{dest}.lock: one process downloads dest while others wait. Created with O_EXCL; holds pid, host and a nonce.
+    """{dest}.lock, held by one process while it downloads dest; it records the holder's pid for log messages."""
 
-    A lock is stale, and broken, when its pid is gone (same host), when it names this process without being held
-    here (a restarted container reuses its pid), or when its heartbeat (mtime, touched every minute while held)
-    is older than stale_after. Breakers take {lock}.break and judge again under it, so none removes a fresh lock.
-    """
-
-    def __init__(
-        self,
-        path: str,
-        *,
-        poll: float = 0.5,
-        stale_after: float = _LOCK_STALE_AFTER,
-        cancel: threading.Event | None = None,
-        what: str = "",
-    ) -> None:
-        self.path = path
-        self.poll = poll
-        self.stale_after = stale_after
-        self.cancel = cancel
-        self.what = what or path
-        self._nonce = secrets.token_hex(8)
-        self._stop = threading.Event()
-        self._heartbeat: threading.Thread | None = None
+    def __init__(self, path: str, *, poll: float = 0.5, cancel: threading.Event | None = None, what: str = "") -> None:
+        self.path, self.poll, self.cancel, self.what = path, poll, cancel, what or path
+        self.fd = -1
 
     def __enter__(self) -> _FileLock:
         announced = False
         while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = _lock_holder(self.path)
-                if holder is None:
-                    continue  # released just now
-                reason = self._stale(*holder)
-                if reason:
-                    self._break()
-                    continue
-                if not announced:
-                    info = holder[0] or {}
-                    log.info(
-                        "waiting for %s: pid %s on %s is downloading it", self.what, info.get("pid"), info.get("host")
-                    )
-                    announced = True
-                if _sleep(self.poll, self.cancel):
-                    raise _DownloadCancelled(self.what) from None
-                continue
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8") as f:
-                    json.dump({"pid": os.getpid(), "host": socket.gethostname(), "nonce": self._nonce}, f)
-            except OSError:
-                with _suppress(OSError):
-                    os.remove(self.path)
-                raise
-            with _inflight_lock:
-                _held_locks.add(self.path)
-            self._heartbeat = threading.Thread(target=self._beat, name="lllms-lock-heartbeat", daemon=True)
-            self._heartbeat.start()
-            return self
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            # A lock taken on a file its holder has just removed guards nothing: take the new file's instead.
+            if _try_lock(fd) and os.path.exists(self.path) and os.path.samestat(os.fstat(fd), os.stat(self.path)):
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+                self.fd = fd
+                return self
+            holder = ""
+            with _suppress(OSError):
+                holder = os.read(fd, 200).decode("utf-8", "replace")
+            os.close(fd)
+            if not announced:
+                log.info("waiting for %s: %s is downloading it", self.what, holder or "another process")
+                announced = True
+            if _sleep(self.poll, self.cancel):
+                raise _DownloadCancelled(self.what)
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        if self._heartbeat is not None:
-            self._heartbeat.join()
-        with _inflight_lock:
-            _held_locks.discard(self.path)
-        # Remove it only while it is still ours: had it been broken as stale, it now belongs to someone else.
-        holder = _lock_holder(self.path)
-        if holder is not None and holder[0] is not None and holder[0].get("nonce") == self._nonce:
-            with _suppress(FileNotFoundError):
-                os.remove(self.path)
-
-    def _beat(self) -> None:
-        while not self._stop.wait(min(_LOCK_HEARTBEAT, self.stale_after / 4)):
-            with _suppress(OSError):
-                os.utime(self.path)
-
-    def _stale(self, info: dict[str, Any] | None, age: float) -> str | None:
-        """Why the lock is abandoned, or None while its holder may still be working."""
-        if age > self.stale_after:
-            return f"no heartbeat for {age:.0f}s"
-        if info is None:  # created but not yet written, or its writer died in between
-            return f"unreadable and {age:.0f}s old" if age > _LOCK_GUARD_STALE else None
-        if info.get("host") != socket.gethostname():
-            return None  # its pid means nothing here; the heartbeat decides
-        pid = info.get("pid")
-        if not isinstance(pid, int) or pid <= 0:
-            return f"bad pid {pid!r}"
-        if pid == os.getpid():
-            with _inflight_lock:
-                return None if self.path in _held_locks else "left by an earlier process with this pid"
-        return None if _pid_alive(pid) else f"pid {pid} is gone"
-
-    def _break(self) -> None:
-        guard = self.path + ".break"
-        try:
-            fd = os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            # Another waiter is breaking it. A guard whose breaker died is itself stale after a few seconds.
-            with _suppress(OSError):
-                if time.time() - os.stat(guard).st_mtime > _LOCK_GUARD_STALE:
-                    os.remove(guard)
-            _sleep(min(self.poll, 0.05), None)
-            return
-        os.close(fd)
-        try:
-            # Judge again under the guard: since we looked, a live process may have replaced the stale lock.
-            holder = _lock_holder(self.path)
-            reason = holder and self._stale(*holder)
-            if reason:
-                os.remove(self.path)
-                log.warning("removed stale download lock %s (%s)", self.path, reason)
-        except FileNotFoundError:
-            pass
-        finally:
-            with _suppress(OSError):
-                os.remove(guard)
+        with _suppress(OSError):
+            os.remove(self.path)  # before unlocking, so a waiter that wins the lock sees it went
+        os.close(self.fd)  # releases the lock
 
 
 @dataclass
@@ -1334,7 +1178,6 @@ def _fetch(
     progress: Callable[[int, int | None], None] | None = None,
     cancel: threading.Event | None = None,
     lock_poll: float = 0.5,
-    lock_stale_after: float = _LOCK_STALE_AFTER,
 ) -> str:
     """Make dest a checked copy of url and return its absolute path.
 
@@ -1364,7 +1207,7 @@ def _fetch(
                 os.makedirs(os.path.dirname(dest), exist_ok=True)
             except OSError as exc:
                 raise _DownloadError(f"cannot download {url} to {dest}: {exc}", permanent=True) from None
-            with _FileLock(dest + ".lock", poll=lock_poll, stale_after=lock_stale_after, cancel=cancel, what=dest):
+            with _FileLock(dest + ".lock", poll=lock_poll, cancel=cancel, what=dest):
                 # Another process may have finished it while we waited for the lock.
                 if not _verify_existing(dest, sha256=sha256, size=size, mode=verify):
                     if os.path.exists(dest):
@@ -5310,8 +5153,6 @@ class _Metrics:
             series[key] = series.get(key, 0) + value
 
     def observe(self, name: str, labels: dict[str, str], value: float) -> None:
-        import bisect
-
         with self._lock:
             series = self._series.setdefault(name, {})
             counts, total = series.get(tuple(labels.items()), ([0] * (len(_BUCKETS) + 1), 0.0))
@@ -5460,10 +5301,11 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "HEAD" and "GET" in routes:
                 method = "GET"  # _send_json leaves the body out
             if method not in routes:
-                raise MethodNotAllowed(
+                raise InvalidRequest(
                     f"{method} is not allowed on {path}",
                     code="method_not_allowed",
                     headers={"Allow": ", ".join(routes)},
+                    status=405,
                 )
             handler = getattr(self, routes[method])
             handler(arg) if arg is not None else handler()
@@ -5507,10 +5349,11 @@ class _Handler(BaseHTTPRequestHandler):
         for key in keys:
             ok |= hmac.compare_digest(given_b, key.encode("utf-8"))
         if scheme.lower() != "bearer" or not ok:
-            raise Unauthorized(
+            raise InvalidRequest(
                 "a valid API key is required: send 'Authorization: Bearer <key>'",
                 code="invalid_api_key",
                 headers={"WWW-Authenticate": "Bearer"},
+                status=401,
             )
         return True
 
@@ -5526,10 +5369,11 @@ class _Handler(BaseHTTPRequestHandler):
     def _preflight(self) -> None:
         """Answer a CORS preflight; without cors_origins there is no CORS, and OPTIONS is not allowed."""
         if self._cors_origin() is None:
-            raise MethodNotAllowed(
+            raise InvalidRequest(
                 "OPTIONS is only answered for CORS preflights from origins in cors_origins",
                 code="method_not_allowed",
                 headers={"Allow": "GET, POST"},
+                status=405,
             )
         self._status = 204
         self.send_response(204)
@@ -5585,8 +5429,8 @@ class _Handler(BaseHTTPRequestHandler):
         if code == 501:  # a method no route has
             code, headers["Allow"] = 405, "GET, HEAD, POST, OPTIONS"
         text = explain or message or HTTPStatus(code).phrase
-        exc = (InvalidRequest if code < 500 else APIError)(text, code=_STDLIB_ERROR_CODES.get(code, f"http_{code}"))
-        exc.status = code
+        kind = InvalidRequest if code < 500 else APIError
+        exc = kind(text, code=_STDLIB_ERROR_CODES.get(code, f"http_{code}"), status=code)
         self.close_connection = True
         if self.request_version == "HTTP/0.9":  # unknown yet (a bad request line): answer in HTTP/1.1 all the same
             self.request_version = "HTTP/1.1"
@@ -5633,9 +5477,10 @@ class _Handler(BaseHTTPRequestHandler):
         config = self.server.model_server.config
         if self.headers.get("Transfer-Encoding"):
             self.close_connection = True  # the unread body would poison keep-alive
-            raise LengthRequired(
+            raise InvalidRequest(
                 "chunked (and other Transfer-Encoding) request bodies are not supported; send Content-Length",
                 code="length_required",
+                status=411,
             )
         lengths = {v.strip() for v in self.headers.get_all("Content-Length") or []}
         if len(lengths) > 1 or not all(re.fullmatch(r"[0-9]{1,18}", v) for v in lengths):
@@ -5644,8 +5489,10 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(lengths.pop()) if lengths else 0
         ctype = self.headers.get("Content-Type")
         if ctype is not None and not _is_json_type(ctype):
-            raise UnsupportedMediaType(
-                f"Content-Type must be application/json (UTF-8), got {ctype[:100]!r}", code="unsupported_media_type"
+            raise InvalidRequest(
+                f"Content-Type must be application/json (UTF-8), got {ctype[:100]!r}",
+                code="unsupported_media_type",
+                status=415,
             )
         limit = config.max_body_bytes
         if length > limit:
@@ -5658,9 +5505,10 @@ class _Handler(BaseHTTPRequestHandler):
                 if not got:
                     break
                 left -= len(got)
-            raise PayloadTooLarge(
+            raise InvalidRequest(
                 f"request body of {length} bytes exceeds the limit of {self.server.model_server.config.max_body_bytes}",
                 code="body_too_large",
+                status=413,
             )
         if self._expect_continue and length > 0:
             self._expect_continue = False
@@ -5676,9 +5524,10 @@ class _Handler(BaseHTTPRequestHandler):
         if len(raw) < length:
             self.close_connection = True
             if timed_out or self._conn.cut == "timeout":
-                raise RequestTimeout(
+                raise InvalidRequest(
                     f"the request body did not arrive within read_timeout ({config.read_timeout:g}s)",
                     code="request_timeout",
+                    status=408,
                 )
             raise InvalidRequest("the request body ended before Content-Length bytes", code="incomplete_body")
         return _parse_body(raw, config)
@@ -5809,8 +5658,6 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"object": "list", "data": [model_object(m, ms.created) for m in ms.models()]})
 
     def _get_model(self, model_id: str) -> None:
-        from urllib.parse import unquote
-
         ms = self.server.model_server
         model = ms.config.models.get(unquote(model_id))
         if model is None:
@@ -5872,8 +5719,6 @@ class _HeaderReader:
         self.truncated = False  # the connection ended (or was cut) before the headers did
 
     def readline(self, limit: int = -1) -> bytes:
-        import http.client
-
         line = self._rfile.readline(self._left + 2)  # room for the blank line that ends the headers
         if line in (b"\r\n", b"\n"):
             return line
