@@ -139,6 +139,25 @@ class ConfigError(ValueError):
 # ==== 2. config: dataclasses and validation
 
 
+def _bound(default: Any = dataclasses.MISSING, lo: float = 0, hi: float | None = None, above: bool = False) -> Any:
+    """A config field whose value must be >= lo (> lo when `above`), and <= hi; checked by _from_dict."""
+    return field(default=default, metadata={"lo": lo, "hi": hi, "above": above})
+
+
+def _check_bounds(obj: Any, path: str) -> None:
+    for f in dataclasses.fields(obj):
+        value, lo, hi = getattr(obj, f.name), f.metadata.get("lo"), f.metadata.get("hi")
+        if value is None or lo is None:
+            continue
+        where = f"{path}.{f.name}" if path else f.name
+        if hi is not None and not lo <= value <= hi:
+            raise ConfigError(f"{where}: must be between {lo} and {hi}, got {value}")
+        if f.metadata["above"] and value <= lo:
+            raise ConfigError(f"{where}: must be > {lo}, got {value}")
+        if value < lo:
+            raise ConfigError(f"{where}: must be >= {lo}, got {value}")
+
+
 def _default_models_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "lllms")
@@ -149,11 +168,7 @@ class ListenConfig:
     """Where the HTTP server listens."""
 
     host: str = "127.0.0.1"
-    port: int = 3000
-
-    def _check(self, path: str) -> None:
-        if not 0 <= self.port <= 65535:
-            raise ConfigError(f"{path}.port: must be between 0 and 65535, got {self.port}")
+    port: int = _bound(3000, 0, 65535)
 
 
 @dataclass
@@ -161,17 +176,11 @@ class DeviceConfig:
     """Hardware settings for one model's instances."""
 
     gpu: bool | Literal["auto"] = "auto"  # "auto": offload when the engine build can
-    gpu_layers: int | None = None  # None: all layers when offloading
-    cpu_threads: int | None = None  # None: all cores
+    gpu_layers: int | None = _bound(None, 0)  # None: all layers when offloading
+    cpu_threads: int | None = _bound(None, 1)  # None: all cores
     # Weight repacking into extra CPU buffers (llama.cpp's AMX/AVX repack). "auto": off on CPUs with AMX,
     # where llama-cpp-python 0.3.36's AMX path segfaults on prompts longer than one token.
     repack: bool | Literal["auto"] = "auto"
-
-    def _check(self, path: str) -> None:
-        if self.gpu_layers is not None and self.gpu_layers < 0:
-            raise ConfigError(f"{path}.gpu_layers: must be >= 0, got {self.gpu_layers}")
-        if self.cpu_threads is not None and self.cpu_threads < 1:
-            raise ConfigError(f"{path}.cpu_threads: must be >= 1, got {self.cpu_threads}")
 
 
 @dataclass
@@ -198,15 +207,15 @@ class ModelConfig:
     file: str | None = None
     url: str | None = None
     sha256: str | None = None
-    context_size: int | None = None  # None: the model's training context
-    max_instances: int = 1
+    context_size: int | None = _bound(None, 16)  # None: the model's training context
+    max_instances: int = _bound(1, 1)
     min_instances: int = 0
-    ttl: float = 300.0  # seconds an idle instance lives beyond min_instances
+    ttl: float = _bound(300.0, 0)  # seconds an idle instance lives beyond min_instances
     completion_defaults: dict[str, Any] = field(default_factory=dict)
     device: DeviceConfig = field(default_factory=DeviceConfig)
     preload: PreloadConfig | None = None
     chat_template: str | None = None  # Jinja template overriding the model's own
-    state_cache_bytes: int = 0  # RAM for contexts spilled from instances, restored when their chat returns
+    state_cache_bytes: int = _bound(0, 0)  # RAM for contexts spilled from instances, restored when their chat returns
     prepare: Literal["on-demand", "async", "blocking"] = "on-demand"  # when a url model is downloaded
     verify: Literal["sha256", "size", "none"] = "sha256"  # how deeply a file already in place is checked at start
     token: str | None = None  # bearer token for huggingface.co downloads; default: $HF_TOKEN
@@ -216,8 +225,11 @@ class ModelConfig:
     system_template: str | None = None  # with prompt_template: a system message, %1 its content
     # Grammars requests may name in `grammar`: a GBNF string, or a JSON schema (an object).
     grammars: dict[str, str | dict[str, Any]] = field(default_factory=dict)
-    max_tokens_limit: int | None = None  # ceiling on a request's max_tokens (400 above it); None: the context
+    max_tokens_limit: int | None = _bound(
+        None, 1
+    )  # ceiling on a request's max_tokens (400 above it); None: the context
     id: str = field(default="", metadata={"internal": True})
+    defaults: SamplingParams = field(default=None, metadata={"internal": True})  # type: ignore[assignment]
 
     def _check(self, path: str) -> None:
         if self.file is None and self.url is None:
@@ -226,21 +238,14 @@ class ModelConfig:
             raise ConfigError(f"{path}.sha256: must be 64 hex digits")
         if self.url is not None and not re.match(r"https?://", self.url):
             raise ConfigError(f"{path}.url: must be an http(s) URL, got {self.url!r}")
-        if self.context_size is not None and self.context_size < 16:
-            raise ConfigError(f"{path}.context_size: must be >= 16, got {self.context_size}")
-        if self.max_instances < 1:
-            raise ConfigError(f"{path}.max_instances: must be >= 1, got {self.max_instances}")
         if not 0 <= self.min_instances <= self.max_instances:
             raise ConfigError(
                 f"{path}.min_instances: must be between 0 and max_instances ({self.max_instances}), "
                 f"got {self.min_instances}"
             )
-        if self.ttl < 0:
-            raise ConfigError(f"{path}.ttl: must be >= 0, got {self.ttl}")
-        if self.state_cache_bytes < 0:
-            raise ConfigError(f"{path}.state_cache_bytes: must be >= 0, got {self.state_cache_bytes}")
         try:
-            SamplingParams.from_dict(self.completion_defaults)
+            self.defaults = SamplingParams.from_dict(self.completion_defaults)
+            _ENGINES[self.engine].check_params(self.defaults)
         except InvalidRequest as exc:
             raise ConfigError(f"{path}.completion_defaults.{exc.param}: {exc.message}") from None
         if self.prompt_template is not None and "%1" not in self.prompt_template:
@@ -252,15 +257,11 @@ class ModelConfig:
         for name, grammar in self.grammars.items():
             if not name or (isinstance(grammar, str) and not grammar.strip()):
                 raise ConfigError(f"{path}.grammars.{name}: needs a name and a non-empty grammar")
-        if self.max_tokens_limit is not None:
-            if self.max_tokens_limit < 1:
-                raise ConfigError(f"{path}.max_tokens_limit: must be >= 1, got {self.max_tokens_limit}")
-            default = SamplingParams.from_dict(self.completion_defaults).max_tokens
-            if default is not None and default > self.max_tokens_limit:
-                raise ConfigError(
-                    f"{path}.completion_defaults.max_tokens: {default} is above "
-                    f"max_tokens_limit {self.max_tokens_limit}"
-                )
+        default = self.defaults.max_tokens
+        if None not in (default, self.max_tokens_limit) and default > self.max_tokens_limit:
+            raise ConfigError(
+                f"{path}.completion_defaults.max_tokens: {default} is above max_tokens_limit {self.max_tokens_limit}"
+            )
 
 
 @dataclass
@@ -268,62 +269,44 @@ class ServerConfig:
     """The whole server: models plus global limits."""
 
     models: dict[str, ModelConfig] = field(default_factory=dict)
-    concurrency: int = 1  # requests running at once, across all models
+    concurrency: int = _bound(1, 1)  # requests running at once, across all models
     listen: ListenConfig = field(default_factory=ListenConfig)
     models_dir: str = field(default_factory=_default_models_dir)
-    max_body_bytes: int = 8 * 1024 * 1024
-    max_queue: int | None = None  # requests allowed to wait; beyond it, 503 with Retry-After. None: unbounded
-    queue_timeout: float | None = None  # seconds a request may wait for an instance; then 503 with Retry-After
-    request_timeout: float | None = None  # seconds per request; generation then ends with the partial text
-    keepalive_interval: float = 5.0  # seconds between SSE keep-alive comments while a stream waits in the queue
-    download_attempts: int = 5  # tries in a row without progress before a download fails
-    download_stall_timeout: float = 30.0  # seconds without a byte before a download is retried
+    max_body_bytes: int = _bound(8 * 1024 * 1024, 1024)
+    max_queue: int | None = _bound(
+        None, 0
+    )  # requests allowed to wait; beyond it, 503 with Retry-After. None: unbounded
+    queue_timeout: float | None = _bound(
+        None, above=True
+    )  # seconds a request may wait for an instance; then 503 with Retry-After
+    request_timeout: float | None = _bound(
+        None, above=True
+    )  # seconds per request; generation then ends with the partial text
+    keepalive_interval: float = _bound(
+        5.0, above=True
+    )  # seconds between SSE keep-alive comments while a stream waits in the queue
+    download_attempts: int = _bound(5, 1)  # tries in a row without progress before a download fails
+    download_stall_timeout: float = _bound(30.0, above=True)  # seconds without a byte before a download is retried
     api_keys: list[str] = field(default_factory=list)  # bearer keys the HTTP API requires; plus $LLLMS_API_KEY
     cors_origins: list[str] = field(default_factory=list)  # browser origins allowed to call the API ("*": any)
     # HTTP limits; README "Running it safely" explains each.
-    max_header_bytes: int = 16 * 1024  # request line plus headers; beyond it, 431
-    max_headers: int = 64  # header lines; beyond it, 431 (the stdlib parser stops at 100 anyway)
-    max_json_depth: int = 64  # nesting of arrays and objects in a request body; beyond it, 400
-    max_messages: int = 1024  # items in a request's messages, prompt or input list; beyond it, 400
-    max_request_chars: int = 1_000_000  # characters in all strings of a request body; beyond it, 400
-    max_connections: int = 256  # open client connections (a thread each); beyond it, 503 and closed at once
-    idle_timeout: float = 30.0  # seconds a keep-alive connection may wait for its next request
-    read_timeout: float = 30.0  # seconds to receive a request's headers and body, from its first byte
-    shutdown_grace: float = 30.0  # seconds SIGTERM lets running requests finish before they are cut short
+    max_header_bytes: int = _bound(16 * 1024, 1024)  # request line plus headers; beyond it, 431
+    max_headers: int = _bound(64, 1, 100)  # header lines; beyond it, 431 (the stdlib parser stops at 100 anyway)
+    max_json_depth: int = _bound(64, 1)  # nesting of arrays and objects in a request body; beyond it, 400
+    max_messages: int = _bound(1024, 1)  # items in a request's messages, prompt or input list; beyond it, 400
+    max_request_chars: int = _bound(1_000_000, 1)  # characters in all strings of a request body; beyond it, 400
+    max_connections: int = _bound(256, 1)  # open client connections (a thread each); beyond it, 503 and closed at once
+    idle_timeout: float = _bound(30.0, above=True)  # seconds a keep-alive connection may wait for its next request
+    read_timeout: float = _bound(
+        30.0, above=True
+    )  # seconds to receive a request's headers and body, from its first byte
+    shutdown_grace: float = _bound(30.0, 0)  # seconds SIGTERM lets running requests finish before they are cut short
 
     def _check(self, path: str) -> None:
-        if self.concurrency < 1:
-            raise ConfigError(f"concurrency: must be >= 1, got {self.concurrency}")
         for i, key in enumerate(self.api_keys):
             # An empty key would let "Authorization: Bearer" in; a key with spaces or non-ASCII can't be sent.
             if not re.fullmatch(r"[\x21-\x7e]+", key):
                 raise ConfigError(f"api_keys[{i}]: must be non-empty printable ASCII without spaces")
-        if self.max_body_bytes < 1024:
-            raise ConfigError(f"max_body_bytes: must be >= 1024, got {self.max_body_bytes}")
-        if self.max_header_bytes < 1024:
-            raise ConfigError(f"max_header_bytes: must be >= 1024, got {self.max_header_bytes}")
-        if not 1 <= self.max_headers <= 100:
-            raise ConfigError(f"max_headers: must be between 1 and 100, got {self.max_headers}")
-        for key in ("max_json_depth", "max_messages", "max_request_chars", "max_connections"):
-            if getattr(self, key) < 1:
-                raise ConfigError(f"{key}: must be >= 1, got {getattr(self, key)}")
-        if self.shutdown_grace < 0:
-            raise ConfigError(f"shutdown_grace: must be >= 0, got {self.shutdown_grace}")
-        if self.max_queue is not None and self.max_queue < 0:
-            raise ConfigError(f"max_queue: must be >= 0, got {self.max_queue}")
-        if self.download_attempts < 1:
-            raise ConfigError(f"download_attempts: must be >= 1, got {self.download_attempts}")
-        for key in (
-            "queue_timeout",
-            "request_timeout",
-            "keepalive_interval",
-            "download_stall_timeout",
-            "idle_timeout",
-            "read_timeout",
-        ):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise ConfigError(f"{key}: must be > 0, got {value}")
         for model_id, model in self.models.items():
             if not re.fullmatch(r"[A-Za-z0-9_.:-]+", model_id):
                 raise ConfigError(f"models.{model_id}: model ids must match [A-Za-z0-9_.:-]+")
@@ -437,7 +420,8 @@ def _from_dict(cls: Any, data: Any, path: str) -> Any:
     if missing:
         raise ConfigError(f"{where}: missing required key '{missing[0]}'")
     obj = cls(**kwargs)
-    obj._check(where)
+    _check_bounds(obj, path)
+    getattr(obj, "_check", lambda _: None)(where)
     return obj
 
 
@@ -1257,6 +1241,10 @@ class _ModelFile:
         self.speed = 0.0  # bytes/s, smoothed
         self._last = (0.0, 0)
 
+    def restart(self) -> None:
+        """A new attempt: status shows it, not the last failure."""
+        self.state, self.error, self.done, self.total, self.speed, self._last = "unprepared", None, 0, None, 0.0, (0, 0)
+
     def progress(self, done: int, total: int | None) -> None:
         now = time.monotonic()
         t0, d0 = self._last
@@ -1294,6 +1282,13 @@ class Usage:
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+    def add(self, other: Usage, prompt: bool = True) -> None:
+        """Count another choice's tokens in; its prompt too unless that was counted already."""
+        self.completion_tokens += other.completion_tokens
+        if prompt:
+            self.prompt_tokens += other.prompt_tokens
+            self.cached_tokens += other.cached_tokens
 
 
 @dataclass
@@ -1380,7 +1375,19 @@ class Engine:
 
     @classmethod
     def check_params(cls, params: SamplingParams) -> None:
-        """Raise InvalidRequest naming any parameter this engine cannot honour (never ignore one silently)."""
+        """Raise InvalidRequest naming any sampling parameter this engine cannot honour."""
+
+    @classmethod
+    def check(cls, req: Request) -> None:
+        """Raise InvalidRequest naming any parameter of the request this engine cannot honour (never ignore one)."""
+        cls.check_params(req.params)
+        unable = {
+            "tools": not cls.grammars and req.tools is not None and req.tools.mode != "none",
+            "response_format": not cls.grammars and req.response_format is not None,
+            "best_of": not cls.logprobs and req.best_of > req.n,
+        }
+        for name in (name for name, refused in unable.items() if refused):
+            raise InvalidRequest(f"'{name}' is not supported by the {req.model.engine} engine", param=name)
 
     def embed(self, texts: list[str] | list[list[int]], dimensions: int | None = None) -> tuple[list[list[float]], int]:
         """Normalised vectors, one per input (a text, or the model's token ids), and the number of tokens read.
@@ -1460,6 +1467,59 @@ class _PromptTemplate:
         if not generation_prompt and messages and messages[-1]["role"] == "user":
             out[-1] = out[-1][: len(out[-1]) - len(self.user.split("%1")[-1])]
         return "".join(out)
+
+
+class _ChatTemplate:
+    """A Jinja chat template, rendered as Hugging Face's transformers renders it. Both engines use it."""
+
+    def __init__(self, source: str, bos: str, eos: str) -> None:
+        import jinja2.ext
+        import jinja2.sandbox
+
+        class Generation(jinja2.ext.Extension):
+            """transformers' {% generation %} block, which marks the reply for training: its content as is."""
+
+            tags = {"generation"}
+
+            def parse(self, parser: Any) -> Any:
+                next(parser.stream)
+                return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+        env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
+        )
+        env.filters["tojson"] = lambda x, ensure_ascii=False, **kw: json.dumps(x, ensure_ascii=ensure_ascii, **kw)
+        env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
+        env.globals["raise_exception"] = _template_error
+        self.template, self.bos, self.eos = env.from_string(source), bos, eos
+
+    def render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> str:
+        try:
+            return self.template.render(
+                messages=messages, add_generation_prompt=generation_prompt, bos_token=self.bos, eos_token=self.eos
+            )
+        except Exception as exc:  # templates raise their own errors for bad role orders
+            raise InvalidRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from None
+
+
+def _template_error(message: str) -> None:
+    raise ValueError(message)
+
+
+def _chat_template(model: ModelConfig, source: str | None, bos: str, eos: str) -> _ChatTemplate | _PromptTemplate:
+    """How a model's chats become text: its prompt_template, else its chat_template, the GGUF's, or ChatML."""
+    if model.prompt_template is not None:
+        return _PromptTemplate(model.prompt_template, model.system_template)
+    source = model.chat_template or source
+    if source is None:
+        log.warning("model %s has no chat template; using ChatML (set chat_template to override)", model.id)
+    try:
+        return _ChatTemplate(_CHATML_TEMPLATE if source in (None, "chatml") else source, bos, eos)
+    except Exception as exc:  # jinja2's TemplateSyntaxError
+        where = f"models.{model.id}.chat_template" if model.chat_template else "the GGUF's chat template"
+        raise Unavailable(
+            f"model '{model.id}': {where} is not a valid Jinja template: {exc}", code="chat_template_invalid"
+        ) from None
 
 
 # Spill a context only when a prompt would throw away at least this many of its tokens, and restore a saved
@@ -1579,7 +1639,7 @@ class LlamaCppEngine(Engine):
         super().__init__(model, path, state_cache)
         self.llm: Any = None
         self._embedder: Any = None
-        self._formatter: Any = None
+        self._template: _ChatTemplate | _PromptTemplate | None = None
         self._default_last_n = 64
 
     @staticmethod
@@ -1652,19 +1712,10 @@ class LlamaCppEngine(Engine):
                 self.llm.input_ids.resize(self.llm.n_ctx(), refcheck=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise Unavailable(f"model '{self.model.id}' failed to load: {exc}", code="model_load_failed") from exc
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        template = self.model.chat_template or self.llm.metadata.get("tokenizer.chat_template")
-        if template is None:
-            log.warning("model %s has no chat template; using ChatML (set chat_template to override)", self.model.id)
-            template = _CHATML_TEMPLATE
         tok = self.llm._model
         eos, bos = self.llm.token_eos(), self.llm.token_bos()
-        self._formatter = Jinja2ChatFormatter(
-            template=template,
-            eos_token=tok.token_get_text(eos) if eos >= 0 else "",
-            bos_token=tok.token_get_text(bos) if bos >= 0 else "",
-        )
+        texts = [tok.token_get_text(t) if t >= 0 else "" for t in (bos, eos)]
+        self._template = _chat_template(self.model, self.llm.metadata.get("tokenizer.chat_template"), *texts)
 
     def close(self) -> None:
         for llm in (self.llm, self._embedder):
@@ -1675,15 +1726,7 @@ class LlamaCppEngine(Engine):
     # -- prompts
 
     def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> list[int]:
-        if self.model.prompt_template is not None:
-            tmpl = _PromptTemplate(self.model.prompt_template, self.model.system_template)
-            return self._tokenize(tmpl.render(messages, generation_prompt), param="messages")
-        self._formatter.add_generation_prompt = generation_prompt
-        try:
-            text = self._formatter(messages=messages).prompt
-        except Exception as exc:  # templates raise their own errors for bad role orders
-            raise InvalidRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from None
-        return self._tokenize(text, param="messages")
+        return self._tokenize(self._template.render(messages, generation_prompt), param="messages")
 
     def _tokenize(self, text: str, param: str) -> list[int]:
         llm = self.llm
@@ -2277,100 +2320,6 @@ class _GgufHeader:
             self._value(kind)
 
 
-# -- chat templates: gpt4all 2.8 has no Jinja, so known template families are recognised and rendered in Python
-
-_TEMPLATE_FAMILIES = ("chatml", "llama-3", "gemma", "phi-3", "mistral")
-_ALTERNATE_MSG = "Conversation roles must alternate user/assistant/user/assistant/..."
-
-
-class _ChatTemplate:
-    """Renders messages exactly as the Jinja template of one known family would.
-
-    Families are recognised by signature strings. ChatML also picks up a default system prompt the template adds
-    when the conversation has none (SmolLM2, Qwen2).
-    """
-
-    def __init__(self, family: str, bos: str = "", eos: str = "", source: str = "") -> None:
-        self.family, self.bos, self.eos = family, bos, eos
-        norm = _normalize_template(source)
-        self.use_bos = "bos_token" in norm
-        self.always_prompt = bool(source) and "add_generation_prompt" not in norm
-        self.trim = family in ("llama-3", "gemma") or re.search(r"content'\](\|trim|\.strip\(\))", norm) is not None
-        self.default_system: str | None = None
-        if family == "chatml":
-            m = re.search(r"<\|im_start\|>system(?:\n|\\n)([^'\"{}]+?)<\|im_end\|>", source)
-            if m:
-                self.default_system = m.group(1).replace("\\n", "\n")
-        self.eos_at_end = family == "phi-3" and (not source or "eos_token" in norm)
-        self.no_system = "System role not supported" in source
-        self.alternate = "must alternate" in source
-
-    @classmethod
-    def detect(cls, source: str, bos: str, eos: str) -> _ChatTemplate | None:
-        """The family of a Jinja template, a family name, or None when it is none we know."""
-        if source.strip().lower() in _TEMPLATE_FAMILIES:
-            return cls(source.strip().lower(), bos, eos)
-        norm = _normalize_template(source)
-        chatml_role = r"<\|im_start\|>(?:'\+|\{\{-?\s*)(?:m|message)\['role'\]"
-        if "<|im_end|>" in norm and re.search(chatml_role, norm):
-            return cls("chatml", bos, eos, source)
-        if all(s in norm for s in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")):
-            # Llama 3.1+ templates add dates and tool prompts to the system turn: not plain Llama 3.
-            return None if "Cutting Knowledge" in source or "tools" in norm else cls("llama-3", bos, eos, source)
-        if "<start_of_turn>" in norm and "<end_of_turn>" in norm and "'model'" in norm:
-            return cls("gemma", bos, eos, source)
-        if all(f"'<|{r}|>\n'+message['content']+'<|end|>\n'" in norm for r in ("system", "user", "assistant")):
-            return cls("phi-3", bos, eos, source)
-        if "'[INST] '+message['content']+' [/INST]'" in norm and "message['content']+eos_token" in norm:
-            return cls("mistral", bos, eos, source)
-        return None
-
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        if self.no_system and messages and messages[0]["role"] == "system":
-            raise ValueError("System role not supported")
-        if self.alternate:
-            for i, m in enumerate(messages):
-                if (m["role"] == "user") != (i % 2 == 0):
-                    raise ValueError(_ALTERNATE_MSG)
-        out = [self.bos] if self.use_bos else []
-        gen = add_generation_prompt or self.always_prompt
-        if self.family == "chatml":
-            if self.default_system is not None and messages[0]["role"] != "system":
-                out.append(f"<|im_start|>system\n{self.default_system}<|im_end|>\n")
-            out += [f"<|im_start|>{m['role']}\n{self._content(m)}<|im_end|>\n" for m in messages]
-            out += ["<|im_start|>assistant\n"] if gen else []
-        elif self.family == "llama-3":
-            out += [
-                f"<|start_header_id|>{m['role']}<|end_header_id|>\n\n{self._content(m)}<|eot_id|>" for m in messages
-            ]
-            out += ["<|start_header_id|>assistant<|end_header_id|>\n\n"] if gen else []
-        elif self.family == "gemma":
-            for m in messages:
-                role = "model" if m["role"] == "assistant" else m["role"]
-                out.append(f"<start_of_turn>{role}\n{self._content(m)}<end_of_turn>\n")
-            out += ["<start_of_turn>model\n"] if gen else []
-        elif self.family == "phi-3":
-            out += [f"<|{m['role']}|>\n{self._content(m)}<|end|>\n" for m in messages]
-            out += ["<|assistant|>\n"] if gen else [self.eos] if self.eos_at_end else []
-        else:  # mistral v0.1/v0.2: the [/INST] closing a user turn is the generation prompt
-            for m in messages:
-                if m["role"] not in ("user", "assistant"):
-                    raise ValueError("Only user and assistant roles are supported!")
-                out.append(f"[INST] {m['content']} [/INST]" if m["role"] == "user" else m["content"] + self.eos)
-        return "".join(out)
-
-    def _content(self, m: dict[str, Any]) -> str:
-        return m["content"].strip() if self.trim else m["content"]
-
-
-def _normalize_template(source: str) -> str:
-    """The template with quotes, escapes, spacing and attribute access unified, for signature checks."""
-    s = source.replace('"', "'").replace("\\n", "\n")
-    s = re.sub(r"(\bm(?:essage)?)\.(role|content)\b", r"\1['\2']", s)
-    s = re.sub(r"\s*\|\s*trim\b", "|trim", s)
-    return re.sub(r" *\+ *", "+", s)
-
-
 # -- native calls
 
 
@@ -2625,7 +2574,7 @@ class Gpt4AllEngine(Engine):
         self._gpt: Any = None  # gpt4all.GPT4All
         self._embedder: Any = None  # gpt4all.Embed4All
         self._prompt_ctx: Any = None  # the LLModelPromptContext this engine owns
-        self._template: _ChatTemplate | None = None
+        self._template: _ChatTemplate | _PromptTemplate | None = None
         self._spans: list[tuple[str, int]] = []  # what the context holds: (text, tokens) pieces, in order
         self._run: _Gpt4AllRun | None = None
         self._embed_prefix: str | None = None
@@ -2734,25 +2683,7 @@ class Gpt4AllEngine(Engine):
         if self._specials:
             alts = sorted(set(self._specials.values()), key=len, reverse=True)
             self._special_re = re.compile("|".join(map(re.escape, alts)))
-        source = self.model.chat_template or meta.get("tokenizer.chat_template")
-        if self.model.prompt_template is not None:
-            source = "prompt_template"
-        elif source is None:
-            log.warning("model %s has no chat template; using ChatML (set chat_template to override)", self.model.id)
-            source = "chatml"
-        self._template: _ChatTemplate | _PromptTemplate | None = (
-            _PromptTemplate(self.model.prompt_template, self.model.system_template)
-            if self.model.prompt_template is not None
-            else _ChatTemplate.detect(source, self.bos_text, eos_text)
-        )
-        if self._template is None:
-            where = "its chat_template" if self.model.chat_template else "the model's chat template"
-            raise Unavailable(
-                f"model '{self.model.id}': the gpt4all engine cannot render {where}; it renders "
-                f"{', '.join(_TEMPLATE_FAMILIES)} templates. Set models.{self.model.id}.chat_template to one of those "
-                f"names or to a template of those families, or set models.{self.model.id}.prompt_template",
-                code="chat_template_unsupported",
-            )
+        self._template = _chat_template(self.model, meta.get("tokenizer.chat_template"), self.bos_text, eos_text)
         self.n_ctx = self.model.context_size or min(trained, self._DEFAULT_CTX)
         from gpt4all import GPT4All
 
@@ -2784,11 +2715,7 @@ class Gpt4AllEngine(Engine):
             raise InvalidRequest("'logprobs' is not supported by the gpt4all engine", param="logprobs")
 
     def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> str:
-        assert self._template is not None
-        try:
-            return self._template.render(messages, generation_prompt)
-        except ValueError as exc:
-            raise InvalidRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from None
+        return typing.cast(_ChatTemplate, self._template).render(messages, generation_prompt)
 
     def _need_text_model(self) -> None:
         if self._gpt is None:
@@ -2813,7 +2740,6 @@ class Gpt4AllEngine(Engine):
         self, messages: list[dict[str, Any]], params: SamplingParams, should_stop: _StopCheck = None
     ) -> Iterator[Chunk]:
         self._need_text_model()
-        self.check_params(params)
         return self._start(self._render(messages), params, "messages", should_stop)
 
     def complete(
@@ -2826,7 +2752,6 @@ class Gpt4AllEngine(Engine):
         suffix: str | None = None,
     ) -> Iterator[Chunk]:
         self._need_text_model()
-        self.check_params(params)
         if not isinstance(prompt, str):
             raise InvalidRequest("token id prompts are not supported by the gpt4all engine", param="prompt")
         if suffix is not None:
@@ -3092,10 +3017,11 @@ def _common_prefix(a: str, b: str) -> int:
 class _Pool:
     """Instances per model, a global concurrency limit and one FIFO queue across models."""
 
-    def __init__(self, config: ServerConfig, paths: dict[str, str], model_errors: dict[str, str]) -> None:
+    def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.paths = paths
-        self.model_errors = model_errors
+        self._paths: dict[str, str] = {}  # model files in place, ready to load
+        self._errors: dict[str, str] = {}  # why a model cannot serve now, for status
+        self._failed: dict[str, APIError] = {}  # models whose file could not be prepared, until they are retried
         self.instances: dict[str, list[_Instance]] = {m: [] for m in config.models}
         self.state_caches = {
             m.id: _StateCache(m.state_cache_bytes) for m in config.models.values() if m.state_cache_bytes
@@ -3105,7 +3031,6 @@ class _Pool:
         self.cond = threading.Condition()
         self.stopping = False
         self.service_time = 1.0  # moving average of seconds an instance is held, for Retry-After
-        self.failed: dict[str, APIError] = {}  # models whose file could not be prepared, until they are retried
         self.abort = threading.Event()  # set when stop()'s grace is over: running generations end at once
         self._reaper: threading.Thread | None = None
 
@@ -3113,7 +3038,7 @@ class _Pool:
 
     def start(self) -> None:
         for model in self.config.models.values():
-            if model.id in self.paths:
+            if model.id in self._paths:
                 self.model_ready(model)
         self._reaper = threading.Thread(target=self._reap_loop, name="lllms-ttl", daemon=True)
         self._reaper.start()
@@ -3160,8 +3085,8 @@ class _Pool:
         with self.cond:
             if self.stopping:
                 raise Unavailable("the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
-            if model_id in self.failed:
-                raise self.failed[model_id]
+            if model_id in self._failed:
+                raise self._failed[model_id]
             self.queue.append(ticket)
             self._dispatch()
             limit = self.config.max_queue
@@ -3183,7 +3108,7 @@ class _Pool:
                 if deadline is not None and time.monotonic() >= deadline:
                     with self.cond:
                         retry = self.retry_after()
-                    what = "a free instance" if ticket.model_id in self.paths else "the model's file to download"
+                    what = "a free instance" if ticket.model_id in self._paths else "the model's file to download"
                     raise Unavailable(
                         f"timed out waiting for {what}", code="queue_timeout", headers={"Retry-After": retry}
                     )
@@ -3223,10 +3148,32 @@ class _Pool:
         with self.cond:
             self._dispatch()
 
+    def file_ready(self, model: ModelConfig, path: str, load: bool) -> None:
+        """A model's file is in place at path; with `load`, load its min_instances now."""
+        with self.cond:
+            self._paths[model.id] = path
+            self._errors.pop(model.id, None)
+        if load:
+            self.model_ready(model)
+
+    def has_file(self, model_id: str) -> bool:
+        return model_id in self._paths
+
+    def error(self, model_id: str) -> str | None:
+        """Why the model cannot serve now (its file failed, or its last load did), or None."""
+        return self._errors.get(model_id)
+
+    def retry_model(self, model_id: str) -> None:
+        """Its file is being prepared again: forget the last failure."""
+        with self.cond:
+            self._failed.pop(model_id, None)
+            self._errors.pop(model_id, None)
+
     def fail_model(self, model_id: str, error: APIError) -> None:
         """A model's file could not be prepared: its waiting requests get the error, and so do new ones."""
         with self.cond:
-            self.failed[model_id] = error
+            self._failed[model_id] = error
+            self._errors[model_id] = error.message
             for ticket in [t for t in self.queue if t.model_id == model_id]:
                 self.queue.remove(ticket)
                 ticket.error = error
@@ -3300,7 +3247,7 @@ class _Pool:
         for ticket in list(self.queue):
             if self.running >= self.config.concurrency:
                 return
-            if ticket.model_id not in self.paths:
+            if ticket.model_id not in self._paths:
                 continue  # its file is still being prepared
             model = self.config.models[ticket.model_id]
             insts = self.instances[ticket.model_id]
@@ -3350,7 +3297,7 @@ class _Pool:
         model = inst.model
         engine: Engine | None = None
         try:
-            engine = _make_engine(model, self.paths[model.id], self.state_caches.get(model.id))
+            engine = _make_engine(model, self._paths[model.id], self.state_caches.get(model.id))
             engine.load()
             if model.preload is not None:
                 engine.preload(model.preload.messages, model.preload.prefix)
@@ -3363,7 +3310,7 @@ class _Pool:
                     self.instances[model.id].remove(inst)
                 inst.state = "gone"
                 if isinstance(exc, Exception):
-                    self.model_errors[model.id] = str(exc)
+                    self._errors[model.id] = str(exc)
                 self._dispatch()
                 self.cond.notify_all()
             if isinstance(exc, APIError):
@@ -3386,7 +3333,7 @@ class _Pool:
             if model.preload is not None:
                 inst.context_key = _history_key(model.preload.messages or [], model.preload.prefix or "")
             inst.context_tokens, inst.preview = info
-            self.model_errors.pop(model.id, None)
+            self._errors.pop(model.id, None)
             # Flip state in the same critical section, so no other request can grab a fresh instance
             # between "loaded" and "taken by the request that created it".
             inst.state = "busy" if busy else "idle"
@@ -3450,6 +3397,10 @@ class _Pool:
 
     # -- status
 
+    def state_cache_info(self, model_id: str) -> dict[str, int] | None:
+        cache = self.state_caches.get(model_id)
+        return None if cache is None else cache.info()
+
     def snapshot(self) -> tuple[dict[str, dict[str, int]], list[dict[str, Any]], int, int]:
         with self.cond:
             counts = {}
@@ -3475,24 +3426,134 @@ def _history_key(messages: list[dict[str, Any]], text: str = "") -> str:
     return "".join(parts) + text
 
 
-# ==== 6. OpenAI request/response translation
+# ==== 6. requests: one model for every API dialect, and the OpenAI dialect
+#
+# A dialect turns its JSON body into a Request (openai_request for OpenAI's), and a Completion, CompletionStream or
+# Embeddings back into its own shapes. Request.check() holds what every dialect shares: the model's defaults and
+# limits, named grammars, tools, and what the model's engine can do.
+
+
+@dataclass
+class Request:
+    """One validated chat, completion or embedding request: what every API dialect translates into."""
+
+    kind: Literal["chat", "completion", "embedding"]
+    model: ModelConfig
+    params: SamplingParams = field(default_factory=SamplingParams)
+    messages: list[dict[str, Any]] = field(default_factory=list)  # chat: {role, content, tool_calls?, tool_call_id?}
+    prompts: list[str] | list[list[int]] = field(default_factory=list)  # completion prompts, or embedding inputs
+    n: int = 1  # choices per prompt
+    best_of: int = 1  # choices generated per prompt, of which the n likeliest are kept
+    echo: bool = False
+    suffix: str | None = None
+    tools: _ToolPlan | None = None  # the request's tools, or a history with tool calls
+    response_format: str | None = None  # GBNF for the reply's JSON
+    stream: bool = False
+    include_usage: bool = False  # a streamed reply ends with a usage chunk
+    legacy_functions: bool = False  # the deprecated functions API: replies carry function_call
+    timeout: float | None = None  # seconds for the whole request; None: the server's request_timeout
+    dimensions: int | None = None
+    encoding_format: Literal["float", "base64"] = "float"
+
+    def check(self) -> Request:
+        """Apply the model's defaults and limits, and refuse what its engine cannot do; messages get tools."""
+        m, engine = self.model, _ENGINES[self.model.engine]
+        p = self.params = _max_tokens_ceiling(m, self.params.merged_over(m.defaults))
+        engine.check(self)
+        if p.grammar is not None:
+            p.grammar = _named_grammar(m, p.grammar)
+        if self.response_format is not None:
+            if p.grammar is not None:
+                raise InvalidRequest("give 'grammar' or 'response_format', not both", param="grammar")
+            p.grammar = self.response_format
+        if self.tools is not None and p.grammar is not None:
+            if self.tools.mode != "none":
+                raise InvalidRequest("'tools' cannot be combined with a grammar or response_format", param="tools")
+            self.tools = None  # a history with tool calls, answered in the caller's own format
+        if self.kind == "chat":
+            self.messages = _tool_messages(self.messages, self.tools)
+        if self.tools is not None and engine.grammars:
+            p.grammar = _tool_grammar(self.tools)
+        if len(self.prompts) * self.best_of > 128:
+            raise InvalidRequest("at most 128 choices per request (prompts times n or best_of)", param="n")
+        return self
+
+    @property
+    def choices(self) -> int:
+        return max(len(self.prompts), 1) * self.best_of
+
+    def choice_params(self, i: int) -> SamplingParams:
+        """Choice i's params: with a seed, its own seed, so that n choices differ yet repeat; best_of needs logprobs."""
+        p = self.params
+        if p.seed is not None and i % self.best_of:
+            p = dataclasses.replace(p, seed=p.seed + i % self.best_of)
+        return dataclasses.replace(p, logprobs=0) if self.best_of > self.n and p.logprobs is None else p
+
+    def key(self, i: int = 0, reply: str | None = None) -> str:
+        """The routing key of the context this request needs, or with `reply`, of what choice i leaves behind."""
+        if self.kind == "chat":
+            after = [] if reply is None else [{"role": "assistant", "content": reply}]
+            return _history_key([*self.messages, *after])
+        if not self.prompts:
+            return ""
+        prompt = self.prompts[i // self.best_of]
+        if not isinstance(prompt, str):  # token ids get a key of their own, which only they can share
+            return "\x00" + " ".join(map(str, prompt))
+        return prompt + ("" if reply is None else reply[len(prompt) :] if self.echo else reply)
+
+
+def _max_tokens_ceiling(model: ModelConfig, p: SamplingParams) -> SamplingParams:
+    """p held to the model's max_tokens_limit: no max_tokens means the limit, and more than it is a 400."""
+    limit = model.max_tokens_limit
+    if limit is None:
+        return p
+    if p.max_tokens is None:
+        return dataclasses.replace(p, max_tokens=limit)
+    if p.max_tokens > limit:
+        raise InvalidRequest(
+            f"'max_tokens' is {p.max_tokens}, above the limit of {limit} for model '{model.id}'",
+            param="max_tokens",
+            code="max_tokens_exceeded",
+        )
+    return p
+
+
+def _named_grammar(model: ModelConfig, grammar: str) -> str:
+    """A request's `grammar`: GBNF itself, or the name of one of the model's grammars (or built-in 'json')."""
+    if "::=" in grammar:
+        return grammar
+    named = model.grammars.get(grammar)
+    if named is None and grammar == "json":
+        named = {"type": "object"}
+    if named is None:
+        known = sorted({*model.grammars, "json"})
+        raise InvalidRequest(
+            f"'grammar' is neither GBNF nor one of model '{model.id}''s grammars: {', '.join(known)}", param="grammar"
+        )
+    return named if isinstance(named, str) else _json_grammar(named, "grammar")
+
+
+# ---- 6a. the OpenAI dialect: request bodies in
 
 
 _CHAT_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
 
-def _text_content(content: Any, where: str, optional: bool = False) -> str:
-    """A message's content as one string: a string, or a list of text parts."""
+def _text_content(content: Any, where: str, optional: bool = False, assistant: bool = False) -> str:
+    """A message's content as one string: a string, or a list of text parts (an assistant's refusals count)."""
     if content is None and optional:
         return ""
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+            kind = part.get("type") if isinstance(part, dict) else None
+            text = part.get(kind) if kind == "text" or (kind == "refusal" and assistant) else None
+            if not isinstance(text, str):
                 raise InvalidRequest(
-                    f"'{where}.content[{j}]': only text content parts are supported", param=f"{where}.content"
+                    f"'{where}.content[{j}]': only text content parts are supported (no images, audio or files)",
+                    param=f"{where}.content",
                 )
-            texts.append(part["text"])
+            texts.append(text)
         return "".join(texts)
     if not isinstance(content, str):
         raise InvalidRequest(f"'{where}.content' must be a string or a list of text parts", param=f"{where}.content")
@@ -3515,13 +3576,7 @@ def _parse_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
                 f"'{where}.tool_calls[{j}]' must be {{id, type: 'function', function: {{name, arguments}}}}",
                 param=f"{where}.tool_calls",
             )
-        out.append(
-            {
-                "id": c.get("id", ""),
-                "type": "function",
-                "function": {"name": fn["name"], "arguments": fn.get("arguments", "")},
-            }
-        )
+        out.append({"id": c.get("id", ""), "function": {"name": fn["name"], "arguments": fn.get("arguments", "")}})
     return out
 
 
@@ -3542,9 +3597,10 @@ def _parse_messages(messages: Any) -> list[dict[str, Any]]:
         calls = m.get("tool_calls") if role == "assistant" else None
         if role == "assistant" and m.get("function_call") is not None:  # the deprecated single call
             calls = [{"id": f"function-{i}", "type": "function", "function": m["function_call"]}]
+        optional = bool(calls) or role in ("assistant", "function")
         msg: dict[str, Any] = {
             "role": {"developer": "system", "function": "tool"}.get(role, role),
-            "content": _text_content(m.get("content"), where, optional=bool(calls) or role == "assistant"),
+            "content": _text_content(m.get("content"), where, optional, assistant=role == "assistant"),
         }
         if calls:
             msg["tool_calls"] = _parse_tool_calls(calls, where)
@@ -3601,11 +3657,6 @@ def _prompt_list(prompt: Any, param: str = "prompt") -> list[str] | list[list[in
     )
 
 
-def _prompt_key(prompt: str | list[int]) -> str:
-    """The routing key of a completion prompt; token ids get one of their own, which only they can share."""
-    return prompt if isinstance(prompt, str) else "\x00" + " ".join(map(str, prompt))
-
-
 _SAMPLING_KEYS = {
     "max_tokens",
     "max_completion_tokens",
@@ -3623,53 +3674,55 @@ _SAMPLING_KEYS = {
     "logit_bias",
     "grammar",
 }
-# Spec parameters no engine can honour: a 400 unless they have their neutral value. Output-neutral ones
-# (user, metadata, store, service_tier, prediction, ...) are accepted, and unknown fields are ignored, as OpenAI does.
-_CHAT_UNSUPPORTED: dict[str, Any] = {
+# Spec parameters no engine can honour: a 400 unless they have their neutral value.
+_UNSUPPORTED: dict[str, Any] = {
     "modalities": (None, ["text"]),
     "audio": (None,),
     "reasoning_effort": (None,),
     "web_search_options": (None,),
     "verbosity": (None,),
 }
+# Known fields that change nothing here, with the values the spec allows (a type, a literal, or None): any other
+# value is a 400 naming the field. Unknown fields are ignored, as OpenAI does.
+_NEUTRAL_FIELDS: dict[str, tuple[Any, ...]] = {
+    "user": (str,),
+    "safety_identifier": (str, None),
+    "prompt_cache_key": (str, None),
+    "metadata": (dict, None),
+    "prediction": (dict, None),
+    "store": (bool, None),
+    "moderation": (dict, None),
+    "prompt_cache_options": (dict, None),
+    "service_tier": ("auto", "default", "flex", "scale", "priority", None),
+    "prompt_cache_retention": ("in_memory", "24h", None),
+}
 
 
-def _reject_unsupported(body: dict[str, Any], unsupported: dict[str, Any], engine: str) -> None:
-    """400 for each parameter the engine can't honour, unless it has its neutral value."""
-    for key, neutral in unsupported.items():
+def _allowed(value: Any, allowed: tuple[Any, ...]) -> bool:
+    for a in allowed:
+        if isinstance(a, type) and isinstance(value, a) and (a is bool or not isinstance(value, bool)):
+            return True
+        if not isinstance(a, type) and value is a or (isinstance(a, str) and value == a):
+            return True
+    return False
+
+
+def _check_fields(body: dict[str, Any], model: ModelConfig) -> None:
+    for key, allowed in _NEUTRAL_FIELDS.items():
+        if key in body and not _allowed(body[key], allowed):
+            names = ", ".join(
+                "null" if a is None else _type_name(a) if isinstance(a, type) else repr(a) for a in allowed
+            )
+            raise InvalidRequest(f"'{key}' must be {names}", param=key)
+    for key, neutral in _UNSUPPORTED.items():
         if key in body and body[key] not in neutral:
-            raise InvalidRequest(f"'{key}' is not supported by the {engine} engine", param=key)
-
-
-def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
-    stream = body.get("stream", False)
-    if stream is not None and not isinstance(stream, bool):
-        raise InvalidRequest("'stream' must be a boolean", param="stream")
-    opts = body.get("stream_options")
-    if opts is not None and not isinstance(opts, dict):
-        raise InvalidRequest("'stream_options' must be an object", param="stream_options")
-    if opts is not None and not stream:
-        raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
-    usage = (opts or {}).get("include_usage")
-    if usage is not None and not isinstance(usage, bool):
-        raise InvalidRequest("'stream_options.include_usage' must be a boolean", param="stream_options")
-    return bool(stream), bool(usage)
-
-
-def _model_field(body: dict[str, Any]) -> str:
-    model = body.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("'model' is required and must be a string", param="model")
-    return model
-
-
-def _sampling_from(body: dict[str, Any]) -> SamplingParams:
-    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
-        raise InvalidRequest("give 'max_tokens' or 'max_completion_tokens', not both", param="max_completion_tokens")
-    return SamplingParams.from_dict({k: v for k, v in body.items() if k in _SAMPLING_KEYS})
+            raise InvalidRequest(f"'{key}' is not supported by the {model.engine} engine", param=key)
 
 
 def _int_param(value: Any, param: str, lo: int, hi: int) -> int:
+    """An integer from lo to hi; a whole float (2.0) counts, as in JSON Schema."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         raise InvalidRequest(
             f"'{param}' must be an integer from {lo} to {hi}, got {json.dumps(value, default=str)[:40]}", param=param
@@ -3689,66 +3742,97 @@ def _bool_field(body: dict[str, Any], key: str) -> bool:
     return bool(value)
 
 
-def _common_fields(body: dict[str, Any]) -> dict[str, Any]:
-    """model, sampling params, n, stream flags and lllms' own `timeout` (seconds) of a chat or completion."""
-    stream, include_usage = _stream_flags(body)
-    timeout = body.get("timeout")
+def _model_of(body: dict[str, Any], config: ServerConfig, kind: str) -> ModelConfig:
+    name = body.get("model")
+    if not isinstance(name, str) or not name:
+        raise InvalidRequest("'model' is required and must be a string", param="model")
+    model = config.models.get(name)
+    if model is None:
+        raise NotFound(f"the model '{name}' does not exist", param="model", code="model_not_found")
+    if kind != "embedding" and model.task != "text-completion":
+        raise InvalidRequest(f"model '{name}' is an embedding model", param="model", code="wrong_task")
+    return model
+
+
+def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    stream = _bool_field(body, "stream")
+    opts = body.get("stream_options")
+    if opts is not None and not isinstance(opts, dict):
+        raise InvalidRequest("'stream_options' must be an object", param="stream_options")
+    if opts is not None and not stream:
+        raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    usage = (opts or {}).get("include_usage")
+    if usage is not None and not isinstance(usage, bool):
+        raise InvalidRequest("'stream_options.include_usage' must be a boolean", param="stream_options")
+    return stream, bool(usage)
+
+
+def openai_request(
+    kind: Literal["chat", "completion", "embedding"], body: dict[str, Any], config: ServerConfig
+) -> Request:
+    """An OpenAI chat, completion or embedding body as a Request, every known field checked (400 naming it)."""
+    model = _model_of(body, config, kind)
+    _check_fields(body, model)
+    if kind == "embedding":
+        fmt = body.get("encoding_format", "float")
+        if fmt not in ("float", "base64"):
+            raise InvalidRequest("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
+        dims = _int_param(body["dimensions"], "dimensions", 1, 2**31) if "dimensions" in body else None
+        inputs = _prompt_list(body.get("input"), "input")
+        if len(inputs) > 2048:
+            raise InvalidRequest("'input' may hold at most 2048 items", param="input")
+        return Request(kind, model, prompts=inputs, dimensions=dims, encoding_format=fmt).check()
+    if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
+        raise InvalidRequest("give 'max_tokens' or 'max_completion_tokens', not both", param="max_completion_tokens")
+    params = SamplingParams.from_dict({k: v for k, v in body.items() if k in _SAMPLING_KEYS})
+    timeout = body.get("timeout")  # lllms' own: seconds for the whole request
     if timeout is not None and (
         isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
     ):
         raise InvalidRequest("'timeout' must be a positive number of seconds", param="timeout")
-    return {
-        "model": _model_field(body),
-        "params": _sampling_from(body),
-        "n": body.get("n"),
-        "stream": stream,
-        "include_usage": include_usage,
-        "timeout": timeout,
-    }
+    stream, usage = _stream_flags(body)
+    req = Request(kind, model, params, stream=stream, include_usage=usage, timeout=timeout)
+    req.n = req.best_of = _int_field(body, "n", 1, 128) or 1
+    if kind == "chat":
+        top = _int_field(body, "top_logprobs", 0, 20)
+        if _bool_field(body, "logprobs"):
+            params.logprobs = top or 0
+        elif top is not None:
+            raise InvalidRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        tools, choice, req.legacy_functions = _legacy_functions(body)
+        req.messages = _parse_messages(body.get("messages"))
+        parallel = False if req.legacy_functions else body.get("parallel_tool_calls")
+        req.tools = _tool_plan(tools, choice, parallel, req.messages)
+        req.response_format = _format_grammar(body.get("response_format"))
+        return req.check()
+    params.logprobs = _int_field(body, "logprobs", 0, 5)
+    if params.max_tokens is None:
+        params.max_tokens = 16  # the spec's default for legacy completions
+    req.prompts = _prompt_list(body.get("prompt"))
+    req.echo = _bool_field(body, "echo")
+    req.suffix = body.get("suffix") or None
+    if not isinstance(req.suffix, (str, type(None))):
+        raise InvalidRequest("'suffix' must be a string", param="suffix")
+    if req.echo and req.suffix is not None:
+        raise InvalidRequest("'echo' cannot be combined with 'suffix'", param="echo")
+    # best_of 0 (the spec allows it) means no extra candidates, as leaving it out does.
+    req.best_of = _int_field(body, "best_of", 0, 20) or req.n
+    if req.best_of < req.n:
+        raise InvalidRequest("'best_of' must be at least 'n'", param="best_of")
+    if req.best_of > req.n and stream:
+        raise InvalidRequest("'best_of' cannot be used with stream", param="best_of")
+    return req.check()
 
 
-def parse_chat_request(body: dict[str, Any], engine: str = "llama-cpp") -> dict[str, Any]:
-    """An OpenAI chat request as ModelServer.chat keyword arguments (plus stream flags)."""
-    _reject_unsupported(body, _CHAT_UNSUPPORTED, engine)
-    fields = _common_fields(body)
-    top = _int_field(body, "top_logprobs", 0, 20)
-    if _bool_field(body, "logprobs"):
-        fields["params"].logprobs = top or 0
-    elif top is not None:
-        raise InvalidRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-    tools, choice, legacy = _legacy_functions(body)
-    req = {
-        **fields,
-        "messages": _parse_messages(body.get("messages")),
-        "tools": tools,
-        "tool_choice": choice,
-        "parallel_tool_calls": False if legacy else body.get("parallel_tool_calls"),
-        "response_format": body.get("response_format"),
-    }
-    if legacy:
-        req["legacy_functions"] = True  # answer with function_call, as the deprecated API does
-    return req
+def _options(params: SamplingParams | None, kind: str) -> dict[str, Any]:
+    """An embedded caller's SamplingParams as the body fields they stand for."""
+    out = {k: v for k, v in dataclasses.asdict(params).items() if v is not None} if params else {}
+    if kind == "chat" and "logprobs" in out:
+        out["logprobs"], out["top_logprobs"] = True, out["logprobs"]
+    return out
 
 
-def parse_completion_request(body: dict[str, Any], engine: str = "llama-cpp") -> dict[str, Any]:
-    """An OpenAI completions request as ModelServer.complete keyword arguments (plus stream flags)."""
-    fields = _common_fields(body)
-    fields["params"].logprobs = _int_field(body, "logprobs", 0, 5)
-    if fields["params"].max_tokens is None:
-        fields["params"].max_tokens = 16  # the spec's default for legacy completions
-    # ModelServer.complete checks these, for HTTP and embedded callers alike.
-    return {**fields, **{k: body.get(k) for k in ("prompt", "best_of", "echo", "suffix")}}
-
-
-def parse_embedding_request(body: dict[str, Any]) -> dict[str, Any]:
-    fmt = body.get("encoding_format") or "float"
-    if fmt not in ("float", "base64"):
-        raise InvalidRequest("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
-    dims = body.get("dimensions")
-    if dims is not None and (isinstance(dims, bool) or not isinstance(dims, int) or dims < 1):
-        raise InvalidRequest("'dimensions' must be a positive integer", param="dimensions")
-    # ModelServer.embed checks input, for HTTP and embedded callers alike.
-    return {"model": _model_field(body), "input": body.get("input"), "encoding_format": fmt, "dimensions": dims}
+# ---- 6b. the OpenAI dialect: results out
 
 
 def _usage_json(u: Usage) -> dict[str, Any]:
@@ -3794,159 +3878,113 @@ def _completion_logprobs(entries: list[TokenLogprob] | None, offset: int) -> dic
     }
 
 
-def _tool_calls_json(calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [
-        {"id": c["id"], "type": "function", "function": {"name": c["name"], "arguments": c["arguments"]}} for c in calls
-    ]
+def _finish(reason: str | None, req: Request) -> str | None:
+    return "function_call" if req.legacy_functions and reason == "tool_calls" else reason
 
 
-def _legacy_finish(reason: str | None, legacy: bool) -> str | None:
-    return "function_call" if legacy and reason == "tool_calls" else reason
+def _call_delta(d: dict[str, Any], req: Request) -> dict[str, Any]:
+    """A call delta in OpenAI's shape: id, type and name only in a call's first delta."""
+    fn = {"name": d["name"], "arguments": d["arguments"]} if "id" in d else {"arguments": d["arguments"]}
+    if req.legacy_functions:
+        return fn
+    head = {"id": d["id"], "type": "function"} if "id" in d else {}
+    return {"index": d["index"], **head, "function": fn}
 
 
-def chat_response(c: Completion, legacy_functions: bool = False) -> dict[str, Any]:
+def chat_response(c: Completion, req: Request) -> dict[str, Any]:
     choices = []
     for ch in c.choices:
         message: dict[str, Any] = {"role": "assistant", "content": ch.text, "refusal": None}
         if ch.tool_calls:
             message["content"] = ch.text or None
-            if legacy_functions:
-                call = ch.tool_calls[0]
-                message["function_call"] = {"name": call["name"], "arguments": call["arguments"]}
+            calls = [
+                {"id": c["id"], "type": "function", "function": {k: c[k] for k in ("name", "arguments")}}
+                for c in ch.tool_calls
+            ]
+            if req.legacy_functions:
+                message["function_call"] = calls[0]["function"]
             else:
-                message["tool_calls"] = _tool_calls_json(ch.tool_calls)
-        choices.append(
-            {
-                "index": ch.index,
-                "message": message,
-                "logprobs": _chat_logprobs(ch.logprobs),
-                "finish_reason": _legacy_finish(ch.finish_reason, legacy_functions),
-            }
-        )
-    return {
-        "id": c.id,
-        "object": "chat.completion",
-        "created": c.created,
-        "model": c.model,
-        "choices": choices,
-        "usage": _usage_json(c.usage),
-    }
+                message["tool_calls"] = calls
+        choice = {"index": ch.index, "message": message, "logprobs": _chat_logprobs(ch.logprobs)}
+        choices.append({**choice, "finish_reason": _finish(ch.finish_reason, req)})
+    head = {"id": c.id, "object": "chat.completion", "created": c.created, "model": c.model}
+    return {**head, "choices": choices, "usage": _usage_json(c.usage)}
 
 
-def completion_response(c: Completion) -> dict[str, Any]:
-    return {
-        "id": c.id,
-        "object": "text_completion",
-        "created": c.created,
-        "model": c.model,
-        "choices": [
-            {
-                "index": ch.index,
-                "text": ch.text,
-                "logprobs": _completion_logprobs(ch.logprobs, 0),
-                "finish_reason": ch.finish_reason,
-            }
-            for ch in c.choices
-        ],
-        "usage": _usage_json(c.usage),
-    }
+def completion_response(c: Completion, req: Request) -> dict[str, Any]:
+    choices = [
+        {"index": ch.index, "text": ch.text, "logprobs": _completion_logprobs(ch.logprobs, 0), "finish_reason": fin}
+        for ch, fin in ((ch, ch.finish_reason) for ch in c.choices)
+    ]
+    head = {"id": c.id, "object": "text_completion", "created": c.created, "model": c.model}
+    return {**head, "choices": choices, "usage": _usage_json(c.usage)}
 
 
-def chat_chunks(s: CompletionStream, include_usage: bool, legacy_functions: bool = False) -> Iterator[dict[str, Any]]:
-    """OpenAI chat.completion.chunk objects: per choice, role first, then content or call deltas (id, type and
-    name only in a call's first delta), then finish; usage last when asked for."""
+def chat_chunks(s: CompletionStream) -> Iterator[dict[str, Any]]:
+    """OpenAI chat.completion.chunk objects: per choice, role first, then content or call deltas, then finish;
+    usage last when asked for."""
+    req = s.request
     base = {"id": s.id, "object": "chat.completion.chunk", "created": s.created, "model": s.model}
-    extra = {"usage": None} if include_usage else {}
+    extra = {"usage": None} if req.include_usage else {}
     started: set[int] = set()
-    usage = None
     for ch in s:
         delta: dict[str, Any] = {}
         if ch.index not in started:
             started.add(ch.index)
-            delta["role"] = "assistant"
-            delta["content"] = ""
+            delta = {"role": "assistant", "content": ""}
         if ch.text:
             delta["content"] = ch.text
-        if ch.tool_calls and legacy_functions:
-            d = ch.tool_calls[0]  # one call at most: the deprecated API has no parallel calls
-            delta["function_call"] = (
-                {"name": d["name"], "arguments": d["arguments"]} if "id" in d else {"arguments": d["arguments"]}
-            )
+        if ch.tool_calls and req.legacy_functions:  # one call at most: the deprecated API has no parallel calls
+            delta["function_call"] = _call_delta(ch.tool_calls[0], req)
         elif ch.tool_calls:
-            delta["tool_calls"] = [
-                {"index": d["index"], "function": {"arguments": d["arguments"]}}
-                if "id" not in d
-                else {
-                    "index": d["index"],
-                    "id": d["id"],
-                    "type": "function",
-                    "function": {"name": d["name"], "arguments": d["arguments"]},
-                }
-                for d in ch.tool_calls
-            ]
+            delta["tool_calls"] = [_call_delta(d, req) for d in ch.tool_calls]
         if delta or ch.logprobs:
             choice = {"index": ch.index, "delta": delta, "logprobs": _chat_logprobs(ch.logprobs), "finish_reason": None}
             yield {**base, "choices": [choice], **extra}
         if ch.finish_reason is not None:
+            finish = _finish(ch.finish_reason, req)
             yield {
                 **base,
-                "choices": [
-                    {
-                        "index": ch.index,
-                        "delta": {},
-                        "logprobs": None,
-                        "finish_reason": _legacy_finish(ch.finish_reason, legacy_functions),
-                    }
-                ],
+                "choices": [{"index": ch.index, "delta": {}, "logprobs": None, "finish_reason": finish}],
                 **extra,
             }
-        usage = ch.usage or usage
-    if include_usage and usage is not None:
-        yield {**base, "choices": [], "usage": _usage_json(usage)}
+    if req.include_usage and s.usage is not None:
+        yield {**base, "choices": [], "usage": _usage_json(s.usage)}
 
 
-def completion_chunks(s: CompletionStream, include_usage: bool) -> Iterator[dict[str, Any]]:
+def completion_chunks(s: CompletionStream) -> Iterator[dict[str, Any]]:
     """OpenAI text_completion chunks; a choice's last one carries its finish_reason, and usage comes last."""
+    req = s.request
     base = {"id": s.id, "object": "text_completion", "created": s.created, "model": s.model}
-    extra = {"usage": None} if include_usage else {}
+    extra = {"usage": None} if req.include_usage else {}
     offsets: dict[int, int] = {}
-    usage = None
     for ch in s:
         if ch.text or ch.logprobs or ch.finish_reason is not None:
             start = offsets.get(ch.index, 0)
             offsets[ch.index] = start + len(ch.text)
-            choice = {
-                "index": ch.index,
-                "text": ch.text,
-                "logprobs": _completion_logprobs(ch.logprobs, start),
-                "finish_reason": ch.finish_reason,
-            }
+            lps = _completion_logprobs(ch.logprobs, start)
+            choice = {"index": ch.index, "text": ch.text, "logprobs": lps, "finish_reason": ch.finish_reason}
             yield {**base, "choices": [choice], **extra}
-        usage = ch.usage or usage
-    if include_usage and usage is not None:
-        yield {**base, "choices": [], "usage": _usage_json(usage)}
+    if req.include_usage and s.usage is not None:
+        yield {**base, "choices": [], "usage": _usage_json(s.usage)}
 
 
-def embedding_response(e: Embeddings, encoding_format: str) -> dict[str, Any]:
+def embedding_response(e: Embeddings, req: Request) -> dict[str, Any]:
     data = []
     for i, vec in enumerate(e.vectors):
         value: Any = vec
-        if encoding_format == "base64":
+        if req.encoding_format == "base64":
             value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
         data.append({"object": "embedding", "index": i, "embedding": value})
-    return {
-        "object": "list",
-        "data": data,
-        "model": e.model,
-        "usage": {"prompt_tokens": e.usage.prompt_tokens, "total_tokens": e.usage.prompt_tokens},
-    }
+    usage = {"prompt_tokens": e.usage.prompt_tokens, "total_tokens": e.usage.prompt_tokens}
+    return {"object": "list", "data": data, "model": e.model, "usage": usage}
 
 
 def model_object(model: ModelConfig, created: int) -> dict[str, Any]:
     return {"id": model.id, "object": "model", "created": created, "owned_by": "lllms"}
 
 
-# ---- 6b. tools and structured output, for any chat model: prompt, grammar, and a parser for the reply
+# ---- 6c. tools and structured output, for any chat model: prompt, grammar, and a parser for the reply
 #
 # A model with tools answers in one JSON shape, enforced by grammar so that calls are always well-formed:
 #   {"tool_calls": [{"name": "get_weather", "arguments": {...}}, ...]}   or   {"response": "plain text"}
@@ -4041,6 +4079,12 @@ def _converter_class() -> Any:
                 rule = name + "-" if name in RESERVED_NAMES else name or "root"
                 return self._add_rule(rule, f"{_integers_between(lo, hi)} space")
             return super().visit(schema, name)
+
+        def add_rule(self, name: str, rule: str) -> str:
+            return self._add_rule(name, rule)
+
+        def format_literal(self, text: str) -> str:
+            return self._format_literal(text)
 
     return _Converter
 
@@ -4155,21 +4199,27 @@ def _tool_function(tool: Any, i: int) -> dict[str, Any]:
 
 @dataclass
 class _ToolPlan:
-    """What a request's tools and tool_choice ask of the model."""
+    """What a request's tools and tool_choice ask of the model.
 
-    functions: list[dict[str, Any]]  # the callable ones
-    mode: Literal["auto", "required"]
+    "none" answers in text, in the tool shape all the same, when the history holds tool calls: the model then sees
+    the conversation as it was (a cache hit) and does not copy a call's JSON into its answer.
+    """
+
+    functions: list[dict[str, Any]]  # every tool of the request, described to the model
+    callable: list[str]  # the names it may call
+    mode: Literal["auto", "required", "none"]
     parallel: bool
 
 
-def _tool_plan(tools: Any, tool_choice: Any, parallel: Any) -> _ToolPlan | None:
-    """Validate tools, tool_choice and parallel_tool_calls; None when the model must not call tools."""
+def _tool_plan(tools: Any, tool_choice: Any, parallel: Any, messages: list[dict[str, Any]]) -> _ToolPlan | None:
+    """Validate tools, tool_choice and parallel_tool_calls; None when the reply is plain text."""
     if parallel is not None and not isinstance(parallel, bool):
         raise InvalidRequest("'parallel_tool_calls' must be a boolean", param="parallel_tool_calls")
+    history = any(m.get("tool_calls") for m in messages)
     if tools is None or tools == []:
         if tool_choice not in (None, "none", "auto"):
             raise InvalidRequest("'tool_choice' needs 'tools'", param="tool_choice")
-        return None
+        return _ToolPlan([], [], "none", False) if history else None
     if not isinstance(tools, list):
         raise InvalidRequest("'tools' must be a list of function tools", param="tools")
     if len(tools) > 128:
@@ -4180,9 +4230,9 @@ def _tool_plan(tools: Any, tool_choice: Any, parallel: Any) -> _ToolPlan | None:
         raise InvalidRequest("'tools' has two functions with the same name", param="tools")
     choice = "auto" if tool_choice is None else tool_choice
     if choice == "none":
-        return None
+        return _ToolPlan(functions, [], "none", False) if history else None
     if choice in ("auto", "required"):
-        return _ToolPlan(functions, choice, parallel is not False)
+        return _ToolPlan(functions, names, choice, parallel is not False)
     fn = choice.get("function") if isinstance(choice, dict) else None
     name = fn.get("name") if isinstance(fn, dict) else None
     if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
@@ -4193,7 +4243,7 @@ def _tool_plan(tools: Any, tool_choice: Any, parallel: Any) -> _ToolPlan | None:
         )
     if name not in names:
         raise InvalidRequest(f"'tool_choice' names '{name}', which is not in 'tools'", param="tool_choice")
-    return _ToolPlan([functions[names.index(name)]], "required", False)
+    return _ToolPlan(functions, [name], "required", False)
 
 
 def _tool_grammar(plan: _ToolPlan) -> str:
@@ -4206,33 +4256,33 @@ def _tool_grammar(plan: _ToolPlan) -> str:
 def _tool_grammar_of(plan_json: str) -> str:
     plan = _ToolPlan(**json.loads(plan_json))
     conv = _schema_converter()
-    lit = conv._format_literal
-    calls = []
-    for i, fn in enumerate(plan.functions):
-        args = _visit_schema(conv, fn["parameters"], f"tool-{i}-arguments", f"tools[{i}].function.parameters")
-        head = lit('{"name": ' + json.dumps(fn["name"]) + ', "arguments": ')
-        calls.append(conv._add_rule(f"tool-{i}-call", f'{head} {args} "}}"'))
-    call = conv._add_rule("tool-call", " | ".join(calls))
-    many = f" ({lit(', ')} {call})*" if plan.parallel else ""
-    root = f"{lit(_TOOL_CALLS_OPEN)} {call}{many} {lit(']}')}"
-    if plan.mode == "auto":
+    lit = conv.format_literal
+    roots = []
+    if plan.callable:
+        calls = []
+        for i, fn in enumerate(plan.functions):
+            if fn["name"] in plan.callable:
+                args = _visit_schema(conv, fn["parameters"], f"tool-{i}-arguments", f"tools[{i}].function.parameters")
+                head = lit('{"name": ' + json.dumps(fn["name"]) + ', "arguments": ')
+                calls.append(conv.add_rule(f"tool-{i}-call", f'{head} {args} "}}"'))
+        call = conv.add_rule("tool-call", " | ".join(calls))
+        many = f" ({lit(', ')} {call})*" if plan.parallel else ""
+        roots.append(f"{lit(_TOOL_CALLS_OPEN)} {call}{many} {lit(']}')}")
+    if plan.mode != "required":
         text = _visit_schema(conv, {"type": "string"}, "response-text", "tools")
-        root += f' | {lit(_RESPONSE_OPEN)} {text} "}}"'
-    conv._add_rule("root", root)
+        roots.append(f'{lit(_RESPONSE_OPEN)} {text} "}}"')
+    conv.add_rule("root", " | ".join(roots))
     return _formatted(conv)
 
 
 def _tool_instructions(plan: _ToolPlan) -> str:
-    lines = ["You can call these tools:"]
-    lines += [json.dumps(fn, ensure_ascii=False) for fn in plan.functions]
+    """The same text whatever tool_choice is, so that a conversation keeps its cached prefix when it changes."""
+    lines = ["You can call these tools:", *(json.dumps(fn, ensure_ascii=False) for fn in plan.functions)]
     calls = '{"tool_calls": [{"name": ..., "arguments": {...}}]}'
-    if plan.mode == "auto":
-        lines.append(
-            f"\nAnswer in JSON: {calls} to call tools when the request needs one, "
-            'or {"response": "..."} to reply to the user directly.'
-        )
-    else:
-        lines.append(f"\nAnswer in JSON: {calls}, calling the tools the request needs.")
+    lines.append(
+        f"\nAnswer in JSON: {calls} to call tools when the request needs one, "
+        'or {"response": "..."} to reply to the user directly.'
+    )
     return "\n".join(lines)
 
 
@@ -4272,7 +4322,7 @@ def _tool_messages(messages: list[dict[str, Any]], plan: _ToolPlan | None) -> li
             continue
         after_result = False
         out.append({"role": role, "content": content})
-    if plan is not None:
+    if plan is not None and plan.functions:
         if out and out[0]["role"] == "system":
             out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + _tool_instructions(plan)}
         else:
@@ -4286,7 +4336,9 @@ class _ReplyParser:
     The grammar fixes every literal but the arguments' own JSON, so this tracks only string escapes and nesting.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, plan: _ToolPlan) -> None:
+        # With tool_choice "none" only text comes: a reply shaped like a call is passed on as text.
+        self.heads = (_RESPONSE_OPEN,) if plan.mode == "none" else (_TOOL_CALLS_OPEN, _RESPONSE_OPEN)
         self.state = "head"
         self.buf = ""  # undecided head, or a pending escape inside the response string
         self.expect = ""  # a literal still to skip
@@ -4322,11 +4374,11 @@ class _ReplyParser:
         state = self.state
         if state == "head":
             self.buf += ch
-            if self.buf == _TOOL_CALLS_OPEN:
+            if self.buf == _TOOL_CALLS_OPEN in self.heads:
                 self.state, self.buf, self.expect = "call", "", '{"name": "'
             elif self.buf == _RESPONSE_OPEN:
                 self.state, self.buf, self.expect = "text", "", '"'
-            elif not (_TOOL_CALLS_OPEN.startswith(self.buf) or _RESPONSE_OPEN.startswith(self.buf)):
+            elif not any(head.startswith(self.buf) for head in self.heads):
                 self.state = "plain"  # not the tool shape (no grammar held it): pass it on as it is
                 content.append(self.buf)
                 self.buf = ""
@@ -4415,7 +4467,7 @@ def _format_grammar(response_format: Any) -> str | None:
     )
 
 
-# ==== 7. ModelServer: the embedding API
+# ==== 7. ModelServer: the embedded API
 
 
 @dataclass
@@ -4479,82 +4531,32 @@ def _engine_failure(exc: Exception, inst: _Instance) -> tuple[bool, APIError]:
     return False, EngineError(f"the engine failed: {exc}", code="engine_error")
 
 
-def _choices(
-    runs: list[Callable[[], Iterator[Chunk]]], first_of_prompt: list[bool], should_stop: _StopCheck = None
-) -> Iterator[Chunk]:
-    """Generate choices one after another on one instance, numbering their chunks; the last chunk carries the
-    usage of all of them (each distinct prompt counted once). Once should_stop() holds, no further choice starts."""
-    total = Usage()
-    for i, run in enumerate(runs):
-        if i and should_stop is not None and should_stop():
-            # Out of time (or cancelled): the rest end empty, as a generation cut short ends, with "length".
-            for j in range(i, len(runs)):
-                yield Chunk("", finish_reason="length", usage=total if j == len(runs) - 1 else None, index=j)
-            return
-        chunks = run()
-        try:
-            for ch in chunks:
-                ch.index = i
-                if ch.usage is not None:
-                    if first_of_prompt[i]:
-                        total.prompt_tokens += ch.usage.prompt_tokens
-                        total.cached_tokens += ch.usage.cached_tokens
-                    total.completion_tokens += ch.usage.completion_tokens
-                    ch.usage = total if i == len(runs) - 1 else None
-                yield ch
-        finally:
-            _close(chunks)
-
-
-def _chat_run(messages: list[dict[str, Any]], p: SamplingParams) -> Callable[[Engine, _StopCheck], Iterator[Chunk]]:
-    return lambda engine, should_stop: engine.chat(messages, p, should_stop)
-
-
-def _complete_run(
-    prompt: str | list[int], p: SamplingParams, echo: bool, suffix: str | None
-) -> Callable[[Engine, _StopCheck], Iterator[Chunk]]:
-    extra = {k: v for k, v in (("echo", echo), ("suffix", suffix)) if v}
-    return lambda engine, should_stop: engine.complete(prompt, p, should_stop, **extra)
-
-
 class CompletionStream:
     """Chunks of a completion as they are generated. Iterate it to the end, or close it (`with`) to stop early.
 
     Creating the stream puts the request in the queue, so a full queue fails at once; `wait_ready()` tells
     when an instance is free. Iterating takes the instance, which goes back when the stream ends or closes.
     Chunks carry their choice's `index`; with tools, their text is the reply's content and `tool_calls` the
-    call deltas.
+    call deltas. The choices run one after another on that instance; the last chunk carries the usage of all.
     """
 
-    def __init__(
-        self,
-        server: ModelServer,
-        model: ModelConfig,
-        key: str,
-        start: Callable[[Engine, _StopCheck], Iterator[Chunk]],
-        prefix: str,
-        after: Callable[[int, str], str],
-        cancel: Any,
-        timeout: float | None,
-        tools: bool = False,
-    ) -> None:
-        self.id = f"{prefix}-{secrets.token_urlsafe(12)}"
-        self.model = model.id
+    def __init__(self, request: Request, pool: _Pool, meter: _Metrics, cancel: Any, config: ServerConfig) -> None:
+        self.request = request
+        self.id = f"{'chatcmpl' if request.kind == 'chat' else 'cmpl'}-{secrets.token_urlsafe(12)}"
+        self.model = request.model.id
         self.created = int(time.time())
         self.choices: dict[int, Choice] = {}
         self.usage: Usage | None = None
         self.instance_id: str | None = None  # which instance served it, once known
-        self._server = server
-        self._start = start  # (engine, should_stop) -> chunk iterator
-        self._after = after  # (choice index, generated text) -> context key for the instance
-        self._parsers: dict[int, _ReplyParser] | None = {} if tools else None
+        self._pool, self._meter = pool, meter
+        self._parsers: dict[int, _ReplyParser] | None = {} if request.tools is not None else None
         self._cancel = cancel  # anything with is_set(): a threading.Event, or the HTTP layer's client watch
         now = self._t0 = time.monotonic()
+        timeout = config.request_timeout if request.timeout is None else request.timeout
         self._deadline = None if timeout is None else now + timeout
-        qt = server.config.queue_timeout
-        queue_deadline = None if qt is None else now + qt
+        queue_deadline = None if config.queue_timeout is None else now + config.queue_timeout
         self._queue_deadline = min((d for d in (queue_deadline, self._deadline) if d is not None), default=None)
-        self._ticket = server._pool.enqueue(model.id, key)
+        self._ticket = pool.enqueue(request.model.id, request.key())
         self._started = False
         self._gen = self._run()
 
@@ -4571,11 +4573,6 @@ class CompletionStream:
         """Whether an instance is free for this request (True at once if iteration has begun)."""
         return self._started or self._ticket.ready.wait(timeout)
 
-    def _should_stop(self) -> bool:
-        if (self._cancel is not None and self._cancel.is_set()) or self._server._pool.abort.is_set():
-            return True
-        return self._deadline is not None and time.monotonic() >= self._deadline
-
     def waiting_left(self) -> float | None:
         """Seconds this queued request may still wait (None: no limit); 0 once cancelled or out of time."""
         if self._cancel is not None and self._cancel.is_set():
@@ -4584,12 +4581,27 @@ class CompletionStream:
             return None
         return max(0.0, self._queue_deadline - time.monotonic())
 
+    def _should_stop(self) -> bool:
+        if (self._cancel is not None and self._cancel.is_set()) or self._pool.abort.is_set():
+            return True
+        return self._deadline is not None and time.monotonic() >= self._deadline
+
+    def _generate(self, engine: Engine, i: int) -> Iterator[Chunk]:
+        """Choice i's chunks from the engine; once out of time (or cancelled) an empty choice cut short."""
+        req, p = self.request, self.request.choice_params(i)
+        if i and self._should_stop():
+            return iter([Chunk("", finish_reason="length")])
+        if req.kind == "chat":
+            return engine.chat(req.messages, p, self._should_stop)
+        prompt = req.prompts[i // req.best_of]
+        return engine.complete(prompt, p, self._should_stop, echo=req.echo, suffix=req.suffix)
+
     def _record(self, ch: Chunk) -> Chunk:
         """Fold a chunk into its choice; with tools, turn the raw reply into content and call deltas."""
         c = self.choices.setdefault(ch.index, Choice(ch.index))
         c.raw += ch.text
         if self._parsers is not None:
-            parser = self._parsers.setdefault(ch.index, _ReplyParser())
+            parser = self._parsers.setdefault(ch.index, _ReplyParser(typing.cast(_ToolPlan, self.request.tools)))
             text, calls = parser.feed(ch.text)
             if ch.finish_reason is not None:
                 text += parser.finish()
@@ -4607,20 +4619,25 @@ class CompletionStream:
         return ch
 
     def _run(self) -> Iterator[Chunk]:
-        pool = self._server._pool
-        inst = pool.wait(self._ticket, self._cancel, self._queue_deadline)
+        req = self.request
+        inst = self._pool.wait(self._ticket, self._cancel, self._queue_deadline)
         self.instance_id = inst.id
-        ok = ran = False
-        last = 0
-        chunks: Iterator[Chunk] | None = None
+        total = Usage()  # of all choices, each distinct prompt counted once
+        ok, last = False, None
         try:
-            chunks = self._start(typing.cast(Engine, inst.engine), self._should_stop)
-            for ch in chunks:
-                if not ran:
-                    elapsed = time.monotonic() - self._t0
-                    self._server._metrics.observe("lllms_time_to_first_token_seconds", {"model": self.model}, elapsed)
-                ran, last = True, ch.index
-                yield self._record(ch)
+            for i in range(req.choices):
+                chunks = self._generate(typing.cast(Engine, inst.engine), i)
+                try:
+                    for ch in chunks:
+                        if last is None:
+                            self._meter.observe("lllms_time_to_first_token_seconds", {"model": self.model}, self._age())
+                        ch.index, last = i, i
+                        if ch.usage is not None:
+                            total.add(ch.usage, prompt=i % req.best_of == 0)
+                            ch.usage = total if i == req.choices - 1 else None
+                        yield self._record(ch)
+                finally:
+                    _close(chunks)
             ok = True
         except GeneratorExit:
             ok = True  # the consumer stopped early; the instance is still sound
@@ -4631,17 +4648,31 @@ class CompletionStream:
                 raise
             raise error from exc
         finally:
-            if chunks is not None:
-                try:
-                    _close(chunks)
-                except Exception:  # the instance must still go back, but not for reuse
-                    log.exception("closing a generation on %s failed", inst.id)
-                    ok = False
             # What the instance's context now holds: the last choice's request plus what was generated so far.
             # A request refused before generation (e.g. too long) left the context as it was.
-            key = self._after(last, self.choices[last].raw) if ok and ran else None if ok else ""
-            pool.release(inst, ok, key, self.usage.cached_tokens if self.usage else 0)
-            self._server._metrics.count_usage(self.model, self.usage)
+            key = req.key(last, self.choices[last].raw) if ok and last is not None else None if ok else ""
+            self._pool.release(inst, ok, key, total.cached_tokens)
+            self._meter.count_usage(self.model, self.usage)
+
+    def _age(self) -> float:
+        return time.monotonic() - self._t0
+
+    def collect(self) -> Completion:
+        """Run to the end: the finished completion (with best_of, each prompt's n likeliest choices)."""
+        with self:
+            for _ in self:
+                pass
+        req = self.request
+        choices = [self.choices[i] for i in sorted(self.choices)] or [Choice(0)]
+        for c in choices:
+            c.finish_reason = c.finish_reason or "stop"
+        if req.best_of > req.n:
+            groups = [choices[k : k + req.best_of] for k in range(0, len(choices), req.best_of)]
+            choices = [c for g in groups for c in sorted(g, key=lambda c: -c.score)[: req.n]]
+            for i, c in enumerate(choices):
+                c.index, c.logprobs = i, c.logprobs if req.params.logprobs is not None else None
+        usage = self.usage or Usage()
+        return Completion(self.id, self.model, self.created, choices, usage, self.instance_id)
 
     def __iter__(self) -> CompletionStream:
         return self
@@ -4654,7 +4685,7 @@ class CompletionStream:
         """Stop generating and give the instance back (or leave the queue)."""
         if not self._started:
             self._started = True
-            self._server._pool.abandon(self._ticket)
+            self._pool.abandon(self._ticket)
         self._gen.close()
 
     def __enter__(self) -> CompletionStream:
@@ -4674,6 +4705,9 @@ class ModelServer:
 
     with ModelServer({"models": {...}}) as server:
         print(server.chat("smollm2", [{"role": "user", "content": "Hi"}]).text)
+
+    `chat`, `complete` and `embed` take OpenAI's body fields as keywords and check them exactly as the HTTP API
+    does; `request` and `submit` are the same two steps for a body given whole.
     """
 
     def __init__(
@@ -4684,23 +4718,15 @@ class ModelServer:
         """`progress(model_id, bytes_done, bytes_total)` is called while model files download."""
         self.config = load_config(config)
         self.created = int(time.time())
+        self.meter = _Metrics()  # counters and histograms for /metrics; the HTTP layer adds its own
         self._progress = progress
         self._files = {m.id: _ModelFile(_model_path(m, self.config.models_dir)) for m in self.config.models.values()}
         self._files_lock = threading.Lock()
         self._cancel_downloads = threading.Event()
-        self._paths: dict[str, str] = {}
-        self._errors: dict[str, str] = {}
-        self._pool = _Pool(self.config, self._paths, self._errors)
-        self._defaults = {m.id: SamplingParams.from_dict(m.completion_defaults) for m in self.config.models.values()}
-        for m in self.config.models.values():
-            try:
-                _ENGINES.get(m.engine, Engine).check_params(self._defaults[m.id])
-            except InvalidRequest as exc:
-                raise ConfigError(f"models.{m.id}.completion_defaults: {exc.message}") from None
+        self._pool = _Pool(self.config)
         self._started = False
         self._stopped = False  # set when stop() begins: from then on new requests get 503
         self._drained = False  # set when stop() has freed everything
-        self._metrics = _Metrics()
 
     def start(self) -> ModelServer:
         """Check model files, start downloads as each model's `prepare` says, load min_instances. Idempotent.
@@ -4762,10 +4788,8 @@ class ModelServer:
                 raise Unavailable(typing.cast(str, f.error), code="model_not_ready", headers={"Retry-After": str(wait)})
             if f.thread is None:
                 # A retry: status shows the new attempt, not the last failure.
-                self._pool.failed.pop(model.id, None)
-                self._errors.pop(model.id, None)
-                f.state, f.error, f.done, f.total, f.speed = "unprepared", None, 0, None, 0.0
-                f._last = (0.0, 0)
+                self._pool.retry_model(model.id)
+                f.restart()
                 f.thread = threading.Thread(
                     target=self._prepare_run, args=(model, load), name=f"lllms-prepare-{model.id}", daemon=True
                 )
@@ -4793,7 +4817,7 @@ class ModelServer:
 
                 def progress(done: int, total: int | None) -> None:
                     f.progress(done, total)
-                    self._metrics.count_download(model.id, done)
+                    self.meter.count_download(model.id, done)
                     if self._progress is not None:
                         try:
                             self._progress(model.id, done, total)
@@ -4818,16 +4842,13 @@ class ModelServer:
                 # Try again on a later request, backing off: 5 s, 10 s, 20 s ... up to 5 minutes.
                 f.retry_at = time.monotonic() + min(300.0, 5.0 * 2 ** (f.failures - 1))
                 f.state, f.error, f.thread = "error", error.message, None
-                self._errors[model.id] = error.message
             log.error("model %s is not available: %s", model.id, error.message)
             self._pool.fail_model(model.id, error)
             return
         with self._files_lock:
             f.state, f.error, f.thread, f.failures = "ready", None, None, 0
-            self._errors.pop(model.id, None)
-            self._paths[model.id] = f.path
-        if load or self._started:  # a prepare() on a running server still serves those waiting
-            self._pool.model_ready(model)
+        # A prepare() on a running server still serves those waiting.
+        self._pool.file_ready(model, f.path, load=load or self._started)
 
     def __enter__(self) -> ModelServer:
         return self.start()
@@ -4835,192 +4856,64 @@ class ModelServer:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def _model(self, model_id: str, task: str) -> ModelConfig:
+    # -- requests
+
+    def request(self, kind: Literal["chat", "completion", "embedding"], body: dict[str, Any]) -> Request:
+        """An OpenAI request body as a checked Request (a 400 or 404 naming what is wrong)."""
+        return openai_request(kind, body, self.config)
+
+    def submit(self, req: Request, cancel: Any = None) -> Completion | CompletionStream | Embeddings:
+        """Run a request: a stream when it asks for one, else the finished completion, or embeddings.
+
+        `cancel` (anything with `is_set()`, such as a threading.Event) abandons the request: it leaves the queue,
+        or generation stops at the next token. The request's `timeout` (default: config `request_timeout`) bounds
+        it: waiting past it is a 503, and generation past it ends with the partial text and finish_reason "length".
+        """
         if not self._started:
             raise Unavailable("the server is not started", code="starting", headers={"Retry-After": "1"})
-        model = self.config.models.get(model_id)
-        if model is None:
-            raise NotFound(f"the model '{model_id}' does not exist", param="model", code="model_not_found")
-        if task == "text-completion" and model.task != "text-completion":
-            raise InvalidRequest(f"model '{model_id}' is an embedding model", param="model", code="wrong_task")
-        if model.id not in self._paths:
-            self._prepare(model, block=False)  # the request then waits in the queue until the file is ready
-        return model
-
-    def _params(self, model: ModelConfig, params: SamplingParams | None, kw: dict[str, Any]) -> SamplingParams:
-        p = (params if params is not None else SamplingParams.from_dict(kw)).merged_over(self._defaults[model.id])
-        _ENGINES.get(model.engine, Engine).check_params(p)
-        if p.grammar is not None:
-            p.grammar = self._grammar(model, p.grammar)
-        return _max_tokens_ceiling(model, p)
-
-    def _grammar(self, model: ModelConfig, grammar: str) -> str:
-        """A request's `grammar`: GBNF itself, or the name of one of the model's grammars (or built-in 'json')."""
-        if "::=" in grammar:
-            return grammar
-        named = model.grammars.get(grammar)
-        if named is None and grammar == "json":
-            named = {"type": "object"}
-        if named is None:
-            known = sorted({*model.grammars, "json"})
-            raise InvalidRequest(
-                f"'grammar' is neither GBNF nor one of model '{model.id}''s grammars: {', '.join(known)}",
-                param="grammar",
-            )
-        return named if isinstance(named, str) else _json_grammar(named, "grammar")
-
-    @staticmethod
-    def _seeded(p: SamplingParams, i: int) -> SamplingParams:
-        """Choice i's params: with a seed, its own seed, so that n choices differ yet repeat."""
-        return p if p.seed is None or i == 0 else dataclasses.replace(p, seed=p.seed + i)
+        if not self._pool.has_file(req.model.id):
+            self._prepare(req.model, block=False)  # the request then waits in the queue until the file is ready
+        if req.kind == "embedding":
+            return self._embed(req, cancel)
+        stream = CompletionStream(req, self._pool, self.meter, cancel, self.config)
+        return stream if req.stream else stream.collect()
 
     def chat(
         self,
         model: str,
         messages: list[dict[str, Any]],
         *,
-        stream: bool = False,
         params: SamplingParams | None = None,
         cancel: Any = None,
-        timeout: float | None = None,
-        n: int | None = 1,
-        tools: list[dict[str, Any]] | None = None,
-        tool_choice: Any = None,
-        parallel_tool_calls: bool | None = None,
-        response_format: dict[str, Any] | None = None,
-        **kw: Any,
+        **body: Any,
     ) -> Completion | CompletionStream:
-        """Chat with a model. Sampling settings come as `params` or keywords (temperature=0, ...).
-
-        `tools`, `tool_choice`, `parallel_tool_calls` and `response_format` are OpenAI's; the reply's calls are
-        in `tool_calls`. `n` asks for that many choices. `cancel` (anything with `is_set()`, such as a
-        threading.Event) abandons the request: it leaves the queue, or generation stops at the next token.
-        `timeout` (default: config `request_timeout`) bounds the whole request: waiting past it is a 503, and
-        generation past it ends with the partial text and finish_reason "length".
-        """
-        cfg = self._model(model, "text-completion")
-        msgs = _parse_messages(messages)
-        p = self._params(cfg, params, kw)
-        n = 1 if n is None else _int_param(n, "n", 1, 128)
-        plan = _tool_plan(tools, tool_choice, parallel_tool_calls)
-        fmt = _format_grammar(response_format)
-        engine = _ENGINES.get(cfg.engine, Engine)
-        for name, used in (("tools", plan), ("response_format", fmt)):
-            if used is not None and not engine.grammars:
-                raise InvalidRequest(f"'{name}' is not supported by the {cfg.engine} engine", param=name)
-        if plan is not None and (fmt or p.grammar):
-            raise InvalidRequest("'tools' cannot be combined with a grammar or response_format", param="tools")
-        if fmt is not None and p.grammar is not None:
-            raise InvalidRequest("give 'grammar' or 'response_format', not both", param="grammar")
-        if plan is not None or fmt is not None:
-            p = dataclasses.replace(p, grammar=_tool_grammar(plan) if plan is not None else fmt)
-        rendered = _tool_messages(msgs, plan)
-        runs = [_chat_run(rendered, self._seeded(p, i)) for i in range(n)]
-        s = CompletionStream(
-            self,
-            cfg,
-            _history_key(rendered),
-            lambda e, ss: _choices([functools.partial(r, e, ss) for r in runs], [i == 0 for i in range(n)], ss),
-            "chatcmpl",
-            lambda _, raw: _history_key([*rendered, {"role": "assistant", "content": raw}]),
-            cancel,
-            self.config.request_timeout if timeout is None else timeout,
-            tools=plan is not None,
-        )
-        return s if stream else _drain(s)
+        """Chat with a model. Keywords are OpenAI's chat fields (temperature=0, tools=[...], stream=True, ...);
+        sampling settings may also come as `params`. The reply's calls are in `tool_calls`."""
+        body = {"model": model, "messages": messages, **_options(params, "chat"), **body}
+        return typing.cast(Completion | CompletionStream, self.submit(self.request("chat", body), cancel))
 
     def complete(
-        self,
-        model: str,
-        prompt: str | list[str] | list[int] | list[list[int]],
-        *,
-        stream: bool = False,
-        params: SamplingParams | None = None,
-        cancel: Any = None,
-        timeout: float | None = None,
-        n: int | None = 1,
-        best_of: int | None = None,
-        echo: bool | None = False,
-        suffix: str | None = None,
-        **kw: Any,
+        self, model: str, prompt: Any, *, params: SamplingParams | None = None, cancel: Any = None, **body: Any
     ) -> Completion | CompletionStream:
         """Continue a prompt: a string, a list of strings, token ids, or a list of those (each prompt gets `n`
-        choices, numbered prompt by prompt). `best_of` generates that many per prompt and keeps the `n` with the
-        highest cumulative logprob. `echo` puts the prompt before the completion; `suffix` asks for infill.
-        `cancel` and `timeout` work as for chat()."""
-        cfg = self._model(model, "text-completion")
-        prompts = _prompt_list(prompt)
-        p = self._params(cfg, params, kw)
-        n = 1 if n is None else _int_param(n, "n", 1, 128)
-        if echo is not None and not isinstance(echo, bool):
-            raise InvalidRequest("'echo' must be a boolean", param="echo")
-        if suffix is not None and not isinstance(suffix, str):
-            raise InvalidRequest("'suffix' must be a string", param="suffix")
-        echo, suffix = bool(echo), suffix or None
-        # best_of 0 (the spec allows it) means no extra candidates, as leaving it out does.
-        tries = n if best_of is None else _int_param(best_of, "best_of", 0, 20) or n
-        if tries < n:
-            raise InvalidRequest("'best_of' must be at least 'n'", param="best_of")
-        if tries > n and stream:
-            raise InvalidRequest("'best_of' cannot be used with stream", param="best_of")
-        if tries > n and not _ENGINES.get(cfg.engine, Engine).logprobs:
-            raise InvalidRequest(f"'best_of' is not supported by the {cfg.engine} engine", param="best_of")
-        if len(prompts) * tries > 128:
-            raise InvalidRequest("at most 128 choices per request (prompts times n or best_of)", param="n")
-        gen_p = dataclasses.replace(p, logprobs=0) if tries > n and p.logprobs is None else p
-        runs = [_complete_run(x, self._seeded(gen_p, i), echo, suffix) for x in prompts for i in range(tries)]
-        keys = [_prompt_key(x) for x in prompts]
-        s = CompletionStream(
-            self,
-            cfg,
-            keys[0],
-            lambda e, ss: _choices(
-                [functools.partial(r, e, ss) for r in runs], [i % tries == 0 for i in range(len(runs))], ss
-            ),
-            "cmpl",
-            lambda i, raw: (
-                keys[i // tries] + (raw[len(prompts[i // tries]) :] if echo else raw)
-                if isinstance(prompts[i // tries], str)
-                else keys[i // tries]
-            ),
-            cancel,
-            self.config.request_timeout if timeout is None else timeout,
-        )
-        if stream:
-            return s
-        done = _drain(s)
-        if tries > n:  # keep each prompt's n best, renumbered
-            best = []
-            for k in range(len(prompts)):
-                group = done.choices[k * tries : (k + 1) * tries]
-                best += sorted(group, key=lambda c: -c.score)[:n]
-            for i, c in enumerate(best):
-                c.index = i
-                c.logprobs = c.logprobs if p.logprobs is not None else None
-            done.choices = best
-        return done
+        choices, numbered prompt by prompt). Keywords are OpenAI's completion fields: `best_of`, `echo`,
+        `suffix`, ... `max_tokens` defaults to 16, as OpenAI's does."""
+        body = {"model": model, "prompt": prompt, **_options(params, "completion"), **body}
+        return typing.cast(Completion | CompletionStream, self.submit(self.request("completion", body), cancel))
 
-    def embed(
-        self,
-        model: str,
-        input: str | list[str] | list[int] | list[list[int]],
-        *,
-        dimensions: int | None = None,
-        cancel: Any = None,
-        timeout: float | None = None,
-    ) -> Embeddings:
+    def embed(self, model: str, input: Any, *, cancel: Any = None, **body: Any) -> Embeddings:
         """Normalised embedding vectors, one per input: a string, or the model's token ids (or a list of either).
-        `cancel` and `timeout` bound the wait in the queue."""
-        cfg = self._model(model, "embedding")
-        texts = _prompt_list(input, "input")
-        if len(texts) > 2048:
-            raise InvalidRequest("'input' may hold at most 2048 items", param="input")
-        limits = [t for t in (timeout, self.config.request_timeout, self.config.queue_timeout) if t is not None]
+        `dimensions`, `timeout` and `cancel` as in the HTTP API; cancel and timeout bound the wait in the queue."""
+        req = self.request("embedding", {"model": model, "input": input, **body})
+        return typing.cast(Embeddings, self.submit(req, cancel))
+
+    def _embed(self, req: Request, cancel: Any) -> Embeddings:
+        limits = [t for t in (req.timeout, self.config.request_timeout, self.config.queue_timeout) if t is not None]
         deadline = time.monotonic() + min(limits) if limits else None
-        inst = self._pool.wait(self._pool.enqueue(cfg.id, ""), cancel, deadline)
+        inst = self._pool.wait(self._pool.enqueue(req.model.id, ""), cancel, deadline)
         ok = False
         try:
-            vectors, n = typing.cast(Engine, inst.engine).embed(texts, dimensions)
+            vectors, n = typing.cast(Engine, inst.engine).embed(req.prompts, req.dimensions)
             ok = True
         except Exception as exc:
             ok, error = _engine_failure(exc, inst)
@@ -5029,8 +4922,16 @@ class ModelServer:
             raise error from exc
         finally:
             self._pool.release(inst, ok)
-        self._metrics.count_usage(cfg.id, Usage(prompt_tokens=n))
-        return Embeddings(model=cfg.id, vectors=vectors, usage=Usage(prompt_tokens=n))
+        self.meter.count_usage(req.model.id, Usage(prompt_tokens=n))
+        return Embeddings(model=req.model.id, vectors=vectors, usage=Usage(prompt_tokens=n))
+
+    def abort(self) -> None:
+        """End running generations at their next token (a drain's grace is over)."""
+        self._pool.abort.set()
+
+    def cancel_downloads(self) -> None:
+        """Stop downloads under way; their part files stay, and resume on the next start."""
+        self._cancel_downloads.set()
 
     def models(self) -> list[ModelConfig]:
         return list(self.config.models.values())
@@ -5048,7 +4949,7 @@ class ModelServer:
                 for state in ("idle", "busy", "loading")
             ],
         }
-        return self._metrics.render({**ours, **(gauges or {})})
+        return self.meter.render({**ours, **(gauges or {})})
 
     def status(self) -> dict[str, Any]:
         """Models, instances and the queue, as served at GET /."""
@@ -5057,12 +4958,12 @@ class ModelServer:
         for m in self.config.models.values():
             c = counts[m.id]
             f = self._files[m.id]
-            state = "error" if m.id in self._errors else f.state
+            error = self._pool.error(m.id)
             models[m.id] = {
-                "status": state,
+                "status": "error" if error else f.state,
                 "engine": m.engine,
                 "task": m.task,
-                "error": self._errors.get(m.id),
+                "error": error,
                 "download": f.info(),
                 "file": f.path,
                 "url": m.url,
@@ -5072,8 +4973,8 @@ class ModelServer:
                 "ttl": m.ttl,
                 "instances": c,
             }
-            if m.id in self._pool.state_caches:
-                models[m.id]["state_cache"] = self._pool.state_caches[m.id].info()
+            if (cache := self._pool.state_cache_info(m.id)) is not None:
+                models[m.id]["state_cache"] = cache
         return {
             "server": "lllms",
             "version": __version__,
@@ -5085,35 +4986,7 @@ class ModelServer:
         }
 
 
-def _drain(s: CompletionStream) -> Completion:
-    with s:
-        for _ in s:
-            pass
-    choices = [s.choices[i] for i in sorted(s.choices)] or [Choice(0)]
-    for c in choices:
-        c.finish_reason = c.finish_reason or "stop"
-    return Completion(
-        id=s.id, model=s.model, created=s.created, choices=choices, usage=s.usage or Usage(), instance_id=s.instance_id
-    )
-
-
 # ---- 7b. request ceilings and metrics
-
-
-def _max_tokens_ceiling(model: ModelConfig, p: SamplingParams) -> SamplingParams:
-    """p held to the model's max_tokens_limit: no max_tokens means the limit, and more than it is a 400."""
-    limit = model.max_tokens_limit
-    if limit is None:
-        return p
-    if p.max_tokens is None:
-        return dataclasses.replace(p, max_tokens=limit)
-    if p.max_tokens > limit:
-        raise InvalidRequest(
-            f"'max_tokens' is {p.max_tokens}, above the limit of {limit} for model '{model.id}'",
-            param="max_tokens",
-            code="max_tokens_exceeded",
-        )
-    return p
 
 
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -5317,10 +5190,10 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("unhandled error on %s %s", method, path)
             self._send_error(APIError(f"internal error: {type(exc).__name__}"))
         finally:
-            if self.server.model_server._stopped:
+            if self.server.model_server.state in ("draining", "stopped"):
                 self.close_connection = True
             elapsed = time.monotonic() - self._t0
-            metrics = self.server.model_server._metrics
+            metrics = self.server.model_server.meter
             status = str(self._status or "none")
             metrics.inc("lllms_http_requests_total", {"endpoint": endpoint, "method": method, "status": status})
             metrics.observe("lllms_http_request_duration_seconds", {"endpoint": endpoint}, elapsed)
@@ -5436,7 +5309,7 @@ class _Handler(BaseHTTPRequestHandler):
             self.request_version = "HTTP/1.1"
         with _suppress(OSError):
             self._send_json(code, exc.envelope(), headers)
-        metrics = self.server.model_server._metrics
+        metrics = self.server.model_server.meter
         metrics.inc("lllms_http_requests_total", {"endpoint": "other", "method": "other", "status": str(code)})
         self._access_log(time.monotonic() - getattr(self, "_t0", time.monotonic()))
 
@@ -5622,15 +5495,6 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_header("X-Lllms-Instance", stream.instance_id)
         self.end_headers()
 
-    def _engine_of(self, body: dict[str, Any]) -> str:
-        """The engine of the requested model, so a refusal can name it (an unknown model is a 404 later)."""
-        name = body.get("model")
-        model = self.server.model_server.config.models.get(name) if isinstance(name, str) else None
-        return model.engine if model is not None else "llama-cpp"
-
-    def _client_watch(self) -> _ClientWatch:
-        return _ClientWatch(self.connection)
-
     # -- endpoints
 
     def _get_status(self) -> None:
@@ -5665,34 +5529,24 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, model_object(model, ms.created))
 
     def _post_chat(self) -> None:
-        body = self._read_json()
-        req = parse_chat_request(body, self._engine_of(body))
-        self._complete(self.server.model_server.chat, req, chat_chunks, chat_response)
+        self._openai("chat", chat_response, chat_chunks)
 
     def _post_completions(self) -> None:
-        body = self._read_json()
-        req = parse_completion_request(body, self._engine_of(body))
-        self._complete(self.server.model_server.complete, req, completion_chunks, completion_response)
-
-    def _complete(self, method: Any, req: dict[str, Any], chunks: Any, response: Any) -> None:
-        """Run a chat or text completion; streamed as SSE, or answered as one JSON object."""
-        stream, include_usage = req.pop("stream"), req.pop("include_usage")
-        if req.pop("legacy_functions", False):
-            chunks = functools.partial(chunks, legacy_functions=True)
-            response = functools.partial(response, legacy_functions=True)
-        if stream:
-            s = typing.cast(CompletionStream, method(**req, stream=True, cancel=self._client_watch()))
-            self._send_sse(s, chunks(s, include_usage))
-        else:
-            done = typing.cast(Completion, method(**req, cancel=self._client_watch()))
-            self._send_json(200, response(done), {"X-Lllms-Instance": done.instance_id} if done.instance_id else None)
+        self._openai("completion", completion_response, completion_chunks)
 
     def _post_embeddings(self) -> None:
-        req = parse_embedding_request(self._read_json())
-        e = self.server.model_server.embed(
-            req["model"], req["input"], dimensions=req["dimensions"], cancel=self._client_watch()
-        )
-        self._send_json(200, embedding_response(e, req["encoding_format"]))
+        self._openai("embedding", embedding_response)
+
+    def _openai(self, kind: Literal["chat", "completion", "embedding"], response: Any, chunks: Any = None) -> None:
+        """An OpenAI request: streamed as SSE, or answered as one JSON object."""
+        ms = self.server.model_server
+        req = ms.request(kind, self._read_json())
+        result = ms.submit(req, cancel=_ClientWatch(self.connection))
+        if isinstance(result, CompletionStream):
+            self._send_sse(result, chunks(result))
+            return
+        instance = getattr(result, "instance_id", None)
+        self._send_json(200, response(result, req), {"X-Lllms-Instance": instance} if instance else None)
 
 
 def _request_id(given: str | None) -> str:
@@ -5921,7 +5775,7 @@ class _HTTPD(ThreadingHTTPServer):
 
     def _refuse(self, sock: socket.socket) -> None:
         """A 503 without a thread: written if the socket takes it at once, never waited for."""
-        self.model_server._metrics.inc("lllms_http_connections_refused_total", {})
+        self.model_server.meter.inc("lllms_http_connections_refused_total", {})
         limit = self.model_server.config.max_connections
         body = json.dumps(
             Unavailable(f"the server is busy: {limit} connections are open", code="too_many_connections").envelope()
@@ -6141,9 +5995,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_signal(*_: Any) -> None:
         if stop.is_set():  # a second signal: cut the drain short
-            ms._pool.abort.set()
+            ms.abort()
         stop.set()
-        ms._cancel_downloads.set()  # also ends a blocking download at start-up; its part file resumes later
+        ms.cancel_downloads()  # also ends a blocking download at start-up; its part file resumes later
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
