@@ -1629,6 +1629,90 @@ def _hook_llama_model_params(llama_cpp: Any) -> None:
     mod.llama_model_default_params = params
 
 
+class _LlamaShim:
+    """Every use of llama-cpp-python's private internals, in one place, so that an upgrade is checked here."""
+
+    TRIED = ((0, 3, 36), (0, 4))  # the versions whose internals these match: from, up to (not included)
+
+    @classmethod
+    def check(cls, llama_cpp: Any) -> None:
+        version = tuple(int(x) for x in re.findall(r"\d+", llama_cpp.__version__)[:3])
+        if not cls.TRIED[0] <= version < cls.TRIED[1] or not hasattr(llama_cpp._internals, "LlamaSampler"):
+            raise Unavailable(
+                f"the llama-cpp engine needs llama-cpp-python 0.3.36 to 0.3.x, not {llama_cpp.__version__}",
+                code="engine_not_installed",
+            )
+
+    @staticmethod
+    def add_rule(converter: Any, name: str, rule: str) -> str:
+        """A GBNF rule added to a llama_grammar.SchemaConverter; returns its name."""
+        return converter._add_rule(name, rule)
+
+    @staticmethod
+    def format_literal(converter: Any, text: str) -> str:
+        return converter._format_literal(text)
+
+    @staticmethod
+    def sampler(llama_cpp: Any) -> Any:
+        return llama_cpp._internals.LlamaSampler()
+
+    @staticmethod
+    def vocab(llm: Any) -> Any:
+        return llm._model.vocab
+
+    @staticmethod
+    def token_text(llm: Any, token: int) -> str:
+        return llm._model.token_get_text(token) if token >= 0 else ""
+
+    @staticmethod
+    def adds_bos(llm: Any) -> bool:
+        return llm._model.add_bos_token() and llm.token_bos() >= 0
+
+    @staticmethod
+    def token_sep(llm: Any) -> int:
+        return llm._model.token_sep()
+
+    @staticmethod
+    def ctx(llm: Any) -> Any:
+        return llm._ctx.ctx
+
+    @staticmethod
+    def clear(llm: Any) -> None:
+        llm._ctx.kv_cache_clear()
+
+    @staticmethod
+    def keep(llm: Any, n: int) -> bool:
+        """Drop the KV cache past its first n positions; False when llama.cpp cannot."""
+        return llm._ctx.kv_cache_seq_rm(-1, n, -1)
+
+    @staticmethod
+    def decode(llm: Any, tokens: list[int], n_past: int, logits_all: bool) -> None:
+        llm._batch.set_batch(batch=tokens, n_past=n_past, logits_all=logits_all)
+        llm._ctx.decode(llm._batch)
+
+    @staticmethod
+    def decode_sequence(llm: Any, tokens: list[int]) -> None:
+        """Evaluate tokens alone in a cleared context, as one sequence (for a pooled embedding)."""
+        llm._batch.reset()
+        llm._batch.add_sequence(tokens, 0, True)
+        llm._ctx.kv_cache_clear()
+        llm._ctx.decode(llm._batch)
+        llm._batch.reset()
+
+    @staticmethod
+    def logits(llm: Any, all_rows: bool = False) -> Any:
+        return llm._ctx.get_logits() if all_rows else llm._ctx.get_logits_ith(-1)
+
+    @staticmethod
+    def has_logits(llm: Any) -> bool:
+        """Whether the last token's logits are in place (llama-cpp-python's own bookkeeping)."""
+        return not getattr(llm, "_requires_eval", True)
+
+    @staticmethod
+    def set_has_logits(llm: Any, value: bool) -> None:
+        llm._requires_eval = not value
+
+
 class LlamaCppEngine(Engine):
     """llama-cpp-python: one `llama_cpp.Llama` per instance, plus an embedding context on demand."""
 
@@ -1643,6 +1727,7 @@ class LlamaCppEngine(Engine):
         self._default_last_n = 64
 
     @staticmethod
+    @functools.cache
     def _import() -> Any:
         try:
             import llama_cpp
@@ -1651,6 +1736,7 @@ class LlamaCppEngine(Engine):
                 "the llama-cpp engine needs llama-cpp-python: pip install 'lllms[llama-cpp]'",
                 code="engine_not_installed",
             ) from None
+        _LlamaShim.check(llama_cpp)
         return llama_cpp
 
     def _construct(self, llama_cpp: Any, **kwargs: Any) -> Any:
@@ -1712,9 +1798,7 @@ class LlamaCppEngine(Engine):
                 self.llm.input_ids.resize(self.llm.n_ctx(), refcheck=False)
         except (ValueError, RuntimeError, OSError) as exc:
             raise Unavailable(f"model '{self.model.id}' failed to load: {exc}", code="model_load_failed") from exc
-        tok = self.llm._model
-        eos, bos = self.llm.token_eos(), self.llm.token_bos()
-        texts = [tok.token_get_text(t) if t >= 0 else "" for t in (bos, eos)]
+        texts = [_LlamaShim.token_text(self.llm, t) for t in (self.llm.token_bos(), self.llm.token_eos())]
         self._template = _chat_template(self.model, self.llm.metadata.get("tokenizer.chat_template"), *texts)
 
     def close(self) -> None:
@@ -1732,7 +1816,7 @@ class LlamaCppEngine(Engine):
         llm = self.llm
         bos = llm.token_bos()
         # Templates usually write the BOS text themselves; never add a second one.
-        add_bos = llm._model.add_bos_token() and bos >= 0 and not text.startswith(llm._model.token_get_text(bos))
+        add_bos = _LlamaShim.adds_bos(llm) and not text.startswith(_LlamaShim.token_text(llm, bos))
         return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
     def preload(self, messages: list[dict[str, Any]] | None, prefix: str | None) -> None:
@@ -1741,8 +1825,7 @@ class LlamaCppEngine(Engine):
         tokens = self._render(messages, generation_prompt=False) if messages else self._tokenize(prefix or "", "prefix")
         if len(tokens) >= self.llm.n_ctx():
             raise Unavailable(f"model '{self.model.id}': preload is longer than the context", code="preload_too_long")
-        self.llm.reset()
-        self.llm.eval(tokens)
+        self._prefill(tokens, 0)
 
     def chat(
         self, messages: list[dict[str, Any]], params: SamplingParams, should_stop: _StopCheck = None
@@ -1780,7 +1863,7 @@ class LlamaCppEngine(Engine):
     def _infill(self, prefix: list[int], suffix: str) -> list[int]:
         """Fill-in-the-middle: the model's FIM tokens around prefix and suffix (as llama.cpp's server does)."""
         llama_cpp, llm = self._import(), self.llm
-        vocab = llm._model.vocab
+        vocab = _LlamaShim.vocab(llm)
         pre, suf, mid = (
             f(vocab)
             for f in (llama_cpp.llama_vocab_fim_pre, llama_cpp.llama_vocab_fim_suf, llama_cpp.llama_vocab_fim_mid)
@@ -1791,7 +1874,7 @@ class LlamaCppEngine(Engine):
             )
         bos = llm.token_bos()
         body = [t for t in prefix if t != bos]
-        head = [bos] if llm._model.add_bos_token() and bos >= 0 else []
+        head = [bos] if _LlamaShim.adds_bos(llm) else []
         tail = llm.tokenize(suffix.encode("utf-8"), add_bos=False, special=False)
         return [*head, pre, *body, suf, *tail, mid]
 
@@ -1817,7 +1900,7 @@ class LlamaCppEngine(Engine):
         known, is how many leading tokens the context shares with the prompt."""
         llm = self.llm
         n = _common_token_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens) if common is None else common
-        if n == len(tokens) and llm.n_tokens == len(tokens) and not getattr(llm, "_requires_eval", True):
+        if n == len(tokens) and llm.n_tokens == len(tokens) and _LlamaShim.has_logits(llm):
             return n
         return max(0, n - 1) if n == len(tokens) else n
 
@@ -1839,7 +1922,7 @@ class LlamaCppEngine(Engine):
 
     def _save_seq(self) -> Any:
         """The KV cache of sequence 0, without the logits that llama-cpp-python's save_state also copies."""
-        llama_cpp, ctx = self._import(), self.llm._ctx.ctx
+        llama_cpp, ctx = self._import(), _LlamaShim.ctx(self.llm)
         size = llama_cpp.llama_state_seq_get_size(ctx, 0)
         buf = (ctypes.c_uint8 * size)()
         n = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
@@ -1848,17 +1931,17 @@ class LlamaCppEngine(Engine):
     def _load_seq(self, tokens: tuple[int, ...], state: Any, prompt: list[int]) -> None:
         """Restore a saved context, then cut it back to the part the prompt shares with it."""
         llama_cpp, llm = self._import(), self.llm
-        llm._ctx.kv_cache_clear()
+        _LlamaShim.clear(llm)
         src = state if isinstance(state, ctypes.Array) else (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        if llama_cpp.llama_state_seq_set_data(llm._ctx.ctx, src, len(state), 0) == 0:
+        if llama_cpp.llama_state_seq_set_data(_LlamaShim.ctx(llm), src, len(state), 0) == 0:
             log.warning("%s: restoring a saved context failed; evaluating the prompt instead", self.model.id)
             llm.reset()
             return
         keep = _common_token_prefix(tokens, prompt)
-        llm._ctx.kv_cache_seq_rm(-1, keep, -1)
+        _LlamaShim.keep(llm, keep)
         llm.input_ids[:keep] = tokens[:keep]
         llm.n_tokens = keep
-        llm._requires_eval = True  # the logits of the last token were not saved
+        _LlamaShim.set_has_logits(llm, False)  # the logits of the last token were not saved
 
     def _generate(
         self,
@@ -1908,11 +1991,14 @@ class LlamaCppEngine(Engine):
         llm = self.llm
         if cached == len(tokens):
             return  # the whole prompt is in place, and so are its last logits
-        if cached > 0 and llm._ctx.kv_cache_seq_rm(-1, cached, -1):
+        if cached > 0 and _LlamaShim.keep(llm, cached):
             llm.n_tokens = cached
         else:
             llm.reset()
-        llm.eval(tokens[llm.n_tokens :])
+        # The last token alone, always: llama.cpp's batched and single-token kernels round differently, and a
+        # repeated prompt finds the rest cached and evaluates only that one; so the same request gives the same text.
+        llm.eval(tokens[llm.n_tokens : -1])
+        llm.eval(tokens[-1:])
 
     def _prompt_pieces(self, tokens: list[int], text: str | None) -> list[tuple[str, bytes]]:
         """Each prompt token's text and bytes, decoded in sequence so that the texts join to the prompt: a
@@ -1939,21 +2025,20 @@ class LlamaCppEngine(Engine):
         llm = self.llm
         n_vocab = llm.n_vocab()
         llm.reset()
-        llm._ctx.kv_cache_clear()
+        _LlamaShim.clear(llm)
         out = [TokenLogprob(*pieces[0], None)]
         step = 128  # logits for every position cost step * n_vocab floats
         for i in range(0, len(tokens), step):
             batch = tokens[i : i + step]
-            llm._batch.set_batch(batch=batch, n_past=i, logits_all=True)
-            llm._ctx.decode(llm._batch)
+            _LlamaShim.decode(llm, batch, i, logits_all=True)
             llm.input_ids[i : i + len(batch)] = batch
             llm.n_tokens = i + len(batch)
-            rows = np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(len(batch), n_vocab))
+            rows = np.ctypeslib.as_array(_LlamaShim.logits(llm, all_rows=True), shape=(len(batch), n_vocab))
             for j in range(len(batch)):
                 k = i + j + 1
                 if k < len(tokens):
                     out.append(TokenLogprob(*pieces[k], *self._logprob(rows[j], tokens[k], top)))
-        llm._requires_eval = False
+        _LlamaShim.set_has_logits(llm, True)
         return out
 
     def _piece(self, token: int) -> tuple[str, bytes]:
@@ -1989,7 +2074,7 @@ class LlamaCppEngine(Engine):
         import numpy as np
 
         llm = self.llm
-        vocab = llm._model.vocab
+        vocab = _LlamaShim.vocab(llm)
         n_vocab = llm.n_vocab()
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = _StopMatcher(p.stop or [])
@@ -2005,7 +2090,7 @@ class LlamaCppEngine(Engine):
             while generated < max_new:
                 if generated:
                     llm.eval([token])  # the previous token, now that its logits are no longer needed
-                logits = np.ctypeslib.as_array(llm._ctx.get_logits_ith(-1), shape=(n_vocab,))
+                logits = np.ctypeslib.as_array(_LlamaShim.logits(llm), shape=(n_vocab,))
                 token = sampler.sample(logits)
                 if token is None:  # the grammar allows nothing the bias leaves
                     if not generated:
@@ -2048,12 +2133,8 @@ class LlamaCppEngine(Engine):
         import numpy as np
 
         llama_cpp, emb = self._import(), self._embedder
-        emb._batch.reset()
-        emb._batch.add_sequence(tokens, 0, True)
-        emb._ctx.kv_cache_clear()
-        emb._ctx.decode(emb._batch)
-        emb._batch.reset()
-        ptr = llama_cpp.llama_get_embeddings_seq(emb._ctx.ctx, 0)
+        _LlamaShim.decode_sequence(emb, tokens)
+        ptr = llama_cpp.llama_get_embeddings_seq(_LlamaShim.ctx(emb), 0)
         if not ptr:
             raise EngineError(f"model '{self.model.id}' gave no pooled embedding", code="engine_error")
         vec = np.ctypeslib.as_array(ptr, shape=(emb.n_embd(),)).astype(np.float64)
@@ -2098,7 +2179,7 @@ class LlamaCppEngine(Engine):
                 total += n_ctx
             else:  # mean over context-sized windows, weighted by their length
                 # Each window keeps the sequence's own first and last special tokens ([CLS] and [SEP] for BERT).
-                bos, ends = emb.token_bos(), {emb.token_eos(), emb._model.token_sep()}
+                bos, ends = emb.token_bos(), {emb.token_eos(), _LlamaShim.token_sep(emb)}
                 head = tokens[:1] if tokens[0] == bos else []
                 tail = tokens[-1:] if tokens[-1] in ends else []
                 body = tokens[len(head) : len(tokens) - len(tail)]
@@ -2123,11 +2204,10 @@ class _Sampler:
 
     def __init__(self, llama_cpp: Any, llm: Any, p: SamplingParams, last_n: int) -> None:
         import numpy as np
-        from llama_cpp._internals import LlamaSampler
 
         self.lc, self.llm = llama_cpp, llm
         n_vocab = self.n_vocab = llm.n_vocab()
-        self.pre, self.post, self.grammar = LlamaSampler(), LlamaSampler(), None
+        self.pre, self.post, self.grammar = _LlamaShim.sampler(llama_cpp), _LlamaShim.sampler(llama_cpp), None
         try:
             if p.logit_bias:
                 bad = next((t for t in p.logit_bias if t >= n_vocab), None)
@@ -2149,7 +2229,7 @@ class _Sampler:
             )
             if p.grammar is not None:
                 self.grammar = llama_cpp.llama_sampler_init_grammar(
-                    llm._model.vocab, p.grammar.encode("utf-8"), b"root"
+                    _LlamaShim.vocab(llm), p.grammar.encode("utf-8"), b"root"
                 )
                 if not self.grammar:
                     raise InvalidRequest(
@@ -4077,14 +4157,8 @@ def _converter_class() -> Any:
             if isinstance(schema, dict) and schema.get("type") == "integer" and any(k in schema for k in _INT_BOUNDS):
                 lo, hi = _int_bounds(schema, self.param)
                 rule = name + "-" if name in RESERVED_NAMES else name or "root"
-                return self._add_rule(rule, f"{_integers_between(lo, hi)} space")
+                return _LlamaShim.add_rule(self, rule, f"{_integers_between(lo, hi)} space")
             return super().visit(schema, name)
-
-        def add_rule(self, name: str, rule: str) -> str:
-            return self._add_rule(name, rule)
-
-        def format_literal(self, text: str) -> str:
-            return self._format_literal(text)
 
     return _Converter
 
@@ -4256,7 +4330,7 @@ def _tool_grammar(plan: _ToolPlan) -> str:
 def _tool_grammar_of(plan_json: str) -> str:
     plan = _ToolPlan(**json.loads(plan_json))
     conv = _schema_converter()
-    lit = conv.format_literal
+    lit = functools.partial(_LlamaShim.format_literal, conv)
     roots = []
     if plan.callable:
         calls = []
@@ -4264,14 +4338,14 @@ def _tool_grammar_of(plan_json: str) -> str:
             if fn["name"] in plan.callable:
                 args = _visit_schema(conv, fn["parameters"], f"tool-{i}-arguments", f"tools[{i}].function.parameters")
                 head = lit('{"name": ' + json.dumps(fn["name"]) + ', "arguments": ')
-                calls.append(conv.add_rule(f"tool-{i}-call", f'{head} {args} "}}"'))
-        call = conv.add_rule("tool-call", " | ".join(calls))
+                calls.append(_LlamaShim.add_rule(conv, f"tool-{i}-call", f'{head} {args} "}}"'))
+        call = _LlamaShim.add_rule(conv, "tool-call", " | ".join(calls))
         many = f" ({lit(', ')} {call})*" if plan.parallel else ""
         roots.append(f"{lit(_TOOL_CALLS_OPEN)} {call}{many} {lit(']}')}")
     if plan.mode != "required":
         text = _visit_schema(conv, {"type": "string"}, "response-text", "tools")
         roots.append(f'{lit(_RESPONSE_OPEN)} {text} "}}"')
-    conv.add_rule("root", " | ".join(roots))
+    _LlamaShim.add_rule(conv, "root", " | ".join(roots))
     return _formatted(conv)
 
 
