@@ -558,11 +558,8 @@ class SamplingParams:
                 out.grammar = value
                 continue
             base = typing.get_args(hints[name])[0]
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or (base is int and not isinstance(value, int))
-            ):
+            whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # 2.0 is an integer
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (base is int and not whole):
                 kind = "an integer" if base is int else "a number"
                 raise InvalidRequest(f"'{key}' must be {kind}, got {json.dumps(value)[:40]}", param=key)
             lo, hi = cls._RANGES[name]
@@ -1317,6 +1314,19 @@ class Chunk:
     tool_calls: list[dict[str, Any]] | None = None  # deltas: {index, id?, name?, arguments}; set by ModelServer
 
 
+# What a parameter neither the request nor the model's completion_defaults set is: the same for every engine.
+_SAMPLING_DEFAULTS = SamplingParams(
+    temperature=0.8,
+    top_p=0.95,
+    top_k=40,
+    min_p=0.05,
+    repeat_penalty=1.0,
+    repeat_last_n=64,
+    frequency_penalty=0.0,
+    presence_penalty=0.0,
+)
+
+
 _StopCheck = Callable[[], bool] | None
 
 
@@ -1571,7 +1581,7 @@ class _StateCache:
             best, best_n = None, longer_than
             for key in self.entries:
                 if len(key) > best_n:
-                    n = _common_token_prefix(key, prompt)
+                    n = _common_prefix(key, prompt)
                     if n > best_n:
                         best, best_n = key, n
             if best is None:
@@ -1591,13 +1601,15 @@ class _StateCache:
             }
 
 
-def _common_token_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
+def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """How many leading items two strings or token sequences share."""
+    n, i, step = min(len(a), len(b)), 0, 256
+    # Compare in blocks first: histories are long and mostly equal.
+    while i + step <= n and tuple(a[i : i + step]) == tuple(b[i : i + step]):
+        i += step
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 _load_options = threading.local()
@@ -1724,7 +1736,6 @@ class LlamaCppEngine(Engine):
         self.llm: Any = None
         self._embedder: Any = None
         self._template: _ChatTemplate | _PromptTemplate | None = None
-        self._default_last_n = 64
 
     @staticmethod
     @functools.cache
@@ -1791,7 +1802,6 @@ class LlamaCppEngine(Engine):
                 self._embedder = self._new_embedder(llama_cpp)
                 return
             self.llm = self._construct(llama_cpp, n_ctx=self.model.context_size or 0)
-            self._default_last_n = self.llm.last_n_tokens_size
             # llama.cpp pads a context past the size asked for, but llama-cpp-python sizes its token buffer by the
             # request: a prompt reaching past that end crashed the engine. The buffer gets the real size.
             if len(self.llm.input_ids) < self.llm.n_ctx():
@@ -1899,7 +1909,7 @@ class LlamaCppEngine(Engine):
         """How many prompt tokens can be reused from the KV cache (as Llama.generate decides it); `common`, when
         known, is how many leading tokens the context shares with the prompt."""
         llm = self.llm
-        n = _common_token_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens) if common is None else common
+        n = _common_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens) if common is None else common
         if n == len(tokens) and llm.n_tokens == len(tokens) and _LlamaShim.has_logits(llm):
             return n
         return max(0, n - 1) if n == len(tokens) else n
@@ -1910,7 +1920,7 @@ class LlamaCppEngine(Engine):
         if cache is None:
             return
         held = llm.n_tokens
-        common = _common_token_prefix(llm.input_ids[:held].tolist(), tokens)
+        common = _common_prefix(llm.input_ids[:held].tolist(), tokens)
         reuse = self._cached_prefix(tokens, common)
         found = cache.best(tokens, longer_than=reuse + _MIN_RESTORE_GAIN)
         # A held context that merely continues this prompt (a sibling choice, a regenerated reply) is not worth
@@ -1937,7 +1947,7 @@ class LlamaCppEngine(Engine):
             log.warning("%s: restoring a saved context failed; evaluating the prompt instead", self.model.id)
             llm.reset()
             return
-        keep = _common_token_prefix(tokens, prompt)
+        keep = _common_prefix(tokens, prompt)
         _LlamaShim.keep(llm, keep)
         llm.input_ids[:keep] = tokens[:keep]
         llm.n_tokens = keep
@@ -1967,7 +1977,8 @@ class LlamaCppEngine(Engine):
             )
         room = n_ctx - len(tokens)
         max_new = room if p.max_tokens is None else min(p.max_tokens, room)
-        last_n = self._default_last_n if p.repeat_last_n is None else p.repeat_last_n
+        p = p.merged_over(_SAMPLING_DEFAULTS)
+        last_n = typing.cast(int, p.repeat_last_n)
         # raises on a bad grammar or bias before anything is evaluated
         sampler = _Sampler(llama_cpp, llm, p, n_ctx if last_n == -1 else min(last_n, n_ctx))
         echoed: list[TokenLogprob] | None = None
@@ -2223,9 +2234,9 @@ class _Sampler:
             self.pre.add_penalties(
                 n_vocab,
                 penalty_last_n=last_n,
-                penalty_repeat=1.0 if p.repeat_penalty is None else p.repeat_penalty,
-                penalty_freq=p.frequency_penalty or 0.0,
-                penalty_present=p.presence_penalty or 0.0,
+                penalty_repeat=p.repeat_penalty,
+                penalty_freq=p.frequency_penalty,
+                penalty_present=p.presence_penalty,
             )
             if p.grammar is not None:
                 self.grammar = llama_cpp.llama_sampler_init_grammar(
@@ -2236,16 +2247,15 @@ class _Sampler:
                         "the grammar is not valid GBNF (it needs a 'root' rule, defined names, no left recursion)",
                         param="grammar",
                     )
-            temp = 0.8 if p.temperature is None else p.temperature
-            if temp <= 0:
+            if p.temperature <= 0:
                 self.post.add_greedy()
             else:
                 # seed 0 is a real seed; 0xFFFFFFFF would mean "random" to llama.cpp.
                 seed = random.getrandbits(32) % 0xFFFFFFFF if p.seed is None else p.seed % 0xFFFFFFFF
-                self.post.add_top_k(40 if p.top_k is None else p.top_k)
-                self.post.add_top_p(0.95 if p.top_p is None else p.top_p, 1)
-                self.post.add_min_p(0.05 if p.min_p is None else p.min_p, 1)
-                self.post.add_temp(temp)
+                self.post.add_top_k(p.top_k)
+                self.post.add_top_p(p.top_p, 1)
+                self.post.add_min_p(p.min_p, 1)
+                self.post.add_temp(p.temperature)
                 self.post.add_dist(seed)
         except BaseException:
             self.close()
@@ -3082,16 +3092,8 @@ class _Ticket:
         self.error: APIError | None = None  # why it will never get an instance (its model failed to prepare)
 
 
-def _common_prefix(a: str, b: str) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    # Compare in blocks first: histories are long and mostly equal.
-    step = 256
-    while i + step <= n and a[i : i + step] == b[i : i + step]:
-        i += step
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+def _shutting_down() -> Unavailable:
+    return Unavailable("the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
 
 
 class _Pool:
@@ -3164,7 +3166,7 @@ class _Pool:
         ticket = _Ticket(model_id, key)
         with self.cond:
             if self.stopping:
-                raise Unavailable("the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
+                raise _shutting_down()
             if model_id in self._failed:
                 raise self._failed[model_id]
             self.queue.append(ticket)
@@ -3199,7 +3201,7 @@ class _Pool:
             raise ticket.error
         inst = ticket.instance
         if inst is None:
-            raise Unavailable("the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
+            raise _shutting_down()
         if inst.state == "loading":
             try:
                 self._load(inst, busy=True)
@@ -3407,7 +3409,7 @@ class _Pool:
         if orphan:  # stop() ran while it loaded: free it rather than leak it
             with _suppress(Exception):
                 engine.close()
-            raise Unavailable("the server is shutting down", code="shutting_down", headers={"Retry-After": "5"})
+            raise _shutting_down()
         with self.cond:
             inst.engine = engine
             if model.preload is not None:
