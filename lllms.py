@@ -1,11 +1,39 @@
-"""lllms: serve local GGUF models over an OpenAI-compatible HTTP API.
-
-One module on the standard library. Engines (llama-cpp-python, gpt4all) are optional extras.
+"""lllms: serve local GGUF models over OpenAI's HTTP API, from one module on the standard library.
 
     python lllms.py --config models.json          # HTTP server
     from lllms import ModelServer                 # embedded, no HTTP
 
-Data flows one way: HTTP -> OpenAI translation -> ModelServer -> pool -> engine.
+The engines (llama-cpp-python, gpt4all) are optional extras; jinja2 renders chat templates.
+
+Sections, each built on the ones before it:
+  1. errors        APIError and its kinds: each maps to an HTTP status and an error envelope.
+  2. config        ServerConfig, ModelConfig (dataclasses checked by _from_dict) and SamplingParams.
+  3. model store   where model files live, resumable checked downloads, one downloader per file.
+  4. engines       Engine, and one class per binding: LlamaCppEngine, Gpt4AllEngine. Each binding's private
+                   internals sit in one shim (_LlamaShim, _Gpt4AllShim), version-checked at import.
+  5. pool          _Pool: instances per model, one FIFO queue, routing each conversation to its context.
+  6. requests      Request, the one model of a request; openai_request builds it, and the OpenAI shapes.
+  7. ModelServer   the embedded API: request() checks a body, submit() runs it; CompletionStream.
+  8. HTTP          _Handler (parsing, limits, SSE), _HTTPD (connections, deadlines), HTTPServer.
+  9. CLI           main().
+
+Data flows one way: HTTP -> request model -> ModelServer -> pool -> engine. One streamed chat request:
+  _Handler._handle -> _post_chat -> _openai -> _read_json (_parse_body)
+  -> ModelServer.request -> openai_request (_parse_messages, _tool_plan, ...) -> Request.check (Engine.check)
+  -> ModelServer.submit -> CompletionStream() -> _Pool.enqueue
+  -> _Handler._send_sse, iterating chat_chunks(stream) -> CompletionStream._run -> _Pool.wait (and _Pool._load)
+  -> CompletionStream._generate -> LlamaCppEngine.chat -> _stream, one Chunk per token
+  -> CompletionStream._record (_ReplyParser for tools) -> chat_chunks -> _write_chunk
+  -> at the end, or when the client goes: _Pool.release, with the context the instance now holds.
+
+Threads: the serve loop (lllms-http), which also cuts connections past their deadlines; one thread per
+connection (lllms-conn), which runs its requests through to the engine, generation included; the ttl reaper
+(lllms-ttl); a thread per model file being prepared (lllms-prepare-*) and per instance loaded in the background
+(lllms-load-*); gpt4all's native call runs on a worker (lllms-gpt4all) whose callbacks feed the consumer.
+
+Locks: ModelServer._files_lock may be held while taking _Pool.cond; every other lock (_Pool.cond otherwise,
+_StateCache.lock, _Metrics._lock, _HTTPD.conns_lock, _inflight_lock) is a leaf, never held while taking another.
+No lock is held while an engine runs.
 """
 
 from __future__ import annotations
