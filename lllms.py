@@ -623,10 +623,7 @@ _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
 
 
 class _DownloadError(Unavailable):
-    """A download failed. `permanent`: retrying cannot help (404, 401/403, checksum mismatch, disk full).
-
-    An Unavailable (503, code model_download_failed) so it reaches HTTP clients like any model that cannot load.
-    """
+    """A failed download (503). `permanent`: retrying cannot help; `retry_after`: the wait a server asked for."""
 
     def __init__(
         self,
@@ -638,7 +635,7 @@ class _DownloadError(Unavailable):
     ) -> None:
         super().__init__(message, code=code)
         self.permanent = permanent
-        self.retry_after = retry_after  # seconds the server asked us to wait (429, 503)
+        self.retry_after = retry_after
 
 
 class _DownloadCancelled(_DownloadError):
@@ -651,33 +648,14 @@ class _DownloadCancelled(_DownloadError):
 # ---- 3a. where files go
 
 
-def _is_hf(hostname: str | None) -> bool:
-    return hostname in _HF_HOSTS
-
-
 def _normalize_url(url: str) -> str:
     """The URL to fetch: Hugging Face's /blob/ (an HTML page) becomes /resolve/ (the file itself)."""
     parts = urlsplit(url)
     segs = parts.path.split("/")  # "", org, repo, "blob", rev, path...
-    if _is_hf(parts.hostname) and len(segs) >= 6 and segs[3] == "blob":
+    if parts.hostname in _HF_HOSTS and len(segs) >= 6 and segs[3] == "blob":
         segs[3] = "resolve"
         return urlunsplit(parts._replace(path="/".join(segs)))
     return url
-
-
-def _bad_segment(seg: str) -> str | None:
-    """Why one decoded path segment could leave its directory, or None."""
-    if seg in ("", ".", ".."):
-        return f"path segment {seg!r}"
-    if "/" in seg or "\\" in seg:
-        return f"encoded slash or backslash in {seg!r}"
-    if any(ord(c) < 32 or c == "\x7f" for c in seg):
-        return f"control character (NUL, newline...) in {seg!r}"
-    if re.match(r"[A-Za-z]:", seg):
-        return f"drive letter in {seg!r}"
-    if unquote(seg) in (".", ".."):  # %252e%252e: harmless here, but nobody means it
-        return f"doubly encoded dot segment {seg!r}"
-    return None
 
 
 def _url_path(url: str, models_dir: str) -> str:
@@ -692,16 +670,22 @@ def _url_path(url: str, models_dir: str) -> str:
     segs = [unquote(s) for s in parts.path.split("/") if s]
     if not segs or parts.path.endswith("/"):
         raise ConfigError(f"url {url!r} does not name a file")
-    if _is_hf(parts.hostname) and len(segs) >= 5 and segs[2] in ("resolve", "blob"):
+    if parts.hostname in _HF_HOSTS and len(segs) >= 5 and segs[2] in ("resolve", "blob"):
         org, repo, _, rev, *rest = segs
         # A revision such as refs/pr/1 arrives as one percent-encoded segment; keep it one directory.
         segs = ["huggingface", org, f"{repo}-{rev.replace('/', '--')}", *rest]
     else:
         segs = [parts.hostname, *segs]
     for seg in segs:
-        problem = _bad_segment(seg)
-        if problem:
-            raise ConfigError(f"url {url!r} would escape models_dir: {problem}")
+        # Each decoded segment stays one directory: no dot segment (nor a doubly encoded one, %252e%252e: harmless
+        # here, but nobody means it), slash, backslash, control character or drive letter.
+        if (
+            seg in (".", "..")
+            or unquote(seg) in (".", "..")
+            or re.search(r"[/\\\x00-\x1f\x7f]", seg)
+            or re.match(r"[A-Za-z]:", seg)
+        ):
+            raise ConfigError(f"url {url!r} would escape models_dir: path segment {seg!r}")
     # Checked lexically: a symlink the user made inside models_dir (to another disk, say) is theirs to make.
     root = os.path.realpath(os.path.expanduser(models_dir))
     path = os.path.normpath(os.path.join(root, *segs))
@@ -713,7 +697,7 @@ def _url_path(url: str, models_dir: str) -> str:
 def _auth_headers(url: str, token: str | None = None) -> dict[str, str]:
     """Authorization for a huggingface.co URL, from `token` or $HF_TOKEN; other hosts, and plain http, get none."""
     parts = urlsplit(url)
-    if parts.scheme != "https" or not _is_hf(parts.hostname):
+    if parts.scheme != "https" or parts.hostname not in _HF_HOSTS:
         return {}
     token = (token or os.environ.get("HF_TOKEN") or "").strip()
     return {"Authorization": f"Bearer {token}"} if token else {}
@@ -732,24 +716,20 @@ def _hash_into(path: str, hasher: Any) -> int:
     return size
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    _hash_into(path, h)
-    return h.hexdigest()
-
-
-def _sidecar_path(path: str) -> str:
-    return path + ".lllms.json"
+def _sidecar(path: str) -> dict[str, Any]:
+    """The record in {path}.lllms.json; {} when there is none."""
+    try:
+        with open(path + ".lllms.json", encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
 
 
 def _read_sidecar(path: str, st: os.stat_result) -> dict[str, Any] | None:
     """The sidecar's record when it still describes the file (same size and mtime), else None."""
-    try:
-        with open(_sidecar_path(path), encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None
-    if not isinstance(data, dict) or data.get("size") != st.st_size or data.get("mtime_ns") != st.st_mtime_ns:
+    data = _sidecar(path)
+    if data.get("size") != st.st_size or data.get("mtime_ns") != st.st_mtime_ns:
         return None
     return data
 
@@ -760,7 +740,7 @@ def _write_sidecar(path: str, digest: str, *, url: str | None = None) -> None:
     data: dict[str, Any] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
     if url is not None:
         data["url"] = url
-    side = _sidecar_path(path)
+    side = path + ".lllms.json"
     tmp = f"{side}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
@@ -772,17 +752,6 @@ def _write_sidecar(path: str, digest: str, *, url: str | None = None) -> None:
             os.remove(tmp)
 
 
-def _cached_sha256(path: str) -> str:
-    """A file's sha256: from its sidecar while size and mtime match, else hashed (and the sidecar rewritten)."""
-    st = os.stat(path)
-    record = _read_sidecar(path, st)
-    if record is not None and re.fullmatch(r"[0-9a-f]{64}", str(record.get("sha256"))):
-        return record["sha256"]
-    digest = _sha256_file(path)
-    _write_sidecar(path, digest)
-    return digest
-
-
 def _verify_existing(
     path: str,
     *,
@@ -790,96 +759,76 @@ def _verify_existing(
     size: int | None = None,
     mode: Literal["sha256", "size", "none"] = "sha256",
 ) -> bool:
-    """Whether the file at path can be used as is, with no download.
-
-    mode "sha256": its sha256 (cached in the sidecar) matches; "size": its size matches `size`, or the size its
-    sidecar recorded; "none": it exists. With no sha256 (or size) to compare, existing is enough.
+    """Whether the file at path can be used as is: mode "sha256", its sha256 (cached in the sidecar) matches;
+    "size", its size matches `size` or its sidecar's; "none", it exists. With nothing to compare, existing is enough.
     """
     if mode not in ("sha256", "size", "none"):
         raise ConfigError(f"verify mode must be 'sha256', 'size' or 'none', got {mode!r}")
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return False
     if not os.path.isfile(path):
         return False
+    st = os.stat(path)
     if mode == "none":
         return True
     if size is not None and st.st_size != size:
         return False
     if mode == "size":
-        if size is not None:
-            return True
         # Without a size, the sidecar still knows the size the file had when it was downloaded or hashed.
-        try:
-            with open(_sidecar_path(path), encoding="utf-8") as f:
-                recorded = json.load(f).get("size")
-        except (OSError, ValueError, AttributeError):
-            return True
-        return recorded is None or recorded == st.st_size
+        recorded = _sidecar(path).get("size") if size is None else size
+        return recorded in (None, st.st_size)
     if sha256 is None:
         return True
-    return _cached_sha256(path) == sha256.lower()
+    digest = (_read_sidecar(path, st) or {}).get("sha256")
+    if not re.fullmatch(r"[0-9a-f]{64}", str(digest)):
+        hasher = hashlib.sha256()
+        _hash_into(path, hasher)
+        digest = hasher.hexdigest()
+        _write_sidecar(path, digest)
+    return digest == sha256.lower()
 
 
 # ---- 3c. download: one file, resumable, checked
 
 
-def _keeps_credentials(old_url: str, new_url: str) -> bool:
-    """Whether a redirect may carry Authorization along: same host and port, and no https -> http downgrade."""
-    a, b = urlsplit(old_url), urlsplit(new_url)
-    return a.hostname == b.hostname and a.port == b.port and not (a.scheme == "https" and b.scheme != "https")
-
-
-def _opener() -> Any:
-    """A urllib opener whose redirects keep Range (a plain header, copied) but drop credentials on a host change.
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """Follows redirects keeping Range (a plain header, copied) but dropping credentials on a change of host.
 
     urllib copies every header to the redirect target, Authorization included, so a huggingface.co token would
     reach the CDN the file is served from (which needs none: its URL is signed). requests strips it; we do too.
     """
 
-    class RedirectHandler(urllib.request.HTTPRedirectHandler):
-        def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
-            # 308 is 307 for a GET; Python 3.10's urllib does not know 308.
-            new = super().redirect_request(req, fp, 307 if code == 308 else code, msg, headers, newurl)
-            if new is not None and not _keeps_credentials(req.full_url, new.full_url):
-                for key in [k for k in new.headers if k.lower() in ("authorization", "cookie")]:
-                    del new.headers[key]
-            return new
+    http_error_308 = urllib.request.HTTPRedirectHandler.http_error_302
 
-        http_error_308 = urllib.request.HTTPRedirectHandler.http_error_302
-
-    return urllib.request.build_opener(RedirectHandler)
-
-
-def _retry_after(headers: Any) -> float | None:
-    value = headers.get("Retry-After") if headers is not None else None
-    try:
-        return min(float(value), _MAX_RETRY_DELAY) if value is not None else None
-    except ValueError:  # an HTTP date: rare enough to treat as "soon"
-        return None
+    def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+        # 308 is 307 for a GET; Python 3.10's urllib does not know 308.
+        new = super().redirect_request(req, fp, 307 if code == 308 else code, msg, headers, newurl)
+        a, b = urlsplit(req.full_url), urlsplit(new.full_url)
+        # Credentials stay only on the same host and port, and never go from https to http.
+        if a.hostname != b.hostname or a.port != b.port or (a.scheme == "https" and b.scheme != "https"):
+            for key in [k for k in new.headers if k.lower() in ("authorization", "cookie")]:
+                del new.headers[key]
+        return new
 
 
 def _network_error(exc: BaseException, url: str, stall_timeout: float) -> _DownloadError:
     """A _DownloadError saying what went wrong on the wire; permanent when a retry would meet the same answer."""
-    if isinstance(exc, _DownloadError):
-        return exc
+    host = urlsplit(url).hostname or url
     if isinstance(exc, urllib.error.HTTPError):
         # exc.url may be a signed CDN URL after a redirect: name the configured one instead.
         what = f"HTTP {exc.code} {exc.reason} from {url}"
+        if exc.code in (401, 403) and host in _HF_HOSTS:
+            hint = "a private or gated model needs a token (HF_TOKEN) whose account accepted its terms"
+            return _DownloadError(f"{what}; {hint}", permanent=True)
         if exc.code in (401, 403):
-            hint = (
-                "; a private or gated model needs a token (HF_TOKEN) whose account accepted its terms"
-                if _is_hf(_host(url))
-                else "; the server refused to serve it without credentials"
-            )
-            return _DownloadError(what + hint, permanent=True)
+            return _DownloadError(f"{what}; the server refused to serve it without credentials", permanent=True)
         if exc.code in (404, 410):
             return _DownloadError(what + "; check the url", permanent=True)
         if 300 <= exc.code < 400:  # urllib gave up on a redirect loop, or a redirect without a Location
             return _DownloadError(f"{what}: too many redirects, or one with no Location", permanent=True)
+        retry_after = None
+        with _suppress(TypeError, ValueError):  # none, or an HTTP date: rare enough to treat as "soon"
+            retry_after = min(float(exc.headers.get("Retry-After")), _MAX_RETRY_DELAY)
         permanent = 400 <= exc.code < 500 and exc.code not in (408, 425, 429)
-        return _DownloadError(what, permanent=permanent, retry_after=_retry_after(exc.headers))
+        return _DownloadError(what, permanent=permanent, retry_after=retry_after)
     if isinstance(exc, urllib.error.URLError):
         if not isinstance(exc.reason, BaseException):  # "unknown url type" and the like
             return _DownloadError(f"cannot download {url}: {exc.reason}", permanent=True)
@@ -887,20 +836,16 @@ def _network_error(exc: BaseException, url: str, stall_timeout: float) -> _Downl
     if isinstance(exc, TimeoutError):
         return _DownloadError(f"download of {url} stalled: no data for {stall_timeout:g}s")
     if isinstance(exc, ConnectionRefusedError):
-        return _DownloadError(f"cannot connect to {_host(url)} for {url}: connection refused")
+        return _DownloadError(f"cannot connect to {host} for {url}: connection refused")
     if isinstance(exc, ssl.SSLCertVerificationError):
         return _DownloadError(f"cannot download {url}: {exc.verify_message or exc}", permanent=True)
     if isinstance(exc, socket.gaierror):
-        return _DownloadError(f"cannot resolve {_host(url)} for {url}: {exc.strerror or exc}")
+        return _DownloadError(f"cannot resolve {host} for {url}: {exc.strerror or exc}")
     if isinstance(exc, ValueError):  # a malformed URL
         return _DownloadError(f"cannot download {url}: {exc}", permanent=True)
     if isinstance(exc, (OSError, http.client.HTTPException)):
         return _DownloadError(f"download of {url} failed: {type(exc).__name__}: {exc}")
     raise exc
-
-
-def _host(url: str) -> str:
-    return urlsplit(url).hostname or url
 
 
 class _Transfer:
@@ -910,11 +855,10 @@ class _Transfer:
         self,
         url: str,
         part: str,
-        *,
         headers: dict[str, str],
         stall_timeout: float,
         progress: Callable[[int, int | None], None] | None,
-        cancel: threading.Event | None,
+        cancel: threading.Event,
     ) -> None:
         self.url = url
         self.part = part
@@ -922,15 +866,15 @@ class _Transfer:
         self.stall_timeout = stall_timeout
         self.progress = progress
         self.cancel = cancel
+        self.opener = urllib.request.build_opener(_RedirectHandler)
         self.hasher = hashlib.sha256()
         # Hash what an earlier run left, once; what arrives from now on streams into the same hasher.
         self.done = _hash_into(part, self.hasher) if os.path.exists(part) else 0
         self.total: int | None = None  # the file's size, once a response tells it
-        self._opener = _opener()
-        self._reported = 0.0
+        self.reported = 0.0
 
-    def restart(self) -> None:
-        """Empty the part: the server will not resume it."""
+    def start_over(self, message: str) -> typing.NoReturn:
+        """Empty the part, which the server will not resume, and end this attempt."""
         self.hasher = hashlib.sha256()
         self.done = 0
         try:
@@ -938,103 +882,78 @@ class _Transfer:
                 pass
         except OSError as exc:
             raise _DownloadError(f"cannot write {self.part}: {exc}", permanent=True) from None
-
-    def report(self, *, final: bool = False) -> None:
-        now = time.monotonic()
-        if self.progress is not None and (final or now - self._reported >= _PROGRESS_INTERVAL):
-            self._reported = now
-            self.progress(self.done, self.total)
+        raise _DownloadError(f"{message}; starting over")
 
     def attempt(self) -> None:
         """One request, appending to the part. Returns when the file is whole; raises _DownloadError otherwise."""
-        if self.cancel is not None and self.cancel.is_set():
+        if self.cancel.is_set():
             raise _DownloadCancelled(self.url)
         headers = dict(self.headers)
         if self.done:
             headers["Range"] = f"bytes={self.done}-"
-        request = urllib.request.Request(self.url, headers=headers)
         try:
             # The timeout bounds the connect and then each read: a stall raises TimeoutError, and we resume.
-            response = self._opener.open(request, timeout=self.stall_timeout)
+            response = self.opener.open(urllib.request.Request(self.url, headers=headers), timeout=self.stall_timeout)
         except urllib.error.HTTPError as exc:
             with _suppress(Exception):
                 exc.close()
-            if exc.code == 416 and self.done:
-                self._unsatisfiable(exc.headers.get("Content-Range", ""))
+            if exc.code != 416 or not self.done:
+                raise _network_error(exc, self.url, self.stall_timeout) from None
+            # 416 to our Range: the part is whole already (we died between its last byte and the rename), or stale.
+            m = _UNSATISFIED_RANGE.fullmatch(exc.headers.get("Content-Range", "").strip())
+            if m and int(m[1]) == self.done:
+                self.total = self.done
                 return
-            raise _network_error(exc, self.url, self.stall_timeout) from None
+            self.start_over(f"{self.url}: the server cannot resume from byte {self.done}")
         except Exception as exc:
             raise _network_error(exc, self.url, self.stall_timeout) from None
         with response:
-            self._receive(response)
-
-    def _unsatisfiable(self, content_range: str) -> None:
-        """416 to our Range: the part is whole already (we died between its last byte and the rename), or stale."""
-        m = _UNSATISFIED_RANGE.fullmatch(content_range.strip())
-        if m and int(m[1]) == self.done:
-            self.total = self.done
-            return
-        self.restart()
-        raise _DownloadError(f"{self.url}: the server cannot resume from byte {self.done}; starting over")
-
-    def _receive(self, response: Any) -> None:
-        start = self.done
-        if response.status == 206:
-            content_range = response.headers.get("Content-Range") or ""
-            m = _CONTENT_RANGE.fullmatch(content_range.strip())
-            total = None if not m or m[3] == "*" else int(m[3])
-            if not m or int(m[1]) != start or (None not in (total, self.total) and total != self.total):
-                # Bytes from elsewhere in the file, or from a file that changed size: the part cannot take them.
-                self.restart()
-                raise _DownloadError(
-                    f"{self.url}: asked for bytes from {start}, got Content-Range {content_range!r}; starting over"
-                )
-        elif response.status == 200:
-            if start:
-                log.info("%s: the server ignored Range; downloading from the start", self.url)
-                self.restart()
-            total = _int_or_none(response.headers.get("Content-Length"))
-        else:
-            raise _DownloadError(f"unexpected HTTP {response.status} from {self.url}")
-        self.total = total
-        read = getattr(response, "read1", response.read)
-        try:
-            with open(self.part, "ab" if self.done else "wb") as f:
-                while True:
-                    if self.cancel is not None and self.cancel.is_set():
-                        raise _DownloadCancelled(self.url)
-                    try:
-                        chunk = read(_READ_SIZE)
-                    except Exception as exc:
-                        raise _network_error(exc, self.url, self.stall_timeout) from None
-                    if not chunk:
-                        break
-                    f.write(chunk)
-                    self.hasher.update(chunk)
-                    self.done += len(chunk)
-                    self.report()
-        except OSError as exc:  # only the part file raises OSError here: network errors are converted above
-            raise _DownloadError(f"cannot write {self.part}: {exc}", permanent=True) from None
+            if response.status == 206:
+                content_range = response.headers.get("Content-Range") or ""
+                m = _CONTENT_RANGE.fullmatch(content_range.strip())
+                total = None if not m or m[3] == "*" else int(m[3])
+                if not m or int(m[1]) != self.done or (None not in (total, self.total) and total != self.total):
+                    # Bytes from elsewhere in the file, or from a file that changed size: the part cannot take them.
+                    asked = f"asked for bytes from {self.done}, got Content-Range {content_range!r}"
+                    self.start_over(f"{self.url}: {asked}")
+            elif response.status == 200:
+                if self.done:
+                    log.info("%s: the server ignored Range; downloading from the start", self.url)
+                    self.hasher = hashlib.sha256()
+                    self.done = 0  # and the part is opened "wb" below
+                total = None
+                with _suppress(TypeError, ValueError):  # no Content-Length, or a malformed one
+                    total = int(response.headers.get("Content-Length"))
+            else:
+                raise _DownloadError(f"unexpected HTTP {response.status} from {self.url}")
+            self.total = total
+            self.receive(response)
         if total is not None and self.done < total:
             raise _DownloadError(f"download of {self.url} cut off at {self.done} of {total} bytes")
         if total is not None and self.done > total:
-            self.restart()
-            raise _DownloadError(f"{self.url} sent more than its {total} bytes; starting over")
+            self.start_over(f"{self.url} sent more than its {total} bytes")
 
-
-def _int_or_none(value: str | None) -> int | None:
-    try:
-        return int(value) if value is not None else None
-    except ValueError:
-        return None
-
-
-def _sleep(seconds: float, cancel: threading.Event | None) -> bool:
-    """Sleep, waking early when cancel is set; returns whether it was."""
-    if cancel is None:
-        time.sleep(seconds)
-        return False
-    return cancel.wait(seconds)
+    def receive(self, response: Any) -> None:
+        """Append the body to the part, hashing it and reporting progress every _PROGRESS_INTERVAL."""
+        try:
+            with open(self.part, "ab" if self.done else "wb") as f:
+                while True:
+                    if self.cancel.is_set():
+                        raise _DownloadCancelled(self.url)
+                    try:
+                        chunk = response.read1(_READ_SIZE)
+                    except Exception as exc:
+                        raise _network_error(exc, self.url, self.stall_timeout) from None
+                    if not chunk:
+                        return
+                    f.write(chunk)
+                    self.hasher.update(chunk)
+                    self.done += len(chunk)
+                    if self.progress is not None and time.monotonic() - self.reported >= _PROGRESS_INTERVAL:
+                        self.reported = time.monotonic()
+                        self.progress(self.done, self.total)
+        except OSError as exc:  # only the part file raises OSError here: network errors are converted above
+            raise _DownloadError(f"cannot write {self.part}: {exc}", permanent=True) from None
 
 
 def _download(
@@ -1049,22 +968,18 @@ def _download(
     progress: Callable[[int, int | None], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> None:
-    """Download url to dest via {dest}.part, resuming a part left by an earlier run; rename it into place (and
-    write its sidecar) only once its sha256 matches. The file is read once at most: the part, when resuming.
+    """Download url to dest through {dest}.part, resuming a part an earlier run left; rename it into place (and
+    write its sidecar) once its sha256 matches. Callers that might race on dest hold its lock (_fetch does).
 
     `attempts` counts tries in a row that add nothing to the part, with exponential backoff between them; a try
     that gets further than any before resumes at once, so a link that drops every few hundred MB still finishes.
-    progress(done_bytes, total_bytes_or_None) comes every ~0.25s and at the end. Callers that might race on dest
-    hold its lock (_fetch does). Raises _DownloadError, or _DownloadCancelled when cancel is set.
     """
     url = _normalize_url(url)
-    expected = sha256.lower() if sha256 else None
     part = dest + ".part"
+    cancel = cancel or threading.Event()  # an event nobody sets
     try:
         os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
-        transfer = _Transfer(
-            url, part, headers=headers or {}, stall_timeout=stall_timeout, progress=progress, cancel=cancel
-        )
+        transfer = _Transfer(url, part, headers or {}, stall_timeout, progress, cancel)
     except OSError as exc:
         raise _DownloadError(f"cannot download {url} to {dest}: {exc}", permanent=True) from None
     best = transfer.done
@@ -1088,25 +1003,23 @@ def _download(
             delay = min(backoff * 2 ** (failures - 1), _MAX_RETRY_DELAY) * random.uniform(0.5, 1.0)
             delay = max(delay, exc.retry_after or 0.0)
             log.warning("%s; retrying in %.1fs (attempt %d of %d)", exc.message, delay, failures + 1, attempts)
-            if _sleep(delay, cancel):
+            if cancel.wait(delay):
                 raise _DownloadCancelled(url) from None
-    transfer.report(final=True)
+    if progress is not None:
+        progress(transfer.done, transfer.total)
     digest = transfer.hasher.hexdigest()
-    if expected is not None and digest != expected:
+    if sha256 is not None and digest != sha256.lower():
         with _suppress(FileNotFoundError):
             os.remove(part)
         raise _DownloadError(
-            f"sha256 mismatch for {url}: expected {expected}, got {digest}; the download was deleted",
+            f"sha256 mismatch for {url}: expected {sha256.lower()}, got {digest}; the download was deleted",
             permanent=True,
             code="model_checksum_mismatch",
         )
     try:
         # The data reaches the disk before the rename does, so a crash leaves a whole file or none.
-        fd = os.open(part, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with open(part, "rb") as f:
+            os.fsync(f.fileno())
         os.replace(part, dest)
     except OSError as exc:
         raise _DownloadError(f"cannot move {part} to {dest}: {exc}", permanent=True) from None
@@ -1116,49 +1029,37 @@ def _download(
 # ---- 3d. one downloader per file: threads share a flight, processes take a lock the kernel releases
 
 
-def _try_lock(fd: int) -> bool:
-    """Lock an open file without waiting. The OS drops the lock when its process dies, so none is ever stale."""
-    try:
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        else:
-            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-    except OSError:
-        return False
-    return True
+def _lock(dest: str, poll: float, cancel: threading.Event) -> int:
+    """Take {dest}.lock, waiting while another process holds it; returns the fd whose closing releases it.
 
-
-class _FileLock:
-    """{dest}.lock, held by one process while it downloads dest; it records the holder's pid for log messages."""
-
-    def __init__(self, path: str, *, poll: float = 0.5, cancel: threading.Event | None = None, what: str = "") -> None:
-        self.path, self.poll, self.cancel, self.what = path, poll, cancel, what or path
-        self.fd = -1
-
-    def __enter__(self) -> _FileLock:
-        announced = False
-        while True:
-            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+    The OS drops the lock when its process dies, so none is ever stale. The file names its holder, for the log.
+    """
+    path = dest + ".lock"
+    announced = False
+    while True:
+        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            else:
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
             # A lock taken on a file its holder has just removed guards nothing: take the new file's instead.
-            if _try_lock(fd) and os.path.exists(self.path) and os.path.samestat(os.fstat(fd), os.stat(self.path)):
-                os.ftruncate(fd, 0)
-                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-                self.fd = fd
-                return self
-            holder = ""
-            with _suppress(OSError):
-                holder = os.read(fd, 200).decode("utf-8", "replace")
-            os.close(fd)
-            if not announced:
-                log.info("waiting for %s: %s is downloading it", self.what, holder or "another process")
-                announced = True
-            if _sleep(self.poll, self.cancel):
-                raise _DownloadCancelled(self.what)
-
-    def __exit__(self, *exc: object) -> None:
+            locked = os.path.samestat(os.fstat(fd), os.stat(path))
+        except OSError:
+            locked = False
+        if locked:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+            return fd
+        holder = ""
         with _suppress(OSError):
-            os.remove(self.path)  # before unlocking, so a waiter that wins the lock sees it went
-        os.close(self.fd)  # releases the lock
+            holder = os.read(fd, 200).decode("utf-8", "replace")
+        os.close(fd)
+        if not announced:
+            log.info("waiting for %s: %s is downloading it", dest, holder or "another process")
+            announced = True
+        if cancel.wait(poll):
+            raise _DownloadCancelled(dest)
 
 
 @dataclass
@@ -1195,43 +1096,48 @@ def _fetch(
     cheap). A permanent failure is shared with the waiting threads; after any other, the next one tries itself.
     """
     dest = os.path.abspath(dest)
+    cancel = cancel or threading.Event()  # an event nobody sets
     while True:
         with _inflight_lock:
             flight = _inflight.get(dest)
-            leading = flight is None
             if flight is None:
                 flight = _inflight[dest] = _Flight()
-        if leading:
-            break
+                break
         log.info("waiting for %s: another thread is downloading it", dest)
-        while not flight.done.wait(None if cancel is None else 0.1):
-            if cancel is not None and cancel.is_set():
+        while not flight.done.wait(0.1):
+            if cancel.is_set():
                 raise _DownloadCancelled(url)
         err = flight.error
         if isinstance(err, _DownloadError) and err.permanent and not isinstance(err, _DownloadCancelled):
             raise _DownloadError(err.message, permanent=True, code=err.code or "model_download_failed") from err
     try:
-        if not _verify_existing(dest, sha256=sha256, size=size, mode=verify):
-            try:
-                os.makedirs(os.path.dirname(dest), exist_ok=True)
-            except OSError as exc:
-                raise _DownloadError(f"cannot download {url} to {dest}: {exc}", permanent=True) from None
-            with _FileLock(dest + ".lock", poll=lock_poll, cancel=cancel, what=dest):
-                # Another process may have finished it while we waited for the lock.
-                if not _verify_existing(dest, sha256=sha256, size=size, mode=verify):
-                    if os.path.exists(dest):
-                        log.warning("%s does not match its sha256 %s; downloading it again", dest, sha256)
-                    _download(
-                        url,
-                        dest,
-                        sha256=sha256,
-                        headers=headers,
-                        attempts=attempts,
-                        stall_timeout=stall_timeout,
-                        backoff=backoff,
-                        progress=progress,
-                        cancel=cancel,
-                    )
+        if _verify_existing(dest, sha256=sha256, size=size, mode=verify):
+            return dest
+        try:
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+        except OSError as exc:
+            raise _DownloadError(f"cannot download {url} to {dest}: {exc}", permanent=True) from None
+        fd = _lock(dest, lock_poll, cancel)
+        try:
+            # Another process may have finished it while we waited for the lock.
+            if not _verify_existing(dest, sha256=sha256, size=size, mode=verify):
+                if os.path.exists(dest):
+                    log.warning("%s does not match its sha256 %s; downloading it again", dest, sha256)
+                _download(
+                    url,
+                    dest,
+                    sha256=sha256,
+                    headers=headers,
+                    attempts=attempts,
+                    stall_timeout=stall_timeout,
+                    backoff=backoff,
+                    progress=progress,
+                    cancel=cancel,
+                )
+        finally:
+            with _suppress(OSError):
+                os.remove(dest + ".lock")  # before unlocking, so a waiter that wins the lock sees it went
+            os.close(fd)  # releases the lock
     except BaseException as exc:
         flight.error = exc
         raise
@@ -1256,19 +1162,19 @@ class _ModelFile:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.state = "unprepared"
-        self.error: str | None = None
         self.failures = 0
         self.retry_at = 0.0  # monotonic time before which a failed model is not retried
         self.thread: threading.Thread | None = None
-        self.done = 0
-        self.total: int | None = None
-        self.speed = 0.0  # bytes/s, smoothed
-        self._last = (0.0, 0)
+        self.restart()
 
     def restart(self) -> None:
         """A new attempt: status shows it, not the last failure."""
-        self.state, self.error, self.done, self.total, self.speed, self._last = "unprepared", None, 0, None, 0.0, (0, 0)
+        self.state = "unprepared"
+        self.error: str | None = None
+        self.done = 0
+        self.total: int | None = None
+        self.speed = 0.0  # bytes/s, smoothed
+        self._last = (0.0, 0)  # time and bytes at the last progress call
 
     def progress(self, done: int, total: int | None) -> None:
         now = time.monotonic()
@@ -3767,22 +3673,9 @@ def _prompt_list(prompt: Any, param: str = "prompt") -> list[str] | list[list[in
     )
 
 
-_SAMPLING_KEYS = {
-    "max_tokens",
-    "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "top_k",
-    "min_p",
-    "repeat_penalty",
-    "repeat_last_n",
-    "repeat_penalty_num",
-    "frequency_penalty",
-    "presence_penalty",
-    "seed",
-    "stop",
-    "logit_bias",
-    "grammar",
+# Body fields that are sampling parameters: SamplingParams' own, and their aliases (logprobs differs per API).
+_SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)} - {"logprobs"} | {
+    key for key, name in _KEY_ALIASES.items() if name in ("max_tokens", "repeat_last_n")
 }
 # Spec parameters no engine can honour: a 400 unless they have their neutral value.
 _UNSUPPORTED: dict[str, Any] = {
@@ -4199,25 +4092,10 @@ def _schema_converter() -> Any:
 
 # Keywords llama-cpp-python's schema converter would skip without a word: a schema using them is refused rather
 # than half enforced. Bounds are enforced for integers (by lllms' own rule), not for other numbers.
-_UNENFORCED_KEYWORDS = {
-    "multipleOf",
-    "uniqueItems",
-    "minProperties",
-    "maxProperties",
-    "patternProperties",
-    "propertyNames",
-    "dependentRequired",
-    "dependentSchemas",
-    "if",
-    "then",
-    "else",
-    "not",
-    "contains",
-    "minContains",
-    "maxContains",
-    "unevaluatedProperties",
-    "unevaluatedItems",
-}
+_UNENFORCED_KEYWORDS = set(
+    "multipleOf uniqueItems minProperties maxProperties patternProperties propertyNames dependentRequired "
+    "dependentSchemas if then else not contains minContains maxContains unevaluatedProperties unevaluatedItems".split()
+)
 
 
 def _unenforced(schema: Any, path: str = "$") -> str | None:
