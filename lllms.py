@@ -55,6 +55,7 @@ import json
 import logging
 import math
 import os
+import queue
 import random
 import re
 import secrets
@@ -2288,8 +2289,7 @@ class _GgufHeader:
 
     def __init__(self, path: str, wanted: Callable[[str], bool]) -> None:
         self.values: dict[str, Any] = {}
-        with open(path, "rb") as f:
-            self._f, self._buf, self._pos = f, b"", 0
+        with open(path, "rb", buffering=1 << 20) as self._f:
             if self._take(4) != b"GGUF":
                 raise ValueError(f"{path} is not a GGUF file")
             version = self._scalar("<I")
@@ -2298,20 +2298,15 @@ class _GgufHeader:
             self._scalar("<Q")  # tensor count
             for _ in range(self._scalar("<Q")):
                 key = self._string()
-                kind = self._scalar("<I")
-                if wanted(key):
-                    self.values[key] = self._value(kind)
-                else:
-                    self._skip(kind)
+                keep = wanted(key)
+                value = self._value(self._scalar("<I"), keep)
+                if keep:
+                    self.values[key] = value
 
     def _take(self, n: int) -> bytes:
-        while self._pos + n > len(self._buf):
-            more = self._f.read(max(1 << 20, n))
-            if not more:
-                raise ValueError("truncated GGUF header")
-            self._buf, self._pos = self._buf[self._pos :] + more, 0
-        out = self._buf[self._pos : self._pos + n]
-        self._pos += n
+        out = self._f.read(n)
+        if len(out) < n:
+            raise ValueError("truncated GGUF header")
         return out
 
     def _scalar(self, fmt: str) -> Any:
@@ -2320,28 +2315,19 @@ class _GgufHeader:
     def _string(self) -> str:
         return self._take(self._scalar("<Q")).decode("utf-8", errors="replace")
 
-    def _value(self, kind: int) -> Any:
+    def _value(self, kind: int, keep: bool) -> Any:
+        """The next value; one not kept may come back undecoded."""
         if kind == _GGUF_STRING:
-            return self._string()
+            return self._string() if keep else self._take(self._scalar("<Q"))
         if kind == _GGUF_ARRAY:
             sub, n = self._scalar("<I"), self._scalar("<Q")
-            return [self._value(sub) for _ in range(n)]
+            if sub in _GGUF_SCALARS:  # one unpack for the whole array
+                fmt = f"<{n}{_GGUF_SCALARS[sub][1]}"
+                return list(struct.unpack(fmt, self._take(struct.calcsize(fmt))))
+            return [self._value(sub, keep) for _ in range(n)]
         if kind not in _GGUF_SCALARS:
             raise ValueError(f"unknown GGUF value type {kind}")
         return self._scalar(_GGUF_SCALARS[kind])
-
-    def _skip(self, kind: int) -> None:
-        if kind == _GGUF_ARRAY:
-            sub, n = self._scalar("<I"), self._scalar("<Q")
-            if sub in _GGUF_SCALARS:
-                self._take(n * struct.calcsize(_GGUF_SCALARS[sub]))
-            else:
-                for _ in range(n):
-                    self._skip(sub)
-        elif kind == _GGUF_STRING:
-            self._take(self._scalar("<Q"))
-        else:
-            self._value(kind)
 
 
 # -- native calls
@@ -2350,270 +2336,40 @@ class _GgufHeader:
 _stderr_lock = threading.Lock()
 
 
-class _CapturedStderr:
-    """Collects what native code writes to fd 2 while loading (gpt4all reports load failures only there), then
-    writes it on to the real stderr, so nothing another thread wrote meanwhile is lost."""
-
-    def __init__(self) -> None:
-        self.text = ""
-
-    def __enter__(self) -> _CapturedStderr:
-        _stderr_lock.acquire()
-        try:
-            with _suppress(Exception):
-                sys.stderr.flush()
-            self._file = tempfile.TemporaryFile()
-            self._saved = os.dup(2)
-            os.dup2(self._file.fileno(), 2)
-        except BaseException:
-            _stderr_lock.release()
-            raise
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            os.dup2(self._saved, 2)
-            os.close(self._saved)
-            self._file.seek(0)
-            data = self._file.read()
-            self._file.close()
-            with _suppress(OSError):
-                os.write(2, data)
-            self.text = data.decode("utf-8", errors="replace")
-        finally:
-            _stderr_lock.release()
-
-    def errors(self) -> str:
-        """The lines that explain a failure, without the routine noise about missing CUDA libraries."""
-        lines = [ln.strip() for ln in self.text.splitlines() if "error" in ln.lower() or "failed" in ln.lower()]
-        return "; ".join(ln for ln in lines if "libllamamodel" not in ln) or "see the log for gpt4all's output"
-
-
-class _Handoff:
-    """A small bounded queue from the native callback thread to the consumer; close() releases both sides."""
-
-    def __init__(self, limit: int = 8) -> None:
-        self.items: collections.deque[Any] = collections.deque()
-        self.cond = threading.Condition()
-        self.limit = limit
-        self.closed = False
-
-    def put(self, item: Any, force: bool = False) -> bool:
-        """Queue an item, waiting for room unless forced; False once the consumer has gone."""
-        with self.cond:
-            while not force and len(self.items) >= self.limit and not self.closed:
-                self.cond.wait()
-            if self.closed:
-                return False
-            self.items.append(item)
-            self.cond.notify_all()
-            return True
-
-    def get(self) -> Any:
-        with self.cond:
-            while not self.items:
-                self.cond.wait()
-            item = self.items.popleft()
-            self.cond.notify_all()
-            return item
-
-    def close(self) -> None:
-        with self.cond:
-            self.closed = True
-            self.cond.notify_all()
-
-
-class _Gpt4AllRun:
-    """One native `llmodel_prompt` call on a worker thread: feeds `text` after the kept context, then generates.
-
-    The callbacks make every decision (stop sequence, max_tokens, should_stop, consumer gone) and answer False
-    to end generation; gpt4all has no other way to stop. Emitted chunks go through a `_Handoff`.
-    """
-
-    def __init__(
-        self,
-        engine: Gpt4AllEngine,
-        text: str,
-        kept: int,
-        params: SamplingParams,
-        should_stop: _StopCheck,
-        generate: bool = True,
-    ) -> None:
-        self.engine, self.text, self.kept, self.params, self.should_stop = engine, text, kept, params, should_stop
-        self.max_new = (engine.n_ctx if params.max_tokens is None else params.max_tokens) if generate else 0
-        self.prompt_ids: list[int] = []
-        self.pieces: list[tuple[str, int]] = []  # generated text, one entry per token (or per completed character)
-        self.pending = 0  # generated tokens holding an incomplete UTF-8 character
-        self.generated = 0
-        self.callbacks = 0  # response callbacks received, for tests
-        self.error: str | None = None  # text gpt4all reported with token id -1
-        self.failure: BaseException | None = None  # an exception inside a callback
-        self.prompt_aborted = False
-        self.generating = False
-        self.finish: str | None = None
-        self.started = threading.Event()  # set at the first generated token, or when the native call is over
-        self.cancelled = threading.Event()
-        self.out = _Handoff()
-        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.stops = _StopMatcher(params.stop or [])
-        self.thread = threading.Thread(target=self._main, name="lllms-gpt4all", daemon=True)
-
-    # -- worker thread
-
-    def _main(self) -> None:
-        try:
-            self.engine._native_prompt(self)
-        except Exception as exc:  # reported to the consumer instead
-            self.failure = exc
-        finally:
-            self.engine._commit(self)
-            self.out.put(self._final(), force=True)
-            self.started.set()
-
-    def on_prompt(self, token: int) -> bool:
-        self.prompt_ids.append(token)
-        try:
-            stop = self.cancelled.is_set() or (self.should_stop is not None and self.should_stop())
-        except Exception as exc:  # an exception must not cross the C callback
-            self.failure, stop = exc, True
-        self.prompt_aborted = stop
-        return not stop
-
-    def on_response(self, token: int, piece: bytes | None) -> bool:
-        self.callbacks += 1
-        if token < 0:
-            self.error = (piece or b"").decode("utf-8", errors="replace")
-            return False
-        if not self.generating:
-            self.generating = True
-            self.started.set()
-        try:
-            # The token is in the context whatever we answer: gpt4all evaluates a token before reporting it.
-            self.generated += 1
-            text = self.decoder.decode(piece or b"")
-            if text:
-                self.pieces.append((text, self.pending + 1))
-                self.pending = 0
-            else:
-                self.pending += 1
-            if self.finish is not None or self.cancelled.is_set():
-                return False
-            emit, stopped = self.stops.feed(text)
-            if emit and not self.out.put(Chunk(emit)):
-                return False  # the consumer closed the stream
-            if stopped:
-                self.finish = "stop"
-            elif self.generated >= min(self.max_new, self.engine.n_ctx - self.kept - len(self.prompt_ids)):
-                self.finish = "length"
-            elif self.should_stop is not None and self.should_stop():
-                self.finish = "length"
-            return self.finish is None
-        except Exception as exc:  # an exception must not cross the C callback
-            self.failure = exc
-            return False
-
-    def _final(self) -> Any:
-        if self.failure is not None:
-            return self.failure
-        tail = ""
-        finish = self.finish
-        if finish != "stop":
-            tail, stopped = self.stops.feed(self.decoder.decode(b"", final=True))
-            tail += "" if stopped else self.stops.flush()
-            if stopped:
-                finish = "stop"
-        if finish is None:
-            # gpt4all ended on its own: an end-of-turn token, or a full context (shifting is off).
-            full = self.kept + len(self.prompt_ids) + self.generated >= self.engine.n_ctx - 1
-            finish = "length" if self.prompt_aborted or full or self.max_new == 0 else "stop"
-        usage = Usage(
-            prompt_tokens=self.kept + len(self.prompt_ids), completion_tokens=self.generated, cached_tokens=self.kept
-        )
-        return Chunk(tail, finish_reason=finish, usage=usage)
-
-    # -- consumer side
-
-    @property
-    def refused(self) -> bool:
-        """gpt4all declined the prompt without a word (the kept context plus the new text overflow it)."""
-        return not self.prompt_ids and self.error is None and self.failure is None
-
-    def cancel(self) -> None:
-        self.cancelled.set()
-        self.out.close()
-
-    def join(self) -> None:
-        self.thread.join()
-
-
-class _Gpt4AllStream:
-    """The chunks of one run. Closing it (or dropping it) ends generation and waits for the native call to return,
-    so the engine is never handed to the next request mid-generation."""
-
-    def __init__(self, run: _Gpt4AllRun) -> None:
-        self._run: _Gpt4AllRun | None = run
-
-    def __iter__(self) -> _Gpt4AllStream:
-        return self
-
-    def __next__(self) -> Chunk:
-        run = self._run
-        if run is None:
-            raise StopIteration
-        item = run.out.get()
-        if isinstance(item, Chunk) and item.finish_reason is None:
-            return item
-        self._run = None
-        run.join()
-        if isinstance(item, BaseException):
-            raise item
-        return item
-
-    def close(self) -> None:
-        run, self._run = self._run, None
-        if run is not None:
-            run.cancel()
-            run.join()
-
-    def __del__(self) -> None:
+def _capturing_stderr(call: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, str]:
+    """Calls `call` while collecting what native code writes to fd 2 (gpt4all reports load failures only there),
+    then writes that on to the real stderr, so nothing another thread wrote meanwhile is lost.
+    Returns what the call returned or raised, and the text."""
+    with _stderr_lock, tempfile.TemporaryFile() as file:
         with _suppress(Exception):
-            self.close()
+            sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(file.fileno(), 2)
+        try:
+            result = call(*args, **kwargs)
+        except Exception as exc:
+            result = exc
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        file.seek(0)
+        data = file.read()
+        with _suppress(OSError):
+            os.write(2, data)
+    return result, data.decode("utf-8", errors="replace")
 
 
-class Gpt4AllEngine(Engine):
-    """gpt4all: one `gpt4all.GPT4All` per instance (or `Embed4All` for embedding models).
+class _Gpt4AllShim:
+    """The one place that touches gpt4all's private internals, so an upgrade is checked here. An instance holds
+    one model's prompt context and calls `llmodel_prompt` directly: LLModel.prompt_model would force context
+    shifting on and merge tokens in its UTF-8 decoder."""
 
-    gpt4all 2.8 offers no tokenizer, no Jinja and no stop control beyond the token callback, so this engine
-    renders known chat templates itself, tracks its context as text spans with token counts, and drives the
-    native prompt call from a worker thread whose callbacks decide when to stop.
-    """
-
-    name = "gpt4all"
-    _N_BATCH = 128  # gpt4all's prompt batch limit (LLMODEL_MAX_PROMPT_BATCH)
-    _DEFAULT_CTX = 2048
-    _EMBEDDING_ARCHES = ("bert", "nomic-bert")  # gpt4all 2.8 embeds with these and completes with the others
-
-    def __init__(self, model: ModelConfig, path: str, state_cache: _StateCache | None = None) -> None:
-        super().__init__(model, path, state_cache)
-        self._gpt: Any = None  # gpt4all.GPT4All
-        self._embedder: Any = None  # gpt4all.Embed4All
-        self._prompt_ctx: Any = None  # the LLModelPromptContext this engine owns
-        self._template: _ChatTemplate | _PromptTemplate | None = None
-        self._spans: list[tuple[str, int]] = []  # what the context holds: (text, tokens) pieces, in order
-        self._run: _Gpt4AllRun | None = None
-        self._embed_prefix: str | None = None
-        self._embed_limit = 510
-        self._dimensions: int | None = None  # of the embed() call in progress
-        self.n_ctx = 0
-        self.bos_text = ""
-        self.add_bos = False
-        self._specials: dict[int, str] = {}
-        self._special_re: re.Pattern[str] | None = None
-
-    # -- loading
+    N_BATCH = 128  # gpt4all's prompt batch limit (LLMODEL_MAX_PROMPT_BATCH)
 
     @staticmethod
-    def _import() -> Any:
+    @functools.cache
+    def module() -> Any:
+        """The gpt4all package, once checked to be the 2.8 whose internals this shim uses."""
         try:
             import gpt4all
             from gpt4all import _pyllmodel
@@ -2625,13 +2381,226 @@ class Gpt4AllEngine(Engine):
             raise Unavailable("the gpt4all engine needs gpt4all 2.8", code="engine_not_installed")
         return gpt4all
 
-    def _device(self) -> str:
-        # "auto" stays on the CPU: gpt4all's Kompute backend fails on many machines and has no cheap probe.
-        return "gpu" if self.model.device.gpu is True else "cpu"
+    @classmethod
+    def loaded(cls, obj: Any) -> bool:
+        """Whether a GPT4All or Embed4All really loaded its model (a failed load may not raise); closes it if not."""
+        llm = getattr(obj, "gpt4all", obj).model
+        if cls.module()._pyllmodel.llmodel.llmodel_isModelLoaded(llm.model):
+            return True
+        llm.close()
+        return False
 
-    def _open(self, cls: Any, n_ctx: int) -> Any:
-        """Construct `cls` (GPT4All or Embed4All) on our file, checking that the native load really worked."""
-        gpt4all = self._import()
+    def __init__(self, gpt: Any, n_ctx: int) -> None:
+        self.n_ctx = n_ctx
+        self._lib = self.module()._pyllmodel
+        self._model = gpt.model.model
+        self._ctx = self._lib.LLModelPromptContext(
+            tokens_size=0, n_past=0, n_ctx=n_ctx, n_batch=self.N_BATCH, context_erase=0.75
+        )
+
+    @property
+    def n_past(self) -> int:
+        """The tokens the context holds."""
+        return int(self._ctx.n_past)
+
+    def rewind(self, n: int) -> bool:
+        """Keep the first `n` tokens; if the context holds fewer, empty it and answer False."""
+        self._ctx.n_past = n if n <= self._ctx.tokens_size else 0
+        return self._ctx.n_past == n
+
+    def prompt(
+        self,
+        text: str,
+        p: SamplingParams,
+        n_predict: int,
+        on_prompt: Callable[[int], bool],
+        on_response: Callable[[int, bytes | None], bool],
+    ) -> None:
+        """Feed `text` after the first `n_past` tokens, then generate up to `n_predict`; blocks."""
+        ctx = self._ctx
+        greedy = p.temperature == 0
+        ctx.n_predict = n_predict
+        ctx.temp = 1.0 if greedy else 0.8 if p.temperature is None else p.temperature
+        ctx.top_k = 1 if greedy else 40 if p.top_k is None else p.top_k
+        ctx.top_p = 0.95 if p.top_p is None else p.top_p
+        ctx.min_p = 0.05 if p.min_p is None else p.min_p
+        ctx.repeat_penalty = 1.0 if p.repeat_penalty is None else p.repeat_penalty
+        last_n = 64 if p.repeat_last_n is None else p.repeat_last_n
+        ctx.repeat_last_n = self.n_ctx if last_n == -1 else last_n
+        ctx.n_batch = self.N_BATCH
+        self._lib.llmodel.llmodel_prompt(
+            self._model,
+            text.encode("utf-8"),
+            b"%1%2",  # the bare prompt; with no %2, gpt4all would append "\n\n" after the reply
+            self._lib.PromptCallback(on_prompt),
+            self._lib.ResponseCallback(on_response),
+            False,  # no context shifting: it would silently drop the start of the conversation
+            ctypes.byref(ctx),
+            True,  # evaluate special tokens written in the text
+            None,
+        )
+
+
+class _Gpt4AllRun:
+    """One native prompt call on a worker thread: feeds `text` after the `kept` context tokens, then generates.
+    The callbacks make every decision (stop sequence, max_tokens, should_stop, consumer gone) and answer False to
+    end generation: gpt4all has no other way to stop. Chunks wait in a queue of BUFFER items for the consumer."""
+
+    BUFFER = 8
+
+    def __init__(
+        self,
+        native: _Gpt4AllShim,
+        text: str,
+        kept: int,
+        params: SamplingParams,
+        should_stop: _StopCheck,
+        max_new: int,
+    ) -> None:
+        self.native, self.text, self.kept, self.params, self.should_stop = native, text, kept, params, should_stop
+        self.max_new = max_new
+        self.prompt_ids: list[int] = []
+        self.pieces: list[tuple[str, int]] = []  # generated text, one entry per token (or per completed character)
+        self.pending = 0  # generated tokens holding an incomplete UTF-8 character
+        self.generated = 0
+        self.callbacks = 0  # response callbacks received, for tests
+        self.error: str | None = None  # text gpt4all reported with token id -1
+        self.failure: Exception | None = None  # an exception inside a callback
+        self.prompt_aborted = False
+        self.finish: str | None = None
+        self.ended = False  # the consumer has taken the last item
+        self.started = threading.Event()  # set at the first generated token, or when the native call is over
+        self.cancelled = threading.Event()
+        self.out: queue.Queue[Chunk | Exception] = queue.Queue(self.BUFFER)
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = _StopMatcher(params.stop or [])
+        self.thread = threading.Thread(target=self._main, name="lllms-gpt4all", daemon=True)
+        self.thread.start()
+
+    # -- worker thread
+
+    def _main(self) -> None:
+        try:
+            self.native.prompt(self.text, self.params, self.max_new, self._on_prompt, self._on_response)
+        except Exception as exc:  # reported to the consumer instead
+            self.failure = exc
+        finally:
+            self.out.put(self._final())
+            self.started.set()
+
+    def _on_prompt(self, token: int) -> bool:
+        self.prompt_ids.append(token)
+        try:
+            stop = self.cancelled.is_set() or (self.should_stop is not None and self.should_stop())
+        except Exception as exc:  # an exception must not cross the C callback
+            self.failure, stop = exc, True
+        self.prompt_aborted = stop
+        return not stop
+
+    def _on_response(self, token: int, piece: bytes | None) -> bool:
+        self.callbacks += 1
+        if token < 0:
+            self.error = (piece or b"").decode("utf-8", errors="replace")
+            return False
+        # The token is in the context whatever we answer: gpt4all evaluates a token before reporting it.
+        self.generated += 1
+        self.started.set()
+        try:
+            text = self.decoder.decode(piece or b"")
+            if text:
+                self.pieces.append((text, self.pending + 1))
+                self.pending = 0
+            else:
+                self.pending += 1
+            if self.finish is not None or self.cancelled.is_set():
+                return False
+            emit, stopped = self.stops.feed(text)
+            if emit:
+                self.out.put(Chunk(emit))  # waits while the consumer is BUFFER chunks behind
+                if self.cancelled.is_set():
+                    return False  # the consumer closed the stream
+            if stopped:
+                self.finish = "stop"
+            elif self.generated >= min(self.max_new, self.native.n_ctx - self.kept - len(self.prompt_ids)):
+                self.finish = "length"
+            elif self.should_stop is not None and self.should_stop():
+                self.finish = "length"
+            return self.finish is None
+        except Exception as exc:  # an exception must not cross the C callback
+            self.failure = exc
+            return False
+
+    def _final(self) -> Chunk | Exception:
+        if self.failure is not None:
+            return self.failure
+        tail = ""
+        finish = self.finish
+        if finish != "stop":
+            tail, stopped = self.stops.feed(self.decoder.decode(b"", final=True))
+            tail += "" if stopped else self.stops.flush()
+            if stopped:
+                finish = "stop"
+        if finish is None:
+            # gpt4all ended on its own: an end-of-turn token, or a full context (shifting is off).
+            full = self.kept + len(self.prompt_ids) + self.generated >= self.native.n_ctx - 1
+            finish = "length" if self.prompt_aborted or full or self.max_new == 0 else "stop"
+        usage = Usage(
+            prompt_tokens=self.kept + len(self.prompt_ids), completion_tokens=self.generated, cached_tokens=self.kept
+        )
+        return Chunk(tail, finish_reason=finish, usage=usage)
+
+    # -- consumer side
+
+    def take(self) -> Chunk:
+        """The next chunk, waiting for it; `ended` is set at the last one, or at the exception that ended the run."""
+        item = self.out.get()
+        self.ended = isinstance(item, Exception) or item.finish_reason is not None
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    def stop(self) -> bool:
+        """End generation and wait for the native call to return; False if the run was stopped before."""
+        if self.cancelled.is_set():
+            return False
+        self.cancelled.set()
+        while self.thread.is_alive() and not self.ended:  # make room for the worker's last items
+            with _suppress(Exception):
+                self.take()
+        self.thread.join()
+        return True
+
+
+class Gpt4AllEngine(Engine):
+    """gpt4all: one `gpt4all.GPT4All` per instance (or `Embed4All` for embedding models). gpt4all 2.8 has no
+    tokenizer and no stop control beyond the token callback, so this engine tracks its context as text spans with
+    token counts, and runs the native prompt call on a worker thread whose callbacks decide when to stop."""
+
+    name = "gpt4all"
+    _DEFAULT_CTX = 2048
+    _EMBEDDING_ARCHES = ("bert", "nomic-bert")  # gpt4all 2.8 embeds with these and completes with the others
+
+    def __init__(self, model: ModelConfig, path: str, state_cache: _StateCache | None = None) -> None:
+        super().__init__(model, path, state_cache)
+        self._gpt: Any = None  # gpt4all.GPT4All
+        self._embedder: Any = None  # gpt4all.Embed4All
+        self._native: _Gpt4AllShim | None = None
+        self._template: _ChatTemplate | _PromptTemplate | None = None
+        self._spans: list[tuple[str, int]] = []  # what the context holds: (text, tokens) pieces, in order
+        self._run: _Gpt4AllRun | None = None  # the latest run
+        self._embed_prefix: str | None = None
+        self._embed_limit = 510
+        self.n_ctx = 0
+        self.bos_text = ""
+        self.add_bos = False
+        self._specials: dict[int, str] = {}
+        self._special_re: re.Pattern[str] | None = None
+
+    # -- loading
+
+    def _open(self, n_ctx: int) -> Any:
+        """A GPT4All (or Embed4All, for an embedding model) on our file, checking that the native load worked."""
+        gpt4all = _Gpt4AllShim.module()
         folder, name = os.path.split(os.path.abspath(self.path))
         if not name.endswith((".gguf", ".bin")):
             raise Unavailable(
@@ -2641,29 +2610,25 @@ class Gpt4AllEngine(Engine):
         kwargs: dict[str, Any] = {
             "model_path": folder,
             "allow_download": False,
-            "device": self._device(),
+            # "auto" stays on the CPU: gpt4all's Kompute backend fails on many machines and has no cheap probe.
+            "device": "gpu" if dev.gpu is True else "cpu",
             "n_threads": dev.cpu_threads or os.cpu_count() or 1,
             "n_ctx": n_ctx,
         }
         if dev.gpu_layers is not None:
             kwargs["ngl"] = dev.gpu_layers
-        obj: Any = None
-        error: Exception | None = None
-        with _CapturedStderr() as captured:
-            try:
-                obj = cls(name, **kwargs)
-            except ValueError as exc:
-                if kwargs["device"] != "cpu":  # init_gpu found no usable GPU
-                    raise Unavailable(f"model '{self.model.id}': {exc}", code="gpu_unavailable") from None
-                error = exc
-            except Exception as exc:  # a failed load does not raise, but set_thread_count then does
-                error = exc
-        llm = getattr(getattr(obj, "gpt4all", obj), "model", None)
-        if error is None and llm is not None and gpt4all._pyllmodel.llmodel.llmodel_isModelLoaded(llm.model):
+        cls = gpt4all.Embed4All if self.model.task == "embedding" else gpt4all.GPT4All
+        # A failed load does not raise, but set_thread_count then does; a ValueError off the CPU is init_gpu's.
+        obj, printed = _capturing_stderr(cls, name, **kwargs)
+        if isinstance(obj, ValueError) and kwargs["device"] != "cpu":
+            raise Unavailable(f"model '{self.model.id}': {obj}", code="gpu_unavailable")
+        if not isinstance(obj, Exception) and _Gpt4AllShim.loaded(obj):
             return obj
-        if llm is not None:
-            llm.close()
-        why = captured.errors() if error is None or "not loaded" in str(error) else f"{error}; {captured.errors()}"
+        # The lines that explain the failure, without the routine noise about missing CUDA libraries.
+        lines = [ln.strip() for ln in printed.splitlines() if "error" in ln.lower() or "failed" in ln.lower()]
+        why = "; ".join(ln for ln in lines if "libllamamodel" not in ln) or "see the log for gpt4all's output"
+        if isinstance(obj, Exception) and "not loaded" not in str(obj):
+            why = f"{obj}; {why}"
         raise Unavailable(f"model '{self.model.id}' failed to load in gpt4all: {why}", code="model_load_failed")
 
     def load(self) -> None:
@@ -2685,11 +2650,9 @@ class Gpt4AllEngine(Engine):
                 code="model_load_failed",
             )
         if self.model.task == "embedding":
-            from gpt4all import Embed4All
-
             n_ctx = self.model.context_size or trained
             self._embed_limit = min(n_ctx, trained) - 2  # [CLS] and [SEP]
-            self._embedder = self._open(Embed4All, n_ctx)
+            self._embedder = self._open(n_ctx)
             return
         tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
         types: list[int] = meta.get("tokenizer.ggml.token_type") or []
@@ -2709,19 +2672,15 @@ class Gpt4AllEngine(Engine):
             self._special_re = re.compile("|".join(map(re.escape, alts)))
         self._template = _chat_template(self.model, meta.get("tokenizer.chat_template"), self.bos_text, eos_text)
         self.n_ctx = self.model.context_size or min(trained, self._DEFAULT_CTX)
-        from gpt4all import GPT4All
-
-        self._gpt = self._open(GPT4All, self.n_ctx)
-        self._prompt_ctx = self._import()._pyllmodel.LLModelPromptContext(
-            tokens_size=0, n_past=0, n_ctx=self.n_ctx, n_batch=self._N_BATCH, context_erase=0.75
-        )
+        self._gpt = self._open(self.n_ctx)
+        self._native = _Gpt4AllShim(self._gpt, self.n_ctx)
 
     def close(self) -> None:
-        self._settle()
+        self._settle(self._run)
         for obj in (self._gpt, self._embedder):
             if obj is not None:
                 obj.close()
-        self._gpt = self._embedder = self._prompt_ctx = None
+        self._gpt = self._embedder = self._native = None
         self._spans = []
 
     # -- requests
@@ -2784,9 +2743,9 @@ class Gpt4AllEngine(Engine):
         return _prefixed(Chunk(prompt), chunks) if echo else chunks
 
     def context_info(self) -> tuple[int, str]:
-        if self._prompt_ctx is None:
+        if self._native is None:
             return 0, ""
-        return self._prompt_ctx.n_past, "".join(t for t, _ in self._spans)[:80]
+        return self._native.n_past, "".join(t for t, _ in self._spans)[:80]
 
     # -- context reuse
 
@@ -2820,13 +2779,6 @@ class Gpt4AllEngine(Engine):
             spans.append((text[t0:], len(ids) - k0))
         return spans
 
-    def _settle(self) -> None:
-        """Make sure no native call is running: stop and wait for a run a consumer left behind."""
-        run, self._run = self._run, None
-        if run is not None and run.thread.is_alive():
-            run.cancel()
-            run.join()
-
     def _start(
         self, text: str, p: SamplingParams, param: str, should_stop: _StopCheck, generate: bool = True
     ) -> Iterator[Chunk]:
@@ -2836,70 +2788,60 @@ class Gpt4AllEngine(Engine):
             text = text[len(self.bos_text) :]  # gpt4all adds BOS itself: never a second one
         if not text and not self.add_bos:
             raise InvalidRequest(f"'{param}' must not be empty", param=param)
-        self._settle()
+        native = typing.cast(_Gpt4AllShim, self._native)
+        self._settle(self._run)
         kept_spans, kept, rest = self._plan(text)
         del self._spans[kept_spans:]
-        self._prompt_ctx.n_past = kept
-        run = self._run = _Gpt4AllRun(self, rest, kept, p, should_stop, generate)
-        run.thread.start()
+        native.rewind(kept)
+        max_new = (self.n_ctx if p.max_tokens is None else p.max_tokens) if generate else 0
+        run = self._run = _Gpt4AllRun(native, rest, kept, p, should_stop, max_new)
         run.started.wait()
-        if not run.generating:
-            run.join()  # the call ended before generating: the prompt was refused, cut short, or only fed
+        if run.generated == 0:
+            # The call ended before generating: the prompt was refused, cut short, or only fed.
+            run.thread.join()
+            self._settle(run)
             if run.failure is not None:
                 raise run.failure
             if run.error is not None and "context window" not in run.error:
                 raise Unavailable(f"model '{self.model.id}': gpt4all refused the prompt: {run.error}")
             # gpt4all reports a text longer than the context as an error, and a text that does not fit after the
-            # kept context not at all (shifting is off). The whole prompt is then too long as well.
-            if run.error is not None or run.refused:
+            # kept context not at all, without a word (shifting is off). The whole prompt is then too long as well.
+            if run.error is not None or not run.prompt_ids:
                 raise InvalidRequest(
                     f"the prompt does not fit the model's context of {self.n_ctx} tokens",
                     param=param,
                     code="context_length_exceeded",
                 )
-        return _Gpt4AllStream(run)
+        return self._stream(run)
 
-    def _native_prompt(self, run: _Gpt4AllRun) -> None:
-        """The blocking llmodel_prompt call (worker thread). Called directly rather than through
-        LLModel.prompt_model, which forces context shifting on and merges tokens in its UTF-8 decoder."""
-        g4a = self._import()._pyllmodel
-        p, ctx = run.params, self._prompt_ctx
-        greedy = p.temperature == 0
-        ctx.n_predict = run.max_new
-        ctx.temp = 1.0 if greedy else 0.8 if p.temperature is None else p.temperature
-        ctx.top_k = 1 if greedy else 40 if p.top_k is None else p.top_k
-        ctx.top_p = 0.95 if p.top_p is None else p.top_p
-        ctx.min_p = 0.05 if p.min_p is None else p.min_p
-        ctx.repeat_penalty = 1.0 if p.repeat_penalty is None else p.repeat_penalty
-        last_n = 64 if p.repeat_last_n is None else p.repeat_last_n
-        ctx.repeat_last_n = self.n_ctx if last_n == -1 else last_n
-        ctx.n_batch = self._N_BATCH
-        g4a.llmodel.llmodel_prompt(
-            self._gpt.model.model,
-            run.text.encode("utf-8"),
-            b"%1%2",  # the bare prompt; with no %2, gpt4all would append "\n\n" after the reply
-            g4a.PromptCallback(run.on_prompt),
-            g4a.ResponseCallback(run.on_response),
-            False,  # no context shifting: it would silently drop the start of the conversation
-            ctypes.byref(ctx),
-            True,  # evaluate special tokens written in the text
-            None,
-        )
+    def _stream(self, run: _Gpt4AllRun) -> Iterator[Chunk]:
+        """The run's chunks. Closing (or dropping) this stream ends generation and waits for the native call to
+        return, so the engine is never handed to the next request mid-generation."""
+        try:
+            chunk = run.take()
+            while not run.ended:
+                yield chunk
+                chunk = run.take()
+        finally:
+            self._settle(run)
+        yield chunk
 
-    def _commit(self, run: _Gpt4AllRun) -> None:
-        """Record what the context holds after a run (worker thread, after the native call returned)."""
-        ctx = self._prompt_ctx
+    def _settle(self, run: _Gpt4AllRun | None) -> None:
+        """Make sure `run` no longer runs: stop it and wait for it, then record what the context holds."""
+        if run is None or not run.stop():
+            return
+        native = typing.cast(_Gpt4AllShim, self._native)
         fed_all = run.prompt_ids and not run.prompt_aborted and run.error is None and run.failure is None
         if not fed_all:
             # Nothing or part of the text went in: keep only the spans that were there before.
-            ctx.n_past = min(run.kept, ctx.tokens_size)
-            if ctx.n_past != run.kept:
-                self._spans, ctx.n_past = [], 0
+            if not native.rewind(run.kept):
+                self._spans = []
             return
         expected = run.kept + len(run.prompt_ids) + run.generated
-        if ctx.n_past != expected:
-            log.warning("%s: gpt4all holds %d tokens, expected %d; resetting", self.model.id, ctx.n_past, expected)
-            self._spans, ctx.n_past = [], 0
+        if native.n_past != expected:
+            log.warning("%s: gpt4all holds %d tokens, expected %d; resetting", self.model.id, native.n_past, expected)
+            self._spans = []
+            native.rewind(0)
             return
         self._spans += self._split(run.text, run.prompt_ids, bos_added=run.kept == 0 and self.add_bos)
         self._spans += run.pieces
@@ -2921,19 +2863,16 @@ class Gpt4AllEngine(Engine):
                 raise InvalidRequest(f"input[{i}] is empty", param="input")
         if not texts:
             return [], 0
-        self._dimensions = dimensions
-        if self.model.long_inputs != "error":
-            vecs, total = self._embed_call(texts)
-            return [[float(x) / (math.sqrt(sum(y * y for y in v)) or 1.0) for x in v] for v in vecs], total
-        vectors: list[list[float]] = [[] for _ in texts]
+        strs = typing.cast(list[str], texts)
         # Room for the special tokens and a task prefix gpt4all may add ("search_document: ").
-        short = {i for i, t in enumerate(texts) if len(t.encode("utf-8")) + 32 <= self._embed_limit}
-        batches = [sorted(short)] if short else []
-        batches += [[i] for i in range(len(texts)) if i not in short]
+        fits = [self.model.long_inputs != "error" or len(t.encode("utf-8")) + 32 <= self._embed_limit for t in strs]
+        batches = [[i for i, ok in enumerate(fits) if ok]] if any(fits) else []
+        batches += [[i] for i, ok in enumerate(fits) if not ok]
+        vectors: list[list[float]] = [[] for _ in texts]
         total = 0
         for batch in batches:
-            vecs, n = self._embed_call([texts[i] for i in batch])
-            if batch[0] not in short and n > self._embed_limit:
+            vecs, n = self._embed_call([strs[i] for i in batch], dimensions)
+            if not fits[batch[0]] and n > self._embed_limit:
                 raise InvalidRequest(
                     f"input[{batch[0]}] is longer than the model's embedding context of {self._embed_limit} tokens "
                     f"(set models.{self.model.id}.long_inputs to 'truncate' or 'mean' to accept such inputs)",
@@ -2941,14 +2880,14 @@ class Gpt4AllEngine(Engine):
                     code="context_length_exceeded",
                 )
             for i, v in zip(batch, vecs, strict=True):
-                norm = sum(x * x for x in v) ** 0.5 or 1.0
+                norm = math.sqrt(sum(x * x for x in v)) or 1.0
                 vectors[i] = [float(x) / norm for x in v]
             total += n
         return vectors, total
 
-    def _embed_call(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    def _embed_call(self, texts: list[str], dimensions: int | None) -> tuple[list[list[float]], int]:
         mode = "truncate" if self.model.long_inputs == "truncate" else "mean"
-        kw = {"dimensionality": self._dimensions, "long_text_mode": mode, "return_dict": True}
+        kw = {"dimensionality": dimensions, "long_text_mode": mode, "return_dict": True}
         try:
             try:
                 out = self._embedder.embed(texts, prefix=self._embed_prefix, **kw)
@@ -2959,7 +2898,7 @@ class Gpt4AllEngine(Engine):
                 self._embed_prefix = ""
                 out = self._embedder.embed(texts, prefix="", **kw)
         except (ValueError, RuntimeError) as exc:
-            if self._dimensions is not None and "imensionality" in str(exc):
+            if dimensions is not None and "imensionality" in str(exc):
                 raise InvalidRequest(f"'dimensions': {exc}", param="dimensions") from None
             raise
         return out["embeddings"], int(out["n_prompt_tokens"])
@@ -3468,13 +3407,17 @@ class Request:
     include_usage: bool = False  # a streamed reply ends with a usage chunk
     legacy_functions: bool = False  # the deprecated functions API: replies carry function_call
     timeout: float | None = None  # seconds for the whole request; None: the server's request_timeout
+    max_tokens_default: int | None = None  # the dialect's own, below the model's defaults and limit
     dimensions: int | None = None
     encoding_format: Literal["float", "base64"] = "float"
 
     def check(self) -> Request:
         """Apply the model's defaults and limits, and refuse what its engine cannot do; messages get tools."""
         m, engine = self.model, _ENGINES[self.model.engine]
-        p = self.params = _max_tokens_ceiling(m, self.params.merged_over(m.defaults))
+        p = self.params.merged_over(m.defaults)
+        if p.max_tokens is None and self.max_tokens_default is not None:
+            p.max_tokens = min(self.max_tokens_default, m.max_tokens_limit or self.max_tokens_default)
+        p = self.params = _max_tokens_ceiling(m, p)
         engine.check(self)
         if p.grammar is not None:
             p.grammar = _named_grammar(m, p.grammar)
@@ -3809,8 +3752,7 @@ def openai_request(
         req.response_format = _format_grammar(body.get("response_format"))
         return req.check()
     params.logprobs = _int_field(body, "logprobs", 0, 5)
-    if params.max_tokens is None:
-        params.max_tokens = 16  # the spec's default for legacy completions
+    req.max_tokens_default = 16  # the spec's, for legacy completions
     req.prompts = _prompt_list(body.get("prompt"))
     req.echo = _bool_field(body, "echo")
     req.suffix = body.get("suffix") or None
