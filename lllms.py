@@ -5037,17 +5037,16 @@ class _Handler(BaseHTTPRequestHandler):
         super().setup()
         # One small write per token: without NODELAY, Nagle + delayed ACK can stall a stream by 40 ms a token.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._conn = self.server.conns.get(self.connection) or _Conn(self.connection)
-        self._served = 0
+        self._conn = self.server.conns[self.connection]
+        self._served = False
 
     def handle_one_request(self) -> None:
         """Wait up to idle_timeout for a request to begin, then give it read_timeout to arrive whole."""
         srv, config = self.server, self.server.model_server.config
-        self.headers, self._expect_continue = None, False  # type: ignore[assignment]
         if srv.draining and self._served:
             self.close_connection = True  # a kept-alive connection ends at once when draining
             return
-        srv.arm(self._conn, config.idle_timeout, idle=True)
+        srv.arm(self._conn, config.idle_timeout)
         try:
             begun = self.rfile.peek(1)
         except OSError:
@@ -5056,7 +5055,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         srv.arm(self._conn, config.read_timeout)
-        self._served += 1
+        self._served = True
+        # Fresh for each request, before the stdlib parser may answer it with send_error.
+        self.headers = None  # type: ignore[assignment]
+        self._expect_continue = self._body_read = False
+        self._request_id, self._status, self._t0 = secrets.token_hex(8), 0, time.monotonic()
         super().handle_one_request()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
@@ -5064,18 +5067,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     # -- dispatch
 
-    def _handle(self, method: str) -> None:
+    def _handle(self) -> None:
+        method = self.command
         self._t0 = time.monotonic()
-        self._status = 0
-        self._request_id = _request_id(self.headers.get("X-Request-Id"))
-        self._body_read = False
+        given_id = self.headers.get("X-Request-Id")
+        if given_id and re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", given_id):
+            self._request_id = given_id
         if method != "POST":
             self.server.arm(self._conn, None)  # the request is in: what follows is not bounded by read_timeout
-            if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length", "0").strip() not in (
-                "",
-                "0",
-            ):
-                self.close_connection = True  # a body nobody reads must not be parsed as the next request
+            if self._unread_body():
+                self.close_connection = True
         if self.server.draining:
             self.close_connection = True
         path = self.path.split("?", 1)[0]
@@ -5087,16 +5088,17 @@ class _Handler(BaseHTTPRequestHandler):
             if method == "OPTIONS":
                 return self._preflight()
             # Every route but the health check needs a key, unknown ones too, so routes are not revealed.
-            self._authed = self._authenticate() if not (method in ("GET", "HEAD") and path == "/health") else False
+            if path != "/health" or method not in ("GET", "HEAD"):
+                self._authenticate()
             routes = self._ROUTES.get(path)
-            arg = None
+            args: tuple[str, ...] = ()
             if routes is None and path.startswith("/openai/v1/models/"):
-                routes, arg = {"GET": "_get_model"}, path[len("/openai/v1/models/") :]
+                routes, args = {"GET": "_get_model"}, (unquote(path.removeprefix("/openai/v1/models/")),)
                 endpoint = "/openai/v1/models/{model}"
             if routes is None:
                 raise NotFound(f"no such endpoint: {method} {self.path}", code="not_found")
             if method == "HEAD" and "GET" in routes:
-                method = "GET"  # _send_json leaves the body out
+                method = "GET"  # _send leaves the body out
             if method not in routes:
                 raise InvalidRequest(
                     f"{method} is not allowed on {path}",
@@ -5104,8 +5106,7 @@ class _Handler(BaseHTTPRequestHandler):
                     headers={"Allow": ", ".join(routes)},
                     status=405,
                 )
-            handler = getattr(self, routes[method])
-            handler(arg) if arg is not None else handler()
+            getattr(self, routes[method])(*args)
         except APIError as exc:
             self._send_error(exc)
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
@@ -5117,11 +5118,14 @@ class _Handler(BaseHTTPRequestHandler):
             if self.server.model_server.state in ("draining", "stopped"):
                 self.close_connection = True
             elapsed = time.monotonic() - self._t0
-            metrics = self.server.model_server.meter
+            meter = self.server.model_server.meter
             status = str(self._status or "none")
-            metrics.inc("lllms_http_requests_total", {"endpoint": endpoint, "method": method, "status": status})
-            metrics.observe("lllms_http_request_duration_seconds", {"endpoint": endpoint}, elapsed)
+            meter.inc("lllms_http_requests_total", {"endpoint": endpoint, "method": method, "status": status})
+            meter.observe("lllms_http_request_duration_seconds", {"endpoint": endpoint}, elapsed)
             self._access_log(elapsed)
+
+    # The stdlib calls do_<METHOD>; one without a handler here is answered 405 by send_error.
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _handle
 
     def _access_log(self, elapsed: float) -> None:
         log.info(
@@ -5134,11 +5138,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._request_id,
         )
 
-    def _authenticate(self) -> bool:
-        """True when a configured key was given; raises 401 when keys are configured and none matches."""
+    def _authenticate(self) -> None:
+        """A 401 unless the request carries a configured key, or none is configured."""
         keys = self.server.api_keys
         if not keys:
-            return False
+            return
         scheme, _, given = self.headers.get("Authorization", "").partition(" ")
         given_b = given.strip().encode("utf-8", errors="replace")
         # Compare against every key, in constant time, so timing reveals neither a key nor which one matched.
@@ -5152,7 +5156,6 @@ class _Handler(BaseHTTPRequestHandler):
                 headers={"WWW-Authenticate": "Bearer"},
                 status=401,
             )
-        return True
 
     def _cors_origin(self) -> str | None:
         allowed = self.server.model_server.config.cors_origins
@@ -5181,8 +5184,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def parse_request(self) -> bool:
-        self._request_id = secrets.token_hex(8)  # a fresh id even for errors the stdlib answers itself
-        self._status, self._t0 = 0, time.monotonic()
         limit = self.server.model_server.config.max_header_bytes
         if len(self.raw_requestline) > limit:
             self.command, self.requestline, self.request_version = "", "", ""
@@ -5190,9 +5191,8 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         # The stdlib parser reads header lines through this, which refuses past the byte and line limits.
         rfile = self.rfile
-        self.rfile = _HeaderReader(
-            rfile, limit - len(self.raw_requestline), self.server.model_server.config.max_headers
-        )
+        max_headers = self.server.model_server.config.max_headers
+        self.rfile = _HeaderReader(rfile, limit - len(self.raw_requestline), max_headers)
         try:
             ok = super().parse_request()
         finally:
@@ -5212,63 +5212,44 @@ class _Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """The stdlib parser's refusals (bad request line, headers too large, ...), in the OpenAI envelope."""
-        cut = self._conn.cut
-        if cut == "timeout":
+        headers = {"Connection": "close"}
+        if self._conn.cut == "timeout":
             timeout = self.server.model_server.config.read_timeout
             code, explain = 408, f"the request did not arrive within read_timeout ({timeout:g}s)"
-        elif cut == "shutdown":
+        elif self._conn.cut == "shutdown":
             code, explain = 503, "the server is shutting down"
-        elif isinstance(self.rfile, _HeaderReader) and self.rfile.truncated:
-            code = 400
-        elif code == 505:  # HTTP/2 or later on this HTTP/1.1 socket: the client's mistake, not ours
-            code = 400
-        headers = {"Connection": "close"}
-        if code == 501:  # a method no route has
+        elif code == 505 or (isinstance(self.rfile, _HeaderReader) and self.rfile.truncated):
+            code = 400  # 505, HTTP/2 or later on this HTTP/1.1 socket, is the client's mistake, not ours
+        elif code == 501:  # a method no route has
             code, headers["Allow"] = 405, "GET, HEAD, POST, OPTIONS"
-        text = explain or message or HTTPStatus(code).phrase
         kind = InvalidRequest if code < 500 else APIError
+        text = explain or message or HTTPStatus(code).phrase
         exc = kind(text, code=_STDLIB_ERROR_CODES.get(code, f"http_{code}"), status=code)
         self.close_connection = True
         if self.request_version == "HTTP/0.9":  # unknown yet (a bad request line): answer in HTTP/1.1 all the same
             self.request_version = "HTTP/1.1"
         with _suppress(OSError):
             self._send_json(code, exc.envelope(), headers)
-        metrics = self.server.model_server.meter
-        metrics.inc("lllms_http_requests_total", {"endpoint": "other", "method": "other", "status": str(code)})
-        self._access_log(time.monotonic() - getattr(self, "_t0", time.monotonic()))
+        labels = {"endpoint": "other", "method": "other", "status": str(code)}
+        self.server.model_server.meter.inc("lllms_http_requests_total", labels)
+        self._access_log(time.monotonic() - self._t0)
 
     def end_headers(self) -> None:
         # Every response, errors included, carries its request id (and CORS headers for allowed origins).
-        self.send_header("X-Request-Id", getattr(self, "_request_id", "-"))
-        origin = self._cors_origin() if hasattr(self, "headers") and self.headers is not None else None
+        self.send_header("X-Request-Id", self._request_id)
+        origin = self._cors_origin() if self.headers is not None else None
         if origin is not None:
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Access-Control-Expose-Headers", "X-Request-Id, X-Lllms-Instance, Retry-After")
             self.send_header("Vary", "Origin")
         super().end_headers()
 
-    def do_GET(self) -> None:
-        self._handle("GET")
-
-    def do_POST(self) -> None:
-        self._handle("POST")
-
-    def do_PUT(self) -> None:
-        self._handle("PUT")
-
-    def do_DELETE(self) -> None:
-        self._handle("DELETE")
-
-    def do_PATCH(self) -> None:
-        self._handle("PATCH")
-
-    def do_HEAD(self) -> None:
-        self._handle("HEAD")
-
-    def do_OPTIONS(self) -> None:
-        self._handle("OPTIONS")
-
     # -- plumbing
+
+    def _unread_body(self) -> bool:
+        """Whether a body is left unread: on the connection, it would be parsed as the next request."""
+        length = self.headers.get("Content-Length", "0").strip()
+        return not self._body_read and (bool(self.headers.get("Transfer-Encoding")) or length not in ("", "0"))
 
     def _read_json(self) -> dict[str, Any]:
         config = self.server.model_server.config
@@ -5297,15 +5278,10 @@ class _Handler(BaseHTTPRequestHandler):
             # Read and drop a moderate excess so the client gets to read the 413 instead of a broken pipe.
             # (Not when the client awaits "100 Continue": it has sent nothing.)
             left = length if length <= 4 * limit and not self._expect_continue else 0
-            while left > 0:
-                got = self.rfile.read(min(left, 1 << 16))
-                if not got:
-                    break
+            while left > 0 and (got := self.rfile.read(min(left, 1 << 16))):
                 left -= len(got)
             raise InvalidRequest(
-                f"request body of {length} bytes exceeds the limit of {self.server.model_server.config.max_body_bytes}",
-                code="body_too_large",
-                status=413,
+                f"request body of {length} bytes exceeds the limit of {limit}", code="body_too_large", status=413
             )
         if self._expect_continue and length > 0:
             self._expect_continue = False
@@ -5334,13 +5310,14 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(status, data, "application/json", headers)
 
     def _send(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        headers = headers or {}
         self._status = status
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
-        for k, v in (headers or {}).items():
+        for k, v in headers.items():
             self.send_header(k, v)
-        if self.close_connection and "Connection" not in (headers or {}):
+        if self.close_connection and "Connection" not in headers:
             self.send_header("Connection", "close")  # so a kept-alive client does not send into a closed socket
         self.end_headers()
         if self.command != "HEAD":
@@ -5350,10 +5327,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self._status:  # headers already went out
             self.close_connection = True
             return
-        if not getattr(self, "_body_read", False) and (
-            self.headers.get("Content-Length", "0").strip() not in ("", "0") or self.headers.get("Transfer-Encoding")
-        ):
-            # The body was never read: left on the connection, it would be parsed as the next request.
+        if self._unread_body():
             self.close_connection = True
         try:
             self._send_json(exc.status, exc.envelope(), exc.headers)
@@ -5361,34 +5335,32 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
     def _write_chunk(self, data: bytes) -> None:
-        if self.request_version == "HTTP/1.0":  # no chunked encoding there: the body ends when the connection does
-            if data:
-                self.wfile.write(data)
-        else:
+        if self.request_version != "HTTP/1.0":
             self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        elif data:  # no chunked encoding in HTTP/1.0: the body ends when the connection does
+            self.wfile.write(data)
         self.wfile.flush()
 
-    def _send_sse(self, stream: CompletionStream, events: Iterator[dict[str, Any]]) -> None:
-        """Stream events as SSE over chunked encoding.
+    def _write_event(self, event: dict[str, Any]) -> None:
+        self._write_chunk(b"data: " + json.dumps(event, ensure_ascii=False).encode("utf-8") + b"\n\n")
 
-        Errors before the first event get a plain status. A request that must wait in the queue gets its
-        headers early and `: keepalive` comments while it waits, so proxies and clients don't time out;
-        its errors then arrive as an SSE error event.
+    def _send_sse(self, stream: CompletionStream, events: Iterator[dict[str, Any]]) -> None:
+        """Stream events as SSE over chunked encoding, or errors before the first event as a plain status.
+
+        A request that waits in the queue gets its headers early and `: keepalive` comments while it waits, so
+        proxies and clients don't time out; its errors then arrive as an SSE error event.
         """
         interval = self.server.model_server.config.keepalive_interval
         try:
             while not stream.wait_ready(interval if (left := stream.waiting_left()) is None else min(interval, left)):
                 if stream.waiting_left() == 0:
                     break  # out of time or cancelled: taking the first event raises the 503 for it
-                if not self._status:
-                    self._sse_headers(stream)
-                self._write_chunk(b": keepalive\n\n")
-            first = next(events, None)  # takes the instance and evaluates the prompt; errors surface here
-            if not self._status:
                 self._sse_headers(stream)
-            event = first
+                self._write_chunk(b": keepalive\n\n")
+            event = next(events, None)  # takes the instance and evaluates the prompt; errors surface here
+            self._sse_headers(stream)
             while event is not None:
-                self._write_chunk(b"data: " + json.dumps(event, ensure_ascii=False).encode("utf-8") + b"\n\n")
+                self._write_event(event)
                 event = next(events, None)
             self._write_chunk(b"data: [DONE]\n\n")
             self._write_chunk(b"")
@@ -5397,7 +5369,7 @@ class _Handler(BaseHTTPRequestHandler):
                 raise
             # Mid-stream failures become an error event, which the SDK raises as APIError.
             with _suppress(BrokenPipeError, ConnectionResetError, TimeoutError):
-                self._write_chunk(b"data: " + json.dumps(exc.envelope()).encode("utf-8") + b"\n\n")
+                self._write_event(exc.envelope())
                 self._write_chunk(b"")
             self.close_connection = True
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
@@ -5406,6 +5378,8 @@ class _Handler(BaseHTTPRequestHandler):
             stream.close()
 
     def _sse_headers(self, stream: CompletionStream) -> None:
+        if self._status:  # sent already, before a keepalive
+            return
         self._status = 200
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream")
@@ -5423,8 +5397,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _get_status(self) -> None:
         status = self.server.model_server.status()
-        if not self._authed:
-            # Without a key, show no file system paths: just file names.
+        if not self.server.api_keys:
+            # Without keys, anyone may look: show no file system paths, just file names.
             for m in status["models"].values():
                 m["file"] = os.path.basename(m["file"]) if m["file"] else None
                 m["error"] = _strip_paths(m["error"]) if m["error"] else None
@@ -5437,8 +5411,7 @@ class _Handler(BaseHTTPRequestHandler):
         self._send_json(200, {"status": "ok"})
 
     def _get_metrics(self) -> None:
-        ms = self.server.model_server
-        text = ms.metrics({"lllms_http_connections": [({}, len(self.server.conns))]})
+        text = self.server.model_server.metrics({"lllms_http_connections": [({}, len(self.server.conns))]})
         self._send(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
 
     def _get_models(self) -> None:
@@ -5447,19 +5420,10 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _get_model(self, model_id: str) -> None:
         ms = self.server.model_server
-        model = ms.config.models.get(unquote(model_id))
+        model = ms.config.models.get(model_id)
         if model is None:
-            raise NotFound(f"the model '{unquote(model_id)}' does not exist", param="model", code="model_not_found")
+            raise NotFound(f"the model '{model_id}' does not exist", param="model", code="model_not_found")
         self._send_json(200, model_object(model, ms.created))
-
-    def _post_chat(self) -> None:
-        self._openai("chat", chat_response, chat_chunks)
-
-    def _post_completions(self) -> None:
-        self._openai("completion", completion_response, completion_chunks)
-
-    def _post_embeddings(self) -> None:
-        self._openai("embedding", embedding_response)
 
     def _openai(self, kind: Literal["chat", "completion", "embedding"], response: Any, chunks: Any = None) -> None:
         """An OpenAI request: streamed as SSE, or answered as one JSON object."""
@@ -5472,12 +5436,9 @@ class _Handler(BaseHTTPRequestHandler):
         instance = getattr(result, "instance_id", None)
         self._send_json(200, response(result, req), {"X-Lllms-Instance": instance} if instance else None)
 
-
-def _request_id(given: str | None) -> str:
-    """The client's X-Request-Id when it is a sane token, else a new one."""
-    if given and re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", given):
-        return given
-    return secrets.token_hex(8)
+    _post_chat = functools.partialmethod(_openai, "chat", chat_response, chat_chunks)
+    _post_completions = functools.partialmethod(_openai, "completion", completion_response, completion_chunks)
+    _post_embeddings = functools.partialmethod(_openai, "embedding", embedding_response)
 
 
 def _strip_paths(text: str) -> str:
@@ -5548,13 +5509,11 @@ def _parse_body(raw: bytes, config: ServerConfig) -> dict[str, Any]:
         ) from None
     try:
         body = json.loads(text, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
-    except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     except RecursionError:
         raise InvalidRequest(
             f"the request body nests deeper than max_json_depth ({config.max_json_depth})", code="invalid_json"
         ) from None
-    except ValueError as exc:  # from the number hooks
+    except ValueError as exc:  # a JSONDecodeError, or from the number hooks
         raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
@@ -5656,15 +5615,14 @@ class _ClientWatch:
         return self.gone
 
 
+@dataclass(eq=False)
 class _Conn:
     """An open client connection: its thread, and the deadline by which it must have sent what it owes."""
 
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.thread: threading.Thread | None = None
-        self.deadline: float | None = None
-        self.idle = False  # waiting for its next request
-        self.cut: str | None = None  # why the server cut its reading side: "timeout" or "shutdown"
+    sock: socket.socket
+    thread: threading.Thread
+    deadline: float | None = None  # None while it owes nothing: its request is in, and being answered
+    cut: str | None = None  # why the server cut its reading side: "timeout" or "shutdown"
 
 
 class _HTTPD(ThreadingHTTPServer):
@@ -5684,18 +5642,15 @@ class _HTTPD(ThreadingHTTPServer):
         super().__init__(address, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
-        conn = _Conn(request)
         with self.conns_lock:
-            full = len(self.conns) >= self.model_server.config.max_connections
-            if not full:
-                self.conns[request] = conn
-        if full:
-            self._refuse(request)
-            return
-        conn.thread = threading.Thread(
-            target=self.process_request_thread, args=(request, client_address), name="lllms-conn", daemon=True
-        )
-        conn.thread.start()
+            if len(self.conns) < self.model_server.config.max_connections:
+                thread = threading.Thread(
+                    target=self.process_request_thread, args=(request, client_address), name="lllms-conn", daemon=True
+                )
+                self.conns[request] = _Conn(request, thread)
+                thread.start()
+                return
+        self._refuse(request)
 
     def _refuse(self, sock: socket.socket) -> None:
         """A 503 without a thread: written if the socket takes it at once, never waited for."""
@@ -5724,27 +5679,24 @@ class _HTTPD(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         log.debug("connection from %s ended with an error", client_address, exc_info=True)
 
-    def arm(self, conn: _Conn, seconds: float | None, idle: bool = False) -> None:
+    def arm(self, conn: _Conn, seconds: float | None) -> None:
         """Give a connection `seconds` to send its next part (None: no deadline)."""
         with self.conns_lock:
             conn.deadline = None if seconds is None else time.monotonic() + seconds
-            conn.idle = idle
 
     def service_actions(self) -> None:
-        """Cut the reading side of connections past their deadline: the read blocking their thread ends."""
-        now = time.monotonic()
-        with self.conns_lock:
-            for conn in self.conns.values():
-                if conn.deadline is not None and now >= conn.deadline:
-                    self._cut(conn, "timeout")
+        self.cut_waiting("timeout", time.monotonic())
 
-    def cut_idle(self) -> None:
-        """End the connections waiting for a next request, or still sending one (draining): they get a 503 now
-        instead of holding the drain up."""
+    def cut_waiting(self, why: str = "shutdown", by: float = math.inf) -> None:
+        """Cut the reading side of connections owing data by `by`: the read blocking their thread ends.
+
+        The serve loop cuts those past their deadline; a drain cuts every one waiting for a request, or still
+        sending one, so that it gets a 503 now instead of holding the drain up.
+        """
         with self.conns_lock:
             for conn in self.conns.values():
-                if conn.idle or conn.deadline is not None:
-                    self._cut(conn, "shutdown")
+                if conn.deadline is not None and conn.deadline <= by:
+                    self._cut(conn, why)
 
     @staticmethod
     def _cut(conn: _Conn, why: str, how: int = socket.SHUT_RD) -> None:
@@ -5754,19 +5706,18 @@ class _HTTPD(ThreadingHTTPServer):
 
     def close_all(self, timeout: float) -> None:
         """Wait up to `timeout` for connection threads to end, then cut their sockets both ways and join them."""
-        self.cut_idle()
+        self.cut_waiting()
         deadline = time.monotonic() + timeout
         with self.conns_lock:
             conns = list(self.conns.values())
         for conn in conns:
-            if conn.thread is not None:
-                conn.thread.join(max(0.0, deadline - time.monotonic()))
-        late = [c for c in conns if c.thread is not None and c.thread.is_alive()]
+            conn.thread.join(max(0.0, deadline - time.monotonic()))
+        late = [c for c in conns if c.thread.is_alive()]
         for conn in late:
             self._cut(conn, "shutdown", socket.SHUT_RDWR)
         for conn in late:
-            typing.cast(threading.Thread, conn.thread).join(5.0)
-            if conn.thread.is_alive():  # type: ignore[union-attr]
+            conn.thread.join(5.0)
+            if conn.thread.is_alive():
                 log.warning("a connection thread did not end: it is still in its request")
 
 
@@ -5805,7 +5756,7 @@ class HTTPServer:
         """Drain, then stop: new requests get 503 and idle connections close while running requests finish
         (for up to `grace` seconds); then the model server frees its instances and every connection ends."""
         self._httpd.draining = True
-        self._httpd.cut_idle()
+        self._httpd.cut_waiting()
         self.model_server.stop(grace)
         if self._thread is not None:  # shutdown() waits for a serve_forever() that must have started
             self._httpd.shutdown()
@@ -5908,7 +5859,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        config = load_config(args.config if args.config else default_config())
+        config = load_config(args.config or default_config())
     except ConfigError as exc:
         print(f"lllms: {exc}", file=sys.stderr)
         return 2
