@@ -1225,11 +1225,8 @@ class Usage:
 
 @dataclass
 class TokenLogprob:
-    """One token of output (or of an echoed prompt): its text, bytes, logprob and the likeliest alternatives.
-
-    `text` is the part of the output this token completed, so the texts of a reply's tokens join to exactly
-    its content; `raw` is the token's own bytes (a character split across tokens shows up there).
-    """
+    """One output (or echoed prompt) token: the text it completed (texts join to the reply), its own bytes,
+    its logprob and the likeliest alternatives."""
 
     text: str
     raw: bytes
@@ -1239,7 +1236,7 @@ class TokenLogprob:
 
 @dataclass
 class Chunk:
-    """A piece of streamed output. The last chunk of a choice has finish_reason set; the request's last, usage."""
+    """A piece of streamed output; a choice's last has finish_reason, the request's last has usage."""
 
     text: str
     finish_reason: str | None = None
@@ -1291,11 +1288,8 @@ class Engine:
     def chat(
         self, messages: list[dict[str, Any]], params: SamplingParams, should_stop: _StopCheck = None
     ) -> Iterator[Chunk]:
-        """Generate the assistant's reply with the model's chat template.
-
-        `should_stop` is polled between tokens; when it returns True the stream ends with finish_reason "length".
-        Validation errors (prompt too long, ...) raise here, before the first chunk is asked for.
-        """
+        """The assistant's reply, by the model's chat template. `should_stop` is polled between tokens (True ends
+        the stream with finish_reason "length"); validation errors raise here, before the first chunk."""
         raise NotImplementedError
 
     def complete(
@@ -1307,11 +1301,8 @@ class Engine:
         echo: bool = False,
         suffix: str | None = None,
     ) -> Iterator[Chunk]:
-        """Continue a raw prompt: text, or the model's token ids.
-
-        `echo` first yields the prompt itself (with its tokens' logprobs when params ask for logprobs); `suffix`
-        asks for the text between prompt and suffix (fill-in-the-middle), where the model can do that.
-        """
+        """Continue a raw prompt (text or token ids). `echo` first yields the prompt (with logprobs if asked);
+        `suffix` asks for the text between prompt and suffix (fill-in-the-middle)."""
         raise NotImplementedError
 
     def context_info(self) -> tuple[int, str]:
@@ -1335,11 +1326,8 @@ class Engine:
             raise InvalidRequest(f"'{name}' is not supported by the {req.model.engine} engine", param=name)
 
     def embed(self, texts: list[str] | list[list[int]], dimensions: int | None = None) -> tuple[list[list[float]], int]:
-        """Normalised vectors, one per input (a text, or the model's token ids), and the number of tokens read.
-
-        Inputs longer than the context follow the model's `long_inputs`. `dimensions` shortens the vectors where
-        the model allows it (Matryoshka models); otherwise it must equal the model's size.
-        """
+        """Normalised vectors, one per input (text or token ids), and the tokens read. Long inputs follow the
+        model's `long_inputs`; `dimensions` shortens vectors where the model allows it (Matryoshka)."""
         raise NotImplementedError
 
 
@@ -1369,9 +1357,6 @@ class _StopMatcher:
     def feed(self, text: str) -> tuple[str, bool]:
         """Return (text safe to emit, whether a stop sequence matched)."""
         self.pending += text
-        if not self.stops:
-            out, self.pending = self.pending, ""
-            return out, False
         hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
         if hits:
             out, self.pending = self.pending[: min(hits)], ""
@@ -1470,9 +1455,9 @@ def _chat_template(model: ModelConfig, source: str | None, bos: str, eos: str) -
 # Spill a context only when a prompt would throw away at least this many of its tokens, and restore a saved
 # state only when it saves at least this many more tokens than the instance's own context already does.
 _MIN_SPILL_TOKENS = 32
+_MIN_RESTORE_GAIN = 16
 _FORCE_BIAS = 1e4  # what logit_bias +100 adds: beats any real logit, stays finite
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
-_MIN_RESTORE_GAIN = 16
 
 _CHATML_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -1481,45 +1466,37 @@ _CHATML_TEMPLATE = (
 
 
 class _StateCache:
-    """KV states of conversations pushed out of their instance, kept in RAM up to a byte budget (LRU).
-
-    Shared by all instances of one model, so a conversation can come back on any of them. Keys are the exact
-    token sequences the states hold. A restored state is truncated to the part the prompt really starts with,
-    so nothing of another conversation survives into a request.
-    """
+    """KV states of conversations pushed out of their instance, in RAM up to a byte budget (LRU), keyed by the
+    tokens they hold. Shared by a model's instances, so a conversation can come back on any of them."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.entries: collections.OrderedDict[tuple[int, ...], Any] = collections.OrderedDict()
-        self.bytes = 0
         self.lock = threading.Lock()
         self.saved = self.restored = 0
 
+    @property
+    def bytes(self) -> int:
+        return sum(len(state) for state in self.entries.values())
+
     def put(self, tokens: tuple[int, ...], state: Any) -> None:
-        size = len(state)
-        if size > self.limit:
+        if len(state) > self.limit:
             return
         with self.lock:
             # A longer history supersedes its own prefixes.
             for key in [k for k in self.entries if len(k) <= len(tokens) and tokens[: len(k)] == k]:
-                self.bytes -= len(self.entries.pop(key))
+                del self.entries[key]
             self.entries[tokens] = state
-            self.bytes += size
             self.saved += 1
             while self.bytes > self.limit:
-                _, old = self.entries.popitem(last=False)
-                self.bytes -= len(old)
+                self.entries.popitem(last=False)
 
     def best(self, prompt: list[int], longer_than: int) -> tuple[tuple[int, ...], Any] | None:
         """The saved state sharing the longest prefix with prompt, if that prefix is longer than longer_than."""
         with self.lock:
-            best, best_n = None, longer_than
-            for key in self.entries:
-                if len(key) > best_n:
-                    n = _common_prefix(key, prompt)
-                    if n > best_n:
-                        best, best_n = key, n
-            if best is None:
+            shared = {key: _common_prefix(key, prompt) for key in self.entries if len(key) > longer_than}
+            best = max(shared, key=shared.__getitem__, default=None)
+            if best is None or shared[best] <= longer_than:
                 return None
             self.entries.move_to_end(best)
             self.restored += 1
@@ -1545,6 +1522,20 @@ def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
+
+
+def _l2_normalised(vec: Any) -> list[float]:
+    """A vector (list or numpy array) scaled to unit length; a zero vector stays as it is."""
+    norm = math.sqrt(sum(float(x) * float(x) for x in vec)) or 1.0
+    return [float(x) / norm for x in vec]
+
+
+def _check_ids(tokens: Sequence[int], n_vocab: int, where: str, param: str) -> None:
+    bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
+    if bad is not None:
+        raise InvalidRequest(
+            f"{where}: token id {bad} is not in the model's vocabulary (0..{n_vocab - 1})", param=param
+        )
 
 
 _load_options = threading.local()
@@ -1638,15 +1629,6 @@ class _LlamaShim:
         llm._ctx.decode(llm._batch)
 
     @staticmethod
-    def decode_sequence(llm: Any, tokens: list[int]) -> None:
-        """Evaluate tokens alone in a cleared context, as one sequence (for a pooled embedding)."""
-        llm._batch.reset()
-        llm._batch.add_sequence(tokens, 0, True)
-        llm._ctx.kv_cache_clear()
-        llm._ctx.decode(llm._batch)
-        llm._batch.reset()
-
-    @staticmethod
     def logits(llm: Any, all_rows: bool = False) -> Any:
         return llm._ctx.get_logits() if all_rows else llm._ctx.get_logits_ith(-1)
 
@@ -1687,15 +1669,6 @@ class LlamaCppEngine(Engine):
 
     def _construct(self, llama_cpp: Any, **kwargs: Any) -> Any:
         """`llama_cpp.Llama(...)` with this model's device settings."""
-        repack = self.model.device.repack
-        _hook_llama_model_params(llama_cpp)
-        _load_options.repack = (not _cpu_has_amx()) if repack == "auto" else repack
-        try:
-            return llama_cpp.Llama(**self._kwargs(llama_cpp), **kwargs)
-        finally:
-            _load_options.repack = None
-
-    def _kwargs(self, llama_cpp: Any) -> dict[str, Any]:
         dev = self.model.device
         gpu_ok = bool(llama_cpp.llama_supports_gpu_offload())
         if dev.gpu is True and not gpu_ok:
@@ -1705,13 +1678,19 @@ class LlamaCppEngine(Engine):
             )
         layers = 0 if dev.gpu is False or not gpu_ok else (-1 if dev.gpu_layers is None else dev.gpu_layers)
         threads = dev.cpu_threads or os.cpu_count() or 1
-        return {
-            "model_path": self.path,
-            "n_gpu_layers": layers,
-            "n_threads": threads,
-            "n_threads_batch": threads,
-            "verbose": False,
-        }
+        _hook_llama_model_params(llama_cpp)
+        _load_options.repack = (not _cpu_has_amx()) if dev.repack == "auto" else dev.repack
+        try:
+            return llama_cpp.Llama(
+                model_path=self.path,
+                n_gpu_layers=layers,
+                n_threads=threads,
+                n_threads_batch=threads,
+                verbose=False,
+                **kwargs,
+            )
+        finally:
+            _load_options.repack = None
 
     def _new_embedder(self, llama_cpp: Any) -> Any:
         # The whole input must fit one ubatch for non-causal models, so batch == context.
@@ -1755,19 +1734,18 @@ class LlamaCppEngine(Engine):
     # -- prompts
 
     def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> list[int]:
-        return self._tokenize(self._template.render(messages, generation_prompt), param="messages")
+        return self._tokenize(self._template.render(messages, generation_prompt))
 
-    def _tokenize(self, text: str, param: str) -> list[int]:
+    def _tokenize(self, text: str) -> list[int]:
         llm = self.llm
-        bos = llm.token_bos()
         # Templates usually write the BOS text themselves; never add a second one.
-        add_bos = _LlamaShim.adds_bos(llm) and not text.startswith(_LlamaShim.token_text(llm, bos))
+        add_bos = _LlamaShim.adds_bos(llm) and not text.startswith(_LlamaShim.token_text(llm, llm.token_bos()))
         return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
 
     def preload(self, messages: list[dict[str, Any]] | None, prefix: str | None) -> None:
         if self.llm is None:
             return
-        tokens = self._render(messages, generation_prompt=False) if messages else self._tokenize(prefix or "", "prefix")
+        tokens = self._render(messages, generation_prompt=False) if messages else self._tokenize(prefix or "")
         if len(tokens) >= self.llm.n_ctx():
             raise Unavailable(f"model '{self.model.id}': preload is longer than the context", code="preload_too_long")
         self._prefill(tokens, 0)
@@ -1788,7 +1766,11 @@ class LlamaCppEngine(Engine):
         suffix: str | None = None,
     ) -> Iterator[Chunk]:
         self._need_text_model()
-        tokens = self._tokenize(prompt, "prompt") if isinstance(prompt, str) else self._check_ids(prompt, "prompt")
+        if isinstance(prompt, str):
+            tokens = self._tokenize(prompt)
+        else:
+            _check_ids(prompt, self.llm.n_vocab(), "'prompt'", "prompt")
+            tokens = list(prompt)
         if suffix is not None:
             if echo:
                 raise InvalidRequest("'echo' cannot be combined with 'suffix'", param="echo")
@@ -1796,23 +1778,12 @@ class LlamaCppEngine(Engine):
         text = prompt if isinstance(prompt, str) else None
         return self._generate(tokens, params, "prompt", should_stop, echo=echo, prompt_text=text)
 
-    def _check_ids(self, tokens: list[int], param: str) -> list[int]:
-        n_vocab = self.llm.n_vocab()
-        bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
-        if bad is not None:
-            raise InvalidRequest(
-                f"'{param}': token id {bad} is not in the model's vocabulary (0..{n_vocab - 1})", param=param
-            )
-        return list(tokens)
-
     def _infill(self, prefix: list[int], suffix: str) -> list[int]:
         """Fill-in-the-middle: the model's FIM tokens around prefix and suffix (as llama.cpp's server does)."""
         llama_cpp, llm = self._import(), self.llm
         vocab = _LlamaShim.vocab(llm)
-        pre, suf, mid = (
-            f(vocab)
-            for f in (llama_cpp.llama_vocab_fim_pre, llama_cpp.llama_vocab_fim_suf, llama_cpp.llama_vocab_fim_mid)
-        )
+        pre, suf = llama_cpp.llama_vocab_fim_pre(vocab), llama_cpp.llama_vocab_fim_suf(vocab)
+        mid = llama_cpp.llama_vocab_fim_mid(vocab)
         if min(pre, suf, mid) < 0:
             raise InvalidRequest(
                 f"'suffix' needs a model with fill-in-the-middle tokens; '{self.model.id}' has none", param="suffix"
@@ -1841,13 +1812,13 @@ class LlamaCppEngine(Engine):
     # -- generation
 
     def _cached_prefix(self, tokens: list[int], common: int | None = None) -> int:
-        """How many prompt tokens can be reused from the KV cache (as Llama.generate decides it); `common`, when
-        known, is how many leading tokens the context shares with the prompt."""
+        """How many prompt tokens the KV cache can give (as Llama.generate decides it), of the `common` leading
+        tokens context and prompt share."""
         llm = self.llm
         n = _common_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens) if common is None else common
-        if n == len(tokens) and llm.n_tokens == len(tokens) and _LlamaShim.has_logits(llm):
+        if n < len(tokens) or (llm.n_tokens == n and _LlamaShim.has_logits(llm)):
             return n
-        return max(0, n - 1) if n == len(tokens) else n
+        return max(0, n - 1)
 
     def _spill_and_restore(self, tokens: list[int]) -> None:
         """Keep a context this prompt would clobber in the state cache, and restore a better one from it."""
@@ -1947,9 +1918,7 @@ class LlamaCppEngine(Engine):
         llm.eval(tokens[-1:])
 
     def _prompt_pieces(self, tokens: list[int], text: str | None) -> list[tuple[str, bytes]]:
-        """Each prompt token's text and bytes, decoded in sequence so that the texts join to the prompt: a
-        character split across tokens belongs to the token that completes it, and special tokens show as written.
-        A BOS the tokenizer added (not in `text`) shows as nothing."""
+        """Each prompt token's text and bytes, decoded so that the texts join to the prompt (an added BOS: "")."""
         llm = self.llm
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         bos = llm.token_bos()
@@ -2053,7 +2022,7 @@ class LlamaCppEngine(Engine):
                 raw = llm.detokenize([token])
                 piece = decoder.decode(raw)
                 if marks is not None:
-                    marks.add(TokenLogprob(piece, raw, *self._logprob(logits, token, p.logprobs)))
+                    marks.pending.append(TokenLogprob(piece, raw, *self._logprob(logits, token, p.logprobs)))
                 text, stopped = stops.feed(piece)
                 if text or stopped:
                     yield Chunk(text, logprobs=marks.take(text, stopped) if marks else None)
@@ -2079,13 +2048,12 @@ class LlamaCppEngine(Engine):
         import numpy as np
 
         llama_cpp, emb = self._import(), self._embedder
-        _LlamaShim.decode_sequence(emb, tokens)
+        _LlamaShim.clear(emb)
+        _LlamaShim.decode(emb, tokens, 0, logits_all=True)
         ptr = llama_cpp.llama_get_embeddings_seq(_LlamaShim.ctx(emb), 0)
         if not ptr:
             raise EngineError(f"model '{self.model.id}' gave no pooled embedding", code="engine_error")
-        vec = np.ctypeslib.as_array(ptr, shape=(emb.n_embd(),)).astype(np.float64)
-        norm = float(np.sqrt((vec * vec).sum())) or 1.0
-        return (vec / norm).tolist()
+        return _l2_normalised(np.ctypeslib.as_array(ptr, shape=(emb.n_embd(),)))
 
     def embed(self, texts: list[str] | list[list[int]], dimensions: int | None = None) -> tuple[list[list[float]], int]:
         if self._embedder is None:
@@ -2104,49 +2072,40 @@ class LlamaCppEngine(Engine):
             if isinstance(item, str):
                 tokens = emb.tokenize(item.encode("utf-8"), add_bos=True, special=False)
             else:
-                bad = next((t for t in item if not 0 <= t < emb.n_vocab()), None)
-                if bad is not None:
-                    raise InvalidRequest(f"input[{i}]: token id {bad} is not in the model's vocabulary", param="input")
+                _check_ids(item, emb.n_vocab(), f"input[{i}]", "input")
                 tokens = list(item)
             if not tokens:
                 raise InvalidRequest(f"input[{i}] is empty", param="input")
-            if len(tokens) <= n_ctx:
-                vectors.append(self._embed_tokens(tokens))
-                total += len(tokens)
-            elif mode == "error":
+            if len(tokens) > n_ctx and mode == "error":
                 raise InvalidRequest(
                     f"input[{i}] is {len(tokens)} tokens but the model's embedding context is {n_ctx} tokens "
                     f"(set models.{self.model.id}.long_inputs to 'truncate' or 'mean' to accept such inputs)",
                     param="input",
                     code="context_length_exceeded",
                 )
-            elif mode == "truncate":
+            if len(tokens) <= n_ctx or mode == "truncate":
                 vectors.append(self._embed_tokens(tokens[:n_ctx]))
-                total += n_ctx
-            else:  # mean over context-sized windows, weighted by their length
-                # Each window keeps the sequence's own first and last special tokens ([CLS] and [SEP] for BERT).
-                bos, ends = emb.token_bos(), {emb.token_eos(), _LlamaShim.token_sep(emb)}
-                head = tokens[:1] if tokens[0] == bos else []
-                tail = tokens[-1:] if tokens[-1] in ends else []
-                body = tokens[len(head) : len(tokens) - len(tail)]
-                step = n_ctx - len(head) - len(tail)
-                windows = [head + body[j : j + step] + tail for j in range(0, len(body), step)]
-                parts = [self._embed_tokens(w) for w in windows]
-                mean = [sum(len(w) * v[k] for w, v in zip(windows, parts, strict=True)) for k in range(len(parts[0]))]
-                norm = math.sqrt(sum(x * x for x in mean)) or 1.0
-                vectors.append([x / norm for x in mean])
-                total += len(tokens)
+                total += min(len(tokens), n_ctx)
+                continue
+            # The mean over context-sized windows, weighted by their length. Each window keeps the sequence's own
+            # first and last special tokens ([CLS] and [SEP] for BERT).
+            head = tokens[:1] if tokens[0] == emb.token_bos() else []
+            tail = tokens[-1:] if tokens[-1] in {emb.token_eos(), _LlamaShim.token_sep(emb)} else []
+            body = tokens[len(head) : len(tokens) - len(tail)]
+            step = n_ctx - len(head) - len(tail)
+            windows = [head + body[j : j + step] + tail for j in range(0, len(body), step)]
+            parts = [self._embed_tokens(w) for w in windows]
+            mean = [sum(len(w) * v[k] for w, v in zip(windows, parts, strict=True)) for k in range(len(parts[0]))]
+            vectors.append(_l2_normalised(mean))
+            total += len(tokens)
         return vectors, total
 
 
 class _Sampler:
-    """llama.cpp's samplers, run stage by stage over a candidate array of our own.
-
-    Bias and penalties come first, then the sampling proper (greedy, or top-k, top-p, min-p, temperature and a
-    seeded draw). A grammar checks only the token drawn, and constrains the whole array only when it rejects that
-    token, as llama.cpp's server does: that keeps constrained generation near full speed. When the grammar and a
-    bias leave no token at all, `sample` says so, where llama.cpp itself would abort the process.
-    """
+    """llama.cpp's samplers, stage by stage over our own candidate array: bias and penalties, then greedy or
+    top-k/top-p/min-p/temperature/seeded draw. As in llama.cpp's server, a grammar checks the drawn token and
+    constrains the whole array only when it rejects it (near full speed); when grammar and bias leave no token,
+    `sample` says so, where llama.cpp would abort the process."""
 
     def __init__(self, llama_cpp: Any, llm: Any, p: SamplingParams, last_n: int) -> None:
         import numpy as np
@@ -2156,12 +2115,7 @@ class _Sampler:
         self.pre, self.post, self.grammar = _LlamaShim.sampler(llama_cpp), _LlamaShim.sampler(llama_cpp), None
         try:
             if p.logit_bias:
-                bad = next((t for t in p.logit_bias if t >= n_vocab), None)
-                if bad is not None:
-                    raise InvalidRequest(
-                        f"'logit_bias': token id {bad} is not in the model's vocabulary (0..{n_vocab - 1})",
-                        param="logit_bias",
-                    )
+                _check_ids(list(p.logit_bias), n_vocab, "'logit_bias'", "logit_bias")
                 # -100 is a ban; +100 must beat any logit, yet stay finite so that several +100 tokens still
                 # compete on their own logits.
                 bias = {t: -math.inf if b <= -100 else _FORCE_BIAS if b >= 100 else b for t, b in p.logit_bias.items()}
@@ -2251,15 +2205,11 @@ class _Sampler:
 
 
 class _LogprobMarks:
-    """Hands out per-token logprobs in step with the text a stream emits, which lags behind the tokens while a
-    stop sequence might still match, and may end inside a token when one does."""
+    """Hands out token logprobs in step with the emitted text, which lags while a stop sequence may match."""
 
     def __init__(self) -> None:
         self.pending: list[TokenLogprob] = []
         self.done = 0  # characters of pending[0].text already emitted
-
-    def add(self, entry: TokenLogprob) -> None:
-        self.pending.append(entry)
 
     def take(self, emitted: str, stopped: bool, final: bool = False) -> list[TokenLogprob]:
         """The entries whose text `emitted` completes; at a stop, the cut token too, shortened to what was shown."""
