@@ -4464,7 +4464,7 @@ class CompletionStream:
         """Choice i's chunks from the engine; once out of time (or cancelled) an empty choice cut short."""
         req, p = self.request, self.request.choice_params(i)
         if i and self._should_stop():
-            return iter([Chunk("", finish_reason="length")])
+            return iter([Chunk("", finish_reason="length", usage=Usage())])
         if req.kind == "chat":
             return engine.chat(req.messages, p, self._should_stop)
         prompt = req.prompts[i // req.best_of]
