@@ -254,9 +254,8 @@ class ModelConfig:
     system_template: str | None = None  # with prompt_template: a system message, %1 its content
     # Grammars requests may name in `grammar`: a GBNF string, or a JSON schema (an object).
     grammars: dict[str, str | dict[str, Any]] = field(default_factory=dict)
-    max_tokens_limit: int | None = _bound(
-        None, 1
-    )  # ceiling on a request's max_tokens (400 above it); None: the context
+    # Ceiling on a request's max_tokens (400 above it); None: the context.
+    max_tokens_limit: int | None = _bound(None, 1)
     id: str = field(default="", metadata={"internal": True})
     defaults: SamplingParams = field(default=None, metadata={"internal": True})  # type: ignore[assignment]
 
@@ -302,18 +301,14 @@ class ServerConfig:
     listen: ListenConfig = field(default_factory=ListenConfig)
     models_dir: str = field(default_factory=_default_models_dir)
     max_body_bytes: int = _bound(8 * 1024 * 1024, 1024)
-    max_queue: int | None = _bound(
-        None, 0
-    )  # requests allowed to wait; beyond it, 503 with Retry-After. None: unbounded
-    queue_timeout: float | None = _bound(
-        None, above=True
-    )  # seconds a request may wait for an instance; then 503 with Retry-After
-    request_timeout: float | None = _bound(
-        None, above=True
-    )  # seconds per request; generation then ends with the partial text
-    keepalive_interval: float = _bound(
-        5.0, above=True
-    )  # seconds between SSE keep-alive comments while a stream waits in the queue
+    # Requests allowed to wait; beyond it, 503 with Retry-After. None: unbounded.
+    max_queue: int | None = _bound(None, 0)
+    # Seconds a request may wait for an instance; then 503 with Retry-After.
+    queue_timeout: float | None = _bound(None, above=True)
+    # Seconds per request; generation then ends with the partial text.
+    request_timeout: float | None = _bound(None, above=True)
+    # Seconds between SSE keep-alive comments while a stream waits in the queue.
+    keepalive_interval: float = _bound(5.0, above=True)
     download_attempts: int = _bound(5, 1)  # tries in a row without progress before a download fails
     download_stall_timeout: float = _bound(30.0, above=True)  # seconds without a byte before a download is retried
     api_keys: list[str] = field(default_factory=list)  # bearer keys the HTTP API requires; plus $LLLMS_API_KEY
@@ -326,9 +321,8 @@ class ServerConfig:
     max_request_chars: int = _bound(1_000_000, 1)  # characters in all strings of a request body; beyond it, 400
     max_connections: int = _bound(256, 1)  # open client connections (a thread each); beyond it, 503 and closed at once
     idle_timeout: float = _bound(30.0, above=True)  # seconds a keep-alive connection may wait for its next request
-    read_timeout: float = _bound(
-        30.0, above=True
-    )  # seconds to receive a request's headers and body, from its first byte
+    # Seconds to receive a request's headers and body, from its first byte.
+    read_timeout: float = _bound(30.0, above=True)
     shutdown_grace: float = _bound(30.0, 0)  # seconds SIGTERM lets running requests finish before they are cut short
 
     def _check(self, path: str) -> None:
@@ -356,6 +350,17 @@ def _canonical_key(key: str) -> str:
     return _KEY_ALIASES.get(snake, snake)
 
 
+# Each plain config type: its name in errors, and the check a value must pass.
+_PLAIN_TYPES: dict[Any, tuple[str, Callable[[Any], bool]]] = {
+    str: ("a string", lambda v: isinstance(v, str)),
+    int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
+    bool: ("a boolean", lambda v: isinstance(v, bool)),
+    dict: ("an object", lambda v: isinstance(v, dict)),
+    list: ("a list", lambda v: isinstance(v, list)),
+}
+
+
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return " or ".join(json.dumps(a) for a in typing.get_args(tp))
@@ -363,53 +368,33 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
     if dataclasses.is_dataclass(tp):
         return "an object"
-    origin = typing.get_origin(tp) or tp
-    return {
-        str: "a string",
-        int: "an integer",
-        float: "a number",
-        bool: "a boolean",
-        dict: "an object",
-        list: "a list",
-    }.get(origin, str(tp))
+    plain = _PLAIN_TYPES.get(typing.get_origin(tp) or tp)
+    return str(tp) if plain is None else plain[0]
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Check value against a type hint; build nested dataclasses from dicts. Raises ConfigError."""
+    origin = typing.get_origin(tp)
     if tp is Any:
         return value
-    origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
+        arms = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None and len(arms) < len(typing.get_args(tp)):
             return None
-        arms = [a for a in args if a is not type(None)]
         if len(arms) == 1:  # Optional[X]: X's own error is the precise one
             return _coerce(value, arms[0], path)
-        for arm in args:
-            if arm is type(None):
-                continue
-            try:
+        for arm in arms:
+            with _suppress(ConfigError):
                 return _coerce(value, arm, path)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {json.dumps(value)[:60]}")
-    if origin is Literal:
-        if isinstance(value, str) and value in typing.get_args(tp):
-            return value
-        raise ConfigError(f"{path}: expected {_type_name(tp)}, got {json.dumps(value)[:60]}")
-    if dataclasses.is_dataclass(tp):
+        ok = False
+    elif origin is Literal:
+        ok = isinstance(value, str) and value in typing.get_args(tp)
+    elif dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             value = {f.name: getattr(value, f.name) for f in dataclasses.fields(tp) if not f.metadata.get("internal")}
         return _from_dict(tp, value, path)
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v),
-        str: lambda v: isinstance(v, str),
-        dict: lambda v: isinstance(v, dict),
-        list: lambda v: isinstance(v, list),
-    }[origin or tp](value)
+    else:
+        ok = _PLAIN_TYPES[origin or tp][1](value)
     if not ok:
         raise ConfigError(f"{path}: expected {_type_name(tp)}, got {json.dumps(value, default=str)[:60]}")
     if tp is float:
@@ -510,14 +495,8 @@ def _logit_bias(value: Any, key: str) -> dict[int, float]:
         raise InvalidRequest(f"'{key}' must be an object mapping token ids to biases", param=key)
     out = {}
     for tok, bias in value.items():
-        tid = (
-            tok
-            if isinstance(tok, int)
-            else int(tok)
-            if isinstance(tok, str) and re.fullmatch(r"[0-9]{1,10}", tok)
-            else None
-        )
-        if tid is None or isinstance(tid, bool) or tid < 0:
+        tid = int(tok) if isinstance(tok, str) and re.fullmatch(r"[0-9]{1,10}", tok) else tok
+        if not isinstance(tid, int) or isinstance(tid, bool) or tid < 0:
             raise InvalidRequest(f"'{key}' keys must be token ids (non-negative integers), got {tok!r}", param=key)
         if isinstance(bias, bool) or not isinstance(bias, (int, float)) or not -100 <= bias <= 100:
             raise InvalidRequest(f"'{key}' values must be numbers from -100 to 100, got {bias!r}", param=key)
@@ -576,35 +555,32 @@ class SamplingParams:
                 value = [value] if isinstance(value, str) else value
                 if not isinstance(value, list) or not all(isinstance(s, str) and s for s in value) or len(value) > 4:
                     raise InvalidRequest("'stop' must be a non-empty string or a list of up to 4 of them", param=key)
-                setattr(out, name, value or None)
-                continue
-            if name == "logit_bias":
-                out.logit_bias = _logit_bias(value, key) or None
-                continue
-            if name == "grammar":
+                value = value or None
+            elif name == "logit_bias":
+                value = _logit_bias(value, key) or None
+            elif name == "grammar":
                 if not isinstance(value, str) or not value.strip():
                     raise InvalidRequest("'grammar' must be a non-empty GBNF string", param=key)
-                out.grammar = value
-                continue
-            base = typing.get_args(hints[name])[0]
-            whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # 2.0 is an integer
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (base is int and not whole):
-                kind = "an integer" if base is int else "a number"
-                raise InvalidRequest(f"'{key}' must be {kind}, got {json.dumps(value)[:40]}", param=key)
-            lo, hi = cls._RANGES[name]
-            if not (math.isfinite(value) and lo <= value <= hi):
-                raise InvalidRequest(f"'{key}' must be between {lo} and {hi}, got {value}", param=key)
-            setattr(out, name, base(value))
+            else:
+                base = typing.get_args(hints[name])[0]
+                whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # 2.0 is one
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or (base is int and not whole):
+                    kind = "an integer" if base is int else "a number"
+                    raise InvalidRequest(f"'{key}' must be {kind}, got {json.dumps(value)[:40]}", param=key)
+                lo, hi = cls._RANGES[name]
+                if not (math.isfinite(value) and lo <= value <= hi):
+                    raise InvalidRequest(f"'{key}' must be between {lo} and {hi}, got {value}", param=key)
+                value = base(value)
+            setattr(out, name, value)
         return out
 
     def merged_over(self, defaults: SamplingParams) -> SamplingParams:
         """These params, falling back to `defaults` field by field (0 and 0.0 count as set)."""
-        return SamplingParams(
-            **{
-                f.name: getattr(self, f.name) if getattr(self, f.name) is not None else getattr(defaults, f.name)
-                for f in dataclasses.fields(self)
-            }
-        )
+        merged = dataclasses.replace(defaults)
+        for f in dataclasses.fields(self):
+            if getattr(self, f.name) is not None:
+                setattr(merged, f.name, getattr(self, f.name))
+        return merged
 
 
 # ==== 3. model store: paths, download, checksum
@@ -2954,15 +2930,10 @@ class _Pool:
             for t in self.queue:
                 t.ready.set()  # wakes the waiter, which sees no instance and gives up
             self.queue.clear()
-            deadline = time.monotonic() + grace
-            while self.running and (left := deadline - time.monotonic()) > 0:
-                self.cond.wait(left)
-            if self.running:
+            if not self.cond.wait_for(lambda: not self.running, grace):
                 # Grace is over: generations stop at their next token; give them a moment to hand back.
                 self.abort.set()
-                deadline = time.monotonic() + 5.0
-                while self.running and (left := deadline - time.monotonic()) > 0:
-                    self.cond.wait(left)
+                self.cond.wait_for(lambda: not self.running, 5.0)
             doomed = [i for insts in self.instances.values() for i in insts if i.state != "busy"]
             for inst in doomed:
                 inst.state = "gone"  # a load still under way sees this and frees what it loaded
@@ -2982,10 +2953,7 @@ class _Pool:
         return str(max(1, math.ceil(self.service_time * waiting / self.config.concurrency)))
 
     def enqueue(self, model_id: str, key: str) -> _Ticket:
-        """Join the queue for an instance of model_id whose context shares key's prefix, if one is free.
-
-        Raises Unavailable (503 with Retry-After) when the server is stopping or the queue is full.
-        """
+        """Queue for an instance of model_id, preferring one whose context shares key's prefix; 503 if full."""
         ticket = _Ticket(model_id, key)
         with self.cond:
             if self.stopping:
@@ -3119,31 +3087,23 @@ class _Pool:
             if info is not None:
                 inst.context_tokens, inst.preview = info
             inst.cached_tokens += cached_tokens
-            doomed = self._release_locked(inst, ok, used)
-        if doomed:
-            self._close(inst)
-
-    def _release_locked(self, inst: _Instance, ok: bool, used: bool = True) -> bool:
-        """Return the slot and the instance; True when the caller must close the instance."""
-        self.running -= 1
-        now = time.monotonic()
-        if used:
-            inst.requests += 1
-            self.service_time = 0.8 * self.service_time + 0.2 * (now - inst.last_used)
-            inst.last_used, inst.last_used_wall = now, time.time()
-        insts = self.instances[inst.model.id]
-        dispose = not ok or self.stopping or (inst.model.ttl == 0 and len(insts) > inst.model.min_instances)
-        if dispose:
-            if inst in insts:
+            self.running -= 1
+            now = time.monotonic()
+            if used:
+                inst.requests += 1
+                self.service_time = 0.8 * self.service_time + 0.2 * (now - inst.last_used)
+                inst.last_used, inst.last_used_wall = now, time.time()
+            insts = self.instances[inst.model.id]
+            dispose = not ok or self.stopping or (inst.model.ttl == 0 and len(insts) > inst.model.min_instances)
+            inst.state = "gone" if dispose else "idle"
+            if dispose and inst in insts:
                 insts.remove(inst)
-            inst.state = "gone"
-        else:
-            inst.state = "idle"
-        self._dispatch()
-        self.cond.notify_all()
-        if dispose and not self.stopping:
-            self._replenish(inst.model)
-        return dispose
+            self._dispatch()
+            self.cond.notify_all()
+            if dispose and not self.stopping:
+                self._replenish(inst.model)
+        if dispose:
+            self._close(inst)
 
     def _dispatch(self) -> None:
         """Hand free instances (or room for new ones) to waiting tickets, oldest first. Lock held."""
@@ -3154,9 +3114,7 @@ class _Pool:
                 return
             if ticket.model_id not in self._paths:
                 continue  # its file is still being prepared
-            model = self.config.models[ticket.model_id]
-            insts = self.instances[ticket.model_id]
-            best = self._choose(ticket, model, insts)
+            best = self._choose(ticket)
             if best is None:
                 continue  # this model is saturated; later tickets for other models may still run
             self.queue.remove(ticket)
@@ -3165,14 +3123,15 @@ class _Pool:
             ticket.instance = best
             ticket.ready.set()
 
-    @staticmethod
-    def _choose(ticket: _Ticket, model: ModelConfig, insts: list[_Instance]) -> _Instance | None:
+    def _choose(self, ticket: _Ticket) -> _Instance | None:
         """The instance for a ticket, marked busy (or a new one, loading); None when the model is saturated.
 
         The idle instance sharing the longest useful history wins. Without one, the request takes an empty idle
         instance (it costs nothing), then a new instance while under max_instances, and only then the least
         recently used idle one, whose conversation it displaces. Lock held.
         """
+        model = self.config.models[ticket.model_id]
+        insts = self.instances[ticket.model_id]
         idle = [i for i in insts if i.state == "idle"]
         shared = [(_common_prefix(i.context_key, ticket.key), i) for i in idle]
         useful = [(n, i) for n, i in shared if _useful_prefix(ticket.key, n)]
@@ -3195,10 +3154,7 @@ class _Pool:
     # -- instances
 
     def _load(self, inst: _Instance, busy: bool) -> None:
-        """Create the engine for a reserved instance, leaving it busy (for its requester) or idle.
-
-        On failure the instance is removed and the error recorded for status.
-        """
+        """Create a reserved instance's engine, leaving it busy or idle; on failure, drop it and record why."""
         model = inst.model
         engine: Engine | None = None
         try:
@@ -3229,22 +3185,22 @@ class _Pool:
             orphan = self.stopping or inst not in self.instances[model.id]
             if orphan:
                 inst.state = "gone"
+            else:
+                inst.engine = engine
+                if model.preload is not None:
+                    inst.context_key = _history_key(model.preload.messages or [], model.preload.prefix or "")
+                inst.context_tokens, inst.preview = info
+                self._errors.pop(model.id, None)
+                # Flip state in the same critical section, so no other request can grab a fresh instance
+                # between "loaded" and "taken by the request that created it".
+                inst.state = "busy" if busy else "idle"
+                if not busy:
+                    self._dispatch()
+                self.cond.notify_all()
         if orphan:  # stop() ran while it loaded: free it rather than leak it
             with _suppress(Exception):
                 engine.close()
             raise _shutting_down()
-        with self.cond:
-            inst.engine = engine
-            if model.preload is not None:
-                inst.context_key = _history_key(model.preload.messages or [], model.preload.prefix or "")
-            inst.context_tokens, inst.preview = info
-            self._errors.pop(model.id, None)
-            # Flip state in the same critical section, so no other request can grab a fresh instance
-            # between "loaded" and "taken by the request that created it".
-            inst.state = "busy" if busy else "idle"
-            if not busy:
-                self._dispatch()
-            self.cond.notify_all()
 
     def _replenish(self, model: ModelConfig) -> None:
         """Keep min_instances warm after a disposal, loading in the background. Lock held."""
@@ -3272,16 +3228,17 @@ class _Pool:
 
     def _reap_loop(self) -> None:
         """Dispose instances idle past their model's ttl, never below min_instances."""
-        with self.cond:
-            while not self.stopping:
+        while True:
+            with self.cond:
+                if self.stopping:
+                    return
                 now = time.monotonic()
                 doomed: list[_Instance] = []
                 next_due = math.inf
                 for model_id, insts in self.instances.items():
                     model = self.config.models[model_id]
                     idle = sorted((i for i in insts if i.state == "idle"), key=lambda i: i.last_used)
-                    spare = len(insts) - model.min_instances
-                    for inst in idle[: max(spare, 0)]:
+                    for inst in idle[: max(len(insts) - model.min_instances, 0)]:
                         due = inst.last_used + model.ttl
                         if due <= now:
                             doomed.append(inst)
@@ -3290,15 +3247,10 @@ class _Pool:
                 for inst in doomed:
                     self.instances[inst.model.id].remove(inst)
                     inst.state = "gone"
-                if doomed:
-                    self.cond.release()
-                    try:
-                        for inst in doomed:
-                            self._close(inst)
-                    finally:
-                        self.cond.acquire()
-                    continue
-                self.cond.wait(None if next_due == math.inf else max(0.01, next_due - now))
+                if not doomed:
+                    self.cond.wait(None if next_due == math.inf else max(0.01, next_due - now))
+            for inst in doomed:
+                self._close(inst)
 
     # -- status
 
