@@ -3530,38 +3530,33 @@ _UNSUPPORTED: dict[str, Any] = {
     "web_search_options": (None,),
     "verbosity": (None,),
 }
-# Known fields that change nothing here, with the values the spec allows (a type, a literal, or None): any other
-# value is a 400 naming the field. Unknown fields are ignored, as OpenAI does.
-_NEUTRAL_FIELDS: dict[str, tuple[Any, ...]] = {
-    "user": (str,),
-    "safety_identifier": (str, None),
-    "prompt_cache_key": (str, None),
-    "metadata": (dict, None),
-    "prediction": (dict, None),
-    "store": (bool, None),
-    "moderation": (dict, None),
-    "prompt_cache_options": (dict, None),
-    "service_tier": ("auto", "default", "flex", "scale", "priority", None),
-    "prompt_cache_retention": ("in_memory", "24h", None),
+# Known fields that change nothing here, each with the values the spec allows: anything else is a 400 naming it.
+# Unknown fields are ignored, as OpenAI does.
+_NEUTRAL_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "user": ("a string", lambda v: isinstance(v, str)),
+    "safety_identifier": ("a string", lambda v: v is None or isinstance(v, str)),
+    "prompt_cache_key": ("a string", lambda v: v is None or isinstance(v, str)),
+    "metadata": ("an object of strings", lambda v: v is None or isinstance(v, dict) and _all_str(v.values())),
+    "prediction": ("an object", lambda v: v is None or isinstance(v, dict)),
+    "moderation": ("an object", lambda v: v is None or isinstance(v, dict)),
+    "prompt_cache_options": ("an object", lambda v: v is None or isinstance(v, dict)),
+    "store": ("a boolean", lambda v: v is None or isinstance(v, bool)),
+    "service_tier": (
+        "auto, default, flex, scale or priority",
+        lambda v: v in (None, "auto", "default", "flex", "scale", "priority"),
+    ),
+    "prompt_cache_retention": ("in_memory or 24h", lambda v: v in (None, "in_memory", "24h")),
 }
 
 
-def _allowed(value: Any, allowed: tuple[Any, ...]) -> bool:
-    for a in allowed:
-        if isinstance(a, type) and isinstance(value, a) and (a is bool or not isinstance(value, bool)):
-            return True
-        if not isinstance(a, type) and value is a or (isinstance(a, str) and value == a):
-            return True
-    return False
+def _all_str(values: Any) -> bool:
+    return all(isinstance(v, str) for v in values)
 
 
 def _check_fields(body: dict[str, Any], model: ModelConfig) -> None:
-    for key, allowed in _NEUTRAL_FIELDS.items():
-        if key in body and not _allowed(body[key], allowed):
-            names = ", ".join(
-                "null" if a is None else _type_name(a) if isinstance(a, type) else repr(a) for a in allowed
-            )
-            raise InvalidRequest(f"'{key}' must be {names}", param=key)
+    for key, (allowed, ok) in _NEUTRAL_FIELDS.items():
+        if key in body and not ok(body[key]):
+            raise InvalidRequest(f"'{key}' must be {allowed}", param=key)
     for key, neutral in _UNSUPPORTED.items():
         if key in body and body[key] not in neutral:
             raise InvalidRequest(f"'{key}' is not supported by the {model.engine} engine", param=key)

@@ -28,6 +28,7 @@ from collections.abc import Iterator
 from contextlib import suppress as contextlib_suppress
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import jsonschema
 import openai
@@ -56,52 +57,134 @@ def wait_until(predicate: Any, timeout: float = 20.0, what: str = "condition") -
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def address(target: lllms.HTTPServer | str) -> tuple[str, int]:
+    """(host, port) of a server, or of a URL like http://127.0.0.1:3000."""
+    parts = urlsplit(target if isinstance(target, str) else target.url)
+    assert parts.hostname is not None and parts.port is not None, target
+    return parts.hostname, parts.port
+
+
+class Reply(typing.NamedTuple):
+    """One HTTP response: the status, the body (parsed JSON if it says application/json, else text, or None when
+    empty) and the headers."""
+
+    status: int
+    body: Any
+    headers: dict[str, str]
+
+
+def _reply(status: int, headers: dict[str, str], raw: bytes) -> Reply:
+    if not raw:
+        return Reply(status, None, headers)
+    if headers.get("Content-Type", "").startswith("application/json"):
+        return Reply(status, json.loads(raw), headers)
+    return Reply(status, raw.decode(), headers)
+
+
 def http_request(
-    url: str, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
-) -> tuple[int, Any, dict[str, str]]:
-    """One request on a fresh connection: (status, parsed JSON body (other bodies as text) or None, headers)."""
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    target: lllms.HTTPServer | str,
+    method: str,
+    path: str,
+    body: dict[str, Any] | bytes | None = None,
+    headers: dict[str, str] | None = None,
+    *,
+    timeout: float = 60,
+) -> Reply:
+    """One request on a fresh connection, read to its end. A dict body is sent as JSON, bytes as they are; the
+    Content-Type is application/json unless `headers` say otherwise. `timeout` is the deadline: a hang fails there."""
+    data = json.dumps(body).encode() if isinstance(body, dict) else body
+    conn = http.client.HTTPConnection(*address(target), timeout=timeout)
     try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
         resp = conn.getresponse()
-        raw = resp.read()
-        if raw and not (resp.getheader("Content-Type") or "").startswith("application/json"):
-            return resp.status, raw.decode(), dict(resp.getheaders())
-        return resp.status, json.loads(raw) if raw else None, dict(resp.getheaders())
+        return _reply(resp.status, dict(resp.getheaders()), resp.read())
     finally:
         conn.close()
 
 
-def get_json(url: str, path: str) -> tuple[int, Any, dict[str, str]]:
-    return http_request(url, "GET", path)
+def sse(raw: bytes | str) -> list[Any]:
+    """The data of each server-sent event in a response body, also read raw off a chunked response: parsed JSON,
+    and "[DONE]" as the string. Comments (keep-alives) are left out."""
+    data = raw.encode() if isinstance(raw, str) else raw
+    return [e.decode() if e == b"[DONE]" else json.loads(e) for e in re.findall(rb"data: (.*?)\n\n", data)]
 
 
-def post_raw(url: str, path: str, body: bytes) -> tuple[int, Any, dict[str, str]]:
-    return http_request(url, "POST", path, body)
+class RawSocket:
+    """A bare connection, for what the HTTP client cannot do: send malformed framing, read the bytes on the wire,
+    hang up mid-request or mid-response. Construct it with the bytes to send first, or use `post`."""
 
+    def __init__(self, target: lllms.HTTPServer | str, data: bytes = b"", timeout: float = 30) -> None:
+        self.sock = socket.create_connection(address(target), timeout=timeout)
+        self._unread = b""
+        self.sock.sendall(data)
 
-def raw_post(url: str, path: str, body: dict[str, Any]) -> socket.socket:
-    """Send a POST on a bare socket and return it unread, so a test can hang up whenever it likes."""
-    host, port = url.removeprefix("http://").split(":")
-    data = json.dumps(body)
-    sock = socket.create_connection((host, int(port)), timeout=30)
-    sock.sendall(
-        f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(data)}\r\n\r\n{data}".encode()
-    )
-    return sock
+    @classmethod
+    def post(cls, target: lllms.HTTPServer | str, path: str, body: dict[str, Any] | bytes) -> RawSocket:
+        """A JSON POST (a dict, or bytes as they are), sent and not read: the test reads what it needs."""
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n"
+        )
+        return cls(target, head.encode() + data)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def recv(self, size: int = 65536) -> bytes:
+        """What has arrived (at most `size` bytes, at least one unless the server closed)."""
+        if self._unread:
+            data, self._unread = self._unread[:size], self._unread[size:]
+            return data
+        return self.sock.recv(size)
+
+    def read_to_eof(self) -> bytes:
+        """Everything until the server closes the connection."""
+        data = b""
+        while chunk := self.recv():
+            data += chunk
+        return data
+
+    def read_response(self) -> Reply:
+        """One response: the head, then a Content-Length body (or, without one, everything up to the close)."""
+        data = self._unread
+        while b"\r\n\r\n" not in data:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError(f"connection closed mid-response: {data!r}")
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k: v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        status = int(lines[0].split()[1])
+        length = 0 if status < 200 else int(headers.get("Content-Length", "-1"))  # an interim response: no body
+        while length < 0 or len(body) < length:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            body += chunk
+        if length >= 0:
+            body, self._unread = body[:length], body[length:]
+        else:
+            self._unread = b""
+        return _reply(status, headers, body)
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> RawSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def hang_up_mid_stream(url: str, model: str, events: int, max_tokens: int) -> None:
     """Stream "1, 2, 3," from model, read `events` data events, then hang up."""
-    sock = raw_post(
-        url, "/v1/completions", {"model": model, "prompt": "1, 2, 3,", "max_tokens": max_tokens, "stream": True}
-    )
-    received = b""
-    while received.count(b"data: {") < events:
-        received += sock.recv(4096)
-    sock.close()
+    body = {"model": model, "prompt": "1, 2, 3,", "max_tokens": max_tokens, "stream": True}
+    with RawSocket.post(url, "/v1/completions", body) as sock:
+        received = b""
+        while received.count(b"data: {") < events:
+            received += sock.recv(4096)
 
 
 def free_port() -> int:
@@ -334,7 +417,9 @@ class GateEngine(lllms.Engine):
     def close(self) -> None:
         GateEngine.closed.append(self.model.id)
 
-    def complete(self, prompt: str, params: lllms.SamplingParams, should_stop: Any = None) -> Iterator[lllms.Chunk]:
+    def complete(
+        self, prompt: str, params: lllms.SamplingParams, should_stop: Any = None, **_: Any
+    ) -> Iterator[lllms.Chunk]:
         if GateEngine.fail_next:
             GateEngine.fail_next = False
             raise RuntimeError("engine exploded")
@@ -490,7 +575,7 @@ def test_real_pool_max_instances_under_concurrent_chats(smollm2: str) -> None:
 
         def monitor() -> None:
             while not done.is_set():
-                _, status, _ = get_json(server.url, "/")
+                _, status, _ = http_request(server.url, "GET", "/")
                 seen["busy"] = max(seen["busy"], status["models"]["smol"]["instances"]["busy"])
                 seen["instances"] = max(seen["instances"], len(status["instances"]))
                 seen["polls"] += 1
@@ -512,7 +597,7 @@ def test_real_pool_max_instances_under_concurrent_chats(smollm2: str) -> None:
         mon.join(30)
         assert len(results) == 6 and all(r.choices[0].message.content for r in results)
         assert seen["polls"] > 0 and 1 <= seen["busy"] <= 2 and seen["instances"] <= 2
-        _, status, _ = get_json(server.url, "/")
+        _, status, _ = http_request(server.url, "GET", "/")
         assert status["concurrency"]["running"] == 0
         assert status["instances"] and all(i["state"] == "idle" for i in status["instances"])
         assert sum(i["requests"] for i in status["instances"]) == 6
@@ -717,10 +802,8 @@ def test_http_embeddings_float_and_base64(client: openai.OpenAI, http_server: ll
     b = client.embeddings.create(model="bert", input=["hello world", "the cat"])  # the SDK asks for base64
     for fd, bd in zip(f.data, b.data, strict=True):
         assert bd.embedding == pytest.approx(fd.embedding, abs=1e-6)
-    status, raw, _ = post_raw(
-        http_server.url,
-        "/v1/embeddings",
-        json.dumps({"model": "bert", "input": "hi", "encoding_format": "base64"}).encode(),
+    status, raw, _ = http_request(
+        http_server.url, "POST", "/v1/embeddings", {"model": "bert", "input": "hi", "encoding_format": "base64"}
     )
     assert status == 200 and isinstance(raw["data"][0]["embedding"], str)
     vec = decode_b64(raw["data"][0]["embedding"])
@@ -731,14 +814,14 @@ def test_http_embeddings_float_and_base64(client: openai.OpenAI, http_server: ll
 
 
 def test_http_status_json(http_server: lllms.HTTPServer) -> None:
-    code, status, _ = get_json(http_server.url, "/")
+    code, status, _ = http_request(http_server.url, "GET", "/")
     assert code == 200 and status["server"] == "lllms"
     smol = status["models"]["smol"]
     assert (smol["status"], smol["engine"], smol["task"]) == ("ready", "llama-cpp", "text-completion")
     assert set(smol["instances"]) >= {"total", "idle", "busy", "loading"}
     for inst in status["instances"]:
         assert {"id", "model", "state", "last_used"} <= set(inst)
-    code, health, _ = get_json(http_server.url, "/health")
+    code, health, _ = http_request(http_server.url, "GET", "/health")
     assert code == 200 and health == {"status": "ok"}
 
 
@@ -822,7 +905,7 @@ def test_http_status_json(http_server: lllms.HTTPServer) -> None:
 def test_http_error_envelopes(
     http_server: lllms.HTTPServer, path: str, body: bytes, status: int, param: str | None, code: str | None
 ) -> None:
-    got, payload, headers = post_raw(http_server.url, path, body)
+    got, payload, headers = http_request(http_server.url, "POST", path, body)
     assert got == status, payload
     assert headers["Content-Type"] == "application/json"
     assert_envelope(payload, param=param, code=code)
@@ -840,7 +923,7 @@ def test_http_method_not_allowed_and_unknown_get(http_server: lllms.HTTPServer) 
 
 
 def test_http_body_too_large(http_server: lllms.HTTPServer) -> None:
-    status, payload, _ = post_raw(http_server.url, "/v1/completions", b"x" * (9 * 1024 * 1024))
+    status, payload, _ = http_request(http_server.url, "POST", "/v1/completions", b"x" * (9 * 1024 * 1024))
     assert status == 413
     assert_envelope(payload, code="body_too_large")
 
@@ -856,14 +939,9 @@ def test_sdk_raises_typed_errors(client: openai.OpenAI) -> None:
 
 
 def test_http_sse_framing_is_exact(http_server: lllms.HTTPServer) -> None:
-    body = json.dumps({"model": "smol", "prompt": "Hello", "max_tokens": 5, "stream": True, "temperature": 0})
-    host, port = http_server.url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    conn.request("POST", "/openai/v1/completions", body=body, headers={"Content-Type": "application/json"})
-    resp = conn.getresponse()
-    assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
-    raw = resp.read().decode()
-    conn.close()
+    body = {"model": "smol", "prompt": "Hello", "max_tokens": 5, "stream": True, "temperature": 0}
+    status, raw, headers = http_request(http_server, "POST", "/openai/v1/completions", body)
+    assert status == 200 and headers["Content-Type"] == "text/event-stream"
     events = raw.split("\n\n")
     assert events[-1] == "" and events[-2] == "data: [DONE]"
     for event in events[:-2]:
@@ -872,19 +950,17 @@ def test_http_sse_framing_is_exact(http_server: lllms.HTTPServer) -> None:
 
 
 def test_http_client_disconnect_releases_instance(http_server: lllms.HTTPServer) -> None:
-    sock = raw_post(
-        http_server.url, "/v1/completions", {"model": "tiny", "prompt": "hello", "max_tokens": 60, "stream": True}
-    )
-    assert sock.recv(64).startswith(b"HTTP/1.1 200")
-    sock.close()
+    body = {"model": "tiny", "prompt": "hello", "max_tokens": 60, "stream": True}
+    with RawSocket.post(http_server, "/v1/completions", body) as sock:
+        assert sock.recv(64).startswith(b"HTTP/1.1 200")
 
     def tiny_idle() -> bool:
-        _, status, _ = get_json(http_server.url, "/")
+        _, status, _ = http_request(http_server.url, "GET", "/")
         return status["models"]["tiny"]["instances"]["busy"] == 0 and status["concurrency"]["running"] == 0
 
     wait_until(tiny_idle, timeout=10, what="the tiny instance to be released")
-    status, payload, _ = post_raw(
-        http_server.url, "/v1/completions", json.dumps({"model": "tiny", "prompt": "hello", "max_tokens": 3}).encode()
+    status, payload, _ = http_request(
+        http_server.url, "POST", "/v1/completions", {"model": "tiny", "prompt": "hello", "max_tokens": 3}
     )
     assert status == 200 and payload["choices"][0]["finish_reason"] in ("stop", "length")
 
@@ -905,7 +981,7 @@ def _wait_healthy(proc: subprocess.Popen, url: str) -> None:
     def healthy() -> bool:
         assert proc.poll() is None, proc.stdout.read() if proc.stdout else "exited"
         try:
-            return get_json(url, "/health")[0] == 200
+            return http_request(url, "GET", "/health")[0] == 200
         except OSError:
             return False
 
@@ -940,8 +1016,8 @@ def test_cli_config_file_and_sigterm(tmp_path: Any, tiny_llama: str) -> None:
     try:
         url = f"http://127.0.0.1:{port}"
         _wait_healthy(proc, url)
-        status, payload, _ = post_raw(
-            url, "/openai/v1/completions", json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 2}).encode()
+        status, payload, _ = http_request(
+            url, "POST", "/openai/v1/completions", {"model": "tiny", "prompt": "hi", "max_tokens": 2}
         )
         assert status == 200 and payload["usage"]["completion_tokens"] <= 2
         proc.send_signal(signal.SIGTERM)
@@ -967,26 +1043,14 @@ def test_cli_rejects_bad_config(tmp_path: Any) -> None:
 # ==== shapes validate against OpenAI's OpenAPI spec
 
 
-def _sse_events(url: str, path: str, body: dict[str, Any]) -> list[dict[str, Any]]:
-    host, port = url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=60)
-    try:
-        conn.request("POST", path, body=json.dumps(body), headers={"Content-Type": "application/json"})
-        raw = conn.getresponse().read().decode()
-    finally:
-        conn.close()
-    return [json.loads(e[len("data: ") :]) for e in raw.split("\n\n") if e.startswith("data: {")]
-
-
 def _check_chat_shapes(url: str, body: dict[str, Any], openapi: Any) -> None:
     """A chat request's response, and every chunk of it streamed with usage, against the spec's schemas."""
-    status, payload, _ = post_raw(url, "/v1/chat/completions", json.dumps(body).encode())
+    status, payload, _ = http_request(url, "POST", "/v1/chat/completions", body)
     assert status == 200, payload
     openapi("CreateChatCompletionResponse", payload)
-    events = _sse_events(
-        url, "/v1/chat/completions", {**body, "stream": True, "stream_options": {"include_usage": True}}
-    )
-    assert len(events) >= 3
+    streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    *events, done = sse(http_request(url, "POST", "/v1/chat/completions", streamed).body)
+    assert done == "[DONE]" and len(events) >= 3
     for event in events:
         openapi("CreateChatCompletionStreamResponse", event)
 
@@ -995,12 +1059,16 @@ def test_responses_validate_against_openapi_spec(http_server: lllms.HTTPServer, 
     url = http_server.url
     chat = {"model": "smol", "messages": CHAT, "max_tokens": 6}
     _check_chat_shapes(url, chat, openapi)
-    for event in _sse_events(url, "/v1/chat/completions", {**chat, "stream": True}):
+    *events, done = sse(http_request(url, "POST", "/v1/chat/completions", {**chat, "stream": True}).body)
+    assert done == "[DONE]"
+    for event in events:
         openapi("CreateChatCompletionStreamResponse", event)
     comp = {"model": "smol", "prompt": "Hello", "max_tokens": 4}
-    status, body, _ = post_raw(url, "/v1/completions", json.dumps(comp).encode())
+    status, body, _ = http_request(url, "POST", "/v1/completions", comp)
     openapi("CreateCompletionResponse", body)
-    events = _sse_events(url, "/v1/completions", {**comp, "stream": True, "stream_options": {"include_usage": True}})
+    streamed = {**comp, "stream": True, "stream_options": {"include_usage": True}}
+    *events, done = sse(http_request(url, "POST", "/v1/completions", streamed).body)
+    assert done == "[DONE]"
     # The spec has no completion chunk schema: a chunk is a completion whose finish_reason may still be null and
     # whose usage is null until the last, usage-only chunk (as OpenAI streams it). Check the finishing chunk
     # against the completion schema, and that every chunk has its shape.
@@ -1011,14 +1079,14 @@ def test_responses_validate_against_openapi_spec(http_server: lllms.HTTPServer, 
         assert event.keys() == chunks[-1].keys() and event["usage"] is None
         assert event["choices"][0].keys() == chunks[-1]["choices"][0].keys()
     assert usage_chunk["choices"] == [] and usage_chunk["usage"]["total_tokens"] > 0
-    status, body, _ = post_raw(url, "/v1/embeddings", json.dumps({"model": "bert", "input": ["a", "b"]}).encode())
+    status, body, _ = http_request(url, "POST", "/v1/embeddings", {"model": "bert", "input": ["a", "b"]})
     openapi("CreateEmbeddingResponse", body)
-    openapi("ListModelsResponse", get_json(url, "/v1/models")[1])
-    openapi("Model", get_json(url, "/v1/models/smol")[1])
+    openapi("ListModelsResponse", http_request(url, "GET", "/v1/models")[1])
+    openapi("Model", http_request(url, "GET", "/v1/models/smol")[1])
     for status, body, _ in (
-        get_json(url, "/v1/models/nope"),
-        post_raw(url, "/v1/chat/completions", b"{"),
-        post_raw(url, "/v1/chat/completions", json.dumps({**chat, "n": 300}).encode()),
+        http_request(url, "GET", "/v1/models/nope"),
+        http_request(url, "POST", "/v1/chat/completions", b"{"),
+        http_request(url, "POST", "/v1/chat/completions", {**chat, "n": 300}),
     ):
         assert status >= 400
         openapi("ErrorResponse", body)
@@ -1123,7 +1191,10 @@ def test_forced_tool_calls_stream_exactly_like_non_streamed(
     assert final.choices[0].finish_reason == "tool_calls"
     assert _calls(final.choices[0].message) == _calls(msg)
     # OpenAI's delta rules, on the wire: role once; id, type and name only in a call's first delta.
-    events = _sse_events(http_server.url, "/v1/chat/completions", {**kw, "max_tokens": 80, "stream": True})
+    *events, done = sse(
+        http_request(http_server, "POST", "/v1/chat/completions", {**kw, "max_tokens": 80, "stream": True}).body
+    )
+    assert done == "[DONE]"
     deltas = [e["choices"][0]["delta"] for e in events if e["choices"]]
     assert sum("role" in d for d in deltas) == 1
     seen: dict[int, dict[str, str]] = {}
@@ -1190,14 +1261,55 @@ def test_tool_round_trip_renders_calls_and_results_and_reuses_the_context(client
     # The call came back as generated, so the instance's context still serves the first exchange. (Not always
     # all of it: constrained decoding may pick a tokenization of the call that differs from the tokenizer's.)
     assert r.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens
-    plan = lllms._tool_plan([WEATHER], "auto", None)
-    rendered = lllms._tool_messages(lllms._parse_messages(history), plan)
+    messages = lllms._parse_messages(history)
+    rendered = lllms._tool_messages(messages, lllms._tool_plan([WEATHER], "auto", None, messages))
     assert [m["role"] for m in rendered] == ["system", "user", "assistant", "user"]
     assert "get_weather" in rendered[0]["content"]
     assert rendered[2]["content"] == (
         '{"tool_calls": [{"name": "get_weather", "arguments": ' + call.function.arguments + "}]}"
     )
     assert rendered[3]["content"] == 'Result of get_weather: {"temperature_c": 18, "sky": "sunny"}'
+
+
+def _history_after_a_forced_tool_call(client: openai.OpenAI) -> tuple[Any, list[dict[str, Any]]]:
+    """A request forced to call get_weather, and the history after it: the call and its result."""
+    first = client.chat.completions.create(
+        model="smol", messages=PARIS, tools=[WEATHER], tool_choice="required", temperature=0, max_tokens=80
+    )
+    assert first.choices[0].finish_reason == "tool_calls"
+    call = first.choices[0].message.tool_calls[0]
+    history = [
+        *PARIS,
+        first.choices[0].message.model_dump(exclude_none=True),
+        {"role": "tool", "tool_call_id": call.id, "content": '{"temperature_c": 18, "sky": "sunny"}'},
+    ]
+    return first, history
+
+
+def _assert_answers_in_plain_text(r: Any) -> None:
+    choice = r.choices[0]
+    assert choice.finish_reason in ("stop", "length") and choice.message.tool_calls is None
+    assert choice.message.function_call is None
+    content = choice.message.content
+    assert content and "tool_calls" not in content and not content.lstrip().startswith("{"), content
+
+
+def test_tool_choice_none_after_a_tool_round_answers_in_text_and_reuses_the_context(client: openai.OpenAI) -> None:
+    """pydantic-ai's pattern: force a tool, then ask again with tool_choice "none". The reply is text, never the
+    internal tool-call JSON, and its prompt continues the first one, so the instance's context serves it."""
+    first, history = _history_after_a_forced_tool_call(client)
+    r = client.chat.completions.create(
+        model="smol", messages=history, tools=[WEATHER], tool_choice="none", temperature=0, max_tokens=40
+    )
+    _assert_answers_in_plain_text(r)
+    assert r.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens > 0
+
+
+def test_follow_up_without_tools_after_a_tool_round_answers_in_text(client: openai.OpenAI) -> None:
+    """The same history, asked again with no tools at all: the reply is text as well."""
+    _, history = _history_after_a_forced_tool_call(client)
+    r = client.chat.completions.create(model="smol", messages=history, temperature=0, max_tokens=40)
+    _assert_answers_in_plain_text(r)
 
 
 def _gbnf_regex(gbnf: str) -> re.Pattern[str]:
@@ -1229,7 +1341,7 @@ def test_reply_parser_streams_content_and_calls_in_any_split() -> None:
     )
     text = '{"response": "caf\\u00e9 \\ud83d\\ude00 \\"q\\" \\\\ done"}'
     for size in (1, 2, 3, 7, 1000):
-        p = lllms._ReplyParser()
+        p = lllms._ReplyParser(lllms._ToolPlan([], [], "auto", True))
         deltas = [d for i in range(0, len(reply), size) for d in p.feed(reply[i : i + size])[1]]
         assert [(c["name"], json.loads(c["arguments"])) for c in p.calls] == [
             ("a", {"x": '}"{', "y": [1, {"z": 2}]}),
@@ -1237,7 +1349,7 @@ def test_reply_parser_streams_content_and_calls_in_any_split() -> None:
         ]
         assert [d["index"] for d in deltas if "id" in d] == [0, 1]
         assert "".join(d["arguments"] for d in deltas if d["index"] == 0) == p.calls[0]["arguments"]
-        q = lllms._ReplyParser()
+        q = lllms._ReplyParser(lllms._ToolPlan([], [], "auto", True))
         content = "".join(q.feed(text[i : i + size])[0] for i in range(0, len(text), size))
         assert content == 'café 😀 "q" \\ done' and not q.calls
 
@@ -1355,6 +1467,20 @@ def test_seed_repeats_and_no_seed_varies(client: openai.OpenAI) -> None:
     assert len(seeded) == 1
     unseeded = {client.chat.completions.create(**kw).choices[0].message.content for _ in range(4)}
     assert len(unseeded) > 1
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 1, "seed": 42}, {"temperature": 0}], ids=["seeded", "greedy"])
+def test_identical_requests_to_a_new_server_give_identical_text(smollm2: str, sampling: dict[str, Any]) -> None:
+    """The same seeded (or temperature 0) request, sent twice to a newly started server, gives the same text twice:
+    the first evaluates its whole prompt, the second finds it cached, and neither may change what is generated.
+    (llama.cpp's batched and single-token kernels round differently; these prompts showed it.)"""
+    for messages in (CHAT, DRAGON):
+        with lllms.start_http_server(smol_config(smollm2), host="127.0.0.1", port=0) as server, _sdk(server) as sdk:
+            first = sdk.chat.completions.create(model="smol", messages=messages, max_tokens=32, **sampling)
+            second = sdk.chat.completions.create(model="smol", messages=messages, max_tokens=32, **sampling)
+        assert first.usage.prompt_tokens > 30 and first.usage.prompt_tokens_details.cached_tokens == 0
+        assert second.usage.prompt_tokens_details.cached_tokens > 0  # the case that matters: a warm context
+        assert second.choices[0].message.content == first.choices[0].message.content, messages
 
 
 def test_include_usage_gives_a_final_usage_chunk(client: openai.OpenAI) -> None:
@@ -1567,6 +1693,203 @@ def test_unknown_fields_are_ignored_and_neutral_ones_accepted(client: openai.Ope
     assert r.choices[0].message.content
 
 
+# ---- request validation edges found by fuzzing against OpenAI's spec
+
+
+def _endpoint(path: str) -> str:
+    """The endpoint a path names: chat, completions or embeddings."""
+    return "chat" if "/chat/" in path else path.rsplit("/", 1)[-1]
+
+
+def _base_request(path: str) -> dict[str, Any]:
+    """A small valid request for the endpoint, on the module's http_server."""
+    return {
+        "chat": {"model": "smol", "messages": CHAT, "max_tokens": 3, "temperature": 0},
+        "completions": {"model": "smol", "prompt": "1, 2, 3,", "max_tokens": 3, "temperature": 0},
+        "embeddings": {"model": "bert", "input": "hello world"},
+    }[_endpoint(path)]
+
+
+def _what_it_answered(payload: dict[str, Any]) -> tuple[list[Any], int]:
+    """A completion less its ids, times and logprob values: each choice's index, text, finish reason and number of
+    alternatives per token; and the completion tokens."""
+    choices = []
+    for c in payload["choices"]:
+        lp = c.get("logprobs")
+        if lp is None:
+            alternatives = None
+        elif "content" in lp:  # chat
+            alternatives = [len(t["top_logprobs"]) for t in lp["content"]]
+        else:  # completions
+            alternatives = [len(t) for t in lp["top_logprobs"]]
+        text = c["message"]["content"] if "message" in c else c["text"]
+        choices.append((c["index"], text, c["finish_reason"], alternatives))
+    return choices, payload["usage"]["completion_tokens"]
+
+
+# (path, integer field, a value, what the field needs beside it)
+INTEGER_FIELDS = [
+    ("/v1/chat/completions", "max_tokens", 2, {}),
+    ("/v1/chat/completions", "max_completion_tokens", 2, {"max_tokens": None}),
+    ("/v1/chat/completions", "n", 2, {}),
+    ("/v1/chat/completions", "seed", 42, {"temperature": 1}),
+    ("/v1/chat/completions", "top_logprobs", 2, {"logprobs": True}),
+    ("/v1/completions", "max_tokens", 2, {}),
+    ("/v1/completions", "n", 2, {}),
+    ("/v1/completions", "seed", 42, {"temperature": 1}),
+    ("/v1/completions", "logprobs", 2, {}),
+    ("/v1/completions", "best_of", 2, {}),
+]
+_INTEGER_FIELD_IDS = [f"{_endpoint(path)}.{field}" for path, field, _, _ in INTEGER_FIELDS]
+
+
+@pytest.mark.parametrize(("path", "field", "value", "needs"), INTEGER_FIELDS, ids=_INTEGER_FIELD_IDS)
+def test_whole_number_floats_work_like_integers(
+    http_server: lllms.HTTPServer, path: str, field: str, value: int, needs: dict[str, Any]
+) -> None:
+    """JSON Schema, and so OpenAI, counts 2.0 as an integer: sent for an integer field, it works exactly like 2."""
+    body = {**_base_request(path), **needs}
+    as_int = http_request(http_server, "POST", path, {**body, field: value})
+    as_float = http_request(http_server, "POST", path, {**body, field: float(value)})
+    assert as_int.status == 200, as_int.body
+    assert as_float.status == 200, as_float.body
+    assert _what_it_answered(as_float.body) == _what_it_answered(as_int.body)
+
+
+@pytest.mark.parametrize(("path", "field", "value", "needs"), INTEGER_FIELDS, ids=_INTEGER_FIELD_IDS)
+def test_non_whole_floats_for_integer_fields_are_400s_naming_the_field(
+    http_server: lllms.HTTPServer, path: str, field: str, value: int, needs: dict[str, Any]
+) -> None:
+    """2.5 is no integer: still a 400, naming the field."""
+    body = {**_base_request(path), **needs, field: value + 0.5}
+    status, payload, _ = http_request(http_server, "POST", path, body)
+    assert status == 400, payload
+    assert_envelope(payload, param=field)
+
+
+def test_function_result_with_null_content_after_a_function_call_is_accepted(http_server: lllms.HTTPServer) -> None:
+    """The spec's deprecated function message has `content: string | null`."""
+    messages = [
+        {"role": "assistant", "content": None, "function_call": {"name": "f", "arguments": "{}"}},
+        {"role": "function", "name": "f", "content": None},
+    ]
+    body = {"model": "smol", "messages": messages, "max_tokens": 3}
+    status, payload, _ = http_request(http_server, "POST", "/v1/chat/completions", body)
+    assert status == 200, payload
+    assert payload["choices"][0]["message"]["role"] == "assistant"
+
+
+def test_assistant_refusal_part_in_history_is_rendered_as_that_turns_text(client: openai.OpenAI) -> None:
+    """An assistant message may hold a `refusal` content part: the prompt then reads as if the turn said it."""
+
+    def prompt_tokens(assistant_content: Any) -> int:
+        messages = [
+            {"role": "user", "content": "Tell me your secret."},
+            {"role": "assistant", "content": assistant_content},
+            {"role": "user", "content": "Why not?"},
+        ]
+        r = client.chat.completions.create(model="smol", messages=messages, max_tokens=2, temperature=0)
+        assert r.choices[0].message.content is not None
+        return r.usage.prompt_tokens
+
+    refusal = "No, I will not share it."
+    as_part = prompt_tokens([{"type": "refusal", "refusal": refusal}])
+    assert as_part == prompt_tokens(refusal) > prompt_tokens("")
+
+
+MALFORMED_KNOWN_FIELDS = [  # (path, field, a value of the wrong type for it)
+    ("/v1/chat/completions", "metadata", False),
+    ("/v1/chat/completions", "metadata", {"key": 1}),
+    ("/v1/chat/completions", "user", []),
+    ("/v1/chat/completions", "prediction", 5),
+    ("/v1/chat/completions", "store", "yes"),
+    ("/v1/chat/completions", "service_tier", 7),
+    ("/v1/chat/completions", "prompt_cache_retention", ""),
+    ("/v1/completions", "user", []),
+    ("/v1/embeddings", "encoding_format", ""),
+    ("/v1/embeddings", "dimensions", None),
+    ("/v1/embeddings", "user", []),
+]
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    MALFORMED_KNOWN_FIELDS,
+    ids=[f"{_endpoint(path)}.{field}={json.dumps(value)}" for path, field, value in MALFORMED_KNOWN_FIELDS],
+)
+def test_malformed_known_fields_are_400s_naming_the_field(
+    http_server: lllms.HTTPServer, path: str, field: str, value: Any
+) -> None:
+    """A field the spec defines gets its spec type checked, even where lllms does nothing with it."""
+    status, payload, _ = http_request(http_server, "POST", path, {**_base_request(path), field: value})
+    assert status == 400, payload
+    assert_envelope(payload, param=field)
+
+
+def test_known_fields_of_the_right_type_and_unknown_fields_are_accepted(http_server: lllms.HTTPServer) -> None:
+    """Known fields with values of their spec types, null where the spec allows it, and fields the spec does not
+    know (ignored) are all accepted."""
+    unknown = {"frobnicate": [1, {"x": None}], "metadata_v2": False}
+    chat = {
+        "metadata": {"key": "value"},
+        "user": "user-1234",
+        "prediction": {"type": "content", "content": "Red, green and blue."},
+        "store": False,
+        "service_tier": "default",
+        "prompt_cache_retention": "24h",
+    }
+    nullable = dict.fromkeys(["metadata", "prediction", "store", "service_tier", "prompt_cache_retention"])
+    for path, fields in (
+        ("/v1/chat/completions", {**chat, **unknown}),
+        ("/v1/chat/completions", {**nullable, **unknown}),
+        ("/v1/completions", {"user": "user-1234", **unknown}),
+        ("/v1/embeddings", {"user": "user-1234", "encoding_format": "float", **unknown}),
+    ):
+        status, payload, _ = http_request(http_server, "POST", path, {**_base_request(path), **fields})
+        assert status == 200, (path, fields, payload)
+
+
+IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+AUDIO_PART = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+FILE_PART = {"type": "file", "file": {"file_id": "file-abc123"}}
+
+
+@pytest.mark.parametrize(
+    ("path", "fields", "param"),
+    [
+        ("/v1/chat/completions", {"stop": [""]}, "stop"),
+        ("/v1/completions", {"stop": [""]}, "stop"),
+        ("/v1/chat/completions", {"tools": [{"type": "custom", "custom": {"name": "f"}}]}, "tools[0]"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [IMAGE_PART]}]}, "messages[0].content"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [AUDIO_PART]}]}, "messages[0].content"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [FILE_PART]}]}, "messages[0].content"),
+        ("/v1/completions", {"prompt": None}, "prompt"),
+        ("/v1/completions", {"prompt": []}, "prompt"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"top_logprobs": 2, "logprobs": False}, "top_logprobs"),
+    ],
+    ids=[
+        "empty-stop-chat",
+        "empty-stop-completion",
+        "custom-tool",
+        "image-part",
+        "audio-part",
+        "file-part",
+        "null-prompt",
+        "empty-prompt",
+        "top_logprobs-alone",
+        "top_logprobs-with-logprobs-false",
+    ],
+)
+def test_documented_refusals_are_400s_naming_their_param(
+    http_server: lllms.HTTPServer, path: str, fields: dict[str, Any], param: str
+) -> None:
+    """What lllms refuses although the spec allows it; the README lists each."""
+    status, payload, _ = http_request(http_server, "POST", path, {**_base_request(path), **fields})
+    assert status == 400, payload
+    assert_envelope(payload, param=param)
+
+
 def test_conformance_shapes_validate_against_openapi_spec(http_server: lllms.HTTPServer, openapi: Any) -> None:
     url = http_server.url
     bodies = [
@@ -1582,15 +1905,15 @@ def test_conformance_shapes_validate_against_openapi_spec(http_server: lllms.HTT
     for body in bodies:
         _check_chat_shapes(url, body, openapi)
     comp = {"model": "smol", "prompt": ["Hello", "Bye"], "echo": True, "logprobs": 3, "max_tokens": 3, "n": 2}
-    status, payload, _ = post_raw(url, "/v1/completions", json.dumps(comp).encode())
+    status, payload, _ = http_request(url, "POST", "/v1/completions", comp)
     openapi("CreateCompletionResponse", payload)
-    finishing = [
-        e for e in _sse_events(url, "/v1/completions", {**comp, "stream": True}) if e["choices"][0]["finish_reason"]
-    ]
+    *events, done = sse(http_request(url, "POST", "/v1/completions", {**comp, "stream": True}).body)
+    assert done == "[DONE]"
+    finishing = [e for e in events if e["choices"][0]["finish_reason"]]
     assert sorted(e["choices"][0]["index"] for e in finishing) == [0, 1, 2, 3]
     for event in finishing:  # the spec has no completion chunk schema: see test_responses_validate_against_openapi_spec
         openapi("CreateCompletionResponse", event)
-    status, payload, _ = post_raw(url, "/v1/embeddings", json.dumps({"model": "bert", "input": [[5, 6, 7]]}).encode())
+    status, payload, _ = http_request(url, "POST", "/v1/embeddings", {"model": "bert", "input": [[5, 6, 7]]})
     openapi("CreateEmbeddingResponse", payload)
 
 
@@ -1714,10 +2037,10 @@ def test_queue_timeout_and_request_timeout(smollm2: str) -> None:
 
 def test_http_request_timeout_parameter(http_server: lllms.HTTPServer) -> None:
     body = {"model": "smol", "prompt": "1, 2, 3,", "max_tokens": 1000, "temperature": 0, "timeout": 0.3}
-    status, payload, headers = post_raw(http_server.url, "/v1/completions", json.dumps(body).encode())
+    status, payload, headers = http_request(http_server.url, "POST", "/v1/completions", body)
     assert status == 200 and payload["choices"][0]["finish_reason"] == "length"
     assert 0 < payload["usage"]["completion_tokens"] < 1000 and headers["X-Lllms-Instance"].startswith("smol#")
-    status, payload, _ = post_raw(http_server.url, "/v1/completions", json.dumps({**body, "timeout": -1}).encode())
+    status, payload, _ = http_request(http_server.url, "POST", "/v1/completions", {**body, "timeout": -1})
     assert status == 400 and payload["error"]["param"] == "timeout"
 
 
@@ -1739,8 +2062,7 @@ def test_streaming_request_waiting_in_queue_gets_keepalives(smollm2: str) -> Non
     config = {**smol_config(smollm2), "concurrency": 1, "keepalive_interval": 0.05}
     with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
         holder = _hold_slot(server.model_server)
-        host, port = server.url.removeprefix("http://").split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn = http.client.HTTPConnection(*address(server), timeout=60)  # read line by line, as the events come
         body = json.dumps({"model": "smol", "messages": CHAT, "max_tokens": 4, "stream": True})
         conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
         resp = conn.getresponse()
@@ -1763,7 +2085,7 @@ def test_waiting_request_is_dropped_when_its_client_leaves(smollm2: str) -> None
     with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
         ms = server.model_server
         holder = _hold_slot(ms)
-        sock = raw_post(server.url, "/v1/chat/completions", {"model": "smol", "messages": CHAT, "max_tokens": 4})
+        sock = RawSocket.post(server.url, "/v1/chat/completions", {"model": "smol", "messages": CHAT, "max_tokens": 4})
         wait_until(lambda: _queued(ms, 1), what="the request to queue")
         sock.close()
         wait_until(lambda: _queued(ms, 0), timeout=5, what="the abandoned request to leave the queue")
@@ -1785,9 +2107,7 @@ def test_disconnect_mid_stream_frees_the_instance_with_true_context(smollm2: str
         assert inst.context_key.startswith("1, 2, 3,") and len(inst.context_key) > len("1, 2, 3,")
         assert inst.context_tokens == engine.llm.n_tokens < 1000
         assert engine.context_text().startswith("1, 2, 3,")
-        status, payload, _ = post_raw(
-            server.url, "/v1/completions", json.dumps({"model": "smol", "prompt": "Hi"}).encode()
-        )
+        status, payload, _ = http_request(server.url, "POST", "/v1/completions", {"model": "smol", "prompt": "Hi"})
         assert status == 200 and payload["usage"]["completion_tokens"] > 0
 
 
@@ -2326,7 +2646,7 @@ def test_wrong_sha256_is_an_error_leaving_no_file_and_requests_get_503(file_serv
                 sdk.chat.completions.create(model="m", messages=TINY_CHAT, max_tokens=4, stream=stream)
             assert exc.value.status_code == 503 and "sha256 mismatch" in exc.value.body["message"]
             assert int(exc.value.response.headers["Retry-After"]) >= 1
-        status, body, _ = get_json(server.url, "/")
+        status, body, _ = http_request(server.url, "GET", "/")
         assert status == 200 and body["models"]["m"]["status"] == "error"
         assert "sha256 mismatch" in body["models"]["m"]["error"]
     assert len(file_server.gets()) == 1  # within the back-off, requests do not download again
@@ -2444,7 +2764,7 @@ def test_requests_during_a_download_wait_then_succeed(file_server: FileServer, t
         assert set(progress) == {"bytes", "total", "percent", "speed", "eta"}
         assert progress["total"] == len(tiny.data) and 0 < progress["bytes"] < len(tiny.data)
         assert progress["percent"] == round(100 * progress["bytes"] / len(tiny.data), 1)
-        status, body, _ = get_json(server.url, "/")
+        status, body, _ = http_request(server.url, "GET", "/")
         assert status == 200 and body["models"]["m"]["status"] == "downloading" and body["models"]["m"]["download"]
         with _sdk(server) as sdk:
             thread, out = _run_in_thread(
@@ -2464,8 +2784,7 @@ def test_streaming_request_during_a_download_gets_keepalives_then_data(file_serv
     file_server.gate = threading.Event()
     config = dl_config(tiny, {"keepalive_interval": 0.05})  # on-demand: the request itself starts the download
     with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
-        host, port = server.url.removeprefix("http://").split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=60)
+        conn = http.client.HTTPConnection(*address(server), timeout=60)  # read line by line, as the events come
         try:
             body = json.dumps({"model": "m", "messages": TINY_CHAT, "max_tokens": 4, "stream": True})
             conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
@@ -2727,9 +3046,11 @@ def _jinja(template: str, messages: list[dict[str, Any]], gen: bool, bos: str = 
 
 
 def _ours(template: str, messages: list[dict[str, Any]], gen: bool, bos: str = "<s>", eos: str = "</s>") -> str:
-    t = lllms._ChatTemplate.detect(template, bos, eos)
-    assert t is not None
-    return t.render(messages, gen)
+    try:
+        return lllms._ChatTemplate(template, bos, eos).render(messages, gen)
+    except lllms.InvalidRequest as exc:  # the template refused the messages: a 400 naming them
+        assert exc.param == "messages"
+        raise ValueError(exc.message) from None
 
 
 def _outcome(render: Any, *args: Any) -> tuple[str, str]:
@@ -2743,9 +3064,9 @@ def test_smollm2_template_renders_like_jinja(smollm2_g4a: str) -> None:
     meta = lllms._GgufHeader(smollm2_g4a, lambda k: k.startswith("tokenizer.")).values
     template, tokens = meta["tokenizer.chat_template"], meta["tokenizer.ggml.tokens"]
     bos, eos = tokens[meta["tokenizer.ggml.bos_token_id"]], tokens[meta["tokenizer.ggml.eos_token_id"]]
-    t = lllms._ChatTemplate.detect(template, bos, eos)
-    assert t is not None and t.family == "chatml"
-    assert t.default_system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    # The template's own default system prompt applies when the conversation has none.
+    default = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    assert _ours(template, [{"role": "user", "content": "Hi"}], True, bos, eos).startswith(default)
     for messages in CONVERSATIONS:
         for gen in (True, False):
             assert _ours(template, messages, gen, bos, eos) == _jinja(template, messages, gen, bos, eos)
@@ -2763,12 +3084,12 @@ def test_family_templates_render_like_jinja(name: str) -> None:
                 assert ours == theirs
 
 
-def test_unknown_template_is_refused_naming_the_config_key(g4a_serve: Any, smollm2_g4a: str) -> None:
-    weird = "{% for m in messages %}### {{ m.role }}: {{ m.content }}\n{% endfor %}"
-    server = g4a_serve(smollm2_g4a, chat_template=weird)
+def test_invalid_template_is_refused_naming_the_config_key(g4a_serve: Any, smollm2_g4a: str) -> None:
+    broken = "{% for m in messages %}### {{ m.role }}: {{ m.content }}\n"  # no endfor
+    server = g4a_serve(smollm2_g4a, chat_template=broken)
     with pytest.raises(lllms.Unavailable) as err:
         server.chat("g", G4A_FRANCE, max_tokens=1)
-    assert err.value.code == "chat_template_unsupported"
+    assert err.value.code == "chat_template_invalid"
     assert "models.g.chat_template" in err.value.message
 
 
@@ -2776,6 +3097,36 @@ def test_family_name_as_chat_template(g4a_serve: Any, smollm2_g4a: str) -> None:
     server = g4a_serve(smollm2_g4a, chat_template="chatml")
     r = server.chat("g", G4A_FRANCE, temperature=0, max_tokens=12)
     assert "Paris" in r.text
+
+
+ZEPHYR_TEMPLATE = (
+    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+def test_gpt4all_renders_a_configured_jinja_template_of_no_known_family(smollm2_g4a: str, ref_tokenizer: Any) -> None:
+    """Any configured Jinja chat_template works on gpt4all, not only the families it knew: a Zephyr-style template
+    is served, rendered exactly, as the instance's context preview in GET / shows."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    rendered = "<|system|>\nBe brief.</s>\n<|user|>\nHi</s>\n<|assistant|>\n"
+    assert _jinja(ZEPHYR_TEMPLATE, messages, True) == rendered  # what Jinja itself makes of it
+    model = {
+        "task": "text-completion",
+        "engine": "gpt4all",
+        "file": smollm2_g4a,
+        "context_size": 512,
+        "device": {"cpu_threads": 1},
+        "chat_template": ZEPHYR_TEMPLATE,
+    }
+    with lllms.start_http_server({"models": {"zephyr": model}}, host="127.0.0.1", port=0) as server:
+        with _sdk(server) as sdk:
+            r = sdk.chat.completions.create(model="zephyr", messages=messages, max_tokens=4, temperature=0)
+        assert r.usage.prompt_tokens == len(ref_tokenizer(rendered))
+        status, body, _ = http_request(server, "GET", "/")
+    assert status == 200
+    (instance,) = [i for i in body["instances"] if i["model"] == "zephyr"]
+    assert instance["preview"].startswith(rendered), instance["preview"]  # the preview holds 80 characters
 
 
 # ---- loading
@@ -2906,7 +3257,7 @@ def test_closing_a_stream_stops_native_generation(g4a_serve: Any, smollm2_g4a: s
     run = engine_of(server)._run
     assert run is not None and not run.thread.is_alive()  # close() waited for the native call to return
     callbacks = run.callbacks
-    assert callbacks <= len(got) + lllms._Handoff().limit + 4  # the hand-off buffer, not the 400 asked for
+    assert callbacks <= len(got) + lllms._Gpt4AllRun.BUFFER + 4  # the hand-off buffer, not the 400 asked for
     r = server.chat("g", G4A_FRANCE, temperature=0, max_tokens=24)  # the instance is sound
     assert "Paris" in r.text
     assert run.callbacks == callbacks  # and the old call never woke up again
@@ -3163,10 +3514,8 @@ def test_gpt4all_disconnect_mid_stream_then_next_request(mixed_server: lllms.HTT
     inst = ms._pool.instances["g4a"][0]
     engine = typing.cast(lllms.Gpt4AllEngine, inst.engine)
     assert inst.context_tokens == engine.context_info()[0] < 100  # generation really stopped
-    status, payload, _ = post_raw(
-        mixed_server.url,
-        "/v1/completions",
-        json.dumps({"model": "g4a", "prompt": "1, 2, 3,", "max_tokens": 3}).encode(),
+    status, payload, _ = http_request(
+        mixed_server.url, "POST", "/v1/completions", {"model": "g4a", "prompt": "1, 2, 3,", "max_tokens": 3}
     )
     assert status == 200 and payload["usage"]["completion_tokens"] == 3
 
@@ -3325,12 +3674,8 @@ def test_status_without_keys_shows_no_paths_and_head_options_work(tiny_llama: st
         assert len(ids) == 3
         _, _, headers = http_request(server.url, "GET", "/health", None, {"X-Request-Id": "trace-42"})
         assert headers["X-Request-Id"] == "trace-42"
-        host, port = server.url.removeprefix("http://").split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=30)
-        conn.request("HEAD", "/v1/models")
-        resp = conn.getresponse()
-        assert resp.status == 200 and int(resp.getheader("Content-Length")) > 0 and resp.read() == b""
-        conn.close()
+        status, payload, headers = http_request(server, "HEAD", "/v1/models")
+        assert status == 200 and int(headers["Content-Length"]) > 0 and payload is None  # no body
         pre = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
         status, _, headers = http_request(server.url, "OPTIONS", "/v1/chat/completions", None, pre)
         assert status == 204 and headers["Access-Control-Allow-Origin"] == "http://app.example"
@@ -3344,28 +3689,19 @@ def test_status_without_keys_shows_no_paths_and_head_options_work(tiny_llama: st
 
 
 def test_chunked_request_body_is_a_411(http_server: lllms.HTTPServer) -> None:
-    host, port = http_server.url.removeprefix("http://").split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=30)
-    conn.putrequest("POST", "/v1/completions")
-    conn.putheader("Transfer-Encoding", "chunked")
-    conn.endheaders()
-    conn.send(b"2\r\n{}\r\n0\r\n\r\n")
-    resp = conn.getresponse()
-    assert resp.status == 411
-    assert_envelope(json.loads(resp.read()), code="length_required")
-    conn.close()
+    chunked = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
+    with RawSocket(http_server, chunked) as sock:
+        status, payload, _ = sock.read_response()
+    assert status == 411
+    assert_envelope(payload, code="length_required")
 
 
 def test_streaming_request_in_queue_gets_its_queue_timeout(smollm2: str) -> None:
     config = {**smol_config(smollm2), "concurrency": 1, "queue_timeout": 0.5, "keepalive_interval": 0.1}
     with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
         holder = _hold_slot(server.model_server, max_tokens=1500)
-        host, port = server.url.removeprefix("http://").split(":")
-        conn = http.client.HTTPConnection(host, int(port), timeout=60)
-        body = json.dumps({"model": "smol", "messages": CHAT, "max_tokens": 4, "stream": True})
-        conn.request("POST", "/v1/chat/completions", body=body, headers={"Content-Type": "application/json"})
-        raw = conn.getresponse().read().decode()  # keep-alives, then the timeout as an SSE error event
-        conn.close()
+        body = {"model": "smol", "messages": CHAT, "max_tokens": 4, "stream": True}
+        raw = http_request(server, "POST", "/v1/chat/completions", body).body  # keep-alives, then the timeout
         holder.close()
         errors = [json.loads(e[6:]) for e in raw.split("\n\n") if e.startswith('data: {"error"')]
         assert len(errors) == 1 and errors[0]["error"]["code"] == "queue_timeout"
@@ -3373,13 +3709,11 @@ def test_streaming_request_in_queue_gets_its_queue_timeout(smollm2: str) -> None
 
 
 def test_an_unread_body_is_never_parsed_as_a_request(http_server: lllms.HTTPServer) -> None:
-    host, port = http_server.url.removeprefix("http://").split(":")
     smuggled = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
     for path in (b"/nope", b"/v1/models"):  # a 404 and a 405 raised before the body is read
-        sock = socket.create_connection((host, int(port)), timeout=30)
-        sock.sendall(b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled) + smuggled)
-        data = read_to_eof(sock)
-        sock.close()
+        head = b"POST " + path + b" HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(smuggled)
+        with RawSocket(http_server, head + smuggled) as sock:
+            data = sock.read_to_eof()
         assert data.count(b"HTTP/1.1 ") == 1 and b'"status": "ok"' not in data, data
 
 
@@ -3420,42 +3754,6 @@ def tiny_server(tiny_llama: str, tiny_bert: str) -> Iterator[lllms.HTTPServer]:
     config["models"]["tiny"]["max_instances"] = 2
     with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
         yield server
-
-
-def address(server: lllms.HTTPServer) -> tuple[str, int]:
-    host, port = server.url.removeprefix("http://").split(":")
-    return host, int(port)
-
-
-def read_response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
-    """Read one response with a Content-Length body (or up to EOF) from a raw socket."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError(f"connection closed mid-response: {data!r}")
-        data += chunk
-    head, _, body = data.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k: v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
-    status = int(lines[0].split()[1])
-    if status < 200:  # an interim response: no body
-        return status, headers, body
-    length = int(headers.get("Content-Length", "-1"))
-    while length < 0 or len(body) < length:
-        chunk = sock.recv(65536)
-        if not chunk:
-            break
-        body += chunk
-    return status, headers, body
-
-
-def exchange(server: lllms.HTTPServer, data: bytes) -> tuple[int, dict[str, str], Any]:
-    """Send raw bytes on a fresh connection and read one response: (status, headers, JSON body)."""
-    with socket.create_connection(address(server), timeout=30) as sock:
-        sock.sendall(data)
-        status, headers, body = read_response(sock)
-    return status, headers, json.loads(body) if body else None
 
 
 def tiny_body(**fields: Any) -> bytes:
@@ -3507,7 +3805,8 @@ def test_json_content_type_variants_and_a_missing_one_are_accepted(tiny_server: 
         )
         assert status == 200, (ctype, payload)
     head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
-    status, _, payload = exchange(tiny_server, head % len(tiny_body()) + tiny_body())
+    with RawSocket(tiny_server, head % len(tiny_body()) + tiny_body()) as sock:
+        status, payload, _ = sock.read_response()
     assert status == 200 and payload["object"] == "text_completion"
 
 
@@ -3526,7 +3825,8 @@ def test_framing_errors_get_a_4xx_envelope(tiny_server: lllms.HTTPServer) -> Non
         (b"BREW /v1/models HTTP/1.1\r\n\r\n", 405, "method_not_allowed"),
     ]
     for data, status, code in cases:
-        got, headers, payload = exchange(tiny_server, data)
+        with RawSocket(tiny_server, data) as sock:
+            got, payload, headers = sock.read_response()
         assert got == status, (data[:60], got, payload)
         assert_envelope(payload, code=code)
         assert headers["Content-Type"] == "application/json"
@@ -3541,9 +3841,8 @@ def test_unread_bodies_and_malformed_headers_never_become_a_second_request(tiny_
         b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length : %d\r\n\r\n" % len(smuggled) + smuggled,
         b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n" + smuggled,
     ):
-        with socket.create_connection(address(tiny_server), timeout=30) as sock:
-            sock.sendall(data)
-            answer = read_to_eof(sock)  # the server closes: one response, never two
+        with RawSocket(tiny_server, data) as sock:
+            answer = sock.read_to_eof()  # the server closes: one response, never two
         assert answer.count(b"HTTP/1.1 ") == 1, answer[:300]
         assert b"Connection: close" in answer.partition(b"\r\n\r\n")[0]
 
@@ -3551,14 +3850,14 @@ def test_unread_bodies_and_malformed_headers_never_become_a_second_request(tiny_
 def test_closing_responses_say_so_and_http10_streams_are_not_chunked(tiny_server: lllms.HTTPServer) -> None:
     big = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
     limit = tiny_server.model_server.config.max_body_bytes
-    with socket.create_connection(address(tiny_server), timeout=30) as sock:
-        sock.sendall(big % (limit + 1) + b"x" * (limit + 1))
-        status, headers, _ = read_response(sock)
+    with RawSocket(tiny_server, big % (limit + 1) + b"x" * (limit + 1)) as sock:
+        status, _, headers = sock.read_response()
     assert status == 413 and headers["Connection"] == "close"
     body = json.dumps({"model": "tiny", "prompt": "hi", "max_tokens": 3, "stream": True}).encode()
-    with socket.create_connection(address(tiny_server), timeout=30) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
-        head, _, rest = read_to_eof(sock).partition(b"\r\n\r\n")
+    with RawSocket(
+        tiny_server, b"POST /v1/completions HTTP/1.0\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+    ) as sock:
+        head, _, rest = sock.read_to_eof().partition(b"\r\n\r\n")
     assert b"Transfer-Encoding" not in head and b"Connection: close" in head
     assert rest.startswith(b"data: {") and rest.endswith(b"data: [DONE]\n\n")
 
@@ -3570,9 +3869,8 @@ def test_api_keys_must_be_real_keys_and_cors_echoes_only_plain_origins(tiny_llam
     config = tiny_config(tiny_llama, cors_origins=["*"])
     with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
         for origin, echoed in ((b"http://app.example:8080", True), (b"http://a\r\n X-Injected: yes", False)):
-            with socket.create_connection(address(server), timeout=30) as sock:
-                sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nOrigin: " + origin + b"\r\n\r\n")
-                _, headers, _ = read_response(sock)
+            with RawSocket(server, b"GET /health HTTP/1.1\r\nHost: x\r\nOrigin: " + origin + b"\r\n\r\n") as sock:
+                _, _, headers = sock.read_response()
             assert (headers.get("Access-Control-Allow-Origin") == origin.decode()) is echoed
             assert "X-Injected" not in headers
 
@@ -3583,19 +3881,17 @@ def test_expect_100_continue(tiny_server: lllms.HTTPServer) -> None:
         b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: %s\r\nExpect: 100-continue\r\n"
         b"Content-Length: %d\r\n\r\n"
     )
-    with socket.create_connection(address(tiny_server), timeout=30) as sock:
-        sock.sendall(head % (b"application/json", len(body)))
-        status, _, _ = read_response(sock)
+    with RawSocket(tiny_server, head % (b"application/json", len(body))) as sock:
+        status, _, _ = sock.read_response()
         assert status == 100  # only now does the client send its body
-        sock.sendall(body)
-        status, _, payload = read_response(sock)
-        assert status == 200 and json.loads(payload)["usage"]["completion_tokens"] <= 2
+        sock.send(body)
+        status, payload, _ = sock.read_response()
+        assert status == 200 and payload["usage"]["completion_tokens"] <= 2
     # Headers that already fail get the refusal instead of a 100, and the body is never needed.
-    with socket.create_connection(address(tiny_server), timeout=30) as sock:
-        sock.sendall(head % (b"text/plain", len(body)))
-        status, _, payload = read_response(sock)
+    with RawSocket(tiny_server, head % (b"text/plain", len(body))) as sock:
+        status, payload, _ = sock.read_response()
         assert status == 415
-        assert_envelope(json.loads(payload), code="unsupported_media_type")
+        assert_envelope(payload, code="unsupported_media_type")
         assert sock.recv(1) == b""  # and the connection closes, since the body may still come
 
 
@@ -3629,10 +3925,10 @@ def test_connections_past_max_connections_get_a_quick_503(tiny_llama: str, no_th
     with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
         held = [socket.create_connection(address(server), timeout=30) for _ in range(3)]
         wait_until(lambda: len(server._httpd.conns) == 3, what="3 connections registered")
-        with socket.create_connection(address(server), timeout=30) as sock:
-            status, headers, body = read_response(sock)  # answered without sending anything: no thread read it
+        with RawSocket(server) as sock:
+            status, payload, headers = sock.read_response()  # answered without sending anything: no thread read it
             assert status == 503 and headers["Retry-After"] == "1" and headers["Connection"] == "close"
-            assert_envelope(json.loads(body), code="too_many_connections")
+            assert_envelope(payload, code="too_many_connections")
             assert sock.recv(1) == b""
         assert len(conn_threads(server)) == 3
         held.pop().close()
@@ -3667,7 +3963,7 @@ def test_slowloris_connections_are_dropped_and_others_served(tiny_llama: str, no
                         sent[sock] += sock.send(header[sent[sock] : sent[sock] + 1])
             if not served and min(sent.values()) >= 5:
                 # Every slow connection is open and part way through its headers: a normal client is served.
-                status, payload, _ = post_raw(server.url, "/v1/completions", tiny_body())
+                status, payload, _ = http_request(server.url, "POST", "/v1/completions", tiny_body())
                 assert status == 200 and payload["choices"][0]["text"] is not None
                 served = True
             # Wait for answers (or closes), about a byte every 20 ms per connection.
@@ -3698,9 +3994,8 @@ def test_stop_ends_idle_keepalive_connections_and_leaks_nothing(tiny_llama: str,
     server = lllms.start_http_server(tiny_config(tiny_llama, idle_timeout=300), host="127.0.0.1", port=0)
     conns = []
     for _ in range(3):  # each served once, then idle in keep-alive
-        conn = http.client.HTTPConnection(*address(server), timeout=30)
-        conn.request("POST", "/v1/completions", body=tiny_body(), headers={"Content-Type": "application/json"})
-        assert conn.getresponse().read()
+        conn = RawSocket.post(server, "/v1/completions", tiny_body())
+        assert conn.read_response().body
         conns.append(conn)
     threads = conn_threads(server)
     assert len(threads) == 3
@@ -3734,19 +4029,6 @@ def hold_at(n: int, reached: threading.Event, gate: threading.Event, abort: thre
     return hook
 
 
-def read_to_eof(sock: socket.socket) -> bytes:
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data
-
-
-def sse_data(raw: bytes) -> list[Any]:
-    """The data of each SSE event in a raw chunked response ("[DONE]" as a string)."""
-    events = re.findall(rb"data: (.*?)\n\n", raw)
-    return [e.decode() if e == b"[DONE]" else json.loads(e) for e in events]
-
-
 def test_drain_finishes_running_streams_and_refuses_new_requests(
     tiny_llama: str, engine_hooks: Any, no_thread_leaks: None
 ) -> None:
@@ -3754,7 +4036,7 @@ def test_drain_finishes_running_streams_and_refuses_new_requests(
     engine_hooks.stream = hold_at(2, reached, gate)
     server = lllms.start_http_server(tiny_config(tiny_llama), host="127.0.0.1", port=0)
     url = server.url
-    stream = raw_post(
+    stream = RawSocket.post(
         url,
         "/v1/completions",
         {
@@ -3767,25 +4049,24 @@ def test_drain_finishes_running_streams_and_refuses_new_requests(
         },
     )
     assert reached.wait(30)
-    idle = http.client.HTTPConnection(*address(server), timeout=30)
-    idle.request("GET", "/health")
-    assert idle.getresponse().read()  # served, then idle in keep-alive
+    idle = RawSocket(server, b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert idle.read_response().body  # served, then idle in keep-alive
     stopper = threading.Thread(target=server.stop, kwargs={"grace": 60})
     stopper.start()
     wait_until(lambda: server.model_server.state == "draining", what="draining")
     status, payload, headers = http_request(url, "GET", "/health")
     assert status == 503 and headers["Retry-After"]
     assert_envelope(payload, code="draining")
-    status, payload, headers = post_raw(url, "/v1/completions", tiny_body())
+    status, payload, headers = http_request(url, "POST", "/v1/completions", tiny_body())
     assert status == 503 and int(headers["Retry-After"]) >= 1
     assert_envelope(payload, code="shutting_down")
-    with pytest.raises((http.client.HTTPException, OSError)):  # the idle keep-alive connection was closed
-        idle.request("GET", "/health")
-        idle.getresponse()
+    with pytest.raises(OSError):  # the idle keep-alive connection was closed
+        idle.send(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        idle.read_response()
     idle.close()
     assert stopper.is_alive()  # still waiting for the running stream
     gate.set()
-    events = sse_data(read_to_eof(stream))
+    events = sse(stream.read_to_eof())
     stream.close()
     assert events[-1] == "[DONE]"
     assert events[-2]["usage"]["completion_tokens"] == 8  # finished, not cut short
@@ -3801,10 +4082,10 @@ def test_drain_past_its_grace_cuts_generation_short(tiny_llama: str, engine_hook
     server = lllms.start_http_server(tiny_config(tiny_llama), host="127.0.0.1", port=0)
     engine_hooks.stream = hold_at(2, reached, gate, abort=server.model_server._pool.abort)
     body = {"model": "tiny", "prompt": "hello", "max_tokens": 8, "temperature": 0, "stream": True}
-    stream = raw_post(server.url, "/v1/completions", body)
+    stream = RawSocket.post(server.url, "/v1/completions", body)
     assert reached.wait(30)
     server.stop(grace=0.2)  # the gate never opens: the grace ends the generation
-    events = sse_data(read_to_eof(stream))
+    events = sse(stream.read_to_eof())
     stream.close()
     assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] == "length"
     assert len(events) - 1 < 8
@@ -3825,12 +4106,12 @@ def test_health_is_503_while_starting(tiny_llama: str, engine_hooks: Any, no_thr
         status, payload, headers = http_request(server.url, "GET", "/health")
         assert status == 503 and headers["Retry-After"] == "1"
         assert_envelope(payload, code="starting")
-        status, payload, headers = post_raw(server.url, "/v1/completions", tiny_body())
+        status, payload, headers = http_request(server.url, "POST", "/v1/completions", tiny_body())
         assert status == 503 and headers["Retry-After"]
         gate.set()
         starter.join(30)
         assert http_request(server.url, "GET", "/health")[:2] == (200, {"status": "ok"})
-        assert post_raw(server.url, "/v1/completions", tiny_body())[0] == 200
+        assert http_request(server.url, "POST", "/v1/completions", tiny_body())[0] == 200
     finally:
         gate.set()
         server.stop()
@@ -3859,10 +4140,10 @@ def test_engine_fault_mid_stream_is_an_sdk_error_and_the_next_request_succeeds(
         r = sdk.completions.create(model="tiny", prompt="hello", max_tokens=4, temperature=0)
         assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 4
         engine_hooks.stream = fail_once  # and without streaming: a 500 in the envelope
-        status, payload, _ = post_raw(server.url, "/v1/completions", tiny_body(max_tokens=8))
+        status, payload, _ = http_request(server.url, "POST", "/v1/completions", tiny_body(max_tokens=8))
         assert status == 500
         assert_envelope(payload, code="engine_error")
-        assert post_raw(server.url, "/v1/completions", tiny_body())[0] == 200
+        assert http_request(server.url, "POST", "/v1/completions", tiny_body())[0] == 200
         assert server.model_server.status()["concurrency"]["running"] == 0
 
 
@@ -3945,6 +4226,16 @@ def test_metrics_count_download_bytes(file_server: FileServer, tiny: Hosted) -> 
 
 
 _POST_PATHS = [p for p, methods in lllms._Handler._ROUTES.items() if "POST" in methods]
+# Spec fields lllms takes but does not act on: the fuzzing sends them with values of any type.
+_KNOWN_FIELDS = ("metadata", "user", "prediction", "store", "service_tier", "prompt_cache_retention")
+
+
+def _integers(lo: int, hi: int) -> st.SearchStrategy[int | float]:
+    """Integers from lo to hi, as often as not written as whole-number floats (2.0), which JSON Schema counts too."""
+    ints = st.integers(lo, hi)
+    return ints | ints.map(float)
+
+
 _json_leaf = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20)
 _json = st.recursive(
     _json_leaf,
@@ -3961,28 +4252,30 @@ _request = st.fixed_dictionaries(
         "messages": st.lists(_message, max_size=10) | _json,
         "prompt": st.text(max_size=60) | st.lists(st.text(max_size=10), max_size=3) | _json,
         "input": st.text(max_size=60) | st.lists(st.text(max_size=10), max_size=10) | _json,
-        "max_tokens": st.integers(-3, 12) | _json,
-        "max_completion_tokens": st.integers(-3, 12) | _json,
+        "max_tokens": _integers(-3, 12) | _json,
+        "max_completion_tokens": _integers(-3, 12) | _json,
         "temperature": st.floats(-1, 3) | _json,
         "top_p": _json,
-        "top_k": st.integers(-5, 2**40),
-        "seed": st.integers(-(2**64), 2**65),
+        "top_k": _integers(-5, 2**40),
+        "seed": _integers(-(2**64), 2**65),
         "stop": st.text(max_size=3) | st.lists(st.text(max_size=3), max_size=20) | _json,
         "stream": st.booleans() | _json,
         "stream_options": st.fixed_dictionaries({"include_usage": _json}) | _json,
         "n": _json,
         "logit_bias": _json,
         "encoding_format": st.sampled_from(["float", "base64", "int8"]) | _json,
-        "dimensions": st.integers(-2, 100) | _json,
+        "dimensions": _integers(-2, 100) | _json,
         "timeout": _json,
-        "user": _json,
+        **dict.fromkeys(_KNOWN_FIELDS, _json),
         "frobnicate": _json,
     },
 )
+
+
 _sampling = {
-    "max_tokens": st.integers(0, 8),
+    "max_tokens": _integers(0, 8),
     "temperature": st.floats(0, 2),
-    "seed": st.integers(0, 2**32),
+    "seed": _integers(0, 2**32),
     "stop": st.lists(st.text(min_size=1, max_size=3), max_size=3),
     "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()}),
@@ -4015,11 +4308,11 @@ _valid = {
 
 
 def _nearly_valid(path: str) -> st.SearchStrategy[bytes]:
-    """A valid request for the endpoint, as often as not with one field replaced by random JSON."""
+    """A valid request for the endpoint, as often as not with one field replaced by random JSON (often the wrong
+    type for it)."""
     base = _valid["chat" if "/chat/" in path else path.rsplit("/", 1)[-1]]
-    keys = st.sampled_from(
-        [*_sampling, *_conformance, "model", "messages", "prompt", "input", "encoding_format", "dimensions"]
-    )
+    fields = [*_sampling, *_conformance, *_KNOWN_FIELDS, "model", "messages", "prompt", "input"]
+    keys = st.sampled_from([*fields, "encoding_format", "dimensions"])
     shaped = st.sampled_from(sorted(_conformance)).flatmap(lambda k: _conformance[k].map(lambda v: {k: v}))
     return st.tuples(base, st.dictionaries(keys, _json, max_size=1) | shaped).map(
         lambda t: json.dumps({**t[0], **t[1]}, ensure_ascii=False).encode()
@@ -4066,10 +4359,10 @@ _conformance = {
     | st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "xml"])}),
     "grammar": st.sampled_from(['root ::= "a"', "root ::= (", "json", "nope", "root ::= [^\\x00-\\x7f]", ""]),
     "logit_bias": st.dictionaries(st.integers(0, 400).map(str), st.floats(-100, 100), max_size=3),
-    "logprobs": st.booleans() | st.integers(0, 6),
-    "top_logprobs": st.integers(0, 21),
-    "n": st.integers(0, 3),
-    "best_of": st.integers(0, 3),
+    "logprobs": st.booleans() | _integers(0, 6),
+    "top_logprobs": _integers(0, 21),
+    "n": _integers(0, 3),
+    "best_of": _integers(0, 3),
     "echo": st.booleans(),
     "suffix": st.text(max_size=5),
     "functions": st.lists(st.fixed_dictionaries({"name": st.just("f"), "parameters": _schema}), max_size=1),
@@ -4117,7 +4410,6 @@ def test_fuzzed_bodies_never_get_a_5xx_or_hang(tiny_llama: str, tiny_bert: str) 
     config["models"]["g4a-bert"] = {**config["models"]["bert"], "engine": "gpt4all"}
     seen: collections.Counter[int] = collections.Counter()
     with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
-        host, port = address(server)
         paths = st.sampled_from(_POST_PATHS + [p.replace("/openai", "") for p in _POST_PATHS])
 
         @settings(
@@ -4129,29 +4421,25 @@ def test_fuzzed_bodies_never_get_a_5xx_or_hang(tiny_llama: str, tiny_bert: str) 
         @given(request=paths.flatmap(lambda p: st.tuples(st.just(p), st.one_of(_nearly_valid(p), _bodies))))
         def post(request: tuple[str, bytes]) -> None:
             path, body = request
-            conn = http.client.HTTPConnection(host, port, timeout=20)  # the deadline: a hang fails here
-            try:
-                conn.request("POST", path, body=body, headers={"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                raw = resp.read()
-            finally:
-                conn.close()
-            seen[resp.status] += 1
-            assert resp.status < 500, (resp.status, raw[:300])
-            if resp.status >= 400:
-                assert_envelope(json.loads(raw))
-            elif resp.getheader("Content-Type") == "text/event-stream":
-                assert raw.endswith(b"data: [DONE]\n\n"), raw[-300:]
-                assert b'"server_error"' not in raw, raw[-300:]
+            status, payload, headers = http_request(server, "POST", path, body, timeout=20)  # a hang fails at 20 s
+            seen[status] += 1
+            assert status < 500, (status, str(payload)[:300])
+            if status >= 400:
+                assert_envelope(payload)
+            elif headers["Content-Type"] == "text/event-stream":
+                assert payload.endswith("data: [DONE]\n\n"), payload[-300:]
+                assert '"server_error"' not in payload, payload[-300:]
             else:
-                assert json.loads(raw)["object"] in ("text_completion", "chat.completion", "list")
+                assert payload["object"] in ("text_completion", "chat.completion", "list")
 
         post()
         assert seen[200] > 0 and seen[400] > 0, seen  # the fuzzing reached the engines as well as the checks
-        status, payload, _ = post_raw(server.url, "/v1/chat/completions", tiny_body(messages=CHAT, temperature=9))
+        status, payload, _ = http_request(
+            server.url, "POST", "/v1/chat/completions", tiny_body(messages=CHAT, temperature=9)
+        )
         assert status == 400 and payload["error"]["param"] == "temperature"  # validation still works
         body = json.dumps({"model": "tiny", "messages": CHAT, "max_tokens": 3}).encode()
-        status, payload, _ = post_raw(server.url, "/v1/chat/completions", body)
+        status, payload, _ = http_request(server.url, "POST", "/v1/chat/completions", body)
         assert status == 200 and payload["choices"][0]["message"]["role"] == "assistant"
         status = server.model_server.status()
         assert status["concurrency"]["running"] == 0 and status["concurrency"]["queued"] == 0
@@ -4199,29 +4487,24 @@ def test_load_of_32_mixed_clients_against_a_small_queue(tiny_llama: str, no_thre
         def request(kind: int, i: int) -> None:
             body = {"model": "tiny", "prompt": f"client {i}", "max_tokens": 48, "stream": kind != 0}
             if kind == 2:  # hang up after the first event
-                with raw_post(server.url, "/v1/completions", body) as sock:
+                with RawSocket.post(server.url, "/v1/completions", body) as sock:
                     head = sock.recv(65536)
                     while head.startswith(b"HTTP/1.1 200") and b"data: {" not in head:
                         head += sock.recv(65536)
                 assert head.startswith((b"HTTP/1.1 200", b"HTTP/1.1 503")), head[:100]
                 assert head.startswith(b"HTTP/1.1 200") or b"Retry-After: " in head
                 return note("hung up" if head.startswith(b"HTTP/1.1 200") else "503")
-            conn = http.client.HTTPConnection(*address(server), timeout=30)  # the deadline: a hang fails here
-            try:
-                conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
-                resp = conn.getresponse()
-                raw = resp.read()
-            finally:
-                conn.close()
-            if resp.status == 503:
-                assert int(resp.getheader("Retry-After")) >= 1
-                assert_envelope(json.loads(raw), code="queue_full")
+            # The timeout is the deadline: a hang fails there.
+            status, payload, headers = http_request(server, "POST", "/v1/completions", body, timeout=30)
+            if status == 503:
+                assert int(headers["Retry-After"]) >= 1
+                assert_envelope(payload, code="queue_full")
                 return note("503")
-            assert resp.status == 200, raw[:200]
+            assert status == 200, str(payload)[:200]
             if kind == 1:
-                assert raw.endswith(b"data: [DONE]\n\n") and b'"error"' not in raw
+                assert payload.endswith("data: [DONE]\n\n") and '"error"' not in payload
             else:
-                assert json.loads(raw)["choices"][0]["finish_reason"] in ("stop", "length")
+                assert payload["choices"][0]["finish_reason"] in ("stop", "length")
             note("streamed" if kind == 1 else "completed")
 
         def client(i: int) -> None:
@@ -4248,7 +4531,7 @@ def test_load_of_32_mixed_clients_against_a_small_queue(tiny_llama: str, no_thre
 
         wait_until(settled, timeout=10, what="every instance to be idle")
         wait_until(lambda: threading.active_count() <= baseline, timeout=10, what="threads back to baseline")
-        assert post_raw(server.url, "/v1/completions", tiny_body())[0] == 200
+        assert http_request(server.url, "POST", "/v1/completions", tiny_body())[0] == 200
 
 
 def test_cli_sigterm_drains_a_running_stream_then_exits_0(tmp_path: Any, smollm2: str) -> None:
@@ -4269,7 +4552,7 @@ def test_cli_sigterm_drains_a_running_stream_then_exits_0(tmp_path: Any, smollm2
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        with raw_post(url, "/v1/completions", body) as stream:
+        with RawSocket.post(url, "/v1/completions", body) as stream:
             received = b""
             while b"data: {" not in received:
                 received += stream.recv(65536)
@@ -4277,13 +4560,13 @@ def test_cli_sigterm_drains_a_running_stream_then_exits_0(tmp_path: Any, smollm2
 
             def refused() -> tuple[int, Any, dict[str, str]] | None:
                 plain = {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
-                got = post_raw(url, "/v1/completions", json.dumps(plain).encode())
+                got = http_request(url, "POST", "/v1/completions", plain)
                 return got if got[0] != 200 else None
 
             status, payload, headers = wait_until(refused, timeout=30, what="a 503 while draining")
             assert status == 503 and int(headers["Retry-After"]) >= 1
             assert_envelope(payload, code="shutting_down")
-            events = sse_data(received + read_to_eof(stream))
+            events = sse(received + stream.read_to_eof())
         assert events[-1] == "[DONE]"
         assert events[-2]["usage"]["completion_tokens"] == 64  # completed, not cut short
         assert proc.wait(60) == 0
