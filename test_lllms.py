@@ -2163,15 +2163,40 @@ def _write(path: str, data: bytes) -> None:
         f.write(data)
 
 
-def _dead_pid() -> int:
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    child.wait()  # reaped: the pid is free
-    return child.pid
+class LockHolder:
+    """Another process holding {dest}.lock the way lllms does (flock), until the test releases it or kills it."""
+
+    SCRIPT = (
+        "import fcntl, os, socket, sys\n"
+        "fd = os.open(sys.argv[1], os.O_CREAT | os.O_RDWR, 0o644)\n"
+        "fcntl.flock(fd, fcntl.LOCK_EX)\n"
+        "os.write(fd, f'pid {os.getpid()} on {socket.gethostname()}'.encode())\n"
+        "print('locked', flush=True)\n"
+        "sys.stdin.readline()\n"
+    )
+
+    def __init__(self, path: str) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", self.SCRIPT, path], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self.proc.stdout is not None and self.proc.stdout.readline() == "locked\n"
+
+    def release(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        assert self.proc.wait(10) == 0
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
 
 
-def _write_lock(path: str, *, pid: int, host: str | None = None) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        json.dump({"pid": pid, "host": host or socket.gethostname(), "nonce": "theirs"}, f)
+def _locked_elsewhere(path: str) -> bool:
+    """Whether some process holds the flock on path (tried from a fresh process, which never holds it)."""
+    probe = (
+        "import fcntl, os, sys\nfd = os.open(sys.argv[1], os.O_RDWR)\nfcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    )
+    return subprocess.run([sys.executable, "-c", probe, path], capture_output=True).returncode != 0
 
 
 # ---- paths
@@ -2477,56 +2502,57 @@ def test_threads_share_a_permanent_failure(file_server: FileServer, dest: str, l
     assert len(file_server.gets()) == 1
 
 
+needs_flock = pytest.mark.skipif(os.name == "nt", reason="the cross-process lock tests use fcntl")
+
+
+@needs_flock
 def test_waits_for_another_process_then_uses_its_file(file_server: FileServer, dest: str, logs: LogWatch) -> None:
     os.makedirs(os.path.dirname(dest))
-    _write_lock(dest + ".lock", pid=os.getppid())  # a live process on this host holds it
+    holder = LockHolder(dest + ".lock")  # a live process on this host is downloading it
     results: list[str] = []
     t = threading.Thread(
         target=lambda: results.append(lllms._fetch(file_server.url(), dest, sha256=DATA_SHA, lock_poll=0.02))
     )
     t.start()
-    logs.wait_for(f"pid {os.getppid()} on {socket.gethostname()} is downloading it")
+    logs.wait_for(f"pid {holder.proc.pid} on {socket.gethostname()} is downloading it")
     _write(dest + ".tmp", DATA)  # what the other process does: the whole file appears at once
     os.replace(dest + ".tmp", dest)
-    os.remove(dest + ".lock")
+    holder.release()
     t.join(5)
     assert results == [dest]
     assert file_server.gets() == []
     assert not os.path.exists(dest + ".lock")
 
 
-def test_lock_of_a_dead_pid_is_broken(file_server: FileServer, dest: str, logs: LogWatch) -> None:
+@needs_flock
+def test_lock_of_a_killed_process_is_released_by_the_kernel(file_server: FileServer, dest: str) -> None:
     os.makedirs(os.path.dirname(dest))
-    pid = _dead_pid()
-    _write_lock(dest + ".lock", pid=pid)
+    holder = LockHolder(dest + ".lock")
+    holder.kill()  # no chance to clean up: its lock file stays, but the lock goes with the process
+    assert os.path.exists(dest + ".lock") and not _locked_elsewhere(dest + ".lock")
     assert lllms._fetch(file_server.url(), dest, sha256=DATA_SHA, lock_poll=0.02, **FAST) == dest
     assert _read(dest) == DATA and len(file_server.gets()) == 1
-    logs.wait_for(f"pid {pid} is gone", timeout=0)
-    assert not os.path.exists(dest + ".lock") and not os.path.exists(dest + ".lock.break")
+    assert not os.path.exists(dest + ".lock")
 
 
-def test_old_lock_from_another_host_is_broken(file_server: FileServer, dest: str, logs: LogWatch) -> None:
+@needs_flock
+def test_lock_file_nobody_holds_is_no_obstacle(file_server: FileServer, dest: str) -> None:
     os.makedirs(os.path.dirname(dest))
-    _write_lock(dest + ".lock", pid=1, host="elsewhere")
-    old = time.time() - 3 * 3600
-    os.utime(dest + ".lock", (old, old))
-    assert lllms._fetch(file_server.url(), dest, sha256=DATA_SHA, lock_poll=0.02, **FAST) == dest
-    logs.wait_for("no heartbeat for", timeout=0)
+    for note in (f"pid {os.getpid()} on {socket.gethostname()}", "pid 1 on elsewhere", ""):
+        _write(dest + ".lock", note.encode())  # left by a crash: this pid reused, another host, or half written
+        assert lllms._fetch(file_server.url(), dest, sha256=DATA_SHA, lock_poll=0.02, **FAST) == dest
+        os.remove(dest)
+    assert len(file_server.gets()) == 3
 
 
-def test_lock_naming_this_process_is_left_over(file_server: FileServer, dest: str) -> None:
-    os.makedirs(os.path.dirname(dest))
-    _write_lock(dest + ".lock", pid=os.getpid())  # e.g. pid 1 in a restarted container
-    assert lllms._fetch(file_server.url(), dest, sha256=DATA_SHA, lock_poll=0.02, **FAST) == dest
-
-
+@needs_flock
 def test_lock_is_held_during_download_and_released(file_server: FileServer, dest: str) -> None:
     file_server.gate = threading.Event()
     t = threading.Thread(target=lllms._fetch, args=(file_server.url(), dest), kwargs={"sha256": DATA_SHA, **FAST})
     t.start()
     assert file_server.at_gate.wait(5)
-    info = json.loads(_read(dest + ".lock"))
-    assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+    assert _locked_elsewhere(dest + ".lock")
+    assert _read(dest + ".lock").decode() == f"pid {os.getpid()} on {socket.gethostname()}"
     file_server.gate.set()
     t.join(5)
     assert not os.path.exists(dest + ".lock") and _read(dest) == DATA
