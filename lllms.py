@@ -3316,10 +3316,16 @@ class Request:
     def check(self) -> Request:
         """Apply the model's defaults and limits, and refuse what its engine cannot do; messages get tools."""
         m, engine = self.model, _ENGINES[self.model.engine]
-        p = self.params.merged_over(m.defaults)
-        if p.max_tokens is None and self.max_tokens_default is not None:
-            p.max_tokens = min(self.max_tokens_default, m.max_tokens_limit or self.max_tokens_default)
-        p = self.params = _max_tokens_ceiling(m, p)
+        p = self.params = self.params.merged_over(m.defaults)
+        limit, caps = m.max_tokens_limit, [c for c in (m.max_tokens_limit, self.max_tokens_default) if c is not None]
+        if p.max_tokens is None and caps:
+            p.max_tokens = min(caps)  # the model's limit, or the dialect's own default when lower
+        elif None not in (p.max_tokens, limit) and p.max_tokens > limit:
+            raise InvalidRequest(
+                f"'max_tokens' is {p.max_tokens}, above the limit of {limit} for model '{m.id}'",
+                param="max_tokens",
+                code="max_tokens_exceeded",
+            )
         engine.check(self)
         if p.grammar is not None:
             p.grammar = _named_grammar(m, p.grammar)
@@ -3361,22 +3367,6 @@ class Request:
         if not isinstance(prompt, str):  # token ids get a key of their own, which only they can share
             return "\x00" + " ".join(map(str, prompt))
         return prompt + ("" if reply is None else reply[len(prompt) :] if self.echo else reply)
-
-
-def _max_tokens_ceiling(model: ModelConfig, p: SamplingParams) -> SamplingParams:
-    """p held to the model's max_tokens_limit: no max_tokens means the limit, and more than it is a 400."""
-    limit = model.max_tokens_limit
-    if limit is None:
-        return p
-    if p.max_tokens is None:
-        return dataclasses.replace(p, max_tokens=limit)
-    if p.max_tokens > limit:
-        raise InvalidRequest(
-            f"'max_tokens' is {p.max_tokens}, above the limit of {limit} for model '{model.id}'",
-            param="max_tokens",
-            code="max_tokens_exceeded",
-        )
-    return p
 
 
 def _named_grammar(model: ModelConfig, grammar: str) -> str:
@@ -3754,10 +3744,10 @@ def chat_response(c: Completion, req: Request) -> dict[str, Any]:
 
 
 def completion_response(c: Completion, req: Request) -> dict[str, Any]:
-    choices = [
-        {"index": ch.index, "text": ch.text, "logprobs": _completion_logprobs(ch.logprobs, 0), "finish_reason": fin}
-        for ch, fin in ((ch, ch.finish_reason) for ch in c.choices)
-    ]
+    choices = []
+    for ch in c.choices:
+        lps = _completion_logprobs(ch.logprobs, 0)
+        choices.append({"index": ch.index, "text": ch.text, "logprobs": lps, "finish_reason": ch.finish_reason})
     head = {"id": c.id, "object": "text_completion", "created": c.created, "model": c.model}
     return {**head, "choices": choices, "usage": _usage_json(c.usage)}
 
