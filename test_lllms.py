@@ -1961,7 +1961,7 @@ def test_spilled_conversation_is_restored_not_reevaluated(smollm2: str) -> None:
     """Acceptance: three chats on one instance with a state cache; a returning chat is restored.
 
     Its answer at temperature 0 equals the one from an instance that never served anyone else. (A "cold" run that
-    evaluates the whole history in one batch may round differently; see the README's benchmark notes.)
+    evaluates the whole history in one batch may round differently; see the README's section on determinism.)
     """
     topics = ["astronomy and the planets", "cooking Italian pasta", "the history of Rome"]
     systems = [f"You are an expert on {t}. " + "Answer briefly and precisely, in one sentence. " * 6 for t in topics]
