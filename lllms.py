@@ -636,10 +636,8 @@ def _normalize_url(url: str) -> str:
 
 
 def _url_path(url: str, models_dir: str) -> str:
-    """Where a URL's file lives under models_dir; never outside it. Raises ConfigError.
-
-    https://huggingface.co/{org}/{repo}/resolve|blob/{rev}/{path} -> huggingface/{org}/{repo}-{rev}/{path};
-    any other URL -> {host}/{path}. The query string plays no part.
+    """Where a URL's file lives under models_dir, never outside it (else ConfigError); the query plays no part:
+    huggingface.co/{org}/{repo}/resolve|blob/{rev}/{path} -> huggingface/{org}/{repo}-{rev}/{path}, else {host}/{path}.
     """
     parts = urlsplit(url)
     if not parts.hostname:
@@ -656,12 +654,7 @@ def _url_path(url: str, models_dir: str) -> str:
     for seg in segs:
         # Each decoded segment stays one directory: no dot segment (nor a doubly encoded one, %252e%252e: harmless
         # here, but nobody means it), slash, backslash, control character or drive letter.
-        if (
-            seg in (".", "..")
-            or unquote(seg) in (".", "..")
-            or re.search(r"[/\\\x00-\x1f\x7f]", seg)
-            or re.match(r"[A-Za-z]:", seg)
-        ):
+        if unquote(seg) in (".", "..") or re.search(r"^[A-Za-z]:|[/\\\x00-\x1f\x7f]", seg):
             raise ConfigError(f"url {url!r} would escape models_dir: path segment {seg!r}")
     # Checked lexically: a symlink the user made inside models_dir (to another disk, say) is theirs to make.
     root = os.path.realpath(os.path.expanduser(models_dir))
@@ -706,9 +699,7 @@ def _sidecar(path: str) -> dict[str, Any]:
 def _read_sidecar(path: str, st: os.stat_result) -> dict[str, Any] | None:
     """The sidecar's record when it still describes the file (same size and mtime), else None."""
     data = _sidecar(path)
-    if data.get("size") != st.st_size or data.get("mtime_ns") != st.st_mtime_ns:
-        return None
-    return data
+    return data if data.get("size") == st.st_size and data.get("mtime_ns") == st.st_mtime_ns else None
 
 
 def _write_sidecar(path: str, digest: str, *, url: str | None = None) -> None:
@@ -855,8 +846,7 @@ class _Transfer:
         self.hasher = hashlib.sha256()
         self.done = 0
         try:
-            with open(self.part, "wb"):
-                pass
+            open(self.part, "wb").close()
         except OSError as exc:
             raise _DownloadError(f"cannot write {self.part}: {exc}", permanent=True) from None
         raise _DownloadError(f"{message}; starting over")
@@ -1007,10 +997,8 @@ def _download(
 
 
 def _lock(dest: str, poll: float, cancel: threading.Event) -> int:
-    """Take {dest}.lock, waiting while another process holds it; returns the fd whose closing releases it.
-
-    The OS drops the lock when its process dies, so none is ever stale. The file names its holder, for the log.
-    """
+    """Take {dest}.lock, waiting while another process holds it; returns the fd whose closing releases it. The OS
+    drops the lock when its process dies, so none is ever stale. The file names its holder, for the log."""
     path = dest + ".lock"
     announced = False
     while True:
@@ -1056,17 +1044,12 @@ def _fetch(
     dest: str,
     *,
     sha256: str | None = None,
-    headers: dict[str, str] | None = None,
     verify: Literal["sha256", "size", "none"] = "sha256",
-    size: int | None = None,
-    attempts: int = 5,
-    stall_timeout: float = 30.0,
-    backoff: float = 1.0,
-    progress: Callable[[int, int | None], None] | None = None,
     cancel: threading.Event | None = None,
     lock_poll: float = 0.5,
+    **options: Any,
 ) -> str:
-    """Make dest a checked copy of url and return its absolute path.
+    """Make dest a checked copy of url and return its absolute path; `options` go to _download.
 
     A file already there that passes _verify_existing is used with no network access. Otherwise one thread of one
     process downloads it while the rest wait, then check the file against their own sha256 (its sidecar makes that
@@ -1088,7 +1071,7 @@ def _fetch(
         if isinstance(err, _DownloadError) and err.permanent and not isinstance(err, _DownloadCancelled):
             raise _DownloadError(err.message, permanent=True, code=err.code or "model_download_failed") from err
     try:
-        if _verify_existing(dest, sha256=sha256, size=size, mode=verify):
+        if _verify_existing(dest, sha256=sha256, mode=verify):
             return dest
         try:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
@@ -1097,20 +1080,10 @@ def _fetch(
         fd = _lock(dest, lock_poll, cancel)
         try:
             # Another process may have finished it while we waited for the lock.
-            if not _verify_existing(dest, sha256=sha256, size=size, mode=verify):
+            if not _verify_existing(dest, sha256=sha256, mode=verify):
                 if os.path.exists(dest):
                     log.warning("%s does not match its sha256 %s; downloading it again", dest, sha256)
-                _download(
-                    url,
-                    dest,
-                    sha256=sha256,
-                    headers=headers,
-                    attempts=attempts,
-                    stall_timeout=stall_timeout,
-                    backoff=backoff,
-                    progress=progress,
-                    cancel=cancel,
-                )
+                _download(url, dest, sha256=sha256, cancel=cancel, **options)
         finally:
             with _suppress(OSError):
                 os.remove(dest + ".lock")  # before unlocking, so a waiter that wins the lock sees it went
@@ -2913,7 +2886,7 @@ class _Pool:
         self.stopping = False
         self.service_time = 1.0  # moving average of seconds an instance is held, for Retry-After
         self.abort = threading.Event()  # set when stop()'s grace is over: running generations end at once
-        self._reaper: threading.Thread | None = None
+        self._reaper = threading.Thread(target=self._reap_loop, name="lllms-ttl", daemon=True)
 
     # -- lifecycle
 
@@ -2921,7 +2894,6 @@ class _Pool:
         for model in self.config.models.values():
             if model.id in self._paths:
                 self.model_ready(model)
-        self._reaper = threading.Thread(target=self._reap_loop, name="lllms-ttl", daemon=True)
         self._reaper.start()
 
     def stop(self, grace: float) -> None:
@@ -2942,8 +2914,7 @@ class _Pool:
             self.cond.notify_all()
         for inst in doomed:
             self._close(inst)
-        if self._reaper is not None:
-            self._reaper.join(timeout=5)
+        self._reaper.join(timeout=5)
 
     # -- queueing
 
@@ -3204,18 +3175,8 @@ class _Pool:
 
     def _replenish(self, model: ModelConfig) -> None:
         """Keep min_instances warm after a disposal, loading in the background. Lock held."""
-        if len(self.instances[model.id]) >= model.min_instances:
-            return
-        inst = _Instance(model)
-        self.instances[model.id].append(inst)
-
-        def load() -> None:
-            try:
-                self._load(inst, busy=False)
-            except Exception as exc:
-                log.error("could not replace an instance of %s: %s", model.id, exc)
-
-        threading.Thread(target=load, name=f"lllms-load-{model.id}", daemon=True).start()
+        if len(self.instances[model.id]) < model.min_instances:
+            threading.Thread(target=self.model_ready, args=(model,), name=f"lllms-load-{model.id}", daemon=True).start()
 
     def _close(self, inst: _Instance) -> None:
         if inst.engine is not None:
@@ -3262,12 +3223,9 @@ class _Pool:
         with self.cond:
             counts = {}
             for model_id, insts in self.instances.items():
-                c = {"total": len(insts), "idle": 0, "busy": 0, "loading": 0}
-                for i in insts:
-                    if i.state in c:
-                        c[i.state] += 1
-                c["queued"] = sum(1 for t in self.queue if t.model_id == model_id)
-                counts[model_id] = c
+                states = {s: sum(i.state == s for i in insts) for s in ("idle", "busy", "loading")}
+                queued = sum(t.model_id == model_id for t in self.queue)
+                counts[model_id] = {"total": len(insts), **states, "queued": queued}
             infos = [i.info() for insts in self.instances.values() for i in insts]
             return counts, infos, self.running, len(self.queue)
 
