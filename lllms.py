@@ -4991,10 +4991,8 @@ class _Handler(BaseHTTPRequestHandler):
         scheme, _, given = self.headers.get("Authorization", "").partition(" ")
         given_b = given.strip().encode("utf-8", errors="replace")
         # Compare against every key, in constant time, so timing reveals neither a key nor which one matched.
-        ok = False
-        for key in keys:
-            ok |= hmac.compare_digest(given_b, key.encode("utf-8"))
-        if scheme.lower() != "bearer" or not ok:
+        matches = [hmac.compare_digest(given_b, key.encode("utf-8")) for key in keys]
+        if scheme.lower() != "bearer" or not any(matches):
             raise InvalidRequest(
                 "a valid API key is required: send 'Authorization: Bearer <key>'",
                 code="invalid_api_key",
@@ -5029,15 +5027,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
 
     def parse_request(self) -> bool:
-        limit = self.server.model_server.config.max_header_bytes
+        config = self.server.model_server.config
+        limit = config.max_header_bytes
         if len(self.raw_requestline) > limit:
             self.command, self.requestline, self.request_version = "", "", ""
             self.send_error(414, None, f"the request line is longer than max_header_bytes ({limit})")
             return False
-        # The stdlib parser reads header lines through this, which refuses past the byte and line limits.
         rfile = self.rfile
-        max_headers = self.server.model_server.config.max_headers
-        self.rfile = _HeaderReader(rfile, limit - len(self.raw_requestline), max_headers)
+        self.rfile = _HeaderReader(rfile, limit - len(self.raw_requestline), config.max_headers)
         try:
             ok = super().parse_request()
         finally:
@@ -5132,16 +5129,15 @@ class _Handler(BaseHTTPRequestHandler):
             self._expect_continue = False
             self.send_response_only(100)
             self.end_headers()
-        timed_out = False
         try:
-            raw = self.rfile.read(length) if length > 0 else b""
+            raw: bytes | None = self.rfile.read(length)
         except TimeoutError:
-            raw, timed_out = b"", True
+            raw = None
         self._body_read = True
         self.server.arm(self._conn, None)  # the request is in: generating is not bounded by read_timeout
-        if len(raw) < length:
+        if raw is None or len(raw) < length:
             self.close_connection = True
-            if timed_out or self._conn.cut == "timeout":
+            if raw is None or self._conn.cut == "timeout":
                 raise InvalidRequest(
                     f"the request body did not arrive within read_timeout ({config.read_timeout:g}s)",
                     code="request_timeout",
@@ -5190,11 +5186,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._write_chunk(b"data: " + json.dumps(event, ensure_ascii=False).encode("utf-8") + b"\n\n")
 
     def _send_sse(self, stream: CompletionStream, events: Iterator[dict[str, Any]]) -> None:
-        """Stream events as SSE over chunked encoding, or errors before the first event as a plain status.
-
-        A request that waits in the queue gets its headers early and `: keepalive` comments while it waits, so
-        proxies and clients don't time out; its errors then arrive as an SSE error event.
-        """
+        """Stream events as SSE, or errors before the first event as a plain status. A queued request gets its headers
+        early and `: keepalive` comments, so proxies and clients don't time out; its errors then come as SSE events."""
         interval = self.server.model_server.config.keepalive_interval
         try:
             while not stream.wait_ready(interval if (left := stream.waiting_left()) is None else min(interval, left)):
@@ -5327,8 +5320,8 @@ def _is_json_type(content_type: str) -> bool:
 
 def _json_int(text: str) -> int:
     # Python refuses int() on over 4300 digits with a ValueError; anything past 64 bits is no valid value here.
-    value = int(text) if len(text) <= 21 else None
-    if value is None or not -(2**63) <= value < 2**64:
+    value = int(text) if len(text) <= 21 else 2**64
+    if not -(2**63) <= value < 2**64:
         raise ValueError(f"the number {text[:30]}{'...' if len(text) > 30 else ''} is out of range")
     return value
 
@@ -5473,9 +5466,6 @@ class _Conn:
 class _HTTPD(ThreadingHTTPServer):
     """A thread per connection, at most max_connections of them, each dropped when it sends too slowly."""
 
-    daemon_threads = True
-    block_on_close = False  # connection threads are tracked in `conns`, and joined with a deadline
-    allow_reuse_address = True
     request_queue_size = 128
     api_keys: list[str]
 
@@ -5533,11 +5523,8 @@ class _HTTPD(ThreadingHTTPServer):
         self.cut_waiting("timeout", time.monotonic())
 
     def cut_waiting(self, why: str = "shutdown", by: float = math.inf) -> None:
-        """Cut the reading side of connections owing data by `by`: the read blocking their thread ends.
-
-        The serve loop cuts those past their deadline; a drain cuts every one waiting for a request, or still
-        sending one, so that it gets a 503 now instead of holding the drain up.
-        """
+        """Cut the reading side of connections owing data by `by`, ending the read blocking their thread: the serve
+        loop cuts those past their deadline; a drain cuts all that owe data, so they get a 503 and don't hold it up."""
         with self.conns_lock:
             for conn in self.conns.values():
                 if conn.deadline is not None and conn.deadline <= by:
@@ -5605,9 +5592,8 @@ class HTTPServer:
         self.model_server.stop(grace)
         if self._thread is not None:  # shutdown() waits for a serve_forever() that must have started
             self._httpd.shutdown()
-        self._httpd.server_close()
-        if self._thread is not None:
             self._thread.join()
+        self._httpd.server_close()
         self._httpd.close_all(timeout=5.0)
 
     def __enter__(self) -> HTTPServer:
@@ -5635,10 +5621,10 @@ def start_http_server(
 class _ProgressPrinter:
     """Download progress for the CLI: one redrawn line on a terminal, else a log line every few seconds."""
 
-    def __init__(self, stream: Any = None, every: float = 5.0) -> None:
-        self.stream = stream or sys.stderr
+    def __init__(self) -> None:
+        self.stream = sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.every = every if not self.tty else 0.2
+        self.every = 0.2 if self.tty else 5.0
         self.seen: dict[str, tuple[float, float, int]] = {}  # model -> (start, last shown, bytes at start)
 
     def __call__(self, model_id: str, done: int, total: int | None) -> None:
@@ -5674,11 +5660,10 @@ def _list_models_dir(config: ServerConfig) -> int:
             if name.endswith((".lllms.json", ".lock", ".break")):
                 continue
             path = os.path.join(dirpath, name)
-            base = path.removesuffix(".part")
-            sidecar = _read_sidecar(path, os.stat(path)) if not name.endswith(".part") else None
-            digest = (sidecar or {}).get("sha256") or "-"
-            state = "partial download" if name.endswith(".part") else f"sha256 {digest}"
-            models = ", ".join(users.get(os.path.abspath(base), [])) or "-"
+            part = name.endswith(".part")
+            sidecar = None if part else _read_sidecar(path, os.stat(path))
+            state = "partial download" if part else f"sha256 {(sidecar or {}).get('sha256') or '-'}"
+            models = ", ".join(users.get(os.path.abspath(path.removesuffix(".part")), [])) or "-"
             print(f"{os.path.getsize(path):>14,d}  {os.path.relpath(path, root)}  {state}  models: {models}")
             found = True
     if not found:
