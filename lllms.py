@@ -1174,8 +1174,7 @@ class Usage:
 
 @dataclass
 class TokenLogprob:
-    """One output (or echoed prompt) token: the text it completed (texts join to the reply), its own bytes,
-    its logprob and the likeliest alternatives."""
+    """One output (or echoed prompt) token: its text (the texts join to the reply), bytes, logprob, top rivals."""
 
     text: str
     raw: bytes
@@ -1250,8 +1249,7 @@ class Engine:
         echo: bool = False,
         suffix: str | None = None,
     ) -> Iterator[Chunk]:
-        """Continue a raw prompt (text or token ids). `echo` first yields the prompt (with logprobs if asked);
-        `suffix` asks for the text between prompt and suffix (fill-in-the-middle)."""
+        """Continue a prompt (text or token ids); `echo` yields it first, `suffix` asks for fill-in-the-middle."""
         raise NotImplementedError
 
     def context_info(self) -> tuple[int, str]:
@@ -1364,12 +1362,15 @@ class _ChatTemplate:
                 next(parser.stream)
                 return parser.parse_statements(("name:endgeneration",), drop_needle=True)
 
+        def raise_exception(message: str) -> None:
+            raise ValueError(message)
+
         env = jinja2.sandbox.ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
         )
         env.filters["tojson"] = lambda x, ensure_ascii=False, **kw: json.dumps(x, ensure_ascii=ensure_ascii, **kw)
         env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-        env.globals["raise_exception"] = _template_error
+        env.globals["raise_exception"] = raise_exception
         self.template, self.bos, self.eos = env.from_string(source), bos, eos
 
     def render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> str:
@@ -1379,10 +1380,6 @@ class _ChatTemplate:
             )
         except Exception as exc:  # templates raise their own errors for bad role orders
             raise InvalidRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from None
-
-
-def _template_error(message: str) -> None:
-    raise ValueError(message)
 
 
 def _chat_template(model: ModelConfig, source: str | None, bos: str, eos: str) -> _ChatTemplate | _PromptTemplate:
@@ -1501,8 +1498,6 @@ def _cpu_has_amx() -> bool:
 def _hook_llama_model_params(llama_cpp: Any) -> None:
     """Let loads choose `use_extra_bufts`, which `llama_cpp.Llama()` does not expose."""
     mod = llama_cpp.llama_cpp
-    if getattr(mod.llama_model_default_params, "_lllms_hook", False):
-        return
     original = mod.llama_model_default_params
 
     def params() -> Any:
@@ -1512,7 +1507,6 @@ def _hook_llama_model_params(llama_cpp: Any) -> None:
             p.use_extra_bufts = repack
         return p
 
-    params._lllms_hook = True  # type: ignore[attr-defined]
     mod.llama_model_default_params = params
 
 
@@ -1614,6 +1608,7 @@ class LlamaCppEngine(Engine):
                 code="engine_not_installed",
             ) from None
         _LlamaShim.check(llama_cpp)
+        _hook_llama_model_params(llama_cpp)  # once: _import is cached
         return llama_cpp
 
     def _construct(self, llama_cpp: Any, **kwargs: Any) -> Any:
@@ -1627,7 +1622,6 @@ class LlamaCppEngine(Engine):
             )
         layers = 0 if dev.gpu is False or not gpu_ok else (-1 if dev.gpu_layers is None else dev.gpu_layers)
         threads = dev.cpu_threads or os.cpu_count() or 1
-        _hook_llama_model_params(llama_cpp)
         _load_options.repack = (not _cpu_has_amx()) if dev.repack == "auto" else dev.repack
         try:
             return llama_cpp.Llama(
@@ -1649,11 +1643,8 @@ class LlamaCppEngine(Engine):
         arch = meta.get("general.architecture", "")
         n_ctx = self.model.context_size or min(int(meta.get(f"{arch}.context_length", 2048)), 2048)
         # Decoder models declare no pooling; the spec asks for mean pooling then.
-        pooling = (
-            llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED
-            if f"{arch}.pooling_type" in meta
-            else llama_cpp.LLAMA_POOLING_TYPE_MEAN
-        )
+        declared = f"{arch}.pooling_type" in meta
+        pooling = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED if declared else llama_cpp.LLAMA_POOLING_TYPE_MEAN
         return self._construct(
             llama_cpp, embedding=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, pooling_type=pooling
         )
@@ -1761,8 +1752,7 @@ class LlamaCppEngine(Engine):
     # -- generation
 
     def _cached_prefix(self, tokens: list[int], common: int | None = None) -> int:
-        """How many prompt tokens the KV cache can give (as Llama.generate decides it), of the `common` leading
-        tokens context and prompt share."""
+        """How many prompt tokens the KV cache can give, as Llama.generate decides; `common`: how many it shares."""
         llm = self.llm
         n = _common_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens) if common is None else common
         if n < len(tokens) or (llm.n_tokens == n and _LlamaShim.has_logits(llm)):
@@ -1817,8 +1807,7 @@ class LlamaCppEngine(Engine):
         echo: bool = False,
         prompt_text: str | None = None,
     ) -> Iterator[Chunk]:
-        llama_cpp = self._import()
-        llm = self.llm
+        llama_cpp, llm = self._import(), self.llm
         if not tokens:  # an empty prompt: llama-cpp-python cannot sample from nothing, so start from BOS
             if llm.token_bos() < 0:
                 raise InvalidRequest("the prompt is empty", param=param, code="empty_prompt")
@@ -1898,10 +1887,8 @@ class LlamaCppEngine(Engine):
             llm.input_ids[i : i + len(batch)] = batch
             llm.n_tokens = i + len(batch)
             rows = np.ctypeslib.as_array(_LlamaShim.logits(llm, all_rows=True), shape=(len(batch), n_vocab))
-            for j in range(len(batch)):
-                k = i + j + 1
-                if k < len(tokens):
-                    out.append(TokenLogprob(*pieces[k], *self._logprob(rows[j], tokens[k], top)))
+            for k in range(i + 1, min(i + len(batch) + 1, len(tokens))):  # row k - i - 1 predicts token k
+                out.append(TokenLogprob(*pieces[k], *self._logprob(rows[k - i - 1], tokens[k], top)))
         _LlamaShim.set_has_logits(llm, True)
         return out
 
@@ -1956,14 +1943,11 @@ class LlamaCppEngine(Engine):
                     llm.eval([token])  # the previous token, now that its logits are no longer needed
                 logits = np.ctypeslib.as_array(_LlamaShim.logits(llm), shape=(n_vocab,))
                 token = sampler.sample(logits)
-                if token is None:  # the grammar allows nothing the bias leaves
-                    if not generated:
-                        raise InvalidRequest(
-                            "the grammar allows no token that logit_bias leaves (or none at all)", param="grammar"
-                        )
-                    finish = "stop"
-                    break
-                if llama_cpp.llama_vocab_is_eog(vocab, token):
+                if token is None and not generated:  # the grammar allows nothing the bias leaves
+                    raise InvalidRequest(
+                        "the grammar allows no token that logit_bias leaves (or none at all)", param="grammar"
+                    )
+                if token is None or llama_cpp.llama_vocab_is_eog(vocab, token):
                     finish = "stop"
                     break
                 generated += 1
@@ -2059,14 +2043,13 @@ class _Sampler:
     def __init__(self, llama_cpp: Any, llm: Any, p: SamplingParams, last_n: int) -> None:
         import numpy as np
 
-        self.lc, self.llm = llama_cpp, llm
-        n_vocab = self.n_vocab = llm.n_vocab()
+        self.lc = llama_cpp
+        n_vocab = llm.n_vocab()
         self.pre, self.post, self.grammar = _LlamaShim.sampler(llama_cpp), _LlamaShim.sampler(llama_cpp), None
         try:
             if p.logit_bias:
                 _check_ids(list(p.logit_bias), n_vocab, "'logit_bias'", "logit_bias")
-                # -100 is a ban; +100 must beat any logit, yet stay finite so that several +100 tokens still
-                # compete on their own logits.
+                # -100 bans; +100 beats any logit yet stays finite, so several +100 tokens compete on their logits.
                 bias = {t: -math.inf if b <= -100 else _FORCE_BIAS if b >= 100 else b for t, b in p.logit_bias.items()}
                 self.pre.add_logit_bias(n_vocab, bias)
             self.pre.add_penalties(
@@ -2101,45 +2084,34 @@ class _Sampler:
         row = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
         self.cand, self.one = np.recarray((n_vocab,), dtype=row), np.recarray((1,), dtype=row)
         self.ids = np.arange(n_vocab, dtype=np.intc)
-        self.arr = self._array(self.cand)
-        self.one_arr = self._array(self.one)
 
-    def _array(self, rows: Any) -> Any:
+    def _run(self, rows: Any, ids: Any, logits: Any, *samplers: Any) -> Any:
+        """Fill `rows` with these tokens and logits, then apply the samplers to them; returns their token array."""
         lc = self.lc
-        return lc.llama_token_data_array(
+        rows.id[:] = ids
+        rows.logit[:] = logits
+        rows.p[:] = 0
+        arr = lc.llama_token_data_array(
             data=rows.ctypes.data_as(lc.llama_token_data_p), size=len(rows), selected=-1, sorted=False
         )
-
-    def _apply(self, sampler: Any, arr: Any) -> None:
-        self.lc.llama_sampler_apply(sampler, ctypes.byref(arr))
-
-    def _fill(self, logits: Any) -> None:
-        self.cand.id[:] = self.ids
-        self.cand.logit[:] = logits
-        self.cand.p[:] = 0
-        self.arr.size, self.arr.selected, self.arr.sorted = self.n_vocab, -1, False
-        self._apply(self.pre.sampler, self.arr)
-
-    def _draw(self) -> int:
-        self._apply(self.post.sampler, self.arr)
-        return int(self.cand.id[self.arr.selected])
+        for sampler in samplers:
+            lc.llama_sampler_apply(sampler, ctypes.byref(arr))
+        return arr
 
     def sample(self, logits: Any) -> int | None:
         """The next token for these logits (accepted by every stage), or None when no token is allowed."""
         import numpy as np
 
-        self._fill(logits)
-        token = self._draw()
+        arr = self._run(self.cand, self.ids, logits, self.pre.sampler, self.post.sampler)
+        token = int(self.cand.id[arr.selected])
         if self.grammar is not None:
-            self.one.id[0], self.one.logit[0], self.one.p[0] = token, 0.0, 0.0
-            self.one_arr.size, self.one_arr.selected, self.one_arr.sorted = 1, -1, False
-            self._apply(self.grammar, self.one_arr)
+            self._run(self.one, token, 0.0, self.grammar)
             if not np.isfinite(self.one.logit[0]):
-                self._fill(logits)
-                self._apply(self.grammar, self.arr)
-                if not np.isfinite(self.cand.logit[: self.arr.size]).any():
+                arr = self._run(self.cand, self.ids, logits, self.pre.sampler, self.grammar)
+                if not np.isfinite(self.cand.logit[: arr.size]).any():
                     return None
-                token = self._draw()
+                self.lc.llama_sampler_apply(self.post.sampler, ctypes.byref(arr))
+                token = int(self.cand.id[arr.selected])
             self.lc.llama_sampler_accept(self.grammar, token)
         self.pre.accept(token)
         self.post.accept(token)
