@@ -1495,34 +1495,31 @@ def _cpu_has_amx() -> bool:
         return False
 
 
-def _hook_llama_model_params(llama_cpp: Any) -> None:
-    """Let loads choose `use_extra_bufts`, which `llama_cpp.Llama()` does not expose."""
-    mod = llama_cpp.llama_cpp
-    original = mod.llama_model_default_params
-
-    def params() -> Any:
-        p = original()
-        repack = getattr(_load_options, "repack", None)
-        if repack is not None:
-            p.use_extra_bufts = repack
-        return p
-
-    mod.llama_model_default_params = params
-
-
 class _LlamaShim:
     """Every use of llama-cpp-python's private internals, in one place, so that an upgrade is checked here."""
 
     TRIED = ((0, 3, 36), (0, 4))  # the versions whose internals these match: from, up to (not included)
 
     @classmethod
-    def check(cls, llama_cpp: Any) -> None:
+    def install(cls, llama_cpp: Any) -> None:
+        """Refuse a version whose internals were not tried; let loads choose `use_extra_bufts` (weight repacking),
+        which `llama_cpp.Llama()` does not expose, through a hook on the model params it asks for."""
         version = tuple(int(x) for x in re.findall(r"\d+", llama_cpp.__version__)[:3])
         if not cls.TRIED[0] <= version < cls.TRIED[1] or not hasattr(llama_cpp._internals, "LlamaSampler"):
             raise Unavailable(
                 f"the llama-cpp engine needs llama-cpp-python 0.3.36 to 0.3.x, not {llama_cpp.__version__}",
                 code="engine_not_installed",
             )
+        original = llama_cpp.llama_cpp.llama_model_default_params
+
+        def params() -> Any:
+            p = original()
+            repack = getattr(_load_options, "repack", None)
+            if repack is not None:
+                p.use_extra_bufts = repack
+            return p
+
+        llama_cpp.llama_cpp.llama_model_default_params = params
 
     @staticmethod
     def add_rule(converter: Any, name: str, rule: str) -> str:
@@ -1607,8 +1604,7 @@ class LlamaCppEngine(Engine):
                 "the llama-cpp engine needs llama-cpp-python: pip install 'lllms[llama-cpp]'",
                 code="engine_not_installed",
             ) from None
-        _LlamaShim.check(llama_cpp)
-        _hook_llama_model_params(llama_cpp)  # once: _import is cached
+        _LlamaShim.install(llama_cpp)  # once: _import is cached
         return llama_cpp
 
     def _construct(self, llama_cpp: Any, **kwargs: Any) -> Any:
