@@ -2204,9 +2204,8 @@ _stderr_lock = threading.Lock()
 
 
 def _capturing_stderr(call: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, str]:
-    """Calls `call` while collecting what native code writes to fd 2 (gpt4all reports load failures only there),
-    then writes that on to the real stderr, so nothing another thread wrote meanwhile is lost.
-    Returns what the call returned or raised, and the text."""
+    """What `call` returned or raised, and what native code wrote to fd 2 meanwhile (gpt4all reports load failures
+    only there); that text is then written on to the real stderr, so nothing another thread wrote is lost."""
     with _stderr_lock, tempfile.TemporaryFile() as file:
         with _suppress(Exception):
             sys.stderr.flush()
@@ -2267,7 +2266,6 @@ class _Gpt4AllShim:
 
     @property
     def n_past(self) -> int:
-        """The tokens the context holds."""
         return int(self._ctx.n_past)
 
     def rewind(self, n: int) -> bool:
@@ -2284,17 +2282,16 @@ class _Gpt4AllShim:
         on_response: Callable[[int, bytes | None], bool],
     ) -> None:
         """Feed `text` after the first `n_past` tokens, then generate up to `n_predict`; blocks."""
-        ctx = self._ctx
+        ctx, p = self._ctx, p.merged_over(_SAMPLING_DEFAULTS)
         greedy = p.temperature == 0
         ctx.n_predict = n_predict
-        ctx.temp = 1.0 if greedy else 0.8 if p.temperature is None else p.temperature
-        ctx.top_k = 1 if greedy else 40 if p.top_k is None else p.top_k
-        ctx.top_p = 0.95 if p.top_p is None else p.top_p
-        ctx.min_p = 0.05 if p.min_p is None else p.min_p
-        ctx.repeat_penalty = 1.0 if p.repeat_penalty is None else p.repeat_penalty
-        last_n = 64 if p.repeat_last_n is None else p.repeat_last_n
-        ctx.repeat_last_n = self.n_ctx if last_n == -1 else last_n
-        ctx.n_batch = self.N_BATCH
+        ctx.n_batch = self.N_BATCH  # set again each call: the native side may have lowered it
+        ctx.temp = 1.0 if greedy else p.temperature
+        ctx.top_k = 1 if greedy else p.top_k
+        ctx.top_p = p.top_p
+        ctx.min_p = p.min_p
+        ctx.repeat_penalty = p.repeat_penalty
+        ctx.repeat_last_n = self.n_ctx if p.repeat_last_n == -1 else p.repeat_last_n
         self._lib.llmodel.llmodel_prompt(
             self._model,
             text.encode("utf-8"),
@@ -2309,23 +2306,17 @@ class _Gpt4AllShim:
 
 
 class _Gpt4AllRun:
-    """One native prompt call on a worker thread: feeds `text` after the `kept` context tokens, then generates.
+    """One native prompt call on a worker thread: feeds `text` after the tokens the context keeps, then generates.
     The callbacks make every decision (stop sequence, max_tokens, should_stop, consumer gone) and answer False to
     end generation: gpt4all has no other way to stop. Chunks wait in a queue of BUFFER items for the consumer."""
 
     BUFFER = 8
 
     def __init__(
-        self,
-        native: _Gpt4AllShim,
-        text: str,
-        kept: int,
-        params: SamplingParams,
-        should_stop: _StopCheck,
-        max_new: int,
+        self, native: _Gpt4AllShim, text: str, params: SamplingParams, should_stop: _StopCheck, max_new: int
     ) -> None:
-        self.native, self.text, self.kept, self.params, self.should_stop = native, text, kept, params, should_stop
-        self.max_new = max_new
+        self.native, self.text, self.params, self.should_stop, self.max_new = native, text, params, should_stop, max_new
+        self.kept = native.n_past
         self.prompt_ids: list[int] = []
         self.pieces: list[tuple[str, int]] = []  # generated text, one entry per token (or per completed character)
         self.pending = 0  # generated tokens holding an incomplete UTF-8 character
@@ -2386,11 +2377,10 @@ class _Gpt4AllRun:
                 self.out.put(Chunk(emit))  # waits while the consumer is BUFFER chunks behind
                 if self.cancelled.is_set():
                     return False  # the consumer closed the stream
+            full = self.generated >= min(self.max_new, self.native.n_ctx - self.kept - len(self.prompt_ids))
             if stopped:
                 self.finish = "stop"
-            elif self.generated >= min(self.max_new, self.native.n_ctx - self.kept - len(self.prompt_ids)):
-                self.finish = "length"
-            elif self.should_stop is not None and self.should_stop():
+            elif full or (self.should_stop is not None and self.should_stop()):
                 self.finish = "length"
             return self.finish is None
         except Exception as exc:  # an exception must not cross the C callback
@@ -2554,15 +2544,12 @@ class Gpt4AllEngine(Engine):
 
     @classmethod
     def check_params(cls, params: SamplingParams) -> None:
-        """Reject what gpt4all 2.8 cannot do: no seed, no frequency or presence penalty, no logit bias, logprobs
-        or grammar (its sampler is native and closed)."""
-        if params.seed is not None:
-            raise InvalidRequest("'seed' is not supported by the gpt4all engine", param="seed")
-        for name in ("frequency_penalty", "presence_penalty", "logit_bias", "grammar"):
-            if getattr(params, name):
+        """Reject what gpt4all 2.8's sampler (native and closed) cannot do."""
+        for name in ("seed", "frequency_penalty", "presence_penalty", "logit_bias", "grammar", "logprobs"):
+            value = getattr(params, name)
+            used = value is not None if name in ("seed", "logprobs") else bool(value)  # a seed or logprobs of 0 counts
+            if used:
                 raise InvalidRequest(f"'{name}' is not supported by the gpt4all engine", param=name)
-        if params.logprobs is not None:
-            raise InvalidRequest("'logprobs' is not supported by the gpt4all engine", param="logprobs")
 
     def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> str:
         return typing.cast(_ChatTemplate, self._template).render(messages, generation_prompt)
@@ -2583,8 +2570,7 @@ class Gpt4AllEngine(Engine):
             raise Unavailable(
                 f"model '{self.model.id}': preload is longer than the context", code="preload_too_long"
             ) from None
-        for _ in stream:
-            pass
+        list(stream)
 
     def chat(
         self, messages: list[dict[str, Any]], params: SamplingParams, should_stop: _StopCheck = None
@@ -2616,17 +2602,6 @@ class Gpt4AllEngine(Engine):
 
     # -- context reuse
 
-    def _plan(self, text: str) -> tuple[int, int, str]:
-        """(spans kept, tokens kept, text left to feed): the longest run of held spans the text starts with,
-        always leaving something to feed, since generation samples from the logits of the last fed token."""
-        pos = tokens = kept = 0
-        for i, (piece, n) in enumerate(self._spans):
-            end = pos + len(piece)
-            if end >= len(text) or not text.startswith(piece, pos):
-                break
-            pos, tokens, kept = end, tokens + n, i + 1
-        return kept, tokens, text[pos:]
-
     def _split(self, text: str, ids: list[int], bos_added: bool) -> list[tuple[str, int]]:
         """Fed text as spans cut at its special tokens, whose token positions are known without a tokenizer;
         special tokens tokenize on their own, so cutting there changes nothing when a later request re-feeds."""
@@ -2635,15 +2610,13 @@ class Gpt4AllEngine(Engine):
         pairs = list(zip(hits, positions, strict=False))
         if len(hits) != len(positions) or any(self._specials[ids[i]] != h.group() for h, i in pairs):
             return [(text, len(ids))]
+        cuts = [cut for h, i in pairs for cut in ((h.start(), i), (h.end(), i + 1))]
         spans = []
         t0 = k0 = 0
-        for h, i in pairs:
-            for t1, k1 in ((h.start(), i), (h.end(), i + 1)):
-                if t1 > t0:
-                    spans.append((text[t0:t1], k1 - k0))
-                    t0, k0 = t1, k1
-        if t0 < len(text):
-            spans.append((text[t0:], len(ids) - k0))
+        for t1, k1 in [*cuts, (len(text), len(ids))]:
+            if t1 > t0:
+                spans.append((text[t0:t1], k1 - k0))
+                t0, k0 = t1, k1
         return spans
 
     def _start(
@@ -2657,11 +2630,17 @@ class Gpt4AllEngine(Engine):
             raise InvalidRequest(f"'{param}' must not be empty", param=param)
         native = typing.cast(_Gpt4AllShim, self._native)
         self._settle(self._run)
-        kept_spans, kept, rest = self._plan(text)
-        del self._spans[kept_spans:]
-        native.rewind(kept)
+        # Keep the longest run of held spans the text starts with, always leaving something to feed, since
+        # generation samples from the logits of the last fed token.
+        pos = held = 0
+        for piece, _ in self._spans:
+            if pos + len(piece) >= len(text) or not text.startswith(piece, pos):
+                break
+            pos, held = pos + len(piece), held + 1
+        del self._spans[held:]
+        native.rewind(sum(n for _, n in self._spans))
         max_new = (self.n_ctx if p.max_tokens is None else p.max_tokens) if generate else 0
-        run = self._run = _Gpt4AllRun(native, rest, kept, p, should_stop, max_new)
+        run = self._run = _Gpt4AllRun(native, text[pos:], p, should_stop, max_new)
         run.started.wait()
         if run.generated == 0:
             # The call ended before generating: the prompt was refused, cut short, or only fed.
@@ -2728,8 +2707,6 @@ class Gpt4AllEngine(Engine):
                 raise InvalidRequest("token id inputs are not supported by the gpt4all engine", param="input")
             if not text:
                 raise InvalidRequest(f"input[{i}] is empty", param="input")
-        if not texts:
-            return [], 0
         strs = typing.cast(list[str], texts)
         # Room for the special tokens and a task prefix gpt4all may add ("search_document: ").
         fits = [self.model.long_inputs != "error" or len(t.encode("utf-8")) + 32 <= self._embed_limit for t in strs]
@@ -2747,8 +2724,7 @@ class Gpt4AllEngine(Engine):
                     code="context_length_exceeded",
                 )
             for i, v in zip(batch, vecs, strict=True):
-                norm = math.sqrt(sum(x * x for x in v)) or 1.0
-                vectors[i] = [float(x) / norm for x in v]
+                vectors[i] = _l2_normalised(v)
             total += n
         return vectors, total
 
@@ -2756,15 +2732,11 @@ class Gpt4AllEngine(Engine):
         mode = "truncate" if self.model.long_inputs == "truncate" else "mean"
         kw = {"dimensionality": dimensions, "long_text_mode": mode, "return_dict": True}
         try:
-            try:
-                out = self._embedder.embed(texts, prefix=self._embed_prefix, **kw)
-            except RuntimeError as exc:
-                if self._embed_prefix is not None or "specify a prefix" not in str(exc):
-                    raise
-                # A model gpt4all has no task prefix for: embed the text as it is.
-                self._embed_prefix = ""
-                out = self._embedder.embed(texts, prefix="", **kw)
+            out = self._embedder.embed(texts, prefix=self._embed_prefix, **kw)
         except (ValueError, RuntimeError) as exc:
+            if self._embed_prefix is None and isinstance(exc, RuntimeError) and "specify a prefix" in str(exc):
+                self._embed_prefix = ""  # a model gpt4all has no task prefix for: embed the text as it is
+                return self._embed_call(texts, dimensions)
             if dimensions is not None and "imensionality" in str(exc):
                 raise InvalidRequest(f"'dimensions': {exc}", param="dimensions") from None
             raise
