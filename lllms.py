@@ -94,19 +94,26 @@ __all__ = [
     "CompletionStream",
     "ConfigError",
     "DeviceConfig",
+    "DownloadError",
     "Embeddings",
     "HTTPServer",
     "ListenConfig",
     "ModelConfig",
     "ModelServer",
     "PreloadConfig",
+    "Request",
     "SamplingParams",
     "ServerConfig",
     "Usage",
     "default_config",
+    "download",
+    "fetch",
     "load_config",
     "main",
+    "openai_request",
     "start_http_server",
+    "url_path",
+    "verify_file",
 ]
 
 log = logging.getLogger("lllms")
@@ -585,7 +592,7 @@ class SamplingParams:
 
 # ==== 3. model store: paths, download, checksum
 #
-# A model given by url lives at _url_path(url, models_dir). _fetch() makes it present: a file already there that
+# A model given by url lives at url_path(url, models_dir). fetch() makes it present: a file already there that
 # checks out is used with no network access; otherwise one thread in one process downloads it (threads share an
 # entry in _inflight, processes take {dest}.lock) while the others wait and then check again. A download streams to
 # {dest}.part, resumes it with Range after a restart, a dropped connection or a stall, hashes as it goes, and is
@@ -599,7 +606,7 @@ _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
 _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
 
 
-class _DownloadError(Unavailable):
+class DownloadError(Unavailable):
     """A failed download (503). `permanent`: retrying cannot help; `retry_after`: the wait a server asked for."""
 
     def __init__(
@@ -615,7 +622,7 @@ class _DownloadError(Unavailable):
         self.retry_after = retry_after
 
 
-class _DownloadCancelled(_DownloadError):
+class _DownloadCancelled(DownloadError):
     """The caller's cancel event was set; the part file stays, for a later download to resume."""
 
     def __init__(self, url: str) -> None:
@@ -635,7 +642,7 @@ def _normalize_url(url: str) -> str:
     return url
 
 
-def _url_path(url: str, models_dir: str) -> str:
+def url_path(url: str, models_dir: str) -> str:
     """Where a URL's file lives under models_dir, never outside it (else ConfigError); the query plays no part:
     huggingface.co/{org}/{repo}/resolve|blob/{rev}/{path} -> huggingface/{org}/{repo}-{rev}/{path}, else {host}/{path}.
     """
@@ -720,7 +727,7 @@ def _write_sidecar(path: str, digest: str, *, url: str | None = None) -> None:
             os.remove(tmp)
 
 
-def _verify_existing(
+def verify_file(
     path: str,
     *,
     sha256: str | None,
@@ -777,42 +784,42 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
         return new
 
 
-def _network_error(exc: BaseException, url: str, stall_timeout: float) -> _DownloadError:
-    """A _DownloadError saying what went wrong on the wire; permanent when a retry would meet the same answer."""
+def _network_error(exc: BaseException, url: str, stall_timeout: float) -> DownloadError:
+    """A DownloadError saying what went wrong on the wire; permanent when a retry would meet the same answer."""
     host = urlsplit(url).hostname or url
     if isinstance(exc, urllib.error.HTTPError):
         # exc.url may be a signed CDN URL after a redirect: name the configured one instead.
         what = f"HTTP {exc.code} {exc.reason} from {url}"
         if exc.code in (401, 403) and host in _HF_HOSTS:
             hint = "a private or gated model needs a token (HF_TOKEN) whose account accepted its terms"
-            return _DownloadError(f"{what}; {hint}", permanent=True)
+            return DownloadError(f"{what}; {hint}", permanent=True)
         if exc.code in (401, 403):
-            return _DownloadError(f"{what}; the server refused to serve it without credentials", permanent=True)
+            return DownloadError(f"{what}; the server refused to serve it without credentials", permanent=True)
         if exc.code in (404, 410):
-            return _DownloadError(what + "; check the url", permanent=True)
+            return DownloadError(what + "; check the url", permanent=True)
         if 300 <= exc.code < 400:  # urllib gave up on a redirect loop, or a redirect without a Location
-            return _DownloadError(f"{what}: too many redirects, or one with no Location", permanent=True)
+            return DownloadError(f"{what}: too many redirects, or one with no Location", permanent=True)
         retry_after = None
         with _suppress(TypeError, ValueError):  # none, or an HTTP date: rare enough to treat as "soon"
             retry_after = min(float(exc.headers.get("Retry-After")), _MAX_RETRY_DELAY)
         permanent = 400 <= exc.code < 500 and exc.code not in (408, 425, 429)
-        return _DownloadError(what, permanent=permanent, retry_after=retry_after)
+        return DownloadError(what, permanent=permanent, retry_after=retry_after)
     if isinstance(exc, urllib.error.URLError):
         if not isinstance(exc.reason, BaseException):  # "unknown url type" and the like
-            return _DownloadError(f"cannot download {url}: {exc.reason}", permanent=True)
+            return DownloadError(f"cannot download {url}: {exc.reason}", permanent=True)
         exc = exc.reason
     if isinstance(exc, TimeoutError):
-        return _DownloadError(f"download of {url} stalled: no data for {stall_timeout:g}s")
+        return DownloadError(f"download of {url} stalled: no data for {stall_timeout:g}s")
     if isinstance(exc, ConnectionRefusedError):
-        return _DownloadError(f"cannot connect to {host} for {url}: connection refused")
+        return DownloadError(f"cannot connect to {host} for {url}: connection refused")
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return _DownloadError(f"cannot download {url}: {exc.verify_message or exc}", permanent=True)
+        return DownloadError(f"cannot download {url}: {exc.verify_message or exc}", permanent=True)
     if isinstance(exc, socket.gaierror):
-        return _DownloadError(f"cannot resolve {host} for {url}: {exc.strerror or exc}")
+        return DownloadError(f"cannot resolve {host} for {url}: {exc.strerror or exc}")
     if isinstance(exc, ValueError):  # a malformed URL
-        return _DownloadError(f"cannot download {url}: {exc}", permanent=True)
+        return DownloadError(f"cannot download {url}: {exc}", permanent=True)
     if isinstance(exc, (OSError, http.client.HTTPException)):
-        return _DownloadError(f"download of {url} failed: {type(exc).__name__}: {exc}")
+        return DownloadError(f"download of {url} failed: {type(exc).__name__}: {exc}")
     raise exc
 
 
@@ -848,11 +855,11 @@ class _Transfer:
         try:
             open(self.part, "wb").close()
         except OSError as exc:
-            raise _DownloadError(f"cannot write {self.part}: {exc}", permanent=True) from None
-        raise _DownloadError(f"{message}; starting over")
+            raise DownloadError(f"cannot write {self.part}: {exc}", permanent=True) from None
+        raise DownloadError(f"{message}; starting over")
 
     def attempt(self) -> None:
-        """One request, appending to the part. Returns when the file is whole; raises _DownloadError otherwise."""
+        """One request, appending to the part. Returns when the file is whole; raises DownloadError otherwise."""
         if self.cancel.is_set():
             raise _DownloadCancelled(self.url)
         headers = dict(self.headers)
@@ -892,11 +899,11 @@ class _Transfer:
                 with _suppress(TypeError, ValueError):  # no Content-Length, or a malformed one
                     total = int(response.headers.get("Content-Length"))
             else:
-                raise _DownloadError(f"unexpected HTTP {response.status} from {self.url}")
+                raise DownloadError(f"unexpected HTTP {response.status} from {self.url}")
             self.total = total
             self.receive(response)
         if total is not None and self.done < total:
-            raise _DownloadError(f"download of {self.url} cut off at {self.done} of {total} bytes")
+            raise DownloadError(f"download of {self.url} cut off at {self.done} of {total} bytes")
         if total is not None and self.done > total:
             self.start_over(f"{self.url} sent more than its {total} bytes")
 
@@ -920,10 +927,10 @@ class _Transfer:
                         self.reported = time.monotonic()
                         self.progress(self.done, self.total)
         except OSError as exc:  # only the part file raises OSError here: network errors are converted above
-            raise _DownloadError(f"cannot write {self.part}: {exc}", permanent=True) from None
+            raise DownloadError(f"cannot write {self.part}: {exc}", permanent=True) from None
 
 
-def _download(
+def download(
     url: str,
     dest: str,
     *,
@@ -936,7 +943,7 @@ def _download(
     cancel: threading.Event | None = None,
 ) -> None:
     """Download url to dest through {dest}.part, resuming a part an earlier run left; rename it into place (and
-    write its sidecar) once its sha256 matches. Callers that might race on dest hold its lock (_fetch does).
+    write its sidecar) once its sha256 matches. Callers that might race on dest hold its lock (fetch does).
 
     `attempts` counts tries in a row that add nothing to the part, with exponential backoff between them; a try
     that gets further than any before resumes at once, so a link that drops every few hundred MB still finishes.
@@ -948,14 +955,14 @@ def _download(
         os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
         transfer = _Transfer(url, part, headers or {}, stall_timeout, progress, cancel)
     except OSError as exc:
-        raise _DownloadError(f"cannot download {url} to {dest}: {exc}", permanent=True) from None
+        raise DownloadError(f"cannot download {url} to {dest}: {exc}", permanent=True) from None
     best = transfer.done
     failures = 0
     while True:
         try:
             transfer.attempt()
             break
-        except _DownloadError as exc:
+        except DownloadError as exc:
             if exc.permanent:
                 raise
             if transfer.done > best:
@@ -966,7 +973,7 @@ def _download(
             failures += 1
             if failures >= attempts:
                 tries = f"{failures} attempt" + ("s" if failures != 1 else "")
-                raise _DownloadError(f"{exc.message} (gave up after {tries})") from None
+                raise DownloadError(f"{exc.message} (gave up after {tries})") from None
             delay = min(backoff * 2 ** (failures - 1), _MAX_RETRY_DELAY) * random.uniform(0.5, 1.0)
             delay = max(delay, exc.retry_after or 0.0)
             log.warning("%s; retrying in %.1fs (attempt %d of %d)", exc.message, delay, failures + 1, attempts)
@@ -978,7 +985,7 @@ def _download(
     if sha256 is not None and digest != sha256.lower():
         with _suppress(FileNotFoundError):
             os.remove(part)
-        raise _DownloadError(
+        raise DownloadError(
             f"sha256 mismatch for {url}: expected {sha256.lower()}, got {digest}; the download was deleted",
             permanent=True,
             code="model_checksum_mismatch",
@@ -989,7 +996,7 @@ def _download(
             os.fsync(f.fileno())
         os.replace(part, dest)
     except OSError as exc:
-        raise _DownloadError(f"cannot move {part} to {dest}: {exc}", permanent=True) from None
+        raise DownloadError(f"cannot move {part} to {dest}: {exc}", permanent=True) from None
     _write_sidecar(dest, digest, url=url)
 
 
@@ -1039,7 +1046,7 @@ _inflight: dict[str, _Flight] = {}
 _inflight_lock = threading.Lock()
 
 
-def _fetch(
+def fetch(
     url: str,
     dest: str,
     *,
@@ -1049,9 +1056,9 @@ def _fetch(
     lock_poll: float = 0.5,
     **options: Any,
 ) -> str:
-    """Make dest a checked copy of url and return its absolute path; `options` go to _download.
+    """Make dest a checked copy of url and return its absolute path; `options` go to download.
 
-    A file already there that passes _verify_existing is used with no network access. Otherwise one thread of one
+    A file already there that passes verify_file is used with no network access. Otherwise one thread of one
     process downloads it while the rest wait, then check the file against their own sha256 (its sidecar makes that
     cheap). A permanent failure is shared with the waiting threads; after any other, the next one tries itself.
     """
@@ -1068,22 +1075,22 @@ def _fetch(
             if cancel.is_set():
                 raise _DownloadCancelled(url)
         err = flight.error
-        if isinstance(err, _DownloadError) and err.permanent and not isinstance(err, _DownloadCancelled):
-            raise _DownloadError(err.message, permanent=True, code=err.code or "model_download_failed") from err
+        if isinstance(err, DownloadError) and err.permanent and not isinstance(err, _DownloadCancelled):
+            raise DownloadError(err.message, permanent=True, code=err.code or "model_download_failed") from err
     try:
-        if _verify_existing(dest, sha256=sha256, mode=verify):
+        if verify_file(dest, sha256=sha256, mode=verify):
             return dest
         try:
             os.makedirs(os.path.dirname(dest), exist_ok=True)
         except OSError as exc:
-            raise _DownloadError(f"cannot download {url} to {dest}: {exc}", permanent=True) from None
+            raise DownloadError(f"cannot download {url} to {dest}: {exc}", permanent=True) from None
         fd = _lock(dest, lock_poll, cancel)
         try:
             # Another process may have finished it while we waited for the lock.
-            if not _verify_existing(dest, sha256=sha256, mode=verify):
+            if not verify_file(dest, sha256=sha256, mode=verify):
                 if os.path.exists(dest):
                     log.warning("%s does not match its sha256 %s; downloading it again", dest, sha256)
-                _download(url, dest, sha256=sha256, cancel=cancel, **options)
+                download(url, dest, sha256=sha256, cancel=cancel, **options)
         finally:
             with _suppress(OSError):
                 os.remove(dest + ".lock")  # before unlocking, so a waiter that wins the lock sees it went
@@ -1104,7 +1111,7 @@ def _model_path(model: ModelConfig, models_dir: str) -> str:
     if model.file is not None:
         path = os.path.expanduser(model.file)
         return path if os.path.isabs(path) else os.path.join(models_dir, path)
-    return _url_path(_normalize_url(typing.cast(str, model.url)), models_dir)
+    return url_path(_normalize_url(typing.cast(str, model.url)), models_dir)
 
 
 class _ModelFile:
@@ -4481,7 +4488,7 @@ class ModelServer:
     def _present(self, model: ModelConfig) -> bool:
         """Whether a url model's file is already in place and checks out (no network)."""
         try:
-            return _verify_existing(self._files[model.id].path, sha256=model.sha256, mode=model.verify)
+            return verify_file(self._files[model.id].path, sha256=model.sha256, mode=model.verify)
         except OSError:
             return False
 
@@ -4513,7 +4520,7 @@ class ModelServer:
             if model.url is None:
                 if not os.path.isfile(f.path):
                     raise Unavailable(f"model '{model.id}': file not found: {f.path}", code="model_not_ready")
-                if not _verify_existing(f.path, sha256=model.sha256, mode=model.verify):
+                if not verify_file(f.path, sha256=model.sha256, mode=model.verify):
                     raise Unavailable(
                         f"model '{model.id}': {f.path} does not match its sha256 {model.sha256}",
                         code="model_checksum_mismatch",
@@ -4533,7 +4540,7 @@ class ModelServer:
                         except Exception:  # a broken callback must not fail the download
                             log.exception("the progress callback failed")
 
-                _fetch(
+                fetch(
                     _normalize_url(model.url),
                     f.path,
                     sha256=model.sha256,
@@ -4695,7 +4702,7 @@ class ModelServer:
         }
 
 
-# ---- 7b. request ceilings and metrics
+# ---- 7b. metrics
 
 
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)

@@ -368,11 +368,11 @@ def test_default_model_hint_when_package_missing(monkeypatch: pytest.MonkeyPatch
 
 def test_url_paths_stay_inside_models_dir(tmp_path: Any) -> None:
     root = str(tmp_path)
-    hf = lllms._url_path("https://huggingface.co/org/repo/blob/main/sub/m.gguf", root)
+    hf = lllms.url_path("https://huggingface.co/org/repo/blob/main/sub/m.gguf", root)
     assert hf == os.path.join(os.path.realpath(root), "huggingface", "org", "repo-main", "sub", "m.gguf")
-    assert lllms._url_path("https://example.com/a/b.gguf", root).endswith(os.path.join("example.com", "a", "b.gguf"))
+    assert lllms.url_path("https://example.com/a/b.gguf", root).endswith(os.path.join("example.com", "a", "b.gguf"))
     with pytest.raises(lllms.ConfigError, match="escape"):
-        lllms._url_path("https://example.com/a/%2e%2e/%2e%2e/etc/passwd", root)
+        lllms.url_path("https://example.com/a/%2e%2e/%2e%2e/etc/passwd", root)
 
 
 # ==== stop sequences
@@ -2124,7 +2124,7 @@ def test_preloaded_instances_are_ready_at_start(smollm2: str) -> None:
 
 # ==== model store: downloads
 #
-# The store's pieces (paths, _download, _fetch, locks, sidecars) against conftest's misbehaving file_server, then
+# The store's pieces (paths, download, fetch, locks, sidecars) against conftest's misbehaving file_server, then
 # acceptance tests driving ModelServer and the HTTP API on real GGUF files downloaded from it. Tests using
 # file_server also fail if they leave a thread running (conftest's no_thread_leaks).
 
@@ -2209,12 +2209,12 @@ def test_hf_urls_map_under_huggingface(tmp_path: Any) -> None:
         "https://huggingface.co/org/repo/blob/main/sub/m.gguf?download=true",
         "https://hf.co/org/repo/resolve/main/sub/m.gguf",
     ):
-        assert lllms._url_path(url, str(tmp_path)) == os.path.join(
+        assert lllms.url_path(url, str(tmp_path)) == os.path.join(
             root, "huggingface", "org", "repo-main", "sub", "m.gguf"
         )
-    pr = lllms._url_path("https://huggingface.co/org/repo/resolve/refs%2Fpr%2F1/m.gguf", str(tmp_path))
+    pr = lllms.url_path("https://huggingface.co/org/repo/resolve/refs%2Fpr%2F1/m.gguf", str(tmp_path))
     assert pr == os.path.join(root, "huggingface", "org", "repo-refs--pr--1", "m.gguf")
-    other = lllms._url_path("https://example.com:8443/a/b%20c.gguf", str(tmp_path))
+    other = lllms.url_path("https://example.com:8443/a/b%20c.gguf", str(tmp_path))
     assert other == os.path.join(root, "example.com", "a", "b c.gguf")
 
 
@@ -2236,14 +2236,14 @@ def test_hf_urls_map_under_huggingface(tmp_path: Any) -> None:
 )
 def test_url_paths_never_escape(tmp_path: Any, url: str) -> None:
     with pytest.raises(lllms.ConfigError, match="would escape models_dir"):
-        lllms._url_path(url, str(tmp_path))
+        lllms.url_path(url, str(tmp_path))
 
 
 def test_url_path_needs_a_file(tmp_path: Any) -> None:
     with pytest.raises(lllms.ConfigError, match="does not name a file"):
-        lllms._url_path("https://example.com/dir/", str(tmp_path))
+        lllms.url_path("https://example.com/dir/", str(tmp_path))
     with pytest.raises(lllms.ConfigError, match="no host"):
-        lllms._url_path("file:///etc/passwd", str(tmp_path))
+        lllms.url_path("file:///etc/passwd", str(tmp_path))
 
 
 def test_normalize_url_turns_blob_into_resolve() -> None:
@@ -2269,7 +2269,7 @@ def test_auth_headers_only_for_huggingface(monkeypatch: pytest.MonkeyPatch) -> N
 
 def test_download_streams_hashes_and_reports(file_server: FileServer, dest: str, hash_reads: list[str]) -> None:
     calls: list[tuple[int, int | None]] = []
-    lllms._download(file_server.url(), dest, sha256=DATA_SHA, progress=lambda d, t: calls.append((d, t)), **FAST)
+    lllms.download(file_server.url(), dest, sha256=DATA_SHA, progress=lambda d, t: calls.append((d, t)), **FAST)
     assert _read(dest) == DATA
     assert not os.path.exists(dest + ".part")
     assert calls[-1] == (len(DATA), len(DATA))
@@ -2277,12 +2277,12 @@ def test_download_streams_hashes_and_reports(file_server: FileServer, dest: str,
     assert hash_reads == []  # hashed while streaming, never read back
     side = json.loads(_read(dest + ".lllms.json"))
     assert side["sha256"] == DATA_SHA and side["size"] == len(DATA)
-    assert lllms._verify_existing(dest, sha256=DATA_SHA) and hash_reads == []
+    assert lllms.verify_file(dest, sha256=DATA_SHA) and hash_reads == []
 
 
 def test_resume_after_cut_connection(file_server: FileServer, dest: str, hash_reads: list[str]) -> None:
     file_server.cut_after[DATA_PATH] = MiB
-    lllms._download(file_server.url(), dest, sha256=DATA_SHA, **FAST)
+    lllms.download(file_server.url(), dest, sha256=DATA_SHA, **FAST)
     assert _read(dest) == DATA
     assert [g.range for g in file_server.gets()] == [None, f"bytes={MiB}-"]
     assert hash_reads == []  # the hasher carried on across the resume
@@ -2290,7 +2290,7 @@ def test_resume_after_cut_connection(file_server: FileServer, dest: str, hash_re
 
 def test_resume_part_left_by_earlier_run(file_server: FileServer, dest: str, hash_reads: list[str]) -> None:
     _write(dest + ".part", DATA[: 2 * MiB])
-    lllms._download(file_server.url(), dest, sha256=DATA_SHA, **FAST)
+    lllms.download(file_server.url(), dest, sha256=DATA_SHA, **FAST)
     assert _read(dest) == DATA
     assert [g.range for g in file_server.gets()] == [f"bytes={2 * MiB}-"]
     assert hash_reads == [dest + ".part"]  # the part, once; the finished file never
@@ -2298,15 +2298,15 @@ def test_resume_part_left_by_earlier_run(file_server: FileServer, dest: str, has
 
 def test_complete_part_is_finished_without_a_body(file_server: FileServer, dest: str) -> None:
     _write(dest + ".part", DATA)  # died between the last byte and the rename
-    lllms._download(file_server.url(), dest, sha256=DATA_SHA, **FAST)
+    lllms.download(file_server.url(), dest, sha256=DATA_SHA, **FAST)
     assert _read(dest) == DATA
     assert [g.range for g in file_server.gets()] == [f"bytes={len(DATA)}-"]  # answered 416 bytes */size
 
 
 def test_wrong_sha256_deletes_everything(file_server: FileServer, dest: str) -> None:
     wrong = "0" * 64
-    with pytest.raises(lllms._DownloadError) as info:
-        lllms._download(file_server.url(), dest, sha256=wrong, **FAST)
+    with pytest.raises(lllms.DownloadError) as info:
+        lllms.download(file_server.url(), dest, sha256=wrong, **FAST)
     msg = str(info.value)
     assert wrong in msg and DATA_SHA in msg and file_server.url() in msg
     assert info.value.permanent and info.value.code == "model_checksum_mismatch" and info.value.status == 503
@@ -2317,7 +2317,7 @@ def test_wrong_sha256_deletes_everything(file_server: FileServer, dest: str) -> 
 def test_range_ignored_starts_over(file_server: FileServer, dest: str) -> None:
     _write(dest + ".part", b"x" * MiB)  # junk: only a restart from byte 0 gives the right digest
     file_server.ignore_range = True
-    lllms._download(file_server.url(), dest, sha256=DATA_SHA, **FAST)
+    lllms.download(file_server.url(), dest, sha256=DATA_SHA, **FAST)
     assert _read(dest) == DATA
     assert [g.range for g in file_server.gets()] == [f"bytes={MiB}-"]
 
@@ -2325,7 +2325,7 @@ def test_range_ignored_starts_over(file_server: FileServer, dest: str) -> None:
 def test_stall_is_detected_and_resumed(file_server: FileServer, dest: str, logs: LogWatch) -> None:
     file_server.stall_after[DATA_PATH] = MiB
     started = time.monotonic()
-    lllms._download(file_server.url(), dest, sha256=DATA_SHA, backoff=0.01, stall_timeout=0.5)
+    lllms.download(file_server.url(), dest, sha256=DATA_SHA, backoff=0.01, stall_timeout=0.5)
     elapsed = time.monotonic() - started
     assert _read(dest) == DATA
     assert [g.range for g in file_server.gets()] == [None, f"bytes={MiB}-"]
@@ -2335,37 +2335,37 @@ def test_stall_is_detected_and_resumed(file_server: FileServer, dest: str, logs:
 
 def test_stall_before_any_byte_counts_as_attempt(file_server: FileServer, dest: str) -> None:
     file_server.stall_after[DATA_PATH] = 0
-    lllms._download(file_server.url(), dest, sha256=DATA_SHA, backoff=0.01, stall_timeout=0.3)
+    lllms.download(file_server.url(), dest, sha256=DATA_SHA, backoff=0.01, stall_timeout=0.3)
     assert _read(dest) == DATA
     assert [g.range for g in file_server.gets()] == [None, None]
 
 
 def test_404_is_permanent(file_server: FileServer, dest: str) -> None:
     url = file_server.url("/files/missing.gguf")
-    with pytest.raises(lllms._DownloadError, match=r"HTTP 404 .* from http://127\.0\.0\.1:\d+/files/missing\.gguf"):
-        lllms._download(url, dest, **FAST)
+    with pytest.raises(lllms.DownloadError, match=r"HTTP 404 .* from http://127\.0\.0\.1:\d+/files/missing\.gguf"):
+        lllms.download(url, dest, **FAST)
     assert len(file_server.gets()) == 1
 
 
 @pytest.mark.parametrize("code", [401, 403])
 def test_auth_failures_are_permanent(file_server: FileServer, dest: str, code: int) -> None:
     file_server.status[DATA_PATH] = [code]
-    with pytest.raises(lllms._DownloadError, match=f"HTTP {code} .*credentials") as info:
-        lllms._download(file_server.url(), dest, **FAST)
+    with pytest.raises(lllms.DownloadError, match=f"HTTP {code} .*credentials") as info:
+        lllms.download(file_server.url(), dest, **FAST)
     assert info.value.permanent and len(file_server.gets()) == 1
 
 
 def test_server_errors_are_retried(file_server: FileServer, dest: str) -> None:
     file_server.status[DATA_PATH] = [503, 500]
-    lllms._download(file_server.url(), dest, sha256=DATA_SHA, **FAST)
+    lllms.download(file_server.url(), dest, sha256=DATA_SHA, **FAST)
     assert _read(dest) == DATA and len(file_server.gets()) == 3
 
 
 def test_connection_refused_retried_then_reported(closed_port: int, dest: str) -> None:
     url = f"http://127.0.0.1:{closed_port}/m.gguf"
     started = time.monotonic()
-    with pytest.raises(lllms._DownloadError) as info:
-        lllms._download(url, dest, attempts=3, backoff=0.01)
+    with pytest.raises(lllms.DownloadError) as info:
+        lllms.download(url, dest, attempts=3, backoff=0.01)
     assert "connection refused" in str(info.value) and url in str(info.value)
     assert "gave up after 3 attempts" in str(info.value) and not info.value.permanent
     assert time.monotonic() - started < 2
@@ -2375,7 +2375,7 @@ def test_connection_refused_retried_then_reported(closed_port: int, dest: str) -
 def test_redirect_keeps_range_and_same_host_auth(file_server: FileServer, dest: str, code: int) -> None:
     file_server.redirects["/old.gguf"] = (code, file_server.url())
     _write(dest + ".part", DATA[:MiB])
-    lllms._download(file_server.url("/old.gguf"), dest, sha256=DATA_SHA, headers={"Authorization": "Bearer t"}, **FAST)
+    lllms.download(file_server.url("/old.gguf"), dest, sha256=DATA_SHA, headers={"Authorization": "Bearer t"}, **FAST)
     assert _read(dest) == DATA
     assert [(g.path, g.range, g.authorization) for g in file_server.gets()] == [
         ("/old.gguf", f"bytes={MiB}-", "Bearer t"),
@@ -2385,15 +2385,15 @@ def test_redirect_keeps_range_and_same_host_auth(file_server: FileServer, dest: 
 
 def test_redirect_loop_is_permanent(file_server: FileServer, dest: str) -> None:
     file_server.redirects["/loop.gguf"] = file_server.url("/loop.gguf")
-    with pytest.raises(lllms._DownloadError, match="too many redirects") as info:
-        lllms._download(file_server.url("/loop.gguf"), dest, **FAST)
+    with pytest.raises(lllms.DownloadError, match="too many redirects") as info:
+        lllms.download(file_server.url("/loop.gguf"), dest, **FAST)
     assert info.value.permanent
 
 
 def test_cross_host_redirect_drops_authorization(file_server: FileServer, dest: str) -> None:
     # Another host name for the same server:
     file_server.redirects["/old.gguf"] = f"http://localhost:{file_server.port}{DATA_PATH}"
-    lllms._download(file_server.url("/old.gguf"), dest, sha256=DATA_SHA, headers={"Authorization": "Bearer t"}, **FAST)
+    lllms.download(file_server.url("/old.gguf"), dest, sha256=DATA_SHA, headers={"Authorization": "Bearer t"}, **FAST)
     assert _read(dest) == DATA
     assert [(g.host, g.authorization) for g in file_server.gets()] == [
         (f"127.0.0.1:{file_server.port}", "Bearer t"),
@@ -2410,10 +2410,10 @@ def test_cancel_keeps_the_part(file_server: FileServer, dest: str) -> None:
         cancel.set()  # as a caller's other thread would, once bytes have arrived
 
     with pytest.raises(lllms._DownloadCancelled, match="cancelled"):
-        lllms._download(file_server.url(), dest, sha256=DATA_SHA, progress=progress, cancel=cancel, **FAST)
+        lllms.download(file_server.url(), dest, sha256=DATA_SHA, progress=progress, cancel=cancel, **FAST)
     assert not os.path.exists(dest)
     assert os.path.getsize(dest + ".part") == seen[-1] > 0  # what arrived stays, for a later resume
-    lllms._download(file_server.url(), dest, sha256=DATA_SHA, **FAST)
+    lllms.download(file_server.url(), dest, sha256=DATA_SHA, **FAST)
     assert _read(dest) == DATA and file_server.gets()[-1].range == f"bytes={seen[-1]}-"
 
 
@@ -2423,37 +2423,37 @@ def test_cancel_keeps_the_part(file_server: FileServer, dest: str) -> None:
 def test_existing_file_means_no_request(closed_port: int, dest: str) -> None:
     _write(dest, DATA)
     url = f"http://127.0.0.1:{closed_port}/m.gguf"  # any network access would fail
-    assert lllms._fetch(url, dest, sha256=DATA_SHA, attempts=1) == dest
+    assert lllms.fetch(url, dest, sha256=DATA_SHA, attempts=1) == dest
 
 
 def test_existing_mismatch_is_downloaded_again(file_server: FileServer, dest: str) -> None:
     _write(dest, b"old version")
-    assert lllms._fetch(file_server.url(), dest, sha256=DATA_SHA, **FAST) == dest
+    assert lllms.fetch(file_server.url(), dest, sha256=DATA_SHA, **FAST) == dest
     assert _read(dest) == DATA and len(file_server.gets()) == 1
 
 
 def test_sidecar_spares_the_second_hash(dest: str, hash_reads: list[str]) -> None:
     _write(dest, DATA)
-    assert lllms._verify_existing(dest, sha256=DATA_SHA)
-    assert lllms._verify_existing(dest, sha256=DATA_SHA.upper())
-    assert not lllms._verify_existing(dest, sha256="1" * 64)
+    assert lllms.verify_file(dest, sha256=DATA_SHA)
+    assert lllms.verify_file(dest, sha256=DATA_SHA.upper())
+    assert not lllms.verify_file(dest, sha256="1" * 64)
     assert hash_reads == [dest]
     os.utime(dest, ns=(1, 1))  # changed mtime: the record no longer describes the file
-    assert lllms._verify_existing(dest, sha256=DATA_SHA)
+    assert lllms.verify_file(dest, sha256=DATA_SHA)
     assert hash_reads == [dest, dest]
 
 
 def test_verify_modes(dest: str, hash_reads: list[str]) -> None:
-    assert not lllms._verify_existing(dest, sha256=DATA_SHA)  # missing
+    assert not lllms.verify_file(dest, sha256=DATA_SHA)  # missing
     _write(dest, DATA)
-    assert lllms._verify_existing(dest, sha256="1" * 64, mode="none")
-    assert lllms._verify_existing(dest, sha256="1" * 64, mode="size", size=len(DATA))
-    assert not lllms._verify_existing(dest, sha256=DATA_SHA, mode="size", size=5)
-    assert not lllms._verify_existing(dest, sha256=DATA_SHA, size=5)  # wrong size: no need to hash
-    assert lllms._verify_existing(dest, sha256=None)
+    assert lllms.verify_file(dest, sha256="1" * 64, mode="none")
+    assert lllms.verify_file(dest, sha256="1" * 64, mode="size", size=len(DATA))
+    assert not lllms.verify_file(dest, sha256=DATA_SHA, mode="size", size=5)
+    assert not lllms.verify_file(dest, sha256=DATA_SHA, size=5)  # wrong size: no need to hash
+    assert lllms.verify_file(dest, sha256=None)
     assert hash_reads == []
     with pytest.raises(lllms.ConfigError, match="verify mode"):
-        lllms._verify_existing(dest, sha256=None, mode="fast")  # type: ignore[arg-type]
+        lllms.verify_file(dest, sha256=None, mode="fast")  # type: ignore[arg-type]
 
 
 # ---- one download per file
@@ -2464,7 +2464,7 @@ def test_two_threads_share_one_download(file_server: FileServer, dest: str, logs
     results: list[str] = []
 
     def fetch() -> None:
-        results.append(lllms._fetch(file_server.url(), dest, sha256=DATA_SHA, **FAST))
+        results.append(lllms.fetch(file_server.url(), dest, sha256=DATA_SHA, **FAST))
 
     first = threading.Thread(target=fetch)
     first.start()
@@ -2486,8 +2486,8 @@ def test_threads_share_a_permanent_failure(file_server: FileServer, dest: str, l
 
     def fetch() -> None:
         try:
-            lllms._fetch(file_server.url(), dest, sha256="0" * 64, **FAST)
-        except lllms._DownloadError as exc:
+            lllms.fetch(file_server.url(), dest, sha256="0" * 64, **FAST)
+        except lllms.DownloadError as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=fetch), threading.Thread(target=fetch)]
@@ -2511,7 +2511,7 @@ def test_waits_for_another_process_then_uses_its_file(file_server: FileServer, d
     holder = LockHolder(dest + ".lock")  # a live process on this host is downloading it
     results: list[str] = []
     t = threading.Thread(
-        target=lambda: results.append(lllms._fetch(file_server.url(), dest, sha256=DATA_SHA, lock_poll=0.02))
+        target=lambda: results.append(lllms.fetch(file_server.url(), dest, sha256=DATA_SHA, lock_poll=0.02))
     )
     t.start()
     logs.wait_for(f"pid {holder.proc.pid} on {socket.gethostname()} is downloading it")
@@ -2530,7 +2530,7 @@ def test_lock_of_a_killed_process_is_released_by_the_kernel(file_server: FileSer
     holder = LockHolder(dest + ".lock")
     holder.kill()  # no chance to clean up: its lock file stays, but the lock goes with the process
     assert os.path.exists(dest + ".lock") and not _locked_elsewhere(dest + ".lock")
-    assert lllms._fetch(file_server.url(), dest, sha256=DATA_SHA, lock_poll=0.02, **FAST) == dest
+    assert lllms.fetch(file_server.url(), dest, sha256=DATA_SHA, lock_poll=0.02, **FAST) == dest
     assert _read(dest) == DATA and len(file_server.gets()) == 1
     assert not os.path.exists(dest + ".lock")
 
@@ -2540,7 +2540,7 @@ def test_lock_file_nobody_holds_is_no_obstacle(file_server: FileServer, dest: st
     os.makedirs(os.path.dirname(dest))
     for note in (f"pid {os.getpid()} on {socket.gethostname()}", "pid 1 on elsewhere", ""):
         _write(dest + ".lock", note.encode())  # left by a crash: this pid reused, another host, or half written
-        assert lllms._fetch(file_server.url(), dest, sha256=DATA_SHA, lock_poll=0.02, **FAST) == dest
+        assert lllms.fetch(file_server.url(), dest, sha256=DATA_SHA, lock_poll=0.02, **FAST) == dest
         os.remove(dest)
     assert len(file_server.gets()) == 3
 
@@ -2548,7 +2548,7 @@ def test_lock_file_nobody_holds_is_no_obstacle(file_server: FileServer, dest: st
 @needs_flock
 def test_lock_is_held_during_download_and_released(file_server: FileServer, dest: str) -> None:
     file_server.gate = threading.Event()
-    t = threading.Thread(target=lllms._fetch, args=(file_server.url(), dest), kwargs={"sha256": DATA_SHA, **FAST})
+    t = threading.Thread(target=lllms.fetch, args=(file_server.url(), dest), kwargs={"sha256": DATA_SHA, **FAST})
     t.start()
     assert file_server.at_gate.wait(5)
     assert _locked_elsewhere(dest + ".lock")
@@ -2626,7 +2626,7 @@ def test_download_cut_off_halfway_resumes_then_serves(
     with lllms.ModelServer(config, progress=lambda *a: calls.append(a)) as ms:
         st = _st(ms)
         assert (st["status"], st["error"], st["download"], st["file"]) == ("ready", None, None, smol.dest)
-        assert smol.dest == lllms._url_path(smol.url, smol.models_dir)
+        assert smol.dest == lllms.url_path(smol.url, smol.models_dir)
         assert [g.range for g in file_server.gets()] == [None, f"bytes={size // 2}-"]
         assert hashlib.sha256(_read(smol.dest)).hexdigest() == smol.sha256
         assert not os.path.exists(smol.dest + ".part") and not os.path.exists(smol.dest + ".lock")
