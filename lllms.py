@@ -3251,7 +3251,7 @@ class Request:
         return self
 
     @property
-    def choices(self) -> int:
+    def choice_count(self) -> int:
         return max(len(self.prompts), 1) * self.best_of
 
     def choice_params(self, i: int) -> SamplingParams:
@@ -4303,10 +4303,7 @@ class CompletionStream:
         return self._deadline is not None and time.monotonic() >= self._deadline
 
     def _generate(self, engine: Engine, i: int) -> Iterator[Chunk]:
-        """Choice i's chunks from the engine; once out of time (or cancelled) an empty choice cut short."""
         req, p = self.request, self.request.choice_params(i)
-        if i and self._should_stop():
-            return iter([Chunk("", finish_reason="length", usage=Usage())])
         if req.kind == "chat":
             return engine.chat(req.messages, p, self._should_stop)
         prompt = req.prompts[i // req.best_of]
@@ -4341,16 +4338,21 @@ class CompletionStream:
         total = Usage()  # of all choices, each distinct prompt counted once
         ok, last = False, None
         try:
-            for i in range(req.choices):
+            for i in range(req.choice_count):
+                if i and self._should_stop():  # out of time, or cancelled: the rest end empty, cut short
+                    usage = total if i == req.choice_count - 1 else None
+                    yield self._record(Chunk("", finish_reason="length", usage=usage, index=i))
+                    continue
                 chunks = self._generate(typing.cast(Engine, inst.engine), i)
                 try:
                     for ch in chunks:
                         if last is None:
-                            self._meter.observe("lllms_time_to_first_token_seconds", {"model": self.model}, self._age())
+                            ttft = time.monotonic() - self._t0
+                            self._meter.observe("lllms_time_to_first_token_seconds", {"model": self.model}, ttft)
                         ch.index, last = i, i
                         if ch.usage is not None:
                             total.add(ch.usage, prompt=i % req.best_of == 0)
-                            ch.usage = total if i == req.choices - 1 else None
+                            ch.usage = total if i == req.choice_count - 1 else None
                         yield self._record(ch)
                 finally:
                     _close(chunks)
@@ -4369,9 +4371,6 @@ class CompletionStream:
             key = req.key(last, self.choices[last].raw) if ok and last is not None else None if ok else ""
             self._pool.release(inst, ok, key, total.cached_tokens)
             self._meter.count_usage(self.model, self.usage)
-
-    def _age(self) -> float:
-        return time.monotonic() - self._t0
 
     def collect(self) -> Completion:
         """Run to the end: the finished completion (with best_of, each prompt's n likeliest choices)."""
