@@ -1714,9 +1714,7 @@ class LlamaCppEngine(Engine):
         else:
             _check_ids(prompt, self.llm.n_vocab(), "'prompt'", "prompt")
             tokens = list(prompt)
-        if suffix is not None:
-            if echo:
-                raise InvalidRequest("'echo' cannot be combined with 'suffix'", param="echo")
+        if suffix is not None:  # never with echo: openai_request refuses that pair
             tokens = self._infill(tokens, suffix)
         text = prompt if isinstance(prompt, str) else None
         return self._generate(tokens, params, "prompt", should_stop, echo=echo, prompt_text=text)
@@ -3217,9 +3215,16 @@ class Request:
     max_tokens_default: int | None = None  # the dialect's own, below the model's defaults and limit
     dimensions: int | None = None
     encoding_format: Literal["float", "base64"] = "float"
+    checked: bool = False  # check() has run
 
     def check(self) -> Request:
-        """Apply the model's defaults and limits, and refuse what its engine cannot do; messages get tools."""
+        """Apply the model's defaults and limits, and refuse what its engine cannot do; messages get tools.
+
+        Every dialect's parser ends with it; submit() makes sure it ran, once.
+        """
+        if self.checked:
+            return self
+        self.checked = True
         m, engine = self.model, _ENGINES[self.model.engine]
         p = self.params = self.params.merged_over(m.defaults)
         limit, caps = m.max_tokens_limit, [c for c in (m.max_tokens_limit, self.max_tokens_default) if c is not None]
@@ -3238,15 +3243,17 @@ class Request:
             if p.grammar is not None:
                 raise InvalidRequest("give 'grammar' or 'response_format', not both", param="grammar")
             p.grammar = self.response_format
-        if self.tools is not None and p.grammar is not None:
+        if self.tools is not None and (p.grammar is not None or not engine.grammars):
             if self.tools.mode != "none":
                 raise InvalidRequest("'tools' cannot be combined with a grammar or response_format", param="tools")
-            self.tools = None  # a history with tool calls, answered in the caller's own format
+            self.tools = None  # a history with tool calls, answered in the caller's format, or as the engine can
         if self.kind == "chat":
             self.messages = _tool_messages(self.messages, self.tools)
-        if self.tools is not None and engine.grammars:
+        if self.tools is not None:
             p.grammar = _tool_grammar(self.tools)
-        if len(self.prompts) * self.best_of > 128:
+        if self.kind == "embedding" and len(self.prompts) > 2048:
+            raise InvalidRequest("'input' may hold at most 2048 items", param="input")
+        if self.kind != "embedding" and len(self.prompts) * self.best_of > 128:
             raise InvalidRequest("at most 128 choices per request (prompts times n or best_of)", param="n")
         return self
 
@@ -3448,12 +3455,13 @@ def _all_str(values: Any) -> bool:
     return all(isinstance(v, str) for v in values)
 
 
-def _check_fields(body: dict[str, Any], model: ModelConfig) -> None:
+def _check_fields(body: dict[str, Any], kind: str, model: ModelConfig) -> None:
+    """The neutral and unsupported fields of the kind's spec: only `user` exists outside chat."""
     for key, (allowed, ok) in _NEUTRAL_FIELDS.items():
-        if key in body and not ok(body[key]):
+        if key in body and (kind == "chat" or key == "user") and not ok(body[key]):
             raise InvalidRequest(f"'{key}' must be {allowed}", param=key)
     for key, neutral in _UNSUPPORTED.items():
-        if key in body and body[key] not in neutral:
+        if key in body and kind == "chat" and body[key] not in neutral:
             raise InvalidRequest(f"'{key}' is not supported by the {model.engine} engine", param=key)
 
 
@@ -3510,24 +3518,22 @@ def openai_request(
 ) -> Request:
     """An OpenAI chat, completion or embedding body as a Request, every known field checked (400 naming it)."""
     model = _model_of(body, config, kind)
-    _check_fields(body, model)
+    _check_fields(body, kind, model)
+    timeout = body.get("timeout")  # lllms' own: seconds for the whole request
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
+    ):
+        raise InvalidRequest("'timeout' must be a positive number of seconds", param="timeout")
     if kind == "embedding":
         fmt = body.get("encoding_format", "float")
         if fmt not in ("float", "base64"):
             raise InvalidRequest("'encoding_format' must be 'float' or 'base64'", param="encoding_format")
         dims = _int_param(body["dimensions"], "dimensions", 1, 2**31) if "dimensions" in body else None
         inputs = _prompt_list(body.get("input"), "input")
-        if len(inputs) > 2048:
-            raise InvalidRequest("'input' may hold at most 2048 items", param="input")
-        return Request(kind, model, prompts=inputs, dimensions=dims, encoding_format=fmt).check()
+        return Request(kind, model, prompts=inputs, dimensions=dims, encoding_format=fmt, timeout=timeout).check()
     if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         raise InvalidRequest("give 'max_tokens' or 'max_completion_tokens', not both", param="max_completion_tokens")
     params = SamplingParams.from_dict({k: v for k, v in body.items() if k in _SAMPLING_KEYS})
-    timeout = body.get("timeout")  # lllms' own: seconds for the whole request
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
-    ):
-        raise InvalidRequest("'timeout' must be a positive number of seconds", param="timeout")
     stream, usage = _stream_flags(body)
     req = Request(kind, model, params, stream=stream, include_usage=usage, timeout=timeout)
     req.n = req.best_of = _int_field(body, "n", 1, 128) or 1
@@ -3547,9 +3553,9 @@ def openai_request(
     req.max_tokens_default = 16  # the spec's, for legacy completions
     req.prompts = _prompt_list(body.get("prompt"))
     req.echo = _bool_field(body, "echo")
-    req.suffix = body.get("suffix") or None
-    if not isinstance(req.suffix, (str, type(None))):
+    if not isinstance(body.get("suffix"), (str, type(None))):
         raise InvalidRequest("'suffix' must be a string", param="suffix")
+    req.suffix = body.get("suffix") or None
     if req.echo and req.suffix is not None:
         raise InvalidRequest("'echo' cannot be combined with 'suffix'", param="echo")
     # best_of 0 (the spec allows it) means no extra candidates, as leaving it out does.
@@ -3561,12 +3567,28 @@ def openai_request(
     return req.check()
 
 
-def _options(params: SamplingParams | None, kind: str) -> dict[str, Any]:
-    """An embedded caller's SamplingParams as the body fields they stand for."""
-    out = {k: v for k, v in dataclasses.asdict(params).items() if v is not None} if params else {}
-    if kind == "chat" and "logprobs" in out:
-        out["logprobs"], out["top_logprobs"] = True, out["logprobs"]
-    return out
+# The fields of each kind of OpenAI body besides the sampling parameters; embedded callers may pass nothing else.
+_FIELDS = {
+    "chat": {*_NEUTRAL_FIELDS, *_UNSUPPORTED, "tools", "tool_choice", "parallel_tool_calls", "response_format"}
+    | {"functions", "function_call", "logprobs", "top_logprobs", "n", "stream", "stream_options", "timeout"},
+    "completion": {"user", "logprobs", "best_of", "echo", "suffix", "n", "stream", "stream_options", "timeout"},
+    "embedding": {"user", "dimensions", "encoding_format", "timeout"},
+}
+
+
+def _keywords(kind: str, params: SamplingParams | None, keywords: dict[str, Any]) -> dict[str, Any]:
+    """An embedded caller's keywords and SamplingParams as body fields: None is left out, camelCase is taken, and
+    a name the kind does not know is a 400 (over HTTP, unknown fields are ignored, as OpenAI does)."""
+    body = {k: v for k, v in dataclasses.asdict(params).items() if v is not None} if params else {}
+    if kind == "chat" and "logprobs" in body:
+        body["logprobs"], body["top_logprobs"] = True, body["logprobs"]
+    for key, value in keywords.items():
+        name = _canonical_key(key)
+        if name not in _FIELDS[kind] and (kind == "embedding" or name not in _SAMPLING_KEYS):
+            raise InvalidRequest(f"unknown parameter '{key}'", param=key)
+        if value is not None:
+            body[name] = value
+    return body
 
 
 # ---- 6b. the OpenAI dialect: results out
@@ -4090,7 +4112,7 @@ class _ReplyParser:
         state = self.state
         if state == "head":
             self.buf += ch
-            if self.buf == _TOOL_CALLS_OPEN in self.heads:
+            if self.buf == _TOOL_CALLS_OPEN and _TOOL_CALLS_OPEN in self.heads:
                 self.state, self.buf, self.expect = "call", "", '{"name": "'
             elif self.buf == _RESPONSE_OPEN:
                 self.state, self.buf, self.expect = "text", "", '"'
@@ -4336,7 +4358,7 @@ class CompletionStream:
         inst = self._pool.wait(self._ticket, self._cancel, self._queue_deadline)
         self.instance_id = inst.id
         total = Usage()  # of all choices, each distinct prompt counted once
-        ok, last = False, None
+        ok, sound, last = False, True, None
         try:
             for i in range(req.choice_count):
                 if i and self._should_stop():  # out of time, or cancelled: the rest end empty, cut short
@@ -4355,7 +4377,11 @@ class CompletionStream:
                             ch.usage = total if i == req.choice_count - 1 else None
                         yield self._record(ch)
                 finally:
-                    _close(chunks)
+                    try:
+                        _close(chunks)
+                    except Exception:  # the instance must still go back, but not for reuse
+                        log.exception("closing a generation on %s failed", inst.id)
+                        sound = False
             ok = True
         except GeneratorExit:
             ok = True  # the consumer stopped early; the instance is still sound
@@ -4368,6 +4394,7 @@ class CompletionStream:
         finally:
             # What the instance's context now holds: the last choice's request plus what was generated so far.
             # A request refused before generation (e.g. too long) left the context as it was.
+            ok = ok and sound
             key = req.key(last, self.choices[last].raw) if ok and last is not None else None if ok else ""
             self._pool.release(inst, ok, key, total.cached_tokens)
             self._meter.count_usage(self.model, self.usage)
@@ -4586,6 +4613,7 @@ class ModelServer:
         """
         if not self._started:
             raise Unavailable("the server is not started", code="starting", headers={"Retry-After": "1"})
+        req.check()
         if not self._pool.has_file(req.model.id):
             self._prepare(req.model, block=False)  # the request then waits in the queue until the file is ready
         if req.kind == "embedding":
@@ -4604,7 +4632,7 @@ class ModelServer:
     ) -> Completion | CompletionStream:
         """Chat with a model. Keywords are OpenAI's chat fields (temperature=0, tools=[...], stream=True, ...);
         sampling settings may also come as `params`. The reply's calls are in `tool_calls`."""
-        body = {"model": model, "messages": messages, **_options(params, "chat"), **body}
+        body = {"model": model, "messages": messages, **_keywords("chat", params, body)}
         return typing.cast(Completion | CompletionStream, self.submit(self.request("chat", body), cancel))
 
     def complete(
@@ -4613,13 +4641,13 @@ class ModelServer:
         """Continue a prompt: a string, a list of strings, token ids, or a list of those (each prompt gets `n`
         choices, numbered prompt by prompt). Keywords are OpenAI's completion fields: `best_of`, `echo`,
         `suffix`, ... `max_tokens` defaults to 16, as OpenAI's does."""
-        body = {"model": model, "prompt": prompt, **_options(params, "completion"), **body}
+        body = {"model": model, "prompt": prompt, **_keywords("completion", params, body)}
         return typing.cast(Completion | CompletionStream, self.submit(self.request("completion", body), cancel))
 
     def embed(self, model: str, input: Any, *, cancel: Any = None, **body: Any) -> Embeddings:
         """Normalised embedding vectors, one per input: a string, or the model's token ids (or a list of either).
         `dimensions`, `timeout` and `cancel` as in the HTTP API; cancel and timeout bound the wait in the queue."""
-        req = self.request("embedding", {"model": model, "input": input, **body})
+        req = self.request("embedding", {"model": model, "input": input, **_keywords("embedding", None, body)})
         return typing.cast(Embeddings, self.submit(req, cancel))
 
     def _embed(self, req: Request, cancel: Any) -> Embeddings:

@@ -1666,7 +1666,17 @@ def test_chat_fields_out_of_range_name_their_param(client: openai.OpenAI, field:
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("logprobs", 6), ("best_of", 21), ("best_of", 1), ("echo", "yes"), ("suffix", 5), ("n", 200), ("prompt", 5)],
+    [
+        ("logprobs", 6),
+        ("best_of", 21),
+        ("best_of", 1),
+        ("echo", "yes"),
+        ("suffix", 5),
+        ("suffix", False),
+        ("suffix", []),
+        ("n", 200),
+        ("prompt", 5),
+    ],
 )
 def test_completion_fields_out_of_range_name_their_param(client: openai.OpenAI, field: str, value: Any) -> None:
     body: dict[str, Any] = {"model": "smol", "prompt": "x", "max_tokens": 2, field: value}
@@ -1852,6 +1862,55 @@ def test_known_fields_of_the_right_type_and_unknown_fields_are_accepted(http_ser
 IMAGE_PART = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
 AUDIO_PART = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
 FILE_PART = {"type": "file", "file": {"file_id": "file-abc123"}}
+
+
+def test_embeddings_take_hundreds_of_inputs(client: openai.OpenAI, http_server: lllms.HTTPServer) -> None:
+    """A batch of inputs is no 'choices' limit: 200 inputs embed, over HTTP and embedded."""
+    texts = [f"sentence number {i}" for i in range(200)]
+    assert len(client.embeddings.create(model="bert", input=texts).data) == 200
+    assert len(http_server.model_server.embed("bert", texts).vectors) == 200
+    reply = http_request(http_server, "POST", "/v1/embeddings", {"model": "bert", "input": ["x"] * 2049})
+    assert reply.status == 400 and reply.body["error"]["param"] == "input"
+
+
+def test_chat_only_fields_are_unknown_to_completions_and_embeddings(http_server: lllms.HTTPServer) -> None:
+    """`metadata`, `store`, `modalities` are chat fields: elsewhere they are unknown, so ignored as OpenAI does."""
+    odd = {"metadata": False, "store": "yes", "modalities": ["audio"]}
+    body = {"model": "smol", "prompt": "x", "max_tokens": 1, **odd}
+    assert http_request(http_server, "POST", "/v1/completions", body).status == 200
+    assert http_request(http_server, "POST", "/v1/embeddings", {"model": "bert", "input": "x", **odd}).status == 200
+    reply = http_request(http_server, "POST", "/v1/embeddings", {"model": "bert", "input": "x", "user": []})
+    assert reply.status == 400 and reply.body["error"]["param"] == "user"
+
+
+def test_embedded_calls_take_the_http_fields_and_refuse_unknown_keywords(http_server: lllms.HTTPServer) -> None:
+    """Embedded callers get the HTTP API's checks; a keyword None means absent, camelCase is read, and a name no
+    body of that kind has (a typo) is a 400 naming it rather than silently ignored."""
+    ms = http_server.model_server
+    assert len(ms.embed("bert", "hi", dimensions=None, user="u").vectors) == 1
+    with pytest.raises(lllms.InvalidRequest) as err:
+        ms.embed("bert", "hi", timeout="soon")
+    assert err.value.param == "timeout"
+    assert ms.chat("smol", CHAT, maxTokens=3, n=None, temperature=0).usage.completion_tokens <= 3
+    for call, kw in ((ms.chat, {"temprature": 0}), (ms.complete, {"tools": []}), (ms.embed, {"max_tokens": 2})):
+        with pytest.raises(lllms.InvalidRequest) as err:
+            call("bert" if call == ms.embed else "smol", CHAT if call == ms.chat else "hi", **kw)
+        assert err.value.param == next(iter(kw)) and "unknown parameter" in err.value.message
+
+
+def test_a_request_is_checked_once_whoever_submits_it(tiny_llama: str) -> None:
+    """request() checks a body; submit() checks a Request built by hand, and a checked one is not checked twice."""
+    with lllms.ModelServer(tiny_config(tiny_llama)) as ms:
+        body = {"model": "tiny", "messages": CHAT, "max_tokens": 2, "grammar": 'root ::= "a" | "b"'}
+        req = ms.request("chat", body)
+        assert req.check() is req and req.params.grammar == 'root ::= "a" | "b"'
+        assert ms.submit(req).text in ("", "a", "b")
+        model = ms.config.models["tiny"]
+        hand = lllms.Request("completion", model, lllms.SamplingParams(max_tokens=3), prompts=["hello"])
+        assert ms.submit(hand).usage.completion_tokens <= 3 and hand.checked
+        with pytest.raises(lllms.InvalidRequest) as err:
+            ms.submit(lllms.Request("completion", model, lllms.SamplingParams(max_tokens=9), prompts=["x"]))
+        assert err.value.param == "max_tokens"  # the model's max_tokens_limit holds for hand-built requests too
 
 
 @pytest.mark.parametrize(
