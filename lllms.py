@@ -32,7 +32,8 @@ connection (lllms-conn), which runs its requests through to the engine, generati
 (lllms-load-*); gpt4all's native call runs on a worker (lllms-gpt4all) whose callbacks feed the consumer.
 
 Locks: ModelServer._files_lock may be held while taking _Pool.cond; every other lock (_Pool.cond otherwise,
-_StateCache.lock, _Metrics._lock, _HTTPD.conns_lock, _inflight_lock) is a leaf, never held while taking another.
+_StateCache.lock, _Metrics._lock, _HTTPD.conns_lock, _inflight_lock, and _stderr_lock, held through a gpt4all
+load) is a leaf, never held while taking another.
 No lock is held while an engine runs.
 """
 
@@ -283,6 +284,8 @@ class ModelConfig:
             _ENGINES[self.engine].check_params(self.defaults)
         except InvalidRequest as exc:
             raise ConfigError(f"{path}.completion_defaults.{exc.param}: {exc.message}") from None
+        if self.chat_template not in (None, "chatml") and not re.search(r"\{[{%]", self.chat_template):
+            raise ConfigError(f'{path}.chat_template: must be a Jinja template, or "chatml" for the built-in one')
         if self.prompt_template is not None and "%1" not in self.prompt_template:
             raise ConfigError(f"{path}.prompt_template: must contain %1, where the user's message goes")
         if self.system_template is not None and self.prompt_template is None:
@@ -1009,7 +1012,10 @@ def _lock(dest: str, poll: float, cancel: threading.Event) -> int:
     path = dest + ".lock"
     announced = False
     while True:
-        fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+        except PermissionError:  # another user's lock file: a read-only descriptor locks it all the same
+            fd = os.open(path, os.O_RDONLY)
         try:
             if fcntl is not None:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1020,8 +1026,9 @@ def _lock(dest: str, poll: float, cancel: threading.Event) -> int:
         except OSError:
             locked = False
         if locked:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
+            with _suppress(OSError):  # the note is for the log only: a full disk must not keep the lock held
+                os.ftruncate(fd, 0)
+                os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
             return fd
         holder = ""
         with _suppress(OSError):
@@ -1220,7 +1227,6 @@ _StopCheck = Callable[[], bool] | None
 class Engine:
     """One loaded model instance. Not thread-safe: the pool gives it one request at a time."""
 
-    name = "engine"
     grammars = False  # can constrain output by grammar: tools, response_format, grammar
     logprobs = False  # can report token logprobs: logprobs, best_of
 
@@ -1382,8 +1388,10 @@ class _ChatTemplate:
 
     def render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> str:
         try:
+            # tools and documents as transformers passes them when a request has none (tools are in the messages).
+            gen, bos, eos = generation_prompt, self.bos, self.eos
             return self.template.render(
-                messages=messages, add_generation_prompt=generation_prompt, bos_token=self.bos, eos_token=self.eos
+                messages=messages, add_generation_prompt=gen, bos_token=bos, eos_token=eos, tools=None, documents=None
             )
         except Exception as exc:  # templates raise their own errors for bad role orders
             raise InvalidRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from None
@@ -1398,6 +1406,8 @@ def _chat_template(model: ModelConfig, source: str | None, bos: str, eos: str) -
         log.warning("model %s has no chat template; using ChatML (set chat_template to override)", model.id)
     try:
         return _ChatTemplate(_CHATML_TEMPLATE if source in (None, "chatml") else source, bos, eos)
+    except ImportError:
+        raise Unavailable("chat templates need jinja2: pip install jinja2", code="engine_not_installed") from None
     except Exception as exc:  # jinja2's TemplateSyntaxError
         where = f"models.{model.id}.chat_template" if model.chat_template else "the GGUF's chat template"
         raise Unavailable(
@@ -1428,10 +1438,6 @@ class _StateCache:
         self.lock = threading.Lock()
         self.saved = self.restored = 0
 
-    @property
-    def bytes(self) -> int:
-        return sum(len(state) for state in self.entries.values())
-
     def put(self, tokens: tuple[int, ...], state: Any) -> None:
         if len(state) > self.limit:
             return
@@ -1441,8 +1447,9 @@ class _StateCache:
                 del self.entries[key]
             self.entries[tokens] = state
             self.saved += 1
-            while self.bytes > self.limit:
-                self.entries.popitem(last=False)
+            size = sum(len(s) for s in self.entries.values())
+            while size > self.limit:
+                size -= len(self.entries.popitem(last=False)[1])
 
     def best(self, prompt: list[int], longer_than: int) -> tuple[tuple[int, ...], Any] | None:
         """The saved state sharing the longest prefix with prompt, if that prefix is longer than longer_than."""
@@ -1459,7 +1466,7 @@ class _StateCache:
         with self.lock:
             return {
                 "limit_bytes": self.limit,
-                "bytes": self.bytes,
+                "bytes": sum(len(state) for state in self.entries.values()),
                 "entries": len(self.entries),
                 "saved": self.saved,
                 "restored": self.restored,
@@ -1468,9 +1475,11 @@ class _StateCache:
 
 def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
     """How many leading items two strings or token sequences share."""
+    if type(a) is not type(b):  # a tuple key against a list prompt
+        a, b = tuple(a), tuple(b)
     n, i, step = min(len(a), len(b)), 0, 256
     # Compare in blocks first: histories are long and mostly equal.
-    while i + step <= n and tuple(a[i : i + step]) == tuple(b[i : i + step]):
+    while i + step <= n and a[i : i + step] == b[i : i + step]:
         i += step
     while i < n and a[i] == b[i]:
         i += 1
@@ -1512,7 +1521,7 @@ class _LlamaShim:
         """Refuse a version whose internals were not tried; let loads choose `use_extra_bufts` (weight repacking),
         which `llama_cpp.Llama()` does not expose, through a hook on the model params it asks for."""
         version = tuple(int(x) for x in re.findall(r"\d+", llama_cpp.__version__)[:3])
-        if not cls.TRIED[0] <= version < cls.TRIED[1] or not hasattr(llama_cpp._internals, "LlamaSampler"):
+        if not cls.TRIED[0] <= version < cls.TRIED[1]:
             raise Unavailable(
                 f"the llama-cpp engine needs llama-cpp-python 0.3.36 to 0.3.x, not {llama_cpp.__version__}",
                 code="engine_not_installed",
@@ -1538,8 +1547,12 @@ class _LlamaShim:
         return converter._format_literal(text)
 
     @staticmethod
-    def sampler(llama_cpp: Any) -> Any:
-        return llama_cpp._internals.LlamaSampler()
+    def penalties(llama_cpp: Any, n_vocab: int, last_n: int, p: SamplingParams) -> Any:
+        """The repeat/frequency/presence penalty stage, called as the binding declares it: llama.cpp versions differ
+        on whether n_vocab comes first."""
+        init = llama_cpp.llama_sampler_init_penalties
+        head = (n_vocab,) if len(init.argtypes) == 5 else ()
+        return init(*head, last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty)
 
     @staticmethod
     def vocab(llm: Any) -> Any:
@@ -1592,7 +1605,6 @@ class _LlamaShim:
 class LlamaCppEngine(Engine):
     """llama-cpp-python: one `llama_cpp.Llama` per instance, plus an embedding context on demand."""
 
-    name = "llama-cpp"
     grammars = logprobs = True
 
     def __init__(self, model: ModelConfig, path: str, state_cache: _StateCache | None = None) -> None:
@@ -1832,7 +1844,8 @@ class LlamaCppEngine(Engine):
         try:
             if echo and p.logprobs is not None:
                 echoed = self._eval_with_logprobs(tokens, p.logprobs, pieces)
-                reuse, cached = len(tokens), 0  # all of it is evaluated now, none of it was reused
+                # All of it is evaluated now (none reused), but its last token again alone, as every prompt's is.
+                reuse, cached = len(tokens) - 1, 0
             else:
                 self._spill_and_restore(tokens)
                 reuse = cached = self._cached_prefix(tokens)
@@ -1890,7 +1903,7 @@ class LlamaCppEngine(Engine):
             rows = np.ctypeslib.as_array(_LlamaShim.logits(llm, all_rows=True), shape=(len(batch), n_vocab))
             for k in range(i + 1, min(i + len(batch) + 1, len(tokens))):  # row k - i - 1 predicts token k
                 out.append(TokenLogprob(*pieces[k], *self._logprob(rows[k - i - 1], tokens[k], top)))
-        _LlamaShim.set_has_logits(llm, True)
+        _LlamaShim.set_has_logits(llm, False)  # batched logits: the next prompt evaluates its last token alone
         return out
 
     def _piece(self, token: int) -> tuple[str, bytes]:
@@ -2044,22 +2057,20 @@ class _Sampler:
     def __init__(self, llama_cpp: Any, llm: Any, p: SamplingParams, last_n: int) -> None:
         import numpy as np
 
-        self.lc = llama_cpp
+        lc = self.lc = llama_cpp
         n_vocab = llm.n_vocab()
-        self.pre, self.post, self.grammar = _LlamaShim.sampler(llama_cpp), _LlamaShim.sampler(llama_cpp), None
+        self.pre = self.post = self.grammar = None
         try:
+            stages = [_LlamaShim.penalties(lc, n_vocab, last_n, p)]
             if p.logit_bias:
                 _check_ids(list(p.logit_bias), n_vocab, "'logit_bias'", "logit_bias")
                 # -100 bans; +100 beats any logit yet stays finite, so several +100 tokens compete on their logits.
                 bias = {t: -math.inf if b <= -100 else _FORCE_BIAS if b >= 100 else b for t, b in p.logit_bias.items()}
-                self.pre.add_logit_bias(n_vocab, bias)
-            self.pre.add_penalties(
-                n_vocab,
-                penalty_last_n=last_n,
-                penalty_repeat=p.repeat_penalty,
-                penalty_freq=p.frequency_penalty,
-                penalty_present=p.presence_penalty,
-            )
+                items = [lc.llama_logit_bias(token=t, bias=b) for t, b in bias.items()]
+                stages.insert(
+                    0, lc.llama_sampler_init_logit_bias(n_vocab, len(items), (lc.llama_logit_bias * len(items))(*items))
+                )
+            self.pre = self._chain(stages)
             if p.grammar is not None:
                 self.grammar = llama_cpp.llama_sampler_init_grammar(
                     _LlamaShim.vocab(llm), p.grammar.encode("utf-8"), b"root"
@@ -2070,21 +2081,26 @@ class _Sampler:
                         param="grammar",
                     )
             if p.temperature <= 0:
-                self.post.add_greedy()
+                self.post = self._chain([lc.llama_sampler_init_greedy()])
             else:
                 # seed 0 is a real seed; 0xFFFFFFFF would mean "random" to llama.cpp.
                 seed = random.getrandbits(32) % 0xFFFFFFFF if p.seed is None else p.seed % 0xFFFFFFFF
-                self.post.add_top_k(p.top_k)
-                self.post.add_top_p(p.top_p, 1)
-                self.post.add_min_p(p.min_p, 1)
-                self.post.add_temp(p.temperature)
-                self.post.add_dist(seed)
+                draw = [lc.llama_sampler_init_top_k(p.top_k), lc.llama_sampler_init_top_p(p.top_p, 1)]
+                draw += [lc.llama_sampler_init_min_p(p.min_p, 1), lc.llama_sampler_init_temp(p.temperature)]
+                self.post = self._chain([*draw, lc.llama_sampler_init_dist(seed)])
         except BaseException:
             self.close()
             raise
         row = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
         self.cand, self.one = np.recarray((n_vocab,), dtype=row), np.recarray((1,), dtype=row)
         self.ids = np.arange(n_vocab, dtype=np.intc)
+
+    def _chain(self, stages: list[Any]) -> Any:
+        """One llama.cpp sampler chain of these stages (it owns and frees them)."""
+        chain = self.lc.llama_sampler_chain_init(self.lc.llama_sampler_chain_default_params())
+        for stage in stages:
+            self.lc.llama_sampler_chain_add(chain, stage)
+        return chain
 
     def _run(self, rows: Any, ids: Any, logits: Any, *samplers: Any) -> Any:
         """Fill `rows` with these tokens and logits, then apply the samplers to them; returns their token array."""
@@ -2103,27 +2119,26 @@ class _Sampler:
         """The next token for these logits (accepted by every stage), or None when no token is allowed."""
         import numpy as np
 
-        arr = self._run(self.cand, self.ids, logits, self.pre.sampler, self.post.sampler)
+        arr = self._run(self.cand, self.ids, logits, self.pre, self.post)
         token = int(self.cand.id[arr.selected])
         if self.grammar is not None:
             self._run(self.one, token, 0.0, self.grammar)
             if not np.isfinite(self.one.logit[0]):
-                arr = self._run(self.cand, self.ids, logits, self.pre.sampler, self.grammar)
+                arr = self._run(self.cand, self.ids, logits, self.pre, self.grammar)
                 if not np.isfinite(self.cand.logit[: arr.size]).any():
                     return None
-                self.lc.llama_sampler_apply(self.post.sampler, ctypes.byref(arr))
+                self.lc.llama_sampler_apply(self.post, ctypes.byref(arr))
                 token = int(self.cand.id[arr.selected])
             self.lc.llama_sampler_accept(self.grammar, token)
-        self.pre.accept(token)
-        self.post.accept(token)
+        self.lc.llama_sampler_accept(self.pre, token)
+        self.lc.llama_sampler_accept(self.post, token)
         return token
 
     def close(self) -> None:
-        self.pre.close()
-        self.post.close()
-        if self.grammar:
-            self.lc.llama_sampler_free(self.grammar)
-            self.grammar = None
+        for sampler in (self.pre, self.post, self.grammar):
+            if sampler:
+                self.lc.llama_sampler_free(sampler)
+        self.pre = self.post = self.grammar = None
 
 
 class _LogprobMarks:
@@ -2438,7 +2453,6 @@ class Gpt4AllEngine(Engine):
     tokenizer and no stop control beyond the token callback, so this engine tracks its context as text spans with
     token counts, and runs the native prompt call on a worker thread whose callbacks decide when to stop."""
 
-    name = "gpt4all"
     _DEFAULT_CTX = 2048
     _EMBEDDING_ARCHES = ("bert", "nomic-bert")  # gpt4all 2.8 embeds with these and completes with the others
 
@@ -2557,7 +2571,7 @@ class Gpt4AllEngine(Engine):
                 raise InvalidRequest(f"'{name}' is not supported by the gpt4all engine", param=name)
 
     def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> str:
-        return typing.cast(_ChatTemplate, self._template).render(messages, generation_prompt)
+        return typing.cast(_ChatTemplate | _PromptTemplate, self._template).render(messages, generation_prompt)
 
     def _need_text_model(self) -> None:
         if self._gpt is None:
@@ -2643,7 +2657,8 @@ class Gpt4AllEngine(Engine):
                 break
             pos, held = pos + len(piece), held + 1
         del self._spans[held:]
-        native.rewind(sum(n for _, n in self._spans))
+        if not native.rewind(sum(n for _, n in self._spans)):
+            self._spans, pos = [], 0
         max_new = (self.n_ctx if p.max_tokens is None else p.max_tokens) if generate else 0
         run = self._run = _Gpt4AllRun(native, text[pos:], p, should_stop, max_new)
         run.started.wait()
@@ -2752,12 +2767,7 @@ _ENGINES: dict[str, type[Engine]] = {"llama-cpp": LlamaCppEngine, "gpt4all": Gpt
 
 
 def _make_engine(model: ModelConfig, path: str, state_cache: _StateCache | None = None) -> Engine:
-    cls = _ENGINES.get(model.engine)
-    if cls is None:
-        raise Unavailable(
-            f"model '{model.id}': the {model.engine} engine is not available yet", code="engine_unavailable"
-        )
-    return cls(model, path, state_cache)
+    return _ENGINES[model.engine](model, path, state_cache)
 
 
 # ==== 5. pool: instances, queue, context routing, ttl
@@ -3251,6 +3261,8 @@ class Request:
             self.messages = _tool_messages(self.messages, self.tools)
         if self.tools is not None:
             p.grammar = _tool_grammar(self.tools)
+        if self.echo and self.suffix is not None:
+            raise InvalidRequest("'echo' cannot be combined with 'suffix'", param="echo")
         if self.kind == "embedding" and len(self.prompts) > 2048:
             raise InvalidRequest("'input' may hold at most 2048 items", param="input")
         if self.kind != "embedding" and len(self.prompts) * self.best_of > 128:
@@ -3556,8 +3568,6 @@ def openai_request(
     if not isinstance(body.get("suffix"), (str, type(None))):
         raise InvalidRequest("'suffix' must be a string", param="suffix")
     req.suffix = body.get("suffix") or None
-    if req.echo and req.suffix is not None:
-        raise InvalidRequest("'echo' cannot be combined with 'suffix'", param="echo")
     # best_of 0 (the spec allows it) means no extra candidates, as leaving it out does.
     req.best_of = _int_field(body, "best_of", 0, 20) or req.n
     if req.best_of < req.n:
@@ -3821,8 +3831,9 @@ def _int_bounds(schema: dict[str, Any], param: str) -> tuple[int | None, int | N
 @functools.cache
 def _converter_class() -> Any:
     try:
+        LlamaCppEngine._import()  # the version check _LlamaShim's converter helpers rely on
         from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
-    except ImportError:
+    except (ImportError, Unavailable):
         raise InvalidRequest(
             "JSON schemas and tools need llama-cpp-python: pip install 'lllms[llama-cpp]'", param="response_format"
         ) from None
