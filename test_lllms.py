@@ -297,6 +297,10 @@ def test_config_accepts_lllms_camel_case_and_aliases(tmp_path: Any) -> None:
         ({"models": {"bad/id": {"task": "embedding", "file": "x"}}}, "models.bad/id: model ids must match"),
         ({"models": {"m": {"task": "embedding", "file": "x", "min_instances": 3}}}, "models.m.min_instances"),
         ({"models": {"m": {"task": "embedding", "file": "x", "ttl": -1}}}, "models.m.ttl: must be >= 0"),
+        (  # the gpt4all engine's old family names ("gemma", ...) would otherwise render as that word
+            {"models": {"m": {"task": "text-completion", "file": "x", "chat_template": "gemma"}}},
+            "models.m.chat_template: must be a Jinja template",
+        ),
         ({"models": {"m": {"task": "embedding", "file": "x", "sha256": "abc"}}}, "models.m.sha256"),
         ({"models": {"m": {"task": "embedding", "url": "ftp://x/y"}}}, "models.m.url"),
         (
