@@ -4270,10 +4270,7 @@ class Embeddings:
 
 
 def _engine_failure(exc: Exception, inst: _Instance) -> tuple[bool, APIError]:
-    """Whether an instance stays sound after its engine raised exc, and the error to give the caller.
-
-    A client error (a prompt too long, ...) leaves it sound; anything else disposes of it.
-    """
+    """Whether an instance stays sound after its engine raised exc (only a client error leaves it so), and the error."""
     if isinstance(exc, APIError):
         return exc.status < 500, exc
     log.exception("engine failure on %s", inst.id)
@@ -4298,7 +4295,7 @@ class CompletionStream:
         self.usage: Usage | None = None
         self.instance_id: str | None = None  # which instance served it, once known
         self._pool, self._meter = pool, meter
-        self._parsers: dict[int, _ReplyParser] | None = {} if request.tools is not None else None
+        self._parsers: dict[int, _ReplyParser] = {}  # with tools, one per choice
         self._cancel = cancel  # anything with is_set(): a threading.Event, or the HTTP layer's client watch
         now = self._t0 = time.monotonic()
         timeout = config.request_timeout if request.timeout is None else request.timeout
@@ -4346,8 +4343,8 @@ class CompletionStream:
         """Fold a chunk into its choice; with tools, turn the raw reply into content and call deltas."""
         c = self.choices.setdefault(ch.index, Choice(ch.index))
         c.raw += ch.text
-        if self._parsers is not None:
-            parser = self._parsers.setdefault(ch.index, _ReplyParser(typing.cast(_ToolPlan, self.request.tools)))
+        if (tools := self.request.tools) is not None:
+            parser = self._parsers.setdefault(ch.index, _ReplyParser(tools))
             text, calls = parser.feed(ch.text)
             if ch.finish_reason is not None:
                 text += parser.finish()
@@ -4477,17 +4474,14 @@ class ModelServer:
         self._files_lock = threading.Lock()
         self._cancel_downloads = threading.Event()
         self._pool = _Pool(self.config)
-        self._started = False
-        self._stopped = False  # set when stop() begins: from then on new requests get 503
-        self._drained = False  # set when stop() has freed everything
+        self._state = "starting"  # then ready; draining once stop() begins (new requests get 503), then stopped
 
     def start(self) -> ModelServer:
-        """Check model files, start downloads as each model's `prepare` says, load min_instances. Idempotent.
+        """Check model files (no network), download url models as their `prepare` says, load min_instances. Idempotent.
 
-        Local files and url models already downloaded are checked here (no network). A url model still to fetch
-        downloads now ("blocking"), in the background ("async") or on its first request ("on-demand").
+        A url model still to fetch downloads now ("blocking"), in the background ("async") or on its first request.
         """
-        if self._started:
+        if self._state != "starting":
             return self
         for model in self.config.models.values():
             if model.url is None or model.prepare == "blocking" or self._present(model):
@@ -4495,25 +4489,23 @@ class ModelServer:
             elif model.prepare == "async":
                 self._prepare(model, block=False)
         self._pool.start()
-        self._started = True
+        self._state = "ready"
         log.info("ready: %s", ", ".join(self.config.models) or "no models")
         return self
 
     def stop(self, grace: float = 10.0) -> None:
         """Drain: refuse new work (503), let running requests finish for up to `grace` seconds, free all instances."""
-        if self._started and not self._stopped:
-            self._stopped = True
+        if self._state == "ready":
+            self._state = "draining"
             self._cancel_downloads.set()  # a part file stays, and resumes on the next start
             log.info("draining: waiting up to %gs for %d running requests", grace, self._pool.running)
             self._pool.stop(grace)
-            self._drained = True
+            self._state = "stopped"
 
     @property
     def state(self) -> str:
         """starting, ready, draining (stop() under way) or stopped."""
-        if self._drained or (self._stopped and not self._started):
-            return "stopped"
-        return "draining" if self._stopped else "ready" if self._started else "starting"
+        return self._state
 
     def prepare(self) -> dict[str, str]:
         """Download and verify every model's file now, without loading any; returns {model id: error}."""
@@ -4540,7 +4532,6 @@ class ModelServer:
                 wait = max(1, math.ceil(f.retry_at - time.monotonic()))
                 raise Unavailable(typing.cast(str, f.error), code="model_not_ready", headers={"Retry-After": str(wait)})
             if f.thread is None:
-                # A retry: status shows the new attempt, not the last failure.
                 self._pool.retry_model(model.id)
                 f.restart()
                 f.thread = threading.Thread(
@@ -4601,7 +4592,7 @@ class ModelServer:
         with self._files_lock:
             f.state, f.error, f.thread, f.failures = "ready", None, None, 0
         # A prepare() on a running server still serves those waiting.
-        self._pool.file_ready(model, f.path, load=load or self._started)
+        self._pool.file_ready(model, f.path, load=load or self._state != "starting")
 
     def __enter__(self) -> ModelServer:
         return self.start()
@@ -4622,7 +4613,7 @@ class ModelServer:
         or generation stops at the next token. The request's `timeout` (default: config `request_timeout`) bounds
         it: waiting past it is a 503, and generation past it ends with the partial text and finish_reason "length".
         """
-        if not self._started:
+        if self._state == "starting":
             raise Unavailable("the server is not started", code="starting", headers={"Retry-After": "1"})
         req.check()
         if not self._pool.has_file(req.model.id):
@@ -4710,7 +4701,6 @@ class ModelServer:
         counts, infos, running, queued = self._pool.snapshot()
         models = {}
         for m in self.config.models.values():
-            c = counts[m.id]
             f = self._files[m.id]
             error = self._pool.error(m.id)
             models[m.id] = {
@@ -4725,7 +4715,7 @@ class ModelServer:
                 "min_instances": m.min_instances,
                 "max_instances": m.max_instances,
                 "ttl": m.ttl,
-                "instances": c,
+                "instances": counts[m.id],
             }
             if (cache := self._pool.state_cache_info(m.id)) is not None:
                 models[m.id]["state_cache"] = cache
