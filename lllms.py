@@ -3225,13 +3225,10 @@ class Request:
     max_tokens_default: int | None = None  # the dialect's own, below the model's defaults and limit
     dimensions: int | None = None
     encoding_format: Literal["float", "base64"] = "float"
-    checked: bool = False  # check() has run
+    checked: bool = False  # check() has run: every dialect's parser ends with it, and submit() runs it if not
 
     def check(self) -> Request:
-        """Apply the model's defaults and limits, and refuse what its engine cannot do; messages get tools.
-
-        Every dialect's parser ends with it; submit() makes sure it ran, once.
-        """
+        """Apply the model's defaults and limits, and refuse what its engine cannot do; messages get tools."""
         if self.checked:
             return self
         self.checked = True
@@ -3260,7 +3257,7 @@ class Request:
         if self.kind == "chat":
             self.messages = _tool_messages(self.messages, self.tools)
         if self.tools is not None:
-            p.grammar = _tool_grammar(self.tools)
+            p.grammar = _tool_grammar(json.dumps(dataclasses.asdict(self.tools), sort_keys=True))
         if self.echo and self.suffix is not None:
             raise InvalidRequest("'echo' cannot be combined with 'suffix'", param="echo")
         if self.kind == "embedding" and len(self.prompts) > 2048:
@@ -3297,13 +3294,12 @@ def _named_grammar(model: ModelConfig, grammar: str) -> str:
     """A request's `grammar`: GBNF itself, or the name of one of the model's grammars (or built-in 'json')."""
     if "::=" in grammar:
         return grammar
-    named = model.grammars.get(grammar)
-    if named is None and grammar == "json":
-        named = {"type": "object"}
+    grammars = {"json": {"type": "object"}, **model.grammars}
+    named = grammars.get(grammar)
     if named is None:
-        known = sorted({*model.grammars, "json"})
+        known = ", ".join(sorted(grammars))
         raise InvalidRequest(
-            f"'grammar' is neither GBNF nor one of model '{model.id}''s grammars: {', '.join(known)}", param="grammar"
+            f"'grammar' is neither GBNF nor one of model '{model.id}''s grammars: {known}", param="grammar"
         )
     return named if isinstance(named, str) else _json_grammar(named, "grammar")
 
@@ -3314,15 +3310,15 @@ def _named_grammar(model: ModelConfig, grammar: str) -> str:
 _CHAT_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
 
-def _text_content(content: Any, where: str, optional: bool = False, assistant: bool = False) -> str:
+def _text_content(content: Any, where: str, role: str) -> str:
     """A message's content as one string: a string, or a list of text parts (an assistant's refusals count)."""
-    if content is None and optional:
+    if content is None and role in ("assistant", "function"):
         return ""
     if isinstance(content, list):
         texts = []
         for j, part in enumerate(content):
             kind = part.get("type") if isinstance(part, dict) else None
-            text = part.get(kind) if kind == "text" or (kind == "refusal" and assistant) else None
+            text = part.get(kind) if kind == "text" or (kind == "refusal" and role == "assistant") else None
             if not isinstance(text, str):
                 raise InvalidRequest(
                     f"'{where}.content[{j}]': only text content parts are supported (no images, audio or files)",
@@ -3372,10 +3368,9 @@ def _parse_messages(messages: Any) -> list[dict[str, Any]]:
         calls = m.get("tool_calls") if role == "assistant" else None
         if role == "assistant" and m.get("function_call") is not None:  # the deprecated single call
             calls = [{"id": f"function-{i}", "type": "function", "function": m["function_call"]}]
-        optional = bool(calls) or role in ("assistant", "function")
         msg: dict[str, Any] = {
             "role": {"developer": "system", "function": "tool"}.get(role, role),
-            "content": _text_content(m.get("content"), where, optional, assistant=role == "assistant"),
+            "content": _text_content(m.get("content"), where, role),
         }
         if calls:
             msg["tool_calls"] = _parse_tool_calls(calls, where)
@@ -3418,14 +3413,10 @@ def _is_ids(value: Any) -> bool:
 
 def _prompt_list(prompt: Any, param: str = "prompt") -> list[str] | list[list[int]]:
     """A prompt in any of OpenAI's forms, as a list of prompts: strings, or lists of token ids."""
-    if isinstance(prompt, str):
-        return [prompt]
-    if _is_ids(prompt) and prompt:
+    if isinstance(prompt, str) or _is_ids(prompt) and prompt:
         return [prompt]
     if isinstance(prompt, list) and prompt:
-        if all(isinstance(x, str) for x in prompt):
-            return prompt
-        if all(_is_ids(x) and x for x in prompt):
+        if all(isinstance(x, str) for x in prompt) or all(_is_ids(x) and x for x in prompt):
             return prompt
     raise InvalidRequest(
         f"'{param}' must be a string, a list of strings, a list of token ids, or a list of such lists", param=param
@@ -3450,7 +3441,10 @@ _NEUTRAL_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "user": ("a string", lambda v: isinstance(v, str)),
     "safety_identifier": ("a string", lambda v: v is None or isinstance(v, str)),
     "prompt_cache_key": ("a string", lambda v: v is None or isinstance(v, str)),
-    "metadata": ("an object of strings", lambda v: v is None or isinstance(v, dict) and _all_str(v.values())),
+    "metadata": (
+        "an object of strings",
+        lambda v: v is None or isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+    ),
     "prediction": ("an object", lambda v: v is None or isinstance(v, dict)),
     "moderation": ("an object", lambda v: v is None or isinstance(v, dict)),
     "prompt_cache_options": ("an object", lambda v: v is None or isinstance(v, dict)),
@@ -3461,10 +3455,6 @@ _NEUTRAL_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     ),
     "prompt_cache_retention": ("in_memory or 24h", lambda v: v in (None, "in_memory", "24h")),
 }
-
-
-def _all_str(values: Any) -> bool:
-    return all(isinstance(v, str) for v in values)
 
 
 def _check_fields(body: dict[str, Any], kind: str, model: ModelConfig) -> None:
@@ -3690,17 +3680,14 @@ def completion_response(c: Completion, req: Request) -> dict[str, Any]:
 
 
 def chat_chunks(s: CompletionStream) -> Iterator[dict[str, Any]]:
-    """OpenAI chat.completion.chunk objects: per choice, role first, then content or call deltas, then finish;
-    usage last when asked for."""
+    """OpenAI chat.completion.chunk objects: per choice role first, then content or call deltas, then finish."""
     req = s.request
     base = {"id": s.id, "object": "chat.completion.chunk", "created": s.created, "model": s.model}
     extra = {"usage": None} if req.include_usage else {}
     started: set[int] = set()
     for ch in s:
-        delta: dict[str, Any] = {}
-        if ch.index not in started:
-            started.add(ch.index)
-            delta = {"role": "assistant", "content": ""}
+        delta: dict[str, Any] = {} if ch.index in started else {"role": "assistant", "content": ""}
+        started.add(ch.index)
         if ch.text:
             delta["content"] = ch.text
         if ch.tool_calls and req.legacy_functions:  # one call at most: the deprecated API has no parallel calls
@@ -3711,12 +3698,8 @@ def chat_chunks(s: CompletionStream) -> Iterator[dict[str, Any]]:
             choice = {"index": ch.index, "delta": delta, "logprobs": _chat_logprobs(ch.logprobs), "finish_reason": None}
             yield {**base, "choices": [choice], **extra}
         if ch.finish_reason is not None:
-            finish = _finish(ch.finish_reason, req)
-            yield {
-                **base,
-                "choices": [{"index": ch.index, "delta": {}, "logprobs": None, "finish_reason": finish}],
-                **extra,
-            }
+            choice = {"index": ch.index, "delta": {}, "logprobs": None, "finish_reason": _finish(ch.finish_reason, req)}
+            yield {**base, "choices": [choice], **extra}
     if req.include_usage and s.usage is not None:
         yield {**base, "choices": [], "usage": _usage_json(s.usage)}
 
@@ -3841,11 +3824,9 @@ def _converter_class() -> Any:
     class _Converter(SchemaConverter):
         """llama-cpp-python's converter, plus integer ranges, which it leaves out."""
 
-        param = "response_format"
-
         def visit(self, schema: Any, name: str) -> Any:
             if isinstance(schema, dict) and schema.get("type") == "integer" and any(k in schema for k in _INT_BOUNDS):
-                lo, hi = _int_bounds(schema, self.param)
+                lo, hi = _int_bounds(schema, "response_format")
                 rule = name + "-" if name in RESERVED_NAMES else name or "root"
                 return _LlamaShim.add_rule(self, rule, f"{_integers_between(lo, hi)} space")
             return super().visit(schema, name)
@@ -3874,12 +3855,11 @@ def _unenforced(schema: Any, path: str = "$") -> str | None:
     for key, value in schema.items():
         if key in _UNENFORCED_KEYWORDS or (key in _INT_BOUNDS and schema.get("type") != "integer"):
             return f"{path}.{key}"
+        found = None
         if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
             found = next((f for k, v in value.items() if (f := _unenforced(v, f"{path}.{key}.{k}"))), None)
         elif key in ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties"):
             found = _unenforced(value, f"{path}.{key}")
-        else:
-            continue
         if found:
             return found
     return None
@@ -3899,7 +3879,7 @@ def _visit_schema(conv: Any, schema: Any, name: str, param: str) -> str:
         raise InvalidRequest(
             f"'{param}': the schema keyword {where} cannot be enforced by grammar, so it is refused rather than "
             "ignored",
-            param=param.split(".")[0].split("[")[0] if param.startswith("response_format") else param,
+            param=param,
         )
     try:
         schema = conv.resolve_refs(json.loads(json.dumps(schema)), name)  # a copy: resolving rewrites it
@@ -3948,11 +3928,9 @@ def _tool_function(tool: Any, i: int) -> dict[str, Any]:
 
 @dataclass
 class _ToolPlan:
-    """What a request's tools and tool_choice ask of the model.
-
-    "none" answers in text, in the tool shape all the same, when the history holds tool calls: the model then sees
-    the conversation as it was (a cache hit) and does not copy a call's JSON into its answer.
-    """
+    """What a request's tools and tool_choice ask of the model. "none" answers in text, in the tool shape all the
+    same, when the history holds tool calls: the model then sees the conversation as it was (a cache hit) and does
+    not copy a call's JSON into its answer."""
 
     functions: list[dict[str, Any]]  # every tool of the request, described to the model
     callable: list[str]  # the names it may call
@@ -3984,7 +3962,7 @@ def _tool_plan(tools: Any, tool_choice: Any, parallel: Any, messages: list[dict[
         return _ToolPlan(functions, names, choice, parallel is not False)
     fn = choice.get("function") if isinstance(choice, dict) else None
     name = fn.get("name") if isinstance(fn, dict) else None
-    if not isinstance(choice, dict) or choice.get("type") != "function" or not isinstance(name, str):
+    if not isinstance(name, str) or choice.get("type") != "function":
         raise InvalidRequest(
             "'tool_choice' must be 'none', 'auto', 'required' or "
             '{"type": "function", "function": {"name": ...}}',
@@ -3995,14 +3973,10 @@ def _tool_plan(tools: Any, tool_choice: Any, parallel: Any, messages: list[dict[
     return _ToolPlan(functions, [name], "required", False)
 
 
-def _tool_grammar(plan: _ToolPlan) -> str:
-    """GBNF for a reply: the call list (each call's arguments valid for its schema), or with `auto` plain text.
-    Cached: an agent sends the same tools with every turn."""
-    return _tool_grammar_of(json.dumps(dataclasses.asdict(plan), sort_keys=True))
-
-
 @functools.lru_cache(maxsize=64)
-def _tool_grammar_of(plan_json: str) -> str:
+def _tool_grammar(plan_json: str) -> str:
+    """GBNF for a reply: the call list (each call's arguments valid for its schema), or with `auto` plain text.
+    Takes the plan as JSON, to be cached: an agent sends the same tools with every turn."""
     plan = _ToolPlan(**json.loads(plan_json))
     conv = _schema_converter()
     lit = functools.partial(_LlamaShim.format_literal, conv)
@@ -4051,8 +4025,7 @@ def _tool_messages(messages: list[dict[str, Any]], plan: _ToolPlan | None) -> li
     the model writes them, and tool results as user messages (templates rarely know a 'tool' role)."""
     names = {}
     out: list[dict[str, Any]] = []
-    after_result = False  # consecutive results merge into one user message
-    for m in messages:
+    for i, m in enumerate(messages):
         role, content = m["role"], m["content"]
         if role == "assistant" and m.get("tool_calls"):
             for c in m["tool_calls"]:
@@ -4062,18 +4035,14 @@ def _tool_messages(messages: list[dict[str, Any]], plan: _ToolPlan | None) -> li
             content = _RESPONSE_OPEN + json.dumps(content, ensure_ascii=False) + "}"
         elif role == "tool":
             name = names.get(m.get("tool_call_id")) or "a tool"
-            text = f"Result of {name}: {content}"
-            if after_result:
-                out[-1]["content"] += "\n" + text
-            else:
-                out.append({"role": "user", "content": text})
-            after_result = True
-            continue
-        after_result = False
+            role, content = "user", f"Result of {name}: {content}"
+            if i and messages[i - 1]["role"] == "tool":  # consecutive results merge into one user message
+                out[-1]["content"] += "\n" + content
+                continue
         out.append({"role": role, "content": content})
     if plan is not None and plan.functions:
         if out and out[0]["role"] == "system":
-            out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + _tool_instructions(plan)}
+            out[0]["content"] += "\n\n" + _tool_instructions(plan)
         else:
             out.insert(0, {"role": "system", "content": _tool_instructions(plan)})
     return out
@@ -4081,9 +4050,7 @@ def _tool_messages(messages: list[dict[str, Any]], plan: _ToolPlan | None) -> li
 
 class _ReplyParser:
     """Reads a tool-enabled reply as it streams: content from {"response": ...}, call deltas from tool_calls.
-
-    The grammar fixes every literal but the arguments' own JSON, so this tracks only string escapes and nesting.
-    """
+    The grammar fixes every literal but the arguments' own JSON, so this tracks only string escapes and nesting."""
 
     def __init__(self, plan: _ToolPlan) -> None:
         # With tool_choice "none" only text comes: a reply shaped like a call is passed on as text.
@@ -4101,13 +4068,7 @@ class _ReplyParser:
         deltas: list[dict[str, Any]] = []
         for ch in text:
             self._step(ch, content, deltas)
-        merged: list[dict[str, Any]] = []
-        for d in deltas:  # one arguments fragment per call per chunk
-            if merged and merged[-1]["index"] == d["index"] and "id" not in d:
-                merged[-1]["arguments"] += d["arguments"]
-            else:
-                merged.append(d)
-        return "".join(content), merged
+        return "".join(content), deltas
 
     def finish(self) -> str:
         """Whatever was held back, when the reply was not in the expected shape (a cut-off head)."""
@@ -4116,9 +4077,8 @@ class _ReplyParser:
 
     def _step(self, ch: str, content: list[str], deltas: list[dict[str, Any]]) -> None:
         if self.expect:
-            if ch.isspace() and self.expect[0] != ch:
-                return
-            self.expect = self.expect[1:] if ch == self.expect[0] else ""
+            if not ch.isspace() or ch == self.expect[0]:
+                self.expect = self.expect[1:] if ch == self.expect[0] else ""
             return
         state = self.state
         if state == "head":
@@ -4138,9 +4098,9 @@ class _ReplyParser:
         elif state == "call":
             self.buf += ch
             if ch == '"':
-                self.calls.append({"id": "call_" + secrets.token_hex(12), "name": self.buf[:-1], "arguments": ""})
-                c = self.calls[-1]
-                deltas.append({"index": len(self.calls) - 1, "id": c["id"], "name": c["name"], "arguments": ""})
+                call = {"id": "call_" + secrets.token_hex(12), "name": self.buf[:-1], "arguments": ""}
+                self.calls.append(call)
+                deltas.append({"index": len(self.calls) - 1, **call})
                 self.state, self.buf, self.expect = "arguments", "", ', "arguments": '
         elif state == "arguments":
             self._arguments(ch, deltas)
@@ -4169,7 +4129,6 @@ class _ReplyParser:
             content.append(ch)
 
     def _arguments(self, ch: str, deltas: list[dict[str, Any]]) -> None:
-        emit = True
         if self.in_string:
             self.in_string = not (ch == '"' and not self.escaped)
             self.escaped = ch == "\\" and not self.escaped
@@ -4183,19 +4142,18 @@ class _ReplyParser:
                 return
             self.depth -= 1
         elif ch.isspace() and self.depth == 0:
-            emit = False
-        if emit:
-            c = self.calls[-1]
-            c["arguments"] += ch
+            return
+        self.calls[-1]["arguments"] += ch
+        if deltas and deltas[-1]["index"] == len(self.calls) - 1:  # one arguments fragment per call per chunk
+            deltas[-1]["arguments"] += ch
+        else:
             deltas.append({"index": len(self.calls) - 1, "arguments": ch})
 
 
 def _format_grammar(response_format: Any) -> str | None:
     """GBNF for OpenAI's response_format, or None for plain text."""
-    if response_format is None:
-        return None
     kind = response_format.get("type") if isinstance(response_format, dict) else None
-    if kind == "text":
+    if response_format is None or kind == "text":
         return None
     if kind == "json_object":
         return _json_grammar({"type": "object"})
