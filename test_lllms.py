@@ -4288,7 +4288,15 @@ def test_metrics_count_requests_tokens_and_times(tiny_server: lllms.HTTPServer) 
     )
     e = sdk.embeddings.create(model="bert", input=["hello world", "hi"])
     assert http_request(url, "GET", "/nope")[0] == 404
-    after = metrics()
+    # A request is counted once its last byte is out (its duration ends there), so the client can read the 404
+    # before its handler has counted it: wait for that, with a deadline.
+    not_found = {"endpoint": "other", "method": "GET", "status": "404"}
+
+    def counted() -> Any:
+        m = metrics()
+        return m if moved(m, before, "lllms_http_requests_total", **not_found) else None
+
+    after = wait_until(counted, what="the 404 to be counted")
     completions = {"endpoint": "/openai/v1/completions", "method": "POST", "status": "200"}
     assert moved(after, before, "lllms_http_requests_total", **completions) == 2
     assert moved(after, before, "lllms_http_requests_total", endpoint="other", method="GET", status="404") == 1
