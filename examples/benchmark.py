@@ -392,7 +392,7 @@ CONV_USER_MESSAGES = (
 # the thread-local option is set.
 _LLAMA_SERVER_BOOT = (
     "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); import llama_cpp, lllms; "
-    "lllms._hook_llama_model_params(llama_cpp); lllms._load_options.repack = not lllms._cpu_has_amx(); "
+    "lllms.LlamaCppEngine._import(); lllms._load_options.repack = not lllms._cpu_has_amx(); "
     "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)"
 )
 _WORDS = {
@@ -742,7 +742,7 @@ def scenario_features(args: argparse.Namespace) -> dict[str, Any]:
         variants = {
             "plain": {"logit_bias": ban},
             "logit_bias (1,000 tokens)": {"logit_bias": big},
-            "logprobs (top 20)": {"logit_bias": ban, "logprobs": 20},
+            "logprobs (top 20)": {"logit_bias": ban, "logprobs": True, "top_logprobs": 20},
             "json grammar": {"logit_bias": ban, "grammar": "json"},
         }
         rows = {name: [] for name in variants}
