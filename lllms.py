@@ -3231,7 +3231,6 @@ class Request:
         """Apply the model's defaults and limits, and refuse what its engine cannot do; messages get tools."""
         if self.checked:
             return self
-        self.checked = True
         m, engine = self.model, _ENGINES[self.model.engine]
         p = self.params = self.params.merged_over(m.defaults)
         limit, caps = m.max_tokens_limit, [c for c in (m.max_tokens_limit, self.max_tokens_default) if c is not None]
@@ -3264,6 +3263,7 @@ class Request:
             raise InvalidRequest("'input' may hold at most 2048 items", param="input")
         if self.kind != "embedding" and len(self.prompts) * self.best_of > 128:
             raise InvalidRequest("at most 128 choices per request (prompts times n or best_of)", param="n")
+        self.checked = True  # only now: a request that failed its check is refused again, never let through
         return self
 
     @property
