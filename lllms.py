@@ -245,7 +245,9 @@ class ModelConfig:
     url: str | None = None
     sha256: str | None = None
     context_size: int | None = _bound(None, 16)  # None: the model's training context
-    max_instances: int = _bound(1, 1)
+    max_instances: int = _bound(1, 1)  # conversations held at once, each with context_size tokens of its own
+    # llama-cpp: prompt tokens evaluated per decode step, beside the running sequences' next tokens.
+    prefill_chunk: int = _bound(256, 16)
     min_instances: int = 0
     ttl: float = _bound(300.0, 0)  # seconds an idle instance lives beyond min_instances
     completion_defaults: dict[str, Any] = field(default_factory=dict)
@@ -307,7 +309,7 @@ class ServerConfig:
     """The whole server: models plus global limits."""
 
     models: dict[str, ModelConfig] = field(default_factory=dict)
-    concurrency: int = _bound(1, 1)  # requests running at once, across all models
+    concurrency: int = _bound(8, 1)  # requests running at once, across all models
     listen: ListenConfig = field(default_factory=ListenConfig)
     models_dir: str = field(default_factory=_default_models_dir)
     max_body_bytes: int = _bound(8 * 1024 * 1024, 1024)
@@ -481,14 +483,13 @@ def _find_default_model() -> str:
 def default_config() -> dict[str, Any]:
     """The config served when no --config is given: SmolLM2-135M-Instruct."""
     return {
-        "concurrency": 1,
         "models": {
             DEFAULT_MODEL_ID: {
                 "task": "text-completion",
                 "engine": "llama-cpp",
                 "file": _find_default_model(),
                 "context_size": 4096,
-                "max_instances": 2,
+                "max_instances": 4,
                 "min_instances": 1,
                 "ttl": 300,
             }
@@ -1265,6 +1266,25 @@ class Engine:
         """Continue a prompt (text or token ids); `echo` yields it first, `suffix` asks for fill-in-the-middle."""
         raise NotImplementedError
 
+    def run(self, req: Request, should_stop: _StopCheck = None) -> Iterator[Chunk]:
+        """Every choice of a request, each chunk with its choice's index and each choice's last with its usage.
+        This one runs them in turn through chat() and complete(); the instance keeps the last one's context."""
+        for i in range(req.choice_count):
+            if i and should_stop is not None and should_stop():  # out of time, or cancelled: the rest end empty
+                yield Chunk("", finish_reason="length", usage=Usage(), index=i)
+                continue
+            p = req.choice_params(i)
+            if req.kind == "chat":
+                chunks = self.chat(req.messages, p, should_stop)
+            else:
+                chunks = self.complete(req.prompts[i // req.best_of], p, should_stop, echo=req.echo, suffix=req.suffix)
+            try:
+                for ch in chunks:
+                    ch.index = i
+                    yield ch
+            finally:
+                _close(chunks)
+
     def context_info(self) -> tuple[int, str]:
         """Tokens in the context now, and a short preview of its text (for status)."""
         return 0, ""
@@ -1500,9 +1520,6 @@ def _check_ids(tokens: Sequence[int], n_vocab: int, where: str, param: str) -> N
         )
 
 
-_load_options = threading.local()
-
-
 def _cpu_has_amx() -> bool:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
@@ -1518,24 +1535,13 @@ class _LlamaShim:
 
     @classmethod
     def install(cls, llama_cpp: Any) -> None:
-        """Refuse a version whose internals were not tried; let loads choose `use_extra_bufts` (weight repacking),
-        which `llama_cpp.Llama()` does not expose, through a hook on the model params it asks for."""
+        """Refuse a version whose internals were not tried."""
         version = tuple(int(x) for x in re.findall(r"\d+", llama_cpp.__version__)[:3])
         if not cls.TRIED[0] <= version < cls.TRIED[1]:
             raise Unavailable(
                 f"the llama-cpp engine needs llama-cpp-python 0.3.36 to 0.3.x, not {llama_cpp.__version__}",
                 code="engine_not_installed",
             )
-        original = llama_cpp.llama_cpp.llama_model_default_params
-
-        def params() -> Any:
-            p = original()
-            repack = getattr(_load_options, "repack", None)
-            if repack is not None:
-                p.use_extra_bufts = repack
-            return p
-
-        llama_cpp.llama_cpp.llama_model_default_params = params
 
     @staticmethod
     def add_rule(converter: Any, name: str, rule: str) -> str:
@@ -1546,72 +1552,459 @@ class _LlamaShim:
     def format_literal(converter: Any, text: str) -> str:
         return converter._format_literal(text)
 
-    @staticmethod
-    def penalties(llama_cpp: Any, n_vocab: int, last_n: int, p: SamplingParams) -> Any:
-        """The repeat/frequency/presence penalty stage, called as the binding declares it: llama.cpp versions differ
-        on whether n_vocab comes first."""
-        init = llama_cpp.llama_sampler_init_penalties
-        head = (n_vocab,) if len(init.argtypes) == 5 else ()
-        return init(*head, last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty)
 
-    @staticmethod
-    def vocab(llm: Any) -> Any:
-        return llm._model.vocab
+# Every native compute step (a llama.cpp decode, a gpt4all token) holds this: engines running at once take
+# turns on all the cores instead of oversubscribing them, which slows everything by 10-100x.
+_CORES = threading.Lock()
 
-    @staticmethod
-    def token_text(llm: Any, token: int) -> str:
-        return llm._model.token_get_text(token) if token >= 0 else ""
 
-    @staticmethod
-    def adds_bos(llm: Any) -> bool:
-        return llm._model.add_bos_token() and llm.token_bos() >= 0
+class _LlamaModel:
+    """A GGUF's weights and vocabulary, through llama-cpp-python's public C API; contexts are made on it."""
 
-    @staticmethod
-    def token_sep(llm: Any) -> int:
-        return llm._model.token_sep()
+    def __init__(self, lc: Any, model: ModelConfig, path: str) -> None:
+        dev, self.lc, self.id = model.device, lc, model.id
+        gpu_ok = bool(lc.llama_supports_gpu_offload())
+        if dev.gpu is True and not gpu_ok:
+            raise Unavailable(
+                f"model '{model.id}': device.gpu is true but this llama-cpp-python build has no GPU support",
+                code="gpu_unavailable",
+            )
+        params = lc.llama_model_default_params()
+        params.n_gpu_layers = 0 if dev.gpu is False or not gpu_ok else -1 if dev.gpu_layers is None else dev.gpu_layers
+        params.use_extra_bufts = (not _cpu_has_amx()) if dev.repack == "auto" else dev.repack
+        self.ptr = lc.llama_model_load_from_file(path.encode(), params)
+        if not self.ptr:
+            raise Unavailable(f"model '{model.id}' failed to load from {path}", code="model_load_failed")
+        self.vocab = vocab = lc.llama_model_get_vocab(self.ptr)
+        self.n_vocab, self.n_embd = lc.llama_vocab_n_tokens(vocab), lc.llama_model_n_embd(self.ptr)
+        self.bos, self.eos, self.sep = lc.llama_vocab_bos(vocab), lc.llama_vocab_eos(vocab), lc.llama_vocab_sep(vocab)
+        self.adds_bos = bool(lc.llama_vocab_get_add_bos(vocab)) and self.bos >= 0
+        self.n_ctx_train = lc.llama_model_n_ctx_train(self.ptr)
+        self.threads = dev.cpu_threads or os.cpu_count() or 1
 
-    @staticmethod
-    def ctx(llm: Any) -> Any:
-        return llm._ctx.ctx
+    def meta(self, key: str) -> str | None:
+        size = 1024
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = self.lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)
+            if n < size:
+                return None if n < 0 else buf.value.decode("utf-8", errors="replace")
+            size = n + 1
 
-    @staticmethod
-    def clear(llm: Any) -> None:
-        llm._ctx.kv_cache_clear()
+    def tokenize(self, text: str, special: bool = True, add_bos: bool | None = None) -> list[int]:
+        """Text to tokens; by default a BOS where the model adds one, unless the text (a template) writes it."""
+        if add_bos is None:
+            add_bos = self.adds_bos and not text.startswith(self.text([self.bos]))
+        raw = text.encode("utf-8")
+        size = len(raw) + 2
+        while True:
+            buf = (self.lc.llama_token * size)()
+            n = self.lc.llama_tokenize(self.vocab, raw, len(raw), buf, size, add_bos, special)
+            if n >= 0:
+                return buf[:n]
+            size = -n
 
-    @staticmethod
-    def keep(llm: Any, n: int) -> bool:
-        """Drop the KV cache past its first n positions; False when llama.cpp cannot."""
-        return llm._ctx.kv_cache_seq_rm(-1, n, -1)
+    def piece(self, token: int, special: bool = False) -> bytes:
+        size = 64
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = self.lc.llama_token_to_piece(self.vocab, token, buf, size, 0, special)
+            if n >= 0:
+                return buf.raw[:n]
+            size = -n
 
-    @staticmethod
-    def decode(llm: Any, tokens: list[int], n_past: int, logits_all: bool) -> None:
-        llm._batch.set_batch(batch=tokens, n_past=n_past, logits_all=logits_all)
-        llm._ctx.decode(llm._batch)
+    def text(self, tokens: Sequence[int], special: bool = True) -> str:
+        return b"".join(self.piece(t, special) for t in tokens).decode("utf-8", errors="replace")
 
-    @staticmethod
-    def logits(llm: Any, all_rows: bool = False) -> Any:
-        return llm._ctx.get_logits() if all_rows else llm._ctx.get_logits_ith(-1)
+    def context(self, n_ctx: int, n_batch: int, n_seq: int = 1, pooling: int | None = None) -> Any:
+        """A new llama.cpp context (an embedding one with `pooling`); its sequences share one KV cache."""
+        p = self.lc.llama_context_default_params()
+        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max, p.kv_unified = n_ctx, n_batch, n_batch, n_seq, True
+        p.n_threads = p.n_threads_batch = self.threads
+        p.n_outputs_max = p.n_outputs_max_per_seq = n_batch
+        if pooling is not None:
+            p.embeddings, p.pooling_type = True, pooling
+        ctx = self.lc.llama_init_from_model(self.ptr, p)
+        if not ctx:
+            raise Unavailable(f"model '{self.id}': llama.cpp could not make a context", code="model_load_failed")
+        return ctx
 
-    @staticmethod
-    def has_logits(llm: Any) -> bool:
-        """Whether the last token's logits are in place (llama-cpp-python's own bookkeeping)."""
-        return not getattr(llm, "_requires_eval", True)
+    def decode(self, ctx: Any, batch: Any) -> None:
+        with _CORES:
+            rc = self.lc.llama_decode(ctx, batch)
+        if rc != 0:
+            raise EngineError(f"llama_decode failed ({rc}): out of context memory, or a backend error")
 
-    @staticmethod
-    def set_has_logits(llm: Any, value: bool) -> None:
-        llm._requires_eval = not value
+    def logits(self, ctx: Any, row: int) -> Any:
+        """A view of one output row's logits, valid until the next decode."""
+        import numpy as np
+
+        return np.ctypeslib.as_array(self.lc.llama_get_logits_ith(ctx, row), shape=(self.n_vocab,))
+
+
+class _Batch:
+    """A llama_batch filled token by token."""
+
+    def __init__(self, lc: Any, size: int) -> None:
+        self.lc, self.ptr = lc, lc.llama_batch_init(size, 0, 1)
+
+    def clear(self) -> None:
+        self.ptr.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq: int, logits: bool) -> int:
+        b, i = self.ptr, self.ptr.n_tokens
+        b.token[i], b.pos[i], b.n_seq_id[i], b.seq_id[i][0], b.logits[i] = token, pos, 1, seq, logits
+        b.n_tokens = i + 1
+        return i
+
+    def free(self) -> None:
+        self.lc.llama_batch_free(self.ptr)
+
+
+class _Job:
+    """One choice generating in a sequence of a shared context. The decode thread steps it; chunks go to `out`."""
+
+    def __init__(self, model: _LlamaModel, index: int, prompt: list[int], p: SamplingParams, **kw: Any) -> None:
+        self.model, self.index, self.prompt, self.p = model, index, prompt, p
+        self.out: queue.SimpleQueue[Chunk | BaseException] = kw["out"]
+        self.seq: int | None = kw.get("seq")  # None: a spare sequence, taken when one is free
+        self.parent: _Job | None = kw.get("parent")  # a sibling choice whose evaluated prompt this one copies
+        self.max_new: int = kw.get("max_new", 0)
+        self.should_stop: _StopCheck = kw.get("should_stop")
+        self.sampler: _Sampler | None = kw.get("sampler")
+        self.echo: str | None = kw.get("echo")  # the prompt's text, to send first
+        self.pieces: list[tuple[str, bytes]] = kw.get("pieces", [])  # with echo and logprobs: each prompt token
+        self.echoed = [TokenLogprob(*self.pieces[0], None)] if self.pieces else None
+        self.evaluate = kw.get("evaluate", self.max_new > 0)  # preload and echo+logprobs evaluate without a reply
+        self.pos = -1  # prompt tokens in the KV cache; -1 until begun
+        self.next: int | None = None  # the token to evaluate next, with logits
+        self.ended = False  # finished, failed or cancelled: the decode thread lets go of it
+        self.done = threading.Event()  # it has
+        self.usage = Usage(prompt_tokens=len(prompt))
+        self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self.stops = _StopMatcher(p.stop or [])
+        self.marks = _LogprobMarks() if p.logprobs is not None else None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.pos >= 0 and self.next is None and not self.ended
+
+    def logits(self, row: Any) -> None:
+        """A prefill row's logits (echo with logprobs): the logprob of the prompt token it predicts."""
+        echoed, k = typing.cast(list, self.echoed), len(self.echoed or ())
+        echoed.append(TokenLogprob(*self.pieces[k], *_logprob(self.model, row, self.prompt[k], self.p.logprobs)))
+
+    def prompt_done(self) -> None:
+        """The prompt is evaluated (or needs no evaluating): send the echo; a choice with no room ends."""
+        if self.echo is not None:
+            self.out.put(Chunk(self.echo, logprobs=self.echoed, index=self.index))
+        if self.max_new <= 0:
+            self.finish("length")
+
+    def sample(self, row: Any) -> None:
+        """The next token from this sequence's logits: its text goes out, or the choice finishes."""
+        token = typing.cast(_Sampler, self.sampler).sample(row)
+        if token is None and not self.usage.completion_tokens:
+            raise InvalidRequest("the grammar allows no token that logit_bias leaves (or none at all)", param="grammar")
+        if token is None or self.model.lc.llama_vocab_is_eog(self.model.vocab, token):
+            return self.finish("stop")
+        self.usage.completion_tokens += 1
+        raw = self.model.piece(token)
+        piece = self.decoder.decode(raw)
+        if self.marks is not None:
+            self.marks.pending.append(TokenLogprob(piece, raw, *_logprob(self.model, row, token, self.p.logprobs)))
+        text, stopped = self.stops.feed(piece)
+        if text or stopped:
+            self.out.put(Chunk(text, logprobs=self.marks.take(text, stopped) if self.marks else None, index=self.index))
+        if stopped:
+            return self.finish("stop", stopped=True)
+        if self.usage.completion_tokens >= self.max_new:
+            return self.finish("length")
+        self.next = token
+
+    def finish(self, reason: str, stopped: bool = False) -> None:
+        tail = ""
+        if not stopped:
+            tail, stopped = self.stops.feed(self.decoder.decode(b"", final=True))
+            reason = "stop" if stopped else reason
+            tail += "" if stopped else self.stops.flush()
+        lps = self.marks.take(tail, stopped, final=True) if self.marks else None
+        self.out.put(Chunk(tail, finish_reason=reason, usage=self.usage, logprobs=lps, index=self.index))
+        self.ended = True
+
+    def release(self, error: BaseException | None = None) -> None:
+        """The decode thread is done with it (after an error, which the consumer raises)."""
+        if error is not None:
+            self.out.put(error)
+        if self.sampler is not None:
+            self.sampler.close()
+        self.ended = True
+        self.done.set()
+
+
+class _Decoder:
+    """A llama-cpp model's one context and the thread that decodes it. Each instance of the model is a sequence;
+    every step evaluates the next token of every running sequence, and a chunk of new prompts, in one
+    llama_decode. Spare sequences, beyond max_instances, run a request's other choices beside its instance's."""
+
+    SPARE = 8
+
+    def __init__(self, lc: Any, model: ModelConfig, path: str, state_cache: _StateCache | None) -> None:
+        self.lc, self.config, self.cache = lc, model, state_cache
+        self.model = m = _LlamaModel(lc, model, path)
+        self.n_ctx = model.context_size or m.n_ctx_train  # per sequence
+        self.n_seq, self.chunk = model.max_instances + self.SPARE, model.prefill_chunk
+        self.held: list[list[int]] = [[] for _ in range(self.n_seq)]  # the tokens each sequence holds
+        self.free = list(range(model.max_instances))  # sequences for instances to take
+        self.spare = list(range(model.max_instances, self.n_seq))
+        self.jobs: list[_Job] = []
+        self.calls: list[tuple[Callable[[], Any], queue.SimpleQueue[Any]]] = []
+        self.cond = threading.Condition()
+        self.users, self.closing = 0, False
+        try:
+            self.template = _chat_template(model, m.meta("tokenizer.chat_template"), m.text([m.bos]), m.text([m.eos]))
+            self.ctx = self._new_context()
+        except BaseException:
+            self.lc.llama_model_free(m.ptr)
+            raise
+        self.batch = _Batch(lc, self.chunk + self.n_seq)
+        threading.Thread(target=self._loop, name=f"lllms-decode-{model.id}", daemon=True).start()
+
+    def _new_context(self) -> Any:
+        # Each conversation has n_ctx cells of its own, and the spare sequences one more conversation's worth.
+        return self.model.context(self.n_ctx * (self.config.max_instances + 1), self.chunk + self.n_seq, self.n_seq)
+
+    # -- called from request threads
+
+    def take_seq(self) -> int:
+        with self.cond:  # a disposed instance may not have handed its sequence back yet
+            self.cond.wait_for(lambda: self.free)
+            return self.free.pop(0)
+
+    def give_seq(self, seq: int) -> None:
+        self.call(lambda: self.keep(seq, 0))
+        with self.cond:
+            self.free.append(seq)
+            self.cond.notify_all()
+
+    def call(self, fn: Callable[[], Any]) -> Any:
+        """Run fn on the decode thread between two steps (the context is not thread-safe); its result."""
+        box: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        with self.cond:
+            self.calls.append((fn, box))
+            self.cond.notify_all()
+        ok, value = box.get()
+        if not ok:
+            raise value
+        return value
+
+    def run(self, jobs: list[_Job]) -> None:
+        with self.cond:
+            self.jobs.extend(jobs)
+            self.cond.notify_all()
+
+    def cancel(self, jobs: list[_Job]) -> None:
+        """Stop these jobs and wait until the decode thread has let go of them."""
+        with self.cond:
+            for job in jobs:
+                job.ended = True
+            self.cond.notify_all()
+        for job in jobs:
+            job.done.wait()
+
+    def close(self) -> None:
+        with self.cond:
+            self.closing = True
+            self.cond.notify_all()
+
+    # -- the decode thread
+
+    def _loop(self) -> None:
+        while True:
+            with self.cond:
+                self.cond.wait_for(lambda: self.calls or self.jobs or self.closing)
+                calls, self.calls = self.calls, []
+                if self.closing and not calls and not self.jobs:
+                    break
+            for fn, box in calls:
+                try:
+                    box.put((True, fn()))
+                except BaseException as exc:
+                    box.put((False, exc))
+            try:
+                self._step()
+            except BaseException as exc:  # a bug here must not leave consumers waiting for ever
+                log.exception("%s: the decode loop failed", self.config.id)
+                self._fail(EngineError(f"the engine failed: {exc}"))
+        self.batch.free()
+        self.lc.llama_free(self.ctx)
+        self.lc.llama_model_free(self.model.ptr)
+
+    def _step(self) -> None:
+        """One llama_decode: every generating sequence's next token, then prompt chunks up to prefill_chunk."""
+        for job in [j for j in self.jobs if j.ended]:
+            self._drop(job)
+        for job in [j for j in self.jobs if j.pos < 0]:
+            self._begin(job)
+        for job in self.jobs:
+            if job.pos >= 0 and not job.ended and job.should_stop is not None and job.should_stop():
+                job.finish("length")
+        batch, rows, budget = self.batch, [], self.chunk
+        batch.clear()
+        running = [j for j in self.jobs if j.pos >= 0 and not j.ended]
+        for job in running:
+            if job.next is not None:
+                rows.append((job, batch.add(job.next, job.pos, job.seq, True), len(job.prompt)))
+        for job in running:
+            take = min(budget, len(job.prompt) - 1 - job.pos) if job.next is None else 0
+            for k in range(job.pos, job.pos + take):
+                i = batch.add(job.prompt[k], k, job.seq, job.echoed is not None)
+                if job.echoed is not None:
+                    rows.append((job, i, k))
+            budget -= max(take, 0)
+        if not batch.ptr.n_tokens:
+            return
+        try:
+            self.model.decode(self.ctx, batch.ptr)
+        except EngineError as exc:
+            log.error("%s: %s; rebuilding its context", self.config.id, exc.message)
+            return self._fail(exc)
+        for job in running:
+            n = sum(batch.ptr.seq_id[i][0] == job.seq for i in range(batch.ptr.n_tokens))
+            evaluated = [job.next] if job.next is not None else job.prompt[job.pos : job.pos + n]
+            self.held[job.seq].extend(evaluated)
+            job.pos += n
+            if job.next is None and n and job.pos == len(job.prompt) - 1:
+                job.next = job.prompt[-1]
+            elif job.next is not None and job.pos == len(job.prompt):
+                job.prompt_done()
+        for job, i, k in rows:
+            if job.ended:
+                continue
+            try:
+                row = self.model.logits(self.ctx, i)
+                job.logits(row) if k < len(job.prompt) else job.sample(row)
+            except Exception as exc:
+                job.release(exc if isinstance(exc, APIError) else EngineError(f"the engine failed: {exc}"))
+
+    def _begin(self, job: _Job) -> None:
+        """Start a job once its sequence (and, for a sibling choice, the prompt it copies) is ready."""
+        parent = job.parent
+        if parent is not None and not parent.done.is_set() and (parent.pos < 0 or parent.prefilling):
+            return
+        if job.seq is None:
+            if not self.spare:
+                return
+            job.seq = self.spare.pop()
+        last = len(job.prompt) - 1
+        if parent is not None and parent.pos >= last and not parent.done.is_set():
+            self.keep(job.seq, 0)  # the sibling's evaluated prompt, shared cell by cell
+            self.lc.llama_memory_seq_cp(self._memory(), parent.seq, job.seq, 0, last)
+            self.held[job.seq] = job.prompt[:last]
+            job.pos, job.usage.cached_tokens, job.echoed = last, parent.usage.cached_tokens, parent.echoed
+        else:
+            job.pos = job.usage.cached_tokens = self._reuse(job.seq, job.prompt, job.echoed is not None)
+        if not job.evaluate:
+            job.prompt_done()
+        elif job.pos == last:
+            job.next = job.prompt[-1]
+
+    def _reuse(self, seq: int, prompt: list[int], fresh: bool) -> int:
+        """Make the sequence hold the longest prefix of the prompt it can have without evaluating it: its own,
+        another sequence's (a preload, a shared system prompt), or a state the cache kept. Its length.
+        The prompt's last token is always evaluated again, alone as when it was new: same request, same text."""
+        held, last = self.held[seq], len(prompt) - 1
+        if fresh:  # echo with logprobs: every position's logits are needed
+            return self.keep(seq, 0)
+        common = _common_prefix(held, prompt)
+        own = min(common, last)
+        if self.cache is not None and len(held) - own >= _MIN_SPILL_TOKENS and common < len(prompt):
+            self.cache.put(tuple(held), self._save(seq))  # a conversation this prompt would clobber
+        shared = [(min(_common_prefix(h, prompt), last), s) for s, h in enumerate(self.held) if s != seq and h]
+        best, source = max(shared, default=(0, -1))
+        found = self.cache.best(prompt, max(own, best) + _MIN_RESTORE_GAIN) if self.cache is not None else None
+        if found is not None and self._restore(seq, *found):
+            return self.keep(seq, min(_common_prefix(found[0], prompt), last))
+        if best > own:
+            self.keep(seq, 0)
+            self.lc.llama_memory_seq_cp(self._memory(), source, seq, 0, best)
+            self.held[seq] = prompt[:best]
+            return best
+        return self.keep(seq, own)
+
+    def keep(self, seq: int, n: int) -> int:
+        """Drop what a sequence holds past its first n tokens."""
+        self.lc.llama_memory_seq_rm(self._memory(), seq, n, -1)
+        del self.held[seq][n:]
+        return n
+
+    def _memory(self) -> Any:
+        return self.lc.llama_get_memory(self.ctx)
+
+    def _save(self, seq: int) -> Any:
+        size = self.lc.llama_state_seq_get_size(self.ctx, seq)
+        buf = (ctypes.c_uint8 * size)()
+        n = self.lc.llama_state_seq_get_data(self.ctx, buf, size, seq)
+        return buf if n == size else bytes(buf)[:n]
+
+    def _restore(self, seq: int, tokens: tuple[int, ...], state: Any) -> bool:
+        self.keep(seq, 0)
+        src = state if isinstance(state, ctypes.Array) else (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if self.lc.llama_state_seq_set_data(self.ctx, src, len(state), seq) == 0:
+            log.warning("%s: restoring a saved context failed; evaluating the prompt instead", self.config.id)
+            return False
+        self.held[seq] = list(tokens)
+        return True
+
+    def _drop(self, job: _Job) -> None:
+        self.jobs.remove(job)
+        if job.seq is not None and job.seq >= self.config.max_instances:
+            self.keep(job.seq, 0)
+            self.spare.append(job.seq)
+        job.release()
+
+    def _fail(self, error: APIError) -> None:
+        """The context is in an unknown state: end the jobs that were running in it, and make a new one."""
+        for job in [j for j in self.jobs if j.pos >= 0]:
+            if not job.ended:
+                job.release(error)
+            self._drop(job)
+        self.lc.llama_free(self.ctx)
+        self.ctx = self._new_context()
+        for held in self.held:
+            held.clear()
+
+
+def _logprob(model: _LlamaModel, logits: Any, token: int, top: int | None) -> tuple[float, list | None]:
+    """The logprob of `token` under these logits, and the `top` likeliest tokens (vectorised, no vocab loop)."""
+    import numpy as np
+
+    m = float(logits.max())
+    lse = m + math.log(float(np.exp(logits - m).sum()))
+    alts = None
+    if top:
+        ids = np.argpartition(logits, -top)[-top:]
+        ids = ids[np.argsort(-logits[ids])]
+        alts = []
+        for t in ids:
+            raw = model.piece(int(t))
+            alts.append((raw.decode("utf-8", errors="replace"), raw, max(float(logits[t]) - lse, _MIN_LOGPROB)))
+    return max(float(logits[token]) - lse, _MIN_LOGPROB), alts
 
 
 class LlamaCppEngine(Engine):
-    """llama-cpp-python: one `llama_cpp.Llama` per instance, plus an embedding context on demand."""
+    """llama-cpp-python's public C API. The instances of a model are sequences of one context, stepped together
+    by its decode thread (_Decoder); embeddings get a context of their own, made on demand."""
 
     grammars = logprobs = True
+    _decoders: dict[tuple[int, str], _Decoder] = {}  # per model config and file, shared by its instances
+    _decoders_lock = threading.Lock()
 
     def __init__(self, model: ModelConfig, path: str, state_cache: _StateCache | None = None) -> None:
         super().__init__(model, path, state_cache)
-        self.llm: Any = None
-        self._embedder: Any = None
-        self._template: _ChatTemplate | _PromptTemplate | None = None
+        self.shared: _Decoder | None = None
+        self.seq = -1
+        self._embedder: tuple[_LlamaModel, Any, _Batch, int] | None = None
 
     @staticmethod
     @functools.cache
@@ -1624,260 +2017,100 @@ class LlamaCppEngine(Engine):
                 code="engine_not_installed",
             ) from None
         _LlamaShim.install(llama_cpp)  # once: _import is cached
+        llama_cpp.llama_backend_init()
+        native = logging.getLogger("llama-cpp-python")  # where the binding sends llama.cpp's own log
+        if native.level == logging.NOTSET:
+            native.setLevel(logging.ERROR)
         return llama_cpp
 
-    def _construct(self, llama_cpp: Any, **kwargs: Any) -> Any:
-        """`llama_cpp.Llama(...)` with this model's device settings."""
-        dev = self.model.device
-        gpu_ok = bool(llama_cpp.llama_supports_gpu_offload())
-        if dev.gpu is True and not gpu_ok:
-            raise Unavailable(
-                f"model '{self.model.id}': device.gpu is true but this llama-cpp-python build has no GPU support",
-                code="gpu_unavailable",
-            )
-        layers = 0 if dev.gpu is False or not gpu_ok else (-1 if dev.gpu_layers is None else dev.gpu_layers)
-        threads = dev.cpu_threads or os.cpu_count() or 1
-        _load_options.repack = (not _cpu_has_amx()) if dev.repack == "auto" else dev.repack
-        try:
-            return llama_cpp.Llama(
-                model_path=self.path,
-                n_gpu_layers=layers,
-                n_threads=threads,
-                n_threads_batch=threads,
-                verbose=False,
-                **kwargs,
-            )
-        finally:
-            _load_options.repack = None
-
-    def _new_embedder(self, llama_cpp: Any) -> Any:
-        # The whole input must fit one ubatch for non-causal models, so batch == context.
-        probe = llama_cpp.Llama(model_path=self.path, vocab_only=True, verbose=False)
-        meta = dict(probe.metadata)
-        probe.close()
-        arch = meta.get("general.architecture", "")
-        n_ctx = self.model.context_size or min(int(meta.get(f"{arch}.context_length", 2048)), 2048)
-        # Decoder models declare no pooling; the spec asks for mean pooling then.
-        declared = f"{arch}.pooling_type" in meta
-        pooling = llama_cpp.LLAMA_POOLING_TYPE_UNSPECIFIED if declared else llama_cpp.LLAMA_POOLING_TYPE_MEAN
-        return self._construct(
-            llama_cpp, embedding=True, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, pooling_type=pooling
-        )
-
     def load(self) -> None:
-        llama_cpp = self._import()
-        try:
-            if self.model.task == "embedding":
-                self._embedder = self._new_embedder(llama_cpp)
-                return
-            self.llm = self._construct(llama_cpp, n_ctx=self.model.context_size or 0)
-            # llama.cpp pads a context past the size asked for, but llama-cpp-python sizes its token buffer by the
-            # request: a prompt reaching past that end crashed the engine. The buffer gets the real size.
-            if len(self.llm.input_ids) < self.llm.n_ctx():
-                self.llm.input_ids.resize(self.llm.n_ctx(), refcheck=False)
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise Unavailable(f"model '{self.model.id}' failed to load: {exc}", code="model_load_failed") from exc
-        texts = [_LlamaShim.token_text(self.llm, t) for t in (self.llm.token_bos(), self.llm.token_eos())]
-        self._template = _chat_template(self.model, self.llm.metadata.get("tokenizer.chat_template"), *texts)
+        lc = self._import()
+        if self.model.task == "embedding":
+            self._embedder = self._new_embedder(lc, _LlamaModel(lc, self.model, self.path))
+            return
+        key = (id(self.model), self.path)
+        with self._decoders_lock:
+            shared = self._decoders.get(key)
+            if shared is None:
+                shared = self._decoders[key] = _Decoder(lc, self.model, self.path, self.state_cache)
+            shared.users += 1
+        self.shared, self.seq = shared, shared.take_seq()
 
     def close(self) -> None:
-        for llm in (self.llm, self._embedder):
-            if llm is not None:
-                llm.close()
-        self.llm = self._embedder = None
+        shared, self.shared = self.shared, None
+        if shared is not None:
+            shared.give_seq(self.seq)
+            with self._decoders_lock:
+                shared.users -= 1
+                if not shared.users:
+                    del self._decoders[(id(self.model), self.path)]
+                    shared.close()
+        if self._embedder is not None:
+            model, ctx, batch, _ = self._embedder
+            self._embedder = None
+            batch.free()
+            self._import().llama_free(ctx)
+            if self.model.task == "embedding":
+                self._import().llama_model_free(model.ptr)
 
     # -- prompts
 
     def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> list[int]:
-        return self._tokenize(self._template.render(messages, generation_prompt))
-
-    def _tokenize(self, text: str) -> list[int]:
-        llm = self.llm
-        # Templates usually write the BOS text themselves; never add a second one.
-        add_bos = _LlamaShim.adds_bos(llm) and not text.startswith(_LlamaShim.token_text(llm, llm.token_bos()))
-        return llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        shared = self._text_model()
+        return shared.model.tokenize(shared.template.render(messages, generation_prompt))
 
     def preload(self, messages: list[dict[str, Any]] | None, prefix: str | None) -> None:
-        if self.llm is None:
-            return
-        tokens = self._render(messages, generation_prompt=False) if messages else self._tokenize(prefix or "")
-        if len(tokens) >= self.llm.n_ctx():
+        shared = self._text_model()
+        tokens = self._render(messages, generation_prompt=False) if messages else shared.model.tokenize(prefix or "")
+        if len(tokens) >= shared.n_ctx:
             raise Unavailable(f"model '{self.model.id}': preload is longer than the context", code="preload_too_long")
-        self._prefill(tokens, 0)
+        out: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()
+        job = _Job(shared.model, 0, tokens, SamplingParams(), out=out, seq=self.seq, evaluate=True)
+        shared.run([job])
+        job.done.wait()
+        while not out.empty():
+            if isinstance(item := out.get(), BaseException):
+                raise item
 
-    def chat(
-        self, messages: list[dict[str, Any]], params: SamplingParams, should_stop: _StopCheck = None
-    ) -> Iterator[Chunk]:
-        self._need_text_model()
-        return self._generate(self._render(messages), params, "messages", should_stop)
-
-    def complete(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        should_stop: _StopCheck = None,
-        *,
-        echo: bool = False,
-        suffix: str | None = None,
-    ) -> Iterator[Chunk]:
-        self._need_text_model()
+    def _prompt(self, req: Request, group: int) -> tuple[list[int], str | None]:
+        """A choice group's prompt tokens, and its text when the request gave text."""
+        if req.kind == "chat":
+            return self._render(req.messages), None
+        prompt, model = req.prompts[group], self._text_model().model
         if isinstance(prompt, str):
-            tokens = self._tokenize(prompt)
+            tokens = model.tokenize(prompt)
         else:
-            _check_ids(prompt, self.llm.n_vocab(), "'prompt'", "prompt")
+            _check_ids(prompt, model.n_vocab, "'prompt'", "prompt")
             tokens = list(prompt)
-        if suffix is not None:  # never with echo: openai_request refuses that pair
-            tokens = self._infill(tokens, suffix)
-        text = prompt if isinstance(prompt, str) else None
-        return self._generate(tokens, params, "prompt", should_stop, echo=echo, prompt_text=text)
+        if req.suffix is not None:  # never with echo: openai_request refuses that pair
+            tokens = self._infill(tokens, req.suffix)
+        if not tokens:  # an empty prompt: nothing to sample from, so start from BOS
+            if model.bos < 0:
+                raise InvalidRequest("the prompt is empty", param="prompt", code="empty_prompt")
+            tokens = [model.bos]
+        return tokens, prompt if isinstance(prompt, str) else None
 
     def _infill(self, prefix: list[int], suffix: str) -> list[int]:
         """Fill-in-the-middle: the model's FIM tokens around prefix and suffix (as llama.cpp's server does)."""
-        llama_cpp, llm = self._import(), self.llm
-        vocab = _LlamaShim.vocab(llm)
-        pre, suf = llama_cpp.llama_vocab_fim_pre(vocab), llama_cpp.llama_vocab_fim_suf(vocab)
-        mid = llama_cpp.llama_vocab_fim_mid(vocab)
+        lc, model = self._import(), self._text_model().model
+        pre, suf = lc.llama_vocab_fim_pre(model.vocab), lc.llama_vocab_fim_suf(model.vocab)
+        mid = lc.llama_vocab_fim_mid(model.vocab)
         if min(pre, suf, mid) < 0:
             raise InvalidRequest(
                 f"'suffix' needs a model with fill-in-the-middle tokens; '{self.model.id}' has none", param="suffix"
             )
-        bos = llm.token_bos()
-        body = [t for t in prefix if t != bos]
-        head = [bos] if _LlamaShim.adds_bos(llm) else []
-        tail = llm.tokenize(suffix.encode("utf-8"), add_bos=False, special=False)
-        return [*head, pre, *body, suf, *tail, mid]
-
-    def context_info(self) -> tuple[int, str]:
-        if self.llm is None:
-            return 0, ""
-        return self.llm.n_tokens, self.context_text(limit=48)[:80]
-
-    def context_text(self, limit: int | None = None) -> str:
-        """The text the context holds (its first `limit` tokens), special tokens included."""
-        llm = self.llm
-        n = llm.n_tokens if limit is None else min(limit, llm.n_tokens)
-        return llm.detokenize(llm.input_ids[:n].tolist(), special=True).decode("utf-8", errors="replace")
-
-    def _need_text_model(self) -> None:
-        if self.llm is None:
-            raise InvalidRequest(f"model '{self.model.id}' is an embedding model", code="wrong_task", param="model")
-
-    # -- generation
-
-    def _cached_prefix(self, tokens: list[int], common: int | None = None) -> int:
-        """How many prompt tokens the KV cache can give, as Llama.generate decides; `common`: how many it shares."""
-        llm = self.llm
-        n = _common_prefix(llm.input_ids[: llm.n_tokens].tolist(), tokens) if common is None else common
-        if n < len(tokens) or (llm.n_tokens == n and _LlamaShim.has_logits(llm)):
-            return n
-        return max(0, n - 1)
-
-    def _spill_and_restore(self, tokens: list[int]) -> None:
-        """Keep a context this prompt would clobber in the state cache, and restore a better one from it."""
-        llm, cache = self.llm, self.state_cache
-        if cache is None:
-            return
-        held = llm.n_tokens
-        common = _common_prefix(llm.input_ids[:held].tolist(), tokens)
-        reuse = self._cached_prefix(tokens, common)
-        found = cache.best(tokens, longer_than=reuse + _MIN_RESTORE_GAIN)
-        # A held context that merely continues this prompt (a sibling choice, a regenerated reply) is not worth
-        # keeping: nobody sends it back.
-        if held - reuse >= _MIN_SPILL_TOKENS and common < len(tokens):
-            cache.put(tuple(llm.input_ids[:held].tolist()), self._save_seq())
-        if found is not None:
-            self._load_seq(*found, tokens)
-
-    def _save_seq(self) -> Any:
-        """The KV cache of sequence 0, without the logits that llama-cpp-python's save_state also copies."""
-        llama_cpp, ctx = self._import(), _LlamaShim.ctx(self.llm)
-        size = llama_cpp.llama_state_seq_get_size(ctx, 0)
-        buf = (ctypes.c_uint8 * size)()
-        n = llama_cpp.llama_state_seq_get_data(ctx, buf, size, 0)
-        return buf if n == size else bytes(buf)[:n]
-
-    def _load_seq(self, tokens: tuple[int, ...], state: Any, prompt: list[int]) -> None:
-        """Restore a saved context, then cut it back to the part the prompt shares with it."""
-        llama_cpp, llm = self._import(), self.llm
-        _LlamaShim.clear(llm)
-        src = state if isinstance(state, ctypes.Array) else (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
-        if llama_cpp.llama_state_seq_set_data(_LlamaShim.ctx(llm), src, len(state), 0) == 0:
-            log.warning("%s: restoring a saved context failed; evaluating the prompt instead", self.model.id)
-            llm.reset()
-            return
-        keep = _common_prefix(tokens, prompt)
-        _LlamaShim.keep(llm, keep)
-        llm.input_ids[:keep] = tokens[:keep]
-        llm.n_tokens = keep
-        _LlamaShim.set_has_logits(llm, False)  # the logits of the last token were not saved
-
-    def _generate(
-        self,
-        tokens: list[int],
-        p: SamplingParams,
-        param: str,
-        should_stop: _StopCheck = None,
-        echo: bool = False,
-        prompt_text: str | None = None,
-    ) -> Iterator[Chunk]:
-        llama_cpp, llm = self._import(), self.llm
-        if not tokens:  # an empty prompt: llama-cpp-python cannot sample from nothing, so start from BOS
-            if llm.token_bos() < 0:
-                raise InvalidRequest("the prompt is empty", param=param, code="empty_prompt")
-            tokens = [llm.token_bos()]
-        n_ctx = llm.n_ctx()
-        if len(tokens) >= n_ctx:
-            raise InvalidRequest(
-                f"the prompt is {len(tokens)} tokens but the model's context is {n_ctx} tokens",
-                param=param,
-                code="context_length_exceeded",
-            )
-        room = n_ctx - len(tokens)
-        max_new = room if p.max_tokens is None else min(p.max_tokens, room)
-        p = p.merged_over(_SAMPLING_DEFAULTS)
-        last_n = typing.cast(int, p.repeat_last_n)
-        # raises on a bad grammar or bias before anything is evaluated
-        sampler = _Sampler(llama_cpp, llm, p, n_ctx if last_n == -1 else min(last_n, n_ctx))
-        echoed: list[TokenLogprob] | None = None
-        pieces = self._prompt_pieces(tokens, prompt_text) if echo else []
-        echo_text = ("".join(t for t, _ in pieces) if prompt_text is None else prompt_text) if echo else None
-        try:
-            if echo and p.logprobs is not None:
-                echoed = self._eval_with_logprobs(tokens, p.logprobs, pieces)
-                # All of it is evaluated now (none reused), but its last token again alone, as every prompt's is.
-                reuse, cached = len(tokens) - 1, 0
-            else:
-                self._spill_and_restore(tokens)
-                reuse = cached = self._cached_prefix(tokens)
-        except BaseException:
-            sampler.close()
-            raise
-        usage = Usage(prompt_tokens=len(tokens), cached_tokens=cached)
-        return self._stream(llama_cpp, sampler, tokens, p, max_new, reuse, usage, should_stop, echo_text, echoed)
-
-    def _prefill(self, tokens: list[int], cached: int) -> None:
-        """Evaluate the prompt, reusing the first `cached` tokens the context already holds."""
-        llm = self.llm
-        if cached == len(tokens):
-            return  # the whole prompt is in place, and so are its last logits
-        if cached > 0 and _LlamaShim.keep(llm, cached):
-            llm.n_tokens = cached
-        else:
-            llm.reset()
-        # The last token alone, always: llama.cpp's batched and single-token kernels round differently, and a
-        # repeated prompt finds the rest cached and evaluates only that one; so the same request gives the same text.
-        llm.eval(tokens[llm.n_tokens : -1])
-        llm.eval(tokens[-1:])
+        body = [t for t in prefix if t != model.bos]
+        head = [model.bos] if model.adds_bos else []
+        return [*head, pre, *body, suf, *model.tokenize(suffix, special=False, add_bos=False), mid]
 
     def _prompt_pieces(self, tokens: list[int], text: str | None) -> list[tuple[str, bytes]]:
         """Each prompt token's text and bytes, decoded so that the texts join to the prompt (an added BOS: "")."""
-        llm = self.llm
+        model = self._text_model().model
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        bos = llm.token_bos()
         out = []
         for i, t in enumerate(tokens):
-            raw = llm.detokenize([t], special=True)
-            if i == 0 and t == bos and text is not None and not text.startswith(raw.decode("utf-8", "replace")):
+            raw = model.piece(t, special=True)
+            if i == 0 and t == model.bos and text is not None and not text.startswith(raw.decode("utf-8", "replace")):
                 raw = b""
             out.append((decoder.decode(raw), raw))
         tail = decoder.decode(b"", final=True)
@@ -1885,141 +2118,121 @@ class LlamaCppEngine(Engine):
             out[-1] = (out[-1][0] + tail, out[-1][1])
         return out
 
-    def _eval_with_logprobs(self, tokens: list[int], top: int, pieces: list[tuple[str, bytes]]) -> list[TokenLogprob]:
-        """Evaluate the prompt from scratch keeping every position's logits: the logprob of each prompt token."""
-        import numpy as np
+    def context_info(self) -> tuple[int, str]:
+        if self.shared is None:
+            return 0, ""
+        return len(self.shared.held[self.seq]), self.context_text(limit=48)[:80]
 
-        llm = self.llm
-        n_vocab = llm.n_vocab()
-        llm.reset()
-        _LlamaShim.clear(llm)
-        out = [TokenLogprob(*pieces[0], None)]
-        step = 128  # logits for every position cost step * n_vocab floats
-        for i in range(0, len(tokens), step):
-            batch = tokens[i : i + step]
-            _LlamaShim.decode(llm, batch, i, logits_all=True)
-            llm.input_ids[i : i + len(batch)] = batch
-            llm.n_tokens = i + len(batch)
-            rows = np.ctypeslib.as_array(_LlamaShim.logits(llm, all_rows=True), shape=(len(batch), n_vocab))
-            for k in range(i + 1, min(i + len(batch) + 1, len(tokens))):  # row k - i - 1 predicts token k
-                out.append(TokenLogprob(*pieces[k], *self._logprob(rows[k - i - 1], tokens[k], top)))
-        _LlamaShim.set_has_logits(llm, False)  # batched logits: the next prompt evaluates its last token alone
-        return out
+    def context_text(self, limit: int | None = None) -> str:
+        """The text the context holds (its first `limit` tokens), special tokens included."""
+        shared = self._text_model()
+        return shared.model.text(shared.held[self.seq][:limit])
 
-    def _piece(self, token: int) -> tuple[str, bytes]:
-        raw = self.llm.detokenize([token])
-        return raw.decode("utf-8", errors="replace"), raw
+    def _text_model(self) -> _Decoder:
+        if self.shared is None:
+            raise InvalidRequest(f"model '{self.model.id}' is an embedding model", code="wrong_task", param="model")
+        return self.shared
 
-    def _logprob(self, logits: Any, token: int, top: int) -> tuple[float, list[tuple[str, bytes, float]] | None]:
-        """The logprob of `token` under these logits, and the `top` likeliest tokens (vectorised, no vocab loop)."""
-        import numpy as np
+    # -- generation
 
-        m = float(logits.max())
-        lse = m + math.log(float(np.exp(logits - m).sum()))
-        alts = None
-        if top > 0:
-            ids = np.argpartition(logits, -top)[-top:]
-            ids = ids[np.argsort(-logits[ids])]
-            alts = [(*self._piece(int(t)), max(float(logits[t]) - lse, _MIN_LOGPROB)) for t in ids]
-        return max(float(logits[token]) - lse, _MIN_LOGPROB), alts
-
-    def _stream(
-        self,
-        llama_cpp: Any,
-        sampler: Any,
-        tokens: list[int],
-        p: SamplingParams,
-        max_new: int,
-        reuse: int,
-        usage: Usage,
-        should_stop: _StopCheck,
-        echo: str | None,
-        echoed: list[TokenLogprob] | None,
-    ) -> Iterator[Chunk]:
-        import numpy as np
-
-        llm = self.llm
-        vocab = _LlamaShim.vocab(llm)
-        n_vocab = llm.n_vocab()
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = _StopMatcher(p.stop or [])
-        marks = _LogprobMarks() if p.logprobs is not None else None
-        finish = "length"
-        stopped = False  # by a stop string: then nothing after it may be emitted
+    def run(self, req: Request, should_stop: _StopCheck = None) -> Iterator[Chunk]:
+        """Every choice at once, each in a sequence: this instance's holds the last, spare ones the others, which
+        copy their prompt's evaluated cells from it (or from their group's first) rather than evaluate it again."""
+        shared, lc = self._text_model(), self._import()
+        out: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()
+        jobs: list[_Job] = []
         try:
-            if echo is not None:
-                yield Chunk(echo, logprobs=echoed)
-            generated = token = 0
-            if max_new > 0:
-                self._prefill(tokens, reuse)
-            while generated < max_new:
-                if generated:
-                    llm.eval([token])  # the previous token, now that its logits are no longer needed
-                logits = np.ctypeslib.as_array(_LlamaShim.logits(llm), shape=(n_vocab,))
-                token = sampler.sample(logits)
-                if token is None and not generated:  # the grammar allows nothing the bias leaves
+            for g in range(max(len(req.prompts), 1) if req.kind == "completion" else 1):
+                tokens, text = self._prompt(req, g)
+                if len(tokens) >= shared.n_ctx:
                     raise InvalidRequest(
-                        "the grammar allows no token that logit_bias leaves (or none at all)", param="grammar"
+                        f"the prompt is {len(tokens)} tokens but the model's context is {shared.n_ctx} tokens",
+                        param="messages" if req.kind == "chat" else "prompt",
+                        code="context_length_exceeded",
                     )
-                if token is None or llama_cpp.llama_vocab_is_eog(vocab, token):
-                    finish = "stop"
-                    break
-                generated += 1
-                usage.completion_tokens = generated
-                raw = llm.detokenize([token])
-                piece = decoder.decode(raw)
-                if marks is not None:
-                    marks.pending.append(TokenLogprob(piece, raw, *self._logprob(logits, token, p.logprobs)))
-                text, stopped = stops.feed(piece)
-                if text or stopped:
-                    yield Chunk(text, logprobs=marks.take(text, stopped) if marks else None)
-                if stopped:
-                    finish = "stop"
-                    break
-                if should_stop is not None and should_stop():
-                    break
+                pieces = self._prompt_pieces(tokens, text) if req.echo else []
+                echo = (text if text is not None else "".join(t for t, _ in pieces)) if req.echo else None
+                group = []
+                for i in range(g * req.best_of, (g + 1) * req.best_of):
+                    p = req.choice_params(i).merged_over(_SAMPLING_DEFAULTS)
+                    room = shared.n_ctx - len(tokens)
+                    last_n = room + len(tokens) if p.repeat_last_n == -1 else min(p.repeat_last_n, shared.n_ctx)
+                    job = _Job(shared.model, i, tokens, p, out=out, should_stop=should_stop, echo=echo)
+                    job.max_new = room if p.max_tokens is None else min(p.max_tokens, room)
+                    job.evaluate = job.max_new > 0 or (req.echo and p.logprobs is not None)
+                    job.pieces = pieces if req.echo and p.logprobs is not None else []
+                    job.echoed = [TokenLogprob(*pieces[0], None)] if job.pieces else None
+                    job.sampler = _Sampler(lc, shared.model, p, last_n)  # raises on a bad grammar or bias
+                    group.append(job)
+                    jobs.append(job)
+                leader = group[-1] if g == max(len(req.prompts), 1) - 1 else group[0]
+                for job in group:
+                    job.parent = None if job is leader else leader
+            jobs[-1].seq = self.seq
+        except BaseException:
+            for job in jobs:
+                job.release()
+            raise
+        shared.run(jobs)
+        return self._stream(shared, jobs, out)
+
+    @staticmethod
+    def _stream(shared: _Decoder, jobs: list[_Job], out: queue.SimpleQueue) -> Iterator[Chunk]:
+        left = len(jobs)
+        try:
+            while left:
+                item = out.get()
+                if isinstance(item, BaseException):
+                    raise item
+                left -= item.finish_reason is not None
+                yield item
         finally:
-            sampler.close()
-        tail = ""
-        if not stopped:
-            tail, stopped = stops.feed(decoder.decode(b"", final=True))
-            finish = "stop" if stopped else finish
-            tail += "" if stopped else stops.flush()
-        lps = marks.take(tail, stopped, final=True) if marks else None
-        yield Chunk(tail, finish_reason=finish, usage=usage, logprobs=lps)
+            shared.cancel(jobs)
 
     # -- embeddings
+
+    def _new_embedder(self, lc: Any, model: _LlamaModel) -> tuple[_LlamaModel, Any, _Batch, int]:
+        arch = model.meta("general.architecture") or ""
+        n_ctx = self.model.context_size or min(int(model.meta(f"{arch}.context_length") or 2048), 2048)
+        # Decoder models declare no pooling; the spec asks for mean pooling then.
+        declared = model.meta(f"{arch}.pooling_type") is not None
+        pooling = lc.LLAMA_POOLING_TYPE_UNSPECIFIED if declared else lc.LLAMA_POOLING_TYPE_MEAN
+        # The whole input must fit one ubatch for non-causal models, so batch == context.
+        return model, model.context(n_ctx, n_ctx, pooling=pooling), _Batch(lc, n_ctx), n_ctx
 
     def _embed_tokens(self, tokens: list[int]) -> list[float]:
         """One pooled, normalised vector for a token sequence that fits the context."""
         import numpy as np
 
-        llama_cpp, emb = self._import(), self._embedder
-        _LlamaShim.clear(emb)
-        _LlamaShim.decode(emb, tokens, 0, logits_all=True)
-        ptr = llama_cpp.llama_get_embeddings_seq(_LlamaShim.ctx(emb), 0)
+        lc, (model, ctx, batch, _) = self._import(), typing.cast(tuple, self._embedder)
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        batch.clear()
+        for i, t in enumerate(tokens):
+            batch.add(t, i, 0, True)
+        model.decode(ctx, batch.ptr)
+        ptr = lc.llama_get_embeddings_seq(ctx, 0)
         if not ptr:
             raise EngineError(f"model '{self.model.id}' gave no pooled embedding", code="engine_error")
-        return _l2_normalised(np.ctypeslib.as_array(ptr, shape=(emb.n_embd(),)))
+        return _l2_normalised(np.ctypeslib.as_array(ptr, shape=(model.n_embd,)))
 
     def embed(self, texts: list[str] | list[list[int]], dimensions: int | None = None) -> tuple[list[list[float]], int]:
         if self._embedder is None:
-            self._embedder = self._new_embedder(self._import())
-        emb = self._embedder
-        if dimensions is not None and dimensions != emb.n_embd():
+            self._embedder = self._new_embedder(self._import(), self._text_model().model)
+        model, _, _, n_ctx = self._embedder
+        if dimensions is not None and dimensions != model.n_embd:
             raise InvalidRequest(
-                f"'dimensions' must be {emb.n_embd()} for model '{self.model.id}': the llama-cpp engine cannot "
+                f"'dimensions' must be {model.n_embd} for model '{self.model.id}': the llama-cpp engine cannot "
                 "tell whether a model may be shortened (Matryoshka), so it never does",
                 param="dimensions",
             )
-        n_ctx, mode = emb.n_ctx(), self.model.long_inputs
+        mode = self.model.long_inputs
         vectors: list[list[float]] = []
         total = 0
         for i, item in enumerate(texts):
             if isinstance(item, str):
-                tokens = emb.tokenize(item.encode("utf-8"), add_bos=True, special=False)
+                tokens = model.tokenize(item, special=False, add_bos=True)
             else:
-                _check_ids(item, emb.n_vocab(), f"input[{i}]", "input")
+                _check_ids(item, model.n_vocab, f"input[{i}]", "input")
                 tokens = list(item)
             if not tokens:
                 raise InvalidRequest(f"input[{i}] is empty", param="input")
@@ -2036,8 +2249,8 @@ class LlamaCppEngine(Engine):
                 continue
             # The mean over context-sized windows, weighted by their length. Each window keeps the sequence's own
             # first and last special tokens ([CLS] and [SEP] for BERT).
-            head = tokens[:1] if tokens[0] == emb.token_bos() else []
-            tail = tokens[-1:] if tokens[-1] in {emb.token_eos(), _LlamaShim.token_sep(emb)} else []
+            head = tokens[:1] if tokens[0] == model.bos else []
+            tail = tokens[-1:] if tokens[-1] in {model.eos, model.sep} else []
             body = tokens[len(head) : len(tokens) - len(tail)]
             step = n_ctx - len(head) - len(tail)
             windows = [head + body[j : j + step] + tail for j in range(0, len(body), step)]
@@ -2054,14 +2267,17 @@ class _Sampler:
     constrains the whole array only when it rejects it (near full speed); when grammar and bias leave no token,
     `sample` says so, where llama.cpp would abort the process."""
 
-    def __init__(self, llama_cpp: Any, llm: Any, p: SamplingParams, last_n: int) -> None:
+    def __init__(self, llama_cpp: Any, model: _LlamaModel, p: SamplingParams, last_n: int) -> None:
         import numpy as np
 
         lc = self.lc = llama_cpp
-        n_vocab = llm.n_vocab()
+        n_vocab = model.n_vocab
         self.pre = self.post = self.grammar = None
         try:
-            stages = [_LlamaShim.penalties(lc, n_vocab, last_n, p)]
+            # llama.cpp versions differ on whether the penalty stage takes n_vocab first.
+            head = (n_vocab,) if len(lc.llama_sampler_init_penalties.argtypes) == 5 else ()
+            penalties = (p.repeat_penalty, p.frequency_penalty, p.presence_penalty)
+            stages = [lc.llama_sampler_init_penalties(*head, last_n, *penalties)]
             if p.logit_bias:
                 _check_ids(list(p.logit_bias), n_vocab, "'logit_bias'", "logit_bias")
                 # -100 bans; +100 beats any logit yet stays finite, so several +100 tokens compete on their logits.
@@ -2072,9 +2288,7 @@ class _Sampler:
                 )
             self.pre = self._chain(stages)
             if p.grammar is not None:
-                self.grammar = llama_cpp.llama_sampler_init_grammar(
-                    _LlamaShim.vocab(llm), p.grammar.encode("utf-8"), b"root"
-                )
+                self.grammar = llama_cpp.llama_sampler_init_grammar(model.vocab, p.grammar.encode("utf-8"), b"root")
                 if not self.grammar:
                     raise InvalidRequest(
                         "the grammar is not valid GBNF (it needs a 'root' rule, defined names, no left recursion)",
@@ -4241,7 +4455,8 @@ class CompletionStream:
     Creating the stream puts the request in the queue, so a full queue fails at once; `wait_ready()` tells
     when an instance is free. Iterating takes the instance, which goes back when the stream ends or closes.
     Chunks carry their choice's `index`; with tools, their text is the reply's content and `tool_calls` the
-    call deltas. The choices run one after another on that instance; the last chunk carries the usage of all.
+    call deltas. The choices run on that instance, at once where its engine can; the last chunk carries the usage
+    of all.
     """
 
     def __init__(self, request: Request, pool: _Pool, meter: _Metrics, cancel: Any, config: ServerConfig) -> None:
@@ -4290,13 +4505,6 @@ class CompletionStream:
             return True
         return self._deadline is not None and time.monotonic() >= self._deadline
 
-    def _generate(self, engine: Engine, i: int) -> Iterator[Chunk]:
-        req, p = self.request, self.request.choice_params(i)
-        if req.kind == "chat":
-            return engine.chat(req.messages, p, self._should_stop)
-        prompt = req.prompts[i // req.best_of]
-        return engine.complete(prompt, p, self._should_stop, echo=req.echo, suffix=req.suffix)
-
     def _record(self, ch: Chunk) -> Chunk:
         """Fold a chunk into its choice; with tools, turn the raw reply into content and call deltas."""
         c = self.choices.setdefault(ch.index, Choice(ch.index))
@@ -4323,31 +4531,19 @@ class CompletionStream:
         req = self.request
         inst = self._pool.wait(self._ticket, self._cancel, self._queue_deadline)
         self.instance_id = inst.id
-        total = Usage()  # of all choices, each distinct prompt counted once
-        ok, sound, last = False, True, None
+        total, left = Usage(), req.choice_count  # of all choices, each distinct prompt counted once
+        ok, sound, chunks = False, True, iter(())
         try:
-            for i in range(req.choice_count):
-                if i and self._should_stop():  # out of time, or cancelled: the rest end empty, cut short
-                    usage = total if i == req.choice_count - 1 else None
-                    yield self._record(Chunk("", finish_reason="length", usage=usage, index=i))
-                    continue
-                chunks = self._generate(typing.cast(Engine, inst.engine), i)
-                try:
-                    for ch in chunks:
-                        if last is None:
-                            ttft = time.monotonic() - self._t0
-                            self._meter.observe("lllms_time_to_first_token_seconds", {"model": self.model}, ttft)
-                        ch.index, last = i, i
-                        if ch.usage is not None:
-                            total.add(ch.usage, prompt=i % req.best_of == 0)
-                            ch.usage = total if i == req.choice_count - 1 else None
-                        yield self._record(ch)
-                finally:
-                    try:
-                        _close(chunks)
-                    except Exception:  # the instance must still go back, but not for reuse
-                        log.exception("closing a generation on %s failed", inst.id)
-                        sound = False
+            chunks = typing.cast(Engine, inst.engine).run(req, self._should_stop)
+            for ch in chunks:
+                if not self.choices:
+                    ttft = time.monotonic() - self._t0
+                    self._meter.observe("lllms_time_to_first_token_seconds", {"model": self.model}, ttft)
+                if ch.usage is not None:  # a choice's last chunk; the request's last carries the total
+                    total.add(ch.usage, prompt=ch.index % req.best_of == 0)
+                    left -= 1
+                    ch.usage = None if left else total
+                yield self._record(ch)
             ok = True
         except GeneratorExit:
             ok = True  # the consumer stopped early; the instance is still sound
@@ -4358,10 +4554,15 @@ class CompletionStream:
                 raise
             raise error from exc
         finally:
-            # What the instance's context now holds: the last choice's request plus what was generated so far.
+            try:
+                _close(chunks)
+            except Exception:  # the instance must still go back, but not for reuse
+                log.exception("closing a generation on %s failed", inst.id)
+                sound = False
+            # What the instance's context now holds: the last choice's request plus what it generated so far.
             # A request refused before generation (e.g. too long) left the context as it was.
-            ok = ok and sound
-            key = req.key(last, self.choices[last].raw) if ok and last is not None else None if ok else ""
+            ok, last = ok and sound, req.choice_count - 1
+            key = req.key(last, self.choices[last].raw) if ok and last in self.choices else None if ok else ""
             self._pool.release(inst, ok, key, total.cached_tokens)
             self._meter.count_usage(self.model, self.usage)
 
