@@ -1043,7 +1043,7 @@ def engine_hooks(monkeypatch: pytest.MonkeyPatch) -> EngineHooks:
 
     def make(model: Any, path: str, state_cache: Any = None) -> Any:
         engine = make_real(model, path, state_cache)
-        load, chat, complete = engine.load, engine.chat, engine.complete
+        load, run = engine.load, engine.run
 
         def hooked_load() -> None:
             if hooks.before_load is not None:
@@ -1057,7 +1057,7 @@ def engine_hooks(monkeypatch: pytest.MonkeyPatch) -> EngineHooks:
 
             return call
 
-        engine.load, engine.chat, engine.complete = hooked_load, through(chat), through(complete)
+        engine.load, engine.run = hooked_load, through(run)
         return engine
 
     monkeypatch.setattr(lllms, "_make_engine", make)
