@@ -1553,9 +1553,33 @@ class _LlamaShim:
         return converter._format_literal(text)
 
 
+class _Turns:
+    """A lock granted in the order it was asked for (threading.Lock may hand it straight back to its releaser)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.tickets = self.serving = 0
+
+    def acquire(self) -> None:
+        with self.cond:
+            ticket, self.tickets = self.tickets, self.tickets + 1
+            self.cond.wait_for(lambda: self.serving == ticket)
+
+    def release(self) -> None:
+        with self.cond:
+            self.serving += 1
+            self.cond.notify_all()
+
+    def __enter__(self) -> None:
+        self.acquire()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
 # Every native compute step (a llama.cpp decode, a gpt4all token) holds this: engines running at once take
 # turns on all the cores instead of oversubscribing them, which slows everything by 10-100x.
-_CORES = threading.Lock()
+_CORES = _Turns()
 
 
 class _LlamaModel:
@@ -1841,49 +1865,51 @@ class _Decoder:
         self.lc.llama_model_free(self.model.ptr)
 
     def _step(self) -> None:
-        """One llama_decode: every generating sequence's next token, then prompt chunks up to prefill_chunk."""
+        """One step: the next token of every generating sequence in one llama_decode, then a chunk of the oldest
+        waiting prompt in another. Apart, neither changes the other's arithmetic (llama.cpp switches kernels at 64
+        tokens a batch), so a reply never depends on who else is being served."""
         for job in [j for j in self.jobs if j.ended]:
             self._drop(job)
         for job in [j for j in self.jobs if j.pos < 0]:
             self._begin(job)
-        for job in self.jobs:
-            if job.pos >= 0 and not job.ended and job.should_stop is not None and job.should_stop():
-                job.finish("length")
-        batch, rows, budget = self.batch, [], self.chunk
-        batch.clear()
         running = [j for j in self.jobs if j.pos >= 0 and not j.ended]
         for job in running:
-            if job.next is not None:
-                rows.append((job, batch.add(job.next, job.pos, job.seq, True), len(job.prompt)))
-        for job in running:
-            take = min(budget, len(job.prompt) - 1 - job.pos) if job.next is None else 0
-            for k in range(job.pos, job.pos + take):
-                i = batch.add(job.prompt[k], k, job.seq, job.echoed is not None)
-                if job.echoed is not None:
-                    rows.append((job, i, k))
-            budget -= max(take, 0)
-        if not batch.ptr.n_tokens:
+            if job.should_stop is not None and job.should_stop():
+                job.finish("length")
+        filling = next((j for j in running if j.next is None and not j.ended), None)
+        self._decode([(j, [j.next], True) for j in running if j.next is not None and not j.ended])
+        if filling is not None and not filling.ended:
+            chunk = filling.prompt[filling.pos : min(filling.pos + self.chunk, len(filling.prompt) - 1)]
+            self._decode([(filling, chunk, filling.echoed is not None)])
+
+    def _decode(self, parts: list[tuple[_Job, list[int], bool]]) -> None:
+        """Evaluate tokens of these jobs' sequences (with logits, or not); then each job takes its logits rows."""
+        if not parts:
             return
+        batch, rows = self.batch, []
+        batch.clear()
+        for job, tokens, logits in parts:
+            for pos, token in enumerate(tokens, job.pos):
+                i = batch.add(token, pos, typing.cast(int, job.seq), logits)
+                rows.extend([(job, i, pos)] if logits else [])
         try:
             self.model.decode(self.ctx, batch.ptr)
         except EngineError as exc:
             log.error("%s: %s; rebuilding its context", self.config.id, exc.message)
             return self._fail(exc)
-        for job in running:
-            n = sum(batch.ptr.seq_id[i][0] == job.seq for i in range(batch.ptr.n_tokens))
-            evaluated = [job.next] if job.next is not None else job.prompt[job.pos : job.pos + n]
-            self.held[job.seq].extend(evaluated)
-            job.pos += n
-            if job.next is None and n and job.pos == len(job.prompt) - 1:
+        for job, tokens, _ in parts:
+            self.held[typing.cast(int, job.seq)].extend(tokens)
+            job.pos += len(tokens)
+            if job.next is None and job.pos == len(job.prompt) - 1:
                 job.next = job.prompt[-1]
             elif job.next is not None and job.pos == len(job.prompt):
                 job.prompt_done()
-        for job, i, k in rows:
+        for job, i, pos in rows:
             if job.ended:
                 continue
             try:
                 row = self.model.logits(self.ctx, i)
-                job.logits(row) if k < len(job.prompt) else job.sample(row)
+                job.logits(row) if pos < len(job.prompt) - 1 else job.sample(row)
             except Exception as exc:
                 job.release(exc if isinstance(exc, APIError) else EngineError(f"the engine failed: {exc}"))
 
@@ -2573,12 +2599,26 @@ class _Gpt4AllRun:
 
     def _main(self) -> None:
         try:
-            self.native.prompt(self.text, self.params, self.max_new, self._on_prompt, self._on_response)
+            with _CORES:  # gpt4all computes between its callbacks, which let others take a turn
+                self.native.prompt(
+                    self.text, self.params, self.max_new, self._turn(self._on_prompt), self._turn(self._on_response)
+                )
         except Exception as exc:  # reported to the consumer instead
             self.failure = exc
         finally:
             self.out.put(self._final())
             self.started.set()
+
+    @staticmethod
+    def _turn(callback: Callable[..., bool]) -> Callable[..., bool]:
+        def call(*args: Any) -> bool:
+            _CORES.release()
+            try:
+                return callback(*args)
+            finally:
+                _CORES.acquire()
+
+        return call
 
     def _on_prompt(self, token: int) -> bool:
         self.prompt_ids.append(token)
