@@ -1487,6 +1487,103 @@ def test_identical_requests_to_a_new_server_give_identical_text(smollm2: str, sa
         assert second.choices[0].message.content == first.choices[0].message.content, messages
 
 
+# ---- the batched llama-cpp engine: requests at once share one context, each in a sequence of its own
+
+FORCED = ["The answer is alpha.", "Bravo is the word.", "Charlie says hi there.", "Delta, over and out."]
+
+
+def forced(text: str) -> str:
+    """A GBNF grammar that allows exactly this reply."""
+    return f"root ::= {json.dumps(text)}"
+
+
+def four_at_once(ms: lllms.ModelServer, bodies: list[dict[str, Any]]) -> list[lllms.CompletionStream]:
+    """Four streamed chats, each past its first chunk, all holding an instance at the same time."""
+    streams = [ms.chat("smol", stream=True, **body) for body in bodies]
+    firsts = [next(s) for s in streams]
+    assert ms.status()["concurrency"]["running"] == 4  # all four are generating at once
+    for s, first in zip(streams, firsts, strict=True):
+        s.pushed_back = first  # type: ignore[attr-defined]
+    return streams
+
+
+def finish(stream: lllms.CompletionStream) -> str:
+    """The whole text of a stream from four_at_once."""
+    return stream.pushed_back.text + "".join(ch.text for ch in stream)  # type: ignore[attr-defined]
+
+
+def question(i: int) -> list[dict[str, Any]]:
+    return [{"role": "user", "content": f"Question number {i}: what is the word?"}]
+
+
+@pytest.mark.parametrize("streamed", [True, False], ids=["streamed", "not-streamed"])
+def test_four_requests_at_once_each_get_exactly_their_own_grammar_reply(smollm2: str, streamed: bool) -> None:
+    with lllms.ModelServer(smol_config(smollm2, max_instances=4)) as ms:
+        bodies = [{"messages": question(i), "grammar": forced(t), "max_tokens": 40} for i, t in enumerate(FORCED)]
+        if streamed:
+            streams = four_at_once(ms, bodies)
+            texts = [finish(s) for s in streams]
+            usages = [s.usage for s in streams]
+        else:
+            results: dict[int, lllms.Completion] = {}
+            threads = [
+                threading.Thread(target=lambda i=i: results.update({i: ms.chat("smol", **bodies[i])})) for i in range(4)
+            ]
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join(60)
+            texts, usages = [results[i].text for i in range(4)], [results[i].usage for i in range(4)]
+        assert texts == FORCED
+        # Each conversation continues in its own sequence: the next turn finds its whole first turn cached.
+        again = []
+        for i, text in enumerate(FORCED):
+            history = [*question(i), {"role": "assistant", "content": text}, {"role": "user", "content": "Again?"}]
+            again.append(ms.chat("smol", messages=history, grammar=forced(text), max_tokens=40))
+        for first, second, text in zip(usages, again, FORCED, strict=True):
+            assert first is not None and first.cached_tokens < first.prompt_tokens - 1
+            assert second.text == text and second.usage.cached_tokens >= first.prompt_tokens
+
+
+def test_cancelling_one_of_four_streams_leaves_the_others_unchanged(smollm2: str) -> None:
+    long = [" ".join([t] * 6) for t in FORCED]
+    with lllms.ModelServer(smol_config(smollm2, max_instances=4)) as ms:
+        streams = four_at_once(ms, [{"messages": question(i), "grammar": forced(t)} for i, t in enumerate(long)])
+        streams[1].close()  # the client of the second one leaves mid-stream
+        texts = [finish(s) for i, s in enumerate(streams) if i != 1]
+        assert texts == [long[0], long[2], long[3]]
+        assert streams[1].finish_reason is None and len(streams[1].text) < len(long[1])
+        wait_until(lambda: ms.status()["concurrency"]["running"] == 0, what="every instance back")
+        # The cancelled conversation's instance is sound: it serves the same request again, whole.
+        assert ms.chat("smol", messages=question(1), grammar=forced(long[1])).text == long[1]
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"temperature": 0, "bias": [1000, 2000, 3000, 4000]},  # each forced onto its own token
+        {"temperature": 1, "seed": [11, 22, 33, 44]},
+    ],
+    ids=["logit_bias", "seed"],
+)
+def test_four_requests_at_once_give_what_each_gives_alone(smollm2: str, variant: dict[str, Any]) -> None:
+    """A request's logit_bias and seed are its own, and so is its arithmetic: beside three others it gives exactly
+    the text it gives alone."""
+    bodies = []
+    for i in range(4):
+        body: dict[str, Any] = {"messages": CHAT, "max_tokens": 24, "temperature": variant["temperature"]}
+        if "bias" in variant:
+            body["logit_bias"] = {str(variant["bias"][i]): 100}
+        else:
+            body["seed"] = variant["seed"][i]
+        bodies.append(body)
+    with lllms.ModelServer(smol_config(smollm2, max_instances=4)) as ms:
+        alone = [ms.chat("smol", **body).text for body in bodies]
+        assert len(set(alone)) == 4
+        together = [finish(s) for s in four_at_once(ms, bodies)]
+    assert together == alone
+
+
 def test_include_usage_gives_a_final_usage_chunk(client: openai.OpenAI) -> None:
     for create, kw in (
         (client.chat.completions.create, {"messages": CHAT}),
