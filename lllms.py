@@ -214,7 +214,7 @@ class DeviceConfig:
 
     gpu: bool | Literal["auto"] = "auto"  # "auto": offload when the engine build can
     gpu_layers: int | None = _bound(None, 0)  # None: all layers when offloading
-    cpu_threads: int | None = _bound(None, 1)  # None: all cores
+    cpu_threads: int | None = _bound(None, 1)  # None: all cores; never more than the cores
     # Weight repacking into extra CPU buffers (llama.cpp's AMX/AVX repack). "auto": off on CPUs with AMX,
     # where llama-cpp-python 0.3.36's AMX path segfaults on prompts longer than one token.
     repack: bool | Literal["auto"] = "auto"
@@ -1582,6 +1582,12 @@ class _Turns:
 _CORES = _Turns()
 
 
+def _threads(dev: DeviceConfig) -> int:
+    """Threads for an engine: all cores, or cpu_threads, never more than the cores (engines take turns on them)."""
+    cores = os.cpu_count() or 1
+    return min(dev.cpu_threads or cores, cores)
+
+
 class _LlamaModel:
     """A GGUF's weights and vocabulary, through llama-cpp-python's public C API; contexts are made on it."""
 
@@ -1604,7 +1610,7 @@ class _LlamaModel:
         self.bos, self.eos, self.sep = lc.llama_vocab_bos(vocab), lc.llama_vocab_eos(vocab), lc.llama_vocab_sep(vocab)
         self.adds_bos = bool(lc.llama_vocab_get_add_bos(vocab)) and self.bos >= 0
         self.n_ctx_train = lc.llama_model_n_ctx_train(self.ptr)
-        self.threads = dev.cpu_threads or os.cpu_count() or 1
+        self.threads = _threads(dev)
 
     def meta(self, key: str) -> str | None:
         size = 1024
@@ -2742,7 +2748,7 @@ class Gpt4AllEngine(Engine):
             "allow_download": False,
             # "auto" stays on the CPU: gpt4all's Kompute backend fails on many machines and has no cheap probe.
             "device": "gpu" if dev.gpu is True else "cpu",
-            "n_threads": dev.cpu_threads or os.cpu_count() or 1,
+            "n_threads": _threads(dev),
             "n_ctx": n_ctx,
         }
         if dev.gpu_layers is not None:

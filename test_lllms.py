@@ -1545,6 +1545,24 @@ def test_four_requests_at_once_each_get_exactly_their_own_grammar_reply(smollm2:
             assert second.text == text and second.usage.cached_tokens >= first.prompt_tokens
 
 
+def test_a_new_conversation_copies_a_system_prompt_another_sequence_holds(smollm2: str) -> None:
+    system = {"role": "system", "content": "You are a terse assistant for a shipping company. " * 6}
+    with lllms.ModelServer(smol_config(smollm2, max_instances=2)) as ms:
+        holder = ms.chat("smol", messages=[system, *question(0)], grammar=forced(FORCED[0]), stream=True)
+        first = next(holder)  # the first conversation keeps its instance busy
+        other = ms.chat("smol", messages=[system, *question(1)], grammar=forced(FORCED[1]))
+        assert other.instance_id != holder.instance_id and other.text == FORCED[1]
+        # The system prompt's evaluated cells came from the other sequence: only the rest was evaluated.
+        assert other.usage.cached_tokens > 60 and other.usage.cached_tokens < other.usage.prompt_tokens - 5
+        assert first.text + "".join(ch.text for ch in holder) == FORCED[0]
+
+
+def test_the_built_in_model_serves_four_requests_at_once_without_config(smollm2: str) -> None:
+    config = lllms.load_config(lllms.default_config())
+    (model,) = config.models.values()
+    assert model.max_instances >= 4 and config.concurrency >= 4
+
+
 def test_cancelling_one_of_four_streams_leaves_the_others_unchanged(smollm2: str) -> None:
     long = [" ".join([t] * 6) for t in FORCED]
     with lllms.ModelServer(smol_config(smollm2, max_instances=4)) as ms:
