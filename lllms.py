@@ -246,8 +246,7 @@ class ModelConfig:
     sha256: str | None = None
     context_size: int | None = _bound(None, 16)  # None: the model's training context
     max_instances: int = _bound(1, 1)  # conversations held at once, each with context_size tokens of its own
-    # llama-cpp: prompt tokens evaluated per decode step, beside the running sequences' next tokens.
-    prefill_chunk: int = _bound(256, 16)
+    prefill_chunk: int = _bound(256, 16)  # llama-cpp: prompt tokens per decode step, beside running sequences' next
     min_instances: int = 0
     ttl: float = _bound(300.0, 0)  # seconds an idle instance lives beyond min_instances
     completion_defaults: dict[str, Any] = field(default_factory=dict)
@@ -264,8 +263,7 @@ class ModelConfig:
     system_template: str | None = None  # with prompt_template: a system message, %1 its content
     # Grammars requests may name in `grammar`: a GBNF string, or a JSON schema (an object).
     grammars: dict[str, str | dict[str, Any]] = field(default_factory=dict)
-    # Ceiling on a request's max_tokens (400 above it); None: the context.
-    max_tokens_limit: int | None = _bound(None, 1)
+    max_tokens_limit: int | None = _bound(None, 1)  # a request's max_tokens above it is a 400; None: the context
     id: str = field(default="", metadata={"internal": True})
     defaults: SamplingParams = field(default=None, metadata={"internal": True})  # type: ignore[assignment]
 
@@ -313,14 +311,10 @@ class ServerConfig:
     listen: ListenConfig = field(default_factory=ListenConfig)
     models_dir: str = field(default_factory=_default_models_dir)
     max_body_bytes: int = _bound(8 * 1024 * 1024, 1024)
-    # Requests allowed to wait; beyond it, 503 with Retry-After. None: unbounded.
-    max_queue: int | None = _bound(None, 0)
-    # Seconds a request may wait for an instance; then 503 with Retry-After.
-    queue_timeout: float | None = _bound(None, above=True)
-    # Seconds per request; generation then ends with the partial text.
-    request_timeout: float | None = _bound(None, above=True)
-    # Seconds between SSE keep-alive comments while a stream waits in the queue.
-    keepalive_interval: float = _bound(5.0, above=True)
+    max_queue: int | None = _bound(None, 0)  # requests allowed to wait; beyond it, 503 with Retry-After; None: any
+    queue_timeout: float | None = _bound(None, above=True)  # seconds a request may wait for an instance; then 503
+    request_timeout: float | None = _bound(None, above=True)  # seconds per request; then it ends with partial text
+    keepalive_interval: float = _bound(5.0, above=True)  # seconds between SSE keep-alives while a stream is queued
     download_attempts: int = _bound(5, 1)  # tries in a row without progress before a download fails
     download_stall_timeout: float = _bound(30.0, above=True)  # seconds without a byte before a download is retried
     api_keys: list[str] = field(default_factory=list)  # bearer keys the HTTP API requires; plus $LLLMS_API_KEY
@@ -333,8 +327,7 @@ class ServerConfig:
     max_request_chars: int = _bound(1_000_000, 1)  # characters in all strings of a request body; beyond it, 400
     max_connections: int = _bound(256, 1)  # open client connections (a thread each); beyond it, 503 and closed at once
     idle_timeout: float = _bound(30.0, above=True)  # seconds a keep-alive connection may wait for its next request
-    # Seconds to receive a request's headers and body, from its first byte.
-    read_timeout: float = _bound(30.0, above=True)
+    read_timeout: float = _bound(30.0, above=True)  # seconds to receive a request's headers and body, once begun
     shutdown_grace: float = _bound(30.0, 0)  # seconds SIGTERM lets running requests finish before they are cut short
 
     def _check(self, path: str) -> None:
@@ -438,11 +431,7 @@ def _from_dict(cls: Any, data: Any, path: str) -> Any:
             raise ConfigError(f"{sub}: given twice (as {name} and an alias)")
         value = _VALUE_ALIASES.get((name, value), value) if isinstance(value, str) else value
         kwargs[name] = _coerce(value, hints[name], sub)
-    missing = [
-        n
-        for n, f in known.items()
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING and n not in kwargs
-    ]
+    missing = [n for n, f in known.items() if f.default is f.default_factory is dataclasses.MISSING and n not in kwargs]
     if missing:
         raise ConfigError(f"{where}: missing required key '{missing[0]}'")
     obj = cls(**kwargs)
@@ -521,44 +510,32 @@ def _logit_bias(value: Any, key: str) -> dict[int, float]:
 class SamplingParams:
     """Generation settings; None means the engine default."""
 
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repeat_penalty: float | None = None
-    repeat_last_n: int | None = None
-    frequency_penalty: float | None = None
-    presence_penalty: float | None = None
-    seed: int | None = None
+    max_tokens: int | None = _bound(None, 0, 2**31)
+    temperature: float | None = _bound(None, 0.0, 2.0)
+    top_p: float | None = _bound(None, 0.0, 1.0)
+    top_k: int | None = _bound(None, 0, 2**31)
+    min_p: float | None = _bound(None, 0.0, 1.0)
+    repeat_penalty: float | None = _bound(None, 1e-6, 10.0)
+    repeat_last_n: int | None = _bound(None, -1, 2**31)
+    frequency_penalty: float | None = _bound(None, -2.0, 2.0)
+    presence_penalty: float | None = _bound(None, -2.0, 2.0)
+    seed: int | None = _bound(None, -(2**63), 2**64 - 1)
     stop: list[str] | None = None
     # Additive biases by token id; -100 bans a token and +100 makes the +100 tokens the only choices.
     logit_bias: dict[int, float] | None = None
-    logprobs: int | None = None  # report each token's logprob and this many alternatives; None: no logprobs
+    # Report each token's logprob and this many alternatives; None: no logprobs.
+    logprobs: int | None = _bound(None, 0, 20)
     grammar: str | None = None  # GBNF the output must match
-
-    _RANGES: typing.ClassVar[dict[str, tuple[float, float]]] = {
-        "max_tokens": (0, 2**31),
-        "temperature": (0.0, 2.0),
-        "top_p": (0.0, 1.0),
-        "top_k": (0, 2**31),
-        "min_p": (0.0, 1.0),
-        "repeat_penalty": (1e-6, 10.0),
-        "repeat_last_n": (-1, 2**31),
-        "frequency_penalty": (-2.0, 2.0),
-        "presence_penalty": (-2.0, 2.0),
-        "seed": (-(2**63), 2**64 - 1),
-        "logprobs": (0, 20),
-    }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
         """Validate request or config values. Raises InvalidRequest naming the parameter."""
         out = cls()
         hints = typing.get_type_hints(cls)
+        bounds = {f.name: (f.metadata.get("lo"), f.metadata.get("hi")) for f in dataclasses.fields(cls)}
         for key, value in data.items():
             name = _canonical_key(key)
-            if name not in hints or name.startswith("_"):
+            if name not in hints:
                 raise InvalidRequest(f"unknown sampling parameter '{key}'", param=key)
             if value is None:
                 continue
@@ -578,7 +555,7 @@ class SamplingParams:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or (base is int and not whole):
                     kind = "an integer" if base is int else "a number"
                     raise InvalidRequest(f"'{key}' must be {kind}, got {json.dumps(value)[:40]}", param=key)
-                lo, hi = cls._RANGES[name]
+                lo, hi = bounds[name]
                 if not (math.isfinite(value) and lo <= value <= hi):
                     raise InvalidRequest(f"'{key}' must be between {lo} and {hi}, got {value}", param=key)
                 value = base(value)
@@ -647,8 +624,8 @@ def _normalize_url(url: str) -> str:
 
 
 def url_path(url: str, models_dir: str) -> str:
-    """Where a URL's file lives under models_dir, never outside it (else ConfigError); the query plays no part:
-    huggingface.co/{org}/{repo}/resolve|blob/{rev}/{path} -> huggingface/{org}/{repo}-{rev}/{path}, else {host}/{path}.
+    """Where a URL's file lives under models_dir, never outside it (else ConfigError), whatever its query:
+    huggingface.co/{org}/{repo}/resolve|blob/{rev}/{path} -> huggingface/{org}/{repo}-{rev}/{path}; else {host}/{path}
     """
     parts = urlsplit(url)
     if not parts.hostname:
@@ -697,20 +674,17 @@ def _hash_into(path: str, hasher: Any) -> int:
     return size
 
 
-def _sidecar(path: str) -> dict[str, Any]:
-    """The record in {path}.lllms.json; {} when there is none."""
+def _sidecar(path: str, st: os.stat_result | None = None) -> dict[str, Any]:
+    """The record in {path}.lllms.json, or {}; given `st`, only while it describes the file (same size and mtime)."""
     try:
         with open(path + ".lllms.json", encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError):
         return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _read_sidecar(path: str, st: os.stat_result) -> dict[str, Any] | None:
-    """The sidecar's record when it still describes the file (same size and mtime), else None."""
-    data = _sidecar(path)
-    return data if data.get("size") == st.st_size and data.get("mtime_ns") == st.st_mtime_ns else None
+    if not isinstance(data, dict):
+        return {}
+    stale = st is not None and (data.get("size"), data.get("mtime_ns")) != (st.st_size, st.st_mtime_ns)
+    return {} if stale else data
 
 
 def _write_sidecar(path: str, digest: str, *, url: str | None = None) -> None:
@@ -732,15 +706,10 @@ def _write_sidecar(path: str, digest: str, *, url: str | None = None) -> None:
 
 
 def verify_file(
-    path: str,
-    *,
-    sha256: str | None,
-    size: int | None = None,
-    mode: Literal["sha256", "size", "none"] = "sha256",
+    path: str, *, sha256: str | None, size: int | None = None, mode: Literal["sha256", "size", "none"] = "sha256"
 ) -> bool:
     """Whether the file at path can be used as is: mode "sha256", its sha256 (cached in the sidecar) matches;
-    "size", its size matches `size` or its sidecar's; "none", it exists. With nothing to compare, existing is enough.
-    """
+    "size", its size matches `size` or its sidecar's; "none", it exists. With nothing to compare, existing is enough."""
     if mode not in ("sha256", "size", "none"):
         raise ConfigError(f"verify mode must be 'sha256', 'size' or 'none', got {mode!r}")
     if not os.path.isfile(path):
@@ -756,7 +725,7 @@ def verify_file(
         return recorded in (None, st.st_size)
     if sha256 is None:
         return True
-    digest = (_read_sidecar(path, st) or {}).get("sha256")
+    digest = _sidecar(path, st).get("sha256")
     if not re.fullmatch(r"[0-9a-f]{64}", str(digest)):
         hasher = hashlib.sha256()
         _hash_into(path, hasher)
@@ -769,11 +738,8 @@ def verify_file(
 
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
-    """Follows redirects keeping Range (a plain header, copied) but dropping credentials on a change of host.
-
-    urllib copies every header to the redirect target, Authorization included, so a huggingface.co token would
-    reach the CDN the file is served from (which needs none: its URL is signed). requests strips it; we do too.
-    """
+    """Follows redirects keeping Range but dropping credentials on a change of host: urllib would send a
+    huggingface.co token on to the CDN serving the file (whose signed URL needs none)."""
 
     http_error_308 = urllib.request.HTTPRedirectHandler.http_error_302
 
@@ -794,11 +760,11 @@ def _network_error(exc: BaseException, url: str, stall_timeout: float) -> Downlo
     if isinstance(exc, urllib.error.HTTPError):
         # exc.url may be a signed CDN URL after a redirect: name the configured one instead.
         what = f"HTTP {exc.code} {exc.reason} from {url}"
-        if exc.code in (401, 403) and host in _HF_HOSTS:
-            hint = "a private or gated model needs a token (HF_TOKEN) whose account accepted its terms"
-            return DownloadError(f"{what}; {hint}", permanent=True)
         if exc.code in (401, 403):
-            return DownloadError(f"{what}; the server refused to serve it without credentials", permanent=True)
+            hint = "the server refused to serve it without credentials"
+            if host in _HF_HOSTS:
+                hint = "a private or gated model needs a token (HF_TOKEN) whose account accepted its terms"
+            return DownloadError(f"{what}; {hint}", permanent=True)
         if exc.code in (404, 410):
             return DownloadError(what + "; check the url", permanent=True)
         if 300 <= exc.code < 400:  # urllib gave up on a redirect loop, or a redirect without a Location
@@ -827,35 +793,29 @@ def _network_error(exc: BaseException, url: str, stall_timeout: float) -> Downlo
     raise exc
 
 
+@dataclass
 class _Transfer:
     """One download's state across attempts: the part file, the bytes in it, and the hasher that has seen them."""
 
-    def __init__(
-        self,
-        url: str,
-        part: str,
-        headers: dict[str, str],
-        stall_timeout: float,
-        progress: Callable[[int, int | None], None] | None,
-        cancel: threading.Event,
-    ) -> None:
-        self.url = url
-        self.part = part
-        self.headers = {"User-Agent": f"lllms/{__version__}", "Accept-Encoding": "identity", **headers}
-        self.stall_timeout = stall_timeout
-        self.progress = progress
-        self.cancel = cancel
+    url: str
+    part: str
+    headers: dict[str, str]
+    stall_timeout: float
+    progress: Callable[[int, int | None], None] | None
+    cancel: threading.Event
+    total: int | None = None  # the file's size, once a response tells it
+    reported: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.headers = {"User-Agent": f"lllms/{__version__}", "Accept-Encoding": "identity", **self.headers}
         self.opener = urllib.request.build_opener(_RedirectHandler)
         self.hasher = hashlib.sha256()
         # Hash what an earlier run left, once; what arrives from now on streams into the same hasher.
-        self.done = _hash_into(part, self.hasher) if os.path.exists(part) else 0
-        self.total: int | None = None  # the file's size, once a response tells it
-        self.reported = 0.0
+        self.done = _hash_into(self.part, self.hasher) if os.path.exists(self.part) else 0
 
     def start_over(self, message: str) -> typing.NoReturn:
         """Empty the part, which the server will not resume, and end this attempt."""
-        self.hasher = hashlib.sha256()
-        self.done = 0
+        self.hasher, self.done = hashlib.sha256(), 0
         try:
             open(self.part, "wb").close()
         except OSError as exc:
@@ -897,8 +857,7 @@ class _Transfer:
             elif response.status == 200:
                 if self.done:
                     log.info("%s: the server ignored Range; downloading from the start", self.url)
-                    self.hasher = hashlib.sha256()
-                    self.done = 0  # and the part is opened "wb" below
+                    self.hasher, self.done = hashlib.sha256(), 0  # and the part is opened "wb" below
                 total = None
                 with _suppress(TypeError, ValueError):  # no Content-Length, or a malformed one
                     total = int(response.headers.get("Content-Length"))
@@ -946,12 +905,9 @@ def download(
     progress: Callable[[int, int | None], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> None:
-    """Download url to dest through {dest}.part, resuming a part an earlier run left; rename it into place (and
-    write its sidecar) once its sha256 matches. Callers that might race on dest hold its lock (fetch does).
-
-    `attempts` counts tries in a row that add nothing to the part, with exponential backoff between them; a try
-    that gets further than any before resumes at once, so a link that drops every few hundred MB still finishes.
-    """
+    """Download url to dest through {dest}.part (resuming one), renamed into place once its sha256 matches.
+    `attempts` counts tries in a row that add nothing, with exponential backoff; one that gets further resumes at once.
+    Callers that might race on dest hold its lock (fetch does)."""
     url = _normalize_url(url)
     part = dest + ".part"
     cancel = cancel or threading.Event()  # an event nobody sets
@@ -1064,12 +1020,9 @@ def fetch(
     lock_poll: float = 0.5,
     **options: Any,
 ) -> str:
-    """Make dest a checked copy of url and return its absolute path; `options` go to download.
-
-    A file already there that passes verify_file is used with no network access. Otherwise one thread of one
-    process downloads it while the rest wait, then check the file against their own sha256 (its sidecar makes that
-    cheap). A permanent failure is shared with the waiting threads; after any other, the next one tries itself.
-    """
+    """Make dest a checked copy of url and return its absolute path; `options` go to download. One thread of one
+    process downloads while the rest wait, then check the file against their own sha256 (cheap, by its sidecar).
+    A permanent failure is shared with the waiting threads; after any other, the next one tries itself."""
     dest = os.path.abspath(dest)
     cancel = cancel or threading.Event()  # an event nobody sets
     while True:
@@ -1154,14 +1107,8 @@ class _ModelFile:
         if self.state != "downloading":
             return None
         pct = round(100.0 * self.done / self.total, 1) if self.total else None
-        left = (self.total - self.done) / self.speed if self.total and self.speed > 0 else None
-        return {
-            "bytes": self.done,
-            "total": self.total,
-            "percent": pct,
-            "speed": round(self.speed),
-            "eta": None if left is None else round(left, 1),
-        }
+        eta = round((self.total - self.done) / self.speed, 1) if self.total and self.speed > 0 else None
+        return {"bytes": self.done, "total": self.total, "percent": pct, "speed": round(self.speed), "eta": eta}
 
 
 # ==== 4. engines: one class per binding, behind one small interface
@@ -3068,15 +3015,15 @@ class _Instance:
         }
 
 
+@dataclass(eq=False)
 class _Ticket:
     """A request's place in the queue; `ready` is set once it holds an instance (or the server stopped)."""
 
-    def __init__(self, model_id: str, key: str) -> None:
-        self.model_id = model_id
-        self.key = key
-        self.ready = threading.Event()
-        self.instance: _Instance | None = None
-        self.error: APIError | None = None  # why it will never get an instance (its model failed to prepare)
+    model_id: str
+    key: str
+    ready: threading.Event = field(default_factory=threading.Event)
+    instance: _Instance | None = None
+    error: APIError | None = None  # why it will never get an instance (its model failed to prepare)
 
 
 def _shutting_down() -> Unavailable:
@@ -3252,12 +3199,7 @@ class _Pool:
     # -- releasing
 
     def release(
-        self,
-        inst: _Instance,
-        ok: bool,
-        context_key: str | None = None,
-        cached_tokens: int = 0,
-        used: bool = True,
+        self, inst: _Instance, ok: bool, context_key: str | None = None, cached_tokens: int = 0, used: bool = True
     ) -> None:
         """Give an instance back. ok=False disposes it (its engine failed); context_key is what it now holds."""
         info = None
@@ -3310,12 +3252,9 @@ class _Pool:
             ticket.ready.set()
 
     def _choose(self, ticket: _Ticket) -> _Instance | None:
-        """The instance for a ticket, marked busy (or a new one, loading); None when the model is saturated.
-
-        The idle instance sharing the longest useful history wins. Without one, the request takes an empty idle
-        instance (it costs nothing), then a new instance while under max_instances, and only then the least
-        recently used idle one, whose conversation it displaces. Lock held.
-        """
+        """The instance for a ticket, marked busy (or a new one, loading); None when the model is saturated. Lock held.
+        First choice: the idle one sharing the longest useful history; then an empty idle one, a new one while under
+        max_instances, and last the least recently used idle one, whose conversation it displaces."""
         model = self.config.models[ticket.model_id]
         insts = self.instances[ticket.model_id]
         idle = [i for i in insts if i.state == "idle"]
@@ -3597,12 +3536,8 @@ def _parse_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
     out = []
     for j, c in enumerate(calls):
         fn = c.get("function") if isinstance(c, dict) else None
-        if (
-            not isinstance(fn, dict)
-            or not isinstance(fn.get("name"), str)
-            or not isinstance(fn.get("arguments", ""), str)
-            or not isinstance(c.get("id", ""), str)
-        ):
+        fields = (fn.get("name"), fn.get("arguments", ""), c.get("id", "")) if isinstance(fn, dict) else (None,)
+        if not all(isinstance(x, str) for x in fields):
             raise InvalidRequest(
                 f"'{where}.tool_calls[{j}]' must be {{id, type: 'function', function: {{name, arguments}}}}",
                 param=f"{where}.tool_calls",
@@ -3782,9 +3717,7 @@ def openai_request(
     model = _model_of(body, config, kind)
     _check_fields(body, kind, model)
     timeout = body.get("timeout")  # lllms' own: seconds for the whole request
-    if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf
-    ):
+    if timeout is not None and not (_PLAIN_TYPES[float][1](timeout) and timeout > 0):
         raise InvalidRequest("'timeout' must be a positive number of seconds", param="timeout")
     if kind == "embedding":
         fmt = body.get("encoding_format", "float")
@@ -4173,15 +4106,13 @@ def _tool_function(tool: Any, i: int) -> dict[str, Any]:
         raise InvalidRequest(
             f"'{where}.function.name' must be 1-64 letters, digits, underscores or dashes", param=f"{where}.function"
         )
+    for key, kind, what in (("parameters", dict, "a JSON schema object"), ("description", str, "a string")):
+        if not isinstance(fn.get(key), (kind, type(None))):
+            raise InvalidRequest(f"'{where}.function.{key}' must be {what}", param=f"{where}.function")
     params = fn.get("parameters")
-    if params is not None and not isinstance(params, dict):
-        raise InvalidRequest(f"'{where}.function.parameters' must be a JSON schema object", param=f"{where}.function")
-    desc = fn.get("description")
-    if desc is not None and not isinstance(desc, str):
-        raise InvalidRequest(f"'{where}.function.description' must be a string", param=f"{where}.function")
     return {
         "name": fn["name"],
-        "description": desc or "",
+        "description": fn.get("description") or "",
         "parameters": params if params is not None else {"type": "object", "properties": {}},
     }
 
@@ -4498,11 +4429,9 @@ def _engine_failure(exc: Exception, inst: _Instance) -> tuple[bool, APIError]:
 class CompletionStream:
     """Chunks of a completion as they are generated. Iterate it to the end, or close it (`with`) to stop early.
 
-    Creating the stream puts the request in the queue, so a full queue fails at once; `wait_ready()` tells
-    when an instance is free. Iterating takes the instance, which goes back when the stream ends or closes.
-    Chunks carry their choice's `index`; with tools, their text is the reply's content and `tool_calls` the
-    call deltas. The choices run on that instance, at once where its engine can; the last chunk carries the usage
-    of all.
+    Creating it queues the request (a full queue fails at once); iterating takes the instance, given back when the
+    stream ends or closes. Chunks carry their choice's `index`; with tools, their text is the reply's content and
+    `tool_calls` the call deltas. The last chunk carries the usage of all choices.
     """
 
     def __init__(self, request: Request, pool: _Pool, meter: _Metrics, cancel: Any, config: ServerConfig) -> None:
@@ -4682,10 +4611,8 @@ class ModelServer:
         self._state = "starting"  # then ready; draining once stop() begins (new requests get 503), then stopped
 
     def start(self) -> ModelServer:
-        """Check model files (no network), download url models as their `prepare` says, load min_instances. Idempotent.
-
-        A url model still to fetch downloads now ("blocking"), in the background ("async") or on its first request.
-        """
+        """Check model files (no network), load min_instances, and download url models now ("blocking"), in the
+        background ("async") or on their first request, as their `prepare` says. Idempotent."""
         if self._state != "starting":
             return self
         for model in self.config.models.values():
@@ -4813,10 +4740,8 @@ class ModelServer:
 
     def submit(self, req: Request, cancel: Any = None) -> Completion | CompletionStream | Embeddings:
         """Run a request: a stream when it asks for one, else the finished completion, or embeddings.
-
-        `cancel` (anything with `is_set()`, such as a threading.Event) abandons the request: it leaves the queue,
-        or generation stops at the next token. The request's `timeout` (default: config `request_timeout`) bounds
-        it: waiting past it is a 503, and generation past it ends with the partial text and finish_reason "length".
+        `cancel` (anything with `is_set()`) abandons it: it leaves the queue, or generation stops at the next token.
+        Its `timeout` (default: config `request_timeout`): waiting past it is a 503, generating past it ends the text.
         """
         if self._state == "starting":
             raise Unavailable("the server is not started", code="starting", headers={"Retry-After": "1"})
@@ -5016,11 +4941,11 @@ class _Metrics:
         return "\n".join(lines) + "\n"
 
 
-def _labels(pairs: _Labels) -> str:
-    def esc(v: str) -> str:
-        return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+_LABEL_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"', "\n": "\\n"})
 
-    return "{" + ",".join(f'{k}="{esc(v)}"' for k, v in pairs) + "}" if pairs else ""
+
+def _labels(pairs: _Labels) -> str:
+    return "{" + ",".join(f'{k}="{v.translate(_LABEL_ESCAPES)}"' for k, v in pairs) + "}" if pairs else ""
 
 
 def _number(v: float) -> str:
@@ -5841,8 +5766,7 @@ def _list_models_dir(config: ServerConfig) -> int:
                 continue
             path = os.path.join(dirpath, name)
             part = name.endswith(".part")
-            sidecar = None if part else _read_sidecar(path, os.stat(path))
-            state = "partial download" if part else f"sha256 {(sidecar or {}).get('sha256') or '-'}"
+            state = "partial download" if part else f"sha256 {_sidecar(path, os.stat(path)).get('sha256') or '-'}"
             models = ", ".join(users.get(os.path.abspath(path.removesuffix(".part")), [])) or "-"
             print(f"{os.path.getsize(path):>14,d}  {os.path.relpath(path, root)}  {state}  models: {models}")
             found = True
