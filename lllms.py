@@ -1654,6 +1654,7 @@ class _Job:
         self.echoed = [TokenLogprob(*self.pieces[0], None)] if self.pieces else None
         self.evaluate = kw.get("evaluate", self.max_new > 0)  # preload and echo+logprobs evaluate without a reply
         self.pos = -1  # prompt tokens in the KV cache; -1 until begun
+        self.copied = 0  # of them, cells shared with its parent
         self.next: int | None = None  # the token to evaluate next, with logits
         self.ended = False  # finished, failed or cancelled: the decode thread lets go of it
         self.done = threading.Event()  # it has
@@ -1829,6 +1830,11 @@ class _Decoder:
         for job in running:
             if job.should_stop is not None and job.should_stop():
                 job.finish("length")
+        # Spare sequences (a request's further choices) share one conversation's room: past it, they end there.
+        spare = [j for j in running if typing.cast(int, j.seq) >= self.config.max_instances and not j.ended]
+        if sum(j.pos - j.copied for j in spare) >= self.n_ctx:
+            for job in spare:
+                job.finish("length")
         filling = next((j for j in running if j.next is None and not j.ended), None)
         self._decode([(j, [j.next], True) for j in running if j.next is not None and not j.ended])
         if filling is not None and not filling.ended:
@@ -1880,7 +1886,8 @@ class _Decoder:
             self.keep(job.seq, 0)  # the sibling's evaluated prompt, shared cell by cell
             self.lc.llama_memory_seq_cp(self._memory(), parent.seq, job.seq, 0, last)
             self.held[job.seq] = job.prompt[:last]
-            job.pos, job.usage.cached_tokens, job.echoed = last, parent.usage.cached_tokens, parent.echoed
+            job.pos = job.copied = last
+            job.usage.cached_tokens, job.echoed = parent.usage.cached_tokens, parent.echoed
         else:
             job.pos = job.usage.cached_tokens = self._reuse(job.seq, job.prompt, job.echoed is not None)
         if not job.evaluate:

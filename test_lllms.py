@@ -1557,6 +1557,17 @@ def test_a_new_conversation_copies_a_system_prompt_another_sequence_holds(smollm
         assert first.text + "".join(ch.text for ch in holder) == FORCED[0]
 
 
+def test_many_long_choices_share_the_room_of_one_extra_conversation(smollm2: str) -> None:
+    """Choices beyond the instance's own run in spare sequences, which share one extra conversation's room in the
+    cache: past it they end with "length". The request never fails, and the instance's own choice runs in full."""
+    no_end = {"0": -100, "2": -100}
+    with lllms.ModelServer(smol_config(smollm2, context_size=256)) as ms:
+        c = ms.complete("smol", "Once upon a time", n=6, max_tokens=200, logit_bias=no_end, temperature=1)
+        assert [ch.finish_reason for ch in c.choices] == ["length"] * 6
+        assert 6 * 200 > c.usage.completion_tokens >= 200 + 256 - 6
+        assert ms.complete("smol", "Hello", max_tokens=4).usage.completion_tokens == 4
+
+
 def test_the_built_in_model_serves_four_requests_at_once_without_config(smollm2: str) -> None:
     config = lllms.load_config(lllms.default_config())
     (model,) = config.models.values()
