@@ -2023,6 +2023,13 @@ class LlamaCppEngine(Engine):
         self.shared, self.seq = shared, shared.take_seq()
 
     def close(self) -> None:
+        if self._embedder is not None:  # first: it may sit on the shared weights, freed with the last sequence
+            model, ctx, batch, _ = self._embedder
+            self._embedder = None
+            batch.free()
+            self._import().llama_free(ctx)
+            if self.model.task == "embedding":
+                self._import().llama_model_free(model.ptr)
         shared, self.shared = self.shared, None
         if shared is not None:
             shared.give_seq(self.seq)
@@ -2031,13 +2038,6 @@ class LlamaCppEngine(Engine):
                 if not shared.users:
                     del self._decoders[(id(self.model), self.path)]
                     shared.close()
-        if self._embedder is not None:
-            model, ctx, batch, _ = self._embedder
-            self._embedder = None
-            batch.free()
-            self._import().llama_free(ctx)
-            if self.model.task == "embedding":
-                self._import().llama_model_free(model.ptr)
 
     # -- prompts
 
