@@ -9,8 +9,9 @@ Sections, each built on the ones before it:
   1. errors        APIError and its kinds: each maps to an HTTP status and an error envelope.
   2. config        ServerConfig, ModelConfig (dataclasses checked by _from_dict) and SamplingParams.
   3. model store   where model files live, resumable checked downloads, one downloader per file.
-  4. engines       Engine, and one class per binding: LlamaCppEngine, Gpt4AllEngine. Each binding's private
-                   internals sit in one shim (_LlamaShim, _Gpt4AllShim), version-checked at import.
+  4. engines       Engine, and one class per binding: LlamaCppEngine (whose instances are sequences of one context
+                   per model, stepped together by a _Decoder), Gpt4AllEngine. Each binding's private internals sit
+                   in one shim (_LlamaShim, _Gpt4AllShim), version-checked at import.
   5. pool          _Pool: instances per model, one FIFO queue, routing each conversation to its context.
   6. requests      Request, the one model of a request; openai_request builds it, and the OpenAI shapes.
   7. ModelServer   the embedded API: request() checks a body, submit() runs it; CompletionStream.
@@ -22,19 +23,22 @@ Data flows one way: HTTP -> request model -> ModelServer -> pool -> engine. One 
   -> ModelServer.request -> openai_request (_parse_messages, _tool_plan, ...) -> Request.check (Engine.check)
   -> ModelServer.submit -> CompletionStream() -> _Pool.enqueue
   -> _Handler._send_sse, iterating chat_chunks(stream) -> CompletionStream._run -> _Pool.wait (and _Pool._load)
-  -> CompletionStream._generate -> LlamaCppEngine.chat -> _stream, one Chunk per token
-  -> CompletionStream._record (_ReplyParser for tools) -> chat_chunks -> _write_chunk
+  -> LlamaCppEngine.run (a _Job per choice, each with its _Sampler) -> _Decoder.run; on the decode thread,
+     _Decoder._step (_begin, _reuse) -> _decode -> _Job.sample, one Chunk per token into the job's queue
+  -> LlamaCppEngine._stream -> CompletionStream._record (_ReplyParser for tools) -> chat_chunks -> _write_chunk
   -> at the end, or when the client goes: _Pool.release, with the context the instance now holds.
 
 Threads: the serve loop (lllms-http), which also cuts connections past their deadlines; one thread per
-connection (lllms-conn), which runs its requests through to the engine, generation included; the ttl reaper
+connection (lllms-conn), which runs its requests through to the engine and writes their output; the ttl reaper
 (lllms-ttl); a thread per model file being prepared (lllms-prepare-*) and per instance loaded in the background
-(lllms-load-*); gpt4all's native call runs on a worker (lllms-gpt4all) whose callbacks feed the consumer.
+(lllms-load-*); one decode thread per llama-cpp model (lllms-decode-*), the only one that touches its context;
+gpt4all's native call runs on a worker (lllms-gpt4all) whose callbacks feed the consumer. Native compute steps take
+turns on the cores through _CORES, first come first served.
 
-Locks: ModelServer._files_lock may be held while taking _Pool.cond; every other lock (_Pool.cond otherwise,
-_StateCache.lock, _Metrics._lock, _HTTPD.conns_lock, _inflight_lock, and _stderr_lock, held through a gpt4all
-load) is a leaf, never held while taking another.
-No lock is held while an engine runs.
+Locks: ModelServer._files_lock may be held while taking _Pool.cond, and LlamaCppEngine._decoders_lock (held through
+a model's load) while taking _Decoder.cond; every other lock (_Pool.cond otherwise, _StateCache.lock,
+_Metrics._lock, _HTTPD.conns_lock, _inflight_lock, _Decoder.cond, _CORES, and _stderr_lock, held through a gpt4all
+load) is a leaf, never held while taking another. Only _CORES is held while an engine computes.
 """
 
 from __future__ import annotations
