@@ -608,6 +608,12 @@ def scenario_conversations(args: argparse.Namespace) -> dict[str, Any]:
             turns = converse(port, systems, CONV_TURNS, args.max_tokens)
             servers.append(_conversation_summary(name, turns, chat_http(port, probe, 1, False)))
         servers[-1]["weights_repacked"] = repacked
+    if args.llama_server:  # two slots, one per conversation, each with the same context as an lllms instance
+        name = "llama-server (-np 2)"
+        command = llama_server(args.llama_server, args.model, 2, n_threads, CONV_CONTEXT_SIZE)
+        with subprocess_server(name, command, "/health") as (port, _, _):
+            turns = converse(port, systems, CONV_TURNS, args.max_tokens)
+            servers.append(_conversation_summary(name, turns, chat_http(port, probe, 1, False)))
 
     base = servers[0]["ttft_later_ms"]
     for srv in servers[1:]:
@@ -615,6 +621,7 @@ def scenario_conversations(args: argparse.Namespace) -> dict[str, Any]:
     targets = [
         {"versus": servers[1]["name"], "factor": servers[1]["vs_lllms"], "need": 10},
         {"versus": servers[2]["name"], "factor": servers[2]["vs_lllms"], "need": 3},
+        *({"versus": srv["name"], "factor": srv["vs_lllms"], "need": 1} for srv in servers[3:]),
     ]
     for t in targets:
         t["pass"] = t["factor"] is not None and t["factor"] >= t["need"]
@@ -968,12 +975,14 @@ def local_stream(llm: Any, max_tokens: int) -> Reply:
     return Reply(ttft, seconds, max_tokens if finish == "length" else len(parts), finish, "".join(parts))
 
 
-def llama_server(binary: str, model_path: str, slots: int, n_threads: int) -> Callable[[int], list[str]]:
-    """The command line of llama.cpp's `llama-server` with `slots` slots of CONC_CONTEXT_SIZE tokens each."""
+def llama_server(
+    binary: str, model_path: str, slots: int, n_threads: int, n_ctx: int | None = None
+) -> Callable[[int], list[str]]:
+    """The command line of llama.cpp's `llama-server` with `slots` slots of n_ctx (CONC_CONTEXT_SIZE) tokens each."""
 
     def command(port: int) -> list[str]:
         return [
-            *(binary, "-m", model_path, "-c", str(CONC_CONTEXT_SIZE * slots), "-np", str(slots)),
+            *(binary, "-m", model_path, "-c", str((n_ctx or CONC_CONTEXT_SIZE) * slots), "-np", str(slots)),
             *("-t", str(n_threads), "-tb", str(n_threads), "--port", str(port)),
         ]
 
