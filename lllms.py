@@ -482,7 +482,7 @@ def default_config() -> dict[str, Any]:
                 "engine": "llama-cpp",
                 "file": _find_default_model(),
                 "context_size": 4096,
-                "max_instances": 4,
+                "max_instances": 8,
                 "min_instances": 1,
                 "ttl": 300,
             }
