@@ -1724,6 +1724,10 @@ class _Job:
         self.done.set()
 
 
+# From this many tokens a batch on, llama.cpp's CPU kernels round differently (measured on 0.3.36's build).
+_BIG_BATCH = 64
+
+
 class _Decoder:
     """A llama-cpp model's one context and the thread that decodes it. Each instance of the model is a sequence;
     every step evaluates the next token of every running sequence, and a chunk of new prompts, in one
@@ -1823,9 +1827,11 @@ class _Decoder:
         self.lc.llama_model_free(self.model.ptr)
 
     def _step(self) -> None:
-        """One step: the next token of every generating sequence in one llama_decode, then a chunk of the oldest
-        waiting prompt in another. Apart, neither changes the other's arithmetic (llama.cpp switches kernels at 64
-        tokens a batch), so a reply never depends on who else is being served."""
+        """One step: the next token of every generating sequence, and prompt chunks, in at most two llama_decode
+        calls. llama.cpp's kernels round differently from 64 tokens a batch on, but the same below it, whatever the
+        batch holds: so the generating tokens and the short chunks (under 64 tokens) go in one decode below 64, and
+        the long chunks in another. A prompt is always cut into the same chunks from where its cache ends, so a
+        reply never depends on who else is being served."""
         for job in [j for j in self.jobs if j.ended]:
             self._drop(job)
         for job in [j for j in self.jobs if j.pos < 0]:
@@ -1839,11 +1845,26 @@ class _Decoder:
         if sum(j.pos - j.copied for j in spare) >= self.n_ctx:
             for job in spare:
                 job.finish("length")
-        filling = next((j for j in running if j.next is None and not j.ended), None)
-        self._decode([(j, [j.next], True) for j in running if j.next is not None and not j.ended])
-        if filling is not None and not filling.ended:
-            chunk = filling.prompt[filling.pos : min(filling.pos + self.chunk, len(filling.prompt) - 1)]
-            self._decode([(filling, chunk, filling.echoed is not None)])
+        decodes: list[list[tuple[_Job, list[int], bool]]] = [
+            [(j, [j.next], True) for j in running if j.next is not None and not j.ended]
+        ]
+        big: list[tuple[_Job, list[int], bool]] = []
+        for job in (j for j in running if j.next is None and not j.ended):
+            last = len(job.prompt) - 1  # a short rest goes with the prompt's last token; a long one stops before it
+            tokens = job.prompt[
+                job.pos : last + 1 if last + 1 - job.pos < _BIG_BATCH else min(job.pos + self.chunk, last)
+            ]
+            part = (job, tokens, job.echoed is not None)
+            if len(tokens) >= _BIG_BATCH:
+                if sum(len(t) for _, t, _ in big) + len(tokens) <= self.chunk + self.n_seq:
+                    big.append(part)
+                continue
+            small = next((d for d in decodes if sum(len(t) for _, t, _ in d) + len(tokens) < _BIG_BATCH), None)
+            if small is None:
+                decodes.append(small := [])
+            small.append(part)
+        for parts in [*decodes, big]:
+            self._decode([part for part in parts if not part[0].ended])
 
     def _decode(self, parts: list[tuple[_Job, list[int], bool]]) -> None:
         """Evaluate tokens of these jobs' sequences (with logits, or not); then each job takes its logits rows."""
@@ -1853,20 +1874,26 @@ class _Decoder:
         batch.clear()
         for job, tokens, logits in parts:
             for pos, token in enumerate(tokens, job.pos):
-                i = batch.add(token, pos, typing.cast(int, job.seq), logits)
-                rows.extend([(job, i, pos)] if logits else [])
+                want = logits or pos >= len(job.prompt) - 1  # a prompt's last token, and every one after, sample
+                i = batch.add(token, pos, typing.cast(int, job.seq), want)
+                rows.extend([(job, i, pos)] if want else [])
         try:
             self.model.decode(self.ctx, batch.ptr)
         except EngineError as exc:
             log.error("%s: %s; rebuilding its context", self.config.id, exc.message)
             return self._fail(exc)
+        self._rows([r for r in rows if r[2] < len(r[0].prompt) - 1])  # echoed prompt tokens' logprobs first
         for job, tokens, _ in parts:
             self.held[typing.cast(int, job.seq)].extend(tokens)
-            job.pos += len(tokens)
-            if job.next is None and job.pos == len(job.prompt) - 1:
+            start, job.pos = job.pos, job.pos + len(tokens)
+            if job.pos == len(job.prompt) - 1:  # all but the last token, which goes with the next step's
                 job.next = job.prompt[-1]
-            elif job.next is not None and job.pos == len(job.prompt):
+            elif start < len(job.prompt) <= job.pos:
                 job.prompt_done()
+        self._rows([r for r in rows if r[2] >= len(r[0].prompt) - 1])
+
+    def _rows(self, rows: list[tuple[_Job, int, int]]) -> None:
+        """Each job takes its logits rows: a prompt token's logprob, or the next token."""
         for job, i, pos in rows:
             if job.ended:
                 continue
