@@ -1929,7 +1929,7 @@ class _Decoder:
     def _reuse(self, seq: int, prompt: list[int], fresh: bool) -> int:
         """Make the sequence hold the longest prefix of the prompt it can have without evaluating it: its own,
         another sequence's (a preload, a shared system prompt), or a state the cache kept. Its length.
-        The prompt's last token is always evaluated again, alone as when it was new: same request, same text."""
+        The prompt's last token is always evaluated again, in a decode under 64 tokens as when it was new."""
         held, last = self.held[seq], len(prompt) - 1
         if fresh:  # echo with logprobs: every position's logits are needed
             return self.keep(seq, 0)
