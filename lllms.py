@@ -1645,18 +1645,29 @@ class _Batch:
 class _Job:
     """One choice generating in a sequence of a shared context. The decode thread steps it; chunks go to `out`."""
 
-    def __init__(self, model: _LlamaModel, index: int, prompt: list[int], p: SamplingParams, **kw: Any) -> None:
-        self.model, self.index, self.prompt, self.p = model, index, prompt, p
-        self.out: queue.SimpleQueue[Chunk | BaseException] = kw["out"]
-        self.seq: int | None = kw.get("seq")  # None: a spare sequence, taken when one is free
-        self.parent: _Job | None = kw.get("parent")  # a sibling choice whose evaluated prompt this one copies
-        self.max_new: int = kw.get("max_new", 0)
-        self.should_stop: _StopCheck = kw.get("should_stop")
-        self.sampler: _Sampler | None = kw.get("sampler")
-        self.echo: str | None = kw.get("echo")  # the prompt's text, to send first
-        self.pieces: list[tuple[str, bytes]] = kw.get("pieces", [])  # with echo and logprobs: each prompt token
+    def __init__(
+        self,
+        model: _LlamaModel,
+        index: int,
+        prompt: list[int],
+        p: SamplingParams,
+        out: queue.SimpleQueue[Chunk | BaseException],
+        *,
+        max_new: int = 0,
+        sampler: _Sampler | None = None,
+        should_stop: _StopCheck = None,
+        echo: str | None = None,
+        pieces: list[tuple[str, bytes]] | None = None,
+    ) -> None:
+        self.model, self.index, self.prompt, self.p, self.out = model, index, prompt, p, out
+        self.max_new, self.sampler, self.should_stop = max_new, sampler, should_stop
+        self.echo = echo  # the prompt's text, to send first
+        self.pieces = pieces or []  # with echo and logprobs: each prompt token's text and bytes
         self.echoed = [TokenLogprob(*self.pieces[0], None)] if self.pieces else None
-        self.evaluate = kw.get("evaluate", self.max_new > 0)  # preload and echo+logprobs evaluate without a reply
+        # Preload (no sampler) and echo with logprobs evaluate the prompt even with no room for a reply.
+        self.evaluate = max_new > 0 or sampler is None or self.echoed is not None
+        self.seq: int | None = None  # None: a spare sequence, taken when one is free
+        self.parent: _Job | None = None  # a sibling choice whose evaluated prompt this one copies
         self.pos = -1  # prompt tokens in the KV cache; -1 until begun
         self.copied = 0  # of them, cells shared with its parent
         self.next: int | None = None  # the token to evaluate next, with logits
@@ -1730,8 +1741,8 @@ _BIG_BATCH = 64
 
 class _Decoder:
     """A llama-cpp model's one context and the thread that decodes it. Each instance of the model is a sequence;
-    every step evaluates the next token of every running sequence, and a chunk of new prompts, in one
-    llama_decode. Spare sequences, beyond max_instances, run a request's other choices beside its instance's."""
+    every step evaluates the next token of every running sequence, and chunks of new prompts, together (_step).
+    Spare sequences, beyond max_instances, run a request's other choices beside its instance's."""
 
     SPARE = 8
 
@@ -1827,10 +1838,10 @@ class _Decoder:
         self.lc.llama_model_free(self.model.ptr)
 
     def _step(self) -> None:
-        """One step: the next token of every generating sequence, and prompt chunks, in at most two llama_decode
-        calls. llama.cpp's kernels round differently from 64 tokens a batch on, but the same below it, whatever the
-        batch holds: so the generating tokens and the short chunks (under 64 tokens) go in one decode below 64, and
-        the long chunks in another. A prompt is always cut into the same chunks from where its cache ends, so a
+        """One step: the next token of every generating sequence, and prompt chunks, in as few llama_decode calls as
+        it can. llama.cpp's kernels round differently from 64 tokens a batch on, but the same below it, whatever the
+        batch holds: so the generating tokens and the short chunks (under 64 tokens) share decodes below 64, and
+        the long chunks decode apart. A prompt is always cut into the same chunks from where its cache ends, so a
         reply never depends on who else is being served."""
         for job in [j for j in self.jobs if j.ended]:
             self._drop(job)
@@ -2082,7 +2093,8 @@ class LlamaCppEngine(Engine):
         if len(tokens) >= shared.n_ctx:
             raise Unavailable(f"model '{self.model.id}': preload is longer than the context", code="preload_too_long")
         out: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()
-        job = _Job(shared.model, 0, tokens, SamplingParams(), out=out, seq=self.seq, evaluate=True)
+        job = _Job(shared.model, 0, tokens, SamplingParams(), out)
+        job.seq = self.seq
         shared.run([job])
         job.done.wait()
         while not out.empty():
@@ -2158,8 +2170,9 @@ class LlamaCppEngine(Engine):
         shared, lc = self._text_model(), self._import()
         out: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()
         jobs: list[_Job] = []
+        groups = req.choice_count // req.best_of  # one per prompt
         try:
-            for g in range(max(len(req.prompts), 1) if req.kind == "completion" else 1):
+            for g in range(groups):
                 tokens, text = self._prompt(req, g)
                 if len(tokens) >= shared.n_ctx:
                     raise InvalidRequest(
@@ -2169,20 +2182,26 @@ class LlamaCppEngine(Engine):
                     )
                 pieces = self._prompt_pieces(tokens, text) if req.echo else []
                 echo = (text if text is not None else "".join(t for t, _ in pieces)) if req.echo else None
-                group = []
+                room, group = shared.n_ctx - len(tokens), []
                 for i in range(g * req.best_of, (g + 1) * req.best_of):
                     p = req.choice_params(i).merged_over(_SAMPLING_DEFAULTS)
-                    room = shared.n_ctx - len(tokens)
-                    last_n = room + len(tokens) if p.repeat_last_n == -1 else min(p.repeat_last_n, shared.n_ctx)
-                    job = _Job(shared.model, i, tokens, p, out=out, should_stop=should_stop, echo=echo)
-                    job.max_new = room if p.max_tokens is None else min(p.max_tokens, room)
-                    job.evaluate = job.max_new > 0 or (req.echo and p.logprobs is not None)
-                    job.pieces = pieces if req.echo and p.logprobs is not None else []
-                    job.echoed = [TokenLogprob(*pieces[0], None)] if job.pieces else None
-                    job.sampler = _Sampler(lc, shared.model, p, last_n)  # raises on a bad grammar or bias
-                    group.append(job)
-                    jobs.append(job)
-                leader = group[-1] if g == max(len(req.prompts), 1) - 1 else group[0]
+                    last_n = shared.n_ctx if p.repeat_last_n == -1 else min(p.repeat_last_n, shared.n_ctx)
+                    group.append(
+                        _Job(
+                            shared.model,
+                            i,
+                            tokens,
+                            p,
+                            out,
+                            max_new=room if p.max_tokens is None else min(p.max_tokens, room),
+                            sampler=_Sampler(lc, shared.model, p, last_n),  # raises on a bad grammar or bias
+                            should_stop=should_stop,
+                            echo=echo,
+                            pieces=pieces if p.logprobs is not None else None,
+                        )
+                    )
+                    jobs.append(group[-1])
+                leader = group[-1] if g == groups - 1 else group[0]
                 for job in group:
                     job.parent = None if job is leader else leader
             jobs[-1].seq = self.seq
