@@ -22,7 +22,7 @@ Data flows one way: HTTP -> request model -> ModelServer -> pool -> engine. One 
   _Handler._handle -> _post_chat -> _openai -> _read_json (_parse_body)
   -> ModelServer.request -> openai_request (_parse_messages, _tool_plan, ...) -> Request.check (Engine.check)
   -> ModelServer.submit -> CompletionStream() -> _Pool.enqueue
-  -> _Handler._send_sse, iterating chat_chunks(stream) -> CompletionStream._run -> _Pool.wait (and _Pool._load)
+  -> _Handler._send_stream, iterating chat_chunks(stream) -> CompletionStream._run -> _Pool.wait (and _Pool._load)
   -> LlamaCppEngine.run (a _Job per choice, each with its _Sampler) -> _Decoder.run; on the decode thread,
      _Decoder._step (_begin, _reuse) -> _decode -> _Job.sample, one Chunk per token into the job's queue
   -> LlamaCppEngine._stream -> CompletionStream._record (_ReplyParser for tools) -> chat_chunks -> _write_chunk
@@ -1158,6 +1158,7 @@ class Chunk:
     logprobs: list[TokenLogprob] | None = None  # the tokens of `text`, when logprobs were asked for
     index: int = 0  # the choice it belongs to
     tool_calls: list[dict[str, Any]] | None = None  # deltas: {index, id?, name?, arguments}; set by ModelServer
+    stop_sequence: str | None = None  # on a last chunk: the stop string that ended the choice
 
 
 # What a parameter neither the request nor the model's completion_defaults set is: the same for every engine.
@@ -1284,13 +1285,15 @@ class _StopMatcher:
     def __init__(self, stops: list[str]) -> None:
         self.stops = stops
         self.pending = ""
+        self.matched: str | None = None  # the stop sequence found
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Return (text safe to emit, whether a stop sequence matched)."""
         self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        hits = [(i, s) for s in self.stops if (i := self.pending.find(s)) >= 0]
         if hits:
-            out, self.pending = self.pending[: min(hits)], ""
+            at, self.matched = min(hits)
+            out, self.pending = self.pending[:at], ""
             return out, True
         hold = 0
         for s in self.stops:
@@ -1722,7 +1725,8 @@ class _Job:
             reason = "stop" if stopped else reason
             tail += "" if stopped else self.stops.flush()
         lps = self.marks.take(tail, stopped, final=True) if self.marks else None
-        self.out.put(Chunk(tail, finish_reason=reason, usage=self.usage, logprobs=lps, index=self.index))
+        last = Chunk(tail, reason, self.usage, lps, self.index, stop_sequence=self.stops.matched)
+        self.out.put(last)
         self.ended = True
 
     def release(self, error: BaseException | None = None) -> None:
@@ -1930,8 +1934,10 @@ class _Decoder:
             self.held[job.seq] = job.prompt[:last]
             job.pos = job.copied = last
             job.usage.cached_tokens, job.echoed = parent.usage.cached_tokens, parent.echoed
-        else:
+        elif job.evaluate:
             job.pos = job.usage.cached_tokens = self._reuse(job.seq, job.prompt, job.echoed is not None)
+        else:
+            job.pos = 0  # only counted (max_tokens 0): what the sequence holds stays
         if not job.evaluate:
             job.prompt_done()
         elif job.pos == last:
@@ -2688,7 +2694,7 @@ class _Gpt4AllRun:
         usage = Usage(
             prompt_tokens=self.kept + len(self.prompt_ids), completion_tokens=self.generated, cached_tokens=self.kept
         )
-        return Chunk(tail, finish_reason=finish, usage=usage)
+        return Chunk(tail, finish_reason=finish, usage=usage, stop_sequence=self.stops.matched)
 
     # -- consumer side
 
@@ -4422,6 +4428,246 @@ def _format_grammar(response_format: Any) -> str | None:
     )
 
 
+# ---- 6d. the dialects' shared parts
+#
+# Every other dialect translates its body into the same Request, and reads the same Completion or CompletionStream
+# back. Their sampling parameters go through SamplingParams under their own names, so errors name what was sent.
+
+
+def _dialect_params(body: dict[str, Any], names: dict[str, str]) -> SamplingParams:
+    """A body's sampling parameters, under the dialect's names (theirs -> ours); a 400 names the dialect's key."""
+    out = SamplingParams()
+    for theirs, ours in names.items():
+        if body.get(theirs) is None:
+            continue
+        try:
+            setattr(out, ours, getattr(SamplingParams.from_dict({ours: body[theirs]}), ours))
+        except InvalidRequest as exc:
+            raise InvalidRequest(exc.message.replace(f"'{ours}'", f"'{theirs}'"), param=theirs) from None
+    return out
+
+
+def _refuse(body: dict[str, Any], fields: dict[str, str], engine: str) -> None:
+    """A 400 for the first of these fields that is set and not neutral (field -> what the server cannot do)."""
+    for key, why in fields.items():
+        if body.get(key) not in (None, False, [], {}):
+            raise InvalidRequest(f"'{key}' is not supported by the {engine} engine: {why}", param=key)
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"'{where}' must be an object", param=where)
+    return value
+
+
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"'{where}' must be a string", param=where)
+    return value
+
+
+def _call_input(call: dict[str, Any]) -> Any:
+    """A call's arguments as JSON; {} when generation stopped inside them."""
+    try:
+        return json.loads(call["arguments"])
+    except ValueError:
+        return {}
+
+
+def _started(s: CompletionStream) -> Iterator[Chunk]:
+    """The stream's chunks, the first taken at once: a dialect that opens with an event of its own calls this
+    first, so that errors before any output still get a plain status."""
+    first = next(s, None)
+    return iter(()) if first is None else itertools.chain([first], s)
+
+
+def _suffix(completion_id: str) -> str:
+    return completion_id.split("-", 1)[-1]
+
+
+# ---- 6e. the Anthropic Messages dialect
+
+_ANTHROPIC_SAMPLING = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k"}
+_ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+_ANTHROPIC_TOOL_KEYS = {"name": "name", "description": "description", "parameters": "input_schema"}
+_ANTHROPIC_UNSUPPORTED = {
+    "thinking": "the model has no extended thinking",
+    "mcp_servers": "MCP servers are not available",
+    "container": "code execution containers are not available",
+    "effort": "the model has no effort levels",
+}
+
+
+def _anthropic_blocks(content: Any, where: str, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Content as a list of blocks (a string is one text block); images, documents and other kinds are a 400."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise InvalidRequest(f"'{where}' must be a string or a list of content blocks", param=where)
+    for j, block in enumerate(content):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind not in kinds:
+            what = "image and document blocks are not supported: the model reads text" if kind else "not a block"
+            raise InvalidRequest(f"'{where}[{j}]' ({kind}): {what}; expected {', '.join(kinds)}", param=where)
+        if kind == "text":
+            _string(block.get("text"), f"{where}[{j}].text")
+    return content
+
+
+def _anthropic_text(content: Any, where: str) -> str:
+    return "".join(b["text"] for b in _anthropic_blocks(content, where, ("text",)))
+
+
+def _anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
+    """System and messages as OpenAI-shaped messages: tool_use blocks become tool_calls, tool_result blocks
+    tool messages."""
+    out = [{"role": "system", "content": _anthropic_text(body["system"], "system")}] if body.get("system") else []
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("'messages' must be a non-empty list", param="messages")
+    for i, m in enumerate(messages):
+        role = _object(m, f"messages[{i}]").get("role")
+        where = f"messages[{i}].content"
+        if role == "assistant":
+            blocks = _anthropic_blocks(m.get("content"), where, ("text", "tool_use"))
+            calls = [
+                {
+                    "id": _string(b.get("id"), f"{where}.id"),
+                    "type": "function",
+                    "function": {"name": b.get("name"), "arguments": json.dumps(b.get("input", {}))},
+                }
+                for b in blocks
+                if b["type"] == "tool_use"
+            ]
+            text = "".join(b["text"] for b in blocks if b["type"] == "text")
+            out.append({"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})})
+        elif role == "user":
+            blocks = _anthropic_blocks(m.get("content"), where, ("text", "tool_result"))
+            for b in (b for b in blocks if b["type"] == "tool_result"):
+                result = _anthropic_text(b.get("content", ""), f"{where}.content")
+                prefix = "Error: " if b.get("is_error") else ""
+                out.append({"role": "tool", "tool_call_id": b.get("tool_use_id"), "content": prefix + result})
+            texts = [b["text"] for b in blocks if b["type"] == "text"]
+            if texts or len(blocks) == 0:
+                out.append({"role": "user", "content": "".join(texts)})
+        else:
+            raise InvalidRequest(f"'messages[{i}].role' must be 'user' or 'assistant'", param=f"messages[{i}].role")
+    return _parse_messages(out)
+
+
+def _anthropic_tools(body: dict[str, Any]) -> tuple[Any, Any, bool | None]:
+    """tools, tool_choice and parallel_tool_calls in OpenAI's shapes."""
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        for i, t in enumerate(tools):
+            kind = t.get("type", "custom") if isinstance(t, dict) else None
+            if kind != "custom":
+                raise InvalidRequest(f"'tools[{i}]': {kind} tools are not supported, only custom tools", param="tools")
+        tools = [
+            {"type": "function", "function": {k: t.get(f) for k, f in _ANTHROPIC_TOOL_KEYS.items()}} for t in tools
+        ]
+    choice = body.get("tool_choice")
+    kind = _object(choice, "tool_choice").get("type") if choice is not None else "auto"
+    if kind == "tool":
+        name = _string(choice.get("name"), "tool_choice.name")
+        mapped: Any = {"type": "function", "function": {"name": name}}
+    elif kind in ("auto", "any", "none"):
+        mapped = {"any": "required"}.get(kind, kind)
+    else:
+        raise InvalidRequest("'tool_choice.type' must be auto, any, tool or none", param="tool_choice")
+    return tools, mapped, False if (choice or {}).get("disable_parallel_tool_use") else None
+
+
+def anthropic_request(body: dict[str, Any], config: ServerConfig, count: bool = False) -> Request:
+    """An Anthropic Messages body (or, with `count`, a count_tokens body) as a Request."""
+    model = _model_of(body, config, "chat")
+    if (body.get("thinking") or {}).get("type") == "disabled":
+        body = {k: v for k, v in body.items() if k != "thinking"}
+    output = _object(body.get("output_config") or {}, "output_config")
+    _refuse({**body, **output}, _ANTHROPIC_UNSUPPORTED, model.engine)
+    if body.get("max_tokens") is None and not count:
+        raise InvalidRequest("'max_tokens' is required", param="max_tokens")
+    params = _dialect_params(body, _ANTHROPIC_SAMPLING)
+    stops = body.get("stop_sequences")
+    if stops is not None and not (isinstance(stops, list) and all(isinstance(s, str) and s for s in stops)):
+        raise InvalidRequest("'stop_sequences' must be a list of non-empty strings", param="stop_sequences")
+    params.stop, params.max_tokens = stops or None, 0 if count else params.max_tokens
+    req = Request("chat", model, params, stream=_bool_field(body, "stream") and not count)
+    req.messages = _anthropic_messages(body)
+    req.tools = _tool_plan(*_anthropic_tools(body), req.messages)
+    if (fmt := output.get("format")) is not None:  # structured output: {"type": "json_schema", "schema": {...}}
+        req.response_format = _json_grammar(_object(fmt, "output_config.format").get("schema"), "output_config")
+    return req.check()
+
+
+def _anthropic_usage(u: Usage) -> dict[str, int]:
+    """Anthropic counts the prompt tokens read from the cache apart from input_tokens."""
+    return {
+        "input_tokens": u.prompt_tokens - u.cached_tokens,
+        "cache_creation_input_tokens": 0,
+        "cache_read_input_tokens": u.cached_tokens,
+        "output_tokens": u.completion_tokens,
+    }
+
+
+def _anthropic_call_id(call_id: str) -> str:
+    return "toolu_" + call_id.removeprefix("call_")
+
+
+def _anthropic_stop(ch: Choice | Chunk) -> dict[str, Any]:
+    reason = "stop_sequence" if ch.stop_sequence else _ANTHROPIC_STOP.get(ch.finish_reason or "stop", "end_turn")
+    return {"stop_reason": reason, "stop_sequence": ch.stop_sequence}
+
+
+def anthropic_response(c: Completion, req: Request) -> dict[str, Any]:
+    ch = c.choices[0]
+    content: list[dict[str, Any]] = [{"type": "text", "text": ch.text}] if ch.text or not ch.tool_calls else []
+    for call in ch.tool_calls:
+        content.append(
+            {"type": "tool_use", "id": _anthropic_call_id(call["id"]), "name": call["name"], "input": _call_input(call)}
+        )
+    head = {"id": "msg_" + _suffix(c.id), "type": "message", "role": "assistant", "model": c.model}
+    return {**head, "content": content, **_anthropic_stop(ch), "usage": _anthropic_usage(c.usage)}
+
+
+def anthropic_events(s: CompletionStream) -> Iterator[dict[str, Any]]:
+    """Anthropic's stream: message_start, each content block's start, deltas and stop, message_delta (the stop
+    reason and usage), message_stop. The prompt's token counts come with message_delta."""
+    chunks = _started(s)
+    message = {"id": "msg_" + _suffix(s.id), "type": "message", "role": "assistant", "model": s.model, "content": []}
+    start = {**message, "stop_reason": None, "stop_sequence": None, "usage": _anthropic_usage(Usage())}
+    yield {"type": "message_start", "message": start}
+    index, open_call, last = -1, None, None
+    for ch in chunks:
+        if ch.text and (index < 0 or open_call is not None):
+            if index >= 0:
+                yield {"type": "content_block_stop", "index": index}
+            index, open_call = index + 1, None
+            yield {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}}
+        if ch.text:
+            yield {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": ch.text}}
+        for d in ch.tool_calls or ():
+            if "id" in d:
+                if index >= 0:
+                    yield {"type": "content_block_stop", "index": index}
+                index, open_call = index + 1, d["id"]
+                block = {"type": "tool_use", "id": _anthropic_call_id(d["id"]), "name": d["name"], "input": {}}
+                yield {"type": "content_block_start", "index": index, "content_block": block}
+            if d["arguments"]:
+                delta = {"type": "input_json_delta", "partial_json": d["arguments"]}
+                yield {"type": "content_block_delta", "index": index, "delta": delta}
+        last = ch if ch.finish_reason is not None else last
+    if index >= 0:
+        yield {"type": "content_block_stop", "index": index}
+    usage = _anthropic_usage(s.usage or Usage())
+    yield {"type": "message_delta", "delta": _anthropic_stop(last or Chunk("", "stop")), "usage": usage}
+    yield {"type": "message_stop"}
+
+
+def anthropic_count(c: Completion, req: Request) -> dict[str, Any]:
+    return {"input_tokens": c.usage.prompt_tokens}
+
+
 # ==== 7. ModelServer: the embedded API
 
 
@@ -4435,6 +4681,7 @@ class Choice:
     logprobs: list[TokenLogprob] | None = None
     tool_calls: list[dict[str, Any]] = field(default_factory=list)  # {id, name, arguments}
     raw: str = ""  # what the model generated, as its context holds it
+    stop_sequence: str | None = None  # the stop string that ended it, if one did
 
     @property
     def score(self) -> float:
@@ -4554,7 +4801,7 @@ class CompletionStream:
         if ch.logprobs is not None:
             c.logprobs = (c.logprobs or []) + ch.logprobs
         if ch.finish_reason is not None:
-            c.finish_reason = ch.finish_reason
+            c.finish_reason, c.stop_sequence = ch.finish_reason, ch.stop_sequence
         if ch.usage is not None:
             self.usage = ch.usage
         return ch
@@ -4594,7 +4841,9 @@ class CompletionStream:
             # What the instance's context now holds: the last choice's request plus what it generated so far.
             # A request refused before generation (e.g. too long) left the context as it was.
             ok, last = ok and sound, req.choice_count - 1
-            key = req.key(last, self.choices[last].raw) if ok and last in self.choices else None if ok else ""
+            counted = req.params.max_tokens == 0  # a prompt only counted leaves the context as it was
+            key = req.key(last, self.choices[last].raw) if ok and last in self.choices and not counted else None
+            key = key if ok else ""
             self._pool.release(inst, ok, key, total.cached_tokens)
             self._meter.count_usage(self.model, self.usage)
 
@@ -5022,6 +5271,63 @@ _STDLIB_ERROR_CODES = {
 }
 
 
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+
+
+def _openai_error(exc: APIError) -> tuple[int, Any]:
+    return exc.status, exc.envelope()
+
+
+_ANTHROPIC_ERRORS = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def _anthropic_error(exc: APIError) -> tuple[int, Any]:
+    """Anthropic's envelope; "the server cannot take it now" is its 529, overloaded."""
+    kind = _ANTHROPIC_ERRORS.get(exc.status, "invalid_request_error" if exc.status < 500 else "api_error")
+    return 529 if exc.status == 503 else exc.status, {"type": "error", "error": {"type": kind, "message": exc.message}}
+
+
+@dataclass(frozen=True)
+class _Wire:
+    """How a dialect frames its errors and streams on the wire."""
+
+    error: Callable[[APIError], tuple[int, Any]] = _openai_error  # an error's status and body
+    frame: Callable[[dict[str, Any]], bytes] = lambda e: b"data: " + _json_bytes(e) + b"\n\n"  # one stream event
+    stream_error: Callable[[APIError], dict[str, Any]] = APIError.envelope  # an error after the stream began
+    content_type: str = "text/event-stream"
+    done: bytes = b"data: [DONE]\n\n"  # after the last event
+    keepalive: bytes = b": keepalive\n\n"  # while a request waits for an instance
+
+
+def _named_event(event: dict[str, Any]) -> bytes:
+    return b"event: " + event["type"].encode() + b"\ndata: " + _json_bytes(event) + b"\n\n"
+
+
+_WIRES = {
+    "openai": _Wire(),
+    "anthropic": _Wire(
+        _anthropic_error,
+        _named_event,
+        lambda exc: _anthropic_error(exc)[1],
+        done=b"",
+        keepalive=b'event: ping\ndata: {"type": "ping"}\n\n',
+    ),
+}
+
+
+def _wire_of(path: str) -> _Wire:
+    """Which dialect a path speaks, for its errors too (an unknown /v1/messages/x is answered as Anthropic)."""
+    return _WIRES["anthropic" if path.startswith("/openai/v1/messages") else "openai"]
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"lllms/{__version__}"
@@ -5035,6 +5341,8 @@ class _Handler(BaseHTTPRequestHandler):
         "/openai/v1/chat/completions": {"POST": "_post_chat"},
         "/openai/v1/completions": {"POST": "_post_completions"},
         "/openai/v1/embeddings": {"POST": "_post_embeddings"},
+        "/openai/v1/messages": {"POST": "_post_messages"},
+        "/openai/v1/messages/count_tokens": {"POST": "_post_count_tokens"},
     }
 
     def setup(self) -> None:
@@ -5067,6 +5375,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.headers = None  # type: ignore[assignment]
         self._expect_continue = self._body_read = False
         self._request_id, self._status, self._t0 = secrets.token_hex(8), 0, time.monotonic()
+        self._wire = _WIRES["openai"]
         super().handle_one_request()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
@@ -5091,6 +5400,7 @@ class _Handler(BaseHTTPRequestHandler):
             path = "/openai" + path
         path = path.rstrip("/") or "/"
         endpoint = path if path in self._ROUTES else "other"
+        self._wire = _wire_of(path)
         try:
             if method == "OPTIONS":
                 return self._preflight()
@@ -5151,6 +5461,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not keys:
             return
         scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+        if "x-api-key" in self.headers:  # Anthropic's clients send the key there
+            scheme, given = "bearer", self.headers["x-api-key"]
         given_b = given.strip().encode("utf-8", errors="replace")
         # Compare against every key, in constant time, so timing reveals neither a key nor which one matched.
         matches = [hmac.compare_digest(given_b, key.encode("utf-8")) for key in keys]
@@ -5333,7 +5645,7 @@ class _Handler(BaseHTTPRequestHandler):
         if self._unread_body():
             self.close_connection = True
         try:
-            self._send_json(exc.status, exc.envelope(), exc.headers)
+            self._send_json(*self._wire.error(exc), exc.headers)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
@@ -5344,32 +5656,32 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
         self.wfile.flush()
 
-    def _write_event(self, event: dict[str, Any]) -> None:
-        self._write_chunk(b"data: " + json.dumps(event, ensure_ascii=False).encode("utf-8") + b"\n\n")
-
-    def _send_sse(self, stream: CompletionStream, events: Iterator[dict[str, Any]]) -> None:
-        """Stream events as SSE, or errors before the first event as a plain status. A queued request gets its headers
-        early and `: keepalive` comments, so proxies and clients don't time out; its errors then come as SSE events."""
-        interval = self.server.model_server.config.keepalive_interval
+    def _send_stream(self, stream: CompletionStream, events: Iterator[dict[str, Any]]) -> None:
+        """Stream events in the dialect's framing, or errors before the first event as a plain status. A queued
+        request gets its headers early and keepalives, so proxies and clients don't time out; its errors then come
+        as error events."""
+        interval, wire = self.server.model_server.config.keepalive_interval, self._wire
         try:
             while not stream.wait_ready(interval if (left := stream.waiting_left()) is None else min(interval, left)):
                 if stream.waiting_left() == 0:
                     break  # out of time or cancelled: taking the first event raises the 503 for it
-                self._sse_headers(stream)
-                self._write_chunk(b": keepalive\n\n")
+                if wire.keepalive:
+                    self._stream_headers(stream)
+                    self._write_chunk(wire.keepalive)
             event = next(events, None)  # takes the instance and evaluates the prompt; errors surface here
-            self._sse_headers(stream)
+            self._stream_headers(stream)
             while event is not None:
-                self._write_event(event)
+                self._write_chunk(wire.frame(event))
                 event = next(events, None)
-            self._write_chunk(b"data: [DONE]\n\n")
+            if wire.done:
+                self._write_chunk(wire.done)
             self._write_chunk(b"")
         except APIError as exc:
             if not self._status:
                 raise
-            # Mid-stream failures become an error event, which the SDK raises as APIError.
+            # Mid-stream failures become an error event, which the SDKs raise as errors.
             with _suppress(BrokenPipeError, ConnectionResetError, TimeoutError):
-                self._write_event(exc.envelope())
+                self._write_chunk(wire.frame(wire.stream_error(exc)))
                 self._write_chunk(b"")
             self.close_connection = True
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
@@ -5377,12 +5689,12 @@ class _Handler(BaseHTTPRequestHandler):
         finally:
             stream.close()
 
-    def _sse_headers(self, stream: CompletionStream) -> None:
+    def _stream_headers(self, stream: CompletionStream) -> None:
         if self._status:  # sent already, before a keepalive
             return
         self._status = 200
         self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Content-Type", self._wire.content_type)
         self.send_header("Cache-Control", "no-cache")
         self.send_header("X-Accel-Buffering", "no")
         if self.request_version == "HTTP/1.0":
@@ -5425,20 +5737,30 @@ class _Handler(BaseHTTPRequestHandler):
             raise NotFound(f"the model '{model_id}' does not exist", param="model", code="model_not_found")
         self._send_json(200, model_object(model, ms.created))
 
-    def _openai(self, kind: Literal["chat", "completion", "embedding"], response: Any, chunks: Any = None) -> None:
-        """An OpenAI request: streamed as SSE, or answered as one JSON object."""
+    def _serve(
+        self, parse: Callable[[dict[str, Any], ServerConfig], Request], response: Any, events: Any = None
+    ) -> None:
+        """A request in any dialect: its body parsed into a Request, the result streamed or sent as one object."""
         ms = self.server.model_server
-        req = ms.request(kind, self._read_json())
+        req = parse(self._read_json(), ms.config)
         result = ms.submit(req, cancel=_ClientWatch(self.connection))
         if isinstance(result, CompletionStream):
-            self._send_sse(result, chunks(result))
+            self._send_stream(result, events(result))
             return
         instance = getattr(result, "instance_id", None)
         self._send_json(200, response(result, req), {"X-Lllms-Instance": instance} if instance else None)
 
-    _post_chat = functools.partialmethod(_openai, "chat", chat_response, chat_chunks)
-    _post_completions = functools.partialmethod(_openai, "completion", completion_response, completion_chunks)
-    _post_embeddings = functools.partialmethod(_openai, "embedding", embedding_response)
+    _post_chat = functools.partialmethod(_serve, functools.partial(openai_request, "chat"), chat_response, chat_chunks)
+    _post_completions = functools.partialmethod(
+        _serve, functools.partial(openai_request, "completion"), completion_response, completion_chunks
+    )
+    _post_embeddings = functools.partialmethod(
+        _serve, functools.partial(openai_request, "embedding"), embedding_response
+    )
+    _post_messages = functools.partialmethod(_serve, anthropic_request, anthropic_response, anthropic_events)
+    _post_count_tokens = functools.partialmethod(
+        _serve, functools.partial(anthropic_request, count=True), anthropic_count
+    )
 
 
 def _strip_paths(text: str) -> str:
