@@ -333,6 +333,7 @@ class ServerConfig:
     idle_timeout: float = _bound(30.0, above=True)  # seconds a keep-alive connection may wait for its next request
     read_timeout: float = _bound(30.0, above=True)  # seconds to receive a request's headers and body, once begun
     shutdown_grace: float = _bound(30.0, 0)  # seconds SIGTERM lets running requests finish before they are cut short
+    stored_responses: int = _bound(1000, 0)  # Responses API results kept in memory for previous_response_id
 
     def _check(self, path: str) -> None:
         for i, key in enumerate(self.api_keys):
@@ -4668,6 +4669,307 @@ def anthropic_count(c: Completion, req: Request) -> dict[str, Any]:
     return {"input_tokens": c.usage.prompt_tokens}
 
 
+# ---- 6f. the OpenAI Responses dialect
+
+_RESPONSES_SAMPLING = {"max_output_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p"}
+_RESPONSES_UNSUPPORTED = {
+    "background": "responses run in the request",
+    "conversation": "conversations are not stored; continue one with previous_response_id",
+    "prompt": "prompt templates are not stored",
+    "reasoning": "the model has no reasoning settings",
+    "include": "nothing extra can be included",
+    "top_logprobs": "logprobs are not reported by the Responses API here",
+    "max_tool_calls": "tool calls are not limited per response",
+    "context_management": "context is not compacted",
+}
+_TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
+
+
+class _ResponseStore:
+    """Stored responses and their conversations, for previous_response_id and GET /v1/responses/{id}: the `size`
+    most recently used, in memory (lost on restart)."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self.lock = size, threading.Lock()
+        self.items: collections.OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = (
+            collections.OrderedDict()
+        )
+
+    def get(self, response_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """A stored response and the conversation it ends; 404 if there is none."""
+        with self.lock:
+            if response_id not in self.items:
+                raise NotFound(f"no stored response with id '{response_id}'", param="response_id")
+            self.items.move_to_end(response_id)
+            return self.items[response_id]
+
+    def put(self, response: dict[str, Any], messages: list[dict[str, Any]]) -> None:
+        with self.lock:
+            self.items[response["id"]] = response, messages
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+    def delete(self, response_id: str) -> None:
+        with self.lock:
+            if self.items.pop(response_id, None) is None:
+                raise NotFound(f"no stored response with id '{response_id}'", param="response_id")
+
+
+def _responses_content(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise InvalidRequest(f"'{where}' must be a string or a list of content parts", param=where)
+    texts = []
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in _TEXT_PARTS:
+            raise InvalidRequest(
+                f"'{where}[{j}]' ({kind}): only text parts are supported (no images, files or audio)", param=where
+            )
+        texts.append(_string(part.get("text", part.get("refusal")), f"{where}[{j}].text"))
+    return "".join(texts)
+
+
+def _responses_input(items: Any) -> list[dict[str, Any]]:
+    """Input items as OpenAI-shaped chat messages: consecutive function calls are one assistant message."""
+    if isinstance(items, str):
+        return [{"role": "user", "content": items}]
+    if not isinstance(items, list):
+        raise InvalidRequest("'input' must be a string or a list of items", param="input")
+    out: list[dict[str, Any]] = []
+    for i, item in enumerate(items):
+        kind, where = _object(item, f"input[{i}]").get("type", "message"), f"input[{i}]"
+        if kind == "message":
+            out.append(
+                {"role": item.get("role"), "content": _responses_content(item.get("content"), f"{where}.content")}
+            )
+        elif kind == "function_call":
+            call = {
+                "id": item.get("call_id"),
+                "type": "function",
+                "function": {"name": item.get("name"), "arguments": item.get("arguments")},
+            }
+            if (
+                out
+                and out[-1]["role"] == "assistant"
+                and out[-1].get("tool_calls") is not None
+                and not out[-1]["content"]
+            ):
+                out[-1]["tool_calls"].append(call)
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "function_call_output":
+            content = _responses_content(item.get("output"), f"{where}.output")
+            out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": content})
+        else:
+            raise InvalidRequest(f"'{where}': {kind} items are not supported", param="input")
+    return out
+
+
+def _responses_tools(body: dict[str, Any]) -> tuple[Any, Any]:
+    """Function tools and tool_choice in Chat Completions' shapes; built-in tools are a 400 naming their type."""
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        for i, t in enumerate(tools):
+            kind = t.get("type") if isinstance(t, dict) else None
+            if kind != "function":
+                raise InvalidRequest(
+                    f"'tools[{i}]': {kind} tools are not supported, only function tools", param="tools"
+                )
+        tools = [
+            {"type": "function", "function": {k: t.get(k) for k in ("name", "description", "parameters")}}
+            for t in tools
+        ]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        choice = {"type": "function", "function": {"name": choice.get("name")}}
+    elif isinstance(choice, dict):
+        raise InvalidRequest(f"'tool_choice': {choice.get('type')} is not supported", param="tool_choice")
+    return tools, choice
+
+
+def _text_format(text: Any) -> str | None:
+    fmt = _object(text, "text").get("format") if text is not None else None
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        fmt = {"type": "json_schema", "json_schema": fmt}
+    try:
+        return _format_grammar(fmt)
+    except InvalidRequest as exc:
+        raise InvalidRequest(exc.message.replace("'response_format", "'text.format"), param="text") from None
+
+
+class _ResponsesCall:
+    """One call of the Responses API: its body into a Request; the result out as a response, which is stored
+    with its conversation unless `store` is false."""
+
+    def __init__(self, store: _ResponseStore) -> None:
+        self.store, self.body, self.history = store, {}, []
+        self.id = "resp_" + secrets.token_hex(12)
+
+    def request(self, body: dict[str, Any], config: ServerConfig) -> Request:
+        model = _model_of(body, config, "chat")
+        _refuse(body, _RESPONSES_UNSUPPORTED, model.engine)
+        if body.get("truncation") not in (None, "disabled"):
+            raise InvalidRequest("'truncation' must be 'disabled': conversations are never cut", param="truncation")
+        if (_object(body.get("text") or {}, "text")).get("verbosity") is not None:
+            raise InvalidRequest(f"'text.verbosity' is not supported by the {model.engine} engine", param="text")
+        self.body = body
+        if (previous := body.get("previous_response_id")) is not None:
+            self.history = list(self.store.get(_string(previous, "previous_response_id"))[1])
+        instructions = body.get("instructions")
+        system = [{"role": "system", "content": _string(instructions, "instructions")}] if instructions else []
+        self.history += _responses_input(body.get("input"))
+        req = Request("chat", model, _dialect_params(body, _RESPONSES_SAMPLING), stream=_bool_field(body, "stream"))
+        req.messages = _parse_messages(system + self.history)
+        req.tools = _tool_plan(*_responses_tools(body), body.get("parallel_tool_calls"), req.messages)
+        req.response_format = _text_format(body.get("text"))
+        return req.check()
+
+    def _items(self, ch: Choice, status: str = "completed") -> list[dict[str, Any]]:
+        items: list[dict[str, Any]] = []
+        if ch.text or not ch.tool_calls:
+            part = {"type": "output_text", "text": ch.text, "annotations": [], "logprobs": []}
+            items.append(
+                {
+                    "type": "message",
+                    "id": "msg_" + self.id[5:],
+                    "status": status,
+                    "role": "assistant",
+                    "content": [part],
+                }
+            )
+        for call in ch.tool_calls:
+            items.append(self._call_item(call, status))
+        return items
+
+    def _call_item(self, call: dict[str, Any], status: str) -> dict[str, Any]:
+        head = {"type": "function_call", "id": "fc_" + call["id"].removeprefix("call_"), "call_id": call["id"]}
+        return {**head, "name": call["name"], "arguments": call.get("arguments", ""), "status": status}
+
+    def response(self, c: Completion | None, req: Request, status: str = "completed") -> dict[str, Any]:
+        """The response object; with the finished completion, stored with its conversation."""
+        body, ch = self.body, c.choices[0] if c is not None else None
+        if ch is not None and ch.finish_reason == "length":
+            status = "incomplete"
+        usage = None
+        if c is not None:
+            u = c.usage
+            usage = {
+                "input_tokens": u.prompt_tokens,
+                "input_tokens_details": {"cached_tokens": u.cached_tokens},
+                "output_tokens": u.completion_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": u.total_tokens,
+            }
+        out = {
+            "id": self.id,
+            "object": "response",
+            "created_at": int(time.time()),
+            "status": status,
+            "error": None,
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
+            "instructions": body.get("instructions"),
+            "max_output_tokens": body.get("max_output_tokens"),
+            "model": req.model.id,
+            "output": self._items(ch) if ch is not None else [],
+            "parallel_tool_calls": body.get("parallel_tool_calls", True) is not False,
+            "previous_response_id": body.get("previous_response_id"),
+            "reasoning": {"effort": None, "summary": None},
+            "store": body.get("store") is not False,
+            "temperature": req.params.temperature,
+            "text": {"format": (body.get("text") or {}).get("format") or {"type": "text"}},
+            "tool_choice": body.get("tool_choice") or "auto",
+            "tools": body.get("tools") or [],
+            "top_p": req.params.top_p,
+            "truncation": "disabled",
+            "usage": usage,
+            "user": body.get("user"),
+            "metadata": body.get("metadata") or {},
+        }
+        if ch is not None and body.get("store") is not False:
+            calls = [
+                {"id": t["id"], "type": "function", "function": {k: t[k] for k in ("name", "arguments")}}
+                for t in ch.tool_calls
+            ]
+            reply = {"role": "assistant", "content": ch.text, **({"tool_calls": calls} if calls else {})}
+            self.store.put(out, [*self.history, reply])
+        return out
+
+    def events(self, s: CompletionStream) -> Iterator[dict[str, Any]]:
+        """The Responses stream: the response's lifecycle, each output item's events, every one numbered."""
+        chunks, seq = _started(s), itertools.count()
+        req = s.request
+
+        def event(kind: str, **fields: Any) -> dict[str, Any]:
+            return {"type": kind, "sequence_number": next(seq), **fields}
+
+        yield event("response.created", response=self.response(None, req, "in_progress"))
+        yield event("response.in_progress", response=self.response(None, req, "in_progress"))
+        index, item, text, args = -1, None, "", ""
+        for ch in chunks:
+            if ch.text and (item is None or item["type"] != "message"):
+                yield from self._close(event, index, item, text, args)
+                index, item, text = index + 1, self._items(Choice(0), "in_progress")[0], ""
+                part = item.pop("content")[0]
+                yield event("response.output_item.added", output_index=index, item={**item, "content": []})
+                ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
+                yield event("response.content_part.added", **ids, part=part)
+            if ch.text:
+                text += ch.text
+                yield event(
+                    "response.output_text.delta",
+                    item_id=item["id"],
+                    output_index=index,
+                    content_index=0,
+                    delta=ch.text,
+                    logprobs=[],
+                )
+            for d in ch.tool_calls or ():
+                if "id" in d:
+                    yield from self._close(event, index, item, text, args)
+                    index, item, args = index + 1, self._call_item({**d, "arguments": ""}, "in_progress"), ""
+                    yield event("response.output_item.added", output_index=index, item=item)
+                if d["arguments"]:
+                    args += d["arguments"]
+                    yield event(
+                        "response.function_call_arguments.delta",
+                        item_id=item["id"],
+                        output_index=index,
+                        delta=d["arguments"],
+                    )
+        yield from self._close(event, index, item, text, args)
+        choice = s.choices.get(0, Choice(0))
+        done = self.response(Completion(s.id, s.model, s.created, [choice], s.usage or Usage()), req)
+        yield event("response.completed" if done["status"] == "completed" else "response.incomplete", response=done)
+
+    def _close(
+        self, event: Callable[..., dict[str, Any]], index: int, item: dict[str, Any] | None, text: str, args: str
+    ) -> Iterator[dict[str, Any]]:
+        """The events that end an output item."""
+        if item is None:
+            return
+        if item["type"] == "message":
+            ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+            yield event("response.output_text.done", **ids, text=text, logprobs=[])
+            yield event("response.content_part.done", **ids, part=part)
+            yield event(
+                "response.output_item.done", output_index=index, item={**item, "status": "completed", "content": [part]}
+            )
+        else:
+            yield event(
+                "response.function_call_arguments.done",
+                item_id=item["id"],
+                output_index=index,
+                name=item["name"],
+                arguments=args,
+            )
+            yield event(
+                "response.output_item.done", output_index=index, item={**item, "status": "completed", "arguments": args}
+            )
+
+
 # ==== 7. ModelServer: the embedded API
 
 
@@ -4909,6 +5211,7 @@ class ModelServer:
         self.config = load_config(config)
         self.created = int(time.time())
         self.meter = _Metrics()  # counters and histograms for /metrics; the HTTP layer adds its own
+        self.responses = _ResponseStore(self.config.stored_responses)  # the Responses API's stored results
         self._progress = progress
         self._files = {m.id: _ModelFile(_model_path(m, self.config.models_dir)) for m in self.config.models.values()}
         self._files_lock = threading.Lock()
@@ -5320,12 +5623,18 @@ _WIRES = {
         done=b"",
         keepalive=b'event: ping\ndata: {"type": "ping"}\n\n',
     ),
+    "responses": _Wire(
+        frame=_named_event,
+        stream_error=lambda exc: {"type": "error", "code": exc.code, "message": exc.message, "param": exc.param},
+        done=b"",
+    ),
 }
 
 
 def _wire_of(path: str) -> _Wire:
     """Which dialect a path speaks, for its errors too (an unknown /v1/messages/x is answered as Anthropic)."""
-    return _WIRES["anthropic" if path.startswith("/openai/v1/messages") else "openai"]
+    prefixes = {"/openai/v1/messages": "anthropic", "/openai/v1/responses": "responses"}
+    return _WIRES[next((d for p, d in prefixes.items() if path.startswith(p)), "openai")]
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -5343,6 +5652,12 @@ class _Handler(BaseHTTPRequestHandler):
         "/openai/v1/embeddings": {"POST": "_post_embeddings"},
         "/openai/v1/messages": {"POST": "_post_messages"},
         "/openai/v1/messages/count_tokens": {"POST": "_post_count_tokens"},
+        "/openai/v1/responses": {"POST": "_post_responses"},
+    }
+    # Routes whose last path segment is an argument.
+    _ITEM_ROUTES: typing.ClassVar[dict[str, dict[str, str]]] = {
+        "/openai/v1/models/": {"GET": "_get_model"},
+        "/openai/v1/responses/": {"GET": "_get_response", "DELETE": "_delete_response"},
     }
 
     def setup(self) -> None:
@@ -5409,9 +5724,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._authenticate()
             routes = self._ROUTES.get(path)
             args: tuple[str, ...] = ()
-            if routes is None and path.startswith("/openai/v1/models/"):
-                routes, args = {"GET": "_get_model"}, (unquote(path.removeprefix("/openai/v1/models/")),)
-                endpoint = "/openai/v1/models/{model}"
+            head, _, item = path.rpartition("/")
+            if routes is None and head + "/" in self._ITEM_ROUTES:
+                routes, args, endpoint = self._ITEM_ROUTES[head + "/"], (unquote(item),), head + "/{id}"
             if routes is None:
                 raise NotFound(f"no such endpoint: {method} {self.path}", code="not_found")
             if method == "HEAD" and "GET" in routes:
@@ -5758,6 +6073,18 @@ class _Handler(BaseHTTPRequestHandler):
         _serve, functools.partial(openai_request, "embedding"), embedding_response
     )
     _post_messages = functools.partialmethod(_serve, anthropic_request, anthropic_response, anthropic_events)
+
+    def _post_responses(self) -> None:
+        call = _ResponsesCall(self.server.model_server.responses)
+        self._serve(call.request, call.response, call.events)
+
+    def _get_response(self, response_id: str) -> None:
+        self._send_json(200, self.server.model_server.responses.get(response_id)[0])
+
+    def _delete_response(self, response_id: str) -> None:
+        self.server.model_server.responses.delete(response_id)
+        self._send_json(200, {"id": response_id, "object": "response", "deleted": True})
+
     _post_count_tokens = functools.partialmethod(
         _serve, functools.partial(anthropic_request, count=True), anthropic_count
     )
