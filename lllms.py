@@ -50,6 +50,7 @@ import codecs
 import collections
 import ctypes
 import dataclasses
+import datetime
 import functools
 import hashlib
 import hmac
@@ -3063,6 +3064,7 @@ class _Instance:
         self.context_key = ""  # request history this instance's context holds, in _history_key form
         self.context_tokens = 0
         self.preview = ""
+        self.ttl = model.ttl  # seconds it may stay idle: the model's, or the last request's keep_alive
 
     def info(self) -> dict[str, Any]:
         return {
@@ -3072,6 +3074,7 @@ class _Instance:
             "state": self.state,
             "created": int(self.created),
             "last_used": int(self.last_used_wall),
+            "expires": None if math.isinf(self.ttl) else int(self.last_used_wall + self.ttl),
             "requests": self.requests,
             "context_tokens": self.context_tokens,
             "cached_tokens": self.cached_tokens,
@@ -3263,9 +3266,16 @@ class _Pool:
     # -- releasing
 
     def release(
-        self, inst: _Instance, ok: bool, context_key: str | None = None, cached_tokens: int = 0, used: bool = True
+        self,
+        inst: _Instance,
+        ok: bool,
+        context_key: str | None = None,
+        cached_tokens: int = 0,
+        used: bool = True,
+        ttl: float | None = None,
     ) -> None:
-        """Give an instance back. ok=False disposes it (its engine failed); context_key is what it now holds."""
+        """Give an instance back. ok=False disposes it (its engine failed); context_key is what it now holds; ttl,
+        the seconds it may now stay idle (None: its model's)."""
         info = None
         if ok and used and inst.engine is not None:
             try:
@@ -3279,6 +3289,7 @@ class _Pool:
             if info is not None:
                 inst.context_tokens, inst.preview = info
             inst.cached_tokens += cached_tokens
+            inst.ttl = inst.model.ttl if ttl is None else ttl
             self.running -= 1
             now = time.monotonic()
             if used:
@@ -3286,7 +3297,7 @@ class _Pool:
                 self.service_time = 0.8 * self.service_time + 0.2 * (now - inst.last_used)
                 inst.last_used, inst.last_used_wall = now, time.time()
             insts = self.instances[inst.model.id]
-            dispose = not ok or self.stopping or (inst.model.ttl == 0 and len(insts) > inst.model.min_instances)
+            dispose = not ok or self.stopping or (inst.ttl == 0 and len(insts) > inst.model.min_instances)
             inst.state = "gone" if dispose else "idle"
             if dispose and inst in insts:
                 insts.remove(inst)
@@ -3418,7 +3429,7 @@ class _Pool:
                     model = self.config.models[model_id]
                     idle = sorted((i for i in insts if i.state == "idle"), key=lambda i: i.last_used)
                     for inst in idle[: max(len(insts) - model.min_instances, 0)]:
-                        due = inst.last_used + model.ttl
+                        due = inst.last_used + inst.ttl
                         if due <= now:
                             doomed.append(inst)
                         else:
@@ -3488,6 +3499,7 @@ class Request:
     max_tokens_default: int | None = None  # the dialect's own, below the model's defaults and limit
     dimensions: int | None = None
     encoding_format: Literal["float", "base64"] = "float"
+    keep_alive: float | None = None  # seconds the instance stays loaded after this request; None: the model's ttl
     checked: bool = False  # check() has run: every dialect's parser ends with it, and submit() runs it if not
 
     def check(self) -> Request:
@@ -3756,7 +3768,7 @@ def _model_of(body: dict[str, Any], config: ServerConfig, kind: str) -> ModelCon
     model = config.models.get(name)
     if model is None:
         raise NotFound(f"the model '{name}' does not exist", param="model", code="model_not_found")
-    if kind != "embedding" and model.task != "text-completion":
+    if kind in ("chat", "completion") and model.task != "text-completion":
         raise InvalidRequest(f"model '{name}' is an embedding model", param="model", code="wrong_task")
     return model
 
@@ -4970,6 +4982,228 @@ class _ResponsesCall:
             )
 
 
+# ---- 6g. the Ollama dialect
+
+_OLLAMA_VERSION = "0.12.0"  # the Ollama API these routes follow, for clients that check it
+_OLLAMA_OPTIONS = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "num_predict": "max_tokens",
+    "stop": "stop",
+    "seed": "seed",
+    "repeat_penalty": "repeat_penalty",
+    "repeat_last_n": "repeat_last_n",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+}
+_OLLAMA_UNSUPPORTED = {
+    "images": "the model reads text",
+    "template": "prompts use the model's own chat template",
+    "context": "continue a conversation with /api/chat",
+    "think": "the model has no thinking mode",
+}
+# llama.cpp's file types (general.file_type), by number, as Ollama names quantisations.
+_FILE_TYPES = (
+    "F32 F16 Q4_0 Q4_1 Q4_1_F16 Q4_2 Q4_3 Q8_0 Q5_0 Q5_1 Q2_K Q3_K_S Q3_K_M Q3_K_L Q4_K_S Q4_K_M Q5_K_S Q5_K_M "
+    "Q6_K IQ2_XXS IQ2_XS Q2_K_S IQ3_XS IQ3_XXS IQ1_S IQ4_NL IQ3_S IQ3_M IQ2_S IQ2_M IQ4_XS IQ1_M BF16"
+).split()
+
+
+def _ollama_model(body: dict[str, Any], config: ServerConfig, kind: str) -> ModelConfig:
+    """The model a body names (in `model`, or the older `name`); Ollama's default tag, ":latest", may be given."""
+    name = body.get("model", body.get("name"))
+    if isinstance(name, str) and name.endswith(":latest") and name not in config.models:
+        name = name.removesuffix(":latest")
+    return _model_of({"model": name}, config, kind)
+
+
+def _keep_alive(value: Any) -> float | None:
+    """Ollama's keep_alive in seconds: a number, or a duration such as "5m" or "1h30m"; negative keeps for ever."""
+    if value is None:
+        return None
+    if isinstance(value, str) and (m := re.fullmatch(r"(-?)((?:[0-9.]+(?:ns|us|ms|s|m|h))+|[0-9.]+)", value)):
+        units = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600, "": 1}
+        seconds = sum(float(n) * units[u] for n, u in re.findall(r"([0-9.]+)(ns|us|ms|s|m|h|)", m.group(2)))
+        value = -seconds if m.group(1) else seconds
+    if not _PLAIN_TYPES[float][1](value):
+        raise InvalidRequest("'keep_alive' must be a number of seconds or a duration such as '5m'", param="keep_alive")
+    return math.inf if value < 0 else float(value)
+
+
+def _ollama_options(body: dict[str, Any], model: ModelConfig) -> SamplingParams:
+    options = _object(body.get("options") or {}, "options")
+    room = options.get("num_ctx")
+    if room is not None and not (isinstance(room, int) and 0 < room <= (model.context_size or room)):
+        raise InvalidRequest(
+            f"'options.num_ctx' is set per model here; model '{model.id}' has {model.context_size} tokens",
+            param="options.num_ctx",
+        )
+    for key in options.keys() - _OLLAMA_OPTIONS.keys() - {"num_ctx"}:
+        raise InvalidRequest(f"'options.{key}' is not supported by the {model.engine} engine", param=f"options.{key}")
+    return _dialect_params(options, _OLLAMA_OPTIONS)
+
+
+def _ollama_format(value: Any) -> str | None:
+    if value in (None, ""):
+        return None
+    if value == "json":
+        return _json_grammar({"type": "object"}, "format")
+    return _json_grammar(_object(value, "format"), "format")
+
+
+def _ollama_messages(messages: Any) -> list[dict[str, Any]]:
+    """Ollama's messages in OpenAI's shape: calls get ids, and a tool result answers the latest call of its name."""
+    if not isinstance(messages, list):
+        raise InvalidRequest("'messages' must be a list", param="messages")
+    out: list[dict[str, Any]] = []
+    calls: list[tuple[str, str]] = []  # (id, name) of every call so far
+    for i, m in enumerate(messages):
+        m = _object(m, f"messages[{i}]")
+        _refuse(m, {"images": "the model reads text"}, "this")
+        msg = {k: m[k] for k in ("role", "content") if k in m}
+        if m.get("tool_calls"):
+            msg["tool_calls"] = []
+            for j, c in enumerate(m["tool_calls"] if isinstance(m["tool_calls"], list) else [None]):
+                fn = _object(_object(c, f"messages[{i}].tool_calls[{j}]").get("function"), "function")
+                call_id = c.get("id") or f"call_{i}_{j}"
+                calls.append((call_id, fn.get("name")))
+                args = fn.get("arguments", {})
+                arguments = args if isinstance(args, str) else json.dumps(args)
+                msg["tool_calls"].append({"id": call_id, "function": {"name": fn.get("name"), "arguments": arguments}})
+        if m.get("role") == "tool":
+            named = [cid for cid, name in calls if name == m.get("tool_name")] or [cid for cid, _ in calls]
+            msg["tool_call_id"] = named[-1] if named else ""
+        out.append(msg)
+    return _parse_messages(out)
+
+
+def _ollama_tools(tools: Any) -> Any:
+    """Ollama's tools are OpenAI's, with functions given as they are."""
+    return tools
+
+
+class _OllamaCall:
+    """One Ollama chat or generate call: the Request, and its result as Ollama's objects, with durations."""
+
+    def __init__(self, kind: Literal["chat", "generate"]) -> None:
+        self.kind, self.t0 = kind, time.monotonic_ns()
+        self.first: int | None = None  # when the first text came
+
+    def request(self, body: dict[str, Any], config: ServerConfig) -> Request:
+        model = _ollama_model(body, config, "chat")
+        _refuse(body, _OLLAMA_UNSUPPORTED, model.engine)
+        params = _ollama_options(body, model)
+        stream = body.get("stream", True)
+        if not isinstance(stream, bool):
+            raise InvalidRequest("'stream' must be a boolean", param="stream")
+        if self.kind == "chat":
+            req = Request("chat", model, params, stream=stream)
+            req.messages = _ollama_messages(body.get("messages"))
+            req.tools = _tool_plan(_ollama_tools(body.get("tools")), None, None, req.messages)
+        elif body.get("raw") or body.get("suffix"):
+            req = Request(
+                "completion", model, params, prompts=[_string(body.get("prompt", ""), "prompt")], stream=stream
+            )
+            req.suffix = _string(body["suffix"], "suffix") if body.get("suffix") else None
+        else:
+            req = Request("chat", model, params, stream=stream)
+            system = [{"role": "system", "content": _string(body["system"], "system")}] if body.get("system") else []
+            req.messages = _parse_messages([*system, {"role": "user", "content": body.get("prompt")}])
+        req.response_format = _ollama_format(body.get("format"))
+        req.keep_alive = _keep_alive(body.get("keep_alive"))
+        return req.check()
+
+    def _head(self, req: Request) -> dict[str, Any]:
+        return {"model": req.model.id, "created_at": _iso(time.time())}
+
+    def _piece(self, req: Request, text: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+        if self.kind == "generate":
+            return {**self._head(req), "response": text, "done": False}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if calls:
+            message["tool_calls"] = [
+                {"id": c["id"], "function": {"name": c["name"], "arguments": _call_input(c)}} for c in calls
+            ]
+        return {**self._head(req), "message": message, "done": False}
+
+    def _done(
+        self, req: Request, finish: str | None, usage: Usage, text: str = "", calls: Any = None
+    ) -> dict[str, Any]:
+        now = time.monotonic_ns()
+        first = self.first or now
+        return {
+            **self._piece(req, text, calls),
+            "done": True,
+            "done_reason": "length" if finish == "length" else "stop",
+            "total_duration": now - self.t0,
+            "load_duration": 0,
+            "prompt_eval_count": usage.prompt_tokens,
+            "prompt_eval_duration": first - self.t0,
+            "eval_count": usage.completion_tokens,
+            "eval_duration": now - first,
+        }
+
+    def response(self, c: Completion, req: Request) -> dict[str, Any]:
+        ch = c.choices[0]
+        self.first = self.t0 + int((c.ttft or 0) * 1e9)
+        return self._done(req, ch.finish_reason, c.usage, ch.text, ch.tool_calls)
+
+    def events(self, s: CompletionStream) -> Iterator[dict[str, Any]]:
+        """NDJSON objects: one per piece of text; calls whole, as they finish; then the totals, done."""
+        req, finish = s.request, None
+        for ch in _started(s):
+            self.first = self.first or time.monotonic_ns()
+            if ch.text:
+                yield self._piece(req, ch.text)
+            finish = ch.finish_reason or finish
+        choice = s.choices.get(0, Choice(0))
+        yield self._done(req, finish, s.usage or Usage(), "", choice.tool_calls)
+
+
+def _iso(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def ollama_embed_request(body: dict[str, Any], config: ServerConfig) -> Request:
+    """/api/embed (`input`: a string or a list) and the older /api/embeddings (`prompt`)."""
+    model = _ollama_model(body, config, "embedding")
+    _ollama_options(body, model)
+    truncate = body.get("truncate")
+    if truncate is not None and truncate != (model.long_inputs == "truncate"):
+        raise InvalidRequest(
+            f"'truncate' is {truncate}, but model '{model.id}' has long_inputs '{model.long_inputs}'", param="truncate"
+        )
+    inputs = _prompt_list(body["input"] if "input" in body else body.get("prompt"), "input")
+    dims = _int_param(body["dimensions"], "dimensions", 1, 2**31) if "dimensions" in body else None
+    req = Request("embedding", model, prompts=inputs, dimensions=dims)
+    req.keep_alive = _keep_alive(body.get("keep_alive"))
+    return req.check()
+
+
+def ollama_embed(e: Embeddings, req: Request) -> dict[str, Any]:
+    return {"model": e.model, "embeddings": e.vectors, "prompt_eval_count": e.usage.prompt_tokens}
+
+
+def ollama_embeddings(e: Embeddings, req: Request) -> dict[str, Any]:
+    return {"embedding": e.vectors[0]}
+
+
+def ollama_details(meta: dict[str, Any]) -> dict[str, Any]:
+    """A model's details as Ollama lists them, from its GGUF metadata."""
+    arch = meta.get("general.architecture", "")
+    ftype = meta.get("general.file_type")
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": arch,
+        "families": [arch] if arch else None,
+        "parameter_size": meta.get("general.size_label", ""),
+        "quantization_level": _FILE_TYPES[ftype] if isinstance(ftype, int) and ftype < len(_FILE_TYPES) else "",
+    }
+
+
 # ==== 7. ModelServer: the embedded API
 
 
@@ -5001,6 +5235,7 @@ class Completion:
     choices: list[Choice]
     usage: Usage
     instance_id: str | None = None  # the pool instance that served it
+    ttft: float | None = None  # seconds from the request to its first output
 
     @property
     def text(self) -> str:
@@ -5048,6 +5283,7 @@ class CompletionStream:
         self.choices: dict[int, Choice] = {}
         self.usage: Usage | None = None
         self.instance_id: str | None = None  # which instance served it, once known
+        self.ttft: float | None = None  # seconds to the first output, once it came
         self._pool, self._meter = pool, meter
         self._parsers: dict[int, _ReplyParser] = {}  # with tools, one per choice
         self._cancel = cancel  # anything with is_set(): a threading.Event, or the HTTP layer's client watch
@@ -5118,7 +5354,7 @@ class CompletionStream:
             chunks = typing.cast(Engine, inst.engine).run(req, self._should_stop)
             for ch in chunks:
                 if not self.choices:
-                    ttft = time.monotonic() - self._t0
+                    self.ttft = ttft = time.monotonic() - self._t0
                     self._meter.observe("lllms_time_to_first_token_seconds", {"model": self.model}, ttft)
                 if ch.usage is not None:  # a choice's last chunk; the request's last carries the total
                     total.add(ch.usage, prompt=ch.index % req.best_of == 0)
@@ -5146,7 +5382,7 @@ class CompletionStream:
             counted = req.params.max_tokens == 0  # a prompt only counted leaves the context as it was
             key = req.key(last, self.choices[last].raw) if ok and last in self.choices and not counted else None
             key = key if ok else ""
-            self._pool.release(inst, ok, key, total.cached_tokens)
+            self._pool.release(inst, ok, key, total.cached_tokens, ttl=req.keep_alive)
             self._meter.count_usage(self.model, self.usage)
 
     def collect(self) -> Completion:
@@ -5164,7 +5400,7 @@ class CompletionStream:
             for i, c in enumerate(choices):
                 c.index, c.logprobs = i, c.logprobs if req.params.logprobs is not None else None
         usage = self.usage or Usage()
-        return Completion(self.id, self.model, self.created, choices, usage, self.instance_id)
+        return Completion(self.id, self.model, self.created, choices, usage, self.instance_id, self.ttft)
 
     def __iter__(self) -> CompletionStream:
         return self
@@ -5215,6 +5451,7 @@ class ModelServer:
         self._progress = progress
         self._files = {m.id: _ModelFile(_model_path(m, self.config.models_dir)) for m in self.config.models.values()}
         self._files_lock = threading.Lock()
+        self._metadata: dict[str, dict[str, Any]] = {}  # GGUF metadata by model id, read on first use
         self._cancel_downloads = threading.Event()
         self._pool = _Pool(self.config)
         self._state = "starting"  # then ready; draining once stop() begins (new requests get 503), then stopped
@@ -5405,7 +5642,7 @@ class ModelServer:
                 raise
             raise error from exc
         finally:
-            self._pool.release(inst, ok)
+            self._pool.release(inst, ok, ttl=req.keep_alive)
         self.meter.count_usage(req.model.id, Usage(prompt_tokens=n))
         return Embeddings(model=req.model.id, vectors=vectors, usage=Usage(prompt_tokens=n))
 
@@ -5419,6 +5656,27 @@ class ModelServer:
 
     def models(self) -> list[ModelConfig]:
         return list(self.config.models.values())
+
+    def metadata(self, model_id: str) -> dict[str, Any]:
+        """The model file's GGUF metadata, less its vocabulary; {} while the file is not there."""
+        path = self._files[model_id].path
+        with self._files_lock:
+            if model_id not in self._metadata and os.path.isfile(path):
+                with _suppress(OSError, ValueError):
+                    header = _GgufHeader(path, lambda key: not key.startswith("tokenizer.ggml."))
+                    self._metadata[model_id] = header.values
+            return self._metadata.get(model_id, {})
+
+    def file_stat(self, model_id: str) -> tuple[int, float]:
+        """The model file's size and modification time; 0 and the server's start while it is not there."""
+        try:
+            st = os.stat(self._files[model_id].path)
+            return st.st_size, st.st_mtime
+        except OSError:
+            return 0, float(self.created)
+
+    def can_use_tools(self, model: ModelConfig) -> bool:
+        return _ENGINES[model.engine].grammars
 
     def metrics(self, gauges: dict[str, list[tuple[dict[str, str], float]]] | None = None) -> str:
         """Counters, histograms and gauges in Prometheus' text format, as served at GET /metrics."""
@@ -5623,6 +5881,14 @@ _WIRES = {
         done=b"",
         keepalive=b'event: ping\ndata: {"type": "ping"}\n\n',
     ),
+    "ollama": _Wire(
+        lambda exc: (exc.status, {"error": exc.message}),
+        lambda e: _json_bytes(e) + b"\n",
+        lambda exc: {"error": exc.message},
+        "application/x-ndjson",
+        done=b"",
+        keepalive=b"",  # NDJSON has no comments: a queued request waits in silence
+    ),
     "responses": _Wire(
         frame=_named_event,
         stream_error=lambda exc: {"type": "error", "code": exc.code, "message": exc.message, "param": exc.param},
@@ -5633,7 +5899,7 @@ _WIRES = {
 
 def _wire_of(path: str) -> _Wire:
     """Which dialect a path speaks, for its errors too (an unknown /v1/messages/x is answered as Anthropic)."""
-    prefixes = {"/openai/v1/messages": "anthropic", "/openai/v1/responses": "responses"}
+    prefixes = {"/openai/v1/messages": "anthropic", "/openai/v1/responses": "responses", "/api/": "ollama"}
     return _WIRES[next((d for p, d in prefixes.items() if path.startswith(p)), "openai")]
 
 
@@ -5653,6 +5919,14 @@ class _Handler(BaseHTTPRequestHandler):
         "/openai/v1/messages": {"POST": "_post_messages"},
         "/openai/v1/messages/count_tokens": {"POST": "_post_count_tokens"},
         "/openai/v1/responses": {"POST": "_post_responses"},
+        "/api/chat": {"POST": "_post_ollama_chat"},
+        "/api/generate": {"POST": "_post_ollama_generate"},
+        "/api/embed": {"POST": "_post_ollama_embed"},
+        "/api/embeddings": {"POST": "_post_ollama_embeddings"},
+        "/api/tags": {"GET": "_get_ollama_tags"},
+        "/api/show": {"POST": "_post_ollama_show"},
+        "/api/ps": {"GET": "_get_ollama_ps"},
+        "/api/version": {"GET": "_get_ollama_version"},
     }
     # Routes whose last path segment is an argument.
     _ITEM_ROUTES: typing.ClassVar[dict[str, dict[str, str]]] = {
@@ -6077,6 +6351,63 @@ class _Handler(BaseHTTPRequestHandler):
     def _post_responses(self) -> None:
         call = _ResponsesCall(self.server.model_server.responses)
         self._serve(call.request, call.response, call.events)
+
+    def _ollama(self, kind: Literal["chat", "generate"]) -> None:
+        call = _OllamaCall(kind)
+        self._serve(call.request, call.response, call.events)
+
+    _post_ollama_chat = functools.partialmethod(_ollama, "chat")
+    _post_ollama_generate = functools.partialmethod(_ollama, "generate")
+    _post_ollama_embed = functools.partialmethod(_serve, ollama_embed_request, ollama_embed)
+    _post_ollama_embeddings = functools.partialmethod(_serve, ollama_embed_request, ollama_embeddings)
+
+    def _ollama_entry(self, model: ModelConfig) -> dict[str, Any]:
+        """A model as Ollama lists it."""
+        ms = self.server.model_server
+        meta, (size, mtime) = ms.metadata(model.id), ms.file_stat(model.id)
+        head = {"name": model.id, "model": model.id, "modified_at": _iso(mtime), "size": size}
+        return {**head, "digest": model.sha256 or "", "details": ollama_details(meta)}
+
+    def _get_ollama_tags(self) -> None:
+        self._send_json(200, {"models": [self._ollama_entry(m) for m in self.server.model_server.models()]})
+
+    def _post_ollama_show(self) -> None:
+        ms = self.server.model_server
+        model = _ollama_model(self._read_json(), ms.config, "any")
+        meta, entry = ms.metadata(model.id), self._ollama_entry(model)
+        info = {k: v for k, v in meta.items() if k != "tokenizer.chat_template"}
+        if model.context_size is not None:
+            info[f"{meta.get('general.architecture', 'general')}.context_length"] = model.context_size
+        caps = (
+            ["embedding"]
+            if model.task == "embedding"
+            else ["completion", *(["tools"] if ms.can_use_tools(model) else [])]
+        )
+        show = {"modelfile": "", "parameters": "", "template": meta.get("tokenizer.chat_template", ""), "license": ""}
+        self._send_json(
+            200,
+            {
+                **show,
+                "details": entry["details"],
+                "model_info": info,
+                "capabilities": caps,
+                "modified_at": entry["modified_at"],
+            },
+        )
+
+    def _get_ollama_ps(self) -> None:
+        ms, out = self.server.model_server, []
+        for m in ms.models():
+            insts = [i for i in ms.status()["instances"] if i["model"] == m.id and i["state"] != "gone"]
+            if insts:
+                expires = [i["expires"] for i in insts]
+                until = None if None in expires else _iso(max(expires))
+                extra = {"expires_at": until, "size_vram": 0, "context_length": m.context_size}
+                out.append({**self._ollama_entry(m), **extra})
+        self._send_json(200, {"models": out})
+
+    def _get_ollama_version(self) -> None:
+        self._send_json(200, {"version": _OLLAMA_VERSION})
 
     def _get_response(self, response_id: str) -> None:
         self._send_json(200, self.server.model_server.responses.get(response_id)[0])
