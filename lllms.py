@@ -1259,9 +1259,11 @@ class Engine:
         for name in (name for name, refused in unable.items() if refused):
             raise InvalidRequest(f"'{name}' is not supported by the {req.model.engine} engine", param=name)
 
-    def embed(self, texts: list[str] | list[list[int]], dimensions: int | None = None) -> tuple[list[list[float]], int]:
+    def embed(
+        self, texts: list[str] | list[list[int]], dimensions: int | None = None, long_inputs: str | None = None
+    ) -> tuple[list[list[float]], int]:
         """Normalised vectors, one per input (text or token ids), and the tokens read. Long inputs follow the
-        model's `long_inputs`; `dimensions` shortens vectors where the model allows it (Matryoshka)."""
+        request's `long_inputs`, else the model's; `dimensions` shortens vectors where the model allows it."""
         raise NotImplementedError
 
 
@@ -2259,7 +2261,9 @@ class LlamaCppEngine(Engine):
             raise EngineError(f"model '{self.model.id}' gave no pooled embedding", code="engine_error")
         return _l2_normalised(np.ctypeslib.as_array(ptr, shape=(model.n_embd,)))
 
-    def embed(self, texts: list[str] | list[list[int]], dimensions: int | None = None) -> tuple[list[list[float]], int]:
+    def embed(
+        self, texts: list[str] | list[list[int]], dimensions: int | None = None, long_inputs: str | None = None
+    ) -> tuple[list[list[float]], int]:
         if self._embedder is None:
             self._embedder = self._new_embedder(self._import(), self._text_model().model)
         model, _, _, n_ctx = self._embedder
@@ -2269,7 +2273,7 @@ class LlamaCppEngine(Engine):
                 "tell whether a model may be shortened (Matryoshka), so it never does",
                 param="dimensions",
             )
-        mode = self.model.long_inputs
+        mode = long_inputs or self.model.long_inputs
         vectors: list[list[float]] = []
         total = 0
         for i, item in enumerate(texts):
@@ -2988,7 +2992,9 @@ class Gpt4AllEngine(Engine):
 
     # -- embeddings
 
-    def embed(self, texts: list[str] | list[list[int]], dimensions: int | None = None) -> tuple[list[list[float]], int]:
+    def embed(
+        self, texts: list[str] | list[list[int]], dimensions: int | None = None, long_inputs: str | None = None
+    ) -> tuple[list[list[float]], int]:
         """Inputs longer than the model's context are refused by default (`long_inputs: "error"`), like the
         llama-cpp engine and OpenAI do; "truncate" and "mean" use gpt4all's own long-text modes. Only inputs long
         enough to possibly overflow are embedded alone to measure them (every token covers at least one byte)."""
@@ -3001,13 +3007,14 @@ class Gpt4AllEngine(Engine):
                 raise InvalidRequest(f"input[{i}] is empty", param="input")
         strs = typing.cast(list[str], texts)
         # Room for the special tokens and a task prefix gpt4all may add ("search_document: ").
-        fits = [self.model.long_inputs != "error" or len(t.encode("utf-8")) + 32 <= self._embed_limit for t in strs]
+        mode = long_inputs or self.model.long_inputs
+        fits = [mode != "error" or len(t.encode("utf-8")) + 32 <= self._embed_limit for t in strs]
         batches = [[i for i, ok in enumerate(fits) if ok]] if any(fits) else []
         batches += [[i] for i, ok in enumerate(fits) if not ok]
         vectors: list[list[float]] = [[] for _ in texts]
         total = 0
         for batch in batches:
-            vecs, n = self._embed_call([strs[i] for i in batch], dimensions)
+            vecs, n = self._embed_call([strs[i] for i in batch], dimensions, mode)
             if not fits[batch[0]] and n > self._embed_limit:
                 raise InvalidRequest(
                     f"input[{batch[0]}] is longer than the model's embedding context of {self._embed_limit} tokens "
@@ -3020,15 +3027,15 @@ class Gpt4AllEngine(Engine):
             total += n
         return vectors, total
 
-    def _embed_call(self, texts: list[str], dimensions: int | None) -> tuple[list[list[float]], int]:
-        mode = "truncate" if self.model.long_inputs == "truncate" else "mean"
-        kw = {"dimensionality": dimensions, "long_text_mode": mode, "return_dict": True}
+    def _embed_call(self, texts: list[str], dimensions: int | None, mode: str) -> tuple[list[list[float]], int]:
+        kw = {"dimensionality": dimensions, "long_text_mode": "truncate" if mode == "truncate" else "mean"}
+        kw["return_dict"] = True
         try:
             out = self._embedder.embed(texts, prefix=self._embed_prefix, **kw)
         except (ValueError, RuntimeError) as exc:
             if self._embed_prefix is None and isinstance(exc, RuntimeError) and "specify a prefix" in str(exc):
                 self._embed_prefix = ""  # a model gpt4all has no task prefix for: embed the text as it is
-                return self._embed_call(texts, dimensions)
+                return self._embed_call(texts, dimensions, mode)
             if dimensions is not None and "imensionality" in str(exc):
                 raise InvalidRequest(f"'dimensions': {exc}", param="dimensions") from None
             raise
@@ -3500,6 +3507,7 @@ class Request:
     dimensions: int | None = None
     encoding_format: Literal["float", "base64"] = "float"
     keep_alive: float | None = None  # seconds the instance stays loaded after this request; None: the model's ttl
+    long_inputs: str | None = None  # embedding inputs longer than the context: the model's long_inputs, if None
     checked: bool = False  # check() has run: every dialect's parser ends with it, and submit() runs it if not
 
     def check(self) -> Request:
@@ -5171,14 +5179,13 @@ def ollama_embed_request(body: dict[str, Any], config: ServerConfig) -> Request:
     model = _ollama_model(body, config, "embedding")
     _ollama_options(body, model)
     truncate = body.get("truncate")
-    if truncate is not None and truncate != (model.long_inputs == "truncate"):
-        raise InvalidRequest(
-            f"'truncate' is {truncate}, but model '{model.id}' has long_inputs '{model.long_inputs}'", param="truncate"
-        )
+    if truncate is not None and not isinstance(truncate, bool):
+        raise InvalidRequest("'truncate' must be a boolean", param="truncate")
     inputs = _prompt_list(body["input"] if "input" in body else body.get("prompt"), "input")
     dims = _int_param(body["dimensions"], "dimensions", 1, 2**31) if "dimensions" in body else None
     req = Request("embedding", model, prompts=inputs, dimensions=dims)
     req.keep_alive = _keep_alive(body.get("keep_alive"))
+    req.long_inputs = None if truncate is None else "truncate" if truncate else "error"
     return req.check()
 
 
@@ -5634,7 +5641,7 @@ class ModelServer:
         inst = self._pool.wait(self._pool.enqueue(req.model.id, ""), cancel, deadline)
         ok = False
         try:
-            vectors, n = typing.cast(Engine, inst.engine).embed(req.prompts, req.dimensions)
+            vectors, n = typing.cast(Engine, inst.engine).embed(req.prompts, req.dimensions, req.long_inputs)
             ok = True
         except Exception as exc:
             ok, error = _engine_failure(exc, inst)

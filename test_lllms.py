@@ -30,15 +30,18 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+import anthropic
 import jsonschema
+import ollama
 import openai
 import pytest
+from agents import Agent, ModelSettings, OpenAIResponsesModel, RunConfig, Runner, function_tool
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 import lllms
-from conftest import DATA, DATA_PATH, FileServer, LogWatch, engine_of
+from conftest import BERT_N_EMBD, DATA, DATA_PATH, FileServer, LogWatch, engine_of
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -4819,3 +4822,944 @@ def test_cli_sigterm_drains_a_running_stream_then_exits_0(tmp_path: Any, smollm2
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ==== API dialects: Anthropic Messages, OpenAI Responses, Ollama
+#
+# Each through its official client, and raw HTTP where the wire format is the specification. SmolLM2 is tiny:
+# only shapes are checked, with what the grammars enforce and the invariants between calls.
+
+
+def sse_events(raw: str) -> list[tuple[str | None, Any]]:
+    """(event name, data) of each server-sent event in a response body: the data parsed as JSON, "[DONE]" as the
+    string, the name None where the event has none. Comments (keep-alives) are left out."""
+    events: list[tuple[str | None, Any]] = []
+    for block in raw.split("\n\n"):
+        fields: dict[str, str] = {}
+        for line in block.split("\n"):
+            if line and not line.startswith(":"):
+                key, _, value = line.partition(":")
+                fields[key] = value.removeprefix(" ")
+        if "data" in fields:
+            data = fields["data"]
+            events.append((fields.get("event"), data if data == "[DONE]" else json.loads(data)))
+    return events
+
+
+def ndjson(raw: str) -> list[Any]:
+    """The objects of a newline-delimited JSON body, one a line."""
+    return [json.loads(line) for line in raw.split("\n") if line]
+
+
+def assert_anthropic_error(body: Any, error_type: str | None = None) -> None:
+    """Anthropic's error body: {"type": "error", "error": {"type": ..., "message": ...}}."""
+    assert isinstance(body, dict) and body.get("type") == "error", body
+    err = body["error"]
+    assert isinstance(err["type"], str) and err["type"], body
+    assert isinstance(err["message"], str) and err["message"] and "Traceback" not in err["message"], body
+    if error_type is not None:
+        assert err["type"] == error_type, body
+
+
+def assert_ollama_error(body: Any) -> None:
+    """Ollama's error body: {"error": "message"}."""
+    assert isinstance(body, dict) and set(body) == {"error"}, body
+    assert isinstance(body["error"], str) and body["error"] and "Traceback" not in body["error"], body
+
+
+def anthropic_prompt_tokens(usage: Any) -> int:
+    """All the prompt tokens of an Anthropic usage: input_tokens counts only those neither read from nor written to
+    the cache."""
+    return usage.input_tokens + (usage.cache_read_input_tokens or 0) + (usage.cache_creation_input_tokens or 0)
+
+
+def ollama_names(models: Any) -> set[str]:
+    """The model names of an Ollama model list, without a ":latest" tag."""
+    return {m.model.removesuffix(":latest") for m in models}
+
+
+def text_of(message: Any) -> str:
+    """The text blocks of an Anthropic message, joined."""
+    return "".join(b.text for b in message.content if b.type == "text")
+
+
+T0 = {"temperature": 0}  # sampling settings the anthropic SDK no longer takes as arguments
+
+
+# A strict-mode schema (no other keys, every key required): OpenAI's strict function tools ask for one.
+CITY = {**WEATHER["function"]["parameters"], "additionalProperties": False}
+ANTHROPIC_WEATHER = {"name": "get_weather", "description": "Get the current weather in a city", "input_schema": CITY}
+RESPONSES_WEATHER = {
+    "type": "function",
+    "name": "get_weather",
+    "description": "Get the current weather in a city",
+    "parameters": CITY,
+    "strict": True,
+}
+OLLAMA_WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Get the current weather in a city",
+        "parameters": {
+            "type": "object",
+            "properties": {"city": {"type": "string", "description": "The city"}},
+            "required": ["city"],
+        },
+    },
+}
+# Short to generate: a forced reply in this shape ends well within its token budget.
+PICK = {
+    "type": "object",
+    "properties": {
+        "colour": {"type": "string", "enum": ["red", "green", "blue"]},
+        "count": {"type": "integer", "minimum": 0, "maximum": 9},
+    },
+    "required": ["colour", "count"],
+    "additionalProperties": False,
+}
+# Tool calls are generated whole, in the server's call format (about 25 tokens for get_weather), and forced
+# formats end when their grammar does: budgets for them are larger than for text, and cost nothing past the end.
+CALL_TOKENS = 64
+# A 1x1 PNG.
+PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAhKmMIQAAAABJRU5ErkJggg=="
+
+
+# ==== fixtures
+
+
+@pytest.fixture(scope="module")
+def dialect_server(smollm2: str, tiny_bert: str) -> Iterator[lllms.HTTPServer]:
+    config = {
+        "concurrency": 2,
+        "models": {
+            "smol": {"task": "text-completion", "file": smollm2, "context_size": 1024, "max_instances": 2},
+            "bert": {"task": "embedding", "file": tiny_bert},
+        },
+    }
+    server = lllms.start_http_server(config, host="127.0.0.1", port=0)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def anthropic_client(dialect_server: lllms.HTTPServer) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=dialect_server.url, api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def responses_client(dialect_server: lllms.HTTPServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=dialect_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def ollama_client(dialect_server: lllms.HTTPServer) -> ollama.Client:
+    return ollama.Client(host=dialect_server.url, timeout=120)
+
+
+# ==== Anthropic Messages
+
+
+def test_anthropic_message_has_text_blocks_a_stop_reason_and_usage(anthropic_client: anthropic.Anthropic) -> None:
+    """A system prompt as a string and as a list of text blocks (with the cache_control clients add) is the same
+    prompt."""
+    replies = []
+    for system in (
+        "Answer briefly.",
+        [{"type": "text", "text": "Answer briefly.", "cache_control": {"type": "ephemeral"}}],
+    ):
+        m = anthropic_client.messages.create(model="smol", max_tokens=16, extra_body=T0, system=system, messages=CHAT)
+        assert m.type == "message" and m.role == "assistant" and m.model == "smol" and m.id
+        assert m.content and all(b.type == "text" for b in m.content) and text_of(m)
+        assert m.stop_reason in ("end_turn", "max_tokens")
+        assert m.usage.input_tokens > 0 and 0 < m.usage.output_tokens <= 16
+        replies.append(m)
+    as_string, as_blocks = replies
+    assert text_of(as_blocks) == text_of(as_string)
+    assert anthropic_prompt_tokens(as_blocks.usage) == anthropic_prompt_tokens(as_string.usage)
+
+
+def test_anthropic_stream_text_deltas_join_to_the_final_message(anthropic_client: anthropic.Anthropic) -> None:
+    kw: dict[str, Any] = {"model": "smol", "max_tokens": 16, "extra_body": T0, "messages": CHAT}
+    with anthropic_client.messages.stream(**kw) as stream:
+        deltas = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert deltas and "".join(deltas) == text_of(final)
+    assert final.stop_reason in ("end_turn", "max_tokens") and final.usage.output_tokens > 0
+    plain = anthropic_client.messages.create(**kw)  # the same request, not streamed, at temperature 0
+    assert text_of(plain) == text_of(final) and plain.stop_reason == final.stop_reason
+    assert plain.usage.output_tokens == final.usage.output_tokens
+
+
+def test_anthropic_stream_events_come_in_anthropic_s_order(dialect_server: lllms.HTTPServer) -> None:
+    """message_start; per block content_block_start, its deltas, content_block_stop; message_delta, message_stop.
+    Pings may come anywhere after message_start."""
+    body = {"model": "smol", "max_tokens": 16, "temperature": 0, "stream": True, "messages": CHAT}
+    status, raw, headers = http_request(dialect_server, "POST", "/v1/messages", body)
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream"), raw
+    events = sse_events(raw)
+    for name, data in events:
+        assert isinstance(data, dict) and data["type"] == name, (name, data)
+    assert events[0][0] == "message_start"
+    order = " ".join(str(name) for name, _ in events if name != "ping")
+    block = "content_block_start( content_block_delta)* content_block_stop"
+    assert re.fullmatch(f"message_start( {block})+ message_delta message_stop", order), order
+    start = events[0][1]["message"]
+    assert start["role"] == "assistant" and start["content"] == [] and isinstance(start["usage"]["input_tokens"], int)
+    starts = [data for name, data in events if name == "content_block_start"]
+    assert [s["index"] for s in starts] == list(range(len(starts)))
+    assert all(s["content_block"]["type"] == "text" for s in starts)
+    deltas = [data for name, data in events if name == "content_block_delta"]
+    assert deltas and all(d["delta"]["type"] == "text_delta" for d in deltas)
+    (message_delta,) = [data for name, data in events if name == "message_delta"]
+    assert message_delta["delta"]["stop_reason"] in ("end_turn", "max_tokens")
+    assert message_delta["usage"]["output_tokens"] > 0
+
+
+def test_anthropic_forced_tool_use_validates_streamed_or_not(anthropic_client: anthropic.Anthropic) -> None:
+    kw: dict[str, Any] = {
+        "model": "smol",
+        "max_tokens": CALL_TOKENS,
+        "extra_body": T0,
+        "messages": PARIS,
+        "tools": [ANTHROPIC_WEATHER],
+        "tool_choice": {"type": "tool", "name": "get_weather"},
+    }
+    m = anthropic_client.messages.create(**kw)
+    assert m.stop_reason == "tool_use", m.content
+    uses = [b for b in m.content if b.type == "tool_use"]
+    assert uses and len(uses) == len(m.content)  # forced: calls only, no text
+    for use in uses:
+        assert use.name == "get_weather" and use.id.startswith("toolu_")
+        jsonschema.validate(use.input, CITY)
+    with anthropic_client.messages.stream(**kw) as stream:
+        events = list(stream)
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    partial: dict[int, str] = collections.defaultdict(str)
+    for e in events:
+        if e.type == "content_block_delta" and e.delta.type == "input_json_delta":
+            partial[e.index] += e.delta.partial_json
+    streamed = [(b.name, b.input) for b in final.content if b.type == "tool_use"]
+    assert [(final.content[i].name, json.loads(partial[i])) for i in sorted(partial)] == streamed
+    assert streamed == [(u.name, u.input) for u in uses]  # the same calls as not streamed, at temperature 0
+
+
+def test_anthropic_tool_result_round_trip_answers_in_text(anthropic_client: anthropic.Anthropic) -> None:
+    """The tool_use reply goes back as returned, the result as a tool_result block; with tool_choice "none" the answer
+    is text blocks only."""
+    first = anthropic_client.messages.create(
+        model="smol",
+        max_tokens=CALL_TOKENS,
+        extra_body=T0,
+        messages=PARIS,
+        tools=[ANTHROPIC_WEATHER],
+        tool_choice={"type": "tool", "name": "get_weather"},
+    )
+    use = next(b for b in first.content if b.type == "tool_use")
+    history = [
+        *PARIS,
+        {"role": "assistant", "content": first.content},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18 C and sunny"}]},
+    ]
+    m = anthropic_client.messages.create(
+        model="smol",
+        max_tokens=16,
+        extra_body=T0,
+        messages=history,
+        tools=[ANTHROPIC_WEATHER],
+        tool_choice={"type": "none"},
+    )
+    assert m.stop_reason in ("end_turn", "max_tokens")
+    assert m.content and all(b.type == "text" for b in m.content) and text_of(m)
+
+
+def test_anthropic_count_tokens_matches_the_usage_of_the_same_request(anthropic_client: anthropic.Anthropic) -> None:
+    kw: dict[str, Any] = {
+        "model": "smol",
+        "system": "You answer in one word.",
+        "messages": [{"role": "user", "content": "What colour is a ripe tomato?"}],
+    }
+    count = anthropic_client.messages.count_tokens(**kw)
+    m = anthropic_client.messages.create(**kw, max_tokens=4, extra_body=T0)
+    assert count.input_tokens == anthropic_prompt_tokens(m.usage) > 0
+    assert anthropic_client.messages.count_tokens(**kw, tools=[ANTHROPIC_WEATHER]).input_tokens > count.input_tokens
+
+
+def test_anthropic_second_turn_reads_the_first_from_the_cache(anthropic_client: anthropic.Anthropic) -> None:
+    turn1 = [{"role": "user", "content": "Name a fruit."}]
+    r1 = anthropic_client.messages.create(model="smol", max_tokens=16, extra_body=T0, messages=turn1)
+    turn2 = [*turn1, {"role": "assistant", "content": r1.content}, {"role": "user", "content": "And a vegetable?"}]
+    r2 = anthropic_client.messages.create(model="smol", max_tokens=16, extra_body=T0, messages=turn2)
+    assert r2.usage.cache_read_input_tokens is not None
+    assert r2.usage.cache_read_input_tokens >= anthropic_prompt_tokens(r1.usage)
+    assert anthropic_prompt_tokens(r2.usage) > anthropic_prompt_tokens(r1.usage)
+
+
+def test_anthropic_errors_come_in_anthropic_s_error_body(
+    anthropic_client: anthropic.Anthropic, dialect_server: lllms.HTTPServer
+) -> None:
+    no_max_tokens = {"model": "smol", "messages": CHAT}
+    status, body, headers = http_request(dialect_server, "POST", "/v1/messages", no_max_tokens)
+    assert status == 400 and headers["Content-Type"].startswith("application/json")
+    assert_anthropic_error(body, "invalid_request_error")
+    assert "max_tokens" in body["error"]["message"]
+    with pytest.raises(anthropic.BadRequestError) as missing:  # the SDK itself will not send it without max_tokens
+        anthropic_client.post("/v1/messages", cast_to=anthropic.types.Message, body=no_max_tokens)
+    assert missing.value.type == "invalid_request_error"
+
+    with pytest.raises(anthropic.NotFoundError) as unknown:
+        anthropic_client.messages.create(model="nope", max_tokens=4, messages=CHAT)
+    assert unknown.value.type == "not_found_error"
+    assert_anthropic_error(unknown.value.body, "not_found_error")
+
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": PNG}}
+    with pytest.raises(anthropic.BadRequestError) as img:
+        anthropic_client.messages.create(
+            model="smol",
+            max_tokens=4,
+            messages=[{"role": "user", "content": [image, {"type": "text", "text": "What is this?"}]}],
+        )
+    assert_anthropic_error(img.value.body, "invalid_request_error")
+    assert "image" in img.value.body["error"]["message"].lower()
+
+    with pytest.raises(anthropic.BadRequestError) as thinking:
+        anthropic_client.messages.create(
+            model="smol", max_tokens=16, messages=CHAT, thinking={"type": "enabled", "budget_tokens": 1024}
+        )
+    assert_anthropic_error(thinking.value.body, "invalid_request_error")
+    assert "thinking" in thinking.value.body["error"]["message"]
+
+
+def test_anthropic_routes_take_the_api_key_as_x_api_key_or_bearer(
+    tiny_llama: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Anthropic's clients send the key as x-api-key (curl examples, older SDKs) or, like anthropic 2.x given
+    api_key, as "Authorization: Bearer"; a missing or wrong key is a 401 in Anthropic's error body."""
+    monkeypatch.delenv("LLLMS_API_KEY", raising=False)
+    config = {
+        "api_keys": ["k1"],
+        "models": {"tiny": {"task": "text-completion", "file": tiny_llama, "context_size": 64}},
+    }
+    body = {"model": "tiny", "max_tokens": 2, "messages": [{"role": "user", "content": "hi"}]}
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        sdk = anthropic.Anthropic(base_url=server.url, api_key="k1", max_retries=0, timeout=60)
+        assert sdk.messages.create(**body).type == "message"
+        assert sdk.messages.count_tokens(model="tiny", messages=body["messages"]).input_tokens > 0
+        status, payload, _ = http_request(server, "POST", "/v1/messages", body, {"x-api-key": "k1"})
+        assert status == 200 and payload["type"] == "message"
+
+        wrong = anthropic.Anthropic(base_url=server.url, api_key="wrong", max_retries=0, timeout=60)
+        with pytest.raises(anthropic.AuthenticationError) as exc:
+            wrong.messages.create(**body)
+        assert exc.value.type == "authentication_error"
+        for headers in ({}, {"x-api-key": "wrong"}, {"Authorization": "Bearer wrong"}):
+            status, payload, _ = http_request(server, "POST", "/v1/messages", body, headers)
+            assert status == 401, headers
+            assert_anthropic_error(payload, "authentication_error")
+
+
+# ==== OpenAI Responses
+
+
+def test_responses_create_returns_a_message_with_output_text_and_usage(responses_client: openai.OpenAI) -> None:
+    r = responses_client.responses.create(
+        model="smol", input="Name three colours.", max_output_tokens=16, temperature=0
+    )
+    assert r.object == "response" and r.model == "smol" and r.id
+    assert r.status in ("completed", "incomplete")
+    if r.status == "incomplete":
+        assert r.incomplete_details is not None and r.incomplete_details.reason == "max_output_tokens"
+    msg = r.output[0]
+    assert msg.type == "message" and msg.role == "assistant"
+    assert msg.content and all(part.type == "output_text" for part in msg.content)
+    assert r.output_text and r.output_text == "".join(part.text for part in msg.content)
+    u = r.usage
+    assert u is not None and u.input_tokens > 0 and 0 < u.output_tokens <= 16
+    assert u.total_tokens == u.input_tokens + u.output_tokens
+    assert 0 <= u.input_tokens_details.cached_tokens <= u.input_tokens
+
+
+def test_responses_take_message_items_and_instructions(
+    responses_client: openai.OpenAI, dialect_server: lllms.HTTPServer
+) -> None:
+    """Input items with input_text parts and `instructions` make the same prompt as plain messages led by a system
+    message; /openai/v1/responses is the same endpoint as /v1/responses."""
+    items = [{"type": "message", "role": "user", "content": [{"type": "input_text", "text": "Name three colours."}]}]
+    kw: dict[str, Any] = {"model": "smol", "max_output_tokens": 16, "temperature": 0}
+    r = responses_client.responses.create(**kw, input=items, instructions="Answer in one line.")
+    plain = responses_client.responses.create(
+        **kw,
+        input=[
+            {"role": "system", "content": "Answer in one line."},
+            {"role": "user", "content": "Name three colours."},
+        ],
+    )
+    assert r.output_text and r.output_text == plain.output_text
+    assert r.usage is not None and plain.usage is not None and r.usage.input_tokens == plain.usage.input_tokens
+    status, body, _ = http_request(
+        dialect_server, "POST", "/openai/v1/responses", {**kw, "input": items, "instructions": "Answer in one line."}
+    )
+    assert status == 200 and body["object"] == "response" and body["output"][0]["type"] == "message"
+
+
+def test_responses_stream_text_deltas_join_to_the_final_response(responses_client: openai.OpenAI) -> None:
+    kw: dict[str, Any] = {"model": "smol", "input": "Name three colours.", "max_output_tokens": 16, "temperature": 0}
+    with responses_client.responses.stream(**kw) as stream:
+        events = list(stream)
+    deltas = [e.delta for e in events if e.type == "response.output_text.delta"]
+    final = events[-1]
+    assert final.type in ("response.completed", "response.incomplete")
+    assert deltas and final.response.output_text == "".join(deltas)
+    plain = responses_client.responses.create(**kw)  # the same request, not streamed, at temperature 0
+    assert plain.output_text == "".join(deltas) and plain.status == final.response.status
+
+
+def test_responses_stream_events_come_in_order_with_sequence_numbers(dialect_server: lllms.HTTPServer) -> None:
+    body = {"model": "smol", "input": "Name three colours.", "max_output_tokens": 16, "temperature": 0, "stream": True}
+    status, raw, headers = http_request(dialect_server, "POST", "/v1/responses", body)
+    assert status == 200 and headers["Content-Type"].startswith("text/event-stream"), raw
+    events = [(name, data) for name, data in sse_events(raw) if data != "[DONE]"]
+    for name, data in events:
+        assert data["type"] == name, (name, data)
+    assert [data["sequence_number"] for _, data in events] == list(range(len(events)))
+    order = " ".join(str(name) for name, _ in events)
+    expected = (
+        r"response\.created response\.in_progress response\.output_item\.added response\.content_part\.added"
+        r"( response\.output_text\.delta)+ response\.output_text\.done response\.content_part\.done"
+        r" response\.output_item\.done response\.(completed|incomplete)"
+    )
+    assert re.fullmatch(expected, order), order
+    assert events[0][1]["response"]["status"] == "in_progress" and events[0][1]["response"]["output"] == []
+    text = "".join(data["delta"] for name, data in events if name == "response.output_text.delta")
+    (done,) = [data for name, data in events if name == "response.output_text.done"]
+    final = events[-1][1]["response"]
+    assert done["text"] == text == final["output"][0]["content"][0]["text"]
+    assert final["status"] == events[-1][0].removeprefix("response.")
+    assert final["usage"]["output_tokens"] > 0
+
+
+def test_responses_forced_function_call_streamed_and_round_trip(responses_client: openai.OpenAI) -> None:
+    kw: dict[str, Any] = {
+        "model": "smol",
+        "input": PARIS[0]["content"],
+        "tools": [RESPONSES_WEATHER],
+        "tool_choice": {"type": "function", "name": "get_weather"},
+        "max_output_tokens": CALL_TOKENS,
+        "temperature": 0,
+    }
+    r = responses_client.responses.create(**kw)
+    assert r.status == "completed"
+    calls = [o for o in r.output if o.type == "function_call"]
+    assert calls and len(calls) == len(r.output)  # forced: calls only, no message
+    for call in calls:
+        assert call.name == "get_weather" and call.call_id
+        jsonschema.validate(json.loads(call.arguments), CITY)
+
+    with responses_client.responses.stream(**kw) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    deltas: dict[str, str] = collections.defaultdict(str)
+    for e in events:
+        if e.type == "response.function_call_arguments.delta":
+            deltas[e.item_id] += e.delta
+    done = {e.item_id: e.arguments for e in events if e.type == "response.function_call_arguments.done"}
+    assert deltas and dict(deltas) == done
+    streamed = [(o.name, o.arguments) for o in final.output if o.type == "function_call"]
+    assert sorted(done.values()) == sorted(arguments for _, arguments in streamed)
+    assert streamed == [(c.name, c.arguments) for c in calls]  # the same calls as not streamed, at temperature 0
+
+    history = [
+        PARIS[0],
+        calls[0],  # the output item, sent back as returned
+        {"type": "function_call_output", "call_id": calls[0].call_id, "output": "18 C and sunny"},
+    ]
+    answer = responses_client.responses.create(
+        model="smol", input=history, tools=[RESPONSES_WEATHER], tool_choice="none", max_output_tokens=16, temperature=0
+    )
+    assert [o.type for o in answer.output] == ["message"] and answer.output_text
+
+
+def test_responses_json_schema_format_validates(responses_client: openai.OpenAI) -> None:
+    r = responses_client.responses.create(
+        model="smol",
+        input="Pick a colour and a small number.",
+        text={"format": {"type": "json_schema", "name": "pick", "schema": PICK, "strict": True}},
+        max_output_tokens=CALL_TOKENS,
+        temperature=0,
+    )
+    assert r.status == "completed", r.output_text
+    jsonschema.validate(json.loads(r.output_text), PICK)
+
+
+def test_responses_previous_response_id_reuses_the_stored_context(responses_client: openai.OpenAI) -> None:
+    kw: dict[str, Any] = {"model": "smol", "max_output_tokens": 16, "temperature": 0}
+    r1 = responses_client.responses.create(**kw, input="Name a fruit.")
+    r2 = responses_client.responses.create(**kw, previous_response_id=r1.id, input="And a vegetable?")
+    assert r2.previous_response_id == r1.id
+    assert r1.usage is not None and r2.usage is not None
+    assert r2.usage.input_tokens > r1.usage.input_tokens  # the first exchange is part of the prompt
+    assert r2.usage.input_tokens_details.cached_tokens >= r1.usage.input_tokens
+
+    got = responses_client.responses.retrieve(r1.id)
+    assert got.id == r1.id and got.status == r1.status and got.output_text == r1.output_text
+    responses_client.responses.delete(r1.id)
+    with pytest.raises(openai.NotFoundError):
+        responses_client.responses.retrieve(r1.id)
+    with pytest.raises((openai.BadRequestError, openai.NotFoundError)):
+        responses_client.responses.create(**kw, previous_response_id=r1.id, input="And a nut?")
+
+    unstored = responses_client.responses.create(**kw, input="Name a fruit.", store=False)
+    with pytest.raises(openai.NotFoundError):
+        responses_client.responses.retrieve(unstored.id)
+    with pytest.raises((openai.BadRequestError, openai.NotFoundError)):
+        responses_client.responses.create(**kw, previous_response_id=unstored.id, input="And a vegetable?")
+
+
+def test_responses_refuse_built_in_tools_by_name(responses_client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as exc:
+        responses_client.responses.create(
+            model="smol", input="What is in the news?", tools=[{"type": "web_search"}], max_output_tokens=16
+        )
+    assert "web_search" in exc.value.message
+
+
+def test_openai_agents_runner_calls_a_forced_function_tool(dialect_server: lllms.HTTPServer) -> None:
+    """openai-agents on the Responses API: the forced tool is called with valid arguments, and with
+    stop_on_first_tool its result is the run's final output."""
+    calls: list[str] = []
+
+    @function_tool
+    def get_weather(city: str) -> str:
+        """Get the current weather in a city.
+
+        Args:
+            city: The city.
+        """
+        calls.append(city)
+        return f"18 C and sunny in {city}"
+
+    model = OpenAIResponsesModel(
+        model="smol",
+        openai_client=openai.AsyncOpenAI(base_url=dialect_server.url + "/v1", api_key="unused", max_retries=0),
+    )
+    agent = Agent(
+        name="weather",
+        instructions="You report the weather.",
+        model=model,
+        tools=[get_weather],
+        model_settings=ModelSettings(tool_choice="get_weather", max_tokens=CALL_TOKENS, temperature=0),
+        tool_use_behavior="stop_on_first_tool",
+    )
+    result = Runner.run_sync(agent, PARIS[0]["content"], run_config=RunConfig(tracing_disabled=True))
+    assert len(calls) == 1 and isinstance(calls[0], str)
+    assert result.final_output == f"18 C and sunny in {calls[0]}"
+
+
+# ==== Ollama
+
+
+def test_ollama_chat_streamed_joins_to_the_non_streamed_reply(ollama_client: ollama.Client) -> None:
+    kw: dict[str, Any] = {"model": "smol", "messages": CHAT, "options": {"temperature": 0, "num_predict": 16}}
+    r = ollama_client.chat(**kw, stream=False)
+    assert r.done and r.model == "smol" and r.message.role == "assistant" and r.message.content
+    assert r.done_reason in ("stop", "length") and r.prompt_eval_count and r.prompt_eval_count > 0
+    assert r.eval_count is not None and 0 < r.eval_count <= 16
+    chunks = list(ollama_client.chat(**kw, stream=True))
+    *body, last = chunks
+    assert not any(c.done for c in body) and last.done
+    assert "".join(c.message.content or "" for c in chunks) == r.message.content
+    assert last.done_reason == r.done_reason and last.eval_count == r.eval_count
+    assert last.prompt_eval_count is not None and last.prompt_eval_count > 0
+    for duration in (last.total_duration, last.load_duration, last.prompt_eval_duration, last.eval_duration):
+        assert isinstance(duration, int) and duration >= 0  # nanoseconds
+    assert last.total_duration > 0
+
+
+def test_ollama_chat_streams_ndjson_when_stream_is_not_given(dialect_server: lllms.HTTPServer) -> None:
+    body = {"model": "smol", "messages": CHAT, "options": {"temperature": 0, "num_predict": 8}}
+    status, raw, headers = http_request(dialect_server, "POST", "/api/chat", body)
+    assert status == 200 and headers["Content-Type"].startswith("application/x-ndjson"), raw
+    *parts, last = ndjson(raw)
+    assert parts and all(p["done"] is False and p["message"]["role"] == "assistant" for p in parts)
+    assert last["done"] is True and last["done_reason"] in ("stop", "length") and last["eval_count"] > 0
+    assert all(p["model"] == "smol" for p in [*parts, last])
+
+
+def test_ollama_generate(ollama_client: ollama.Client) -> None:
+    g = ollama_client.generate(
+        model="smol", prompt="The capital of France is", options={"temperature": 0, "num_predict": 8}
+    )
+    assert g.done and g.response and g.done_reason in ("stop", "length")
+    assert g.eval_count is not None and 0 < g.eval_count <= 8
+
+
+def test_ollama_embed_and_the_older_embeddings(ollama_client: ollama.Client) -> None:
+    e = ollama_client.embed(model="bert", input=["hello world", "the cat"])
+    assert len(e.embeddings) == 2 and all(len(v) == BERT_N_EMBD for v in e.embeddings)
+    assert e.embeddings[0] != e.embeddings[1]
+    assert len(ollama_client.embed(model="bert", input="hello").embeddings) == 1
+    old = ollama_client.embeddings(model="bert", prompt="hello world")
+    assert len(old.embedding) == BERT_N_EMBD
+
+
+def test_ollama_list_show_ps_and_version_describe_the_models(
+    ollama_client: ollama.Client, dialect_server: lllms.HTTPServer
+) -> None:
+    models = {m.model.removesuffix(":latest"): m for m in ollama_client.list().models}
+    assert {"smol", "bert"} <= set(models)
+    smol, bert = models["smol"].details, models["bert"].details
+    assert smol is not None and (smol.format, smol.family, smol.quantization_level) == ("gguf", "llama", "Q4_1")
+    assert smol.parameter_size
+    assert bert is not None and (bert.format, bert.family, bert.quantization_level) == ("gguf", "bert", "F16")
+
+    show = ollama_client.show("smol")
+    assert show.details is not None and show.details.family == "llama"
+    assert show.modelinfo is not None and "llama.context_length" in show.modelinfo
+    assert show.capabilities is not None and {"completion", "tools"} <= set(show.capabilities)
+    bert_show = ollama_client.show("bert")
+    assert bert_show.capabilities is not None and "embedding" in bert_show.capabilities
+
+    ollama_client.generate(model="smol", prompt="Hi", options={"num_predict": 1})
+    assert "smol" in ollama_names(ollama_client.ps().models)
+
+    status, body, _ = http_request(dialect_server, "GET", "/api/version")
+    assert status == 200 and isinstance(body["version"], str) and body["version"]
+
+
+def test_ollama_format_schema_and_json_validate(ollama_client: ollama.Client) -> None:
+    r = ollama_client.chat(
+        model="smol",
+        messages=[{"role": "user", "content": "Pick a colour and a small number."}],
+        format=PICK,
+        options={"temperature": 0, "num_predict": CALL_TOKENS},
+    )
+    assert r.done_reason == "stop", r.message.content
+    jsonschema.validate(json.loads(r.message.content or ""), PICK)
+    j = ollama_client.chat(model="smol", messages=CHAT, format="json", options={"temperature": 0, "num_predict": 80})
+    assert j.done_reason == "stop", j.message.content
+    assert isinstance(json.loads(j.message.content or ""), dict)
+
+
+def test_ollama_tool_calls_and_tool_results(ollama_client: ollama.Client) -> None:
+    """Ollama has no tool_choice, so the model may call or answer; a call is in Ollama's shape (arguments an object,
+    not a JSON string). A history with a call and its result gets a text reply."""
+    r = ollama_client.chat(
+        model="smol", messages=PARIS, tools=[OLLAMA_WEATHER], options={"temperature": 0, "num_predict": CALL_TOKENS}
+    )
+    if r.message.tool_calls:
+        for call in r.message.tool_calls:
+            assert call.function.name == "get_weather" and isinstance(call.function.arguments, dict)
+    else:
+        assert r.message.content
+
+    history = [
+        *PARIS,
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Paris"}}}],
+        },
+        {"role": "tool", "content": "18 C and sunny", "tool_name": "get_weather"},
+    ]
+    answer = ollama_client.chat(model="smol", messages=history, options={"temperature": 0, "num_predict": 16})
+    assert answer.message.content and not answer.message.tool_calls
+
+
+def test_ollama_refusals_are_status_errors_with_ollama_s_body(
+    ollama_client: ollama.Client, dialect_server: lllms.HTTPServer
+) -> None:
+    with pytest.raises(ollama.ResponseError) as exc:
+        ollama_client.chat(model="smol", messages=CHAT, options={"mirostat": 1, "num_predict": 4})
+    assert exc.value.status_code == 400 and "mirostat" in exc.value.error
+    with pytest.raises(ollama.ResponseError) as unknown:
+        ollama_client.chat(model="nope", messages=CHAT)
+    assert unknown.value.status_code == 404
+    with pytest.raises(ollama.ResponseError) as streamed:
+        list(ollama_client.chat(model="nope", messages=CHAT, stream=True))
+    assert streamed.value.status_code == 404  # refused before the stream begins
+    with pytest.raises(ollama.ResponseError) as show:
+        ollama_client.show("nope")
+    assert show.value.status_code == 404
+    status, body, headers = http_request(dialect_server, "POST", "/api/generate", {"model": "nope", "prompt": "hi"})
+    assert status == 404 and headers["Content-Type"].startswith("application/json")
+    assert_ollama_error(body)
+
+
+def test_ollama_keep_alive_zero_unloads_the_model(tiny_llama: str) -> None:
+    """ADJUSTABLE: keep_alive 0 on a request unloads the model once it is answered, so /api/ps no longer lists it.
+    (Written before the implementation: drop or adapt it if lllms maps keep_alive differently.)"""
+    config = {"models": {"tiny": {"task": "text-completion", "file": tiny_llama, "context_size": 64}}}
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        client = ollama.Client(host=server.url, timeout=60)
+        client.generate(model="tiny", prompt="hello", options={"num_predict": 2})
+        assert ollama_names(client.ps().models) == {"tiny"}
+        r = client.generate(model="tiny", prompt="hello", options={"num_predict": 2}, keep_alive=0)
+        assert r.done
+        wait_until(lambda: "tiny" not in ollama_names(client.ps().models), timeout=10, what="tiny to be unloaded")
+
+
+# ==== malformed bodies on the dialect routes
+
+DIALECT_POST_PATHS = [
+    "/v1/messages",
+    "/v1/messages/count_tokens",
+    "/v1/responses",
+    "/openai/v1/responses",
+    "/api/chat",
+    "/api/generate",
+    "/api/embed",
+    "/api/embeddings",
+    "/api/show",
+]
+_MESSAGES = [{"role": "user", "content": "hi"}]
+_OLLAMA_OPTIONS = {"temperature": 0, "num_predict": 2}
+# A short tool: tiny_llama's byte-level vocabulary spends about a token a character on the tool prompt.
+_F = {"type": "object", "properties": {"a": {"type": "string"}}}
+# A valid body for each route, with most of its fields, on the "tiny" and "bert" models of dialect_tiny_server.
+DIALECT_BODIES: dict[str, dict[str, Any]] = {
+    "/v1/messages": {
+        "model": "tiny",
+        "max_tokens": 2,
+        "messages": _MESSAGES,
+        "system": "Be brief.",
+        "temperature": 0,
+        "stop_sequences": ["\n\n"],
+        "stream": False,
+        "tools": [{"name": "f", "input_schema": _F}],
+        "tool_choice": {"type": "auto"},
+        "metadata": {"user_id": "u1"},
+    },
+    "/v1/messages/count_tokens": {
+        "model": "tiny",
+        "messages": _MESSAGES,
+        "system": "Be brief.",
+        "tools": [{"name": "f", "input_schema": _F}],
+    },
+    "/v1/responses": {
+        "model": "tiny",
+        "input": [{"role": "user", "content": "hi"}],
+        "instructions": "Be brief.",
+        "max_output_tokens": 16,
+        "temperature": 0,
+        "stream": False,
+        "store": False,
+        "tools": [{"type": "function", "name": "f", "parameters": _F}],
+        "tool_choice": "auto",
+        "text": {"format": {"type": "text"}},
+    },
+    "/api/chat": {
+        "model": "tiny",
+        "messages": _MESSAGES,
+        "stream": False,
+        "options": _OLLAMA_OPTIONS,
+        "tools": [{"type": "function", "function": {"name": "f", "parameters": _F}}],
+        "keep_alive": "5m",
+    },
+    "/api/generate": {
+        "model": "tiny",
+        "prompt": "hi",
+        "system": "Be brief.",
+        "stream": False,
+        "options": _OLLAMA_OPTIONS,
+        "keep_alive": "5m",
+    },
+    "/api/embed": {"model": "bert", "input": ["hello", "world"], "truncate": True, "keep_alive": "5m"},
+    "/api/embeddings": {"model": "bert", "prompt": "hello"},
+    "/api/show": {"model": "tiny"},
+}
+DIALECT_BODIES["/openai/v1/responses"] = DIALECT_BODIES["/v1/responses"]
+# Fields without which a request is a 400.
+REQUIRED = {
+    "/v1/messages": {"model", "max_tokens", "messages"},
+    "/v1/messages/count_tokens": {"model", "messages"},
+    "/v1/responses": {"model"},
+    "/openai/v1/responses": {"model"},
+    "/api/chat": {"model"},
+    "/api/generate": {"model"},
+    "/api/embed": {"model"},
+    "/api/embeddings": {"model"},
+    "/api/show": {"model"},
+}
+# What a 200 that is not a stream holds, per route.
+_ANSWERS = {
+    "/v1/messages": lambda p: p["type"] == "message",
+    "/v1/messages/count_tokens": lambda p: isinstance(p["input_tokens"], int),
+    "/v1/responses": lambda p: p["object"] == "response",
+    "/openai/v1/responses": lambda p: p["object"] == "response",
+    "/api/chat": lambda p: p["done"] is True,
+    "/api/generate": lambda p: p["done"] is True,
+    "/api/embed": lambda p: isinstance(p["embeddings"], list),
+    "/api/embeddings": lambda p: isinstance(p["embedding"], list),
+    "/api/show": lambda p: isinstance(p["details"], dict),
+}
+WRONG_TYPES: list[Any] = [None, True, -1, 2.5, "x", [], {}, [{"type": 7}], {"a": [{"b": None}]}]
+JUNK_BODIES = [b"", b"{", b"[]", b"null", b'"x"', b"\xff\xfe", b'{"model": "tiny", "messages": [' + b"[" * 5000 + b"]"]
+
+
+def assert_dialect_error(path: str, body: Any) -> None:
+    if path.startswith("/v1/messages"):
+        assert_anthropic_error(body)
+    elif path.endswith("/responses"):
+        assert_envelope(body)
+    else:
+        assert_ollama_error(body)
+
+
+def assert_dialect_answer(path: str, reply: Reply) -> None:
+    """No 5xx; an error in the route's dialect; a stream that ends as its dialect ends one, with no error in it."""
+    status, payload, headers = reply
+    assert status < 500, (path, status, str(payload)[:300])
+    ctype = headers.get("Content-Type", "")
+    if status >= 400:
+        assert ctype.startswith("application/json"), (path, status, ctype)
+        assert_dialect_error(path, payload)
+    elif ctype.startswith("text/event-stream"):
+        names = [name for name, data in sse_events(payload) if data != "[DONE]"]
+        assert "error" not in names and "response.failed" not in names, payload[-300:]
+        assert names and names[-1] in ("message_stop", "response.completed", "response.incomplete"), payload[-300:]
+    elif ctype.startswith("application/x-ndjson"):
+        lines = ndjson(payload)
+        assert lines and not any("error" in line for line in lines) and lines[-1]["done"] is True, payload[-300:]
+    else:
+        assert _ANSWERS[path](payload), (path, str(payload)[:300])
+
+
+@pytest.fixture(scope="module")
+def dialect_tiny_server(tiny_llama: str, tiny_bert: str) -> Iterator[lllms.HTTPServer]:
+    """tiny_llama as "tiny" and tiny_bert as "bert" under test_lllms' small limits, with room for a tool prompt
+    (its whole context) and for Responses' smallest max_output_tokens (16)."""
+    config = tiny_config(tiny_llama, tiny_bert)
+    config["models"]["tiny"].update(context_size=512, max_tokens_limit=16, max_instances=2)
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        yield server
+
+
+def _assert_idle(server: lllms.HTTPServer) -> None:
+    status = server.model_server.status()
+    assert status["concurrency"]["running"] == 0 and status["concurrency"]["queued"] == 0
+    assert all(i["state"] == "idle" for i in status["instances"]), status["instances"]
+
+
+@pytest.mark.parametrize("path", DIALECT_POST_PATHS)
+def test_dialect_routes_answer_wrong_or_missing_fields_with_a_4xx_in_their_dialect(
+    dialect_tiny_server: lllms.HTTPServer, path: str
+) -> None:
+    """Every top-level field of a valid body left out, then set to each wrong type; then bodies that are no JSON
+    object. None gets a 5xx; errors come in the route's dialect; a valid request works afterwards."""
+    base = DIALECT_BODIES[path]
+    reply = http_request(dialect_tiny_server, "POST", path, base)
+    assert reply.status == 200, reply.body
+    assert_dialect_answer(path, reply)
+    for field in base:
+        reply = http_request(dialect_tiny_server, "POST", path, {k: v for k, v in base.items() if k != field})
+        assert_dialect_answer(path, reply)
+        if field in REQUIRED[path]:
+            assert reply.status == 400, (field, reply.body)
+        for value in WRONG_TYPES:
+            assert_dialect_answer(path, http_request(dialect_tiny_server, "POST", path, {**base, field: value}))
+    for junk in JUNK_BODIES:
+        reply = http_request(dialect_tiny_server, "POST", path, junk)
+        assert reply.status == 400, (junk[:20], reply.body)
+        assert_dialect_answer(path, reply)
+    assert http_request(dialect_tiny_server, "POST", path, base).status == 200
+    _assert_idle(dialect_tiny_server)
+
+
+def test_unknown_response_ids_are_404s(dialect_tiny_server: lllms.HTTPServer) -> None:
+    for method in ("GET", "DELETE"):
+        for rid in ("resp_nope", "..", "%00", "x" * 300):
+            status, body, _ = http_request(dialect_tiny_server, method, f"/v1/responses/{rid}")
+            assert status == 404, (method, rid, status)
+            assert_envelope(body)
+
+
+# The hypothesis fuzzing of the dialect routes, like test_fuzzed_bodies_never_get_a_5xx_or_hang for OpenAI's.
+_DROP = object()  # an edit that leaves the field out
+# Fields each dialect knows beyond those of DIALECT_BODIES, sent with random values too.
+_MORE_FIELDS = {
+    "anthropic": ["top_k", "top_p", "thinking", "service_tier", "container", "output_config", "mcp_servers"],
+    "responses": ["previous_response_id", "include", "reasoning", "truncation", "parallel_tool_calls", "top_p"]
+    + ["metadata", "background", "conversation", "prompt", "top_logprobs", "max_tool_calls"],
+    "ollama": ["format", "think", "raw", "template", "suffix", "images", "context", "truncate", "dimensions"]
+    + ["logprobs", "top_logprobs", "name"],
+}
+_part = st.fixed_dictionaries(
+    {
+        "type": st.sampled_from(["text", "image", "tool_use", "tool_result", "thinking", "document"])
+        | st.sampled_from(["input_text", "output_text", "input_image", "refusal", "function_call", "reasoning"])
+        | _json
+    },
+    optional={
+        k: _json for k in ("text", "id", "name", "input", "content", "tool_use_id", "call_id", "arguments", "output")
+    },
+)
+_turn = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "system", "developer", "tool"]) | _json},
+    optional={
+        "content": st.text(max_size=30) | st.lists(_part, max_size=3) | _json,
+        "type": st.sampled_from(["message", "function_call", "function_call_output"]) | _json,
+        "tool_calls": st.lists(
+            st.fixed_dictionaries({"function": st.fixed_dictionaries({"name": _json, "arguments": _json})}), max_size=2
+        )
+        | _json,
+        "call_id": _json,
+        "output": _json,
+    },
+)
+
+
+def _dialect_of(path: str) -> str:
+    return "anthropic" if path.startswith("/v1/messages") else "responses" if path.endswith("/responses") else "ollama"
+
+
+def _edited(path: str) -> st.SearchStrategy[bytes]:
+    """The route's valid body with one to three fields left out or set to random JSON (messages and input often to
+    lists of nearly right turns)."""
+    base = DIALECT_BODIES[path]
+    keys = st.sampled_from(sorted({*base, *_MORE_FIELDS[_dialect_of(path)]}))
+    value = st.just(_DROP) | _json | st.lists(_turn, max_size=4)
+    edit = st.tuples(keys, value) | st.tuples(
+        st.sampled_from(["messages", "input"]), st.lists(_turn, min_size=1, max_size=4)
+    )
+
+    def apply(edits: list[tuple[str, Any]]) -> bytes:
+        body = dict(base)
+        for key, v in edits:
+            if v is _DROP:
+                body.pop(key, None)
+            else:
+                body[key] = v
+        return json.dumps(body, ensure_ascii=False).encode()
+
+    return st.lists(edit, min_size=1, max_size=3).map(apply)
+
+
+def _dialect_body(path: str) -> st.SearchStrategy[bytes]:
+    return st.one_of(
+        _edited(path),
+        _json.map(lambda v: json.dumps(v).encode()),
+        st.binary(max_size=200),
+        st.sampled_from(JUNK_BODIES),
+    )
+
+
+def test_fuzzed_dialect_bodies_never_get_a_5xx_or_hang(dialect_tiny_server: lllms.HTTPServer) -> None:
+    """Hundreds of generated bodies to every dialect route: each is answered within its socket deadline, never with a
+    5xx, errors in the route's dialect; afterwards valid requests are served and no instance is stuck."""
+    seen: collections.Counter[int] = collections.Counter()
+
+    @settings(max_examples=300, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(request=st.sampled_from(DIALECT_POST_PATHS).flatmap(lambda p: st.tuples(st.just(p), _dialect_body(p))))
+    def post(request: tuple[str, bytes]) -> None:
+        path, body = request
+        reply = http_request(dialect_tiny_server, "POST", path, body, timeout=20)  # a hang fails at 20 s
+        seen[reply.status] += 1
+        assert_dialect_answer(path, reply)
+
+    post()
+    assert seen[200] > 0 and seen[400] > 0, seen  # the fuzzing reached the engines as well as the checks
+    for path in DIALECT_POST_PATHS:
+        reply = http_request(dialect_tiny_server, "POST", path, DIALECT_BODIES[path])
+        assert reply.status == 200, (path, reply.body)
+    _assert_idle(dialect_tiny_server)
