@@ -1,4 +1,4 @@
-"""lllms: serve local GGUF models over OpenAI's HTTP API, from one module on the standard library.
+"""lllms: serve local GGUF models over OpenAI's, Anthropic's and Ollama's HTTP APIs, from one stdlib module.
 
     python lllms.py --config models.json          # HTTP server
     from lllms import ModelServer                 # embedded, no HTTP
@@ -13,19 +13,23 @@ Sections, each built on the ones before it:
                    per model, stepped together by a _Decoder), Gpt4AllEngine. Each binding's private internals sit
                    in one shim (_LlamaShim, _Gpt4AllShim), version-checked at import.
   5. pool          _Pool: instances per model, one FIFO queue, routing each conversation to its context.
-  6. requests      Request, the one model of a request; openai_request builds it, and the OpenAI shapes.
+  6. requests      Request, the one model of a request, and the dialects that translate into it and out of its
+                   results: OpenAI's Chat Completions (openai_request), Anthropic Messages (anthropic_request),
+                   OpenAI Responses (_ResponsesCall, with its _ResponseStore) and Ollama (_OllamaCall).
   7. ModelServer   the embedded API: request() checks a body, submit() runs it; CompletionStream.
-  8. HTTP          _Handler (parsing, limits, SSE), _HTTPD (connections, deadlines), HTTPServer.
+  8. HTTP          _Handler (parsing, limits, routes), _Wire (each dialect's error envelope and stream framing),
+                   _HTTPD (connections, deadlines), HTTPServer.
   9. CLI           main().
 
 Data flows one way: HTTP -> request model -> ModelServer -> pool -> engine. One streamed chat request:
-  _Handler._handle -> _post_chat -> _openai -> _read_json (_parse_body)
-  -> ModelServer.request -> openai_request (_parse_messages, _tool_plan, ...) -> Request.check (Engine.check)
+  _Handler._handle -> _post_chat -> _serve -> _read_json (_parse_body)
+  -> openai_request (_parse_messages, _tool_plan, ...) -> Request.check (Engine.check)
   -> ModelServer.submit -> CompletionStream() -> _Pool.enqueue
   -> _Handler._send_stream, iterating chat_chunks(stream) -> CompletionStream._run -> _Pool.wait (and _Pool._load)
   -> LlamaCppEngine.run (a _Job per choice, each with its _Sampler) -> _Decoder.run; on the decode thread,
      _Decoder._step (_begin, _reuse) -> _decode -> _Job.sample, one Chunk per token into the job's queue
-  -> LlamaCppEngine._stream -> CompletionStream._record (_ReplyParser for tools) -> chat_chunks -> _write_chunk
+  -> LlamaCppEngine._stream -> CompletionStream._record (_ReplyParser for tools) -> chat_chunks -> _Wire.frame
+  -> _write_chunk
   -> at the end, or when the client goes: _Pool.release, with the context the instance now holds.
 
 Threads: the serve loop (lllms-http), which also cuts connections past their deadlines; one thread per
@@ -37,8 +41,9 @@ turns on the cores through _CORES, first come first served.
 
 Locks: ModelServer._files_lock may be held while taking _Pool.cond, and LlamaCppEngine._decoders_lock (held through
 a model's load) while taking _Decoder.cond; every other lock (_Pool.cond otherwise, _StateCache.lock,
-_Metrics._lock, _HTTPD.conns_lock, _inflight_lock, _Decoder.cond, _CORES, and _stderr_lock, held through a gpt4all
-load) is a leaf, never held while taking another. Only _CORES is held while an engine computes.
+_Metrics._lock, _HTTPD.conns_lock, _inflight_lock, _Decoder.cond, _CORES, _ResponseStore.lock, and _stderr_lock,
+held through a gpt4all load) is a leaf, never held while taking another. Only _CORES is held while an engine
+computes. ModelServer._files_lock is also held while a model's GGUF metadata is read.
 """
 
 from __future__ import annotations

@@ -4929,32 +4929,18 @@ PNG = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mP8z8BQDwAEhQGAh
 
 
 @pytest.fixture(scope="module")
-def dialect_server(smollm2: str, tiny_bert: str) -> Iterator[lllms.HTTPServer]:
-    config = {
-        "concurrency": 2,
-        "models": {
-            "smol": {"task": "text-completion", "file": smollm2, "context_size": 1024, "max_instances": 2},
-            "bert": {"task": "embedding", "file": tiny_bert},
-        },
-    }
-    server = lllms.start_http_server(config, host="127.0.0.1", port=0)
-    yield server
-    server.stop()
+def anthropic_client(http_server: lllms.HTTPServer) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=http_server.url, api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
-def anthropic_client(dialect_server: lllms.HTTPServer) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=dialect_server.url, api_key="unused", max_retries=0, timeout=120)
+def responses_client(http_server: lllms.HTTPServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=http_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
 
 
 @pytest.fixture(scope="module")
-def responses_client(dialect_server: lllms.HTTPServer) -> openai.OpenAI:
-    return openai.OpenAI(base_url=dialect_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
-
-
-@pytest.fixture(scope="module")
-def ollama_client(dialect_server: lllms.HTTPServer) -> ollama.Client:
-    return ollama.Client(host=dialect_server.url, timeout=120)
+def ollama_client(http_server: lllms.HTTPServer) -> ollama.Client:
+    return ollama.Client(host=http_server.url, timeout=120)
 
 
 # ==== Anthropic Messages
@@ -4991,11 +4977,11 @@ def test_anthropic_stream_text_deltas_join_to_the_final_message(anthropic_client
     assert plain.usage.output_tokens == final.usage.output_tokens
 
 
-def test_anthropic_stream_events_come_in_anthropic_s_order(dialect_server: lllms.HTTPServer) -> None:
+def test_anthropic_stream_events_come_in_anthropic_s_order(http_server: lllms.HTTPServer) -> None:
     """message_start; per block content_block_start, its deltas, content_block_stop; message_delta, message_stop.
     Pings may come anywhere after message_start."""
     body = {"model": "smol", "max_tokens": 16, "temperature": 0, "stream": True, "messages": CHAT}
-    status, raw, headers = http_request(dialect_server, "POST", "/v1/messages", body)
+    status, raw, headers = http_request(http_server, "POST", "/v1/messages", body)
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream"), raw
     events = sse_events(raw)
     for name, data in events:
@@ -5097,10 +5083,10 @@ def test_anthropic_second_turn_reads_the_first_from_the_cache(anthropic_client: 
 
 
 def test_anthropic_errors_come_in_anthropic_s_error_body(
-    anthropic_client: anthropic.Anthropic, dialect_server: lllms.HTTPServer
+    anthropic_client: anthropic.Anthropic, http_server: lllms.HTTPServer
 ) -> None:
     no_max_tokens = {"model": "smol", "messages": CHAT}
-    status, body, headers = http_request(dialect_server, "POST", "/v1/messages", no_max_tokens)
+    status, body, headers = http_request(http_server, "POST", "/v1/messages", no_max_tokens)
     assert status == 400 and headers["Content-Type"].startswith("application/json")
     assert_anthropic_error(body, "invalid_request_error")
     assert "max_tokens" in body["error"]["message"]
@@ -5181,7 +5167,7 @@ def test_responses_create_returns_a_message_with_output_text_and_usage(responses
 
 
 def test_responses_take_message_items_and_instructions(
-    responses_client: openai.OpenAI, dialect_server: lllms.HTTPServer
+    responses_client: openai.OpenAI, http_server: lllms.HTTPServer
 ) -> None:
     """Input items with input_text parts and `instructions` make the same prompt as plain messages led by a system
     message; /openai/v1/responses is the same endpoint as /v1/responses."""
@@ -5198,7 +5184,7 @@ def test_responses_take_message_items_and_instructions(
     assert r.output_text and r.output_text == plain.output_text
     assert r.usage is not None and plain.usage is not None and r.usage.input_tokens == plain.usage.input_tokens
     status, body, _ = http_request(
-        dialect_server, "POST", "/openai/v1/responses", {**kw, "input": items, "instructions": "Answer in one line."}
+        http_server, "POST", "/openai/v1/responses", {**kw, "input": items, "instructions": "Answer in one line."}
     )
     assert status == 200 and body["object"] == "response" and body["output"][0]["type"] == "message"
 
@@ -5215,9 +5201,9 @@ def test_responses_stream_text_deltas_join_to_the_final_response(responses_clien
     assert plain.output_text == "".join(deltas) and plain.status == final.response.status
 
 
-def test_responses_stream_events_come_in_order_with_sequence_numbers(dialect_server: lllms.HTTPServer) -> None:
+def test_responses_stream_events_come_in_order_with_sequence_numbers(http_server: lllms.HTTPServer) -> None:
     body = {"model": "smol", "input": "Name three colours.", "max_output_tokens": 16, "temperature": 0, "stream": True}
-    status, raw, headers = http_request(dialect_server, "POST", "/v1/responses", body)
+    status, raw, headers = http_request(http_server, "POST", "/v1/responses", body)
     assert status == 200 and headers["Content-Type"].startswith("text/event-stream"), raw
     events = [(name, data) for name, data in sse_events(raw) if data != "[DONE]"]
     for name, data in events:
@@ -5324,7 +5310,7 @@ def test_responses_refuse_built_in_tools_by_name(responses_client: openai.OpenAI
     assert "web_search" in exc.value.message
 
 
-def test_openai_agents_runner_calls_a_forced_function_tool(dialect_server: lllms.HTTPServer) -> None:
+def test_openai_agents_runner_calls_a_forced_function_tool(http_server: lllms.HTTPServer) -> None:
     """openai-agents on the Responses API: the forced tool is called with valid arguments, and with
     stop_on_first_tool its result is the run's final output."""
     calls: list[str] = []
@@ -5341,7 +5327,7 @@ def test_openai_agents_runner_calls_a_forced_function_tool(dialect_server: lllms
 
     model = OpenAIResponsesModel(
         model="smol",
-        openai_client=openai.AsyncOpenAI(base_url=dialect_server.url + "/v1", api_key="unused", max_retries=0),
+        openai_client=openai.AsyncOpenAI(base_url=http_server.url + "/v1", api_key="unused", max_retries=0),
     )
     agent = Agent(
         name="weather",
@@ -5376,9 +5362,9 @@ def test_ollama_chat_streamed_joins_to_the_non_streamed_reply(ollama_client: oll
     assert last.total_duration > 0
 
 
-def test_ollama_chat_streams_ndjson_when_stream_is_not_given(dialect_server: lllms.HTTPServer) -> None:
+def test_ollama_chat_streams_ndjson_when_stream_is_not_given(http_server: lllms.HTTPServer) -> None:
     body = {"model": "smol", "messages": CHAT, "options": {"temperature": 0, "num_predict": 8}}
-    status, raw, headers = http_request(dialect_server, "POST", "/api/chat", body)
+    status, raw, headers = http_request(http_server, "POST", "/api/chat", body)
     assert status == 200 and headers["Content-Type"].startswith("application/x-ndjson"), raw
     *parts, last = ndjson(raw)
     assert parts and all(p["done"] is False and p["message"]["role"] == "assistant" for p in parts)
@@ -5404,7 +5390,7 @@ def test_ollama_embed_and_the_older_embeddings(ollama_client: ollama.Client) -> 
 
 
 def test_ollama_list_show_ps_and_version_describe_the_models(
-    ollama_client: ollama.Client, dialect_server: lllms.HTTPServer
+    ollama_client: ollama.Client, http_server: lllms.HTTPServer
 ) -> None:
     models = {m.model.removesuffix(":latest"): m for m in ollama_client.list().models}
     assert {"smol", "bert"} <= set(models)
@@ -5423,7 +5409,7 @@ def test_ollama_list_show_ps_and_version_describe_the_models(
     ollama_client.generate(model="smol", prompt="Hi", options={"num_predict": 1})
     assert "smol" in ollama_names(ollama_client.ps().models)
 
-    status, body, _ = http_request(dialect_server, "GET", "/api/version")
+    status, body, _ = http_request(http_server, "GET", "/api/version")
     assert status == 200 and isinstance(body["version"], str) and body["version"]
 
 
@@ -5467,7 +5453,7 @@ def test_ollama_tool_calls_and_tool_results(ollama_client: ollama.Client) -> Non
 
 
 def test_ollama_refusals_are_status_errors_with_ollama_s_body(
-    ollama_client: ollama.Client, dialect_server: lllms.HTTPServer
+    ollama_client: ollama.Client, http_server: lllms.HTTPServer
 ) -> None:
     with pytest.raises(ollama.ResponseError) as exc:
         ollama_client.chat(model="smol", messages=CHAT, options={"mirostat": 1, "num_predict": 4})
@@ -5481,7 +5467,7 @@ def test_ollama_refusals_are_status_errors_with_ollama_s_body(
     with pytest.raises(ollama.ResponseError) as show:
         ollama_client.show("nope")
     assert show.value.status_code == 404
-    status, body, headers = http_request(dialect_server, "POST", "/api/generate", {"model": "nope", "prompt": "hi"})
+    status, body, headers = http_request(http_server, "POST", "/api/generate", {"model": "nope", "prompt": "hi"})
     assert status == 404 and headers["Content-Type"].startswith("application/json")
     assert_ollama_error(body)
 
