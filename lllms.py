@@ -83,6 +83,7 @@ import types
 import typing
 import urllib.error
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import suppress as _suppress
 from dataclasses import dataclass, field
@@ -340,6 +341,8 @@ class ServerConfig:
     read_timeout: float = _bound(30.0, above=True)  # seconds to receive a request's headers and body, once begun
     shutdown_grace: float = _bound(30.0, 0)  # seconds SIGTERM lets running requests finish before they are cut short
     stored_responses: int = _bound(1000, 0)  # Responses API results kept in memory for previous_response_id
+    node_id: str | None = None  # this node's name behind a load balancer: the X-Lllms-Node header, status, metrics
+    drain_delay: float = _bound(0.0, 0)  # seconds a stopping server keeps answering 503 before it stops listening
 
     def _check(self, path: str) -> None:
         for i, key in enumerate(self.api_keys):
@@ -4830,7 +4833,12 @@ class _ResponsesCall:
 
     def __init__(self, store: _ResponseStore) -> None:
         self.store, self.body, self.history = store, {}, []
-        self.id = "resp_" + secrets.token_hex(12)
+        self.key: str | None = None  # the conversation's affinity key, which the id carries for a load balancer
+        self.created, self.token = int(time.time()), secrets.token_hex(12)
+
+    @property
+    def id(self) -> str:
+        return f"resp_{self.key}_{self.token}" if self.key else f"resp_{self.token}"
 
     def request(self, body: dict[str, Any], config: ServerConfig) -> Request:
         model = _model_of(body, config, "chat")
@@ -4858,7 +4866,7 @@ class _ResponsesCall:
             items.append(
                 {
                     "type": "message",
-                    "id": "msg_" + self.id[5:],
+                    "id": "msg_" + self.token,
                     "status": status,
                     "role": "assistant",
                     "content": [part],
@@ -4890,7 +4898,7 @@ class _ResponsesCall:
         out = {
             "id": self.id,
             "object": "response",
-            "created_at": int(time.time()),
+            "created_at": self.created,
             "status": status,
             "error": None,
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
@@ -5074,7 +5082,8 @@ def _ollama_messages(messages: Any) -> list[dict[str, Any]]:
     calls: list[tuple[str, str]] = []  # (id, name) of every call so far
     for i, m in enumerate(messages):
         m = _object(m, f"messages[{i}]")
-        _refuse(m, {"images": "the model reads text"}, "this")
+        if m.get("images"):
+            raise InvalidRequest(f"'messages[{i}].images': the model reads text only", param="images")
         msg = {k: m[k] for k in ("role", "content") if k in m}
         if m.get("tool_calls"):
             msg["tool_calls"] = []
@@ -5090,11 +5099,6 @@ def _ollama_messages(messages: Any) -> list[dict[str, Any]]:
             msg["tool_call_id"] = named[-1] if named else ""
         out.append(msg)
     return _parse_messages(out)
-
-
-def _ollama_tools(tools: Any) -> Any:
-    """Ollama's tools are OpenAI's, with functions given as they are."""
-    return tools
 
 
 class _OllamaCall:
@@ -5114,7 +5118,7 @@ class _OllamaCall:
         if self.kind == "chat":
             req = Request("chat", model, params, stream=stream)
             req.messages = _ollama_messages(body.get("messages"))
-            req.tools = _tool_plan(_ollama_tools(body.get("tools")), None, None, req.messages)
+            req.tools = _tool_plan(body.get("tools"), None, None, req.messages)  # Ollama's tools are OpenAI's
         elif body.get("raw") or body.get("suffix"):
             req = Request(
                 "completion", model, params, prompts=[_string(body.get("prompt", ""), "prompt")], stream=stream
@@ -5483,13 +5487,16 @@ class ModelServer:
         log.info("ready: %s", ", ".join(self.config.models) or "no models")
         return self
 
-    def stop(self, grace: float = 10.0) -> None:
-        """Drain: refuse new work (503), let running requests finish for up to `grace` seconds, free all instances."""
+    def stop(self, grace: float = 10.0, hold: float = 0.0) -> None:
+        """Drain: refuse new work (503), let running requests finish for up to `grace` seconds, free all instances.
+        `hold`: return no sooner than this many seconds (HTTP keeps answering 503 meanwhile; abort() ends it)."""
         if self._state == "ready":
             self._state = "draining"
+            until = time.monotonic() + hold
             self._cancel_downloads.set()  # a part file stays, and resumes on the next start
             log.info("draining: waiting up to %gs for %d running requests", grace, self._pool.running)
             self._pool.stop(grace)
+            self._pool.abort.wait(until - time.monotonic())
             self._state = "stopped"
 
     @property
@@ -5695,6 +5702,7 @@ class ModelServer:
         counts, _, running, queued = self._pool.snapshot()
         ours: dict[str, list[tuple[dict[str, str], float]]] = {
             "lllms_up": [({}, 1 if self.state == "ready" else 0)],
+            "lllms_node_info": [({"node": self.config.node_id or ""}, 1)],
             "lllms_queue_length": [({}, queued)],
             "lllms_requests_running": [({}, running)],
             "lllms_instances": [
@@ -5730,6 +5738,7 @@ class ModelServer:
                 models[m.id]["state_cache"] = cache
         return {
             "server": "lllms",
+            "node": self.config.node_id,
             "version": __version__,
             "uptime": int(time.time()) - self.created,
             "state": self.state,
@@ -5909,6 +5918,36 @@ _WIRES = {
 }
 
 
+def _lead_text(value: Any) -> str | None:
+    """Text that starts a conversation, as HAProxy's json_query reads it: a string, or a list's first part's text."""
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        value = value[0].get("text", value[0].get("content"))
+    return value if isinstance(value, str) else None
+
+
+def conversation_key(path: str, body: dict[str, Any]) -> str | None:
+    """The affinity key examples/haproxy/lllms.cfg hashes on: the CRC-32 (zlib's, as HAProxy's crc32) of the texts
+    that open the conversation, which no later turn changes. None where the body has none."""
+    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+    first = [m if isinstance(m, dict) else {} for m in messages[:2]] + [{}, {}]
+    if path.endswith(("/chat/completions", "/api/chat")):
+        system = first[0].get("role") in ("system", "developer")
+        texts = [first[0].get("content"), first[1].get("content") if system else None]
+    elif path.endswith("/messages"):
+        texts = [body.get("system"), first[0].get("content")]
+    elif path.endswith("/responses"):
+        items = body.get("input")
+        lead = items[0] if isinstance(items, list) and items and isinstance(items[0], dict) else {}
+        texts = [body.get("instructions"), items if isinstance(items, str) else lead.get("content")]
+    elif path.endswith(("/v1/completions", "/api/generate")):
+        prompt = body.get("prompt")
+        return str(zlib.crc32(prompt.encode()[:256])) if isinstance(prompt, str) else None
+    else:
+        return None
+    found = [t for t in map(_lead_text, texts) if t is not None]
+    return str(zlib.crc32("".join(found).encode())) if found else None
+
+
 def _wire_of(path: str) -> _Wire:
     """Which dialect a path speaks, for its errors too (an unknown /v1/messages/x is answered as Anthropic)."""
     prefixes = {"/openai/v1/messages": "anthropic", "/openai/v1/responses": "responses", "/api/": "ollama"}
@@ -5976,7 +6015,7 @@ class _Handler(BaseHTTPRequestHandler):
         self.headers = None  # type: ignore[assignment]
         self._expect_continue = self._body_read = False
         self._request_id, self._status, self._t0 = secrets.token_hex(8), 0, time.monotonic()
-        self._wire = _WIRES["openai"]
+        self._wire, self._conversation_key = _WIRES["openai"], None
         super().handle_one_request()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
@@ -6154,10 +6193,15 @@ class _Handler(BaseHTTPRequestHandler):
     def end_headers(self) -> None:
         # Every response, errors included, carries its request id (and CORS headers for allowed origins).
         self.send_header("X-Request-Id", self._request_id)
+        if (node := self.server.model_server.config.node_id) is not None:
+            self.send_header("X-Lllms-Node", node)
+        if self._conversation_key is not None:
+            self.send_header("X-Conversation-Key", self._conversation_key)
         origin = self._cors_origin() if self.headers is not None else None
         if origin is not None:
             self.send_header("Access-Control-Allow-Origin", origin)
-            self.send_header("Access-Control-Expose-Headers", "X-Request-Id, X-Lllms-Instance, Retry-After")
+            exposed = "X-Request-Id, X-Lllms-Instance, X-Lllms-Node, X-Conversation-Key, Retry-After"
+            self.send_header("Access-Control-Expose-Headers", exposed)
             self.send_header("Vary", "Origin")
         super().end_headers()
 
@@ -6342,8 +6386,9 @@ class _Handler(BaseHTTPRequestHandler):
         self, parse: Callable[[dict[str, Any], ServerConfig], Request], response: Any, events: Any = None
     ) -> None:
         """A request in any dialect: its body parsed into a Request, the result streamed or sent as one object."""
-        ms = self.server.model_server
-        req = parse(self._read_json(), ms.config)
+        ms, body = self.server.model_server, self._read_json()
+        self._conversation_key = self._conversation_key or conversation_key(self.path.split("?", 1)[0], body)
+        req = parse(body, ms.config)
         result = ms.submit(req, cancel=_ClientWatch(self.connection))
         if isinstance(result, CompletionStream):
             self._send_stream(result, events(result))
@@ -6362,7 +6407,16 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _post_responses(self) -> None:
         call = _ResponsesCall(self.server.model_server.responses)
-        self._serve(call.request, call.response, call.events)
+
+        def parse(body: dict[str, Any], config: ServerConfig) -> Request:
+            # A continued conversation keeps the key its first response was routed by, which its id carries.
+            previous = body.get("previous_response_id")
+            held = re.fullmatch(r"resp_([0-9]+)_[0-9a-f]+", previous) if isinstance(previous, str) else None
+            self._conversation_key = held.group(1) if held else conversation_key("/responses", body)
+            call.key = self._conversation_key
+            return call.request(body, config)
+
+        self._serve(parse, call.response, call.events)
 
     def _ollama(self, kind: Literal["chat", "generate"]) -> None:
         call = _OllamaCall(kind)
@@ -6743,7 +6797,8 @@ class HTTPServer:
         (for up to `grace` seconds); then the model server frees its instances and every connection ends."""
         self._httpd.draining = True
         self._httpd.cut_waiting()
-        self.model_server.stop(grace)
+        # A balancer sees /health fail within drain_delay; until then, new requests get a 503 it can retry elsewhere.
+        self.model_server.stop(grace, self.model_server.config.drain_delay)
         if self._thread is not None:  # shutdown() waits for a serve_forever() that must have started
             self._httpd.shutdown()
             self._thread.join()
@@ -6837,6 +6892,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--config", help="JSON config file (default: the built-in SmolLM2-135M-Instruct)")
     ap.add_argument("--host", help="listen address (default: config listen.host or 127.0.0.1)")
     ap.add_argument("--port", type=int, help="listen port (default: config listen.port or 3000)")
+    ap.add_argument("--node-id", help="this node's name behind a load balancer (default: config node_id)")
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     ap.add_argument("--version", action="version", version=f"lllms {__version__}")
     args = ap.parse_args(argv)
@@ -6846,6 +6902,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"lllms: {exc}", file=sys.stderr)
         return 2
+    config.node_id = args.node_id or config.node_id
     if args.command == "list":
         return _list_models_dir(config)
     ms = ModelServer(config, progress=_ProgressPrinter())

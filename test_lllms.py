@@ -16,6 +16,7 @@ import math
 import os
 import re
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -5749,3 +5750,117 @@ def test_fuzzed_dialect_bodies_never_get_a_5xx_or_hang(dialect_tiny_server: lllm
         reply = http_request(dialect_tiny_server, "POST", path, DIALECT_BODIES[path])
         assert reply.status == 200, (path, reply.body)
     _assert_idle(dialect_tiny_server)
+
+
+# ==== scaling out: three nodes behind HAProxy with examples/haproxy/lllms.cfg
+
+
+def _haproxy() -> str:
+    """The haproxy binary; a skip where it is missing, except under CI, which must run these tests."""
+    path = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if os.path.exists(p)), None)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("haproxy is not installed; .ci/run installs Debian's package")
+        pytest.skip("haproxy is not installed (apt-get install haproxy) - the scale-out tests need it")
+    return path
+
+
+class Cluster:
+    """Three lllms nodes (the tiny model, one thread each) and HAProxy with the shipped config, on free ports."""
+
+    def __init__(self, tmp_path: Any, tiny_llama: str, **server: Any) -> None:
+        self.tmp, self.nodes, self.procs = tmp_path, {}, {}
+        model = {"task": "text-completion", "file": tiny_llama, "context_size": 256, "max_instances": 9}
+        config = {"concurrency": 4, "drain_delay": 3, "models": {"tiny": {**model, "device": {"cpu_threads": 1}}}}
+        (tmp_path / "nodes.json").write_text(json.dumps({**config, **server}))
+        for i in (1, 2, 3):
+            self.nodes[f"node{i}"] = free_port()
+            self.start_node(f"node{i}")
+        self.port = free_port()
+        env = {f"LLLMS_NODE{i}": f"127.0.0.1:{self.nodes[f'node{i}']}" for i in (1, 2, 3)}
+        env |= {"LLLMS_HAPROXY_BIND": f"127.0.0.1:{self.port}", "LLLMS_HAPROXY_SOCKET": str(tmp_path / "haproxy.sock")}
+        cfg = os.path.join(HERE, "examples", "haproxy", "lllms.cfg")
+        self.haproxy = subprocess.Popen(
+            [_haproxy(), "-db", "-f", cfg],
+            env={**os.environ, **env},
+            stdout=open(tmp_path / "haproxy.log", "w"),
+            stderr=subprocess.STDOUT,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        for name in self.nodes:
+            _wait_healthy(self.procs[name], f"http://127.0.0.1:{self.nodes[name]}")
+        wait_until(lambda: self.up() == 3, timeout=30, what="HAProxy to see the three nodes up")
+
+    def start_node(self, name: str) -> None:
+        log = open(self.tmp / f"{name}.log", "w")
+        args = ["--config", str(self.tmp / "nodes.json"), "--node-id", name, "--port", str(self.nodes[name])]
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, os.path.join(HERE, "lllms.py"), *args], stdout=log, stderr=subprocess.STDOUT
+        )
+
+    def up(self) -> int:
+        """Nodes HAProxy counts as up, by the stats socket."""
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(self.tmp / "haproxy.sock"))
+            s.sendall(b"show servers state lllms_nodes\n")
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+        # Columns: ... srv_name srv_addr srv_op_state (2: running) ...
+        return sum(1 for line in out.decode().splitlines()[2:] if line.split()[5:6] == ["2"])
+
+    def chat(self, messages: list[dict[str, Any]], headers: dict[str, str] | None = None) -> Reply:
+        """A chat through HAProxy (which writes header names in lower case: they come back in title case)."""
+        body = {"model": "tiny", "messages": messages, "max_tokens": 4, "temperature": 0}
+        status, payload, got = http_request(self.url, "POST", "/v1/chat/completions", body, headers, timeout=60)
+        got = {k.title(): v for k, v in got.items()}
+        return _reply(status, got, payload.encode()) if isinstance(payload, str) else Reply(status, payload, got)
+
+    def close(self) -> None:
+        for proc in [self.haproxy, *self.procs.values()]:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def cluster(tmp_path: Any, tiny_llama: str) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, tiny_llama)
+    yield c
+    c.close()
+
+
+def _converse(cluster: Cluster, first: str, turns: int, echo: bool = False) -> list[Reply]:
+    """One conversation of `turns` turns through HAProxy; with `echo`, later turns send the first reply's
+    X-Conversation-Key back as X-Session-Id."""
+    messages: list[dict[str, Any]] = [{"role": "user", "content": first}]
+    replies: list[Reply] = []
+    for t in range(turns):
+        headers = {"X-Session-Id": replies[0].headers["X-Conversation-Key"]} if echo and replies else None
+        reply = cluster.chat(messages, headers)
+        assert reply.status == 200, reply
+        replies.append(reply)
+        messages += [reply.body["choices"][0]["message"], {"role": "user", "content": f"And then, part {t + 2}?"}]
+    return replies
+
+
+def test_haproxy_keeps_each_conversation_on_the_node_that_holds_it(cluster: Cluster) -> None:
+    """(a) 9 conversations x 4 turns: every turn on its first turn's node, at least two nodes used, later turns
+    cached; echoing X-Conversation-Key as X-Session-Id sticks too, for non-ASCII text HAProxy cannot read."""
+    nodes = []
+    for i in range(9):
+        replies = _converse(cluster, f"Conversation {i}: tell me about the colour number {i * 7}.", 4)
+        served = {r.headers["X-Lllms-Node"] for r in replies}
+        assert len(served) == 1, (i, served)
+        nodes += served
+        for before, after in itertools.pairwise(replies):
+            cached = after.body["usage"]["prompt_tokens_details"]["cached_tokens"]
+            assert cached >= before.body["usage"]["prompt_tokens"], (i, before.body["usage"], after.body["usage"])
+    assert len(set(nodes)) >= 2, nodes
+    # Python's json escapes non-ASCII as \uXXXX, which HAProxy's json_query does not read past U+00FF: the first
+    # turn goes round robin, and the echoed key keeps every later turn on one node, with its context.
+    replies = _converse(cluster, "Parlons de 東京 et de München, s'il vous plaît.", 4, echo=True)
+    assert len({r.headers["X-Lllms-Node"] for r in replies[1:]}) == 1
+    assert len({r.headers["X-Conversation-Key"] for r in replies}) == 1
+    for before, after in itertools.pairwise(replies[1:]):
+        assert after.body["usage"]["prompt_tokens_details"]["cached_tokens"] >= before.body["usage"]["prompt_tokens"]
