@@ -5864,3 +5864,73 @@ def test_haproxy_keeps_each_conversation_on_the_node_that_holds_it(cluster: Clus
     assert len({r.headers["X-Conversation-Key"] for r in replies}) == 1
     for before, after in itertools.pairwise(replies[1:]):
         assert after.body["usage"]["prompt_tokens_details"]["cached_tokens"] >= before.body["usage"]["prompt_tokens"]
+
+
+class _Load:
+    """Clients sending requests through HAProxy one after another until stopped: what each got, and when."""
+
+    def __init__(self, cluster: Cluster, clients: int, stream: bool = False) -> None:
+        self.cluster, self.stream, self.done = cluster, stream, threading.Event()
+        self.results: list[tuple[float, float, int | str, str]] = []  # (start, end, status or error, node)
+        self.threads = [threading.Thread(target=self._client, args=(i,)) for i in range(clients)]
+        for t in self.threads:
+            t.start()
+
+    def _client(self, i: int) -> None:
+        for n in range(200):  # bounded: the test stops it long before
+            if self.done.is_set():
+                return
+            body = {"model": "tiny", "messages": [{"role": "user", "content": f"client {i}, request {n}"}]}
+            body |= {"max_tokens": 8, "stream": self.stream}
+            start, node = time.monotonic(), ""
+            try:
+                status: int | str
+                status, _, headers = http_request(self.cluster.url, "POST", "/v1/chat/completions", body, timeout=60)
+                node = {k.lower(): v for k, v in headers.items()}.get("x-lllms-node", "")
+            except (OSError, http.client.HTTPException) as exc:  # a stream cut short by a killed node
+                status = type(exc).__name__
+            self.results.append((start, time.monotonic(), status, node))
+
+    def stop(self) -> None:
+        self.done.set()
+        for t in self.threads:
+            t.join(90)
+
+
+def test_haproxy_resends_around_a_killed_node(cluster: Cluster) -> None:
+    """(b) kill -9 a node while conversations run: every request started after the kill succeeds (HAProxy
+    redispatches it); only requests already running on that node may fail, and the killed node's conversations go
+    on elsewhere."""
+    starts = {i: _converse(cluster, f"Conversation {i} about the number {i * 11}.", 1)[0] for i in range(9)}
+    victim = collections.Counter(r.headers["X-Lllms-Node"] for r in starts.values()).most_common(1)[0][0]
+    load = _Load(cluster, clients=3, stream=True)
+    wait_until(lambda: len(load.results) >= 6, timeout=60, what="load through HAProxy")
+    cluster.procs[victim].kill()
+    killed = time.monotonic()
+    cluster.procs[victim].wait(10)
+    wait_until(lambda: sum(1 for r in load.results if r[0] > killed) >= 9, timeout=60, what="requests after")
+    load.stop()
+    after = [status for start, _, status, _ in load.results if start > killed]
+    assert after and all(status == 200 for status in after), after
+    cut = [r for r in load.results if r[0] <= killed <= r[1] and r[2] != 200]
+    assert len(cut) <= 3, cut  # at most one in flight per client
+    # The victim's conversations continue, on the nodes left.
+    for i, first in starts.items():
+        if first.headers["X-Lllms-Node"] == victim:
+            messages = [{"role": "user", "content": f"Conversation {i} about the number {i * 11}."}]
+            reply = cluster.chat([*messages, first.body["choices"][0]["message"], {"role": "user", "content": "More?"}])
+            assert reply.status == 200 and reply.headers["X-Lllms-Node"] != victim
+
+
+def test_haproxy_drains_a_node_without_failing_a_request(cluster: Cluster) -> None:
+    """(c) SIGTERM a node under steady non-streaming load: no request fails, and the node exits 0."""
+    load = _Load(cluster, clients=3)
+    wait_until(lambda: any(r[3] == "node2" for r in load.results), timeout=60, what="node2 to serve some of the load")
+    cluster.procs["node2"].send_signal(signal.SIGTERM)
+    assert cluster.procs["node2"].wait(60) == 0
+    stopped = time.monotonic()
+    wait_until(lambda: sum(1 for r in load.results if r[0] > stopped) >= 6, timeout=60, what="requests after")
+    load.stop()
+    assert all(r[2] == 200 for r in load.results), [r for r in load.results if r[2] != 200]
+    assert any(r[3] == "node2" for r in load.results), "node2 served nothing: the drain was not exercised"
+    assert not any(r[3] == "node2" for r in load.results if r[0] > stopped)
