@@ -454,17 +454,19 @@ def _from_dict(cls: Any, data: Any, path: str) -> Any:
     return obj
 
 
+def _read_config(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file: {exc}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"config file is not valid JSON: {exc}") from None
+
+
 def load_config(source: ServerConfig | dict[str, Any] | str | os.PathLike) -> ServerConfig:
     """Validate a config given as a ServerConfig, a dict, or a path to a JSON file."""
-    if isinstance(source, (str, os.PathLike)):
-        try:
-            with open(source, encoding="utf-8") as f:
-                source = json.load(f)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file: {exc}") from None
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"config file is not valid JSON: {exc}") from None
-    return _coerce(source, ServerConfig, "")
+    return _coerce(_read_config(source) if isinstance(source, (str, os.PathLike)) else source, ServerConfig, "")
 
 
 def _find_default_model() -> str:
@@ -6879,6 +6881,51 @@ def _list_models_dir(config: ServerConfig) -> int:
     return 0
 
 
+# Architectures that only embed: a GGUF of one is served as an embedding model.
+_ENCODER_ARCHITECTURES = {
+    "bert",
+    "nomic-bert",
+    "nomic-bert-moe",
+    "jina-bert-v2",
+    "modern-bert",
+    "neo-bert",
+    "t5encoder",
+}
+
+
+def _add_models(raw: dict[str, Any], specs: list[str], engine: str | None) -> dict[str, Any]:
+    """Models named on the command line, added to a config: the id is the file name without .gguf, the task read
+    from the GGUF header; a URL is downloaded first (resumable, checked), with a progress bar on a terminal."""
+    if not isinstance(raw, dict) or not isinstance(raw.setdefault("models", {}), dict):
+        raise ConfigError("the config must be an object, and its 'models' an object")
+    models = raw["models"]
+    models_dir = os.path.expanduser(raw.get("models_dir") or raw.get("modelsPath") or _default_models_dir())
+    for spec in specs:
+        url = spec if re.match(r"https?://", spec, re.IGNORECASE) else None
+        name = os.path.basename(urlsplit(spec).path if url else spec)
+        model_id = re.sub(r"[^A-Za-z0-9_.:-]", "-", re.sub(r"\.gguf$", "", name, flags=re.IGNORECASE)) or "model"
+        if model_id in models:
+            raise ConfigError(f"--model {spec}: the model id '{model_id}' is already in the config")
+        path = os.path.abspath(spec)
+        if url is not None:
+            printer = _ProgressPrinter()
+            path = fetch(url, url_path(_normalize_url(url), models_dir), progress=functools.partial(printer, model_id))
+        try:
+            arch = _GgufHeader(path, lambda key: key == "general.architecture").values.get("general.architecture")
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"--model {spec}: {exc}") from None
+        task = "embedding" if arch in _ENCODER_ARCHITECTURES else "text-completion"
+        models[model_id] = {
+            "task": task,
+            "file": path,
+            "engine": engine or "llama-cpp",
+            **({"url": url} if url else {}),
+        }
+        if task == "text-completion":  # enough for a chat, and a second one, whatever the model was trained for
+            models[model_id] |= {"context_size": 4096, "max_instances": 2}
+    return raw
+
+
 def main(argv: list[str] | None = None) -> int:
     """`lllms [serve|prepare|list] --config models.json`: serve until Ctrl-C or SIGTERM, or manage model files."""
     ap = argparse.ArgumentParser(prog="lllms", description="Serve local GGUF models over an OpenAI-compatible API.")
@@ -6889,7 +6936,16 @@ def main(argv: list[str] | None = None) -> int:
         choices=["serve", "prepare", "list"],
         help="serve (default); prepare: download and verify every model, then exit; list: show models_dir",
     )
+    ap.add_argument("files", nargs="*", metavar="FILE.gguf", help="serve these models too (as --model)")
     ap.add_argument("--config", help="JSON config file (default: the built-in SmolLM2-135M-Instruct)")
+    ap.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="FILE_OR_URL",
+        help="serve a GGUF file, or download one from a URL (repeatable); its id is the file name without .gguf",
+    )
+    ap.add_argument("--engine", choices=sorted(_ENGINES), help="engine for --model models (default: llama-cpp)")
     ap.add_argument("--host", help="listen address (default: config listen.host or 127.0.0.1)")
     ap.add_argument("--port", type=int, help="listen port (default: config listen.port or 3000)")
     ap.add_argument("--node-id", help="this node's name behind a load balancer (default: config node_id)")
@@ -6897,9 +6953,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--version", action="version", version=f"lllms {__version__}")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    specs = [*args.files, *args.model]
     try:
-        config = load_config(args.config or default_config())
-    except ConfigError as exc:
+        raw = _read_config(args.config) if args.config else {} if specs else default_config()
+        config = load_config(_add_models(raw, specs, args.engine))
+    except (ConfigError, DownloadError) as exc:
         print(f"lllms: {exc}", file=sys.stderr)
         return 2
     config.node_id = args.node_id or config.node_id

@@ -5934,3 +5934,74 @@ def test_haproxy_drains_a_node_without_failing_a_request(cluster: Cluster) -> No
     assert all(r[2] == 200 for r in load.results), [r for r in load.results if r[2] != 200]
     assert any(r[3] == "node2" for r in load.results), "node2 served nothing: the drain was not exercised"
     assert not any(r[3] == "node2" for r in load.results if r[0] > stopped)
+
+
+# ==== the one-line start: lllms serve FILE.gguf, --model FILE_OR_URL
+
+
+def _serve_cli(args: list[str], port: int, home: Any) -> subprocess.Popen:
+    """The CLI with its download cache under `home`."""
+    return subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "lllms.py"), *args, "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "XDG_CACHE_HOME": str(home)},
+    )
+
+
+def _stop_cli(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_a_gguf_file_in_one_line(smollm2: str, minilm: str, tmp_path: Any) -> None:
+    """`lllms serve FILE.gguf --model OTHER.gguf`: each served under its file name, the embedding model (a bert GGUF)
+    as an embedding model."""
+    port = free_port()
+    proc = _serve_cli(["serve", smollm2, "--model", minilm], port, tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(proc, url)
+        sdk = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
+        embedder = os.path.basename(minilm).removesuffix(".gguf")
+        assert sorted(m.id for m in sdk.models.list()) == sorted(["SmolLM2-135M-Instruct.Q4_1", embedder])
+        reply = sdk.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=CHAT, max_tokens=8)
+        assert reply.choices[0].message.content
+        vectors = sdk.embeddings.create(model=embedder, input=["hello", "world"]).data
+        assert len(vectors) == 2 and len(vectors[0].embedding) > 0
+    finally:
+        _stop_cli(proc)
+
+
+def test_serve_a_model_from_a_url_in_one_line(tiny_llama: str, file_server: FileServer, tmp_path: Any) -> None:
+    """`--model http://.../x.gguf` downloads through the store (here from a local server), then serves it."""
+    with open(tiny_llama, "rb") as f:
+        file_server.files["/models/tiny-one.gguf"] = f.read()
+    port = free_port()
+    proc = _serve_cli(["--model", file_server.url("/models/tiny-one.gguf")], port, tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(proc, url)
+        status, payload, _ = http_request(
+            url, "POST", "/v1/completions", {"model": "tiny-one", "prompt": "hi", "max_tokens": 2}
+        )
+        assert status == 200 and payload["model"] == "tiny-one"
+        assert any(p.name == "tiny-one.gguf" for p in tmp_path.rglob("*.gguf"))  # in the download cache
+    finally:
+        _stop_cli(proc)
+
+
+def test_a_model_id_given_twice_is_a_clear_error(tiny_llama: str, tmp_path: Any) -> None:
+    cfg = tmp_path / "models.json"
+    name = os.path.basename(tiny_llama).removesuffix(".gguf")
+    cfg.write_text(json.dumps({"models": {name: {"task": "text-completion", "file": tiny_llama}}}))
+    proc = _serve_cli(["--config", str(cfg), "--model", tiny_llama], free_port(), tmp_path)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 2
+    assert f"the model id '{name}' is already in the config" in out and "Traceback" not in out
