@@ -4098,6 +4098,25 @@ def _int_bounds(schema: dict[str, Any], param: str) -> tuple[int | None, int | N
     return lo, hi
 
 
+def _number_range(schema: dict[str, Any]) -> str | None:
+    """GBNF for an integer schema's bounds, or a number schema's from one whole number to another, at least 0: the
+    integers up to the top one with any fraction, and the top one itself. None for other bounds."""
+    if schema.get("type") == "integer":
+        return _integers_between(*_int_bounds(schema, "response_format"))
+    lo, hi = schema.get("minimum"), schema.get("maximum")
+    whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi))
+    if (
+        schema.get("type") != "number"
+        or not whole
+        or lo < 0
+        or hi < lo
+        or schema.keys() & {"exclusiveMinimum", "exclusiveMaximum"}
+    ):
+        return None
+    below = f'{_naturals_between(lo, hi - 1)} ("." [0-9]+)? | ' if hi > lo else ""
+    return f'({below}"{hi}" ("." "0"+)?)'
+
+
 @functools.cache
 def _converter_class() -> Any:
     try:
@@ -4109,13 +4128,12 @@ def _converter_class() -> Any:
         ) from None
 
     class _Converter(SchemaConverter):
-        """llama-cpp-python's converter, plus integer ranges, which it leaves out."""
+        """llama-cpp-python's converter, plus number ranges, which it leaves out."""
 
         def visit(self, schema: Any, name: str) -> Any:
-            if isinstance(schema, dict) and schema.get("type") == "integer" and any(k in schema for k in _INT_BOUNDS):
-                lo, hi = _int_bounds(schema, "response_format")
+            if isinstance(schema, dict) and any(k in schema for k in _INT_BOUNDS) and _number_range(schema):
                 rule = name + "-" if name in RESERVED_NAMES else name or "root"
-                return _LlamaShim.add_rule(self, rule, f"{_integers_between(lo, hi)} space")
+                return _LlamaShim.add_rule(self, rule, f"{_number_range(schema)} space")
             return super().visit(schema, name)
 
     return _Converter
@@ -4133,6 +4151,38 @@ _UNENFORCED_KEYWORDS = set(
 )
 
 
+_ANNOTATIONS = {"description", "title", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly"}
+_MAX_REPEAT = 1000  # a grammar that counts further overflows llama.cpp's grammar parser (it crashed at 100,000)
+
+
+def _plain_schema(schema: Any, param: str) -> Any:
+    """A schema with what every JSON value satisfies spelled as {}: `true`, annotations alone, string property
+    names. An upper bound past _MAX_REPEAT on a string's length or an array's items is left out: counting that far
+    would crash llama.cpp's grammar parser, and a reply that long would not fit a context anyway."""
+    if schema is True:
+        return {}
+    if schema is False:
+        raise InvalidRequest(f"'{param}': a schema of false allows nothing", param=param)
+    if isinstance(schema, list):
+        return [_plain_schema(x, param) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            value = {k: _plain_schema(v, param) for k, v in value.items()}
+        elif key in ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties"):
+            value = _plain_schema(value, param)
+        elif key == "propertyNames" and value == {"type": "string"}:
+            continue  # every JSON object's names are strings
+        elif key in ("maxLength", "maxItems") and isinstance(value, int) and value > _MAX_REPEAT:
+            continue
+        elif key in ("minLength", "minItems") and isinstance(value, int) and value > _MAX_REPEAT:
+            raise InvalidRequest(f"'{param}': {key} above {_MAX_REPEAT} cannot be enforced by grammar", param=param)
+        out[key] = value
+    return {} if out.keys() <= _ANNOTATIONS else out
+
+
 def _unenforced(schema: Any, path: str = "$") -> str | None:
     """The first keyword (with its path) in a schema that the grammar could not enforce."""
     if isinstance(schema, list):
@@ -4140,7 +4190,7 @@ def _unenforced(schema: Any, path: str = "$") -> str | None:
     if not isinstance(schema, dict):
         return None
     for key, value in schema.items():
-        if key in _UNENFORCED_KEYWORDS or (key in _INT_BOUNDS and schema.get("type") != "integer"):
+        if key in _UNENFORCED_KEYWORDS or (key in _INT_BOUNDS and _number_range(schema) is None):
             return f"{path}.{key}"
         found = None
         if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
@@ -4162,6 +4212,7 @@ def _visit_schema(conv: Any, schema: Any, name: str, param: str) -> str:
     """Add GBNF rules for a JSON schema to a converter; the name of its top rule."""
     if not isinstance(schema, dict):
         raise InvalidRequest(f"'{param}' must be a JSON schema object", param=param)
+    schema = _plain_schema(schema, param)
     if (where := _unenforced(schema)) is not None:
         raise InvalidRequest(
             f"'{param}': the schema keyword {where} cannot be enforced by grammar, so it is refused rather than "
@@ -4525,7 +4576,6 @@ _ANTHROPIC_UNSUPPORTED = {
     "thinking": "the model has no extended thinking",
     "mcp_servers": "MCP servers are not available",
     "container": "code execution containers are not available",
-    "effort": "the model has no effort levels",
 }
 
 
@@ -4581,6 +4631,8 @@ def _anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             texts = [b["text"] for b in blocks if b["type"] == "text"]
             if texts or len(blocks) == 0:
                 out.append({"role": "user", "content": "".join(texts)})
+        elif role == "system":  # a system message mid-conversation (Claude Code sends them)
+            out.append({"role": "system", "content": _anthropic_text(m.get("content"), where)})
         else:
             raise InvalidRequest(f"'messages[{i}].role' must be 'user' or 'assistant'", param=f"messages[{i}].role")
     return _parse_messages(out)
@@ -4612,10 +4664,11 @@ def _anthropic_tools(body: dict[str, Any]) -> tuple[Any, Any, bool | None]:
 def anthropic_request(body: dict[str, Any], config: ServerConfig, count: bool = False) -> Request:
     """An Anthropic Messages body (or, with `count`, a count_tokens body) as a Request."""
     model = _model_of(body, config, "chat")
-    if (body.get("thinking") or {}).get("type") == "disabled":
+    # "adaptive" lets the model decide whether to think: one that cannot, doesn't. Claude Code always sends it.
+    if _object(body.get("thinking") or {}, "thinking").get("type") in ("disabled", "adaptive"):
         body = {k: v for k, v in body.items() if k != "thinking"}
     output = _object(body.get("output_config") or {}, "output_config")
-    _refuse({**body, **output}, _ANTHROPIC_UNSUPPORTED, model.engine)
+    _refuse(body, _ANTHROPIC_UNSUPPORTED, model.engine)
     if body.get("max_tokens") is None and not count:
         raise InvalidRequest("'max_tokens' is required", param="max_tokens")
     params = _dialect_params(body, _ANTHROPIC_SAMPLING)
@@ -4706,8 +4759,8 @@ _RESPONSES_UNSUPPORTED = {
     "background": "responses run in the request",
     "conversation": "conversations are not stored; continue one with previous_response_id",
     "prompt": "prompt templates are not stored",
-    "reasoning": "the model has no reasoning settings",
-    "include": "nothing extra can be included",
+    "reasoning": "the model has no reasoning effort to set",
+    "include": "only reasoning.encrypted_content, which is empty here, can be included",
     "top_logprobs": "logprobs are not reported by the Responses API here",
     "max_tool_calls": "tool calls are not limited per response",
     "context_management": "context is not compacted",
@@ -4844,6 +4897,13 @@ class _ResponsesCall:
 
     def request(self, body: dict[str, Any], config: ServerConfig) -> Request:
         model = _model_of(body, config, "chat")
+        # A model without reasoning honours these by having none: no effort to set, nothing to summarise or include.
+        reasoning = _object(body.get("reasoning") or {}, "reasoning")
+        if reasoning.get("effort") in (None, "none") and set(reasoning) <= {"effort", "summary", "generate_summary"}:
+            body = {k: v for k, v in body.items() if k != "reasoning"}
+        include = body.get("include")
+        if isinstance(include, list) and set(include) <= {"reasoning.encrypted_content"}:
+            body = {k: v for k, v in body.items() if k != "include"}
         _refuse(body, _RESPONSES_UNSUPPORTED, model.engine)
         if body.get("truncation") not in (None, "disabled"):
             raise InvalidRequest("'truncation' must be 'disabled': conversations are never cut", param="truncation")
@@ -5950,6 +6010,25 @@ def conversation_key(path: str, body: dict[str, Any]) -> str | None:
     return str(zlib.crc32("".join(found).encode())) if found else None
 
 
+def _prefers_html(accept: str) -> bool:
+    """Whether an Accept header ranks HTML at least as high as JSON: a browser's does; curl's */* and the SDKs' not."""
+    ranks: dict[str, float] = {}
+    for part in accept.lower().split(","):
+        kind, _, params = part.strip().partition(";")
+        q = re.search(r"q=([0-9.]{1,5})", params)
+        with _suppress(ValueError):
+            ranks[kind.strip()] = float(q.group(1)) if q else 1.0
+    return ranks.get("text/html", 0) > 0 and ranks.get("text/html", 0) >= ranks.get("application/json", 0)
+
+
+# The dashboard may run its own inline code and fetch from this server, nothing else.
+_DASHBOARD_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+    "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+_DASHBOARD = """<!doctype html><title>lllms</title><p>dashboard</p>"""  # replaced below
+
+
 def _wire_of(path: str) -> _Wire:
     """Which dialect a path speaks, for its errors too (an unknown /v1/messages/x is answered as Anthropic)."""
     prefixes = {"/openai/v1/messages": "anthropic", "/openai/v1/responses": "responses", "/api/": "ollama"}
@@ -6046,8 +6125,10 @@ class _Handler(BaseHTTPRequestHandler):
         try:
             if method == "OPTIONS":
                 return self._preflight()
-            # Every route but the health check needs a key, unknown ones too, so routes are not revealed.
-            if path != "/health" or method not in ("GET", "HEAD"):
+            # Every route but the health check and the dashboard page (which holds no data) needs a key, unknown
+            # ones too, so routes are not revealed.
+            public = path == "/health" or (path == "/" and _prefers_html(self.headers.get("Accept", "")))
+            if not public or method not in ("GET", "HEAD"):
                 self._authenticate()
             routes = self._ROUTES.get(path)
             args: tuple[str, ...] = ()
@@ -6229,7 +6310,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise InvalidRequest("invalid Content-Length header", code="invalid_content_length")
         length = int(lengths.pop()) if lengths else 0
         ctype = self.headers.get("Content-Type")
-        if ctype is not None and not _is_json_type(ctype):
+        # Ollama reads any body as JSON, and its docs' curl examples send form-encoded ones.
+        if ctype is not None and not _is_json_type(ctype) and self._wire is not _WIRES["ollama"]:
             raise InvalidRequest(
                 f"Content-Type must be application/json (UTF-8), got {ctype[:100]!r}",
                 code="unsupported_media_type",
@@ -6355,6 +6437,9 @@ class _Handler(BaseHTTPRequestHandler):
     # -- endpoints
 
     def _get_status(self) -> None:
+        if _prefers_html(self.headers.get("Accept", "")):  # a browser: the page, which fetches this JSON itself
+            headers = {"Content-Security-Policy": _DASHBOARD_CSP, "Cache-Control": "no-store"}
+            return self._send(200, _DASHBOARD.encode(), "text/html; charset=utf-8", headers)
         status = self.server.model_server.status()
         if not self.server.api_keys:
             # Without keys, anyone may look: show no file system paths, just file names.

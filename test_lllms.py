@@ -6005,3 +6005,78 @@ def test_a_model_id_given_twice_is_a_clear_error(tiny_llama: str, tmp_path: Any)
     out, _ = proc.communicate(timeout=60)
     assert proc.returncode == 2
     assert f"the model id '{name}' is already in the config" in out and "Traceback" not in out
+
+
+def test_tool_schemas_as_agents_write_them_are_served(client: openai.OpenAI) -> None:
+    """Shapes Claude Code's tools use: `true` and annotation-only schemas (any value), string property names, a
+    number range, and a maxLength too large to count in a grammar (which once crashed the server)."""
+    anything = {
+        "type": "object",
+        "properties": {
+            "args": {"description": "any value"},
+            "extra": True,
+            "metadata": {"type": "object", "propertyNames": {"type": "string"}, "additionalProperties": {}},
+        },
+    }
+    schema = {
+        "type": "object",
+        "properties": {
+            "timeout": {"type": "number", "minimum": 0, "maximum": 600},
+            "script": {"type": "string", "maxLength": 524288},
+        },
+        "required": ["timeout", "script"],
+    }
+    tools = [
+        {"type": "function", "function": {"name": "run", "parameters": schema}},
+        {"type": "function", "function": {"name": "note", "parameters": anything}},
+    ]
+    reply = client.chat.completions.create(
+        model="smol",
+        messages=[{"role": "user", "content": "Run the script echo hi with a timeout of 30."}],
+        tools=tools,
+        tool_choice={"type": "function", "function": {"name": "run"}},
+        max_tokens=120,
+        temperature=0,
+    )
+    (call,) = reply.choices[0].message.tool_calls
+    args = json.loads(call.function.arguments)
+    jsonschema.validate(args, schema)
+    assert 0 <= args["timeout"] <= 600
+    with pytest.raises(openai.BadRequestError, match="minLength"):
+        client.chat.completions.create(
+            model="smol",
+            messages=CHAT,
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": "x", "schema": {"type": "string", "minLength": 5000}},
+            },
+        )
+
+
+def test_claude_code_and_codex_request_shapes_are_served(http_server: lllms.HTTPServer) -> None:
+    """What Claude Code and Codex send with every request: adaptive thinking and an effort hint, a system message
+    mid-conversation; a reasoning summary and encrypted reasoning to include (none here). Ollama's form-encoded
+    curl bodies are read as JSON, as Ollama does."""
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Hi", "cache_control": {"type": "ephemeral"}}]},
+        {"role": "system", "content": "Available agent types: none."},
+        {"role": "user", "content": "Say hello."},
+    ]
+    body = {"model": "smol", "max_tokens": 4, "messages": messages, "thinking": {"type": "adaptive"}}
+    status, payload, _ = http_request(
+        http_server, "POST", "/v1/messages", {**body, "output_config": {"effort": "high"}}
+    )
+    assert status == 200 and payload["type"] == "message", payload
+    status, payload, _ = http_request(http_server, "POST", "/v1/messages", {**body, "thinking": {"type": "enabled"}})
+    assert status == 400 and "thinking" in payload["error"]["message"]
+    body = {"model": "smol", "input": "Hi", "max_output_tokens": 16, "reasoning": {"summary": "auto"}}
+    status, payload, _ = http_request(
+        http_server, "POST", "/v1/responses", {**body, "include": ["reasoning.encrypted_content"]}
+    )
+    assert status == 200 and payload["status"] in ("completed", "incomplete"), payload
+    status, payload, _ = http_request(http_server, "POST", "/v1/responses", {**body, "reasoning": {"effort": "high"}})
+    assert status == 400 and payload["error"]["param"] == "reasoning"
+    chat = {"model": "smol", "messages": CHAT, "stream": False, "options": {"num_predict": 4}}
+    form = {"Content-Type": "application/x-www-form-urlencoded"}
+    status, payload, _ = http_request(http_server, "POST", "/api/chat", json.dumps(chat).encode(), form)
+    assert status == 200 and payload["done"] is True, payload
