@@ -6026,7 +6026,237 @@ _DASHBOARD_CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
     "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-_DASHBOARD = """<!doctype html><title>lllms</title><p>dashboard</p>"""  # replaced below
+_DASHBOARD = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>lllms</title>
+<style>
+  :root { color-scheme: light dark; --fg: #1d2125; --muted: #68707a; --bg: #f6f7f9; --card: #fff; --line: #dde1e6;
+          --ok: #1f883d; --busy: #bf8700; --bad: #cf222e; --accent: #0969da; }
+  @media (prefers-color-scheme: dark) {
+    :root { --fg: #e6edf3; --muted: #8d96a0; --bg: #0d1117; --card: #161b22; --line: #30363d;
+            --ok: #3fb950; --busy: #d29922; --bad: #f85149; --accent: #4493f8; }
+  }
+  [hidden] { display: none !important; }
+  body { margin: 1rem 1.5rem; font: 14px/1.45 system-ui, sans-serif; color: var(--fg); background: var(--bg) }
+  header { display: flex; flex-wrap: wrap; align-items: baseline; gap: .4rem 1.2rem; margin-bottom: 1rem; }
+  h1 { font-size: 1.4rem; margin: 0; } h2 { font-size: 1.1rem; margin: 0 0 .3rem; }
+  .muted, .meta, th { color: var(--muted); }
+  .pill { border: 1px solid var(--line); border-radius: 1em; padding: 0 .6em; background: var(--card); }
+  .stat b { font-variant-numeric: tabular-nums; }
+  [data-status="ready"], [data-state="ready"], [data-state="idle"] { color: var(--ok); }
+  [data-status="loading"], [data-status="downloading"], [data-state="busy"], [data-state="loading"],
+  [data-state="starting"], [data-state="draining"] { color: var(--busy); }
+  [data-status="error"], [data-state="stopped"], .error { color: var(--bad); }
+  .model { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: .8rem 1rem;
+           margin-bottom: 1rem; overflow-x: auto; }
+  .model p { margin: .2rem 0; }
+  .download { display: flex; align-items: center; gap: .6rem; }
+  progress { width: 16rem; } meter { width: 7rem; vertical-align: middle; }
+  table { border-collapse: collapse; width: 100%; margin-top: .5rem; }
+  th, td { text-align: left; padding: .25rem .6rem .25rem 0; border-top: 1px solid var(--line); white-space: nowrap; }
+  th { font-weight: 500; } td.num { font-variant-numeric: tabular-nums; }
+  .preview code { display: block; max-width: 30rem; overflow: hidden; text-overflow: ellipsis; white-space: pre; }
+  #spark { display: inline-flex; align-items: flex-end; gap: 1px; height: 1.2em; vertical-align: middle; }
+  #spark i { width: 3px; min-height: 1px; background: var(--accent); }
+  #auth { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 1rem; max-width: 28rem; }
+  #auth input, #auth button { font: inherit; padding: .3rem .6rem; }
+</style>
+</head>
+<body>
+<header>
+  <h1>lllms</h1>
+  <span id="node" class="pill" hidden></span>
+  <span id="summary" hidden>version <b id="version"></b> · <b id="state"></b> · up <b id="uptime"></b></span>
+</header>
+<form id="auth" hidden>
+  <p><label for="key">This server needs an API key.</label></p>
+  <input id="key" type="password" autocomplete="off" placeholder="API key">
+  <button id="key-submit" type="submit">Show status</button>
+  <p id="auth-error" class="error"></p>
+</form>
+<p id="error" class="error" hidden></p>
+<main id="dash" hidden>
+  <p id="overview">
+    <span class="stat">queued <b id="queued"></b></span> ·
+    <span class="stat">running <b id="running"></b> of <b id="limit"></b></span> ·
+    <span class="stat">throughput <b id="throughput">–</b> <span class="muted" id="throughput-avg"></span></span>
+    <span id="spark" title="completion tokens per second, last minute"></span>
+  </p>
+  <div id="models"></div>
+</main>
+<script>
+"use strict";
+// Every string from the server reaches the page as a text node or an attribute value, never as HTML.
+const $ = (id) => document.getElementById(id);
+const KEY = "lllms-api-key";  // sessionStorage only: gone when the tab closes
+const POLL_MS = 1000;
+let timer = null, waitingForKey = false, sample = null, rates = [];
+
+function el(tag, props, ...kids) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(props || {})) {
+    if (v == null) continue;
+    if (k.startsWith("data-")) node.setAttribute(k, v); else if (k === "class") node.className = v; else node[k] = v;
+  }
+  for (const kid of kids) if (kid != null && kid !== false) node.append(kid);  // strings become text nodes
+  return node;
+}
+
+function duration(s) {
+  if (s == null || !isFinite(s)) return "–";
+  s = Math.max(0, Math.round(s));
+  const two = (a, unitA, b, unitB) => a + " " + unitA + (b ? " " + b + " " + unitB : "");
+  if (s < 60) return s + " s";
+  if (s < 3600) return two(Math.floor(s / 60), "min", s % 60, "s");
+  if (s < 86400) return two(Math.floor(s / 3600), "h", Math.floor((s % 3600) / 60), "min");
+  return two(Math.floor(s / 86400), "d", Math.floor((s % 86400) / 3600), "h");
+}
+const ago = (t, now) => (t == null ? "never" : duration(now - t).replace(/ \d+ s$/, "") + " ago");
+const mb = (bytes) => (bytes == null ? "?" : (bytes / 1e6).toFixed(1) + " MB");
+const num = (x) => (x == null ? "–" : String(x));
+
+const auth = (key = sessionStorage.getItem(KEY)) => (key ? { Authorization: "Bearer " + key } : {});
+
+function schedule(ms) { clearTimeout(timer); timer = setTimeout(poll, ms); }
+
+async function poll() {
+  if (!waitingForKey) {
+    try { await refresh(); $("error").hidden = true; } catch (err) {
+      $("error").textContent = "Cannot read the status: " + err.message;
+      $("error").hidden = false;
+    }
+  }
+  schedule(POLL_MS);
+}
+
+async function refresh() {
+  const sentKey = sessionStorage.getItem(KEY) !== null;
+  const res = await fetch("/", { headers: { Accept: "application/json", ...auth() }, cache: "no-store" });
+  if (res.status === 401) return askForKey(sentKey, await res.json().catch(() => null));
+  if (!res.ok) throw new Error("HTTP " + res.status);
+  const status = await res.json();
+  const date = Date.parse(res.headers.get("Date") || "");  // the server's clock, for "12 s ago"
+  render(status, isNaN(date) ? Date.now() / 1000 : date / 1000);
+  await sampleMetrics();
+}
+
+function askForKey(sentKey, body) {
+  waitingForKey = true;
+  sessionStorage.removeItem(KEY);
+  for (const id of ["dash", "summary", "node"]) $(id).hidden = true;
+  $("models").replaceChildren();  // no model data stays on the page without a key
+  const message = body && body.error && body.error.message;
+  $("auth-error").textContent = sentKey ? message || "The key was refused." : "";
+  $("auth").hidden = false;
+  $("key").focus();
+}
+
+$("auth").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const key = $("key").value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEY, key);
+  $("key").value = $("auth-error").textContent = "";
+  waitingForKey = false;
+  schedule(0);
+});
+
+async function sampleMetrics() {
+  let total = null;
+  try {
+    const res = await fetch("/metrics", { headers: auth(), cache: "no-store" });
+    if (res.ok) {
+      total = 0;
+      for (const m of (await res.text()).matchAll(/^lllms_completion_tokens_total(?:\{[^}]*\})?\s+(\S+)/gm)) {
+        total += Number(m[1]);
+      }
+    }
+  } catch (err) { /* no metrics: show n/a */ }
+  const t = performance.now() / 1000;
+  if (total === null) { sample = null; $("throughput").textContent = "n/a"; return; }
+  if (sample && total >= sample.total && t > sample.t) {  // a lower total: the server restarted
+    rates = [...rates, (total - sample.total) / (t - sample.t)].slice(-60);  // the last minute
+  }
+  sample = { t, total };
+  if (!rates.length) return;
+  const avg = rates.reduce((a, b) => a + b, 0) / rates.length, peak = Math.max(...rates, 1);
+  $("throughput").textContent = rates[rates.length - 1].toFixed(1) + " tok/s";
+  $("throughput-avg").textContent = "(avg " + avg.toFixed(1) + " over " + rates.length + " s)";
+  $("spark").replaceChildren(...rates.map((r) => {
+    const bar = el("i", { title: r.toFixed(1) + " tok/s" });
+    bar.style.height = Math.round((100 * r) / peak) + "%";
+    return bar;
+  }));
+}
+
+function render(s, now) {
+  $("auth").hidden = true;
+  $("dash").hidden = $("summary").hidden = false;
+  $("node").hidden = !s.node;
+  $("node").textContent = s.node ? "node " + s.node : "";
+  $("version").textContent = num(s.version);
+  $("state").textContent = num(s.state);
+  $("state").setAttribute("data-state", s.state || "");
+  $("uptime").textContent = duration(s.uptime);
+  const c = s.concurrency || {};
+  $("queued").textContent = num(c.queued);
+  $("running").textContent = num(c.running);
+  $("limit").textContent = c.limit == null ? "unlimited" : String(c.limit);
+  const models = s.models || {}, byModel = {};
+  for (const inst of s.instances || []) (byModel[inst.model] = byModel[inst.model] || []).push(inst);
+  const ids = [...new Set([...Object.keys(models), ...Object.keys(byModel)])];
+  $("models").replaceChildren(...ids.map((id) => modelCard(id, models[id] || {}, byModel[id] || [], now)));
+}
+
+function modelCard(id, m, instances, now) {
+  const n = m.instances || {};
+  return el("section", { class: "model", "data-model": id },
+    el("h2", {}, el("span", { class: "model-id" }, id), " ",
+      el("span", { class: "status", "data-status": m.status }, num(m.status))),
+    el("p", { class: "meta" }, [m.engine, m.task, m.file || m.url, m.context_size && m.context_size + " tokens context"]
+      .filter(Boolean).join(" · ")),
+    el("p", { class: "counts" }, `instances: ${num(n.total)} (idle ${num(n.idle)}, busy ${num(n.busy)}, loading ` +
+      `${num(n.loading)}) · queued ${num(n.queued)} · min ${num(m.min_instances)}, max ${num(m.max_instances)}` +
+      (m.ttl == null ? "" : ` · ttl ${duration(m.ttl)}`)),
+    m.download && downloadBar(m.download),
+    m.error && el("p", { class: "error model-error" }, m.error),
+    instances.length > 0 && instanceTable(instances, m.context_size, now));
+}
+
+function downloadBar(d) {
+  const bar = el("progress", { max: 100 });
+  if (d.percent != null) bar.value = d.percent;  // no total known: an indeterminate bar
+  const parts = [d.percent == null ? mb(d.bytes) : `${Number(d.percent).toFixed(1)} % of ${mb(d.total)}`,
+    d.speed == null ? null : (d.speed / 1e6).toFixed(1) + " MB/s", d.eta == null ? null : "ETA " + duration(d.eta)];
+  return el("div", { class: "download" }, "download", bar, el("span", { class: "download-text" },
+    parts.filter(Boolean).join(" · ")));
+}
+
+function instanceTable(instances, contextSize, now) {
+  const head = ["instance", "state", "context", "conversation start", "requests", "cached tokens", "last used"];
+  return el("table", { class: "instances" },
+    el("thead", {}, el("tr", {}, ...head.map((h) => el("th", {}, h)))),
+    el("tbody", {}, ...instances.map((i) => el("tr", { "data-instance": i.id },
+      el("td", { class: "id" }, i.id),
+      el("td", { class: "state", "data-state": i.state }, num(i.state)),
+      el("td", { class: "context num" },
+        contextSize > 0 && el("meter", { max: contextSize, value: i.context_tokens || 0, high: 0.9 * contextSize }),
+        " ", el("span", { class: "context-tokens" }, num(i.context_tokens)), contextSize ? " / " + contextSize : ""),
+      el("td", { class: "preview", title: i.preview || "" }, el("code", {}, (i.preview || "").replace(/\n/g, "⏎"))),
+      el("td", { class: "requests num" }, num(i.requests)),
+      el("td", { class: "cached-tokens num" }, num(i.cached_tokens)),
+      el("td", { class: "last-used", title: i.expires ? "expires in " + duration(i.expires - now) : "" },
+        ago(i.last_used, now))))));
+}
+
+schedule(0);
+</script>
+</body>
+</html>
+"""
 
 
 def _wire_of(path: str) -> _Wire:

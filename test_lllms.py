@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 import typing
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import suppress as contextlib_suppress
 from dataclasses import dataclass
 from typing import Any
@@ -6080,3 +6080,292 @@ def test_claude_code_and_codex_request_shapes_are_served(http_server: lllms.HTTP
     form = {"Content-Type": "application/x-www-form-urlencoded"}
     status, payload, _ = http_request(http_server, "POST", "/api/chat", json.dumps(chat).encode(), form)
     assert status == 200 and payload["done"] is True, payload
+
+
+# ==== the dashboard in a browser
+
+
+def _chromium() -> str:
+    """The Chromium binary; a skip where it is missing, except under CI, which must run these tests."""
+    names = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
+    path = next(filter(None, map(shutil.which, names)), None)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("Chromium is not installed; CI must install Debian's chromium package")
+        pytest.skip("Chromium is not installed (apt-get install chromium) - the dashboard tests need it")
+    return path
+
+
+class DevTools:
+    """A minimal Chrome DevTools Protocol client over a standard-library WebSocket (RFC 6455): masked text frames
+    out, unmasked frames in. Events are dropped; only the answer to each command is read."""
+
+    def __init__(self, ws_url: str) -> None:
+        parts = urlsplit(ws_url)
+        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=30)
+        key = base64.b64encode(os.urandom(16)).decode()
+        self.sock.sendall(
+            f"GET {parts.path} HTTP/1.1\r\nHost: {parts.netloc}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+        )
+        self._buf = b""
+        while b"\r\n\r\n" not in self._buf:
+            self._buf += self._recv()
+        head, _, self._buf = self._buf.partition(b"\r\n\r\n")
+        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest())
+        assert head.startswith(b"HTTP/1.1 101") and accept in head, head
+        self._ids = itertools.count(1)
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("Chromium closed the DevTools connection")
+        return chunk
+
+    def _read(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            self._buf += self._recv()
+        data, self._buf = self._buf[:n], self._buf[n:]
+        return data
+
+    def _message(self) -> dict[str, Any]:
+        """One whole message: frames up to one with FIN set (control frames between them are skipped)."""
+        data = b""
+        while True:
+            b0, b1 = self._read(2)
+            n = b1 & 0x7F
+            if n >= 126:
+                (n,) = struct.unpack("!H" if n == 126 else "!Q", self._read(2 if n == 126 else 8))
+            mask = self._read(4) if b1 & 0x80 else b"\0\0\0\0"
+            payload = bytes(b ^ mask[i % 4] for i, b in enumerate(self._read(n))) if b1 & 0x80 else self._read(n)
+            if b0 & 0x0F == 8:
+                raise ConnectionError("Chromium closed the DevTools connection")
+            if b0 & 0x0F in (0, 1, 2):
+                data += payload
+                if b0 & 0x80:
+                    return json.loads(data)
+
+    def call(self, method: str, session: str | None = None, **params: Any) -> dict[str, Any]:
+        """Send one command (to a page when `session` is given) and return its result; a CDP error raises."""
+        msg_id = next(self._ids)
+        msg = {"id": msg_id, "method": method, "params": params, **({"sessionId": session} if session else {})}
+        payload, mask = json.dumps(msg).encode(), os.urandom(4)
+        n = len(payload)
+        length = struct.pack("!B", 0x80 | n) if n < 126 else struct.pack("!BH", 0xFE, n)  # masked; 16-bit length
+        assert n < 65536, "a command longer than this client frames"
+        self.sock.sendall(b"\x81" + length + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload)))
+        while (reply := self._message()).get("id") != msg_id:
+            pass
+        if "error" in reply:
+            raise RuntimeError(f"{method}: {reply['error']}")
+        return reply["result"]
+
+
+# Runs in each page before its own code: records script errors and CSP violations, and turns alert() into a flag.
+_PAGE_WATCH = """
+window.__errors = [];
+addEventListener("error", (e) => __errors.push(String(e.message)));
+addEventListener("unhandledrejection", (e) => __errors.push(String(e.reason)));
+document.addEventListener("securitypolicyviolation", (e) => __errors.push("CSP: " + e.violatedDirective));
+window.alert = () => { window.__pwned = "alert"; };
+"""
+
+
+class BrowserTab:
+    """One page, in a browser context of its own (its own sessionStorage and cookies)."""
+
+    def __init__(self, devtools: DevTools, url: str) -> None:
+        self.devtools = devtools
+        self.context = devtools.call("Target.createBrowserContext")["browserContextId"]
+        target = devtools.call("Target.createTarget", url="about:blank", browserContextId=self.context)["targetId"]
+        self.session = devtools.call("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        devtools.call("Page.enable", self.session)  # without it, the script below is not added
+        devtools.call("Page.addScriptToEvaluateOnNewDocument", self.session, source=_PAGE_WATCH)
+        devtools.call("Page.navigate", self.session, url=url)
+        self.wait_for(f"location.href.startsWith({json.dumps(url)}) && document.readyState === 'complete'", "the page")
+
+    def evaluate(self, expression: str) -> Any:
+        """The value of a JavaScript expression in the page (awaited if it is a promise)."""
+        result = self.devtools.call(
+            "Runtime.evaluate", self.session, expression=expression, returnByValue=True, awaitPromise=True
+        )
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression!r} threw: {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, what: str, timeout: float = 20) -> Any:
+        """Poll an expression until it is truthy, as the page keeps updating itself; a timeout shows the page."""
+        last: list[str] = []
+
+        def check() -> Any:
+            try:
+                return self.evaluate(expression)
+            except RuntimeError as exc:  # mid-navigation there is no document to ask yet
+                last[:] = [str(exc)]
+                return None
+
+        try:
+            return wait_until(check, timeout=timeout, what=what)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last error: {last}; page text: {self.text()!r}") from None
+
+    def text(self) -> str:
+        return self.evaluate("document.body ? document.body.innerText : ''")
+
+    def close(self) -> None:
+        self.devtools.call("Target.disposeBrowserContext", browserContextId=self.context)
+
+
+OpenTab = Callable[[str], BrowserTab]
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenTab]:
+    """Headless Chromium with no network but localhost; yields open(url) -> BrowserTab, and closes every tab after."""
+    profile = tmp_path_factory.mktemp("chromium")
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", f"--user-data-dir={profile}"]
+    flags += ["--remote-debugging-port=0", "--no-first-run", "--no-default-browser-check", "--disable-default-apps"]
+    flags += ["--disable-background-networking", "--disable-component-update", "--disable-sync", "--disable-extensions"]
+    flags += ["--metrics-recording-only", "--disable-breakpad", "--password-store=basic", "about:blank"]
+    log = open(profile / "chromium.log", "w")
+    proc = subprocess.Popen([_chromium(), *flags], stdout=log, stderr=subprocess.STDOUT)
+    port_file = profile / "DevToolsActivePort"  # Chromium writes its port, then its browser endpoint's path
+    try:
+
+        def started() -> bool:
+            return proc.poll() is not None or port_file.exists() and len(port_file.read_text().split()) == 2
+
+        wait_until(started, 30, "Chromium's DevTools port")
+        assert proc.poll() is None, (profile / "chromium.log").read_text()
+        port, path = port_file.read_text().split()
+        devtools = DevTools(f"ws://127.0.0.1:{port}{path}")
+        tabs: list[BrowserTab] = []
+
+        def open_tab(url: str) -> BrowserTab:
+            tabs.append(BrowserTab(devtools, url))
+            return tabs[-1]
+
+        yield open_tab
+        for tab in tabs:
+            tab.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
+
+
+BROWSER_ACCEPT = "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"
+# What the page shows of each instance: {id: {requests, context}}, read from its row.
+DASH_ROWS = """Object.fromEntries([...document.querySelectorAll("[data-instance]")].map((row) => [
+  row.dataset.instance,
+  {requests: +row.querySelector(".requests").textContent, context: +row.querySelector(".context-tokens").textContent},
+]))"""
+DASH_XSS_FILE = "<img src=x onerror=window.__pwned=1>.gguf"
+DASH_XSS_CHAT = "<script>alert(1)</script> hello"
+
+
+def _dash_chat(server: lllms.HTTPServer, messages: list[dict[str, str]]) -> None:
+    body = {"model": "smol", "messages": messages, "max_tokens": 8}
+    reply = http_request(server, "POST", "/v1/chat/completions", body)
+    assert reply.status == 200, reply.body
+
+
+def _dash_instances(server: lllms.HTTPServer) -> dict[str, dict[str, int]]:
+    status = http_request(server, "GET", "/").body
+    return {i["id"]: {"requests": i["requests"], "context": i["context_tokens"]} for i in status["instances"]}
+
+
+@pytest.fixture(scope="module")
+def dash_server(smollm2: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[lllms.HTTPServer]:
+    """SmolLM2 with two instances from the start, and a model whose missing file's name is markup."""
+    config = smol_config(smollm2, min_instances=2, max_instances=2)
+    bad = tmp_path_factory.mktemp("dash") / DASH_XSS_FILE
+    config["models"]["bad"] = {"task": "text-completion", "file": str(bad)}
+    server = lllms.start_http_server(config, host="127.0.0.1", port=0)
+    wait_until(lambda: len(_dash_instances(server)) == 2, 60, "two smol instances")
+    yield server
+    server.stop()
+
+
+def test_dashboard_renders_models_and_instances_and_json_stays_json(
+    browser: OpenTab, dash_server: lllms.HTTPServer
+) -> None:
+    status = http_request(dash_server, "GET", "/")
+    assert status.status == 200 and status.body["server"] == "lllms"  # a client that asks for no HTML gets JSON
+    url = dash_server.url
+    page = http_request(url, "GET", "/", headers={"Accept": BROWSER_ACCEPT})
+    assert page.headers["Content-Type"].startswith("text/html")
+    assert "default-src 'none'" in page.headers["Content-Security-Policy"]
+    tab = browser(url)
+    tab.wait_for("!!document.querySelector('[data-model=\"smol\"] [data-instance]')", "the smol card with an instance")
+    text = tab.text()
+    assert "smol" in text and "bad" in text and status.body["version"] in text
+    for inst in status.body["instances"]:
+        assert tab.evaluate(f"!!document.querySelector('[data-instance={json.dumps(inst['id'])}]')"), inst["id"]
+        assert inst["id"] in text
+    assert tab.evaluate("document.querySelector('[data-model=smol] [data-status]').textContent") == "ready"
+    assert tab.evaluate("__errors") == []
+
+
+def test_dashboard_updates_after_a_chat_without_reloading(browser: OpenTab, dash_server: lllms.HTTPServer) -> None:
+    tab = browser(dash_server.url)
+    before = _dash_instances(dash_server)
+    assert tab.wait_for(f"(r => Object.keys(r).length === 2 && r)({DASH_ROWS})", "both instances") == before
+    tab.wait_for("/tok\\/s/.test(document.getElementById('throughput').textContent)", "a first throughput sample")
+    tab.evaluate("window.__sameDocument = true")
+
+    _dash_chat(dash_server, [{"role": "user", "content": "Name three colours."}])
+
+    after = _dash_instances(dash_server)
+    (used,) = [i for i in after if after[i]["requests"] > before[i]["requests"]]
+    assert after[used]["context"] != before[used]["context"]
+    shown = f"(r => r[{json.dumps(used)}].requests === {after[used]['requests']} && r)({DASH_ROWS})"
+    rows = tab.wait_for(shown, "the chat's request in its instance's row")
+    assert rows[used] == after[used]
+    tab.wait_for("[...document.querySelectorAll('#spark i')].some((bar) => parseFloat(bar.title) > 0)", "a token rate")
+    assert tab.evaluate("window.__sameDocument") is True  # the same page, updated in place
+    assert tab.evaluate("__errors") == []
+
+
+def test_dashboard_shows_server_text_as_text(browser: OpenTab, dash_server: lllms.HTTPServer) -> None:
+    # A short system message, so that the user's message fits in the preview (the context's first 80 characters).
+    _dash_chat(dash_server, [{"role": "system", "content": "x"}, {"role": "user", "content": DASH_XSS_CHAT}])
+    tab = browser(dash_server.url)
+    tab.wait_for(f"document.body.innerText.includes({json.dumps(DASH_XSS_CHAT)})", "the preview, as text")
+    # The bad model's file name and error hold an <img onerror>: they show as text too.
+    assert DASH_XSS_FILE in tab.evaluate("document.querySelector('[data-model=bad] .model-error').textContent")
+    assert DASH_XSS_FILE in tab.evaluate("document.querySelector('[data-model=bad] .meta').textContent")
+    assert tab.evaluate("document.querySelectorAll('script').length") == 1
+    assert tab.evaluate("document.querySelectorAll('img').length") == 0
+    assert tab.evaluate("typeof window.__pwned") == "undefined"
+    assert tab.evaluate("__errors") == []
+
+
+def test_dashboard_asks_for_the_api_key(browser: OpenTab, smollm2: str) -> None:
+    server = lllms.start_http_server({**smol_config(smollm2), "api_keys": ["k1"]}, host="127.0.0.1", port=0)
+    try:
+        refused = http_request(server, "GET", "/")
+        assert refused.status == 401
+        tab = browser(server.url)
+        tab.wait_for("!document.getElementById('auth').hidden", "the key form")
+        assert tab.evaluate("document.getElementById('key').type") == "password"
+        assert "smol" not in tab.text()
+
+        enter = "document.getElementById('key').value = {}; document.getElementById('key-submit').click()"
+        tab.evaluate(enter.format(json.dumps("wrong")))
+        message = refused.body["error"]["message"]
+        tab.wait_for(f"document.getElementById('auth-error').textContent === {json.dumps(message)}", "the 401 message")
+        assert "smol" not in tab.text()
+
+        tab.evaluate(enter.format(json.dumps("k1")))
+        tab.wait_for("!!document.querySelector('[data-model=smol]')", "the models, with the key")
+        assert "smol" in tab.text()
+        stored = tab.evaluate("[sessionStorage.getItem('lllms-api-key'), localStorage.length, document.cookie]")
+        assert stored == ["k1", 0, ""]  # the key lives in this tab's session only
+        assert tab.evaluate("__errors") == []
+    finally:
+        server.stop()
