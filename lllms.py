@@ -4172,7 +4172,7 @@ def _plain_schema(schema: Any, param: str) -> Any:
         if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
             value = {k: _plain_schema(v, param) for k, v in value.items()}
         elif key in ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties"):
-            value = _plain_schema(value, param)
+            value = value if isinstance(value, bool) else _plain_schema(value, param)  # false: nothing more allowed
         elif key == "propertyNames" and value == {"type": "string"}:
             continue  # every JSON object's names are strings
         elif key in ("maxLength", "maxItems") and isinstance(value, int) and value > _MAX_REPEAT:
