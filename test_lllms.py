@@ -5755,14 +5755,19 @@ def test_fuzzed_dialect_bodies_never_get_a_5xx_or_hang(dialect_tiny_server: lllm
 # ==== scaling out: three nodes behind HAProxy with examples/haproxy/lllms.cfg
 
 
-def _haproxy() -> str:
-    """The haproxy binary; a skip where it is missing, except under CI, which must run these tests."""
-    path = shutil.which("haproxy") or next((p for p in ("/usr/sbin/haproxy",) if os.path.exists(p)), None)
+def external_program(names: tuple[str, ...], package: str, tests: str) -> str:
+    """A program some tests run for real: a skip where it is missing, except under CI, which must run them."""
+    found = (shutil.which(n) or shutil.which(n, path="/usr/sbin:/sbin") for n in names)
+    path = next(filter(None, found), None)
     if path is None:
         if os.environ.get("CI"):
-            pytest.fail("haproxy is not installed; .ci/run installs Debian's package")
-        pytest.skip("haproxy is not installed (apt-get install haproxy) - the scale-out tests need it")
+            pytest.fail(f"{names[0]} is not installed; .ci/run installs Debian's {package} package")
+        pytest.skip(f"{names[0]} is not installed (apt-get install {package}) - {tests} need it")
     return path
+
+
+def _haproxy() -> str:
+    return external_program(("haproxy",), "haproxy", "the scale-out tests")
 
 
 class Cluster:
@@ -6086,14 +6091,8 @@ def test_claude_code_and_codex_request_shapes_are_served(http_server: lllms.HTTP
 
 
 def _chromium() -> str:
-    """The Chromium binary; a skip where it is missing, except under CI, which must run these tests."""
     names = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-    path = next(filter(None, map(shutil.which, names)), None)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail("Chromium is not installed; CI must install Debian's chromium package")
-        pytest.skip("Chromium is not installed (apt-get install chromium) - the dashboard tests need it")
-    return path
+    return external_program(names, "chromium", "the dashboard tests")
 
 
 class DevTools:
