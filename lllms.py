@@ -36,7 +36,8 @@ Threads: the serve loop (lllms-http), which also cuts connections past their dea
 connection (lllms-conn), which runs its requests through to the engine and writes their output; the ttl reaper
 (lllms-ttl); a thread per model file being prepared (lllms-prepare-*) and per instance loaded in the background
 (lllms-load-*); one decode thread per llama-cpp model (lllms-decode-*), the only one that touches its context;
-gpt4all's native call runs on a worker (lllms-gpt4all) whose callbacks feed the consumer. Native compute steps take
+gpt4all's native call runs on a worker (lllms-gpt4all) whose callbacks feed the consumer; a stream whose prompt
+takes long to evaluate gets keepalives from a thread of its own (lllms-keepalive). Native compute steps take
 turns on the cores through _CORES, first come first served.
 
 Locks: ModelServer._files_lock may be held while taking _Pool.cond, and LlamaCppEngine._decoders_lock (held through
@@ -325,7 +326,7 @@ class ServerConfig:
     max_queue: int | None = _bound(None, 0)  # requests allowed to wait; beyond it, 503 with Retry-After; None: any
     queue_timeout: float | None = _bound(None, above=True)  # seconds a request may wait for an instance; then 503
     request_timeout: float | None = _bound(None, above=True)  # seconds per request; then it ends with partial text
-    keepalive_interval: float = _bound(5.0, above=True)  # seconds between SSE keep-alives while a stream is queued
+    keepalive_interval: float = _bound(5.0, above=True)  # seconds between keep-alives while a stream waits
     download_attempts: int = _bound(5, 1)  # tries in a row without progress before a download fails
     download_stall_timeout: float = _bound(30.0, above=True)  # seconds without a byte before a download is retried
     api_keys: list[str] = field(default_factory=list)  # bearer keys the HTTP API requires; plus $LLLMS_API_KEY
@@ -6627,7 +6628,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if wire.keepalive:
                     self._stream_headers(stream)
                     self._write_chunk(wire.keepalive)
-            event = next(events, None)  # takes the instance and evaluates the prompt; errors surface here
+            event = self._first_event(stream, events, interval)  # the prompt's evaluation; errors surface here
             self._stream_headers(stream)
             while event is not None:
                 self._write_chunk(wire.frame(event))
@@ -6647,6 +6648,31 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True  # client left: closing the stream stops generation
         finally:
             stream.close()
+
+    def _first_event(self, stream: CompletionStream, events: Iterator[dict[str, Any]], interval: float) -> Any:
+        """The first event, which comes once the prompt is evaluated. A long evaluation gets its headers and then
+        keepalives every `interval`, from a second thread, as a queued request does: clients with an idle timeout
+        (Claude Code drops a silent connection after 300 s) stay. Only one thread writes at a time."""
+        lock, done = threading.Lock(), threading.Event()
+
+        def beat() -> None:
+            while not done.wait(interval):
+                with lock, _suppress(OSError):  # a client gone is noticed by the generation's cancel check
+                    if done.is_set():
+                        return
+                    self._stream_headers(stream)
+                    self._write_chunk(self._wire.keepalive)
+
+        beater = threading.Thread(target=beat, name="lllms-keepalive", daemon=True)
+        if self._wire.keepalive:
+            beater.start()
+        try:
+            return next(events, None)
+        finally:
+            with lock:
+                done.set()
+            if beater.is_alive():
+                beater.join()
 
     def _stream_headers(self, stream: CompletionStream) -> None:
         if self._status:  # sent already, before a keepalive

@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 import lllms
-from conftest import BERT_N_EMBD, DATA, DATA_PATH, FileServer, LogWatch, engine_of
+from conftest import BERT_N_EMBD, DATA, DATA_PATH, EngineHooks, FileServer, LogWatch, engine_of
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -6368,3 +6368,30 @@ def test_dashboard_asks_for_the_api_key(browser: OpenTab, smollm2: str) -> None:
         assert tab.evaluate("__errors") == []
     finally:
         server.stop()
+
+
+def test_a_stream_whose_prompt_takes_long_gets_keepalives_before_its_first_event(
+    smollm2: str, engine_hooks: EngineHooks
+) -> None:
+    """While the prompt evaluates (held here until the test lets it go), an Anthropic stream gets its headers and
+    `ping` events, so that clients with an idle timeout stay; then its events, in order."""
+    evaluated = threading.Event()
+
+    def held(chunks: Iterator[Any]) -> Iterator[Any]:
+        evaluated.wait(60)
+        yield from chunks
+
+    engine_hooks.stream = held
+    config = {**smol_config(smollm2), "keepalive_interval": 0.05}
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        conn = http.client.HTTPConnection(*address(server), timeout=60)
+        body = json.dumps({"model": "smol", "messages": CHAT, "max_tokens": 4, "stream": True})
+        conn.request("POST", "/v1/messages", body=body, headers={"Content-Type": "application/json"})
+        resp = conn.getresponse()
+        assert resp.status == 200 and resp.getheader("Content-Type") == "text/event-stream"
+        assert resp.readline() == b"event: ping\n"  # before any output: the prompt is still evaluating
+        evaluated.set()
+        raw = resp.read().decode()
+        conn.close()
+    names = [line[7:] for line in raw.splitlines() if line.startswith("event: ") and line != "event: ping"]
+    assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"], names
