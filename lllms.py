@@ -6651,8 +6651,8 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _first_event(self, stream: CompletionStream, events: Iterator[dict[str, Any]], interval: float) -> Any:
         """The first event, which comes once the prompt is evaluated. A long evaluation gets its headers and then
-        keepalives every `interval`, from a second thread, as a queued request does: clients with an idle timeout
-        (Claude Code drops a silent connection after 300 s) stay. Only one thread writes at a time."""
+        keepalives every `interval`, from a second thread, as a queued request does, so that proxies and clients
+        with an idle timeout keep the connection. Only one thread writes at a time."""
         lock, done = threading.Lock(), threading.Event()
 
         def beat() -> None:
