@@ -6806,8 +6806,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _get_ollama_ps(self) -> None:
         ms, out = self.server.model_server, []
+        instances = ms.status()["instances"]  # one snapshot of the pool for every model
         for m in ms.models():
-            insts = [i for i in ms.status()["instances"] if i["model"] == m.id and i["state"] != "gone"]
+            insts = [i for i in instances if i["model"] == m.id and i["state"] != "gone"]
             if insts:
                 expires = [i["expires"] for i in insts]
                 until = None if None in expires else _iso(max(expires))
