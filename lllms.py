@@ -6581,8 +6581,7 @@ class _Handler(BaseHTTPRequestHandler):
         return _parse_body(raw, config)
 
     def _send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(obj, ensure_ascii=False).encode("utf-8")
-        self._send(status, data, "application/json", headers)
+        self._send(status, _json_bytes(obj), "application/json", headers)
 
     def _send(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         headers = headers or {}
