@@ -1616,9 +1616,12 @@ class _LlamaModel:
         return b"".join(self.piece(t, special) for t in tokens).decode("utf-8", errors="replace")
 
     def context(self, n_ctx: int, n_batch: int, n_seq: int = 1, pooling: int | None = None) -> Any:
-        """A new llama.cpp context (an embedding one with `pooling`); its sequences share one KV cache."""
+        """A new llama.cpp context (an embedding one with `pooling`) of n_seq sequences with n_ctx cells each.
+        Each sequence has a KV stream of its own: a token attends to its own sequence's cells only, not to every
+        sequence's (a unified cache made 8 generating sequences' steps ~15% slower), and a batch is cut into
+        ubatches per sequence, so a sequence's arithmetic does not depend on what the others evaluate."""
         p = self.lc.llama_context_default_params()
-        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max, p.kv_unified = n_ctx, n_batch, n_batch, n_seq, True
+        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max, p.kv_unified = n_ctx * n_seq, n_batch, n_batch, n_seq, False
         p.n_threads = p.n_threads_batch = self.threads
         p.n_outputs_max = p.n_outputs_max_per_seq = n_batch
         if pooling is not None:
@@ -1684,10 +1687,9 @@ class _Job:
         self.echoed = [TokenLogprob(*self.pieces[0], None)] if self.pieces else None
         # Preload (no sampler) and echo with logprobs evaluate the prompt even with no room for a reply.
         self.evaluate = max_new > 0 or sampler is None or self.echoed is not None
-        self.seq: int | None = None  # None: a spare sequence, taken when one is free
+        self.seq: int | None = None  # None: a further choice, lent a sequence when one is free
         self.parent: _Job | None = None  # a sibling choice whose evaluated prompt this one copies
         self.pos = -1  # prompt tokens in the KV cache; -1 until begun
-        self.copied = 0  # of them, cells shared with its parent
         self.next: int | None = None  # the token to evaluate next, with logits
         self.ended = False  # finished, failed or cancelled: the decode thread lets go of it
         self.done = threading.Event()  # it has
@@ -1761,18 +1763,18 @@ _BIG_BATCH = 64
 class _Decoder:
     """A llama-cpp model's one context and the thread that decodes it. Each instance of the model is a sequence;
     every step evaluates the next token of every running sequence, and chunks of new prompts, together (_step).
-    Spare sequences, beyond max_instances, run a request's other choices beside its instance's."""
-
-    SPARE = 8
+    A request's further choices run beside its instance's in sequences no instance holds: there is one more
+    sequence than max_instances, so they always find one in the end."""
 
     def __init__(self, lc: Any, model: ModelConfig, path: str, state_cache: _StateCache | None) -> None:
         self.lc, self.config, self.cache = lc, model, state_cache
         self.model = m = _LlamaModel(lc, model, path)
         self.n_ctx = model.context_size or m.n_ctx_train  # per sequence
-        self.n_seq, self.chunk = model.max_instances + self.SPARE, model.prefill_chunk
+        self.n_seq, self.chunk = model.max_instances + 1, model.prefill_chunk
         self.held: list[list[int]] = [[] for _ in range(self.n_seq)]  # the tokens each sequence holds
-        self.free = list(range(model.max_instances))  # sequences for instances to take
-        self.spare = list(range(model.max_instances, self.n_seq))
+        self.free = list(range(self.n_seq))  # sequences no instance or further choice holds
+        self.lent: set[int] = set()  # sequences further choices hold
+        self.waiting = 0  # instances waiting for a sequence: they come before further choices
         self.jobs: list[_Job] = []
         self.calls: list[tuple[Callable[[], Any], queue.SimpleQueue[Any]]] = []
         self.cond = threading.Condition()
@@ -1787,15 +1789,18 @@ class _Decoder:
         threading.Thread(target=self._loop, name=f"lllms-decode-{model.id}", daemon=True).start()
 
     def _new_context(self) -> Any:
-        # Each conversation has n_ctx cells of its own, and the spare sequences one more conversation's worth.
-        return self.model.context(self.n_ctx * (self.config.max_instances + 1), self.chunk + self.n_seq, self.n_seq)
+        return self.model.context(self.n_ctx, self.chunk + self.n_seq, self.n_seq)
 
     # -- called from request threads
 
     def take_seq(self) -> int:
-        with self.cond:  # a disposed instance may not have handed its sequence back yet
+        """The lowest free sequence (running sequences with consecutive ids share llama.cpp's ubatches)."""
+        with self.cond:  # a disposed instance, or a further choice, may not have handed its sequence back yet
+            self.waiting += 1
             self.cond.wait_for(lambda: self.free)
-            return self.free.pop(0)
+            self.waiting -= 1
+            self.free.remove(seq := min(self.free))
+            return seq
 
     def give_seq(self, seq: int) -> None:
         self.call(lambda: self.keep(seq, 0))
@@ -1870,11 +1875,6 @@ class _Decoder:
         for job in running:
             if job.should_stop is not None and job.should_stop():
                 job.finish("length")
-        # Spare sequences (a request's further choices) share one conversation's room: past it, they end there.
-        spare = [j for j in running if typing.cast(int, j.seq) >= self.config.max_instances and not j.ended]
-        if sum(j.pos - j.copied for j in spare) >= self.n_ctx:
-            for job in spare:
-                job.finish("length")
         decodes: list[list[tuple[_Job, list[int], bool]]] = [
             [(j, [j.next], True) for j in running if j.next is not None and not j.ended]
         ]
@@ -1902,7 +1902,7 @@ class _Decoder:
             return
         batch, rows = self.batch, []
         batch.clear()
-        for job, tokens, logits in parts:
+        for job, tokens, logits in sorted(parts, key=lambda part: typing.cast(int, part[0].seq)):
             for pos, token in enumerate(tokens, job.pos):
                 want = logits or pos >= len(job.prompt) - 1  # a prompt's last token, and every one after, sample
                 i = batch.add(token, pos, typing.cast(int, job.seq), want)
@@ -1939,15 +1939,12 @@ class _Decoder:
         if parent is not None and not parent.done.is_set() and (parent.pos < 0 or parent.prefilling):
             return
         if job.seq is None:
-            if not self.spare:
+            job.seq = self._borrow()
+            if job.seq is None:
                 return
-            job.seq = self.spare.pop()
         last = len(job.prompt) - 1
-        if parent is not None and parent.pos >= last and not parent.done.is_set():
-            self.keep(job.seq, 0)  # the sibling's evaluated prompt, shared cell by cell
-            self.lc.llama_memory_seq_cp(self._memory(), parent.seq, job.seq, 0, last)
-            self.held[job.seq] = job.prompt[:last]
-            job.pos = job.copied = last
+        if parent is not None and parent.pos >= last and not parent.done.is_set() and self._copy(parent.seq, job.seq):
+            job.pos = self.keep(job.seq, last)  # the sibling's evaluated prompt
             job.usage.cached_tokens, job.echoed = parent.usage.cached_tokens, parent.echoed
         elif job.evaluate:
             job.pos = job.usage.cached_tokens = self._reuse(job.seq, job.prompt, job.echoed is not None)
@@ -1974,11 +1971,8 @@ class _Decoder:
         found = self.cache.best(prompt, max(own, best) + _MIN_RESTORE_GAIN) if self.cache is not None else None
         if found is not None and self._restore(seq, *found):
             return self.keep(seq, min(_common_prefix(found[0], prompt), last))
-        if best > own:
-            self.keep(seq, 0)
-            self.lc.llama_memory_seq_cp(self._memory(), source, seq, 0, best)
-            self.held[seq] = prompt[:best]
-            return best
+        if best >= own + _MIN_RESTORE_GAIN and self._copy(source, seq):
+            return self.keep(seq, best)
         return self.keep(seq, own)
 
     def keep(self, seq: int, n: int) -> int:
@@ -1996,6 +1990,20 @@ class _Decoder:
         n = self.lc.llama_state_seq_get_data(self.ctx, buf, size, seq)
         return buf if n == size else bytes(buf)[:n]
 
+    def _copy(self, source: int, seq: int) -> bool:
+        """Make a sequence hold what another holds. Each has a KV stream of its own (llama_memory_seq_cp would copy
+        the whole stream, and only at the next decode): copy the source's cells through its saved state."""
+        return self._restore(seq, tuple(self.held[typing.cast(int, source)]), self._save(typing.cast(int, source)))
+
+    def _borrow(self) -> int | None:
+        """The lowest sequence that no instance holds or waits for, lent to a further choice; None: none yet."""
+        with self.cond:
+            if len(self.free) <= self.waiting:
+                return None
+            self.free.remove(seq := min(self.free))
+        self.lent.add(seq)
+        return seq
+
     def _restore(self, seq: int, tokens: tuple[int, ...], state: Any) -> bool:
         self.keep(seq, 0)
         src = state if isinstance(state, ctypes.Array) else (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
@@ -2007,9 +2015,12 @@ class _Decoder:
 
     def _drop(self, job: _Job) -> None:
         self.jobs.remove(job)
-        if job.seq is not None and job.seq >= self.config.max_instances:
+        if job.seq in self.lent:
+            self.lent.discard(job.seq)
             self.keep(job.seq, 0)
-            self.spare.append(job.seq)
+            with self.cond:
+                self.free.append(job.seq)
+                self.cond.notify_all()
         job.release()
 
     def _fail(self, error: APIError) -> None:
@@ -2186,7 +2197,7 @@ class LlamaCppEngine(Engine):
     # -- generation
 
     def run(self, req: Request, should_stop: _StopCheck = None) -> Iterator[Chunk]:
-        """Every choice at once, each in a sequence: this instance's holds the last, spare ones the others, which
+        """Every choice at once, each in a sequence: this instance's holds the last, free ones the others, which
         copy their prompt's evaluated cells from it (or from their group's first) rather than evaluate it again."""
         shared, lc = self._text_model(), self._import()
         out: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()
@@ -2324,14 +2335,17 @@ class _Sampler:
     """llama.cpp's samplers, stage by stage over our own candidate array: bias and penalties, then greedy or
     top-k/top-p/min-p/temperature/seeded draw. As in llama.cpp's server, a grammar checks the drawn token and
     constrains the whole array only when it rejects it (near full speed); when grammar and bias leave no token,
-    `sample` says so, where llama.cpp would abort the process."""
+    `sample` says so, where llama.cpp would abort the process. Plain greedy sampling (no grammar, no penalties)
+    is numpy's first argmax after the bias, as llama.cpp's greedy stage picks it, at a tenth of the cost."""
 
     def __init__(self, llama_cpp: Any, model: _LlamaModel, p: SamplingParams, last_n: int) -> None:
         import numpy as np
 
         lc = self.lc = llama_cpp
         n_vocab = model.n_vocab
-        self.pre = self.post = self.grammar = None
+        self.pre = self.post = self.grammar = self.bias = None
+        neutral = (p.repeat_penalty, p.frequency_penalty, p.presence_penalty) == (1.0, 0.0, 0.0)
+        self.greedy = p.temperature <= 0 and p.grammar is None and neutral
         try:
             # llama.cpp versions differ on whether the penalty stage takes n_vocab first.
             head = (n_vocab,) if len(lc.llama_sampler_init_penalties.argtypes) == 5 else ()
@@ -2341,6 +2355,7 @@ class _Sampler:
                 _check_ids(list(p.logit_bias), n_vocab, "'logit_bias'", "logit_bias")
                 # -100 bans; +100 beats any logit yet stays finite, so several +100 tokens compete on their logits.
                 bias = {t: -math.inf if b <= -100 else _FORCE_BIAS if b >= 100 else b for t, b in p.logit_bias.items()}
+                self.bias = (np.array(list(bias), dtype=np.intc), np.array(list(bias.values()), dtype=np.single))
                 items = [lc.llama_logit_bias(token=t, bias=b) for t, b in bias.items()]
                 stages.insert(
                     0, lc.llama_sampler_init_logit_bias(n_vocab, len(items), (lc.llama_logit_bias * len(items))(*items))
@@ -2392,6 +2407,12 @@ class _Sampler:
         """The next token for these logits (accepted by every stage), or None when no token is allowed."""
         import numpy as np
 
+        if self.greedy:
+            if self.bias is not None:
+                logits = logits.copy()
+                logits[self.bias[0]] += self.bias[1]
+            token = int(logits.argmax())
+            return token if logits[token] > -math.inf else None
         arr = self._run(self.cand, self.ids, logits, self.pre, self.post)
         token = int(self.cand.id[arr.selected])
         if self.grammar is not None:
