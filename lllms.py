@@ -1687,7 +1687,8 @@ class _Job:
         self.echoed = [TokenLogprob(*self.pieces[0], None)] if self.pieces else None
         # Preload (no sampler) and echo with logprobs evaluate the prompt even with no room for a reply.
         self.evaluate = max_new > 0 or sampler is None or self.echoed is not None
-        self.seq: int | None = None  # None: a further choice, lent a sequence when one is free
+        self.owner: object | None = None  # the instance whose sequence it runs in; None: a further choice
+        self.seq: int | None = None  # its sequence, once begun
         self.parent: _Job | None = None  # a sibling choice whose evaluated prompt this one copies
         self.pos = -1  # prompt tokens in the KV cache; -1 until begun
         self.next: int | None = None  # the token to evaluate next, with logits
@@ -1764,7 +1765,9 @@ class _Decoder:
     """A llama-cpp model's one context and the thread that decodes it. Each instance of the model is a sequence;
     every step evaluates the next token of every running sequence, and chunks of new prompts, together (_step).
     A request's further choices run beside its instance's in sequences no instance holds: there is one more
-    sequence than max_instances, so they always find one in the end."""
+    sequence than max_instances, so they always find one in the end. llama.cpp evaluates only consecutive
+    sequences in one pass over the weights, so a conversation that starts apart from the running ones is moved
+    next to them (_place)."""
 
     def __init__(self, lc: Any, model: ModelConfig, path: str, state_cache: _StateCache | None) -> None:
         self.lc, self.config, self.cache = lc, model, state_cache
@@ -1772,8 +1775,7 @@ class _Decoder:
         self.n_ctx = model.context_size or m.n_ctx_train  # per sequence
         self.n_seq, self.chunk = model.max_instances + 1, model.prefill_chunk
         self.held: list[list[int]] = [[] for _ in range(self.n_seq)]  # the tokens each sequence holds
-        self.free = list(range(self.n_seq))  # sequences no instance or further choice holds
-        self.lent: set[int] = set()  # sequences further choices hold
+        self.owners: list[object | None] = [None] * self.n_seq  # each sequence's instance or further choice
         self.waiting = 0  # instances waiting for a sequence: they come before further choices
         self.jobs: list[_Job] = []
         self.calls: list[tuple[Callable[[], Any], queue.SimpleQueue[Any]]] = []
@@ -1793,20 +1795,21 @@ class _Decoder:
 
     # -- called from request threads
 
-    def take_seq(self) -> int:
-        """The lowest free sequence (running sequences with consecutive ids share llama.cpp's ubatches)."""
+    def take_seq(self, owner: object) -> None:
+        """Give an instance a sequence of its own; its jobs name the instance, and find its sequence when begun."""
         with self.cond:  # a disposed instance, or a further choice, may not have handed its sequence back yet
             self.waiting += 1
-            self.cond.wait_for(lambda: self.free)
+            self.cond.wait_for(lambda: None in self.owners)
             self.waiting -= 1
-            self.free.remove(seq := min(self.free))
-            return seq
+            self.owners[self.owners.index(None)] = owner
 
-    def give_seq(self, seq: int) -> None:
-        self.call(lambda: self.keep(seq, 0))
+    def give_seq(self, owner: object) -> None:
+        self.call(lambda: self._free(self.owners.index(owner)))
+
+    def held_by(self, owner: object) -> list[int]:
+        """The tokens an instance's sequence holds."""
         with self.cond:
-            self.free.append(seq)
-            self.cond.notify_all()
+            return self.held[self.owners.index(owner)]
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the decode thread between two steps (the context is not thread-safe); its result."""
@@ -1938,10 +1941,10 @@ class _Decoder:
         parent = job.parent
         if parent is not None and not parent.done.is_set() and (parent.pos < 0 or parent.prefilling):
             return
+        job.seq = self.owners.index(job.owner) if job.owner is not None else self._borrow(job)
         if job.seq is None:
-            job.seq = self._borrow()
-            if job.seq is None:
-                return
+            return
+        self._place(job)
         last = len(job.prompt) - 1
         if parent is not None and parent.pos >= last and not parent.done.is_set() and self._copy(parent.seq, job.seq):
             job.pos = self.keep(job.seq, last)  # the sibling's evaluated prompt
@@ -1995,14 +1998,38 @@ class _Decoder:
         the whole stream, and only at the next decode): copy the source's cells through its saved state."""
         return self._restore(seq, tuple(self.held[typing.cast(int, source)]), self._save(typing.cast(int, source)))
 
-    def _borrow(self) -> int | None:
+    def _borrow(self, job: _Job) -> int | None:
         """The lowest sequence that no instance holds or waits for, lent to a further choice; None: none yet."""
         with self.cond:
-            if len(self.free) <= self.waiting:
+            if self.owners.count(None) <= self.waiting:
                 return None
-            self.free.remove(seq := min(self.free))
-        self.lent.add(seq)
-        return seq
+            seq = self.owners.index(None)
+            self.owners[seq] = job
+            return seq
+
+    def _free(self, seq: int) -> None:
+        self.keep(seq, 0)
+        with self.cond:
+            self.owners[seq] = None
+            self.cond.notify_all()
+
+    def _place(self, job: _Job) -> None:
+        """Move a starting job's sequence into a gap between the running sequences, or next to them, swapping
+        contents with whichever sequence is there: one pass over the weights then steps them all."""
+        running = {j.seq for j in self.jobs if j.pos >= 0} - {job.seq}  # ended ones too, until dropped
+        if not job.evaluate or not running or min(running) - 1 <= typing.cast(int, job.seq) <= max(running) + 1:
+            return
+        lo, hi = min(running), max(running)
+        gaps = [s for s in range(lo, hi + 1) if s not in running]
+        target = next(s for s in [*gaps, hi + 1, lo - 1] if 0 <= s < self.n_seq and s not in running)
+        seq = typing.cast(int, job.seq)
+        states = [(tuple(self.held[s]), self._save(s)) if self.held[s] else None for s in (seq, target)]
+        for s, state in zip((target, seq), states, strict=True):
+            if state is None or not self._restore(s, *state):
+                self.keep(s, 0)
+        with self.cond:
+            self.owners[seq], self.owners[target] = self.owners[target], self.owners[seq]
+        job.seq = target
 
     def _restore(self, seq: int, tokens: tuple[int, ...], state: Any) -> bool:
         self.keep(seq, 0)
@@ -2015,12 +2042,8 @@ class _Decoder:
 
     def _drop(self, job: _Job) -> None:
         self.jobs.remove(job)
-        if job.seq in self.lent:
-            self.lent.discard(job.seq)
-            self.keep(job.seq, 0)
-            with self.cond:
-                self.free.append(job.seq)
-                self.cond.notify_all()
+        if job.seq is not None and self.owners[job.seq] is job:
+            self._free(job.seq)  # a further choice's
         job.release()
 
     def _fail(self, error: APIError) -> None:
@@ -2063,7 +2086,6 @@ class LlamaCppEngine(Engine):
     def __init__(self, model: ModelConfig, path: str, state_cache: _StateCache | None = None) -> None:
         super().__init__(model, path, state_cache)
         self.shared: _Decoder | None = None
-        self.seq = -1
         self._embedder: tuple[_LlamaModel, Any, _Batch, int] | None = None
 
     @staticmethod
@@ -2094,7 +2116,8 @@ class LlamaCppEngine(Engine):
             if shared is None:
                 shared = self._decoders[key] = _Decoder(lc, self.model, self.path, self.state_cache)
             shared.users += 1
-        self.shared, self.seq = shared, shared.take_seq()
+        shared.take_seq(self)
+        self.shared = shared
 
     def close(self) -> None:
         if self._embedder is not None:  # first: it may sit on the shared weights, freed with the last sequence
@@ -2106,7 +2129,7 @@ class LlamaCppEngine(Engine):
                 self._import().llama_model_free(model.ptr)
         shared, self.shared = self.shared, None
         if shared is not None:
-            shared.give_seq(self.seq)
+            shared.give_seq(self)
             with self._decoders_lock:
                 shared.users -= 1
                 if not shared.users:
@@ -2126,7 +2149,7 @@ class LlamaCppEngine(Engine):
             raise Unavailable(f"model '{self.model.id}': preload is longer than the context", code="preload_too_long")
         out: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()
         job = _Job(shared.model, 0, tokens, SamplingParams(), out)
-        job.seq = self.seq
+        job.owner = self
         shared.run([job])
         job.done.wait()
         while not out.empty():
@@ -2182,12 +2205,12 @@ class LlamaCppEngine(Engine):
     def context_info(self) -> tuple[int, str]:
         if self.shared is None:
             return 0, ""
-        return len(self.shared.held[self.seq]), self.context_text(limit=48)[:80]
+        return len(self.shared.held_by(self)), self.context_text(limit=48)[:80]
 
     def context_text(self, limit: int | None = None) -> str:
         """The text the context holds (its first `limit` tokens), special tokens included."""
         shared = self._text_model()
-        return shared.model.text(shared.held[self.seq][:limit])
+        return shared.model.text(shared.held_by(self)[:limit])
 
     def _text_model(self) -> _Decoder:
         if self.shared is None:
@@ -2236,7 +2259,7 @@ class LlamaCppEngine(Engine):
                 leader = group[-1] if g == groups - 1 else group[0]
                 for job in group:
                     job.parent = None if job is leader else leader
-            jobs[-1].seq = self.seq
+            jobs[-1].owner = self
         except BaseException:
             for job in jobs:
                 job.release()

@@ -1550,6 +1550,31 @@ def test_four_requests_at_once_each_get_exactly_their_own_grammar_reply(smollm2:
             assert second.text == text and second.usage.cached_tokens >= first.prompt_tokens
 
 
+def test_a_long_prompt_evaluated_beside_running_replies_changes_none_of_them(smollm2: str) -> None:
+    """A prompt of several chunks arrives while three seeded replies stream: each of the four gets exactly the text
+    it gets alone on a fresh server. Every sequence has its own KV stream, and long chunks decode apart."""
+    no_end = {"0": -100, "1": -100, "2": -100}
+    bodies = [
+        {"messages": question(i), "max_tokens": 48, "temperature": 1, "seed": 7 + i, "logit_bias": no_end}
+        for i in range(3)
+    ]
+    story = " ".join(["The keeper climbed the hundred and twelve steps to light the lamp in the fog."] * 10)
+    long = {"messages": [{"role": "user", "content": story}], "max_tokens": 24, "temperature": 1, "seed": 5}
+    config = smol_config(smollm2, max_instances=4, prefill_chunk=64)
+    with lllms.ModelServer(config) as ms:
+        alone = [ms.chat("smol", **body) for body in [*bodies, long]]
+    assert alone[-1].usage.prompt_tokens > 2 * 64  # two long chunks, then the rest
+    with lllms.ModelServer(config) as ms:
+        streams = [ms.chat("smol", stream=True, **body) for body in bodies]
+        for s in streams:
+            next(s)
+        late = ms.chat("smol", stream=True, **long)
+        next(late)  # its prompt is evaluated: the three were generating all along
+        assert ms.status()["concurrency"]["running"] == 4
+        together = [finish(s) for s in [*streams, late]]
+    assert together == [c.text for c in alone]
+
+
 def test_a_new_conversation_copies_a_system_prompt_another_sequence_holds(smollm2: str) -> None:
     system = {"role": "system", "content": "You are a terse assistant for a shipping company. " * 6}
     with lllms.ModelServer(smol_config(smollm2, max_instances=2)) as ms:
