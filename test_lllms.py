@@ -1550,6 +1550,31 @@ def test_four_requests_at_once_each_get_exactly_their_own_grammar_reply(smollm2:
             assert second.text == text and second.usage.cached_tokens >= first.prompt_tokens
 
 
+def test_conversations_keep_their_cache_when_one_resumes_apart_from_the_running_ones(smollm2: str) -> None:
+    """llama.cpp steps only consecutive sequences in one pass, so a conversation that resumes apart from the running
+    ones is moved next to them, trading places with an idle one. Every conversation keeps its whole history."""
+    long = [" ".join([t] * 3) for t in FORCED]
+    with lllms.ModelServer(smol_config(smollm2, max_instances=4)) as ms:
+        streams = four_at_once(ms, [{"messages": question(i), "grammar": forced(t)} for i, t in enumerate(long)])
+        assert [finish(s) for s in streams] == long
+        firsts = [typing.cast(lllms.Usage, s.usage).prompt_tokens for s in streams]
+        again = [
+            [*question(i), {"role": "assistant", "content": t}, {"role": "user", "content": "Again?"}]
+            for i, t in enumerate(long)
+        ]
+        first = ms.chat("smol", messages=again[0], grammar=forced(long[0]), stream=True)
+        next(first)  # the first conversation's sequence runs; the last one's resumes apart from it
+        last = ms.chat("smol", messages=again[3], grammar=forced(long[3]), stream=True)
+        next(last)
+        assert ms.status()["concurrency"]["running"] == 2
+        replies = {0: (finish(first), first.usage), 3: (finish(last), last.usage)}
+        for i in (1, 2):
+            reply = ms.chat("smol", messages=again[i], grammar=forced(long[i]))
+            replies[i] = (reply.text, reply.usage)
+    for i, (text, usage) in replies.items():
+        assert text == long[i] and typing.cast(lllms.Usage, usage).cached_tokens >= firsts[i], i
+
+
 def test_a_long_prompt_evaluated_beside_running_replies_changes_none_of_them(smollm2: str) -> None:
     """A prompt of several chunks arrives while three seeded replies stream: each of the four gets exactly the text
     it gets alone on a fresh server. Every sequence has its own KV stream, and long chunks decode apart."""
