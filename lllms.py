@@ -2016,13 +2016,12 @@ class _Decoder:
     def _place(self, job: _Job) -> None:
         """Move a starting job's sequence into a gap between the running sequences, or next to them, swapping
         contents with whichever sequence is there: one pass over the weights then steps them all."""
-        running = {j.seq for j in self.jobs if j.pos >= 0} - {job.seq}  # ended ones too, until dropped
-        if not job.evaluate or not running or min(running) - 1 <= typing.cast(int, job.seq) <= max(running) + 1:
-            return
-        lo, hi = min(running), max(running)
-        gaps = [s for s in range(lo, hi + 1) if s not in running]
-        target = next(s for s in [*gaps, hi + 1, lo - 1] if 0 <= s < self.n_seq and s not in running)
         seq = typing.cast(int, job.seq)
+        running = {j.seq for j in self.jobs if j.pos >= 0} - {seq}  # ended ones too, until dropped
+        if not job.evaluate or not running or {seq - 1, seq + 1} & running:
+            return
+        lo, hi = min(running), max(running)  # the first gap, else the ends: each is next to a running sequence
+        target = next(s for s in [*range(lo, hi + 1), hi + 1, lo - 1] if 0 <= s < self.n_seq and s not in running)
         states = [(tuple(self.held[s]), self._save(s)) if self.held[s] else None for s in (seq, target)]
         for s, state in zip((target, seq), states, strict=True):
             if state is None or not self._restore(s, *state):
