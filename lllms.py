@@ -1618,8 +1618,8 @@ class _LlamaModel:
     def context(self, n_ctx: int, n_batch: int, n_seq: int = 1, pooling: int | None = None) -> Any:
         """A new llama.cpp context (an embedding one with `pooling`) of n_seq sequences with n_ctx cells each.
         Each sequence has a KV stream of its own: a token attends to its own sequence's cells only, not to every
-        sequence's (a unified cache made 8 generating sequences' steps ~15% slower), and a batch is cut into
-        ubatches per sequence, so a sequence's arithmetic does not depend on what the others evaluate."""
+        sequence's (a unified cache made 8 generating sequences' steps ~15% slower). llama.cpp cuts a batch into
+        ubatches of consecutive sequences with as many tokens each."""
         p = self.lc.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max, p.kv_unified = n_ctx * n_seq, n_batch, n_batch, n_seq, False
         p.n_threads = p.n_threads_batch = self.threads
