@@ -11,11 +11,12 @@ its defaults, then with `--cache true`. Every turn streams 32 tokens at temperat
 median time to first token of the later turns, where a server that keeps each conversation's context evaluates
 only the new messages.
 
-Scenario "concurrent": clients at once, on lllms with its default config (4 instances, concurrency 8), on
+Scenario "concurrent": clients at once, on lllms with its default config (8 instances of 4096 tokens), on
 `llama_cpp.server`, and with --llama-server on llama.cpp's `llama-server` (-np 4, then -np 8), one server at a time,
 rotating the order each round: (a) client B's time to first token when it asks a short question 1 s into client A's
 400-token stream, and whether A's stream got its 400 tokens; (b) total tok/s of 4 and of 8 clients at once, each
-sending 3 requests of 64 tokens; (c) one 256-token stream's tok/s, and its ratio to in-process `llama_cpp.Llama`.
+sending 3 requests of 64 tokens; (c) one 256-token stream's tok/s, and its ratio to in-process `llama_cpp.Llama`
+streaming right after it (the median of the rounds' ratios).
 EOS is banned, so every generation runs to its max_tokens. --a-tokens, --client-tokens and --client-requests shrink
 (a) and (b); --max-tokens sets (c).
 
@@ -947,11 +948,13 @@ def clients_at_once(port: int, c: Contender, n: int, requests: int, tokens: int)
     return sum(counts) / wall, counts
 
 
-def measure_concurrent(c: Contender, args: argparse.Namespace) -> dict[str, Any]:
+def measure_concurrent(c: Contender, args: argparse.Namespace, local: list[Reply], llm: Any) -> dict[str, Any]:
     """One round of one server: (c), B alone and (a) on the first server, then (b), with a fresh server per client
     count (llama-server's slots are fixed at start). Each server first answers an untimed warm-up question. "B alone":
     B's time to first token on an idle server, with a question of its own. (c)'s prompt is evaluated just before
-    it, untimed, as in-process `llama_cpp.Llama` holds it from its previous run."""
+    it, untimed, as in-process `llama_cpp.Llama` holds it from its previous run; right after the server's stream,
+    with the server idle, the in-process stream runs too (appended to `local`), so (c) is a ratio of two streams a
+    few seconds apart, not of runs minutes apart on a machine whose speed drifts."""
     out: dict[str, Any] = {"tok_s": {}, "request_tokens": []}
     for n in CONC_CLIENTS:
         with c.start(n) as (port, _, _):
@@ -960,7 +963,9 @@ def measure_concurrent(c: Contender, args: argparse.Namespace) -> dict[str, Any]
                 out["b_alone"] = post_openai(port, "/v1/chat/completions", _question(c, CONC_QUESTIONS["alone"])).ttft
                 post_openai(port, "/v1/completions", _story(c, 4, False))  # the prompt warm, as in-process
                 single = post_openai(port, "/v1/completions", _story(c, args.max_tokens, True))
+                local.append(here := local_stream(llm, args.max_tokens))
                 out |= {"stream_tok_s": single.tokens / single.seconds, "stream_tokens": single.tokens}
+                out["vs_in_process"] = out["stream_tok_s"] / (here.tokens / here.seconds)
                 out |= b_while_a_streams(port, c, args.a_tokens)
             out["tok_s"][str(n)], counts = clients_at_once(port, c, n, args.client_requests, args.client_tokens)
             out["request_tokens"] += counts
@@ -1041,8 +1046,8 @@ def scenario_concurrent(args: argparse.Namespace) -> dict[str, Any]:
     """Clients at once: B's time to first token while A streams, total tok/s of 4 and 8 clients, and one stream's
     tok/s against in-process llama_cpp.Llama. One server at a time; each round rotates the order of the sides."""
     n_threads = os.cpu_count() or 1
-    sides: list[Contender | None] = [None, *contenders(args, n_threads)]  # None: in-process
-    runs: dict[str, list[dict[str, Any]]] = {c.name: [] for c in sides if c}
+    sides = contenders(args, n_threads)
+    runs: dict[str, list[dict[str, Any]]] = {c.name: [] for c in sides}
     local = InProcess(args.model, CONC_CONTEXT_SIZE)
     local_runs: list[Reply] = []
     try:
@@ -1050,14 +1055,11 @@ def scenario_concurrent(args: argparse.Namespace) -> dict[str, Any]:
         for i in range(args.rounds):
             k = i % len(sides)
             for side in sides[k:] + sides[:k]:
-                if side is None:
-                    local_runs.append(local_stream(local.llm, args.max_tokens))
-                else:
-                    runs[side.name].append(measure_concurrent(side, args))
+                runs[side.name].append(measure_concurrent(side, args, local_runs, local.llm))
     finally:
         local.close()
     local_tok_s = statistics.median(r.tokens / r.seconds for r in local_runs)
-    servers = [_concurrent_summary(c, runs[c.name], args, local_tok_s) for c in sides if c]
+    servers = [_concurrent_summary(c, runs[c.name], args) for c in sides]
     notes = []
     for srv in servers:
         if not srv["a_busy_when_b_sent"]:
@@ -1098,9 +1100,7 @@ def scenario_concurrent(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _concurrent_summary(
-    c: Contender, rounds: list[dict[str, Any]], args: argparse.Namespace, local_tok_s: float
-) -> dict[str, Any]:
+def _concurrent_summary(c: Contender, rounds: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     def median(key: str) -> float:
         return statistics.median(r[key] for r in rounds)
 
@@ -1117,7 +1117,7 @@ def _concurrent_summary(
         "request_tokens": sorted({t for r in rounds for t in r["request_tokens"]}),
         "stream_tok_s": round(median("stream_tok_s"), 2),
         "stream_tokens": sorted({r["stream_tokens"] for r in rounds}),
-        "vs_in_process": round(median("stream_tok_s") / local_tok_s, 3),
+        "vs_in_process": round(median("vs_in_process"), 3),  # the median of each round's paired ratio
         "rounds": rounds,
     }
 
