@@ -4175,9 +4175,13 @@ def _converter_class() -> Any:
         """llama-cpp-python's converter, plus number ranges, which it leaves out."""
 
         def visit(self, schema: Any, name: str) -> Any:
-            if isinstance(schema, dict) and any(k in schema for k in _INT_BOUNDS) and _number_range(schema):
+            if (
+                isinstance(schema, dict)
+                and any(k in schema for k in _INT_BOUNDS)
+                and (grammar := _number_range(schema))
+            ):
                 rule = name + "-" if name in RESERVED_NAMES else name or "root"
-                return _LlamaShim.add_rule(self, rule, f"{_number_range(schema)} space")
+                return _LlamaShim.add_rule(self, rule, f"{grammar} space")
             return super().visit(schema, name)
 
     return _Converter
