@@ -5922,18 +5922,30 @@ def test_haproxy_keeps_each_conversation_on_the_node_that_holds_it(cluster: Clus
 
 
 class _Load:
-    """Clients sending requests through HAProxy one after another until stopped: what each got, and when."""
+    """Clients sending requests through HAProxy one after another until the test stops them (by leaving the `with`
+    block): what each got, and when. Bounded by time, not by a number of requests: on a fast machine the tiny model
+    answers 600 in about 3 s, inside a node's 3 s drain_delay, and a count that runs out before what the test waits
+    for leaves no request after it."""
+
+    LIMIT = 300.0  # seconds: a safety net, far past every wait in the tests, so a broken server cannot hang them
 
     def __init__(self, cluster: Cluster, clients: int, stream: bool = False) -> None:
         self.cluster, self.stream, self.done = cluster, stream, threading.Event()
+        self.deadline = time.monotonic() + self.LIMIT
         self.results: list[tuple[float, float, int | str, str]] = []  # (start, end, status or error, node)
         self.threads = [threading.Thread(target=self._client, args=(i,)) for i in range(clients)]
         for t in self.threads:
             t.start()
 
+    def __enter__(self) -> _Load:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def _client(self, i: int) -> None:
-        for n in range(200):  # bounded: the test stops it long before
-            if self.done.is_set():
+        for n in itertools.count():
+            if self.done.is_set() or time.monotonic() > self.deadline:
                 return
             body = {"model": "tiny", "messages": [{"role": "user", "content": f"client {i}, request {n}"}]}
             body |= {"max_tokens": 8, "stream": self.stream}
@@ -5958,13 +5970,12 @@ def test_haproxy_resends_around_a_killed_node(cluster: Cluster) -> None:
     on elsewhere."""
     starts = {i: _converse(cluster, f"Conversation {i} about the number {i * 11}.", 1)[0] for i in range(9)}
     victim = collections.Counter(r.headers["X-Lllms-Node"] for r in starts.values()).most_common(1)[0][0]
-    load = _Load(cluster, clients=3, stream=True)
-    wait_until(lambda: len(load.results) >= 6, timeout=60, what="load through HAProxy")
-    cluster.procs[victim].kill()
-    killed = time.monotonic()
-    cluster.procs[victim].wait(10)
-    wait_until(lambda: sum(1 for r in load.results if r[0] > killed) >= 9, timeout=60, what="requests after")
-    load.stop()
+    with _Load(cluster, clients=3, stream=True) as load:
+        wait_until(lambda: len(load.results) >= 6, timeout=60, what="load through HAProxy")
+        cluster.procs[victim].kill()
+        killed = time.monotonic()
+        cluster.procs[victim].wait(10)
+        wait_until(lambda: sum(1 for r in load.results if r[0] > killed) >= 9, timeout=60, what="requests after")
     after = [status for start, _, status, _ in load.results if start > killed]
     assert after and all(status == 200 for status in after), after
     cut = [r for r in load.results if r[0] <= killed <= r[1] and r[2] != 200]
@@ -5979,13 +5990,12 @@ def test_haproxy_resends_around_a_killed_node(cluster: Cluster) -> None:
 
 def test_haproxy_drains_a_node_without_failing_a_request(cluster: Cluster) -> None:
     """(c) SIGTERM a node under steady non-streaming load: no request fails, and the node exits 0."""
-    load = _Load(cluster, clients=3)
-    wait_until(lambda: any(r[3] == "node2" for r in load.results), timeout=60, what="node2 to serve some of the load")
-    cluster.procs["node2"].send_signal(signal.SIGTERM)
-    assert cluster.procs["node2"].wait(60) == 0
-    stopped = time.monotonic()
-    wait_until(lambda: sum(1 for r in load.results if r[0] > stopped) >= 6, timeout=60, what="requests after")
-    load.stop()
+    with _Load(cluster, clients=3) as load:  # running until the node has drained and exited, however long that is
+        wait_until(lambda: any(r[3] == "node2" for r in load.results), timeout=60, what="node2 to serve any load")
+        cluster.procs["node2"].send_signal(signal.SIGTERM)
+        assert cluster.procs["node2"].wait(60) == 0
+        stopped = time.monotonic()
+        wait_until(lambda: sum(1 for r in load.results if r[0] > stopped) >= 6, timeout=60, what="requests after")
     assert all(r[2] == 200 for r in load.results), [r for r in load.results if r[2] != 200]
     assert any(r[3] == "node2" for r in load.results), "node2 served nothing: the drain was not exercised"
     assert not any(r[3] == "node2" for r in load.results if r[0] > stopped)
