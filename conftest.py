@@ -461,9 +461,11 @@ def _to_json_schema(schema: Any, home: str) -> Any:
                 schema[exclusive] = schema.pop(bound)
     if "discriminator" in schema and "oneOf" in schema and "anyOf" not in schema:
         schema["anyOf"] = schema.pop("oneOf")
+    return _nullable(schema) if schema.pop("nullable", False) is True else schema
 
-    if schema.pop("nullable", False) is not True:
-        return schema
+
+def _nullable(schema: dict[str, Any]) -> Any:
+    """A schema that OpenAPI marked nullable, as JSON Schema writes that: null among its types or values."""
     if any(key in schema for key in _NULLABLE_WRAP_KEYS):
         return {"anyOf": [{"type": "null"}, schema]}
     if "type" in schema:

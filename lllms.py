@@ -5,32 +5,38 @@
 
 The engines (llama-cpp-python, gpt4all) are optional extras; jinja2 renders chat templates.
 
-Sections, each built on the ones before it:
+Sections, each built on the ones before it, each helper before its first user:
   1. errors        APIError and its kinds: each maps to an HTTP status and an error envelope.
   2. config        ServerConfig, ModelConfig (dataclasses checked by _from_dict) and SamplingParams.
-  3. model store   where model files live, resumable checked downloads, one downloader per file.
-  4. engines       Engine, and one class per binding: LlamaCppEngine (whose instances are sequences of one context
-                   per model, stepped together by a _Decoder), Gpt4AllEngine. Each binding's private internals sit
-                   in one shim (_LlamaShim, _Gpt4AllShim), version-checked at import.
-  5. pool          _Pool: instances per model, one FIFO queue, routing each conversation to its context.
-  6. requests      Request, the one model of a request, and the dialects that translate into it and out of its
-                   results: OpenAI's Chat Completions (openai_request), Anthropic Messages (anthropic_request),
-                   OpenAI Responses (_ResponsesCall, with its _ResponseStore) and Ollama (_OllamaCall).
+  3. model store   where model files live, resumable checked downloads, one downloader per file, GGUF headers.
+  4. engines       4a the contract: Engine (load, run, embed, check, grammar, ...), Chunk and Usage, chat templates,
+                   and what both engines share. 4b llama.cpp: LlamaCppEngine, whose instances are sequences of one
+                   context per model, stepped together by a _Decoder, and the JSON-schema-to-GBNF compiler its
+                   grammars come from. 4c gpt4all: Gpt4AllEngine. Each binding's private internals sit in one shim
+                   (_LlamaShim, _Gpt4AllShim), version-checked at import. 4d _ENGINES, the engine table.
+  5. pool          _Pool: instances per model, one FIFO queue, routing each conversation to its context; lease().
+  6. requests      Request, the one model of a request, built once by each dialect, and the dialects that
+                   translate into it and out of its results: OpenAI's (openai_request), Anthropic Messages
+                   (anthropic_request), OpenAI Responses (_ResponsesCall) and Ollama (_OllamaCall). 6h _DIALECTS,
+                   the dialect table: each dialect's routes, their calls, its error envelope and stream framing.
   7. ModelServer   the embedded API: request() checks a body, submit() runs it; CompletionStream.
-  8. HTTP          _Handler (parsing, limits, routes), _Wire (each dialect's error envelope and stream framing),
-                   _HTTPD (connections, deadlines), HTTPServer.
+  8. HTTP          8a _Transport (the stdlib hooks, limits, bodies, framing, keepalives), 8b _Handler (keys,
+                   routing through _DIALECTS, the server's own endpoints), 8c _HTTPD (connections, deadlines) and
+                   HTTPServer.
   9. CLI           main().
+ 10. the dashboard page, as data.
 
-Data flows one way: HTTP -> request model -> ModelServer -> pool -> engine. One streamed chat request:
-  _Handler._handle -> _post_chat -> _serve -> _read_json (_parse_body)
-  -> openai_request (_parse_messages, _tool_plan, ...) -> Request.check (Engine.check)
+Data flows one way: HTTP -> dialect -> Request -> ModelServer -> pool -> engine. One streamed chat request:
+  _Handler._handle -> _route, _dispatch (via _DIALECTS) -> _serve -> _read_json (_parse_body) -> _chat_key
+  -> the route's _Run: openai_request (_parse_messages, _tool_plan, ...) -> Request.check (Engine.check, grammar)
   -> ModelServer.submit -> CompletionStream() -> _Pool.enqueue
-  -> _Handler._send_stream, iterating chat_chunks(stream) -> CompletionStream._run -> _Pool.wait (and _Pool._load)
+  -> _Transport._send_stream, iterating chat_chunks(stream) -> CompletionStream._run -> _Pool.lease (_Pool.wait,
+     and _Pool._load for a new instance) -> _generate
   -> LlamaCppEngine.run (a _Job per choice, each with its _Sampler) -> _Decoder.run; on the decode thread,
      _Decoder._step (_begin, _reuse) -> _decode -> _Job.sample, one Chunk per token into the job's queue
-  -> LlamaCppEngine._stream -> CompletionStream._record (_ReplyParser for tools) -> chat_chunks -> _Wire.frame
-  -> _write_chunk
-  -> at the end, or when the client goes: _Pool.release, with the context the instance now holds.
+  -> LlamaCppEngine._stream -> CompletionStream._record (_ReplyParser for tools) -> chat_chunks -> the dialect's
+     frame -> _write_chunk
+  -> at the end, or when the client goes: the lease ends with _Pool.release, with the context the instance holds.
 
 Threads: the serve loop (lllms-http), which also cuts connections past their deadlines; one thread per
 connection (lllms-conn), which runs its requests through to the engine and writes their output; the ttl reaper
@@ -54,6 +60,7 @@ import base64
 import bisect
 import codecs
 import collections
+import contextlib
 import ctypes
 import dataclasses
 import datetime
@@ -117,6 +124,7 @@ __all__ = [
     "Request",
     "SamplingParams",
     "ServerConfig",
+    "ToolCall",
     "Usage",
     "default_config",
     "download",
@@ -1128,7 +1136,63 @@ class _ModelFile:
         return {"bytes": self.done, "total": self.total, "percent": pct, "speed": round(self.speed), "eta": eta}
 
 
-# ==== 4. engines: one class per binding, behind one small interface
+# ---- 3e. GGUF metadata, read from a file's header without loading the model
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+_GGUF_STRING, _GGUF_ARRAY = 8, 9
+
+
+class _GgufHeader:
+    """Reads the key/value metadata at the start of a GGUF file (tensors are never read)."""
+
+    def __init__(self, path: str, wanted: Callable[[str], bool]) -> None:
+        self.values: dict[str, Any] = {}
+        with open(path, "rb", buffering=1 << 20) as self._f:
+            if self._take(4) != b"GGUF":
+                raise ValueError(f"{path} is not a GGUF file")
+            version = self._scalar("<I")
+            if version < 2:
+                raise ValueError(f"{path}: GGUF version {version} is too old")
+            self._scalar("<Q")  # tensor count
+            for _ in range(self._scalar("<Q")):
+                key = self._string()
+                keep = wanted(key)
+                value = self._value(self._scalar("<I"), keep)
+                if keep:
+                    self.values[key] = value
+
+    def _take(self, n: int) -> bytes:
+        out = self._f.read(n)
+        if len(out) < n:
+            raise ValueError("truncated GGUF header")
+        return out
+
+    def _scalar(self, fmt: str) -> Any:
+        return struct.unpack(fmt, self._take(struct.calcsize(fmt)))[0]
+
+    def _string(self) -> str:
+        return self._take(self._scalar("<Q")).decode("utf-8", errors="replace")
+
+    def _value(self, kind: int, keep: bool) -> Any:
+        """The next value; one not kept may come back undecoded."""
+        if kind == _GGUF_STRING:
+            return self._string() if keep else self._take(self._scalar("<Q"))
+        if kind == _GGUF_ARRAY:
+            sub, n = self._scalar("<I"), self._scalar("<Q")
+            if sub in _GGUF_SCALARS:  # one unpack for the whole array
+                fmt = f"<{n}{_GGUF_SCALARS[sub][1]}"
+                return list(struct.unpack(fmt, self._take(struct.calcsize(fmt))))
+            return [self._value(sub, keep) for _ in range(n)]
+        if kind not in _GGUF_SCALARS:
+            raise ValueError(f"unknown GGUF value type {kind}")
+        return self._scalar(_GGUF_SCALARS[kind])
+
+
+# ==== 4. engines: the contract every engine keeps, then one sub-section per binding
+
+# ---- 4a. the engine contract, and what both engines share
 
 
 @dataclass
@@ -1189,6 +1253,12 @@ _SAMPLING_DEFAULTS = SamplingParams(
 
 _StopCheck = Callable[[], bool] | None
 
+# With tools, a model answers in one JSON shape, which the llama.cpp engine enforces by grammar, so that calls are
+# always well-formed and any chat model can call tools, whatever its template knows:
+#   {"tool_calls": [{"name": "get_weather", "arguments": {...}}, ...]}   or   {"response": "plain text"}
+_TOOL_CALLS_OPEN = '{"tool_calls": ['
+_RESPONSE_OPEN = '{"response": '
+
 
 class Engine:
     """One loaded model instance. Not thread-safe: the pool gives it one request at a time."""
@@ -1212,47 +1282,21 @@ class Engine:
     def preload(self, messages: list[dict[str, Any]] | None, prefix: str | None) -> None:
         """Evaluate leading context so requests that start with it reuse it."""
 
-    def chat(
-        self, messages: list[dict[str, Any]], params: SamplingParams, should_stop: _StopCheck = None
-    ) -> Iterator[Chunk]:
-        """The assistant's reply, by the model's chat template. `should_stop` is polled between tokens (True ends
-        the stream with finish_reason "length"); validation errors raise here, before the first chunk."""
-        raise NotImplementedError
-
-    def complete(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        should_stop: _StopCheck = None,
-        *,
-        echo: bool = False,
-        suffix: str | None = None,
-    ) -> Iterator[Chunk]:
-        """Continue a prompt (text or token ids); `echo` yields it first, `suffix` asks for fill-in-the-middle."""
-        raise NotImplementedError
-
     def run(self, req: Request, should_stop: _StopCheck = None) -> Iterator[Chunk]:
         """Every choice of a request, each chunk with its choice's index and each choice's last with its usage.
-        This one runs them in turn through chat() and complete(); the instance keeps the last one's context."""
-        for i in range(req.choice_count):
-            if i and should_stop is not None and should_stop():  # out of time, or cancelled: the rest end empty
-                yield Chunk("", finish_reason="length", usage=Usage(), index=i)
-                continue
-            p = req.choice_params(i)
-            if req.kind == "chat":
-                chunks = self.chat(req.messages, p, should_stop)
-            else:
-                chunks = self.complete(req.prompts[i // req.best_of], p, should_stop, echo=req.echo, suffix=req.suffix)
-            try:
-                for ch in chunks:
-                    ch.index = i
-                    yield ch
-            finally:
-                _close(chunks)
+        `should_stop` is polled between tokens (True ends a choice with finish_reason "length"); a request the
+        engine refuses raises here, before the first chunk. Closing the iterator stops generation."""
+        raise NotImplementedError
 
     def context_info(self) -> tuple[int, str]:
         """Tokens in the context now, and a short preview of its text (for status)."""
         return 0, ""
+
+    @classmethod
+    def grammar(cls, req: Request) -> str | None:
+        """The GBNF a checked request's output must match: its grammar, or one compiled from its JSON schema or
+        tools. An engine without grammars has none (check() refused them); a schema it cannot compile is a 400."""
+        return None
 
     @classmethod
     def check_params(cls, params: SamplingParams) -> None:
@@ -1264,7 +1308,7 @@ class Engine:
         cls.check_params(req.params)
         unable = {
             "tools": not cls.grammars and req.tools is not None and req.tools.mode != "none",
-            "response_format": not cls.grammars and req.response_format is not None,
+            "response_format": not cls.grammars and req.json_schema is not None,
             "best_of": not cls.logprobs and req.best_of > req.n,
         }
         for name in (name for name, refused in unable.items() if refused):
@@ -1283,15 +1327,6 @@ def _close(chunks: Iterator[Chunk]) -> None:
     close = getattr(chunks, "close", None)
     if close is not None:
         close()
-
-
-def _prefixed(first: Chunk, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
-    """`first`, then `chunks`; closing it closes them, which stops their generation."""
-    try:
-        yield first
-        yield from chunks
-    finally:
-        _close(chunks)
 
 
 class _StopMatcher:
@@ -1324,6 +1359,12 @@ class _StopMatcher:
         out, self.pending = self.pending, ""
         return out
 
+    def end(self, decoder: codecs.IncrementalDecoder) -> tuple[str, bool]:
+        """At the end of generation: the text still held back, with the decoder's last bytes, and whether those
+        completed a stop sequence (then the text stops before it)."""
+        tail, stopped = self.feed(decoder.decode(b"", final=True))
+        return tail + self.flush(), stopped
+
 
 class _PromptTemplate:
     """A gpt4all-style chat format from config: `prompt_template` wraps each user message (%1) and the reply
@@ -1346,6 +1387,12 @@ class _PromptTemplate:
         if not generation_prompt and messages and messages[-1]["role"] == "user":
             out[-1] = out[-1][: len(out[-1]) - len(self.user.split("%1")[-1])]
         return "".join(out)
+
+
+_CHATML_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 class _ChatTemplate:
@@ -1404,17 +1451,17 @@ def _chat_template(model: ModelConfig, source: str | None, bos: str, eos: str) -
         ) from None
 
 
-# Spill a context only when a prompt would throw away at least this many of its tokens, and restore a saved
-# state only when it saves at least this many more tokens than the instance's own context already does.
-_MIN_SPILL_TOKENS = 32
-_MIN_RESTORE_GAIN = 16
-_FORCE_BIAS = 1e4  # what logit_bias +100 adds: beats any real logit, stays finite
-_MIN_LOGPROB = -9999.0  # JSON has no -inf
-
-_CHATML_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
+    """How many leading items two strings or token sequences share."""
+    if type(a) is not type(b):  # a tuple key against a list prompt
+        a, b = tuple(a), tuple(b)
+    n, i, step = min(len(a), len(b)), 0, 256
+    # Compare in blocks first: histories are long and mostly equal.
+    while i + step <= n and a[i : i + step] == b[i : i + step]:
+        i += step
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
 
 
 class _StateCache:
@@ -1462,23 +1509,56 @@ class _StateCache:
             }
 
 
-def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
-    """How many leading items two strings or token sequences share."""
-    if type(a) is not type(b):  # a tuple key against a list prompt
-        a, b = tuple(a), tuple(b)
-    n, i, step = min(len(a), len(b)), 0, 256
-    # Compare in blocks first: histories are long and mostly equal.
-    while i + step <= n and a[i : i + step] == b[i : i + step]:
-        i += step
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def _l2_normalised(vec: Any) -> list[float]:
     """A vector (list or numpy array) scaled to unit length; a zero vector stays as it is."""
     norm = math.sqrt(sum(float(x) * float(x) for x in vec)) or 1.0
     return [float(x) / norm for x in vec]
+
+
+class _Turns:
+    """A lock granted in the order it was asked for (threading.Lock may hand it straight back to its releaser)."""
+
+    def __init__(self) -> None:
+        self.cond = threading.Condition()
+        self.tickets = self.serving = 0
+
+    def acquire(self) -> None:
+        with self.cond:
+            ticket, self.tickets = self.tickets, self.tickets + 1
+            self.cond.wait_for(lambda: self.serving == ticket)
+
+    def release(self, *exc: Any) -> None:
+        with self.cond:
+            self.serving += 1
+            self.cond.notify_all()
+
+    __enter__, __exit__ = acquire, release
+
+
+# Every native compute step (a llama.cpp decode, a gpt4all token) holds this: engines running at once take
+# turns on all the cores instead of oversubscribing them, which slows everything by 10-100x.
+_CORES = _Turns()
+
+
+def _threads(dev: DeviceConfig) -> int:
+    """Threads for an engine: all cores, or cpu_threads, never more than the cores (engines take turns on them)."""
+    cores = os.cpu_count() or 1
+    return min(dev.cpu_threads or cores, cores)
+
+
+# ---- 4b. llama.cpp: a model's instances are sequences of one context, stepped together by a decode thread
+
+
+# Spill a context only when a prompt would throw away at least this many of its tokens, and restore a saved
+# state only when it saves at least this many more tokens than the instance's own context already does.
+_MIN_SPILL_TOKENS = 32
+
+_MIN_RESTORE_GAIN = 16
+
+
+_FORCE_BIAS = 1e4  # what logit_bias +100 adds: beats any real logit, stays finite
+
+_MIN_LOGPROB = -9999.0  # JSON has no -inf
 
 
 def _check_ids(tokens: Sequence[int], n_vocab: int, where: str, param: str) -> None:
@@ -1522,39 +1602,22 @@ class _LlamaShim:
         return converter._format_literal(text)
 
 
-class _Turns:
-    """A lock granted in the order it was asked for (threading.Lock may hand it straight back to its releaser)."""
-
-    def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.tickets = self.serving = 0
-
-    def acquire(self) -> None:
-        with self.cond:
-            ticket, self.tickets = self.tickets, self.tickets + 1
-            self.cond.wait_for(lambda: self.serving == ticket)
-
-    def release(self) -> None:
-        with self.cond:
-            self.serving += 1
-            self.cond.notify_all()
-
-    def __enter__(self) -> None:
-        self.acquire()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-
-# Every native compute step (a llama.cpp decode, a gpt4all token) holds this: engines running at once take
-# turns on all the cores instead of oversubscribing them, which slows everything by 10-100x.
-_CORES = _Turns()
-
-
-def _threads(dev: DeviceConfig) -> int:
-    """Threads for an engine: all cores, or cpu_threads, never more than the cores (engines take turns on them)."""
-    cores = os.cpu_count() or 1
-    return min(dev.cpu_threads or cores, cores)
+@functools.cache
+def _llama_cpp() -> Any:
+    """llama-cpp-python, imported, version-checked and initialised once."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise Unavailable(
+            "the llama-cpp engine needs llama-cpp-python: pip install 'lllms[llama-cpp]'",
+            code="engine_not_installed",
+        ) from None
+    _LlamaShim.install(llama_cpp)
+    llama_cpp.llama_backend_init()
+    native = logging.getLogger("llama-cpp-python")  # where the binding sends llama.cpp's own log
+    if native.level == logging.NOTSET:
+        native.setLevel(logging.ERROR)
+    return llama_cpp
 
 
 class _LlamaModel:
@@ -1663,6 +1726,158 @@ class _Batch:
         self.lc.llama_batch_free(self.ptr)
 
 
+class _Sampler:
+    """llama.cpp's samplers, stage by stage over our own candidate array: bias and penalties, then greedy or
+    top-k/top-p/min-p/temperature/seeded draw. As in llama.cpp's server, a grammar checks the drawn token and
+    constrains the whole array only when it rejects it (near full speed); when grammar and bias leave no token,
+    `sample` says so, where llama.cpp would abort the process. Plain greedy sampling (no grammar, no penalties)
+    is numpy's first argmax after the bias, as llama.cpp's greedy stage picks it, at a tenth of the cost."""
+
+    def __init__(self, llama_cpp: Any, model: _LlamaModel, p: SamplingParams, last_n: int) -> None:
+        import numpy as np
+
+        self.lc, n_vocab = llama_cpp, model.n_vocab
+        self.pre = self.post = self.grammar = self.bias = None
+        neutral = (p.repeat_penalty, p.frequency_penalty, p.presence_penalty) == (1.0, 0.0, 0.0)
+        self.greedy = p.temperature <= 0 and p.grammar is None and neutral
+        # -100 bans; +100 beats any logit yet stays finite, so several +100 tokens compete on their logits.
+        bias = {t: -math.inf if b <= -100 else _FORCE_BIAS if b >= 100 else b for t, b in (p.logit_bias or {}).items()}
+        if bias:
+            _check_ids(list(bias), n_vocab, "'logit_bias'", "logit_bias")
+            self.bias = (np.array(list(bias), dtype=np.intc), np.array(list(bias.values()), dtype=np.single))
+        if self.greedy:
+            return  # numpy's argmax does it all: no llama.cpp chains, no candidate array
+        try:
+            self._build(model, p, last_n, bias)
+        except BaseException:
+            self.close()
+            raise
+        row = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
+        self.cand, self.one = np.recarray((n_vocab,), dtype=row), np.recarray((1,), dtype=row)
+        self.ids = np.arange(n_vocab, dtype=np.intc)
+
+    def _build(self, model: _LlamaModel, p: SamplingParams, last_n: int, bias: dict[int, float]) -> None:
+        """llama.cpp's stages: bias and penalties (pre), the grammar, then greedy or a seeded draw (post)."""
+        lc, n_vocab = self.lc, model.n_vocab
+        # llama.cpp versions differ on whether the penalty stage takes n_vocab first.
+        head = (n_vocab,) if len(lc.llama_sampler_init_penalties.argtypes) == 5 else ()
+        stages = [
+            lc.llama_sampler_init_penalties(*head, last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty)
+        ]
+        if bias:
+            items = [lc.llama_logit_bias(token=t, bias=b) for t, b in bias.items()]
+            biases = (lc.llama_logit_bias * len(items))(*items)
+            stages.insert(0, lc.llama_sampler_init_logit_bias(n_vocab, len(items), biases))
+        self.pre = self._chain(stages)
+        if p.grammar is not None:
+            self.grammar = lc.llama_sampler_init_grammar(model.vocab, p.grammar.encode("utf-8"), b"root")
+            if not self.grammar:
+                raise InvalidRequest(
+                    "the grammar is not valid GBNF (it needs a 'root' rule, defined names, no left recursion)",
+                    param="grammar",
+                )
+        if p.temperature <= 0:
+            self.post = self._chain([lc.llama_sampler_init_greedy()])
+        else:
+            # seed 0 is a real seed; 0xFFFFFFFF would mean "random" to llama.cpp.
+            seed = random.getrandbits(32) % 0xFFFFFFFF if p.seed is None else p.seed % 0xFFFFFFFF
+            draw = [lc.llama_sampler_init_top_k(p.top_k), lc.llama_sampler_init_top_p(p.top_p, 1)]
+            draw += [lc.llama_sampler_init_min_p(p.min_p, 1), lc.llama_sampler_init_temp(p.temperature)]
+            self.post = self._chain([*draw, lc.llama_sampler_init_dist(seed)])
+
+    def _chain(self, stages: list[Any]) -> Any:
+        """One llama.cpp sampler chain of these stages (it owns and frees them)."""
+        chain = self.lc.llama_sampler_chain_init(self.lc.llama_sampler_chain_default_params())
+        for stage in stages:
+            self.lc.llama_sampler_chain_add(chain, stage)
+        return chain
+
+    def _run(self, rows: Any, ids: Any, logits: Any, *samplers: Any) -> Any:
+        """Fill `rows` with these tokens and logits, then apply the samplers to them; returns their token array."""
+        lc = self.lc
+        rows.id[:] = ids
+        rows.logit[:] = logits
+        rows.p[:] = 0
+        arr = lc.llama_token_data_array(
+            data=rows.ctypes.data_as(lc.llama_token_data_p), size=len(rows), selected=-1, sorted=False
+        )
+        for sampler in samplers:
+            lc.llama_sampler_apply(sampler, ctypes.byref(arr))
+        return arr
+
+    def sample(self, logits: Any) -> int | None:
+        """The next token for these logits (accepted by every stage), or None when no token is allowed."""
+        import numpy as np
+
+        if self.greedy:
+            if self.bias is not None:
+                logits = logits.copy()
+                logits[self.bias[0]] += self.bias[1]
+            token = int(logits.argmax())
+            return token if logits[token] > -math.inf else None
+        arr = self._run(self.cand, self.ids, logits, self.pre, self.post)
+        token = int(self.cand.id[arr.selected])
+        if self.grammar is not None:
+            self._run(self.one, token, 0.0, self.grammar)
+            if not np.isfinite(self.one.logit[0]):
+                arr = self._run(self.cand, self.ids, logits, self.pre, self.grammar)
+                if not np.isfinite(self.cand.logit[: arr.size]).any():
+                    return None
+                self.lc.llama_sampler_apply(self.post, ctypes.byref(arr))
+                token = int(self.cand.id[arr.selected])
+            self.lc.llama_sampler_accept(self.grammar, token)
+        self.lc.llama_sampler_accept(self.pre, token)
+        self.lc.llama_sampler_accept(self.post, token)
+        return token
+
+    def close(self) -> None:
+        for sampler in (self.pre, self.post, self.grammar):
+            if sampler:
+                self.lc.llama_sampler_free(sampler)
+        self.pre = self.post = self.grammar = None
+
+
+class _LogprobMarks:
+    """Hands out token logprobs in step with the emitted text, which lags while a stop sequence may match."""
+
+    def __init__(self) -> None:
+        self.pending: list[TokenLogprob] = []
+        self.done = 0  # characters of pending[0].text already emitted
+
+    def take(self, emitted: str, stopped: bool, final: bool = False) -> list[TokenLogprob]:
+        """The entries whose text `emitted` completes; at a stop, the cut token too, shortened to what was shown."""
+        out, budget = [], len(emitted)
+        while self.pending and len(self.pending[0].text) - self.done <= budget:
+            budget -= len(self.pending[0].text) - self.done
+            out.append(self.pending.pop(0))
+            self.done = 0
+        self.done += budget
+        if stopped and self.pending and self.done:
+            cut = self.pending[0]
+            text = cut.text[: self.done]
+            out.append(TokenLogprob(text, text.encode("utf-8"), cut.logprob, cut.top))
+        if stopped or final:
+            self.pending, self.done = [], 0
+        return out
+
+
+def _logprob(model: _LlamaModel, logits: Any, token: int, top: int | None) -> tuple[float, list | None]:
+    """The logprob of `token` under these logits, and the `top` likeliest tokens (vectorised, no vocab loop)."""
+    import numpy as np
+
+    m = float(logits.max())
+    lse = m + math.log(float(np.exp(logits - m).sum()))
+    alts = None
+    if top:
+        ids = np.argpartition(logits, -top)[-top:]
+        ids = ids[np.argsort(-logits[ids])]
+        alts = []
+        for t in ids:
+            raw = model.piece(int(t))
+            alts.append((raw.decode("utf-8", errors="replace"), raw, max(float(logits[t]) - lse, _MIN_LOGPROB)))
+    return max(float(logits[token]) - lse, _MIN_LOGPROB), alts
+
+
 class _Job:
     """One choice generating in a sequence of a shared context. The decode thread steps it; chunks go to `out`."""
 
@@ -1739,9 +1954,8 @@ class _Job:
     def finish(self, reason: str, stopped: bool = False) -> None:
         tail = ""
         if not stopped:
-            tail, stopped = self.stops.feed(self.decoder.decode(b"", final=True))
+            tail, stopped = self.stops.end(self.decoder)
             reason = "stop" if stopped else reason
-            tail += "" if stopped else self.stops.flush()
         lps = self.marks.take(tail, stopped, final=True) if self.marks else None
         last = Chunk(tail, reason, self.usage, lps, self.index, stop_sequence=self.stops.matched)
         self.out.put(last)
@@ -1980,12 +2194,9 @@ class _Decoder:
 
     def keep(self, seq: int, n: int) -> int:
         """Drop what a sequence holds past its first n tokens."""
-        self.lc.llama_memory_seq_rm(self._memory(), seq, n, -1)
+        self.lc.llama_memory_seq_rm(self.lc.llama_get_memory(self.ctx), seq, n, -1)
         del self.held[seq][n:]
         return n
-
-    def _memory(self) -> Any:
-        return self.lc.llama_get_memory(self.ctx)
 
     def _save(self, seq: int) -> Any:
         size = self.lc.llama_state_seq_get_size(self.ctx, seq)
@@ -2057,21 +2268,239 @@ class _Decoder:
             held.clear()
 
 
-def _logprob(model: _LlamaModel, logits: Any, token: int, top: int | None) -> tuple[float, list | None]:
-    """The logprob of `token` under these logits, and the `top` likeliest tokens (vectorised, no vocab loop)."""
-    import numpy as np
+# -- JSON schemas and tool plans as GBNF, for the sampler's grammar stage
 
-    m = float(logits.max())
-    lse = m + math.log(float(np.exp(logits - m).sum()))
-    alts = None
-    if top:
-        ids = np.argpartition(logits, -top)[-top:]
-        ids = ids[np.argsort(-logits[ids])]
-        alts = []
-        for t in ids:
-            raw = model.piece(int(t))
-            alts.append((raw.decode("utf-8", errors="replace"), raw, max(float(logits[t]) - lse, _MIN_LOGPROB)))
-    return max(float(logits[token]) - lse, _MIN_LOGPROB), alts
+
+_INT_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+
+
+def _digits_between(x: str, y: str) -> str:
+    """GBNF for the decimal strings of one length from x to y (inclusive)."""
+    n = 0
+    while n < len(x) and x[n] == y[n]:
+        n += 1
+    head, x, y = (f'"{x[:n]}" ' if n else ""), x[n:], y[n:]
+    if not x:
+        return head.strip()
+    rest = len(x) - 1
+    anys = " [0-9]" * rest
+    if x[1:] == "0" * rest and y[1:] == "9" * rest:
+        return f"{head}[{x[0]}-{y[0]}]{anys}"
+    alts = [f'"{x[0]}" ({_digits_between(x[1:], "9" * rest)})']
+    if int(x[0]) + 1 <= int(y[0]) - 1:
+        alts.append(f"[{int(x[0]) + 1}-{int(y[0]) - 1}]{anys}")
+    alts.append(f'"{y[0]}" ({_digits_between("0" * rest, y[1:])})')
+    return f"{head}({' | '.join(alts)})"
+
+
+def _naturals_between(lo: int, hi: int | None) -> str:
+    """GBNF for the integers from lo >= 0 to hi (None: no end), written without leading zeros."""
+    alts = []
+    short = len(str(lo))
+    for width in range(short, (short if hi is None else len(str(hi))) + 1):
+        a = max(lo, 10 ** (width - 1) if width > 1 else 0)
+        b = 10**width - 1 if hi is None else min(hi, 10**width - 1)
+        if a <= b:
+            alts.append(_digits_between(str(a), str(b)))
+    if hi is None:  # every number with more digits than lo
+        alts.append(f"[1-9]{' [0-9]' * short} [0-9]*")
+    return f"({' | '.join(alts)})"
+
+
+def _integers_between(lo: int | None, hi: int | None) -> str:
+    """GBNF for the JSON integers from lo to hi (None: unbounded on that side)."""
+    alts = []
+    if lo is None or lo < 0:  # negatives: "-" and a magnitude
+        top = None if lo is None else -lo
+        bottom = 1 if hi is None or hi >= 0 else -hi
+        if top is None or bottom <= top:
+            alts.append(f'"-" {_naturals_between(bottom, top)}')
+    if hi is None or hi >= 0:
+        alts.append(_naturals_between(max(lo or 0, 0), hi))
+    return f"({' | '.join(alts)})"
+
+
+def _int_bounds(schema: dict[str, Any], param: str) -> tuple[int | None, int | None]:
+    """An integer schema's inclusive bounds."""
+    for key in _INT_BOUNDS:
+        v = schema.get(key)
+        if key in schema and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise InvalidRequest(f"'{param}': {key} must be a number", param=param)
+    lows = [math.ceil(schema["minimum"])] if "minimum" in schema else []
+    lows += [math.floor(schema["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in schema else []
+    highs = [math.floor(schema["maximum"])] if "maximum" in schema else []
+    highs += [math.ceil(schema["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in schema else []
+    lo, hi = max(lows, default=None), min(highs, default=None)
+    if lo is not None and hi is not None and lo > hi:
+        raise InvalidRequest(f"'{param}': no integer lies between the schema's bounds", param=param)
+    return lo, hi
+
+
+def _number_range(schema: dict[str, Any]) -> str | None:
+    """GBNF for an integer schema's bounds, or a number schema's from one whole number to another, at least 0: the
+    integers up to the top one with any fraction, and the top one itself. None for other bounds."""
+    if schema.get("type") == "integer":
+        return _integers_between(*_int_bounds(schema, "response_format"))
+    lo, hi = schema.get("minimum"), schema.get("maximum")
+    whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi))
+    if (
+        schema.get("type") != "number"
+        or not whole
+        or lo < 0
+        or hi < lo
+        or schema.keys() & {"exclusiveMinimum", "exclusiveMaximum"}
+    ):
+        return None
+    below = f'{_naturals_between(lo, hi - 1)} ("." [0-9]+)? | ' if hi > lo else ""
+    return f'({below}"{hi}" ("." "0"+)?)'
+
+
+@functools.cache
+def _converter_class() -> Any:
+    _llama_cpp()  # the version check _LlamaShim's converter helpers rely on
+    from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
+
+    class _Converter(SchemaConverter):
+        """llama-cpp-python's converter, plus number ranges, which it leaves out."""
+
+        def visit(self, schema: Any, name: str) -> Any:
+            if (
+                isinstance(schema, dict)
+                and any(k in schema for k in _INT_BOUNDS)
+                and (grammar := _number_range(schema))
+            ):
+                rule = name + "-" if name in RESERVED_NAMES else name or "root"
+                return _LlamaShim.add_rule(self, rule, f"{grammar} space")
+            return super().visit(schema, name)
+
+    return _Converter
+
+
+def _schema_converter() -> Any:
+    return _converter_class()(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
+
+
+# Keywords llama-cpp-python's schema converter would skip without a word: a schema using them is refused rather
+# than half enforced. Bounds are enforced for integers (by lllms' own rule), not for other numbers.
+_UNENFORCED_KEYWORDS = set(
+    "multipleOf uniqueItems minProperties maxProperties patternProperties propertyNames dependentRequired "
+    "dependentSchemas if then else not contains minContains maxContains unevaluatedProperties unevaluatedItems".split()
+)
+
+
+_ANNOTATIONS = {"description", "title", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly"}
+
+_MAX_REPEAT = 1000  # a grammar that counts further overflows llama.cpp's grammar parser (it crashed at 100,000)
+
+
+def _plain_schema(schema: Any, param: str) -> Any:
+    """A schema with what every JSON value satisfies spelled as {}: `true`, annotations alone, string property
+    names. An upper bound past _MAX_REPEAT on a string's length or an array's items is left out: counting that far
+    would crash llama.cpp's grammar parser, and a reply that long would not fit a context anyway."""
+    if schema is True:
+        return {}
+    if schema is False:
+        raise InvalidRequest(f"'{param}': a schema of false allows nothing", param=param)
+    if isinstance(schema, list):
+        return [_plain_schema(x, param) for x in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            value = {k: _plain_schema(v, param) for k, v in value.items()}
+        elif key in ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties"):
+            value = value if isinstance(value, bool) else _plain_schema(value, param)  # false: nothing more allowed
+        elif key == "propertyNames" and value == {"type": "string"}:
+            continue  # every JSON object's names are strings
+        elif key in ("maxLength", "maxItems") and isinstance(value, int) and value > _MAX_REPEAT:
+            continue
+        elif key in ("minLength", "minItems") and isinstance(value, int) and value > _MAX_REPEAT:
+            raise InvalidRequest(f"'{param}': {key} above {_MAX_REPEAT} cannot be enforced by grammar", param=param)
+        out[key] = value
+    return {} if out.keys() <= _ANNOTATIONS else out
+
+
+def _unenforced(schema: Any, path: str = "$") -> str | None:
+    """The first keyword (with its path) in a schema that the grammar could not enforce."""
+    if isinstance(schema, list):
+        return next((f for i, x in enumerate(schema) if (f := _unenforced(x, f"{path}[{i}]"))), None)
+    if not isinstance(schema, dict):
+        return None
+    for key, value in schema.items():
+        if key in _UNENFORCED_KEYWORDS or (key in _INT_BOUNDS and _number_range(schema) is None):
+            return f"{path}.{key}"
+        found = None
+        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            found = next((f for k, v in value.items() if (f := _unenforced(v, f"{path}.{key}.{k}"))), None)
+        elif key in ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties"):
+            found = _unenforced(value, f"{path}.{key}")
+        if found:
+            return found
+    return None
+
+
+def _formatted(conv: Any) -> str:
+    """The converter's grammar, with JSON strings' control characters excluded (as upstream llama.cpp has it):
+    this converter lets a raw newline into a string, which no JSON parser accepts."""
+    return conv.format_grammar().replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
+
+
+def _visit_schema(conv: Any, schema: Any, name: str, param: str) -> str:
+    """Add GBNF rules for a JSON schema to a converter; the name of its top rule."""
+    if not isinstance(schema, dict):
+        raise InvalidRequest(f"'{param}' must be a JSON schema object", param=param)
+    schema = _plain_schema(schema, param)
+    if (where := _unenforced(schema)) is not None:
+        raise InvalidRequest(
+            f"'{param}': the schema keyword {where} cannot be enforced by grammar, so it is refused rather than "
+            "ignored",
+            param=param,
+        )
+    try:
+        schema = conv.resolve_refs(json.loads(json.dumps(schema)), name)  # a copy: resolving rewrites it
+        return conv.visit(schema, name)
+    except RecursionError:
+        raise InvalidRequest(f"'{param}' is nested too deeply", param=param) from None
+    except Exception as exc:  # the converter raises plain errors for schemas it can't express
+        raise InvalidRequest(f"'{param}' could not be turned into a grammar: {exc}", param=param) from None
+
+
+@functools.lru_cache(maxsize=64)
+def _schema_grammar(schema_json: str, param: str) -> str:
+    """GBNF for the JSON values a schema allows."""
+    conv = _schema_converter()
+    _visit_schema(conv, json.loads(schema_json), "", param)
+    return _formatted(conv)
+
+
+def _json_grammar(schema: dict[str, Any], param: str = "response_format") -> str:
+    return _schema_grammar(json.dumps(schema, sort_keys=True), param)
+
+
+@functools.lru_cache(maxsize=64)
+def _tool_grammar(plan_json: str) -> str:
+    """GBNF for a reply: the call list (each call's arguments valid for its schema), or with `auto` plain text.
+    Takes the plan (a _ToolPlan) as JSON, to be cached: an agent sends the same tools with every turn."""
+    plan = types.SimpleNamespace(**json.loads(plan_json))
+    conv = _schema_converter()
+    lit = functools.partial(_LlamaShim.format_literal, conv)
+    roots = []
+    if plan.callable:
+        calls = []
+        for i, fn in enumerate(plan.functions):
+            if fn["name"] in plan.callable:
+                args = _visit_schema(conv, fn["parameters"], f"tool-{i}-arguments", f"tools[{i}].function.parameters")
+                head = lit('{"name": ' + json.dumps(fn["name"]) + ', "arguments": ')
+                calls.append(_LlamaShim.add_rule(conv, f"tool-{i}-call", f'{head} {args} "}}"'))
+        call = _LlamaShim.add_rule(conv, "tool-call", " | ".join(calls))
+        many = f" ({lit(', ')} {call})*" if plan.parallel else ""
+        roots.append(f"{lit(_TOOL_CALLS_OPEN)} {call}{many} {lit(']}')}")
+    if plan.mode != "required":
+        text = _visit_schema(conv, {"type": "string"}, "response-text", "tools")
+        roots.append(f'{lit(_RESPONSE_OPEN)} {text} "}}"')
+    _LlamaShim.add_rule(conv, "root", " | ".join(roots))
+    return _formatted(conv)
 
 
 class LlamaCppEngine(Engine):
@@ -2087,25 +2516,8 @@ class LlamaCppEngine(Engine):
         self.shared: _Decoder | None = None
         self._embedder: tuple[_LlamaModel, Any, _Batch, int] | None = None
 
-    @staticmethod
-    @functools.cache
-    def _import() -> Any:
-        try:
-            import llama_cpp
-        except ImportError:
-            raise Unavailable(
-                "the llama-cpp engine needs llama-cpp-python: pip install 'lllms[llama-cpp]'",
-                code="engine_not_installed",
-            ) from None
-        _LlamaShim.install(llama_cpp)  # once: _import is cached
-        llama_cpp.llama_backend_init()
-        native = logging.getLogger("llama-cpp-python")  # where the binding sends llama.cpp's own log
-        if native.level == logging.NOTSET:
-            native.setLevel(logging.ERROR)
-        return llama_cpp
-
     def load(self) -> None:
-        lc = self._import()
+        lc = _llama_cpp()
         if self.model.task == "embedding":
             self._embedder = self._new_embedder(lc, _LlamaModel(lc, self.model, self.path))
             return
@@ -2123,9 +2535,9 @@ class LlamaCppEngine(Engine):
             model, ctx, batch, _ = self._embedder
             self._embedder = None
             batch.free()
-            self._import().llama_free(ctx)
+            _llama_cpp().llama_free(ctx)
             if self.model.task == "embedding":
-                self._import().llama_model_free(model.ptr)
+                _llama_cpp().llama_model_free(model.ptr)
         shared, self.shared = self.shared, None
         if shared is not None:
             shared.give_seq(self)
@@ -2134,6 +2546,15 @@ class LlamaCppEngine(Engine):
                 if not shared.users:
                     del self._decoders[(id(self.model), self.path)]
                     shared.close()
+
+    @classmethod
+    def grammar(cls, req: Request) -> str | None:
+        """Compiled once per schema or tool plan (cached), since clients send the same ones again and again."""
+        if req.tools is not None:
+            return _tool_grammar(json.dumps(dataclasses.asdict(req.tools), sort_keys=True))
+        if req.json_schema is not None:
+            return _json_grammar(req.json_schema, req.schema_param)
+        return req.params.grammar
 
     # -- prompts
 
@@ -2175,7 +2596,7 @@ class LlamaCppEngine(Engine):
 
     def _infill(self, prefix: list[int], suffix: str) -> list[int]:
         """Fill-in-the-middle: the model's FIM tokens around prefix and suffix (as llama.cpp's server does)."""
-        lc, model = self._import(), self._text_model().model
+        lc, model = _llama_cpp(), self._text_model().model
         pre, suf = lc.llama_vocab_fim_pre(model.vocab), lc.llama_vocab_fim_suf(model.vocab)
         mid = lc.llama_vocab_fim_mid(model.vocab)
         if min(pre, suf, mid) < 0:
@@ -2221,7 +2642,7 @@ class LlamaCppEngine(Engine):
     def run(self, req: Request, should_stop: _StopCheck = None) -> Iterator[Chunk]:
         """Every choice at once, each in a sequence: this instance's holds the last, free ones the others, which
         copy their prompt's evaluated cells from it (or from their group's first) rather than evaluate it again."""
-        shared, lc = self._text_model(), self._import()
+        shared, lc, grammar = self._text_model(), _llama_cpp(), self.grammar(req)
         out: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()
         jobs: list[_Job] = []
         groups = req.choice_count // req.best_of  # one per prompt
@@ -2239,6 +2660,7 @@ class LlamaCppEngine(Engine):
                 room, group = shared.n_ctx - len(tokens), []
                 for i in range(g * req.best_of, (g + 1) * req.best_of):
                     p = req.choice_params(i).merged_over(_SAMPLING_DEFAULTS)
+                    p.grammar = grammar
                     last_n = shared.n_ctx if p.repeat_last_n == -1 else min(p.repeat_last_n, shared.n_ctx)
                     group.append(
                         _Job(
@@ -2294,7 +2716,7 @@ class LlamaCppEngine(Engine):
         """One pooled, normalised vector for a token sequence that fits the context."""
         import numpy as np
 
-        lc, (model, ctx, batch, _) = self._import(), typing.cast(tuple, self._embedder)
+        lc, (model, ctx, batch, _) = _llama_cpp(), typing.cast(tuple, self._embedder)
         lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
         batch.clear()
         for i, t in enumerate(tokens):
@@ -2309,7 +2731,7 @@ class LlamaCppEngine(Engine):
         self, texts: list[str] | list[list[int]], dimensions: int | None = None, long_inputs: str | None = None
     ) -> tuple[list[list[float]], int]:
         if self._embedder is None:
-            self._embedder = self._new_embedder(self._import(), self._text_model().model)
+            self._embedder = self._new_embedder(_llama_cpp(), self._text_model().model)
         model, _, _, n_ctx = self._embedder
         if dimensions is not None and dimensions != model.n_embd:
             raise InvalidRequest(
@@ -2353,187 +2775,16 @@ class LlamaCppEngine(Engine):
         return vectors, total
 
 
-class _Sampler:
-    """llama.cpp's samplers, stage by stage over our own candidate array: bias and penalties, then greedy or
-    top-k/top-p/min-p/temperature/seeded draw. As in llama.cpp's server, a grammar checks the drawn token and
-    constrains the whole array only when it rejects it (near full speed); when grammar and bias leave no token,
-    `sample` says so, where llama.cpp would abort the process. Plain greedy sampling (no grammar, no penalties)
-    is numpy's first argmax after the bias, as llama.cpp's greedy stage picks it, at a tenth of the cost."""
-
-    def __init__(self, llama_cpp: Any, model: _LlamaModel, p: SamplingParams, last_n: int) -> None:
-        import numpy as np
-
-        lc = self.lc = llama_cpp
-        n_vocab = model.n_vocab
-        self.pre = self.post = self.grammar = self.bias = None
-        neutral = (p.repeat_penalty, p.frequency_penalty, p.presence_penalty) == (1.0, 0.0, 0.0)
-        self.greedy = p.temperature <= 0 and p.grammar is None and neutral
-        try:
-            # llama.cpp versions differ on whether the penalty stage takes n_vocab first.
-            head = (n_vocab,) if len(lc.llama_sampler_init_penalties.argtypes) == 5 else ()
-            penalties = (p.repeat_penalty, p.frequency_penalty, p.presence_penalty)
-            stages = [lc.llama_sampler_init_penalties(*head, last_n, *penalties)]
-            if p.logit_bias:
-                _check_ids(list(p.logit_bias), n_vocab, "'logit_bias'", "logit_bias")
-                # -100 bans; +100 beats any logit yet stays finite, so several +100 tokens compete on their logits.
-                bias = {t: -math.inf if b <= -100 else _FORCE_BIAS if b >= 100 else b for t, b in p.logit_bias.items()}
-                self.bias = (np.array(list(bias), dtype=np.intc), np.array(list(bias.values()), dtype=np.single))
-                items = [lc.llama_logit_bias(token=t, bias=b) for t, b in bias.items()]
-                stages.insert(
-                    0, lc.llama_sampler_init_logit_bias(n_vocab, len(items), (lc.llama_logit_bias * len(items))(*items))
-                )
-            self.pre = self._chain(stages)
-            if p.grammar is not None:
-                self.grammar = llama_cpp.llama_sampler_init_grammar(model.vocab, p.grammar.encode("utf-8"), b"root")
-                if not self.grammar:
-                    raise InvalidRequest(
-                        "the grammar is not valid GBNF (it needs a 'root' rule, defined names, no left recursion)",
-                        param="grammar",
-                    )
-            if p.temperature <= 0:
-                self.post = self._chain([lc.llama_sampler_init_greedy()])
-            else:
-                # seed 0 is a real seed; 0xFFFFFFFF would mean "random" to llama.cpp.
-                seed = random.getrandbits(32) % 0xFFFFFFFF if p.seed is None else p.seed % 0xFFFFFFFF
-                draw = [lc.llama_sampler_init_top_k(p.top_k), lc.llama_sampler_init_top_p(p.top_p, 1)]
-                draw += [lc.llama_sampler_init_min_p(p.min_p, 1), lc.llama_sampler_init_temp(p.temperature)]
-                self.post = self._chain([*draw, lc.llama_sampler_init_dist(seed)])
-        except BaseException:
-            self.close()
-            raise
-        row = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
-        self.cand, self.one = np.recarray((n_vocab,), dtype=row), np.recarray((1,), dtype=row)
-        self.ids = np.arange(n_vocab, dtype=np.intc)
-
-    def _chain(self, stages: list[Any]) -> Any:
-        """One llama.cpp sampler chain of these stages (it owns and frees them)."""
-        chain = self.lc.llama_sampler_chain_init(self.lc.llama_sampler_chain_default_params())
-        for stage in stages:
-            self.lc.llama_sampler_chain_add(chain, stage)
-        return chain
-
-    def _run(self, rows: Any, ids: Any, logits: Any, *samplers: Any) -> Any:
-        """Fill `rows` with these tokens and logits, then apply the samplers to them; returns their token array."""
-        lc = self.lc
-        rows.id[:] = ids
-        rows.logit[:] = logits
-        rows.p[:] = 0
-        arr = lc.llama_token_data_array(
-            data=rows.ctypes.data_as(lc.llama_token_data_p), size=len(rows), selected=-1, sorted=False
-        )
-        for sampler in samplers:
-            lc.llama_sampler_apply(sampler, ctypes.byref(arr))
-        return arr
-
-    def sample(self, logits: Any) -> int | None:
-        """The next token for these logits (accepted by every stage), or None when no token is allowed."""
-        import numpy as np
-
-        if self.greedy:
-            if self.bias is not None:
-                logits = logits.copy()
-                logits[self.bias[0]] += self.bias[1]
-            token = int(logits.argmax())
-            return token if logits[token] > -math.inf else None
-        arr = self._run(self.cand, self.ids, logits, self.pre, self.post)
-        token = int(self.cand.id[arr.selected])
-        if self.grammar is not None:
-            self._run(self.one, token, 0.0, self.grammar)
-            if not np.isfinite(self.one.logit[0]):
-                arr = self._run(self.cand, self.ids, logits, self.pre, self.grammar)
-                if not np.isfinite(self.cand.logit[: arr.size]).any():
-                    return None
-                self.lc.llama_sampler_apply(self.post, ctypes.byref(arr))
-                token = int(self.cand.id[arr.selected])
-            self.lc.llama_sampler_accept(self.grammar, token)
-        self.lc.llama_sampler_accept(self.pre, token)
-        self.lc.llama_sampler_accept(self.post, token)
-        return token
-
-    def close(self) -> None:
-        for sampler in (self.pre, self.post, self.grammar):
-            if sampler:
-                self.lc.llama_sampler_free(sampler)
-        self.pre = self.post = self.grammar = None
+# ---- 4c. gpt4all: one native model per instance, driven through its token callbacks
 
 
-class _LogprobMarks:
-    """Hands out token logprobs in step with the emitted text, which lags while a stop sequence may match."""
-
-    def __init__(self) -> None:
-        self.pending: list[TokenLogprob] = []
-        self.done = 0  # characters of pending[0].text already emitted
-
-    def take(self, emitted: str, stopped: bool, final: bool = False) -> list[TokenLogprob]:
-        """The entries whose text `emitted` completes; at a stop, the cut token too, shortened to what was shown."""
-        out, budget = [], len(emitted)
-        while self.pending and len(self.pending[0].text) - self.done <= budget:
-            budget -= len(self.pending[0].text) - self.done
-            out.append(self.pending.pop(0))
-            self.done = 0
-        self.done += budget
-        if stopped and self.pending and self.done:
-            cut = self.pending[0]
-            text = cut.text[: self.done]
-            out.append(TokenLogprob(text, text.encode("utf-8"), cut.logprob, cut.top))
-        if stopped or final:
-            self.pending, self.done = [], 0
-        return out
-
-
-# -- gguf metadata: gpt4all 2.8 exposes none, so read the header ourselves
-
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-class _GgufHeader:
-    """Reads the key/value metadata at the start of a GGUF file (tensors are never read)."""
-
-    def __init__(self, path: str, wanted: Callable[[str], bool]) -> None:
-        self.values: dict[str, Any] = {}
-        with open(path, "rb", buffering=1 << 20) as self._f:
-            if self._take(4) != b"GGUF":
-                raise ValueError(f"{path} is not a GGUF file")
-            version = self._scalar("<I")
-            if version < 2:
-                raise ValueError(f"{path}: GGUF version {version} is too old")
-            self._scalar("<Q")  # tensor count
-            for _ in range(self._scalar("<Q")):
-                key = self._string()
-                keep = wanted(key)
-                value = self._value(self._scalar("<I"), keep)
-                if keep:
-                    self.values[key] = value
-
-    def _take(self, n: int) -> bytes:
-        out = self._f.read(n)
-        if len(out) < n:
-            raise ValueError("truncated GGUF header")
-        return out
-
-    def _scalar(self, fmt: str) -> Any:
-        return struct.unpack(fmt, self._take(struct.calcsize(fmt)))[0]
-
-    def _string(self) -> str:
-        return self._take(self._scalar("<Q")).decode("utf-8", errors="replace")
-
-    def _value(self, kind: int, keep: bool) -> Any:
-        """The next value; one not kept may come back undecoded."""
-        if kind == _GGUF_STRING:
-            return self._string() if keep else self._take(self._scalar("<Q"))
-        if kind == _GGUF_ARRAY:
-            sub, n = self._scalar("<I"), self._scalar("<Q")
-            if sub in _GGUF_SCALARS:  # one unpack for the whole array
-                fmt = f"<{n}{_GGUF_SCALARS[sub][1]}"
-                return list(struct.unpack(fmt, self._take(struct.calcsize(fmt))))
-            return [self._value(sub, keep) for _ in range(n)]
-        if kind not in _GGUF_SCALARS:
-            raise ValueError(f"unknown GGUF value type {kind}")
-        return self._scalar(_GGUF_SCALARS[kind])
-
-
-# -- native calls
+def _prefixed(first: Chunk, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
+    """`first`, then `chunks`; closing it closes them, which stops their generation."""
+    try:
+        yield first
+        yield from chunks
+    finally:
+        _close(chunks)
 
 
 _stderr_lock = threading.Lock()
@@ -2743,10 +2994,8 @@ class _Gpt4AllRun:
         tail = ""
         finish = self.finish
         if finish != "stop":
-            tail, stopped = self.stops.feed(self.decoder.decode(b"", final=True))
-            tail += "" if stopped else self.stops.flush()
-            if stopped:
-                finish = "stop"
+            tail, stopped = self.stops.end(self.decoder)
+            finish = "stop" if stopped else finish
         if finish is None:
             # gpt4all ended on its own: an end-of-turn token, or a full context (shifting is off).
             full = self.kept + len(self.prompt_ids) + self.generated >= self.native.n_ctx - 1
@@ -2921,27 +3170,41 @@ class Gpt4AllEngine(Engine):
             ) from None
         list(stream)
 
+    def run(self, req: Request, should_stop: _StopCheck = None) -> Iterator[Chunk]:
+        """The choices one after another; the instance keeps the last one's context."""
+        for i in range(req.choice_count):
+            if i and should_stop is not None and should_stop():  # out of time, or cancelled: the rest end empty
+                yield Chunk("", finish_reason="length", usage=Usage(), index=i)
+                continue
+            p = req.choice_params(i)
+            if req.kind == "chat":
+                chunks = self.chat(req.messages, p, should_stop)
+            else:
+                chunks = self.complete(req.prompts[i // req.best_of], p, should_stop, echo=req.echo, suffix=req.suffix)
+            try:
+                for ch in chunks:
+                    ch.index = i
+                    yield ch
+            finally:
+                _close(chunks)
+
     def chat(
-        self, messages: list[dict[str, Any]], params: SamplingParams, should_stop: _StopCheck = None
+        self, messages: list[dict[str, Any]], p: SamplingParams, should_stop: _StopCheck = None
     ) -> Iterator[Chunk]:
+        """The reply to a chat; a prompt that does not fit raises here, before the first chunk."""
         self._need_text_model()
-        return self._start(self._render(messages), params, "messages", should_stop)
+        return self._start(self._render(messages), p, "messages", should_stop)
 
     def complete(
-        self,
-        prompt: str | list[int],
-        params: SamplingParams,
-        should_stop: _StopCheck = None,
-        *,
-        echo: bool = False,
-        suffix: str | None = None,
+        self, prompt: Any, p: SamplingParams, should_stop: _StopCheck = None, *, echo: bool = False, suffix: Any = None
     ) -> Iterator[Chunk]:
+        """The continuation of a text prompt; `echo` yields the prompt first."""
         self._need_text_model()
         if not isinstance(prompt, str):
             raise InvalidRequest("token id prompts are not supported by the gpt4all engine", param="prompt")
         if suffix is not None:
             raise InvalidRequest("'suffix' is not supported by the gpt4all engine", param="suffix")
-        chunks = self._start(prompt, params, "prompt", should_stop)
+        chunks = self._start(prompt, p, "prompt", should_stop)
         return _prefixed(Chunk(prompt), chunks) if echo else chunks
 
     def context_info(self) -> tuple[int, str]:
@@ -3096,6 +3359,9 @@ class Gpt4AllEngine(Engine):
         return out["embeddings"], int(out["n_prompt_tokens"])
 
 
+# ---- 4d. the engine table
+
+
 _ENGINES: dict[str, type[Engine]] = {"llama-cpp": LlamaCppEngine, "gpt4all": Gpt4AllEngine}
 
 
@@ -3152,6 +3418,17 @@ class _Ticket:
     ready: threading.Event = field(default_factory=threading.Event)
     instance: _Instance | None = None
     error: APIError | None = None  # why it will never get an instance (its model failed to prepare)
+
+
+@dataclass
+class _Lease:
+    """An instance held for one request, and what goes back with it: whether it is still sound, what its context
+    holds now (None: as before; "" when it is not sound), the prompt tokens it reused."""
+
+    instance: _Instance
+    sound: bool = True
+    context_key: str | None = None
+    cached_tokens: int = 0
 
 
 def _shutting_down() -> Unavailable:
@@ -3261,6 +3538,30 @@ class _Pool:
                 self.release(inst, ok=False)
                 raise
         return inst
+
+    @contextlib.contextmanager
+    def lease(self, ticket: _Ticket, cancel: Any, deadline: float | None, ttl: float | None) -> Iterator[_Lease]:
+        """Wait for the ticket's instance, and give it back when the block ends, with the idle `ttl` (None: its
+        model's). It is kept after a client error (an APIError below 500) or an early close, disposed after any
+        other failure, which reaches the client as an EngineError."""
+        lease = _Lease(self.wait(ticket, cancel, deadline))
+        try:
+            yield lease
+        except GeneratorExit:  # the consumer stopped early: the instance is still sound
+            raise
+        except APIError as exc:
+            lease.sound = lease.sound and exc.status < 500
+            raise
+        except Exception as exc:
+            lease.sound = False
+            log.exception("engine failure on %s", lease.instance.id)
+            raise EngineError(f"the engine failed: {exc}", code="engine_error") from exc
+        except BaseException:
+            lease.sound = False
+            raise
+        finally:
+            key = lease.context_key if lease.sound else ""
+            self.release(lease.instance, lease.sound, key, lease.cached_tokens, ttl=ttl)
 
     def model_ready(self, model: ModelConfig) -> None:
         """A model's file is in place: load its min_instances and serve whoever waits for it."""
@@ -3539,20 +3840,43 @@ def _history_key(messages: list[dict[str, Any]], text: str = "") -> str:
 
 
 @dataclass
+class ToolCall:
+    """A call of a tool, in a conversation's history or in a reply; `arguments` is JSON text, as the model wrote
+    it (cut short when generation stopped inside it)."""
+
+    id: str
+    name: str
+    arguments: str = ""
+
+    def openai(self) -> dict[str, Any]:
+        """The call as OpenAI's Chat API writes it."""
+        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
+
+    def input(self) -> Any:
+        """The arguments as JSON; {} when they are not whole."""
+        try:
+            return json.loads(self.arguments)
+        except ValueError:
+            return {}
+
+
+@dataclass
 class Request:
     """One validated chat, completion or embedding request: what every API dialect translates into."""
 
     kind: Literal["chat", "completion", "embedding"]
     model: ModelConfig
     params: SamplingParams = field(default_factory=SamplingParams)
-    messages: list[dict[str, Any]] = field(default_factory=list)  # chat: {role, content, tool_calls?, tool_call_id?}
+    messages: list[dict[str, Any]] = field(default_factory=list)  # chat: {role, content, tool_calls?: [ToolCall],
+    # tool_call_id?}
     prompts: list[str] | list[list[int]] = field(default_factory=list)  # completion prompts, or embedding inputs
     n: int = 1  # choices per prompt
     best_of: int = 1  # choices generated per prompt, of which the n likeliest are kept
     echo: bool = False
     suffix: str | None = None
     tools: _ToolPlan | None = None  # the request's tools, or a history with tool calls
-    response_format: str | None = None  # GBNF for the reply's JSON
+    json_schema: dict[str, Any] | None = None  # the JSON schema the reply must match (response_format and kin)
+    schema_param: str = "response_format"  # the field that gave it, which a 400 about it names
     stream: bool = False
     include_usage: bool = False  # a streamed reply ends with a usage chunk
     legacy_functions: bool = False  # the deprecated functions API: replies carry function_call
@@ -3565,43 +3889,56 @@ class Request:
     checked: bool = False  # check() has run: every dialect's parser ends with it, and submit() runs it if not
 
     def check(self) -> Request:
-        """Apply the model's defaults and limits, and refuse what its engine cannot do; messages get tools."""
+        """Apply the model's defaults and limits, and refuse what its engine cannot do; messages get tools. Every
+        dialect's parser ends with it; submit() runs it on a Request built by hand."""
         if self.checked:
             return self
-        m, engine = self.model, _ENGINES[self.model.engine]
-        p = self.params = self.params.merged_over(m.defaults)
-        limit, caps = m.max_tokens_limit, [c for c in (m.max_tokens_limit, self.max_tokens_default) if c is not None]
-        if p.max_tokens is None and caps:
-            p.max_tokens = min(caps)  # the model's limit, or the dialect's own default when lower
-        elif None not in (p.max_tokens, limit) and p.max_tokens > limit:
-            raise InvalidRequest(
-                f"'max_tokens' is {p.max_tokens}, above the limit of {limit} for model '{m.id}'",
-                param="max_tokens",
-                code="max_tokens_exceeded",
-            )
+        engine = _ENGINES[self.model.engine]
+        self.params = self.params.merged_over(self.model.defaults)
+        self._check_max_tokens()
         engine.check(self)
-        if p.grammar is not None:
-            p.grammar = _named_grammar(m, p.grammar)
-        if self.response_format is not None:
-            if p.grammar is not None:
-                raise InvalidRequest("give 'grammar' or 'response_format', not both", param="grammar")
-            p.grammar = self.response_format
-        if self.tools is not None and (p.grammar is not None or not engine.grammars):
-            if self.tools.mode != "none":
-                raise InvalidRequest("'tools' cannot be combined with a grammar or response_format", param="tools")
-            self.tools = None  # a history with tool calls, answered in the caller's format, or as the engine can
+        self._check_constraints(engine.grammars)
         if self.kind == "chat":
             self.messages = _tool_messages(self.messages, self.tools)
-        if self.tools is not None:
-            p.grammar = _tool_grammar(json.dumps(dataclasses.asdict(self.tools), sort_keys=True))
         if self.echo and self.suffix is not None:
             raise InvalidRequest("'echo' cannot be combined with 'suffix'", param="echo")
         if self.kind == "embedding" and len(self.prompts) > 2048:
             raise InvalidRequest("'input' may hold at most 2048 items", param="input")
         if self.kind != "embedding" and len(self.prompts) * self.best_of > 128:
             raise InvalidRequest("at most 128 choices per request (prompts times n or best_of)", param="n")
+        engine.grammar(self)  # a schema or tool plan the engine cannot compile is a 400 now, not once queued
         self.checked = True  # only now: a request that failed its check is refused again, never let through
         return self
+
+    def _check_max_tokens(self) -> None:
+        """max_tokens: the request's, else the lower of the model's limit and the dialect's default; never above
+        the model's limit."""
+        p, m = self.params, self.model
+        limit, caps = m.max_tokens_limit, [c for c in (m.max_tokens_limit, self.max_tokens_default) if c is not None]
+        if p.max_tokens is None and caps:
+            p.max_tokens = min(caps)
+        elif None not in (p.max_tokens, limit) and p.max_tokens > limit:
+            raise InvalidRequest(
+                f"'max_tokens' is {p.max_tokens}, above the limit of {limit} for model '{m.id}'",
+                param="max_tokens",
+                code="max_tokens_exceeded",
+            )
+
+    def _check_constraints(self, grammars: bool) -> None:
+        """One constraint at most: a grammar (GBNF, or a named one), a JSON schema, or tools."""
+        p = self.params
+        if p.grammar is not None:
+            named = _named_grammar(self.model, p.grammar)  # GBNF, or a JSON schema the model's config names
+            if self.json_schema is not None:
+                raise InvalidRequest("give 'grammar' or 'response_format', not both", param="grammar")
+            if isinstance(named, dict):
+                p.grammar, self.json_schema, self.schema_param = None, named, "grammar"
+            else:
+                p.grammar = named
+        if self.tools is not None and (p.grammar is not None or self.json_schema is not None or not grammars):
+            if self.tools.mode != "none":
+                raise InvalidRequest("'tools' cannot be combined with a grammar or response_format", param="tools")
+            self.tools = None  # a history with tool calls, answered in the caller's format, or as the engine can
 
     @property
     def choice_count(self) -> int:
@@ -3627,8 +3964,9 @@ class Request:
         return prompt + ("" if reply is None else reply[len(prompt) :] if self.echo else reply)
 
 
-def _named_grammar(model: ModelConfig, grammar: str) -> str:
-    """A request's `grammar`: GBNF itself, or the name of one of the model's grammars (or built-in 'json')."""
+def _named_grammar(model: ModelConfig, grammar: str) -> str | dict[str, Any]:
+    """A request's `grammar`: GBNF itself, or the name of one of the model's grammars (or built-in 'json'): its
+    GBNF, or its JSON schema."""
     if "::=" in grammar:
         return grammar
     grammars = {"json": {"type": "object"}, **model.grammars}
@@ -3638,7 +3976,7 @@ def _named_grammar(model: ModelConfig, grammar: str) -> str:
         raise InvalidRequest(
             f"'grammar' is neither GBNF nor one of model '{model.id}''s grammars: {known}", param="grammar"
         )
-    return named if isinstance(named, str) else _json_grammar(named, "grammar")
+    return named
 
 
 # ---- 6a. the OpenAI dialect: request bodies in
@@ -3647,28 +3985,58 @@ def _named_grammar(model: ModelConfig, grammar: str) -> str:
 _CHAT_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
 
-def _text_content(content: Any, where: str, role: str) -> str:
-    """A message's content as one string: a string, or a list of text parts (an assistant's refusals count)."""
-    if content is None and role in ("assistant", "function"):
-        return ""
-    if isinstance(content, list):
-        texts = []
-        for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            text = part.get(kind) if kind == "text" or (kind == "refusal" and role == "assistant") else None
-            if not isinstance(text, str):
-                raise InvalidRequest(
-                    f"'{where}.content[{j}]': only text content parts are supported (no images, audio or files)",
-                    param=f"{where}.content",
-                )
-            texts.append(text)
-        return "".join(texts)
-    if not isinstance(content, str):
-        raise InvalidRequest(f"'{where}.content' must be a string or a list of text parts", param=f"{where}.content")
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"'{where}' must be an object", param=where)
+    return value
+
+
+def _string(value: Any, where: str) -> str:
+    if not isinstance(value, str):
+        raise InvalidRequest(f"'{where}' must be a string", param=where)
+    return value
+
+
+_TEXT_PARTS = ("text", "input_text", "output_text", "refusal")  # the content parts that carry text, in any dialect
+
+
+def _part_text(part: dict[str, Any]) -> Any:
+    return part.get("refusal") if part["type"] == "refusal" else part.get("text")
+
+
+def _content_parts(content: Any, where: str, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Content in any dialect as a list of parts (a string is one text part), each of a type the dialect allows
+    there: a 400 names the first that is not, and a text part whose text is not a string."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise InvalidRequest(f"'{where}' must be a string or a list of content parts", param=where)
+    for j, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in kinds:
+            what = "the model reads text only (no images, audio or documents)" if kind else "not a content part"
+            raise InvalidRequest(f"'{where}[{j}]' ({kind}): {what}; expected {', '.join(kinds)}", param=where)
+        if kind in _TEXT_PARTS and not isinstance(_part_text(part), str):
+            raise InvalidRequest(f"'{where}[{j}]': its text must be a string", param=where)
     return content
 
 
-def _parse_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
+def _content_text(content: Any, where: str, kinds: tuple[str, ...] = ("text",)) -> str:
+    """The text of content whose parts are of these kinds."""
+    if isinstance(content, str):
+        return content
+    return "".join(_part_text(p) for p in _content_parts(content, where, kinds) if p["type"] in _TEXT_PARTS)
+
+
+def _text_content(content: Any, where: str, role: str) -> str:
+    """An OpenAI message's content as one string: a string, or a list of text parts (an assistant's refusals
+    count); an assistant's or function's may be null."""
+    if content is None and role in ("assistant", "function"):
+        return ""
+    return _content_text(content, f"{where}.content", ("text", "refusal") if role == "assistant" else ("text",))
+
+
+def _parse_tool_calls(calls: Any, where: str) -> list[ToolCall]:
     if not isinstance(calls, list):
         raise InvalidRequest(f"'{where}.tool_calls' must be a list", param=f"{where}.tool_calls")
     out = []
@@ -3680,7 +4048,7 @@ def _parse_tool_calls(calls: Any, where: str) -> list[dict[str, Any]]:
                 f"'{where}.tool_calls[{j}]' must be {{id, type: 'function', function: {{name, arguments}}}}",
                 param=f"{where}.tool_calls",
             )
-        out.append({"id": c.get("id", ""), "function": {"name": fn["name"], "arguments": fn.get("arguments", "")}})
+        out.append(ToolCall(c.get("id", ""), fn["name"], fn.get("arguments", "")))
     return out
 
 
@@ -3713,7 +4081,7 @@ def _parse_messages(messages: Any) -> list[dict[str, Any]]:
             msg["tool_call_id"] = m["tool_call_id"]
         if role == "function":  # a deprecated function result answers the latest call of that name
             name = m.get("name")
-            ids = [c["id"] for o in out for c in o.get("tool_calls", ()) if c["function"]["name"] == name]
+            ids = [c.id for o in out for c in o.get("tool_calls", ()) if c.name == name]
             if not isinstance(name, str) or not ids:
                 raise InvalidRequest(f"'{where}.name' must name an earlier function_call", param=f"{where}.name")
             msg["tool_call_id"] = ids[-1]
@@ -3868,34 +4236,49 @@ def openai_request(
         raise InvalidRequest("give 'max_tokens' or 'max_completion_tokens', not both", param="max_completion_tokens")
     params = SamplingParams.from_dict({k: v for k, v in body.items() if k in _SAMPLING_KEYS})
     stream, usage = _stream_flags(body)
-    req = Request(kind, model, params, stream=stream, include_usage=usage, timeout=timeout)
-    req.n = req.best_of = _int_field(body, "n", 1, 128) or 1
-    if kind == "chat":
-        top = _int_field(body, "top_logprobs", 0, 20)
-        if _bool_field(body, "logprobs"):
-            params.logprobs = top or 0
-        elif top is not None:
-            raise InvalidRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
-        tools, choice, req.legacy_functions = _legacy_functions(body)
-        req.messages = _parse_messages(body.get("messages"))
-        parallel = False if req.legacy_functions else body.get("parallel_tool_calls")
-        req.tools = _tool_plan(tools, choice, parallel, req.messages)
-        req.response_format = _format_grammar(body.get("response_format"))
-        return req.check()
+    n = _int_field(body, "n", 1, 128) or 1
+    fields = _chat_fields(body, params, n) if kind == "chat" else _completion_fields(body, params, n, stream)
+    return Request(kind, model, params, n=n, stream=stream, include_usage=usage, timeout=timeout, **fields).check()
+
+
+def _chat_fields(body: dict[str, Any], params: SamplingParams, n: int) -> dict[str, Any]:
+    """A chat body's own fields, as Request keywords (logprobs go into params)."""
+    top = _int_field(body, "top_logprobs", 0, 20)
+    if _bool_field(body, "logprobs"):
+        params.logprobs = top or 0
+    elif top is not None:
+        raise InvalidRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+    tools, choice, legacy = _legacy_functions(body)
+    messages = _parse_messages(body.get("messages"))
+    parallel = False if legacy else body.get("parallel_tool_calls")
+    return {
+        "messages": messages,
+        "legacy_functions": legacy,
+        "tools": _tool_plan(tools, choice, parallel, messages),
+        "json_schema": _format_schema(body.get("response_format")),
+        "best_of": n,
+    }
+
+
+def _completion_fields(body: dict[str, Any], params: SamplingParams, n: int, stream: bool) -> dict[str, Any]:
+    """A legacy completion body's own fields, as Request keywords (logprobs go into params)."""
     params.logprobs = _int_field(body, "logprobs", 0, 5)
-    req.max_tokens_default = 16  # the spec's, for legacy completions
-    req.prompts = _prompt_list(body.get("prompt"))
-    req.echo = _bool_field(body, "echo")
+    prompts, echo = _prompt_list(body.get("prompt")), _bool_field(body, "echo")
     if not isinstance(body.get("suffix"), (str, type(None))):
         raise InvalidRequest("'suffix' must be a string", param="suffix")
-    req.suffix = body.get("suffix") or None
     # best_of 0 (the spec allows it) means no extra candidates, as leaving it out does.
-    req.best_of = _int_field(body, "best_of", 0, 20) or req.n
-    if req.best_of < req.n:
+    best_of = _int_field(body, "best_of", 0, 20) or n
+    if best_of < n:
         raise InvalidRequest("'best_of' must be at least 'n'", param="best_of")
-    if req.best_of > req.n and stream:
+    if best_of > n and stream:
         raise InvalidRequest("'best_of' cannot be used with stream", param="best_of")
-    return req.check()
+    return {
+        "max_tokens_default": 16,  # the spec's, for legacy completions
+        "prompts": prompts,
+        "echo": echo,
+        "suffix": body.get("suffix") or None,
+        "best_of": best_of,
+    }
 
 
 # The fields of each kind of OpenAI body besides the sampling parameters; embedded callers may pass nothing else.
@@ -3987,10 +4370,7 @@ def chat_response(c: Completion, req: Request) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": ch.text, "refusal": None}
         if ch.tool_calls:
             message["content"] = ch.text or None
-            calls = [
-                {"id": c["id"], "type": "function", "function": {k: c[k] for k in ("name", "arguments")}}
-                for c in ch.tool_calls
-            ]
+            calls = [c.openai() for c in ch.tool_calls]
             if req.legacy_functions:
                 message["function_call"] = calls[0]["function"]
             else:
@@ -4067,225 +4447,7 @@ def model_object(model: ModelConfig, created: int) -> dict[str, Any]:
     return {"id": model.id, "object": "model", "created": created, "owned_by": "lllms"}
 
 
-# ---- 6c. tools and structured output, for any chat model: prompt, grammar, and a parser for the reply
-#
-# A model with tools answers in one JSON shape, enforced by grammar so that calls are always well-formed:
-#   {"tool_calls": [{"name": "get_weather", "arguments": {...}}, ...]}   or   {"response": "plain text"}
-# The shape is the same for every model, so it also works for models whose template knows nothing of tools.
-
-_TOOL_CALLS_OPEN = '{"tool_calls": ['
-_RESPONSE_OPEN = '{"response": '
-
-
-_INT_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
-
-
-def _digits_between(x: str, y: str) -> str:
-    """GBNF for the decimal strings of one length from x to y (inclusive)."""
-    n = 0
-    while n < len(x) and x[n] == y[n]:
-        n += 1
-    head, x, y = (f'"{x[:n]}" ' if n else ""), x[n:], y[n:]
-    if not x:
-        return head.strip()
-    rest = len(x) - 1
-    anys = " [0-9]" * rest
-    if x[1:] == "0" * rest and y[1:] == "9" * rest:
-        return f"{head}[{x[0]}-{y[0]}]{anys}"
-    alts = [f'"{x[0]}" ({_digits_between(x[1:], "9" * rest)})']
-    if int(x[0]) + 1 <= int(y[0]) - 1:
-        alts.append(f"[{int(x[0]) + 1}-{int(y[0]) - 1}]{anys}")
-    alts.append(f'"{y[0]}" ({_digits_between("0" * rest, y[1:])})')
-    return f"{head}({' | '.join(alts)})"
-
-
-def _naturals_between(lo: int, hi: int | None) -> str:
-    """GBNF for the integers from lo >= 0 to hi (None: no end), written without leading zeros."""
-    alts = []
-    short = len(str(lo))
-    for width in range(short, (short if hi is None else len(str(hi))) + 1):
-        a = max(lo, 10 ** (width - 1) if width > 1 else 0)
-        b = 10**width - 1 if hi is None else min(hi, 10**width - 1)
-        if a <= b:
-            alts.append(_digits_between(str(a), str(b)))
-    if hi is None:  # every number with more digits than lo
-        alts.append(f"[1-9]{' [0-9]' * short} [0-9]*")
-    return f"({' | '.join(alts)})"
-
-
-def _integers_between(lo: int | None, hi: int | None) -> str:
-    """GBNF for the JSON integers from lo to hi (None: unbounded on that side)."""
-    alts = []
-    if lo is None or lo < 0:  # negatives: "-" and a magnitude
-        top = None if lo is None else -lo
-        bottom = 1 if hi is None or hi >= 0 else -hi
-        if top is None or bottom <= top:
-            alts.append(f'"-" {_naturals_between(bottom, top)}')
-    if hi is None or hi >= 0:
-        alts.append(_naturals_between(max(lo or 0, 0), hi))
-    return f"({' | '.join(alts)})"
-
-
-def _int_bounds(schema: dict[str, Any], param: str) -> tuple[int | None, int | None]:
-    """An integer schema's inclusive bounds."""
-    for key in _INT_BOUNDS:
-        v = schema.get(key)
-        if key in schema and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-            raise InvalidRequest(f"'{param}': {key} must be a number", param=param)
-    lows = [math.ceil(schema["minimum"])] if "minimum" in schema else []
-    lows += [math.floor(schema["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in schema else []
-    highs = [math.floor(schema["maximum"])] if "maximum" in schema else []
-    highs += [math.ceil(schema["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in schema else []
-    lo, hi = max(lows, default=None), min(highs, default=None)
-    if lo is not None and hi is not None and lo > hi:
-        raise InvalidRequest(f"'{param}': no integer lies between the schema's bounds", param=param)
-    return lo, hi
-
-
-def _number_range(schema: dict[str, Any]) -> str | None:
-    """GBNF for an integer schema's bounds, or a number schema's from one whole number to another, at least 0: the
-    integers up to the top one with any fraction, and the top one itself. None for other bounds."""
-    if schema.get("type") == "integer":
-        return _integers_between(*_int_bounds(schema, "response_format"))
-    lo, hi = schema.get("minimum"), schema.get("maximum")
-    whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi))
-    if (
-        schema.get("type") != "number"
-        or not whole
-        or lo < 0
-        or hi < lo
-        or schema.keys() & {"exclusiveMinimum", "exclusiveMaximum"}
-    ):
-        return None
-    below = f'{_naturals_between(lo, hi - 1)} ("." [0-9]+)? | ' if hi > lo else ""
-    return f'({below}"{hi}" ("." "0"+)?)'
-
-
-@functools.cache
-def _converter_class() -> Any:
-    try:
-        LlamaCppEngine._import()  # the version check _LlamaShim's converter helpers rely on
-        from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
-    except (ImportError, Unavailable):
-        raise InvalidRequest(
-            "JSON schemas and tools need llama-cpp-python: pip install 'lllms[llama-cpp]'", param="response_format"
-        ) from None
-
-    class _Converter(SchemaConverter):
-        """llama-cpp-python's converter, plus number ranges, which it leaves out."""
-
-        def visit(self, schema: Any, name: str) -> Any:
-            if (
-                isinstance(schema, dict)
-                and any(k in schema for k in _INT_BOUNDS)
-                and (grammar := _number_range(schema))
-            ):
-                rule = name + "-" if name in RESERVED_NAMES else name or "root"
-                return _LlamaShim.add_rule(self, rule, f"{grammar} space")
-            return super().visit(schema, name)
-
-    return _Converter
-
-
-def _schema_converter() -> Any:
-    return _converter_class()(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
-
-
-# Keywords llama-cpp-python's schema converter would skip without a word: a schema using them is refused rather
-# than half enforced. Bounds are enforced for integers (by lllms' own rule), not for other numbers.
-_UNENFORCED_KEYWORDS = set(
-    "multipleOf uniqueItems minProperties maxProperties patternProperties propertyNames dependentRequired "
-    "dependentSchemas if then else not contains minContains maxContains unevaluatedProperties unevaluatedItems".split()
-)
-
-
-_ANNOTATIONS = {"description", "title", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly"}
-_MAX_REPEAT = 1000  # a grammar that counts further overflows llama.cpp's grammar parser (it crashed at 100,000)
-
-
-def _plain_schema(schema: Any, param: str) -> Any:
-    """A schema with what every JSON value satisfies spelled as {}: `true`, annotations alone, string property
-    names. An upper bound past _MAX_REPEAT on a string's length or an array's items is left out: counting that far
-    would crash llama.cpp's grammar parser, and a reply that long would not fit a context anyway."""
-    if schema is True:
-        return {}
-    if schema is False:
-        raise InvalidRequest(f"'{param}': a schema of false allows nothing", param=param)
-    if isinstance(schema, list):
-        return [_plain_schema(x, param) for x in schema]
-    if not isinstance(schema, dict):
-        return schema
-    out = {}
-    for key, value in schema.items():
-        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
-            value = {k: _plain_schema(v, param) for k, v in value.items()}
-        elif key in ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties"):
-            value = value if isinstance(value, bool) else _plain_schema(value, param)  # false: nothing more allowed
-        elif key == "propertyNames" and value == {"type": "string"}:
-            continue  # every JSON object's names are strings
-        elif key in ("maxLength", "maxItems") and isinstance(value, int) and value > _MAX_REPEAT:
-            continue
-        elif key in ("minLength", "minItems") and isinstance(value, int) and value > _MAX_REPEAT:
-            raise InvalidRequest(f"'{param}': {key} above {_MAX_REPEAT} cannot be enforced by grammar", param=param)
-        out[key] = value
-    return {} if out.keys() <= _ANNOTATIONS else out
-
-
-def _unenforced(schema: Any, path: str = "$") -> str | None:
-    """The first keyword (with its path) in a schema that the grammar could not enforce."""
-    if isinstance(schema, list):
-        return next((f for i, x in enumerate(schema) if (f := _unenforced(x, f"{path}[{i}]"))), None)
-    if not isinstance(schema, dict):
-        return None
-    for key, value in schema.items():
-        if key in _UNENFORCED_KEYWORDS or (key in _INT_BOUNDS and _number_range(schema) is None):
-            return f"{path}.{key}"
-        found = None
-        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
-            found = next((f for k, v in value.items() if (f := _unenforced(v, f"{path}.{key}.{k}"))), None)
-        elif key in ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties"):
-            found = _unenforced(value, f"{path}.{key}")
-        if found:
-            return found
-    return None
-
-
-def _formatted(conv: Any) -> str:
-    """The converter's grammar, with JSON strings' control characters excluded (as upstream llama.cpp has it):
-    this converter lets a raw newline into a string, which no JSON parser accepts."""
-    return conv.format_grammar().replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
-
-
-def _visit_schema(conv: Any, schema: Any, name: str, param: str) -> str:
-    """Add GBNF rules for a JSON schema to a converter; the name of its top rule."""
-    if not isinstance(schema, dict):
-        raise InvalidRequest(f"'{param}' must be a JSON schema object", param=param)
-    schema = _plain_schema(schema, param)
-    if (where := _unenforced(schema)) is not None:
-        raise InvalidRequest(
-            f"'{param}': the schema keyword {where} cannot be enforced by grammar, so it is refused rather than "
-            "ignored",
-            param=param,
-        )
-    try:
-        schema = conv.resolve_refs(json.loads(json.dumps(schema)), name)  # a copy: resolving rewrites it
-        return conv.visit(schema, name)
-    except RecursionError:
-        raise InvalidRequest(f"'{param}' is nested too deeply", param=param) from None
-    except Exception as exc:  # the converter raises plain errors for schemas it can't express
-        raise InvalidRequest(f"'{param}' could not be turned into a grammar: {exc}", param=param) from None
-
-
-@functools.lru_cache(maxsize=64)
-def _schema_grammar(schema_json: str, param: str) -> str:
-    """GBNF for the JSON values a schema allows."""
-    conv = _schema_converter()
-    _visit_schema(conv, json.loads(schema_json), "", param)
-    return _formatted(conv)
-
-
-def _json_grammar(schema: dict[str, Any], param: str = "response_format") -> str:
-    return _schema_grammar(json.dumps(schema, sort_keys=True), param)
+# ---- 6c. tools and structured output, for any chat model: the tool prompt, and a parser for the reply
 
 
 def _tool_function(tool: Any, i: int) -> dict[str, Any]:
@@ -4357,31 +4519,6 @@ def _tool_plan(tools: Any, tool_choice: Any, parallel: Any, messages: list[dict[
     return _ToolPlan(functions, [name], "required", False)
 
 
-@functools.lru_cache(maxsize=64)
-def _tool_grammar(plan_json: str) -> str:
-    """GBNF for a reply: the call list (each call's arguments valid for its schema), or with `auto` plain text.
-    Takes the plan as JSON, to be cached: an agent sends the same tools with every turn."""
-    plan = _ToolPlan(**json.loads(plan_json))
-    conv = _schema_converter()
-    lit = functools.partial(_LlamaShim.format_literal, conv)
-    roots = []
-    if plan.callable:
-        calls = []
-        for i, fn in enumerate(plan.functions):
-            if fn["name"] in plan.callable:
-                args = _visit_schema(conv, fn["parameters"], f"tool-{i}-arguments", f"tools[{i}].function.parameters")
-                head = lit('{"name": ' + json.dumps(fn["name"]) + ', "arguments": ')
-                calls.append(_LlamaShim.add_rule(conv, f"tool-{i}-call", f'{head} {args} "}}"'))
-        call = _LlamaShim.add_rule(conv, "tool-call", " | ".join(calls))
-        many = f" ({lit(', ')} {call})*" if plan.parallel else ""
-        roots.append(f"{lit(_TOOL_CALLS_OPEN)} {call}{many} {lit(']}')}")
-    if plan.mode != "required":
-        text = _visit_schema(conv, {"type": "string"}, "response-text", "tools")
-        roots.append(f'{lit(_RESPONSE_OPEN)} {text} "}}"')
-    _LlamaShim.add_rule(conv, "root", " | ".join(roots))
-    return _formatted(conv)
-
-
 def _tool_instructions(plan: _ToolPlan) -> str:
     """The same text whatever tool_choice is, so that a conversation keeps its cached prefix when it changes."""
     lines = ["You can call these tools:", *(json.dumps(fn, ensure_ascii=False) for fn in plan.functions)]
@@ -4393,15 +4530,14 @@ def _tool_instructions(plan: _ToolPlan) -> str:
     return "\n".join(lines)
 
 
-def _call_json(call: dict[str, Any]) -> str:
+def _call_json(call: ToolCall) -> str:
     """A call as the model writes it; its arguments verbatim, so a returning conversation matches the context."""
-    fn = call.get("function") or {}
-    args = fn.get("arguments")
+    args = call.arguments
     try:
         json.loads(args)
-    except (TypeError, ValueError):
-        args = json.dumps(args if args is not None else {})
-    return '{"name": ' + json.dumps(fn.get("name")) + ', "arguments": ' + args + "}"
+    except ValueError:
+        args = json.dumps(args)
+    return '{"name": ' + json.dumps(call.name) + ', "arguments": ' + args + "}"
 
 
 def _tool_messages(messages: list[dict[str, Any]], plan: _ToolPlan | None) -> list[dict[str, Any]]:
@@ -4413,7 +4549,7 @@ def _tool_messages(messages: list[dict[str, Any]], plan: _ToolPlan | None) -> li
         role, content = m["role"], m["content"]
         if role == "assistant" and m.get("tool_calls"):
             for c in m["tool_calls"]:
-                names[c.get("id")] = (c.get("function") or {}).get("name")
+                names[c.id] = c.name
             content = _TOOL_CALLS_OPEN + ", ".join(_call_json(c) for c in m["tool_calls"]) + "]}"
         elif role == "assistant" and plan is not None:
             content = _RESPONSE_OPEN + json.dumps(content, ensure_ascii=False) + "}"
@@ -4442,7 +4578,7 @@ class _ReplyParser:
         self.state = "head"
         self.buf = ""  # undecided head, or a pending escape inside the response string
         self.expect = ""  # a literal still to skip
-        self.calls: list[dict[str, Any]] = []  # {id, name, arguments}
+        self.calls: list[ToolCall] = []
         self.depth = 0
         self.in_string = self.escaped = False
 
@@ -4482,9 +4618,9 @@ class _ReplyParser:
         elif state == "call":
             self.buf += ch
             if ch == '"':
-                call = {"id": "call_" + secrets.token_hex(12), "name": self.buf[:-1], "arguments": ""}
+                call = ToolCall("call_" + secrets.token_hex(12), self.buf[:-1])
                 self.calls.append(call)
-                deltas.append({"index": len(self.calls) - 1, **call})
+                deltas.append({"index": len(self.calls) - 1, "id": call.id, "name": call.name, "arguments": ""})
                 self.state, self.buf, self.expect = "arguments", "", ', "arguments": '
         elif state == "arguments":
             self._arguments(ch, deltas)
@@ -4527,20 +4663,20 @@ class _ReplyParser:
             self.depth -= 1
         elif ch.isspace() and self.depth == 0:
             return
-        self.calls[-1]["arguments"] += ch
+        self.calls[-1].arguments += ch
         if deltas and deltas[-1]["index"] == len(self.calls) - 1:  # one arguments fragment per call per chunk
             deltas[-1]["arguments"] += ch
         else:
             deltas.append({"index": len(self.calls) - 1, "arguments": ch})
 
 
-def _format_grammar(response_format: Any) -> str | None:
-    """GBNF for OpenAI's response_format, or None for plain text."""
+def _format_schema(response_format: Any) -> dict[str, Any] | None:
+    """The JSON schema of OpenAI's response_format, or None for plain text."""
     kind = response_format.get("type") if isinstance(response_format, dict) else None
     if response_format is None or kind == "text":
         return None
     if kind == "json_object":
-        return _json_grammar({"type": "object"})
+        return {"type": "object"}
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
@@ -4550,7 +4686,7 @@ def _format_grammar(response_format: Any) -> str | None:
         schema = spec.get("schema", {})
         if not isinstance(schema, dict):
             raise InvalidRequest("'response_format.json_schema.schema' must be an object", param="response_format")
-        return _json_grammar(schema, "response_format")
+        return schema
     raise InvalidRequest(
         '\'response_format\' must be {"type": "text"}, {"type": "json_object"} or '
         '{"type": "json_schema", "json_schema": {...}}',
@@ -4584,26 +4720,6 @@ def _refuse(body: dict[str, Any], fields: dict[str, str], engine: str) -> None:
             raise InvalidRequest(f"'{key}' is not supported by the {engine} engine: {why}", param=key)
 
 
-def _object(value: Any, where: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise InvalidRequest(f"'{where}' must be an object", param=where)
-    return value
-
-
-def _string(value: Any, where: str) -> str:
-    if not isinstance(value, str):
-        raise InvalidRequest(f"'{where}' must be a string", param=where)
-    return value
-
-
-def _call_input(call: dict[str, Any]) -> Any:
-    """A call's arguments as JSON; {} when generation stopped inside them."""
-    try:
-        return json.loads(call["arguments"])
-    except ValueError:
-        return {}
-
-
 def _started(s: CompletionStream) -> Iterator[Chunk]:
     """The stream's chunks, the first taken at once: a dialect that opens with an event of its own calls this
     first, so that errors before any output still get a plain status."""
@@ -4627,30 +4743,10 @@ _ANTHROPIC_UNSUPPORTED = {
 }
 
 
-def _anthropic_blocks(content: Any, where: str, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Content as a list of blocks (a string is one text block); images, documents and other kinds are a 400."""
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    if not isinstance(content, list):
-        raise InvalidRequest(f"'{where}' must be a string or a list of content blocks", param=where)
-    for j, block in enumerate(content):
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind not in kinds:
-            what = "image and document blocks are not supported: the model reads text" if kind else "not a block"
-            raise InvalidRequest(f"'{where}[{j}]' ({kind}): {what}; expected {', '.join(kinds)}", param=where)
-        if kind == "text":
-            _string(block.get("text"), f"{where}[{j}].text")
-    return content
-
-
-def _anthropic_text(content: Any, where: str) -> str:
-    return "".join(b["text"] for b in _anthropic_blocks(content, where, ("text",)))
-
-
 def _anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     """System and messages as OpenAI-shaped messages: tool_use blocks become tool_calls, tool_result blocks
     tool messages."""
-    out = [{"role": "system", "content": _anthropic_text(body["system"], "system")}] if body.get("system") else []
+    out = [{"role": "system", "content": _content_text(body["system"], "system")}] if body.get("system") else []
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' must be a non-empty list", param="messages")
@@ -4658,29 +4754,25 @@ def _anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         role = _object(m, f"messages[{i}]").get("role")
         where = f"messages[{i}].content"
         if role == "assistant":
-            blocks = _anthropic_blocks(m.get("content"), where, ("text", "tool_use"))
+            blocks = _content_parts(m.get("content"), where, ("text", "tool_use"))
             calls = [
-                {
-                    "id": _string(b.get("id"), f"{where}.id"),
-                    "type": "function",
-                    "function": {"name": b.get("name"), "arguments": json.dumps(b.get("input", {}))},
-                }
+                ToolCall(_string(b.get("id"), f"{where}.id"), b.get("name"), json.dumps(b.get("input", {}))).openai()
                 for b in blocks
                 if b["type"] == "tool_use"
             ]
             text = "".join(b["text"] for b in blocks if b["type"] == "text")
             out.append({"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})})
         elif role == "user":
-            blocks = _anthropic_blocks(m.get("content"), where, ("text", "tool_result"))
+            blocks = _content_parts(m.get("content"), where, ("text", "tool_result"))
             for b in (b for b in blocks if b["type"] == "tool_result"):
-                result = _anthropic_text(b.get("content", ""), f"{where}.content")
+                result = _content_text(b.get("content", ""), f"{where}.content")
                 prefix = "Error: " if b.get("is_error") else ""
                 out.append({"role": "tool", "tool_call_id": b.get("tool_use_id"), "content": prefix + result})
             texts = [b["text"] for b in blocks if b["type"] == "text"]
             if texts or len(blocks) == 0:
                 out.append({"role": "user", "content": "".join(texts)})
         elif role == "system":  # a system message mid-conversation (Claude Code sends them)
-            out.append({"role": "system", "content": _anthropic_text(m.get("content"), where)})
+            out.append({"role": "system", "content": _content_text(m.get("content"), where)})
         else:
             raise InvalidRequest(f"'messages[{i}].role' must be 'user' or 'assistant'", param=f"messages[{i}].role")
     return _parse_messages(out)
@@ -4724,12 +4816,20 @@ def anthropic_request(body: dict[str, Any], config: ServerConfig, count: bool = 
     if stops is not None and not (isinstance(stops, list) and all(isinstance(s, str) and s for s in stops)):
         raise InvalidRequest("'stop_sequences' must be a list of non-empty strings", param="stop_sequences")
     params.stop, params.max_tokens = stops or None, 0 if count else params.max_tokens
-    req = Request("chat", model, params, stream=_bool_field(body, "stream") and not count)
-    req.messages = _anthropic_messages(body)
-    req.tools = _tool_plan(*_anthropic_tools(body), req.messages)
+    messages = _anthropic_messages(body)
+    schema = None
     if (fmt := output.get("format")) is not None:  # structured output: {"type": "json_schema", "schema": {...}}
-        req.response_format = _json_grammar(_object(fmt, "output_config.format").get("schema"), "output_config")
-    return req.check()
+        schema = _object(_object(fmt, "output_config.format").get("schema"), "output_config.format.schema")
+    return Request(
+        "chat",
+        model,
+        params,
+        messages=messages,
+        tools=_tool_plan(*_anthropic_tools(body), messages),
+        json_schema=schema,
+        schema_param="output_config",
+        stream=_bool_field(body, "stream") and not count,
+    ).check()
 
 
 def _anthropic_usage(u: Usage) -> dict[str, int]:
@@ -4756,7 +4856,7 @@ def anthropic_response(c: Completion, req: Request) -> dict[str, Any]:
     content: list[dict[str, Any]] = [{"type": "text", "text": ch.text}] if ch.text or not ch.tool_calls else []
     for call in ch.tool_calls:
         content.append(
-            {"type": "tool_use", "id": _anthropic_call_id(call["id"]), "name": call["name"], "input": _call_input(call)}
+            {"type": "tool_use", "id": _anthropic_call_id(call.id), "name": call.name, "input": call.input()}
         )
     head = {"id": "msg_" + _suffix(c.id), "type": "message", "role": "assistant", "model": c.model}
     return {**head, "content": content, **_anthropic_stop(ch), "usage": _anthropic_usage(c.usage)}
@@ -4813,7 +4913,6 @@ _RESPONSES_UNSUPPORTED = {
     "max_tool_calls": "tool calls are not limited per response",
     "context_management": "context is not compacted",
 }
-_TEXT_PARTS = ("input_text", "output_text", "text", "refusal")
 
 
 class _ResponseStore:
@@ -4846,22 +4945,6 @@ class _ResponseStore:
                 raise NotFound(f"no stored response with id '{response_id}'", param="response_id")
 
 
-def _responses_content(content: Any, where: str) -> str:
-    if isinstance(content, str):
-        return content
-    if not isinstance(content, list):
-        raise InvalidRequest(f"'{where}' must be a string or a list of content parts", param=where)
-    texts = []
-    for j, part in enumerate(content):
-        kind = part.get("type") if isinstance(part, dict) else None
-        if kind not in _TEXT_PARTS:
-            raise InvalidRequest(
-                f"'{where}[{j}]' ({kind}): only text parts are supported (no images, files or audio)", param=where
-            )
-        texts.append(_string(part.get("text", part.get("refusal")), f"{where}[{j}].text"))
-    return "".join(texts)
-
-
 def _responses_input(items: Any) -> list[dict[str, Any]]:
     """Input items as OpenAI-shaped chat messages: consecutive function calls are one assistant message."""
     if isinstance(items, str):
@@ -4873,14 +4956,13 @@ def _responses_input(items: Any) -> list[dict[str, Any]]:
         kind, where = _object(item, f"input[{i}]").get("type", "message"), f"input[{i}]"
         if kind == "message":
             out.append(
-                {"role": item.get("role"), "content": _responses_content(item.get("content"), f"{where}.content")}
+                {
+                    "role": item.get("role"),
+                    "content": _content_text(item.get("content"), f"{where}.content", _TEXT_PARTS),
+                }
             )
         elif kind == "function_call":
-            call = {
-                "id": item.get("call_id"),
-                "type": "function",
-                "function": {"name": item.get("name"), "arguments": item.get("arguments")},
-            }
+            call = ToolCall(item.get("call_id"), item.get("name"), item.get("arguments")).openai()
             if (
                 out
                 and out[-1]["role"] == "assistant"
@@ -4891,7 +4973,7 @@ def _responses_input(items: Any) -> list[dict[str, Any]]:
             else:
                 out.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif kind == "function_call_output":
-            content = _responses_content(item.get("output"), f"{where}.output")
+            content = _content_text(item.get("output"), f"{where}.output", _TEXT_PARTS)
             out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": content})
         else:
             raise InvalidRequest(f"'{where}': {kind} items are not supported", param="input")
@@ -4920,12 +5002,13 @@ def _responses_tools(body: dict[str, Any]) -> tuple[Any, Any]:
     return tools, choice
 
 
-def _text_format(text: Any) -> str | None:
+def _text_format(text: Any) -> dict[str, Any] | None:
+    """The JSON schema of the Responses API's text.format, or None for plain text."""
     fmt = _object(text, "text").get("format") if text is not None else None
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
         fmt = {"type": "json_schema", "json_schema": fmt}
     try:
-        return _format_grammar(fmt)
+        return _format_schema(fmt)
     except InvalidRequest as exc:
         raise InvalidRequest(exc.message.replace("'response_format", "'text.format"), param="text") from None
 
@@ -4934,14 +5017,20 @@ class _ResponsesCall:
     """One call of the Responses API: its body into a Request; the result out as a response, which is stored
     with its conversation unless `store` is false."""
 
-    def __init__(self, store: _ResponseStore) -> None:
-        self.store, self.body, self.history = store, {}, []
-        self.key: str | None = None  # the conversation's affinity key, which the id carries for a load balancer
+    def __init__(self, ms: ModelServer, key: str | None) -> None:
+        self.store, self.body, self.history = ms.responses, {}, []
+        self.key = key  # the conversation's affinity key, which the id carries for a load balancer
         self.created, self.token = int(time.time()), secrets.token_hex(12)
 
     @property
     def id(self) -> str:
         return f"resp_{self.key}_{self.token}" if self.key else f"resp_{self.token}"
+
+    @staticmethod
+    def key_of(response_id: str) -> str | None:
+        """The affinity key an id carries (see `id`), or None."""
+        parts = response_id.split("_")
+        return parts[1] if len(parts) == 3 and parts[1].isdigit() and parts[0] == "resp" and parts[2] else None
 
     def request(self, body: dict[str, Any], config: ServerConfig) -> Request:
         model = _model_of(body, config, "chat")
@@ -4963,11 +5052,17 @@ class _ResponsesCall:
         instructions = body.get("instructions")
         system = [{"role": "system", "content": _string(instructions, "instructions")}] if instructions else []
         self.history += _responses_input(body.get("input"))
-        req = Request("chat", model, _dialect_params(body, _RESPONSES_SAMPLING), stream=_bool_field(body, "stream"))
-        req.messages = _parse_messages(system + self.history)
-        req.tools = _tool_plan(*_responses_tools(body), body.get("parallel_tool_calls"), req.messages)
-        req.response_format = _text_format(body.get("text"))
-        return req.check()
+        messages = _parse_messages(system + self.history)
+        return Request(
+            "chat",
+            model,
+            _dialect_params(body, _RESPONSES_SAMPLING),
+            messages=messages,
+            tools=_tool_plan(*_responses_tools(body), body.get("parallel_tool_calls"), messages),
+            json_schema=_text_format(body.get("text")),
+            schema_param="text.format",
+            stream=_bool_field(body, "stream"),
+        ).check()
 
     def _items(self, ch: Choice, status: str = "completed") -> list[dict[str, Any]]:
         items: list[dict[str, Any]] = []
@@ -4986,9 +5081,9 @@ class _ResponsesCall:
             items.append(self._call_item(call, status))
         return items
 
-    def _call_item(self, call: dict[str, Any], status: str) -> dict[str, Any]:
-        head = {"type": "function_call", "id": "fc_" + call["id"].removeprefix("call_"), "call_id": call["id"]}
-        return {**head, "name": call["name"], "arguments": call.get("arguments", ""), "status": status}
+    def _call_item(self, call: ToolCall, status: str) -> dict[str, Any]:
+        head = {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id}
+        return {**head, "name": call.name, "arguments": call.arguments, "status": status}
 
     def response(self, c: Completion | None, req: Request, status: str = "completed") -> dict[str, Any]:
         """The response object; with the finished completion, stored with its conversation."""
@@ -5031,10 +5126,7 @@ class _ResponsesCall:
             "metadata": body.get("metadata") or {},
         }
         if ch is not None and body.get("store") is not False:
-            calls = [
-                {"id": t["id"], "type": "function", "function": {k: t[k] for k in ("name", "arguments")}}
-                for t in ch.tool_calls
-            ]
+            calls = [t.openai() for t in ch.tool_calls]
             reply = {"role": "assistant", "content": ch.text, **({"tool_calls": calls} if calls else {})}
             self.store.put(out, [*self.history, reply])
         return out
@@ -5047,8 +5139,9 @@ class _ResponsesCall:
         def event(kind: str, **fields: Any) -> dict[str, Any]:
             return {"type": kind, "sequence_number": next(seq), **fields}
 
-        yield event("response.created", response=self.response(None, req, "in_progress"))
-        yield event("response.in_progress", response=self.response(None, req, "in_progress"))
+        started = self.response(None, req, "in_progress")
+        yield event("response.created", response=started)
+        yield event("response.in_progress", response=started)
         index, item, text, args = -1, None, "", ""
         for ch in chunks:
             if ch.text and (item is None or item["type"] != "message"):
@@ -5071,7 +5164,7 @@ class _ResponsesCall:
             for d in ch.tool_calls or ():
                 if "id" in d:
                     yield from self._close(event, index, item, text, args)
-                    index, item, args = index + 1, self._call_item({**d, "arguments": ""}, "in_progress"), ""
+                    index, item, args = index + 1, self._call_item(ToolCall(d["id"], d["name"]), "in_progress"), ""
                     yield event("response.output_item.added", output_index=index, item=item)
                 if d["arguments"]:
                     args += d["arguments"]
@@ -5176,12 +5269,11 @@ def _ollama_options(body: dict[str, Any], model: ModelConfig) -> SamplingParams:
     return _dialect_params(options, _OLLAMA_OPTIONS)
 
 
-def _ollama_format(value: Any) -> str | None:
+def _ollama_format(value: Any) -> dict[str, Any] | None:
+    """The JSON schema of Ollama's format: "json", or a schema."""
     if value in (None, ""):
         return None
-    if value == "json":
-        return _json_grammar({"type": "object"}, "format")
-    return _json_grammar(_object(value, "format"), "format")
+    return {"type": "object"} if value == "json" else _object(value, "format")
 
 
 def _ollama_messages(messages: Any) -> list[dict[str, Any]]:
@@ -5203,7 +5295,7 @@ def _ollama_messages(messages: Any) -> list[dict[str, Any]]:
                 calls.append((call_id, fn.get("name")))
                 args = fn.get("arguments", {})
                 arguments = args if isinstance(args, str) else json.dumps(args)
-                msg["tool_calls"].append({"id": call_id, "function": {"name": fn.get("name"), "arguments": arguments}})
+                msg["tool_calls"].append(ToolCall(call_id, fn.get("name"), arguments).openai())
         if m.get("role") == "tool":
             named = [cid for cid, name in calls if name == m.get("tool_name")] or [cid for cid, _ in calls]
             msg["tool_call_id"] = named[-1] if named else ""
@@ -5225,22 +5317,26 @@ class _OllamaCall:
         stream = body.get("stream", True)
         if not isinstance(stream, bool):
             raise InvalidRequest("'stream' must be a boolean", param="stream")
+        fields: dict[str, Any]
         if self.kind == "chat":
-            req = Request("chat", model, params, stream=stream)
-            req.messages = _ollama_messages(body.get("messages"))
-            req.tools = _tool_plan(body.get("tools"), None, None, req.messages)  # Ollama's tools are OpenAI's
+            messages = _ollama_messages(body.get("messages"))
+            fields = {"messages": messages, "tools": _tool_plan(body.get("tools"), None, None, messages)}
         elif body.get("raw") or body.get("suffix"):
-            req = Request(
-                "completion", model, params, prompts=[_string(body.get("prompt", ""), "prompt")], stream=stream
-            )
-            req.suffix = _string(body["suffix"], "suffix") if body.get("suffix") else None
+            prompt = _string(body.get("prompt", ""), "prompt")
+            suffix = _string(body["suffix"], "suffix") if body.get("suffix") else None
+            fields = {"kind": "completion", "prompts": [prompt], "suffix": suffix}
         else:
-            req = Request("chat", model, params, stream=stream)
             system = [{"role": "system", "content": _string(body["system"], "system")}] if body.get("system") else []
-            req.messages = _parse_messages([*system, {"role": "user", "content": body.get("prompt")}])
-        req.response_format = _ollama_format(body.get("format"))
-        req.keep_alive = _keep_alive(body.get("keep_alive"))
-        return req.check()
+            fields = {"messages": _parse_messages([*system, {"role": "user", "content": body.get("prompt")}])}
+        return Request(
+            **{"kind": "chat", **fields},
+            model=model,
+            params=params,
+            stream=stream,
+            json_schema=_ollama_format(body.get("format")),
+            schema_param="format",
+            keep_alive=_keep_alive(body.get("keep_alive")),
+        ).check()
 
     def _head(self, req: Request) -> dict[str, Any]:
         return {"model": req.model.id, "created_at": _iso(time.time())}
@@ -5250,9 +5346,7 @@ class _OllamaCall:
             return {**self._head(req), "response": text, "done": False}
         message: dict[str, Any] = {"role": "assistant", "content": text}
         if calls:
-            message["tool_calls"] = [
-                {"id": c["id"], "function": {"name": c["name"], "arguments": _call_input(c)}} for c in calls
-            ]
+            message["tool_calls"] = [{"id": c.id, "function": {"name": c.name, "arguments": c.input()}} for c in calls]
         return {**self._head(req), "message": message, "done": False}
 
     def _done(
@@ -5302,10 +5396,14 @@ def ollama_embed_request(body: dict[str, Any], config: ServerConfig) -> Request:
         raise InvalidRequest("'truncate' must be a boolean", param="truncate")
     inputs = _prompt_list(body["input"] if "input" in body else body.get("prompt"), "input")
     dims = _int_param(body["dimensions"], "dimensions", 1, 2**31) if "dimensions" in body else None
-    req = Request("embedding", model, prompts=inputs, dimensions=dims)
-    req.keep_alive = _keep_alive(body.get("keep_alive"))
-    req.long_inputs = None if truncate is None else "truncate" if truncate else "error"
-    return req.check()
+    return Request(
+        "embedding",
+        model,
+        prompts=inputs,
+        dimensions=dims,
+        keep_alive=_keep_alive(body.get("keep_alive")),
+        long_inputs=None if truncate is None else "truncate" if truncate else "error",
+    ).check()
 
 
 def ollama_embed(e: Embeddings, req: Request) -> dict[str, Any]:
@@ -5330,6 +5428,236 @@ def ollama_details(meta: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+# ---- 6h. the dialect table: each dialect's routes, how its calls run, its errors and stream framing
+#
+# A route that runs a model is a _Run: its body becomes a Request, its result or stream the dialect's objects, and
+# its body names the conversation (the affinity key a load balancer hashes; examples/haproxy/lllms.cfg). Other
+# routes are functions of the ModelServer (and the route's argument, or a POST's body) that return a JSON object.
+
+
+def _json_bytes(obj: Any) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode("utf-8")
+
+
+def _named_event(event: dict[str, Any]) -> bytes:
+    return b"event: " + event["type"].encode() + b"\ndata: " + _json_bytes(event) + b"\n\n"
+
+
+_ANTHROPIC_ERRORS = {
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+}
+
+
+def _anthropic_error(exc: APIError) -> tuple[int, Any]:
+    """Anthropic's envelope; "the server cannot take it now" is its 529, overloaded."""
+    kind = _ANTHROPIC_ERRORS.get(exc.status, "invalid_request_error" if exc.status < 500 else "api_error")
+    return 529 if exc.status == 503 else exc.status, {"type": "error", "error": {"type": kind, "message": exc.message}}
+
+
+def _lead_text(value: Any) -> str | None:
+    """Text that starts a conversation, as HAProxy's json_query reads it: a string, or a list's first part's text."""
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        value = value[0].get("text", value[0].get("content"))
+    return value if isinstance(value, str) else None
+
+
+def _crc_key(*texts: Any) -> str | None:
+    """The CRC-32 (zlib's, as HAProxy's crc32) of the texts that open a conversation, which no later turn changes."""
+    found = [t for t in map(_lead_text, texts) if t is not None]
+    return str(zlib.crc32("".join(found).encode())) if found else None
+
+
+def _chat_key(body: dict[str, Any]) -> str | None:
+    """OpenAI's and Ollama's chats: the system message and the first user message, or the first message."""
+    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+    first = [m if isinstance(m, dict) else {} for m in messages[:2]] + [{}, {}]
+    system = first[0].get("role") in ("system", "developer")
+    return _crc_key(first[0].get("content"), first[1].get("content") if system else None)
+
+
+def _prompt_key(body: dict[str, Any]) -> str | None:
+    prompt = body.get("prompt")
+    return str(zlib.crc32(prompt.encode()[:256])) if isinstance(prompt, str) else None
+
+
+def _anthropic_key(body: dict[str, Any]) -> str | None:
+    messages = body.get("messages")
+    first = messages[0] if isinstance(messages, list) and messages and isinstance(messages[0], dict) else {}
+    return _crc_key(body.get("system"), first.get("content"))
+
+
+def _responses_key(body: dict[str, Any]) -> str | None:
+    """A continued conversation keeps the key its first response was routed by, which its id carries."""
+    previous = body.get("previous_response_id")
+    if isinstance(previous, str) and (key := _ResponsesCall.key_of(previous)) is not None:
+        return key
+    items = body.get("input")
+    lead = items[0] if isinstance(items, list) and items and isinstance(items[0], dict) else {}
+    return _crc_key(body.get("instructions"), items if isinstance(items, str) else lead.get("content"))
+
+
+@dataclass(frozen=True)
+class _Run:
+    """A route that runs a model. `request` turns its body into a Request; `response` and `events` turn the result
+    or the stream into the dialect's objects. A dialect that keeps state across those steps (ids, timings) gives
+    `call` instead: made for each call from the ModelServer and the conversation's key, it has the three methods."""
+
+    request: Callable[[dict[str, Any], ServerConfig], Request] | None = None
+    response: Callable[[Any, Request], dict[str, Any]] | None = None
+    events: Callable[[CompletionStream], Iterator[dict[str, Any]]] | None = None
+    key: Callable[[dict[str, Any]], str | None] = lambda body: None  # the conversation's affinity key
+    call: Callable[[ModelServer, str | None], Any] | None = None
+
+
+@dataclass(frozen=True)
+class _Dialect:
+    """One API dialect: the routes under its prefix (paths with "{id}" take the last segment as an argument), and
+    how its errors and streams go on the wire."""
+
+    prefix: str
+    routes: dict[str, dict[str, Any]]  # path -> method -> a _Run, or a function returning a JSON object
+    error: Callable[[APIError], tuple[int, Any]] = lambda exc: (exc.status, exc.envelope())  # status and body
+    frame: Callable[[dict[str, Any]], bytes] = lambda e: b"data: " + _json_bytes(e) + b"\n\n"  # one stream event
+    stream_error: Callable[[APIError], dict[str, Any]] = APIError.envelope  # an error after the stream began
+    content_type: str = "text/event-stream"
+    done: bytes = b"data: [DONE]\n\n"  # after the last event
+    keepalive: bytes = b": keepalive\n\n"  # while a stream waits for an instance, or for its prompt's evaluation
+    json_bodies: bool = True  # a body in another Content-Type is a 415
+
+
+def _openai_models(ms: ModelServer) -> dict[str, Any]:
+    return {"object": "list", "data": [model_object(m, ms.created) for m in ms.models()]}
+
+
+def _openai_model(ms: ModelServer, model_id: str) -> dict[str, Any]:
+    model = ms.config.models.get(model_id)
+    if model is None:
+        raise NotFound(f"the model '{model_id}' does not exist", param="model", code="model_not_found")
+    return model_object(model, ms.created)
+
+
+def _deleted_response(ms: ModelServer, response_id: str) -> dict[str, Any]:
+    ms.responses.delete(response_id)
+    return {"id": response_id, "object": "response", "deleted": True}
+
+
+def _ollama_entry(ms: ModelServer, model: ModelConfig) -> dict[str, Any]:
+    """A model as Ollama lists it."""
+    meta, (size, mtime) = ms.metadata(model.id), ms.file_stat(model.id)
+    head = {"name": model.id, "model": model.id, "modified_at": _iso(mtime), "size": size}
+    return {**head, "digest": model.sha256 or "", "details": ollama_details(meta)}
+
+
+def _ollama_show(ms: ModelServer, body: dict[str, Any]) -> dict[str, Any]:
+    model = _ollama_model(body, ms.config, "any")
+    meta, entry = ms.metadata(model.id), _ollama_entry(ms, model)
+    info = {k: v for k, v in meta.items() if k != "tokenizer.chat_template"}
+    if model.context_size is not None:
+        info[f"{meta.get('general.architecture', 'general')}.context_length"] = model.context_size
+    tools = ["tools"] if ms.can_use_tools(model) else []
+    caps = ["embedding"] if model.task == "embedding" else ["completion", *tools]
+    show = {"modelfile": "", "parameters": "", "template": meta.get("tokenizer.chat_template", ""), "license": ""}
+    return {
+        **show,
+        "details": entry["details"],
+        "model_info": info,
+        "capabilities": caps,
+        "modified_at": entry["modified_at"],
+    }
+
+
+def _ollama_ps(ms: ModelServer) -> dict[str, Any]:
+    out, instances = [], ms.status()["instances"]  # one snapshot of the pool for every model
+    for m in ms.models():
+        insts = [i for i in instances if i["model"] == m.id and i["state"] != "gone"]
+        if insts:
+            expires = [i["expires"] for i in insts]
+            until = None if None in expires else _iso(max(expires))
+            extra = {"expires_at": until, "size_vram": 0, "context_length": m.context_size}
+            out.append({**_ollama_entry(ms, m), **extra})
+    return {"models": out}
+
+
+_OPENAI = "/openai/v1"
+_DIALECTS = {  # the first whose prefix a path starts with speaks for it; OpenAI for any other
+    "anthropic": _Dialect(
+        f"{_OPENAI}/messages",
+        {
+            f"{_OPENAI}/messages": {
+                "POST": _Run(anthropic_request, anthropic_response, anthropic_events, _anthropic_key)
+            },
+            f"{_OPENAI}/messages/count_tokens": {
+                "POST": _Run(functools.partial(anthropic_request, count=True), anthropic_count)
+            },
+        },
+        _anthropic_error,
+        _named_event,
+        lambda exc: _anthropic_error(exc)[1],
+        done=b"",
+        keepalive=b'event: ping\ndata: {"type": "ping"}\n\n',
+    ),
+    "responses": _Dialect(
+        f"{_OPENAI}/responses",
+        {
+            f"{_OPENAI}/responses": {"POST": _Run(key=_responses_key, call=lambda ms, key: _ResponsesCall(ms, key))},
+            f"{_OPENAI}/responses/{{id}}": {
+                "GET": lambda ms, response_id: ms.responses.get(response_id)[0],
+                "DELETE": _deleted_response,
+            },
+        },
+        frame=_named_event,
+        stream_error=lambda exc: {"type": "error", "code": exc.code, "message": exc.message, "param": exc.param},
+        done=b"",
+    ),
+    "ollama": _Dialect(
+        "/api/",
+        {
+            "/api/chat": {"POST": _Run(key=_chat_key, call=lambda ms, key: _OllamaCall("chat"))},
+            "/api/generate": {"POST": _Run(key=_prompt_key, call=lambda ms, key: _OllamaCall("generate"))},
+            "/api/embed": {"POST": _Run(ollama_embed_request, ollama_embed)},
+            "/api/embeddings": {"POST": _Run(ollama_embed_request, ollama_embeddings)},
+            "/api/tags": {"GET": lambda ms: {"models": [_ollama_entry(ms, m) for m in ms.models()]}},
+            "/api/show": {"POST": _ollama_show},
+            "/api/ps": {"GET": _ollama_ps},
+            "/api/version": {"GET": lambda ms: {"version": _OLLAMA_VERSION}},
+        },
+        lambda exc: (exc.status, {"error": exc.message}),
+        lambda e: _json_bytes(e) + b"\n",
+        lambda exc: {"error": exc.message},
+        "application/x-ndjson",
+        done=b"",
+        keepalive=b"",  # NDJSON has no comments: a queued request waits in silence
+        json_bodies=False,  # Ollama reads any body as JSON, and its docs' curl examples send form-encoded ones
+    ),
+    "openai": _Dialect(
+        f"{_OPENAI}/",
+        {
+            f"{_OPENAI}/chat/completions": {
+                "POST": _Run(functools.partial(openai_request, "chat"), chat_response, chat_chunks, _chat_key)
+            },
+            f"{_OPENAI}/completions": {
+                "POST": _Run(
+                    functools.partial(openai_request, "completion"), completion_response, completion_chunks, _prompt_key
+                )
+            },
+            f"{_OPENAI}/embeddings": {"POST": _Run(functools.partial(openai_request, "embedding"), embedding_response)},
+            f"{_OPENAI}/models": {"GET": _openai_models},
+            f"{_OPENAI}/models/{{id}}": {"GET": _openai_model},
+        },
+    ),
+}
+
+
+def _dialect_of(path: str) -> _Dialect:
+    """Which dialect a path speaks, for its errors too (an unknown /v1/messages/x is answered as Anthropic)."""
+    return next((d for d in _DIALECTS.values() if path.startswith(d.prefix)), _DIALECTS["openai"])
+
+
 # ==== 7. ModelServer: the embedded API
 
 
@@ -5341,7 +5669,7 @@ class Choice:
     text: str = ""  # the content: without the tool-call shape, with the prompt when echoed
     finish_reason: str | None = None
     logprobs: list[TokenLogprob] | None = None
-    tool_calls: list[dict[str, Any]] = field(default_factory=list)  # {id, name, arguments}
+    tool_calls: list[ToolCall] = field(default_factory=list)
     raw: str = ""  # what the model generated, as its context holds it
     stop_sequence: str | None = None  # the stop string that ended it, if one did
 
@@ -5372,7 +5700,7 @@ class Completion:
         return self.choices[0].finish_reason or "stop"
 
     @property
-    def tool_calls(self) -> list[dict[str, Any]]:
+    def tool_calls(self) -> list[ToolCall]:
         return self.choices[0].tool_calls
 
 
@@ -5383,14 +5711,6 @@ class Embeddings:
     model: str
     vectors: list[list[float]]
     usage: Usage
-
-
-def _engine_failure(exc: Exception, inst: _Instance) -> tuple[bool, APIError]:
-    """Whether an instance stays sound after its engine raised exc (only a client error leaves it so), and the error."""
-    if isinstance(exc, APIError):
-        return exc.status < 500, exc
-    log.exception("engine failure on %s", inst.id)
-    return False, EngineError(f"the engine failed: {exc}", code="engine_error")
 
 
 class CompletionStream:
@@ -5471,13 +5791,19 @@ class CompletionStream:
         return ch
 
     def _run(self) -> Iterator[Chunk]:
-        req = self.request
-        inst = self._pool.wait(self._ticket, self._cancel, self._queue_deadline)
-        self.instance_id = inst.id
-        total, left = Usage(), req.choice_count  # of all choices, each distinct prompt counted once
-        ok, sound, chunks = False, True, iter(())
         try:
-            chunks = typing.cast(Engine, inst.engine).run(req, self._should_stop)
+            ttl = self.request.keep_alive
+            with self._pool.lease(self._ticket, self._cancel, self._queue_deadline, ttl) as lease:
+                self.instance_id = lease.instance.id
+                yield from self._generate(lease)
+        finally:
+            self._meter.count_usage(self.model, self.usage)
+
+    def _generate(self, lease: _Lease) -> Iterator[Chunk]:
+        req = self.request
+        total, left = Usage(), req.choice_count  # of all choices, each distinct prompt counted once
+        chunks = typing.cast(Engine, lease.instance.engine).run(req, self._should_stop)
+        try:
             for ch in chunks:
                 if not self.choices:
                     self.ttft = ttft = time.monotonic() - self._t0
@@ -5487,29 +5813,18 @@ class CompletionStream:
                     left -= 1
                     ch.usage = None if left else total
                 yield self._record(ch)
-            ok = True
-        except GeneratorExit:
-            ok = True  # the consumer stopped early; the instance is still sound
-            raise
-        except Exception as exc:
-            ok, error = _engine_failure(exc, inst)
-            if error is exc:
-                raise
-            raise error from exc
         finally:
             try:
                 _close(chunks)
             except Exception:  # the instance must still go back, but not for reuse
-                log.exception("closing a generation on %s failed", inst.id)
-                sound = False
-            # What the instance's context now holds: the last choice's request plus what it generated so far.
-            # A request refused before generation (e.g. too long) left the context as it was.
-            ok, last = ok and sound, req.choice_count - 1
-            counted = req.params.max_tokens == 0  # a prompt only counted leaves the context as it was
-            key = req.key(last, self.choices[last].raw) if ok and last in self.choices and not counted else None
-            key = key if ok else ""
-            self._pool.release(inst, ok, key, total.cached_tokens, ttl=req.keep_alive)
-            self._meter.count_usage(self.model, self.usage)
+                log.exception("closing a generation on %s failed", lease.instance.id)
+                lease.sound = False
+            # What the instance's context now holds: the last choice's request plus what it generated so far. A
+            # prompt only counted (max_tokens 0), or refused before generation, left the context as it was.
+            last = req.choice_count - 1
+            if last in self.choices and req.params.max_tokens != 0:
+                lease.context_key = req.key(last, self.choices[last].raw)
+            lease.cached_tokens = total.cached_tokens
 
     def collect(self) -> Completion:
         """Run to the end: the finished completion (with best_of, each prompt's n likeliest choices)."""
@@ -5760,18 +6075,9 @@ class ModelServer:
     def _embed(self, req: Request, cancel: Any) -> Embeddings:
         limits = [t for t in (req.timeout, self.config.request_timeout, self.config.queue_timeout) if t is not None]
         deadline = time.monotonic() + min(limits) if limits else None
-        inst = self._pool.wait(self._pool.enqueue(req.model.id, ""), cancel, deadline)
-        ok = False
-        try:
-            vectors, n = typing.cast(Engine, inst.engine).embed(req.prompts, req.dimensions, req.long_inputs)
-            ok = True
-        except Exception as exc:
-            ok, error = _engine_failure(exc, inst)
-            if error is exc:
-                raise
-            raise error from exc
-        finally:
-            self._pool.release(inst, ok, ttl=req.keep_alive)
+        with self._pool.lease(self._pool.enqueue(req.model.id, ""), cancel, deadline, req.keep_alive) as lease:
+            engine = typing.cast(Engine, lease.instance.engine)
+            vectors, n = engine.embed(req.prompts, req.dimensions, req.long_inputs)
         self.meter.count_usage(req.model.id, Usage(prompt_tokens=n))
         return Embeddings(model=req.model.id, vectors=vectors, usage=Usage(prompt_tokens=n))
 
@@ -5950,7 +6256,10 @@ def _number(v: float) -> str:
     return str(int(v)) if float(v).is_integer() else repr(float(v))
 
 
-# ==== 8. HTTP handler and SSE
+# ==== 8. HTTP: the transport, then the handler, then the server
+
+
+# ---- 8a. transport: limits, bodies, framing
 
 
 _STDLIB_ERROR_CODES = {
@@ -5961,925 +6270,6 @@ _STDLIB_ERROR_CODES = {
     431: "headers_too_large",
     503: "shutting_down",
 }
-
-
-def _json_bytes(obj: Any) -> bytes:
-    return json.dumps(obj, ensure_ascii=False).encode("utf-8")
-
-
-def _openai_error(exc: APIError) -> tuple[int, Any]:
-    return exc.status, exc.envelope()
-
-
-_ANTHROPIC_ERRORS = {
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    503: "overloaded_error",
-}
-
-
-def _anthropic_error(exc: APIError) -> tuple[int, Any]:
-    """Anthropic's envelope; "the server cannot take it now" is its 529, overloaded."""
-    kind = _ANTHROPIC_ERRORS.get(exc.status, "invalid_request_error" if exc.status < 500 else "api_error")
-    return 529 if exc.status == 503 else exc.status, {"type": "error", "error": {"type": kind, "message": exc.message}}
-
-
-@dataclass(frozen=True)
-class _Wire:
-    """How a dialect frames its errors and streams on the wire."""
-
-    error: Callable[[APIError], tuple[int, Any]] = _openai_error  # an error's status and body
-    frame: Callable[[dict[str, Any]], bytes] = lambda e: b"data: " + _json_bytes(e) + b"\n\n"  # one stream event
-    stream_error: Callable[[APIError], dict[str, Any]] = APIError.envelope  # an error after the stream began
-    content_type: str = "text/event-stream"
-    done: bytes = b"data: [DONE]\n\n"  # after the last event
-    keepalive: bytes = b": keepalive\n\n"  # while a request waits for an instance
-
-
-def _named_event(event: dict[str, Any]) -> bytes:
-    return b"event: " + event["type"].encode() + b"\ndata: " + _json_bytes(event) + b"\n\n"
-
-
-_WIRES = {
-    "openai": _Wire(),
-    "anthropic": _Wire(
-        _anthropic_error,
-        _named_event,
-        lambda exc: _anthropic_error(exc)[1],
-        done=b"",
-        keepalive=b'event: ping\ndata: {"type": "ping"}\n\n',
-    ),
-    "ollama": _Wire(
-        lambda exc: (exc.status, {"error": exc.message}),
-        lambda e: _json_bytes(e) + b"\n",
-        lambda exc: {"error": exc.message},
-        "application/x-ndjson",
-        done=b"",
-        keepalive=b"",  # NDJSON has no comments: a queued request waits in silence
-    ),
-    "responses": _Wire(
-        frame=_named_event,
-        stream_error=lambda exc: {"type": "error", "code": exc.code, "message": exc.message, "param": exc.param},
-        done=b"",
-    ),
-}
-
-
-def _lead_text(value: Any) -> str | None:
-    """Text that starts a conversation, as HAProxy's json_query reads it: a string, or a list's first part's text."""
-    if isinstance(value, list) and value and isinstance(value[0], dict):
-        value = value[0].get("text", value[0].get("content"))
-    return value if isinstance(value, str) else None
-
-
-def conversation_key(path: str, body: dict[str, Any]) -> str | None:
-    """The affinity key examples/haproxy/lllms.cfg hashes on: the CRC-32 (zlib's, as HAProxy's crc32) of the texts
-    that open the conversation, which no later turn changes. None where the body has none."""
-    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
-    first = [m if isinstance(m, dict) else {} for m in messages[:2]] + [{}, {}]
-    if path.endswith(("/chat/completions", "/api/chat")):
-        system = first[0].get("role") in ("system", "developer")
-        texts = [first[0].get("content"), first[1].get("content") if system else None]
-    elif path.endswith("/messages"):
-        texts = [body.get("system"), first[0].get("content")]
-    elif path.endswith("/responses"):
-        items = body.get("input")
-        lead = items[0] if isinstance(items, list) and items and isinstance(items[0], dict) else {}
-        texts = [body.get("instructions"), items if isinstance(items, str) else lead.get("content")]
-    elif path.endswith(("/v1/completions", "/api/generate")):
-        prompt = body.get("prompt")
-        return str(zlib.crc32(prompt.encode()[:256])) if isinstance(prompt, str) else None
-    else:
-        return None
-    found = [t for t in map(_lead_text, texts) if t is not None]
-    return str(zlib.crc32("".join(found).encode())) if found else None
-
-
-def _prefers_html(accept: str) -> bool:
-    """Whether an Accept header ranks HTML at least as high as JSON: a browser's does; curl's */* and the SDKs' not."""
-    ranks: dict[str, float] = {}
-    for part in accept.lower().split(","):
-        kind, _, params = part.strip().partition(";")
-        q = re.search(r"q=([0-9.]{1,5})", params)
-        with _suppress(ValueError):
-            ranks[kind.strip()] = float(q.group(1)) if q else 1.0
-    return ranks.get("text/html", 0) > 0 and ranks.get("text/html", 0) >= ranks.get("application/json", 0)
-
-
-# The dashboard may run its own inline code and fetch from this server, nothing else.
-_DASHBOARD_CSP = (
-    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
-    "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
-)
-_DASHBOARD = r"""<!doctype html>
-<html lang="en">
-<head>
-<meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>lllms</title>
-<style>
-  :root { color-scheme: light dark; --fg: #1d2125; --muted: #68707a; --bg: #f6f7f9; --card: #fff; --line: #dde1e6;
-          --ok: #1f883d; --busy: #bf8700; --bad: #cf222e; --accent: #0969da; }
-  @media (prefers-color-scheme: dark) {
-    :root { --fg: #e6edf3; --muted: #8d96a0; --bg: #0d1117; --card: #161b22; --line: #30363d;
-            --ok: #3fb950; --busy: #d29922; --bad: #f85149; --accent: #4493f8; }
-  }
-  [hidden] { display: none !important; }
-  body { margin: 1rem 1.5rem; font: 14px/1.45 system-ui, sans-serif; color: var(--fg); background: var(--bg) }
-  header { display: flex; flex-wrap: wrap; align-items: baseline; gap: .4rem 1.2rem; margin-bottom: 1rem; }
-  h1 { font-size: 1.4rem; margin: 0; } h2 { font-size: 1.1rem; margin: 0 0 .3rem; }
-  .muted, .meta, th { color: var(--muted); }
-  .pill { border: 1px solid var(--line); border-radius: 1em; padding: 0 .6em; background: var(--card); }
-  .stat b { font-variant-numeric: tabular-nums; }
-  [data-status="ready"], [data-state="ready"], [data-state="idle"] { color: var(--ok); }
-  [data-status="loading"], [data-status="downloading"], [data-state="busy"], [data-state="loading"],
-  [data-state="starting"], [data-state="draining"] { color: var(--busy); }
-  [data-status="error"], [data-state="stopped"], .error { color: var(--bad); }
-  .model { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: .8rem 1rem;
-           margin-bottom: 1rem; overflow-x: auto; }
-  .model p { margin: .2rem 0; }
-  .download { display: flex; align-items: center; gap: .6rem; }
-  progress { width: 16rem; } meter { width: 7rem; vertical-align: middle; }
-  table { border-collapse: collapse; width: 100%; margin-top: .5rem; }
-  th, td { text-align: left; padding: .25rem .6rem .25rem 0; border-top: 1px solid var(--line); white-space: nowrap; }
-  th { font-weight: 500; } td.num { font-variant-numeric: tabular-nums; }
-  .preview code { display: block; max-width: 30rem; overflow: hidden; text-overflow: ellipsis; white-space: pre; }
-  #spark { display: inline-flex; align-items: flex-end; gap: 1px; height: 1.2em; vertical-align: middle; }
-  #spark i { width: 3px; min-height: 1px; background: var(--accent); }
-  #auth { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 1rem; max-width: 28rem; }
-  #auth input, #auth button { font: inherit; padding: .3rem .6rem; }
-</style>
-</head>
-<body>
-<header>
-  <h1>lllms</h1>
-  <span id="node" class="pill" hidden></span>
-  <span id="summary" hidden>version <b id="version"></b> · <b id="state"></b> · up <b id="uptime"></b></span>
-</header>
-<form id="auth" hidden>
-  <p><label for="key">This server needs an API key.</label></p>
-  <input id="key" type="password" autocomplete="off" placeholder="API key">
-  <button id="key-submit" type="submit">Show status</button>
-  <p id="auth-error" class="error"></p>
-</form>
-<p id="error" class="error" hidden></p>
-<main id="dash" hidden>
-  <p id="overview">
-    <span class="stat">queued <b id="queued"></b></span> ·
-    <span class="stat">running <b id="running"></b> of <b id="limit"></b></span> ·
-    <span class="stat">throughput <b id="throughput">–</b> <span class="muted" id="throughput-avg"></span></span>
-    <span id="spark" title="completion tokens per second, last minute"></span>
-  </p>
-  <div id="models"></div>
-</main>
-<script>
-"use strict";
-// Every string from the server reaches the page as a text node or an attribute value, never as HTML.
-const $ = (id) => document.getElementById(id);
-const KEY = "lllms-api-key";  // sessionStorage only: gone when the tab closes
-const POLL_MS = 1000;
-let timer = null, waitingForKey = false, sample = null, rates = [];
-
-function el(tag, props, ...kids) {
-  const node = document.createElement(tag);
-  for (const [k, v] of Object.entries(props || {})) {
-    if (v == null) continue;
-    if (k.startsWith("data-")) node.setAttribute(k, v); else if (k === "class") node.className = v; else node[k] = v;
-  }
-  for (const kid of kids) if (kid != null && kid !== false) node.append(kid);  // strings become text nodes
-  return node;
-}
-
-function duration(s) {
-  if (s == null || !isFinite(s)) return "–";
-  s = Math.max(0, Math.round(s));
-  const two = (a, unitA, b, unitB) => a + " " + unitA + (b ? " " + b + " " + unitB : "");
-  if (s < 60) return s + " s";
-  if (s < 3600) return two(Math.floor(s / 60), "min", s % 60, "s");
-  if (s < 86400) return two(Math.floor(s / 3600), "h", Math.floor((s % 3600) / 60), "min");
-  return two(Math.floor(s / 86400), "d", Math.floor((s % 86400) / 3600), "h");
-}
-const ago = (t, now) => (t == null ? "never" : duration(now - t).replace(/ \d+ s$/, "") + " ago");
-const mb = (bytes) => (bytes == null ? "?" : (bytes / 1e6).toFixed(1) + " MB");
-const num = (x) => (x == null ? "–" : String(x));
-
-const auth = (key = sessionStorage.getItem(KEY)) => (key ? { Authorization: "Bearer " + key } : {});
-
-function schedule(ms) { clearTimeout(timer); timer = setTimeout(poll, ms); }
-
-async function poll() {
-  if (!waitingForKey) {
-    try { await refresh(); $("error").hidden = true; } catch (err) {
-      $("error").textContent = "Cannot read the status: " + err.message;
-      $("error").hidden = false;
-    }
-  }
-  schedule(POLL_MS);
-}
-
-async function refresh() {
-  const sentKey = sessionStorage.getItem(KEY) !== null;
-  const res = await fetch("/", { headers: { Accept: "application/json", ...auth() }, cache: "no-store" });
-  if (res.status === 401) return askForKey(sentKey, await res.json().catch(() => null));
-  if (!res.ok) throw new Error("HTTP " + res.status);
-  const status = await res.json();
-  const date = Date.parse(res.headers.get("Date") || "");  // the server's clock, for "12 s ago"
-  render(status, isNaN(date) ? Date.now() / 1000 : date / 1000);
-  await sampleMetrics();
-}
-
-function askForKey(sentKey, body) {
-  waitingForKey = true;
-  sessionStorage.removeItem(KEY);
-  for (const id of ["dash", "summary", "node"]) $(id).hidden = true;
-  $("models").replaceChildren();  // no model data stays on the page without a key
-  const message = body && body.error && body.error.message;
-  $("auth-error").textContent = sentKey ? message || "The key was refused." : "";
-  $("auth").hidden = false;
-  $("key").focus();
-}
-
-$("auth").addEventListener("submit", (ev) => {
-  ev.preventDefault();
-  const key = $("key").value.trim();
-  if (!key) return;
-  sessionStorage.setItem(KEY, key);
-  $("key").value = $("auth-error").textContent = "";
-  waitingForKey = false;
-  schedule(0);
-});
-
-async function sampleMetrics() {
-  let total = null;
-  try {
-    const res = await fetch("/metrics", { headers: auth(), cache: "no-store" });
-    if (res.ok) {
-      total = 0;
-      for (const m of (await res.text()).matchAll(/^lllms_completion_tokens_total(?:\{[^}]*\})?\s+(\S+)/gm)) {
-        total += Number(m[1]);
-      }
-    }
-  } catch (err) { /* no metrics: show n/a */ }
-  const t = performance.now() / 1000;
-  if (total === null) { sample = null; $("throughput").textContent = "n/a"; return; }
-  if (sample && total >= sample.total && t > sample.t) {  // a lower total: the server restarted
-    rates = [...rates, (total - sample.total) / (t - sample.t)].slice(-60);  // the last minute
-  }
-  sample = { t, total };
-  if (!rates.length) return;
-  const avg = rates.reduce((a, b) => a + b, 0) / rates.length, peak = Math.max(...rates, 1);
-  $("throughput").textContent = rates[rates.length - 1].toFixed(1) + " tok/s";
-  $("throughput-avg").textContent = "(avg " + avg.toFixed(1) + " over " + rates.length + " s)";
-  $("spark").replaceChildren(...rates.map((r) => {
-    const bar = el("i", { title: r.toFixed(1) + " tok/s" });
-    bar.style.height = Math.round((100 * r) / peak) + "%";
-    return bar;
-  }));
-}
-
-function render(s, now) {
-  $("auth").hidden = true;
-  $("dash").hidden = $("summary").hidden = false;
-  $("node").hidden = !s.node;
-  $("node").textContent = s.node ? "node " + s.node : "";
-  $("version").textContent = num(s.version);
-  $("state").textContent = num(s.state);
-  $("state").setAttribute("data-state", s.state || "");
-  $("uptime").textContent = duration(s.uptime);
-  const c = s.concurrency || {};
-  $("queued").textContent = num(c.queued);
-  $("running").textContent = num(c.running);
-  $("limit").textContent = c.limit == null ? "unlimited" : String(c.limit);
-  const models = s.models || {}, byModel = {};
-  for (const inst of s.instances || []) (byModel[inst.model] = byModel[inst.model] || []).push(inst);
-  const ids = [...new Set([...Object.keys(models), ...Object.keys(byModel)])];
-  $("models").replaceChildren(...ids.map((id) => modelCard(id, models[id] || {}, byModel[id] || [], now)));
-}
-
-function modelCard(id, m, instances, now) {
-  const n = m.instances || {};
-  return el("section", { class: "model", "data-model": id },
-    el("h2", {}, el("span", { class: "model-id" }, id), " ",
-      el("span", { class: "status", "data-status": m.status }, num(m.status))),
-    el("p", { class: "meta" }, [m.engine, m.task, m.file || m.url, m.context_size && m.context_size + " tokens context"]
-      .filter(Boolean).join(" · ")),
-    el("p", { class: "counts" }, `instances: ${num(n.total)} (idle ${num(n.idle)}, busy ${num(n.busy)}, loading ` +
-      `${num(n.loading)}) · queued ${num(n.queued)} · min ${num(m.min_instances)}, max ${num(m.max_instances)}` +
-      (m.ttl == null ? "" : ` · ttl ${duration(m.ttl)}`)),
-    m.download && downloadBar(m.download),
-    m.error && el("p", { class: "error model-error" }, m.error),
-    instances.length > 0 && instanceTable(instances, m.context_size, now));
-}
-
-function downloadBar(d) {
-  const bar = el("progress", { max: 100 });
-  if (d.percent != null) bar.value = d.percent;  // no total known: an indeterminate bar
-  const parts = [d.percent == null ? mb(d.bytes) : `${Number(d.percent).toFixed(1)} % of ${mb(d.total)}`,
-    d.speed == null ? null : (d.speed / 1e6).toFixed(1) + " MB/s", d.eta == null ? null : "ETA " + duration(d.eta)];
-  return el("div", { class: "download" }, "download", bar, el("span", { class: "download-text" },
-    parts.filter(Boolean).join(" · ")));
-}
-
-function instanceTable(instances, contextSize, now) {
-  const head = ["instance", "state", "context", "conversation start", "requests", "cached tokens", "last used"];
-  return el("table", { class: "instances" },
-    el("thead", {}, el("tr", {}, ...head.map((h) => el("th", {}, h)))),
-    el("tbody", {}, ...instances.map((i) => el("tr", { "data-instance": i.id },
-      el("td", { class: "id" }, i.id),
-      el("td", { class: "state", "data-state": i.state }, num(i.state)),
-      el("td", { class: "context num" },
-        contextSize > 0 && el("meter", { max: contextSize, value: i.context_tokens || 0, high: 0.9 * contextSize }),
-        " ", el("span", { class: "context-tokens" }, num(i.context_tokens)), contextSize ? " / " + contextSize : ""),
-      el("td", { class: "preview", title: i.preview || "" }, el("code", {}, (i.preview || "").replace(/\n/g, "⏎"))),
-      el("td", { class: "requests num" }, num(i.requests)),
-      el("td", { class: "cached-tokens num" }, num(i.cached_tokens)),
-      el("td", { class: "last-used", title: i.expires ? "expires in " + duration(i.expires - now) : "" },
-        ago(i.last_used, now))))));
-}
-
-schedule(0);
-</script>
-</body>
-</html>
-"""
-
-
-def _wire_of(path: str) -> _Wire:
-    """Which dialect a path speaks, for its errors too (an unknown /v1/messages/x is answered as Anthropic)."""
-    prefixes = {"/openai/v1/messages": "anthropic", "/openai/v1/responses": "responses", "/api/": "ollama"}
-    return _WIRES[next((d for p, d in prefixes.items() if path.startswith(p)), "openai")]
-
-
-class _Handler(BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = f"lllms/{__version__}"
-    server: _HTTPD
-
-    _ROUTES: typing.ClassVar[dict[str, dict[str, str]]] = {
-        "/": {"GET": "_get_status"},
-        "/health": {"GET": "_get_health"},
-        "/metrics": {"GET": "_get_metrics"},
-        "/openai/v1/models": {"GET": "_get_models"},
-        "/openai/v1/chat/completions": {"POST": "_post_chat"},
-        "/openai/v1/completions": {"POST": "_post_completions"},
-        "/openai/v1/embeddings": {"POST": "_post_embeddings"},
-        "/openai/v1/messages": {"POST": "_post_messages"},
-        "/openai/v1/messages/count_tokens": {"POST": "_post_count_tokens"},
-        "/openai/v1/responses": {"POST": "_post_responses"},
-        "/api/chat": {"POST": "_post_ollama_chat"},
-        "/api/generate": {"POST": "_post_ollama_generate"},
-        "/api/embed": {"POST": "_post_ollama_embed"},
-        "/api/embeddings": {"POST": "_post_ollama_embeddings"},
-        "/api/tags": {"GET": "_get_ollama_tags"},
-        "/api/show": {"POST": "_post_ollama_show"},
-        "/api/ps": {"GET": "_get_ollama_ps"},
-        "/api/version": {"GET": "_get_ollama_version"},
-    }
-    # Routes whose last path segment is an argument.
-    _ITEM_ROUTES: typing.ClassVar[dict[str, dict[str, str]]] = {
-        "/openai/v1/models/": {"GET": "_get_model"},
-        "/openai/v1/responses/": {"GET": "_get_response", "DELETE": "_delete_response"},
-    }
-
-    def setup(self) -> None:
-        config = self.server.model_server.config
-        # A backstop for every blocking read and write; the server's watchdog enforces the finer deadlines.
-        self.timeout = max(config.idle_timeout, config.read_timeout)
-        super().setup()
-        # One small write per token: without NODELAY, Nagle + delayed ACK can stall a stream by 40 ms a token.
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._conn = self.server.conns[self.connection]
-        self._served = False
-
-    def handle_one_request(self) -> None:
-        """Wait up to idle_timeout for a request to begin, then give it read_timeout to arrive whole."""
-        srv, config = self.server, self.server.model_server.config
-        if srv.draining and self._served:
-            self.close_connection = True  # a kept-alive connection ends at once when draining
-            return
-        srv.arm(self._conn, config.idle_timeout)
-        try:
-            begun = self.rfile.peek(1)
-        except OSError:
-            begun = b""
-        if not begun:
-            self.close_connection = True
-            return
-        srv.arm(self._conn, config.read_timeout)
-        self._served = True
-        # Fresh for each request, before the stdlib parser may answer it with send_error.
-        self.headers = None  # type: ignore[assignment]
-        self._expect_continue = self._body_read = False
-        self._request_id, self._status, self._t0 = secrets.token_hex(8), 0, time.monotonic()
-        self._wire, self._conversation_key = _WIRES["openai"], None
-        super().handle_one_request()
-
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
-        log.debug("%s %s", self.address_string(), format % args)
-
-    # -- dispatch
-
-    def _handle(self) -> None:
-        method = self.command
-        self._t0 = time.monotonic()
-        given_id = self.headers.get("X-Request-Id")
-        if given_id and re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", given_id):
-            self._request_id = given_id
-        if method != "POST":
-            self.server.arm(self._conn, None)  # the request is in: what follows is not bounded by read_timeout
-            if self._unread_body():
-                self.close_connection = True
-        if self.server.draining:
-            self.close_connection = True
-        path = self.path.split("?", 1)[0]
-        if path.startswith("/v1/"):
-            path = "/openai" + path
-        path = path.rstrip("/") or "/"
-        endpoint = path if path in self._ROUTES else "other"
-        self._wire = _wire_of(path)
-        try:
-            if method == "OPTIONS":
-                return self._preflight()
-            # Every route but the health check and the dashboard page (which holds no data) needs a key, unknown
-            # ones too, so routes are not revealed.
-            public = path == "/health" or (path == "/" and _prefers_html(self.headers.get("Accept", "")))
-            if not public or method not in ("GET", "HEAD"):
-                self._authenticate()
-            routes = self._ROUTES.get(path)
-            args: tuple[str, ...] = ()
-            head, _, item = path.rpartition("/")
-            if routes is None and head + "/" in self._ITEM_ROUTES:
-                routes, args, endpoint = self._ITEM_ROUTES[head + "/"], (unquote(item),), head + "/{id}"
-            if routes is None:
-                raise NotFound(f"no such endpoint: {method} {self.path}", code="not_found")
-            if method == "HEAD" and "GET" in routes:
-                method = "GET"  # _send leaves the body out
-            if method not in routes:
-                raise InvalidRequest(
-                    f"{method} is not allowed on {path}",
-                    code="method_not_allowed",
-                    headers={"Allow": ", ".join(routes)},
-                    status=405,
-                )
-            getattr(self, routes[method])(*args)
-        except APIError as exc:
-            self._send_error(exc)
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True  # the client left, or stopped reading past the socket timeout
-        except Exception as exc:
-            log.exception("unhandled error on %s %s", method, path)
-            self._send_error(APIError(f"internal error: {type(exc).__name__}"))
-        finally:
-            if self.server.model_server.state in ("draining", "stopped"):
-                self.close_connection = True
-            elapsed = time.monotonic() - self._t0
-            meter = self.server.model_server.meter
-            status = str(self._status or "none")
-            meter.inc("lllms_http_requests_total", {"endpoint": endpoint, "method": method, "status": status})
-            meter.observe("lllms_http_request_duration_seconds", {"endpoint": endpoint}, elapsed)
-            self._access_log(elapsed)
-
-    # The stdlib calls do_<METHOD>; one without a handler here is answered 405 by send_error.
-    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _handle
-
-    def _access_log(self, elapsed: float) -> None:
-        log.info(
-            '%s "%s %s" %s %.1fms id=%s',
-            self.client_address[0],
-            self.command,
-            self.path,
-            self._status or "-",
-            elapsed * 1000,
-            self._request_id,
-        )
-
-    def _authenticate(self) -> None:
-        """A 401 unless the request carries a configured key, or none is configured."""
-        keys = self.server.api_keys
-        if not keys:
-            return
-        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
-        if "x-api-key" in self.headers:  # Anthropic's clients send the key there
-            scheme, given = "bearer", self.headers["x-api-key"]
-        given_b = given.strip().encode("utf-8", errors="replace")
-        # Compare against every key, in constant time, so timing reveals neither a key nor which one matched.
-        matches = [hmac.compare_digest(given_b, key.encode("utf-8")) for key in keys]
-        if scheme.lower() != "bearer" or not any(matches):
-            raise InvalidRequest(
-                "a valid API key is required: send 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-                status=401,
-            )
-
-    def _cors_origin(self) -> str | None:
-        allowed = self.server.model_server.config.cors_origins
-        origin = self.headers.get("Origin")
-        if not allowed or origin is None:
-            return None
-        if not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]{1,255}", origin):
-            return None  # never echo anything but a plain origin back into a header
-        return origin if origin in allowed or "*" in allowed else None
-
-    def _preflight(self) -> None:
-        """Answer a CORS preflight; without cors_origins there is no CORS, and OPTIONS is not allowed."""
-        if self._cors_origin() is None:
-            raise InvalidRequest(
-                "OPTIONS is only answered for CORS preflights from origins in cors_origins",
-                code="method_not_allowed",
-                headers={"Allow": "GET, POST"},
-                status=405,
-            )
-        self._status = 204
-        self.send_response(204)
-        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
-        self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type, X-Request-Id")
-        self.send_header("Access-Control-Max-Age", "600")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def parse_request(self) -> bool:
-        config = self.server.model_server.config
-        limit = config.max_header_bytes
-        if len(self.raw_requestline) > limit:
-            self.command, self.requestline, self.request_version = "", "", ""
-            self.send_error(414, None, f"the request line is longer than max_header_bytes ({limit})")
-            return False
-        rfile = self.rfile
-        self.rfile = _HeaderReader(rfile, limit - len(self.raw_requestline), config.max_headers)
-        try:
-            ok = super().parse_request()
-        finally:
-            self.rfile = rfile
-        if ok and (self.headers.defects or self.headers.get_payload()):
-            # A malformed header line ("Name : value", no colon) ends the stdlib's header parsing and drops every
-            # header after it, Content-Length included: refuse, as RFC 9112 says, rather than misframe the body.
-            self.send_error(400, None, "a malformed header line")
-            return False
-        return ok
-
-    def handle_expect_100(self) -> bool:
-        # "100 Continue" waits until the headers pass every check, just before the body is read; a refusal
-        # before then is the final answer, and the client need not send its body.
-        self._expect_continue = True
-        return True
-
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """The stdlib parser's refusals (bad request line, headers too large, ...), in the OpenAI envelope."""
-        headers = {"Connection": "close"}
-        if self._conn.cut == "timeout":
-            timeout = self.server.model_server.config.read_timeout
-            code, explain = 408, f"the request did not arrive within read_timeout ({timeout:g}s)"
-        elif self._conn.cut == "shutdown":
-            code, explain = 503, "the server is shutting down"
-        elif code == 505 or (isinstance(self.rfile, _HeaderReader) and self.rfile.truncated):
-            code = 400  # 505, HTTP/2 or later on this HTTP/1.1 socket, is the client's mistake, not ours
-        elif code == 501:  # a method no route has
-            code, headers["Allow"] = 405, "GET, HEAD, POST, OPTIONS"
-        kind = InvalidRequest if code < 500 else APIError
-        text = explain or message or HTTPStatus(code).phrase
-        exc = kind(text, code=_STDLIB_ERROR_CODES.get(code, f"http_{code}"), status=code)
-        self.close_connection = True
-        if self.request_version == "HTTP/0.9":  # unknown yet (a bad request line): answer in HTTP/1.1 all the same
-            self.request_version = "HTTP/1.1"
-        with _suppress(OSError):
-            self._send_json(code, exc.envelope(), headers)
-        labels = {"endpoint": "other", "method": "other", "status": str(code)}
-        self.server.model_server.meter.inc("lllms_http_requests_total", labels)
-        self._access_log(time.monotonic() - self._t0)
-
-    def end_headers(self) -> None:
-        # Every response, errors included, carries its request id (and CORS headers for allowed origins).
-        self.send_header("X-Request-Id", self._request_id)
-        if (node := self.server.model_server.config.node_id) is not None:
-            self.send_header("X-Lllms-Node", node)
-        if self._conversation_key is not None:
-            self.send_header("X-Conversation-Key", self._conversation_key)
-        origin = self._cors_origin() if self.headers is not None else None
-        if origin is not None:
-            self.send_header("Access-Control-Allow-Origin", origin)
-            exposed = "X-Request-Id, X-Lllms-Instance, X-Lllms-Node, X-Conversation-Key, Retry-After"
-            self.send_header("Access-Control-Expose-Headers", exposed)
-            self.send_header("Vary", "Origin")
-        super().end_headers()
-
-    # -- plumbing
-
-    def _unread_body(self) -> bool:
-        """Whether a body is left unread: on the connection, it would be parsed as the next request."""
-        length = self.headers.get("Content-Length", "0").strip()
-        return not self._body_read and (bool(self.headers.get("Transfer-Encoding")) or length not in ("", "0"))
-
-    def _read_json(self) -> dict[str, Any]:
-        config = self.server.model_server.config
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True  # the unread body would poison keep-alive
-            raise InvalidRequest(
-                "chunked (and other Transfer-Encoding) request bodies are not supported; send Content-Length",
-                code="length_required",
-                status=411,
-            )
-        lengths = {v.strip() for v in self.headers.get_all("Content-Length") or []}
-        if len(lengths) > 1 or not all(re.fullmatch(r"[0-9]{1,18}", v) for v in lengths):
-            self.close_connection = True  # where this body ends is unknowable
-            raise InvalidRequest("invalid Content-Length header", code="invalid_content_length")
-        length = int(lengths.pop()) if lengths else 0
-        ctype = self.headers.get("Content-Type")
-        # Ollama reads any body as JSON, and its docs' curl examples send form-encoded ones.
-        if ctype is not None and not _is_json_type(ctype) and self._wire is not _WIRES["ollama"]:
-            raise InvalidRequest(
-                f"Content-Type must be application/json (UTF-8), got {ctype[:100]!r}",
-                code="unsupported_media_type",
-                status=415,
-            )
-        limit = config.max_body_bytes
-        if length > limit:
-            self.close_connection = True  # the unread body would poison keep-alive
-            # Read and drop a moderate excess so the client gets to read the 413 instead of a broken pipe.
-            # (Not when the client awaits "100 Continue": it has sent nothing.)
-            left = length if length <= 4 * limit and not self._expect_continue else 0
-            while left > 0 and (got := self.rfile.read(min(left, 1 << 16))):
-                left -= len(got)
-            raise InvalidRequest(
-                f"request body of {length} bytes exceeds the limit of {limit}", code="body_too_large", status=413
-            )
-        if self._expect_continue and length > 0:
-            self._expect_continue = False
-            self.send_response_only(100)
-            self.end_headers()
-        try:
-            raw: bytes | None = self.rfile.read(length)
-        except TimeoutError:
-            raw = None
-        self._body_read = True
-        self.server.arm(self._conn, None)  # the request is in: generating is not bounded by read_timeout
-        if raw is None or len(raw) < length:
-            self.close_connection = True
-            if raw is None or self._conn.cut == "timeout":
-                raise InvalidRequest(
-                    f"the request body did not arrive within read_timeout ({config.read_timeout:g}s)",
-                    code="request_timeout",
-                    status=408,
-                )
-            raise InvalidRequest("the request body ended before Content-Length bytes", code="incomplete_body")
-        return _parse_body(raw, config)
-
-    def _send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
-        self._send(status, _json_bytes(obj), "application/json", headers)
-
-    def _send(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-        headers = headers or {}
-        self._status = status
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in headers.items():
-            self.send_header(k, v)
-        if self.close_connection and "Connection" not in headers:
-            self.send_header("Connection", "close")  # so a kept-alive client does not send into a closed socket
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(data)
-
-    def _send_error(self, exc: APIError) -> None:
-        if self._status:  # headers already went out
-            self.close_connection = True
-            return
-        if self._unread_body():
-            self.close_connection = True
-        try:
-            self._send_json(*self._wire.error(exc), exc.headers)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-
-    def _write_chunk(self, data: bytes) -> None:
-        if self.request_version != "HTTP/1.0":
-            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
-        elif data:  # no chunked encoding in HTTP/1.0: the body ends when the connection does
-            self.wfile.write(data)
-        self.wfile.flush()
-
-    def _send_stream(self, stream: CompletionStream, events: Iterator[dict[str, Any]]) -> None:
-        """Stream events in the dialect's framing, or errors before the first event as a plain status. A queued
-        request gets its headers early and keepalives, so proxies and clients don't time out; its errors then come
-        as error events."""
-        interval, wire = self.server.model_server.config.keepalive_interval, self._wire
-        try:
-            while not stream.wait_ready(interval if (left := stream.waiting_left()) is None else min(interval, left)):
-                if stream.waiting_left() == 0:
-                    break  # out of time or cancelled: taking the first event raises the 503 for it
-                if wire.keepalive:
-                    self._stream_headers(stream)
-                    self._write_chunk(wire.keepalive)
-            event = self._first_event(stream, events, interval)  # the prompt's evaluation; errors surface here
-            self._stream_headers(stream)
-            while event is not None:
-                self._write_chunk(wire.frame(event))
-                event = next(events, None)
-            if wire.done:
-                self._write_chunk(wire.done)
-            self._write_chunk(b"")
-        except APIError as exc:
-            if not self._status:
-                raise
-            # Mid-stream failures become an error event, which the SDKs raise as errors.
-            with _suppress(BrokenPipeError, ConnectionResetError, TimeoutError):
-                self._write_chunk(wire.frame(wire.stream_error(exc)))
-                self._write_chunk(b"")
-            self.close_connection = True
-        except (BrokenPipeError, ConnectionResetError, TimeoutError):
-            self.close_connection = True  # client left: closing the stream stops generation
-        finally:
-            stream.close()
-
-    def _first_event(self, stream: CompletionStream, events: Iterator[dict[str, Any]], interval: float) -> Any:
-        """The first event, which comes once the prompt is evaluated. A long evaluation gets its headers and then
-        keepalives every `interval`, from a second thread, as a queued request does, so that proxies and clients
-        with an idle timeout keep the connection. Only one thread writes at a time."""
-        lock, done = threading.Lock(), threading.Event()
-
-        def beat() -> None:
-            while not done.wait(interval):
-                with lock, _suppress(OSError):  # a client gone is noticed by the generation's cancel check
-                    if done.is_set():
-                        return
-                    self._stream_headers(stream)
-                    self._write_chunk(self._wire.keepalive)
-
-        beater = threading.Thread(target=beat, name="lllms-keepalive", daemon=True)
-        if self._wire.keepalive:
-            beater.start()
-        try:
-            return next(events, None)
-        finally:
-            with lock:
-                done.set()
-            if beater.is_alive():
-                beater.join()
-
-    def _stream_headers(self, stream: CompletionStream) -> None:
-        if self._status:  # sent already, before a keepalive
-            return
-        self._status = 200
-        self.send_response(200)
-        self.send_header("Content-Type", self._wire.content_type)
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("X-Accel-Buffering", "no")
-        if self.request_version == "HTTP/1.0":
-            self.send_header("Connection", "close")
-        else:
-            self.send_header("Transfer-Encoding", "chunked")
-        if stream.instance_id:
-            self.send_header("X-Lllms-Instance", stream.instance_id)
-        self.end_headers()
-
-    # -- endpoints
-
-    def _get_status(self) -> None:
-        if _prefers_html(self.headers.get("Accept", "")):  # a browser: the page, which fetches this JSON itself
-            headers = {"Content-Security-Policy": _DASHBOARD_CSP, "Cache-Control": "no-store"}
-            return self._send(200, _DASHBOARD.encode(), "text/html; charset=utf-8", headers)
-        status = self.server.model_server.status()
-        if not self.server.api_keys:
-            # Without keys, anyone may look: show no file system paths, just file names.
-            for m in status["models"].values():
-                m["file"] = os.path.basename(m["file"]) if m["file"] else None
-                m["error"] = _strip_paths(m["error"]) if m["error"] else None
-        self._send_json(200, status)
-
-    def _get_health(self) -> None:
-        state = self.server.model_server.state
-        if state != "ready":
-            raise Unavailable(f"the server is {state}", code=state, headers={"Retry-After": "1"})
-        self._send_json(200, {"status": "ok"})
-
-    def _get_metrics(self) -> None:
-        text = self.server.model_server.metrics({"lllms_http_connections": [({}, len(self.server.conns))]})
-        self._send(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
-
-    def _get_models(self) -> None:
-        ms = self.server.model_server
-        self._send_json(200, {"object": "list", "data": [model_object(m, ms.created) for m in ms.models()]})
-
-    def _get_model(self, model_id: str) -> None:
-        ms = self.server.model_server
-        model = ms.config.models.get(model_id)
-        if model is None:
-            raise NotFound(f"the model '{model_id}' does not exist", param="model", code="model_not_found")
-        self._send_json(200, model_object(model, ms.created))
-
-    def _serve(
-        self, parse: Callable[[dict[str, Any], ServerConfig], Request], response: Any, events: Any = None
-    ) -> None:
-        """A request in any dialect: its body parsed into a Request, the result streamed or sent as one object."""
-        ms, body = self.server.model_server, self._read_json()
-        self._conversation_key = self._conversation_key or conversation_key(self.path.split("?", 1)[0], body)
-        req = parse(body, ms.config)
-        result = ms.submit(req, cancel=_ClientWatch(self.connection))
-        if isinstance(result, CompletionStream):
-            self._send_stream(result, events(result))
-            return
-        instance = getattr(result, "instance_id", None)
-        self._send_json(200, response(result, req), {"X-Lllms-Instance": instance} if instance else None)
-
-    _post_chat = functools.partialmethod(_serve, functools.partial(openai_request, "chat"), chat_response, chat_chunks)
-    _post_completions = functools.partialmethod(
-        _serve, functools.partial(openai_request, "completion"), completion_response, completion_chunks
-    )
-    _post_embeddings = functools.partialmethod(
-        _serve, functools.partial(openai_request, "embedding"), embedding_response
-    )
-    _post_messages = functools.partialmethod(_serve, anthropic_request, anthropic_response, anthropic_events)
-
-    def _post_responses(self) -> None:
-        call = _ResponsesCall(self.server.model_server.responses)
-
-        def parse(body: dict[str, Any], config: ServerConfig) -> Request:
-            # A continued conversation keeps the key its first response was routed by, which its id carries.
-            previous = body.get("previous_response_id")
-            held = re.fullmatch(r"resp_([0-9]+)_[0-9a-f]+", previous) if isinstance(previous, str) else None
-            self._conversation_key = held.group(1) if held else conversation_key("/responses", body)
-            call.key = self._conversation_key
-            return call.request(body, config)
-
-        self._serve(parse, call.response, call.events)
-
-    def _ollama(self, kind: Literal["chat", "generate"]) -> None:
-        call = _OllamaCall(kind)
-        self._serve(call.request, call.response, call.events)
-
-    _post_ollama_chat = functools.partialmethod(_ollama, "chat")
-    _post_ollama_generate = functools.partialmethod(_ollama, "generate")
-    _post_ollama_embed = functools.partialmethod(_serve, ollama_embed_request, ollama_embed)
-    _post_ollama_embeddings = functools.partialmethod(_serve, ollama_embed_request, ollama_embeddings)
-
-    def _ollama_entry(self, model: ModelConfig) -> dict[str, Any]:
-        """A model as Ollama lists it."""
-        ms = self.server.model_server
-        meta, (size, mtime) = ms.metadata(model.id), ms.file_stat(model.id)
-        head = {"name": model.id, "model": model.id, "modified_at": _iso(mtime), "size": size}
-        return {**head, "digest": model.sha256 or "", "details": ollama_details(meta)}
-
-    def _get_ollama_tags(self) -> None:
-        self._send_json(200, {"models": [self._ollama_entry(m) for m in self.server.model_server.models()]})
-
-    def _post_ollama_show(self) -> None:
-        ms = self.server.model_server
-        model = _ollama_model(self._read_json(), ms.config, "any")
-        meta, entry = ms.metadata(model.id), self._ollama_entry(model)
-        info = {k: v for k, v in meta.items() if k != "tokenizer.chat_template"}
-        if model.context_size is not None:
-            info[f"{meta.get('general.architecture', 'general')}.context_length"] = model.context_size
-        caps = (
-            ["embedding"]
-            if model.task == "embedding"
-            else ["completion", *(["tools"] if ms.can_use_tools(model) else [])]
-        )
-        show = {"modelfile": "", "parameters": "", "template": meta.get("tokenizer.chat_template", ""), "license": ""}
-        self._send_json(
-            200,
-            {
-                **show,
-                "details": entry["details"],
-                "model_info": info,
-                "capabilities": caps,
-                "modified_at": entry["modified_at"],
-            },
-        )
-
-    def _get_ollama_ps(self) -> None:
-        ms, out = self.server.model_server, []
-        instances = ms.status()["instances"]  # one snapshot of the pool for every model
-        for m in ms.models():
-            insts = [i for i in instances if i["model"] == m.id and i["state"] != "gone"]
-            if insts:
-                expires = [i["expires"] for i in insts]
-                until = None if None in expires else _iso(max(expires))
-                extra = {"expires_at": until, "size_vram": 0, "context_length": m.context_size}
-                out.append({**self._ollama_entry(m), **extra})
-        self._send_json(200, {"models": out})
-
-    def _get_ollama_version(self) -> None:
-        self._send_json(200, {"version": _OLLAMA_VERSION})
-
-    def _get_response(self, response_id: str) -> None:
-        self._send_json(200, self.server.model_server.responses.get(response_id)[0])
-
-    def _delete_response(self, response_id: str) -> None:
-        self.server.model_server.responses.delete(response_id)
-        self._send_json(200, {"id": response_id, "object": "response", "deleted": True})
-
-    _post_count_tokens = functools.partialmethod(
-        _serve, functools.partial(anthropic_request, count=True), anthropic_count
-    )
-
-
-def _strip_paths(text: str) -> str:
-    """Text with each absolute path cut to its last component."""
-    return re.sub(r"(?:/[^/\s'\":]+)+/([^/\s'\":]+)", r"\1", text)
 
 
 class _HeaderReader:
@@ -6958,6 +6348,8 @@ def _parse_body(raw: bytes, config: ServerConfig) -> dict[str, Any]:
 
 
 _JSON_SCALARS = {int, float, bool, type(None)}
+
+
 _MAX_JSON_CONTAINERS = 100_000
 
 
@@ -6971,6 +6363,20 @@ def _check_body_limits(body: dict[str, Any], config: ServerConfig) -> None:
                 param=key,
                 code="too_many_messages",
             )
+    chars = _text_sizes(body, config)
+    total = sum(chars.values())
+    if total > config.max_request_chars:
+        raise InvalidRequest(
+            f"the request holds {total} characters of text; "
+            f"the limit is max_request_chars ({config.max_request_chars})",
+            param=max(chars, key=lambda k: chars[k]),
+            code="request_too_large",
+        )
+
+
+def _text_sizes(body: dict[str, Any], config: ServerConfig) -> dict[str, int]:
+    """Characters of text under each top-level key; 400 for nesting past max_json_depth, a flood of containers,
+    or a string that is not Unicode."""
     chars = dict.fromkeys(body, 0)
 
     def text(value: str, top: str) -> None:
@@ -6987,14 +6393,11 @@ def _check_body_limits(body: dict[str, Any], config: ServerConfig) -> None:
 
     # Containers only go on the stack (with their nesting level and top-level key): a loop, not recursion, and
     # nothing kept per number, so a body of millions of numbers costs little.
-    stack: list[tuple[Any, int, str]] = []
-    for key, value in body.items():
+    # Each top-level value starts out in a list of its own, one level up, which is not counted as a container.
+    stack: list[tuple[Any, int, str]] = [([value], 1, key) for key, value in body.items()]
+    containers = -len(stack)
+    for key in body:
         text(key, key)
-        if isinstance(value, str):
-            text(value, key)
-        elif isinstance(value, (dict, list)):
-            stack.append((value, 2, key))
-    containers = 0
     while stack:
         value, level, top = stack.pop()
         containers += 1
@@ -7021,14 +6424,7 @@ def _check_body_limits(body: dict[str, Any], config: ServerConfig) -> None:
                 text(v, top)
             elif isinstance(v, (dict, list)):
                 stack.append((v, level + 1, top))
-    total = sum(chars.values())
-    if total > config.max_request_chars:
-        raise InvalidRequest(
-            f"the request holds {total} characters of text; "
-            f"the limit is max_request_chars ({config.max_request_chars})",
-            param=max(chars, key=lambda k: chars[k]),
-            code="request_too_large",
-        )
+    return chars
 
 
 class _ClientWatch:
@@ -7049,6 +6445,488 @@ class _ClientWatch:
             except (OSError, ValueError):
                 self.gone = True
         return self.gone
+
+
+class _Transport(BaseHTTPRequestHandler):
+    """HTTP/1.1 as lllms speaks it, kept apart from what it serves: the stdlib's hooks, deadlines and limits on
+    headers and bodies, JSON bodies in, and JSON, chunked streams and keepalives out, each in the framing of the
+    request's dialect. _Handler adds authentication, routes and endpoints."""
+
+    protocol_version = "HTTP/1.1"
+    server_version = f"lllms/{__version__}"
+    server: _HTTPD
+    _dialect: _Dialect  # the request's: its error envelope and stream framing
+
+    def setup(self) -> None:
+        config = self.server.model_server.config
+        # A backstop for every blocking read and write; the server's watchdog enforces the finer deadlines.
+        self.timeout = max(config.idle_timeout, config.read_timeout)
+        super().setup()
+        # One small write per token: without NODELAY, Nagle + delayed ACK can stall a stream by 40 ms a token.
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._conn = self.server.conns[self.connection]
+        self._served = False
+
+    def handle_one_request(self) -> None:
+        """Wait up to idle_timeout for a request to begin, then give it read_timeout to arrive whole."""
+        srv, config = self.server, self.server.model_server.config
+        if srv.draining and self._served:
+            self.close_connection = True  # a kept-alive connection ends at once when draining
+            return
+        srv.arm(self._conn, config.idle_timeout)
+        try:
+            begun = self.rfile.peek(1)
+        except OSError:
+            begun = b""
+        if not begun:
+            self.close_connection = True
+            return
+        srv.arm(self._conn, config.read_timeout)
+        self._served = True
+        # Fresh for each request, before the stdlib parser may answer it with send_error.
+        self.headers = None  # type: ignore[assignment]
+        self._expect_continue = self._body_read = False
+        self._request_id, self._status, self._t0 = secrets.token_hex(8), 0, time.monotonic()
+        self._dialect, self._conversation_key = _DIALECTS["openai"], None
+        super().handle_one_request()
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def _access_log(self, elapsed: float) -> None:
+        log.info(
+            '%s "%s %s" %s %.1fms id=%s',
+            self.client_address[0],
+            self.command,
+            self.path,
+            self._status or "-",
+            elapsed * 1000,
+            self._request_id,
+        )
+
+    def parse_request(self) -> bool:
+        config = self.server.model_server.config
+        limit = config.max_header_bytes
+        if len(self.raw_requestline) > limit:
+            self.command, self.requestline, self.request_version = "", "", ""
+            self.send_error(414, None, f"the request line is longer than max_header_bytes ({limit})")
+            return False
+        rfile = self.rfile
+        self.rfile = _HeaderReader(rfile, limit - len(self.raw_requestline), config.max_headers)
+        try:
+            ok = super().parse_request()
+        finally:
+            self.rfile = rfile
+        if ok and (self.headers.defects or self.headers.get_payload()):
+            # A malformed header line ("Name : value", no colon) ends the stdlib's header parsing and drops every
+            # header after it, Content-Length included: refuse, as RFC 9112 says, rather than misframe the body.
+            self.send_error(400, None, "a malformed header line")
+            return False
+        return ok
+
+    def handle_expect_100(self) -> bool:
+        # "100 Continue" waits until the headers pass every check, just before the body is read; a refusal
+        # before then is the final answer, and the client need not send its body.
+        self._expect_continue = True
+        return True
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """The stdlib parser's refusals (bad request line, headers too large, ...), in the OpenAI envelope."""
+        headers = {"Connection": "close"}
+        if self._conn.cut == "timeout":
+            timeout = self.server.model_server.config.read_timeout
+            code, explain = 408, f"the request did not arrive within read_timeout ({timeout:g}s)"
+        elif self._conn.cut == "shutdown":
+            code, explain = 503, "the server is shutting down"
+        elif code == 505 or (isinstance(self.rfile, _HeaderReader) and self.rfile.truncated):
+            code = 400  # 505, HTTP/2 or later on this HTTP/1.1 socket, is the client's mistake, not ours
+        elif code == 501:  # a method no route has
+            code, headers["Allow"] = 405, "GET, HEAD, POST, OPTIONS"
+        kind = InvalidRequest if code < 500 else APIError
+        text = explain or message or HTTPStatus(code).phrase
+        exc = kind(text, code=_STDLIB_ERROR_CODES.get(code, f"http_{code}"), status=code)
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # unknown yet (a bad request line): answer in HTTP/1.1 all the same
+            self.request_version = "HTTP/1.1"
+        with _suppress(OSError):
+            self._send_json(code, exc.envelope(), headers)
+        labels = {"endpoint": "other", "method": "other", "status": str(code)}
+        self.server.model_server.meter.inc("lllms_http_requests_total", labels)
+        self._access_log(time.monotonic() - self._t0)
+
+    def _unread_body(self) -> bool:
+        """Whether a body is left unread: on the connection, it would be parsed as the next request."""
+        length = self.headers.get("Content-Length", "0").strip()
+        return not self._body_read and (bool(self.headers.get("Transfer-Encoding")) or length not in ("", "0"))
+
+    def _read_json(self) -> dict[str, Any]:
+        config = self.server.model_server.config
+        if self.headers.get("Transfer-Encoding"):
+            self.close_connection = True  # the unread body would poison keep-alive
+            raise InvalidRequest(
+                "chunked (and other Transfer-Encoding) request bodies are not supported; send Content-Length",
+                code="length_required",
+                status=411,
+            )
+        lengths = {v.strip() for v in self.headers.get_all("Content-Length") or []}
+        if len(lengths) > 1 or not all(re.fullmatch(r"[0-9]{1,18}", v) for v in lengths):
+            self.close_connection = True  # where this body ends is unknowable
+            raise InvalidRequest("invalid Content-Length header", code="invalid_content_length")
+        length = int(lengths.pop()) if lengths else 0
+        ctype = self.headers.get("Content-Type")
+        if ctype is not None and not _is_json_type(ctype) and self._dialect.json_bodies:
+            raise InvalidRequest(
+                f"Content-Type must be application/json (UTF-8), got {ctype[:100]!r}",
+                code="unsupported_media_type",
+                status=415,
+            )
+        limit = config.max_body_bytes
+        if length > limit:
+            self.close_connection = True  # the unread body would poison keep-alive
+            # Read and drop a moderate excess so the client gets to read the 413 instead of a broken pipe.
+            # (Not when the client awaits "100 Continue": it has sent nothing.)
+            left = length if length <= 4 * limit and not self._expect_continue else 0
+            while left > 0 and (got := self.rfile.read(min(left, 1 << 16))):
+                left -= len(got)
+            raise InvalidRequest(
+                f"request body of {length} bytes exceeds the limit of {limit}", code="body_too_large", status=413
+            )
+        if self._expect_continue and length > 0:
+            self._expect_continue = False
+            self.send_response_only(100)
+            self.end_headers()
+        try:
+            raw: bytes | None = self.rfile.read(length)
+        except TimeoutError:
+            raw = None
+        self._body_read = True
+        self.server.arm(self._conn, None)  # the request is in: generating is not bounded by read_timeout
+        if raw is None or len(raw) < length:
+            self.close_connection = True
+            if raw is None or self._conn.cut == "timeout":
+                raise InvalidRequest(
+                    f"the request body did not arrive within read_timeout ({config.read_timeout:g}s)",
+                    code="request_timeout",
+                    status=408,
+                )
+            raise InvalidRequest("the request body ended before Content-Length bytes", code="incomplete_body")
+        return _parse_body(raw, config)
+
+    def _send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
+        self._send(status, _json_bytes(obj), "application/json", headers)
+
+    def _send(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
+        headers = headers or {}
+        self._status = status
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        for k, v in headers.items():
+            self.send_header(k, v)
+        if self.close_connection and "Connection" not in headers:
+            self.send_header("Connection", "close")  # so a kept-alive client does not send into a closed socket
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+
+    def _send_error(self, exc: APIError) -> None:
+        if self._status:  # headers already went out
+            self.close_connection = True
+            return
+        if self._unread_body():
+            self.close_connection = True
+        try:
+            self._send_json(*self._dialect.error(exc), exc.headers)
+        except (BrokenPipeError, ConnectionResetError):
+            self.close_connection = True
+
+    def _write_chunk(self, data: bytes) -> None:
+        if self.request_version != "HTTP/1.0":
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(data), data))
+        elif data:  # no chunked encoding in HTTP/1.0: the body ends when the connection does
+            self.wfile.write(data)
+        self.wfile.flush()
+
+    def _send_stream(self, stream: CompletionStream, events: Iterator[dict[str, Any]]) -> None:
+        """Stream events in the dialect's framing, or errors before the first event as a plain status. A queued
+        request gets its headers early and keepalives, so proxies and clients don't time out; its errors then come
+        as error events."""
+        interval, wire = self.server.model_server.config.keepalive_interval, self._dialect
+        try:
+            while not stream.wait_ready(interval if (left := stream.waiting_left()) is None else min(interval, left)):
+                if stream.waiting_left() == 0:
+                    break  # out of time or cancelled: taking the first event raises the 503 for it
+                if wire.keepalive:
+                    self._stream_headers(stream)
+                    self._write_chunk(wire.keepalive)
+            event = self._first_event(stream, events, interval)  # the prompt's evaluation; errors surface here
+            self._stream_headers(stream)
+            while event is not None:
+                self._write_chunk(wire.frame(event))
+                event = next(events, None)
+            if wire.done:
+                self._write_chunk(wire.done)
+            self._write_chunk(b"")
+        except APIError as exc:
+            if not self._status:
+                raise
+            # Mid-stream failures become an error event, which the SDKs raise as errors.
+            with _suppress(BrokenPipeError, ConnectionResetError, TimeoutError):
+                self._write_chunk(wire.frame(wire.stream_error(exc)))
+                self._write_chunk(b"")
+            self.close_connection = True
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # client left: closing the stream stops generation
+        finally:
+            stream.close()
+
+    def _first_event(self, stream: CompletionStream, events: Iterator[dict[str, Any]], interval: float) -> Any:
+        """The first event, which comes once the prompt is evaluated. A long evaluation gets its headers and then
+        keepalives every `interval`, from a second thread, as a queued request does, so that proxies and clients
+        with an idle timeout keep the connection. Only one thread writes at a time."""
+        lock, done = threading.Lock(), threading.Event()
+
+        def beat() -> None:
+            while not done.wait(interval):
+                with lock, _suppress(OSError):  # a client gone is noticed by the generation's cancel check
+                    if done.is_set():
+                        return
+                    self._stream_headers(stream)
+                    self._write_chunk(self._dialect.keepalive)
+
+        beater = threading.Thread(target=beat, name="lllms-keepalive", daemon=True)
+        if self._dialect.keepalive:
+            beater.start()
+        try:
+            return next(events, None)
+        finally:
+            with lock:
+                done.set()
+            if beater.is_alive():
+                beater.join()
+
+    def _stream_headers(self, stream: CompletionStream) -> None:
+        if self._status:  # sent already, before a keepalive
+            return
+        self._status = 200
+        self.send_response(200)
+        self.send_header("Content-Type", self._dialect.content_type)
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("X-Accel-Buffering", "no")
+        if self.request_version == "HTTP/1.0":
+            self.send_header("Connection", "close")
+        else:
+            self.send_header("Transfer-Encoding", "chunked")
+        if stream.instance_id:
+            self.send_header("X-Lllms-Instance", stream.instance_id)
+        self.end_headers()
+
+
+# ---- 8b. the handler: authentication, routes, endpoints
+
+
+def _prefers_html(accept: str) -> bool:
+    """Whether an Accept header ranks HTML at least as high as JSON: a browser's does; curl's */* and the SDKs' not."""
+    ranks: dict[str, float] = {}
+    for part in accept.lower().split(","):
+        kind, _, params = part.strip().partition(";")
+        q = re.search(r"q=([0-9.]{1,5})", params)
+        with _suppress(ValueError):
+            ranks[kind.strip()] = float(q.group(1)) if q else 1.0
+    return ranks.get("text/html", 0) > 0 and ranks.get("text/html", 0) >= ranks.get("application/json", 0)
+
+
+def _strip_paths(text: str) -> str:
+    """Text with each absolute path cut to its last component."""
+    return re.sub(r"(?:/[^/\s'\":]+)+/([^/\s'\":]+)", r"\1", text)
+
+
+class _Handler(_Transport):
+    """The API: authentication, CORS, routing through the dialect table, and the server's own endpoints."""
+
+    # The server's own routes; every other route is in a dialect's entry in _DIALECTS.
+    _OWN_ROUTES: typing.ClassVar[dict[str, dict[str, str]]] = {
+        "/": {"GET": "_get_status"},
+        "/health": {"GET": "_get_health"},
+        "/metrics": {"GET": "_get_metrics"},
+    }
+
+    def _handle(self) -> None:
+        method, path = self.command, self._path()
+        self._t0 = time.monotonic()
+        given_id = self.headers.get("X-Request-Id")
+        if given_id and re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", given_id):
+            self._request_id = given_id
+        if method != "POST":
+            self.server.arm(self._conn, None)  # the request is in: what follows is not bounded by read_timeout
+            if self._unread_body():
+                self.close_connection = True
+        if self.server.draining:
+            self.close_connection = True
+        self._dialect = _dialect_of(path)
+        routes, args, endpoint = self._route(path)
+        try:
+            if method == "OPTIONS":
+                return self._preflight()
+            # Every route but the health check and the dashboard page (which holds no data) needs a key, unknown
+            # ones too, so routes are not revealed.
+            public = path == "/health" or (path == "/" and _prefers_html(self.headers.get("Accept", "")))
+            if not public or method not in ("GET", "HEAD"):
+                self._authenticate()
+            self._dispatch(method, path, routes, args)
+        except APIError as exc:
+            self._send_error(exc)
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
+            self.close_connection = True  # the client left, or stopped reading past the socket timeout
+        except Exception as exc:
+            log.exception("unhandled error on %s %s", method, path)
+            self._send_error(APIError(f"internal error: {type(exc).__name__}"))
+        finally:
+            if self.server.model_server.state in ("draining", "stopped"):
+                self.close_connection = True
+            elapsed = time.monotonic() - self._t0
+            meter = self.server.model_server.meter
+            status = str(self._status or "none")
+            meter.inc("lllms_http_requests_total", {"endpoint": endpoint, "method": method, "status": status})
+            meter.observe("lllms_http_request_duration_seconds", {"endpoint": endpoint}, elapsed)
+            self._access_log(elapsed)
+
+    # The stdlib calls do_<METHOD>; one without a handler here is answered 405 by send_error.
+    do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _handle
+
+    def _path(self) -> str:
+        """The request's path, without its query; /v1/... is /openai/v1/..."""
+        path = self.path.split("?", 1)[0]
+        return ("/openai" + path if path.startswith("/v1/") else path).rstrip("/") or "/"
+
+    def _route(self, path: str) -> tuple[dict[str, Any] | None, tuple[str, ...], str]:
+        """The methods a path answers (None: no such route), the argument it carries, and its name in metrics."""
+        routes = {**self._OWN_ROUTES, **self._dialect.routes}
+        if path in routes:
+            return routes[path], (), path
+        head, _, item = path.rpartition("/")
+        pattern = head + "/{id}"
+        return (routes[pattern], (unquote(item),), pattern) if pattern in routes else (None, (), "other")
+
+    def _dispatch(self, method: str, path: str, routes: dict[str, Any] | None, args: tuple[str, ...]) -> None:
+        if routes is None:
+            raise NotFound(f"no such endpoint: {method} {self.path}", code="not_found")
+        if method == "HEAD" and "GET" in routes:
+            method = "GET"  # _send leaves the body out
+        if method not in routes:
+            raise InvalidRequest(
+                f"{method} is not allowed on {path}",
+                code="method_not_allowed",
+                headers={"Allow": ", ".join(routes)},
+                status=405,
+            )
+        target = routes[method]
+        if isinstance(target, str):
+            getattr(self, target)()
+        elif isinstance(target, _Run):
+            self._serve(target)
+        else:  # a function of the ModelServer and the route's argument, or a POST's body
+            body = (self._read_json(),) if method == "POST" else ()
+            self._send_json(200, target(self.server.model_server, *args, *body))
+
+    def _authenticate(self) -> None:
+        """A 401 unless the request carries a configured key, or none is configured."""
+        keys = self.server.api_keys
+        if not keys:
+            return
+        scheme, _, given = self.headers.get("Authorization", "").partition(" ")
+        if "x-api-key" in self.headers:  # Anthropic's clients send the key there
+            scheme, given = "bearer", self.headers["x-api-key"]
+        given_b = given.strip().encode("utf-8", errors="replace")
+        # Compare against every key, in constant time, so timing reveals neither a key nor which one matched.
+        matches = [hmac.compare_digest(given_b, key.encode("utf-8")) for key in keys]
+        if scheme.lower() != "bearer" or not any(matches):
+            raise InvalidRequest(
+                "a valid API key is required: send 'Authorization: Bearer <key>'",
+                code="invalid_api_key",
+                headers={"WWW-Authenticate": "Bearer"},
+                status=401,
+            )
+
+    def _cors_origin(self) -> str | None:
+        allowed = self.server.model_server.config.cors_origins
+        origin = self.headers.get("Origin")
+        if not allowed or origin is None:
+            return None
+        if not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]{1,255}", origin):
+            return None  # never echo anything but a plain origin back into a header
+        return origin if origin in allowed or "*" in allowed else None
+
+    def _preflight(self) -> None:
+        """Answer a CORS preflight; without cors_origins there is no CORS, and OPTIONS is not allowed."""
+        if self._cors_origin() is None:
+            raise InvalidRequest(
+                "OPTIONS is only answered for CORS preflights from origins in cors_origins",
+                code="method_not_allowed",
+                headers={"Allow": "GET, POST"},
+                status=405,
+            )
+        self._status = 204
+        self.send_response(204)
+        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
+        self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type, X-Request-Id")
+        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def end_headers(self) -> None:
+        # Every response, errors included, carries its request id (and CORS headers for allowed origins).
+        self.send_header("X-Request-Id", self._request_id)
+        if (node := self.server.model_server.config.node_id) is not None:
+            self.send_header("X-Lllms-Node", node)
+        if self._conversation_key is not None:
+            self.send_header("X-Conversation-Key", self._conversation_key)
+        origin = self._cors_origin() if self.headers is not None else None
+        if origin is not None:
+            self.send_header("Access-Control-Allow-Origin", origin)
+            exposed = "X-Request-Id, X-Lllms-Instance, X-Lllms-Node, X-Conversation-Key, Retry-After"
+            self.send_header("Access-Control-Expose-Headers", exposed)
+            self.send_header("Vary", "Origin")
+        super().end_headers()
+
+    # -- endpoints
+
+    def _get_status(self) -> None:
+        if _prefers_html(self.headers.get("Accept", "")):  # a browser: the page, which fetches this JSON itself
+            headers = {"Content-Security-Policy": _DASHBOARD_CSP, "Cache-Control": "no-store"}
+            return self._send(200, _DASHBOARD.encode(), "text/html; charset=utf-8", headers)
+        status = self.server.model_server.status()
+        if not self.server.api_keys:
+            # Without keys, anyone may look: show no file system paths, just file names.
+            for m in status["models"].values():
+                m["file"] = os.path.basename(m["file"]) if m["file"] else None
+                m["error"] = _strip_paths(m["error"]) if m["error"] else None
+        self._send_json(200, status)
+
+    def _get_health(self) -> None:
+        state = self.server.model_server.state
+        if state != "ready":
+            raise Unavailable(f"the server is {state}", code=state, headers={"Retry-After": "1"})
+        self._send_json(200, {"status": "ok"})
+
+    def _get_metrics(self) -> None:
+        text = self.server.model_server.metrics({"lllms_http_connections": [({}, len(self.server.conns))]})
+        self._send(200, text.encode("utf-8"), "text/plain; version=0.0.4; charset=utf-8")
+
+    def _serve(self, run: _Run) -> None:
+        """A route that runs a model: its body into a Request, the result streamed or sent as one object."""
+        ms, body = self.server.model_server, self._read_json()
+        self._conversation_key = run.key(body)
+        call = run if run.call is None else run.call(ms, self._conversation_key)
+        req = call.request(body, ms.config)
+        result = ms.submit(req, cancel=_ClientWatch(self.connection))
+        if isinstance(result, CompletionStream):
+            return self._send_stream(result, call.events(result))
+        instance = getattr(result, "instance_id", None)
+        self._send_json(200, call.response(result, req), {"X-Lllms-Instance": instance} if instance else None)
+
+
+# ---- 8c. the server: connections, deadlines, drain
 
 
 @dataclass(eq=False)
@@ -7381,6 +7259,249 @@ def main(argv: list[str] | None = None) -> int:
     log.info("shutting down: running requests get up to %gs to finish", config.shutdown_grace)
     http.stop(config.shutdown_grace)
     return 0
+
+
+# ==== 10. the dashboard page served at GET / to browsers, as data
+
+
+# The dashboard may run its own inline code and fetch from this server, nothing else.
+_DASHBOARD_CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+    "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+
+
+_DASHBOARD = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>lllms</title>
+<style>
+  :root { color-scheme: light dark; --fg: #1d2125; --muted: #68707a; --bg: #f6f7f9; --card: #fff; --line: #dde1e6;
+          --ok: #1f883d; --busy: #bf8700; --bad: #cf222e; --accent: #0969da; }
+  @media (prefers-color-scheme: dark) {
+    :root { --fg: #e6edf3; --muted: #8d96a0; --bg: #0d1117; --card: #161b22; --line: #30363d;
+            --ok: #3fb950; --busy: #d29922; --bad: #f85149; --accent: #4493f8; }
+  }
+  [hidden] { display: none !important; }
+  body { margin: 1rem 1.5rem; font: 14px/1.45 system-ui, sans-serif; color: var(--fg); background: var(--bg) }
+  header { display: flex; flex-wrap: wrap; align-items: baseline; gap: .4rem 1.2rem; margin-bottom: 1rem; }
+  h1 { font-size: 1.4rem; margin: 0; } h2 { font-size: 1.1rem; margin: 0 0 .3rem; }
+  .muted, .meta, th { color: var(--muted); }
+  .pill { border: 1px solid var(--line); border-radius: 1em; padding: 0 .6em; background: var(--card); }
+  .stat b { font-variant-numeric: tabular-nums; }
+  [data-status="ready"], [data-state="ready"], [data-state="idle"] { color: var(--ok); }
+  [data-status="loading"], [data-status="downloading"], [data-state="busy"], [data-state="loading"],
+  [data-state="starting"], [data-state="draining"] { color: var(--busy); }
+  [data-status="error"], [data-state="stopped"], .error { color: var(--bad); }
+  .model { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: .8rem 1rem;
+           margin-bottom: 1rem; overflow-x: auto; }
+  .model p { margin: .2rem 0; }
+  .download { display: flex; align-items: center; gap: .6rem; }
+  progress { width: 16rem; } meter { width: 7rem; vertical-align: middle; }
+  table { border-collapse: collapse; width: 100%; margin-top: .5rem; }
+  th, td { text-align: left; padding: .25rem .6rem .25rem 0; border-top: 1px solid var(--line); white-space: nowrap; }
+  th { font-weight: 500; } td.num { font-variant-numeric: tabular-nums; }
+  .preview code { display: block; max-width: 30rem; overflow: hidden; text-overflow: ellipsis; white-space: pre; }
+  #spark { display: inline-flex; align-items: flex-end; gap: 1px; height: 1.2em; vertical-align: middle; }
+  #spark i { width: 3px; min-height: 1px; background: var(--accent); }
+  #auth { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: 1rem; max-width: 28rem; }
+  #auth input, #auth button { font: inherit; padding: .3rem .6rem; }
+</style>
+</head>
+<body>
+<header>
+  <h1>lllms</h1>
+  <span id="node" class="pill" hidden></span>
+  <span id="summary" hidden>version <b id="version"></b> · <b id="state"></b> · up <b id="uptime"></b></span>
+</header>
+<form id="auth" hidden>
+  <p><label for="key">This server needs an API key.</label></p>
+  <input id="key" type="password" autocomplete="off" placeholder="API key">
+  <button id="key-submit" type="submit">Show status</button>
+  <p id="auth-error" class="error"></p>
+</form>
+<p id="error" class="error" hidden></p>
+<main id="dash" hidden>
+  <p id="overview">
+    <span class="stat">queued <b id="queued"></b></span> ·
+    <span class="stat">running <b id="running"></b> of <b id="limit"></b></span> ·
+    <span class="stat">throughput <b id="throughput">–</b> <span class="muted" id="throughput-avg"></span></span>
+    <span id="spark" title="completion tokens per second, last minute"></span>
+  </p>
+  <div id="models"></div>
+</main>
+<script>
+"use strict";
+// Every string from the server reaches the page as a text node or an attribute value, never as HTML.
+const $ = (id) => document.getElementById(id);
+const KEY = "lllms-api-key";  // sessionStorage only: gone when the tab closes
+const POLL_MS = 1000;
+let timer = null, waitingForKey = false, sample = null, rates = [];
+
+function el(tag, props, ...kids) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(props || {})) {
+    if (v == null) continue;
+    if (k.startsWith("data-")) node.setAttribute(k, v); else if (k === "class") node.className = v; else node[k] = v;
+  }
+  for (const kid of kids) if (kid != null && kid !== false) node.append(kid);  // strings become text nodes
+  return node;
+}
+
+function duration(s) {
+  if (s == null || !isFinite(s)) return "–";
+  s = Math.max(0, Math.round(s));
+  const two = (a, unitA, b, unitB) => a + " " + unitA + (b ? " " + b + " " + unitB : "");
+  if (s < 60) return s + " s";
+  if (s < 3600) return two(Math.floor(s / 60), "min", s % 60, "s");
+  if (s < 86400) return two(Math.floor(s / 3600), "h", Math.floor((s % 3600) / 60), "min");
+  return two(Math.floor(s / 86400), "d", Math.floor((s % 86400) / 3600), "h");
+}
+const ago = (t, now) => (t == null ? "never" : duration(now - t).replace(/ \d+ s$/, "") + " ago");
+const mb = (bytes) => (bytes == null ? "?" : (bytes / 1e6).toFixed(1) + " MB");
+const num = (x) => (x == null ? "–" : String(x));
+
+const auth = (key = sessionStorage.getItem(KEY)) => (key ? { Authorization: "Bearer " + key } : {});
+
+function schedule(ms) { clearTimeout(timer); timer = setTimeout(poll, ms); }
+
+async function poll() {
+  if (!waitingForKey) {
+    try { await refresh(); $("error").hidden = true; } catch (err) {
+      $("error").textContent = "Cannot read the status: " + err.message;
+      $("error").hidden = false;
+    }
+  }
+  schedule(POLL_MS);
+}
+
+async function refresh() {
+  const sentKey = sessionStorage.getItem(KEY) !== null;
+  const res = await fetch("/", { headers: { Accept: "application/json", ...auth() }, cache: "no-store" });
+  if (res.status === 401) return askForKey(sentKey, await res.json().catch(() => null));
+  if (!res.ok) throw new Error("HTTP " + res.status);
+  const status = await res.json();
+  const date = Date.parse(res.headers.get("Date") || "");  // the server's clock, for "12 s ago"
+  render(status, isNaN(date) ? Date.now() / 1000 : date / 1000);
+  await sampleMetrics();
+}
+
+function askForKey(sentKey, body) {
+  waitingForKey = true;
+  sessionStorage.removeItem(KEY);
+  for (const id of ["dash", "summary", "node"]) $(id).hidden = true;
+  $("models").replaceChildren();  // no model data stays on the page without a key
+  const message = body && body.error && body.error.message;
+  $("auth-error").textContent = sentKey ? message || "The key was refused." : "";
+  $("auth").hidden = false;
+  $("key").focus();
+}
+
+$("auth").addEventListener("submit", (ev) => {
+  ev.preventDefault();
+  const key = $("key").value.trim();
+  if (!key) return;
+  sessionStorage.setItem(KEY, key);
+  $("key").value = $("auth-error").textContent = "";
+  waitingForKey = false;
+  schedule(0);
+});
+
+async function sampleMetrics() {
+  let total = null;
+  try {
+    const res = await fetch("/metrics", { headers: auth(), cache: "no-store" });
+    if (res.ok) {
+      total = 0;
+      for (const m of (await res.text()).matchAll(/^lllms_completion_tokens_total(?:\{[^}]*\})?\s+(\S+)/gm)) {
+        total += Number(m[1]);
+      }
+    }
+  } catch (err) { /* no metrics: show n/a */ }
+  const t = performance.now() / 1000;
+  if (total === null) { sample = null; $("throughput").textContent = "n/a"; return; }
+  if (sample && total >= sample.total && t > sample.t) {  // a lower total: the server restarted
+    rates = [...rates, (total - sample.total) / (t - sample.t)].slice(-60);  // the last minute
+  }
+  sample = { t, total };
+  if (!rates.length) return;
+  const avg = rates.reduce((a, b) => a + b, 0) / rates.length, peak = Math.max(...rates, 1);
+  $("throughput").textContent = rates[rates.length - 1].toFixed(1) + " tok/s";
+  $("throughput-avg").textContent = "(avg " + avg.toFixed(1) + " over " + rates.length + " s)";
+  $("spark").replaceChildren(...rates.map((r) => {
+    const bar = el("i", { title: r.toFixed(1) + " tok/s" });
+    bar.style.height = Math.round((100 * r) / peak) + "%";
+    return bar;
+  }));
+}
+
+function render(s, now) {
+  $("auth").hidden = true;
+  $("dash").hidden = $("summary").hidden = false;
+  $("node").hidden = !s.node;
+  $("node").textContent = s.node ? "node " + s.node : "";
+  $("version").textContent = num(s.version);
+  $("state").textContent = num(s.state);
+  $("state").setAttribute("data-state", s.state || "");
+  $("uptime").textContent = duration(s.uptime);
+  const c = s.concurrency || {};
+  $("queued").textContent = num(c.queued);
+  $("running").textContent = num(c.running);
+  $("limit").textContent = c.limit == null ? "unlimited" : String(c.limit);
+  const models = s.models || {}, byModel = {};
+  for (const inst of s.instances || []) (byModel[inst.model] = byModel[inst.model] || []).push(inst);
+  const ids = [...new Set([...Object.keys(models), ...Object.keys(byModel)])];
+  $("models").replaceChildren(...ids.map((id) => modelCard(id, models[id] || {}, byModel[id] || [], now)));
+}
+
+function modelCard(id, m, instances, now) {
+  const n = m.instances || {};
+  return el("section", { class: "model", "data-model": id },
+    el("h2", {}, el("span", { class: "model-id" }, id), " ",
+      el("span", { class: "status", "data-status": m.status }, num(m.status))),
+    el("p", { class: "meta" }, [m.engine, m.task, m.file || m.url, m.context_size && m.context_size + " tokens context"]
+      .filter(Boolean).join(" · ")),
+    el("p", { class: "counts" }, `instances: ${num(n.total)} (idle ${num(n.idle)}, busy ${num(n.busy)}, loading ` +
+      `${num(n.loading)}) · queued ${num(n.queued)} · min ${num(m.min_instances)}, max ${num(m.max_instances)}` +
+      (m.ttl == null ? "" : ` · ttl ${duration(m.ttl)}`)),
+    m.download && downloadBar(m.download),
+    m.error && el("p", { class: "error model-error" }, m.error),
+    instances.length > 0 && instanceTable(instances, m.context_size, now));
+}
+
+function downloadBar(d) {
+  const bar = el("progress", { max: 100 });
+  if (d.percent != null) bar.value = d.percent;  // no total known: an indeterminate bar
+  const parts = [d.percent == null ? mb(d.bytes) : `${Number(d.percent).toFixed(1)} % of ${mb(d.total)}`,
+    d.speed == null ? null : (d.speed / 1e6).toFixed(1) + " MB/s", d.eta == null ? null : "ETA " + duration(d.eta)];
+  return el("div", { class: "download" }, "download", bar, el("span", { class: "download-text" },
+    parts.filter(Boolean).join(" · ")));
+}
+
+function instanceTable(instances, contextSize, now) {
+  const head = ["instance", "state", "context", "conversation start", "requests", "cached tokens", "last used"];
+  return el("table", { class: "instances" },
+    el("thead", {}, el("tr", {}, ...head.map((h) => el("th", {}, h)))),
+    el("tbody", {}, ...instances.map((i) => el("tr", { "data-instance": i.id },
+      el("td", { class: "id" }, i.id),
+      el("td", { class: "state", "data-state": i.state }, num(i.state)),
+      el("td", { class: "context num" },
+        contextSize > 0 && el("meter", { max: contextSize, value: i.context_tokens || 0, high: 0.9 * contextSize }),
+        " ", el("span", { class: "context-tokens" }, num(i.context_tokens)), contextSize ? " / " + contextSize : ""),
+      el("td", { class: "preview", title: i.preview || "" }, el("code", {}, (i.preview || "").replace(/\n/g, "⏎"))),
+      el("td", { class: "requests num" }, num(i.requests)),
+      el("td", { class: "cached-tokens num" }, num(i.cached_tokens)),
+      el("td", { class: "last-used", title: i.expires ? "expires in " + duration(i.expires - now) : "" },
+        ago(i.last_used, now))))));
+}
+
+schedule(0);
+</script>
+</body>
+</html>
+"""
 
 
 if __name__ == "__main__":

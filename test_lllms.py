@@ -425,9 +425,8 @@ class GateEngine(lllms.Engine):
     def close(self) -> None:
         GateEngine.closed.append(self.model.id)
 
-    def complete(
-        self, prompt: str, params: lllms.SamplingParams, should_stop: Any = None, **_: Any
-    ) -> Iterator[lllms.Chunk]:
+    def run(self, req: lllms.Request, should_stop: Any = None) -> Iterator[lllms.Chunk]:
+        prompt = typing.cast(str, req.prompts[0])
         if GateEngine.fail_next:
             GateEngine.fail_next = False
             raise RuntimeError("engine exploded")
@@ -1351,12 +1350,12 @@ def test_reply_parser_streams_content_and_calls_in_any_split() -> None:
     for size in (1, 2, 3, 7, 1000):
         p = lllms._ReplyParser(lllms._ToolPlan([], [], "auto", True))
         deltas = [d for i in range(0, len(reply), size) for d in p.feed(reply[i : i + size])[1]]
-        assert [(c["name"], json.loads(c["arguments"])) for c in p.calls] == [
+        assert [(c.name, json.loads(c.arguments)) for c in p.calls] == [
             ("a", {"x": '}"{', "y": [1, {"z": 2}]}),
             ("b", {}),
         ]
         assert [d["index"] for d in deltas if "id" in d] == [0, 1]
-        assert "".join(d["arguments"] for d in deltas if d["index"] == 0) == p.calls[0]["arguments"]
+        assert "".join(d["arguments"] for d in deltas if d["index"] == 0) == p.calls[0].arguments
         q = lllms._ReplyParser(lllms._ToolPlan([], [], "auto", True))
         content = "".join(q.feed(text[i : i + size])[0] for i in range(0, len(text), size))
         assert content == 'café 😀 "q" \\ done' and not q.calls
@@ -3564,7 +3563,9 @@ def test_timeout_ends_generation_with_length(g4a_serve: Any, smollm2_g4a: str) -
 def test_should_stop_during_the_prompt(g4a_serve: Any, smollm2_g4a: str) -> None:
     server = g4a_serve(smollm2_g4a, min_instances=1)
     eng = engine_of(server)
-    chunks = list(eng.complete("word " * 300, lllms.SamplingParams(max_tokens=5), should_stop=lambda: True))
+    model, params = server.config.models["g"], lllms.SamplingParams(max_tokens=5)
+    req = lllms.Request("completion", model, params, prompts=["word " * 300]).check()
+    chunks = list(eng.run(req, should_stop=lambda: True))
     assert [c.finish_reason for c in chunks] == ["length"]
     assert chunks[0].usage is not None and chunks[0].usage.completion_tokens == 0
     assert eng.context_info()[0] == 0  # a half-fed prompt is not kept
@@ -3903,8 +3904,15 @@ def test_prompt_template_config_errors() -> None:
 # ==== safety: authentication, CORS, request ids
 
 
+# Every route without an argument: the server's own, and each dialect's from the dialect table.
+_ROUTES = {
+    **lllms._Handler._OWN_ROUTES,
+    **{p: methods for d in lllms._DIALECTS.values() for p, methods in d.routes.items() if "{id}" not in p},
+}
+
+
 def _all_routes() -> list[tuple[str, str]]:
-    routes = [(m, p) for p, methods in lllms._Handler._ROUTES.items() for m in methods]
+    routes = [(m, p) for p, methods in _ROUTES.items() for m in methods]
     routes += [("GET", "/openai/v1/models/tiny"), ("GET", "/nope"), ("DELETE", "/openai/v1/models")]
     return routes + [(m, p.replace("/openai/v1/", "/v1/")) for m, p in routes if p.startswith("/openai/v1/")]
 
@@ -4518,7 +4526,7 @@ def test_metrics_count_download_bytes(file_server: FileServer, tiny: Hosted) -> 
 # The OpenAI routes; the other dialects' routes have fuzz tests of their own.
 _POST_PATHS = [
     p
-    for p, methods in lllms._Handler._ROUTES.items()
+    for p, methods in _ROUTES.items()
     if "POST" in methods and p.startswith("/openai/") and not p.startswith(("/openai/v1/messages", "/openai/v1/resp"))
 ]
 # Spec fields lllms takes but does not act on: the fuzzing sends them with values of any type.
