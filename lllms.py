@@ -42,9 +42,9 @@ Threads: the serve loop (lllms-http), which also cuts connections past their dea
 connection (lllms-conn), which runs its requests through to the engine and writes their output; the ttl reaper
 (lllms-ttl); a thread per model file being prepared (lllms-prepare-*) and per instance loaded in the background
 (lllms-load-*); one decode thread per llama-cpp model (lllms-decode-*), the only one that touches its context;
-gpt4all's native call runs on a worker (lllms-gpt4all) whose callbacks feed the consumer; a stream whose prompt
-takes long to evaluate gets keepalives from a thread of its own (lllms-keepalive). Native compute steps take
-turns on the cores through _CORES, first come first served.
+gpt4all's native call runs on a worker (lllms-gpt4all) whose callbacks feed the consumer; a stream that waits
+for an instance or for its prompt's evaluation gets keepalives from a thread of its own (lllms-keepalive).
+Native compute steps take turns on the cores through _CORES, first come first served.
 
 Locks: ModelServer._files_lock may be held while taking _Pool.cond, and LlamaCppEngine._decoders_lock (held through
 a model's load) while taking _Decoder.cond; every other lock (_Pool.cond otherwise, _StateCache.lock,
@@ -5751,18 +5751,6 @@ class CompletionStream:
     def finish_reason(self) -> str | None:
         return self.choices[0].finish_reason if 0 in self.choices else None
 
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        """Whether an instance is free for this request (True at once if iteration has begun)."""
-        return self._started or self._ticket.ready.wait(timeout)
-
-    def waiting_left(self) -> float | None:
-        """Seconds this queued request may still wait (None: no limit); 0 once cancelled or out of time."""
-        if self._cancel is not None and self._cancel.is_set():
-            return 0.0
-        if self._queue_deadline is None:
-            return None
-        return max(0.0, self._queue_deadline - time.monotonic())
-
     def _should_stop(self) -> bool:
         if (self._cancel is not None and self._cancel.is_set()) or self._pool.abort.is_set():
             return True
@@ -6648,18 +6636,12 @@ class _Transport(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _send_stream(self, stream: CompletionStream, events: Iterator[dict[str, Any]]) -> None:
-        """Stream events in the dialect's framing, or errors before the first event as a plain status. A queued
-        request gets its headers early and keepalives, so proxies and clients don't time out; its errors then come
-        as error events."""
-        interval, wire = self.server.model_server.config.keepalive_interval, self._dialect
+        """Stream events in the dialect's framing, or errors before the first event as a plain status. A request
+        waiting for an instance, or for its prompt's evaluation, gets its headers early and keepalives, so proxies
+        and clients don't time out; its errors then come as error events."""
+        wire = self._dialect
         try:
-            while not stream.wait_ready(interval if (left := stream.waiting_left()) is None else min(interval, left)):
-                if stream.waiting_left() == 0:
-                    break  # out of time or cancelled: taking the first event raises the 503 for it
-                if wire.keepalive:
-                    self._stream_headers(stream)
-                    self._write_chunk(wire.keepalive)
-            event = self._first_event(stream, events, interval)  # the prompt's evaluation; errors surface here
+            event = self._first_event(stream, events)  # the wait and the prompt's evaluation; errors surface here
             self._stream_headers(stream)
             while event is not None:
                 self._write_chunk(wire.frame(event))
@@ -6680,15 +6662,15 @@ class _Transport(BaseHTTPRequestHandler):
         finally:
             stream.close()
 
-    def _first_event(self, stream: CompletionStream, events: Iterator[dict[str, Any]], interval: float) -> Any:
-        """The first event, which comes once the prompt is evaluated. A long evaluation gets its headers and then
-        keepalives every `interval`, from a second thread, as a queued request does, so that proxies and clients
-        with an idle timeout keep the connection. Only one thread writes at a time."""
-        lock, done = threading.Lock(), threading.Event()
+    def _first_event(self, stream: CompletionStream, events: Iterator[dict[str, Any]]) -> Any:
+        """The first event, which comes once the request has an instance and its prompt is evaluated. A long wait
+        gets its headers and then keepalives every keepalive_interval, from a second thread, so that proxies and
+        clients with an idle timeout keep the connection. Only one thread writes at a time."""
+        interval, lock, done = self.server.model_server.config.keepalive_interval, threading.Lock(), threading.Event()
 
         def beat() -> None:
             while not done.wait(interval):
-                with lock, _suppress(OSError):  # a client gone is noticed by the generation's cancel check
+                with lock, _suppress(OSError):  # a client gone is noticed by the queue's and generation's cancel checks
                     if done.is_set():
                         return
                     self._stream_headers(stream)
