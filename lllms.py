@@ -4727,6 +4727,25 @@ def _started(s: CompletionStream) -> Iterator[Chunk]:
     return iter(()) if first is None else itertools.chain([first], s)
 
 
+def _blocks(chunks: Iterator[Chunk]) -> Iterator[tuple[str, int, ToolCall | None, str]]:
+    """A one-choice stream as the blocks of its output, for dialects that frame each text and each call apart:
+    ("start", i, call, ""), then ("delta", i, call, piece) for each piece of its text or arguments, then ("stop", i,
+    call, its whole text or arguments); `call` is None for a text block. Text after a call opens a new block."""
+    index, call, text = -1, None, ""  # the open block
+    for ch in chunks:
+        for d, piece in [*([(None, ch.text)] if ch.text else []), *((d, d["arguments"]) for d in ch.tool_calls or ())]:
+            if (d is not None and "id" in d) or (d is None and (index < 0 or call is not None)):
+                if index >= 0:
+                    yield "stop", index, call, text
+                index, call, text = index + 1, None if d is None else ToolCall(d["id"], d["name"]), ""
+                yield "start", index, call, ""
+            if piece:
+                text += piece
+                yield "delta", index, call, piece
+    if index >= 0:
+        yield "stop", index, call, text
+
+
 def _suffix(completion_id: str) -> str:
     return completion_id.split("-", 1)[-1]
 
@@ -4869,30 +4888,21 @@ def anthropic_events(s: CompletionStream) -> Iterator[dict[str, Any]]:
     message = {"id": "msg_" + _suffix(s.id), "type": "message", "role": "assistant", "model": s.model, "content": []}
     start = {**message, "stop_reason": None, "stop_sequence": None, "usage": _anthropic_usage(Usage())}
     yield {"type": "message_start", "message": start}
-    index, open_call, last = -1, None, None
-    for ch in chunks:
-        if ch.text and (index < 0 or open_call is not None):
-            if index >= 0:
-                yield {"type": "content_block_stop", "index": index}
-            index, open_call = index + 1, None
-            yield {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}}
-        if ch.text:
-            yield {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": ch.text}}
-        for d in ch.tool_calls or ():
-            if "id" in d:
-                if index >= 0:
-                    yield {"type": "content_block_stop", "index": index}
-                index, open_call = index + 1, d["id"]
-                block = {"type": "tool_use", "id": _anthropic_call_id(d["id"]), "name": d["name"], "input": {}}
-                yield {"type": "content_block_start", "index": index, "content_block": block}
-            if d["arguments"]:
-                delta = {"type": "input_json_delta", "partial_json": d["arguments"]}
-                yield {"type": "content_block_delta", "index": index, "delta": delta}
-        last = ch if ch.finish_reason is not None else last
-    if index >= 0:
-        yield {"type": "content_block_stop", "index": index}
+    for step, index, call, text in _blocks(chunks):
+        if step == "start":
+            block = {"type": "text", "text": ""}
+            if call is not None:
+                block = {"type": "tool_use", "id": _anthropic_call_id(call.id), "name": call.name, "input": {}}
+            yield {"type": "content_block_start", "index": index, "content_block": block}
+        elif step == "delta":
+            delta = {"type": "text_delta", "text": text}
+            if call is not None:
+                delta = {"type": "input_json_delta", "partial_json": text}
+            yield {"type": "content_block_delta", "index": index, "delta": delta}
+        else:
+            yield {"type": "content_block_stop", "index": index}
     usage = _anthropic_usage(s.usage or Usage())
-    yield {"type": "message_delta", "delta": _anthropic_stop(last or Chunk("", "stop")), "usage": usage}
+    yield {"type": "message_delta", "delta": _anthropic_stop(s.choices.get(0) or Chunk("", "stop")), "usage": usage}
     yield {"type": "message_stop"}
 
 
@@ -5142,68 +5152,41 @@ class _ResponsesCall:
         started = self.response(None, req, "in_progress")
         yield event("response.created", response=started)
         yield event("response.in_progress", response=started)
-        index, item, text, args = -1, None, "", ""
-        for ch in chunks:
-            if ch.text and (item is None or item["type"] != "message"):
-                yield from self._close(event, index, item, text, args)
-                index, item, text = index + 1, self._items(Choice(0), "in_progress")[0], ""
-                part = item.pop("content")[0]
-                yield event("response.output_item.added", output_index=index, item={**item, "content": []})
-                ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
-                yield event("response.content_part.added", **ids, part=part)
-            if ch.text:
-                text += ch.text
-                yield event(
-                    "response.output_text.delta",
-                    item_id=item["id"],
-                    output_index=index,
-                    content_index=0,
-                    delta=ch.text,
-                    logprobs=[],
-                )
-            for d in ch.tool_calls or ():
-                if "id" in d:
-                    yield from self._close(event, index, item, text, args)
-                    index, item, args = index + 1, self._call_item(ToolCall(d["id"], d["name"]), "in_progress"), ""
-                    yield event("response.output_item.added", output_index=index, item=item)
-                if d["arguments"]:
-                    args += d["arguments"]
-                    yield event(
-                        "response.function_call_arguments.delta",
-                        item_id=item["id"],
-                        output_index=index,
-                        delta=d["arguments"],
-                    )
-        yield from self._close(event, index, item, text, args)
+        for step, index, call, text in _blocks(chunks):
+            yield from self._block(event, step, index, call, text)
         choice = s.choices.get(0, Choice(0))
         done = self.response(Completion(s.id, s.model, s.created, [choice], s.usage or Usage()), req)
         yield event("response.completed" if done["status"] == "completed" else "response.incomplete", response=done)
 
-    def _close(
-        self, event: Callable[..., dict[str, Any]], index: int, item: dict[str, Any] | None, text: str, args: str
+    def _block(
+        self, event: Callable[..., dict[str, Any]], step: str, index: int, call: ToolCall | None, text: str
     ) -> Iterator[dict[str, Any]]:
-        """The events that end an output item."""
-        if item is None:
+        """The events of an output item's start, of a piece of its text or arguments, or of its end."""
+        status = "completed" if step == "stop" else "in_progress"
+        if call is not None:
+            item = self._call_item(dataclasses.replace(call, arguments=text), status)
+            if step == "start":
+                yield event("response.output_item.added", output_index=index, item=item)
+            elif step == "delta":
+                yield event(
+                    "response.function_call_arguments.delta", item_id=item["id"], output_index=index, delta=text
+                )
+            else:
+                done = {"item_id": item["id"], "output_index": index, "name": call.name, "arguments": text}
+                yield event("response.function_call_arguments.done", **done)
+                yield event("response.output_item.done", output_index=index, item=item)
             return
-        if item["type"] == "message":
-            ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
-            part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
-            yield event("response.output_text.done", **ids, text=text, logprobs=[])
-            yield event("response.content_part.done", **ids, part=part)
-            yield event(
-                "response.output_item.done", output_index=index, item={**item, "status": "completed", "content": [part]}
-            )
+        item = self._items(Choice(0, text), status)[0]
+        ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        if step == "start":
+            yield event("response.output_item.added", output_index=index, item={**item, "content": []})
+            yield event("response.content_part.added", **ids, part=item["content"][0])
+        elif step == "delta":
+            yield event("response.output_text.delta", **ids, delta=text, logprobs=[])
         else:
-            yield event(
-                "response.function_call_arguments.done",
-                item_id=item["id"],
-                output_index=index,
-                name=item["name"],
-                arguments=args,
-            )
-            yield event(
-                "response.output_item.done", output_index=index, item={**item, "status": "completed", "arguments": args}
-            )
+            yield event("response.output_text.done", **ids, text=text, logprobs=[])
+            yield event("response.content_part.done", **ids, part=item["content"][0])
+            yield event("response.output_item.done", output_index=index, item=item)
 
 
 # ---- 6g. the Ollama dialect
