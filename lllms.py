@@ -30,8 +30,8 @@ Data flows one way: HTTP -> dialect -> Request -> ModelServer -> pool -> engine.
   _Handler._handle -> _route, _dispatch (via _DIALECTS) -> _serve -> _read_json (_parse_body) -> _chat_key
   -> the route's _Run: openai_request (_parse_messages, _tool_plan, ...) -> Request.check (Engine.check, grammar)
   -> ModelServer.submit -> CompletionStream() -> _Pool.enqueue
-  -> _Transport._send_stream, iterating chat_chunks(stream) -> CompletionStream._run -> _Pool.lease (_Pool.wait,
-     and _Pool._load for a new instance) -> _generate
+  -> _Transport._send_stream (_first_event), iterating chat_chunks(stream) -> CompletionStream._run -> _Pool.lease
+     (_Pool.wait, and _Pool._load for a new instance)
   -> LlamaCppEngine.run (a _Job per choice, each with its _Sampler) -> _Decoder.run; on the decode thread,
      _Decoder._step (_begin, _reuse) -> _decode -> _Job.sample, one Chunk per token into the job's queue
   -> LlamaCppEngine._stream -> CompletionStream._record (_ReplyParser for tools) -> chat_chunks -> the dialect's
@@ -1363,7 +1363,8 @@ class _StopMatcher:
         """At the end of generation: the text still held back, with the decoder's last bytes, and whether those
         completed a stop sequence (then the text stops before it)."""
         tail, stopped = self.feed(decoder.decode(b"", final=True))
-        return tail + self.flush(), stopped
+        tail, self.pending = tail + self.pending, ""
+        return tail, stopped
 
 
 class _PromptTemplate:
@@ -1741,8 +1742,9 @@ class _Sampler:
         neutral = (p.repeat_penalty, p.frequency_penalty, p.presence_penalty) == (1.0, 0.0, 0.0)
         self.greedy = p.temperature <= 0 and p.grammar is None and neutral
         # -100 bans; +100 beats any logit yet stays finite, so several +100 tokens compete on their logits.
-        bias = {t: -math.inf if b <= -100 else _FORCE_BIAS if b >= 100 else b for t, b in (p.logit_bias or {}).items()}
-        if bias:
+        bias = {}
+        if p.logit_bias:
+            bias = {t: -math.inf if b <= -100 else _FORCE_BIAS if b >= 100 else b for t, b in p.logit_bias.items()}
             _check_ids(list(bias), n_vocab, "'logit_bias'", "logit_bias")
             self.bias = (np.array(list(bias), dtype=np.intc), np.array(list(bias.values()), dtype=np.single))
         if self.greedy:
@@ -3893,11 +3895,28 @@ class Request:
         dialect's parser ends with it; submit() runs it on a Request built by hand."""
         if self.checked:
             return self
-        engine = _ENGINES[self.model.engine]
-        self.params = self.params.merged_over(self.model.defaults)
-        self._check_max_tokens()
+        m, engine = self.model, _ENGINES[self.model.engine]
+        p = self.params = self.params.merged_over(m.defaults)
+        limit, caps = m.max_tokens_limit, [c for c in (m.max_tokens_limit, self.max_tokens_default) if c is not None]
+        if p.max_tokens is None and caps:
+            p.max_tokens = min(caps)  # the model's limit, or the dialect's own default when lower
+        elif None not in (p.max_tokens, limit) and p.max_tokens > limit:
+            raise InvalidRequest(
+                f"'max_tokens' is {p.max_tokens}, above the limit of {limit} for model '{m.id}'",
+                param="max_tokens",
+                code="max_tokens_exceeded",
+            )
         engine.check(self)
-        self._check_constraints(engine.grammars)
+        if p.grammar is not None:  # GBNF, or the name of one of the model's grammars: GBNF, or a JSON schema
+            named = _named_grammar(m, p.grammar)
+            if self.json_schema is not None:
+                raise InvalidRequest("give 'grammar' or 'response_format', not both", param="grammar")
+            p.grammar, self.json_schema = (named, None) if isinstance(named, str) else (None, named)
+            self.schema_param = "grammar" if self.json_schema is not None else self.schema_param
+        if self.tools is not None and (p.grammar is not None or self.json_schema is not None or not engine.grammars):
+            if self.tools.mode != "none":
+                raise InvalidRequest("'tools' cannot be combined with a grammar or response_format", param="tools")
+            self.tools = None  # a history with tool calls, answered in the caller's format, or as the engine can
         if self.kind == "chat":
             self.messages = _tool_messages(self.messages, self.tools)
         if self.echo and self.suffix is not None:
@@ -3909,36 +3928,6 @@ class Request:
         engine.grammar(self)  # a schema or tool plan the engine cannot compile is a 400 now, not once queued
         self.checked = True  # only now: a request that failed its check is refused again, never let through
         return self
-
-    def _check_max_tokens(self) -> None:
-        """max_tokens: the request's, else the lower of the model's limit and the dialect's default; never above
-        the model's limit."""
-        p, m = self.params, self.model
-        limit, caps = m.max_tokens_limit, [c for c in (m.max_tokens_limit, self.max_tokens_default) if c is not None]
-        if p.max_tokens is None and caps:
-            p.max_tokens = min(caps)
-        elif None not in (p.max_tokens, limit) and p.max_tokens > limit:
-            raise InvalidRequest(
-                f"'max_tokens' is {p.max_tokens}, above the limit of {limit} for model '{m.id}'",
-                param="max_tokens",
-                code="max_tokens_exceeded",
-            )
-
-    def _check_constraints(self, grammars: bool) -> None:
-        """One constraint at most: a grammar (GBNF, or a named one), a JSON schema, or tools."""
-        p = self.params
-        if p.grammar is not None:
-            named = _named_grammar(self.model, p.grammar)  # GBNF, or a JSON schema the model's config names
-            if self.json_schema is not None:
-                raise InvalidRequest("give 'grammar' or 'response_format', not both", param="grammar")
-            if isinstance(named, dict):
-                p.grammar, self.json_schema, self.schema_param = None, named, "grammar"
-            else:
-                p.grammar = named
-        if self.tools is not None and (p.grammar is not None or self.json_schema is not None or not grammars):
-            if self.tools.mode != "none":
-                raise InvalidRequest("'tools' cannot be combined with a grammar or response_format", param="tools")
-            self.tools = None  # a history with tool calls, answered in the caller's format, or as the engine can
 
     @property
     def choice_count(self) -> int:
@@ -4033,6 +4022,8 @@ def _text_content(content: Any, where: str, role: str) -> str:
     count); an assistant's or function's may be null."""
     if content is None and role in ("assistant", "function"):
         return ""
+    if isinstance(content, str):
+        return content
     return _content_text(content, f"{where}.content", ("text", "refusal") if role == "assistant" else ("text",))
 
 
@@ -4406,7 +4397,8 @@ def chat_chunks(s: CompletionStream) -> Iterator[dict[str, Any]]:
         elif ch.tool_calls:
             delta["tool_calls"] = [_call_delta(d, req) for d in ch.tool_calls]
         if delta or ch.logprobs:
-            choice = {"index": ch.index, "delta": delta, "logprobs": _chat_logprobs(ch.logprobs), "finish_reason": None}
+            lps = None if ch.logprobs is None else _chat_logprobs(ch.logprobs)
+            choice = {"index": ch.index, "delta": delta, "logprobs": lps, "finish_reason": None}
             yield {**base, "choices": [choice], **extra}
         if ch.finish_reason is not None:
             choice = {"index": ch.index, "delta": {}, "logprobs": None, "finish_reason": _finish(ch.finish_reason, req)}
@@ -5636,11 +5628,6 @@ _DIALECTS = {  # the first whose prefix a path starts with speaks for it; OpenAI
 }
 
 
-def _dialect_of(path: str) -> _Dialect:
-    """Which dialect a path speaks, for its errors too (an unknown /v1/messages/x is answered as Anthropic)."""
-    return next((d for d in _DIALECTS.values() if path.startswith(d.prefix)), _DIALECTS["openai"])
-
-
 # ==== 7. ModelServer: the embedded API
 
 
@@ -5762,40 +5749,36 @@ class CompletionStream:
         return ch
 
     def _run(self) -> Iterator[Chunk]:
-        try:
-            ttl = self.request.keep_alive
-            with self._pool.lease(self._ticket, self._cancel, self._queue_deadline, ttl) as lease:
-                self.instance_id = lease.instance.id
-                yield from self._generate(lease)
-        finally:
-            self._meter.count_usage(self.model, self.usage)
-
-    def _generate(self, lease: _Lease) -> Iterator[Chunk]:
         req = self.request
         total, left = Usage(), req.choice_count  # of all choices, each distinct prompt counted once
-        chunks = typing.cast(Engine, lease.instance.engine).run(req, self._should_stop)
         try:
-            for ch in chunks:
-                if not self.choices:
-                    self.ttft = ttft = time.monotonic() - self._t0
-                    self._meter.observe("lllms_time_to_first_token_seconds", {"model": self.model}, ttft)
-                if ch.usage is not None:  # a choice's last chunk; the request's last carries the total
-                    total.add(ch.usage, prompt=ch.index % req.best_of == 0)
-                    left -= 1
-                    ch.usage = None if left else total
-                yield self._record(ch)
+            with self._pool.lease(self._ticket, self._cancel, self._queue_deadline, req.keep_alive) as lease:
+                self.instance_id = lease.instance.id
+                chunks = typing.cast(Engine, lease.instance.engine).run(req, self._should_stop)
+                try:
+                    for ch in chunks:
+                        if not self.choices:
+                            self.ttft = ttft = time.monotonic() - self._t0
+                            self._meter.observe("lllms_time_to_first_token_seconds", {"model": self.model}, ttft)
+                        if ch.usage is not None:  # a choice's last chunk; the request's last carries the total
+                            total.add(ch.usage, prompt=ch.index % req.best_of == 0)
+                            left -= 1
+                            ch.usage = None if left else total
+                        yield self._record(ch)
+                finally:
+                    try:
+                        _close(chunks)
+                    except Exception:  # the instance must still go back, but not for reuse
+                        log.exception("closing a generation on %s failed", lease.instance.id)
+                        lease.sound = False
+                    # What the context holds now: the last choice's request plus what it generated so far. A prompt
+                    # only counted (max_tokens 0), or refused before generation, left the context as it was.
+                    last = req.choice_count - 1
+                    if last in self.choices and req.params.max_tokens != 0:
+                        lease.context_key = req.key(last, self.choices[last].raw)
+                    lease.cached_tokens = total.cached_tokens
         finally:
-            try:
-                _close(chunks)
-            except Exception:  # the instance must still go back, but not for reuse
-                log.exception("closing a generation on %s failed", lease.instance.id)
-                lease.sound = False
-            # What the instance's context now holds: the last choice's request plus what it generated so far. A
-            # prompt only counted (max_tokens 0), or refused before generation, left the context as it was.
-            last = req.choice_count - 1
-            if last in self.choices and req.params.max_tokens != 0:
-                lease.context_key = req.key(last, self.choices[last].raw)
-            lease.cached_tokens = total.cached_tokens
+            self._meter.count_usage(self.model, self.usage)
 
     def collect(self) -> Completion:
         """Run to the end: the finished completion (with best_of, each prompt's n likeliest choices)."""
@@ -6717,7 +6700,8 @@ class _Handler(_Transport):
     }
 
     def _handle(self) -> None:
-        method, path = self.command, self._path()
+        method, path = self.command, self.path.split("?", 1)[0]
+        path = ("/openai" + path if path.startswith("/v1/") else path).rstrip("/") or "/"
         self._t0 = time.monotonic()
         given_id = self.headers.get("X-Request-Id")
         if given_id and re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", given_id):
@@ -6728,7 +6712,8 @@ class _Handler(_Transport):
                 self.close_connection = True
         if self.server.draining:
             self.close_connection = True
-        self._dialect = _dialect_of(path)
+        # The dialect a path speaks, for its errors too (an unknown /v1/messages/x is answered as Anthropic).
+        self._dialect = next((d for d in _DIALECTS.values() if path.startswith(d.prefix)), _DIALECTS["openai"])
         routes, args, endpoint = self._route(path)
         try:
             if method == "OPTIONS":
@@ -6758,11 +6743,6 @@ class _Handler(_Transport):
 
     # The stdlib calls do_<METHOD>; one without a handler here is answered 405 by send_error.
     do_GET = do_HEAD = do_POST = do_PUT = do_PATCH = do_DELETE = do_OPTIONS = _handle
-
-    def _path(self) -> str:
-        """The request's path, without its query; /v1/... is /openai/v1/..."""
-        path = self.path.split("?", 1)[0]
-        return ("/openai" + path if path.startswith("/v1/") else path).rstrip("/") or "/"
 
     def _route(self, path: str) -> tuple[dict[str, Any] | None, tuple[str, ...], str]:
         """The methods a path answers (None: no such route), the argument it carries, and its name in metrics."""
