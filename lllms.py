@@ -42,9 +42,9 @@ Threads: the serve loop (lllms-http), which also cuts connections past their dea
 connection (lllms-conn), which runs its requests through to the engine and writes their output; the ttl reaper
 (lllms-ttl); a thread per model file being prepared (lllms-prepare-*) and per instance loaded in the background
 (lllms-load-*); one decode thread per llama-cpp model (lllms-decode-*), the only one that touches its context;
-gpt4all's native call runs on a worker (lllms-gpt4all) whose callbacks feed the consumer; a stream that waits
-for an instance or for its prompt's evaluation gets keepalives from a thread of its own (lllms-keepalive).
-Native compute steps take turns on the cores through _CORES, first come first served.
+gpt4all's native call runs on a worker (lllms-gpt4all) whose callbacks feed the consumer; a stream whose prompt
+takes long to evaluate gets keepalives from a thread of its own (lllms-keepalive). Native compute steps take
+turns on the cores through _CORES, first come first served.
 
 Locks: ModelServer._files_lock may be held while taking _Pool.cond, and LlamaCppEngine._decoders_lock (held through
 a model's load) while taking _Decoder.cond; every other lock (_Pool.cond otherwise, _StateCache.lock,
@@ -2627,7 +2627,8 @@ class LlamaCppEngine(Engine):
     def context_info(self) -> tuple[int, str]:
         if self.shared is None:
             return 0, ""
-        return len(self.shared.held_by(self)), self.context_text(limit=48)[:80]
+        held = self.shared.held_by(self)
+        return len(held), self.shared.model.text(held[:48])[:80]
 
     def context_text(self, limit: int | None = None) -> str:
         """The text the context holds (its first `limit` tokens), special tokens included."""
@@ -4539,10 +4540,12 @@ def _tool_messages(messages: list[dict[str, Any]], plan: _ToolPlan | None) -> li
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
         role, content = m["role"], m["content"]
-        if role == "assistant" and m.get("tool_calls"):
-            for c in m["tool_calls"]:
-                names[c.id] = c.name
-            content = _TOOL_CALLS_OPEN + ", ".join(_call_json(c) for c in m["tool_calls"]) + "]}"
+        if role == "assistant" and m.get("tool_calls"):  # a Request built by hand may hold OpenAI's dicts
+            calls = [
+                c if isinstance(c, ToolCall) else _parse_tool_calls([c], f"messages[{i}]")[0] for c in m["tool_calls"]
+            ]
+            names.update((c.id, c.name) for c in calls)
+            content = _TOOL_CALLS_OPEN + ", ".join(_call_json(c) for c in calls) + "]}"
         elif role == "assistant" and plan is not None:
             content = _RESPONSE_OPEN + json.dumps(content, ensure_ascii=False) + "}"
         elif role == "tool":
@@ -5031,8 +5034,8 @@ class _ResponsesCall:
     @staticmethod
     def key_of(response_id: str) -> str | None:
         """The affinity key an id carries (see `id`), or None."""
-        parts = response_id.split("_")
-        return parts[1] if len(parts) == 3 and parts[1].isdigit() and parts[0] == "resp" and parts[2] else None
+        held = re.fullmatch(r"resp_([0-9]+)_[0-9a-f]+", response_id)
+        return held.group(1) if held else None
 
     def request(self, body: dict[str, Any], config: ServerConfig) -> Request:
         model = _model_of(body, config, "chat")
@@ -5720,6 +5723,18 @@ class CompletionStream:
     @property
     def finish_reason(self) -> str | None:
         return self.choices[0].finish_reason if 0 in self.choices else None
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Whether an instance is free for this request (True at once if iteration has begun)."""
+        return self._started or self._ticket.ready.wait(timeout)
+
+    def waiting_left(self) -> float | None:
+        """Seconds this queued request may still wait (None: no limit); 0 once cancelled or out of time."""
+        if self._cancel is not None and self._cancel.is_set():
+            return 0.0
+        if self._queue_deadline is None:
+            return None
+        return max(0.0, self._queue_deadline - time.monotonic())
 
     def _should_stop(self) -> bool:
         if (self._cancel is not None and self._cancel.is_set()) or self._pool.abort.is_set():
@@ -6602,12 +6617,18 @@ class _Transport(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _send_stream(self, stream: CompletionStream, events: Iterator[dict[str, Any]]) -> None:
-        """Stream events in the dialect's framing, or errors before the first event as a plain status. A request
-        waiting for an instance, or for its prompt's evaluation, gets its headers early and keepalives, so proxies
-        and clients don't time out; its errors then come as error events."""
-        wire = self._dialect
+        """Stream events in the dialect's framing, or errors before the first event as a plain status. A queued
+        request gets its headers early and keepalives, so proxies and clients don't time out; its errors then come
+        as error events."""
+        interval, wire = self.server.model_server.config.keepalive_interval, self._dialect
         try:
-            event = self._first_event(stream, events)  # the wait and the prompt's evaluation; errors surface here
+            while not stream.wait_ready(interval if (left := stream.waiting_left()) is None else min(interval, left)):
+                if stream.waiting_left() == 0:
+                    break  # out of time or cancelled: taking the first event raises the 503 for it
+                if wire.keepalive:
+                    self._stream_headers(stream)
+                    self._write_chunk(wire.keepalive)
+            event = self._first_event(stream, events, interval)  # the prompt's evaluation; errors surface here
             self._stream_headers(stream)
             while event is not None:
                 self._write_chunk(wire.frame(event))
@@ -6628,15 +6649,15 @@ class _Transport(BaseHTTPRequestHandler):
         finally:
             stream.close()
 
-    def _first_event(self, stream: CompletionStream, events: Iterator[dict[str, Any]]) -> Any:
-        """The first event, which comes once the request has an instance and its prompt is evaluated. A long wait
-        gets its headers and then keepalives every keepalive_interval, from a second thread, so that proxies and
-        clients with an idle timeout keep the connection. Only one thread writes at a time."""
-        interval, lock, done = self.server.model_server.config.keepalive_interval, threading.Lock(), threading.Event()
+    def _first_event(self, stream: CompletionStream, events: Iterator[dict[str, Any]], interval: float) -> Any:
+        """The first event, which comes once the prompt is evaluated. A long evaluation gets its headers and then
+        keepalives every `interval`, from a second thread, as a queued request does, so that proxies and clients
+        with an idle timeout keep the connection. Only one thread writes at a time."""
+        lock, done = threading.Lock(), threading.Event()
 
         def beat() -> None:
             while not done.wait(interval):
-                with lock, _suppress(OSError):  # a client gone is noticed by the queue's and generation's cancel checks
+                with lock, _suppress(OSError):  # a client gone is noticed by the generation's cancel check
                     if done.is_set():
                         return
                     self._stream_headers(stream)
@@ -6714,7 +6735,8 @@ class _Handler(_Transport):
             self.close_connection = True
         # The dialect a path speaks, for its errors too (an unknown /v1/messages/x is answered as Anthropic).
         self._dialect = next((d for d in _DIALECTS.values() if path.startswith(d.prefix)), _DIALECTS["openai"])
-        routes, args, endpoint = self._route(path)
+        routes, args, label = self._route(path)
+        endpoint = "other" if args else label  # an item route's name only once the caller is known
         try:
             if method == "OPTIONS":
                 return self._preflight()
@@ -6723,6 +6745,7 @@ class _Handler(_Transport):
             public = path == "/health" or (path == "/" and _prefers_html(self.headers.get("Accept", "")))
             if not public or method not in ("GET", "HEAD"):
                 self._authenticate()
+            endpoint = label
             self._dispatch(method, path, routes, args)
         except APIError as exc:
             self._send_error(exc)
@@ -6747,7 +6770,7 @@ class _Handler(_Transport):
     def _route(self, path: str) -> tuple[dict[str, Any] | None, tuple[str, ...], str]:
         """The methods a path answers (None: no such route), the argument it carries, and its name in metrics."""
         routes = {**self._OWN_ROUTES, **self._dialect.routes}
-        if path in routes:
+        if path in routes and "{id}" not in path:  # a pattern is never a path
             return routes[path], (), path
         head, _, item = path.rpartition("/")
         pattern = head + "/{id}"
