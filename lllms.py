@@ -255,6 +255,10 @@ class PreloadConfig:
                 raise ConfigError(f"{path}.messages: {exc.message}") from None
 
 
+# The share of a reply's max_tokens each reasoning effort may think for, unless a model's effort_budgets says.
+_EFFORT_BUDGETS = {"minimal": 1 / 16, "low": 1 / 4, "medium": 1 / 2, "high": 3 / 4}
+
+
 @dataclass
 class ModelConfig:
     """One servable model."""
@@ -284,8 +288,24 @@ class ModelConfig:
     # Grammars requests may name in `grammar`: a GBNF string, or a JSON schema (an object).
     grammars: dict[str, str | dict[str, Any]] = field(default_factory=dict)
     max_tokens_limit: int | None = _bound(None, 1)  # a request's max_tokens above it is a 400; None: the context
+    # Reasoning: None finds <think> tags (or harmony's analysis channel) in the chat template; false: the model never
+    # thinks; true: it thinks between <think> and </think>; {"start": ..., "end": ...}: between these tags.
+    reasoning: bool | dict[str, str] | None = None
+    effort_budgets: dict[str, float] = field(default_factory=dict)  # each effort level's share of max_tokens
     id: str = field(default="", metadata={"internal": True})
     defaults: SamplingParams = field(default=None, metadata={"internal": True})  # type: ignore[assignment]
+
+    def _check_reasoning(self, path: str) -> None:
+        tags = self.reasoning
+        if isinstance(tags, dict) and not (
+            set(tags) == {"start", "end"} and all(isinstance(t, str) and t for t in tags.values())
+        ):
+            raise ConfigError(f'{path}.reasoning: must be true, false, or {{"start": tag, "end": tag}}')
+        for level, share in self.effort_budgets.items():
+            if level not in _EFFORT_BUDGETS or not 0 <= share <= 1:
+                levels = ", ".join(_EFFORT_BUDGETS)
+                raise ConfigError(f"{path}.effort_budgets.{level}: the levels are {levels}, each a share from 0 to 1")
+        self.effort_budgets = {**_EFFORT_BUDGETS, **self.effort_budgets}
 
     def _check(self, path: str) -> None:
         if self.file is None and self.url is None:
@@ -315,6 +335,7 @@ class ModelConfig:
         for name, grammar in self.grammars.items():
             if not name or (isinstance(grammar, str) and not grammar.strip()):
                 raise ConfigError(f"{path}.grammars.{name}: needs a name and a non-empty grammar")
+        self._check_reasoning(path)
         default = self.defaults.max_tokens
         if None not in (default, self.max_tokens_limit) and default > self.max_tokens_limit:
             raise ConfigError(
@@ -1202,6 +1223,7 @@ class Usage:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose evaluation was reused from the instance's context
+    reasoning_tokens: int = 0  # completion tokens the model thought in
 
     @property
     def total_tokens(self) -> int:
@@ -1210,6 +1232,7 @@ class Usage:
     def add(self, other: Usage, prompt: bool = True) -> None:
         """Count another choice's tokens in; its prompt too unless that was counted already."""
         self.completion_tokens += other.completion_tokens
+        self.reasoning_tokens += other.reasoning_tokens
         if prompt:
             self.prompt_tokens += other.prompt_tokens
             self.cached_tokens += other.cached_tokens
@@ -1236,6 +1259,7 @@ class Chunk:
     index: int = 0  # the choice it belongs to
     tool_calls: list[dict[str, Any]] | None = None  # deltas: {index, id?, name?, arguments}; set by ModelServer
     stop_sequence: str | None = None  # on a last chunk: the stop string that ended the choice
+    reasoning: str | None = None  # a reasoning model's thinking, apart from `text`, its answer
 
 
 # What a parameter neither the request nor the model's completion_defaults set is: the same for every engine.
@@ -1336,6 +1360,7 @@ class _StopMatcher:
         self.stops = stops
         self.pending = ""
         self.matched: str | None = None  # the stop sequence found
+        self.rest = ""  # what came after it
 
     def feed(self, text: str) -> tuple[str, bool]:
         """Return (text safe to emit, whether a stop sequence matched)."""
@@ -1343,7 +1368,7 @@ class _StopMatcher:
         hits = [(i, s) for s in self.stops if (i := self.pending.find(s)) >= 0]
         if hits:
             at, self.matched = min(hits)
-            out, self.pending = self.pending[:at], ""
+            out, self.rest, self.pending = self.pending[:at], self.pending[at + len(self.matched) :], ""
             return out, True
         hold = 0
         for s in self.stops:
@@ -1359,12 +1384,73 @@ class _StopMatcher:
         out, self.pending = self.pending, ""
         return out
 
-    def end(self, decoder: codecs.IncrementalDecoder) -> tuple[str, bool]:
-        """At the end of generation: the text still held back, with the decoder's last bytes, and whether those
-        completed a stop sequence (then the text stops before it)."""
-        tail, stopped = self.feed(decoder.decode(b"", final=True))
+    def end(self, text: str) -> tuple[str, bool]:
+        """At the end of generation: the text still held back, with `text` (the decoder's last bytes), and whether
+        those completed a stop sequence (then the text stops before it)."""
+        tail, stopped = self.feed(text)
         tail, self.pending = tail + self.pending, ""
         return tail, stopped
+
+
+class _Thoughts:
+    """A reply split into its reasoning and its answer as it streams, by the model's reasoning tags, which appear in
+    neither: the reasoning is what the tags enclose (from the first token, when the generation prompt opened the
+    block; a reply that never closes it is all reasoning), the answer what follows. The engine counts `tokens`
+    while it thinks; past `budget`, it makes the model write `closing()`: the budget message, then the end tag."""
+
+    def __init__(self, tags: tuple[str, str], inside: bool, budget: int | None, message: str | None) -> None:
+        (self.start, self.end), self.budget, self.message = tags, budget, message or ""
+        self.state = "thinking" if inside else "head"  # head: the reply may still open with the start tag
+        self.held = ""  # in the head: what may still become the start tag
+        self.ends = _StopMatcher([self.end])
+        self.tokens = 0
+        self.closed = False
+
+    def due(self) -> bool:
+        """Whether the budget is spent and the closing text is still to come."""
+        return self.state == "thinking" and not self.closed and self.budget is not None and self.tokens >= self.budget
+
+    def closing(self) -> str:
+        self.closed = True
+        return self.message + self.end
+
+    def feed(self, text: str) -> tuple[str, str]:
+        """This piece's reasoning and answer."""
+        reasoning = ""
+        if self.state == "head":
+            self.held += text
+            lead = self.held.lstrip()
+            if len(lead) < len(self.start) and self.start.startswith(lead):
+                return "", ""
+            text, self.held = (lead[len(self.start) :], "") if lead.startswith(self.start) else (self.held, "")
+            self.state = "thinking" if lead.startswith(self.start) else "answer"
+        if self.state == "thinking":
+            reasoning, ended = self.ends.feed(text)
+            text = self.ends.rest if ended else ""
+            self.state = "after" if ended else "thinking"
+        if self.state == "after":  # the answer starts after the blank lines that follow the end tag
+            text = text.lstrip()
+            self.state = "answer" if text else "after"
+        return reasoning, text
+
+    def flush(self) -> tuple[str, str]:
+        """What was held back, at the end of the reply."""
+        held, self.held = self.held, ""
+        return (self.ends.flush(), "") if self.state == "thinking" else ("", held)
+
+
+def _reply_end(
+    decoder: codecs.IncrementalDecoder, thoughts: _Thoughts | None, stops: _StopMatcher
+) -> tuple[str, str | None, bool]:
+    """At the end of a reply: the answer still held back, with the decoder's last bytes (less a stop sequence they
+    complete), the reasoning still held back, and whether a stop sequence ended it. A tag cut short is text."""
+    tail, reasoning = decoder.decode(b"", final=True), None
+    if thoughts is not None:
+        reasoning, tail = thoughts.feed(tail)
+        more, held = thoughts.flush()
+        reasoning, tail = (reasoning + more) or None, tail + held
+    tail, stopped = stops.end(tail)
+    return tail, reasoning, stopped
 
 
 class _PromptTemplate:
@@ -1375,7 +1461,7 @@ class _PromptTemplate:
         self.user, _, self.after_reply = prompt.partition("%2")
         self.system = system if system is not None else "%1\n"
 
-    def render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict[str, Any]], generation_prompt: bool = True, **_: Any) -> str:
         out = []
         for m in messages:
             if m["role"] == "system":
@@ -1421,17 +1507,38 @@ class _ChatTemplate:
         env.filters["tojson"] = lambda x, ensure_ascii=False, **kw: json.dumps(x, ensure_ascii=ensure_ascii, **kw)
         env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
         env.globals["raise_exception"] = raise_exception
-        self.template, self.bos, self.eos = env.from_string(source), bos, eos
+        self.template, self.source, self.bos, self.eos = env.from_string(source), source, bos, eos
 
-    def render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> str:
+    def render(self, messages: list[dict[str, Any]], generation_prompt: bool = True, **variables: Any) -> str:
         try:
             # tools and documents as transformers passes them when a request has none (tools are in the messages).
-            gen, bos, eos = generation_prompt, self.bos, self.eos
-            return self.template.render(
-                messages=messages, add_generation_prompt=gen, bos_token=bos, eos_token=eos, tools=None, documents=None
-            )
+            fixed = {"add_generation_prompt": generation_prompt, "bos_token": self.bos, "eos_token": self.eos}
+            return self.template.render({**variables, "messages": messages, **fixed, "tools": None, "documents": None})
         except Exception as exc:  # templates raise their own errors for bad role orders
             raise InvalidRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from None
+
+
+# The tags around a reasoning model's thinking: most write <think>; gpt-oss's harmony format thinks in its analysis
+# channel, and answers in its final channel.
+_THINK_TAGS = ("<think>", "</think>")
+_HARMONY_TAGS = ("<|channel|>analysis<|message|>", "<|end|><|start|>assistant<|channel|>final<|message|>")
+
+
+def _thoughts(req: Request, template: Any, prompt: str, room: int) -> _Thoughts | None:
+    """How a reply to this request thinks: between the model's reasoning tags (its config's, else those its chat
+    template writes), from its first token when the rendered prompt opened the block. None for a model that does not
+    think; a 400 naming the field when the request asks such a model to."""
+    declared, source = req.model.reasoning, getattr(template, "source", "")
+    tags = (declared["start"], declared["end"]) if isinstance(declared, dict) else None
+    if tags is None and declared is not False:
+        harmony = "<|channel|>" in source and "analysis" in source
+        tags = _HARMONY_TAGS if harmony else _THINK_TAGS if declared or "<think>" in source else None
+    if tags is None:
+        if req.think:
+            raise InvalidRequest(f"'{req.think_param}': model '{req.model.id}' does not think", param=req.think_param)
+        return None
+    inside = prompt.rstrip().endswith(tags[0].rstrip())
+    return _Thoughts(tags, inside, req.thinking_budget(room), req.think_message)
 
 
 def _chat_template(model: ModelConfig, source: str | None, bos: str, eos: str) -> _ChatTemplate | _PromptTemplate:
@@ -1807,8 +1914,9 @@ class _Sampler:
             lc.llama_sampler_apply(sampler, ctypes.byref(arr))
         return arr
 
-    def sample(self, logits: Any) -> int | None:
-        """The next token for these logits (accepted by every stage), or None when no token is allowed."""
+    def sample(self, logits: Any, free: bool = False) -> int | None:
+        """The next token for these logits (accepted by every stage), or None when no token is allowed. `free`: the
+        grammar waits (a reasoning model thinks before the constrained answer)."""
         import numpy as np
 
         if self.greedy:
@@ -1819,7 +1927,7 @@ class _Sampler:
             return token if logits[token] > -math.inf else None
         arr = self._run(self.cand, self.ids, logits, self.pre, self.post)
         token = int(self.cand.id[arr.selected])
-        if self.grammar is not None:
+        if self.grammar is not None and not free:
             self._run(self.one, token, 0.0, self.grammar)
             if not np.isfinite(self.one.logit[0]):
                 arr = self._run(self.cand, self.ids, logits, self.pre, self.grammar)
@@ -1896,8 +2004,11 @@ class _Job:
         should_stop: _StopCheck = None,
         echo: str | None = None,
         pieces: list[tuple[str, bytes]] | None = None,
+        thoughts: _Thoughts | None = None,
     ) -> None:
         self.model, self.index, self.prompt, self.p, self.out = model, index, prompt, p, out
+        self.thoughts = thoughts  # a reasoning model's: splits the reply, and ends its thinking at the budget
+        self.forced: collections.deque[int] = collections.deque()  # tokens to write next, sampled or not
         self.max_new, self.sampler, self.should_stop = max_new, sampler, should_stop
         self.echo = echo  # the prompt's text, to send first
         self.pieces = pieces or []  # with echo and logprobs: each prompt token's text and bytes
@@ -1933,20 +2044,31 @@ class _Job:
             self.finish("length")
 
     def sample(self, row: Any) -> None:
-        """The next token from this sequence's logits: its text goes out, or the choice finishes."""
-        token = typing.cast(_Sampler, self.sampler).sample(row)
+        """The next token from this sequence's logits (or the next of a thinking budget's closing text): its text
+        goes out, or the choice finishes."""
+        th = self.thoughts
+        if th is not None and th.due():
+            self.forced.extend(self.model.tokenize(th.closing(), add_bos=False))
+        forced = bool(self.forced)
+        thinking = th is not None and th.state == "thinking"  # the grammar, if any, applies from the answer on
+        token = self.forced.popleft() if forced else typing.cast(_Sampler, self.sampler).sample(row, thinking)
         if token is None and not self.usage.completion_tokens:
             raise InvalidRequest("the grammar allows no token that logit_bias leaves (or none at all)", param="grammar")
-        if token is None or self.model.lc.llama_vocab_is_eog(self.model.vocab, token):
+        if token is None or (not forced and self.model.lc.llama_vocab_is_eog(self.model.vocab, token)):
             return self.finish("stop")
         self.usage.completion_tokens += 1
-        raw = self.model.piece(token)
-        piece = self.decoder.decode(raw)
-        if self.marks is not None:
+        raw = self.model.piece(token, special=forced)
+        piece, reasoning = self.decoder.decode(raw), None
+        if th is not None:
+            reasoning, piece = th.feed(piece)
+            th.tokens += (thinking or th.state == "thinking") and not forced  # what the model thought itself
+            self.usage.reasoning_tokens = th.tokens
+        if self.marks is not None and (th is None or piece):
             self.marks.pending.append(TokenLogprob(piece, raw, *_logprob(self.model, row, token, self.p.logprobs)))
         text, stopped = self.stops.feed(piece)
-        if text or stopped:
-            self.out.put(Chunk(text, logprobs=self.marks.take(text, stopped) if self.marks else None, index=self.index))
+        if text or stopped or reasoning:
+            lps = self.marks.take(text, stopped) if self.marks else None
+            self.out.put(Chunk(text, logprobs=lps, index=self.index, reasoning=reasoning or None))
         if stopped:
             return self.finish("stop", stopped=True)
         if self.usage.completion_tokens >= self.max_new:
@@ -1954,12 +2076,12 @@ class _Job:
         self.next = token
 
     def finish(self, reason: str, stopped: bool = False) -> None:
-        tail = ""
+        tail, reasoning = "", None
         if not stopped:
-            tail, stopped = self.stops.end(self.decoder)
+            tail, reasoning, stopped = _reply_end(self.decoder, self.thoughts, self.stops)
             reason = "stop" if stopped else reason
         lps = self.marks.take(tail, stopped, final=True) if self.marks else None
-        last = Chunk(tail, reason, self.usage, lps, self.index, stop_sequence=self.stops.matched)
+        last = Chunk(tail, reason, self.usage, lps, self.index, stop_sequence=self.stops.matched, reasoning=reasoning)
         self.out.put(last)
         self.ended = True
 
@@ -2578,10 +2700,12 @@ class LlamaCppEngine(Engine):
             if isinstance(item := out.get(), BaseException):
                 raise item
 
-    def _prompt(self, req: Request, group: int) -> tuple[list[int], str | None]:
-        """A choice group's prompt tokens, and its text when the request gave text."""
+    def _prompt(self, req: Request, group: int) -> tuple[list[int], str | None, str]:
+        """A choice group's prompt tokens, its text when the request gave text, and the chat template's text."""
         if req.kind == "chat":
-            return self._render(req.messages), None
+            shared = self._text_model()
+            rendered = shared.template.render(req.messages, True, **req.template_vars())
+            return shared.model.tokenize(rendered), None, rendered
         prompt, model = req.prompts[group], self._text_model().model
         if isinstance(prompt, str):
             tokens = model.tokenize(prompt)
@@ -2594,7 +2718,7 @@ class LlamaCppEngine(Engine):
             if model.bos < 0:
                 raise InvalidRequest("the prompt is empty", param="prompt", code="empty_prompt")
             tokens = [model.bos]
-        return tokens, prompt if isinstance(prompt, str) else None
+        return tokens, prompt if isinstance(prompt, str) else None, ""
 
     def _infill(self, prefix: list[int], suffix: str) -> list[int]:
         """Fill-in-the-middle: the model's FIM tokens around prefix and suffix (as llama.cpp's server does)."""
@@ -2651,7 +2775,7 @@ class LlamaCppEngine(Engine):
         groups = req.choice_count // req.best_of  # one per prompt
         try:
             for g in range(groups):
-                tokens, text = self._prompt(req, g)
+                tokens, text, rendered = self._prompt(req, g)
                 if len(tokens) >= shared.n_ctx:
                     raise InvalidRequest(
                         f"the prompt is {len(tokens)} tokens but the model's context is {shared.n_ctx} tokens",
@@ -2664,6 +2788,7 @@ class LlamaCppEngine(Engine):
                 for i in range(g * req.best_of, (g + 1) * req.best_of):
                     p = req.choice_params(i).merged_over(_SAMPLING_DEFAULTS)
                     p.grammar = grammar
+                    thoughts = _thoughts(req, shared.template, rendered, room) if req.kind == "chat" else None
                     last_n = shared.n_ctx if p.repeat_last_n == -1 else min(p.repeat_last_n, shared.n_ctx)
                     group.append(
                         _Job(
@@ -2677,6 +2802,7 @@ class LlamaCppEngine(Engine):
                             should_stop=should_stop,
                             echo=echo,
                             pieces=pieces if p.logprobs is not None else None,
+                            thoughts=thoughts,
                         )
                     )
                     jobs.append(group[-1])
@@ -2903,9 +3029,16 @@ class _Gpt4AllRun:
     BUFFER = 8
 
     def __init__(
-        self, native: _Gpt4AllShim, text: str, params: SamplingParams, should_stop: _StopCheck, max_new: int
+        self,
+        native: _Gpt4AllShim,
+        text: str,
+        params: SamplingParams,
+        should_stop: _StopCheck,
+        max_new: int,
+        thoughts: _Thoughts | None = None,
     ) -> None:
         self.native, self.text, self.params, self.should_stop, self.max_new = native, text, params, should_stop, max_new
+        self.thoughts = thoughts
         self.kept = native.n_past
         self.prompt_ids: list[int] = []
         self.pieces: list[tuple[str, int]] = []  # generated text, one entry per token (or per completed character)
@@ -2976,9 +3109,14 @@ class _Gpt4AllRun:
                 self.pending += 1
             if self.finish is not None or self.cancelled.is_set():
                 return False
+            reasoning = None
+            if (th := self.thoughts) is not None:
+                thinking = th.state == "thinking"
+                reasoning, text = th.feed(text)
+                th.tokens += thinking or th.state == "thinking"
             emit, stopped = self.stops.feed(text)
-            if emit:
-                self.out.put(Chunk(emit))  # waits while the consumer is BUFFER chunks behind
+            if emit or reasoning:
+                self.out.put(Chunk(emit, reasoning=reasoning or None))  # waits while the consumer is BUFFER behind
                 if self.cancelled.is_set():
                     return False  # the consumer closed the stream
             full = self.generated >= min(self.max_new, self.native.n_ctx - self.kept - len(self.prompt_ids))
@@ -2994,19 +3132,18 @@ class _Gpt4AllRun:
     def _final(self) -> Chunk | Exception:
         if self.failure is not None:
             return self.failure
-        tail = ""
-        finish = self.finish
+        tail, reasoning, finish = "", None, self.finish
         if finish != "stop":
-            tail, stopped = self.stops.end(self.decoder)
+            tail, reasoning, stopped = _reply_end(self.decoder, self.thoughts, self.stops)
             finish = "stop" if stopped else finish
         if finish is None:
             # gpt4all ended on its own: an end-of-turn token, or a full context (shifting is off).
             full = self.kept + len(self.prompt_ids) + self.generated >= self.native.n_ctx - 1
             finish = "length" if self.prompt_aborted or full or self.max_new == 0 else "stop"
         usage = Usage(
-            prompt_tokens=self.kept + len(self.prompt_ids), completion_tokens=self.generated, cached_tokens=self.kept
+            self.kept + len(self.prompt_ids), self.generated, self.kept, self.thoughts.tokens if self.thoughts else 0
         )
-        return Chunk(tail, finish_reason=finish, usage=usage, stop_sequence=self.stops.matched)
+        return Chunk(tail, finish_reason=finish, usage=usage, stop_sequence=self.stops.matched, reasoning=reasoning)
 
     # -- consumer side
 
@@ -3152,8 +3289,9 @@ class Gpt4AllEngine(Engine):
             if used:
                 raise InvalidRequest(f"'{name}' is not supported by the gpt4all engine", param=name)
 
-    def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> str:
-        return typing.cast(_ChatTemplate | _PromptTemplate, self._template).render(messages, generation_prompt)
+    def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = True, **variables: Any) -> str:
+        template = typing.cast(_ChatTemplate | _PromptTemplate, self._template)
+        return template.render(messages, generation_prompt, **variables)
 
     def _need_text_model(self) -> None:
         if self._gpt is None:
@@ -3181,7 +3319,7 @@ class Gpt4AllEngine(Engine):
                 continue
             p = req.choice_params(i)
             if req.kind == "chat":
-                chunks = self.chat(req.messages, p, should_stop)
+                chunks = self.chat(req.messages, p, should_stop, req)
             else:
                 chunks = self.complete(req.prompts[i // req.best_of], p, should_stop, echo=req.echo, suffix=req.suffix)
             try:
@@ -3192,11 +3330,27 @@ class Gpt4AllEngine(Engine):
                 _close(chunks)
 
     def chat(
-        self, messages: list[dict[str, Any]], p: SamplingParams, should_stop: _StopCheck = None
+        self,
+        messages: list[dict[str, Any]],
+        p: SamplingParams,
+        should_stop: _StopCheck = None,
+        req: Request | None = None,
     ) -> Iterator[Chunk]:
-        """The reply to a chat; a prompt that does not fit raises here, before the first chunk."""
+        """The reply to a chat (`req` gives its reasoning switches); a prompt that does not fit raises here, before
+        the first chunk. gpt4all cannot be stopped and resumed mid-reply, so a thinking budget must be 0: the end tag
+        then goes after the prompt."""
         self._need_text_model()
-        return self._start(self._render(messages), p, "messages", should_stop)
+        text = self._render(messages, True, **(req.template_vars() if req else {}))
+        thoughts = _thoughts(req, self._template, text, self.n_ctx) if req else None
+        if thoughts is not None and thoughts.budget:
+            raise InvalidRequest(
+                f"'{req.think_param}': the gpt4all engine cannot end thinking at a budget above 0",  # type: ignore[union-attr]
+                param=req.think_param,  # type: ignore[union-attr]
+            )
+        if thoughts is not None and thoughts.due():
+            text += thoughts.closing()
+            thoughts.feed(thoughts.end)
+        return self._start(text, p, "messages", should_stop, thoughts=thoughts)
 
     def complete(
         self, prompt: Any, p: SamplingParams, should_stop: _StopCheck = None, *, echo: bool = False, suffix: Any = None
@@ -3235,7 +3389,13 @@ class Gpt4AllEngine(Engine):
         return spans
 
     def _start(
-        self, text: str, p: SamplingParams, param: str, should_stop: _StopCheck, generate: bool = True
+        self,
+        text: str,
+        p: SamplingParams,
+        param: str,
+        should_stop: _StopCheck,
+        generate: bool = True,
+        thoughts: _Thoughts | None = None,
     ) -> Iterator[Chunk]:
         """Start feeding and generating; returns once the prompt is evaluated, so a prompt that does not fit
         raises here, before any chunk."""
@@ -3256,7 +3416,7 @@ class Gpt4AllEngine(Engine):
         if not native.rewind(sum(n for _, n in self._spans)):
             self._spans, pos = [], 0
         max_new = (self.n_ctx if p.max_tokens is None else p.max_tokens) if generate else 0
-        run = self._run = _Gpt4AllRun(native, text[pos:], p, should_stop, max_new)
+        run = self._run = _Gpt4AllRun(native, text[pos:], p, should_stop, max_new, thoughts)
         run.started.wait()
         if run.generated == 0:
             # The call ended before generating: the prompt was refused, cut short, or only fed.
@@ -3889,6 +4049,12 @@ class Request:
     encoding_format: Literal["float", "base64"] = "float"
     keep_alive: float | None = None  # seconds the instance stays loaded after this request; None: the model's ttl
     long_inputs: str | None = None  # embedding inputs longer than the context: the model's long_inputs, if None
+    think: bool | None = None  # reasoning asked for (True), or turned off (False); None: the model's own way
+    effort: str | None = None  # a reasoning effort level: its share of max_tokens is the thinking budget
+    think_budget: int | None = None  # thinking tokens before the end tag is forced; None: the effort's, or no limit
+    think_message: str | None = None  # written before the end tag when the budget ends the thinking
+    template_kwargs: dict[str, Any] = field(default_factory=dict)  # more variables for the chat template
+    think_param: str = "reasoning_effort"  # the field that asked, which a 400 about it names
     checked: bool = False  # check() has run: every dialect's parser ends with it, and submit() runs it if not
 
     def check(self) -> Request:
@@ -3922,6 +4088,17 @@ class Request:
             self.messages = _tool_messages(self.messages, self.tools)
         if self.echo and self.suffix is not None:
             raise InvalidRequest("'echo' cannot be combined with 'suffix'", param="echo")
+        if self.effort not in (None, *m.effort_budgets):
+            raise InvalidRequest(
+                f"'{self.think_param}': the effort must be none or one of {', '.join(m.effort_budgets)}",
+                param=self.think_param,
+            )
+        if self.think_budget is not None and (
+            isinstance(self.think_budget, bool) or not isinstance(self.think_budget, int) or self.think_budget < 0
+        ):
+            raise InvalidRequest(
+                f"'{self.think_param}': the thinking budget must be an integer from 0", param=self.think_param
+            )
         if self.kind == "embedding" and len(self.prompts) > 2048:
             raise InvalidRequest("'input' may hold at most 2048 items", param="input")
         if self.kind != "embedding" and len(self.prompts) * self.best_of > 128:
@@ -3929,6 +4106,22 @@ class Request:
         engine.grammar(self)  # a schema or tool plan the engine cannot compile is a 400 now, not once queued
         self.checked = True  # only now: a request that failed its check is refused again, never let through
         return self
+
+    def template_vars(self) -> dict[str, Any]:
+        """The variables the chat template reads for this request: reasoning's switch under the names templates
+        use (Qwen3's enable_thinking, gpt-oss's reasoning_effort, ...), then the caller's own."""
+        switch = {} if self.think is None else {"enable_thinking": self.think, "thinking": self.think}
+        effort = {} if self.effort is None else {"reasoning_effort": self.effort}
+        return {**switch, **effort, **self.template_kwargs}
+
+    def thinking_budget(self, room: int) -> int | None:
+        """Thinking tokens allowed: none when reasoning is off, else the request's budget, else its effort's share
+        of max_tokens (or of the room left in the context); None: no limit."""
+        if self.think is False:
+            return 0
+        if self.think_budget is not None or self.effort is None:
+            return self.think_budget
+        return int(self.model.effort_budgets[self.effort] * (self.params.max_tokens or room))
 
     @property
     def choice_count(self) -> int:
@@ -4124,7 +4317,6 @@ _SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)} - {"logpro
 _UNSUPPORTED: dict[str, Any] = {
     "modalities": (None, ["text"]),
     "audio": (None,),
-    "reasoning_effort": (None,),
     "web_search_options": (None,),
     "verbosity": (None,),
 }
@@ -4249,6 +4441,31 @@ def _chat_fields(body: dict[str, Any], params: SamplingParams, n: int) -> dict[s
         "tools": _tool_plan(tools, choice, parallel, messages),
         "json_schema": _format_schema(body.get("response_format")),
         "best_of": n,
+        **_reasoning_fields(body),
+    }
+
+
+def _reasoning_fields(body: dict[str, Any]) -> dict[str, Any]:
+    """A chat body's reasoning switches, as Request keywords: reasoning_effort ("none" turns thinking off), the
+    thinking budget and its message under llama-server's names, and chat_template_kwargs (enable_thinking)."""
+    effort = body.get("reasoning_effort")
+    if effort is not None and not isinstance(effort, str):
+        raise InvalidRequest("'reasoning_effort' must be a string", param="reasoning_effort")
+    variables = _object(body.get("chat_template_kwargs") or {}, "chat_template_kwargs")
+    budget = _int_field(body, "thinking_budget_tokens", 0, 2**31)
+    message = body.get("thinking_budget_message")
+    if message is not None:
+        _string(message, "thinking_budget_message")
+    think = variables.get("enable_thinking") if isinstance(variables.get("enable_thinking"), bool) else None
+    if effort is not None or budget is not None:
+        think = effort != "none"
+    return {
+        "think": think,
+        "effort": None if effort == "none" else effort,
+        "think_budget": budget,
+        "think_message": message,
+        "template_kwargs": variables,
+        "think_param": "thinking_budget_tokens" if budget is not None else "reasoning_effort",
     }
 
 
@@ -4276,7 +4493,8 @@ def _completion_fields(body: dict[str, Any], params: SamplingParams, n: int, str
 # The fields of each kind of OpenAI body besides the sampling parameters; embedded callers may pass nothing else.
 _FIELDS = {
     "chat": {*_NEUTRAL_FIELDS, *_UNSUPPORTED, "tools", "tool_choice", "parallel_tool_calls", "response_format"}
-    | {"functions", "function_call", "logprobs", "top_logprobs", "n", "stream", "stream_options", "timeout"},
+    | {"functions", "function_call", "logprobs", "top_logprobs", "n", "stream", "stream_options", "timeout"}
+    | {"reasoning_effort", "thinking_budget_tokens", "thinking_budget_message", "chat_template_kwargs"},
     "completion": {"user", "logprobs", "best_of", "echo", "suffix", "n", "stream", "stream_options", "timeout"},
     "embedding": {"user", "dimensions", "encoding_format", "timeout"},
 }
@@ -4306,6 +4524,7 @@ def _usage_json(u: Usage) -> dict[str, Any]:
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.total_tokens,
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+        "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
     }
 
 
@@ -4360,6 +4579,8 @@ def chat_response(c: Completion, req: Request) -> dict[str, Any]:
     choices = []
     for ch in c.choices:
         message: dict[str, Any] = {"role": "assistant", "content": ch.text, "refusal": None}
+        if ch.reasoning:
+            message["reasoning_content"] = ch.reasoning  # as llama-server, vLLM and DeepSeek's API name it
         if ch.tool_calls:
             message["content"] = ch.text or None
             calls = [c.openai() for c in ch.tool_calls]
@@ -4393,6 +4614,8 @@ def chat_chunks(s: CompletionStream) -> Iterator[dict[str, Any]]:
         started.add(ch.index)
         if ch.text:
             delta["content"] = ch.text
+        if ch.reasoning:
+            delta["reasoning_content"] = ch.reasoning
         if ch.tool_calls and req.legacy_functions:  # one call at most: the deprecated API has no parallel calls
             delta["function_call"] = _call_delta(ch.tool_calls[0], req)
         elif ch.tool_calls:
@@ -4722,23 +4945,25 @@ def _started(s: CompletionStream) -> Iterator[Chunk]:
     return iter(()) if first is None else itertools.chain([first], s)
 
 
-def _blocks(chunks: Iterator[Chunk]) -> Iterator[tuple[str, int, ToolCall | None, str]]:
-    """A one-choice stream as the blocks of its output, for dialects that frame each text and each call apart:
-    ("start", i, call, ""), then ("delta", i, call, piece) for each piece of its text or arguments, then ("stop", i,
-    call, its whole text or arguments); `call` is None for a text block. Text after a call opens a new block."""
-    index, call, text = -1, None, ""  # the open block
+def _blocks(chunks: Iterator[Chunk]) -> Iterator[tuple[str, int, str | ToolCall, str]]:
+    """A one-choice stream as the blocks of its output, for dialects that frame each apart: its reasoning, its text
+    and each call. ("start", i, kind, ""), then ("delta", i, kind, piece) for each piece of its text or arguments,
+    then ("stop", i, kind, its whole text or arguments); `kind` is "reasoning", "text", or the call."""
+    index, kind, text = -1, "", ""  # the open block
     for ch in chunks:
-        for d, piece in [*([(None, ch.text)] if ch.text else []), *((d, d["arguments"]) for d in ch.tool_calls or ())]:
-            if (d is not None and "id" in d) or (d is None and (index < 0 or call is not None)):
+        texts = [(k, t) for k, t in (("reasoning", ch.reasoning), ("text", ch.text)) if t]
+        calls = [(ToolCall(d["id"], d["name"]) if "id" in d else kind, d["arguments"]) for d in ch.tool_calls or ()]
+        for k, piece in [*texts, *calls]:
+            if k != kind:
                 if index >= 0:
-                    yield "stop", index, call, text
-                index, call, text = index + 1, None if d is None else ToolCall(d["id"], d["name"]), ""
-                yield "start", index, call, ""
+                    yield "stop", index, kind, text
+                index, kind, text = index + 1, k, ""
+                yield "start", index, kind, ""
             if piece:
                 text += piece
-                yield "delta", index, call, piece
+                yield "delta", index, kind, piece
     if index >= 0:
-        yield "stop", index, call, text
+        yield "stop", index, kind, text
 
 
 def _suffix(completion_id: str) -> str:
@@ -4751,7 +4976,6 @@ _ANTHROPIC_SAMPLING = {"max_tokens": "max_tokens", "temperature": "temperature",
 _ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 _ANTHROPIC_TOOL_KEYS = {"name": "name", "description": "description", "parameters": "input_schema"}
 _ANTHROPIC_UNSUPPORTED = {
-    "thinking": "the model has no extended thinking",
     "mcp_servers": "MCP servers are not available",
     "container": "code execution containers are not available",
 }
@@ -4768,7 +4992,7 @@ def _anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         role = _object(m, f"messages[{i}]").get("role")
         where = f"messages[{i}].content"
         if role == "assistant":
-            blocks = _content_parts(m.get("content"), where, ("text", "tool_use"))
+            blocks = _content_parts(m.get("content"), where, ("text", "tool_use", "thinking", "redacted_thinking"))
             calls = [
                 ToolCall(_string(b.get("id"), f"{where}.id"), b.get("name"), json.dumps(b.get("input", {}))).openai()
                 for b in blocks
@@ -4819,8 +5043,11 @@ def anthropic_request(body: dict[str, Any], config: ServerConfig, count: bool = 
     """An Anthropic Messages body (or, with `count`, a count_tokens body) as a Request."""
     model = _model_of(body, config, "chat")
     # "adaptive" lets the model decide whether to think: one that cannot, doesn't. Claude Code always sends it.
-    if _object(body.get("thinking") or {}, "thinking").get("type") in ("disabled", "adaptive"):
-        body = {k: v for k, v in body.items() if k != "thinking"}
+    thinking = _object(body.get("thinking") or {}, "thinking")
+    if thinking.get("type") not in (None, "enabled", "disabled", "adaptive"):
+        raise InvalidRequest("'thinking.type' must be enabled, disabled or adaptive", param="thinking")
+    budget = thinking.get("budget_tokens") if thinking.get("type") == "enabled" else None
+    budget = None if budget is None else _int_param(budget, "thinking.budget_tokens", 0, 2**31)
     output = _object(body.get("output_config") or {}, "output_config")
     _refuse(body, _ANTHROPIC_UNSUPPORTED, model.engine)
     if body.get("max_tokens") is None and not count:
@@ -4843,6 +5070,9 @@ def anthropic_request(body: dict[str, Any], config: ServerConfig, count: bool = 
         json_schema=schema,
         schema_param="output_config",
         stream=_bool_field(body, "stream") and not count,
+        think={"enabled": True, "disabled": False}.get(thinking.get("type", "")),
+        think_budget=budget,
+        think_param="thinking",
     ).check()
 
 
@@ -4865,13 +5095,25 @@ def _anthropic_stop(ch: Choice | Chunk) -> dict[str, Any]:
     return {"stop_reason": reason, "stop_sequence": ch.stop_sequence}
 
 
+def _signature(thinking: str) -> str:
+    """A thinking block's signature: Anthropic's clients expect one and send it back; here it only names the text."""
+    return hashlib.sha256(thinking.encode()).hexdigest()
+
+
+def _anthropic_block(kind: str | ToolCall, text: str) -> dict[str, Any]:
+    """A content block, whole, or as its stream starts it (empty, with no signature yet)."""
+    if isinstance(kind, ToolCall):
+        return {"type": "tool_use", "id": _anthropic_call_id(kind.id), "name": kind.name, "input": kind.input()}
+    if kind == "reasoning":
+        return {"type": "thinking", "thinking": text, "signature": _signature(text) if text else ""}
+    return {"type": "text", "text": text}
+
+
 def anthropic_response(c: Completion, req: Request) -> dict[str, Any]:
     ch = c.choices[0]
-    content: list[dict[str, Any]] = [{"type": "text", "text": ch.text}] if ch.text or not ch.tool_calls else []
-    for call in ch.tool_calls:
-        content.append(
-            {"type": "tool_use", "id": _anthropic_call_id(call.id), "name": call.name, "input": call.input()}
-        )
+    content = [_anthropic_block("reasoning", ch.reasoning)] if ch.reasoning else []
+    content += [_anthropic_block("text", ch.text)] if ch.text or not ch.tool_calls else []
+    content += [_anthropic_block(call, "") for call in ch.tool_calls]
     head = {"id": "msg_" + _suffix(c.id), "type": "message", "role": "assistant", "model": c.model}
     return {**head, "content": content, **_anthropic_stop(ch), "usage": _anthropic_usage(c.usage)}
 
@@ -4883,18 +5125,20 @@ def anthropic_events(s: CompletionStream) -> Iterator[dict[str, Any]]:
     message = {"id": "msg_" + _suffix(s.id), "type": "message", "role": "assistant", "model": s.model, "content": []}
     start = {**message, "stop_reason": None, "stop_sequence": None, "usage": _anthropic_usage(Usage())}
     yield {"type": "message_start", "message": start}
-    for step, index, call, text in _blocks(chunks):
+    for step, index, kind, text in _blocks(chunks):
         if step == "start":
-            block = {"type": "text", "text": ""}
-            if call is not None:
-                block = {"type": "tool_use", "id": _anthropic_call_id(call.id), "name": call.name, "input": {}}
-            yield {"type": "content_block_start", "index": index, "content_block": block}
+            yield {"type": "content_block_start", "index": index, "content_block": _anthropic_block(kind, "")}
         elif step == "delta":
             delta = {"type": "text_delta", "text": text}
-            if call is not None:
+            if kind == "reasoning":
+                delta = {"type": "thinking_delta", "thinking": text}
+            elif isinstance(kind, ToolCall):
                 delta = {"type": "input_json_delta", "partial_json": text}
             yield {"type": "content_block_delta", "index": index, "delta": delta}
         else:
+            if kind == "reasoning":
+                delta = {"type": "signature_delta", "signature": _signature(text)}
+                yield {"type": "content_block_delta", "index": index, "delta": delta}
             yield {"type": "content_block_stop", "index": index}
     usage = _anthropic_usage(s.usage or Usage())
     yield {"type": "message_delta", "delta": _anthropic_stop(s.choices.get(0) or Chunk("", "stop")), "usage": usage}
@@ -4912,7 +5156,6 @@ _RESPONSES_UNSUPPORTED = {
     "background": "responses run in the request",
     "conversation": "conversations are not stored; continue one with previous_response_id",
     "prompt": "prompt templates are not stored",
-    "reasoning": "the model has no reasoning effort to set",
     "include": "only reasoning.encrypted_content, which is empty here, can be included",
     "top_logprobs": "logprobs are not reported by the Responses API here",
     "max_tool_calls": "tool calls are not limited per response",
@@ -4977,6 +5220,8 @@ def _responses_input(items: Any) -> list[dict[str, Any]]:
                 out[-1]["tool_calls"].append(call)
             else:
                 out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+        elif kind == "reasoning":
+            continue  # earlier thinking: chat templates leave it out of the prompt, and so does lllms
         elif kind == "function_call_output":
             content = _content_text(item.get("output"), f"{where}.output", _TEXT_PARTS)
             out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": content})
@@ -5039,10 +5284,12 @@ class _ResponsesCall:
 
     def request(self, body: dict[str, Any], config: ServerConfig) -> Request:
         model = _model_of(body, config, "chat")
-        # A model without reasoning honours these by having none: no effort to set, nothing to summarise or include.
         reasoning = _object(body.get("reasoning") or {}, "reasoning")
-        if reasoning.get("effort") in (None, "none") and set(reasoning) <= {"effort", "summary", "generate_summary"}:
-            body = {k: v for k, v in body.items() if k != "reasoning"}
+        for key in set(reasoning) - {"effort", "summary", "generate_summary"}:
+            raise InvalidRequest(f"'reasoning.{key}' is not supported by the {model.engine} engine", param="reasoning")
+        effort = reasoning.get("effort")
+        if effort is not None and not isinstance(effort, str):
+            raise InvalidRequest("'reasoning.effort' must be a string", param="reasoning")
         include = body.get("include")
         if isinstance(include, list) and set(include) <= {"reasoning.encrypted_content"}:
             body = {k: v for k, v in body.items() if k != "include"}
@@ -5067,10 +5314,13 @@ class _ResponsesCall:
             json_schema=_text_format(body.get("text")),
             schema_param="text.format",
             stream=_bool_field(body, "stream"),
+            think=None if effort is None else effort != "none",
+            effort=None if effort == "none" else effort,
+            think_param="reasoning",
         ).check()
 
     def _items(self, ch: Choice, status: str = "completed") -> list[dict[str, Any]]:
-        items: list[dict[str, Any]] = []
+        items = [self._reasoning_item(ch.reasoning, status)] if ch.reasoning else []
         if ch.text or not ch.tool_calls:
             part = {"type": "output_text", "text": ch.text, "annotations": [], "logprobs": []}
             items.append(
@@ -5102,7 +5352,7 @@ class _ResponsesCall:
                 "input_tokens": u.prompt_tokens,
                 "input_tokens_details": {"cached_tokens": u.cached_tokens},
                 "output_tokens": u.completion_tokens,
-                "output_tokens_details": {"reasoning_tokens": 0},
+                "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
                 "total_tokens": u.total_tokens,
             }
         out = {
@@ -5118,7 +5368,7 @@ class _ResponsesCall:
             "output": self._items(ch) if ch is not None else [],
             "parallel_tool_calls": body.get("parallel_tool_calls", True) is not False,
             "previous_response_id": body.get("previous_response_id"),
-            "reasoning": {"effort": None, "summary": None},
+            "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None},
             "store": body.get("store") is not False,
             "temperature": req.params.temperature,
             "text": {"format": (body.get("text") or {}).get("format") or {"type": "text"}},
@@ -5147,18 +5397,34 @@ class _ResponsesCall:
         started = self.response(None, req, "in_progress")
         yield event("response.created", response=started)
         yield event("response.in_progress", response=started)
-        for step, index, call, text in _blocks(chunks):
-            yield from self._block(event, step, index, call, text)
+        for step, index, kind, text in _blocks(chunks):
+            yield from self._block(event, step, index, kind, text)
         choice = s.choices.get(0, Choice(0))
         done = self.response(Completion(s.id, s.model, s.created, [choice], s.usage or Usage()), req)
         yield event("response.completed" if done["status"] == "completed" else "response.incomplete", response=done)
 
+    def _reasoning_item(self, text: str, status: str) -> dict[str, Any]:
+        content = [{"type": "reasoning_text", "text": text}]
+        return {"type": "reasoning", "id": "rs_" + self.token, "summary": [], "content": content, "status": status}
+
     def _block(
-        self, event: Callable[..., dict[str, Any]], step: str, index: int, call: ToolCall | None, text: str
+        self, event: Callable[..., dict[str, Any]], step: str, index: int, kind: str | ToolCall, text: str
     ) -> Iterator[dict[str, Any]]:
         """The events of an output item's start, of a piece of its text or arguments, or of its end."""
         status = "completed" if step == "stop" else "in_progress"
-        if call is not None:
+        if kind == "reasoning":
+            item = self._reasoning_item(text, status)
+            ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
+            if step == "start":
+                yield event("response.output_item.added", output_index=index, item={**item, "content": []})
+            elif step == "delta":
+                yield event("response.reasoning_text.delta", **ids, delta=text)
+            else:
+                yield event("response.reasoning_text.done", **ids, text=text)
+                yield event("response.output_item.done", output_index=index, item=item)
+            return
+        if isinstance(kind, ToolCall):
+            call = kind
             item = self._call_item(dataclasses.replace(call, arguments=text), status)
             if step == "start":
                 yield event("response.output_item.added", output_index=index, item=item)
@@ -5204,7 +5470,6 @@ _OLLAMA_UNSUPPORTED = {
     "images": "the model reads text",
     "template": "prompts use the model's own chat template",
     "context": "continue a conversation with /api/chat",
-    "think": "the model has no thinking mode",
 }
 # llama.cpp's file types (general.file_type), by number, as Ollama names quantisations.
 _FILE_TYPES = (
@@ -5314,26 +5579,26 @@ class _OllamaCall:
             json_schema=_ollama_format(body.get("format")),
             schema_param="format",
             keep_alive=_keep_alive(body.get("keep_alive")),
+            **_ollama_think(body.get("think")),
         ).check()
 
     def _head(self, req: Request) -> dict[str, Any]:
         return {"model": req.model.id, "created_at": _iso(time.time())}
 
-    def _piece(self, req: Request, text: str, calls: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    def _piece(self, req: Request, text: str, calls: Any = None, thinking: str | None = None) -> dict[str, Any]:
+        said = {"thinking": thinking} if thinking else {}
         if self.kind == "generate":
-            return {**self._head(req), "response": text, "done": False}
-        message: dict[str, Any] = {"role": "assistant", "content": text}
+            return {**self._head(req), "response": text, **said, "done": False}
+        message: dict[str, Any] = {"role": "assistant", "content": text, **said}
         if calls:
             message["tool_calls"] = [{"id": c.id, "function": {"name": c.name, "arguments": c.input()}} for c in calls]
         return {**self._head(req), "message": message, "done": False}
 
-    def _done(
-        self, req: Request, finish: str | None, usage: Usage, text: str = "", calls: Any = None
-    ) -> dict[str, Any]:
+    def _done(self, req: Request, finish: str | None, usage: Usage, ch: Choice) -> dict[str, Any]:
         now = time.monotonic_ns()
         first = self.first or now
         return {
-            **self._piece(req, text, calls),
+            **self._piece(req, ch.text, ch.tool_calls, ch.reasoning),
             "done": True,
             "done_reason": "length" if finish == "length" else "stop",
             "total_duration": now - self.t0,
@@ -5347,18 +5612,27 @@ class _OllamaCall:
     def response(self, c: Completion, req: Request) -> dict[str, Any]:
         ch = c.choices[0]
         self.first = self.t0 + int((c.ttft or 0) * 1e9)
-        return self._done(req, ch.finish_reason, c.usage, ch.text, ch.tool_calls)
+        return self._done(req, ch.finish_reason, c.usage, ch)
 
     def events(self, s: CompletionStream) -> Iterator[dict[str, Any]]:
         """NDJSON objects: one per piece of text; calls whole, as they finish; then the totals, done."""
         req, finish = s.request, None
         for ch in _started(s):
             self.first = self.first or time.monotonic_ns()
-            if ch.text:
-                yield self._piece(req, ch.text)
+            if ch.text or ch.reasoning:
+                yield self._piece(req, ch.text, thinking=ch.reasoning)
             finish = ch.finish_reason or finish
-        choice = s.choices.get(0, Choice(0))
-        yield self._done(req, finish, s.usage or Usage(), "", choice.tool_calls)
+        calls = s.choices[0].tool_calls if 0 in s.choices else []
+        yield self._done(req, finish, s.usage or Usage(), Choice(0, tool_calls=calls))
+
+
+def _ollama_think(think: Any) -> dict[str, Any]:
+    """Ollama's think, as Request keywords: true or false, or an effort level."""
+    if think is None or isinstance(think, bool):
+        return {"think": think, "think_param": "think"}
+    if not isinstance(think, str):
+        raise InvalidRequest("'think' must be true, false, or low, medium or high", param="think")
+    return {"think": True, "effort": think, "think_param": "think"}
 
 
 def _iso(t: float) -> str:
@@ -5644,6 +5918,7 @@ class Choice:
     logprobs: list[TokenLogprob] | None = None
     tool_calls: list[ToolCall] = field(default_factory=list)
     raw: str = ""  # what the model generated, as its context holds it
+    reasoning: str = ""  # a reasoning model's thinking, apart from `text`
     stop_sequence: str | None = None  # the stop string that ended it, if one did
 
     @property
@@ -5745,6 +6020,7 @@ class CompletionStream:
         """Fold a chunk into its choice; with tools, turn the raw reply into content and call deltas."""
         c = self.choices.setdefault(ch.index, Choice(ch.index))
         c.raw += ch.text
+        c.reasoning += ch.reasoning or ""
         if (tools := self.request.tools) is not None:
             parser = self._parsers.setdefault(ch.index, _ReplyParser(tools))
             text, calls = parser.feed(ch.text)

@@ -6463,3 +6463,234 @@ def test_a_stream_whose_prompt_takes_long_gets_keepalives_before_its_first_event
         conn.close()
     names = [line[7:] for line in raw.splitlines() if line.startswith("event: ") and line != "event: ping"]
     assert names[0] == "message_start" and names[-2:] == ["message_delta", "message_stop"], names
+
+
+# ==== reasoning models: SmolLM2 under thinking templates; it never closes the block itself, so budgets end it
+
+_CHATML_TURNS = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+R1_TEMPLATE = _CHATML_TURNS + "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+QWEN3_TEMPLATE = _CHATML_TURNS + (
+    "{% if add_generation_prompt %}<|im_start|>assistant\n"
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% else %}<think>\n"
+    "{% endif %}{% endif %}"
+)
+HARMONY_TEMPLATE = (
+    "{% for m in messages %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start|>assistant<|channel|>analysis<|message|>{% endif %}"
+)
+MATH = [{"role": "user", "content": "Explain gravity."}]
+MATH_BODY = {"messages": MATH, "temperature": 0, "max_tokens": 40}
+
+
+@pytest.fixture(scope="module")
+def thinking_server(smollm2: str) -> Iterator[lllms.HTTPServer]:
+    smol = {"task": "text-completion", "file": smollm2, "context_size": 1024}
+    config = {
+        "models": {
+            "r1": {**smol, "chat_template": R1_TEMPLATE},
+            "qwen3": {**smol, "chat_template": QWEN3_TEMPLATE},
+            "harmony": {**smol, "chat_template": HARMONY_TEMPLATE},
+            "plain": smol,
+        }
+    }
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def thinking_client(thinking_server: lllms.HTTPServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=thinking_server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def _reasoning_of(message: Any) -> str:
+    return (message.model_extra or {}).get("reasoning_content") or ""
+
+
+@pytest.mark.parametrize("model", ["r1", "qwen3", "harmony"])
+def test_openai_chat_splits_thinking_from_the_answer_at_its_budget_streamed_and_not(
+    thinking_server: lllms.HTTPServer, thinking_client: openai.OpenAI, openapi: Any, model: str
+) -> None:
+    kw = {
+        "model": model,
+        "messages": MATH,
+        "temperature": 0,
+        "max_tokens": 40,
+        "extra_body": {"thinking_budget_tokens": 8},
+    }
+    r = thinking_client.chat.completions.create(**kw)
+    message, usage = r.choices[0].message, r.usage
+    thought = _reasoning_of(message)
+    assert thought and message.content, message
+    for tag in ("<think>", "</think>", "<|channel|>", "<|message|>"):
+        assert tag not in thought + message.content
+    assert usage is not None and usage.completion_tokens_details is not None
+    assert 8 <= usage.completion_tokens_details.reasoning_tokens < usage.completion_tokens
+    parts = list(thinking_client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    deltas = [p.choices[0].delta for p in parts if p.choices]
+    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == thought
+    assert "".join(d.content or "" for d in deltas) == message.content
+    assert (
+        parts[-1].usage.completion_tokens_details.reasoning_tokens == usage.completion_tokens_details.reasoning_tokens
+    )
+    _check_chat_shapes(thinking_server.url, {**MATH_BODY, "model": model, "thinking_budget_tokens": 8}, openapi)
+
+
+def test_reasoning_off_or_at_budget_zero_answers_at_once(thinking_client: openai.OpenAI) -> None:
+    base = {"messages": MATH, "temperature": 0, "max_tokens": 12}
+    off = thinking_client.chat.completions.create(model="r1", reasoning_effort="none", **base)
+    zero = thinking_client.chat.completions.create(model="r1", extra_body={"thinking_budget_tokens": 0}, **base)
+    for r in (off, zero):
+        assert not _reasoning_of(r.choices[0].message) and r.choices[0].message.content
+    assert off.choices[0].message.content == zero.choices[0].message.content
+    # Qwen3's switch reaches its template: with thinking off, it writes an empty block and the model answers.
+    qwen = thinking_client.chat.completions.create(
+        model="qwen3", extra_body={"chat_template_kwargs": {"enable_thinking": False}}, **base
+    )
+    assert not _reasoning_of(qwen.choices[0].message) and qwen.usage.completion_tokens_details.reasoning_tokens == 0
+    # A model that cannot think answers normally when told not to.
+    plain = thinking_client.chat.completions.create(model="plain", reasoning_effort="none", **base)
+    assert plain.choices[0].message.content and not _reasoning_of(plain.choices[0].message)
+
+
+def test_an_effort_level_thinks_for_its_share_of_max_tokens(thinking_client: openai.OpenAI) -> None:
+    r = thinking_client.chat.completions.create(
+        model="r1", messages=MATH, temperature=0, max_tokens=64, reasoning_effort="low"
+    )
+    assert r.usage.completion_tokens_details.reasoning_tokens >= 64 // 4  # low: a quarter, then the end tag
+    assert _reasoning_of(r.choices[0].message) and r.choices[0].message.content
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"reasoning_effort": "extreme"}, "reasoning_effort"),
+        ({"thinking_budget_tokens": -1}, "thinking_budget_tokens"),
+        ({"thinking_budget_tokens": 2.5}, "thinking_budget_tokens"),
+        ({"chat_template_kwargs": "on"}, "chat_template_kwargs"),
+    ],
+)
+def test_bad_reasoning_fields_are_400s_naming_them(thinking_client: openai.OpenAI, fields: dict, param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        thinking_client.chat.completions.create(model="r1", messages=MATH, max_tokens=4, extra_body=fields)
+    assert err.value.body["param"] == param
+
+
+def test_a_model_that_cannot_think_refuses_to_in_each_dialect(thinking_server: lllms.HTTPServer) -> None:
+    cases = [
+        ("/v1/chat/completions", {"messages": MATH, "reasoning_effort": "high"}, "reasoning_effort"),
+        (
+            "/v1/messages",
+            {"messages": MATH, "max_tokens": 4, "thinking": {"type": "enabled", "budget_tokens": 8}},
+            None,
+        ),
+        ("/v1/responses", {"input": "Hi", "reasoning": {"effort": "low"}}, "reasoning"),
+        ("/api/chat", {"messages": MATH, "think": True, "stream": False}, None),
+    ]
+    for path, body, param in cases:
+        reply = http_request(thinking_server, "POST", path, {"model": "plain", **body})
+        assert reply.status == 400, (path, reply)
+        assert "does not think" in json.dumps(reply.body), reply
+        if param is not None:
+            assert reply.body["error"]["param"] == param
+
+
+def test_anthropic_thinking_blocks_come_before_the_text_streamed_and_not(thinking_server: lllms.HTTPServer) -> None:
+    sdk = anthropic.Anthropic(base_url=thinking_server.url, api_key="unused", max_retries=0, timeout=120)
+    kw = {
+        "model": "r1",
+        "messages": MATH,
+        "max_tokens": 40,
+        "extra_body": T0,
+        "thinking": {"type": "enabled", "budget_tokens": 8},
+    }
+    msg = sdk.messages.create(**kw)
+    assert [b.type for b in msg.content] == ["thinking", "text"]
+    assert msg.content[0].thinking and msg.content[0].signature and msg.content[1].text
+    with sdk.messages.stream(**kw) as stream:
+        final = stream.get_final_message()
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in final.content] == [
+        (b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in msg.content
+    ]
+    # The thinking block comes back in history, and the next turn answers.
+    history = [
+        *MATH,
+        {"role": "assistant", "content": [b.model_dump() for b in msg.content]},
+        {"role": "user", "content": "And magnetism?"},
+    ]
+    again = sdk.messages.create(**{**kw, "messages": history})
+    assert again.content[-1].type == "text"
+    off = sdk.messages.create(**{**kw, "thinking": {"type": "disabled"}})
+    assert [b.type for b in off.content] == ["text"]
+
+
+def test_responses_reasoning_item_comes_before_the_message_streamed_and_not(thinking_client: openai.OpenAI) -> None:
+    kw = {
+        "model": "r1",
+        "input": "Explain gravity.",
+        "temperature": 0,
+        "max_output_tokens": 64,
+        "reasoning": {"effort": "low"},
+    }
+    r = thinking_client.responses.create(**kw)
+    assert [item.type for item in r.output] == ["reasoning", "message"]
+    thought = r.output[0].content[0].text
+    assert thought and r.output_text and r.usage.output_tokens_details.reasoning_tokens >= 16
+    with thinking_client.responses.stream(**kw) as stream:
+        events = list(stream)
+    kinds = [event.type for event in events]
+    assert "response.reasoning_text.delta" in kinds and kinds.index("response.reasoning_text.done") < kinds.index(
+        "response.output_text.delta"
+    )
+    final = events[-1].response  # completed, or incomplete when max_output_tokens cut the answer, as for r
+    # Its reasoning item goes back as input with the rest of the turn, and the conversation goes on.
+    history = [item.model_dump(exclude_none=True) for item in r.output]
+    follow = thinking_client.responses.create(
+        **{**kw, "input": [*history, {"role": "user", "content": "And magnetism?"}]}
+    )
+    assert [item.type for item in follow.output] == ["reasoning", "message"]
+    assert final.output[0].content[0].text == thought and final.output_text == r.output_text
+
+
+def test_ollama_think_gives_thinking_apart_streamed_and_not(thinking_server: lllms.HTTPServer) -> None:
+    client = ollama.Client(host=thinking_server.url, timeout=120)
+    options = {"temperature": 0, "num_predict": 48}
+    r = client.chat(model="r1", messages=MATH, think="low", options=options)
+    assert r.message.thinking and r.message.content
+    parts = list(client.chat(model="r1", messages=MATH, think="low", options=options, stream=True))
+    assert "".join(p.message.thinking or "" for p in parts) == r.message.thinking
+    assert "".join(p.message.content for p in parts) == r.message.content
+    off = client.chat(model="r1", messages=MATH, think=False, options=options)
+    assert not off.message.thinking and off.message.content
+    gen = client.generate(model="r1", prompt="Explain gravity.", think="low", options=options)
+    assert gen.thinking and gen.response
+
+
+def test_gpt4all_splits_thinking_too_and_answers_at_once_when_it_is_off(g4a_serve: Any, smollm2_g4a: str) -> None:
+    server = g4a_serve(smollm2_g4a, chat_template=R1_TEMPLATE, context_size=512)
+    thinking = server.chat("g", MATH, temperature=0, max_tokens=16)  # SmolLM2 never closes the block itself
+    assert thinking.choices[0].reasoning and not thinking.text and thinking.usage.reasoning_tokens > 0
+    for tag in ("<think>", "</think>"):
+        assert tag not in thinking.choices[0].reasoning
+    off = server.chat("g", MATH, temperature=0, max_tokens=16, reasoning_effort="none")
+    assert not off.choices[0].reasoning and off.text and off.usage.reasoning_tokens == 0
+    # gpt4all cannot stop mid-reply and go on, so only a budget of 0 (the end tag after the prompt) is honoured.
+    with pytest.raises(lllms.InvalidRequest) as err:
+        server.chat("g", MATH, max_tokens=8, thinking_budget_tokens=4)
+    assert err.value.param == "thinking_budget_tokens"
+
+
+def test_a_forced_tool_call_comes_after_the_thinking(thinking_client: openai.OpenAI) -> None:
+    r = thinking_client.chat.completions.create(
+        model="r1",
+        messages=[{"role": "user", "content": "What's the weather in Paris?"}],
+        tools=[WEATHER],
+        tool_choice="required",
+        temperature=0,
+        max_tokens=80,
+        extra_body={"thinking_budget_tokens": 8},
+    )
+    message = r.choices[0].message
+    assert _reasoning_of(message) and r.choices[0].finish_reason == "tool_calls", message
+    call = message.tool_calls[0]
+    assert call.function.name == "get_weather"
+    jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
