@@ -2057,7 +2057,7 @@ class _Job:
         if token is None or (not forced and self.model.lc.llama_vocab_is_eog(self.model.vocab, token)):
             return self.finish("stop")
         self.usage.completion_tokens += 1
-        raw = self.model.piece(token, special=forced)
+        raw = self.model.piece(token, special=forced or th is not None)  # harmony's channel tags are special tokens
         piece, reasoning = self.decoder.decode(raw), None
         if th is not None:
             reasoning, piece = th.feed(piece)
@@ -3039,6 +3039,8 @@ class _Gpt4AllRun:
     ) -> None:
         self.native, self.text, self.params, self.should_stop, self.max_new = native, text, params, should_stop, max_new
         self.thoughts = thoughts
+        # After a thinking budget, the text fed is the end tag the engine wrote in the reply: it counts as output.
+        self.fed_in_reply = thoughts is not None and thoughts.closed
         self.kept = native.n_past
         self.prompt_ids: list[int] = []
         self.pieces: list[tuple[str, int]] = []  # generated text, one entry per token (or per completed character)
@@ -3119,11 +3121,14 @@ class _Gpt4AllRun:
                 self.out.put(Chunk(emit, reasoning=reasoning or None))  # waits while the consumer is BUFFER behind
                 if self.cancelled.is_set():
                     return False  # the consumer closed the stream
-            full = self.generated >= min(self.max_new, self.native.n_ctx - self.kept - len(self.prompt_ids))
+            written = self.generated + (len(self.prompt_ids) if self.fed_in_reply else 0)
+            full = written >= self.max_new or self.generated >= self.native.n_ctx - self.kept - len(self.prompt_ids)
             if stopped:
                 self.finish = "stop"
             elif full or (self.should_stop is not None and self.should_stop()):
                 self.finish = "length"
+            elif th is not None and th.due():
+                self.finish = "think"  # the engine writes the end tag in a call of its own, and goes on
             return self.finish is None
         except Exception as exc:  # an exception must not cross the C callback
             self.failure = exc
@@ -3133,7 +3138,7 @@ class _Gpt4AllRun:
         if self.failure is not None:
             return self.failure
         tail, reasoning, finish = "", None, self.finish
-        if finish != "stop":
+        if finish not in ("stop", "think"):
             tail, reasoning, stopped = _reply_end(self.decoder, self.thoughts, self.stops)
             finish = "stop" if stopped else finish
         if finish is None:
@@ -3337,17 +3342,11 @@ class Gpt4AllEngine(Engine):
         req: Request | None = None,
     ) -> Iterator[Chunk]:
         """The reply to a chat (`req` gives its reasoning switches); a prompt that does not fit raises here, before
-        the first chunk. gpt4all cannot be stopped and resumed mid-reply, so a thinking budget must be 0: the end tag
-        then goes after the prompt."""
+        the first chunk."""
         self._need_text_model()
         text = self._render(messages, True, **(req.template_vars() if req else {}))
         thoughts = _thoughts(req, self._template, text, self.n_ctx) if req else None
-        if thoughts is not None and thoughts.budget:
-            raise InvalidRequest(
-                f"'{req.think_param}': the gpt4all engine cannot end thinking at a budget above 0",  # type: ignore[union-attr]
-                param=req.think_param,  # type: ignore[union-attr]
-            )
-        if thoughts is not None and thoughts.due():
+        if thoughts is not None and thoughts.due():  # a budget of 0: the end tag goes after the prompt
             text += thoughts.closing()
             thoughts.feed(thoughts.end)
         return self._start(text, p, "messages", should_stop, thoughts=thoughts)
@@ -3396,6 +3395,7 @@ class Gpt4AllEngine(Engine):
         should_stop: _StopCheck,
         generate: bool = True,
         thoughts: _Thoughts | None = None,
+        max_new: int | None = None,
     ) -> Iterator[Chunk]:
         """Start feeding and generating; returns once the prompt is evaluated, so a prompt that does not fit
         raises here, before any chunk."""
@@ -3415,7 +3415,8 @@ class Gpt4AllEngine(Engine):
         del self._spans[held:]
         if not native.rewind(sum(n for _, n in self._spans)):
             self._spans, pos = [], 0
-        max_new = (self.n_ctx if p.max_tokens is None else p.max_tokens) if generate else 0
+        if max_new is None:
+            max_new = (self.n_ctx if p.max_tokens is None else p.max_tokens) if generate else 0
         run = self._run = _Gpt4AllRun(native, text[pos:], p, should_stop, max_new, thoughts)
         run.started.wait()
         if run.generated == 0:
@@ -3446,7 +3447,32 @@ class Gpt4AllEngine(Engine):
                 chunk = run.take()
         finally:
             self._settle(run)
-        yield chunk
+        if chunk.finish_reason == "think":
+            yield from self._after_thinking(run, typing.cast(Usage, chunk.usage))
+        else:
+            yield chunk
+
+    def _after_thinking(self, run: _Gpt4AllRun, spent: Usage) -> Iterator[Chunk]:
+        """The thinking budget is spent: a second native call feeds the end tag after what the context holds and
+        generates the answer; its usage adds to the first's."""
+        thoughts = typing.cast(_Thoughts, run.thoughts)
+        closing = thoughts.closing()
+        reasoning, text = thoughts.feed(closing)
+        yield Chunk(text, reasoning=reasoning or None)
+        held, left = "".join(t for t, _ in self._spans), run.max_new - run.generated
+        if left <= 0:
+            yield Chunk("", "length", spent)
+            return
+        chunks = self._start(held + closing, run.params, "messages", run.should_stop, thoughts=thoughts, max_new=left)
+        try:
+            for ch in chunks:
+                if ch.usage is not None:  # the second call's prompt is the end tag after the first's context
+                    u, end_tag = ch.usage, ch.usage.prompt_tokens - ch.usage.cached_tokens
+                    completion = spent.completion_tokens + end_tag + u.completion_tokens
+                    ch.usage = Usage(spent.prompt_tokens, completion, spent.cached_tokens, thoughts.tokens)
+                yield ch
+        finally:
+            _close(chunks)
 
     def _settle(self, run: _Gpt4AllRun | None) -> None:
         """Make sure `run` no longer runs: stop it and wait for it, then record what the context holds."""

@@ -6673,10 +6673,13 @@ def test_gpt4all_splits_thinking_too_and_answers_at_once_when_it_is_off(g4a_serv
         assert tag not in thinking.choices[0].reasoning
     off = server.chat("g", MATH, temperature=0, max_tokens=16, reasoning_effort="none")
     assert not off.choices[0].reasoning and off.text and off.usage.reasoning_tokens == 0
-    # gpt4all cannot stop mid-reply and go on, so only a budget of 0 (the end tag after the prompt) is honoured.
-    with pytest.raises(lllms.InvalidRequest) as err:
-        server.chat("g", MATH, max_tokens=8, thinking_budget_tokens=4)
-    assert err.value.param == "thinking_budget_tokens"
+    # A budget ends the native call; a second one writes the end tag after the thinking, and answers.
+    budget = server.chat("g", MATH, temperature=0, max_tokens=24, thinking_budget_tokens=4)
+    assert budget.choices[0].reasoning and budget.text and budget.usage.reasoning_tokens == 4
+    assert budget.usage.completion_tokens <= 24 and budget.usage.prompt_tokens == thinking.usage.prompt_tokens
+    streamed = list(server.chat("g", MATH, temperature=0, max_tokens=24, thinking_budget_tokens=4, stream=True))
+    assert "".join(c.reasoning or "" for c in streamed) == budget.choices[0].reasoning
+    assert "".join(c.text for c in streamed) == budget.text
 
 
 def test_a_forced_tool_call_comes_after_the_thinking(thinking_client: openai.OpenAI) -> None:
