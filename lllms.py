@@ -4286,6 +4286,8 @@ def _parse_messages(messages: Any) -> list[dict[str, Any]]:
         }
         if calls:
             msg["tool_calls"] = _parse_tool_calls(calls, where)
+        if role == "assistant" and m.get("reasoning_content"):  # a reasoning model's earlier thinking
+            msg["reasoning_content"] = _string(m["reasoning_content"], f"{where}.reasoning_content")
         if role == "tool":
             if not isinstance(m.get("tool_call_id"), str):
                 raise InvalidRequest(f"'{where}.tool_call_id' must be a string", param=f"{where}.tool_call_id")
@@ -4803,7 +4805,8 @@ def _tool_messages(messages: list[dict[str, Any]], plan: _ToolPlan | None) -> li
             if i and messages[i - 1]["role"] == "tool":  # consecutive results merge into one user message
                 out[-1]["content"] += "\n" + content
                 continue
-        out.append({"role": role, "content": content})
+        thought = {"reasoning_content": m["reasoning_content"]} if m.get("reasoning_content") else {}
+        out.append({"role": role, "content": content, **thought})  # the template keeps or drops the thinking
     if plan is not None and plan.functions:
         if out and out[0]["role"] == "system":
             out[0]["content"] += "\n\n" + _tool_instructions(plan)
@@ -5025,7 +5028,9 @@ def _anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                 if b["type"] == "tool_use"
             ]
             text = "".join(b["text"] for b in blocks if b["type"] == "text")
-            out.append({"role": "assistant", "content": text, **({"tool_calls": calls} if calls else {})})
+            thought = "".join(str(b.get("thinking", "")) for b in blocks if b["type"] == "thinking")
+            extra = {**({"tool_calls": calls} if calls else {}), **({"reasoning_content": thought} if thought else {})}
+            out.append({"role": "assistant", "content": text, **extra})
         elif role == "user":
             blocks = _content_parts(m.get("content"), where, ("text", "tool_result"))
             for b in (b for b in blocks if b["type"] == "tool_result"):
@@ -5226,15 +5231,12 @@ def _responses_input(items: Any) -> list[dict[str, Any]]:
     if not isinstance(items, list):
         raise InvalidRequest("'input' must be a string or a list of items", param="input")
     out: list[dict[str, Any]] = []
+    thought = ""  # a reasoning item's text, for the assistant turn after it
     for i, item in enumerate(items):
         kind, where = _object(item, f"input[{i}]").get("type", "message"), f"input[{i}]"
         if kind == "message":
-            out.append(
-                {
-                    "role": item.get("role"),
-                    "content": _content_text(item.get("content"), f"{where}.content", _TEXT_PARTS),
-                }
-            )
+            content = _content_text(item.get("content"), f"{where}.content", _TEXT_PARTS)
+            out.append({"role": item.get("role"), "content": content})
         elif kind == "function_call":
             call = ToolCall(item.get("call_id"), item.get("name"), item.get("arguments")).openai()
             if (
@@ -5247,12 +5249,16 @@ def _responses_input(items: Any) -> list[dict[str, Any]]:
             else:
                 out.append({"role": "assistant", "content": "", "tool_calls": [call]})
         elif kind == "reasoning":
-            continue  # earlier thinking: chat templates leave it out of the prompt, and so does lllms
+            parts = item.get("content") if isinstance(item.get("content"), list) else []
+            thought += "".join(p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str))
+            continue
         elif kind == "function_call_output":
             content = _content_text(item.get("output"), f"{where}.output", _TEXT_PARTS)
             out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": content})
         else:
             raise InvalidRequest(f"'{where}': {kind} items are not supported", param="input")
+        if thought and out[-1]["role"] == "assistant":
+            out[-1]["reasoning_content"], thought = thought, ""
     return out
 
 
@@ -5408,7 +5414,11 @@ class _ResponsesCall:
         }
         if ch is not None and body.get("store") is not False:
             calls = [t.openai() for t in ch.tool_calls]
-            reply = {"role": "assistant", "content": ch.text, **({"tool_calls": calls} if calls else {})}
+            said = {
+                **({"tool_calls": calls} if calls else {}),
+                **({"reasoning_content": ch.reasoning} if ch.reasoning else {}),
+            }
+            reply = {"role": "assistant", "content": ch.text, **said}
             self.store.put(out, [*self.history, reply])
         return out
 
@@ -5556,6 +5566,8 @@ def _ollama_messages(messages: Any) -> list[dict[str, Any]]:
         if m.get("images"):
             raise InvalidRequest(f"'messages[{i}].images': the model reads text only", param="images")
         msg = {k: m[k] for k in ("role", "content") if k in m}
+        if m.get("thinking"):
+            msg["reasoning_content"] = m["thinking"]
         if m.get("tool_calls"):
             msg["tool_calls"] = []
             for j, c in enumerate(m["tool_calls"] if isinstance(m["tool_calls"], list) else [None]):

@@ -6469,7 +6469,11 @@ def test_a_stream_whose_prompt_takes_long_gets_keepalives_before_its_first_event
 
 _CHATML_TURNS = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 R1_TEMPLATE = _CHATML_TURNS + "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
-QWEN3_TEMPLATE = _CHATML_TURNS + (
+# Qwen3 writes earlier thinking back into the prompt (reasoning_content); DeepSeek-R1's template drops it.
+QWEN3_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' and m['reasoning_content'] %}"
+    "<think>\n{{ m['reasoning_content'] }}</think>\n\n{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}"
+) + (
     "{% if add_generation_prompt %}<|im_start|>assistant\n"
     "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% else %}<think>\n"
     "{% endif %}{% endif %}"
@@ -6697,3 +6701,28 @@ def test_a_forced_tool_call_comes_after_the_thinking(thinking_client: openai.Ope
     call = message.tool_calls[0]
     assert call.function.name == "get_weather"
     jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+
+@pytest.mark.parametrize("model", ["r1", "qwen3"])
+def test_a_thinking_conversation_reuses_its_context_up_to_what_the_template_drops(
+    thinking_client: openai.OpenAI, model: str
+) -> None:
+    """Four turns, each answer sent back with its reasoning_content. R1's template drops earlier thinking, so a turn
+    reuses the previous prompt up to its opened <think>; Qwen3's keeps it, so a turn reuses the whole earlier
+    conversation, thinking and answer."""
+    messages: list[dict[str, Any]] = []
+    previous = None
+    for question in ("Explain gravity.", "And magnetism?", "Which is stronger?", "Give an example."):
+        messages.append({"role": "user", "content": question})
+        r = thinking_client.chat.completions.create(
+            model=model, messages=messages, temperature=0, max_tokens=40, extra_body={"thinking_budget_tokens": 8}
+        )
+        u = r.usage
+        if previous is not None:
+            if model == "r1":
+                assert previous.prompt_tokens - 4 <= u.prompt_tokens_details.cached_tokens < previous.prompt_tokens
+            else:
+                assert u.prompt_tokens_details.cached_tokens >= previous.prompt_tokens + previous.completion_tokens - 1
+        previous = u
+        said = {"role": "assistant", "content": r.choices[0].message.content}
+        messages.append({**said, "reasoning_content": _reasoning_of(r.choices[0].message)})
