@@ -6726,3 +6726,18 @@ def test_a_thinking_conversation_reuses_its_context_up_to_what_the_template_drop
         previous = u
         said = {"role": "assistant", "content": r.choices[0].message.content}
         messages.append({**said, "reasoning_content": _reasoning_of(r.choices[0].message)})
+
+
+def test_structured_output_comes_after_the_thinking(thinking_client: openai.OpenAI) -> None:
+    schema = {"type": "object", "properties": {"force": {"type": "string"}}, "required": ["force"]}
+    r = thinking_client.chat.completions.create(
+        model="r1",
+        messages=[{"role": "user", "content": "Name a force of nature, in JSON."}],
+        response_format={"type": "json_schema", "json_schema": {"name": "force", "schema": schema}},
+        temperature=0,
+        max_tokens=60,
+        extra_body={"thinking_budget_tokens": 8},
+    )
+    message = r.choices[0].message
+    assert _reasoning_of(message) and r.choices[0].finish_reason == "stop", message
+    jsonschema.validate(json.loads(message.content), schema)
