@@ -6537,6 +6537,12 @@ def test_openai_chat_splits_thinking_from_the_answer_at_its_budget_streamed_and_
         parts[-1].usage.completion_tokens_details.reasoning_tokens == usage.completion_tokens_details.reasoning_tokens
     )
     _check_chat_shapes(thinking_server.url, {**MATH_BODY, "model": model, "thinking_budget_tokens": 8}, openapi)
+    # A seed gives the same split, streamed and not, at a temperature above 0 too.
+    seeded = {**kw, "temperature": 0.9, "seed": 7}
+    one = thinking_client.chat.completions.create(**seeded).choices[0].message
+    deltas = [p.choices[0].delta for p in thinking_client.chat.completions.create(**seeded, stream=True) if p.choices]
+    assert "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas) == _reasoning_of(one)
+    assert "".join(d.content or "" for d in deltas) == one.content
 
 
 def test_reasoning_off_or_at_budget_zero_answers_at_once(thinking_client: openai.OpenAI) -> None:
