@@ -292,6 +292,9 @@ class ModelConfig:
     # thinks; true: it thinks between <think> and </think>; {"start": ..., "end": ...}: between these tags.
     reasoning: bool | dict[str, str] | None = None
     effort_budgets: dict[str, float] = field(default_factory=dict)  # each effort level's share of max_tokens
+    # Built-in tools (web_search, file_search, ...) a request offers: left out of the prompt and named in a header,
+    # or refused with a 400; None: the server's hosted_tools.
+    hosted_tools: Literal["leave_out", "refuse"] | None = None
     id: str = field(default="", metadata={"internal": True})
     defaults: SamplingParams = field(default=None, metadata={"internal": True})  # type: ignore[assignment]
 
@@ -373,6 +376,7 @@ class ServerConfig:
     stored_responses: int = _bound(1000, 0)  # Responses API results kept in memory for previous_response_id
     node_id: str | None = None  # this node's name behind a load balancer: the X-Lllms-Node header, status, metrics
     drain_delay: float = _bound(0.0, 0)  # seconds a stopping server keeps answering 503 before it stops listening
+    hosted_tools: Literal["leave_out", "refuse"] = "leave_out"  # built-in tools a request offers (see ModelConfig)
 
     def _check(self, path: str) -> None:
         for i, key in enumerate(self.api_keys):
@@ -2602,6 +2606,228 @@ def _json_grammar(schema: dict[str, Any], param: str = "response_format") -> str
     return _schema_grammar(json.dumps(schema, sort_keys=True), param)
 
 
+# Characters a JSON string holds only as escapes, and the ranges of those it may hold raw.
+_JSON_ESCAPED = [*range(0x20), 0x22, 0x5C]
+_JSON_RAW = ((0x20, 0x21), (0x23, 0x5B), (0x5D, 0x10FFFF))
+_REGEX_CLASSES = {
+    "CATEGORY_DIGIT": [(0x30, 0x39)],
+    "CATEGORY_SPACE": [(0x09, 0x0D), (0x20, 0x20)],
+    "CATEGORY_WORD": [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)],
+}
+# Lark's common terminals that grammars import, as regexes.
+_LARK_COMMON = {
+    "LF": r"\n",
+    "CR": r"\r",
+    "CRLF": r"\r\n",
+    "NEWLINE": r"(\r?\n)+",
+    "WS": r"[ \t\f\r\n]+",
+    "WS_INLINE": r"[ \t]+",
+    "DIGIT": r"[0-9]",
+    "HEXDIGIT": r"[a-fA-F0-9]",
+    "INT": r"[0-9]+",
+    "SIGNED_INT": r"[+-]?[0-9]+",
+    "LETTER": r"[A-Za-z]",
+    "LCASE_LETTER": r"[a-z]",
+    "UCASE_LETTER": r"[A-Z]",
+    "WORD": r"[A-Za-z]+",
+    "CNAME": r"[A-Za-z_][A-Za-z0-9_]*",
+}
+_LARK_TOKEN = re.compile(r'\s*(//.*|"(?:[^"\\]|\\.)*"i?|/(?:[^/\\]|\\.)+/[a-z]*|->\s*\w+|[()\[\]|?*+]|\w+|\S)')
+
+
+def _gbnf_char(c: int) -> str:
+    return chr(c) if chr(c).isascii() and chr(c).isalnum() else f"\\x{c:02X}" if c < 0x100 else f"\\U{c:08X}"
+
+
+def _gbnf_literal(text: str) -> str:
+    return (
+        '"'
+        + "".join(ch if ch.isascii() and ch.isprintable() and ch not in '"\\' else _gbnf_char(ord(ch)) for ch in text)
+        + '"'
+    )
+
+
+class _TextGrammar:
+    """GBNF for a custom tool's free-text input as the model writes it, inside a JSON string: any text, or text a
+    regex or a Lark grammar allows, each character as JSON writes it. Regexes are read by Python's own parser."""
+
+    def __init__(self, conv: Any, prefix: str, where: str) -> None:
+        self.conv, self.prefix, self.where = conv, prefix, where
+        self.sets: dict[tuple[Any, ...], str] = {}
+        self.rules: dict[str, str] = {}  # a Lark grammar's rule (or imported terminal) -> its GBNF name
+
+    def refuse(self, why: str) -> typing.NoReturn:
+        raise InvalidRequest(f"'{self.where}': {why}", param=self.where)
+
+    def input(self, fmt: dict[str, Any]) -> str:
+        """The rule for the whole input, quotes included."""
+        if fmt["type"] == "text":
+            return _visit_schema(self.conv, {"type": "string"}, f"{self.prefix}-input", self.where)
+        body = self.regex(fmt["definition"]) if fmt["syntax"] == "regex" else self.lark(fmt["definition"])
+        return _LlamaShim.add_rule(self.conv, f"{self.prefix}-input", f'"\\"" {body} "\\""')
+
+    def literal(self, text: str) -> str:
+        return _gbnf_literal(json.dumps(text, ensure_ascii=False)[1:-1])
+
+    def charset(self, ranges: list[tuple[int, int]], negate: bool) -> str:
+        """A rule for one character of a set, raw where JSON allows it, else escaped."""
+        key = (tuple(sorted(ranges)), negate)
+        if key not in self.sets:
+            inside = [c for c in _JSON_ESCAPED if any(lo <= c <= hi for lo, hi in ranges) != negate]
+            if negate:
+                raw = [*ranges, *((lo, hi) for lo, hi in ((0, 0x1F), (0x22, 0x22), (0x5C, 0x5C)))]
+            else:
+                raw = [(max(lo, a), min(hi, b)) for lo, hi in ranges for a, b in _JSON_RAW if max(lo, a) <= min(hi, b)]
+            spans = "".join(_gbnf_char(lo) + (f"-{_gbnf_char(hi)}" if hi > lo else "") for lo, hi in raw)
+            alternatives = ([f"[{'^' if negate else ''}{spans}]"] if raw else []) + [
+                self.literal(chr(c)) for c in inside
+            ]
+            if not alternatives:
+                self.refuse("the regex has a character class that matches nothing")
+            name = f"{self.prefix}-char{len(self.sets)}"
+            self.sets[key] = _LlamaShim.add_rule(self.conv, name, " | ".join(alternatives))
+        return self.sets[key]
+
+    def regex(self, pattern: str, flags: int = 0) -> str:
+        try:
+            tree = re._parser.parse(pattern, flags)  # the stdlib's own regex parser: its syntax, exactly
+        except re.error as exc:
+            self.refuse(f"the regex is invalid: {exc}")
+        if tree.state.flags & ~(re.UNICODE | re.DOTALL | re.VERBOSE):
+            self.refuse("regex flags other than s and x cannot be enforced")
+        return self.sequence(list(tree), bool(tree.state.flags & re.DOTALL))
+
+    def sequence(self, items: list[tuple[Any, Any]], dotall: bool) -> str:
+        out, text = [], ""
+        for op, av in items:
+            if str(op) == "LITERAL":
+                text += chr(av)
+                continue
+            out += [self.literal(text)] if text else []
+            text = ""
+            out.append(self.item(str(op), av, dotall))
+        out += [self.literal(text)] if text else []
+        return " ".join(x for x in out if x) or '""'
+
+    def item(self, op: str, av: Any, dotall: bool) -> str:
+        if op == "NOT_LITERAL":
+            return self.charset([(av, av)], True)
+        if op == "ANY":
+            return self.charset([] if dotall else [(10, 10)], True)
+        if op == "IN":
+            return self.charset(*self.ranges(av))
+        if op == "BRANCH":
+            return "(" + " | ".join(self.sequence(list(p), dotall) for p in av[1]) + ")"
+        if op == "SUBPATTERN" and not (av[1] or av[2]):
+            return "(" + self.sequence(list(av[3]), dotall) + ")"
+        if op in ("MAX_REPEAT", "MIN_REPEAT", "POSSESSIVE_REPEAT") and av[0] <= _MAX_REPEAT:
+            lo, hi = av[0], None if av[1] > _MAX_REPEAT else av[1]
+            times = {(0, None): "*", (1, None): "+", (0, 1): "?"}.get((lo, hi))
+            return f"({self.sequence(list(av[2]), dotall)})" + (times or f"{{{lo},{'' if hi is None else hi}}}")
+        if op == "AT" and str(av) in ("AT_BEGINNING", "AT_BEGINNING_STRING", "AT_END", "AT_END_STRING"):
+            return ""  # the whole input must match anyway
+        self.refuse(f"the regex uses {op.lower()} {av!s:.40}, which a grammar cannot enforce")
+
+    def ranges(self, items: list[tuple[Any, Any]]) -> tuple[list[tuple[int, int]], bool]:
+        negate, out = False, []
+        for op, av in items:
+            op = str(op)
+            av = str(av) if op == "CATEGORY" else av
+            if op == "NEGATE":
+                negate = True
+            elif op in ("LITERAL", "RANGE"):
+                out.append((av, av) if op == "LITERAL" else av)
+            elif op == "CATEGORY" and av in _REGEX_CLASSES:
+                out += _REGEX_CLASSES[av]
+            elif op == "CATEGORY" and len(items) == 1 and av.replace("_NOT", "") in _REGEX_CLASSES:
+                out, negate = _REGEX_CLASSES[av.replace("_NOT", "")], True
+            else:
+                self.refuse(f"the regex has a class item ({op.lower()} {av}) a grammar cannot enforce")
+        return out, negate
+
+    def lark(self, source: str) -> str:
+        """A Lark grammar's `start`: its rules and terminals, strings, regexes, groups, [optional] parts, ?, * and +,
+        and terminals imported from common. Lark's lexer is not modelled: each terminal is matched as it is written."""
+        bodies: dict[str, str] = {}
+        last = None
+        for line in source.splitlines():
+            head = re.match(r"\s*[?!]?(\w+)(\.-?\d+)?\s*:(?!:)(.*)", line)
+            text = line.strip()
+            if not text or text.startswith("//"):
+                continue
+            if text.startswith("%import"):
+                self.imports(text)
+            elif text.startswith("%"):
+                self.refuse(f"the Lark directive {text.split()[0]} cannot be enforced")
+            elif text.startswith("|") and last is not None:
+                bodies[last] += " " + text
+            elif head is not None:
+                last = head.group(1)
+                bodies[last] = head.group(3)
+            else:
+                self.refuse(f"cannot read the Lark line {text[:60]!r}")
+        if "start" not in bodies:
+            self.refuse("the Lark grammar has no start rule")
+        self.rules |= {name: f"{self.prefix}-{name.replace('_', '-')}" for name in bodies}
+        for name, body in bodies.items():
+            tokens = _LARK_TOKEN.findall(body)
+            gbnf = self.alternatives(tokens)
+            if tokens:
+                self.refuse(f"the Lark rule {name} has an unexpected {tokens[0]!r}")
+            _LlamaShim.add_rule(self.conv, self.rules[name], gbnf)
+        return self.rules["start"]
+
+    def imports(self, text: str) -> None:
+        found = re.fullmatch(r"%import\s+common\.(\w+)(?:\s*->\s*(\w+))?|%import\s+common\s*\(([\w\s,]+)\)", text)
+        names = (
+            [] if found is None else [found.group(1)] if found.group(1) else found.group(3).replace(",", " ").split()
+        )
+        for name in names or [text]:
+            if name not in _LARK_COMMON:
+                self.refuse(f"the Lark import {text!r} is not one lllms knows (common's {', '.join(_LARK_COMMON)})")
+            alias = (found.group(2) if found is not None else None) or name
+            self.rules[alias] = _LlamaShim.add_rule(
+                self.conv, f"{self.prefix}-{alias.replace('_', '-')}", self.regex(_LARK_COMMON[name])
+            )
+
+    def alternatives(self, tokens: list[str]) -> str:
+        options = [self.items(tokens)]
+        while tokens and tokens[0] == "|":
+            tokens.pop(0)
+            options.append(self.items(tokens))
+        return options[0] if len(options) == 1 else "(" + " | ".join(options) + ")"
+
+    def items(self, tokens: list[str]) -> str:
+        out = []
+        while tokens and tokens[0] not in ("|", ")", "]"):
+            token = tokens.pop(0)
+            if token.startswith(("->", "//")):
+                continue  # an alias, or a comment
+            atom = self.atom(token, tokens)
+            if tokens and tokens[0] in ("?", "*", "+"):
+                atom += tokens.pop(0)
+            out.append(atom)
+        return " ".join(out) or '""'
+
+    def atom(self, token: str, tokens: list[str]) -> str:
+        if token in ("(", "["):
+            inner, close = self.alternatives(tokens), ")" if token == "(" else "]"
+            if not tokens or tokens.pop(0) != close:
+                self.refuse(f"the Lark grammar misses a '{close}'")
+            return f"({inner})" + ("?" if token == "[" else "")
+        if token.startswith('"') and token.endswith('"'):
+            try:
+                return self.literal(json.loads(token))
+            except ValueError:
+                self.refuse(f"cannot read the Lark string {token[:60]}")
+        pattern, _, flags = token[1:].rpartition("/")
+        if token.startswith("/") and set(flags) <= {"s", "x"}:
+            return f"({self.regex(pattern, re.DOTALL * ('s' in flags) | re.VERBOSE * ('x' in flags))})"
+        if token in self.rules:
+            return self.rules[token]
+        self.refuse(f"the Lark grammar has {token!r}, which lllms cannot convert (or an undefined name)")
+
+
 @functools.lru_cache(maxsize=64)
 def _tool_grammar(plan_json: str) -> str:
     """GBNF for a reply: the call list (each call's arguments valid for its schema), or with `auto` plain text.
@@ -2613,10 +2839,15 @@ def _tool_grammar(plan_json: str) -> str:
     if plan.callable:
         calls = []
         for i, fn in enumerate(plan.functions):
-            if fn["name"] in plan.callable:
-                args = _visit_schema(conv, fn["parameters"], f"tool-{i}-arguments", f"tools[{i}].function.parameters")
-                head = lit('{"name": ' + json.dumps(fn["name"]) + ', "arguments": ')
-                calls.append(_LlamaShim.add_rule(conv, f"tool-{i}-call", f'{head} {args} "}}"'))
+            if fn["name"] not in plan.callable:
+                continue
+            where = plan.paths[i] if plan.paths else f"tools[{i}]"
+            if "format" in fn:  # a custom tool: a JSON string, of the text its format allows
+                args = _TextGrammar(conv, f"tool-{i}", f"{where}.custom.format").input(fn["format"])
+            else:
+                args = _visit_schema(conv, fn["parameters"], f"tool-{i}-arguments", f"{where}.function.parameters")
+            head = lit('{"name": ' + json.dumps(fn["name"]) + ', "arguments": ')
+            calls.append(_LlamaShim.add_rule(conv, f"tool-{i}-call", f'{head} {args} "}}"'))
         call = _LlamaShim.add_rule(conv, "tool-call", " | ".join(calls))
         many = f" ({lit(', ')} {call})*" if plan.parallel else ""
         roots.append(f"{lit(_TOOL_CALLS_OPEN)} {call}{many} {lit(']}')}")
@@ -4034,19 +4265,26 @@ class ToolCall:
     it (cut short when generation stopped inside it)."""
 
     id: str
-    name: str
+    name: str  # a namespace's member is "namespace.name"
     arguments: str = ""
+    custom: bool = False  # a custom tool's call: `arguments` is a JSON string, the tool's free-text input
 
     def openai(self) -> dict[str, Any]:
         """The call as OpenAI's Chat API writes it."""
+        if self.custom:
+            return {"id": self.id, "type": "custom", "custom": {"name": self.name, "input": self.input()}}
         return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
     def input(self) -> Any:
-        """The arguments as JSON; {} when they are not whole."""
-        try:
-            return json.loads(self.arguments)
-        except ValueError:
-            return {}
+        """The arguments as JSON ({} when they are not whole); a custom call's text (what there is of it)."""
+        # A custom call's string cut short is closed, after at most the 6 characters of an escape begun.
+        cut = [self.arguments[: len(self.arguments) - n] + '"' for n in range(7)] if self.custom else []
+        for text in (self.arguments, *cut):
+            try:
+                return json.loads(text)
+            except ValueError:
+                pass
+        return "" if self.custom else {}
 
 
 @dataclass
@@ -4081,6 +4319,7 @@ class Request:
     think_message: str | None = None  # written before the end tag when the budget ends the thinking
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # more variables for the chat template
     think_param: str = "reasoning_effort"  # the field that asked, which a 400 about it names
+    left_out: list[str] = field(default_factory=list)  # built-in tools offered that the model was not shown
     checked: bool = False  # check() has run: every dialect's parser ends with it, and submit() runs it if not
 
     def check(self) -> Request:
@@ -4252,14 +4491,18 @@ def _parse_tool_calls(calls: Any, where: str) -> list[ToolCall]:
         raise InvalidRequest(f"'{where}.tool_calls' must be a list", param=f"{where}.tool_calls")
     out = []
     for j, c in enumerate(calls):
-        fn = c.get("function") if isinstance(c, dict) else None
-        fields = (fn.get("name"), fn.get("arguments", ""), c.get("id", "")) if isinstance(fn, dict) else (None,)
+        custom = isinstance(c, dict) and c.get("type") == "custom"
+        fn = c.get("custom" if custom else "function") if isinstance(c, dict) else None
+        key = "input" if custom else "arguments"
+        fields = (fn.get("name"), fn.get(key, ""), c.get("id", "")) if isinstance(fn, dict) else (None,)
         if not all(isinstance(x, str) for x in fields):
             raise InvalidRequest(
-                f"'{where}.tool_calls[{j}]' must be {{id, type: 'function', function: {{name, arguments}}}}",
+                f"'{where}.tool_calls[{j}]' must be {{id, type: 'function', function: {{name, arguments}}}} or "
+                "{id, type: 'custom', custom: {name, input}}",
                 param=f"{where}.tool_calls",
             )
-        out.append(ToolCall(c.get("id", ""), fn["name"], fn.get("arguments", "")))
+        args = json.dumps(fn.get(key, ""), ensure_ascii=False) if custom else fn.get(key, "")
+        out.append(ToolCall(c.get("id", ""), fn["name"], args, custom))
     return out
 
 
@@ -4595,7 +4838,9 @@ def _finish(reason: str | None, req: Request) -> str | None:
 
 
 def _call_delta(d: dict[str, Any], req: Request) -> dict[str, Any]:
-    """A call delta in OpenAI's shape: id, type and name only in a call's first delta."""
+    """A call delta in OpenAI's shape: id, type and name only in a call's first delta; a custom call comes whole."""
+    if "custom" in d:
+        return ToolCall(d["id"], d["name"], d["arguments"], custom=True).openai() | {"index": d["index"]}
     fn = {"name": d["name"], "arguments": d["arguments"]} if "id" in d else {"arguments": d["arguments"]}
     if req.legacy_functions:
         return fn
@@ -4694,26 +4939,49 @@ def model_object(model: ModelConfig, created: int) -> dict[str, Any]:
 # ---- 6c. tools and structured output, for any chat model: the tool prompt, and a parser for the reply
 
 
-def _tool_function(tool: Any, i: int) -> dict[str, Any]:
-    where = f"tools[{i}]"
-    if not isinstance(tool, dict) or tool.get("type", "function") != "function":
-        raise InvalidRequest(f"'{where}' must be an object with type 'function'", param=where)
-    fn = tool.get("function")
-    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
-        raise InvalidRequest(f"'{where}.function' must be an object with a 'name'", param=f"{where}.function")
-    if not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", fn["name"]):
+_TOOL_NAME = r"([A-Za-z0-9_-]{1,64}\.)?[A-Za-z0-9_-]{1,64}"  # "namespace.name" for a namespace's members
+
+
+def _custom_format(fmt: Any, where: str) -> dict[str, Any]:
+    """A custom tool's input format: free text, or text a regex or a Lark grammar allows (Chat's shape)."""
+    if fmt is None or fmt == {"type": "text"}:
+        return {"type": "text"}
+    grammar = fmt.get("grammar") if isinstance(fmt, dict) and fmt.get("type") == "grammar" else None
+    if not isinstance(grammar, dict) or not isinstance(grammar.get("definition"), str):
         raise InvalidRequest(
-            f"'{where}.function.name' must be 1-64 letters, digits, underscores or dashes", param=f"{where}.function"
+            f"'{where}' must be {{\"type\": \"text\"}} or a grammar with a 'syntax' and a 'definition'", param=where
         )
-    for key, kind, what in (("parameters", dict, "a JSON schema object"), ("description", str, "a string")):
-        if not isinstance(fn.get(key), (kind, type(None))):
-            raise InvalidRequest(f"'{where}.function.{key}' must be {what}", param=f"{where}.function")
+    if grammar.get("syntax") not in ("regex", "lark"):
+        raise InvalidRequest(f"'{where}': the grammar syntax must be 'regex' or 'lark'", param=where)
+    if grammar["syntax"] == "regex":
+        try:
+            re.compile(grammar["definition"])
+        except re.error as exc:
+            raise InvalidRequest(f"'{where}': the regex is invalid: {exc}", param=where) from None
+    return {"type": "grammar", "syntax": grammar["syntax"], "definition": grammar["definition"]}
+
+
+def _tool_function(tool: Any, where: str) -> dict[str, Any]:
+    """A tool as the model is shown it: a function with its parameters' schema, or a custom tool with the format of
+    its free-text input."""
+    kind = tool.get("type", "function") if isinstance(tool, dict) else None
+    if kind not in ("function", "custom"):
+        raise InvalidRequest(f"'{where}' must be an object with type 'function' or 'custom'", param=where)
+    fn = tool.get(kind)
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise InvalidRequest(f"'{where}.{kind}' must be an object with a 'name'", param=f"{where}.{kind}")
+    if not re.fullmatch(_TOOL_NAME, fn["name"]):
+        raise InvalidRequest(
+            f"'{where}.{kind}.name' must be 1-64 letters, digits, underscores or dashes", param=f"{where}.{kind}"
+        )
+    for key, types_, what in (("parameters", dict, "a JSON schema object"), ("description", str, "a string")):
+        if not isinstance(fn.get(key), (types_, type(None))):
+            raise InvalidRequest(f"'{where}.{kind}.{key}' must be {what}", param=f"{where}.{kind}")
+    out = {"name": fn["name"], "description": fn.get("description") or ""}
+    if kind == "custom":
+        return {**out, "format": _custom_format(fn.get("format"), f"{where}.custom.format")}
     params = fn.get("parameters")
-    return {
-        "name": fn["name"],
-        "description": fn.get("description") or "",
-        "parameters": params if params is not None else {"type": "object", "properties": {}},
-    }
+    return {**out, "parameters": params if params is not None else {"type": "object", "properties": {}}}
 
 
 @dataclass
@@ -4726,10 +4994,40 @@ class _ToolPlan:
     callable: list[str]  # the names it may call
     mode: Literal["auto", "required", "none"]
     parallel: bool
+    paths: list[str] = field(default_factory=list)  # where each function was given, for errors ("tools[4].tools[1]")
+
+    def custom(self, name: str) -> bool:
+        """Whether a name is a custom tool's, whose input is free text."""
+        return any(f["name"] == name and "format" in f for f in self.functions)
 
 
-def _tool_plan(tools: Any, tool_choice: Any, parallel: Any, messages: list[dict[str, Any]]) -> _ToolPlan | None:
-    """Validate tools, tool_choice and parallel_tool_calls; None when the reply is plain text."""
+def _choice_names(choice: Any, names: list[str]) -> tuple[list[str], str] | None:
+    """The tools a tool_choice object allows, and whether one must be called; None for a malformed choice."""
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == "allowed_tools":
+        allowed = choice.get("allowed_tools")
+        allowed = allowed if isinstance(allowed, dict) else {}
+        tools, mode = allowed.get("tools"), allowed.get("mode")
+        if not isinstance(tools, list) or mode not in ("auto", "required"):
+            return None
+        given = [(t.get(t.get("type")) or {}).get("name") if isinstance(t, dict) else None for t in tools]
+    elif kind in ("function", "custom"):
+        given, mode = [(choice.get(kind) or {}).get("name")], "required"
+    else:
+        return None
+    if not all(isinstance(name, str) for name in given):
+        return None
+    for name in given:
+        if name not in names:
+            raise InvalidRequest(f"'tool_choice' names '{name}', which is not in 'tools'", param="tool_choice")
+    return given, mode
+
+
+def _tool_plan(
+    tools: Any, tool_choice: Any, parallel: Any, messages: list[dict[str, Any]], paths: list[str] | None = None
+) -> _ToolPlan | None:
+    """Validate tools, tool_choice and parallel_tool_calls; None when the reply is plain text. `paths` says where
+    each tool was given, when a dialect flattened them (a namespace's members)."""
     if parallel is not None and not isinstance(parallel, bool):
         raise InvalidRequest("'parallel_tool_calls' must be a boolean", param="parallel_tool_calls")
     history = any(m.get("tool_calls") for m in messages)
@@ -4741,26 +5039,28 @@ def _tool_plan(tools: Any, tool_choice: Any, parallel: Any, messages: list[dict[
         raise InvalidRequest("'tools' must be a list of function tools", param="tools")
     if len(tools) > 128:
         raise InvalidRequest("'tools' may hold at most 128 tools", param="tools")
-    functions = [_tool_function(t, i) for i, t in enumerate(tools)]
+    paths = paths or [f"tools[{i}]" for i in range(len(tools))]
+    functions = [_tool_function(t, where) for t, where in zip(tools, paths, strict=True)]
     names = [f["name"] for f in functions]
-    if len(set(names)) != len(names):
-        raise InvalidRequest("'tools' has two functions with the same name", param="tools")
+    for i, name in enumerate(names):
+        if name in names[:i]:
+            raise InvalidRequest(f"'{paths[i]}': two tools are named '{name}'", param="tools")
     choice = "auto" if tool_choice is None else tool_choice
     if choice == "none":
-        return _ToolPlan(functions, [], "none", False) if history else None
+        return _ToolPlan(functions, [], "none", False, paths) if history else None
     if choice in ("auto", "required"):
-        return _ToolPlan(functions, names, choice, parallel is not False)
-    fn = choice.get("function") if isinstance(choice, dict) else None
-    name = fn.get("name") if isinstance(fn, dict) else None
-    if not isinstance(name, str) or choice.get("type") != "function":
+        return _ToolPlan(functions, names, choice, parallel is not False, paths)
+    allowed = _choice_names(choice, names)
+    if allowed is None:
         raise InvalidRequest(
-            "'tool_choice' must be 'none', 'auto', 'required' or "
-            '{"type": "function", "function": {"name": ...}}',
+            "'tool_choice' must be 'none', 'auto', 'required', "
+            '{"type": "function", "function": {"name": ...}}, {"type": "custom", "custom": {"name": ...}} or '
+            '{"type": "allowed_tools", "allowed_tools": {"mode": ..., "tools": [...]}}',
             param="tool_choice",
         )
-    if name not in names:
-        raise InvalidRequest(f"'tool_choice' names '{name}', which is not in 'tools'", param="tool_choice")
-    return _ToolPlan(functions, [name], "required", False)
+    callable_, mode = allowed
+    forced_one = choice.get("type") != "allowed_tools"
+    return _ToolPlan(functions, callable_, mode, parallel is not False and not forced_one, paths)
 
 
 def _tool_instructions(plan: _ToolPlan) -> str:
@@ -4771,6 +5071,8 @@ def _tool_instructions(plan: _ToolPlan) -> str:
         f"\nAnswer in JSON: {calls} to call tools when the request needs one, "
         'or {"response": "..."} to reply to the user directly.'
     )
+    if any("format" in fn for fn in plan.functions):
+        lines.append('A tool with a "format" takes its input as one string in "arguments", written in that format.')
     return "\n".join(lines)
 
 
@@ -4822,6 +5124,7 @@ class _ReplyParser:
     def __init__(self, plan: _ToolPlan) -> None:
         # With tool_choice "none" only text comes: a reply shaped like a call is passed on as text.
         self.heads = (_RESPONSE_OPEN,) if plan.mode == "none" else (_TOOL_CALLS_OPEN, _RESPONSE_OPEN)
+        self.plan = plan
         self.state = "head"
         self.buf = ""  # undecided head, or a pending escape inside the response string
         self.expect = ""  # a literal still to skip
@@ -4863,12 +5166,7 @@ class _ReplyParser:
         elif state == "text":
             self._text(ch, content)
         elif state == "call":
-            self.buf += ch
-            if ch == '"':
-                call = ToolCall("call_" + secrets.token_hex(12), self.buf[:-1])
-                self.calls.append(call)
-                deltas.append({"index": len(self.calls) - 1, "id": call.id, "name": call.name, "arguments": ""})
-                self.state, self.buf, self.expect = "arguments", "", ', "arguments": '
+            self._name(ch, deltas)
         elif state == "arguments":
             self._arguments(ch, deltas)
         elif state == "between":
@@ -4876,6 +5174,15 @@ class _ReplyParser:
                 self.state, self.expect = "call", '{"name": "'
             elif ch == "]":
                 self.state = "done"
+
+    def _name(self, ch: str, deltas: list[dict[str, Any]]) -> None:
+        self.buf += ch
+        if ch == '"':
+            call = ToolCall("call_" + secrets.token_hex(12), self.buf[:-1], custom=self.plan.custom(self.buf[:-1]))
+            self.calls.append(call)
+            if not call.custom:  # a custom call's text comes whole, in one delta at its end
+                deltas.append({"index": len(self.calls) - 1, "id": call.id, "name": call.name, "arguments": ""})
+            self.state, self.buf, self.expect = "arguments", "", ', "arguments": '
 
     def _text(self, ch: str, content: list[str]) -> None:
         if self.buf:
@@ -4905,12 +5212,19 @@ class _ReplyParser:
             self.depth += 1
         elif ch in "}]":
             if self.depth == 0:  # the call's own closing brace
-                self.state = "between"
+                self.state, call = "between", self.calls[-1]
+                if call.custom:
+                    deltas.append(
+                        {"index": len(self.calls) - 1, "id": call.id, "name": call.name, "arguments": call.arguments}
+                        | {"custom": True}
+                    )
                 return
             self.depth -= 1
         elif ch.isspace() and self.depth == 0:
             return
         self.calls[-1].arguments += ch
+        if self.calls[-1].custom:
+            return
         if deltas and deltas[-1]["index"] == len(self.calls) - 1:  # one arguments fragment per call per chunk
             deltas[-1]["arguments"] += ch
         else:
@@ -4967,6 +5281,28 @@ def _refuse(body: dict[str, Any], fields: dict[str, str], engine: str) -> None:
             raise InvalidRequest(f"'{key}' is not supported by the {engine} engine: {why}", param=key)
 
 
+def _leave_out(tools: list[Any], own: tuple[str, ...], strict: bool) -> tuple[list[tuple[int, Any]], list[str]]:
+    """A request's tools (with their indices) without the built-in ones the server cannot run (web_search,
+    file_search, ...), and these ones' names. Agents offer them with every request, so they are left out, and the
+    caller told, rather than refused; `strict` (hosted_tools: "refuse") makes them a 400. `own`: the tool types the
+    dialect translates (a tool without a type is its first)."""
+    kept, left = [], []
+    for i, t in enumerate(tools):
+        kind = t.get("type", own[0]) if isinstance(t, dict) else None
+        if isinstance(kind, str) and kind not in own:
+            name = t["name"] if isinstance(t.get("name"), str) else kind
+            left.append(name if re.fullmatch(r"[\w.-]{1,64}", name) else f"tools[{i}]")
+        else:
+            kept.append((i, t))
+    if left and strict:
+        raise InvalidRequest(
+            f"'tools': {', '.join(left)} run on the API provider's servers; lllms cannot run them (hosted_tools is "
+            "'refuse')",
+            param="tools",
+        )
+    return kept, left
+
+
 def _started(s: CompletionStream) -> Iterator[Chunk]:
     """The stream's chunks, the first taken at once: a dialect that opens with an event of its own calls this
     first, so that errors before any output still get a plain status."""
@@ -4981,7 +5317,10 @@ def _blocks(chunks: Iterator[Chunk]) -> Iterator[tuple[str, int, str | ToolCall,
     index, kind, text = -1, "", ""  # the open block
     for ch in chunks:
         texts = [(k, t) for k, t in (("reasoning", ch.reasoning), ("text", ch.text)) if t]
-        calls = [(ToolCall(d["id"], d["name"]) if "id" in d else kind, d["arguments"]) for d in ch.tool_calls or ()]
+        calls = [
+            (ToolCall(d["id"], d["name"], custom="custom" in d) if "id" in d else kind, d["arguments"])
+            for d in ch.tool_calls or ()
+        ]
         for k, piece in [*texts, *calls]:
             if k != kind:
                 if index >= 0:
@@ -5047,27 +5386,30 @@ def _anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     return _parse_messages(out)
 
 
-def _anthropic_tools(body: dict[str, Any]) -> tuple[Any, Any, bool | None]:
-    """tools, tool_choice and parallel_tool_calls in OpenAI's shapes."""
-    tools = body.get("tools")
+def _anthropic_tools(body: dict[str, Any], strict: bool) -> tuple[Any, Any, bool | None, list[str]]:
+    """tools, tool_choice and parallel_tool_calls in OpenAI's shapes; Anthropic's own tools (web_search_..., bash_...)
+    are left out, and named last."""
+    tools, left = body.get("tools"), []
     if isinstance(tools, list):
-        for i, t in enumerate(tools):
-            kind = t.get("type", "custom") if isinstance(t, dict) else None
-            if kind != "custom":
-                raise InvalidRequest(f"'tools[{i}]': {kind} tools are not supported, only custom tools", param="tools")
+        kept, left = _leave_out(tools, ("custom",), strict)
+        for i, t in kept:
+            if not isinstance(t, dict):
+                raise InvalidRequest(f"'tools[{i}]' must be an object", param="tools")
         tools = [
-            {"type": "function", "function": {k: t.get(f) for k, f in _ANTHROPIC_TOOL_KEYS.items()}} for t in tools
+            {"type": "function", "function": {k: t.get(f) for k, f in _ANTHROPIC_TOOL_KEYS.items()}} for _, t in kept
         ]
     choice = body.get("tool_choice")
     kind = _object(choice, "tool_choice").get("type") if choice is not None else "auto"
     if kind == "tool":
         name = _string(choice.get("name"), "tool_choice.name")
+        if name in left:
+            raise InvalidRequest(f"'tool_choice': lllms cannot run the {name} tool", param="tool_choice")
         mapped: Any = {"type": "function", "function": {"name": name}}
     elif kind in ("auto", "any", "none"):
         mapped = {"any": "required"}.get(kind, kind)
     else:
         raise InvalidRequest("'tool_choice.type' must be auto, any, tool or none", param="tool_choice")
-    return tools, mapped, False if (choice or {}).get("disable_parallel_tool_use") else None
+    return tools, mapped, False if (choice or {}).get("disable_parallel_tool_use") else None, left
 
 
 def anthropic_request(body: dict[str, Any], config: ServerConfig, count: bool = False) -> Request:
@@ -5092,12 +5434,14 @@ def anthropic_request(body: dict[str, Any], config: ServerConfig, count: bool = 
     schema = None
     if (fmt := output.get("format")) is not None:  # structured output: {"type": "json_schema", "schema": {...}}
         schema = _object(_object(fmt, "output_config.format").get("schema"), "output_config.format.schema")
+    tools, choice, parallel, left_out = _anthropic_tools(body, (model.hosted_tools or config.hosted_tools) == "refuse")
     return Request(
         "chat",
         model,
         params,
         messages=messages,
-        tools=_tool_plan(*_anthropic_tools(body), messages),
+        tools=_tool_plan(tools, choice, parallel, messages),
+        left_out=left_out,
         json_schema=schema,
         schema_param="output_config",
         stream=_bool_field(body, "stream") and not count,
@@ -5237,8 +5581,12 @@ def _responses_input(items: Any) -> list[dict[str, Any]]:
         if kind == "message":
             content = _content_text(item.get("content"), f"{where}.content", _TEXT_PARTS)
             out.append({"role": item.get("role"), "content": content})
-        elif kind == "function_call":
-            call = ToolCall(item.get("call_id"), item.get("name"), item.get("arguments")).openai()
+        elif kind in ("function_call", "custom_tool_call"):
+            name, namespace = item.get("name"), item.get("namespace")
+            name = f"{namespace}.{name}" if isinstance(namespace, str) and isinstance(name, str) else name
+            custom = kind == "custom_tool_call"
+            said = json.dumps(item.get("input"), ensure_ascii=False) if custom else item.get("arguments")
+            call = ToolCall(item.get("call_id"), name, said, custom).openai()
             if (
                 out
                 and out[-1]["role"] == "assistant"
@@ -5252,7 +5600,7 @@ def _responses_input(items: Any) -> list[dict[str, Any]]:
             parts = item.get("content") if isinstance(item.get("content"), list) else []
             thought += "".join(p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str))
             continue
-        elif kind == "function_call_output":
+        elif kind in ("function_call_output", "custom_tool_call_output"):
             content = _content_text(item.get("output"), f"{where}.output", _TEXT_PARTS)
             out.append({"role": "tool", "tool_call_id": item.get("call_id"), "content": content})
         else:
@@ -5262,26 +5610,66 @@ def _responses_input(items: Any) -> list[dict[str, Any]]:
     return out
 
 
-def _responses_tools(body: dict[str, Any]) -> tuple[Any, Any]:
-    """Function tools and tool_choice in Chat Completions' shapes; built-in tools are a 400 naming their type."""
-    tools = body.get("tools")
-    if isinstance(tools, list):
-        for i, t in enumerate(tools):
-            kind = t.get("type") if isinstance(t, dict) else None
-            if kind != "function":
-                raise InvalidRequest(
-                    f"'tools[{i}]': {kind} tools are not supported, only function tools", param="tools"
-                )
-        tools = [
-            {"type": "function", "function": {k: t.get(k) for k in ("name", "description", "parameters")}}
-            for t in tools
+def _chat_tool(t: dict[str, Any], namespace: str = "") -> dict[str, Any]:
+    """A Responses function or custom tool in Chat's shape; a namespace's member under its qualified name."""
+    kind, name = t.get("type"), t.get("name")
+    fn = {"name": f"{namespace}.{name}" if namespace and isinstance(name, str) else name}
+    fn["description"] = t.get("description")
+    if kind == "custom":
+        fmt = t.get("format")
+        if isinstance(fmt, dict) and fmt.get("type") == "grammar":
+            fmt = {"type": "grammar", "grammar": {k: fmt.get(k) for k in ("syntax", "definition")}}
+        return {"type": kind, "custom": {**fn, "format": fmt}}
+    return {"type": kind, "function": {**fn, "parameters": t.get("parameters")}}
+
+
+def _responses_choice(choice: Any, names: list[Any]) -> Any:
+    """A Responses tool_choice in Chat's shape. Naming a namespace lets the model call any of its members."""
+    if not isinstance(choice, dict):
+        return choice
+    kind, name, namespace = choice.get("type"), choice.get("name"), choice.get("namespace")
+    if kind in ("function", "custom"):
+        members = [m for m in names if isinstance(m, str) and m.startswith(f"{name}.")]
+        if kind == "function" and namespace is None and members:
+            listed = [{"type": "function", "function": {"name": m}} for m in members]
+            return {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": listed}}
+        return {"type": kind, kind: {"name": f"{namespace}.{name}" if namespace else name}}
+    if kind == "allowed_tools":
+        listed = [
+            {"type": t.get("type"), t.get("type"): {"name": t.get("name")}}
+            for t in choice.get("tools") or []
+            if isinstance(t, dict) and t.get("type") in ("function", "custom")
         ]
-    choice = body.get("tool_choice")
-    if isinstance(choice, dict) and choice.get("type") == "function":
-        choice = {"type": "function", "function": {"name": choice.get("name")}}
-    elif isinstance(choice, dict):
-        raise InvalidRequest(f"'tool_choice': {choice.get('type')} is not supported", param="tool_choice")
-    return tools, choice
+        return {"type": kind, "allowed_tools": {"mode": choice.get("mode"), "tools": listed}}
+    raise InvalidRequest(f"'tool_choice': lllms cannot run {kind} tools", param="tool_choice")
+
+
+def _responses_tools(body: dict[str, Any], strict: bool) -> tuple[Any, Any, list[str] | None, list[str]]:
+    """Function, custom and namespace tools, and tool_choice, in Chat Completions' shapes, with where each tool was
+    given; built-in tools are left out (their names come last)."""
+    tools, paths, left = body.get("tools"), None, []
+    if isinstance(tools, list):
+        kept, left = _leave_out(tools, ("function", "custom", "namespace"), strict)
+        tools, paths = [], []
+        for i, t in kept:
+            if not isinstance(t, dict) or t.get("type") != "namespace":
+                tools.append(_chat_tool(t) if isinstance(t, dict) else t)
+                paths.append(f"tools[{i}]")
+                continue
+            name, members = t.get("name"), t.get("tools")
+            if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
+                raise InvalidRequest(
+                    f"'tools[{i}].name' must be 1-64 letters, digits, underscores or dashes", param="tools"
+                )
+            if not isinstance(members, list) or not members:
+                raise InvalidRequest(f"'tools[{i}]': the namespace '{name}' has no tools", param="tools")
+            for j, m in enumerate(members):
+                if not isinstance(m, dict) or m.get("type") not in ("function", "custom"):
+                    raise InvalidRequest(f"'tools[{i}].tools[{j}]' must be a function or custom tool", param="tools")
+                tools.append(_chat_tool(m, name))
+                paths.append(f"tools[{i}].tools[{j}]")
+    names = [(t.get("function") or t.get("custom") or {}).get("name") for t in tools or () if isinstance(t, dict)]
+    return tools, _responses_choice(body.get("tool_choice"), names), paths, left
 
 
 def _text_format(text: Any) -> dict[str, Any] | None:
@@ -5335,6 +5723,8 @@ class _ResponsesCall:
             self.history = list(self.store.get(_string(previous, "previous_response_id"))[1])
         instructions = body.get("instructions")
         system = [{"role": "system", "content": _string(instructions, "instructions")}] if instructions else []
+        strict = (model.hosted_tools or config.hosted_tools) == "refuse"
+        tools, choice, paths, left_out = _responses_tools(body, strict)
         self.history += _responses_input(body.get("input"))
         messages = _parse_messages(system + self.history)
         return Request(
@@ -5342,7 +5732,8 @@ class _ResponsesCall:
             model,
             _dialect_params(body, _RESPONSES_SAMPLING),
             messages=messages,
-            tools=_tool_plan(*_responses_tools(body), body.get("parallel_tool_calls"), messages),
+            tools=_tool_plan(tools, choice, body.get("parallel_tool_calls"), messages, paths),
+            left_out=left_out,
             json_schema=_text_format(body.get("text")),
             schema_param="text.format",
             stream=_bool_field(body, "stream"),
@@ -5369,8 +5760,13 @@ class _ResponsesCall:
         return items
 
     def _call_item(self, call: ToolCall, status: str) -> dict[str, Any]:
-        head = {"type": "function_call", "id": "fc_" + call.id.removeprefix("call_"), "call_id": call.id}
-        return {**head, "name": call.name, "arguments": call.arguments, "status": status}
+        """A function_call or custom_tool_call item; a namespace's member with its namespace set apart."""
+        namespace, _, name = call.name.rpartition(".")
+        kind, tag = ("custom_tool_call", "ctc_") if call.custom else ("function_call", "fc_")
+        head = {"type": kind, "id": tag + call.id.removeprefix("call_"), "call_id": call.id}
+        head |= {"namespace": namespace} if namespace else {}
+        said = {"input": call.input()} if call.custom else {"arguments": call.arguments}
+        return {**head, "name": name, **said, "status": status}
 
     def response(self, c: Completion | None, req: Request, status: str = "completed") -> dict[str, Any]:
         """The response object; with the finished completion, stored with its conversation."""
@@ -5397,7 +5793,7 @@ class _ResponsesCall:
             "instructions": body.get("instructions"),
             "max_output_tokens": body.get("max_output_tokens"),
             "model": req.model.id,
-            "output": self._items(ch) if ch is not None else [],
+            "output": self._items(ch, status) if ch is not None else [],
             "parallel_tool_calls": body.get("parallel_tool_calls", True) is not False,
             "previous_response_id": body.get("previous_response_id"),
             "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None},
@@ -5462,14 +5858,20 @@ class _ResponsesCall:
         if isinstance(kind, ToolCall):
             call = kind
             item = self._call_item(dataclasses.replace(call, arguments=text), status)
+            ids = {"item_id": item["id"], "output_index": index}
             if step == "start":
                 yield event("response.output_item.added", output_index=index, item=item)
+            elif call.custom and step == "delta":  # its input comes whole, in one delta
+                yield event("response.custom_tool_call_input.delta", **ids, delta=item["input"])
+            elif call.custom:
+                yield event("response.custom_tool_call_input.done", **ids, input=item["input"])
+                yield event("response.output_item.done", output_index=index, item=item)
             elif step == "delta":
                 yield event(
                     "response.function_call_arguments.delta", item_id=item["id"], output_index=index, delta=text
                 )
             else:
-                done = {"item_id": item["id"], "output_index": index, "name": call.name, "arguments": text}
+                done = {**ids, "name": item["name"], "arguments": text}
                 yield event("response.function_call_arguments.done", **done)
                 yield event("response.output_item.done", output_index=index, item=item)
             return
@@ -6770,7 +7172,7 @@ class _Transport(BaseHTTPRequestHandler):
         self.headers = None  # type: ignore[assignment]
         self._expect_continue = self._body_read = False
         self._request_id, self._status, self._t0 = secrets.token_hex(8), 0, time.monotonic()
-        self._dialect, self._conversation_key = _DIALECTS["openai"], None
+        self._dialect, self._conversation_key, self._left_out = _DIALECTS["openai"], None, []
         super().handle_one_request()
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib signature)
@@ -7163,10 +7565,14 @@ class _Handler(_Transport):
             self.send_header("X-Lllms-Node", node)
         if self._conversation_key is not None:
             self.send_header("X-Conversation-Key", self._conversation_key)
+        if self._left_out:
+            self.send_header("X-Lllms-Tools-Left-Out", ", ".join(self._left_out))
         origin = self._cors_origin() if self.headers is not None else None
         if origin is not None:
             self.send_header("Access-Control-Allow-Origin", origin)
-            exposed = "X-Request-Id, X-Lllms-Instance, X-Lllms-Node, X-Conversation-Key, Retry-After"
+            exposed = (
+                "X-Request-Id, X-Lllms-Instance, X-Lllms-Node, X-Conversation-Key, X-Lllms-Tools-Left-Out, Retry-After"
+            )
             self.send_header("Access-Control-Expose-Headers", exposed)
             self.send_header("Vary", "Origin")
         super().end_headers()
@@ -7201,6 +7607,10 @@ class _Handler(_Transport):
         self._conversation_key = run.key(body)
         call = run if run.call is None else run.call(ms, self._conversation_key)
         req = call.request(body, ms.config)
+        self._left_out = req.left_out
+        agent = self.headers.get("User-Agent", "-")
+        for tool in self.server.first_left_out(self.client_address[0], agent, req.left_out):
+            log.info("left out the %s tool (lllms cannot run it) for %s, %s", tool, self.client_address[0], agent)
         result = ms.submit(req, cancel=_ClientWatch(self.connection))
         if isinstance(result, CompletionStream):
             return self._send_stream(result, call.events(result))
@@ -7232,7 +7642,17 @@ class _HTTPD(ThreadingHTTPServer):
         self.conns: dict[socket.socket, _Conn] = {}
         self.conns_lock = threading.Lock()
         self.draining = False
+        self.left_out_seen: set[tuple[str, str, str]] = set()  # (client, user agent, tool) already logged
         super().__init__(address, _Handler)
+
+    def first_left_out(self, client: str, agent: str, tools: list[str]) -> list[str]:
+        """The tools left out for this client (address and user agent) for the first time: one log line each."""
+        with self.conns_lock:
+            if len(self.left_out_seen) >= 10_000:  # bounded: past it, nothing more is logged
+                return []
+            new = [t for t in tools if (client, agent, t) not in self.left_out_seen]
+            self.left_out_seen.update((client, agent, t) for t in new)
+            return new
 
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.conns_lock:
@@ -7497,6 +7917,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--host", help="listen address (default: config listen.host or 127.0.0.1)")
     ap.add_argument("--port", type=int, help="listen port (default: config listen.port or 3000)")
     ap.add_argument("--node-id", help="this node's name behind a load balancer (default: config node_id)")
+    ap.add_argument(
+        "--context-size",
+        type=int,
+        metavar="TOKENS",
+        help="context_size of every chat model: each instance's tokens (agents need tens of thousands; see README)",
+    )
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     ap.add_argument("--version", action="version", version=f"lllms {__version__}")
     args = ap.parse_args(argv)
@@ -7509,6 +7935,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lllms: {exc}", file=sys.stderr)
         return 2
     config.node_id = args.node_id or config.node_id
+    if args.context_size is not None:
+        if args.context_size < 16:
+            print("lllms: --context-size must be at least 16", file=sys.stderr)
+            return 2
+        for m in config.models.values():
+            m.context_size = args.context_size if m.task != "embedding" else m.context_size
     if args.command == "list":
         return _list_models_dir(config)
     ms = ModelServer(config, progress=_ProgressPrinter())
