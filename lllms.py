@@ -2651,13 +2651,13 @@ class _TextGrammar:
     """GBNF for a custom tool's free-text input as the model writes it, inside a JSON string: any text, or text a
     regex or a Lark grammar allows, each character as JSON writes it. Regexes are read by Python's own parser."""
 
-    def __init__(self, conv: Any, prefix: str, where: str) -> None:
-        self.conv, self.prefix, self.where = conv, prefix, where
+    def __init__(self, conv: Any, prefix: str, where: str, name: str) -> None:
+        self.conv, self.prefix, self.where, self.name = conv, prefix, where, name
         self.sets: dict[tuple[Any, ...], str] = {}
         self.rules: dict[str, str] = {}  # a Lark grammar's rule (or imported terminal) -> its GBNF name
 
     def refuse(self, why: str) -> typing.NoReturn:
-        raise InvalidRequest(f"'{self.where}': {why}", param=self.where)
+        raise InvalidRequest(f"'{self.where}' (tool '{self.name}'): {why}", param=self.where)
 
     def input(self, fmt: dict[str, Any]) -> str:
         """The rule for the whole input, quotes included."""
@@ -2843,7 +2843,7 @@ def _tool_grammar(plan_json: str) -> str:
                 continue
             where = plan.paths[i] if plan.paths else f"tools[{i}]"
             if "format" in fn:  # a custom tool: a JSON string, of the text its format allows
-                args = _TextGrammar(conv, f"tool-{i}", f"{where}.custom.format").input(fn["format"])
+                args = _TextGrammar(conv, f"tool-{i}", f"{where}.custom.format", fn["name"]).input(fn["format"])
             else:
                 args = _visit_schema(conv, fn["parameters"], f"tool-{i}-arguments", f"{where}.function.parameters")
             head = lit('{"name": ' + json.dumps(fn["name"]) + ', "arguments": ')
@@ -3009,7 +3009,9 @@ class LlamaCppEngine(Engine):
                 tokens, text, rendered = self._prompt(req, g)
                 if len(tokens) >= shared.n_ctx:
                     raise InvalidRequest(
-                        f"the prompt is {len(tokens)} tokens but the model's context is {shared.n_ctx} tokens",
+                        # Worded as Anthropic's, and coded as OpenAI's: agents compact their history on either.
+                        f"prompt is too long: {len(tokens)} tokens > {shared.n_ctx - 1} maximum (the context of "
+                        f"model '{self.model.id}' is {shared.n_ctx} tokens)",
                         param="messages" if req.kind == "chat" else "prompt",
                         code="context_length_exceeded",
                     )
@@ -3662,7 +3664,7 @@ class Gpt4AllEngine(Engine):
             # kept context not at all, without a word (shifting is off). The whole prompt is then too long as well.
             if run.error is not None or not run.prompt_ids:
                 raise InvalidRequest(
-                    f"the prompt does not fit the model's context of {self.n_ctx} tokens",
+                    f"prompt is too long: it does not fit the context of model '{self.model.id}' ({self.n_ctx} tokens)",
                     param=param,
                     code="context_length_exceeded",
                 )
@@ -4942,22 +4944,23 @@ def model_object(model: ModelConfig, created: int) -> dict[str, Any]:
 _TOOL_NAME = r"([A-Za-z0-9_-]{1,64}\.)?[A-Za-z0-9_-]{1,64}"  # "namespace.name" for a namespace's members
 
 
-def _custom_format(fmt: Any, where: str) -> dict[str, Any]:
+def _custom_format(fmt: Any, where: str, name: str) -> dict[str, Any]:
     """A custom tool's input format: free text, or text a regex or a Lark grammar allows (Chat's shape)."""
     if fmt is None or fmt == {"type": "text"}:
         return {"type": "text"}
     grammar = fmt.get("grammar") if isinstance(fmt, dict) and fmt.get("type") == "grammar" else None
+    why = None
     if not isinstance(grammar, dict) or not isinstance(grammar.get("definition"), str):
-        raise InvalidRequest(
-            f"'{where}' must be {{\"type\": \"text\"}} or a grammar with a 'syntax' and a 'definition'", param=where
-        )
-    if grammar.get("syntax") not in ("regex", "lark"):
-        raise InvalidRequest(f"'{where}': the grammar syntax must be 'regex' or 'lark'", param=where)
-    if grammar["syntax"] == "regex":
+        why = "must be {\"type\": \"text\"} or a grammar with a 'syntax' and a 'definition'"
+    elif grammar.get("syntax") not in ("regex", "lark"):
+        why = f"the grammar syntax must be 'regex' or 'lark', not {grammar.get('syntax')!r}"
+    elif grammar["syntax"] == "regex":
         try:
             re.compile(grammar["definition"])
         except re.error as exc:
-            raise InvalidRequest(f"'{where}': the regex is invalid: {exc}", param=where) from None
+            why = f"the regex is invalid: {exc}"
+    if why is not None:
+        raise InvalidRequest(f"'{where}' (tool '{name}'): {why}", param=where)
     return {"type": "grammar", "syntax": grammar["syntax"], "definition": grammar["definition"]}
 
 
@@ -4979,7 +4982,7 @@ def _tool_function(tool: Any, where: str) -> dict[str, Any]:
             raise InvalidRequest(f"'{where}.{kind}.{key}' must be {what}", param=f"{where}.{kind}")
     out = {"name": fn["name"], "description": fn.get("description") or ""}
     if kind == "custom":
-        return {**out, "format": _custom_format(fn.get("format"), f"{where}.custom.format")}
+        return {**out, "format": _custom_format(fn.get("format"), f"{where}.custom.format", fn["name"])}
     params = fn.get("parameters")
     return {**out, "parameters": params if params is not None else {"type": "object", "properties": {}}}
 
@@ -5010,11 +5013,12 @@ def _choice_names(choice: Any, names: list[str]) -> tuple[list[str], str] | None
         tools, mode = allowed.get("tools"), allowed.get("mode")
         if not isinstance(tools, list) or mode not in ("auto", "required"):
             return None
-        given = [(t.get(t.get("type")) or {}).get("name") if isinstance(t, dict) else None for t in tools]
     elif kind in ("function", "custom"):
-        given, mode = [(choice.get(kind) or {}).get("name")], "required"
+        tools, mode = [choice], "required"
     else:
         return None
+    named = [t.get(t.get("type")) if isinstance(t, dict) else None for t in tools]
+    given = [n.get("name") if isinstance(n, dict) else None for n in named]
     if not all(isinstance(name, str) for name in given):
         return None
     for name in given:
@@ -5668,7 +5672,11 @@ def _responses_tools(body: dict[str, Any], strict: bool) -> tuple[Any, Any, list
                     raise InvalidRequest(f"'tools[{i}].tools[{j}]' must be a function or custom tool", param="tools")
                 tools.append(_chat_tool(m, name))
                 paths.append(f"tools[{i}].tools[{j}]")
-    names = [(t.get("function") or t.get("custom") or {}).get("name") for t in tools or () if isinstance(t, dict)]
+    names = [
+        (t.get("function") or t.get("custom") or {}).get("name")
+        for t in (tools if isinstance(tools, list) else [])
+        if isinstance(t, dict)
+    ]
     return tools, _responses_choice(body.get("tool_choice"), names), paths, left
 
 

@@ -2107,7 +2107,11 @@ def test_a_request_is_checked_once_whoever_submits_it(tiny_llama: str) -> None:
     [
         ("/v1/chat/completions", {"stop": [""]}, "stop"),
         ("/v1/completions", {"stop": [""]}, "stop"),
-        ("/v1/chat/completions", {"tools": [{"type": "custom", "custom": {"name": "f"}}]}, "tools[0]"),
+        (
+            "/v1/chat/completions",
+            {"tools": [{"type": "custom", "custom": {"name": "f", "format": {"type": "grammar", "grammar": {}}}}]},
+            "tools[0].custom.format",
+        ),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [IMAGE_PART]}]}, "messages[0].content"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [AUDIO_PART]}]}, "messages[0].content"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [FILE_PART]}]}, "messages[0].content"),
@@ -5361,12 +5365,242 @@ def test_responses_previous_response_id_reuses_the_stored_context(responses_clie
         responses_client.responses.create(**kw, previous_response_id=unstored.id, input="And a vegetable?")
 
 
-def test_responses_refuse_built_in_tools_by_name(responses_client: openai.OpenAI) -> None:
-    with pytest.raises(openai.BadRequestError) as exc:
+# ==== coding agents: namespace and custom tools, built-in tools left out, context overflow, a real Codex run
+
+CRM = {
+    "type": "namespace",
+    "name": "crm",
+    "description": "Customer tools",
+    "tools": [
+        {
+            "type": "function",
+            "name": "get_customer",
+            "description": "Look up a customer by id",
+            "parameters": {"type": "object", "properties": {"id": {"type": "string"}}, "required": ["id"]},
+        },
+        {"type": "function", "name": "list_orders", "parameters": {"type": "object", "properties": {}}},
+    ],
+}
+CODE = r"[A-Z]{3}-\d{2}"
+# Codex's apply_patch grammar, as Codex CLI sends it for models whose patches are free-form.
+APPLY_PATCH_LARK = """start: begin_patch hunk+ end_patch
+begin_patch: "*** Begin Patch" LF
+end_patch: "*** End Patch" LF?
+
+hunk: add_hunk | delete_hunk | update_hunk
+add_hunk: "*** Add File: " filename LF add_line+
+delete_hunk: "*** Delete File: " filename LF
+update_hunk: "*** Update File: " filename LF change_move? change?
+
+filename: /(.+)/
+add_line: "+" /(.*)/ LF -> line
+
+change_move: "*** Move to: " filename LF
+change: (change_context | change_line)+ eof_line?
+change_context: ("@@" | "@@ " /(.+)/) LF
+change_line: ("+" | "-" | " ") /(.*)/ LF
+eof_line: "*** End of File" LF
+
+%import common.LF
+"""
+# Each line a patch in that grammar may hold.
+PATCH_LINE = re.compile(
+    r"\*\*\* (Begin Patch|End Patch|End of File)|\*\*\* (Add|Delete|Update) File: .+|\*\*\* Move to: .+"
+    r"|@@( .+)?|[-+ ].*"
+)
+
+
+def custom_tool(name: str, syntax: str | None = None, definition: str = "") -> dict[str, Any]:
+    """A Responses custom tool: free text, or text a grammar of `syntax` allows."""
+    fmt = {"type": "text"} if syntax is None else {"type": "grammar", "syntax": syntax, "definition": definition}
+    return {"type": "custom", "name": name, "description": f"the {name} tool", "format": fmt}
+
+
+def test_namespace_tools_call_a_member_by_its_namespace_and_name_and_take_it_back(
+    responses_client: openai.OpenAI,
+) -> None:
+    kw: dict[str, Any] = {"model": "smol", "tools": [CRM], "temperature": 0, "max_output_tokens": 40}
+    ask = {"role": "user", "content": "Look up customer 42."}
+    r = responses_client.responses.create(
+        **kw, input=[ask], tool_choice={"type": "function", "name": "get_customer", "namespace": "crm"}
+    )
+    call = r.output[-1]
+    assert (call.type, call.namespace, call.name) == ("function_call", "crm", "get_customer"), r.output
+    assert "id" in json.loads(call.arguments)  # the member's own schema held the arguments
+    # The call goes back, namespace and all, with its output: the model sees its own call as it wrote it, so the
+    # whole earlier prompt is reused from the instance's context.
+    result = {"type": "function_call_output", "call_id": call.call_id, "output": "Ada Lovelace"}
+    back = responses_client.responses.create(
+        **kw, input=[ask, call.model_dump(exclude_none=True), result], tool_choice="none"
+    )
+    assert back.status in ("completed", "incomplete") and back.output[-1].type == "message"
+    assert back.usage.input_tokens_details.cached_tokens >= r.usage.input_tokens
+    # Naming the namespace alone lets the model pick any of its members.
+    either = responses_client.responses.create(**kw, input=[ask], tool_choice={"type": "function", "name": "crm"})
+    assert (either.output[-1].namespace, either.output[-1].name) in (("crm", "get_customer"), ("crm", "list_orders"))
+
+
+def test_custom_tools_take_free_text_a_regex_or_codexs_lark_grammar_allows(responses_client: openai.OpenAI) -> None:
+    kw: dict[str, Any] = {"model": "smol", "temperature": 0, "max_output_tokens": 60}
+    coded = responses_client.responses.create(
+        **kw,
+        input="Make up a code.",
+        tools=[custom_tool("code", "regex", CODE)],
+        tool_choice={"type": "custom", "name": "code"},
+    )
+    call = coded.output[-1]
+    assert call.type == "custom_tool_call" and re.fullmatch(CODE, call.input), coded.output
+    events = list(
         responses_client.responses.create(
-            model="smol", input="What is in the news?", tools=[{"type": "web_search"}], max_output_tokens=16
+            **kw,
+            input="Make up a code.",
+            tools=[custom_tool("code", "regex", CODE)],
+            tool_choice={"type": "custom", "name": "code"},
+            stream=True,
         )
-    assert "web_search" in exc.value.message
+    )
+    deltas = [e.delta for e in events if e.type == "response.custom_tool_call_input.delta"]
+    done = [e.input for e in events if e.type == "response.custom_tool_call_input.done"]
+    assert "".join(deltas) == done[0] == call.input  # the same greedy reply, streamed
+    free = responses_client.responses.create(
+        **kw, input="Write a haiku.", tools=[custom_tool("note")], tool_choice={"type": "custom", "name": "note"}
+    )
+    assert free.output[-1].type == "custom_tool_call" and isinstance(free.output[-1].input, str)
+    patch = responses_client.responses.create(
+        **{**kw, "max_output_tokens": 80},
+        input="Create the file hello.txt saying hi.",
+        tools=[custom_tool("apply_patch", "lark", APPLY_PATCH_LARK)],
+        tool_choice={"type": "custom", "name": "apply_patch"},
+    )
+    text = patch.output[-1].input
+    assert text.startswith("*** Begin Patch\n*** "), text
+    whole_lines = text.split("\n")[:-1]  # the last may be cut by max_output_tokens
+    assert all(PATCH_LINE.fullmatch(line) for line in whole_lines), text
+    # Its output goes back into the history.
+    result = {"type": "custom_tool_call_output", "call_id": call.call_id, "output": "accepted"}
+    back = responses_client.responses.create(
+        **kw, input=[{"role": "user", "content": "Make up a code."}, call.model_dump(exclude_none=True), result]
+    )
+    assert back.output[-1].type == "message"
+
+
+def test_chat_custom_tools_come_back_as_custom_calls_streamed_or_not(client: openai.OpenAI) -> None:
+    fmt = {"type": "grammar", "grammar": {"syntax": "regex", "definition": CODE}}
+    kw: dict[str, Any] = {
+        "model": "smol",
+        "messages": [{"role": "user", "content": "Make up a code."}],
+        "tools": [{"type": "custom", "custom": {"name": "code", "format": fmt}}],
+        "tool_choice": {"type": "custom", "custom": {"name": "code"}},
+        "temperature": 0,
+        "max_tokens": 40,
+    }
+    r = client.chat.completions.create(**kw)
+    call = r.choices[0].message.tool_calls[0]
+    assert (
+        call.type == "custom" and re.fullmatch(CODE, call.custom.input) and r.choices[0].finish_reason == "tool_calls"
+    )
+    streamed = [c for chunk in client.chat.completions.create(**kw, stream=True) for c in chunk.choices]
+    calls = [d for c in streamed for d in c.delta.tool_calls or ()]
+    assert [(d.type, d.model_extra["custom"]["input"]) for d in calls] == [("custom", call.custom.input)]
+    back = client.chat.completions.create(
+        **{
+            **kw,
+            "tool_choice": "none",
+            "messages": [
+                *kw["messages"],
+                r.choices[0].message.model_dump(exclude_none=True),
+                {"role": "tool", "tool_call_id": call.id, "content": "ok"},
+            ],
+        }
+    )
+    assert back.choices[0].message.content is not None
+
+
+@pytest.mark.parametrize(
+    ("tools", "named"),
+    [
+        ([{**CRM, "tools": []}], "crm"),
+        ([CRM, {**CRM, "tools": CRM["tools"][:1]}], "crm.get_customer"),
+        ([custom_tool("code", "regex", "[A-Z")], "code"),
+        ([custom_tool("code", "ebnf", "x")], "code"),
+        ([custom_tool("patch", "lark", 'start: "a"\n%ignore " "')], "patch"),
+        ([custom_tool("patch", "lark", "start: missing_rule")], "patch"),
+    ],
+    ids=[
+        "empty-namespace",
+        "duplicate-qualified-name",
+        "invalid-regex",
+        "unknown-syntax",
+        "lark-ignore",
+        "lark-undefined",
+    ],
+)
+def test_bad_agent_tools_are_400s_naming_the_tool(
+    http_server: lllms.HTTPServer, tools: list[dict[str, Any]], named: str
+) -> None:
+    body = {"model": "smol", "input": "hi", "tools": tools, "tool_choice": "required", "max_output_tokens": 4}
+    status, payload, _ = http_request(http_server, "POST", "/v1/responses", body)
+    assert status == 400 and payload["error"]["param"].startswith("tools"), payload
+    assert f"'{named}'" in payload["error"]["message"], payload
+
+
+def test_built_in_tools_are_left_out_named_in_a_header_and_logged_once_per_client(
+    http_server: lllms.HTTPServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    hosted = [{"type": "web_search"}, {"type": "file_search", "vector_store_ids": ["vs_1"]}]
+    body = {"model": "smol", "input": "hi", "tools": [CRM, *hosted], "max_output_tokens": 4}
+    with caplog.at_level("INFO", logger="lllms"):
+        replies = [
+            http_request(http_server, "POST", "/v1/responses", body, {"User-Agent": "agent-x/1"}) for _ in range(2)
+        ]
+    for status, payload, headers in replies:
+        assert status == 200 and headers["X-Lllms-Tools-Left-Out"] == "web_search, file_search", payload
+    logged = [r.getMessage() for r in caplog.records if "left out" in r.getMessage() and "agent-x/1" in r.getMessage()]
+    assert len(logged) == 2 and "web_search" in logged[0] and "file_search" in logged[1]
+    # Anthropic's own tools likewise.
+    tools = [
+        {"name": "get_time", "input_schema": {"type": "object"}},
+        {"type": "web_search_20250305", "name": "web_search"},
+    ]
+    anth = {"model": "smol", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], "tools": tools}
+    status, payload, headers = http_request(http_server, "POST", "/v1/messages", anth)
+    assert status == 200 and headers["X-Lllms-Tools-Left-Out"] == "web_search", payload
+    # Forcing one is a 400 that names it.
+    status, payload, _ = http_request(
+        http_server, "POST", "/v1/responses", {**body, "tool_choice": {"type": "web_search"}}
+    )
+    assert status == 400 and "web_search" in payload["error"]["message"]
+    status, payload, _ = http_request(
+        http_server, "POST", "/v1/messages", {**anth, "tool_choice": {"type": "tool", "name": "web_search"}}
+    )
+    assert (
+        status == 400
+        and payload["error"]["type"] == "invalid_request_error"
+        and "web_search" in payload["error"]["message"]
+    )
+
+
+def test_hosted_tools_refuse_makes_built_in_tools_a_400(smollm2: str) -> None:
+    server = lllms.start_http_server(smol_config(smollm2, hosted_tools="refuse"), host="127.0.0.1", port=0)
+    try:
+        body = {"model": "smol", "input": "hi", "tools": [{"type": "web_search"}], "max_output_tokens": 4}
+        status, payload, headers = http_request(server, "POST", "/v1/responses", body)
+        assert status == 400 and "web_search" in payload["error"]["message"] and "X-Lllms-Tools-Left-Out" not in headers
+    finally:
+        server.stop()
+
+
+def test_a_prompt_over_the_context_is_the_overflow_error_each_agent_compacts_on(
+    client: openai.OpenAI, anthropic_client: anthropic.Anthropic
+) -> None:
+    long = "lorem ipsum " * 700  # past the 1,024-token context of "smol"
+    with pytest.raises(openai.BadRequestError) as exc:
+        client.chat.completions.create(model="smol", messages=[{"role": "user", "content": long}], max_tokens=4)
+    assert exc.value.code == "context_length_exceeded" and "prompt is too long" in exc.value.message
+    with pytest.raises(anthropic.BadRequestError) as err:
+        anthropic_client.messages.create(model="smol", max_tokens=4, messages=[{"role": "user", "content": long}])
+    assert err.value.body["error"]["type"] == "invalid_request_error"
+    assert err.value.body["error"]["message"].startswith("prompt is too long")
 
 
 def test_openai_agents_runner_calls_a_forced_function_tool(http_server: lllms.HTTPServer) -> None:
