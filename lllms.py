@@ -2606,7 +2606,8 @@ def _json_grammar(schema: dict[str, Any], param: str = "response_format") -> str
     return _schema_grammar(json.dumps(schema, sort_keys=True), param)
 
 
-# Characters a JSON string holds only as escapes, and the ranges of those it may hold raw.
+# Characters a JSON string holds only as escapes (as ranges, and one by one), and the ranges of those it may hold raw.
+_JSON_ESCAPED_RANGES = ((0, 0x1F), (0x22, 0x22), (0x5C, 0x5C))
 _JSON_ESCAPED = [*range(0x20), 0x22, 0x5C]
 _JSON_RAW = ((0x20, 0x21), (0x23, 0x5B), (0x5D, 0x10FFFF))
 _REGEX_CLASSES = {
@@ -2675,7 +2676,7 @@ class _TextGrammar:
         if key not in self.sets:
             inside = [c for c in _JSON_ESCAPED if any(lo <= c <= hi for lo, hi in ranges) != negate]
             if negate:
-                raw = [*ranges, *((lo, hi) for lo, hi in ((0, 0x1F), (0x22, 0x22), (0x5C, 0x5C)))]
+                raw = [*ranges, *_JSON_ESCAPED_RANGES]
             else:
                 raw = [(max(lo, a), min(hi, b)) for lo, hi in ranges for a, b in _JSON_RAW if max(lo, a) <= min(hi, b)]
             spans = "".join(_gbnf_char(lo) + (f"-{_gbnf_char(hi)}" if hi > lo else "") for lo, hi in raw)
@@ -5218,10 +5219,8 @@ class _ReplyParser:
             if self.depth == 0:  # the call's own closing brace
                 self.state, call = "between", self.calls[-1]
                 if call.custom:
-                    deltas.append(
-                        {"index": len(self.calls) - 1, "id": call.id, "name": call.name, "arguments": call.arguments}
-                        | {"custom": True}
-                    )
+                    whole = {"id": call.id, "name": call.name, "arguments": call.arguments, "custom": True}
+                    deltas.append({"index": len(self.calls) - 1, **whole})
                 return
             self.depth -= 1
         elif ch.isspace() and self.depth == 0:
