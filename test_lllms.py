@@ -727,7 +727,8 @@ def test_prompt_longer_than_context_is_a_400(tiny_llama: str) -> None:
             ms.complete("t", "hello world " * 100)
         # Each conversation gets exactly its configured context; the message names the figures.
         assert exc.value.code == "context_length_exceeded" and exc.value.param == "prompt"
-        assert "prompt is 300 tokens" in exc.value.message and "context is 64 tokens" in exc.value.message
+        # Worded as Anthropic's "prompt is too long", on which agents compact their history.
+        assert "prompt is too long: 300 tokens" in exc.value.message and "is 64 tokens" in exc.value.message
         assert ms.complete("t", "hello", max_tokens=2).usage.completion_tokens <= 2  # the instance survived
         assert ms.status()["instances"][0]["state"] == "idle"
 
