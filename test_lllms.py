@@ -197,6 +197,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def external_program(names: tuple[str, ...], install: str, tests: str) -> str:
+    """A program some tests run for real: a skip where it is missing, except under CI, which must run them."""
+    found = (shutil.which(n) or shutil.which(n, path="/usr/sbin:/sbin") for n in names)
+    path = next(filter(None, found), None)
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"{names[0]} is not installed; .ci/run installs it ({install})")
+        pytest.skip(f"{names[0]} is not installed ({install}) - {tests} need it")
+    return path
+
+
 def assert_envelope(body: Any, *, param: str | None = None, code: str | None = None) -> None:
     assert set(body) == {"error"}
     err = body["error"]
@@ -5636,6 +5647,54 @@ def test_openai_agents_runner_calls_a_forced_function_tool(http_server: lllms.HT
     assert result.final_output == f"18 C and sunny in {calls[0]}"
 
 
+CODEX = "@openai/codex@0.171.0"  # .ci/run installs this version; the README's Codex config is tested with it
+
+
+def test_codex_exec_answers_through_the_readme_s_provider_config(smollm2: str, tmp_path: Any) -> None:
+    """The real Codex CLI, no feature flags: its own tools, a namespace and web_search, in a 12,288-token context."""
+    codex = external_program(("codex",), f"npm install -g {CODEX}", "the Codex test")
+    # Greedy with a repeat penalty: otherwise SmolLM2 repeats itself under Codex's long prompt until max_tokens, and
+    # Codex reports the cut-off reply as an error.
+    defaults = {"temperature": 0, "repeat_penalty": 1.5, "max_tokens": 256}
+    model = {"task": "text-completion", "file": smollm2, "max_instances": 1, "completion_defaults": defaults}
+    (tmp_path / "models.json").write_text(json.dumps({"models": {"smollm2-135m": model}}))
+    port = free_port()
+    home = tmp_path / "codex-home"
+    home.mkdir()
+    (home / "config.toml").write_text(
+        'model = "smollm2-135m"\nmodel_provider = "lllms"\n\n[model_providers.lllms]\nname = "lllms"\n'
+        f'base_url = "http://127.0.0.1:{port}/v1"\nwire_api = "responses"\n'
+    )
+    proc = _cli(["--config", str(tmp_path / "models.json"), "--context-size", "12288"], port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(proc, url)
+        run = subprocess.run(
+            [codex, "exec", "--json", "--skip-git-repo-check", "Say hello"],
+            cwd=tmp_path,
+            env={**os.environ, "CODEX_HOME": str(home)},
+            capture_output=True,
+            text=True,
+            timeout=1800,  # one prompt of about 9,000 tokens: 80 s on 2 cores, a deadline far past it
+        )
+        counts = parse_metrics(http_request(url, "GET", "/metrics")[1])
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(60)
+    events = [json.loads(line) for line in run.stdout.splitlines() if line.startswith("{")]
+    items = [e["item"] for e in events if e.get("type") == "item.completed"]
+    said = [i["text"] for i in items if i.get("type") == "agent_message"]
+    assert run.returncode == 0 and said and said[-1].strip(), run.stdout + run.stderr
+    responses = [
+        n
+        for (name, labels), n in counts.items()
+        if name == "lllms_http_requests_total"
+        and ("method", "POST") in labels
+        and "responses" in dict(labels)["endpoint"]
+    ]
+    assert sum(responses) == 1, counts  # the whole run evaluates one prompt: no retry, no second turn
+
+
 # ==== Ollama
 
 
@@ -6048,19 +6107,8 @@ def test_fuzzed_dialect_bodies_never_get_a_5xx_or_hang(dialect_tiny_server: lllm
 # ==== scaling out: three nodes behind HAProxy with examples/haproxy/lllms.cfg
 
 
-def external_program(names: tuple[str, ...], package: str, tests: str) -> str:
-    """A program some tests run for real: a skip where it is missing, except under CI, which must run them."""
-    found = (shutil.which(n) or shutil.which(n, path="/usr/sbin:/sbin") for n in names)
-    path = next(filter(None, found), None)
-    if path is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"{names[0]} is not installed; .ci/run installs Debian's {package} package")
-        pytest.skip(f"{names[0]} is not installed (apt-get install {package}) - {tests} need it")
-    return path
-
-
 def _haproxy() -> str:
-    return external_program(("haproxy",), "haproxy", "the scale-out tests")
+    return external_program(("haproxy",), "apt-get install haproxy", "the scale-out tests")
 
 
 class Cluster:
@@ -6395,7 +6443,7 @@ def test_claude_code_and_codex_request_shapes_are_served(http_server: lllms.HTTP
 
 def _chromium() -> str:
     names = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
-    return external_program(names, "chromium", "the dashboard tests")
+    return external_program(names, "apt-get install chromium", "the dashboard tests")
 
 
 class DevTools:
