@@ -5352,6 +5352,22 @@ _ANTHROPIC_UNSUPPORTED = {
 }
 
 
+def _tool_result_text(content: Any, where: str) -> str:
+    """A tool_result's content as text. `tool_reference` blocks, a client-side tool search's answer, name the
+    deferred tools it loads: they join the prompt's tools (see _anthropic_tools), and the result names them."""
+    parts = _content_parts(content, where, ("text", "tool_reference"))
+    names = [_string(p.get("tool_name"), f"{where}.tool_name") for p in parts if p["type"] == "tool_reference"]
+    text = "".join(p["text"] for p in parts if p["type"] == "text")
+    return "\n".join(([text] if text else []) + ([f"Tools loaded: {', '.join(names)}"] if names else []))
+
+
+def _loaded_tools(messages: Any) -> set[str]:
+    """The deferred tools that tool_reference blocks in the conversation's tool results have loaded."""
+    blocks = (b for m in messages if isinstance(m, dict) and isinstance(m.get("content"), list) for b in m["content"])
+    results = (b["content"] for b in blocks if isinstance(b, dict) and isinstance(b.get("content"), list))
+    return {r.get("tool_name") for c in results for r in c if isinstance(r, dict) and r.get("type") == "tool_reference"}
+
+
 def _anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
     """System and messages as OpenAI-shaped messages: tool_use blocks become tool_calls, tool_result blocks
     tool messages."""
@@ -5376,7 +5392,7 @@ def _anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         elif role == "user":
             blocks = _content_parts(m.get("content"), where, ("text", "tool_result"))
             for b in (b for b in blocks if b["type"] == "tool_result"):
-                result = _content_text(b.get("content", ""), f"{where}.content")
+                result = _tool_result_text(b.get("content", ""), f"{where}.content")
                 prefix = "Error: " if b.get("is_error") else ""
                 out.append({"role": "tool", "tool_call_id": b.get("tool_use_id"), "content": prefix + result})
             texts = [b["text"] for b in blocks if b["type"] == "text"]
@@ -5391,15 +5407,19 @@ def _anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 def _anthropic_tools(body: dict[str, Any], strict: bool) -> tuple[Any, Any, bool | None, list[str]]:
     """tools, tool_choice and parallel_tool_calls in OpenAI's shapes; Anthropic's own tools (web_search_..., bash_...)
-    are left out, and named last."""
+    are left out, and named last. A deferred tool (defer_loading) is shown once a client-side tool search has loaded
+    it; with the API's own tool search, which lllms cannot run, every one is."""
     tools, left = body.get("tools"), []
     if isinstance(tools, list):
         kept, left = _leave_out(tools, ("custom",), strict)
         for i, t in kept:
             if not isinstance(t, dict):
                 raise InvalidRequest(f"'tools[{i}]' must be an object", param="tools")
+        hosted_search = any(isinstance(t, dict) and str(t.get("type")).startswith("tool_search") for t in tools)
+        loaded = _loaded_tools(body.get("messages") or [])
+        shown = [t for _, t in kept if hosted_search or not t.get("defer_loading") or t.get("name") in loaded]
         tools = [
-            {"type": "function", "function": {k: t.get(f) for k, f in _ANTHROPIC_TOOL_KEYS.items()}} for _, t in kept
+            {"type": "function", "function": {k: t.get(f) for k, f in _ANTHROPIC_TOOL_KEYS.items()}} for t in shown
         ]
     choice = body.get("tool_choice")
     kind = _object(choice, "tool_choice").get("type") if choice is not None else "auto"

@@ -5602,6 +5602,40 @@ def test_hosted_tools_refuse_makes_built_in_tools_a_400(smollm2: str) -> None:
         server.stop()
 
 
+def test_deferred_tools_join_the_prompt_once_claude_code_s_tool_search_loads_them(
+    anthropic_client: anthropic.Anthropic,
+) -> None:
+    search = {"name": "ToolSearch", "description": "Find tools", "input_schema": {"type": "object"}}
+    deferred = {**ANTHROPIC_WEATHER, "defer_loading": True}
+    asked: Any = [{"role": "user", "content": "Weather in Paris?"}]
+
+    def count(tools: list[Any], messages: Any = asked) -> int:
+        return anthropic_client.messages.count_tokens(model="smol", messages=messages, tools=tools).input_tokens
+
+    alone, shown = count([search]), count([search, ANTHROPIC_WEATHER])
+    assert count([search, deferred]) == alone < shown  # deferred: not in the prompt until it is loaded
+    loaded = [
+        *asked,
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "ToolSearch", "input": {}}]},
+        {
+            "role": "user",
+            "content": [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": "toolu_1",
+                    "content": [{"type": "tool_reference", "tool_name": ANTHROPIC_WEATHER["name"]}],
+                }
+            ],
+        },
+    ]
+    assert count([search, deferred], loaded) == count([search, ANTHROPIC_WEATHER], loaded) > count([search], loaded)
+    reply = anthropic_client.messages.create(model="smol", max_tokens=4, messages=loaded, tools=[search, deferred])
+    assert reply.stop_reason in ("end_turn", "max_tokens", "tool_use")
+    # The API's own tool search is left out, so nothing could load a deferred tool: every one is shown.
+    hosted = {"type": "tool_search_tool_regex_20251119", "name": "tool_search_tool_regex"}
+    assert count([search, deferred, hosted]) == shown
+
+
 def test_a_prompt_over_the_context_is_the_overflow_error_each_agent_compacts_on(
     client: openai.OpenAI, anthropic_client: anthropic.Anthropic
 ) -> None:
