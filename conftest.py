@@ -207,12 +207,13 @@ def _write(writer: gguf.GGUFWriter) -> None:
 FIM_TOKENS = ["<fim_prefix>", "<fim_suffix>", "<fim_middle>"]
 
 
-def make_tiny_llama(path: str | Path, seed: int = 0, fim: bool = False) -> str:
+def make_tiny_llama(path: str | Path, seed: int = 0, fim: bool = False, split_max_tensors: int = 0) -> str:
     """Write a tiny random-weight ``llama`` GGUF with a ChatML template to ``path``.
 
     Byte-level BPE vocab (``gpt2`` model, ``default`` pre-tokenizer) covering all
     256 bytes, so any text can be tokenized. With ``fim``, three more control tokens
-    are declared as its fill-in-the-middle tokens. Returns the path as a string.
+    are declared as its fill-in-the-middle tokens. With ``split_max_tensors``, the model is
+    written as a split GGUF, ``NAME-00001-of-0000N.gguf`` and on. Returns the path as a string.
     """
     rng = np.random.default_rng(seed)
     tokens, types, merges = llama_vocab()
@@ -222,7 +223,7 @@ def make_tiny_llama(path: str | Path, seed: int = 0, fim: bool = False) -> str:
     n_vocab = len(tokens)
     head_dim = LLAMA_N_EMBD // LLAMA_N_HEAD
 
-    w = gguf.GGUFWriter(str(path), "llama")
+    w = gguf.GGUFWriter(str(path), "llama", split_max_tensors=split_max_tensors)
     w.add_name("tiny-llama")
     w.add_context_length(LLAMA_N_CTX)
     w.add_embedding_length(LLAMA_N_EMBD)

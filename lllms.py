@@ -98,7 +98,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal, Union
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 try:
     import fcntl
@@ -315,8 +315,8 @@ class ModelConfig:
             raise ConfigError(f"{path}: needs a source, 'file' or 'url'")
         if self.sha256 is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", self.sha256):
             raise ConfigError(f"{path}.sha256: must be 64 hex digits")
-        if self.url is not None and not re.match(r"https?://", self.url):
-            raise ConfigError(f"{path}.url: must be an http(s) URL, got {self.url!r}")
+        if self.url is not None and not re.match(r"https?://", self.url) and not _HF_NAME.fullmatch(self.url):
+            raise ConfigError(f"{path}.url: must be an http(s) URL or hf.co/USER/REPO[:QUANT], got {self.url!r}")
         if not 0 <= self.min_instances <= self.max_instances:
             raise ConfigError(
                 f"{path}.min_instances: must be between 0 and max_instances ({self.max_instances}), "
@@ -702,10 +702,16 @@ def url_path(url: str, models_dir: str) -> str:
     return path
 
 
+def _hf_endpoint() -> str:
+    """The Hugging Face Hub, or the mirror $HF_ENDPOINT names."""
+    return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+
+
 def _auth_headers(url: str, token: str | None = None) -> dict[str, str]:
-    """Authorization for a huggingface.co URL, from `token` or $HF_TOKEN; other hosts, and plain http, get none."""
-    parts = urlsplit(url)
-    if parts.scheme != "https" or parts.hostname not in _HF_HOSTS:
+    """Authorization for the Hub ($HF_ENDPOINT's host too), from `token` or $HF_TOKEN; other hosts, and plain http
+    to the Hub, get none."""
+    parts, mirror = urlsplit(url), urlsplit(_hf_endpoint())
+    if (parts.scheme != "https" or parts.hostname not in _HF_HOSTS) and parts[:2] != mirror[:2]:
         return {}
     token = (token or os.environ.get("HF_TOKEN") or "").strip()
     return {"Authorization": f"Bearer {token}"} if token else {}
@@ -737,22 +743,32 @@ def _sidecar(path: str, st: os.stat_result | None = None) -> dict[str, Any]:
     return {} if stale else data
 
 
+def _write_atomically(path: str, data: bytes) -> None:
+    """Write a small file whole or not at all, even across a crash: a temporary file, fsync, rename."""
+    tmp = f"{path}.{os.getpid()}.{threading.get_ident()}.tmp"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with _suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
 def _write_sidecar(path: str, digest: str, *, url: str | None = None) -> None:
     """Remember a file's sha256, keyed by its size and mtime, so later starts need not read it again."""
     st = os.stat(path)
     data: dict[str, Any] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
     if url is not None:
         data["url"] = url
-    side = path + ".lllms.json"
-    tmp = f"{side}.{os.getpid()}.{threading.get_ident()}.tmp"
     try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(data, f)
-        os.replace(tmp, side)
+        _write_atomically(path + ".lllms.json", json.dumps(data).encode())
     except OSError as exc:  # a read-only models_dir only costs a re-hash next time
-        log.debug("cannot write %s: %s", side, exc)
-        with _suppress(OSError):
-            os.remove(tmp)
+        log.debug("cannot write the sidecar of %s: %s", path, exc)
 
 
 def verify_file(
@@ -1116,13 +1132,107 @@ def fetch(
     return dest
 
 
+# ---- 3e. Hugging Face names: hf.co/USER/REPO[:QUANT] (or hf://...) resolved to files through the Hub's API
+
+_HF_NAME = re.compile(r"(?:hf\.co/|hf://|huggingface\.co/)([\w.-]+/[\w.-]+?)(?::([\w.-]+))?", re.IGNORECASE)
+_SPLIT_GGUF = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
+
+
+def _hf_get(url: str, token: str | None) -> Any:
+    """JSON from the Hub; None where it has nothing there (404, or 401 for a repo hidden without a token)."""
+    headers = {"User-Agent": "llama-cpp", "Accept": "application/json", **_auth_headers(url, token)}
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=30) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 404):
+            return None
+        raise DownloadError(f"the Hugging Face Hub answered {exc.code} for {url}") from None
+    except (OSError, ValueError) as exc:
+        raise DownloadError(f"cannot read {url}: {exc}") from None
+
+
+def _hf_resolve(repo: str, tag: str, token: str | None) -> list[dict[str, Any]]:
+    """The files of a repo's GGUF for a quant tag, as llama.cpp and Ollama pick it: the Hub's manifest names it
+    (its default for "latest"); else the file tree's GGUF whose name has the tag (Q4_K_M by default). A split
+    GGUF's parts come in order. Each file: {"path", "sha256", "size"}, from the tree's LFS entries."""
+    base = _hf_endpoint()
+    manifest = _hf_get(f"{base}/v2/{repo}/manifests/{tag}", token)
+    tree = _hf_get(f"{base}/api/models/{repo}/tree/main?recursive=true", token)
+    if not isinstance(tree, list):
+        raise DownloadError(f"the Hugging Face repo {repo} does not exist, or needs HF_TOKEN", permanent=True)
+    lfs = {e["path"]: e.get("lfs") or {} for e in tree if isinstance(e, dict) and str(e.get("path")).endswith(".gguf")}
+    ggufs = sorted(p for p in lfs if "mmproj" not in p.lower() and not _SPLIT_GGUF.search(p) or "-00001-of-" in p)
+    chosen = (manifest or {}).get("ggufFile", {}).get("rfilename") if isinstance(manifest, dict) else None
+    if chosen not in lfs:
+        want = "Q4_K_M" if tag == "latest" else tag
+        chosen = next((p for p in ggufs if want.upper() in p.upper()), ggufs[0] if ggufs and tag == "latest" else None)
+    if chosen is None:
+        tags = sorted(
+            {
+                m.group(1)
+                for p in ggufs
+                if (m := re.search(r"[-.]((?:[IQ]|BF|F)\d\w*?)(?:-\d{5}-of-\d{5})?\.gguf$", p, re.I))
+            }
+        )
+        raise DownloadError(
+            f"the Hugging Face repo {repo} has no GGUF for the tag {tag!r}"
+            + (f"; it has {', '.join(tags)}" if tags else ""),
+            permanent=True,
+        )
+    parts = [chosen]
+    if m := _SPLIT_GGUF.search(chosen):
+        parts = [chosen[: m.start()] + f"-{i:05d}-of-{m.group(2)}.gguf" for i in range(1, int(m.group(2)) + 1)]
+        if missing := [p for p in parts if p not in lfs]:
+            raise DownloadError(f"the Hugging Face repo {repo} lacks {missing[0]}", permanent=True)
+    return [{"path": p, "sha256": lfs[p].get("oid") or lfs[p].get("sha256"), "size": lfs[p].get("size")} for p in parts]
+
+
+def _hf_files(name: str, models_dir: str, token: str | None = None, network: bool = True) -> list[tuple[str, str, str]]:
+    """(url, path, sha256) of each file an hf.co/USER/REPO[:QUANT] name stands for. What the Hub said is kept beside
+    the files, so a later start needs no network; without `network` and nothing kept, []."""
+    m = _HF_NAME.fullmatch(name)
+    if m is None:
+        raise ConfigError(f"{name!r} is not a Hugging Face name: hf.co/USER/REPO[:QUANT]")
+    repo, tag = m.group(1), m.group(2) or "latest"
+    canonical = f"https://huggingface.co/{repo}/resolve/main/"
+    kept = os.path.join(os.path.dirname(url_path(canonical + "x", models_dir)), f".{tag}.lllms-manifest.json")
+    try:
+        with open(kept, encoding="utf-8") as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError):
+        if not network:
+            return []
+        files = _hf_resolve(repo, tag, token)
+        _write_atomically(kept, json.dumps({"name": name, "files": files}).encode())
+    return [
+        (
+            _hf_endpoint() + f"/{repo}/resolve/main/" + quote(f["path"]),
+            url_path(canonical + quote(f["path"]), models_dir),
+            f["sha256"],
+        )
+        for f in files
+    ]
+
+
+def _model_files(model: ModelConfig, models_dir: str, network: bool = False) -> list[tuple[str, str, str | None]]:
+    """(url, path, sha256) of each file a url model downloads (a split GGUF has several); [] for an hf.co/ name
+    not yet resolved when `network` is off."""
+    url = typing.cast(str, model.url)
+    if _HF_NAME.fullmatch(url):
+        return _hf_files(url, os.path.expanduser(models_dir), model.token, network)  # type: ignore[return-value]
+    return [(_normalize_url(url), url_path(_normalize_url(url), os.path.expanduser(models_dir)), model.sha256)]
+
+
 def _model_path(model: ModelConfig, models_dir: str) -> str:
-    """Where a model's file is: its `file` (absolute or under models_dir), or its url's place under models_dir."""
+    """Where a model's file is: its `file` (absolute or under models_dir), or its url's place under models_dir (the
+    first part of a split GGUF, which llama.cpp loads the others from)."""
     models_dir = os.path.expanduser(models_dir)
     if model.file is not None:
         path = os.path.expanduser(model.file)
         return path if os.path.isabs(path) else os.path.join(models_dir, path)
-    return url_path(_normalize_url(typing.cast(str, model.url)), models_dir)
+    files = _model_files(model, models_dir)
+    return files[0][1] if files else os.path.join(models_dir, "huggingface", "unresolved", str(model.url))
 
 
 class _ModelFile:
@@ -1161,7 +1271,7 @@ class _ModelFile:
         return {"bytes": self.done, "total": self.total, "percent": pct, "speed": round(self.speed), "eta": eta}
 
 
-# ---- 3e. GGUF metadata, read from a file's header without loading the model
+# ---- 3f. GGUF metadata, read from a file's header without loading the model
 
 
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
@@ -6649,10 +6759,11 @@ class ModelServer:
         return {m: f.error for m, f in self._files.items() if f.state == "error" and f.error}
 
     def _present(self, model: ModelConfig) -> bool:
-        """Whether a url model's file is already in place and checks out (no network)."""
+        """Whether a url model's files are already in place and check out (no network)."""
         try:
-            return verify_file(self._files[model.id].path, sha256=model.sha256, mode=model.verify)
-        except OSError:
+            files = _model_files(model, self.config.models_dir)
+            return bool(files) and all(verify_file(p, sha256=h, mode=model.verify) for _, p, h in files)
+        except (OSError, APIError):
             return False
 
     def _prepare(self, model: ModelConfig, block: bool, load: bool = True) -> None:
@@ -6702,17 +6813,19 @@ class ModelServer:
                         except Exception:  # a broken callback must not fail the download
                             log.exception("the progress callback failed")
 
-                fetch(
-                    _normalize_url(model.url),
-                    f.path,
-                    sha256=model.sha256,
-                    headers=_auth_headers(model.url, model.token),
-                    verify=model.verify,
-                    attempts=self.config.download_attempts,
-                    stall_timeout=self.config.download_stall_timeout,
-                    progress=progress,
-                    cancel=self._cancel_downloads,
-                )
+                # The first part of a split GGUF last: f.path ends as the file llama.cpp loads the others from.
+                for url, f.path, sha256 in reversed(_model_files(model, self.config.models_dir, network=True)):
+                    fetch(
+                        url,
+                        f.path,
+                        sha256=sha256,
+                        headers=_auth_headers(url, model.token),
+                        verify=model.verify,
+                        attempts=self.config.download_attempts,
+                        stall_timeout=self.config.download_stall_timeout,
+                        progress=progress,
+                        cancel=self._cancel_downloads,
+                    )
         except Exception as exc:
             error = exc if isinstance(exc, APIError) else Unavailable(f"model '{model.id}': {exc}")
             with self._files_lock:
@@ -7159,6 +7272,12 @@ class _ClientWatch:
         return self.gone
 
 
+def _too_large(length: int | str, limit: int) -> InvalidRequest:
+    return InvalidRequest(
+        f"request body of {length} bytes exceeds the limit of {limit}", code="body_too_large", status=413
+    )
+
+
 class _Transport(BaseHTTPRequestHandler):
     """HTTP/1.1 as lllms speaks it, kept apart from what it serves: the stdlib's hooks, deadlines and limits on
     headers and bodies, JSON bodies in, and JSON, chunked streams and keepalives out, each in the framing of the
@@ -7272,19 +7391,6 @@ class _Transport(BaseHTTPRequestHandler):
         return not self._body_read and (bool(self.headers.get("Transfer-Encoding")) or length not in ("", "0"))
 
     def _read_json(self) -> dict[str, Any]:
-        config = self.server.model_server.config
-        if self.headers.get("Transfer-Encoding"):
-            self.close_connection = True  # the unread body would poison keep-alive
-            raise InvalidRequest(
-                "chunked (and other Transfer-Encoding) request bodies are not supported; send Content-Length",
-                code="length_required",
-                status=411,
-            )
-        lengths = {v.strip() for v in self.headers.get_all("Content-Length") or []}
-        if len(lengths) > 1 or not all(re.fullmatch(r"[0-9]{1,18}", v) for v in lengths):
-            self.close_connection = True  # where this body ends is unknowable
-            raise InvalidRequest("invalid Content-Length header", code="invalid_content_length")
-        length = int(lengths.pop()) if lengths else 0
         ctype = self.headers.get("Content-Type")
         if ctype is not None and not _is_json_type(ctype) and self._dialect.json_bodies:
             raise InvalidRequest(
@@ -7292,37 +7398,77 @@ class _Transport(BaseHTTPRequestHandler):
                 code="unsupported_media_type",
                 status=415,
             )
-        limit = config.max_body_bytes
-        if length > limit:
+        config = self.server.model_server.config
+        return _parse_body(b"".join(self._body(config.max_body_bytes)), config)
+
+    def _body(self, limit: int | None) -> Iterator[bytes]:
+        """The request body in pieces, framed by Content-Length or chunked; over `limit` bytes is a 413."""
+        config, chunked = self.server.model_server.config, self.headers.get("Transfer-Encoding")
+        lengths = {v.strip() for v in self.headers.get_all("Content-Length") or []}
+        bad = len(lengths) > 1 or not all(re.fullmatch(r"[0-9]{1,18}", v) for v in lengths)
+        if bad or (chunked is not None and (chunked.strip().lower() != "chunked" or lengths)):
+            self.close_connection = True  # where this body ends is unknowable
+            if bad or lengths:
+                why = "invalid Content-Length header" if bad else "both Content-Length and Transfer-Encoding"
+                raise InvalidRequest(why, code="invalid_content_length")
+            why = f"Transfer-Encoding {chunked[:40]!r} is not supported: send 'chunked' or Content-Length"
+            raise InvalidRequest(why, code="unsupported_transfer_encoding", status=501)
+        length = int(lengths.pop()) if lengths else 0
+        if limit is not None and length > limit:
             self.close_connection = True  # the unread body would poison keep-alive
             # Read and drop a moderate excess so the client gets to read the 413 instead of a broken pipe.
             # (Not when the client awaits "100 Continue": it has sent nothing.)
             left = length if length <= 4 * limit and not self._expect_continue else 0
             while left > 0 and (got := self.rfile.read(min(left, 1 << 16))):
                 left -= len(got)
-            raise InvalidRequest(
-                f"request body of {length} bytes exceeds the limit of {limit}", code="body_too_large", status=413
-            )
-        if self._expect_continue and length > 0:
+            raise _too_large(length, limit)
+        if self._expect_continue and (length > 0 or chunked):
             self._expect_continue = False
             self.send_response_only(100)
             self.end_headers()
+        self._body_read, total = True, 0
         try:
-            raw: bytes | None = self.rfile.read(length)
+            for piece in self._chunked() if chunked else self._exactly(length):
+                total += len(piece)
+                if limit is not None and total > limit:
+                    self.close_connection = True
+                    raise _too_large(length or f"more than {limit}", limit)
+                yield piece
         except TimeoutError:
-            raw = None
-        self._body_read = True
-        self.server.arm(self._conn, None)  # the request is in: generating is not bounded by read_timeout
-        if raw is None or len(raw) < length:
             self.close_connection = True
-            if raw is None or self._conn.cut == "timeout":
-                raise InvalidRequest(
-                    f"the request body did not arrive within read_timeout ({config.read_timeout:g}s)",
-                    code="request_timeout",
-                    status=408,
-                )
-            raise InvalidRequest("the request body ended before Content-Length bytes", code="incomplete_body")
-        return _parse_body(raw, config)
+            raise InvalidRequest(
+                f"the request body did not arrive within read_timeout ({config.read_timeout:g}s)",
+                code="request_timeout",
+                status=408,
+            ) from None
+        self.server.arm(self._conn, None)  # the request is in: generating is not bounded by read_timeout
+
+    def _exactly(self, length: int) -> Iterator[bytes]:
+        while length > 0:
+            piece = self.rfile.read(min(length, 1 << 20))
+            if not piece:
+                self.close_connection = True
+                if self._conn.cut == "timeout":
+                    raise TimeoutError
+                raise InvalidRequest("the request body ended before its length", code="incomplete_body")
+            length -= len(piece)
+            yield piece
+
+    def _chunked(self) -> Iterator[bytes]:
+        """A chunked body's data (RFC 9112, 7.1): size lines, data, and trailers, which are dropped."""
+        while True:
+            size = self.rfile.readline(1024).split(b";", 1)[0].strip()
+            if not re.fullmatch(rb"[0-9A-Fa-f]{1,12}", size):
+                self.close_connection = True
+                raise InvalidRequest("a malformed chunk in a chunked request body", code="invalid_chunked_body")
+            if int(size, 16) == 0:
+                while self.rfile.readline(8192).strip():
+                    pass  # trailers
+                return
+            yield from self._exactly(int(size, 16))
+            if self.rfile.readline(8).strip():  # the line break after the data
+                self.close_connection = True
+                raise InvalidRequest("a chunk longer than its size in a chunked body", code="invalid_chunked_body")
 
     def _send_json(self, status: int, obj: Any, headers: dict[str, str] | None = None) -> None:
         self._send(status, _json_bytes(obj), "application/json", headers)
@@ -7896,15 +8042,19 @@ def _add_models(raw: dict[str, Any], specs: list[str], engine: str | None) -> di
     models = raw["models"]
     models_dir = os.path.expanduser(raw.get("models_dir") or raw.get("modelsPath") or _default_models_dir())
     for spec in specs:
-        url = spec if re.match(r"https?://", spec, re.IGNORECASE) else None
-        name = os.path.basename(urlsplit(spec).path if url else spec)
+        url = spec if re.match(r"https?://", spec, re.IGNORECASE) or _HF_NAME.fullmatch(spec) else None
+        files = _hf_files(spec, models_dir) if url and _HF_NAME.fullmatch(spec) else [(url, "", None)] if url else []
+        name = os.path.basename(urlsplit(files[0][0]).path if files else spec)
         model_id = re.sub(r"[^A-Za-z0-9_.:-]", "-", re.sub(r"\.gguf$", "", name, flags=re.IGNORECASE)) or "model"
+        model_id = re.sub(r"-00001-of-\d{5}$", "", model_id)
         if model_id in models:
             raise ConfigError(f"--model {spec}: the model id '{model_id}' is already in the config")
         path = os.path.abspath(spec)
-        if url is not None:
+        for part_url, part, sha256 in reversed(files):  # the first part of a split GGUF last, as the model's path
             printer = _ProgressPrinter()
-            path = fetch(url, url_path(_normalize_url(url), models_dir), progress=functools.partial(printer, model_id))
+            dest = part or url_path(_normalize_url(part_url), models_dir)
+            headers = _auth_headers(part_url)
+            path = fetch(part_url, dest, sha256=sha256, headers=headers, progress=functools.partial(printer, model_id))
         try:
             arch = _GgufHeader(path, lambda key: key == "general.architecture").values.get("general.architecture")
         except (OSError, ValueError) as exc:

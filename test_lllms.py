@@ -42,7 +42,7 @@ from hypothesis import strategies as st
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 import lllms
-from conftest import BERT_N_EMBD, DATA, DATA_PATH, EngineHooks, FileServer, LogWatch, engine_of
+from conftest import BERT_N_EMBD, DATA, DATA_PATH, EngineHooks, FileServer, LogWatch, engine_of, make_tiny_llama
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -3992,12 +3992,26 @@ def test_status_without_keys_shows_no_paths_and_head_options_work(tiny_llama: st
         assert headers["Access-Control-Allow-Origin"] == "http://app.example"
 
 
-def test_chunked_request_body_is_a_411(http_server: lllms.HTTPServer) -> None:
-    chunked = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
-    with RawSocket(http_server, chunked) as sock:
-        status, payload, _ = sock.read_response()
-    assert status == 411
-    assert_envelope(payload, code="length_required")
+def test_chunked_request_bodies_are_decoded_within_the_body_limit(tiny_server: lllms.HTTPServer) -> None:
+    body = json.dumps({**json.loads(tiny_body()), "max_tokens": 2}).encode()
+    head = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunked = b"5;ext=1\r\n" + body[:5] + b"\r\n%x\r\n" % (len(body) - 5) + body[5:] + b"\r\n0\r\nX-Trailer: 1\r\n\r\n"
+    again = b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"  # the same connection stays usable after it
+    with RawSocket(tiny_server, head + chunked + again) as sock:
+        first, payload, _ = sock.read_response()
+        second, models, _ = sock.read_response()
+    assert (first, payload["object"], second, models["object"]) == (200, "text_completion", 200, "list")
+    limit = tiny_server.model_server.config.max_body_bytes
+    cases = [
+        (b"%x\r\n" % (limit + 1) + b"x" * (limit + 1) + b"\r\n0\r\n\r\n", 413, "body_too_large"),
+        (b"zz\r\n{}\r\n0\r\n\r\n", 400, "invalid_chunked_body"),
+        (b"1\r\n{}\r\n0\r\n\r\n", 400, "invalid_chunked_body"),  # a chunk longer than its size
+    ]
+    for data, status, code in cases:
+        with RawSocket(tiny_server, head + data) as sock:
+            got, payload, headers = sock.read_response()
+        assert (got, headers.get("Connection")) == (status, "close"), payload
+        assert_envelope(payload, code=code)
 
 
 def test_streaming_request_in_queue_gets_its_queue_timeout(smollm2: str) -> None:
@@ -4119,7 +4133,8 @@ def test_framing_errors_get_a_4xx_envelope(tiny_server: lllms.HTTPServer) -> Non
     cases = [
         (post + b"Content-Length: 5\r\nContent-Length: 6\r\n\r\n{}", 400, "invalid_content_length"),
         (post + b"Content-Length: +5\r\n\r\n{}", 400, "invalid_content_length"),
-        (post + b"Transfer-Encoding: gzip\r\n\r\n", 411, "length_required"),
+        (post + b"Transfer-Encoding: gzip\r\n\r\n", 501, "unsupported_transfer_encoding"),
+        (post + b"Transfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n{}", 400, "invalid_content_length"),
         (b"GET /" + b"a" * 5000 + b" HTTP/1.1\r\n\r\n", 414, "uri_too_long"),
         (b"GET /health HTTP/1.1\r\n" + b"X-Big: " + b"b" * 5000 + b"\r\n\r\n", 431, "headers_too_large"),
         (b"GET /health HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(21)) + b"\r\n", 431, None),
@@ -6383,6 +6398,118 @@ def test_serve_a_model_from_a_url_in_one_line(tiny_llama: str, file_server: File
         )
         assert status == 200 and payload["model"] == "tiny-one"
         assert any(p.name == "tiny-one.gguf" for p in tmp_path.rglob("*.gguf"))  # in the download cache
+    finally:
+        _stop_cli(proc)
+
+
+# ---- models at run time: hf.co/ names through a stand-in for the Hugging Face Hub
+
+
+@dataclass
+class Hub:
+    """A stand-in for the Hugging Face Hub on file_server, reached through $HF_ENDPOINT: each repo's file tree (with
+    the LFS sha256s), its manifests (llama.cpp's shape) and its files under resolve/main, with Range."""
+
+    server: FileServer
+
+    def add(self, repo: str, files: dict[str, bytes], manifests: dict[str, str] | None = None) -> None:
+        tree = [{"type": "file", "path": "README.md", "size": 2, "oid": "0" * 40}]
+        for name, data in files.items():
+            lfs = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
+            tree.append({"type": "file", "path": name, "size": len(data), "oid": "1" * 40, "lfs": lfs})
+            self.server.files[f"/{repo}/resolve/main/{name}"] = data
+        self.server.files[f"/api/models/{repo}/tree/main"] = json.dumps(tree).encode()
+        for tag, name in (manifests or {}).items():
+            data = files[name]
+            gguf_file = {"rfilename": name, "size": len(data), "lfs": {"sha256": hashlib.sha256(data).hexdigest()}}
+            self.server.files[f"/v2/{repo}/manifests/{tag}"] = json.dumps({"ggufFile": gguf_file}).encode()
+
+    def gets(self, repo: str) -> list[str]:
+        return [g.path for g in self.server.gets() if repo in g.path]
+
+
+@pytest.fixture
+def hub(file_server: FileServer, monkeypatch: pytest.MonkeyPatch) -> Hub:
+    monkeypatch.setenv("HF_ENDPOINT", file_server.base)
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    return Hub(file_server)
+
+
+def test_hf_names_resolve_through_the_hub_and_start_again_without_it(hub: Hub, tiny_llama: str, tmp_path: Any) -> None:
+    """hf.co/USER/REPO:QUANT picks the quant's file from the tree; a bare name takes the manifest's (llama.cpp's
+    "latest"); hf:// is the same. Files download checked against the Hub's sha256, with the token, and a later
+    start with the Hub gone serves them from models_dir."""
+    other = make_tiny_llama(tmp_path / "other.gguf", seed=1)
+    files = {"tiny-Q8_0.gguf": _read(tiny_llama), "tiny-F16.gguf": _read(other), "mmproj-tiny-F16.gguf": b"x"}
+    hub.add("test/tiny-GGUF", files, {"latest": "tiny-Q8_0.gguf"})
+    m = {"task": "text-completion", "prepare": "blocking", "context_size": 64}
+    config = {
+        "models_dir": str(tmp_path / "models"),
+        "models": {"f16": {**m, "url": "hf.co/test/tiny-GGUF:f16"}, "latest": {**m, "url": "hf://test/tiny-GGUF"}},
+    }
+    with lllms.ModelServer(config) as ms:
+        st = ms.status()["models"]
+        assert (st["f16"]["status"], st["latest"]["status"]) == ("ready", "ready"), st
+        assert st["f16"]["file"].endswith(os.path.join("huggingface", "test", "tiny-GGUF-main", "tiny-F16.gguf"))
+        assert st["latest"]["file"].endswith("tiny-Q8_0.gguf")
+        assert _read(st["f16"]["file"]) == files["tiny-F16.gguf"]
+        assert ms.chat("f16", TINY_CHAT, max_tokens=2).usage.completion_tokens > 0
+    assert {g.authorization for g in hub.server.gets()} == {"Bearer hf_test"}
+    assert "/test/tiny-GGUF/resolve/main/mmproj-tiny-F16.gguf" not in hub.gets("mmproj")
+    seen = len(hub.server.gets())
+    hub.server.close()
+    with lllms.ModelServer(config) as ms:
+        assert {m["status"] for m in ms.status()["models"].values()} == {"ready"}
+        assert ms.chat("latest", TINY_CHAT, max_tokens=2).usage.completion_tokens > 0
+    assert len(hub.server.gets()) == seen
+
+
+def test_a_split_gguf_downloads_every_part_and_serves(hub: Hub, tmp_path: Any) -> None:
+    """Without a manifest, the tree's split GGUF is taken whole: every -0000N-of-0000M part, the first one loaded."""
+    make_tiny_llama(tmp_path / "split" / "tiny.gguf", split_max_tensors=8)
+    parts = {p.name: p.read_bytes() for p in sorted((tmp_path / "split").iterdir())}
+    assert len(parts) == 3
+    hub.add("test/split-GGUF", parts)
+    config = {
+        "models_dir": str(tmp_path / "models"),
+        "models": {"s": {"task": "text-completion", "url": "hf.co/test/split-GGUF", "context_size": 64}},
+    }
+    with lllms.ModelServer(config) as ms:
+        assert ms.chat("s", TINY_CHAT, max_tokens=2).usage.completion_tokens > 0
+        assert os.path.basename(ms.status()["models"]["s"]["file"]) == "tiny-00001-of-00003.gguf"
+    downloaded = [p for p in hub.gets("resolve/main")]
+    assert sorted(downloaded) == sorted(f"/test/split-GGUF/resolve/main/{name}" for name in parts)
+
+
+def test_hf_names_that_name_nothing_are_clear_errors(hub: Hub, tiny_llama: str, tmp_path: Any) -> None:
+    hub.add("test/tiny-GGUF", {"tiny-Q8_0.gguf": _read(tiny_llama), "tiny-Q4_K_M.gguf": _read(tiny_llama)})
+    models = {
+        "no-repo": {"task": "text-completion", "url": "hf.co/test/missing-GGUF", "prepare": "blocking"},
+        "no-tag": {"task": "text-completion", "url": "hf.co/test/tiny-GGUF:Q2_K", "prepare": "blocking"},
+    }
+    with lllms.ModelServer({"models_dir": str(tmp_path), "models": models}) as ms:
+        st = ms.status()["models"]
+        assert "test/missing-GGUF does not exist" in st["no-repo"]["error"]
+        assert "no GGUF for the tag 'Q2_K'; it has Q4_K_M, Q8_0" in st["no-tag"]["error"]
+        with pytest.raises(lllms.APIError, match="Q2_K"):
+            ms.chat("no-tag", TINY_CHAT, max_tokens=2)
+    for bad in ("hf.co/just-a-name", "hf.co/a/b/c", "hf.co/a/b:"):
+        with pytest.raises(lllms.ConfigError, match="must be an http"):
+            lllms.load_config({"models": {"m": {"task": "text-completion", "url": bad}}})
+
+
+def test_serve_an_hf_name_in_one_line(hub: Hub, tiny_llama: str, tmp_path: Any) -> None:
+    """`lllms serve hf.co/USER/REPO:QUANT`, as llama-server's -hf: resolved, downloaded, served under its file name."""
+    hub.add("test/tiny-GGUF", {"tiny-Q8_0.gguf": _read(tiny_llama)}, {"Q8_0": "tiny-Q8_0.gguf"})
+    port = free_port()
+    proc = _serve_cli(["serve", "hf.co/test/tiny-GGUF:Q8_0"], port, tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(proc, url)
+        status, payload, _ = http_request(
+            url, "POST", "/v1/completions", {"model": "tiny-Q8_0", "prompt": "hi", "max_tokens": 2}
+        )
+        assert status == 200 and payload["model"] == "tiny-Q8_0"
     finally:
         _stop_cli(proc)
 
