@@ -61,6 +61,7 @@ import bisect
 import codecs
 import collections
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import datetime
@@ -69,6 +70,7 @@ import hashlib
 import hmac
 import http.client
 import importlib.util
+import ipaddress
 import itertools
 import json
 import logging
@@ -92,7 +94,7 @@ import typing
 import urllib.error
 import urllib.request
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import suppress as _suppress
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -377,6 +379,9 @@ class ServerConfig:
     node_id: str | None = None  # this node's name behind a load balancer: the X-Lllms-Node header, status, metrics
     drain_delay: float = _bound(0.0, 0)  # seconds a stopping server keeps answering 503 before it stops listening
     hosted_tools: Literal["leave_out", "refuse"] = "leave_out"  # built-in tools a request offers (see ModelConfig)
+    # Who may pull, create, copy, delete, load and unload models: loopback clients, any client with a key, or none.
+    manage_models: Literal["loopback", "keyed", "off"] = "loopback"
+    pull_private_urls: bool = False  # whether pulls may fetch from loopback and private addresses
 
     def _check(self, path: str) -> None:
         for i, key in enumerate(self.api_keys):
@@ -384,8 +389,8 @@ class ServerConfig:
             if not re.fullmatch(r"[\x21-\x7e]+", key):
                 raise ConfigError(f"api_keys[{i}]: must be non-empty printable ASCII without spaces")
         for model_id, model in self.models.items():
-            if not re.fullmatch(r"[A-Za-z0-9_.:-]+", model_id):
-                raise ConfigError(f"models.{model_id}: model ids must match [A-Za-z0-9_.:-]+")
+            if not re.fullmatch(r"[A-Za-z0-9_.:-]+(/[A-Za-z0-9_.:-]+)*", model_id):
+                raise ConfigError(f"models.{model_id}: model ids must match [A-Za-z0-9_.:/-]+, slashes inside")
             model.id = model_id
 
 
@@ -1215,6 +1220,17 @@ def _hf_files(name: str, models_dir: str, token: str | None = None, network: boo
     ]
 
 
+def _public_host(host: str) -> None:
+    """A 403 unless every address of host is a public one."""
+    try:
+        addresses = {ipaddress.ip_address(a[4][0].split("%")[0]) for a in socket.getaddrinfo(host, 443)}
+    except (OSError, ValueError) as exc:
+        raise InvalidRequest(f"cannot resolve {host}: {exc}", param="model") from None
+    if not all(a.is_global for a in addresses):
+        why = f"{host} is a loopback or private address; pull_private_urls allows it"
+        raise InvalidRequest(why, param="model", code="forbidden", status=403)
+
+
 def _model_files(model: ModelConfig, models_dir: str, network: bool = False) -> list[tuple[str, str, str | None]]:
     """(url, path, sha256) of each file a url model downloads (a split GGUF has several); [] for an hf.co/ name
     not yet resolved when `network` is off."""
@@ -1323,6 +1339,30 @@ class _GgufHeader:
         if kind not in _GGUF_SCALARS:
             raise ValueError(f"unknown GGUF value type {kind}")
         return self._scalar(_GGUF_SCALARS[kind])
+
+
+# Architectures that only embed: a GGUF of one is served as an embedding model.
+_ENCODER_ARCHITECTURES = {
+    "bert",
+    "nomic-bert",
+    "nomic-bert-moe",
+    "jina-bert-v2",
+    "modern-bert",
+    "neo-bert",
+    "t5encoder",
+}
+
+
+def _file_entry(path: str) -> dict[str, Any]:
+    """The config of a model found at run time, from its GGUF's header: its task, and for a chat model room for a
+    chat and a second one, whatever it was trained for."""
+    try:
+        arch = _GgufHeader(path, lambda key: key == "general.architecture").values.get("general.architecture")
+    except (OSError, ValueError) as exc:
+        raise InvalidRequest(f"{os.path.basename(path)} is not a GGUF model: {exc}") from None
+    if arch in _ENCODER_ARCHITECTURES:
+        return {"task": "embedding"}
+    return {"task": "text-completion", "context_size": 4096, "max_instances": 2}
 
 
 # ==== 4. engines: the contract every engine keeps, then one sub-section per binding
@@ -3925,6 +3965,7 @@ class _Instance:
         self.context_tokens = 0
         self.preview = ""
         self.ttl = model.ttl  # seconds it may stay idle: the model's, or the last request's keep_alive
+        self.retired = False  # unloaded, or its model deleted or changed: it goes once its request ends
 
     def info(self) -> dict[str, Any]:
         return {
@@ -4096,12 +4137,13 @@ class _Pool:
             key = lease.context_key if lease.sound else ""
             self.release(lease.instance, lease.sound, key, lease.cached_tokens, ttl=ttl)
 
-    def model_ready(self, model: ModelConfig) -> None:
-        """A model's file is in place: load its min_instances and serve whoever waits for it."""
+    def model_ready(self, model: ModelConfig, at_least: int = 0) -> None:
+        """A model's file is in place: load its min_instances (or `at_least`) and serve whoever waits for it."""
         with self.cond:
             if self.stopping:
                 return
-            missing = model.min_instances - len(self.instances[model.id])
+            live = [i for i in self.instances[model.id] if not i.retired]
+            missing = max(model.min_instances, at_least) - len(live)
             reserved = [_Instance(model) for _ in range(max(missing, 0))]
             self.instances[model.id].extend(reserved)  # reserved under the lock, so no two callers double up
         for i, inst in enumerate(reserved):
@@ -4123,6 +4165,31 @@ class _Pool:
             self._errors.pop(model.id, None)
         if load:
             self.model_ready(model)
+
+    def add(self, model: ModelConfig) -> None:
+        """A model added at run time."""
+        with self.cond:
+            self.instances.setdefault(model.id, [])
+            if model.state_cache_bytes:
+                self.state_caches[model.id] = _StateCache(model.state_cache_bytes)
+
+    def unload(self, model_id: str, forget: bool = False) -> None:
+        """Free a model's instances: idle ones now, busy ones as their requests end. With `forget` the model is gone:
+        its waiting requests get a 404."""
+        with self.cond:
+            insts = self.instances.get(model_id, [])
+            for inst in insts:
+                inst.retired = True
+            doomed = [i for i in insts if i.state == "idle"]
+            insts[:] = [i for i in insts if i.state != "idle"]
+            for inst in doomed:
+                inst.state = "gone"
+            if forget:
+                self._paths.pop(model_id, None)
+                self.fail_model(model_id, NotFound(f"the model '{model_id}' was deleted", code="model_not_found"))
+                self._failed.pop(model_id, None)
+        for inst in doomed:
+            self._close(inst)
 
     def has_file(self, model_id: str) -> bool:
         return model_id in self._paths
@@ -4192,13 +4259,15 @@ class _Pool:
                 self.service_time = 0.8 * self.service_time + 0.2 * (now - inst.last_used)
                 inst.last_used, inst.last_used_wall = now, time.time()
             insts = self.instances[inst.model.id]
-            dispose = not ok or self.stopping or (inst.ttl == 0 and len(insts) > inst.model.min_instances)
+            dispose = (
+                not ok or self.stopping or inst.retired or (inst.ttl == 0 and len(insts) > inst.model.min_instances)
+            )
             inst.state = "gone" if dispose else "idle"
             if dispose and inst in insts:
                 insts.remove(inst)
             self._dispatch()
             self.cond.notify_all()
-            if dispose and not self.stopping:
+            if dispose and not self.stopping and not inst.retired:
                 self._replenish(inst.model)
         if dispose:
             self._close(inst)
@@ -4320,8 +4389,10 @@ class _Pool:
                 now = time.monotonic()
                 doomed: list[_Instance] = []
                 next_due = math.inf
-                for model_id, insts in self.instances.items():
-                    model = self.config.models[model_id]
+                for insts in self.instances.values():
+                    if not insts:
+                        continue
+                    model = insts[0].model
                     idle = sorted((i for i in insts if i.state == "idle"), key=lambda i: i.last_used)
                     for inst in idle[: max(len(insts) - model.min_instances, 0)]:
                         due = inst.last_used + inst.ttl
@@ -6344,6 +6415,14 @@ class _Run:
 
 
 @dataclass(frozen=True)
+class _Admin:
+    """A route that manages models (pulls URLs, writes and deletes files): only clients manage_models allows may
+    call it. `call` is a function of the ModelServer, the route's argument and the body, or a _Handler method."""
+
+    call: Callable[..., Any] | str
+
+
+@dataclass(frozen=True)
 class _Dialect:
     """One API dialect: the routes under its prefix (paths with "{id}" take the last segment as an argument), and
     how its errors and streams go on the wire."""
@@ -6360,14 +6439,19 @@ class _Dialect:
 
 
 def _openai_models(ms: ModelServer) -> dict[str, Any]:
-    return {"object": "list", "data": [model_object(m, ms.created) for m in ms.models()]}
+    return {"object": "list", "data": [model_object(m, ms.created) | ms.describe(m.id) for m in ms.models()]}
 
 
 def _openai_model(ms: ModelServer, model_id: str) -> dict[str, Any]:
-    model = ms.config.models.get(model_id)
-    if model is None:
-        raise NotFound(f"the model '{model_id}' does not exist", param="model", code="model_not_found")
-    return model_object(model, ms.created)
+    model = _model_of({"model": model_id}, ms.config, "any")
+    return model_object(model, ms.created) | ms.describe(model.id)
+
+
+def _loaded(ms: ModelServer, body: dict[str, Any], load: bool) -> dict[str, Any]:
+    """llama-server's router: POST /models/load and /models/unload with {"model": id}."""
+    model = _model_of(body, ms.config, "any")
+    ms.load(model.id) if load else ms.unload(model.id)
+    return {"success": True}
 
 
 def _deleted_response(ms: ModelServer, response_id: str) -> dict[str, Any]:
@@ -6388,14 +6472,12 @@ def _ollama_show(ms: ModelServer, body: dict[str, Any]) -> dict[str, Any]:
     info = {k: v for k, v in meta.items() if k != "tokenizer.chat_template"}
     if model.context_size is not None:
         info[f"{meta.get('general.architecture', 'general')}.context_length"] = model.context_size
-    tools = ["tools"] if ms.can_use_tools(model) else []
-    caps = ["embedding"] if model.task == "embedding" else ["completion", *tools]
     show = {"modelfile": "", "parameters": "", "template": meta.get("tokenizer.chat_template", ""), "license": ""}
     return {
         **show,
         "details": entry["details"],
         "model_info": info,
-        "capabilities": caps,
+        "capabilities": ms.describe(model.id)["capabilities"],
         "modified_at": entry["modified_at"],
     }
 
@@ -6410,6 +6492,108 @@ def _ollama_ps(ms: ModelServer) -> dict[str, Any]:
             extra = {"expires_at": until, "size_vram": 0, "context_length": m.context_size}
             out.append({**_ollama_entry(ms, m), **extra})
     return {"models": out}
+
+
+def _ollama_name(body: dict[str, Any], key: str = "model") -> str:
+    name = body.get(key, body.get("name")) if key == "model" else body.get(key)
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]+(/[A-Za-z0-9_.:-]+)*", name):
+        raise InvalidRequest(f"'{key}' must be a model name: letters, digits, '_.:-' and inner slashes", param=key)
+    return name
+
+
+def _ollama_progress(body: dict[str, Any], work: Callable[[Callable[[dict], None], threading.Event], Any]) -> Any:
+    """Ollama's progress: unless `stream` is false, the lines `work` reports as it goes, then "success" (an error
+    after the first line is an error line; a client that leaves cancels the work); else one object at the end."""
+    if body.get("stream") is False:
+        work(lambda event: None, threading.Event())
+        return {"status": "success"}
+    events: queue.Queue[Any] = queue.Queue()
+    cancel = threading.Event()
+
+    def run() -> None:
+        try:
+            work(events.put, cancel)
+            events.put({"status": "success"})
+        except Exception as exc:
+            events.put(exc if isinstance(exc, APIError) else APIError(str(exc)))
+        events.put(None)
+
+    def lines() -> Iterator[dict[str, Any]]:
+        last: dict[str, Any] = {"status": "pulling manifest"}
+        try:
+            while True:
+                try:
+                    event = last = events.get(timeout=1.0)
+                except queue.Empty:
+                    event = last  # said again, so a client that left is noticed while nothing moves
+                if event is None:
+                    return
+                if isinstance(event, APIError):
+                    raise event
+                yield event
+        finally:
+            cancel.set()
+
+    threading.Thread(target=run, name="lllms-manage", daemon=True).start()
+    return lines()
+
+
+def _ollama_create(ms: ModelServer, body: dict[str, Any]) -> Any:
+    """POST /api/create: a model from an uploaded GGUF blob (`files`) or another model (`from`), with a Jinja
+    `template` and `parameters` as model config; what has no model config here is a 400 that names it."""
+    name = _ollama_name(body)
+    for key in ("quantize", "adapters", "messages", "system"):
+        if body.get(key):
+            raise InvalidRequest(f"'{key}' has no model setting in lllms; leave it out", param=key)
+    raw = ms.raw_config(_model_of({"model": body["from"]}, ms.config, "any").id) if body.get("from") else {}
+    files = _object(body.get("files") or {}, "files")
+    if len(files) > 1 or any(not str(f).endswith(".gguf") for f in files):
+        raise InvalidRequest('\'files\' takes one GGUF file, as {"name.gguf": "sha256:..."}', param="files")
+    if files:
+        path = ms.blob_path(next(iter(files.values())), exists=True)
+        raw = {**{k: v for k, v in raw.items() if k not in ("url", "sha256")}, **_file_entry(path), "file": path}
+    if not raw:
+        raise InvalidRequest("give 'files' (an uploaded GGUF) or 'from' (a model)", param="files")
+    if body.get("template"):
+        try:
+            _ChatTemplate(body["template"], "", "")
+        except Exception as exc:
+            why = f"'template' must be a Jinja chat template (Ollama's Go templates are not read): {exc}"
+            raise InvalidRequest(why, param="template") from None
+        raw["chat_template"] = body["template"]
+    params = dict(_object(body.get("parameters") or {}, "parameters"))
+    if "num_ctx" in params:
+        raw["context_size"] = params.pop("num_ctx")
+    for key in params.keys() - _OLLAMA_OPTIONS.keys():
+        raise InvalidRequest(f"'parameters.{key}' has no model setting in lllms", param=f"parameters.{key}")
+    raw["completion_defaults"] = {
+        **raw.get("completion_defaults", {}),
+        **{_OLLAMA_OPTIONS[k]: v for k, v in params.items()},
+    }
+    return _ollama_progress(body, lambda report, cancel: ms.add_model(name, raw))
+
+
+def _ollama_pull(ms: ModelServer, body: dict[str, Any]) -> Any:
+    name = body.get("model", body.get("name"))
+    if not isinstance(name, str):
+        raise InvalidRequest("'model' is required: an hf.co/USER/REPO[:QUANT] name or an https:// URL", param="model")
+    return _ollama_progress(body, functools.partial(ms.pull, name))
+
+
+def _ollama_copy(ms: ModelServer, body: dict[str, Any]) -> dict[str, Any]:
+    source = _ollama_model({"model": body.get("source")}, ms.config, "any")
+    ms.add_model(_ollama_name(body, "destination"), ms.raw_config(source.id))
+    return {}
+
+
+def _ollama_delete(ms: ModelServer, body: dict[str, Any]) -> dict[str, Any]:
+    ms.remove_model(_ollama_model(body, ms.config, "any").id)
+    return {}
+
+
+def _ollama_blob(ms: ModelServer, digest: str) -> dict[str, Any]:
+    ms.blob_path(digest, exists=True)
+    return {}
 
 
 _OPENAI = "/openai/v1"
@@ -6454,6 +6638,11 @@ _DIALECTS = {  # the first whose prefix a path starts with speaks for it; OpenAI
             "/api/show": {"POST": _ollama_show},
             "/api/ps": {"GET": _ollama_ps},
             "/api/version": {"GET": lambda ms: {"version": _OLLAMA_VERSION}},
+            "/api/pull": {"POST": _Admin(_ollama_pull)},
+            "/api/create": {"POST": _Admin(_ollama_create)},
+            "/api/copy": {"POST": _Admin(_ollama_copy)},
+            "/api/delete": {"DELETE": _Admin(_ollama_delete)},
+            "/api/blobs/{id}": {"GET": _Admin(_ollama_blob), "POST": _Admin("_post_blob")},
         },
         lambda exc: (exc.status, {"error": exc.message}),
         lambda e: _json_bytes(e) + b"\n",
@@ -6477,6 +6666,8 @@ _DIALECTS = {  # the first whose prefix a path starts with speaks for it; OpenAI
             f"{_OPENAI}/embeddings": {"POST": _Run(functools.partial(openai_request, "embedding"), embedding_response)},
             f"{_OPENAI}/models": {"GET": _openai_models},
             f"{_OPENAI}/models/{{id}}": {"GET": _openai_model},
+            "/models/load": {"POST": _Admin(lambda ms, body: _loaded(ms, body, True))},
+            "/models/unload": {"POST": _Admin(lambda ms, body: _loaded(ms, body, False))},
         },
     ),
 }
@@ -6708,6 +6899,13 @@ class ModelServer:
     ) -> None:
         """`progress(model_id, bytes_done, bytes_total)` is called while model files download."""
         self.config = load_config(config)
+        self._added = self._read_registry()  # models added at run time: their raw config, by id
+        for model_id, raw in list(self._added.items()):
+            try:
+                self.config.models[model_id] = self._model_config(model_id, raw)
+            except ConfigError as exc:
+                log.warning("the model registry's %s is left out: %s", model_id, exc)
+                del self._added[model_id]
         self.created = int(time.time())
         self.meter = _Metrics()  # counters and histograms for /metrics; the HTTP layer adds its own
         self.responses = _ResponseStore(self.config.stored_responses)  # the Responses API's stored results
@@ -6840,6 +7038,197 @@ class ModelServer:
             f.state, f.error, f.thread, f.failures = "ready", None, None, 0
         # A prepare() on a running server still serves those waiting.
         self._pool.file_ready(model, f.path, load=load or self._state != "starting")
+
+    # -- models added at run time: pulled, created or copied, kept in a registry file in models_dir
+
+    def _registry(self) -> str:
+        return os.path.join(os.path.expanduser(self.config.models_dir), "lllms-models.json")
+
+    def _read_registry(self) -> dict[str, Any]:
+        """The registry's models; a damaged registry is moved aside, and the server starts with the config's."""
+        path = self._registry()
+        try:
+            with open(path, encoding="utf-8") as f:
+                models = json.load(f)["models"]
+            if not isinstance(models, dict) or not all(isinstance(m, dict) for m in models.values()):
+                raise ValueError("'models' is not an object of objects")
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            aside = f"{path}.damaged-{int(time.time())}"
+            log.warning("the model registry %s is damaged (%s): moved to %s", path, exc, aside)
+            with _suppress(OSError):
+                os.replace(path, aside)
+            return {}
+        return {k: v for k, v in models.items() if k not in self.config.models}  # the config's come first
+
+    def _model_config(self, model_id: str, raw: dict[str, Any]) -> ModelConfig:
+        if model_id in self.config.models and model_id not in self._added:
+            raise ConfigError(f"the model '{model_id}' is in the config file")
+        return load_config({"models_dir": self.config.models_dir, "models": {model_id: raw}}).models[model_id]
+
+    def _save_registry(self, model_id: str, raw: dict[str, Any] | None) -> None:
+        """Add (or with None, remove) one model in the registry file, under the lock downloads take, so nodes
+        sharing models_dir merge their changes rather than overwrite them."""
+        path, cancel = self._registry(), threading.Event()
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = _lock(path, 0.1, cancel)
+        try:
+            with open(path, encoding="utf-8") if os.path.exists(path) else contextlib.nullcontext() as f:
+                models = json.load(f)["models"] if f else {}
+            models.pop(model_id, None) if raw is None else models.__setitem__(model_id, raw)
+            _write_atomically(path, json.dumps({"models": models}, indent=1).encode())
+        except (ValueError, KeyError, TypeError):
+            raise Unavailable(f"the model registry {path} is damaged; move it aside to manage models") from None
+        except OSError as exc:
+            raise APIError(
+                f"cannot write the model registry: {exc}", code="registry_write_failed", status=507
+            ) from None
+        finally:
+            with _suppress(OSError):
+                os.remove(path + ".lock")  # before unlocking, as fetch does
+            os.close(fd)
+
+    def add_model(self, model_id: str, raw: dict[str, Any]) -> ModelConfig:
+        """Serve a model from now on, and after restarts: `raw` is its config, as in the config file."""
+        model = self._model_config(model_id, raw)
+        self._save_registry(model_id, raw)
+        if model_id in self._added:
+            self._pool.unload(model_id)  # instances of its former config go once their requests end
+        with self._files_lock:
+            self._added[model_id], self.config.models[model_id] = raw, model
+            self._files[model_id] = _ModelFile(_model_path(model, self.config.models_dir))
+            self._metadata.pop(model_id, None)
+        self._pool.add(model)
+        self._prepare(model, block=True, load=False)
+        return model
+
+    def remove_model(self, model_id: str) -> None:
+        """Stop serving a model added at run time: its requests finish, its instances go, and so does its file,
+        unless another model uses it."""
+        if model_id not in self._added:
+            where = "is in the config file" if model_id in self.config.models else "does not exist"
+            raise (InvalidRequest if model_id in self.config.models else NotFound)(f"the model '{model_id}' {where}")
+        self._save_registry(model_id, None)
+        with self._files_lock:
+            model, path = self.config.models.pop(model_id), self._files.pop(model_id).path
+            del self._added[model_id]
+        self._pool.unload(model_id, forget=True)
+        root = os.path.realpath(os.path.expanduser(self.config.models_dir))
+        used = {os.path.realpath(_model_path(m, self.config.models_dir)) for m in self.config.models.values()}
+        parts = _model_files(model, root) if model.url is not None and model.file is None else [("", path, None)]
+        for _, part, _ in parts:  # only files under models_dir: a file the user named elsewhere stays
+            if os.path.realpath(path) not in used and os.path.realpath(part).startswith(root + os.sep):
+                for name in (part, part + ".lllms.json"):
+                    with _suppress(OSError):
+                        os.remove(name)
+
+    def pull(self, name: str, report: Callable[[dict[str, Any]], None], cancel: threading.Event) -> ModelConfig:
+        """Download a model by hf.co/ name or https URL (resuming a part file), and serve it from now on under that
+        name, or for a URL its file name (Ollama's pull). `report` gets Ollama's progress objects."""
+        hf = _HF_NAME.fullmatch(name)
+        if not hf and not name.startswith("https://"):
+            raise InvalidRequest("pull takes an hf.co/USER/REPO[:QUANT] name or an https:// URL", param="model")
+        if not hf and not self.config.pull_private_urls:
+            _public_host(typing.cast(str, urlsplit(name).hostname))
+        report({"status": "pulling manifest"})
+        model_dir, token = self.config.models_dir, None
+        files = _hf_files(name, model_dir, token) if hf else [(name, url_path(_normalize_url(name), model_dir), None)]
+        for url, path, sha256 in files:
+            digest = f"sha256:{sha256}" if sha256 else os.path.basename(path)
+            line = {"status": f"pulling {digest[7:19] if sha256 else digest}", "digest": digest}
+            fetch(
+                url,
+                path,
+                sha256=sha256,
+                headers=_auth_headers(url),
+                attempts=self.config.download_attempts,
+                stall_timeout=self.config.download_stall_timeout,
+                progress=lambda done, total, line=line: report({**line, "total": total, "completed": done}),
+                cancel=cancel,
+            )
+        report({"status": "verifying sha256 digest"})
+        model_id = name if hf else re.sub(r"(-00001-of-\d{5})?\.gguf$", "", os.path.basename(files[0][1]), flags=re.I)
+        if model_id in self.config.models and model_id not in self._added:
+            return self.config.models[model_id]  # the config's own model, now in place
+        report({"status": "writing manifest"})
+        return self.add_model(model_id, {**_file_entry(files[0][1]), "url": name})
+
+    def blob_path(self, digest: str, exists: bool = False) -> str:
+        """Where an uploaded blob (Ollama's sha256:HEX digest) lives; with `exists`, a 404 unless it is there."""
+        if not re.fullmatch(r"sha256[:-][0-9a-f]{64}", digest):
+            raise InvalidRequest(f"'{digest[:80]}' is not a digest: sha256:<64 hex digits>", param="digest")
+        path = os.path.join(os.path.expanduser(self.config.models_dir), "blobs", "sha256-" + digest[7:])
+        if exists and not os.path.isfile(path):
+            raise NotFound(f"no blob {digest}: upload it first", param="digest", code="blob_not_found")
+        return path
+
+    def save_blob(self, digest: str, chunks: Iterable[bytes]) -> None:
+        """Store an upload as it streams in, hashing it; kept only when its sha256 is the digest it came as."""
+        path = self.blob_path(digest)
+        part, hasher = f"{path}.{secrets.token_hex(4)}.part", hashlib.sha256()
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(part, "wb") as f:
+                for piece in chunks:
+                    hasher.update(piece)
+                    f.write(piece)
+                f.flush()
+                os.fsync(f.fileno())
+            if hasher.hexdigest() != digest[7:]:
+                raise InvalidRequest(
+                    f"the upload's sha256 is {hasher.hexdigest()}, not {digest}", code="digest_mismatch"
+                )
+            os.replace(part, path)
+            _write_sidecar(path, digest[7:])
+        except OSError as exc:
+            raise APIError(f"cannot store the blob: {exc}", code="insufficient_storage", status=507) from None
+        finally:
+            with _suppress(OSError):
+                os.remove(part)
+
+    def describe(self, model_id: str) -> dict[str, Any]:
+        """What model lists add to a model: its status (loaded, loading, unloaded, downloading with progress, or
+        failed with the error), context length, task, engine and capabilities."""
+        model, f = self.config.models[model_id], self._files[model_id]
+        states = {i["state"] for i in self._pool.snapshot()[1] if i["model"] == model_id}
+        error = self._pool.error(model_id) or (f.error if f.state == "error" else None)
+        value = "failed" if error else "downloading" if f.state == "downloading" else "unloaded"
+        value = "loaded" if states & {"idle", "busy"} else "loading" if "loading" in states else value
+        status = {"value": value, **({"error": error} if error else {}), **({"progress": f.info()} if f.info() else {})}
+        room = model.context_size or self.metadata(model_id).get(
+            f"{self.metadata(model_id).get('general.architecture')}.context_length"
+        )
+        tools = ["tools"] if self.can_use_tools(model) else []
+        caps = ["embedding"] if model.task == "embedding" else ["completion", *tools]
+        return {
+            "status": status,
+            "context_length": room,
+            "max_model_len": room,
+            "task": model.task,
+            "engine": model.engine,
+            "capabilities": caps,
+        }
+
+    def raw_config(self, model_id: str) -> dict[str, Any]:
+        """A model's config as the config file would give it."""
+        model = self.config.models[model_id]
+        if model_id in self._added:
+            return copy.deepcopy(self._added[model_id])
+        raw = dataclasses.asdict(model)
+        return {k: v for k, v in raw.items() if k not in ("id", "defaults") and v is not None}
+
+    def load(self, model_id: str) -> None:
+        """Make sure one instance of the model is loaded (its file downloaded first)."""
+        model = _model_of({"model": model_id}, self.config, "any")
+        self._prepare(model, block=True, load=False)
+        if error := self._pool.error(model_id):
+            raise Unavailable(error, code="model_not_ready")
+        self._pool.model_ready(model, at_least=1)
+
+    def unload(self, model_id: str) -> None:
+        """Free the model's instances: idle ones now, busy ones once their requests end."""
+        self._pool.unload(_model_of({"model": model_id}, self.config, "any").id)
 
     def __enter__(self) -> ModelServer:
         return self.start()
@@ -7506,19 +7895,33 @@ class _Transport(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _send_stream(self, stream: CompletionStream, events: Iterator[dict[str, Any]]) -> None:
-        """Stream events in the dialect's framing, or errors before the first event as a plain status. A queued
-        request gets its headers early and keepalives, so proxies and clients don't time out; its errors then come
-        as error events."""
+        """A completion's stream. A queued request gets its headers early and keepalives, so proxies and clients
+        don't time out; its errors then come as error events."""
         interval, wire = self.server.model_server.config.keepalive_interval, self._dialect
-        try:
+
+        def first() -> Any:
             while not stream.wait_ready(interval if (left := stream.waiting_left()) is None else min(interval, left)):
                 if stream.waiting_left() == 0:
                     break  # out of time or cancelled: taking the first event raises the 503 for it
                 if wire.keepalive:
-                    self._stream_headers(stream)
+                    self._stream_headers(stream.instance_id)
                     self._write_chunk(wire.keepalive)
             event = self._first_event(stream, events, interval)  # the prompt's evaluation; errors surface here
-            self._stream_headers(stream)
+            self._stream_headers(stream.instance_id)
+            return event
+
+        try:
+            self._send_events(first, events)
+        finally:
+            stream.close()
+
+    def _send_events(self, first: Callable[[], Any], events: Iterator[Any]) -> None:
+        """Stream `first()` and then `events` in the dialect's framing. An error before the first event is raised,
+        for a plain error status, unless headers went out already; any later one becomes an error event."""
+        wire = self._dialect
+        try:
+            event = first()
+            self._stream_headers(None)
             while event is not None:
                 self._write_chunk(wire.frame(event))
                 event = next(events, None)
@@ -7535,8 +7938,6 @@ class _Transport(BaseHTTPRequestHandler):
             self.close_connection = True
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True  # client left: closing the stream stops generation
-        finally:
-            stream.close()
 
     def _first_event(self, stream: CompletionStream, events: Iterator[dict[str, Any]], interval: float) -> Any:
         """The first event, which comes once the prompt is evaluated. A long evaluation gets its headers and then
@@ -7549,7 +7950,7 @@ class _Transport(BaseHTTPRequestHandler):
                 with lock, _suppress(OSError):  # a client gone is noticed by the generation's cancel check
                     if done.is_set():
                         return
-                    self._stream_headers(stream)
+                    self._stream_headers(stream.instance_id)
                     self._write_chunk(self._dialect.keepalive)
 
         beater = threading.Thread(target=beat, name="lllms-keepalive", daemon=True)
@@ -7563,7 +7964,7 @@ class _Transport(BaseHTTPRequestHandler):
             if beater.is_alive():
                 beater.join()
 
-    def _stream_headers(self, stream: CompletionStream) -> None:
+    def _stream_headers(self, instance: str | None) -> None:
         if self._status:  # sent already, before a keepalive
             return
         self._status = 200
@@ -7575,8 +7976,8 @@ class _Transport(BaseHTTPRequestHandler):
             self.send_header("Connection", "close")
         else:
             self.send_header("Transfer-Encoding", "chunked")
-        if stream.instance_id:
-            self.send_header("X-Lllms-Instance", stream.instance_id)
+        if instance:
+            self.send_header("X-Lllms-Instance", instance)
         self.end_headers()
 
 
@@ -7661,9 +8062,10 @@ class _Handler(_Transport):
         routes = {**self._OWN_ROUTES, **self._dialect.routes}
         if path in routes and "{id}" not in path:  # a pattern is never a path
             return routes[path], (), path
-        head, _, item = path.rpartition("/")
-        pattern = head + "/{id}"
-        return (routes[pattern], (unquote(item),), pattern) if pattern in routes else (None, (), "other")
+        for pattern, methods in routes.items():  # an item's id may hold slashes (hf.co/user/repo:tag)
+            if pattern.endswith("/{id}") and path.startswith(pattern[:-4]) and len(path) > len(pattern) - 4:
+                return methods, (unquote(path[len(pattern) - 4 :]),), pattern
+        return None, (), "other"
 
     def _dispatch(self, method: str, path: str, routes: dict[str, Any] | None, args: tuple[str, ...]) -> None:
         if routes is None:
@@ -7678,13 +8080,37 @@ class _Handler(_Transport):
                 status=405,
             )
         target = routes[method]
+        if isinstance(target, _Admin):
+            self._may_manage()
+            target = target.call
         if isinstance(target, str):
-            getattr(self, target)()
+            getattr(self, target)(*args)
         elif isinstance(target, _Run):
             self._serve(target)
-        else:  # a function of the ModelServer and the route's argument, or a POST's body
-            body = (self._read_json(),) if method == "POST" else ()
-            self._send_json(200, target(self.server.model_server, *args, *body))
+        else:  # a function of the ModelServer and the route's argument, and the body of a POST (or a DELETE's)
+            body = (self._read_json(),) if method == "POST" or (method == "DELETE" and self._unread_body()) else ()
+            result = target(self.server.model_server, *args, *body)
+            if isinstance(result, Iterator):  # progress, as a stream; closing it cancels what it reports on
+                with contextlib.closing(result):  # type: ignore[type-var]
+                    return self._send_events(lambda: next(result, None), result)
+            self._send_json(200, result)
+
+    def _may_manage(self) -> None:
+        """Managing models fetches URLs and deletes files: by default only clients on this machine may (with a key,
+        where keys are set); manage_models may allow any client with a key, or no one."""
+        rule, local = self.server.model_server.config.manage_models, self.client_address[0]
+        why = "managing models is turned off (manage_models: off)" if rule == "off" else None
+        if rule == "loopback" and not ipaddress.ip_address(local.removeprefix("::ffff:")).is_loopback:
+            why = "models are managed from this machine only (manage_models: loopback)"
+        if rule == "keyed" and not self.server.api_keys:
+            why = "manage_models 'keyed' needs api_keys"
+        if why:
+            raise InvalidRequest(why, code="forbidden", status=403)
+
+    def _post_blob(self, digest: str) -> None:
+        """Ollama's blob upload: streamed to disk while hashed, with no bound but the disk's."""
+        self.server.model_server.save_blob(digest, self._body(None))
+        self._send_json(201, {})
 
     def _authenticate(self) -> None:
         """A 401 unless the request carries a configured key, or none is configured."""
@@ -8022,18 +8448,6 @@ def _list_models_dir(config: ServerConfig) -> int:
     return 0
 
 
-# Architectures that only embed: a GGUF of one is served as an embedding model.
-_ENCODER_ARCHITECTURES = {
-    "bert",
-    "nomic-bert",
-    "nomic-bert-moe",
-    "jina-bert-v2",
-    "modern-bert",
-    "neo-bert",
-    "t5encoder",
-}
-
-
 def _add_models(raw: dict[str, Any], specs: list[str], engine: str | None) -> dict[str, Any]:
     """Models named on the command line, added to a config: the id is the file name without .gguf, the task read
     from the GGUF header; a URL is downloaded first (resumable, checked), with a progress bar on a terminal."""
@@ -8056,18 +8470,10 @@ def _add_models(raw: dict[str, Any], specs: list[str], engine: str | None) -> di
             headers = _auth_headers(part_url)
             path = fetch(part_url, dest, sha256=sha256, headers=headers, progress=functools.partial(printer, model_id))
         try:
-            arch = _GgufHeader(path, lambda key: key == "general.architecture").values.get("general.architecture")
-        except (OSError, ValueError) as exc:
-            raise ConfigError(f"--model {spec}: {exc}") from None
-        task = "embedding" if arch in _ENCODER_ARCHITECTURES else "text-completion"
-        models[model_id] = {
-            "task": task,
-            "file": path,
-            "engine": engine or "llama-cpp",
-            **({"url": url} if url else {}),
-        }
-        if task == "text-completion":  # enough for a chat, and a second one, whatever the model was trained for
-            models[model_id] |= {"context_size": 4096, "max_instances": 2}
+            models[model_id] = {**_file_entry(path), "file": path, "engine": engine or "llama-cpp"}
+        except InvalidRequest as exc:
+            raise ConfigError(f"--model {spec}: {exc.message}") from None
+        models[model_id] |= {"url": url} if url else {}
     return raw
 
 

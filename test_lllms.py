@@ -6,6 +6,7 @@ A fake engine appears only in pool-logic unit tests, where it makes scheduling d
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import collections
 import hashlib
@@ -309,7 +310,8 @@ def test_config_accepts_lllms_camel_case_and_aliases(tmp_path: Any) -> None:
         ({"models": {"m": {"task": "chat", "file": "x"}}}, 'models.m.task: expected "text-completion" or "embedding"'),
         ({"models": {"m": {"task": "embedding", "engine": "vllm", "file": "x"}}}, "models.m.engine"),
         ({"models": {"m": {"task": "embedding"}}}, "models.m: needs a source"),
-        ({"models": {"bad/id": {"task": "embedding", "file": "x"}}}, "models.bad/id: model ids must match"),
+        ({"models": {"bad id": {"task": "embedding", "file": "x"}}}, "models.bad id: model ids must match"),
+        ({"models": {"/bad": {"task": "embedding", "file": "x"}}}, "models./bad: model ids must match"),
         ({"models": {"m": {"task": "embedding", "file": "x", "min_instances": 3}}}, "models.m.min_instances"),
         ({"models": {"m": {"task": "embedding", "file": "x", "ttl": -1}}}, "models.m.ttl: must be >= 0"),
         (  # the gpt4all engine's old family names ("gemma", ...) would otherwise render as that word
@@ -5885,6 +5887,141 @@ def test_ollama_keep_alive_zero_unloads_the_model(tiny_llama: str) -> None:
         r = client.generate(model="tiny", prompt="hello", options={"num_predict": 2}, keep_alive=0)
         assert r.done
         wait_until(lambda: "tiny" not in ollama_names(client.ps().models), timeout=10, what="tiny to be unloaded")
+
+
+# ==== models managed at run time: Ollama's pull, create, copy and delete; load and unload; the registry
+
+PULLED = "hf.co/test/tiny-GGUF:Q8_0"
+
+
+def _managed(tiny_llama: str, tmp_path: Any, **server: Any) -> dict[str, Any]:
+    """A server with "tiny" in its config and models_dir under tmp_path, for models added at run time."""
+    m = {"task": "text-completion", "file": tiny_llama, "context_size": 64}
+    return {"models_dir": str(tmp_path / "models"), **server, "models": {"tiny": m}}
+
+
+def test_ollama_pull_streams_progress_then_the_model_serves_and_survives_a_restart(
+    hub: Hub, tiny_llama: str, tmp_path: Any
+) -> None:
+    """Acceptance: a pull of an hf.co/ name streams Ollama's progress lines and ends with "success"; the model
+    lists, chats, copies, unloads; a restart keeps both; deleting one keeps the file the other uses."""
+    hub.add("test/tiny-GGUF", {"tiny-Q8_0.gguf": _read(tiny_llama)}, {"Q8_0": "tiny-Q8_0.gguf"})
+    config = _managed(tiny_llama, tmp_path)
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        client = ollama.Client(host=server.url, timeout=60)
+        lines = list(client.pull(PULLED, stream=True))
+        assert lines[0].status == "pulling manifest" and lines[-1].status == "success"
+        sizes = [(p.completed, p.total) for p in lines if p.digest]
+        assert sizes[-1] == (os.path.getsize(tiny_llama),) * 2
+        assert {p.digest for p in lines if p.digest} == {"sha256:" + hashlib.sha256(_read(tiny_llama)).hexdigest()}
+        assert ollama_names(client.list().models) == {"tiny", PULLED}
+        assert client.generate(model=PULLED, prompt="hello", options={"num_predict": 2}).done
+        assert client.copy(PULLED, "copied").status == "success"
+        listed = {m["id"]: m for m in http_request(server.url, "GET", "/v1/models").body["data"]}
+        assert (listed[PULLED]["status"], listed["copied"]["status"]) == ({"value": "loaded"}, {"value": "unloaded"})
+        assert listed[PULLED]["context_length"] == 4096 and listed[PULLED]["capabilities"] == ["completion", "tools"]
+        status, body, _ = http_request(server.url, "POST", "/models/unload", {"model": PULLED})
+        assert (status, body) == (200, {"success": True})
+        assert ollama_names(client.ps().models) == set()
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        client = ollama.Client(host=server.url, timeout=60)
+        assert ollama_names(client.list().models) == {"tiny", PULLED, "copied"}
+        assert client.chat(model="copied", messages=TINY_CHAT, options={"num_predict": 2}).done
+        path = server.model_server.status()["models"][PULLED]["file"]
+        assert client.delete(PULLED).status == "success" and os.path.exists(path)
+        assert client.delete("copied").status == "success" and not os.path.exists(path)
+        assert ollama_names(client.list().models) == {"tiny"}
+        with pytest.raises(ollama.ResponseError) as exc:
+            client.delete("tiny")  # the config's own
+        assert exc.value.status_code == 400 and "config file" in exc.value.error
+
+
+def test_ollama_create_from_an_uploaded_blob_streamed_chunked_and_a_bad_digest(tiny_llama: str, tmp_path: Any) -> None:
+    """A blob upload (the async client sends it chunked) is hashed as it streams to disk and kept only when its
+    digest matches; create makes a model of it with parameters as completion defaults."""
+    config = _managed(tiny_llama, tmp_path)
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        digest = asyncio.run(ollama.AsyncClient(host=server.url).create_blob(tiny_llama))
+        assert http_request(server.url, "HEAD", f"/api/blobs/{digest}").status == 200
+        client = ollama.Client(host=server.url, timeout=60)
+        made = client.create(model="made", files={"tiny.gguf": digest}, parameters={"num_ctx": 128, "temperature": 0})
+        assert made.status == "success"
+        assert client.generate(model="made", prompt="hello", options={"num_predict": 2}).done
+        listed = {m["id"]: m for m in http_request(server.url, "GET", "/v1/models").body["data"]}
+        assert listed["made"]["context_length"] == 128
+        for field, value in (("system", "Be brief."), ("template", "{{ .System }} {{ .Prompt }}")):
+            with pytest.raises(ollama.ResponseError) as exc:
+                client.create(model="other", files={"tiny.gguf": digest}, **{field: value})
+            assert exc.value.status_code == 400 and f"'{field}'" in exc.value.error
+        wrong = "sha256:" + "0" * 64
+        status, body, _ = http_request(server.url, "POST", f"/api/blobs/{wrong}", b"not the blob")
+        assert status == 400 and "not sha256:" + "0" * 64 in body["error"]
+        assert http_request(server.url, "HEAD", f"/api/blobs/{wrong}").status == 404
+        blobs = os.listdir(tmp_path / "models" / "blobs")
+        assert blobs == ["sha256-" + digest[7:], "sha256-" + digest[7:] + ".lllms.json"] or sorted(blobs) == sorted(
+            ["sha256-" + digest[7:], "sha256-" + digest[7:] + ".lllms.json"]
+        )
+
+
+def test_who_may_manage_models(hub: Hub, tiny_llama: str, tmp_path: Any) -> None:
+    """Loopback clients manage by default, with a key where keys are set; manage_models "off" refuses everyone.
+    Pulls take https URLs on public addresses and hf.co/ names only."""
+    copy = {"source": "tiny", "destination": "copied"}
+    with lllms.start_http_server(_managed(tiny_llama, tmp_path, api_keys=["k"]), host="127.0.0.1", port=0) as server:
+        assert http_request(server.url, "POST", "/api/copy", copy).status == 401
+        assert http_request(server.url, "POST", "/api/copy", copy, {"Authorization": "Bearer k"}).status == 200
+    with lllms.start_http_server(
+        _managed(tiny_llama, tmp_path, manage_models="off"), host="127.0.0.1", port=0
+    ) as server:
+        status, body, _ = http_request(server.url, "POST", "/api/copy", copy)
+        assert status == 403 and "manage_models" in body["error"]
+        status, body, _ = http_request(server.url, "POST", "/models/load", {"model": "tiny"})
+        assert status == 403 and body["error"]["code"] == "forbidden"
+    with lllms.start_http_server(_managed(tiny_llama, tmp_path), host="127.0.0.1", port=0) as server:
+        for name, code in (
+            ("https://127.0.0.1/x.gguf", 403),
+            ("http://example.com/x.gguf", 400),
+            ("file:///etc/passwd", 400),
+        ):
+            status, body, _ = http_request(server.url, "POST", "/api/pull", {"model": name, "stream": False})
+            assert status == code, (name, body)
+
+
+def test_a_pull_cut_off_by_its_client_resumes_on_the_next_pull(hub: Hub, tiny_llama: str, tmp_path: Any) -> None:
+    hub.add("test/tiny-GGUF", {"tiny-Q8_0.gguf": _read(tiny_llama)}, {"Q8_0": "tiny-Q8_0.gguf"})
+    hub.server.gate = threading.Event()
+    with lllms.start_http_server(_managed(tiny_llama, tmp_path), host="127.0.0.1", port=0) as server:
+        with RawSocket.post(server, "/api/pull", {"model": PULLED}) as sock:
+            assert hub.server.at_gate.wait(10)
+            wait_until(lambda: b'"completed"' in sock.recv(65536), what="a progress line")
+
+        def answered() -> bool:  # the server saw the client leave, and cancelled the pull
+            counts = parse_metrics(http_request(server.url, "GET", "/metrics")[1])
+            return any(n for (name, labels), n in counts.items() if dict(labels).get("endpoint") == "/api/pull")
+
+        wait_until(answered, what="the pull to end with its client")
+        hub.server.gate.set()  # the cancelled transfer reads one more piece, then gives up, keeping its part
+        part = wait_until(lambda: list((tmp_path / "models").rglob("*.part")), what="the part file")[0]
+        wait_until(lambda: not list((tmp_path / "models").rglob("*.lock")), what="the cancelled download to end")
+        size = os.path.getsize(part)
+        client = ollama.Client(host=server.url, timeout=60)
+        assert client.pull(PULLED).status == "success"
+        assert [g.range for g in hub.server.gets() if "resolve" in g.path] == [None, f"bytes={size}-"]
+        assert client.generate(model=PULLED, prompt="hello", options={"num_predict": 2}).done
+
+
+def test_a_damaged_registry_is_moved_aside_and_the_config_serves(
+    tiny_llama: str, tmp_path: Any, logs: LogWatch
+) -> None:
+    os.makedirs(tmp_path / "models")
+    (tmp_path / "models" / "lllms-models.json").write_text('{"models": {"x": ')
+    with lllms.start_http_server(_managed(tiny_llama, tmp_path), host="127.0.0.1", port=0) as server:
+        assert [m["id"] for m in http_request(server.url, "GET", "/v1/models").body["data"]] == ["tiny"]
+        assert http_request(server.url, "POST", "/api/copy", {"source": "tiny", "destination": "c"}).status == 200
+    logs.wait_for("the model registry")
+    assert len(list((tmp_path / "models").glob("lllms-models.json.damaged-*"))) == 1
+    with open(tmp_path / "models" / "lllms-models.json") as f:
+        assert list(json.load(f)["models"]) == ["c"]
 
 
 # ==== malformed bodies on the dialect routes
