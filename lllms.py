@@ -4017,6 +4017,8 @@ class _Pool:
         self._paths: dict[str, str] = {}  # model files in place, ready to load
         self._errors: dict[str, str] = {}  # why a model cannot serve now, for status
         self._failed: dict[str, APIError] = {}  # models whose file could not be prepared, until they are retried
+        self.models = dict(config.models)  # those it serves: a model removed from the config drains here
+        self._leaving: set[str] = set()  # models removed: their instances go once their requests end
         self.instances: dict[str, list[_Instance]] = {m: [] for m in config.models}
         self.state_caches = {
             m.id: _StateCache(m.state_cache_bytes) for m in config.models.values() if m.state_cache_bytes
@@ -4169,14 +4171,18 @@ class _Pool:
     def add(self, model: ModelConfig) -> None:
         """A model added at run time."""
         with self.cond:
+            self.models[model.id] = model
+            self._leaving.discard(model.id)
             self.instances.setdefault(model.id, [])
             if model.state_cache_bytes:
                 self.state_caches[model.id] = _StateCache(model.state_cache_bytes)
 
-    def unload(self, model_id: str, forget: bool = False) -> None:
-        """Free a model's instances: idle ones now, busy ones as their requests end. With `forget` the model is gone:
-        its waiting requests get a 404."""
+    def unload(self, model_id: str, leave: bool = False) -> None:
+        """Free a model's instances: idle ones now, busy ones as their requests end. With `leave`, the model leaves
+        the pool: what is queued for it is still served, by instances that go once done."""
         with self.cond:
+            if leave:
+                self._leaving.add(model_id)
             insts = self.instances.get(model_id, [])
             for inst in insts:
                 inst.retired = True
@@ -4184,10 +4190,6 @@ class _Pool:
             insts[:] = [i for i in insts if i.state != "idle"]
             for inst in doomed:
                 inst.state = "gone"
-            if forget:
-                self._paths.pop(model_id, None)
-                self.fail_model(model_id, NotFound(f"the model '{model_id}' was deleted", code="model_not_found"))
-                self._failed.pop(model_id, None)
         for inst in doomed:
             self._close(inst)
 
@@ -4294,7 +4296,7 @@ class _Pool:
         """The instance for a ticket, marked busy (or a new one, loading); None when the model is saturated. Lock held.
         First choice: the idle one sharing the longest useful history; then an empty idle one, a new one while under
         max_instances, and last the least recently used idle one, whose conversation it displaces."""
-        model = self.config.models[ticket.model_id]
+        model = self.models[ticket.model_id]
         insts = self.instances[ticket.model_id]
         idle = [i for i in insts if i.state == "idle"]
         shared = [(_common_prefix(i.context_key, ticket.key), i) for i in idle]
@@ -4306,6 +4308,7 @@ class _Pool:
             best = min(empty, key=lambda i: i.last_used)
         elif len(insts) < model.max_instances:
             best = _Instance(model)
+            best.retired = model.id in self._leaving
             insts.append(best)
             return best
         elif idle:
@@ -7093,15 +7096,38 @@ class ModelServer:
         """Serve a model from now on, and after restarts: `raw` is its config, as in the config file."""
         model = self._model_config(model_id, raw)
         self._save_registry(model_id, raw)
-        if model_id in self._added:
-            self._pool.unload(model_id)  # instances of its former config go once their requests end
-        with self._files_lock:
-            self._added[model_id], self.config.models[model_id] = raw, model
-            self._files[model_id] = _ModelFile(_model_path(model, self.config.models_dir))
-            self._metadata.pop(model_id, None)
-        self._pool.add(model)
-        self._prepare(model, block=True, load=False)
+        self._added[model_id] = raw
+        self._install(model, block=True)
         return model
+
+    def _install(self, model: ModelConfig, block: bool) -> None:
+        """Serve a model, new or changed: instances of its former config go once their requests end."""
+        if model.id in self.config.models:
+            self._pool.unload(model.id)
+        with self._files_lock:
+            self.config.models[model.id] = model
+            self._files[model.id] = _ModelFile(_model_path(model, self.config.models_dir))
+            self._metadata.pop(model.id, None)
+        self._pool.add(model)
+        if block or model.url is None or model.prepare != "on-demand" or self._present(model):
+            self._prepare(model, block=block, load=False)
+
+    def reconfigure(self, config: ServerConfig | dict[str, Any] | str | os.PathLike) -> None:
+        """Take the config again (lllms serve does on SIGHUP): its new models are served, removed ones drain (what
+        is queued or running finishes) and go, changed ones reload once their running requests end. Models added
+        at run time stay, unless the config now has one of the same id. Other settings take a restart."""
+        new = load_config(config).models
+        for model_id, model in new.items():
+            old = self.config.models.get(model_id)
+            if old is None or model_id in self._added or dataclasses.asdict(old) != dataclasses.asdict(model):
+                log.info("config: %s model %s", "adding" if old is None else "reloading", model_id)
+                self._added.pop(model_id, None)
+                self._install(model, block=False)
+        for model_id in [m for m in self.config.models if m not in new and m not in self._added]:
+            log.info("config: removing model %s once its requests are done", model_id)
+            with self._files_lock:
+                del self.config.models[model_id], self._files[model_id]
+            self._pool.unload(model_id, leave=True)
 
     def remove_model(self, model_id: str) -> None:
         """Stop serving a model added at run time: its requests finish, its instances go, and so does its file,
@@ -7113,7 +7139,8 @@ class ModelServer:
         with self._files_lock:
             model, path = self.config.models.pop(model_id), self._files.pop(model_id).path
             del self._added[model_id]
-        self._pool.unload(model_id, forget=True)
+        self._pool.unload(model_id, leave=True)
+        self._pool.fail_model(model_id, NotFound(f"the model '{model_id}' was deleted", code="model_not_found"))
         root = os.path.realpath(os.path.expanduser(self.config.models_dir))
         used = {os.path.realpath(_model_path(m, self.config.models_dir)) for m in self.config.models.values()}
         parts = _model_files(model, root) if model.url is not None and model.file is None else [("", path, None)]
@@ -8477,6 +8504,20 @@ def _add_models(raw: dict[str, Any], specs: list[str], engine: str | None) -> di
     return raw
 
 
+def _serve_until(stop: threading.Event, ms: ModelServer, read: Callable[[], ServerConfig]) -> None:
+    """Serve until `stop` is set, taking the config again on each SIGHUP."""
+    reread = threading.Event()
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda *_: reread.set())
+    while not stop.wait(0.5):
+        if reread.is_set():
+            reread.clear()
+            try:
+                ms.reconfigure(read())
+            except (ConfigError, DownloadError) as exc:
+                log.error("SIGHUP: the config was not taken, nothing changed: %s", exc)
+
+
 def main(argv: list[str] | None = None) -> int:
     """`lllms [serve|prepare|list] --config models.json`: serve until Ctrl-C or SIGTERM, or manage model files."""
     ap = argparse.ArgumentParser(prog="lllms", description="Serve local GGUF models over an OpenAI-compatible API.")
@@ -8511,19 +8552,24 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     specs = [*args.files, *args.model]
-    try:
+    if args.context_size is not None and args.context_size < 16:
+        print("lllms: --context-size must be at least 16", file=sys.stderr)
+        return 2
+
+    def read() -> ServerConfig:
+        """The config file with the command line's models and settings: at start, and again on SIGHUP."""
         raw = _read_config(args.config) if args.config else {} if specs else default_config()
         config = load_config(_add_models(raw, specs, args.engine))
+        config.node_id = args.node_id or config.node_id
+        for m in config.models.values():
+            m.context_size = args.context_size if args.context_size and m.task != "embedding" else m.context_size
+        return config
+
+    try:
+        config = read()
     except (ConfigError, DownloadError) as exc:
         print(f"lllms: {exc}", file=sys.stderr)
         return 2
-    config.node_id = args.node_id or config.node_id
-    if args.context_size is not None:
-        if args.context_size < 16:
-            print("lllms: --context-size must be at least 16", file=sys.stderr)
-            return 2
-        for m in config.models.values():
-            m.context_size = args.context_size if m.task != "embedding" else m.context_size
     if args.command == "list":
         return _list_models_dir(config)
     ms = ModelServer(config, progress=_ProgressPrinter())
@@ -8551,8 +8597,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     ms.start()
     log.info("serving %s on %s/openai/v1", ", ".join(config.models), http.url)
-    while not stop.wait(0.5):
-        pass
+    _serve_until(stop, ms, read)
     log.info("shutting down: running requests get up to %gs to finish", config.shutdown_grace)
     http.stop(config.shutdown_grace)
     return 0

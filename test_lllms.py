@@ -6024,6 +6024,80 @@ def test_a_damaged_registry_is_moved_aside_and_the_config_serves(
         assert list(json.load(f)["models"]) == ["c"]
 
 
+def test_a_changed_config_adds_removes_and_reloads_models_under_load_with_no_failed_request(
+    tiny_llama: str, tmp_path: Any
+) -> None:
+    """reconfigure (SIGHUP): a new model serves at once; a removed one finishes what it runs, then goes (new requests
+    get a 404); a changed one serves new requests with its new config, its old instance going once its request ends.
+    Requests to the model that stays never fail meanwhile."""
+    m = {"task": "text-completion", "file": tiny_llama, "context_size": 256}
+    config = {"models_dir": str(tmp_path), "models": {"keep": m, "gone": m, "changed": m}}
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server, _sdk(server) as sdk:
+        ms = server.model_server
+        held = [
+            typing.cast(lllms.CompletionStream, ms.complete(k, "1, 2,", stream=True, max_tokens=100))
+            for k in ("gone", "changed")
+        ]
+        for stream in held:
+            next(stream)
+        failures: list[BaseException] = []
+        done = threading.Event()
+
+        def load() -> None:
+            while not done.is_set():
+                try:
+                    sdk.completions.create(model="keep", prompt="hi", max_tokens=2)
+                except Exception as exc:
+                    failures.append(exc)
+
+        threads = [threading.Thread(target=load) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            changed = {**m, "completion_defaults": {"temperature": 0}}
+            ms.reconfigure({**config, "models": {"keep": m, "changed": changed, "added": m}})
+            assert sorted(x.id for x in sdk.models.list()) == ["added", "changed", "keep"]
+            assert sdk.completions.create(model="added", prompt="hi", max_tokens=2).usage.completion_tokens > 0
+            with pytest.raises(openai.NotFoundError):
+                sdk.completions.create(model="gone", prompt="hi", max_tokens=2)
+            for stream in held:
+                assert sum(1 for _ in stream) > 0  # the held requests run to their end
+            # "changed" has one instance at most: its new config loads once the old one's request ended.
+            assert sdk.completions.create(model="changed", prompt="hi", max_tokens=2).usage.completion_tokens > 0
+        finally:
+            done.set()
+            for t in threads:
+                t.join()
+        assert failures == []
+        owners = lambda: sorted(i["model"] for i in ms.status()["instances"] if i["state"] != "gone")  # noqa: E731
+        wait_until(lambda: owners() == ["added", "changed", "keep"], what="the old instances to go")
+
+
+def test_sighup_takes_the_config_again(tiny_llama: str, tmp_path: Any) -> None:
+    """`lllms serve --config F` re-reads F on SIGHUP; a config that does not load changes nothing."""
+    m = {"task": "text-completion", "file": tiny_llama, "context_size": 64}
+    path = tmp_path / "models.json"
+    path.write_text(json.dumps({"models": {"a": m}}))
+    port = free_port()
+    proc = _serve_cli(["--config", str(path)], port, tmp_path)
+    url = f"http://127.0.0.1:{port}"
+    listed = lambda: sorted(x["id"] for x in http_request(url, "GET", "/v1/models").body["data"])  # noqa: E731
+    try:
+        _wait_healthy(proc, url)
+        path.write_text(json.dumps({"models": {"b": m}}))
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: listed() == ["b"], what="b in and a out")
+        status, _, _ = http_request(url, "POST", "/v1/completions", {"model": "b", "prompt": "hi", "max_tokens": 2})
+        assert status == 200
+        path.write_text("{not json")
+        proc.send_signal(signal.SIGHUP)
+        path.write_text(json.dumps({"models": {"b": m, "c": m}}))
+        proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: listed() == ["b", "c"], what="c in")
+    finally:
+        _stop_cli(proc)
+
+
 # ==== malformed bodies on the dialect routes
 
 DIALECT_POST_PATHS = [
