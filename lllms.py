@@ -343,9 +343,8 @@ class ModelConfig:
         self._check_reasoning(path)
         default = self.defaults.max_tokens
         if None not in (default, self.max_tokens_limit) and default > self.max_tokens_limit:
-            raise ConfigError(
-                f"{path}.completion_defaults.max_tokens: {default} is above max_tokens_limit {self.max_tokens_limit}"
-            )
+            why = f"{path}.completion_defaults.max_tokens: {default} is above max_tokens_limit {self.max_tokens_limit}"
+            raise ConfigError(why)
 
 
 @dataclass
@@ -526,19 +525,8 @@ def _find_default_model() -> str:
 
 def default_config() -> dict[str, Any]:
     """The config served when no --config is given: SmolLM2-135M-Instruct."""
-    return {
-        "models": {
-            DEFAULT_MODEL_ID: {
-                "task": "text-completion",
-                "engine": "llama-cpp",
-                "file": _find_default_model(),
-                "context_size": 4096,
-                "max_instances": 8,
-                "min_instances": 1,
-                "ttl": 300,
-            }
-        },
-    }
+    model = {"task": "text-completion", "engine": "llama-cpp", "file": _find_default_model(), "context_size": 4096}
+    return {"models": {DEFAULT_MODEL_ID: {**model, "max_instances": 8, "min_instances": 1, "ttl": 300}}}
 
 
 # ---- 2b. sampling parameters, shared by config defaults and requests
@@ -979,16 +967,14 @@ def download(
     """Download url to dest through {dest}.part (resuming one), renamed into place once its sha256 matches.
     `attempts` counts tries in a row that add nothing, with exponential backoff; one that gets further resumes at once.
     Callers that might race on dest hold its lock (fetch does)."""
-    url = _normalize_url(url)
-    part = dest + ".part"
+    url, part = _normalize_url(url), dest + ".part"
     cancel = cancel or threading.Event()  # an event nobody sets
     try:
         os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
         transfer = _Transfer(url, part, headers or {}, stall_timeout, progress, cancel)
     except OSError as exc:
         raise DownloadError(f"cannot download {url} to {dest}: {exc}", permanent=True) from None
-    best = transfer.done
-    failures = 0
+    best, failures = transfer.done, 0
     while True:
         try:
             transfer.attempt()
@@ -997,8 +983,7 @@ def download(
             if exc.permanent:
                 raise
             if transfer.done > best:
-                best = transfer.done
-                failures = 0
+                best, failures = transfer.done, 0
                 log.info("%s; resuming from byte %d", exc.message, transfer.done)
                 continue
             failures += 1
@@ -1016,11 +1001,8 @@ def download(
     if sha256 is not None and digest != sha256.lower():
         with _suppress(FileNotFoundError):
             os.remove(part)
-        raise DownloadError(
-            f"sha256 mismatch for {url}: expected {sha256.lower()}, got {digest}; the download was deleted",
-            permanent=True,
-            code="model_checksum_mismatch",
-        )
+        why = f"sha256 mismatch for {url}: expected {sha256.lower()}, got {digest}; the download was deleted"
+        raise DownloadError(why, permanent=True, code="model_checksum_mismatch")
     try:
         # The data reaches the disk before the rename does, so a crash leaves a whole file or none.
         with open(part, "rb") as f:
@@ -1034,9 +1016,10 @@ def download(
 # ---- 3d. one downloader per file: threads share a flight, processes take a lock the kernel releases
 
 
-def _lock(dest: str, poll: float, cancel: threading.Event) -> int:
-    """Take {dest}.lock, waiting while another process holds it; returns the fd whose closing releases it. The OS
-    drops the lock when its process dies, so none is ever stale. The file names its holder, for the log."""
+@contextlib.contextmanager
+def _lock(dest: str, poll: float, cancel: threading.Event) -> Iterator[None]:
+    """Hold {dest}.lock, waiting while another process holds it. The OS drops the lock when its process dies, so
+    none is ever stale. The file names its holder, for the log."""
     path = dest + ".lock"
     announced = False
     while True:
@@ -1057,7 +1040,7 @@ def _lock(dest: str, poll: float, cancel: threading.Event) -> int:
             with _suppress(OSError):  # the note is for the log only: a full disk must not keep the lock held
                 os.ftruncate(fd, 0)
                 os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
-            return fd
+            break
         holder = ""
         with _suppress(OSError):
             holder = os.read(fd, 200).decode("utf-8", "replace")
@@ -1067,6 +1050,12 @@ def _lock(dest: str, poll: float, cancel: threading.Event) -> int:
             announced = True
         if cancel.wait(poll):
             raise _DownloadCancelled(dest)
+    try:
+        yield
+    finally:
+        with _suppress(OSError):
+            os.remove(path)  # before unlocking, so a waiter that wins the lock sees it went
+        os.close(fd)  # releases the lock
 
 
 @dataclass
@@ -1116,17 +1105,12 @@ def fetch(
             os.makedirs(os.path.dirname(dest), exist_ok=True)
         except OSError as exc:
             raise DownloadError(f"cannot download {url} to {dest}: {exc}", permanent=True) from None
-        fd = _lock(dest, lock_poll, cancel)
-        try:
+        with _lock(dest, lock_poll, cancel):
             # Another process may have finished it while we waited for the lock.
             if not verify_file(dest, sha256=sha256, mode=verify):
                 if os.path.exists(dest):
                     log.warning("%s does not match its sha256 %s; downloading it again", dest, sha256)
                 download(url, dest, sha256=sha256, cancel=cancel, **options)
-        finally:
-            with _suppress(OSError):
-                os.remove(dest + ".lock")  # before unlocking, so a waiter that wins the lock sees it went
-            os.close(fd)  # releases the lock
     except BaseException as exc:
         flight.error = exc
         raise
@@ -1173,18 +1157,10 @@ def _hf_resolve(repo: str, tag: str, token: str | None) -> list[dict[str, Any]]:
         want = "Q4_K_M" if tag == "latest" else tag
         chosen = next((p for p in ggufs if want.upper() in p.upper()), ggufs[0] if ggufs and tag == "latest" else None)
     if chosen is None:
-        tags = sorted(
-            {
-                m.group(1)
-                for p in ggufs
-                if (m := re.search(r"[-.]((?:[IQ]|BF|F)\d\w*?)(?:-\d{5}-of-\d{5})?\.gguf$", p, re.I))
-            }
-        )
-        raise DownloadError(
-            f"the Hugging Face repo {repo} has no GGUF for the tag {tag!r}"
-            + (f"; it has {', '.join(tags)}" if tags else ""),
-            permanent=True,
-        )
+        quant = r"[-.]((?:[IQ]|BF|F)\d\w*?)(?:-\d{5}-of-\d{5})?\.gguf$"
+        tags = sorted({m.group(1) for p in ggufs if (m := re.search(quant, p, re.I))})
+        have = f"; it has {', '.join(tags)}" if tags else ""
+        raise DownloadError(f"the Hugging Face repo {repo} has no GGUF for the tag {tag!r}{have}", permanent=True)
     parts = [chosen]
     if m := _SPLIT_GGUF.search(chosen):
         parts = [chosen[: m.start()] + f"-{i:05d}-of-{m.group(2)}.gguf" for i in range(1, int(m.group(2)) + 1)]
@@ -1210,14 +1186,8 @@ def _hf_files(name: str, models_dir: str, token: str | None = None, network: boo
             return []
         files = _hf_resolve(repo, tag, token)
         _write_atomically(kept, json.dumps({"name": name, "files": files}).encode())
-    return [
-        (
-            _hf_endpoint() + f"/{repo}/resolve/main/" + quote(f["path"]),
-            url_path(canonical + quote(f["path"]), models_dir),
-            f["sha256"],
-        )
-        for f in files
-    ]
+    base = f"{_hf_endpoint()}/{repo}/resolve/main/"
+    return [(base + quote(f["path"]), url_path(canonical + quote(f["path"]), models_dir), f["sha256"]) for f in files]
 
 
 def _public_host(host: str) -> None:
@@ -1342,15 +1312,7 @@ class _GgufHeader:
 
 
 # Architectures that only embed: a GGUF of one is served as an embedding model.
-_ENCODER_ARCHITECTURES = {
-    "bert",
-    "nomic-bert",
-    "nomic-bert-moe",
-    "jina-bert-v2",
-    "modern-bert",
-    "neo-bert",
-    "t5encoder",
-}
+_ENCODER_ARCHS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "modern-bert", "neo-bert", "t5encoder"}
 
 
 def _file_entry(path: str) -> dict[str, Any]:
@@ -1360,7 +1322,7 @@ def _file_entry(path: str) -> dict[str, Any]:
         arch = _GgufHeader(path, lambda key: key == "general.architecture").values.get("general.architecture")
     except (OSError, ValueError) as exc:
         raise InvalidRequest(f"{os.path.basename(path)} is not a GGUF model: {exc}") from None
-    if arch in _ENCODER_ARCHITECTURES:
+    if arch in _ENCODER_ARCHS:
         return {"task": "embedding"}
     return {"task": "text-completion", "context_size": 4096, "max_instances": 2}
 
@@ -1427,7 +1389,6 @@ _SAMPLING_DEFAULTS = SamplingParams(
     frequency_penalty=0.0,
     presence_penalty=0.0,
 )
-
 
 _StopCheck = Callable[[], bool] | None
 
@@ -1708,9 +1669,8 @@ def _chat_template(model: ModelConfig, source: str | None, bos: str, eos: str) -
         raise Unavailable("chat templates need jinja2: pip install jinja2", code="engine_not_installed") from None
     except Exception as exc:  # jinja2's TemplateSyntaxError
         where = f"models.{model.id}.chat_template" if model.chat_template else "the GGUF's chat template"
-        raise Unavailable(
-            f"model '{model.id}': {where} is not a valid Jinja template: {exc}", code="chat_template_invalid"
-        ) from None
+        why = f"model '{model.id}': {where} is not a valid Jinja template: {exc}"
+        raise Unavailable(why, code="chat_template_invalid") from None
 
 
 def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
@@ -1762,13 +1722,9 @@ class _StateCache:
 
     def info(self) -> dict[str, int]:
         with self.lock:
-            return {
-                "limit_bytes": self.limit,
-                "bytes": sum(len(state) for state in self.entries.values()),
-                "entries": len(self.entries),
-                "saved": self.saved,
-                "restored": self.restored,
-            }
+            size = sum(len(state) for state in self.entries.values())
+            counts = {"entries": len(self.entries), "saved": self.saved, "restored": self.restored}
+            return {"limit_bytes": self.limit, "bytes": size, **counts}
 
 
 def _l2_normalised(vec: Any) -> list[float]:
@@ -1814,21 +1770,17 @@ def _threads(dev: DeviceConfig) -> int:
 # Spill a context only when a prompt would throw away at least this many of its tokens, and restore a saved
 # state only when it saves at least this many more tokens than the instance's own context already does.
 _MIN_SPILL_TOKENS = 32
-
 _MIN_RESTORE_GAIN = 16
 
-
 _FORCE_BIAS = 1e4  # what logit_bias +100 adds: beats any real logit, stays finite
-
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 
 
 def _check_ids(tokens: Sequence[int], n_vocab: int, where: str, param: str) -> None:
     bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
     if bad is not None:
-        raise InvalidRequest(
-            f"{where}: token id {bad} is not in the model's vocabulary (0..{n_vocab - 1})", param=param
-        )
+        why = f"{where}: token id {bad} is not in the model's vocabulary (0..{n_vocab - 1})"
+        raise InvalidRequest(why, param=param)
 
 
 def _cpu_has_amx() -> bool:
@@ -1849,10 +1801,8 @@ class _LlamaShim:
         """Refuse a version whose internals were not tried."""
         version = tuple(int(x) for x in re.findall(r"\d+", llama_cpp.__version__)[:3])
         if not cls.TRIED[0] <= version < cls.TRIED[1]:
-            raise Unavailable(
-                f"the llama-cpp engine needs llama-cpp-python 0.3.36 to 0.3.x, not {llama_cpp.__version__}",
-                code="engine_not_installed",
-            )
+            why = f"the llama-cpp engine needs llama-cpp-python 0.3.36 to 0.3.x, not {llama_cpp.__version__}"
+            raise Unavailable(why, code="engine_not_installed")
 
     @staticmethod
     def add_rule(converter: Any, name: str, rule: str) -> str:
@@ -1870,10 +1820,8 @@ def _llama_cpp() -> Any:
     try:
         import llama_cpp
     except ImportError:
-        raise Unavailable(
-            "the llama-cpp engine needs llama-cpp-python: pip install 'lllms[llama-cpp]'",
-            code="engine_not_installed",
-        ) from None
+        why = "the llama-cpp engine needs llama-cpp-python: pip install 'lllms[llama-cpp]'"
+        raise Unavailable(why, code="engine_not_installed") from None
     _LlamaShim.install(llama_cpp)
     llama_cpp.llama_backend_init()
     native = logging.getLogger("llama-cpp-python")  # where the binding sends llama.cpp's own log
@@ -1889,10 +1837,8 @@ class _LlamaModel:
         dev, self.lc, self.id = model.device, lc, model.id
         gpu_ok = bool(lc.llama_supports_gpu_offload())
         if dev.gpu is True and not gpu_ok:
-            raise Unavailable(
-                f"model '{model.id}': device.gpu is true but this llama-cpp-python build has no GPU support",
-                code="gpu_unavailable",
-            )
+            why = f"model '{model.id}': device.gpu is true but this llama-cpp-python build has no GPU support"
+            raise Unavailable(why, code="gpu_unavailable")
         params = lc.llama_model_default_params()
         params.n_gpu_layers = 0 if dev.gpu is False or not gpu_ok else -1 if dev.gpu_layers is None else dev.gpu_layers
         params.use_extra_bufts = (not _cpu_has_amx()) if dev.repack == "auto" else dev.repack
@@ -2024,9 +1970,8 @@ class _Sampler:
         lc, n_vocab = self.lc, model.n_vocab
         # llama.cpp versions differ on whether the penalty stage takes n_vocab first.
         head = (n_vocab,) if len(lc.llama_sampler_init_penalties.argtypes) == 5 else ()
-        stages = [
-            lc.llama_sampler_init_penalties(*head, last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty)
-        ]
+        penalties = (p.repeat_penalty, p.frequency_penalty, p.presence_penalty)
+        stages = [lc.llama_sampler_init_penalties(*head, last_n, *penalties)]
         if bias:
             items = [lc.llama_logit_bias(token=t, bias=b) for t, b in bias.items()]
             biases = (lc.llama_logit_bias * len(items))(*items)
@@ -2035,10 +1980,8 @@ class _Sampler:
         if p.grammar is not None:
             self.grammar = lc.llama_sampler_init_grammar(model.vocab, p.grammar.encode("utf-8"), b"root")
             if not self.grammar:
-                raise InvalidRequest(
-                    "the grammar is not valid GBNF (it needs a 'root' rule, defined names, no left recursion)",
-                    param="grammar",
-                )
+                why = "the grammar is not valid GBNF (it needs a 'root' rule, defined names, no left recursion)"
+                raise InvalidRequest(why, param="grammar")
         if p.temperature <= 0:
             self.post = self._chain([lc.llama_sampler_init_greedy()])
         else:
@@ -2061,9 +2004,8 @@ class _Sampler:
         rows.id[:] = ids
         rows.logit[:] = logits
         rows.p[:] = 0
-        arr = lc.llama_token_data_array(
-            data=rows.ctypes.data_as(lc.llama_token_data_p), size=len(rows), selected=-1, sorted=False
-        )
+        data = rows.ctypes.data_as(lc.llama_token_data_p)
+        arr = lc.llama_token_data_array(data=data, size=len(rows), selected=-1, sorted=False)
         for sampler in samplers:
             lc.llama_sampler_apply(sampler, ctypes.byref(arr))
         return arr
@@ -2621,13 +2563,8 @@ def _number_range(schema: dict[str, Any]) -> str | None:
         return _integers_between(*_int_bounds(schema, "response_format"))
     lo, hi = schema.get("minimum"), schema.get("maximum")
     whole = all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi))
-    if (
-        schema.get("type") != "number"
-        or not whole
-        or lo < 0
-        or hi < lo
-        or schema.keys() & {"exclusiveMinimum", "exclusiveMaximum"}
-    ):
+    exclusive = schema.keys() & {"exclusiveMinimum", "exclusiveMaximum"}
+    if schema.get("type") != "number" or not whole or lo < 0 or hi < lo or exclusive:
         return None
     below = f'{_naturals_between(lo, hi - 1)} ("." [0-9]+)? | ' if hi > lo else ""
     return f'({below}"{hi}" ("." "0"+)?)'
@@ -2642,11 +2579,8 @@ def _converter_class() -> Any:
         """llama-cpp-python's converter, plus number ranges, which it leaves out."""
 
         def visit(self, schema: Any, name: str) -> Any:
-            if (
-                isinstance(schema, dict)
-                and any(k in schema for k in _INT_BOUNDS)
-                and (grammar := _number_range(schema))
-            ):
+            bounded = isinstance(schema, dict) and any(k in schema for k in _INT_BOUNDS)
+            if bounded and (grammar := _number_range(schema)):
                 rule = name + "-" if name in RESERVED_NAMES else name or "root"
                 return _LlamaShim.add_rule(self, rule, f"{grammar} space")
             return super().visit(schema, name)
@@ -2664,7 +2598,6 @@ _UNENFORCED_KEYWORDS = set(
     "multipleOf uniqueItems minProperties maxProperties patternProperties propertyNames dependentRequired "
     "dependentSchemas if then else not contains minContains maxContains unevaluatedProperties unevaluatedItems".split()
 )
-
 
 _ANNOTATIONS = {"description", "title", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly"}
 
@@ -2791,11 +2724,8 @@ def _gbnf_char(c: int) -> str:
 
 
 def _gbnf_literal(text: str) -> str:
-    return (
-        '"'
-        + "".join(ch if ch.isascii() and ch.isprintable() and ch not in '"\\' else _gbnf_char(ord(ch)) for ch in text)
-        + '"'
-    )
+    inner = "".join(ch if ch.isascii() and ch.isprintable() and ch not in '"\\' else _gbnf_char(ord(ch)) for ch in text)
+    return f'"{inner}"'
 
 
 class _TextGrammar:
@@ -3108,9 +3038,8 @@ class LlamaCppEngine(Engine):
         pre, suf = lc.llama_vocab_fim_pre(model.vocab), lc.llama_vocab_fim_suf(model.vocab)
         mid = lc.llama_vocab_fim_mid(model.vocab)
         if min(pre, suf, mid) < 0:
-            raise InvalidRequest(
-                f"'suffix' needs a model with fill-in-the-middle tokens; '{self.model.id}' has none", param="suffix"
-            )
+            why = f"'suffix' needs a model with fill-in-the-middle tokens; '{self.model.id}' has none"
+            raise InvalidRequest(why, param="suffix")
         body = [t for t in prefix if t != model.bos]
         head = [model.bos] if model.adds_bos else []
         return [*head, pre, *body, suf, *model.tokenize(suffix, special=False, add_bos=False), mid]
@@ -3174,21 +3103,11 @@ class LlamaCppEngine(Engine):
                     p.grammar = grammar
                     thoughts = _thoughts(req, shared.template, rendered, room) if req.kind == "chat" else None
                     last_n = shared.n_ctx if p.repeat_last_n == -1 else min(p.repeat_last_n, shared.n_ctx)
-                    group.append(
-                        _Job(
-                            shared.model,
-                            i,
-                            tokens,
-                            p,
-                            out,
-                            max_new=room if p.max_tokens is None else min(p.max_tokens, room),
-                            sampler=_Sampler(lc, shared.model, p, last_n),  # raises on a bad grammar or bias
-                            should_stop=should_stop,
-                            echo=echo,
-                            pieces=pieces if p.logprobs is not None else None,
-                            thoughts=thoughts,
-                        )
-                    )
+                    max_new = room if p.max_tokens is None else min(p.max_tokens, room)
+                    sampler = _Sampler(lc, shared.model, p, last_n)  # raises on a bad grammar or bias
+                    logged = pieces if p.logprobs is not None else None
+                    extra = {"should_stop": should_stop, "echo": echo, "pieces": logged, "thoughts": thoughts}
+                    group.append(_Job(shared.model, i, tokens, p, out, max_new=max_new, sampler=sampler, **extra))
                     jobs.append(group[-1])
                 leader = group[-1] if g == groups - 1 else group[0]
                 for job in group:
@@ -3340,9 +3259,8 @@ class _Gpt4AllShim:
             import gpt4all
             from gpt4all import _pyllmodel
         except ImportError:
-            raise Unavailable(
-                "the gpt4all engine needs gpt4all: pip install 'lllms[gpt4all]'", code="engine_not_installed"
-            ) from None
+            why = "the gpt4all engine needs gpt4all: pip install 'lllms[gpt4all]'"
+            raise Unavailable(why, code="engine_not_installed") from None
         if not hasattr(_pyllmodel, "llmodel") or len(_pyllmodel.llmodel.llmodel_prompt.argtypes) != 9:
             raise Unavailable("the gpt4all engine needs gpt4all 2.8", code="engine_not_installed")
         return gpt4all
@@ -3388,9 +3306,7 @@ class _Gpt4AllShim:
         ctx.n_batch = self.N_BATCH  # set again each call: the native side may have lowered it
         ctx.temp = 1.0 if greedy else p.temperature
         ctx.top_k = 1 if greedy else p.top_k
-        ctx.top_p = p.top_p
-        ctx.min_p = p.min_p
-        ctx.repeat_penalty = p.repeat_penalty
+        ctx.top_p, ctx.min_p, ctx.repeat_penalty = p.top_p, p.min_p, p.repeat_penalty
         ctx.repeat_last_n = self.n_ctx if p.repeat_last_n == -1 else p.repeat_last_n
         self._lib.llmodel.llmodel_prompt(
             self._model,
@@ -3449,9 +3365,8 @@ class _Gpt4AllRun:
     def _main(self) -> None:
         try:
             with _CORES:  # gpt4all computes between its callbacks, which let others take a turn
-                self.native.prompt(
-                    self.text, self.params, self.max_new, self._turn(self._on_prompt), self._turn(self._on_response)
-                )
+                on_prompt, on_response = self._turn(self._on_prompt), self._turn(self._on_response)
+                self.native.prompt(self.text, self.params, self.max_new, on_prompt, on_response)
         except Exception as exc:  # reported to the consumer instead
             self.failure = exc
         finally:
@@ -3529,9 +3444,8 @@ class _Gpt4AllRun:
             # gpt4all ended on its own: an end-of-turn token, or a full context (shifting is off).
             full = self.kept + len(self.prompt_ids) + self.generated >= self.native.n_ctx - 1
             finish = "length" if self.prompt_aborted or full or self.max_new == 0 else "stop"
-        usage = Usage(
-            self.kept + len(self.prompt_ids), self.generated, self.kept, self.thoughts.tokens if self.thoughts else 0
-        )
+        thought = self.thoughts.tokens if self.thoughts else 0
+        usage = Usage(self.kept + len(self.prompt_ids), self.generated, self.kept, thought)
         return Chunk(tail, finish_reason=finish, usage=usage, stop_sequence=self.stops.matched, reasoning=reasoning)
 
     # -- consumer side
@@ -3574,9 +3488,7 @@ class Gpt4AllEngine(Engine):
         self._run: _Gpt4AllRun | None = None  # the latest run
         self._embed_prefix: str | None = None
         self._embed_limit = 510
-        self.n_ctx = 0
-        self.bos_text = ""
-        self.add_bos = False
+        self.n_ctx, self.bos_text, self.add_bos = 0, "", False
         self._specials: dict[int, str] = {}
         self._special_re: re.Pattern[str] | None = None
 
@@ -3587,18 +3499,13 @@ class Gpt4AllEngine(Engine):
         gpt4all = _Gpt4AllShim.module()
         folder, name = os.path.split(os.path.abspath(self.path))
         if not name.endswith((".gguf", ".bin")):
-            raise Unavailable(
-                f"model '{self.model.id}': gpt4all only opens files named *.gguf, got {name}", code="model_load_failed"
-            )
+            why = f"model '{self.model.id}': gpt4all only opens files named *.gguf, got {name}"
+            raise Unavailable(why, code="model_load_failed")
         dev = self.model.device
-        kwargs: dict[str, Any] = {
-            "model_path": folder,
-            "allow_download": False,
-            # "auto" stays on the CPU: gpt4all's Kompute backend fails on many machines and has no cheap probe.
-            "device": "gpu" if dev.gpu is True else "cpu",
-            "n_threads": _threads(dev),
-            "n_ctx": n_ctx,
-        }
+        # "auto" stays on the CPU: gpt4all's Kompute backend fails on many machines and has no cheap probe.
+        device = "gpu" if dev.gpu is True else "cpu"
+        kwargs: dict[str, Any] = {"model_path": folder, "allow_download": False, "device": device}
+        kwargs |= {"n_threads": _threads(dev), "n_ctx": n_ctx}
         if dev.gpu_layers is not None:
             kwargs["ngl"] = dev.gpu_layers
         cls = gpt4all.Embed4All if self.model.task == "embedding" else gpt4all.GPT4All
@@ -3695,9 +3602,8 @@ class Gpt4AllEngine(Engine):
         try:
             stream = self._start(text, SamplingParams(), "prefix", None, generate=False)
         except InvalidRequest:
-            raise Unavailable(
-                f"model '{self.model.id}': preload is longer than the context", code="preload_too_long"
-            ) from None
+            why = f"model '{self.model.id}': preload is longer than the context"
+            raise Unavailable(why, code="preload_too_long") from None
         list(stream)
 
     def run(self, req: Request, should_stop: _StopCheck = None) -> Iterator[Chunk]:
@@ -3814,11 +3720,10 @@ class Gpt4AllEngine(Engine):
             # gpt4all reports a text longer than the context as an error, and a text that does not fit after the
             # kept context not at all, without a word (shifting is off). The whole prompt is then too long as well.
             if run.error is not None or not run.prompt_ids:
-                raise InvalidRequest(
-                    f"prompt is too long: it does not fit the context of model '{self.model.id}' ({self.n_ctx} tokens)",
-                    param=param,
-                    code="context_length_exceeded",
+                why = (
+                    f"prompt is too long: it does not fit the context of model '{self.model.id}' ({self.n_ctx} tokens)"
                 )
+                raise InvalidRequest(why, param=param, code="context_length_exceeded")
         return self._stream(run)
 
     def _stream(self, run: _Gpt4AllRun) -> Iterator[Chunk]:
@@ -3957,8 +3862,7 @@ class _Instance:
         self.engine: Engine | None = None
         self.state = "loading"  # loading -> idle <-> busy; gone when disposed
         self.created = time.time()
-        self.last_used = time.monotonic()
-        self.last_used_wall = self.created
+        self.last_used, self.last_used_wall = time.monotonic(), self.created
         self.requests = 0
         self.cached_tokens = 0  # prompt tokens reused from this instance's context, summed over requests
         self.context_key = ""  # request history this instance's context holds, in _history_key form
@@ -3968,19 +3872,11 @@ class _Instance:
         self.retired = False  # unloaded, or its model deleted or changed: it goes once its request ends
 
     def info(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "model": self.model.id,
-            "engine": self.model.engine,
-            "state": self.state,
-            "created": int(self.created),
-            "last_used": int(self.last_used_wall),
-            "expires": None if math.isinf(self.ttl) else int(self.last_used_wall + self.ttl),
-            "requests": self.requests,
-            "context_tokens": self.context_tokens,
-            "cached_tokens": self.cached_tokens,
-            "preview": self.preview,
-        }
+        expires = None if math.isinf(self.ttl) else int(self.last_used_wall + self.ttl)
+        head = {"id": self.id, "model": self.model.id, "engine": self.model.engine, "state": self.state}
+        times = {"created": int(self.created), "last_used": int(self.last_used_wall), "expires": expires}
+        use = {"requests": self.requests, "context_tokens": self.context_tokens, "cached_tokens": self.cached_tokens}
+        return {**head, **times, **use, "preview": self.preview}
 
 
 @dataclass(eq=False)
@@ -4079,11 +3975,8 @@ class _Pool:
             limit = self.config.max_queue
             if not ticket.ready.is_set() and limit is not None and len(self.queue) > limit:
                 self.queue.remove(ticket)
-                raise Unavailable(
-                    f"the server is busy: {limit} requests are already waiting",
-                    code="queue_full",
-                    headers={"Retry-After": self.retry_after()},
-                )
+                why = f"the server is busy: {limit} requests are already waiting"
+                raise Unavailable(why, code="queue_full", headers={"Retry-After": self.retry_after()})
         return ticket
 
     def wait(self, ticket: _Ticket, cancel: Any, deadline: float | None) -> _Instance:
@@ -4096,9 +3989,8 @@ class _Pool:
                     with self.cond:
                         retry = self.retry_after()
                     what = "a free instance" if ticket.model_id in self._paths else "the model's file to download"
-                    raise Unavailable(
-                        f"timed out waiting for {what}", code="queue_timeout", headers={"Retry-After": retry}
-                    )
+                    why = f"timed out waiting for {what}"
+                    raise Unavailable(why, code="queue_timeout", headers={"Retry-After": retry})
         except BaseException:
             self.abandon(ticket)
             raise
@@ -4261,9 +4153,8 @@ class _Pool:
                 self.service_time = 0.8 * self.service_time + 0.2 * (now - inst.last_used)
                 inst.last_used, inst.last_used_wall = now, time.time()
             insts = self.instances[inst.model.id]
-            dispose = (
-                not ok or self.stopping or inst.retired or (inst.ttl == 0 and len(insts) > inst.model.min_instances)
-            )
+            spare = inst.ttl == 0 and len(insts) > inst.model.min_instances
+            dispose = not ok or self.stopping or inst.retired or spare
             inst.state = "gone" if dispose else "idle"
             if dispose and inst in insts:
                 insts.remove(inst)
@@ -4520,11 +4411,8 @@ class Request:
         if p.max_tokens is None and caps:
             p.max_tokens = min(caps)  # the model's limit, or the dialect's own default when lower
         elif None not in (p.max_tokens, limit) and p.max_tokens > limit:
-            raise InvalidRequest(
-                f"'max_tokens' is {p.max_tokens}, above the limit of {limit} for model '{m.id}'",
-                param="max_tokens",
-                code="max_tokens_exceeded",
-            )
+            why = f"'max_tokens' is {p.max_tokens}, above the limit of {limit} for model '{m.id}'"
+            raise InvalidRequest(why, param="max_tokens", code="max_tokens_exceeded")
         engine.check(self)
         if p.grammar is not None:  # GBNF, or the name of one of the model's grammars: GBNF, or a JSON schema
             named = _named_grammar(m, p.grammar)
@@ -4541,16 +4429,13 @@ class Request:
         if self.echo and self.suffix is not None:
             raise InvalidRequest("'echo' cannot be combined with 'suffix'", param="echo")
         if self.effort not in (None, *m.effort_budgets):
-            raise InvalidRequest(
-                f"'{self.think_param}': the effort must be none or one of {', '.join(m.effort_budgets)}",
-                param=self.think_param,
-            )
+            why = f"'{self.think_param}': the effort must be none or one of {', '.join(m.effort_budgets)}"
+            raise InvalidRequest(why, param=self.think_param)
         if self.think_budget is not None and (
             isinstance(self.think_budget, bool) or not isinstance(self.think_budget, int) or self.think_budget < 0
         ):
-            raise InvalidRequest(
-                f"'{self.think_param}': the thinking budget must be an integer from 0", param=self.think_param
-            )
+            why = f"'{self.think_param}': the thinking budget must be an integer from 0"
+            raise InvalidRequest(why, param=self.think_param)
         if self.kind == "embedding" and len(self.prompts) > 2048:
             raise InvalidRequest("'input' may hold at most 2048 items", param="input")
         if self.kind != "embedding" and len(self.prompts) * self.best_of > 128:
@@ -4608,9 +4493,8 @@ def _named_grammar(model: ModelConfig, grammar: str) -> str | dict[str, Any]:
     named = grammars.get(grammar)
     if named is None:
         known = ", ".join(sorted(grammars))
-        raise InvalidRequest(
-            f"'grammar' is neither GBNF nor one of model '{model.id}''s grammars: {known}", param="grammar"
-        )
+        why = f"'grammar' is neither GBNF nor one of model '{model.id}''s grammars: {known}"
+        raise InvalidRequest(why, param="grammar")
     return named
 
 
@@ -4704,9 +4588,8 @@ def _parse_messages(messages: Any) -> list[dict[str, Any]]:
             raise InvalidRequest(f"'{where}' must be an object", param=where)
         role = m.get("role")
         if not isinstance(role, str) or role not in _CHAT_ROLES:
-            raise InvalidRequest(
-                f"'{where}.role' must be one of {sorted(_CHAT_ROLES)}, got {role!r}", param=f"{where}.role"
-            )
+            why = f"'{where}.role' must be one of {sorted(_CHAT_ROLES)}, got {role!r}"
+            raise InvalidRequest(why, param=f"{where}.role")
         calls = m.get("tool_calls") if role == "assistant" else None
         if role == "assistant" and m.get("function_call") is not None:  # the deprecated single call
             calls = [{"id": f"function-{i}", "type": "function", "function": m["function_call"]}]
@@ -4762,9 +4645,8 @@ def _prompt_list(prompt: Any, param: str = "prompt") -> list[str] | list[list[in
     if isinstance(prompt, list) and prompt:
         if all(isinstance(x, str) for x in prompt) or all(_is_ids(x) and x for x in prompt):
             return prompt
-    raise InvalidRequest(
-        f"'{param}' must be a string, a list of strings, a list of token ids, or a list of such lists", param=param
-    )
+    why = f"'{param}' must be a string, a list of strings, a list of token ids, or a list of such lists"
+    raise InvalidRequest(why, param=param)
 
 
 # Body fields that are sampling parameters: SamplingParams' own, and their aliases (logprobs differs per API).
@@ -4815,9 +4697,8 @@ def _int_param(value: Any, param: str, lo: int, hi: int) -> int:
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise InvalidRequest(
-            f"'{param}' must be an integer from {lo} to {hi}, got {json.dumps(value, default=str)[:40]}", param=param
-        )
+        why = f"'{param}' must be an integer from {lo} to {hi}, got {json.dumps(value, default=str)[:40]}"
+        raise InvalidRequest(why, param=param)
     return value
 
 
@@ -4939,13 +4820,9 @@ def _completion_fields(body: dict[str, Any], params: SamplingParams, n: int, str
         raise InvalidRequest("'best_of' must be at least 'n'", param="best_of")
     if best_of > n and stream:
         raise InvalidRequest("'best_of' cannot be used with stream", param="best_of")
-    return {
-        "max_tokens_default": 16,  # the spec's, for legacy completions
-        "prompts": prompts,
-        "echo": echo,
-        "suffix": body.get("suffix") or None,
-        "best_of": best_of,
-    }
+    suffix = body.get("suffix") or None
+    # max_tokens_default: the spec's, for legacy completions.
+    return {"max_tokens_default": 16, "prompts": prompts, "echo": echo, "suffix": suffix, "best_of": best_of}
 
 
 # The fields of each kind of OpenAI body besides the sampling parameters; embedded callers may pass nothing else.
@@ -4977,30 +4854,20 @@ def _keywords(kind: str, params: SamplingParams | None, keywords: dict[str, Any]
 
 
 def _usage_json(u: Usage) -> dict[str, Any]:
-    return {
-        "prompt_tokens": u.prompt_tokens,
-        "completion_tokens": u.completion_tokens,
-        "total_tokens": u.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
-        "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
-    }
+    head = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
+    details = {"prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
+    return {**head, **details, "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
 
 
 def _chat_logprobs(entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
     if entries is None:
         return None
-    return {
-        "content": [
-            {
-                "token": t.text,
-                "logprob": t.logprob if t.logprob is not None else 0.0,
-                "bytes": list(t.raw),
-                "top_logprobs": [{"token": a, "logprob": lp, "bytes": list(b)} for a, b, lp in t.top or ()],
-            }
-            for t in entries
-        ],
-        "refusal": None,
-    }
+    content = []
+    for t in entries:
+        top = [{"token": a, "logprob": lp, "bytes": list(b)} for a, b, lp in t.top or ()]
+        logprob = t.logprob if t.logprob is not None else 0.0
+        content.append({"token": t.text, "logprob": logprob, "bytes": list(t.raw), "top_logprobs": top})
+    return {"content": content, "refusal": None}
 
 
 def _completion_logprobs(entries: list[TokenLogprob] | None, offset: int) -> dict[str, Any] | None:
@@ -5159,9 +5026,8 @@ def _tool_function(tool: Any, where: str) -> dict[str, Any]:
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
         raise InvalidRequest(f"'{where}.{kind}' must be an object with a 'name'", param=f"{where}.{kind}")
     if not re.fullmatch(_TOOL_NAME, fn["name"]):
-        raise InvalidRequest(
-            f"'{where}.{kind}.name' must be 1-64 letters, digits, underscores or dashes", param=f"{where}.{kind}"
-        )
+        why = f"'{where}.{kind}.name' must be 1-64 letters, digits, underscores or dashes"
+        raise InvalidRequest(why, param=f"{where}.{kind}")
     for key, types_, what in (("parameters", dict, "a JSON schema object"), ("description", str, "a string")):
         if not isinstance(fn.get(key), (types_, type(None))):
             raise InvalidRequest(f"'{where}.{kind}.{key}' must be {what}", param=f"{where}.{kind}")
@@ -5283,9 +5149,8 @@ def _tool_messages(messages: list[dict[str, Any]], plan: _ToolPlan | None) -> li
     for i, m in enumerate(messages):
         role, content = m["role"], m["content"]
         if role == "assistant" and m.get("tool_calls"):  # a Request built by hand may hold OpenAI's dicts
-            calls = [
-                c if isinstance(c, ToolCall) else _parse_tool_calls([c], f"messages[{i}]")[0] for c in m["tool_calls"]
-            ]
+            where = f"messages[{i}]"
+            calls = [c if isinstance(c, ToolCall) else _parse_tool_calls([c], where)[0] for c in m["tool_calls"]]
             names.update((c.id, c.name) for c in calls)
             content = _TOOL_CALLS_OPEN + ", ".join(_call_json(c) for c in calls) + "]}"
         elif role == "assistant" and plan is not None:
@@ -5428,9 +5293,8 @@ def _format_schema(response_format: Any) -> dict[str, Any] | None:
     if kind == "json_schema":
         spec = response_format.get("json_schema")
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-            raise InvalidRequest(
-                "'response_format.json_schema' must be an object with a 'name' and a 'schema'", param="response_format"
-            )
+            why = "'response_format.json_schema' must be an object with a 'name' and a 'schema'"
+            raise InvalidRequest(why, param="response_format")
         schema = spec.get("schema", {})
         if not isinstance(schema, dict):
             raise InvalidRequest("'response_format.json_schema.schema' must be an object", param="response_format")
@@ -5660,12 +5524,8 @@ def anthropic_request(body: dict[str, Any], config: ServerConfig, count: bool = 
 
 def _anthropic_usage(u: Usage) -> dict[str, int]:
     """Anthropic counts the prompt tokens read from the cache apart from input_tokens."""
-    return {
-        "input_tokens": u.prompt_tokens - u.cached_tokens,
-        "cache_creation_input_tokens": 0,
-        "cache_read_input_tokens": u.cached_tokens,
-        "output_tokens": u.completion_tokens,
-    }
+    cache = {"cache_creation_input_tokens": 0, "cache_read_input_tokens": u.cached_tokens}
+    return {"input_tokens": u.prompt_tokens - u.cached_tokens, **cache, "output_tokens": u.completion_tokens}
 
 
 def _anthropic_call_id(call_id: str) -> str:
@@ -5794,12 +5654,8 @@ def _responses_input(items: Any) -> list[dict[str, Any]]:
             custom = kind == "custom_tool_call"
             said = json.dumps(item.get("input"), ensure_ascii=False) if custom else item.get("arguments")
             call = ToolCall(item.get("call_id"), name, said, custom).openai()
-            if (
-                out
-                and out[-1]["role"] == "assistant"
-                and out[-1].get("tool_calls") is not None
-                and not out[-1]["content"]
-            ):
+            last = out[-1] if out else {}
+            if last.get("role") == "assistant" and last.get("tool_calls") is not None and not last["content"]:
                 out[-1]["tool_calls"].append(call)
             else:
                 out.append({"role": "assistant", "content": "", "tool_calls": [call]})
@@ -5865,9 +5721,8 @@ def _responses_tools(body: dict[str, Any], strict: bool) -> tuple[Any, Any, list
                 continue
             name, members = t.get("name"), t.get("tools")
             if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
-                raise InvalidRequest(
-                    f"'tools[{i}].name' must be 1-64 letters, digits, underscores or dashes", param="tools"
-                )
+                why = f"'tools[{i}].name' must be 1-64 letters, digits, underscores or dashes"
+                raise InvalidRequest(why, param="tools")
             if not isinstance(members, list) or not members:
                 raise InvalidRequest(f"'tools[{i}]': the namespace '{name}' has no tools", param="tools")
             for j, m in enumerate(members):
@@ -5958,13 +5813,7 @@ class _ResponsesCall:
         if ch.text or not ch.tool_calls:
             part = {"type": "output_text", "text": ch.text, "annotations": [], "logprobs": []}
             items.append(
-                {
-                    "type": "message",
-                    "id": "msg_" + self.token,
-                    "status": status,
-                    "role": "assistant",
-                    "content": [part],
-                }
+                {"type": "message", "id": "msg_" + self.token, "status": status, "role": "assistant", "content": [part]}
             )
         for call in ch.tool_calls:
             items.append(self._call_item(call, status))
@@ -6021,10 +5870,8 @@ class _ResponsesCall:
         }
         if ch is not None and body.get("store") is not False:
             calls = [t.openai() for t in ch.tool_calls]
-            said = {
-                **({"tool_calls": calls} if calls else {}),
-                **({"reasoning_content": ch.reasoning} if ch.reasoning else {}),
-            }
+            said = {"tool_calls": calls} if calls else {}
+            said |= {"reasoning_content": ch.reasoning} if ch.reasoning else {}
             reply = {"role": "assistant", "content": ch.text, **said}
             self.store.put(out, [*self.history, reply])
         return out
@@ -6102,19 +5949,10 @@ class _ResponsesCall:
 # ---- 6g. the Ollama dialect
 
 _OLLAMA_VERSION = "0.12.0"  # the Ollama API these routes follow, for clients that check it
-_OLLAMA_OPTIONS = {
-    "temperature": "temperature",
-    "top_p": "top_p",
-    "top_k": "top_k",
-    "min_p": "min_p",
-    "num_predict": "max_tokens",
-    "stop": "stop",
-    "seed": "seed",
-    "repeat_penalty": "repeat_penalty",
-    "repeat_last_n": "repeat_last_n",
-    "presence_penalty": "presence_penalty",
-    "frequency_penalty": "frequency_penalty",
-}
+# Ollama's options: each sets the sampling parameter of its name, but num_predict sets max_tokens.
+_OLLAMA_OPTIONS = {k: k for k in ("temperature", "top_p", "top_k", "min_p", "num_predict", "stop", "seed")}
+_OLLAMA_OPTIONS |= {k: k for k in ("repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty")}
+_OLLAMA_OPTIONS["num_predict"] = "max_tokens"
 _OLLAMA_UNSUPPORTED = {
     "images": "the model reads text",
     "template": "prompts use the model's own chat template",
@@ -6152,10 +5990,8 @@ def _ollama_options(body: dict[str, Any], model: ModelConfig) -> SamplingParams:
     options = _object(body.get("options") or {}, "options")
     room = options.get("num_ctx")
     if room is not None and not (isinstance(room, int) and 0 < room <= (model.context_size or room)):
-        raise InvalidRequest(
-            f"'options.num_ctx' is set per model here; model '{model.id}' has {model.context_size} tokens",
-            param="options.num_ctx",
-        )
+        why = f"'options.num_ctx' is set per model here; model '{model.id}' has {model.context_size} tokens"
+        raise InvalidRequest(why, param="options.num_ctx")
     for key in options.keys() - _OLLAMA_OPTIONS.keys() - {"num_ctx"}:
         raise InvalidRequest(f"'options.{key}' is not supported by the {model.engine} engine", param=f"options.{key}")
     return _dialect_params(options, _OLLAMA_OPTIONS)
@@ -6248,17 +6084,11 @@ class _OllamaCall:
     def _done(self, req: Request, finish: str | None, usage: Usage, ch: Choice) -> dict[str, Any]:
         now = time.monotonic_ns()
         first = self.first or now
-        return {
-            **self._piece(req, ch.text, ch.tool_calls, ch.reasoning),
-            "done": True,
-            "done_reason": "length" if finish == "length" else "stop",
-            "total_duration": now - self.t0,
-            "load_duration": 0,
-            "prompt_eval_count": usage.prompt_tokens,
-            "prompt_eval_duration": first - self.t0,
-            "eval_count": usage.completion_tokens,
-            "eval_duration": now - first,
-        }
+        reason = "length" if finish == "length" else "stop"
+        done = {"done": True, "done_reason": reason, "total_duration": now - self.t0, "load_duration": 0}
+        evals = {"prompt_eval_count": usage.prompt_tokens, "prompt_eval_duration": first - self.t0}
+        evals |= {"eval_count": usage.completion_tokens, "eval_duration": now - first}
+        return {**self._piece(req, ch.text, ch.tool_calls, ch.reasoning), **done, **evals}
 
     def response(self, c: Completion, req: Request) -> dict[str, Any]:
         ch = c.choices[0]
@@ -6299,13 +6129,10 @@ def ollama_embed_request(body: dict[str, Any], config: ServerConfig) -> Request:
         raise InvalidRequest("'truncate' must be a boolean", param="truncate")
     inputs = _prompt_list(body["input"] if "input" in body else body.get("prompt"), "input")
     dims = _int_param(body["dimensions"], "dimensions", 1, 2**31) if "dimensions" in body else None
+    long_inputs = None if truncate is None else "truncate" if truncate else "error"
+    keep = _keep_alive(body.get("keep_alive"))
     return Request(
-        "embedding",
-        model,
-        prompts=inputs,
-        dimensions=dims,
-        keep_alive=_keep_alive(body.get("keep_alive")),
-        long_inputs=None if truncate is None else "truncate" if truncate else "error",
+        "embedding", model, prompts=inputs, dimensions=dims, keep_alive=keep, long_inputs=long_inputs
     ).check()
 
 
@@ -6321,14 +6148,9 @@ def ollama_details(meta: dict[str, Any]) -> dict[str, Any]:
     """A model's details as Ollama lists them, from its GGUF metadata."""
     arch = meta.get("general.architecture", "")
     ftype = meta.get("general.file_type")
-    return {
-        "parent_model": "",
-        "format": "gguf",
-        "family": arch,
-        "families": [arch] if arch else None,
-        "parameter_size": meta.get("general.size_label", ""),
-        "quantization_level": _FILE_TYPES[ftype] if isinstance(ftype, int) and ftype < len(_FILE_TYPES) else "",
-    }
+    quant = _FILE_TYPES[ftype] if isinstance(ftype, int) and ftype < len(_FILE_TYPES) else ""
+    head = {"parent_model": "", "format": "gguf", "family": arch, "families": [arch] if arch else None}
+    return {**head, "parameter_size": meta.get("general.size_label", ""), "quantization_level": quant}
 
 
 # ---- 6h. the dialect table: each dialect's routes, how its calls run, its errors and stream framing
@@ -6476,13 +6298,8 @@ def _ollama_show(ms: ModelServer, body: dict[str, Any]) -> dict[str, Any]:
     if model.context_size is not None:
         info[f"{meta.get('general.architecture', 'general')}.context_length"] = model.context_size
     show = {"modelfile": "", "parameters": "", "template": meta.get("tokenizer.chat_template", ""), "license": ""}
-    return {
-        **show,
-        "details": entry["details"],
-        "model_info": info,
-        "capabilities": ms.describe(model.id)["capabilities"],
-        "modified_at": entry["modified_at"],
-    }
+    show |= {"details": entry["details"], "model_info": info, "capabilities": ms.describe(model.id)["capabilities"]}
+    return {**show, "modified_at": entry["modified_at"]}
 
 
 def _ollama_ps(ms: ModelServer) -> dict[str, Any]:
@@ -6569,10 +6386,8 @@ def _ollama_create(ms: ModelServer, body: dict[str, Any]) -> Any:
         raw["context_size"] = params.pop("num_ctx")
     for key in params.keys() - _OLLAMA_OPTIONS.keys():
         raise InvalidRequest(f"'parameters.{key}' has no model setting in lllms", param=f"parameters.{key}")
-    raw["completion_defaults"] = {
-        **raw.get("completion_defaults", {}),
-        **{_OLLAMA_OPTIONS[k]: v for k, v in params.items()},
-    }
+    defaults = {_OLLAMA_OPTIONS[k]: v for k, v in params.items()}
+    raw["completion_defaults"] = {**raw.get("completion_defaults", {}), **defaults}
     return _ollama_progress(body, lambda report, cancel: ms.add_model(name, raw))
 
 
@@ -6995,10 +6810,8 @@ class ModelServer:
                 if not os.path.isfile(f.path):
                     raise Unavailable(f"model '{model.id}': file not found: {f.path}", code="model_not_ready")
                 if not verify_file(f.path, sha256=model.sha256, mode=model.verify):
-                    raise Unavailable(
-                        f"model '{model.id}': {f.path} does not match its sha256 {model.sha256}",
-                        code="model_checksum_mismatch",
-                    )
+                    why = f"model '{model.id}': {f.path} does not match its sha256 {model.sha256}"
+                    raise Unavailable(why, code="model_checksum_mismatch")
             else:
                 if not self._present(model):
                     with self._files_lock:
@@ -7014,19 +6827,10 @@ class ModelServer:
                         except Exception:  # a broken callback must not fail the download
                             log.exception("the progress callback failed")
 
+                options = {"verify": model.verify, "progress": progress, "cancel": self._cancel_downloads}
                 # The first part of a split GGUF last: f.path ends as the file llama.cpp loads the others from.
                 for url, f.path, sha256 in reversed(_model_files(model, self.config.models_dir, network=True)):
-                    fetch(
-                        url,
-                        f.path,
-                        sha256=sha256,
-                        headers=_auth_headers(url, model.token),
-                        verify=model.verify,
-                        attempts=self.config.download_attempts,
-                        stall_timeout=self.config.download_stall_timeout,
-                        progress=progress,
-                        cancel=self._cancel_downloads,
-                    )
+                    self._fetch(url, f.path, sha256=sha256, headers=_auth_headers(url, model.token), **options)
         except Exception as exc:
             error = exc if isinstance(exc, APIError) else Unavailable(f"model '{model.id}': {exc}")
             with self._files_lock:
@@ -7041,6 +6845,11 @@ class ModelServer:
             f.state, f.error, f.thread, f.failures = "ready", None, None, 0
         # A prepare() on a running server still serves those waiting.
         self._pool.file_ready(model, f.path, load=load or self._state != "starting")
+
+    def _fetch(self, url: str, path: str, **options: Any) -> None:
+        """fetch() with the config's download attempts and stall timeout."""
+        c = self.config
+        fetch(url, path, attempts=c.download_attempts, stall_timeout=c.download_stall_timeout, **options)
 
     # -- models added at run time: pulled, created or copied, kept in a registry file in models_dir
 
@@ -7073,24 +6882,19 @@ class ModelServer:
     def _save_registry(self, model_id: str, raw: dict[str, Any] | None) -> None:
         """Add (or with None, remove) one model in the registry file, under the lock downloads take, so nodes
         sharing models_dir merge their changes rather than overwrite them."""
-        path, cancel = self._registry(), threading.Event()
+        path = self._registry()
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = _lock(path, 0.1, cancel)
-        try:
-            with open(path, encoding="utf-8") if os.path.exists(path) else contextlib.nullcontext() as f:
-                models = json.load(f)["models"] if f else {}
-            models.pop(model_id, None) if raw is None else models.__setitem__(model_id, raw)
-            _write_atomically(path, json.dumps({"models": models}, indent=1).encode())
-        except (ValueError, KeyError, TypeError):
-            raise Unavailable(f"the model registry {path} is damaged; move it aside to manage models") from None
-        except OSError as exc:
-            raise APIError(
-                f"cannot write the model registry: {exc}", code="registry_write_failed", status=507
-            ) from None
-        finally:
-            with _suppress(OSError):
-                os.remove(path + ".lock")  # before unlocking, as fetch does
-            os.close(fd)
+        with _lock(path, 0.1, threading.Event()):
+            try:
+                with open(path, encoding="utf-8") if os.path.exists(path) else contextlib.nullcontext() as f:
+                    models = json.load(f)["models"] if f else {}
+                models.pop(model_id, None) if raw is None else models.__setitem__(model_id, raw)
+                _write_atomically(path, json.dumps({"models": models}, indent=1).encode())
+            except (ValueError, KeyError, TypeError):
+                raise Unavailable(f"the model registry {path} is damaged; move it aside to manage models") from None
+            except OSError as exc:
+                why = f"cannot write the model registry: {exc}"
+                raise APIError(why, code="registry_write_failed", status=507) from None
 
     def add_model(self, model_id: str, raw: dict[str, Any]) -> ModelConfig:
         """Serve a model from now on, and after restarts: `raw` is its config, as in the config file."""
@@ -7164,13 +6968,11 @@ class ModelServer:
         for url, path, sha256 in files:
             digest = f"sha256:{sha256}" if sha256 else os.path.basename(path)
             line = {"status": f"pulling {digest[7:19] if sha256 else digest}", "digest": digest}
-            fetch(
+            self._fetch(
                 url,
                 path,
                 sha256=sha256,
                 headers=_auth_headers(url),
-                attempts=self.config.download_attempts,
-                stall_timeout=self.config.download_stall_timeout,
                 progress=lambda done, total, line=line: report({**line, "total": total, "completed": done}),
                 cancel=cancel,
             )
@@ -7203,9 +7005,8 @@ class ModelServer:
                 f.flush()
                 os.fsync(f.fileno())
             if hasher.hexdigest() != digest[7:]:
-                raise InvalidRequest(
-                    f"the upload's sha256 is {hasher.hexdigest()}, not {digest}", code="digest_mismatch"
-                )
+                why = f"the upload's sha256 is {hasher.hexdigest()}, not {digest}"
+                raise InvalidRequest(why, code="digest_mismatch")
             os.replace(part, path)
             _write_sidecar(path, digest[7:])
         except OSError as exc:
@@ -7223,19 +7024,12 @@ class ModelServer:
         value = "failed" if error else "downloading" if f.state == "downloading" else "unloaded"
         value = "loaded" if states & {"idle", "busy"} else "loading" if "loading" in states else value
         status = {"value": value, **({"error": error} if error else {}), **({"progress": f.info()} if f.info() else {})}
-        room = model.context_size or self.metadata(model_id).get(
-            f"{self.metadata(model_id).get('general.architecture')}.context_length"
-        )
+        meta = {} if model.context_size else self.metadata(model_id)
+        room = model.context_size or meta.get(f"{meta.get('general.architecture')}.context_length")
         tools = ["tools"] if self.can_use_tools(model) else []
         caps = ["embedding"] if model.task == "embedding" else ["completion", *tools]
-        return {
-            "status": status,
-            "context_length": room,
-            "max_model_len": room,
-            "task": model.task,
-            "engine": model.engine,
-            "capabilities": caps,
-        }
+        info = {"status": status, "context_length": room, "max_model_len": room, "task": model.task}
+        return {**info, "engine": model.engine, "capabilities": caps}
 
     def raw_config(self, model_id: str) -> dict[str, Any]:
         """A model's config as the config file would give it."""
@@ -7375,34 +7169,17 @@ class ModelServer:
         counts, infos, running, queued = self._pool.snapshot()
         models = {}
         for m in self.config.models.values():
-            f = self._files[m.id]
-            error = self._pool.error(m.id)
-            models[m.id] = {
-                "status": "error" if error else f.state,
-                "engine": m.engine,
-                "task": m.task,
-                "error": error,
-                "download": f.info(),
-                "file": f.path,
-                "url": m.url,
-                "context_size": m.context_size,
-                "min_instances": m.min_instances,
-                "max_instances": m.max_instances,
-                "ttl": m.ttl,
-                "instances": counts[m.id],
-            }
+            f, error = self._files[m.id], self._pool.error(m.id)
+            state = {"status": "error" if error else f.state, "engine": m.engine, "task": m.task, "error": error}
+            where = {"download": f.info(), "file": f.path, "url": m.url, "context_size": m.context_size}
+            sizes = {"min_instances": m.min_instances, "max_instances": m.max_instances, "ttl": m.ttl}
+            models[m.id] = {**state, **where, **sizes, "instances": counts[m.id]}
             if (cache := self._pool.state_cache_info(m.id)) is not None:
                 models[m.id]["state_cache"] = cache
-        return {
-            "server": "lllms",
-            "node": self.config.node_id,
-            "version": __version__,
-            "uptime": int(time.time()) - self.created,
-            "state": self.state,
-            "concurrency": {"limit": self.config.concurrency, "running": running, "queued": queued},
-            "models": models,
-            "instances": infos,
-        }
+        uptime = int(time.time()) - self.created
+        head = {"server": "lllms", "node": self.config.node_id, "version": __version__, "uptime": uptime}
+        concurrency = {"limit": self.config.concurrency, "running": running, "queued": queued}
+        return {**head, "state": self.state, "concurrency": concurrency, "models": models, "instances": infos}
 
 
 # ---- 7b. metrics
@@ -7571,15 +7348,13 @@ def _parse_body(raw: bytes, config: ServerConfig) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InvalidRequest(
-            f"the request body is not valid UTF-8 ({exc.reason} at byte {exc.start})", code="invalid_json"
-        ) from None
+        why = f"the request body is not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        raise InvalidRequest(why, code="invalid_json") from None
     try:
         body = json.loads(text, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
     except RecursionError:
-        raise InvalidRequest(
-            f"the request body nests deeper than max_json_depth ({config.max_json_depth})", code="invalid_json"
-        ) from None
+        why = f"the request body nests deeper than max_json_depth ({config.max_json_depth})"
+        raise InvalidRequest(why, code="invalid_json") from None
     except ValueError as exc:  # a JSONDecodeError, or from the number hooks
         raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
@@ -7589,8 +7364,6 @@ def _parse_body(raw: bytes, config: ServerConfig) -> dict[str, Any]:
 
 
 _JSON_SCALARS = {int, float, bool, type(None)}
-
-
 _MAX_JSON_CONTAINERS = 100_000
 
 
@@ -7599,11 +7372,8 @@ def _check_body_limits(body: dict[str, Any], config: ServerConfig) -> None:
     for key in ("messages", "prompt", "input"):
         items = body.get(key)
         if isinstance(items, list) and len(items) > config.max_messages:
-            raise InvalidRequest(
-                f"'{key}' holds {len(items)} items; the limit is max_messages ({config.max_messages})",
-                param=key,
-                code="too_many_messages",
-            )
+            why = f"'{key}' holds {len(items)} items; the limit is max_messages ({config.max_messages})"
+            raise InvalidRequest(why, param=key, code="too_many_messages")
     chars = _text_sizes(body, config)
     total = sum(chars.values())
     if total > config.max_request_chars:
@@ -7626,11 +7396,8 @@ def _text_sizes(body: dict[str, Any], config: ServerConfig) -> dict[str, int]:
             try:
                 value.encode("utf-8")
             except UnicodeEncodeError:
-                raise InvalidRequest(
-                    f"'{top}' holds a string that is not valid Unicode (a lone surrogate escape)",
-                    param=top,
-                    code="invalid_json",
-                ) from None
+                why = f"'{top}' holds a string that is not valid Unicode (a lone surrogate escape)"
+                raise InvalidRequest(why, param=top, code="invalid_json") from None
 
     # Containers only go on the stack (with their nesting level and top-level key): a loop, not recursion, and
     # nothing kept per number, so a body of millions of numbers costs little.
@@ -7643,17 +7410,11 @@ def _text_sizes(body: dict[str, Any], config: ServerConfig) -> dict[str, int]:
         value, level, top = stack.pop()
         containers += 1
         if containers > _MAX_JSON_CONTAINERS:  # no real request comes near; a flood of {} costs memory and time
-            raise InvalidRequest(
-                f"the request body holds more than {_MAX_JSON_CONTAINERS} JSON objects and arrays",
-                param=top,
-                code="invalid_json",
-            )
+            why = f"the request body holds more than {_MAX_JSON_CONTAINERS} JSON objects and arrays"
+            raise InvalidRequest(why, param=top, code="invalid_json")
         if level > config.max_json_depth:
-            raise InvalidRequest(
-                f"the request body nests deeper than max_json_depth ({config.max_json_depth})",
-                param=top,
-                code="invalid_json",
-            )
+            why = f"the request body nests deeper than max_json_depth ({config.max_json_depth})"
+            raise InvalidRequest(why, param=top, code="invalid_json")
         if isinstance(value, dict):
             for k in value:
                 text(k, top)
@@ -7741,15 +7502,8 @@ class _Transport(BaseHTTPRequestHandler):
         log.debug("%s %s", self.address_string(), format % args)
 
     def _access_log(self, elapsed: float) -> None:
-        log.info(
-            '%s "%s %s" %s %.1fms id=%s',
-            self.client_address[0],
-            self.command,
-            self.path,
-            self._status or "-",
-            elapsed * 1000,
-            self._request_id,
-        )
+        host, ms = self.client_address[0], elapsed * 1000
+        log.info('%s "%s %s" %s %.1fms id=%s', host, self.command, self.path, self._status or "-", ms, self._request_id)
 
     def parse_request(self) -> bool:
         config = self.server.model_server.config
@@ -7809,11 +7563,8 @@ class _Transport(BaseHTTPRequestHandler):
     def _read_json(self) -> dict[str, Any]:
         ctype = self.headers.get("Content-Type")
         if ctype is not None and not _is_json_type(ctype) and self._dialect.json_bodies:
-            raise InvalidRequest(
-                f"Content-Type must be application/json (UTF-8), got {ctype[:100]!r}",
-                code="unsupported_media_type",
-                status=415,
-            )
+            why = f"Content-Type must be application/json (UTF-8), got {ctype[:100]!r}"
+            raise InvalidRequest(why, code="unsupported_media_type", status=415)
         config = self.server.model_server.config
         return _parse_body(b"".join(self._body(config.max_body_bytes)), config)
 
@@ -7852,11 +7603,8 @@ class _Transport(BaseHTTPRequestHandler):
                 yield piece
         except TimeoutError:
             self.close_connection = True
-            raise InvalidRequest(
-                f"the request body did not arrive within read_timeout ({config.read_timeout:g}s)",
-                code="request_timeout",
-                status=408,
-            ) from None
+            why = f"the request body did not arrive within read_timeout ({config.read_timeout:g}s)"
+            raise InvalidRequest(why, code="request_timeout", status=408) from None
         self.server.arm(self._conn, None)  # the request is in: generating is not bounded by read_timeout
 
     def _exactly(self, length: int) -> Iterator[bytes]:
@@ -8100,12 +7848,8 @@ class _Handler(_Transport):
         if method == "HEAD" and "GET" in routes:
             method = "GET"  # _send leaves the body out
         if method not in routes:
-            raise InvalidRequest(
-                f"{method} is not allowed on {path}",
-                code="method_not_allowed",
-                headers={"Allow": ", ".join(routes)},
-                status=405,
-            )
+            why = f"{method} is not allowed on {path}"
+            raise InvalidRequest(why, code="method_not_allowed", headers={"Allow": ", ".join(routes)}, status=405)
         target = routes[method]
         if isinstance(target, _Admin):
             self._may_manage()
@@ -8151,12 +7895,8 @@ class _Handler(_Transport):
         # Compare against every key, in constant time, so timing reveals neither a key nor which one matched.
         matches = [hmac.compare_digest(given_b, key.encode("utf-8")) for key in keys]
         if scheme.lower() != "bearer" or not any(matches):
-            raise InvalidRequest(
-                "a valid API key is required: send 'Authorization: Bearer <key>'",
-                code="invalid_api_key",
-                headers={"WWW-Authenticate": "Bearer"},
-                status=401,
-            )
+            why = "a valid API key is required: send 'Authorization: Bearer <key>'"
+            raise InvalidRequest(why, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}, status=401)
 
     def _cors_origin(self) -> str | None:
         allowed = self.server.model_server.config.cors_origins
@@ -8170,12 +7910,8 @@ class _Handler(_Transport):
     def _preflight(self) -> None:
         """Answer a CORS preflight; without cors_origins there is no CORS, and OPTIONS is not allowed."""
         if self._cors_origin() is None:
-            raise InvalidRequest(
-                "OPTIONS is only answered for CORS preflights from origins in cors_origins",
-                code="method_not_allowed",
-                headers={"Allow": "GET, POST"},
-                status=405,
-            )
+            why = "OPTIONS is only answered for CORS preflights from origins in cors_origins"
+            raise InvalidRequest(why, code="method_not_allowed", headers={"Allow": "GET, POST"}, status=405)
         self._status = 204
         self.send_response(204)
         self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
@@ -8283,9 +8019,8 @@ class _HTTPD(ThreadingHTTPServer):
     def process_request(self, request: Any, client_address: Any) -> None:
         with self.conns_lock:
             if len(self.conns) < self.model_server.config.max_connections:
-                thread = threading.Thread(
-                    target=self.process_request_thread, args=(request, client_address), name="lllms-conn", daemon=True
-                )
+                args = (request, client_address)
+                thread = threading.Thread(target=self.process_request_thread, args=args, name="lllms-conn", daemon=True)
                 self.conns[request] = _Conn(request, thread)
                 thread.start()
                 return
@@ -8295,9 +8030,8 @@ class _HTTPD(ThreadingHTTPServer):
         """A 503 without a thread: written if the socket takes it at once, never waited for."""
         self.model_server.meter.inc("lllms_http_connections_refused_total", {})
         limit = self.model_server.config.max_connections
-        body = json.dumps(
-            Unavailable(f"the server is busy: {limit} connections are open", code="too_many_connections").envelope()
-        ).encode()
+        exc = Unavailable(f"the server is busy: {limit} connections are open", code="too_many_connections")
+        body = json.dumps(exc.envelope()).encode()
         head = (
             "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n"
@@ -8521,32 +8255,18 @@ def _serve_until(stop: threading.Event, ms: ModelServer, read: Callable[[], Serv
 def main(argv: list[str] | None = None) -> int:
     """`lllms [serve|prepare|list] --config models.json`: serve until Ctrl-C or SIGTERM, or manage model files."""
     ap = argparse.ArgumentParser(prog="lllms", description="Serve local GGUF models over an OpenAI-compatible API.")
-    ap.add_argument(
-        "command",
-        nargs="?",
-        default="serve",
-        choices=["serve", "prepare", "list"],
-        help="serve (default); prepare: download and verify every model, then exit; list: show models_dir",
-    )
+    commands = "serve (default); prepare: download and verify every model, then exit; list: show models_dir"
+    ap.add_argument("command", nargs="?", default="serve", choices=["serve", "prepare", "list"], help=commands)
     ap.add_argument("files", nargs="*", metavar="FILE.gguf", help="serve these models too (as --model)")
     ap.add_argument("--config", help="JSON config file (default: the built-in SmolLM2-135M-Instruct)")
-    ap.add_argument(
-        "--model",
-        action="append",
-        default=[],
-        metavar="FILE_OR_URL",
-        help="serve a GGUF file, or download one from a URL (repeatable); its id is the file name without .gguf",
-    )
+    sources = "serve a GGUF file, or download one from a URL (repeatable); its id is the file name without .gguf"
+    ap.add_argument("--model", action="append", default=[], metavar="FILE_OR_URL", help=sources)
     ap.add_argument("--engine", choices=sorted(_ENGINES), help="engine for --model models (default: llama-cpp)")
     ap.add_argument("--host", help="listen address (default: config listen.host or 127.0.0.1)")
     ap.add_argument("--port", type=int, help="listen port (default: config listen.port or 3000)")
     ap.add_argument("--node-id", help="this node's name behind a load balancer (default: config node_id)")
-    ap.add_argument(
-        "--context-size",
-        type=int,
-        metavar="TOKENS",
-        help="context_size of every chat model: each instance's tokens (agents need tens of thousands; see README)",
-    )
+    tokens = "context_size of every chat model: each instance's tokens (agents need tens of thousands; see README)"
+    ap.add_argument("--context-size", type=int, metavar="TOKENS", help=tokens)
     ap.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     ap.add_argument("--version", action="version", version=f"lllms {__version__}")
     args = ap.parse_args(argv)
