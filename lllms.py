@@ -6717,13 +6717,9 @@ class ModelServer:
     ) -> None:
         """`progress(model_id, bytes_done, bytes_total)` is called while model files download."""
         self.config = load_config(config)
-        self._added = self._read_registry()  # models added at run time: their raw config, by id
-        for model_id, raw in list(self._added.items()):
-            try:
-                self.config.models[model_id] = self._model_config(model_id, raw)
-            except ConfigError as exc:
-                log.warning("the model registry's %s is left out: %s", model_id, exc)
-                del self._added[model_id]
+        registered = self._registered(self.config.models)
+        self._added = {m: raw for m, (raw, _) in registered.items()}  # models added at run time: raw config, by id
+        self.config.models.update({m: model for m, (_, model) in registered.items()})
         self.created = int(time.time())
         self.meter = _Metrics()  # counters and histograms for /metrics; the HTTP layer adds its own
         self.responses = _ResponseStore(self.config.stored_responses)  # the Responses API's stored results
@@ -6872,7 +6868,18 @@ class ModelServer:
             with _suppress(OSError):
                 os.replace(path, aside)
             return {}
-        return {k: v for k, v in models.items() if k not in self.config.models}  # the config's come first
+        return models
+
+    def _registered(self, configured: dict[str, ModelConfig]) -> dict[str, tuple[dict[str, Any], ModelConfig]]:
+        """The registry's models, each as its raw config and a ModelConfig; the config's own come first."""
+        out = {}
+        for model_id, raw in self._read_registry().items():
+            try:
+                if model_id not in configured:
+                    out[model_id] = raw, load_config({"models": {model_id: raw}}).models[model_id]
+            except ConfigError as exc:
+                log.warning("the model registry's %s is left out: %s", model_id, exc)
+        return out
 
     def _model_config(self, model_id: str, raw: dict[str, Any]) -> ModelConfig:
         if model_id in self.config.models and model_id not in self._added:
@@ -6917,17 +6924,19 @@ class ModelServer:
             self._prepare(model, block=block, load=False)
 
     def reconfigure(self, config: ServerConfig | dict[str, Any] | str | os.PathLike) -> None:
-        """Take the config again (lllms serve does on SIGHUP): its new models are served, removed ones drain (what
-        is queued or running finishes) and go, changed ones reload once their running requests end. Models added
-        at run time stay, unless the config now has one of the same id. Other settings take a restart."""
+        """Take the config and the registry again (lllms serve does on SIGHUP): new models are served, removed ones
+        drain (what is queued or running finishes) and go, changed ones reload once their running requests end.
+        The config's models come before the registry's. Other settings take a restart."""
         new = load_config(config).models
+        registered = self._registered(new)
+        self._added = {m: raw for m, (raw, _) in registered.items()}
+        new.update({m: model for m, (_, model) in registered.items()})
         for model_id, model in new.items():
             old = self.config.models.get(model_id)
-            if old is None or model_id in self._added or dataclasses.asdict(old) != dataclasses.asdict(model):
+            if old is None or dataclasses.asdict(old) != dataclasses.asdict(model):
                 log.info("config: %s model %s", "adding" if old is None else "reloading", model_id)
-                self._added.pop(model_id, None)
                 self._install(model, block=False)
-        for model_id in [m for m in self.config.models if m not in new and m not in self._added]:
+        for model_id in [m for m in self.config.models if m not in new]:
             log.info("config: removing model %s once its requests are done", model_id)
             with self._files_lock:
                 del self.config.models[model_id], self._files[model_id]

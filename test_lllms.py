@@ -6073,6 +6073,21 @@ def test_a_changed_config_adds_removes_and_reloads_models_under_load_with_no_fai
         wait_until(lambda: owners() == ["added", "changed", "keep"], what="the old instances to go")
 
 
+def test_nodes_sharing_models_dir_take_each_others_changes_on_reconfigure(tiny_llama: str, tmp_path: Any) -> None:
+    """Two servers on one models_dir: what one adds or deletes, the other serves or drops on its next SIGHUP
+    (reconfigure), finding the files in place."""
+    config = _managed(tiny_llama, tmp_path)
+    with lllms.ModelServer(config) as one, lllms.ModelServer(config) as two:
+        one.add_model("copied", one.raw_config("tiny"))
+        assert [m.id for m in two.models()] == ["tiny"]
+        two.reconfigure(config)
+        assert [m.id for m in two.models()] == ["tiny", "copied"]
+        assert two.chat("copied", TINY_CHAT, max_tokens=2).usage.completion_tokens > 0
+        one.remove_model("copied")
+        two.reconfigure(config)
+        assert [m.id for m in two.models()] == ["tiny"]
+
+
 def test_sighup_takes_the_config_again(tiny_llama: str, tmp_path: Any) -> None:
     """`lllms serve --config F` re-reads F on SIGHUP; a config that does not load changes nothing."""
     m = {"task": "text-completion", "file": tiny_llama, "context_size": 64}
