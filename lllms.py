@@ -6036,12 +6036,26 @@ def _ollama_messages(messages: Any) -> list[dict[str, Any]]:
 class _OllamaCall:
     """One Ollama chat or generate call: the Request, and its result as Ollama's objects, with durations."""
 
-    def __init__(self, kind: Literal["chat", "generate"]) -> None:
-        self.kind, self.t0 = kind, time.monotonic_ns()
+    def __init__(self, kind: Literal["chat", "generate"], ms: ModelServer) -> None:
+        self.kind, self.t0, self.ms = kind, time.monotonic_ns(), ms
         self.first: int | None = None  # when the first text came
 
-    def request(self, body: dict[str, Any], config: ServerConfig) -> Request:
+    def request(self, body: dict[str, Any], config: ServerConfig) -> Request | dict[str, Any]:
+        """The Request; or, for a call with nothing to say (no prompt, no messages), the model loaded (unloaded
+        with keep_alive 0) and Ollama's answer to that."""
         model = _ollama_model(body, config, "chat")
+        if body.get("messages" if self.kind == "chat" else "prompt") in (None, "", []) and not body.get("suffix"):
+            unload = _keep_alive(body.get("keep_alive")) == 0
+            self.ms.unload(model.id) if unload else self.ms.load(model.id)
+            said = {"response": ""} if self.kind == "generate" else {"message": {"role": "assistant", "content": ""}}
+            now = _iso(time.time())
+            return {
+                "model": model.id,
+                "created_at": now,
+                **said,
+                "done": True,
+                "done_reason": "unload" if unload else "load",
+            }
         _refuse(body, _OLLAMA_UNSUPPORTED, model.engine)
         params = _ollama_options(body, model)
         stream = body.get("stream", True)
@@ -6448,8 +6462,8 @@ _DIALECTS = {  # the first whose prefix a path starts with speaks for it; OpenAI
     "ollama": _Dialect(
         "/api/",
         {
-            "/api/chat": {"POST": _Run(key=_chat_key, call=lambda ms, key: _OllamaCall("chat"))},
-            "/api/generate": {"POST": _Run(key=_prompt_key, call=lambda ms, key: _OllamaCall("generate"))},
+            "/api/chat": {"POST": _Run(key=_chat_key, call=lambda ms, key: _OllamaCall("chat", ms))},
+            "/api/generate": {"POST": _Run(key=_prompt_key, call=lambda ms, key: _OllamaCall("generate", ms))},
             "/api/embed": {"POST": _Run(ollama_embed_request, ollama_embed)},
             "/api/embeddings": {"POST": _Run(ollama_embed_request, ollama_embeddings)},
             "/api/tags": {"GET": lambda ms: {"models": [_ollama_entry(ms, m) for m in ms.models()]}},
@@ -7978,6 +7992,8 @@ class _Handler(_Transport):
         self._conversation_key = run.key(body)
         call = run if run.call is None else run.call(ms, self._conversation_key)
         req = call.request(body, ms.config)
+        if isinstance(req, dict):  # answered without a model run
+            return self._send_json(200, req)
         self._left_out = req.left_out
         agent = self.headers.get("User-Agent", "-")
         for tool in self.server.first_left_out(self.client_address[0], agent, req.left_out):

@@ -6113,6 +6113,21 @@ def test_sighup_takes_the_config_again(tiny_llama: str, tmp_path: Any) -> None:
         _stop_cli(proc)
 
 
+def test_ollama_empty_prompt_loads_and_with_keep_alive_zero_unloads(tiny_llama: str) -> None:
+    """As Ollama: a generate without a prompt (or a chat without messages) loads the model; with keep_alive 0 it
+    unloads it."""
+    config = {"models": {"tiny": {"task": "text-completion", "file": tiny_llama, "context_size": 64}}}
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        client = ollama.Client(host=server.url, timeout=60)
+        assert ollama_names(client.ps().models) == set()
+        assert client.generate(model="tiny").done_reason == "load"
+        assert ollama_names(client.ps().models) == {"tiny"}
+        assert client.chat(model="tiny", messages=[], keep_alive=0).done_reason == "unload"
+        assert ollama_names(client.ps().models) == set()
+        assert client.chat(model="tiny", messages=[]).done_reason == "load"
+        assert ollama_names(client.ps().models) == {"tiny"}
+
+
 # ==== malformed bodies on the dialect routes
 
 DIALECT_POST_PATHS = [
