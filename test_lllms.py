@@ -6088,6 +6088,31 @@ def test_nodes_sharing_models_dir_take_each_others_changes_on_reconfigure(tiny_l
         assert [m.id for m in two.models()] == ["tiny"]
 
 
+def test_the_registry_never_shadows_the_config_and_takes_concurrent_writers(tiny_llama: str, tmp_path: Any) -> None:
+    """A registry entry named like a config model is left out; two servers adding models at once on one models_dir
+    (each write under the registry's lock) lose none."""
+    config = _managed(tiny_llama, tmp_path)
+    os.makedirs(tmp_path / "models")
+    shadow = {"task": "embedding", "file": tiny_llama}
+    (tmp_path / "models" / "lllms-models.json").write_text(json.dumps({"models": {"tiny": shadow}}))
+    with lllms.ModelServer(config) as one, lllms.ModelServer(config) as two:
+        assert one.config.models["tiny"].task == "text-completion"
+
+        def add(ms: lllms.ModelServer, name: str) -> None:
+            for i in range(8):
+                ms.add_model(f"{name}-{i}", ms.raw_config("tiny"))
+
+        threads = [threading.Thread(target=add, args=(ms, name)) for ms, name in ((one, "a"), (two, "b"))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    with open(tmp_path / "models" / "lllms-models.json") as f:
+        assert sorted(json.load(f)["models"]) == sorted(["tiny"] + [f"{n}-{i}" for n in "ab" for i in range(8)])
+    with lllms.ModelServer(config) as three:
+        assert len(three.models()) == 17 and three.config.models["tiny"].task == "text-completion"
+
+
 def test_sighup_takes_the_config_again(tiny_llama: str, tmp_path: Any) -> None:
     """`lllms serve --config F` re-reads F on SIGHUP; a config that does not load changes nothing."""
     m = {"task": "text-completion", "file": tiny_llama, "context_size": 64}
