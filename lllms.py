@@ -633,15 +633,8 @@ _UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
 class DownloadError(Unavailable):
     """A failed download (503). `permanent`: retrying cannot help; `retry_after`: the wait a server asked for."""
 
-    def __init__(
-        self,
-        message: str,
-        *,
-        permanent: bool = False,
-        retry_after: float | None = None,
-        code: str = "model_download_failed",
-    ) -> None:
-        super().__init__(message, code=code)
+    def __init__(self, message: str, *, permanent: bool = False, retry_after: float | None = None, **kw: Any) -> None:
+        super().__init__(message, **{"code": "model_download_failed", **kw})
         self.permanent = permanent
         self.retry_after = retry_after
 
@@ -948,8 +941,11 @@ class _Transfer:
                     if self.progress is not None and time.monotonic() - self.reported >= _PROGRESS_INTERVAL:
                         self.reported = time.monotonic()
                         self.progress(self.done, self.total)
-        except OSError as exc:  # only the part file raises OSError here: network errors are converted above
-            raise DownloadError(f"cannot write {self.part}: {exc}", permanent=True) from None
+        except OSError as exc:  # only the part file raises OSError here; a full disk is left none of ours
+            with _suppress(OSError):
+                os.remove(self.part)
+            why = f"cannot write {self.part}: {exc}"
+            raise DownloadError(why, permanent=True, code="insufficient_storage", status=507) from None
 
 
 def download(

@@ -27,6 +27,7 @@ import threading
 import time
 import typing
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from contextlib import suppress as contextlib_suppress
 from dataclasses import dataclass
 from typing import Any
@@ -94,11 +95,13 @@ def http_request(
     headers: dict[str, str] | None = None,
     *,
     timeout: float = 60,
+    source: str | None = None,
 ) -> Reply:
     """One request on a fresh connection, read to its end. A dict body is sent as JSON, bytes as they are; the
-    Content-Type is application/json unless `headers` say otherwise. `timeout` is the deadline: a hang fails there."""
+    Content-Type is application/json unless `headers` say otherwise. `timeout` is the deadline: a hang fails there.
+    `source` is the local address the connection comes from."""
     data = json.dumps(body).encode() if isinstance(body, dict) else body
-    conn = http.client.HTTPConnection(*address(target), timeout=timeout)
+    conn = http.client.HTTPConnection(*address(target), timeout=timeout, source_address=source and (source, 0))
     try:
         conn.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
         resp = conn.getresponse()
@@ -5985,6 +5988,83 @@ def test_who_may_manage_models(hub: Hub, tiny_llama: str, tmp_path: Any) -> None
         ):
             status, body, _ = http_request(server.url, "POST", "/api/pull", {"model": name, "stream": False})
             assert status == code, (name, body)
+
+
+def _this_machine_s_address() -> str:
+    """An address of this machine other than loopback: a connection to 127.0.0.1 from it comes from off loopback."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with contextlib_suppress(OSError):
+            s.connect(("198.51.100.7", 9))  # no packet is sent: this only asks which address routes out
+            if not s.getsockname()[0].startswith("127."):
+                return s.getsockname()[0]
+    pytest.skip("this machine has no network address but loopback, so no client can come from elsewhere")
+
+
+def test_clients_off_loopback_manage_only_where_the_config_lets_keyed_clients(tiny_llama: str, tmp_path: Any) -> None:
+    """By default a client from another address is refused with a 403 in its dialect's envelope, even with a key;
+    manage_models "keyed" lets it in with a key (and still asks one of it)."""
+    source, copy = _this_machine_s_address(), {"source": "tiny", "destination": "copied"}
+    key = {"Authorization": "Bearer k"}
+    with lllms.start_http_server(_managed(tiny_llama, tmp_path, api_keys=["k"]), host="127.0.0.1", port=0) as server:
+        status, body, _ = http_request(server.url, "POST", "/api/copy", copy, key, source=source)
+        assert status == 403 and "this machine only" in body["error"]
+        status, body, _ = http_request(server.url, "POST", "/models/unload", {"model": "tiny"}, key, source=source)
+        assert status == 403 and body["error"]["code"] == "forbidden"
+        assert http_request(server.url, "POST", "/api/copy", copy, key).status == 200
+        assert http_request(server.url, "POST", "/api/chat", {"model": "tiny"}, key, source=source).status == 200
+    keyed = _managed(tiny_llama, tmp_path, api_keys=["k"], manage_models="keyed")
+    with lllms.start_http_server(keyed, host="127.0.0.1", port=0) as server:
+        assert http_request(server.url, "POST", "/api/copy", copy, source=source).status == 401
+        copy["destination"] = "copied-again"
+        assert http_request(server.url, "POST", "/api/copy", copy, key, source=source).status == 200
+        assert {"copied", "copied-again"} <= {m.id for m in server.model_server.models()}
+
+
+@contextmanager
+def _files_grow_to(limit: int) -> Iterator[None]:
+    """Fail writes past `limit` bytes in this process as a full disk fails them (EFBIG rather than ENOSPC)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    xfsz = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write then fails, instead of the process dying
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, xfsz)
+
+
+def test_a_full_disk_is_a_507_that_leaves_models_dir_as_it_was(hub: Hub, tiny_llama: str, tmp_path: Any) -> None:
+    """A pull or an upload that runs out of room is a 507 (or the stream's error) naming the cause; no part file,
+    blob or registry entry stays, the server goes on, and once there is room the same pull succeeds."""
+    data = _read(tiny_llama)
+    hub.add("test/tiny-GGUF", {"tiny-Q8_0.gguf": data}, {"Q8_0": "tiny-Q8_0.gguf"})
+    blob = "/api/blobs/sha256:" + hashlib.sha256(data).hexdigest()
+
+    def listing() -> list[tuple[str, int]]:  # but for what the Hub said, kept so that a retry takes the same files
+        files = (tmp_path / "models").rglob("*")
+        return sorted((str(p), p.stat().st_size) for p in files if p.is_file() and "manifest" not in p.name)
+
+    with lllms.start_http_server(_managed(tiny_llama, tmp_path), host="127.0.0.1", port=0) as server:
+        client = ollama.Client(host=server.url, timeout=60)
+        client.copy("tiny", "kept")  # the registry exists, and must come through unchanged
+        before = listing()
+        with _files_grow_to(len(data) // 2):
+            status, body, _ = http_request(server.url, "POST", "/api/pull", {"model": PULLED, "stream": False})
+            assert status == 507 and "File too large" in body["error"], body
+            with pytest.raises(ollama.ResponseError, match="File too large"):
+                list(client.pull(PULLED, stream=True))
+            status, body, _ = http_request(server.url, "POST", blob, data, {"Content-Type": "application/octet-stream"})
+            assert status == 507 and "File too large" in body["error"], body
+            assert http_request(server.url, "HEAD", blob).status == 404
+        with _files_grow_to(64):  # too little room for the registry itself
+            status, body, _ = http_request(server.url, "POST", "/api/copy", {"source": "tiny", "destination": "x"})
+            assert status == 507 and "registry" in body["error"], body
+        assert listing() == before
+        assert sorted(m.model for m in client.list().models) == ["kept", "tiny"]
+        assert client.pull(PULLED).status == "success"
+        assert client.generate(model=PULLED, prompt="hello", options={"num_predict": 2}).done
 
 
 def test_a_pull_cut_off_by_its_client_resumes_on_the_next_pull(hub: Hub, tiny_llama: str, tmp_path: Any) -> None:
