@@ -273,8 +273,9 @@ def make_tiny_llama(path: str | Path, seed: int = 0, fim: bool = False, split_ma
     return str(path)
 
 
-def make_tiny_bert(path: str | Path, seed: int = 0) -> str:
-    """Write a tiny random-weight ``bert`` embedding GGUF (mean pooling) to ``path``.
+def make_tiny_bert(path: str | Path, seed: int = 0, *, rerank: bool = False) -> str:
+    """Write a tiny random-weight ``bert`` embedding GGUF (mean pooling) to ``path``; with ``rerank``, a
+    cross-encoder: rank pooling and a one-label classification head, as converted bge-rerankers have.
 
     WordPiece vocab (``bert`` tokenizer model) of lowercase letters, digits,
     punctuation, their ``##`` continuations and a few whole words. Returns the
@@ -294,7 +295,7 @@ def make_tiny_bert(path: str | Path, seed: int = 0) -> str:
     w.add_head_count(BERT_N_HEAD)
     w.add_layer_norm_eps(1e-12)
     w.add_causal_attention(False)
-    w.add_pooling_type(gguf.PoolingType.MEAN)
+    w.add_pooling_type(gguf.PoolingType.RANK if rerank else gguf.PoolingType.MEAN)
     w.add_vocab_size(n_vocab)
     w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
 
@@ -333,8 +334,18 @@ def make_tiny_bert(path: str | Path, seed: int = 0) -> str:
         w.add_tensor(f"{blk}.ffn_down.bias", _bias(rng, n_embd))
         w.add_tensor(f"{blk}.layer_output_norm.weight", _ones(n_embd))
         w.add_tensor(f"{blk}.layer_output_norm.bias", _zeros(n_embd))
+    if rerank:  # the pooler (a dense layer on [CLS], then tanh) and the classifier giving the one score
+        w.add_tensor("cls.weight", _weight(rng, n_embd, n_embd, dtype=np.float32))
+        w.add_tensor("cls.bias", _bias(rng, n_embd))
+        w.add_tensor("cls.output.weight", (rng.standard_normal((1, n_embd)) * 0.5).astype(np.float32))
+        w.add_tensor("cls.output.bias", _bias(rng, 1))
     _write(w)
     return str(path)
+
+
+def make_tiny_reranker(dst: str | Path) -> str:
+    """Write a tiny random-weight bert reranker GGUF to ``dst``, for any suite to reuse; returns its path."""
+    return make_tiny_bert(dst, seed=1, rerank=True)
 
 
 def find_smollm2() -> str:
@@ -372,6 +383,12 @@ def tiny_llama_fim(tmp_path_factory: pytest.TempPathFactory) -> str:
 def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Path of a tiny random-weight BERT embedding GGUF (in its own directory)."""
     return make_tiny_bert(tmp_path_factory.mktemp("tiny_bert") / "tiny-bert.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_reranker(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of a tiny random-weight bert cross-encoder GGUF (rank pooling, a classification head)."""
+    return make_tiny_reranker(tmp_path_factory.mktemp("tiny_reranker") / "tiny-reranker.gguf")
 
 
 @pytest.fixture(scope="session")

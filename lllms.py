@@ -265,7 +265,7 @@ _EFFORT_BUDGETS = {"minimal": 1 / 16, "low": 1 / 4, "medium": 1 / 2, "high": 3 /
 class ModelConfig:
     """One servable model."""
 
-    task: Literal["text-completion", "embedding"]
+    task: Literal["text-completion", "embedding", "rerank"]
     engine: Literal["llama-cpp", "gpt4all"] = "llama-cpp"
     file: str | None = None
     url: str | None = None
@@ -335,8 +335,10 @@ class ModelConfig:
             raise ConfigError(f"{path}.prompt_template: must contain %1, where the user's message goes")
         if self.system_template is not None and self.prompt_template is None:
             raise ConfigError(f"{path}.system_template: only applies with prompt_template")
-        if self.preload is not None and self.task == "embedding":
+        if self.preload is not None and self.task != "text-completion":
             raise ConfigError(f"{path}.preload: only text-completion models can preload context")
+        if self.task == "rerank" and self.engine != "llama-cpp":
+            raise ConfigError(f"{path}.task: the {self.engine} engine cannot rerank; use llama-cpp")
         for name, grammar in self.grammars.items():
             if not name or (isinstance(grammar, str) and not grammar.strip()):
                 raise ConfigError(f"{path}.grammars.{name}: needs a name and a non-empty grammar")
@@ -381,6 +383,7 @@ class ServerConfig:
     # Who may pull, create, copy, delete, load and unload models: loopback clients, any client with a key, or none.
     manage_models: Literal["loopback", "keyed", "off"] = "loopback"
     pull_private_urls: bool = False  # whether pulls may fetch from loopback and private addresses
+    max_rerank_documents: int = _bound(1000, 1)  # documents in one rerank request; beyond it, 400
 
     def _check(self, path: str) -> None:
         for i, key in enumerate(self.api_keys):
@@ -1315,9 +1318,12 @@ def _file_entry(path: str) -> dict[str, Any]:
     """The config of a model found at run time, from its GGUF's header: its task, and for a chat model room for a
     chat and a second one, whatever it was trained for."""
     try:
-        arch = _GgufHeader(path, lambda key: key == "general.architecture").values.get("general.architecture")
+        meta = _GgufHeader(path, lambda key: key == "general.architecture" or key.endswith(".pooling_type")).values
     except (OSError, ValueError) as exc:
         raise InvalidRequest(f"{os.path.basename(path)} is not a GGUF model: {exc}") from None
+    arch = meta.get("general.architecture")
+    if meta.get(f"{arch}.pooling_type") == 4:  # rank pooling: a classification head scores query-document pairs
+        return {"task": "rerank"}
     if arch in _ENCODER_ARCHS:
         return {"task": "embedding"}
     return {"task": "text-completion", "context_size": 4096, "max_instances": 2}
@@ -1454,6 +1460,26 @@ class Engine:
     ) -> tuple[list[list[float]], int]:
         """Normalised vectors, one per input (text or token ids), and the tokens read. Long inputs follow the
         request's `long_inputs`, else the model's; `dimensions` shortens vectors where the model allows it."""
+        raise NotImplementedError
+
+    def rerank(
+        self, query: str, documents: list[str], long_inputs: str | None = None
+    ) -> tuple[list[float], int, list[int]]:
+        """Each document's relevance to the query (0 to 1), each query-document pair scored on its own; the tokens
+        read; and the documents longer than the context, which `long_inputs` (else the model's) decided."""
+        raise InvalidRequest(f"model '{self.model.id}' is not a reranker", param="model", code="wrong_task")
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        """The model's token ids for text; `add_special`: with the BOS (and for BERT, [CLS] and [SEP]) the model
+        adds; `parse_special`: special tokens written in the text are tokens, not text."""
+        raise NotImplementedError
+
+    def pieces(self, tokens: list[int]) -> list[bytes]:
+        """Each token's bytes, special tokens as their text; an id outside the vocabulary is a 400."""
+        raise NotImplementedError
+
+    def prompt(self, req: Request) -> str:
+        """The text a checked chat request gives the model: its template's output, generation prompt included."""
         raise NotImplementedError
 
 
@@ -1882,13 +1908,16 @@ class _LlamaModel:
     def text(self, tokens: Sequence[int], special: bool = True) -> str:
         return b"".join(self.piece(t, special) for t in tokens).decode("utf-8", errors="replace")
 
-    def context(self, n_ctx: int, n_batch: int, n_seq: int = 1, pooling: int | None = None) -> Any:
+    def context(
+        self, n_ctx: int, n_batch: int, n_seq: int = 1, pooling: int | None = None, unified: bool = False
+    ) -> Any:
         """A new llama.cpp context (an embedding one with `pooling`) of n_seq sequences with n_ctx cells each.
         Each sequence has a KV stream of its own: a token attends to its own sequence's cells only, not to every
         sequence's (a unified cache made 8 generating sequences' steps ~15% slower). llama.cpp cuts a batch into
-        ubatches of consecutive sequences with as many tokens each."""
+        ubatches of consecutive sequences with as many tokens each. `unified`: the sequences share n_ctx cells."""
         p = self.lc.llama_context_default_params()
-        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max, p.kv_unified = n_ctx * n_seq, n_batch, n_batch, n_seq, False
+        p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx * (1 if unified else n_seq), n_batch, n_batch, n_seq
+        p.kv_unified = unified
         p.n_threads = p.n_threads_batch = self.threads
         p.n_outputs_max = p.n_outputs_max_per_seq = n_batch
         if pooling is not None:
@@ -2940,6 +2969,7 @@ class LlamaCppEngine(Engine):
     by its decode thread (_Decoder); embeddings get a context of their own, made on demand."""
 
     grammars = logprobs = True
+    _RERANK_SEQS = 16  # query-document pairs scored in one decode, as sequences of their own
     _decoders: dict[tuple[int, str], _Decoder] = {}  # per model config and file, shared by its instances
     _decoders_lock = threading.Lock()
 
@@ -2950,7 +2980,7 @@ class LlamaCppEngine(Engine):
 
     def load(self) -> None:
         lc = _llama_cpp()
-        if self.model.task == "embedding":
+        if self.model.task != "text-completion":
             self._embedder = self._new_embedder(lc, _LlamaModel(lc, self.model, self.path))
             return
         key = (id(self.model), self.path)
@@ -2968,7 +2998,7 @@ class LlamaCppEngine(Engine):
             self._embedder = None
             batch.free()
             _llama_cpp().llama_free(ctx)
-            if self.model.task == "embedding":
+            if self.model.task != "text-completion":
                 _llama_cpp().llama_model_free(model.ptr)
         shared, self.shared = self.shared, None
         if shared is not None:
@@ -3011,9 +3041,8 @@ class LlamaCppEngine(Engine):
     def _prompt(self, req: Request, group: int) -> tuple[list[int], str | None, str]:
         """A choice group's prompt tokens, its text when the request gave text, and the chat template's text."""
         if req.kind == "chat":
-            shared = self._text_model()
-            rendered = shared.template.render(req.messages, True, **req.template_vars())
-            return shared.model.tokenize(rendered), None, rendered
+            rendered = self.prompt(req)
+            return self._text_model().model.tokenize(rendered), None, rendered
         prompt, model = req.prompts[group], self._text_model().model
         if isinstance(prompt, str):
             tokens = model.tokenize(prompt)
@@ -3070,6 +3099,20 @@ class LlamaCppEngine(Engine):
         if self.shared is None:
             raise InvalidRequest(f"model '{self.model.id}' is an embedding model", code="wrong_task", param="model")
         return self.shared
+
+    def prompt(self, req: Request) -> str:
+        return self._text_model().template.render(req.messages, True, **req.template_vars())
+
+    def _vocab(self) -> _LlamaModel:
+        return self._embedder[0] if self._embedder is not None else self._text_model().model
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        return self._vocab().tokenize(text, special=parse_special, add_bos=add_special)
+
+    def pieces(self, tokens: list[int]) -> list[bytes]:
+        model = self._vocab()
+        _check_ids(tokens, model.n_vocab, "'tokens'", "tokens")
+        return [model.piece(t, special=True) for t in tokens]
 
     # -- generation
 
@@ -3134,11 +3177,15 @@ class LlamaCppEngine(Engine):
     def _new_embedder(self, lc: Any, model: _LlamaModel) -> tuple[_LlamaModel, Any, _Batch, int]:
         arch = model.meta("general.architecture") or ""
         n_ctx = self.model.context_size or min(int(model.meta(f"{arch}.context_length") or 2048), 2048)
+        declared, rerank = model.meta(f"{arch}.pooling_type"), self.model.task == "rerank"
+        if (declared == str(lc.LLAMA_POOLING_TYPE_RANK)) != rerank:  # rank pooling needs a reranker's head
+            what = "not a reranker (its GGUF declares no rank pooling)" if rerank else "a reranker"
+            raise Unavailable(f"model '{self.model.id}' is {what}; check its task", code="model_load_failed")
         # Decoder models declare no pooling; the spec asks for mean pooling then.
-        declared = model.meta(f"{arch}.pooling_type") is not None
-        pooling = lc.LLAMA_POOLING_TYPE_UNSPECIFIED if declared else lc.LLAMA_POOLING_TYPE_MEAN
-        # The whole input must fit one ubatch for non-causal models, so batch == context.
-        return model, model.context(n_ctx, n_ctx, pooling=pooling), _Batch(lc, n_ctx), n_ctx
+        pooling = lc.LLAMA_POOLING_TYPE_UNSPECIFIED if declared is not None else lc.LLAMA_POOLING_TYPE_MEAN
+        # The whole input must fit one ubatch for non-causal models, so batch == context; pairs share it.
+        ctx = model.context(n_ctx, n_ctx, self._RERANK_SEQS if rerank else 1, pooling=pooling, unified=rerank)
+        return model, ctx, _Batch(lc, n_ctx), n_ctx
 
     def _embed_tokens(self, tokens: list[int]) -> list[float]:
         """One pooled, normalised vector for a token sequence that fits the context."""
@@ -3201,6 +3248,68 @@ class LlamaCppEngine(Engine):
             vectors.append(_l2_normalised(mean))
             total += len(tokens)
         return vectors, total
+
+    # -- reranking
+
+    def _pair_parts(self, model: _LlamaModel, query: str) -> tuple[list[int], list[int]]:
+        """The tokens before and after the document in a query-document pair: the GGUF's rerank template cut at
+        {document}; else [CLS] query [SEP] document [SEP] (BOS ... EOS ... EOS without SEP), as llama-server does."""
+        template = model.meta("tokenizer.chat_template.rerank")
+        if template and "{document}" in template:
+            before, after = template.replace("{query}", query).split("{document}", 1)
+            return model.tokenize(before), model.tokenize(after, add_bos=False)
+        end = [model.sep if model.sep >= 0 else model.eos]
+        head = model.tokenize(query, special=False, add_bos=True)  # BERT's vocabulary adds [CLS] and [SEP]
+        return head + end * (head[-1:] != end), end
+
+    def _scores(self, pairs: list[list[int]]) -> list[float]:
+        """Each pair's relevance: pairs share a decode as sequences of their own (none attends to another), up
+        to a context's worth of tokens; a sigmoid makes the head's logit a score from 0 to 1."""
+        lc, (model, ctx, batch, n_ctx) = _llama_cpp(), typing.cast(tuple, self._embedder)
+        scores: list[float] = []
+        while len(scores) < len(pairs):
+            lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+            batch.clear()
+            first = i = len(scores)
+            while i < len(pairs) and i - first < self._RERANK_SEQS and batch.ptr.n_tokens + len(pairs[i]) <= n_ctx:
+                for pos, t in enumerate(pairs[i]):
+                    batch.add(t, pos, i - first, True)
+                i += 1
+            model.decode(ctx, batch.ptr)
+            for seq in range(i - first):
+                logit = lc.llama_get_embeddings_seq(ctx, seq)[0]
+                scores.append(1 / (1 + math.exp(-logit)) if -500 < logit < 500 else float(logit > 0))
+        return scores
+
+    def rerank(
+        self, query: str, documents: list[str], long_inputs: str | None = None
+    ) -> tuple[list[float], int, list[int]]:
+        if self.model.task != "rerank":
+            return super().rerank(query, documents, long_inputs)
+        model, _, _, n_ctx = typing.cast(tuple, self._embedder)
+        head, tail = self._pair_parts(model, query)
+        room, mode = n_ctx - len(head) - len(tail), long_inputs or self.model.long_inputs
+        if room < 1:
+            why = f"'query' is {len(head)} tokens, which leaves no room for a document in the context of {n_ctx}"
+            raise InvalidRequest(why, param="query", code="context_length_exceeded")
+        units: list[tuple[int, list[int]]] = []  # (document, pair); a long document in "mean" mode has several
+        long = []
+        for i, doc in enumerate(documents):
+            body = model.tokenize(doc, special=False, add_bos=False)
+            if len(body) > room and mode == "error":
+                raise InvalidRequest(
+                    f"documents[{i}] with the query is {len(head) + len(body) + len(tail)} tokens but the model's "
+                    f"context is {n_ctx} (set models.{self.model.id}.long_inputs to 'truncate' or 'mean')",
+                    param="documents",
+                    code="context_length_exceeded",
+                )
+            long += [i] if len(body) > room else []
+            cuts = range(0, len(body), room) if mode == "mean" and body else [0]
+            units += [(i, head + body[j : j + room] + tail) for j in cuts]
+        weighted, lengths = [0.0] * len(documents), [0] * len(documents)  # a long document's mean, by length
+        for (i, pair), score in zip(units, self._scores([pair for _, pair in units]), strict=True):
+            weighted[i], lengths[i] = weighted[i] + score * len(pair), lengths[i] + len(pair)
+        return [w / n for w, n in zip(weighted, lengths, strict=True)], sum(lengths), long
 
 
 # ---- 4c. gpt4all: one native model per instance, driven through its token callbacks
@@ -3466,6 +3575,12 @@ class _Gpt4AllRun:
         return True
 
 
+_PRINTABLE = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's BPE writes these bytes as themselves
+_GPT2_BYTES = {chr(b): b for b in _PRINTABLE} | {
+    chr(256 + i): b for i, b in enumerate(b for b in range(256) if b not in _PRINTABLE)
+}
+
+
 class Gpt4AllEngine(Engine):
     """gpt4all: one `gpt4all.GPT4All` per instance (or `Embed4All` for embedding models). gpt4all 2.8 has no
     tokenizer and no stop control beyond the token callback, so this engine tracks its context as text spans with
@@ -3487,6 +3602,7 @@ class Gpt4AllEngine(Engine):
         self.n_ctx, self.bos_text, self.add_bos = 0, "", False
         self._specials: dict[int, str] = {}
         self._special_re: re.Pattern[str] | None = None
+        self._vocab: tuple[list[str], list[int], str] = ([], [], "")  # the GGUF's tokens, their types, its tokenizer
 
     # -- loading
 
@@ -3543,6 +3659,7 @@ class Gpt4AllEngine(Engine):
             return
         tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
         types: list[int] = meta.get("tokenizer.ggml.token_type") or []
+        self._vocab = (tokens, types, meta.get("tokenizer.ggml.model", ""))
 
         def text_of(key: str) -> str:
             i = meta.get(key)
@@ -3588,6 +3705,44 @@ class Gpt4AllEngine(Engine):
     def _need_text_model(self) -> None:
         if self._gpt is None:
             raise InvalidRequest(f"model '{self.model.id}' is an embedding model", code="wrong_task", param="model")
+
+    def prompt(self, req: Request) -> str:
+        self._need_text_model()
+        return self._render(req.messages, True, **req.template_vars())
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
+        """gpt4all 2.8 has no tokenizer: the text is fed to an emptied context, whose prompt callback names each
+        token (gpt4all adds the BOS itself, and always reads special tokens)."""
+        self._need_text_model()
+        if not parse_special:
+            raise InvalidRequest("'parse_special' false is not supported by the gpt4all engine", param="parse_special")
+        native = typing.cast(_Gpt4AllShim, self._native)
+        self._settle(self._run)
+        self._spans, self._run = [], None
+        native.rewind(0)
+        run = _Gpt4AllRun(native, text, SamplingParams(), None, 0)
+        run.thread.join()
+        native.rewind(0)
+        if run.error is not None or run.failure is not None:
+            raise InvalidRequest(f"'content' does not fit the context of model '{self.model.id}'", param="content")
+        return run.prompt_ids[1:] if self.add_bos and not add_special else run.prompt_ids
+
+    def pieces(self, tokens: list[int]) -> list[bytes]:
+        """From the GGUF's vocabulary: GPT-2's byte-level BPE maps each byte to a printable character, and
+        SentencePiece writes spaces as U+2581 and bytes as <0xNN>."""
+        self._need_text_model()
+        vocab, types, kind = self._vocab
+        _check_ids(tokens, len(vocab), "'tokens'", "tokens")
+        out = []
+        for t in tokens:
+            text, special = vocab[t], types[t] in (3, 4) if t < len(types) else False
+            if kind == "gpt2" and not special:
+                out.append(bytes(_GPT2_BYTES.get(c, 32) for c in text))
+            elif kind == "llama" and t < len(types) and types[t] == 6:
+                out.append(bytes([int(text[3:-1], 16)]))
+            else:
+                out.append((text if special else text.replace("\u2581", " ")).encode())
+        return out
 
     def preload(self, messages: list[dict[str, Any]] | None, prefix: str | None) -> None:
         if self._gpt is None:
@@ -4363,14 +4518,18 @@ class ToolCall:
 
 @dataclass
 class Request:
-    """One validated chat, completion or embedding request: what every API dialect translates into."""
+    """One validated chat, completion, embedding or rerank request: what every API dialect translates into."""
 
-    kind: Literal["chat", "completion", "embedding"]
+    kind: Literal["chat", "completion", "embedding", "rerank"]
     model: ModelConfig
     params: SamplingParams = field(default_factory=SamplingParams)
     messages: list[dict[str, Any]] = field(default_factory=list)  # chat: {role, content, tool_calls?: [ToolCall],
     # tool_call_id?}
-    prompts: list[str] | list[list[int]] = field(default_factory=list)  # completion prompts, or embedding inputs
+    prompts: list[str] | list[list[int]] = field(default_factory=list)  # completion prompts, embedding inputs,
+    # or the documents to rank against `query`, of which the `top_n` best are returned (with their text)
+    query: str = ""
+    top_n: int | None = None
+    return_documents: bool = True
     n: int = 1  # choices per prompt
     best_of: int = 1  # choices generated per prompt, of which the n likeliest are kept
     echo: bool = False
@@ -4434,7 +4593,7 @@ class Request:
             raise InvalidRequest(why, param=self.think_param)
         if self.kind == "embedding" and len(self.prompts) > 2048:
             raise InvalidRequest("'input' may hold at most 2048 items", param="input")
-        if self.kind != "embedding" and len(self.prompts) * self.best_of > 128:
+        if self.kind in ("chat", "completion") and len(self.prompts) * self.best_of > 128:
             raise InvalidRequest("at most 128 choices per request (prompts times n or best_of)", param="n")
         engine.grammar(self)  # a schema or tool plan the engine cannot compile is a 400 now, not once queued
         self.checked = True  # only now: a request that failed its check is refused again, never let through
@@ -4703,11 +4862,16 @@ def _int_field(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
     return None if value is None else _int_param(value, key, lo, hi)
 
 
-def _bool_field(body: dict[str, Any], key: str) -> bool:
+def _bool_field(body: dict[str, Any], key: str, default: bool = False) -> bool:
     value = body.get(key)
     if value is not None and not isinstance(value, bool):
         raise InvalidRequest(f"'{key}' must be a boolean", param=key)
-    return bool(value)
+    return default if value is None else value
+
+
+def _only_model(body: dict[str, Any], config: ServerConfig) -> dict[str, Any]:
+    """The body, naming the server's one model where it names none (as llama-server's utility routes allow)."""
+    return {"model": next(iter(config.models)), **body} if "model" not in body and len(config.models) == 1 else body
 
 
 def _model_of(body: dict[str, Any], config: ServerConfig, kind: str) -> ModelConfig:
@@ -4719,6 +4883,10 @@ def _model_of(body: dict[str, Any], config: ServerConfig, kind: str) -> ModelCon
         raise NotFound(f"the model '{name}' does not exist", param="model", code="model_not_found")
     if kind in ("chat", "completion") and model.task != "text-completion":
         raise InvalidRequest(f"model '{name}' is an embedding model", param="model", code="wrong_task")
+    if kind == "rerank" and model.task != "rerank":
+        raise InvalidRequest(
+            f"model '{name}' is not a reranker (task '{model.task}')", param="model", code="wrong_task"
+        )
     return model
 
 
@@ -4980,6 +5148,42 @@ def embedding_response(e: Embeddings, req: Request) -> dict[str, Any]:
         data.append({"object": "embedding", "index": i, "embedding": value})
     usage = {"prompt_tokens": e.usage.prompt_tokens, "total_tokens": e.usage.prompt_tokens}
     return {"object": "list", "data": data, "model": e.model, "usage": usage}
+
+
+def rerank_request(body: dict[str, Any], config: ServerConfig) -> Request:
+    """A rerank body, as Jina's and Cohere's APIs (and llama-server's and vLLM's /v1/rerank) take it, as a Request.
+    `truncate` (as Hugging Face's TEI has it) overrides the model's long_inputs: true truncates, false refuses."""
+    model = _model_of(_only_model(body, config), config, "rerank")
+    query, docs, top_n = body.get("query"), body.get("documents"), body.get("top_n")
+    if not isinstance(query, str) or not query.strip():
+        raise InvalidRequest("'query' is required and must be a non-empty string", param="query")
+    if not isinstance(docs, list) or not docs:
+        raise InvalidRequest("'documents' is required and must be a non-empty list", param="documents")
+    if len(docs) > config.max_rerank_documents:
+        why = f"'documents' holds {len(docs)} documents, over the limit of {config.max_rerank_documents}"
+        raise InvalidRequest(why, param="documents", code="too_many_documents")
+    texts = [d.get("text") if isinstance(d, dict) else d for d in docs]
+    for i, text in enumerate(texts):
+        if not isinstance(text, str) or not text.strip():
+            raise InvalidRequest(f"documents[{i}] must be a non-empty string, or {{'text': string}}", param="documents")
+    if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
+        raise InvalidRequest("'top_n' must be a positive integer", param="top_n")
+    truncate = None if body.get("truncate") is None else "truncate" if _bool_field(body, "truncate") else "error"
+    kw = {"top_n": top_n, "return_documents": _bool_field(body, "return_documents", True), "long_inputs": truncate}
+    return Request("rerank", model, prompts=texts, query=query, **kw).check()
+
+
+def rerank_response(r: Ranking, req: Request) -> dict[str, Any]:
+    """The best first, the top_n of them, each with its index (and text); `long_inputs` names the documents longer
+    than the context, and what was done with them."""
+    order = sorted(range(len(r.scores)), key=lambda i: -r.scores[i])[: req.top_n]
+    text = (lambda i: {"document": {"text": req.prompts[i]}}) if req.return_documents else (lambda i: {})
+    results = [{"index": i, "relevance_score": r.scores[i], **text(i)} for i in order]
+    usage = {"prompt_tokens": r.usage.prompt_tokens, "total_tokens": r.usage.prompt_tokens}
+    out = {"object": "list", "model": r.model, "results": results, "usage": usage}
+    return out | (
+        {"long_inputs": {"mode": req.long_inputs or req.model.long_inputs, "documents": r.long}} if r.long else {}
+    )
 
 
 def model_object(model: ModelConfig, created: int) -> dict[str, Any]:
@@ -5773,7 +5977,7 @@ class _ResponsesCall:
         if effort is not None and not isinstance(effort, str):
             raise InvalidRequest("'reasoning.effort' must be a string", param="reasoning")
         include = body.get("include")
-        if isinstance(include, list) and set(include) <= {"reasoning.encrypted_content"}:
+        if isinstance(include, list) and all(i == "reasoning.encrypted_content" for i in include):
             body = {k: v for k, v in body.items() if k != "include"}
         _refuse(body, _RESPONSES_UNSUPPORTED, model.engine)
         if body.get("truncation") not in (None, "disabled"):
@@ -6424,7 +6628,44 @@ def _ollama_blob(ms: ModelServer, digest: str) -> dict[str, Any]:
     return {}
 
 
+def _tokenize(ms: ModelServer, body: dict[str, Any]) -> dict[str, Any]:
+    """llama-server's /tokenize: the ids, or with `with_pieces` [{"id", "piece"}], a piece that is not whole
+    UTF-8 given as its bytes."""
+    model, text = _model_of(_only_model(body, ms.config), ms.config, "any"), _string(body.get("content"), "content")
+    add, parse = _bool_field(body, "add_special"), _bool_field(body, "parse_special", True)
+    if not _bool_field(body, "with_pieces"):
+        return {"tokens": ms.use(model.id, lambda e: e.tokenize(text, add, parse))}
+
+    def pieces(engine: Engine) -> list[dict[str, Any]]:
+        ids = engine.tokenize(text, add, parse)
+        return [{"id": t, "piece": _utf8_or_bytes(b)} for t, b in zip(ids, engine.pieces(ids), strict=True)]
+
+    return {"tokens": ms.use(model.id, pieces)}
+
+
+def _utf8_or_bytes(raw: bytes) -> str | list[int]:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return list(raw)
+
+
+def _detokenize(ms: ModelServer, body: dict[str, Any]) -> dict[str, Any]:
+    model, tokens = _model_of(_only_model(body, ms.config), ms.config, "any"), body.get("tokens")
+    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+        raise InvalidRequest("'tokens' must be a list of token ids", param="tokens")
+    raw = ms.use(model.id, lambda e: b"".join(e.pieces(tokens)))
+    return {"content": raw.decode("utf-8", errors="replace")}
+
+
+def _apply_template(ms: ModelServer, body: dict[str, Any]) -> dict[str, Any]:
+    """The exact text a chat request (the same body) gives the model, generation prompt included."""
+    req = openai_request("chat", _only_model(body, ms.config), ms.config)
+    return {"prompt": ms.use(req.model.id, lambda e: e.prompt(req))}
+
+
 _OPENAI = "/openai/v1"
+_RERANK = {"POST": _Run(rerank_request, rerank_response)}
 _DIALECTS = {  # the first whose prefix a path starts with speaks for it; OpenAI for any other
     "anthropic": _Dialect(
         f"{_OPENAI}/messages",
@@ -6494,6 +6735,12 @@ _DIALECTS = {  # the first whose prefix a path starts with speaks for it; OpenAI
             f"{_OPENAI}/embeddings": {"POST": _Run(functools.partial(openai_request, "embedding"), embedding_response)},
             f"{_OPENAI}/models": {"GET": _openai_models},
             f"{_OPENAI}/models/{{id}}": {"GET": _openai_model},
+            f"{_OPENAI}/rerank": _RERANK,
+            f"{_OPENAI}/reranking": _RERANK,
+            "/rerank": _RERANK,
+            "/tokenize": {"POST": _tokenize},
+            "/detokenize": {"POST": _detokenize},
+            "/apply-template": {"POST": _apply_template},
             "/models/load": {"POST": _Admin(lambda ms, body: _loaded(ms, body, True))},
             "/models/unload": {"POST": _Admin(lambda ms, body: _loaded(ms, body, False))},
         },
@@ -6555,6 +6802,16 @@ class Embeddings:
     model: str
     vectors: list[list[float]]
     usage: Usage
+
+
+@dataclass
+class Ranking:
+    """Each document's relevance to a query (0 to 1), in the documents' order; `long`: those over the context."""
+
+    model: str
+    scores: list[float]
+    usage: Usage
+    long: list[int] = field(default_factory=list)
 
 
 class CompletionStream:
@@ -7082,8 +7339,8 @@ class ModelServer:
         """An OpenAI request body as a checked Request (a 400 or 404 naming what is wrong)."""
         return openai_request(kind, body, self.config)
 
-    def submit(self, req: Request, cancel: Any = None) -> Completion | CompletionStream | Embeddings:
-        """Run a request: a stream when it asks for one, else the finished completion, or embeddings.
+    def submit(self, req: Request, cancel: Any = None) -> Completion | CompletionStream | Embeddings | Ranking:
+        """Run a request: a stream when it asks for one, else the finished completion, embeddings or ranking.
         `cancel` (anything with `is_set()`) abandons it: it leaves the queue, or generation stops at the next token.
         Its `timeout` (default: config `request_timeout`): waiting past it is a 503, generating past it ends the text.
         """
@@ -7092,7 +7349,7 @@ class ModelServer:
         req.check()
         if not self._pool.has_file(req.model.id):
             self._prepare(req.model, block=False)  # the request then waits in the queue until the file is ready
-        if req.kind == "embedding":
+        if req.kind in ("embedding", "rerank"):
             return self._embed(req, cancel)
         stream = CompletionStream(req, self._pool, self.meter, cancel, self.config)
         return stream if req.stream else stream.collect()
@@ -7126,14 +7383,45 @@ class ModelServer:
         req = self.request("embedding", {"model": model, "input": input, **_keywords("embedding", None, body)})
         return typing.cast(Embeddings, self.submit(req, cancel))
 
-    def _embed(self, req: Request, cancel: Any) -> Embeddings:
-        limits = [t for t in (req.timeout, self.config.request_timeout, self.config.queue_timeout) if t is not None]
+    def rerank(self, model: str, query: str, documents: list[Any], *, cancel: Any = None, **body: Any) -> Ranking:
+        """Score each document (a string, or {"text": ...}) against the query; `top_n`, `return_documents` and
+        `long_inputs` as in the HTTP API. The scores are in the documents' order."""
+        req = rerank_request({"model": model, "query": query, "documents": documents, **body}, self.config)
+        return typing.cast(Ranking, self.submit(req, cancel))
+
+    def _embed(self, req: Request, cancel: Any) -> Embeddings | Ranking:
+        def work(engine: Engine) -> Any:
+            if req.kind == "rerank":
+                return engine.rerank(req.query, typing.cast(list[str], req.prompts), req.long_inputs)
+            return engine.embed(req.prompts, req.dimensions, req.long_inputs)
+
+        out = self.use(req.model.id, work, cancel, req.timeout, req.keep_alive)
+        usage = Usage(prompt_tokens=out[1])
+        self.meter.count_usage(req.model.id, usage)
+        return (
+            Ranking(req.model.id, out[0], usage, out[2])
+            if req.kind == "rerank"
+            else Embeddings(req.model.id, out[0], usage)
+        )
+
+    def use(
+        self,
+        model_id: str,
+        work: Callable[[Engine], Any],
+        cancel: Any = None,
+        timeout: float | None = None,
+        keep_alive: float | None = None,
+    ) -> Any:
+        """`work` done on an instance of the model, once one is free (waiting in the queue as requests do): the
+        way to its vocabulary, template and embedder."""
+        if self._state == "starting":
+            raise Unavailable("the server is not started", code="starting", headers={"Retry-After": "1"})
+        if not self._pool.has_file(model_id):
+            self._prepare(self.config.models[model_id], block=False)
+        limits = [t for t in (timeout, self.config.request_timeout, self.config.queue_timeout) if t is not None]
         deadline = time.monotonic() + min(limits) if limits else None
-        with self._pool.lease(self._pool.enqueue(req.model.id, ""), cancel, deadline, req.keep_alive) as lease:
-            engine = typing.cast(Engine, lease.instance.engine)
-            vectors, n = engine.embed(req.prompts, req.dimensions, req.long_inputs)
-        self.meter.count_usage(req.model.id, Usage(prompt_tokens=n))
-        return Embeddings(model=req.model.id, vectors=vectors, usage=Usage(prompt_tokens=n))
+        with self._pool.lease(self._pool.enqueue(model_id, ""), cancel, deadline, keep_alive) as lease:
+            return work(typing.cast(Engine, lease.instance.engine))
 
     def abort(self) -> None:
         """End running generations at their next token (a drain's grace is over)."""
@@ -7823,7 +8111,7 @@ class _Handler(_Transport):
         endpoint = "other" if args else label  # an item route's name only once the caller is known
         try:
             if method == "OPTIONS":
-                return self._preflight()
+                return self._options(routes)
             # Every route but the health check and the dashboard page (which holds no data) needs a key, unknown
             # ones too, so routes are not revealed.
             public = path == "/health" or (path == "/" and _prefers_html(self.headers.get("Accept", "")))
@@ -7926,16 +8214,18 @@ class _Handler(_Transport):
             return None  # never echo anything but a plain origin back into a header
         return origin if origin in allowed or "*" in allowed else None
 
-    def _preflight(self) -> None:
-        """Answer a CORS preflight; without cors_origins there is no CORS, and OPTIONS is not allowed."""
-        if self._cors_origin() is None:
-            why = "OPTIONS is only answered for CORS preflights from origins in cors_origins"
-            raise InvalidRequest(why, code="method_not_allowed", headers={"Allow": "GET, POST"}, status=405)
+    def _options(self, routes: dict[str, Any] | None) -> None:
+        """OPTIONS: the route's methods in Allow, and for a CORS preflight from an allowed origin, CORS's headers."""
+        if routes is None:
+            raise NotFound(f"no such endpoint: OPTIONS {self.path}", code="not_found")
+        allow = ", ".join([*routes, *(["HEAD"] if "GET" in routes else []), "OPTIONS"])
         self._status = 204
         self.send_response(204)
-        self.send_header("Access-Control-Allow-Methods", "GET, POST, OPTIONS")
-        self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type, X-Request-Id")
-        self.send_header("Access-Control-Max-Age", "600")
+        self.send_header("Allow", allow)
+        if self._cors_origin() is not None:
+            self.send_header("Access-Control-Allow-Methods", allow)
+            self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type, X-Request-Id, X-Api-Key")
+            self.send_header("Access-Control-Max-Age", "600")
         self.send_header("Content-Length", "0")
         self.end_headers()
 

@@ -3992,7 +3992,7 @@ def test_status_without_keys_shows_no_paths_and_head_options_work(tiny_llama: st
         status, _, headers = http_request(
             server.url, "OPTIONS", "/v1/chat/completions", None, {"Origin": "http://evil"}
         )
-        assert status == 405 and "Access-Control-Allow-Origin" not in headers
+        assert status == 204 and headers["Allow"] == "POST, OPTIONS" and "Access-Control-Allow-Origin" not in headers
         _, _, headers = http_request(server.url, "GET", "/v1/models", None, {"Origin": "http://app.example"})
         assert headers["Access-Control-Allow-Origin"] == "http://app.example"
 
@@ -6711,17 +6711,20 @@ def _stop_cli(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def test_serve_a_gguf_file_in_one_line(smollm2: str, minilm: str, tmp_path: Any) -> None:
+def test_serve_a_gguf_file_in_one_line(smollm2: str, minilm: str, tiny_reranker: str, tmp_path: Any) -> None:
     """`lllms serve FILE.gguf --model OTHER.gguf`: each served under its file name, the embedding model (a bert GGUF)
-    as an embedding model."""
+    as an embedding model, and a reranker (its header declares rank pooling) as a reranker."""
     port = free_port()
-    proc = _serve_cli(["serve", smollm2, "--model", minilm], port, tmp_path)
+    proc = _serve_cli(["serve", smollm2, "--model", minilm, "--model", tiny_reranker], port, tmp_path)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(proc, url)
         sdk = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
         embedder = os.path.basename(minilm).removesuffix(".gguf")
-        assert sorted(m.id for m in sdk.models.list()) == sorted(["SmolLM2-135M-Instruct.Q4_1", embedder])
+        names = ["SmolLM2-135M-Instruct.Q4_1", embedder, "tiny-reranker"]
+        assert sorted(m.id for m in sdk.models.list()) == sorted(names)
+        ranked = {"model": "tiny-reranker", "query": "q", "documents": ["a", "b"]}
+        assert len(http_request(url, "POST", "/v1/rerank", ranked).body["results"]) == 2
         reply = sdk.chat.completions.create(model="SmolLM2-135M-Instruct.Q4_1", messages=CHAT, max_tokens=8)
         assert reply.choices[0].message.content
         vectors = sdk.embeddings.create(model=embedder, input=["hello", "world"]).data
@@ -7537,3 +7540,158 @@ def test_structured_output_comes_after_the_thinking(thinking_client: openai.Open
     message = r.choices[0].message
     assert _reasoning_of(message) and r.choices[0].finish_reason == "stop", message
     jsonschema.validate(json.loads(message.content), schema)
+
+
+# ---- rerank, tokenize, detokenize and apply-template: the routes RAG pipelines and tooling call
+
+DOCS = ["a cat is an animal", "dogs bark at night", "the sky is blue", "what is a cat", "cats and dogs"]
+STRICT = "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+STRICT += "{{ m.content }}{% endfor %}"
+
+
+@pytest.fixture(scope="module")
+def utility_server(smollm2: str, smollm2_g4a: str, tiny_reranker: str, tiny_bert: str) -> Iterator[lllms.HTTPServer]:
+    chat = {"task": "text-completion", "file": smollm2, "context_size": 1024}
+    config = {
+        "max_rerank_documents": 8,
+        "models": {
+            "smol": chat,
+            "strict": {**chat, "chat_template": STRICT},
+            "g4a": {"task": "text-completion", "engine": "gpt4all", "file": smollm2_g4a, "context_size": 1024},
+            "rr": {"task": "rerank", "file": tiny_reranker, "context_size": 32},
+            "bert": {"task": "embedding", "file": tiny_bert},
+        },
+    }
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        yield server
+
+
+def _rerank(server: lllms.HTTPServer, path: str = "/v1/rerank", **body: Any) -> Reply:
+    return http_request(server, "POST", path, {"model": "rr", "query": "what is a cat", **body})
+
+
+def test_rerank_scores_each_document_alone_best_first(utility_server: lllms.HTTPServer) -> None:
+    """Jina's and Cohere's shape on all three paths; a document's score does not depend on its neighbours or its
+    place in the list; top_n keeps the best; documents may be {"text": ...}."""
+    status, body, _ = _rerank(utility_server, documents=DOCS)
+    assert status == 200 and body["model"] == "rr", body
+    results = body["results"]
+    assert sorted(r["index"] for r in results) == list(range(len(DOCS)))
+    assert [r["relevance_score"] for r in results] == sorted((r["relevance_score"] for r in results), reverse=True)
+    assert all(0 < r["relevance_score"] < 1 and r["document"] == {"text": DOCS[r["index"]]} for r in results)
+    assert body["usage"]["prompt_tokens"] == body["usage"]["total_tokens"] > len(DOCS)
+    score = {DOCS[r["index"]]: r["relevance_score"] for r in results}
+    for path, docs in (("/rerank", DOCS[::-1]), ("/v1/reranking", DOCS[2:3]), ("/v1/rerank", DOCS[1:4] * 2)):
+        for r in _rerank(utility_server, path, documents=[{"text": d} for d in docs]).body["results"]:
+            assert r["relevance_score"] == pytest.approx(score[docs[r["index"]]], rel=1e-5, abs=1e-6)
+    top = _rerank(utility_server, documents=DOCS, top_n=2, return_documents=False).body["results"]
+    assert [r["index"] for r in top] == [r["index"] for r in results[:2]] and "document" not in top[0]
+    ranking = utility_server.model_server.rerank("rr", "what is a cat", DOCS)
+    assert ranking.scores == pytest.approx([score[d] for d in DOCS], rel=1e-5, abs=1e-6)
+
+
+def test_rerank_bad_input_is_a_400_naming_the_field(utility_server: lllms.HTTPServer, tiny_reranker: str) -> None:
+    cases = [
+        ({"model": "smol"}, "model"),
+        ({"model": "bert"}, "model"),
+        ({"query": ""}, "query"),
+        ({"query": None}, "query"),
+        ({"documents": []}, "documents"),
+        ({"documents": "one"}, "documents"),
+        ({"documents": ["ok", 3]}, "documents"),
+        ({"documents": ["ok", {"text": ""}]}, "documents"),
+        ({"documents": ["d"] * 9}, "documents"),  # over max_rerank_documents
+        ({"top_n": 0}, "top_n"),
+        ({"return_documents": "yes"}, "return_documents"),
+    ]
+    for change, param in cases:
+        status, body, _ = _rerank(utility_server, **{"documents": DOCS, **change})
+        assert status == 400 and body["error"]["param"] == param, (change, body)
+    with pytest.raises(lllms.ConfigError, match="cannot rerank"):
+        lllms.load_config({"models": {"r": {"task": "rerank", "engine": "gpt4all", "file": tiny_reranker}}})
+    assert _rerank(utility_server, documents=DOCS).status == 200  # the server lost nothing
+
+
+def test_rerank_long_documents_follow_long_inputs(utility_server: lllms.HTTPServer) -> None:
+    """A document that does not fit the context beside the query is a 400 by default; `truncate` cuts it to fit
+    and the response names it."""
+    long = " ".join(["cat"] * 60)  # over the reranker's 32-token context
+    status, body, _ = _rerank(utility_server, documents=["a cat", long])
+    assert (
+        status == 400
+        and body["error"]["code"] == "context_length_exceeded"
+        and "documents[1]" in body["error"]["message"]
+    )
+    status, body, _ = _rerank(utility_server, documents=["a cat", long], truncate=True)
+    assert status == 200 and body["long_inputs"] == {"mode": "truncate", "documents": [1]}
+    assert body["usage"]["prompt_tokens"] <= 2 * 32
+    assert "long_inputs" not in _rerank(utility_server, documents=["a cat"]).body
+
+
+def test_tokenize_is_the_model_s_own_tokenizer_on_every_engine(utility_server: lllms.HTTPServer, smollm2: str) -> None:
+    """/tokenize agrees with llama-cpp-python's tokenizer on SmolLM2 for both engines, with non-ASCII text and a
+    special token; pieces that are not whole UTF-8 come as bytes; /detokenize gives the text back."""
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model_path=smollm2, vocab_only=True, verbose=False)
+    text = "héllo <|im_start|> wörld 😀, and  spaces\n"
+    expected = vocab.tokenize(text.encode(), add_bos=False, special=True)
+    for model in ("smol", "g4a"):
+        status, body, _ = http_request(utility_server, "POST", "/tokenize", {"model": model, "content": text})
+        assert status == 200 and body["tokens"] == expected, model
+        with_pieces = {"model": model, "content": "wörld😀", "with_pieces": True}
+        pieces = http_request(utility_server, "POST", "/tokenize", with_pieces).body["tokens"]
+        raw = b"".join(bytes(p["piece"]) if isinstance(p["piece"], list) else p["piece"].encode() for p in pieces)
+        assert raw.decode() == "wörld😀" and any(isinstance(p["piece"], list) for p in pieces)
+        assert [p["id"] for p in pieces] == vocab.tokenize("wörld😀".encode(), add_bos=False, special=True)
+        back = http_request(utility_server, "POST", "/detokenize", {"model": model, "tokens": expected}).body
+        assert back == {"content": text}, model
+        status, body, _ = http_request(utility_server, "POST", "/detokenize", {"model": model, "tokens": [10**6]})
+        assert status == 400 and body["error"]["param"] == "tokens"
+    plain = vocab.tokenize(b"<|im_start|>", add_bos=False, special=False)
+    unparsed = {"model": "smol", "content": "<|im_start|>", "parse_special": False}
+    assert http_request(utility_server, "POST", "/tokenize", unparsed).body["tokens"] == plain != [1]
+    bert = {"model": "bert", "content": "a cat", "add_special": True}
+    tokens = http_request(utility_server, "POST", "/tokenize", bert).body["tokens"]
+    bare = http_request(utility_server, "POST", "/tokenize", {**bert, "add_special": False}).body["tokens"]
+    assert tokens[1:-1] == bare and tokens[0] != tokens[-1] and len(bare) >= 2  # [CLS] a cat [SEP]
+
+
+def test_apply_template_gives_the_prompt_a_chat_evaluates(utility_server: lllms.HTTPServer) -> None:
+    """The text /apply-template returns is what the chat request evaluates: as many tokens, and the same greedy
+    reply when sent as a raw completion. A message the template rejects is a 400 naming messages."""
+    chat = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]}
+    for model in ("smol", "g4a"):
+        status, body, _ = http_request(utility_server, "POST", "/apply-template", {"model": model, **chat})
+        assert status == 200 and body["prompt"].endswith("<|im_start|>assistant\n"), body
+        tokens = http_request(utility_server, "POST", "/tokenize", {"model": model, "content": body["prompt"]}).body
+        greedy = {"model": model, "temperature": 0, "max_tokens": 8}
+        reply = http_request(utility_server, "POST", "/v1/chat/completions", {**chat, **greedy}).body
+        assert reply["usage"]["prompt_tokens"] == len(tokens["tokens"])
+        raw = http_request(utility_server, "POST", "/v1/completions", {"prompt": body["prompt"], **greedy}).body
+        assert raw["choices"][0]["text"] == reply["choices"][0]["message"]["content"]
+    status, body, _ = http_request(utility_server, "POST", "/apply-template", {"model": "strict", **chat})
+    assert status == 400 and body["error"]["param"] == "messages" and "no system role" in body["error"]["message"]
+    status, body, _ = http_request(utility_server, "POST", "/apply-template", {"model": "smol", "messages": "hi"})
+    assert status == 400 and body["error"]["param"] == "messages"
+
+
+def test_utility_routes_take_the_only_model_keys_and_options(tiny_reranker: str) -> None:
+    """With one model, `model` may be left out; keys apply as on every route; OPTIONS answers any route with its
+    methods in Allow, with or without CORS, and an unknown route is a 404."""
+    config = {"api_keys": ["k"], "models": {"rr": {"task": "rerank", "file": tiny_reranker}}}
+    key = {"Authorization": "Bearer k"}
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        assert http_request(server, "POST", "/tokenize", {"content": "a cat"}).status == 401
+        assert http_request(server, "POST", "/tokenize", {"content": "a cat"}, key).body["tokens"]
+        assert http_request(server, "POST", "/rerank", {"query": "q", "documents": ["d"]}, key).status == 200
+        for path, allow in (
+            ("/v1/rerank", "POST, OPTIONS"),
+            ("/tokenize", "POST, OPTIONS"),
+            ("/v1/models", "GET, HEAD, OPTIONS"),
+            ("/api/blobs/sha256:00", "GET, POST, HEAD, OPTIONS"),
+            ("/v1/responses/resp_1", "GET, DELETE, HEAD, OPTIONS"),
+        ):
+            status, _, headers = http_request(server, "OPTIONS", path)
+            assert status == 204 and headers["Allow"] == allow, path
+        assert http_request(server, "OPTIONS", "/v1/nothing").status == 404
