@@ -397,11 +397,7 @@ class ServerConfig:
 
 
 # lllms (Node) spellings that are not a plain camelCase of ours.
-_KEY_ALIASES = {
-    "models_path": "models_dir",
-    "repeat_penalty_num": "repeat_last_n",
-    "max_completion_tokens": "max_tokens",
-}
+_KEY_ALIASES = dict(models_path="models_dir", repeat_penalty_num="repeat_last_n", max_completion_tokens="max_tokens")
 _VALUE_ALIASES = {("engine", "node-llama-cpp"): "llama-cpp"}
 
 
@@ -434,12 +430,12 @@ def _type_name(tp: Any) -> str:
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
     """Check value against a type hint; build nested dataclasses from dicts. Raises ConfigError."""
-    origin = typing.get_origin(tp)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        arms = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None and len(arms) < len(typing.get_args(tp)):
+        arms = [a for a in args if a is not type(None)]
+        if value is None and len(arms) < len(args):
             return None
         if len(arms) == 1:  # Optional[X]: X's own error is the precise one
             return _coerce(value, arms[0], path)
@@ -448,7 +444,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
                 return _coerce(value, arm, path)
         ok = False
     elif origin is Literal:
-        ok = isinstance(value, str) and value in typing.get_args(tp)
+        ok = isinstance(value, str) and value in args
     elif dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             value = {f.name: getattr(value, f.name) for f in dataclasses.fields(tp) if not f.metadata.get("internal")}
@@ -460,11 +456,9 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
     if tp is float:
         return float(value)
     if origin is dict:
-        _, vt = typing.get_args(tp)
-        return {k: _coerce(v, vt, f"{path}.{k}") for k, v in value.items()}
+        return {k: _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
     if origin is list:
-        (it,) = typing.get_args(tp)
-        return [_coerce(v, it, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
     return value
 
 
@@ -480,8 +474,7 @@ def _from_dict(cls: Any, data: Any, path: str) -> Any:
         name = _canonical_key(str(key))
         sub = f"{path}.{key}" if path else str(key)
         if name not in known:
-            hint = ", ".join(sorted(known))
-            raise ConfigError(f"{sub}: unknown key (known keys: {hint})")
+            raise ConfigError(f"{sub}: unknown key (known keys: {', '.join(sorted(known))})")
         if name in kwargs:
             raise ConfigError(f"{sub}: given twice (as {name} and an alias)")
         value = _VALUE_ALIASES.get((name, value), value) if isinstance(value, str) else value
@@ -505,7 +498,11 @@ def _read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file is not valid JSON: {exc}") from None
 
 
-def load_config(source: ServerConfig | dict[str, Any] | str | os.PathLike) -> ServerConfig:
+# What a config may be given as: a ServerConfig, a dict, or a path to a JSON file.
+ConfigSource = ServerConfig | dict[str, Any] | str | os.PathLike
+
+
+def load_config(source: ConfigSource) -> ServerConfig:
     """Validate a config given as a ServerConfig, a dict, or a path to a JSON file."""
     return _coerce(_read_config(source) if isinstance(source, (str, os.PathLike)) else source, ServerConfig, "")
 
@@ -638,8 +635,7 @@ class DownloadError(Unavailable):
 
     def __init__(self, message: str, *, permanent: bool = False, retry_after: float | None = None, **kw: Any) -> None:
         super().__init__(message, **{"code": "model_download_failed", **kw})
-        self.permanent = permanent
-        self.retry_after = retry_after
+        self.permanent, self.retry_after = permanent, retry_after
 
 
 class _DownloadCancelled(DownloadError):
@@ -881,9 +877,7 @@ class _Transfer:
         """One request, appending to the part. Returns when the file is whole; raises DownloadError otherwise."""
         if self.cancel.is_set():
             raise _DownloadCancelled(self.url)
-        headers = dict(self.headers)
-        if self.done:
-            headers["Range"] = f"bytes={self.done}-"
+        headers = {**self.headers, "Range": f"bytes={self.done}-"} if self.done else self.headers
         try:
             # The timeout bounds the connect and then each read: a stall raises TimeoutError, and we resume.
             response = self.opener.open(urllib.request.Request(self.url, headers=headers), timeout=self.stall_timeout)
@@ -1019,8 +1013,7 @@ def download(
 def _lock(dest: str, poll: float, cancel: threading.Event) -> Iterator[None]:
     """Hold {dest}.lock, waiting while another process holds it. The OS drops the lock when its process dies, so
     none is ever stale. The file names its holder, for the log."""
-    path = dest + ".lock"
-    announced = False
+    path, announced = dest + ".lock", False
     while True:
         try:
             fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
@@ -1224,17 +1217,15 @@ class _ModelFile:
     """Where one model's file stands, as status shows it: unprepared, downloading, ready or error."""
 
     def __init__(self, path: str) -> None:
-        self.path = path
-        self.failures = 0
+        self.path, self.failures = path, 0
         self.retry_at = 0.0  # monotonic time before which a failed model is not retried
         self.thread: threading.Thread | None = None
         self.restart()
 
     def restart(self) -> None:
         """A new attempt: status shows it, not the last failure."""
-        self.state = "unprepared"
+        self.state, self.done = "unprepared", 0
         self.error: str | None = None
-        self.done = 0
         self.total: int | None = None
         self.speed = 0.0  # bytes/s, smoothed
         self._last = (0.0, 0)  # time and bytes at the last progress call
@@ -1260,7 +1251,6 @@ class _ModelFile:
 
 
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
@@ -4017,8 +4007,7 @@ class _Instance:
         self.requests = 0
         self.cached_tokens = 0  # prompt tokens reused from this instance's context, summed over requests
         self.context_key = ""  # request history this instance's context holds, in _history_key form
-        self.context_tokens = 0
-        self.preview = ""
+        self.context_tokens, self.preview = 0, ""
         self.ttl = model.ttl  # seconds it may stay idle: the model's, or the last request's keep_alive
         self.retired = False  # unloaded, or its model deleted or changed: it goes once its request ends
 
@@ -4096,11 +4085,8 @@ class _Pool:
                 # Grace is over: generations stop at their next token; give them a moment to hand back.
                 self.abort.set()
                 self.cond.wait_for(lambda: not self.running, 5.0)
-            doomed = [i for insts in self.instances.values() for i in insts if i.state != "busy"]
-            for inst in doomed:
-                inst.state = "gone"  # a load still under way sees this and frees what it loaded
-            for insts in self.instances.values():
-                insts[:] = [i for i in insts if i.state == "busy"]  # those are closed on release
+            # Busy instances stay, and are closed on release.
+            doomed = self._take([i for insts in self.instances.values() for i in insts if i.state != "busy"])
             self.cond.notify_all()
         for inst in doomed:
             self._close(inst)
@@ -4110,8 +4096,7 @@ class _Pool:
 
     def retry_after(self) -> str:
         """Seconds until a slot is likely free: the queue ahead times the average hold, spread over the slots."""
-        waiting = len(self.queue) + 1
-        return str(max(1, math.ceil(self.service_time * waiting / self.config.concurrency)))
+        return str(max(1, math.ceil(self.service_time * (len(self.queue) + 1) / self.config.concurrency)))
 
     def enqueue(self, model_id: str, key: str) -> _Ticket:
         """Queue for an instance of model_id, preferring one whose context shares key's prefix; 503 if full."""
@@ -4229,10 +4214,7 @@ class _Pool:
             insts = self.instances.get(model_id, [])
             for inst in insts:
                 inst.retired = True
-            doomed = [i for i in insts if i.state == "idle"]
-            insts[:] = [i for i in insts if i.state != "idle"]
-            for inst in doomed:
-                inst.state = "gone"
+            doomed = self._take([i for i in insts if i.state == "idle"])
         for inst in doomed:
             self._close(inst)
 
@@ -4376,9 +4358,7 @@ class _Pool:
                 with _suppress(Exception):
                     engine.close()
             with self.cond:
-                if inst in self.instances[model.id]:
-                    self.instances[model.id].remove(inst)
-                inst.state = "gone"
+                self._take([inst])
                 if isinstance(exc, Exception):
                     self._errors[model.id] = str(exc)
                 self._dispatch()
@@ -4410,6 +4390,15 @@ class _Pool:
             with _suppress(Exception):
                 engine.close()
             raise _shutting_down()
+
+    def _take(self, doomed: list[_Instance]) -> list[_Instance]:
+        """Take instances out of the pool, gone (a load still under way sees this and frees what it loaded); the
+        caller closes them once it lets go of the lock. Lock held."""
+        for inst in doomed:
+            inst.state = "gone"
+            if inst in self.instances[inst.model.id]:
+                self.instances[inst.model.id].remove(inst)
+        return doomed
 
     def _replenish(self, model: ModelConfig) -> None:
         """Keep min_instances warm after a disposal, loading in the background. Lock held."""
@@ -4445,9 +4434,7 @@ class _Pool:
                             doomed.append(inst)
                         else:
                             next_due = min(next_due, due)
-                for inst in doomed:
-                    self.instances[inst.model.id].remove(inst)
-                    inst.state = "gone"
+                self._take(doomed)
                 if not doomed:
                     self.cond.wait(None if next_due == math.inf else max(0.01, next_due - now))
             for inst in doomed:
@@ -6977,16 +6964,10 @@ class ModelServer:
     does; `request` and `submit` are the same two steps for a body given whole.
     """
 
-    def __init__(
-        self,
-        config: ServerConfig | dict[str, Any] | str | os.PathLike,
-        progress: Callable[[str, int, int | None], None] | None = None,
-    ) -> None:
+    def __init__(self, config: ConfigSource, progress: Callable[[str, int, int | None], None] | None = None) -> None:
         """`progress(model_id, bytes_done, bytes_total)` is called while model files download."""
         self.config = load_config(config)
-        registered = self._registered(self.config.models)
-        self._added = {m: raw for m, (raw, _) in registered.items()}  # models added at run time: raw config, by id
-        self.config.models.update({m: model for m, (_, model) in registered.items()})
+        self._add_registered(self.config.models)
         self.created = int(time.time())
         self.meter = _Metrics()  # counters and histograms for /metrics; the HTTP layer adds its own
         self.responses = _ResponseStore(self.config.stored_responses)  # the Responses API's stored results
@@ -7137,16 +7118,19 @@ class ModelServer:
             return {}
         return models
 
-    def _registered(self, configured: dict[str, ModelConfig]) -> dict[str, tuple[dict[str, Any], ModelConfig]]:
-        """The registry's models, each as its raw config and a ModelConfig; the config's own come first."""
-        out = {}
+    def _add_registered(self, models: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
+        """Add the registry's models to the config's `models`, whose own come first; self._added keeps the raw
+        config of each model added at run time, by id."""
+        added = {}
         for model_id, raw in self._read_registry().items():
             try:
-                if model_id not in configured:
-                    out[model_id] = raw, load_config({"models": {model_id: raw}}).models[model_id]
+                if model_id not in models:
+                    models[model_id] = load_config({"models": {model_id: raw}}).models[model_id]
+                    added[model_id] = raw
             except ConfigError as exc:
                 log.warning("the model registry's %s is left out: %s", model_id, exc)
-        return out
+        self._added = added
+        return models
 
     def _model_config(self, model_id: str, raw: dict[str, Any]) -> ModelConfig:
         if model_id in self.config.models and model_id not in self._added:
@@ -7190,14 +7174,11 @@ class ModelServer:
         if block or model.url is None or model.prepare != "on-demand" or self._present(model):
             self._prepare(model, block=block, load=False)
 
-    def reconfigure(self, config: ServerConfig | dict[str, Any] | str | os.PathLike) -> None:
+    def reconfigure(self, config: ConfigSource) -> None:
         """Take the config and the registry again (lllms serve does on SIGHUP): new models are served, removed ones
         drain (what is queued or running finishes) and go, changed ones reload once their running requests end.
         The config's models come before the registry's. Other settings take a restart."""
-        new = load_config(config).models
-        registered = self._registered(new)
-        self._added = {m: raw for m, (raw, _) in registered.items()}
-        new.update({m: model for m, (_, model) in registered.items()})
+        new = self._add_registered(load_config(config).models)
         for model_id, model in new.items():
             old = self.config.models.get(model_id)
             if old is None or dataclasses.asdict(old) != dataclasses.asdict(model):
@@ -7239,19 +7220,16 @@ class ModelServer:
         if not hf and not self.config.pull_private_urls:
             _public_host(typing.cast(str, urlsplit(name).hostname))
         report({"status": "pulling manifest"})
-        model_dir, token = self.config.models_dir, None
-        files = _hf_files(name, model_dir, token) if hf else [(name, url_path(_normalize_url(name), model_dir), None)]
+        model_dir = self.config.models_dir
+        files = _hf_files(name, model_dir) if hf else [(name, url_path(_normalize_url(name), model_dir), None)]
         for url, path, sha256 in files:
             digest = f"sha256:{sha256}" if sha256 else os.path.basename(path)
             line = {"status": f"pulling {digest[7:19] if sha256 else digest}", "digest": digest}
-            self._fetch(
-                url,
-                path,
-                sha256=sha256,
-                headers=_auth_headers(url),
-                progress=lambda done, total, line=line: report({**line, "total": total, "completed": done}),
-                cancel=cancel,
-            )
+
+            def progress(done: int, total: int | None, line: dict[str, Any] = line) -> None:
+                report({**line, "total": total, "completed": done})
+
+            self._fetch(url, path, sha256=sha256, headers=_auth_headers(url), progress=progress, cancel=cancel)
         report({"status": "verifying sha256 digest"})
         model_id = name if hf else re.sub(r"(-00001-of-\d{5})?\.gguf$", "", os.path.basename(files[0][1]), flags=re.I)
         if model_id in self.config.models and model_id not in self._added:
@@ -7309,10 +7287,9 @@ class ModelServer:
 
     def raw_config(self, model_id: str) -> dict[str, Any]:
         """A model's config as the config file would give it."""
-        model = self.config.models[model_id]
         if model_id in self._added:
             return copy.deepcopy(self._added[model_id])
-        raw = dataclasses.asdict(model)
+        raw = dataclasses.asdict(self.config.models[model_id])
         return {k: v for k, v in raw.items() if k not in ("id", "defaults") and v is not None}
 
     def load(self, model_id: str) -> None:
@@ -7458,16 +7435,13 @@ class ModelServer:
     def metrics(self, gauges: dict[str, list[tuple[dict[str, str], float]]] | None = None) -> str:
         """Counters, histograms and gauges in Prometheus' text format, as served at GET /metrics."""
         counts, _, running, queued = self._pool.snapshot()
+        instances = [({"model": m, "state": s}, c[s]) for m, c in counts.items() for s in ("idle", "busy", "loading")]
         ours: dict[str, list[tuple[dict[str, str], float]]] = {
             "lllms_up": [({}, 1 if self.state == "ready" else 0)],
             "lllms_node_info": [({"node": self.config.node_id or ""}, 1)],
             "lllms_queue_length": [({}, queued)],
             "lllms_requests_running": [({}, running)],
-            "lllms_instances": [
-                ({"model": m, "state": state}, c[state])
-                for m, c in counts.items()
-                for state in ("idle", "busy", "loading")
-            ],
+            "lllms_instances": instances,
         }
         return self.meter.render({**ours, **(gauges or {})})
 
@@ -7601,11 +7575,8 @@ class _HeaderReader:
     """Hands header lines to the stdlib parser within a byte budget and a line count; past them, 431."""
 
     def __init__(self, rfile: Any, budget: int, max_lines: int) -> None:
-        self._rfile = rfile
-        self._left = budget
-        self._lines = 0
-        self._max_lines = max_lines
-        self._budget = budget
+        self._rfile, self._left, self._budget = rfile, budget, budget
+        self._lines, self._max_lines = 0, max_lines
         self.truncated = False  # the connection ended (or was cut) before the headers did
 
     def readline(self, limit: int = -1) -> bytes:
@@ -7682,14 +7653,10 @@ def _check_body_limits(body: dict[str, Any], config: ServerConfig) -> None:
             why = f"'{key}' holds {len(items)} items; the limit is max_messages ({config.max_messages})"
             raise InvalidRequest(why, param=key, code="too_many_messages")
     chars = _text_sizes(body, config)
-    total = sum(chars.values())
-    if total > config.max_request_chars:
-        raise InvalidRequest(
-            f"the request holds {total} characters of text; "
-            f"the limit is max_request_chars ({config.max_request_chars})",
-            param=max(chars, key=lambda k: chars[k]),
-            code="request_too_large",
-        )
+    total, limit = sum(chars.values()), config.max_request_chars
+    if total > limit:
+        why = f"the request holds {total} characters of text; the limit is max_request_chars ({limit})"
+        raise InvalidRequest(why, param=max(chars, key=lambda k: chars[k]), code="request_too_large")
 
 
 def _text_sizes(body: dict[str, Any], config: ServerConfig) -> dict[str, int]:
@@ -7740,8 +7707,7 @@ class _ClientWatch:
     """`is_set()` turns true once the client has closed its connection, so its request can be abandoned."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.gone = False
+        self.sock, self.gone = sock, False
         # poll(), not select(): select fails for descriptors above 1024.
         self._poll = select.poll()
         self._poll.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
@@ -7757,9 +7723,8 @@ class _ClientWatch:
 
 
 def _too_large(length: int | str, limit: int) -> InvalidRequest:
-    return InvalidRequest(
-        f"request body of {length} bytes exceeds the limit of {limit}", code="body_too_large", status=413
-    )
+    why = f"request body of {length} bytes exceeds the limit of {limit}"
+    return InvalidRequest(why, code="body_too_large", status=413)
 
 
 class _Transport(BaseHTTPRequestHandler):
@@ -8427,9 +8392,8 @@ class HTTPServer:
 
     def start(self) -> HTTPServer:
         # The serve loop also runs the connection watchdog (service_actions), so it wakes often.
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="lllms-http", daemon=True
-        )
+        serve = functools.partial(self._httpd.serve_forever, poll_interval=0.1)
+        self._thread = threading.Thread(target=serve, name="lllms-http", daemon=True)
         self._thread.start()
         return self
 
@@ -8453,9 +8417,7 @@ class HTTPServer:
         self.stop()
 
 
-def start_http_server(
-    config: ServerConfig | dict[str, Any] | str | os.PathLike, host: str | None = None, port: int | None = None
-) -> HTTPServer:
+def start_http_server(config: ConfigSource, host: str | None = None, port: int | None = None) -> HTTPServer:
     """Start a ModelServer and serve it over HTTP in the background; like lllms' startHTTPServer."""
     ms = ModelServer(config).start()
     try:
@@ -8537,10 +8499,9 @@ def _add_models(raw: dict[str, Any], specs: list[str], engine: str | None) -> di
             raise ConfigError(f"--model {spec}: the model id '{model_id}' is already in the config")
         path = os.path.abspath(spec)
         for part_url, part, sha256 in reversed(files):  # the first part of a split GGUF last, as the model's path
-            printer = _ProgressPrinter()
             dest = part or url_path(_normalize_url(part_url), models_dir)
-            headers = _auth_headers(part_url)
-            path = fetch(part_url, dest, sha256=sha256, headers=headers, progress=functools.partial(printer, model_id))
+            progress = functools.partial(_ProgressPrinter(), model_id)
+            path = fetch(part_url, dest, sha256=sha256, headers=_auth_headers(part_url), progress=progress)
         try:
             models[model_id] = {**_file_entry(path), "file": path, "engine": engine or "llama-cpp"}
         except InvalidRequest as exc:
