@@ -109,35 +109,11 @@ except ImportError:  # Windows
     import msvcrt
 
 __version__ = "0.1.0"
-__all__ = [
-    "APIError",
-    "Chunk",
-    "Completion",
-    "CompletionStream",
-    "ConfigError",
-    "DeviceConfig",
-    "DownloadError",
-    "Embeddings",
-    "HTTPServer",
-    "ListenConfig",
-    "ModelConfig",
-    "ModelServer",
-    "PreloadConfig",
-    "Request",
-    "SamplingParams",
-    "ServerConfig",
-    "ToolCall",
-    "Usage",
-    "default_config",
-    "download",
-    "fetch",
-    "load_config",
-    "main",
-    "openai_request",
-    "start_http_server",
-    "url_path",
-    "verify_file",
-]
+__all__ = (  # the public API, one name after another
+    "APIError Chunk Completion CompletionStream ConfigError DeviceConfig DownloadError Embeddings HTTPServer "
+    "ListenConfig ModelConfig ModelServer PreloadConfig Ranking Request SamplingParams ServerConfig ToolCall "
+    "Usage default_config download fetch load_config main openai_request start_http_server url_path verify_file"
+).split()
 
 log = logging.getLogger("lllms")
 
@@ -4510,10 +4486,9 @@ class Request:
     kind: Literal["chat", "completion", "embedding", "rerank"]
     model: ModelConfig
     params: SamplingParams = field(default_factory=SamplingParams)
-    messages: list[dict[str, Any]] = field(default_factory=list)  # chat: {role, content, tool_calls?: [ToolCall],
-    # tool_call_id?}
-    prompts: list[str] | list[list[int]] = field(default_factory=list)  # completion prompts, embedding inputs,
-    # or the documents to rank against `query`, of which the `top_n` best are returned (with their text)
+    messages: list[dict[str, Any]] = field(default_factory=list)  # chat: {role, content, tool_calls?, tool_call_id?}
+    # completion prompts, embedding inputs, or the documents to rank against `query` (the `top_n` best are returned)
+    prompts: list[str] | list[list[int]] = field(default_factory=list)
     query: str = ""
     top_n: int | None = None
     return_documents: bool = True
@@ -4543,8 +4518,7 @@ class Request:
     checked: bool = False  # check() has run: every dialect's parser ends with it, and submit() runs it if not
 
     def check(self) -> Request:
-        """Apply the model's defaults and limits, and refuse what its engine cannot do; messages get tools. Every
-        dialect's parser ends with it; submit() runs it on a Request built by hand."""
+        """Apply the model's defaults and limits, and refuse what its engine cannot do; messages get tools."""
         if self.checked:
             return self
         m, engine = self.model, _ENGINES[self.model.engine]
@@ -4573,9 +4547,8 @@ class Request:
         if self.effort not in (None, *m.effort_budgets):
             why = f"'{self.think_param}': the effort must be none or one of {', '.join(m.effort_budgets)}"
             raise InvalidRequest(why, param=self.think_param)
-        if self.think_budget is not None and (
-            isinstance(self.think_budget, bool) or not isinstance(self.think_budget, int) or self.think_budget < 0
-        ):
+        budget = self.think_budget
+        if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 0):
             why = f"'{self.think_param}': the thinking budget must be an integer from 0"
             raise InvalidRequest(why, param=self.think_param)
         if self.kind == "embedding" and len(self.prompts) > 2048:
@@ -4627,15 +4600,13 @@ class Request:
 
 
 def _named_grammar(model: ModelConfig, grammar: str) -> str | dict[str, Any]:
-    """A request's `grammar`: GBNF itself, or the name of one of the model's grammars (or built-in 'json'): its
-    GBNF, or its JSON schema."""
+    """A request's `grammar`: GBNF, or the name of one of the model's grammars (or 'json'): GBNF or a JSON schema."""
     if "::=" in grammar:
         return grammar
     grammars = {"json": {"type": "object"}, **model.grammars}
     named = grammars.get(grammar)
     if named is None:
-        known = ", ".join(sorted(grammars))
-        why = f"'grammar' is neither GBNF nor one of model '{model.id}''s grammars: {known}"
+        why = f"'grammar' is neither GBNF nor one of model '{model.id}''s grammars: {', '.join(sorted(grammars))}"
         raise InvalidRequest(why, param="grammar")
     return named
 
@@ -4689,16 +4660,6 @@ def _content_text(content: Any, where: str, kinds: tuple[str, ...] = ("text",)) 
     return "".join(_part_text(p) for p in _content_parts(content, where, kinds) if p["type"] in _TEXT_PARTS)
 
 
-def _text_content(content: Any, where: str, role: str) -> str:
-    """An OpenAI message's content as one string: a string, or a list of text parts (an assistant's refusals
-    count); an assistant's or function's may be null."""
-    if content is None and role in ("assistant", "function"):
-        return ""
-    if isinstance(content, str):
-        return content
-    return _content_text(content, f"{where}.content", ("text", "refusal") if role == "assistant" else ("text",))
-
-
 def _parse_tool_calls(calls: Any, where: str) -> list[ToolCall]:
     if not isinstance(calls, list):
         raise InvalidRequest(f"'{where}.tool_calls' must be a list", param=f"{where}.tool_calls")
@@ -4726,27 +4687,26 @@ def _parse_messages(messages: Any) -> list[dict[str, Any]]:
     out = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
-        if not isinstance(m, dict):
-            raise InvalidRequest(f"'{where}' must be an object", param=where)
-        role = m.get("role")
+        role = _object(m, where).get("role")
         if not isinstance(role, str) or role not in _CHAT_ROLES:
             why = f"'{where}.role' must be one of {sorted(_CHAT_ROLES)}, got {role!r}"
             raise InvalidRequest(why, param=f"{where}.role")
         calls = m.get("tool_calls") if role == "assistant" else None
         if role == "assistant" and m.get("function_call") is not None:  # the deprecated single call
             calls = [{"id": f"function-{i}", "type": "function", "function": m["function_call"]}]
+        # Content is a string or text parts (an assistant's refusals count); an assistant's or function's may be null.
+        content = "" if m.get("content") is None and role in ("assistant", "function") else m.get("content")
+        kinds = ("text", "refusal") if role == "assistant" else ("text",)
         msg: dict[str, Any] = {
             "role": {"developer": "system", "function": "tool"}.get(role, role),
-            "content": _text_content(m.get("content"), where, role),
+            "content": _content_text(content, f"{where}.content", kinds),
         }
         if calls:
             msg["tool_calls"] = _parse_tool_calls(calls, where)
         if role == "assistant" and m.get("reasoning_content"):  # a reasoning model's earlier thinking
             msg["reasoning_content"] = _string(m["reasoning_content"], f"{where}.reasoning_content")
         if role == "tool":
-            if not isinstance(m.get("tool_call_id"), str):
-                raise InvalidRequest(f"'{where}.tool_call_id' must be a string", param=f"{where}.tool_call_id")
-            msg["tool_call_id"] = m["tool_call_id"]
+            msg["tool_call_id"] = _string(m.get("tool_call_id"), f"{where}.tool_call_id")
         if role == "function":  # a deprecated function result answers the latest call of that name
             name = m.get("name")
             ids = [c.id for o in out for c in o.get("tool_calls", ()) if c.name == name]
@@ -4802,8 +4762,7 @@ _UNSUPPORTED: dict[str, Any] = {
     "web_search_options": (None,),
     "verbosity": (None,),
 }
-# Known fields that change nothing here, each with the values the spec allows: anything else is a 400 naming it.
-# Unknown fields are ignored, as OpenAI does.
+# Known fields that change nothing here, with the values the spec allows (others: a 400); unknown ones are ignored.
 _NEUTRAL_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "user": ("a string", lambda v: isinstance(v, str)),
     "safety_identifier": ("a string", lambda v: v is None or isinstance(v, str)),
@@ -4849,6 +4808,11 @@ def _int_field(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
     return None if value is None else _int_param(value, key, lo, hi)
 
 
+def _str_field(body: dict[str, Any], key: str) -> str | None:
+    value = body.get(key)
+    return None if value is None else _string(value, key)
+
+
 def _bool_field(body: dict[str, Any], key: str, default: bool = False) -> bool:
     value = body.get(key)
     if value is not None and not isinstance(value, bool):
@@ -4871,17 +4835,14 @@ def _model_of(body: dict[str, Any], config: ServerConfig, kind: str) -> ModelCon
     if kind in ("chat", "completion") and model.task != "text-completion":
         raise InvalidRequest(f"model '{name}' is an embedding model", param="model", code="wrong_task")
     if kind == "rerank" and model.task != "rerank":
-        raise InvalidRequest(
-            f"model '{name}' is not a reranker (task '{model.task}')", param="model", code="wrong_task"
-        )
+        why = f"model '{name}' is not a reranker (task '{model.task}')"
+        raise InvalidRequest(why, param="model", code="wrong_task")
     return model
 
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
     stream = _bool_field(body, "stream")
-    opts = body.get("stream_options")
-    if opts is not None and not isinstance(opts, dict):
-        raise InvalidRequest("'stream_options' must be an object", param="stream_options")
+    opts = None if body.get("stream_options") is None else _object(body["stream_options"], "stream_options")
     if opts is not None and not stream:
         raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
     usage = (opts or {}).get("include_usage")
@@ -4924,54 +4885,37 @@ def _chat_fields(body: dict[str, Any], params: SamplingParams, n: int) -> dict[s
         raise InvalidRequest("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
     tools, choice, legacy = _legacy_functions(body)
     messages = _parse_messages(body.get("messages"))
-    parallel = False if legacy else body.get("parallel_tool_calls")
-    return {
-        "messages": messages,
-        "legacy_functions": legacy,
-        "tools": _tool_plan(tools, choice, parallel, messages),
-        "json_schema": _format_schema(body.get("response_format")),
-        "best_of": n,
-        **_reasoning_fields(body),
-    }
+    plan = _tool_plan(tools, choice, False if legacy else body.get("parallel_tool_calls"), messages)
+    fields = {"messages": messages, "legacy_functions": legacy, "tools": plan, "best_of": n}
+    return {**fields, "json_schema": _format_schema(body.get("response_format")), **_reasoning_fields(body)}
 
 
 def _reasoning_fields(body: dict[str, Any]) -> dict[str, Any]:
     """A chat body's reasoning switches, as Request keywords: reasoning_effort ("none" turns thinking off), the
     thinking budget and its message under llama-server's names, and chat_template_kwargs (enable_thinking)."""
-    effort = body.get("reasoning_effort")
-    if effort is not None and not isinstance(effort, str):
-        raise InvalidRequest("'reasoning_effort' must be a string", param="reasoning_effort")
+    effort = _str_field(body, "reasoning_effort")
     variables = _object(body.get("chat_template_kwargs") or {}, "chat_template_kwargs")
     budget = _int_field(body, "thinking_budget_tokens", 0, 2**31)
-    message = body.get("thinking_budget_message")
-    if message is not None:
-        _string(message, "thinking_budget_message")
+    message = _str_field(body, "thinking_budget_message")
     think = variables.get("enable_thinking") if isinstance(variables.get("enable_thinking"), bool) else None
     if effort is not None or budget is not None:
         think = effort != "none"
-    return {
-        "think": think,
-        "effort": None if effort == "none" else effort,
-        "think_budget": budget,
-        "think_message": message,
-        "template_kwargs": variables,
-        "think_param": "thinking_budget_tokens" if budget is not None else "reasoning_effort",
-    }
+    param = "thinking_budget_tokens" if budget is not None else "reasoning_effort"
+    fields = {"think": think, "effort": None if effort == "none" else effort, "think_param": param}
+    return {**fields, "think_budget": budget, "think_message": message, "template_kwargs": variables}
 
 
 def _completion_fields(body: dict[str, Any], params: SamplingParams, n: int, stream: bool) -> dict[str, Any]:
     """A legacy completion body's own fields, as Request keywords (logprobs go into params)."""
     params.logprobs = _int_field(body, "logprobs", 0, 5)
     prompts, echo = _prompt_list(body.get("prompt")), _bool_field(body, "echo")
-    if not isinstance(body.get("suffix"), (str, type(None))):
-        raise InvalidRequest("'suffix' must be a string", param="suffix")
+    suffix = _str_field(body, "suffix") or None
     # best_of 0 (the spec allows it) means no extra candidates, as leaving it out does.
     best_of = _int_field(body, "best_of", 0, 20) or n
     if best_of < n:
         raise InvalidRequest("'best_of' must be at least 'n'", param="best_of")
     if best_of > n and stream:
         raise InvalidRequest("'best_of' cannot be used with stream", param="best_of")
-    suffix = body.get("suffix") or None
     # max_tokens_default: the spec's, for legacy completions.
     return {"max_tokens_default": 16, "prompts": prompts, "echo": echo, "suffix": suffix, "best_of": best_of}
 
@@ -5025,16 +4969,13 @@ def _completion_logprobs(entries: list[TokenLogprob] | None, offset: int) -> dic
     """The legacy shape; text offsets count from `offset`, where these tokens start in the choice's text."""
     if entries is None:
         return None
-    offsets = []
-    for t in entries:
-        offsets.append(offset)
-        offset += len(t.text)
+    ends = list(itertools.accumulate((len(t.text) for t in entries), initial=offset))
     return {
         "tokens": [t.text for t in entries],
         # The spec wants numbers: a prompt's first token, which nothing predicts, gets 0 where OpenAI sends null.
         "token_logprobs": [t.logprob if t.logprob is not None else 0.0 for t in entries],
         "top_logprobs": [{a: lp for a, _, lp in t.top or ()} for t in entries],
-        "text_offset": offsets,
+        "text_offset": ends[:-1],
     }
 
 
@@ -5099,8 +5040,7 @@ def chat_chunks(s: CompletionStream) -> Iterator[dict[str, Any]]:
         elif ch.tool_calls:
             delta["tool_calls"] = [_call_delta(d, req) for d in ch.tool_calls]
         if delta or ch.logprobs:
-            lps = None if ch.logprobs is None else _chat_logprobs(ch.logprobs)
-            choice = {"index": ch.index, "delta": delta, "logprobs": lps, "finish_reason": None}
+            choice = {"index": ch.index, "delta": delta, "logprobs": _chat_logprobs(ch.logprobs), "finish_reason": None}
             yield {**base, "choices": [choice], **extra}
         if ch.finish_reason is not None:
             choice = {"index": ch.index, "delta": {}, "logprobs": None, "finish_reason": _finish(ch.finish_reason, req)}
@@ -5168,13 +5108,9 @@ def rerank_response(r: Ranking, req: Request) -> dict[str, Any]:
     results = [{"index": i, "relevance_score": r.scores[i], **text(i)} for i in order]
     usage = {"prompt_tokens": r.usage.prompt_tokens, "total_tokens": r.usage.prompt_tokens}
     out = {"object": "list", "model": r.model, "results": results, "usage": usage}
-    return out | (
-        {"long_inputs": {"mode": req.long_inputs or req.model.long_inputs, "documents": r.long}} if r.long else {}
-    )
-
-
-def model_object(model: ModelConfig, created: int) -> dict[str, Any]:
-    return {"id": model.id, "object": "model", "created": created, "owned_by": "lllms"}
+    if r.long:
+        out["long_inputs"] = {"mode": req.long_inputs or req.model.long_inputs, "documents": r.long}
+    return out
 
 
 # ---- 6c. tools and structured output, for any chat model: the tool prompt, and a parser for the reply
@@ -5204,8 +5140,7 @@ def _custom_format(fmt: Any, where: str, name: str) -> dict[str, Any]:
 
 
 def _tool_function(tool: Any, where: str) -> dict[str, Any]:
-    """A tool as the model is shown it: a function with its parameters' schema, or a custom tool with the format of
-    its free-text input."""
+    """A tool as the model sees it: a function with its parameters' schema, or a custom tool with its input's format."""
     kind = tool.get("type", "function") if isinstance(tool, dict) else None
     if kind not in ("function", "custom"):
         raise InvalidRequest(f"'{where}' must be an object with type 'function' or 'custom'", param=where)
@@ -5370,8 +5305,7 @@ class _ReplyParser:
         self.buf = ""  # undecided head, or a pending escape inside the response string
         self.expect = ""  # a literal still to skip
         self.calls: list[ToolCall] = []
-        self.depth = 0
-        self.in_string = self.escaped = False
+        self.depth, self.in_string, self.escaped = 0, False, False
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
         """Content text, and call deltas ({index, id?, name?, arguments})."""
@@ -5399,9 +5333,8 @@ class _ReplyParser:
             elif self.buf == _RESPONSE_OPEN:
                 self.state, self.buf, self.expect = "text", "", '"'
             elif not any(head.startswith(self.buf) for head in self.heads):
-                self.state = "plain"  # not the tool shape (no grammar held it): pass it on as it is
-                content.append(self.buf)
-                self.buf = ""
+                content.append(self.buf)  # not the tool shape (no grammar held it): pass it on as it is
+                self.state, self.buf = "plain", ""
         elif state == "plain":
             content.append(ch)
         elif state == "text":
@@ -5533,11 +5466,8 @@ def _leave_out(tools: list[Any], own: tuple[str, ...], strict: bool) -> tuple[li
         else:
             kept.append((i, t))
     if left and strict:
-        raise InvalidRequest(
-            f"'tools': {', '.join(left)} run on the API provider's servers; lllms cannot run them (hosted_tools is "
-            "'refuse')",
-            param="tools",
-        )
+        why = f"'tools': {', '.join(left)} run on the API provider's servers; lllms cannot run them"
+        raise InvalidRequest(why + " (hosted_tools is 'refuse')", param="tools")
     return kept, left
 
 
@@ -5604,8 +5534,7 @@ def _loaded_tools(messages: Any) -> set[str]:
 
 
 def _anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """System and messages as OpenAI-shaped messages: tool_use blocks become tool_calls, tool_result blocks
-    tool messages."""
+    """System and messages in OpenAI's shape: tool_use blocks become tool_calls, tool_result blocks tool messages."""
     out = [{"role": "system", "content": _content_text(body["system"], "system")}] if body.get("system") else []
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -5715,10 +5644,6 @@ def _anthropic_usage(u: Usage) -> dict[str, int]:
     return {"input_tokens": u.prompt_tokens - u.cached_tokens, **cache, "output_tokens": u.completion_tokens}
 
 
-def _anthropic_call_id(call_id: str) -> str:
-    return "toolu_" + call_id.removeprefix("call_")
-
-
 def _anthropic_stop(ch: Choice | Chunk) -> dict[str, Any]:
     reason = "stop_sequence" if ch.stop_sequence else _ANTHROPIC_STOP.get(ch.finish_reason or "stop", "end_turn")
     return {"stop_reason": reason, "stop_sequence": ch.stop_sequence}
@@ -5732,7 +5657,8 @@ def _signature(thinking: str) -> str:
 def _anthropic_block(kind: str | ToolCall, text: str) -> dict[str, Any]:
     """A content block, whole, or as its stream starts it (empty, with no signature yet)."""
     if isinstance(kind, ToolCall):
-        return {"type": "tool_use", "id": _anthropic_call_id(kind.id), "name": kind.name, "input": kind.input()}
+        call_id = "toolu_" + kind.id.removeprefix("call_")
+        return {"type": "tool_use", "id": call_id, "name": kind.name, "input": kind.input()}
     if kind == "reasoning":
         return {"type": "thinking", "thinking": text, "signature": _signature(text) if text else ""}
     return {"type": "text", "text": text}
@@ -5798,9 +5724,7 @@ class _ResponseStore:
 
     def __init__(self, size: int) -> None:
         self.size, self.lock = size, threading.Lock()
-        self.items: collections.OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = (
-            collections.OrderedDict()
-        )
+        self.items = collections.OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]]()
 
     def get(self, response_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """A stored response and the conversation it ends; 404 if there is none."""
@@ -5917,11 +5841,8 @@ def _responses_tools(body: dict[str, Any], strict: bool) -> tuple[Any, Any, list
                     raise InvalidRequest(f"'tools[{i}].tools[{j}]' must be a function or custom tool", param="tools")
                 tools.append(_chat_tool(m, name))
                 paths.append(f"tools[{i}].tools[{j}]")
-    names = [
-        (t.get("function") or t.get("custom") or {}).get("name")
-        for t in (tools if isinstance(tools, list) else [])
-        if isinstance(t, dict)
-    ]
+    listed = tools if isinstance(tools, list) else []
+    names = [(t.get("function") or t.get("custom") or {}).get("name") for t in listed if isinstance(t, dict)]
     return tools, _responses_choice(body.get("tool_choice"), names), paths, left
 
 
@@ -5936,9 +5857,14 @@ def _text_format(text: Any) -> dict[str, Any] | None:
         raise InvalidRequest(exc.message.replace("'response_format", "'text.format"), param="text") from None
 
 
+def _responses_usage(u: Usage) -> dict[str, Any]:
+    inputs = {"input_tokens": u.prompt_tokens, "input_tokens_details": {"cached_tokens": u.cached_tokens}}
+    outputs = {"output_tokens": u.completion_tokens, "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
+    return {**inputs, **outputs, "total_tokens": u.total_tokens}
+
+
 class _ResponsesCall:
-    """One call of the Responses API: its body into a Request; the result out as a response, which is stored
-    with its conversation unless `store` is false."""
+    """One Responses API call: its body into a Request, its result into a response (stored unless `store` is false)."""
 
     def __init__(self, ms: ModelServer, key: str | None) -> None:
         self.store, self.body, self.history = ms.responses, {}, []
@@ -5976,8 +5902,7 @@ class _ResponsesCall:
             self.history = list(self.store.get(_string(previous, "previous_response_id"))[1])
         instructions = body.get("instructions")
         system = [{"role": "system", "content": _string(instructions, "instructions")}] if instructions else []
-        strict = (model.hosted_tools or config.hosted_tools) == "refuse"
-        tools, choice, paths, left_out = _responses_tools(body, strict)
+        tools, choice, paths, left_out = _responses_tools(body, (model.hosted_tools or config.hosted_tools) == "refuse")
         self.history += _responses_input(body.get("input"))
         messages = _parse_messages(system + self.history)
         return Request(
@@ -5999,12 +5924,9 @@ class _ResponsesCall:
         items = [self._reasoning_item(ch.reasoning, status)] if ch.reasoning else []
         if ch.text or not ch.tool_calls:
             part = {"type": "output_text", "text": ch.text, "annotations": [], "logprobs": []}
-            items.append(
-                {"type": "message", "id": "msg_" + self.token, "status": status, "role": "assistant", "content": [part]}
-            )
-        for call in ch.tool_calls:
-            items.append(self._call_item(call, status))
-        return items
+            message = {"type": "message", "id": "msg_" + self.token, "status": status, "role": "assistant"}
+            items.append({**message, "content": [part]})
+        return items + [self._call_item(call, status) for call in ch.tool_calls]
 
     def _call_item(self, call: ToolCall, status: str) -> dict[str, Any]:
         """A function_call or custom_tool_call item; a namespace's member with its namespace set apart."""
@@ -6020,16 +5942,6 @@ class _ResponsesCall:
         body, ch = self.body, c.choices[0] if c is not None else None
         if ch is not None and ch.finish_reason == "length":
             status = "incomplete"
-        usage = None
-        if c is not None:
-            u = c.usage
-            usage = {
-                "input_tokens": u.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": u.cached_tokens},
-                "output_tokens": u.completion_tokens,
-                "output_tokens_details": {"reasoning_tokens": u.reasoning_tokens},
-                "total_tokens": u.total_tokens,
-            }
         out = {
             "id": self.id,
             "object": "response",
@@ -6051,13 +5963,12 @@ class _ResponsesCall:
             "tools": body.get("tools") or [],
             "top_p": req.params.top_p,
             "truncation": "disabled",
-            "usage": usage,
+            "usage": _responses_usage(c.usage) if c is not None else None,
             "user": body.get("user"),
             "metadata": body.get("metadata") or {},
         }
         if ch is not None and body.get("store") is not False:
-            calls = [t.openai() for t in ch.tool_calls]
-            said = {"tool_calls": calls} if calls else {}
+            said = {"tool_calls": [t.openai() for t in ch.tool_calls]} if ch.tool_calls else {}
             said |= {"reasoning_content": ch.reasoning} if ch.reasoning else {}
             reply = {"role": "assistant", "content": ch.text, **said}
             self.store.put(out, [*self.history, reply])
@@ -6089,47 +6000,33 @@ class _ResponsesCall:
     ) -> Iterator[dict[str, Any]]:
         """The events of an output item's start, of a piece of its text or arguments, or of its end."""
         status = "completed" if step == "stop" else "in_progress"
-        if kind == "reasoning":
-            item = self._reasoning_item(text, status)
-            ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
-            if step == "start":
-                yield event("response.output_item.added", output_index=index, item={**item, "content": []})
-            elif step == "delta":
-                yield event("response.reasoning_text.delta", **ids, delta=text)
-            else:
-                yield event("response.reasoning_text.done", **ids, text=text)
-                yield event("response.output_item.done", output_index=index, item=item)
-            return
-        if isinstance(kind, ToolCall):
-            call = kind
-            item = self._call_item(dataclasses.replace(call, arguments=text), status)
+        if isinstance(kind, ToolCall):  # a custom call's input comes whole, in one delta
+            item = self._call_item(dataclasses.replace(kind, arguments=text), status)
             ids = {"item_id": item["id"], "output_index": index}
+            what = "custom_tool_call_input" if kind.custom else "function_call_arguments"
             if step == "start":
                 yield event("response.output_item.added", output_index=index, item=item)
-            elif call.custom and step == "delta":  # its input comes whole, in one delta
-                yield event("response.custom_tool_call_input.delta", **ids, delta=item["input"])
-            elif call.custom:
-                yield event("response.custom_tool_call_input.done", **ids, input=item["input"])
-                yield event("response.output_item.done", output_index=index, item=item)
             elif step == "delta":
-                yield event(
-                    "response.function_call_arguments.delta", item_id=item["id"], output_index=index, delta=text
-                )
+                yield event(f"response.{what}.delta", **ids, delta=item["input"] if kind.custom else text)
             else:
-                done = {**ids, "name": item["name"], "arguments": text}
-                yield event("response.function_call_arguments.done", **done)
+                done = {"input": item["input"]} if kind.custom else {"name": item["name"], "arguments": text}
+                yield event(f"response.{what}.done", **ids, **done)
                 yield event("response.output_item.done", output_index=index, item=item)
             return
-        item = self._items(Choice(0, text), status)[0]
+        reasoning = kind == "reasoning"  # else the message's text, which also comes as a content part
+        item = self._reasoning_item(text, status) if reasoning else self._items(Choice(0, text), status)[0]
         ids = {"item_id": item["id"], "output_index": index, "content_index": 0}
+        what, logprobs = ("reasoning_text", {}) if reasoning else ("output_text", {"logprobs": []})
         if step == "start":
             yield event("response.output_item.added", output_index=index, item={**item, "content": []})
-            yield event("response.content_part.added", **ids, part=item["content"][0])
+            if not reasoning:
+                yield event("response.content_part.added", **ids, part=item["content"][0])
         elif step == "delta":
-            yield event("response.output_text.delta", **ids, delta=text, logprobs=[])
+            yield event(f"response.{what}.delta", **ids, delta=text, **logprobs)
         else:
-            yield event("response.output_text.done", **ids, text=text, logprobs=[])
-            yield event("response.content_part.done", **ids, part=item["content"][0])
+            yield event(f"response.{what}.done", **ids, text=text, **logprobs)
+            if not reasoning:
+                yield event("response.content_part.done", **ids, part=item["content"][0])
             yield event("response.output_item.done", output_index=index, item=item)
 
 
@@ -6235,66 +6132,50 @@ class _OllamaCall:
             unload = _keep_alive(body.get("keep_alive")) == 0
             self.ms.unload(model.id) if unload else self.ms.load(model.id)
             said = {"response": ""} if self.kind == "generate" else {"message": {"role": "assistant", "content": ""}}
-            now = _iso(time.time())
-            return {
-                "model": model.id,
-                "created_at": now,
-                **said,
-                "done": True,
-                "done_reason": "unload" if unload else "load",
-            }
+            head = {"model": model.id, "created_at": _iso(time.time())}
+            return {**head, **said, "done": True, "done_reason": "unload" if unload else "load"}
         _refuse(body, _OLLAMA_UNSUPPORTED, model.engine)
         params = _ollama_options(body, model)
         stream = body.get("stream", True)
         if not isinstance(stream, bool):
             raise InvalidRequest("'stream' must be a boolean", param="stream")
-        fields: dict[str, Any]
+        fields: dict[str, Any] = {"kind": "chat", "model": model, "params": params, "stream": stream}
         if self.kind == "chat":
             messages = _ollama_messages(body.get("messages"))
-            fields = {"messages": messages, "tools": _tool_plan(body.get("tools"), None, None, messages)}
+            fields |= {"messages": messages, "tools": _tool_plan(body.get("tools"), None, None, messages)}
         elif body.get("raw") or body.get("suffix"):
             prompt = _string(body.get("prompt", ""), "prompt")
             suffix = _string(body["suffix"], "suffix") if body.get("suffix") else None
-            fields = {"kind": "completion", "prompts": [prompt], "suffix": suffix}
+            fields |= {"kind": "completion", "prompts": [prompt], "suffix": suffix}
         else:
             system = [{"role": "system", "content": _string(body["system"], "system")}] if body.get("system") else []
-            fields = {"messages": _parse_messages([*system, {"role": "user", "content": body.get("prompt")}])}
-        return Request(
-            **{"kind": "chat", **fields},
-            model=model,
-            params=params,
-            stream=stream,
-            json_schema=_ollama_format(body.get("format")),
-            schema_param="format",
-            keep_alive=_keep_alive(body.get("keep_alive")),
-            **_ollama_think(body.get("think")),
-        ).check()
-
-    def _head(self, req: Request) -> dict[str, Any]:
-        return {"model": req.model.id, "created_at": _iso(time.time())}
+            fields["messages"] = _parse_messages([*system, {"role": "user", "content": body.get("prompt")}])
+        schema, keep = _ollama_format(body.get("format")), _keep_alive(body.get("keep_alive"))
+        think = _ollama_think(body.get("think"))
+        return Request(**fields, json_schema=schema, schema_param="format", keep_alive=keep, **think).check()
 
     def _piece(self, req: Request, text: str, calls: Any = None, thinking: str | None = None) -> dict[str, Any]:
+        head = {"model": req.model.id, "created_at": _iso(time.time())}
         said = {"thinking": thinking} if thinking else {}
         if self.kind == "generate":
-            return {**self._head(req), "response": text, **said, "done": False}
+            return {**head, "response": text, **said, "done": False}
         message: dict[str, Any] = {"role": "assistant", "content": text, **said}
         if calls:
             message["tool_calls"] = [{"id": c.id, "function": {"name": c.name, "arguments": c.input()}} for c in calls]
-        return {**self._head(req), "message": message, "done": False}
+        return {**head, "message": message, "done": False}
 
-    def _done(self, req: Request, finish: str | None, usage: Usage, ch: Choice) -> dict[str, Any]:
+    def _done(self, req: Request, usage: Usage, ch: Choice) -> dict[str, Any]:
         now = time.monotonic_ns()
         first = self.first or now
-        reason = "length" if finish == "length" else "stop"
+        reason = "length" if ch.finish_reason == "length" else "stop"
         done = {"done": True, "done_reason": reason, "total_duration": now - self.t0, "load_duration": 0}
         evals = {"prompt_eval_count": usage.prompt_tokens, "prompt_eval_duration": first - self.t0}
         evals |= {"eval_count": usage.completion_tokens, "eval_duration": now - first}
         return {**self._piece(req, ch.text, ch.tool_calls, ch.reasoning), **done, **evals}
 
     def response(self, c: Completion, req: Request) -> dict[str, Any]:
-        ch = c.choices[0]
         self.first = self.t0 + int((c.ttft or 0) * 1e9)
-        return self._done(req, ch.finish_reason, c.usage, ch)
+        return self._done(req, c.usage, c.choices[0])
 
     def events(self, s: CompletionStream) -> Iterator[dict[str, Any]]:
         """NDJSON objects: one per piece of text; calls whole, as they finish; then the totals, done."""
@@ -6305,7 +6186,7 @@ class _OllamaCall:
                 yield self._piece(req, ch.text, thinking=ch.reasoning)
             finish = ch.finish_reason or finish
         calls = s.choices[0].tool_calls if 0 in s.choices else []
-        yield self._done(req, finish, s.usage or Usage(), Choice(0, tool_calls=calls))
+        yield self._done(req, s.usage or Usage(), Choice(0, finish_reason=finish, tool_calls=calls))
 
 
 def _ollama_think(think: Any) -> dict[str, Any]:
@@ -6325,16 +6206,11 @@ def ollama_embed_request(body: dict[str, Any], config: ServerConfig) -> Request:
     """/api/embed (`input`: a string or a list) and the older /api/embeddings (`prompt`)."""
     model = _ollama_model(body, config, "embedding")
     _ollama_options(body, model)
-    truncate = body.get("truncate")
-    if truncate is not None and not isinstance(truncate, bool):
-        raise InvalidRequest("'truncate' must be a boolean", param="truncate")
+    truncate = None if body.get("truncate") is None else "truncate" if _bool_field(body, "truncate") else "error"
     inputs = _prompt_list(body["input"] if "input" in body else body.get("prompt"), "input")
     dims = _int_param(body["dimensions"], "dimensions", 1, 2**31) if "dimensions" in body else None
-    long_inputs = None if truncate is None else "truncate" if truncate else "error"
     keep = _keep_alive(body.get("keep_alive"))
-    return Request(
-        "embedding", model, prompts=inputs, dimensions=dims, keep_alive=keep, long_inputs=long_inputs
-    ).check()
+    return Request("embedding", model, prompts=inputs, dimensions=dims, keep_alive=keep, long_inputs=truncate).check()
 
 
 def ollama_embed(e: Embeddings, req: Request) -> dict[str, Any]:
@@ -6465,12 +6341,12 @@ class _Dialect:
 
 
 def _openai_models(ms: ModelServer) -> dict[str, Any]:
-    return {"object": "list", "data": [model_object(m, ms.created) | ms.describe(m.id) for m in ms.models()]}
+    return {"object": "list", "data": [_openai_model(ms, m.id) for m in ms.models()]}
 
 
 def _openai_model(ms: ModelServer, model_id: str) -> dict[str, Any]:
     model = _model_of({"model": model_id}, ms.config, "any")
-    return model_object(model, ms.created) | ms.describe(model.id)
+    return {"id": model.id, "object": "model", "created": ms.created, "owned_by": "lllms"} | ms.describe(model.id)
 
 
 def _loaded(ms: ModelServer, body: dict[str, Any], load: bool) -> dict[str, Any]:
@@ -6616,8 +6492,7 @@ def _ollama_blob(ms: ModelServer, digest: str) -> dict[str, Any]:
 
 
 def _tokenize(ms: ModelServer, body: dict[str, Any]) -> dict[str, Any]:
-    """llama-server's /tokenize: the ids, or with `with_pieces` [{"id", "piece"}], a piece that is not whole
-    UTF-8 given as its bytes."""
+    """llama-server's /tokenize: the ids, or with `with_pieces` [{"id", "piece"}] (a piece not whole UTF-8 as bytes)."""
     model, text = _model_of(_only_model(body, ms.config), ms.config, "any"), _string(body.get("content"), "content")
     add, parse = _bool_field(body, "add_special"), _bool_field(body, "parse_special", True)
     if not _bool_field(body, "with_pieces"):
@@ -6639,7 +6514,7 @@ def _utf8_or_bytes(raw: bytes) -> str | list[int]:
 
 def _detokenize(ms: ModelServer, body: dict[str, Any]) -> dict[str, Any]:
     model, tokens = _model_of(_only_model(body, ms.config), ms.config, "any"), body.get("tokens")
-    if not isinstance(tokens, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+    if not _is_ids(tokens):
         raise InvalidRequest("'tokens' must be a list of token ids", param="tokens")
     raw = ms.use(model.id, lambda e: b"".join(e.pieces(tokens)))
     return {"content": raw.decode("utf-8", errors="replace")}

@@ -4564,7 +4564,7 @@ _POST_PATHS = [
     p
     for p, methods in _ROUTES.items()
     if "POST" in methods and p.startswith("/openai/") and not p.startswith(("/openai/v1/messages", "/openai/v1/resp"))
-]
+] + ["/rerank", "/tokenize", "/detokenize", "/apply-template"]
 # Spec fields lllms takes but does not act on: the fuzzing sends them with values of any type.
 _KNOWN_FIELDS = ("metadata", "user", "prediction", "store", "service_tier", "prompt_cache_retention")
 
@@ -4643,7 +4643,24 @@ _valid = {
         },
         optional={"encoding_format": st.sampled_from(["float", "base64"])},
     ),
+    "rerank": st.fixed_dictionaries(
+        {
+            "model": st.just("rr"),
+            "query": st.text(max_size=30),
+            "documents": st.lists(st.text(max_size=40), max_size=4),
+        },
+        optional={"top_n": _integers(0, 5), "return_documents": st.booleans(), "truncate": st.booleans()},
+    ),
+    "tokenize": st.fixed_dictionaries(
+        {"model": st.sampled_from(["tiny", "g4a", "bert", "rr"]), "content": st.text(max_size=40)},
+        optional={k: st.booleans() for k in ("add_special", "parse_special", "with_pieces")},
+    ),
+    "detokenize": st.fixed_dictionaries(
+        {"model": st.sampled_from(["tiny", "g4a", "rr"]), "tokens": st.lists(_integers(-5, 300), max_size=8)}
+    ),
 }
+_valid["reranking"] = _valid["rerank"]
+_valid["apply-template"] = _valid["chat"]
 
 
 def _nearly_valid(path: str) -> st.SearchStrategy[bytes]:
@@ -4738,7 +4755,7 @@ _bodies = st.one_of(
 )
 
 
-def test_fuzzed_bodies_never_get_a_5xx_or_hang(tiny_llama: str, tiny_bert: str) -> None:
+def test_fuzzed_bodies_never_get_a_5xx_or_hang(tiny_llama: str, tiny_bert: str, tiny_reranker: str) -> None:
     """Thousands of generated bodies (random JSON, wrong types, huge strings, bad UTF-8) to every POST endpoint,
     on both engines:
     each gets an answer within its socket deadline, never a 5xx; afterwards a valid request is served and no
@@ -4747,6 +4764,7 @@ def test_fuzzed_bodies_never_get_a_5xx_or_hang(tiny_llama: str, tiny_bert: str) 
     # The same tiny models on the gpt4all engine, so its native code gets the same abuse.
     config["models"]["g4a"] = {**config["models"]["tiny"], "engine": "gpt4all", "device": {"cpu_threads": 1}}
     config["models"]["g4a-bert"] = {**config["models"]["bert"], "engine": "gpt4all"}
+    config["models"]["rr"] = {"task": "rerank", "file": tiny_reranker, "context_size": 64}
     seen: collections.Counter[int] = collections.Counter()
     with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
         paths = st.sampled_from(_POST_PATHS + [p.replace("/openai", "") for p in _POST_PATHS])

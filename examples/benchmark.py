@@ -25,6 +25,11 @@ of three lllms nodes, first with examples/haproxy/lllms.cfg (each conversation h
 messages), then with the same nodes behind `balance roundrobin`; the report gives the median time to first token
 of the later turns of each, and their ratio.
 
+Scenario "rerank": documents per second through /v1/rerank for batches of RERANK_BATCHES documents, on the tiny
+random-weight bert reranker conftest.py writes (or --model), against llama-server's /v1/rerank on the same file with
+--llama-server. The servers run one at a time, taking turns each round; each batch size is posted RERANK_REPEATS
+times per round, and the report gives the median documents per second and the ratio.
+
 Scenario "memory": lllms' resident memory (VmRSS) after max_instances conversations at once, with max_instances 1
 and 4, beside one conversation's KV cache as the GGUF's metadata sizes it.
 
@@ -32,6 +37,7 @@ and 4, beside one conversation's KV cache as the GGUF's metadata sizes it.
     python examples/benchmark.py --model my.gguf --max-tokens 128 --rounds 9 --json
     python examples/benchmark.py --scenario conversations  # 32 tokens per turn; --rounds does not apply
     python examples/benchmark.py --scenario concurrent [--llama-server PATH] [--rounds N]
+    python examples/benchmark.py --scenario rerank [--llama-server PATH] [--rounds N]
     python examples/benchmark.py --scenario memory         # 64 tokens per conversation; --rounds does not apply
     python examples/benchmark.py --scenario scale-out      # needs haproxy; --rounds does not apply
 
@@ -1354,6 +1360,79 @@ def print_scale_out(result: dict[str, Any]) -> None:
     print(f"round robin / shipped config, later-turn TTFT: {result['ratio']}x")
 
 
+# ---- scenario "rerank": documents per second through /v1/rerank, lllms vs llama-server
+
+RERANK_BATCHES = (1, 16, 128)
+RERANK_REPEATS = 3
+RERANK_WORDS = "cat dog sky blue river stone house light night sea wind tree road city music book".split()
+
+
+def rerank_documents(n: int, seed: int = 7) -> list[str]:
+    """n documents of 12 to 40 words each, the same every run."""
+    rng = random.Random(seed)
+    return [" ".join(rng.choices(RERANK_WORDS, k=rng.randint(12, 40))) for _ in range(n)]
+
+
+def post_rerank(port: int, model: str, documents: list[str]) -> float:
+    """Seconds for one rerank of `documents`, checked to score every one."""
+    body = {"model": model, "query": "where does the cat sleep at night", "documents": documents}
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    try:
+        t0 = time.perf_counter()
+        conn.request("POST", "/v1/rerank", body=json.dumps(body).encode(), headers=_JSON_HEADERS)
+        resp = conn.getresponse()
+        out = json.loads(resp.read())
+        seconds = time.perf_counter() - t0
+    finally:
+        conn.close()
+    if resp.status != 200 or len(out.get("results", [])) != len(documents):
+        raise RuntimeError(f"rerank answered {resp.status}: {json.dumps(out)[:400]}")
+    return seconds
+
+
+def tiny_reranker() -> str:
+    """The tiny random-weight bert reranker the tests use, written once to a temporary directory."""
+    from conftest import make_tiny_reranker
+
+    return make_tiny_reranker(Path(tempfile.mkdtemp(prefix="lllms-bench-")) / "tiny-reranker.gguf")
+
+
+def scenario_rerank(args: argparse.Namespace) -> dict[str, Any]:
+    n_threads, ctx = os.cpu_count() or 1, 512
+    model = {"task": "rerank", "file": args.model, "context_size": ctx, "device": {"cpu_threads": n_threads}}
+    servers = {"lllms": lambda: lllms_config_server({"models": {MODEL_ID: model}})}
+    if args.llama_server:
+        command = [args.llama_server, "-m", args.model, "--rerank", "-c", str(ctx * 16), "-np", "16", "-ub", str(ctx)]
+        servers["llama-server"] = lambda: subprocess_server(
+            "llama-server", lambda port: [*command, "-t", str(n_threads), "--port", str(port)], "/health"
+        )
+    docs = rerank_documents(max(RERANK_BATCHES))
+    speeds: dict[str, dict[int, list[float]]] = {name: {n: [] for n in RERANK_BATCHES} for name in servers}
+    for r in range(args.rounds):
+        names = list(servers)[r % len(servers) :] + list(servers)[: r % len(servers)]  # rotate who goes first
+        for name in names:
+            with servers[name]() as (port, _, _):
+                post_rerank(port, MODEL_ID, docs[:16])  # warm-up
+                for n in RERANK_BATCHES:
+                    speeds[name][n] += [n / post_rerank(port, MODEL_ID, docs[:n]) for _ in range(RERANK_REPEATS)]
+    rows = {name: {n: round(statistics.median(v), 1) for n, v in by.items()} for name, by in speeds.items()}
+    settings = {"model": args.model, "max_tokens": 0, "context_size": ctx, "n_threads": n_threads}
+    return {"scenario": "rerank", "settings": settings, "docs_per_second": rows, "rounds": args.rounds}
+
+
+def print_rerank(result: dict[str, Any]) -> None:
+    rows = result["docs_per_second"]
+    print(f"rerank: median documents per second over {result['rounds']} rounds x {RERANK_REPEATS} requests")
+    print(
+        f"{'batch':>6} "
+        + " ".join(f"{name:>13}" for name in rows)
+        + ("   lllms / llama-server" if len(rows) > 1 else "")
+    )
+    for n in RERANK_BATCHES:
+        ratio = f"   {rows['lllms'][n] / rows['llama-server'][n]:.2f}x" if "llama-server" in rows else ""
+        print(f"{n:>6} " + " ".join(f"{by[n]:>13.1f}" for by in rows.values()) + ratio)
+
+
 SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Callable[[dict[str, Any]], None]]] = {
     "stream": (scenario_stream, print_stream),
     "conversations": (scenario_conversations, print_conversations),
@@ -1361,6 +1440,7 @@ SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Calla
     "features": (scenario_features, print_features),
     "concurrent": (scenario_concurrent, print_concurrent),
     "memory": (scenario_memory, print_memory),
+    "rerank": (scenario_rerank, print_rerank),
     "scale-out": (scenario_scale_out, print_scale_out),
 }
 DEFAULT_MAX_TOKENS = {
@@ -1370,6 +1450,7 @@ DEFAULT_MAX_TOKENS = {
     "features": 128,
     "concurrent": 256,
     "memory": 64,
+    "rerank": 1,
     "scale-out": CONV_MAX_TOKENS,
 }
 
@@ -1423,7 +1504,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="stream, turns, features, concurrent: timed rounds")
     ap.add_argument("--scenario", choices=sorted(SCENARIOS), default="stream")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
-    ap.add_argument("--llama-server", metavar="PATH", help="concurrent: also run llama.cpp's llama-server binary")
+    ap.add_argument("--llama-server", metavar="PATH", help="concurrent, rerank: also run llama.cpp's llama-server")
     ap.add_argument(
         "--haproxy", default=shutil.which("haproxy") or "/usr/sbin/haproxy", help="scale-out: the haproxy binary"
     )
@@ -1437,7 +1518,7 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--rounds, --max-tokens, --a-tokens, --client-tokens and --client-requests must be >= 1")
     if args.llama_server and not os.access(args.llama_server, os.X_OK):
         ap.error(f"--llama-server: not an executable file: {args.llama_server}")
-    args.model = args.model or lllms._find_default_model()
+    args.model = args.model or (tiny_reranker() if args.scenario == "rerank" else lllms._find_default_model())
     if not os.path.isfile(args.model):
         ap.error(f"no such model file: {args.model}")
 
