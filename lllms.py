@@ -1359,6 +1359,9 @@ _SAMPLING_DEFAULTS = SamplingParams(
 )
 
 _StopCheck = Callable[[], bool] | None
+# gpt4all's callbacks for a prompt token, and for a generated token with its bytes: answering False ends the call.
+_OnToken = Callable[[int], bool]
+_OnPiece = Callable[[int, bytes | None], bool]
 
 # With tools, a model answers in one JSON shape, which the llama.cpp engine enforces by grammar, so that calls are
 # always well-formed and any chat model can call tools, whatever its template knows:
@@ -1434,6 +1437,11 @@ class Engine:
         """Each document's relevance to the query (0 to 1), each query-document pair scored on its own; the tokens
         read; and the documents longer than the context, which `long_inputs` (else the model's) decided."""
         raise InvalidRequest(f"model '{self.model.id}' is not a reranker", param="model", code="wrong_task")
+
+    def _too_long(self, what: str, param: str) -> InvalidRequest:
+        """The 400 for an input longer than the context, which long_inputs "error" refuses."""
+        why = f"{what} (set models.{self.model.id}.long_inputs to 'truncate' or 'mean' to accept such inputs)"
+        return InvalidRequest(why, param=param, code="context_length_exceeded")
 
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
         """The model's token ids for text; `add_special`: with the BOS (and for BERT, [CLS] and [SEP]) the model
@@ -1565,14 +1573,11 @@ class _PromptTemplate:
         self.system = system if system is not None else "%1\n"
 
     def render(self, messages: list[dict[str, Any]], generation_prompt: bool = True, **_: Any) -> str:
-        out = []
-        for m in messages:
-            if m["role"] == "system":
-                out.append(self.system.replace("%1", m["content"]))
-            elif m["role"] == "user":
-                out.append(self.user.replace("%1", m["content"]))
-            else:
-                out.append(m["content"] + (self.after_reply or "\n"))
+        wraps, reply_end = {"system": self.system, "user": self.user}, self.after_reply or "\n"
+        out = [
+            wraps[m["role"]].replace("%1", m["content"]) if m["role"] in wraps else m["content"] + reply_end
+            for m in messages
+        ]
         # The user part already ends where the reply begins; without a generation prompt, stop before it.
         if not generation_prompt and messages and messages[-1]["role"] == "user":
             out[-1] = out[-1][: len(out[-1]) - len(self.user.split("%1")[-1])]
@@ -2075,33 +2080,29 @@ def _logprob(model: _LlamaModel, logits: Any, token: int, top: int | None) -> tu
     return max(float(logits[token]) - lse, _MIN_LOGPROB), alts
 
 
+@dataclasses.dataclass(eq=False)  # compared by identity: the decode thread finds jobs in lists
 class _Job:
     """One choice generating in a sequence of a shared context. The decode thread steps it; chunks go to `out`."""
 
-    def __init__(
-        self,
-        model: _LlamaModel,
-        index: int,
-        prompt: list[int],
-        p: SamplingParams,
-        out: queue.SimpleQueue[Chunk | BaseException],
-        *,
-        max_new: int = 0,
-        sampler: _Sampler | None = None,
-        should_stop: _StopCheck = None,
-        echo: str | None = None,
-        pieces: list[tuple[str, bytes]] | None = None,
-        thoughts: _Thoughts | None = None,
-    ) -> None:
-        self.model, self.index, self.prompt, self.p, self.out = model, index, prompt, p, out
-        self.thoughts = thoughts  # a reasoning model's: splits the reply, and ends its thinking at the budget
+    model: _LlamaModel
+    index: int
+    prompt: list[int]
+    p: SamplingParams
+    out: queue.SimpleQueue[Chunk | BaseException]
+    _: dataclasses.KW_ONLY
+    max_new: int = 0
+    sampler: _Sampler | None = None
+    should_stop: _StopCheck = None
+    echo: str | None = None  # the prompt's text, to send first
+    # With echo and logprobs: each prompt token's text and bytes.
+    pieces: list[tuple[str, bytes]] = dataclasses.field(default_factory=list)
+    thoughts: _Thoughts | None = None  # a reasoning model's: splits the reply, and ends its thinking at the budget
+
+    def __post_init__(self) -> None:
         self.forced: collections.deque[int] = collections.deque()  # tokens to write next, sampled or not
-        self.max_new, self.sampler, self.should_stop = max_new, sampler, should_stop
-        self.echo = echo  # the prompt's text, to send first
-        self.pieces = pieces or []  # with echo and logprobs: each prompt token's text and bytes
         self.echoed = [TokenLogprob(*self.pieces[0], None)] if self.pieces else None
         # Preload (no sampler) and echo with logprobs evaluate the prompt even with no room for a reply.
-        self.evaluate = max_new > 0 or sampler is None or self.echoed is not None
+        self.evaluate = self.max_new > 0 or self.sampler is None or self.echoed is not None
         self.owner: object | None = None  # the instance whose sequence it runs in; None: a further choice
         self.seq: int | None = None  # its sequence, once begun
         self.parent: _Job | None = None  # a sibling choice whose evaluated prompt this one copies
@@ -2109,10 +2110,10 @@ class _Job:
         self.next: int | None = None  # the token to evaluate next, with logits
         self.ended = False  # finished, failed or cancelled: the decode thread lets go of it
         self.done = threading.Event()  # it has
-        self.usage = Usage(prompt_tokens=len(prompt))
+        self.usage = Usage(prompt_tokens=len(self.prompt))
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        self.stops = _StopMatcher(p.stop or [])
-        self.marks = _LogprobMarks() if p.logprobs is not None else None
+        self.stops = _StopMatcher(self.p.stop or [])
+        self.marks = _LogprobMarks() if self.p.logprobs is not None else None
 
     @property
     def prefilling(self) -> bool:
@@ -2309,9 +2310,8 @@ class _Decoder:
         big: list[tuple[_Job, list[int], bool]] = []
         for job in (j for j in running if j.next is None and not j.ended):
             last = len(job.prompt) - 1  # a short rest goes with the prompt's last token; a long one stops before it
-            tokens = job.prompt[
-                job.pos : last + 1 if last + 1 - job.pos < _BIG_BATCH else min(job.pos + self.chunk, last)
-            ]
+            end = last + 1 if last + 1 - job.pos < _BIG_BATCH else min(job.pos + self.chunk, last)
+            tokens = job.prompt[job.pos : end]
             part = (job, tokens, job.echoed is not None)
             if len(tokens) >= _BIG_BATCH:
                 if sum(len(t) for _, t, _ in big) + len(tokens) <= self.chunk + self.n_seq:
@@ -2595,51 +2595,36 @@ _ANNOTATIONS = {"description", "title", "default", "examples", "$comment", "depr
 _MAX_REPEAT = 1000  # a grammar that counts further overflows llama.cpp's grammar parser (it crashed at 100,000)
 
 
-def _plain_schema(schema: Any, param: str) -> Any:
+def _plain_schema(schema: Any, param: str, path: str = "$") -> Any:
     """A schema with what every JSON value satisfies spelled as {}: `true`, annotations alone, string property
     names. An upper bound past _MAX_REPEAT on a string's length or an array's items is left out: counting that far
-    would crash llama.cpp's grammar parser, and a reply that long would not fit a context anyway."""
+    would crash llama.cpp's grammar parser, and a reply that long would not fit a context anyway. A keyword the
+    grammar could not enforce is a 400 naming its path."""
     if schema is True:
         return {}
     if schema is False:
         raise InvalidRequest(f"'{param}': a schema of false allows nothing", param=param)
     if isinstance(schema, list):
-        return [_plain_schema(x, param) for x in schema]
+        return [_plain_schema(x, param, f"{path}[{i}]") for i, x in enumerate(schema)]
     if not isinstance(schema, dict):
         return schema
     out = {}
     for key, value in schema.items():
-        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
-            value = {k: _plain_schema(v, param) for k, v in value.items()}
-        elif key in ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties"):
-            value = value if isinstance(value, bool) else _plain_schema(value, param)  # false: nothing more allowed
-        elif key == "propertyNames" and value == {"type": "string"}:
+        if key == "propertyNames" and value == {"type": "string"}:
             continue  # every JSON object's names are strings
+        if key in _UNENFORCED_KEYWORDS or (key in _INT_BOUNDS and _number_range(schema) is None):
+            why = f"the schema keyword {path}.{key} cannot be enforced by grammar, so it is refused rather than ignored"
+            raise InvalidRequest(f"'{param}': {why}", param=param)
+        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            value = {k: _plain_schema(v, param, f"{path}.{key}.{k}") for k, v in value.items()}
+        elif key in ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties"):
+            value = value if isinstance(value, bool) else _plain_schema(value, param, f"{path}.{key}")  # false: no more
         elif key in ("maxLength", "maxItems") and isinstance(value, int) and value > _MAX_REPEAT:
             continue
         elif key in ("minLength", "minItems") and isinstance(value, int) and value > _MAX_REPEAT:
             raise InvalidRequest(f"'{param}': {key} above {_MAX_REPEAT} cannot be enforced by grammar", param=param)
         out[key] = value
     return {} if out.keys() <= _ANNOTATIONS else out
-
-
-def _unenforced(schema: Any, path: str = "$") -> str | None:
-    """The first keyword (with its path) in a schema that the grammar could not enforce."""
-    if isinstance(schema, list):
-        return next((f for i, x in enumerate(schema) if (f := _unenforced(x, f"{path}[{i}]"))), None)
-    if not isinstance(schema, dict):
-        return None
-    for key, value in schema.items():
-        if key in _UNENFORCED_KEYWORDS or (key in _INT_BOUNDS and _number_range(schema) is None):
-            return f"{path}.{key}"
-        found = None
-        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
-            found = next((f for k, v in value.items() if (f := _unenforced(v, f"{path}.{key}.{k}"))), None)
-        elif key in ("items", "prefixItems", "anyOf", "oneOf", "allOf", "additionalProperties"):
-            found = _unenforced(value, f"{path}.{key}")
-        if found:
-            return found
-    return None
 
 
 def _formatted(conv: Any) -> str:
@@ -2653,12 +2638,6 @@ def _visit_schema(conv: Any, schema: Any, name: str, param: str) -> str:
     if not isinstance(schema, dict):
         raise InvalidRequest(f"'{param}' must be a JSON schema object", param=param)
     schema = _plain_schema(schema, param)
-    if (where := _unenforced(schema)) is not None:
-        raise InvalidRequest(
-            f"'{param}': the schema keyword {where} cannot be enforced by grammar, so it is refused rather than "
-            "ignored",
-            param=param,
-        )
     try:
         schema = conv.resolve_refs(json.loads(json.dumps(schema)), name)  # a copy: resolving rewrites it
         return conv.visit(schema, name)
@@ -2751,9 +2730,8 @@ class _TextGrammar:
             else:
                 raw = [(max(lo, a), min(hi, b)) for lo, hi in ranges for a, b in _JSON_RAW if max(lo, a) <= min(hi, b)]
             spans = "".join(_gbnf_char(lo) + (f"-{_gbnf_char(hi)}" if hi > lo else "") for lo, hi in raw)
-            alternatives = ([f"[{'^' if negate else ''}{spans}]"] if raw else []) + [
-                self.literal(chr(c)) for c in inside
-            ]
+            alternatives = [f"[{'^' if negate else ''}{spans}]"] if raw else []
+            alternatives += [self.literal(chr(c)) for c in inside]
             if not alternatives:
                 self.refuse("the regex has a character class that matches nothing")
             name = f"{self.prefix}-char{len(self.sets)}"
@@ -2770,15 +2748,12 @@ class _TextGrammar:
         return self.sequence(list(tree), bool(tree.state.flags & re.DOTALL))
 
     def sequence(self, items: list[tuple[Any, Any]], dotall: bool) -> str:
-        out, text = [], ""
-        for op, av in items:
-            if str(op) == "LITERAL":
-                text += chr(av)
-                continue
-            out += [self.literal(text)] if text else []
-            text = ""
-            out.append(self.item(str(op), av, dotall))
-        out += [self.literal(text)] if text else []
+        out = []
+        for literal, run in itertools.groupby(items, key=lambda item: str(item[0]) == "LITERAL"):
+            if literal:
+                out.append(self.literal("".join(chr(av) for _, av in run)))
+            else:
+                out += [self.item(str(op), av, dotall) for op, av in run]
         return " ".join(x for x in out if x) or '""'
 
     def item(self, op: str, av: Any, dotall: bool) -> str:
@@ -2851,16 +2826,13 @@ class _TextGrammar:
 
     def imports(self, text: str) -> None:
         found = re.fullmatch(r"%import\s+common\.(\w+)(?:\s*->\s*(\w+))?|%import\s+common\s*\(([\w\s,]+)\)", text)
-        names = (
-            [] if found is None else [found.group(1)] if found.group(1) else found.group(3).replace(",", " ").split()
-        )
+        names = (found.group(1) or found.group(3)).replace(",", " ").split() if found is not None else []
         for name in names or [text]:
             if name not in _LARK_COMMON:
                 self.refuse(f"the Lark import {text!r} is not one lllms knows (common's {', '.join(_LARK_COMMON)})")
             alias = (found.group(2) if found is not None else None) or name
-            self.rules[alias] = _LlamaShim.add_rule(
-                self.conv, f"{self.prefix}-{alias.replace('_', '-')}", self.regex(_LARK_COMMON[name])
-            )
+            rule = f"{self.prefix}-{alias.replace('_', '-')}"
+            self.rules[alias] = _LlamaShim.add_rule(self.conv, rule, self.regex(_LARK_COMMON[name]))
 
     def alternatives(self, tokens: list[str]) -> str:
         options = [self.items(tokens)]
@@ -2986,13 +2958,9 @@ class LlamaCppEngine(Engine):
 
     # -- prompts
 
-    def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = True) -> list[int]:
-        shared = self._text_model()
-        return shared.model.tokenize(shared.template.render(messages, generation_prompt))
-
     def preload(self, messages: list[dict[str, Any]] | None, prefix: str | None) -> None:
         shared = self._text_model()
-        tokens = self._render(messages, generation_prompt=False) if messages else shared.model.tokenize(prefix or "")
+        tokens = shared.model.tokenize(shared.template.render(messages, False) if messages else prefix or "")
         if len(tokens) >= shared.n_ctx:
             raise Unavailable(f"model '{self.model.id}': preload is longer than the context", code="preload_too_long")
         out: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()
@@ -3092,14 +3060,11 @@ class LlamaCppEngine(Engine):
         try:
             for g in range(groups):
                 tokens, text, rendered = self._prompt(req, g)
-                if len(tokens) >= shared.n_ctx:
-                    raise InvalidRequest(
-                        # Worded as Anthropic's, and coded as OpenAI's: agents compact their history on either.
-                        f"prompt is too long: {len(tokens)} tokens > {shared.n_ctx - 1} maximum (the context of "
-                        f"model '{self.model.id}' is {shared.n_ctx} tokens)",
-                        param="messages" if req.kind == "chat" else "prompt",
-                        code="context_length_exceeded",
-                    )
+                if len(tokens) >= shared.n_ctx:  # worded as Anthropic's, coded as OpenAI's: agents compact on either
+                    why = f"prompt is too long: {len(tokens)} tokens > {shared.n_ctx - 1} maximum (the context of model"
+                    why += f" '{self.model.id}' is {shared.n_ctx} tokens)"
+                    param = "messages" if req.kind == "chat" else "prompt"
+                    raise InvalidRequest(why, param=param, code="context_length_exceeded")
                 pieces = self._prompt_pieces(tokens, text) if req.echo else []
                 echo = (text if text is not None else "".join(t for t, _ in pieces)) if req.echo else None
                 room, group = shared.n_ctx - len(tokens), []
@@ -3110,7 +3075,7 @@ class LlamaCppEngine(Engine):
                     last_n = shared.n_ctx if p.repeat_last_n == -1 else min(p.repeat_last_n, shared.n_ctx)
                     max_new = room if p.max_tokens is None else min(p.max_tokens, room)
                     sampler = _Sampler(lc, shared.model, p, last_n)  # raises on a bad grammar or bias
-                    logged = pieces if p.logprobs is not None else None
+                    logged = pieces if p.logprobs is not None else []
                     extra = {"should_stop": should_stop, "echo": echo, "pieces": logged, "thoughts": thoughts}
                     group.append(_Job(shared.model, i, tokens, p, out, max_new=max_new, sampler=sampler, **extra))
                     jobs.append(group[-1])
@@ -3175,11 +3140,9 @@ class LlamaCppEngine(Engine):
             self._embedder = self._new_embedder(_llama_cpp(), self._text_model().model)
         model, _, _, n_ctx = self._embedder
         if dimensions is not None and dimensions != model.n_embd:
-            raise InvalidRequest(
-                f"'dimensions' must be {model.n_embd} for model '{self.model.id}': the llama-cpp engine cannot "
-                "tell whether a model may be shortened (Matryoshka), so it never does",
-                param="dimensions",
-            )
+            why = f"'dimensions' must be {model.n_embd} for model '{self.model.id}': the llama-cpp engine cannot tell"
+            why += " whether a model may be shortened (Matryoshka), so it never does"
+            raise InvalidRequest(why, param="dimensions")
         mode = long_inputs or self.model.long_inputs
         vectors: list[list[float]] = []
         total = 0
@@ -3192,12 +3155,8 @@ class LlamaCppEngine(Engine):
             if not tokens:
                 raise InvalidRequest(f"input[{i}] is empty", param="input")
             if len(tokens) > n_ctx and mode == "error":
-                raise InvalidRequest(
-                    f"input[{i}] is {len(tokens)} tokens but the model's embedding context is {n_ctx} tokens "
-                    f"(set models.{self.model.id}.long_inputs to 'truncate' or 'mean' to accept such inputs)",
-                    param="input",
-                    code="context_length_exceeded",
-                )
+                what = f"input[{i}] is {len(tokens)} tokens but the model's embedding context is {n_ctx} tokens"
+                raise self._too_long(what, "input")
             if len(tokens) <= n_ctx or mode == "truncate":
                 vectors.append(self._embed_tokens(tokens[:n_ctx]))
                 total += min(len(tokens), n_ctx)
@@ -3263,12 +3222,8 @@ class LlamaCppEngine(Engine):
         for i, doc in enumerate(documents):
             body = model.tokenize(doc, special=False, add_bos=False)
             if len(body) > room and mode == "error":
-                raise InvalidRequest(
-                    f"documents[{i}] with the query is {len(head) + len(body) + len(tail)} tokens but the model's "
-                    f"context is {n_ctx} (set models.{self.model.id}.long_inputs to 'truncate' or 'mean')",
-                    param="documents",
-                    code="context_length_exceeded",
-                )
+                what = f"documents[{i}] with the query is {len(head) + len(body) + len(tail)} tokens but the model's"
+                raise self._too_long(f"{what} context is {n_ctx}", "documents")
             long += [i] if len(body) > room else []
             cuts = range(0, len(body), room) if mode == "mean" and body else [0]
             units += [(i, head + body[j : j + room] + tail) for j in cuts]
@@ -3362,14 +3317,7 @@ class _Gpt4AllShim:
         self._ctx.n_past = n if n <= self._ctx.tokens_size else 0
         return self._ctx.n_past == n
 
-    def prompt(
-        self,
-        text: str,
-        p: SamplingParams,
-        n_predict: int,
-        on_prompt: Callable[[int], bool],
-        on_response: Callable[[int, bytes | None], bool],
-    ) -> None:
+    def prompt(self, text: str, p: SamplingParams, n_predict: int, on_prompt: _OnToken, on_response: _OnPiece) -> None:
         """Feed `text` after the first `n_past` tokens, then generate up to `n_predict`; blocks."""
         ctx, p = self._ctx, p.merged_over(_SAMPLING_DEFAULTS)
         greedy = p.temperature == 0
@@ -3602,9 +3550,8 @@ class Gpt4AllEngine(Engine):
 
     def load(self) -> None:
         def wanted(key: str) -> bool:
-            if key in ("tokenizer.ggml.merges", "tokenizer.ggml.scores"):
-                return False
-            return key.startswith(("general.", "tokenizer.")) or key.endswith(".context_length")
+            skip = key in ("tokenizer.ggml.merges", "tokenizer.ggml.scores")
+            return not skip and (key.startswith(("general.", "tokenizer.")) or key.endswith(".context_length"))
 
         try:
             meta = _GgufHeader(self.path, wanted).values
@@ -3614,10 +3561,8 @@ class Gpt4AllEngine(Engine):
         trained = int(meta.get(f"{arch}.context_length") or self._DEFAULT_CTX)
         if (arch in self._EMBEDDING_ARCHES) != (self.model.task == "embedding"):
             can = "embeddings only" if arch in self._EMBEDDING_ARCHES else "text completion, not embeddings"
-            raise Unavailable(
-                f"model '{self.model.id}': gpt4all does {can} with a '{arch}' model; check models.{self.model.id}.task",
-                code="model_load_failed",
-            )
+            why = f"gpt4all does {can} with a '{arch}' model; check models.{self.model.id}.task"
+            raise Unavailable(f"model '{self.model.id}': {why}", code="model_load_failed")
         if self.model.task == "embedding":
             n_ctx = self.model.context_size or trained
             self._embed_limit = min(n_ctx, trained) - 2  # [CLS] and [SEP]
@@ -3660,8 +3605,7 @@ class Gpt4AllEngine(Engine):
         """Reject what gpt4all 2.8's sampler (native and closed) cannot do."""
         for name in ("seed", "frequency_penalty", "presence_penalty", "logit_bias", "grammar", "logprobs"):
             value = getattr(params, name)
-            used = value is not None if name in ("seed", "logprobs") else bool(value)  # a seed or logprobs of 0 counts
-            if used:
+            if (value is not None) if name in ("seed", "logprobs") else bool(value):  # a seed or logprobs of 0 counts
                 raise InvalidRequest(f"'{name}' is not supported by the gpt4all engine", param=name)
 
     def _render(self, messages: list[dict[str, Any]], generation_prompt: bool = True, **variables: Any) -> str:
@@ -3717,7 +3661,7 @@ class Gpt4AllEngine(Engine):
         if not text:
             return
         try:
-            stream = self._start(text, SamplingParams(), "prefix", None, generate=False)
+            stream = self._start(text, SamplingParams(), "prefix", None, max_new=0)
         except InvalidRequest:
             why = f"model '{self.model.id}': preload is longer than the context"
             raise Unavailable(why, code="preload_too_long") from None
@@ -3800,7 +3744,6 @@ class Gpt4AllEngine(Engine):
         p: SamplingParams,
         param: str,
         should_stop: _StopCheck,
-        generate: bool = True,
         thoughts: _Thoughts | None = None,
         max_new: int | None = None,
     ) -> Iterator[Chunk]:
@@ -3823,7 +3766,7 @@ class Gpt4AllEngine(Engine):
         if not native.rewind(sum(n for _, n in self._spans)):
             self._spans, pos = [], 0
         if max_new is None:
-            max_new = (self.n_ctx if p.max_tokens is None else p.max_tokens) if generate else 0
+            max_new = self.n_ctx if p.max_tokens is None else p.max_tokens
         run = self._run = _Gpt4AllRun(native, text[pos:], p, should_stop, max_new, thoughts)
         run.started.wait()
         if run.generated == 0:
@@ -3928,12 +3871,8 @@ class Gpt4AllEngine(Engine):
         for batch in batches:
             vecs, n = self._embed_call([strs[i] for i in batch], dimensions, mode)
             if not fits[batch[0]] and n > self._embed_limit:
-                raise InvalidRequest(
-                    f"input[{batch[0]}] is longer than the model's embedding context of {self._embed_limit} tokens "
-                    f"(set models.{self.model.id}.long_inputs to 'truncate' or 'mean' to accept such inputs)",
-                    param="input",
-                    code="context_length_exceeded",
-                )
+                what = f"input[{batch[0]}] is longer than the model's embedding context of {self._embed_limit} tokens"
+                raise self._too_long(what, "input")
             for i, v in zip(batch, vecs, strict=True):
                 vectors[i] = _l2_normalised(v)
             total += n
@@ -3941,9 +3880,8 @@ class Gpt4AllEngine(Engine):
 
     def _embed_call(self, texts: list[str], dimensions: int | None, mode: str) -> tuple[list[list[float]], int]:
         kw = {"dimensionality": dimensions, "long_text_mode": "truncate" if mode == "truncate" else "mean"}
-        kw["return_dict"] = True
         try:
-            out = self._embedder.embed(texts, prefix=self._embed_prefix, **kw)
+            out = self._embedder.embed(texts, prefix=self._embed_prefix, return_dict=True, **kw)
         except (ValueError, RuntimeError) as exc:
             if self._embed_prefix is None and isinstance(exc, RuntimeError) and "specify a prefix" in str(exc):
                 self._embed_prefix = ""  # a model gpt4all has no task prefix for: embed the text as it is
