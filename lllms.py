@@ -127,8 +127,7 @@ DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 class APIError(Exception):
     """An error a client can be told about, in OpenAI's error envelope. `status` overrides the class's."""
 
-    status = 500
-    type = "server_error"
+    status, type = 500, "server_error"
 
     def __init__(
         self,
@@ -433,9 +432,7 @@ def _coerce(value: Any, tp: Any, path: str) -> Any:
         return float(value)
     if origin is dict:
         return {k: _coerce(v, args[1], f"{path}.{k}") for k, v in value.items()}
-    if origin is list:
-        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
-    return value
+    return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)] if origin is list else value
 
 
 def _from_dict(cls: Any, data: Any, path: str) -> Any:
@@ -549,8 +546,7 @@ class SamplingParams:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SamplingParams:
         """Validate request or config values. Raises InvalidRequest naming the parameter."""
-        out = cls()
-        hints = typing.get_type_hints(cls)
+        out, hints = cls(), typing.get_type_hints(cls)
         bounds = {f.name: (f.metadata.get("lo"), f.metadata.get("hi")) for f in dataclasses.fields(cls)}
         for key, value in data.items():
             name = _canonical_key(key)
@@ -835,8 +831,7 @@ class _Transfer:
 
     def __post_init__(self) -> None:
         self.headers = {"User-Agent": f"lllms/{__version__}", "Accept-Encoding": "identity", **self.headers}
-        self.opener = urllib.request.build_opener(_RedirectHandler)
-        self.hasher = hashlib.sha256()
+        self.opener, self.hasher = urllib.request.build_opener(_RedirectHandler), hashlib.sha256()
         # Hash what an earlier run left, once; what arrives from now on streams into the same hasher.
         self.done = _hash_into(self.part, self.hasher) if os.path.exists(self.part) else 0
 
@@ -1377,8 +1372,7 @@ class Engine:
     logprobs = False  # can report token logprobs: logprobs, best_of
 
     def __init__(self, model: ModelConfig, path: str, state_cache: _StateCache | None = None) -> None:
-        self.model = model
-        self.path = path
+        self.model, self.path = model, path
         self.state_cache = state_cache  # shared by the model's instances; engines that can't save state ignore it
 
     def load(self) -> None:
@@ -1431,11 +1425,9 @@ class Engine:
         request's `long_inputs`, else the model's; `dimensions` shortens vectors where the model allows it."""
         raise NotImplementedError
 
-    def rerank(
-        self, query: str, documents: list[str], long_inputs: str | None = None
-    ) -> tuple[list[float], int, list[int]]:
-        """Each document's relevance to the query (0 to 1), each query-document pair scored on its own; the tokens
-        read; and the documents longer than the context, which `long_inputs` (else the model's) decided."""
+    def rerank(self, query: str, docs: list[str], long_inputs: str | None = None) -> tuple[list[float], int, list[int]]:
+        """Each document's relevance to the query (0 to 1), each pair scored on its own; the tokens read; and the
+        documents longer than the context, which `long_inputs` (else the model's) decided."""
         raise InvalidRequest(f"model '{self.model.id}' is not a reranker", param="model", code="wrong_task")
 
     def _too_long(self, what: str, param: str) -> InvalidRequest:
@@ -1444,8 +1436,7 @@ class Engine:
         return InvalidRequest(why, param=param, code="context_length_exceeded")
 
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
-        """The model's token ids for text; `add_special`: with the BOS (and for BERT, [CLS] and [SEP]) the model
-        adds; `parse_special`: special tokens written in the text are tokens, not text."""
+        """Token ids: `add_special` adds the BOS (BERT: [CLS], [SEP]) the model adds; `parse_special` reads them."""
         raise NotImplementedError
 
     def pieces(self, tokens: list[int]) -> list[bytes]:
@@ -1468,8 +1459,7 @@ class _StopMatcher:
     """Streams text while holding back any tail that could still become a stop sequence."""
 
     def __init__(self, stops: list[str]) -> None:
-        self.stops = stops
-        self.pending = ""
+        self.stops, self.pending = stops, ""
         self.matched: str | None = None  # the stop sequence found
         self.rest = ""  # what came after it
 
@@ -1842,8 +1832,7 @@ class _LlamaModel:
         self.n_vocab, self.n_embd = lc.llama_vocab_n_tokens(vocab), lc.llama_model_n_embd(self.ptr)
         self.bos, self.eos, self.sep = lc.llama_vocab_bos(vocab), lc.llama_vocab_eos(vocab), lc.llama_vocab_sep(vocab)
         self.adds_bos = bool(lc.llama_vocab_get_add_bos(vocab)) and self.bos >= 0
-        self.n_ctx_train = lc.llama_model_n_ctx_train(self.ptr)
-        self.threads = _threads(dev)
+        self.n_ctx_train, self.threads = lc.llama_model_n_ctx_train(self.ptr), _threads(dev)
 
     def meta(self, key: str) -> str | None:
         size = 1024
@@ -2072,8 +2061,7 @@ def _logprob(model: _LlamaModel, logits: Any, token: int, top: int | None) -> tu
     alts = None
     if top:
         ids = np.argpartition(logits, -top)[-top:]
-        ids = ids[np.argsort(-logits[ids])]
-        alts = []
+        ids, alts = ids[np.argsort(-logits[ids])], []
         for t in ids:
             raw = model.piece(int(t))
             alts.append((raw.decode("utf-8", errors="replace"), raw, max(float(logits[t]) - lse, _MIN_LOGPROB)))
@@ -2506,8 +2494,7 @@ def _digits_between(x: str, y: str) -> str:
 
 def _naturals_between(lo: int, hi: int | None) -> str:
     """GBNF for the integers from lo >= 0 to hi (None: no end), written without leading zeros."""
-    alts = []
-    short = len(str(lo))
+    alts, short = [], len(str(lo))
     for width in range(short, (short if hi is None else len(str(hi))) + 1):
         a = max(lo, 10 ** (width - 1) if width > 1 else 0)
         b = 10**width - 1 if hi is None else min(hi, 10**width - 1)
@@ -2876,8 +2863,7 @@ class _TextGrammar:
 def _tool_grammar(plan_json: str) -> str:
     """GBNF for a reply: the call list (each call's arguments valid for its schema), or with `auto` plain text.
     Takes the plan (a _ToolPlan) as JSON, to be cached: an agent sends the same tools with every turn."""
-    plan = types.SimpleNamespace(**json.loads(plan_json))
-    conv = _schema_converter()
+    plan, conv = types.SimpleNamespace(**json.loads(plan_json)), _schema_converter()
     lit = functools.partial(_LlamaShim.format_literal, conv)
     roots = []
     if plan.callable:
@@ -2952,9 +2938,7 @@ class LlamaCppEngine(Engine):
         """Compiled once per schema or tool plan (cached), since clients send the same ones again and again."""
         if req.tools is not None:
             return _tool_grammar(json.dumps(dataclasses.asdict(req.tools), sort_keys=True))
-        if req.json_schema is not None:
-            return _json_grammar(req.json_schema, req.schema_param)
-        return req.params.grammar
+        return _json_grammar(req.json_schema, req.schema_param) if req.json_schema is not None else req.params.grammar
 
     # -- prompts
 
@@ -3165,8 +3149,7 @@ class LlamaCppEngine(Engine):
             # first and last special tokens ([CLS] and [SEP] for BERT).
             head = tokens[:1] if tokens[0] == model.bos else []
             tail = tokens[-1:] if tokens[-1] in {model.eos, model.sep} else []
-            body = tokens[len(head) : len(tokens) - len(tail)]
-            step = n_ctx - len(head) - len(tail)
+            body, step = tokens[len(head) : len(tokens) - len(tail)], n_ctx - len(head) - len(tail)
             windows = [head + body[j : j + step] + tail for j in range(0, len(body), step)]
             parts = [self._embed_tokens(w) for w in windows]
             mean = [sum(len(w) * v[k] for w, v in zip(windows, parts, strict=True)) for k in range(len(parts[0]))]
@@ -3206,11 +3189,9 @@ class LlamaCppEngine(Engine):
                 scores.append(1 / (1 + math.exp(-logit)) if -500 < logit < 500 else float(logit > 0))
         return scores
 
-    def rerank(
-        self, query: str, documents: list[str], long_inputs: str | None = None
-    ) -> tuple[list[float], int, list[int]]:
+    def rerank(self, query: str, docs: list[str], long_inputs: str | None = None) -> tuple[list[float], int, list[int]]:
         if self.model.task != "rerank":
-            return super().rerank(query, documents, long_inputs)
+            return super().rerank(query, docs, long_inputs)
         model, _, _, n_ctx = typing.cast(tuple, self._embedder)
         head, tail = self._pair_parts(model, query)
         room, mode = n_ctx - len(head) - len(tail), long_inputs or self.model.long_inputs
@@ -3219,7 +3200,7 @@ class LlamaCppEngine(Engine):
             raise InvalidRequest(why, param="query", code="context_length_exceeded")
         units: list[tuple[int, list[int]]] = []  # (document, pair); a long document in "mean" mode has several
         long = []
-        for i, doc in enumerate(documents):
+        for i, doc in enumerate(docs):
             body = model.tokenize(doc, special=False, add_bos=False)
             if len(body) > room and mode == "error":
                 what = f"documents[{i}] with the query is {len(head) + len(body) + len(tail)} tokens but the model's"
@@ -3227,7 +3208,7 @@ class LlamaCppEngine(Engine):
             long += [i] if len(body) > room else []
             cuts = range(0, len(body), room) if mode == "mean" and body else [0]
             units += [(i, head + body[j : j + room] + tail) for j in cuts]
-        weighted, lengths = [0.0] * len(documents), [0] * len(documents)  # a long document's mean, by length
+        weighted, lengths = [0.0] * len(docs), [0] * len(docs)  # a long document's mean, by length
         for (i, pair), score in zip(units, self._scores([pair for _, pair in units]), strict=True):
             weighted[i], lengths[i] = weighted[i] + score * len(pair), lengths[i] + len(pair)
         return [w / n for w, n in zip(weighted, lengths, strict=True)], sum(lengths), long
@@ -3301,8 +3282,7 @@ class _Gpt4AllShim:
         return False
 
     def __init__(self, gpt: Any, n_ctx: int) -> None:
-        self.n_ctx = n_ctx
-        self._lib = self.module()._pyllmodel
+        self.n_ctx, self._lib = n_ctx, self.module()._pyllmodel
         self._model = gpt.model.model
         self._ctx = self._lib.LLModelPromptContext(
             tokens_size=0, n_past=0, n_ctx=n_ctx, n_batch=self.N_BATCH, context_erase=0.75
@@ -3320,8 +3300,7 @@ class _Gpt4AllShim:
     def prompt(self, text: str, p: SamplingParams, n_predict: int, on_prompt: _OnToken, on_response: _OnPiece) -> None:
         """Feed `text` after the first `n_past` tokens, then generate up to `n_predict`; blocks."""
         ctx, p = self._ctx, p.merged_over(_SAMPLING_DEFAULTS)
-        greedy = p.temperature == 0
-        ctx.n_predict = n_predict
+        greedy, ctx.n_predict = p.temperature == 0, n_predict
         ctx.n_batch = self.N_BATCH  # set again each call: the native side may have lowered it
         ctx.temp = 1.0 if greedy else p.temperature
         ctx.top_k = 1 if greedy else p.top_k
@@ -3621,21 +3600,18 @@ class Gpt4AllEngine(Engine):
         return self._render(req.messages, True, **req.template_vars())
 
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
-        """gpt4all 2.8 has no tokenizer: the text is fed to an emptied context, whose prompt callback names each
-        token (gpt4all adds the BOS itself, and always reads special tokens)."""
+        """gpt4all 2.8 has no tokenizer: the text is fed anew to the context (a later request may reuse it), and the
+        prompt callback names each token. gpt4all adds the BOS itself, and always reads special tokens."""
         self._need_text_model()
         if not parse_special:
             raise InvalidRequest("'parse_special' false is not supported by the gpt4all engine", param="parse_special")
-        native = typing.cast(_Gpt4AllShim, self._native)
+        if not text:
+            return []
         self._settle(self._run)
-        self._spans, self._run = [], None
-        native.rewind(0)
-        run = _Gpt4AllRun(native, text, SamplingParams(), None, 0)
-        run.thread.join()
-        native.rewind(0)
-        if run.error is not None or run.failure is not None:
-            raise InvalidRequest(f"'content' does not fit the context of model '{self.model.id}'", param="content")
-        return run.prompt_ids[1:] if self.add_bos and not add_special else run.prompt_ids
+        self._spans = []
+        list(self._start(text, SamplingParams(), "content", None, max_new=0))
+        ids = typing.cast(_Gpt4AllRun, self._run).prompt_ids
+        return ids[1:] if self.add_bos and not add_special else ids
 
     def pieces(self, tokens: list[int]) -> list[bytes]:
         """From the GGUF's vocabulary: GPT-2's byte-level BPE maps each byte to a printable character, and
@@ -3974,8 +3950,7 @@ class _Pool:
             m.id: _StateCache(m.state_cache_bytes) for m in config.models.values() if m.state_cache_bytes
         }
         self.queue: collections.deque[_Ticket] = collections.deque()
-        self.running = 0
-        self.cond = threading.Condition()
+        self.running, self.cond = 0, threading.Condition()
         self.stopping = False
         self.service_time = 1.0  # moving average of seconds an instance is held, for Retry-After
         self.abort = threading.Event()  # set when stop()'s grace is over: running generations end at once
@@ -4234,8 +4209,7 @@ class _Pool:
         """The instance for a ticket, marked busy (or a new one, loading); None when the model is saturated. Lock held.
         First choice: the idle one sharing the longest useful history; then an empty idle one, a new one while under
         max_instances, and last the least recently used idle one, whose conversation it displaces."""
-        model = self.models[ticket.model_id]
-        insts = self.instances[ticket.model_id]
+        model, insts = self.models[ticket.model_id], self.instances[ticket.model_id]
         idle = [i for i in insts if i.state == "idle"]
         shared = [(_common_prefix(i.context_key, ticket.key), i) for i in idle]
         useful = [(n, i) for n, i in shared if _useful_prefix(ticket.key, n)]
@@ -4280,10 +4254,9 @@ class _Pool:
             if isinstance(exc, APIError):
                 raise
             raise Unavailable(f"model '{model.id}' failed to load: {exc}", code="model_load_failed") from exc
-        try:
+        info = (0, "")
+        with _suppress(Exception):
             info = engine.context_info()
-        except Exception:
-            info = (0, "")
         with self.cond:
             orphan = self.stopping or inst not in self.instances[model.id]
             if orphan:
@@ -4410,10 +4383,8 @@ class ToolCall:
         # A custom call's string cut short is closed, after at most the 6 characters of an escape begun.
         cut = [self.arguments[: len(self.arguments) - n] + '"' for n in range(7)] if self.custom else []
         for text in (self.arguments, *cut):
-            try:
+            with _suppress(ValueError):
                 return json.loads(text)
-            except ValueError:
-                pass
         return "" if self.custom else {}
 
 
@@ -5238,8 +5209,7 @@ class _ReplyParser:
     def __init__(self, plan: _ToolPlan) -> None:
         # With tool_choice "none" only text comes: a reply shaped like a call is passed on as text.
         self.heads = (_RESPONSE_OPEN,) if plan.mode == "none" else (_TOOL_CALLS_OPEN, _RESPONSE_OPEN)
-        self.plan = plan
-        self.state = "head"
+        self.plan, self.state = plan, "head"
         self.buf = ""  # undecided head, or a pending escape inside the response string
         self.expect = ""  # a literal still to skip
         self.calls: list[ToolCall] = []
@@ -5550,13 +5520,11 @@ def anthropic_request(body: dict[str, Any], config: ServerConfig, count: bool = 
     _refuse(body, _ANTHROPIC_UNSUPPORTED, model.engine)
     if body.get("max_tokens") is None and not count:
         raise InvalidRequest("'max_tokens' is required", param="max_tokens")
-    params = _dialect_params(body, _ANTHROPIC_SAMPLING)
-    stops = body.get("stop_sequences")
+    params, stops = _dialect_params(body, _ANTHROPIC_SAMPLING), body.get("stop_sequences")
     if stops is not None and not (isinstance(stops, list) and all(isinstance(s, str) and s for s in stops)):
         raise InvalidRequest("'stop_sequences' must be a list of non-empty strings", param="stop_sequences")
     params.stop, params.max_tokens = stops or None, 0 if count else params.max_tokens
-    messages = _anthropic_messages(body)
-    schema = None
+    messages, schema = _anthropic_messages(body), None
     if (fmt := output.get("format")) is not None:  # structured output: {"type": "json_schema", "schema": {...}}
         schema = _object(_object(fmt, "output_config.format").get("schema"), "output_config.format.schema")
     tools, choice, parallel, left_out = _anthropic_tools(body, (model.hosted_tools or config.hosted_tools) == "refuse")
@@ -6073,8 +6041,7 @@ class _OllamaCall:
             head = {"model": model.id, "created_at": _iso(time.time())}
             return {**head, **said, "done": True, "done_reason": "unload" if unload else "load"}
         _refuse(body, _OLLAMA_UNSUPPORTED, model.engine)
-        params = _ollama_options(body, model)
-        stream = body.get("stream", True)
+        params, stream = _ollama_options(body, model), body.get("stream", True)
         if not isinstance(stream, bool):
             raise InvalidRequest("'stream' must be a boolean", param="stream")
         fields: dict[str, Any] = {"kind": "chat", "model": model, "params": params, "stream": stream}
@@ -6155,14 +6122,9 @@ def ollama_embed(e: Embeddings, req: Request) -> dict[str, Any]:
     return {"model": e.model, "embeddings": e.vectors, "prompt_eval_count": e.usage.prompt_tokens}
 
 
-def ollama_embeddings(e: Embeddings, req: Request) -> dict[str, Any]:
-    return {"embedding": e.vectors[0]}
-
-
 def ollama_details(meta: dict[str, Any]) -> dict[str, Any]:
     """A model's details as Ollama lists them, from its GGUF metadata."""
-    arch = meta.get("general.architecture", "")
-    ftype = meta.get("general.file_type")
+    arch, ftype = meta.get("general.architecture", ""), meta.get("general.file_type")
     quant = _FILE_TYPES[ftype] if isinstance(ftype, int) and ftype < len(_FILE_TYPES) else ""
     head = {"parent_model": "", "format": "gguf", "family": arch, "families": [arch] if arch else None}
     return {**head, "parameter_size": meta.get("general.size_label", ""), "quantization_level": quant}
@@ -6276,10 +6238,6 @@ class _Dialect:
     done: bytes = b"data: [DONE]\n\n"  # after the last event
     keepalive: bytes = b": keepalive\n\n"  # while a stream waits for an instance, or for its prompt's evaluation
     json_bodies: bool = True  # a body in another Content-Type is a 415
-
-
-def _openai_models(ms: ModelServer) -> dict[str, Any]:
-    return {"object": "list", "data": [_openai_model(ms, m.id) for m in ms.models()]}
 
 
 def _openai_model(ms: ModelServer, model_id: str) -> dict[str, Any]:
@@ -6502,7 +6460,7 @@ _DIALECTS = {  # the first whose prefix a path starts with speaks for it; OpenAI
             "/api/chat": {"POST": _Run(key=_chat_key, call=lambda ms, key: _OllamaCall("chat", ms))},
             "/api/generate": {"POST": _Run(key=_prompt_key, call=lambda ms, key: _OllamaCall("generate", ms))},
             "/api/embed": {"POST": _Run(ollama_embed_request, ollama_embed)},
-            "/api/embeddings": {"POST": _Run(ollama_embed_request, ollama_embeddings)},
+            "/api/embeddings": {"POST": _Run(ollama_embed_request, lambda e, req: {"embedding": e.vectors[0]})},
             "/api/tags": {"GET": lambda ms: {"models": [_ollama_entry(ms, m) for m in ms.models()]}},
             "/api/show": {"POST": _ollama_show},
             "/api/ps": {"GET": _ollama_ps},
@@ -6533,7 +6491,9 @@ _DIALECTS = {  # the first whose prefix a path starts with speaks for it; OpenAI
                 )
             },
             f"{_OPENAI}/embeddings": {"POST": _Run(functools.partial(openai_request, "embedding"), embedding_response)},
-            f"{_OPENAI}/models": {"GET": _openai_models},
+            f"{_OPENAI}/models": {
+                "GET": lambda ms: {"object": "list", "data": [_openai_model(ms, m.id) for m in ms.models()]}
+            },
             f"{_OPENAI}/models/{{id}}": {"GET": _openai_model},
             f"{_OPENAI}/rerank": _RERANK,
             f"{_OPENAI}/reranking": _RERANK,
@@ -6625,8 +6585,7 @@ class CompletionStream:
     def __init__(self, request: Request, pool: _Pool, meter: _Metrics, cancel: Any, config: ServerConfig) -> None:
         self.request = request
         self.id = f"{'chatcmpl' if request.kind == 'chat' else 'cmpl'}-{secrets.token_urlsafe(12)}"
-        self.model = request.model.id
-        self.created = int(time.time())
+        self.model, self.created = request.model.id, int(time.time())
         self.choices: dict[int, Choice] = {}
         self.usage: Usage | None = None
         self.instance_id: str | None = None  # which instance served it, once known
@@ -6660,9 +6619,7 @@ class CompletionStream:
         """Seconds this queued request may still wait (None: no limit); 0 once cancelled or out of time."""
         if self._cancel is not None and self._cancel.is_set():
             return 0.0
-        if self._queue_deadline is None:
-            return None
-        return max(0.0, self._queue_deadline - time.monotonic())
+        return None if self._queue_deadline is None else max(0.0, self._queue_deadline - time.monotonic())
 
     def _should_stop(self) -> bool:
         if (self._cancel is not None and self._cancel.is_set()) or self._pool.abort.is_set():
@@ -6788,8 +6745,7 @@ class ModelServer:
         self._files = {m.id: _ModelFile(_model_path(m, self.config.models_dir)) for m in self.config.models.values()}
         self._files_lock = threading.Lock()
         self._metadata: dict[str, dict[str, Any]] = {}  # GGUF metadata by model id, read on first use
-        self._cancel_downloads = threading.Event()
-        self._pool = _Pool(self.config)
+        self._cancel_downloads, self._pool = threading.Event(), _Pool(self.config)
         self._state = "starting"  # then ready; draining once stop() begins (new requests get 503), then stopped
 
     def start(self) -> ModelServer:
@@ -7284,10 +7240,7 @@ _METRICS: dict[str, tuple[str, str]] = {
     "lllms_up": ("gauge", "1 when the server takes requests, 0 while it starts or drains"),
     "lllms_http_requests_total": ("counter", "HTTP requests answered, by endpoint, method and status"),
     "lllms_http_request_duration_seconds": ("histogram", "Seconds from a request's headers to its last byte"),
-    "lllms_time_to_first_token_seconds": (
-        "histogram",
-        "Seconds from a completion request reaching the model server to its first chunk",
-    ),
+    "lllms_time_to_first_token_seconds": ("histogram", "Seconds from a completion request to its first chunk"),
     "lllms_http_connections": ("gauge", "Open client connections"),
     "lllms_http_connections_refused_total": ("counter", "Connections refused because max_connections were open"),
     "lllms_queue_length": ("gauge", "Requests waiting for an instance"),
@@ -7311,8 +7264,7 @@ class _Metrics:
 
     def inc(self, name: str, labels: dict[str, str], value: float = 1) -> None:
         with self._lock:
-            series = self._series.setdefault(name, {})
-            key = tuple(labels.items())
+            series, key = self._series.setdefault(name, {}), tuple(labels.items())
             series[key] = series.get(key, 0) + value
 
     def observe(self, name: str, labels: dict[str, str], value: float) -> None:
@@ -7545,8 +7497,7 @@ class _Transport(BaseHTTPRequestHandler):
     headers and bodies, JSON bodies in, and JSON, chunked streams and keepalives out, each in the framing of the
     request's dialect. _Handler adds authentication, routes and endpoints."""
 
-    protocol_version = "HTTP/1.1"
-    server_version = f"lllms/{__version__}"
+    protocol_version, server_version = "HTTP/1.1", f"lllms/{__version__}"
     server: _HTTPD
     _dialect: _Dialect  # the request's: its error envelope and stream framing
 
@@ -7907,8 +7858,7 @@ class _Handler(_Transport):
         finally:
             if self.server.model_server.state in ("draining", "stopped"):
                 self.close_connection = True
-            elapsed = time.monotonic() - self._t0
-            meter = self.server.model_server.meter
+            elapsed, meter = time.monotonic() - self._t0, self.server.model_server.meter
             status = str(self._status or "none")
             meter.inc("lllms_http_requests_total", {"endpoint": endpoint, "method": method, "status": status})
             meter.observe("lllms_http_request_duration_seconds", {"endpoint": endpoint}, elapsed)
@@ -8091,8 +8041,7 @@ class _HTTPD(ThreadingHTTPServer):
     def __init__(self, address: tuple[str, int], model_server: ModelServer) -> None:
         self.model_server = model_server
         self.conns: dict[socket.socket, _Conn] = {}
-        self.conns_lock = threading.Lock()
-        self.draining = False
+        self.conns_lock, self.draining = threading.Lock(), False
         self.left_out_seen: set[tuple[str, str, str]] = set()  # (client, user agent, tool) already logged
         super().__init__(address, _Handler)
 
@@ -8184,8 +8133,7 @@ class HTTPServer:
     """A ModelServer behind the OpenAI-compatible HTTP API, served from a background thread."""
 
     def __init__(self, model_server: ModelServer, host: str | None = None, port: int | None = None) -> None:
-        self.model_server = model_server
-        listen = model_server.config.listen
+        self.model_server, listen = model_server, model_server.config.listen
         host = host or listen.host
         self._httpd = _HTTPD((host, listen.port if port is None else port), model_server)
         env_keys = [k.strip() for k in os.environ.get("LLLMS_API_KEY", "").split(",") if k.strip()]
@@ -8284,8 +8232,7 @@ def _list_models_dir(config: ServerConfig) -> int:
         for name in sorted(files):
             if name.endswith((".lllms.json", ".lock", ".break")):
                 continue
-            path = os.path.join(dirpath, name)
-            part = name.endswith(".part")
+            path, part = os.path.join(dirpath, name), name.endswith(".part")
             state = "partial download" if part else f"sha256 {_sidecar(path, os.stat(path)).get('sha256') or '-'}"
             models = ", ".join(users.get(os.path.abspath(path.removesuffix(".part")), [])) or "-"
             print(f"{os.path.getsize(path):>14,d}  {os.path.relpath(path, root)}  {state}  models: {models}")
@@ -8367,7 +8314,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(_add_models(raw, specs, args.engine))
         config.node_id = args.node_id or config.node_id
         for m in config.models.values():
-            m.context_size = args.context_size if args.context_size and m.task != "embedding" else m.context_size
+            m.context_size = args.context_size if args.context_size and m.task == "text-completion" else m.context_size
         return config
 
     try:
@@ -8427,29 +8374,23 @@ _DASHBOARD = r"""<!doctype html>
 <style>
   :root { color-scheme: light dark; --fg: #1d2125; --muted: #68707a; --bg: #f6f7f9; --card: #fff; --line: #dde1e6;
           --ok: #1f883d; --busy: #bf8700; --bad: #cf222e; --accent: #0969da; }
-  @media (prefers-color-scheme: dark) {
-    :root { --fg: #e6edf3; --muted: #8d96a0; --bg: #0d1117; --card: #161b22; --line: #30363d;
-            --ok: #3fb950; --busy: #d29922; --bad: #f85149; --accent: #4493f8; }
-  }
-  [hidden] { display: none !important; }
+  @media (prefers-color-scheme: dark) { :root { --fg: #e6edf3; --muted: #8d96a0; --bg: #0d1117; --card: #161b22;
+          --line: #30363d; --ok: #3fb950; --busy: #d29922; --bad: #f85149; --accent: #4493f8; } }
+  [hidden] { display: none !important; } .muted, .meta, th { color: var(--muted); }
   body { margin: 1rem 1.5rem; font: 14px/1.45 system-ui, sans-serif; color: var(--fg); background: var(--bg) }
   header { display: flex; flex-wrap: wrap; align-items: baseline; gap: .4rem 1.2rem; margin-bottom: 1rem; }
   h1 { font-size: 1.4rem; margin: 0; } h2 { font-size: 1.1rem; margin: 0 0 .3rem; }
-  .muted, .meta, th { color: var(--muted); }
   .pill { border: 1px solid var(--line); border-radius: 1em; padding: 0 .6em; background: var(--card); }
-  .stat b { font-variant-numeric: tabular-nums; }
   [data-status="ready"], [data-state="ready"], [data-state="idle"] { color: var(--ok); }
   [data-status="loading"], [data-status="downloading"], [data-state="busy"], [data-state="loading"],
   [data-state="starting"], [data-state="draining"] { color: var(--busy); }
   [data-status="error"], [data-state="stopped"], .error { color: var(--bad); }
   .model { background: var(--card); border: 1px solid var(--line); border-radius: 8px; padding: .8rem 1rem;
-           margin-bottom: 1rem; overflow-x: auto; }
-  .model p { margin: .2rem 0; }
-  .download { display: flex; align-items: center; gap: .6rem; }
-  progress { width: 16rem; } meter { width: 7rem; vertical-align: middle; }
-  table { border-collapse: collapse; width: 100%; margin-top: .5rem; }
+           margin-bottom: 1rem; overflow-x: auto; } .model p { margin: .2rem 0; }
+  .download { display: flex; align-items: center; gap: .6rem; } progress { width: 16rem; }
+  meter { width: 7rem; vertical-align: middle; } table { border-collapse: collapse; width: 100%; margin-top: .5rem; }
   th, td { text-align: left; padding: .25rem .6rem .25rem 0; border-top: 1px solid var(--line); white-space: nowrap; }
-  th { font-weight: 500; } td.num { font-variant-numeric: tabular-nums; }
+  th { font-weight: 500; } td.num, .stat b { font-variant-numeric: tabular-nums; }
   .preview code { display: block; max-width: 30rem; overflow: hidden; text-overflow: ellipsis; white-space: pre; }
   #spark { display: inline-flex; align-items: flex-end; gap: 1px; height: 1.2em; vertical-align: middle; }
   #spark i { width: 3px; min-height: 1px; background: var(--accent); }
