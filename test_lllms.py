@@ -4786,8 +4786,12 @@ def test_fuzzed_bodies_never_get_a_5xx_or_hang(tiny_llama: str, tiny_bert: str, 
             elif headers["Content-Type"] == "text/event-stream":
                 assert payload.endswith("data: [DONE]\n\n"), payload[-300:]
                 assert '"server_error"' not in payload, payload[-300:]
-            else:
-                assert payload["object"] in ("text_completion", "chat.completion", "list")
+            else:  # the utility routes answer with llama-server's shapes, the others with OpenAI's
+                assert payload.keys() in ({"tokens"}, {"content"}, {"prompt"}) or payload["object"] in (
+                    "text_completion",
+                    "chat.completion",
+                    "list",
+                )
 
         post()
         assert seen[200] > 0 and seen[400] > 0, seen  # the fuzzing reached the engines as well as the checks
@@ -7577,6 +7581,7 @@ def utility_server(smollm2: str, smollm2_g4a: str, tiny_reranker: str, tiny_bert
             "strict": {**chat, "chat_template": STRICT},
             "g4a": {"task": "text-completion", "engine": "gpt4all", "file": smollm2_g4a, "context_size": 1024},
             "rr": {"task": "rerank", "file": tiny_reranker, "context_size": 32},
+            "rr-mean": {"task": "rerank", "file": tiny_reranker, "context_size": 32, "long_inputs": "mean"},
             "bert": {"task": "embedding", "file": tiny_bert},
         },
     }
@@ -7644,6 +7649,13 @@ def test_rerank_long_documents_follow_long_inputs(utility_server: lllms.HTTPServ
     assert status == 200 and body["long_inputs"] == {"mode": "truncate", "documents": [1]}
     assert body["usage"]["prompt_tokens"] <= 2 * 32
     assert "long_inputs" not in _rerank(utility_server, documents=["a cat"]).body
+    # "mean": the length-weighted mean of the scores of context-sized windows, each beside the query
+    status, body, _ = _rerank(utility_server, documents=["a cat", long], model="rr-mean")
+    assert status == 200 and body["long_inputs"] == {"mode": "mean", "documents": [1]}
+    assert body["usage"]["prompt_tokens"] > 2 * 32  # every window was read
+    score = {r["index"]: r["relevance_score"] for r in body["results"]}
+    alone = _rerank(utility_server, documents=["a cat"], model="rr-mean").body["results"][0]["relevance_score"]
+    assert score[0] == pytest.approx(alone, rel=1e-5) and 0 < score[1] < 1
 
 
 def test_tokenize_is_the_model_s_own_tokenizer_on_every_engine(utility_server: lllms.HTTPServer, smollm2: str) -> None:
