@@ -41,10 +41,10 @@ Data flows one way: HTTP -> dialect -> Request -> ModelServer -> pool -> engine.
 Threads: the serve loop (lllms-http), which also cuts connections past their deadlines; one thread per
 connection (lllms-conn), which runs its requests through to the engine and writes their output; the ttl reaper
 (lllms-ttl); a thread per model file being prepared (lllms-prepare-*) and per instance loaded in the background
-(lllms-load-*); one decode thread per llama-cpp model (lllms-decode-*), the only one that touches its context;
-gpt4all's native call runs on a worker (lllms-gpt4all) whose callbacks feed the consumer; a stream whose prompt
-takes long to evaluate gets keepalives from a thread of its own (lllms-keepalive). Native compute steps take
-turns on the cores through _CORES, first come first served.
+(lllms-load-*); one decode thread per llama-cpp model (lllms-decode-*), the only one that touches its context,
+and one for all embedding and rerank decodes (lllms-embed); gpt4all's native call runs on a worker (lllms-gpt4all)
+whose callbacks feed the consumer; a stream whose prompt takes long to evaluate gets keepalives from a thread of its
+own (lllms-keepalive). Native compute steps take turns on the cores through _CORES, first come first served.
 
 Locks: ModelServer._files_lock may be held while taking _Pool.cond, and LlamaCppEngine._decoders_lock (held through
 a model's load) while taking _Decoder.cond; every other lock (_Pool.cond otherwise, _StateCache.lock,
@@ -60,6 +60,7 @@ import base64
 import bisect
 import codecs
 import collections
+import concurrent.futures
 import contextlib
 import copy
 import ctypes
@@ -1739,6 +1740,9 @@ class _Turns:
 # Every native compute step (a llama.cpp decode, a gpt4all token) holds this: engines running at once take
 # turns on all the cores instead of oversubscribing them, which slows everything by 10-100x.
 _CORES = _Turns()
+# Embedding and rerank decodes run on one thread: llama.cpp's OpenMP keeps a team of spinning workers for each
+# thread that decodes, and a team per connection thread fought the last one for the cores (rerank ~1.8x slower).
+_EMBED_THREAD = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lllms-embed")
 
 
 def _threads(dev: DeviceConfig) -> int:
@@ -3111,7 +3115,7 @@ class LlamaCppEngine(Engine):
         batch.clear()
         for i, t in enumerate(tokens):
             batch.add(t, i, 0, True)
-        model.decode(ctx, batch.ptr)
+        _EMBED_THREAD.submit(model.decode, ctx, batch.ptr).result()
         ptr = lc.llama_get_embeddings_seq(ctx, 0)
         if not ptr:
             raise EngineError(f"model '{self.model.id}' gave no pooled embedding", code="engine_error")
@@ -3183,7 +3187,7 @@ class LlamaCppEngine(Engine):
                 for pos, t in enumerate(pairs[i]):
                     batch.add(t, pos, i - first, True)
                 i += 1
-            model.decode(ctx, batch.ptr)
+            _EMBED_THREAD.submit(model.decode, ctx, batch.ptr).result()
             for seq in range(i - first):
                 logit = lc.llama_get_embeddings_seq(ctx, seq)[0]
                 scores.append(1 / (1 + math.exp(-logit)) if -500 < logit < 500 else float(logit > 0))
