@@ -7568,7 +7568,7 @@ def test_structured_output_comes_after_the_thinking(thinking_client: openai.Open
 
 DOCS = ["a cat is an animal", "dogs bark at night", "the sky is blue", "what is a cat", "cats and dogs"]
 STRICT = "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
-STRICT += "{{ m.content }}{% endfor %}"
+STRICT += "{{ m.content }}{% endfor %}{% if enable_thinking is defined %}[thinking: {{ enable_thinking }}]{% endif %}"
 
 
 @pytest.fixture(scope="module")
@@ -7704,6 +7704,9 @@ def test_apply_template_gives_the_prompt_a_chat_evaluates(utility_server: lllms.
     assert status == 400 and body["error"]["param"] == "messages" and "no system role" in body["error"]["message"]
     status, body, _ = http_request(utility_server, "POST", "/apply-template", {"model": "smol", "messages": "hi"})
     assert status == 400 and body["error"]["param"] == "messages"
+    switched = {"model": "strict", "messages": chat["messages"][1:], "chat_template_kwargs": {"enable_thinking": False}}
+    prompt = http_request(utility_server, "POST", "/apply-template", switched).body["prompt"]
+    assert prompt == "Name a colour.[thinking: False]"  # the reasoning switches reach the template
 
 
 def test_utility_routes_take_the_only_model_keys_and_options(tiny_reranker: str) -> None:
