@@ -235,6 +235,7 @@ class PreloadConfig:
 
 # The share of a reply's max_tokens each reasoning effort may think for, unless a model's effort_budgets says.
 _EFFORT_BUDGETS = {"minimal": 1 / 16, "low": 1 / 4, "medium": 1 / 2, "high": 3 / 4}
+_MODEL_ID = re.compile(r"[A-Za-z0-9_.:-]+(/[A-Za-z0-9_.:-]+)*")  # a model's id: hf.co/ names keep their slashes
 
 
 @dataclass
@@ -367,7 +368,7 @@ class ServerConfig:
             if not re.fullmatch(r"[\x21-\x7e]+", key):
                 raise ConfigError(f"api_keys[{i}]: must be non-empty printable ASCII without spaces")
         for model_id, model in self.models.items():
-            if not re.fullmatch(r"[A-Za-z0-9_.:-]+(/[A-Za-z0-9_.:-]+)*", model_id):
+            if not _MODEL_ID.fullmatch(model_id):
                 raise ConfigError(f"models.{model_id}: model ids must match [A-Za-z0-9_.:/-]+, slashes inside")
             model.id = model_id
 
@@ -3175,8 +3176,7 @@ class LlamaCppEngine(Engine):
         return head + end * (head[-1:] != end), end
 
     def _scores(self, pairs: list[list[int]]) -> list[float]:
-        """Each pair's relevance: pairs share a decode as sequences of their own (none attends to another), up
-        to a context's worth of tokens; a sigmoid makes the head's logit a score from 0 to 1."""
+        """Each pair's relevance, the sigmoid of the head's logit: pairs share decodes, each its own sequence."""
         lc, (model, ctx, batch, n_ctx) = _llama_cpp(), typing.cast(tuple, self._embedder)
         scores: list[float] = []
         while len(scores) < len(pairs):
@@ -3625,13 +3625,13 @@ class Gpt4AllEngine(Engine):
         _check_ids(tokens, len(vocab), "'tokens'", "tokens")
         out = []
         for t in tokens:
-            text, special = vocab[t], types[t] in (3, 4) if t < len(types) else False
-            if kind == "gpt2" and not special:
+            text, ttype = vocab[t], types[t] if t < len(types) else 1  # 3, 4: control, user-defined; 6: a byte
+            if kind == "gpt2" and ttype not in (3, 4):
                 out.append(bytes(_GPT2_BYTES.get(c, 32) for c in text))
-            elif kind == "llama" and t < len(types) and types[t] == 6:
+            elif kind == "llama" and ttype == 6:
                 out.append(bytes([int(text[3:-1], 16)]))
             else:
-                out.append((text if special else text.replace("\u2581", " ")).encode())
+                out.append((text if ttype in (3, 4) else text.replace("\u2581", " ")).encode())
         return out
 
     def preload(self, messages: list[dict[str, Any]] | None, prefix: str | None) -> None:
@@ -4733,6 +4733,10 @@ def _bool_field(body: dict[str, Any], key: str, default: bool = False) -> bool:
     return default if value is None else value
 
 
+def _truncate_field(body: dict[str, Any]) -> str | None:  # Ollama's and TEI's `truncate`, as long_inputs
+    return None if body.get("truncate") is None else "truncate" if _bool_field(body, "truncate") else "error"
+
+
 def _only_model(body: dict[str, Any], config: ServerConfig) -> dict[str, Any]:
     """The body, naming the server's one model where it names none (as llama-server's utility routes allow)."""
     return {"model": next(iter(config.models)), **body} if "model" not in body and len(config.models) == 1 else body
@@ -4840,6 +4844,7 @@ _FIELDS = {
     | {"reasoning_effort", "thinking_budget_tokens", "thinking_budget_message", "chat_template_kwargs"},
     "completion": {"user", "logprobs", "best_of", "echo", "suffix", "n", "stream", "stream_options", "timeout"},
     "embedding": {"user", "dimensions", "encoding_format", "timeout"},
+    "rerank": {"top_n", "return_documents", "truncate"},
 }
 
 
@@ -4851,7 +4856,7 @@ def _keywords(kind: str, params: SamplingParams | None, keywords: dict[str, Any]
         body["logprobs"], body["top_logprobs"] = True, body["logprobs"]
     for key, value in keywords.items():
         name = _canonical_key(key)
-        if name not in _FIELDS[kind] and (kind == "embedding" or name not in _SAMPLING_KEYS):
+        if name not in _FIELDS[kind] and (kind in ("embedding", "rerank") or name not in _SAMPLING_KEYS):
             raise InvalidRequest(f"unknown parameter '{key}'", param=key)
         if value is not None:
             body[name] = value
@@ -5008,9 +5013,8 @@ def rerank_request(body: dict[str, Any], config: ServerConfig) -> Request:
             raise InvalidRequest(f"documents[{i}] must be a non-empty string, or {{'text': string}}", param="documents")
     if top_n is not None and (isinstance(top_n, bool) or not isinstance(top_n, int) or top_n < 1):
         raise InvalidRequest("'top_n' must be a positive integer", param="top_n")
-    truncate = None if body.get("truncate") is None else "truncate" if _bool_field(body, "truncate") else "error"
-    kw = {"top_n": top_n, "return_documents": _bool_field(body, "return_documents", True), "long_inputs": truncate}
-    return Request("rerank", model, prompts=texts, query=query, **kw).check()
+    kw = {"top_n": top_n, "return_documents": _bool_field(body, "return_documents", True)}
+    return Request("rerank", model, prompts=texts, query=query, long_inputs=_truncate_field(body), **kw).check()
 
 
 def rerank_response(r: Ranking, req: Request) -> dict[str, Any]:
@@ -6115,11 +6119,10 @@ def ollama_embed_request(body: dict[str, Any], config: ServerConfig) -> Request:
     """/api/embed (`input`: a string or a list) and the older /api/embeddings (`prompt`)."""
     model = _ollama_model(body, config, "embedding")
     _ollama_options(body, model)
-    truncate = None if body.get("truncate") is None else "truncate" if _bool_field(body, "truncate") else "error"
     inputs = _prompt_list(body["input"] if "input" in body else body.get("prompt"), "input")
     dims = _int_param(body["dimensions"], "dimensions", 1, 2**31) if "dimensions" in body else None
-    keep = _keep_alive(body.get("keep_alive"))
-    return Request("embedding", model, prompts=inputs, dimensions=dims, keep_alive=keep, long_inputs=truncate).check()
+    keep, cut = _keep_alive(body.get("keep_alive")), _truncate_field(body)
+    return Request("embedding", model, prompts=inputs, dimensions=dims, keep_alive=keep, long_inputs=cut).check()
 
 
 def ollama_embed(e: Embeddings, req: Request) -> dict[str, Any]:
@@ -6293,7 +6296,7 @@ def _ollama_ps(ms: ModelServer) -> dict[str, Any]:
 
 def _ollama_name(body: dict[str, Any], key: str = "model") -> str:
     name = body.get(key, body.get("name")) if key == "model" else body.get(key)
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]+(/[A-Za-z0-9_.:-]+)*", name):
+    if not isinstance(name, str) or not _MODEL_ID.fullmatch(name):
         raise InvalidRequest(f"'{key}' must be a model name: letters, digits, '_.:-' and inner slashes", param=key)
     return name
 
@@ -7134,10 +7137,9 @@ class ModelServer:
         return typing.cast(Embeddings, self.submit(req, cancel))
 
     def rerank(self, model: str, query: str, documents: list[Any], *, cancel: Any = None, **body: Any) -> Ranking:
-        """Score each document (a string, or {"text": ...}) against the query; `top_n`, `return_documents` and
-        `long_inputs` as in the HTTP API. The scores are in the documents' order."""
-        req = rerank_request({"model": model, "query": query, "documents": documents, **body}, self.config)
-        return typing.cast(Ranking, self.submit(req, cancel))
+        """Each document's (a string, or {"text": ...}) score against the query, in order; keywords as over HTTP."""
+        body = {"model": model, "query": query, "documents": documents, **_keywords("rerank", None, body)}
+        return typing.cast(Ranking, self.submit(rerank_request(body, self.config), cancel))
 
     def _embed(self, req: Request, cancel: Any) -> Embeddings | Ranking:
         def work(engine: Engine) -> Any:
@@ -7148,11 +7150,9 @@ class ModelServer:
         out = self.use(req.model.id, work, cancel, req.timeout, req.keep_alive)
         usage = Usage(prompt_tokens=out[1])
         self.meter.count_usage(req.model.id, usage)
-        return (
-            Ranking(req.model.id, out[0], usage, out[2])
-            if req.kind == "rerank"
-            else Embeddings(req.model.id, out[0], usage)
-        )
+        if req.kind == "rerank":
+            return Ranking(req.model.id, out[0], usage, out[2])
+        return Embeddings(req.model.id, out[0], usage)
 
     def use(
         self,

@@ -7611,6 +7611,8 @@ def test_rerank_scores_each_document_alone_best_first(utility_server: lllms.HTTP
     assert [r["index"] for r in top] == [r["index"] for r in results[:2]] and "document" not in top[0]
     ranking = utility_server.model_server.rerank("rr", "what is a cat", DOCS)
     assert ranking.scores == pytest.approx([score[d] for d in DOCS], rel=1e-5, abs=1e-6)
+    with pytest.raises(lllms.APIError, match="unknown parameter 'temperature'"):  # embedded callers' keywords
+        utility_server.model_server.rerank("rr", "what is a cat", DOCS, temperature=0)
 
 
 def test_rerank_bad_input_is_a_400_naming_the_field(utility_server: lllms.HTTPServer, tiny_reranker: str) -> None:
