@@ -274,6 +274,9 @@ class ModelConfig:
     # Built-in tools (web_search, file_search, ...) a request offers: left out of the prompt and named in a header,
     # or refused with a 400; None: the server's hosted_tools.
     hosted_tools: Literal["leave_out", "refuse"] | None = None
+    mmproj: str | None = None  # llama-cpp: a vision projector's GGUF (a path, URL or hf.co/ name); images need one
+    max_images: int = _bound(8, 1)  # images in one request; beyond it, 400
+    mmproj_file: str | None = field(default=None, metadata={"internal": True})  # where it is, once in place
     id: str = field(default="", metadata={"internal": True})
     defaults: SamplingParams = field(default=None, metadata={"internal": True})  # type: ignore[assignment]
 
@@ -316,6 +319,8 @@ class ModelConfig:
             raise ConfigError(f"{path}.preload: only text-completion models can preload context")
         if self.task == "rerank" and self.engine != "llama-cpp":
             raise ConfigError(f"{path}.task: the {self.engine} engine cannot rerank; use llama-cpp")
+        if self.mmproj is not None and (self.engine != "llama-cpp" or self.task != "text-completion"):
+            raise ConfigError(f"{path}.mmproj: only llama-cpp text-completion models read images")
         for name, grammar in self.grammars.items():
             if not name or (isinstance(grammar, str) and not grammar.strip()):
                 raise ConfigError(f"{path}.grammars.{name}: needs a name and a non-empty grammar")
@@ -361,6 +366,11 @@ class ServerConfig:
     manage_models: Literal["loopback", "keyed", "off"] = "loopback"
     pull_private_urls: bool = False  # whether pulls may fetch from loopback and private addresses
     max_rerank_documents: int = _bound(1000, 1)  # documents in one rerank request; beyond it, 400
+    # Images: http(s) image URLs are fetched from public addresses only ("public"), from any ("any"), or refused.
+    image_urls: Literal["off", "public", "any"] = "off"
+    image_url_timeout: float = _bound(10.0, above=True)  # seconds to fetch an image URL; then 400
+    max_image_bytes: int = _bound(20 * 1024 * 1024, 1024)  # an image's encoded size; beyond it, 400
+    max_image_pixels: int = _bound(4096 * 4096, 1)  # an image's width times height; beyond it, 400
 
     def _check(self, path: str) -> None:
         for i, key in enumerate(self.api_keys):
@@ -1131,6 +1141,8 @@ def _hf_resolve(repo: str, tag: str, token: str | None) -> list[dict[str, Any]]:
         parts = [chosen[: m.start()] + f"-{i:05d}-of-{m.group(2)}.gguf" for i in range(1, int(m.group(2)) + 1)]
         if missing := [p for p in parts if p not in lfs]:
             raise DownloadError(f"the Hugging Face repo {repo} lacks {missing[0]}", permanent=True)
+    mmproj = manifest.get("mmprojFile", {}).get("rfilename") if isinstance(manifest, dict) else None
+    parts += [mmproj] if mmproj in lfs else []  # the vision projector the manifest names, last
     return [{"path": p, "sha256": lfs[p].get("oid") or lfs[p].get("sha256"), "size": lfs[p].get("size")} for p in parts]
 
 
@@ -1155,15 +1167,15 @@ def _hf_files(name: str, models_dir: str, token: str | None = None, network: boo
     return [(base + quote(f["path"]), url_path(canonical + quote(f["path"]), models_dir), f["sha256"]) for f in files]
 
 
-def _public_host(host: str) -> None:
-    """A 403 unless every address of host is a public one."""
+def _public_host(host: str, param: str = "model", setting: str = "pull_private_urls", status: int = 403) -> None:
+    """A 403 (or `status`) unless every address of host is a public one."""
     try:
         addresses = {ipaddress.ip_address(a[4][0].split("%")[0]) for a in socket.getaddrinfo(host, 443)}
     except (OSError, ValueError) as exc:
-        raise InvalidRequest(f"cannot resolve {host}: {exc}", param="model") from None
+        raise InvalidRequest(f"cannot resolve {host}: {exc}", param=param) from None
     if not all(a.is_global for a in addresses):
-        why = f"{host} is a loopback or private address; pull_private_urls allows it"
-        raise InvalidRequest(why, param="model", code="forbidden", status=403)
+        why = f"{host} is a loopback or private address; {setting} allows it"
+        raise InvalidRequest(why, param=param, code="forbidden", status=status)
 
 
 def _model_files(model: ModelConfig, models_dir: str, network: bool = False) -> list[tuple[str, str, str | None]]:
@@ -1173,6 +1185,24 @@ def _model_files(model: ModelConfig, models_dir: str, network: bool = False) -> 
     if _HF_NAME.fullmatch(url):
         return _hf_files(url, os.path.expanduser(models_dir), model.token, network)  # type: ignore[return-value]
     return [(_normalize_url(url), url_path(_normalize_url(url), os.path.expanduser(models_dir)), model.sha256)]
+
+
+def _mmproj_source(model: ModelConfig, models_dir: str, network: bool = False) -> tuple[str | None, str] | None:
+    """(url, path) of a model's mmproj: its own, a path (url None), URL or hf.co/ name; else the one its hf.co/
+    name brings, if any."""
+    name, models_dir = model.mmproj or model.url, os.path.expanduser(models_dir)
+    if name is not None and _HF_NAME.fullmatch(name):
+        files = _hf_files(name, models_dir, model.token, network)
+        found = [(url, path) for url, path, _ in files[1:] if "mmproj" in os.path.basename(path).lower()]
+        if not found and model.mmproj and files:
+            raise DownloadError(f"the Hugging Face repo of {name} names no mmproj in its manifest", permanent=True)
+        return found[0] if found else None
+    if model.mmproj is None:
+        return None
+    if re.match(r"https?://", name, re.IGNORECASE):
+        return _normalize_url(name), url_path(_normalize_url(name), models_dir)
+    path = os.path.expanduser(name)
+    return None, path if os.path.isabs(path) else os.path.join(models_dir, path)
 
 
 def _model_path(model: ModelConfig, models_dir: str) -> str:
@@ -1372,6 +1402,7 @@ class Engine:
 
     grammars = False  # can constrain output by grammar: tools, response_format, grammar
     logprobs = False  # can report token logprobs: logprobs, best_of
+    vision = False  # can read images, given a model's mmproj
 
     def __init__(self, model: ModelConfig, path: str, state_cache: _StateCache | None = None) -> None:
         self.model, self.path = model, path
@@ -1419,6 +1450,16 @@ class Engine:
         }
         for name in (name for name, refused in unable.items() if refused):
             raise InvalidRequest(f"'{name}' is not supported by the {req.model.engine} engine", param=name)
+        if images := [image for m in req.messages for image in m.get("images", ())]:
+            m, where = req.model, images[0].where
+            if not cls.vision:
+                raise InvalidRequest(f"'{where}': the {m.engine} engine cannot read images", param=where)
+            if m.mmproj is None:
+                why = f"model '{m.id}' reads text only: it has no mmproj (a vision projector) in its config"
+                raise InvalidRequest(f"'{where}': {why}", param=where, code="images_not_supported")
+            if len(images) > m.max_images:
+                why = f"{len(images)} images; model '{m.id}' takes up to {m.max_images} (max_images)"
+                raise InvalidRequest(why, param=images[m.max_images].where, code="too_many_images")
 
     def embed(
         self, texts: list[str] | list[list[int]], dimensions: int | None = None, long_inputs: str | None = None
@@ -1801,6 +1842,13 @@ class _LlamaShim:
     def format_literal(converter: Any, text: str) -> str:
         return converter._format_literal(text)
 
+    @staticmethod
+    def route_mtmd_log(mt: Any) -> None:
+        """libmtmd's log goes where the binding sends llama.cpp's (its logger), not to stderr."""
+        from llama_cpp import _logger
+
+        mt.mtmd_helper_log_set(_logger.llama_log_callback, ctypes.c_void_p(0))
+
 
 @functools.cache
 def _llama_cpp() -> Any:
@@ -1838,6 +1886,7 @@ class _LlamaModel:
         self.bos, self.eos, self.sep = lc.llama_vocab_bos(vocab), lc.llama_vocab_eos(vocab), lc.llama_vocab_sep(vocab)
         self.adds_bos = bool(lc.llama_vocab_get_add_bos(vocab)) and self.bos >= 0
         self.n_ctx_train, self.threads = lc.llama_model_n_ctx_train(self.ptr), _threads(dev)
+        self.gpu = params.n_gpu_layers != 0
 
     def meta(self, key: str) -> str | None:
         size = 1024
@@ -1850,8 +1899,7 @@ class _LlamaModel:
 
     def tokenize(self, text: str, special: bool = True, add_bos: bool | None = None) -> list[int]:
         """Text to tokens; by default a BOS where the model adds one, unless the text (a template) writes it."""
-        if add_bos is None:
-            add_bos = self.adds_bos and not text.startswith(self.text([self.bos]))
+        add_bos = self.needs_bos(text) if add_bos is None else add_bos
         raw = text.encode("utf-8")
         size = len(raw) + 2
         while True:
@@ -1860,6 +1908,9 @@ class _LlamaModel:
             if n >= 0:
                 return buf[:n]
             size = -n
+
+    def needs_bos(self, text: str) -> bool:
+        return self.adds_bos and not text.startswith(self.text([self.bos]))
 
     def piece(self, token: int, special: bool = False) -> bytes:
         size = 64
@@ -1871,7 +1922,7 @@ class _LlamaModel:
             size = -n
 
     def text(self, tokens: Sequence[int], special: bool = True) -> str:
-        return b"".join(self.piece(t, special) for t in tokens).decode("utf-8", errors="replace")
+        return b"".join(self.piece(t, special) for t in tokens if t >= 0).decode("utf-8", errors="replace")  # no images
 
     def context(
         self, n_ctx: int, n_batch: int, n_seq: int = 1, pooling: int | None = None, unified: bool = False
@@ -1922,6 +1973,103 @@ class _Batch:
 
     def free(self) -> None:
         self.lc.llama_batch_free(self.ptr)
+
+
+class _Vision:
+    """A model's multimodal projector, through libmtmd (llama_cpp.mtmd_cpp): images to chunks of a prompt, each
+    image's chunk to embeddings on the encode thread. An image's positions get ids of their own, negative, from a hash
+    of its pixels: the context cache then tells one image from another, as it tells tokens apart."""
+
+    def __init__(self, model: _LlamaModel, path: str) -> None:
+        import llama_cpp.mtmd_cpp as mt
+
+        _LlamaShim.route_mtmd_log(mt)
+        p = mt.mtmd_context_params_default()
+        # Half the cores: an image encodes beside the running streams' decodes instead of stalling them.
+        p.use_gpu, p.n_threads, p.print_timings, p.warmup = model.gpu, max(1, model.threads // 2), False, False
+        p.media_marker = self.marker = _IMAGE_MARKER.encode()
+        self.mt, self.ptr, self.n_embd = mt, mt.mtmd_init_from_file(path.encode(), model.ptr, p), model.n_embd
+        if not self.ptr or mt.mtmd_decode_use_mrope(self.ptr) or not mt.mtmd_support_vision(self.ptr):
+            self.ptr = self.ptr and mt.mtmd_free(self.ptr)
+            why = f"model '{model.id}': mmproj {path} is not a vision projector for this model that lllms can place"
+            raise Unavailable(why + " (M-RoPE models are not supported yet)", code="model_load_failed")
+
+    def tokenize(self, text: str, images: list[_Image], add_bos: bool) -> tuple[list[int], dict[int, Any], Any]:
+        """A prompt's tokens, an image's positions as its ids; each image chunk by its first position; and the
+        chunks, which the caller frees (free) once done with them."""
+        mt, bitmaps, digests = self.mt, [], collections.Counter[bytes]()
+        if text.count(_IMAGE_MARKER) != len(images):
+            why = f"the text holds {text.count(_IMAGE_MARKER)} image markers ({_IMAGE_MARKER}) for {len(images)} images"
+            raise InvalidRequest(why, param=images[0].where if images else "messages")
+        chunks, raw = mt.mtmd_input_chunks_init(), text.encode()
+        try:
+            for image in images:
+                buf = (ctypes.c_uint8 * len(image.data)).from_buffer_copy(image.data)
+                bitmaps.append(mt.mtmd_helper_bitmap_init_from_buf(self.ptr, buf, len(image.data), False))
+                if not bitmaps[-1]:
+                    raise InvalidRequest(f"'{image.where}': the image is corrupt or truncated", param=image.where)
+                pixels = ctypes.string_at(mt.mtmd_bitmap_get_data(bitmaps[-1]), mt.mtmd_bitmap_get_n_bytes(bitmaps[-1]))
+                mt.mtmd_bitmap_set_id(bitmaps[-1], hashlib.sha256(pixels).hexdigest().encode())
+            inp = mt.mtmd_input_text(raw, len(raw), add_bos, True)
+            arr = (mt.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
+            if mt.mtmd_tokenize(self.ptr, chunks, ctypes.byref(inp), arr, len(bitmaps)) != 0:
+                raise InvalidRequest("libmtmd could not place the images in the prompt", param=images[0].where)
+        except BaseException:
+            self.free(chunks)
+            raise
+        finally:
+            for bitmap in bitmaps:
+                mt.mtmd_bitmap_free(bitmap) if bitmap else None
+        tokens: list[int] = []
+        media: dict[int, tuple[Any, int]] = {}
+        for i in range(mt.mtmd_input_chunks_size(chunks)):
+            chunk, n = mt.mtmd_input_chunks_get(chunks, i), ctypes.c_size_t()
+            if mt.mtmd_input_chunk_get_type(chunk) == mt.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                ids = mt.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
+                tokens += ids[: n.value]
+                continue
+            digests[key := mt.mtmd_input_chunk_get_id(chunk)] += 1  # an image's slices differ by their count
+            base = int.from_bytes(hashlib.sha256(key + b"%d" % digests[key]).digest()[:5], "big") << 20
+            media[len(tokens)] = (chunk, mt.mtmd_input_chunk_get_n_tokens(chunk))
+            tokens += [-(base + k + 1) for k in range(media[len(tokens)][1])]
+        if tokens[-1] < 0:  # llama.cpp gives no logits for an image's positions
+            self.free(chunks)
+            raise InvalidRequest("the prompt ends with an image: it needs text after it", param=images[-1].where)
+        return tokens, media, chunks
+
+    def encode(self, chunk: Any) -> concurrent.futures.Future:
+        """An image chunk's embeddings, computed on the encode thread."""
+
+        def run() -> Any:
+            if self.mt.mtmd_encode_chunk(self.ptr, chunk) != 0:
+                raise EngineError("libmtmd could not encode an image")
+            out = (ctypes.c_float * (self.mt.mtmd_input_chunk_get_n_tokens(chunk) * self.n_embd))()
+            ctypes.memmove(out, self.mt.mtmd_get_output_embd(self.ptr), ctypes.sizeof(out))
+            return out
+
+        return _EMBED_THREAD.submit(run)
+
+    def decode(self, ctx: Any, chunk: Any, embd: Any, pos: int, seq: int, n_batch: int) -> None:
+        """Evaluate an encoded image into a sequence from pos on."""
+        n_past = ctypes.c_int32(pos)
+        with _CORES:
+            rc = self.mt.mtmd_helper_decode_image_chunk(
+                self.ptr,
+                ctx,
+                chunk,
+                embd,
+                pos,
+                seq,
+                n_batch,
+                ctypes.byref(n_past),
+                self.mt.mtmd_helper_post_decode_callback(),
+                None,
+            )
+        if rc != 0:
+            raise EngineError(f"decoding an image failed ({rc}): out of context memory, or a backend error")
+
+    def free(self, chunks: Any) -> None:
+        self.mt.mtmd_input_chunks_free(chunks)
 
 
 class _Sampler:
@@ -2090,6 +2238,7 @@ class _Job:
     # With echo and logprobs: each prompt token's text and bytes.
     pieces: list[tuple[str, bytes]] = dataclasses.field(default_factory=list)
     thoughts: _Thoughts | None = None  # a reasoning model's: splits the reply, and ends its thinking at the budget
+    media: dict[int, tuple[Any, int]] = dataclasses.field(default_factory=dict)  # image chunks (and sizes) by position
 
     def __post_init__(self) -> None:
         self.forced: collections.deque[int] = collections.deque()  # tokens to write next, sampled or not
@@ -2098,6 +2247,7 @@ class _Job:
         self.evaluate = self.max_new > 0 or self.sampler is None or self.echoed is not None
         self.owner: object | None = None  # the instance whose sequence it runs in; None: a further choice
         self.seq: int | None = None  # its sequence, once begun
+        self.encodings: dict[int, concurrent.futures.Future] = {}  # its images' embeddings, by position
         self.parent: _Job | None = None  # a sibling choice whose evaluated prompt this one copies
         self.pos = -1  # prompt tokens in the KV cache; -1 until begun
         self.next: int | None = None  # the token to evaluate next, with logits
@@ -2188,7 +2338,7 @@ class _Decoder:
     sequences in one pass over the weights, so a conversation that starts apart from the running ones is moved
     next to them (_place)."""
 
-    def __init__(self, lc: Any, model: ModelConfig, path: str, state_cache: _StateCache | None) -> None:
+    def __init__(self, lc: Any, model: ModelConfig, path: str, mmproj: str | None, state_cache: Any) -> None:
         self.lc, self.config, self.cache = lc, model, state_cache
         self.model = m = _LlamaModel(lc, model, path)
         self.n_ctx = model.context_size or m.n_ctx_train  # per sequence
@@ -2199,9 +2349,11 @@ class _Decoder:
         self.jobs: list[_Job] = []
         self.calls: list[tuple[Callable[[], Any], queue.SimpleQueue[Any]]] = []
         self.cond = threading.Condition()
-        self.users, self.closing = 0, False
+        self.users, self.closing, self.wakes, self.decodes = 0, False, 0, 0
+        self.seen = -1  # the wakes a step that changed nothing saw: wait for the next (jobs all wait for their images)
         try:
             self.template = _chat_template(model, m.meta("tokenizer.chat_template"), m.text([m.bos]), m.text([m.eos]))
+            self.vision = _Vision(m, mmproj) if mmproj else None
             self.ctx = self._new_context()
         except BaseException:
             self.lc.llama_model_free(m.ptr)
@@ -2244,14 +2396,19 @@ class _Decoder:
     def run(self, jobs: list[_Job]) -> None:
         with self.cond:
             self.jobs.extend(jobs)
+        self.wake()
+
+    def wake(self) -> None:
+        """Something changed that the decode thread waits for: a job, a cancel, an image encoded."""
+        with self.cond:
+            self.wakes += 1
             self.cond.notify_all()
 
     def cancel(self, jobs: list[_Job]) -> None:
         """Stop these jobs and wait until the decode thread has let go of them."""
-        with self.cond:
-            for job in jobs:
-                job.ended = True
-            self.cond.notify_all()
+        for job in jobs:
+            job.ended = True
+        self.wake()
         for job in jobs:
             job.done.wait()
 
@@ -2265,8 +2422,8 @@ class _Decoder:
     def _loop(self) -> None:
         while True:
             with self.cond:
-                self.cond.wait_for(lambda: self.calls or self.jobs or self.closing)
-                calls, self.calls = self.calls, []
+                self.cond.wait_for(lambda: self.calls or self.closing or self.jobs and self.wakes != self.seen)
+                calls, self.calls, wakes = self.calls, [], self.wakes
                 if self.closing and not calls and not self.jobs:
                     break
             for fn, box in calls:
@@ -2275,7 +2432,9 @@ class _Decoder:
                 except BaseException as exc:
                     box.put((False, exc))
             try:
+                before = (len(self.jobs), sum(j.pos < 0 for j in self.jobs), self.decodes)
                 self._step()
+                self.seen = wakes if before == (len(self.jobs), sum(j.pos < 0 for j in self.jobs), self.decodes) else -1
             except BaseException as exc:  # a bug here must not leave consumers waiting for ever
                 log.exception("%s: the decode loop failed", self.config.id)
                 self._fail(EngineError(f"the engine failed: {exc}"))
@@ -2302,8 +2461,12 @@ class _Decoder:
         ]
         big: list[tuple[_Job, list[int], bool]] = []
         for job in (j for j in running if j.next is None and not j.ended):
+            if job.pos in job.media:
+                self._image(job)
+                continue
             last = len(job.prompt) - 1  # a short rest goes with the prompt's last token; a long one stops before it
             end = last + 1 if last + 1 - job.pos < _BIG_BATCH else min(job.pos + self.chunk, last)
+            end = min([end, *(p for p in job.media if p > job.pos)])  # text stops where an image starts
             tokens = job.prompt[job.pos : end]
             part = (job, tokens, job.echoed is not None)
             if len(tokens) >= _BIG_BATCH:
@@ -2328,20 +2491,48 @@ class _Decoder:
                 want = logits or pos >= len(job.prompt) - 1  # a prompt's last token, and every one after, sample
                 i = batch.add(token, pos, typing.cast(int, job.seq), want)
                 rows.extend([(job, i, pos)] if want else [])
-        try:
-            self.model.decode(self.ctx, batch.ptr)
-        except EngineError as exc:
-            log.error("%s: %s; rebuilding its context", self.config.id, exc.message)
-            return self._fail(exc)
+        if not self._decoded(lambda: self.model.decode(self.ctx, batch.ptr)):
+            return
         self._rows([r for r in rows if r[2] < len(r[0].prompt) - 1])  # echoed prompt tokens' logprobs first
         for job, tokens, _ in parts:
-            self.held[typing.cast(int, job.seq)].extend(tokens)
-            start, job.pos = job.pos, job.pos + len(tokens)
-            if job.pos == len(job.prompt) - 1:  # all but the last token, which goes with the next step's
-                job.next = job.prompt[-1]
-            elif start < len(job.prompt) <= job.pos:
-                job.prompt_done()
+            self._advance(job, tokens)
         self._rows([r for r in rows if r[2] >= len(r[0].prompt) - 1])
+
+    def _decoded(self, decode: Callable[[], None]) -> bool:
+        """Run a decode; False if it failed, which leaves the context in an unknown state: it is rebuilt."""
+        self.decodes += 1
+        try:
+            decode()
+            return True
+        except EngineError as exc:
+            log.error("%s: %s; rebuilding its context", self.config.id, exc.message)
+            self._fail(exc)
+            return False
+
+    def _advance(self, job: _Job, tokens: list[int]) -> None:
+        """A job's sequence now holds these prompt tokens too."""
+        self.held[typing.cast(int, job.seq)].extend(tokens)
+        start, job.pos = job.pos, job.pos + len(tokens)
+        if job.pos == len(job.prompt) - 1:  # all but the last token, which goes with the next step's
+            job.next = job.prompt[-1]
+        elif start < len(job.prompt) <= job.pos:
+            job.prompt_done()
+
+    def _image(self, job: _Job) -> None:
+        """An image's turn in a job's prompt: encoded on the encode thread while the other sequences step on, then
+        evaluated into the job's sequence in a decode of its own."""
+        (chunk, n), vision = job.media[job.pos], typing.cast(_Vision, self.vision)
+        if (encoding := job.encodings.get(job.pos)) is None:
+            encoding = job.encodings[job.pos] = vision.encode(chunk)
+            encoding.add_done_callback(lambda _: self.wake())
+        if not encoding.done():
+            return
+        if (error := encoding.exception()) is not None:
+            self.decodes += 1
+            return job.release(error)
+        n_batch, seq = self.chunk + self.n_seq, typing.cast(int, job.seq)
+        if self._decoded(lambda: vision.decode(self.ctx, chunk, encoding.result(), job.pos, seq, n_batch)):
+            self._advance(job, job.prompt[job.pos : job.pos + n])
 
     def _rows(self, rows: list[tuple[_Job, int, int]]) -> None:
         """Each job takes its logits rows: a prompt token's logprob, or the next token."""
@@ -2897,7 +3088,7 @@ class LlamaCppEngine(Engine):
     """llama-cpp-python's public C API. The instances of a model are sequences of one context, stepped together
     by its decode thread (_Decoder); embeddings get a context of their own, made on demand."""
 
-    grammars = logprobs = True
+    grammars = logprobs = vision = True
     _RERANK_SEQS = 16  # query-document pairs scored in one decode, as sequences of their own
     _decoders: dict[tuple[int, str], _Decoder] = {}  # per model config and file, shared by its instances
     _decoders_lock = threading.Lock()
@@ -2916,7 +3107,8 @@ class LlamaCppEngine(Engine):
         with self._decoders_lock:
             shared = self._decoders.get(key)
             if shared is None:
-                shared = self._decoders[key] = _Decoder(lc, self.model, self.path, self.state_cache)
+                mmproj = self.model.mmproj_file
+                shared = self._decoders[key] = _Decoder(lc, self.model, self.path, mmproj, self.state_cache)
             shared.users += 1
         shared.take_seq(self)
         self.shared = shared
@@ -2961,11 +3153,17 @@ class LlamaCppEngine(Engine):
             if isinstance(item := out.get(), BaseException):
                 raise item
 
-    def _prompt(self, req: Request, group: int) -> tuple[list[int], str | None, str]:
-        """A choice group's prompt tokens, its text when the request gave text, and the chat template's text."""
+    def _prompt(self, req: Request, group: int, chunks: list[Any]) -> tuple[list[int], str | None, str, dict]:
+        """A choice group's prompt tokens, its text when the request gave text, the chat template's text, and its
+        images' chunks by position (whose owner goes in `chunks`, to be freed)."""
         if req.kind == "chat":
-            rendered = self.prompt(req)
-            return self._text_model().model.tokenize(rendered), None, rendered
+            rendered, shared = self.prompt(req), self._text_model()
+            if not (images := [image for m in req.messages for image in m.get("images", ())]):
+                return shared.model.tokenize(rendered), None, rendered, {}
+            vision = typing.cast(_Vision, shared.vision)
+            tokens, media, owner = vision.tokenize(rendered, images, shared.model.needs_bos(rendered))
+            chunks.append(owner)
+            return tokens, None, rendered, media
         prompt, model = req.prompts[group], self._text_model().model
         if isinstance(prompt, str):
             tokens = model.tokenize(prompt)
@@ -2978,7 +3176,7 @@ class LlamaCppEngine(Engine):
             if model.bos < 0:
                 raise InvalidRequest("the prompt is empty", param="prompt", code="empty_prompt")
             tokens = [model.bos]
-        return tokens, prompt if isinstance(prompt, str) else None, ""
+        return tokens, prompt if isinstance(prompt, str) else None, "", {}
 
     def _infill(self, prefix: list[int], suffix: str) -> list[int]:
         """Fill-in-the-middle: the model's FIM tokens around prefix and suffix (as llama.cpp's server does)."""
@@ -3045,10 +3243,11 @@ class LlamaCppEngine(Engine):
         shared, lc, grammar = self._text_model(), _llama_cpp(), self.grammar(req)
         out: queue.SimpleQueue[Chunk | BaseException] = queue.SimpleQueue()
         jobs: list[_Job] = []
+        chunks: list[Any] = []  # the images' chunks, freed once the jobs are done with them
         groups = req.choice_count // req.best_of  # one per prompt
         try:
             for g in range(groups):
-                tokens, text, rendered = self._prompt(req, g)
+                tokens, text, rendered, media = self._prompt(req, g, chunks)
                 if len(tokens) >= shared.n_ctx:  # worded as Anthropic's, coded as OpenAI's: agents compact on either
                     why = f"prompt is too long: {len(tokens)} tokens > {shared.n_ctx - 1} maximum (the context of model"
                     why += f" '{self.model.id}' is {shared.n_ctx} tokens)"
@@ -3066,6 +3265,7 @@ class LlamaCppEngine(Engine):
                     sampler = _Sampler(lc, shared.model, p, last_n)  # raises on a bad grammar or bias
                     logged = pieces if p.logprobs is not None else []
                     extra = {"should_stop": should_stop, "echo": echo, "pieces": logged, "thoughts": thoughts}
+                    extra["media"] = media
                     group.append(_Job(shared.model, i, tokens, p, out, max_new=max_new, sampler=sampler, **extra))
                     jobs.append(group[-1])
                 leader = group[-1] if g == groups - 1 else group[0]
@@ -3075,12 +3275,20 @@ class LlamaCppEngine(Engine):
         except BaseException:
             for job in jobs:
                 job.release()
+            self._free(shared, jobs, chunks)
             raise
         shared.run(jobs)
-        return self._stream(shared, jobs, out)
+        return self._stream(shared, jobs, out, chunks)
 
     @staticmethod
-    def _stream(shared: _Decoder, jobs: list[_Job], out: queue.SimpleQueue) -> Iterator[Chunk]:
+    def _free(shared: _Decoder, jobs: list[_Job], chunks: list[Any]) -> None:
+        """Free a request's image chunks once no encode is using them."""
+        concurrent.futures.wait([f for job in jobs for f in job.encodings.values()])
+        for owner in chunks:
+            typing.cast(_Vision, shared.vision).free(owner)
+
+    @classmethod
+    def _stream(cls, shared: _Decoder, jobs: list[_Job], out: queue.SimpleQueue, chunks: list) -> Iterator[Chunk]:
         left = len(jobs)
         try:
             while left:
@@ -3091,6 +3299,7 @@ class LlamaCppEngine(Engine):
                 yield item
         finally:
             shared.cancel(jobs)
+            cls._free(shared, jobs, chunks)
 
     # -- embeddings
 
@@ -4543,10 +4752,108 @@ def _string(value: Any, where: str) -> str:
 
 
 _TEXT_PARTS = ("text", "input_text", "output_text", "refusal")  # the content parts that carry text, in any dialect
+_IMAGE_PARTS = ("image_url", "input_image", "image")  # OpenAI's, Responses' and Anthropic's image parts
+_IMAGE_MARKER = "<__media__>"  # where an image goes in a prompt's text: libmtmd's default marker
+
+
+@dataclass
+class _Image:
+    """An image in a message: its bytes, or an http(s) URL that ModelServer fetches where the config allows."""
+
+    where: str  # the part that gave it, which a 400 names
+    data: bytes = b""
+    url: str | None = None
+
+
+def _image(where: str, url: Any = None, data: Any = None) -> _Image:
+    """An image from a data: or http(s) URL, or from base64 data; a 400 naming the part otherwise."""
+    if isinstance(url, str) and re.match(r"https?://", url, re.IGNORECASE):
+        return _Image(where, url=url)
+    if url is not None:
+        head, _, data = url.partition(",") if isinstance(url, str) else ("", "", None)
+        if not re.fullmatch(r"data:[\w.+-]+/[\w.+-]+;base64", head):
+            why = "an image comes as a base64 data: URL or an http(s) URL"
+            raise InvalidRequest(f"'{where}': {why}, not {str(url)[:40]!r}", param=where)
+    try:
+        return _Image(where, base64.b64decode(typing.cast(str, data), validate=True))
+    except (TypeError, ValueError):
+        raise InvalidRequest(f"'{where}': the image data is not base64", param=where) from None
+
+
+def _part_image(part: dict[str, Any], where: str) -> _Image:
+    """An image part in any dialect: OpenAI's image_url, Responses' input_image, Anthropic's image block."""
+    if part["type"] == "image":
+        source = _object(part.get("source"), f"{where}.source")
+        return (
+            _image(where, source.get("url")) if source.get("type") == "url" else _image(where, None, source.get("data"))
+        )
+    url = part.get("image_url")
+    return _image(where, url.get("url") if isinstance(url, dict) else url)
+
+
+def _image_size(data: bytes) -> tuple[int, int] | None:
+    """A PNG's, JPEG's, GIF's or BMP's width and height, read from its header before it is decoded; None: none of
+    these (what libmtmd decodes, less the rare formats)."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
+        return struct.unpack(">II", data[16:24])
+    if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
+        return struct.unpack("<HH", data[6:10])
+    if data[:2] == b"BM" and len(data) >= 26:
+        return abs(int.from_bytes(data[18:22], "little", signed=True)), abs(
+            int.from_bytes(data[22:26], "little", signed=True)
+        )
+    i = 2 if data[:2] == b"\xff\xd8" else len(data)  # a JPEG: its segments up to the frame header
+    while i + 9 <= len(data) and data[i] == 0xFF:
+        if 0xC0 <= data[i + 1] <= 0xCF and data[i + 1] not in (0xC4, 0xC8, 0xCC):
+            return struct.unpack(">HH", data[i + 7 : i + 9] + data[i + 5 : i + 7])
+        i += 2 + int.from_bytes(data[i + 2 : i + 4], "big")
+    return None
+
+
+def _load_image(image: _Image, config: ServerConfig) -> None:
+    """Fetch an image's URL where image_urls allows it; a 400 for an image too large, in bytes or in pixels."""
+    where = image.where
+    if image.url is not None and not image.data:
+        if config.image_urls == "off":
+            raise InvalidRequest(f"'{where}': image URLs are off here (image_urls); send a data: URL", param=where)
+        image.data = _fetch_image(image.url, where, config)
+    if len(image.data) > config.max_image_bytes:
+        raise InvalidRequest(f"'{where}': the image is over max_image_bytes ({config.max_image_bytes})", param=where)
+    if (size := _image_size(image.data)) is None:
+        raise InvalidRequest(f"'{where}': not a PNG, JPEG, GIF or BMP image", param=where)
+    if not 0 < size[0] * size[1] <= config.max_image_pixels:
+        why = f"the image is {size[0]}x{size[1]} pixels; the limit is max_image_pixels ({config.max_image_pixels})"
+        raise InvalidRequest(f"'{where}': {why}", param=where)
+
+
+def _fetch_image(url: str, where: str, config: ServerConfig) -> bytes:
+    """An image URL's bytes, up to max_image_bytes and one more; http(s) only, at every redirect, and from public
+    addresses only unless image_urls is "any"."""
+
+    def check(target: str) -> None:
+        parts = urlsplit(target)
+        if parts.scheme.lower() not in ("http", "https"):
+            raise InvalidRequest(f"'{where}': images are fetched over http(s) only, not {target[:40]!r}", param=where)
+        if config.image_urls == "public":
+            _public_host(parts.hostname or "", where, 'image_urls "any"', 400)
+
+    class Redirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+            check(newurl)
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+    check(url)
+    request = urllib.request.Request(url, headers={"User-Agent": f"lllms/{__version__}"})
+    try:
+        with urllib.request.build_opener(Redirects).open(request, timeout=config.image_url_timeout) as response:
+            return response.read(config.max_image_bytes + 1)
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        raise InvalidRequest(f"'{where}': cannot fetch {url}: {exc}", param=where) from None
 
 
 def _part_text(part: dict[str, Any]) -> Any:
-    return part.get("refusal") if part["type"] == "refusal" else part.get("text")
+    kind = part["type"]
+    return part.get("refusal") if kind == "refusal" else _IMAGE_MARKER if kind in _IMAGE_PARTS else part.get("text")
 
 
 def _content_parts(content: Any, where: str, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -4559,18 +4866,25 @@ def _content_parts(content: Any, where: str, kinds: tuple[str, ...]) -> list[dic
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind not in kinds:
-            what = "the model reads text only (no images, audio or documents)" if kind else "not a content part"
+            what = (
+                "not a content part" if not kind else "an image goes in user content" if kind in _IMAGE_PARTS else None
+            )
+            what = what or "lllms reads text and images only (no audio or documents)"
             raise InvalidRequest(f"'{where}[{j}]' ({kind}): {what}; expected {', '.join(kinds)}", param=where)
         if kind in _TEXT_PARTS and not isinstance(_part_text(part), str):
             raise InvalidRequest(f"'{where}[{j}]': its text must be a string", param=where)
     return content
 
 
-def _content_text(content: Any, where: str, kinds: tuple[str, ...] = ("text",)) -> str:
-    """The text of content whose parts are of these kinds."""
+def _content_text(content: Any, where: str, kinds: tuple[str, ...] = ("text",), images: list | None = None) -> str:
+    """The text of content whose parts are of these kinds; an image part is a marker there, its image added to
+    `images`."""
     if isinstance(content, str):
         return content
-    return "".join(_part_text(p) for p in _content_parts(content, where, kinds) if p["type"] in _TEXT_PARTS)
+    parts = _content_parts(content, where, kinds)
+    images = [] if images is None else images
+    images += [_part_image(p, f"{where}[{j}]") for j, p in enumerate(parts) if p["type"] in _IMAGE_PARTS]
+    return "".join(_part_text(p) for p in parts if p["type"] in _TEXT_PARTS + _IMAGE_PARTS)
 
 
 def _parse_tool_calls(calls: Any, where: str) -> list[ToolCall]:
@@ -4609,11 +4923,13 @@ def _parse_messages(messages: Any) -> list[dict[str, Any]]:
             calls = [{"id": f"function-{i}", "type": "function", "function": m["function_call"]}]
         # Content is a string or text parts (an assistant's refusals count); an assistant's or function's may be null.
         content = "" if m.get("content") is None and role in ("assistant", "function") else m.get("content")
-        kinds = ("text", "refusal") if role == "assistant" else ("text",)
+        kinds = ("text", "refusal") if role == "assistant" else ("text", *_IMAGE_PARTS) if role == "user" else ("text",)
+        images = [x for x in m.get("images") or () if isinstance(x, _Image)]  # read by another dialect
         msg: dict[str, Any] = {
             "role": {"developer": "system", "function": "tool"}.get(role, role),
-            "content": _content_text(content, f"{where}.content", kinds),
+            "content": _content_text(content, f"{where}.content", kinds, images),
         }
+        msg |= {"images": images} if images else {}
         if calls:
             msg["tool_calls"] = _parse_tool_calls(calls, where)
         if role == "assistant" and m.get("reasoning_content"):  # a reasoning model's earlier thinking
@@ -5200,8 +5516,8 @@ def _tool_messages(messages: list[dict[str, Any]], plan: _ToolPlan | None) -> li
             if i and messages[i - 1]["role"] == "tool":  # consecutive results merge into one user message
                 out[-1]["content"] += "\n" + content
                 continue
-        thought = {"reasoning_content": m["reasoning_content"]} if m.get("reasoning_content") else {}
-        out.append({"role": role, "content": content, **thought})  # the template keeps or drops the thinking
+        kept = {k: m[k] for k in ("reasoning_content", "images") if m.get(k)}  # the template keeps or drops thinking
+        out.append({"role": role, "content": content, **kept})
     if plan is not None and plan.functions:
         if out and out[0]["role"] == "system":
             out[0]["content"] += "\n\n" + _tool_instructions(plan)
@@ -5470,14 +5786,15 @@ def _anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
             extra = {**({"tool_calls": calls} if calls else {}), **({"reasoning_content": thought} if thought else {})}
             out.append({"role": "assistant", "content": text, **extra})
         elif role == "user":
-            blocks = _content_parts(m.get("content"), where, ("text", "tool_result"))
+            blocks = _content_parts(m.get("content"), where, ("text", "tool_result", "image"))
             for b in (b for b in blocks if b["type"] == "tool_result"):
                 result = _tool_result_text(b.get("content", ""), f"{where}.content")
                 prefix = "Error: " if b.get("is_error") else ""
                 out.append({"role": "tool", "tool_call_id": b.get("tool_use_id"), "content": prefix + result})
-            texts = [b["text"] for b in blocks if b["type"] == "text"]
-            if texts or len(blocks) == 0:
-                out.append({"role": "user", "content": "".join(texts)})
+            if (texts := [b for b in blocks if b["type"] != "tool_result"]) or not blocks:
+                images: list[_Image] = []
+                out.append({"role": "user", "content": _content_text(texts, where, ("text", "image"), images)})
+                out[-1] |= {"images": images}
         elif role == "system":  # a system message mid-conversation (Claude Code sends them)
             out.append({"role": "system", "content": _content_text(m.get("content"), where)})
         else:
@@ -5671,8 +5988,9 @@ def _responses_input(items: Any) -> list[dict[str, Any]]:
     for i, item in enumerate(items):
         kind, where = _object(item, f"input[{i}]").get("type", "message"), f"input[{i}]"
         if kind == "message":
-            content = _content_text(item.get("content"), f"{where}.content", _TEXT_PARTS)
-            out.append({"role": item.get("role"), "content": content})
+            images: list[_Image] = []
+            content = _content_text(item.get("content"), f"{where}.content", (*_TEXT_PARTS, "input_image"), images)
+            out.append({"role": item.get("role"), "content": content, "images": images})
         elif kind in ("function_call", "custom_tool_call"):
             name, namespace = item.get("name"), item.get("namespace")
             name = f"{namespace}.{name}" if isinstance(namespace, str) and isinstance(name, str) else name
@@ -5952,7 +6270,6 @@ _OLLAMA_OPTIONS = {k: k for k in ("temperature", "top_p", "top_k", "min_p", "num
 _OLLAMA_OPTIONS |= {k: k for k in ("repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty")}
 _OLLAMA_OPTIONS["num_predict"] = "max_tokens"
 _OLLAMA_UNSUPPORTED = {
-    "images": "the model reads text",
     "template": "prompts use the model's own chat template",
     "context": "continue a conversation with /api/chat",
 }
@@ -6002,6 +6319,12 @@ def _ollama_format(value: Any) -> dict[str, Any] | None:
     return {"type": "object"} if value == "json" else _object(value, "format")
 
 
+def _ollama_images(images: Any, where: str) -> list[_Image]:
+    if not isinstance(images, list):
+        raise InvalidRequest(f"'{where}' must be a list of base64 images", param=where)
+    return [_image(f"{where}[{j}]", None, data) for j, data in enumerate(images)]
+
+
 def _ollama_messages(messages: Any) -> list[dict[str, Any]]:
     """Ollama's messages in OpenAI's shape: calls get ids, and a tool result answers the latest call of its name."""
     if not isinstance(messages, list):
@@ -6010,9 +6333,12 @@ def _ollama_messages(messages: Any) -> list[dict[str, Any]]:
     calls: list[tuple[str, str]] = []  # (id, name) of every call so far
     for i, m in enumerate(messages):
         m = _object(m, f"messages[{i}]")
-        if m.get("images"):
-            raise InvalidRequest(f"'messages[{i}].images': the model reads text only", param="images")
         msg = {k: m[k] for k in ("role", "content") if k in m}
+        if m.get("images") is not None:  # base64 images, placed before the text as Ollama does
+            msg["images"] = _ollama_images(m["images"], f"messages[{i}].images")
+            msg["content"] = _IMAGE_MARKER * len(msg["images"]) + _string(
+                m.get("content", ""), f"messages[{i}].content"
+            )
         if m.get("thinking"):
             msg["reasoning_content"] = m["thinking"]
         if m.get("tool_calls"):
@@ -6057,12 +6383,16 @@ class _OllamaCall:
             messages = _ollama_messages(body.get("messages"))
             fields |= {"messages": messages, "tools": _tool_plan(body.get("tools"), None, None, messages)}
         elif body.get("raw") or body.get("suffix"):
+            if body.get("images"):
+                raise InvalidRequest("'images' need the model's template: not with raw or suffix", param="images")
             prompt = _string(body.get("prompt", ""), "prompt")
             suffix = _string(body["suffix"], "suffix") if body.get("suffix") else None
             fields |= {"kind": "completion", "prompts": [prompt], "suffix": suffix}
         else:
             system = [{"role": "system", "content": _string(body["system"], "system")}] if body.get("system") else []
-            fields["messages"] = _parse_messages([*system, {"role": "user", "content": body.get("prompt")}])
+            images = _ollama_images(body["images"], "images") if body.get("images") is not None else []
+            user = {"role": "user", "content": _IMAGE_MARKER * len(images) + _string(body["prompt"], "prompt")}
+            fields["messages"] = _parse_messages([*system, {**user, "images": images}])
         schema, keep = _ollama_format(body.get("format")), _keep_alive(body.get("keep_alive"))
         think = _ollama_think(body.get("think"))
         return Request(**fields, json_schema=schema, schema_param="format", keep_alive=keep, **think).check()
@@ -6851,6 +7181,13 @@ class ModelServer:
                 # The first part of a split GGUF last: f.path ends as the file llama.cpp loads the others from.
                 for url, f.path, sha256 in reversed(_model_files(model, self.config.models_dir, network=True)):
                     self._fetch(url, f.path, sha256=sha256, headers=_auth_headers(url, model.token), **options)
+            if (mmproj := _mmproj_source(model, self.config.models_dir, network=True)) is not None:
+                if (url := mmproj[0]) is not None:  # a URL: fetched, or found in place
+                    headers = _auth_headers(url, model.token)
+                    self._fetch(url, mmproj[1], verify=model.verify, headers=headers, cancel=self._cancel_downloads)
+                elif not os.path.isfile(mmproj[1]):
+                    raise Unavailable(f"model '{model.id}': mmproj not found: {mmproj[1]}", code="model_not_ready")
+                model.mmproj_file = mmproj[1]
         except Exception as exc:
             error = exc if isinstance(exc, APIError) else Unavailable(f"model '{model.id}': {exc}")
             with self._files_lock:
@@ -7100,6 +7437,8 @@ class ModelServer:
         if self._state == "starting":
             raise Unavailable("the server is not started", code="starting", headers={"Retry-After": "1"})
         req.check()
+        for image in (image for m in req.messages for image in m.get("images", ())):
+            _load_image(image, self.config)
         if not self._pool.has_file(req.model.id):
             self._prepare(req.model, block=False)  # the request then waits in the queue until the file is ready
         if req.kind in ("embedding", "rerank"):
@@ -7411,6 +7750,7 @@ def _parse_body(raw: bytes, config: ServerConfig) -> dict[str, Any]:
 
 
 _JSON_SCALARS = {int, float, bool, type(None)}
+_BASE64_DATA = re.compile(r"(data:[\w.+-]+/[\w.+-]+;base64,)?[A-Za-z0-9+/]+={0,2}")
 _MAX_JSON_CONTAINERS = 100_000
 
 
@@ -7434,6 +7774,8 @@ def _text_sizes(body: dict[str, Any], config: ServerConfig) -> dict[str, int]:
     chars = dict.fromkeys(body, 0)
 
     def text(value: str, top: str) -> None:
+        if len(value) > 1024 and _BASE64_DATA.fullmatch(value):
+            return  # an image's data, which max_body_bytes and max_image_bytes bound, not text for the model
         chars[top] += len(value)
         if not value.isascii():
             try:
@@ -8246,9 +8588,10 @@ def _list_models_dir(config: ServerConfig) -> int:
     return 0
 
 
-def _add_models(raw: dict[str, Any], specs: list[str], engine: str | None) -> dict[str, Any]:
+def _add_models(raw: dict[str, Any], specs: list[str], engine: str | None, mmproj: str | None = None) -> dict[str, Any]:
     """Models named on the command line, added to a config: the id is the file name without .gguf, the task read
-    from the GGUF header; a URL is downloaded first (resumable, checked), with a progress bar on a terminal."""
+    from the GGUF header; a URL is downloaded first (resumable, checked), with a progress bar on a terminal. Their
+    text models read images through `mmproj`."""
     if not isinstance(raw, dict) or not isinstance(raw.setdefault("models", {}), dict):
         raise ConfigError("the config must be an object, and its 'models' an object")
     models = raw["models"]
@@ -8271,6 +8614,10 @@ def _add_models(raw: dict[str, Any], specs: list[str], engine: str | None) -> di
         except InvalidRequest as exc:
             raise ConfigError(f"--model {spec}: {exc.message}") from None
         models[model_id] |= {"url": url} if url else {}
+        if mmproj and models[model_id]["task"] == "text-completion":
+            models[model_id]["mmproj"] = (
+                mmproj if re.match(r"https?://", mmproj) or _HF_NAME.fullmatch(mmproj) else os.path.abspath(mmproj)
+            )
     return raw
 
 
@@ -8298,6 +8645,9 @@ def main(argv: list[str] | None = None) -> int:
     sources = "serve a GGUF file, or download one from a URL (repeatable); its id is the file name without .gguf"
     ap.add_argument("--model", action="append", default=[], metavar="FILE_OR_URL", help=sources)
     ap.add_argument("--engine", choices=sorted(_ENGINES), help="engine for --model models (default: llama-cpp)")
+    ap.add_argument(
+        "--mmproj", metavar="FILE_OR_URL", help="a vision projector for the --model models: they read images"
+    )
     ap.add_argument("--host", help="listen address (default: config listen.host or 127.0.0.1)")
     ap.add_argument("--port", type=int, help="listen port (default: config listen.port or 3000)")
     ap.add_argument("--node-id", help="this node's name behind a load balancer (default: config node_id)")
@@ -8315,7 +8665,7 @@ def main(argv: list[str] | None = None) -> int:
     def read() -> ServerConfig:
         """The config file with the command line's models and settings: at start, and again on SIGHUP."""
         raw = _read_config(args.config) if args.config else {} if specs else default_config()
-        config = load_config(_add_models(raw, specs, args.engine))
+        config = load_config(_add_models(raw, specs, args.engine, args.mmproj))
         config.node_id = args.node_id or config.node_id
         for m in config.models.values():
             m.context_size = args.context_size if args.context_size and m.task == "text-completion" else m.context_size
