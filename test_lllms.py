@@ -44,7 +44,18 @@ from hypothesis import strategies as st
 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
 import lllms
-from conftest import BERT_N_EMBD, DATA, DATA_PATH, EngineHooks, FileServer, LogWatch, engine_of, make_tiny_llama
+from conftest import (
+    BERT_N_EMBD,
+    DATA,
+    DATA_PATH,
+    EngineHooks,
+    FileServer,
+    LogWatch,
+    engine_of,
+    make_png,
+    make_tiny_llama,
+    make_tiny_mmproj,
+)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -2129,7 +2140,7 @@ def test_a_request_is_checked_once_whoever_submits_it(tiny_llama: str) -> None:
             {"tools": [{"type": "custom", "custom": {"name": "f", "format": {"type": "grammar", "grammar": {}}}}]},
             "tools[0].custom.format",
         ),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [IMAGE_PART]}]}, "messages[0].content"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": [IMAGE_PART]}]}, "messages[0].content[0]"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [AUDIO_PART]}]}, "messages[0].content"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": [FILE_PART]}]}, "messages[0].content"),
         ("/v1/completions", {"prompt": None}, "prompt"),
@@ -6783,7 +6794,9 @@ class Hub:
 
     server: FileServer
 
-    def add(self, repo: str, files: dict[str, bytes], manifests: dict[str, str] | None = None) -> None:
+    def add(
+        self, repo: str, files: dict[str, bytes], manifests: dict[str, str] | None = None, mmproj: str = ""
+    ) -> None:
         tree = [{"type": "file", "path": "README.md", "size": 2, "oid": "0" * 40}]
         for name, data in files.items():
             lfs = {"oid": hashlib.sha256(data).hexdigest(), "size": len(data), "pointerSize": 134}
@@ -6793,7 +6806,8 @@ class Hub:
         for tag, name in (manifests or {}).items():
             data = files[name]
             gguf_file = {"rfilename": name, "size": len(data), "lfs": {"sha256": hashlib.sha256(data).hexdigest()}}
-            self.server.files[f"/v2/{repo}/manifests/{tag}"] = json.dumps({"ggufFile": gguf_file}).encode()
+            manifest = {"ggufFile": gguf_file} | ({"mmprojFile": {"rfilename": mmproj}} if mmproj else {})
+            self.server.files[f"/v2/{repo}/manifests/{tag}"] = json.dumps(manifest).encode()
 
     def gets(self, repo: str) -> list[str]:
         return [g.path for g in self.server.gets() if repo in g.path]
@@ -7730,3 +7744,318 @@ def test_utility_routes_take_the_only_model_keys_and_options(tiny_reranker: str)
             status, _, headers = http_request(server, "OPTIONS", path)
             assert status == 204 and headers["Allow"] == allow, path
         assert http_request(server, "OPTIONS", "/v1/nothing").status == 404
+
+
+# ---- images: a vision projector (mmproj) beside the text model, through libmtmd
+
+IMAGE_TOKENS = 16  # what the tiny projector makes of any image
+NO_EOS = {"2": -100}  # SmolLM2's <|im_end|> banned: a reply runs to max_tokens
+
+
+def _data_url(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _openai_image(png: bytes, text: str = "What is in this picture?") -> list[dict[str, Any]]:
+    image = {"type": "image_url", "image_url": {"url": _data_url(png)}}
+    return [{"role": "user", "content": [image, {"type": "text", "text": text}]}]
+
+
+@pytest.fixture(scope="module")
+def vision_server(smollm2: str, tiny_mmproj: str, smollm2_g4a: str) -> Iterator[lllms.HTTPServer]:
+    chat = {"task": "text-completion", "file": smollm2, "context_size": 1024}
+    eye = {**chat, "mmproj": tiny_mmproj, "max_instances": 2, "max_images": 3}
+    config = {
+        "max_image_bytes": 64 * 1024,
+        "max_image_pixels": 256 * 256,
+        "models": {
+            "eye": eye,
+            "eye-one": {**eye, "max_instances": 1, "state_cache_bytes": 64 * 1024 * 1024},
+            "smol": chat,
+            "g4a": {"task": "text-completion", "engine": "gpt4all", "file": smollm2_g4a, "context_size": 1024},
+        },
+    }
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def eye(vision_server: lllms.HTTPServer) -> openai.OpenAI:
+    return openai.OpenAI(base_url=vision_server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def test_an_image_reaches_the_model_in_every_dialect(vision_server: lllms.HTTPServer, eye: openai.OpenAI) -> None:
+    """OpenAI's image_url, Anthropic's image block, Responses' input_image and Ollama's images (chat and generate)
+    each add the image's 16 tokens to the prompt, and a different image changes the reply."""
+    a, b, text = make_png(seed=1), make_png(seed=2), "What is in this picture?"
+    b64 = base64.b64encode(a).decode()
+    greedy = {"temperature": 0, "max_tokens": 8}
+
+    def openai_chat(content: Any) -> tuple[int, str]:
+        r = eye.chat.completions.create(model="eye", messages=[{"role": "user", "content": content}], **greedy)
+        return r.usage.prompt_tokens, r.choices[0].message.content
+
+    image = {"type": "image_url", "image_url": {"url": _data_url(a)}}
+    with_a, plain = openai_chat([image, {"type": "text", "text": text}]), openai_chat(text)
+    assert with_a[0] == plain[0] + IMAGE_TOKENS
+    assert openai_chat(_openai_image(b)[0]["content"])[1] != with_a[1]
+
+    claude = anthropic.Anthropic(base_url=vision_server.url, api_key="unused", max_retries=0, timeout=300)
+    block = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": b64}}
+    said = [
+        claude.messages.create(model="eye", max_tokens=8, messages=[{"role": "user", "content": c}])
+        for c in ([block, {"type": "text", "text": text}], text)
+    ]
+    read = [r.usage.input_tokens + r.usage.cache_read_input_tokens for r in said]  # Anthropic's: uncached tokens
+    assert read[0] == read[1] + IMAGE_TOKENS
+
+    part = {"type": "input_image", "image_url": _data_url(a), "detail": "auto"}
+    asked = [
+        eye.responses.create(model="eye", max_output_tokens=8, temperature=0, input=[{"role": "user", "content": c}])
+        for c in ([part, {"type": "input_text", "text": text}], text)
+    ]
+    assert asked[0].usage.input_tokens == asked[1].usage.input_tokens + IMAGE_TOKENS
+
+    llama = ollama.Client(host=vision_server.url, timeout=300)
+    options = {"temperature": 0, "num_predict": 8}
+    chats = [
+        llama.chat(model="eye", messages=[{"role": "user", "content": text, **extra}], options=options)
+        for extra in ({"images": [b64]}, {})
+    ]
+    assert chats[0].prompt_eval_count == chats[1].prompt_eval_count + IMAGE_TOKENS
+    gens = [llama.generate(model="eye", prompt=text, options=options, **extra) for extra in ({"images": [a]}, {})]
+    assert gens[0].prompt_eval_count == gens[1].prompt_eval_count + IMAGE_TOKENS
+
+
+def test_a_repeated_image_is_cached_and_a_different_one_is_not(eye: openai.OpenAI) -> None:
+    """A later turn evaluates only its new text: the image's cells are reused. The same text with another image at
+    the same place reuses nothing from the image on, whatever its placeholder."""
+    first = _openai_image(make_png(seed=3))
+    r1 = eye.chat.completions.create(model="eye", messages=first, temperature=0, max_tokens=12)
+    said = r1.choices[0].message.content
+    later = [*first, {"role": "assistant", "content": said}, {"role": "user", "content": "And its colours?"}]
+    r2 = eye.chat.completions.create(model="eye", messages=later, temperature=0, max_tokens=4)
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens - 1
+    assert r2.usage.prompt_tokens > r1.usage.prompt_tokens + r1.usage.completion_tokens
+    other = _openai_image(make_png(seed=4))
+    r3 = eye.chat.completions.create(model="eye", messages=other, temperature=0, max_tokens=4)
+    assert r3.usage.prompt_tokens == r1.usage.prompt_tokens
+    assert r3.usage.prompt_tokens_details.cached_tokens + IMAGE_TOKENS < r1.usage.prompt_tokens
+
+
+def test_requests_with_different_images_run_together_as_they_run_alone(eye: openai.OpenAI) -> None:
+    """Two conversations with different images share the decode steps (B's whole reply streams while A's runs)
+    and each gives the text it gives alone; n=2 choices copy the evaluated image between sequences."""
+    a, b = _openai_image(make_png(seed=5)), _openai_image(make_png(seed=6))
+    long, short = {"max_tokens": 160, "logit_bias": NO_EOS}, {"max_tokens": 24, "logit_bias": NO_EOS}
+
+    def text(messages: Any, **fields: Any) -> str:
+        return (
+            eye.chat.completions.create(model="eye", messages=messages, temperature=0, **fields)
+            .choices[0]
+            .message.content
+        )
+
+    alone_a, alone_b = text(a, **long), text(b, **short)
+    events: list[str] = []
+    stream_a = eye.chat.completions.create(model="eye", messages=a, temperature=0, stream=True, **long)
+    pieces_a = [next(iter(stream_a)).choices[0].delta.content or ""]
+
+    def read_a() -> None:
+        pieces_a.extend(c.choices[0].delta.content or "" for c in stream_a if c.choices)
+        events.append("a done")
+
+    reader = threading.Thread(target=read_a)
+    reader.start()
+    together_b = text(b, **short)
+    events.append("b done")
+    reader.join(timeout=300)
+    assert events == ["b done", "a done"]
+    assert ("".join(pieces_a), together_b) == (alone_a, alone_b)
+    both = eye.chat.completions.create(model="eye", messages=b, temperature=0, n=2, **short)
+    assert [c.message.content for c in both.choices] == [alone_b, alone_b]
+
+
+def test_a_stream_keeps_flowing_while_an_image_is_encoded(eye: openai.OpenAI, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While one request's image is being encoded (held here until the test lets it go), another request streams
+    its whole reply: encoding runs beside the decode steps, not in them."""
+    from llama_cpp import mtmd_cpp
+
+    entered, gate, encode = threading.Event(), threading.Event(), mtmd_cpp.mtmd_encode_chunk
+
+    def held(*args: Any) -> int:
+        entered.set()
+        gate.wait(600)
+        return encode(*args)
+
+    monkeypatch.setattr(mtmd_cpp, "mtmd_encode_chunk", held)
+    results: dict[str, Any] = {}
+    messages = _openai_image(make_png(seed=7))
+    image = threading.Thread(
+        target=lambda: results.setdefault(
+            "image", eye.chat.completions.create(model="eye", messages=messages, temperature=0, max_tokens=4)
+        )
+    )
+    image.start()
+    try:
+        assert entered.wait(300)
+        stream = eye.chat.completions.create(model="eye", messages=CHAT, stream=True, max_tokens=32, logit_bias=NO_EOS)
+        finished = [c.choices[0].finish_reason for c in stream if c.choices and c.choices[0].finish_reason]
+        assert finished == ["length"] and not gate.is_set()
+    finally:
+        gate.set()
+        image.join(timeout=300)
+    assert results["image"].usage.completion_tokens == 4
+
+
+def test_images_survive_the_ram_spill(eye: openai.OpenAI) -> None:
+    """With one sequence, a conversation with an image is spilled to RAM when another takes the sequence, and
+    restored, image and all, when it comes back."""
+    first = _openai_image(make_png(seed=8))
+    r1 = eye.chat.completions.create(model="eye-one", messages=first, temperature=0, max_tokens=40, logit_bias=NO_EOS)
+    other = _openai_image(make_png(seed=9), "Something else entirely, please.")
+    eye.chat.completions.create(model="eye-one", messages=other, temperature=0, max_tokens=4)
+    later = [
+        *first,
+        {"role": "assistant", "content": r1.choices[0].message.content},
+        {"role": "user", "content": "More."},
+    ]
+    r2 = eye.chat.completions.create(model="eye-one", messages=later, temperature=0, max_tokens=4)
+    assert r2.usage.prompt_tokens_details.cached_tokens >= r1.usage.prompt_tokens - 1
+
+
+def test_images_reach_the_template_as_the_media_marker(vision_server: lllms.HTTPServer) -> None:
+    """A template that knows no image syntax gets libmtmd's marker where each image was."""
+    messages = _openai_image(make_png(seed=1), "Compare.")
+    messages[0]["content"].insert(2, messages[0]["content"][0])
+    body = http_request(vision_server, "POST", "/apply-template", {"model": "eye", "messages": messages}).body
+    assert "<|im_start|>user\n<__media__>Compare.<__media__><|im_end|>" in body["prompt"]
+
+
+def test_bad_images_are_400s_naming_the_part_and_the_server_goes_on(
+    vision_server: lllms.HTTPServer, eye: openai.OpenAI
+) -> None:
+    png = make_png(seed=1)
+    big = make_png(300, 300, seed=1)  # 270,000 bytes, over max_image_bytes
+    wide = make_png(400, 4, seed=1)[:33] + b"\0" * 64  # a header of 400x4 (fine)...
+    huge = png[:16] + struct.pack(">II", 1000, 1000) + png[24:]  # ...and one claiming 1000x1000 pixels
+    cases = [
+        ({"type": "image_url", "image_url": {"url": _data_url(png[: len(png) // 2])}}, "eye", "corrupt or truncated"),
+        ({"type": "image_url", "image_url": {"url": _data_url(wide)}}, "eye", "corrupt or truncated"),
+        ({"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGVsbG8="}}, "eye", "not a PNG"),
+        ({"type": "image_url", "image_url": {"url": "data:image/png;base64,not base64!"}}, "eye", "not base64"),
+        ({"type": "image_url", "image_url": {"url": _data_url(big)}}, "eye", "max_image_bytes"),
+        ({"type": "image_url", "image_url": {"url": _data_url(huge)}}, "eye", "max_image_pixels"),
+        ({"type": "image_url", "image_url": {"url": "file:///etc/passwd"}}, "eye", "data: URL or an http(s) URL"),
+        ({"type": "image_url", "image_url": {"url": "ftp://example.com/a.png"}}, "eye", "data: URL or an http(s) URL"),
+        ({"type": "image_url", "image_url": {"url": "http://127.0.0.1:1/a.png"}}, "eye", "image URLs are off"),
+        ({"type": "image_url", "image_url": {"url": _data_url(png)}}, "smol", "no mmproj"),
+        ({"type": "image_url", "image_url": {"url": _data_url(png)}}, "g4a", "gpt4all engine cannot read images"),
+    ]
+    for part, model, said in cases:
+        body = {"model": model, "messages": [{"role": "user", "content": [{"type": "text", "text": "Look:"}, part]}]}
+        status, reply, _ = http_request(vision_server, "POST", "/v1/chat/completions", {**body, "max_tokens": 2})
+        assert status == 400 and said in reply["error"]["message"], (said, reply)
+        assert_envelope(reply, param="messages[0].content[1]")
+    four = [{"type": "image_url", "image_url": {"url": _data_url(make_png(seed=i))}} for i in range(4)]
+    status, reply, _ = http_request(
+        vision_server, "POST", "/v1/chat/completions", {"model": "eye", "messages": [{"role": "user", "content": four}]}
+    )
+    assert status == 400 and "max_images" in reply["error"]["message"]
+    assert_envelope(reply, param="messages[0].content[3]", code="too_many_images")
+    system = [{"role": "system", "content": [four[0]]}, *CHAT]
+    status, reply, _ = http_request(vision_server, "POST", "/v1/chat/completions", {"model": "eye", "messages": system})
+    assert status == 400 and "user content" in reply["error"]["message"]
+
+    half = base64.b64encode(png[: len(png) // 2]).decode()
+    claude = anthropic.Anthropic(base_url=vision_server.url, api_key="unused", max_retries=0, timeout=300)
+    block = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": half}}
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        claude.messages.create(model="eye", max_tokens=2, messages=[{"role": "user", "content": [block]}])
+    assert_anthropic_error(refused.value.body, "invalid_request_error")
+    assert "messages[0].content[0]" in refused.value.body["error"]["message"]
+    with pytest.raises(openai.BadRequestError) as refused_r:
+        eye.responses.create(
+            model="eye",
+            input=[
+                {
+                    "role": "user",
+                    "content": [{"type": "input_image", "image_url": _data_url(png[:40]), "detail": "auto"}],
+                }
+            ],
+        )
+    assert refused_r.value.body["param"] == "input[0].content[0]"
+    with pytest.raises(ollama.ResponseError) as refused_o:
+        ollama.Client(host=vision_server.url).chat(
+            model="eye", messages=[{"role": "user", "content": "Hi", "images": [half]}]
+        )
+    assert refused_o.value.status_code == 400 and "messages[0].images[0]" in refused_o.value.error
+    reply = eye.chat.completions.create(model="eye", messages=_openai_image(png), max_tokens=2)
+    assert reply.usage.prompt_tokens > IMAGE_TOKENS  # and the server goes on
+
+
+def test_image_urls_are_fetched_only_where_the_config_allows(
+    smollm2: str, tiny_mmproj: str, file_server: FileServer
+) -> None:
+    """image_urls "any" fetches (bounded, with a timeout); "public" refuses loopback and private addresses, at the
+    first hop and at every redirect; an http(s) URL must answer 200."""
+    file_server.files["/a.png"] = make_png(seed=1)
+    file_server.redirects["/moved.png"] = "file:///etc/passwd"
+    eye = {"task": "text-completion", "file": smollm2, "mmproj": tiny_mmproj, "context_size": 512}
+
+    def ask(ms: lllms.ModelServer, url: str) -> Any:
+        part = {"type": "image_url", "image_url": {"url": url}}
+        return ms.chat("eye", [{"role": "user", "content": [part, {"type": "text", "text": "Hi"}]}], max_tokens=2)
+
+    with lllms.ModelServer({"image_urls": "any", "models": {"eye": eye}}) as ms:
+        assert ask(ms, file_server.url("/a.png")).usage.prompt_tokens > IMAGE_TOKENS
+        for path, said in (("/missing.png", "HTTP Error 404"), ("/moved.png", "not allowed")):
+            with pytest.raises(lllms.APIError) as refused:
+                ask(ms, file_server.url(path))
+            assert refused.value.status == 400 and said in refused.value.message
+    with lllms.ModelServer({"image_urls": "public", "models": {"eye": eye}}) as ms:
+        with pytest.raises(lllms.APIError) as refused:
+            ask(ms, file_server.url("/a.png"))
+        assert refused.value.status == 400 and "loopback or private" in refused.value.message
+        assert refused.value.param == "messages[0].content[0]"
+
+
+def test_mmproj_comes_from_a_url_an_hf_manifest_or_the_command_line(
+    hub: Hub, file_server: FileServer, tiny_llama: str, tmp_path: Any
+) -> None:
+    """An mmproj URL downloads like a model file; an hf.co/ name brings the mmproj its manifest names; `lllms serve
+    FILE.gguf --mmproj FILE` serves images."""
+    projector = make_tiny_mmproj(tmp_path / "mmproj-tiny-F16.gguf", tiny_llama)
+    files = {"tiny-Q8_0.gguf": _read(tiny_llama), "mmproj-tiny-F16.gguf": _read(projector)}
+    hub.add("test/vision-GGUF", files, {"latest": "tiny-Q8_0.gguf"}, mmproj="mmproj-tiny-F16.gguf")
+    file_server.files["/projector.gguf"] = files["mmproj-tiny-F16.gguf"]
+    m = {"task": "text-completion", "context_size": 128, "prepare": "blocking"}
+    models = {
+        "hub": {**m, "url": "hf.co/test/vision-GGUF"},
+        "web": {**m, "file": tiny_llama, "mmproj": file_server.url("/projector.gguf")},
+    }
+    image = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": _data_url(make_png())}},
+                {"type": "text", "text": "Hi"},
+            ],
+        }
+    ]
+    with lllms.ModelServer({"models_dir": str(tmp_path / "models"), "models": models}) as ms:
+        for model_id in models:
+            plain = ms.chat(model_id, [{"role": "user", "content": "Hi"}], max_tokens=1).usage.prompt_tokens
+            assert ms.chat(model_id, image, max_tokens=1).usage.prompt_tokens == plain + IMAGE_TOKENS
+    assert "/test/vision-GGUF/resolve/main/mmproj-tiny-F16.gguf" in hub.gets("mmproj")
+    port = free_port()
+    proc = _cli(["serve", tiny_llama, "--mmproj", projector], port)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        _wait_healthy(proc, url)
+        body = {"model": "tiny-llama", "messages": image, "max_tokens": 1}
+        status, reply, _ = http_request(url, "POST", "/v1/chat/completions", body)
+        assert status == 200 and reply["usage"]["prompt_tokens"] > IMAGE_TOKENS, reply
+    finally:
+        proc.terminate()
+        proc.wait(60)
