@@ -181,16 +181,14 @@ def _bound(default: Any = dataclasses.MISSING, lo: float = 0, hi: float | None =
 
 def _check_bounds(obj: Any, path: str) -> None:
     for f in dataclasses.fields(obj):
-        value, lo, hi = getattr(obj, f.name), f.metadata.get("lo"), f.metadata.get("hi")
+        value, lo, hi, above = getattr(obj, f.name), f.metadata.get("lo"), f.metadata.get("hi"), f.metadata.get("above")
         if value is None or lo is None:
             continue
         where = f"{path}.{f.name}" if path else f.name
         if hi is not None and not lo <= value <= hi:
             raise ConfigError(f"{where}: must be between {lo} and {hi}, got {value}")
-        if f.metadata["above"] and value <= lo:
-            raise ConfigError(f"{where}: must be > {lo}, got {value}")
-        if value < lo:
-            raise ConfigError(f"{where}: must be >= {lo}, got {value}")
+        if value < lo or (above and value == lo):
+            raise ConfigError(f"{where}: must be {'>' if above else '>='} {lo}, got {value}")
 
 
 def _default_models_dir() -> str:
@@ -300,10 +298,8 @@ class ModelConfig:
         if self.url is not None and not re.match(r"https?://", self.url) and not _HF_NAME.fullmatch(self.url):
             raise ConfigError(f"{path}.url: must be an http(s) URL or hf.co/USER/REPO[:QUANT], got {self.url!r}")
         if not 0 <= self.min_instances <= self.max_instances:
-            raise ConfigError(
-                f"{path}.min_instances: must be between 0 and max_instances ({self.max_instances}), "
-                f"got {self.min_instances}"
-            )
+            why = f"must be between 0 and max_instances ({self.max_instances}), got {self.min_instances}"
+            raise ConfigError(f"{path}.min_instances: {why}")
         try:
             self.defaults = SamplingParams.from_dict(self.completion_defaults)
             _ENGINES[self.engine].check_params(self.defaults)
@@ -325,10 +321,9 @@ class ModelConfig:
             if not name or (isinstance(grammar, str) and not grammar.strip()):
                 raise ConfigError(f"{path}.grammars.{name}: needs a name and a non-empty grammar")
         self._check_reasoning(path)
-        default = self.defaults.max_tokens
-        if None not in (default, self.max_tokens_limit) and default > self.max_tokens_limit:
-            why = f"{path}.completion_defaults.max_tokens: {default} is above max_tokens_limit {self.max_tokens_limit}"
-            raise ConfigError(why)
+        default, limit = self.defaults.max_tokens, self.max_tokens_limit
+        if None not in (default, limit) and default > limit:
+            raise ConfigError(f"{path}.completion_defaults.max_tokens: {default} is above max_tokens_limit {limit}")
 
 
 @dataclass
@@ -483,7 +478,6 @@ def _read_config(path: str | os.PathLike) -> dict[str, Any]:
         raise ConfigError(f"config file is not valid JSON: {exc}") from None
 
 
-# What a config may be given as: a ServerConfig, a dict, or a path to a JSON file.
 ConfigSource = ServerConfig | dict[str, Any] | str | os.PathLike
 
 
@@ -591,11 +585,8 @@ class SamplingParams:
 
     def merged_over(self, defaults: SamplingParams) -> SamplingParams:
         """These params, falling back to `defaults` field by field (0 and 0.0 count as set)."""
-        merged = dataclasses.replace(defaults)
-        for f in dataclasses.fields(self):
-            if getattr(self, f.name) is not None:
-                setattr(merged, f.name, getattr(self, f.name))
-        return merged
+        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dataclasses.replace(defaults, **{name: v for name, v in given.items() if v is not None})
 
 
 # ==== 3. model store: paths, download, checksum
@@ -643,9 +634,8 @@ def _normalize_url(url: str) -> str:
 
 
 def url_path(url: str, models_dir: str) -> str:
-    """Where a URL's file lives under models_dir, never outside it (else ConfigError), whatever its query:
-    huggingface.co/{org}/{repo}/resolve|blob/{rev}/{path} -> huggingface/{org}/{repo}-{rev}/{path}; else {host}/{path}
-    """
+    """Where a URL's file lives in models_dir, never outside it (else ConfigError), whatever its query: {host}/{path},
+    but huggingface.co/{org}/{repo}/resolve|blob/{rev}/{path} -> huggingface/{org}/{repo}-{rev}/{path}"""
     parts = urlsplit(url)
     if not parts.hostname:
         raise ConfigError(f"url {url!r} has no host")
@@ -691,12 +681,10 @@ def _auth_headers(url: str, token: str | None = None) -> dict[str, str]:
 
 def _hash_into(path: str, hasher: Any) -> int:
     """Feed a file to hasher; returns its size. Every hash of a file on disk goes through here."""
-    size = 0
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             hasher.update(block)
-            size += len(block)
-    return size
+        return f.tell()
 
 
 def _sidecar(path: str, st: os.stat_result | None = None) -> dict[str, Any]:
@@ -731,9 +719,7 @@ def _write_atomically(path: str, data: bytes) -> None:
 def _write_sidecar(path: str, digest: str, *, url: str | None = None) -> None:
     """Remember a file's sha256, keyed by its size and mtime, so later starts need not read it again."""
     st = os.stat(path)
-    data: dict[str, Any] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
-    if url is not None:
-        data["url"] = url
+    data = dict(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=digest) | ({"url": url} if url is not None else {})
     try:
         _write_atomically(path + ".lllms.json", json.dumps(data).encode())
     except OSError as exc:  # a read-only models_dir only costs a re-hash next time
@@ -1062,8 +1048,7 @@ def fetch(
     cancel = cancel or threading.Event()  # an event nobody sets
     while True:
         with _inflight_lock:
-            flight = _inflight.get(dest)
-            if flight is None:
+            if (flight := _inflight.get(dest)) is None:
                 flight = _inflight[dest] = _Flight()
                 break
         log.info("waiting for %s: another thread is downloading it", dest)
@@ -1149,8 +1134,7 @@ def _hf_resolve(repo: str, tag: str, token: str | None) -> list[dict[str, Any]]:
 def _hf_files(name: str, models_dir: str, token: str | None = None, network: bool = True) -> list[tuple[str, str, str]]:
     """(url, path, sha256) of each file an hf.co/USER/REPO[:QUANT] name stands for. What the Hub said is kept beside
     the files, so a later start needs no network; without `network` and nothing kept, []."""
-    m = _HF_NAME.fullmatch(name)
-    if m is None:
+    if (m := _HF_NAME.fullmatch(name)) is None:
         raise ConfigError(f"{name!r} is not a Hugging Face name: hf.co/USER/REPO[:QUANT]")
     repo, tag = m.group(1), m.group(2) or "latest"
     canonical = f"https://huggingface.co/{repo}/resolve/main/"
@@ -1239,8 +1223,7 @@ class _ModelFile:
         if t0 and now > t0 and done >= d0:
             rate = (done - d0) / (now - t0)
             self.speed = rate if not self.speed else 0.7 * self.speed + 0.3 * rate
-        self._last = (now, done)
-        self.done, self.total = done, total
+        self._last, self.done, self.total = (now, done), done, total
 
     def info(self) -> dict[str, Any] | None:
         if self.state != "downloading":
@@ -1265,8 +1248,7 @@ class _GgufHeader:
         with open(path, "rb", buffering=1 << 20) as self._f:
             if self._take(4) != b"GGUF":
                 raise ValueError(f"{path} is not a GGUF file")
-            version = self._scalar("<I")
-            if version < 2:
+            if (version := self._scalar("<I")) < 2:
                 raise ValueError(f"{path}: GGUF version {version} is too old")
             self._scalar("<Q")  # tensor count
             for _ in range(self._scalar("<Q")):
