@@ -2480,9 +2480,7 @@ _INT_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 def _digits_between(x: str, y: str) -> str:
     """GBNF for the decimal strings of one length from x to y (inclusive)."""
-    n = 0
-    while n < len(x) and x[n] == y[n]:
-        n += 1
+    n = len(os.path.commonprefix([x, y]))
     head, x, y = (f'"{x[:n]}" ' if n else ""), x[n:], y[n:]
     if not x:
         return head.strip()
