@@ -3651,9 +3651,7 @@ class Gpt4AllEngine(Engine):
         return self._start(text, p, "messages", should_stop, thoughts=thoughts)
 
     def context_info(self) -> tuple[int, str]:
-        if self._native is None:
-            return 0, ""
-        return self._native.n_past, "".join(t for t, _ in self._spans)[:80]
+        return (0, "") if self._native is None else (self._native.n_past, "".join(t for t, _ in self._spans)[:80])
 
     # -- context reuse
 
