@@ -3259,7 +3259,7 @@ class _Gpt4AllShim:
 
     def __init__(self, gpt: Any, n_ctx: int) -> None:
         self.n_ctx, self._lib, self._model = n_ctx, self.module()._pyllmodel, gpt.model.model
-        self._ctx = self._lib.LLModelPromptContext(n_ctx=n_ctx, n_batch=self.N_BATCH, context_erase=0.75)  # empty
+        self._ctx = self._lib.LLModelPromptContext(n_ctx=n_ctx, n_batch=self.N_BATCH, context_erase=0.75)  # rest zeroed
 
     @property
     def n_past(self) -> int:
