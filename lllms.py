@@ -2657,9 +2657,7 @@ _INT_BOUNDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
 
 def _digits_between(x: str, y: str) -> str:
     """GBNF for the decimal strings of one length from x to y (inclusive)."""
-    n = 0
-    while n < len(x) and x[n] == y[n]:
-        n += 1
+    n = len(os.path.commonprefix([x, y]))
     head, x, y = (f'"{x[:n]}" ' if n else ""), x[n:], y[n:]
     if not x:
         return head.strip()
@@ -2832,29 +2830,13 @@ def _json_grammar(schema: dict[str, Any], param: str = "response_format") -> str
 _JSON_ESCAPED_RANGES = ((0, 0x1F), (0x22, 0x22), (0x5C, 0x5C))
 _JSON_ESCAPED = [*range(0x20), 0x22, 0x5C]
 _JSON_RAW = ((0x20, 0x21), (0x23, 0x5B), (0x5D, 0x10FFFF))
-_REGEX_CLASSES = {
-    "CATEGORY_DIGIT": [(0x30, 0x39)],
-    "CATEGORY_SPACE": [(0x09, 0x0D), (0x20, 0x20)],
-    "CATEGORY_WORD": [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)],
-}
+_REGEX_CLASSES = {"CATEGORY_DIGIT": [(0x30, 0x39)], "CATEGORY_SPACE": [(0x09, 0x0D), (0x20, 0x20)]}
+_REGEX_CLASSES |= {"CATEGORY_WORD": [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)]}
 # Lark's common terminals that grammars import, as regexes.
-_LARK_COMMON = {
-    "LF": r"\n",
-    "CR": r"\r",
-    "CRLF": r"\r\n",
-    "NEWLINE": r"(\r?\n)+",
-    "WS": r"[ \t\f\r\n]+",
-    "WS_INLINE": r"[ \t]+",
-    "DIGIT": r"[0-9]",
-    "HEXDIGIT": r"[a-fA-F0-9]",
-    "INT": r"[0-9]+",
-    "SIGNED_INT": r"[+-]?[0-9]+",
-    "LETTER": r"[A-Za-z]",
-    "LCASE_LETTER": r"[a-z]",
-    "UCASE_LETTER": r"[A-Z]",
-    "WORD": r"[A-Za-z]+",
-    "CNAME": r"[A-Za-z_][A-Za-z0-9_]*",
-}
+_LARK_COMMON = {"LF": r"\n", "CR": r"\r", "CRLF": r"\r\n", "NEWLINE": r"(\r?\n)+", "WS": r"[ \t\f\r\n]+"}
+_LARK_COMMON |= {"WS_INLINE": r"[ \t]+", "DIGIT": r"[0-9]", "HEXDIGIT": r"[a-fA-F0-9]", "INT": r"[0-9]+"}
+_LARK_COMMON |= {"SIGNED_INT": r"[+-]?[0-9]+", "LETTER": r"[A-Za-z]", "LCASE_LETTER": r"[a-z]"}
+_LARK_COMMON |= {"UCASE_LETTER": r"[A-Z]", "WORD": r"[A-Za-z]+", "CNAME": r"[A-Za-z_][A-Za-z0-9_]*"}
 _LARK_TOKEN = re.compile(r'\s*(//.*|"(?:[^"\\]|\\.)*"i?|/(?:[^/\\]|\\.)+/[a-z]*|->\s*\w+|[()\[\]|?*+]|\w+|\S)')
 
 
@@ -3187,8 +3169,7 @@ class LlamaCppEngine(Engine):
             if i == 0 and t == model.bos and text is not None and not text.startswith(raw.decode("utf-8", "replace")):
                 raw = b""
             out.append((decoder.decode(raw), raw))
-        tail = decoder.decode(b"", final=True)
-        if tail:
+        if tail := decoder.decode(b"", final=True):
             out[-1] = (out[-1][0] + tail, out[-1][1])
         return out
 
@@ -3417,15 +3398,6 @@ class LlamaCppEngine(Engine):
 # ---- 4c. gpt4all: one native model per instance, driven through its token callbacks
 
 
-def _prefixed(first: Chunk, chunks: Iterator[Chunk]) -> Iterator[Chunk]:
-    """`first`, then `chunks`; closing it closes them, which stops their generation."""
-    try:
-        yield first
-        yield from chunks
-    finally:
-        _close(chunks)
-
-
 _stderr_lock = threading.Lock()
 
 
@@ -3482,11 +3454,8 @@ class _Gpt4AllShim:
         return False
 
     def __init__(self, gpt: Any, n_ctx: int) -> None:
-        self.n_ctx, self._lib = n_ctx, self.module()._pyllmodel
-        self._model = gpt.model.model
-        self._ctx = self._lib.LLModelPromptContext(
-            tokens_size=0, n_past=0, n_ctx=n_ctx, n_batch=self.N_BATCH, context_erase=0.75
-        )
+        self.n_ctx, self._lib, self._model = n_ctx, self.module()._pyllmodel, gpt.model.model
+        self._ctx = self._lib.LLModelPromptContext(n_ctx=n_ctx, n_batch=self.N_BATCH, context_erase=0.75)  # rest zeroed
 
     @property
     def n_past(self) -> int:
@@ -3502,20 +3471,14 @@ class _Gpt4AllShim:
         ctx, p = self._ctx, p.merged_over(_SAMPLING_DEFAULTS)
         greedy, ctx.n_predict = p.temperature == 0, n_predict
         ctx.n_batch = self.N_BATCH  # set again each call: the native side may have lowered it
-        ctx.temp = 1.0 if greedy else p.temperature
-        ctx.top_k = 1 if greedy else p.top_k
+        ctx.temp, ctx.top_k = (1.0, 1) if greedy else (p.temperature, p.top_k)
         ctx.top_p, ctx.min_p, ctx.repeat_penalty = p.top_p, p.min_p, p.repeat_penalty
         ctx.repeat_last_n = self.n_ctx if p.repeat_last_n == -1 else p.repeat_last_n
+        callbacks = self._lib.PromptCallback(on_prompt), self._lib.ResponseCallback(on_response)
+        # b"%1%2" is the bare prompt: with no %2, gpt4all would append "\n\n" after the reply. False: no context
+        # shifting, which would silently drop the start of the conversation. True: evaluate special tokens in the text.
         self._lib.llmodel.llmodel_prompt(
-            self._model,
-            text.encode("utf-8"),
-            b"%1%2",  # the bare prompt; with no %2, gpt4all would append "\n\n" after the reply
-            self._lib.PromptCallback(on_prompt),
-            self._lib.ResponseCallback(on_response),
-            False,  # no context shifting: it would silently drop the start of the conversation
-            ctypes.byref(ctx),
-            True,  # evaluate special tokens written in the text
-            None,
+            self._model, text.encode("utf-8"), b"%1%2", *callbacks, False, ctypes.byref(ctx), True, None
         )
 
 
@@ -3669,9 +3632,8 @@ class _Gpt4AllRun:
 
 
 _PRINTABLE = [*range(33, 127), *range(161, 173), *range(174, 256)]  # GPT-2's BPE writes these bytes as themselves
-_GPT2_BYTES = {chr(b): b for b in _PRINTABLE} | {
-    chr(256 + i): b for i, b in enumerate(b for b in range(256) if b not in _PRINTABLE)
-}
+_GPT2_BYTES = {chr(b): b for b in _PRINTABLE}
+_GPT2_BYTES |= {chr(256 + i): b for i, b in enumerate(b for b in range(256) if b not in _PRINTABLE)}
 
 
 class Gpt4AllEngine(Engine):
@@ -3708,9 +3670,8 @@ class Gpt4AllEngine(Engine):
             raise Unavailable(why, code="model_load_failed")
         dev = self.model.device
         # "auto" stays on the CPU: gpt4all's Kompute backend fails on many machines and has no cheap probe.
-        device = "gpu" if dev.gpu is True else "cpu"
-        kwargs: dict[str, Any] = {"model_path": folder, "allow_download": False, "device": device}
-        kwargs |= {"n_threads": _threads(dev), "n_ctx": n_ctx}
+        kwargs: dict[str, Any] = {"model_path": folder, "allow_download": False, "n_threads": _threads(dev)}
+        kwargs |= {"device": "gpu" if dev.gpu is True else "cpu", "n_ctx": n_ctx}
         if dev.gpu_layers is not None:
             kwargs["ngl"] = dev.gpu_layers
         cls = gpt4all.Embed4All if self.model.task == "embedding" else gpt4all.GPT4All
@@ -3845,17 +3806,24 @@ class Gpt4AllEngine(Engine):
 
     def run(self, req: Request, should_stop: _StopCheck = None) -> Iterator[Chunk]:
         """The choices one after another; the instance keeps the last one's context."""
+        self._need_text_model()
         for i in range(req.choice_count):
             if i and should_stop is not None and should_stop():  # out of time, or cancelled: the rest end empty
                 yield Chunk("", finish_reason="length", usage=Usage(), index=i)
                 continue
             p = req.choice_params(i)
+            echo: list[Chunk] = []  # with `echo`, a completion's prompt comes first
             if req.kind == "chat":
                 chunks = self.chat(req.messages, p, should_stop, req)
+            elif not isinstance(prompt := req.prompts[i // req.best_of], str):
+                raise InvalidRequest("token id prompts are not supported by the gpt4all engine", param="prompt")
+            elif req.suffix is not None:
+                raise InvalidRequest("'suffix' is not supported by the gpt4all engine", param="suffix")
             else:
-                chunks = self.complete(req.prompts[i // req.best_of], p, should_stop, echo=req.echo, suffix=req.suffix)
+                chunks = self._start(prompt, p, "prompt", should_stop)
+                echo = [Chunk(prompt)] if req.echo else []
             try:
-                for ch in chunks:
+                for ch in itertools.chain(echo, chunks):
                     ch.index = i
                     yield ch
             finally:
@@ -3878,22 +3846,8 @@ class Gpt4AllEngine(Engine):
             thoughts.feed(thoughts.end)
         return self._start(text, p, "messages", should_stop, thoughts=thoughts)
 
-    def complete(
-        self, prompt: Any, p: SamplingParams, should_stop: _StopCheck = None, *, echo: bool = False, suffix: Any = None
-    ) -> Iterator[Chunk]:
-        """The continuation of a text prompt; `echo` yields the prompt first."""
-        self._need_text_model()
-        if not isinstance(prompt, str):
-            raise InvalidRequest("token id prompts are not supported by the gpt4all engine", param="prompt")
-        if suffix is not None:
-            raise InvalidRequest("'suffix' is not supported by the gpt4all engine", param="suffix")
-        chunks = self._start(prompt, p, "prompt", should_stop)
-        return _prefixed(Chunk(prompt), chunks) if echo else chunks
-
     def context_info(self) -> tuple[int, str]:
-        if self._native is None:
-            return 0, ""
-        return self._native.n_past, "".join(t for t, _ in self._spans)[:80]
+        return (0, "") if self._native is None else (self._native.n_past, "".join(t for t, _ in self._spans)[:80])
 
     # -- context reuse
 
@@ -3923,8 +3877,7 @@ class Gpt4AllEngine(Engine):
         thoughts: _Thoughts | None = None,
         max_new: int | None = None,
     ) -> Iterator[Chunk]:
-        """Start feeding and generating; returns once the prompt is evaluated, so a prompt that does not fit
-        raises here, before any chunk."""
+        """Feed the text and generate; returns once the prompt is evaluated, so one that does not fit raises here."""
         if self.add_bos and text.startswith(self.bos_text):
             text = text[len(self.bos_text) :]  # gpt4all adds BOS itself: never a second one
         if not text and not self.add_bos:
@@ -3956,10 +3909,8 @@ class Gpt4AllEngine(Engine):
             # gpt4all reports a text longer than the context as an error, and a text that does not fit after the
             # kept context not at all, without a word (shifting is off). The whole prompt is then too long as well.
             if run.error is not None or not run.prompt_ids:
-                why = (
-                    f"prompt is too long: it does not fit the context of model '{self.model.id}' ({self.n_ctx} tokens)"
-                )
-                raise InvalidRequest(why, param=param, code="context_length_exceeded")
+                why = f"prompt is too long: it does not fit the context of model '{self.model.id}'"
+                raise InvalidRequest(f"{why} ({self.n_ctx} tokens)", param=param, code="context_length_exceeded")
         return self._stream(run)
 
     def _stream(self, run: _Gpt4AllRun) -> Iterator[Chunk]:
