@@ -6255,9 +6255,8 @@ def _ollama_show(ms: ModelServer, body: dict[str, Any]) -> dict[str, Any]:
 def _ollama_ps(ms: ModelServer) -> dict[str, Any]:
     out, instances = [], ms.status()["instances"]  # one snapshot of the pool for every model
     for m in ms.models():
-        insts = [i for i in instances if i["model"] == m.id and i["state"] != "gone"]
-        if insts:
-            expires = [i["expires"] for i in insts]
+        expires = [i["expires"] for i in instances if i["model"] == m.id and i["state"] != "gone"]
+        if expires:
             until = None if None in expires else _iso(max(expires))
             extra = {"expires_at": until, "size_vram": 0, "context_length": m.context_size}
             out.append({**_ollama_entry(ms, m), **extra})
