@@ -4045,8 +4045,7 @@ class _Instance:
         self.state = "loading"  # loading -> idle <-> busy; gone when disposed
         self.created = time.time()
         self.last_used, self.last_used_wall = time.monotonic(), self.created
-        self.requests = 0
-        self.cached_tokens = 0  # prompt tokens reused from this instance's context, summed over requests
+        self.requests, self.cached_tokens = 0, 0  # cached: prompt tokens reused from its context, summed over requests
         self.context_key = ""  # request history this instance's context holds, in _history_key form
         self.context_tokens, self.preview = 0, ""
         self.ttl = model.ttl  # seconds it may stay idle: the model's, or the last request's keep_alive
@@ -4179,7 +4178,7 @@ class _Pool:
             try:
                 self._load(inst, busy=True)
             except BaseException:
-                self.release(inst, ok=False)
+                self.release(_Lease(inst, sound=False))
                 raise
         return inst
 
@@ -4191,8 +4190,6 @@ class _Pool:
         lease = _Lease(self.wait(ticket, cancel, deadline))
         try:
             yield lease
-        except GeneratorExit:  # the consumer stopped early: the instance is still sound
-            raise
         except APIError as exc:
             lease.sound = lease.sound and exc.status < 500
             raise
@@ -4200,21 +4197,19 @@ class _Pool:
             lease.sound = False
             log.exception("engine failure on %s", lease.instance.id)
             raise EngineError(f"the engine failed: {exc}", code="engine_error") from exc
-        except BaseException:
-            lease.sound = False
+        except BaseException as exc:  # GeneratorExit: the consumer stopped early, and the instance is still sound
+            lease.sound = lease.sound and isinstance(exc, GeneratorExit)
             raise
         finally:
-            key = lease.context_key if lease.sound else ""
-            self.release(lease.instance, lease.sound, key, lease.cached_tokens, ttl=ttl)
+            self.release(lease, ttl=ttl)
 
     def model_ready(self, model: ModelConfig, at_least: int = 0) -> None:
         """A model's file is in place: load its min_instances (or `at_least`) and serve whoever waits for it."""
         with self.cond:
             if self.stopping:
                 return
-            live = [i for i in self.instances[model.id] if not i.retired]
-            missing = max(model.min_instances, at_least) - len(live)
-            reserved = [_Instance(model) for _ in range(max(missing, 0))]
+            missing = max(model.min_instances, at_least) - sum(not i.retired for i in self.instances[model.id])
+            reserved = [_Instance(model) for _ in range(missing)]  # none when it has enough
             self.instances[model.id].extend(reserved)  # reserved under the lock, so no two callers double up
         for i, inst in enumerate(reserved):
             try:
@@ -4290,22 +4285,13 @@ class _Pool:
                 return
             inst, ticket.instance = ticket.instance, None
         if inst is not None and inst.state != "gone":
-            self.release(inst, ok=inst.state != "loading", used=False)
+            self.release(_Lease(inst, sound=inst.state != "loading"), used=False)
 
     # -- releasing
 
-    def release(
-        self,
-        inst: _Instance,
-        ok: bool,
-        context_key: str | None = None,
-        cached_tokens: int = 0,
-        used: bool = True,
-        ttl: float | None = None,
-    ) -> None:
-        """Give an instance back. ok=False disposes it (its engine failed); context_key is what it now holds; ttl,
-        the seconds it may now stay idle (None: its model's)."""
-        info = None
+    def release(self, lease: _Lease, used: bool = True, ttl: float | None = None) -> None:
+        """Give a lease's instance back, disposed if unsound; ttl: seconds it may now stay idle (None: its model's)."""
+        inst, ok, info = lease.instance, lease.sound, None
         if ok and used and inst.engine is not None:
             try:
                 info = inst.engine.context_info()
@@ -4313,11 +4299,12 @@ class _Pool:
                 log.exception("%s: reading its context failed; disposing it", inst.id)
                 ok = False
         with self.cond:
-            if context_key is not None:
-                inst.context_key = context_key
+            key = lease.context_key if lease.sound else ""  # an unsound context holds nothing reusable
+            if key is not None:
+                inst.context_key = key
             if info is not None:
                 inst.context_tokens, inst.preview = info
-            inst.cached_tokens += cached_tokens
+            inst.cached_tokens += lease.cached_tokens
             inst.ttl = inst.model.ttl if ttl is None else ttl
             self.running -= 1
             now = time.monotonic()
@@ -4345,11 +4332,10 @@ class _Pool:
         for ticket in list(self.queue):
             if self.running >= self.config.concurrency:
                 return
-            if ticket.model_id not in self._paths:
-                continue  # its file is still being prepared
-            best = self._choose(ticket)
+            # None while its file is still being prepared, or its model is saturated: later tickets may still run
+            best = self._choose(ticket) if ticket.model_id in self._paths else None
             if best is None:
-                continue  # this model is saturated; later tickets for other models may still run
+                continue
             self.queue.remove(ticket)
             self.running += 1
             best.last_used = time.monotonic()  # start of the hold, for service_time
@@ -4461,12 +4447,9 @@ class _Pool:
                 now = time.monotonic()
                 doomed: list[_Instance] = []
                 next_due = math.inf
-                for insts in self.instances.values():
-                    if not insts:
-                        continue
-                    model = insts[0].model
+                for insts in filter(None, self.instances.values()):
                     idle = sorted((i for i in insts if i.state == "idle"), key=lambda i: i.last_used)
-                    for inst in idle[: max(len(insts) - model.min_instances, 0)]:
+                    for inst in idle[: max(len(insts) - insts[0].model.min_instances, 0)]:
                         due = inst.last_used + inst.ttl
                         if due <= now:
                             doomed.append(inst)
@@ -5239,12 +5222,10 @@ def completion_chunks(s: CompletionStream) -> Iterator[dict[str, Any]]:
 
 
 def embedding_response(e: Embeddings, req: Request) -> dict[str, Any]:
-    data = []
-    for i, vec in enumerate(e.vectors):
-        value: Any = vec
-        if req.encoding_format == "base64":
-            value = base64.b64encode(struct.pack(f"<{len(vec)}f", *vec)).decode("ascii")
-        data.append({"object": "embedding", "index": i, "embedding": value})
+    vectors: list[Any] = e.vectors
+    if req.encoding_format == "base64":
+        vectors = [base64.b64encode(struct.pack(f"<{len(v)}f", *v)).decode("ascii") for v in vectors]
+    data = [{"object": "embedding", "index": i, "embedding": v} for i, v in enumerate(vectors)]
     usage = {"prompt_tokens": e.usage.prompt_tokens, "total_tokens": e.usage.prompt_tokens}
     return {"object": "list", "data": data, "model": e.model, "usage": usage}
 
@@ -5365,9 +5346,8 @@ def _choice_names(choice: Any, names: list[str]) -> tuple[list[str], str] | None
     given = [n.get("name") if isinstance(n, dict) else None for n in named]
     if not all(isinstance(name, str) for name in given):
         return None
-    for name in given:
-        if name not in names:
-            raise InvalidRequest(f"'tool_choice' names '{name}', which is not in 'tools'", param="tool_choice")
+    if unknown := [name for name in given if name not in names]:
+        raise InvalidRequest(f"'tool_choice' names '{unknown[0]}', which is not in 'tools'", param="tool_choice")
     return given, mode
 
 
@@ -5400,25 +5380,19 @@ def _tool_plan(
         return _ToolPlan(functions, names, choice, parallel is not False, paths)
     allowed = _choice_names(choice, names)
     if allowed is None:
-        raise InvalidRequest(
-            "'tool_choice' must be 'none', 'auto', 'required', "
-            '{"type": "function", "function": {"name": ...}}, {"type": "custom", "custom": {"name": ...}} or '
-            '{"type": "allowed_tools", "allowed_tools": {"mode": ..., "tools": [...]}}',
-            param="tool_choice",
-        )
-    callable_, mode = allowed
-    forced_one = choice.get("type") != "allowed_tools"
-    return _ToolPlan(functions, callable_, mode, parallel is not False and not forced_one, paths)
+        one = '{"type": "function", "function": {"name": ...}}, {"type": "custom", "custom": {"name": ...}}'
+        some = '{"type": "allowed_tools", "allowed_tools": {"mode": ..., "tools": [...]}}'
+        raise InvalidRequest(f"'tool_choice' must be 'none', 'auto', 'required', {one} or {some}", param="tool_choice")
+    parallel = parallel is not False and choice.get("type") == "allowed_tools"  # a tool named alone is called once
+    return _ToolPlan(functions, *allowed, parallel, paths)
 
 
 def _tool_instructions(plan: _ToolPlan) -> str:
     """The same text whatever tool_choice is, so that a conversation keeps its cached prefix when it changes."""
     lines = ["You can call these tools:", *(json.dumps(fn, ensure_ascii=False) for fn in plan.functions)]
-    calls = '{"tool_calls": [{"name": ..., "arguments": {...}}]}'
-    lines.append(
-        f"\nAnswer in JSON: {calls} to call tools when the request needs one, "
-        'or {"response": "..."} to reply to the user directly.'
-    )
+    calls, reply = '{"tool_calls": [{"name": ..., "arguments": {...}}]}', '{"response": "..."}'
+    answer = f"{calls} to call tools when the request needs one, or {reply} to reply to the user directly."
+    lines.append(f"\nAnswer in JSON: {answer}")
     if any("format" in fn for fn in plan.functions):
         lines.append('A tool with a "format" takes its input as one string in "arguments", written in that format.')
     return "\n".join(lines)
@@ -5589,11 +5563,8 @@ def _format_schema(response_format: Any) -> dict[str, Any] | None:
         if not isinstance(schema, dict):
             raise InvalidRequest("'response_format.json_schema.schema' must be an object", param="response_format")
         return schema
-    raise InvalidRequest(
-        '\'response_format\' must be {"type": "text"}, {"type": "json_object"} or '
-        '{"type": "json_schema", "json_schema": {...}}',
-        param="response_format",
-    )
+    shapes = '{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}'
+    raise InvalidRequest(f"'response_format' must be {shapes}", param="response_format")
 
 
 # ---- 6d. the dialects' shared parts
@@ -6501,8 +6472,7 @@ class _Admin:
 
 @dataclass(frozen=True)
 class _Dialect:
-    """One API dialect: the routes under its prefix (paths with "{id}" take the last segment as an argument), and
-    how its errors and streams go on the wire."""
+    """One API dialect: its routes under its prefix (a path's "{id}" takes the last segment), its errors and streams."""
 
     prefix: str
     routes: dict[str, dict[str, Any]]  # path -> method -> a _Run, or a function returning a JSON object
@@ -6553,9 +6523,8 @@ def _ollama_show(ms: ModelServer, body: dict[str, Any]) -> dict[str, Any]:
 def _ollama_ps(ms: ModelServer) -> dict[str, Any]:
     out, instances = [], ms.status()["instances"]  # one snapshot of the pool for every model
     for m in ms.models():
-        insts = [i for i in instances if i["model"] == m.id and i["state"] != "gone"]
-        if insts:
-            expires = [i["expires"] for i in insts]
+        expires = [i["expires"] for i in instances if i["model"] == m.id and i["state"] != "gone"]
+        if expires:
             until = None if None in expires else _iso(max(expires))
             extra = {"expires_at": until, "size_vram": 0, "context_length": m.context_size}
             out.append({**_ollama_entry(ms, m), **extra})
