@@ -7517,15 +7517,11 @@ class _Transport(BaseHTTPRequestHandler):
 
     def handle_one_request(self) -> None:
         """Wait up to idle_timeout for a request to begin, then give it read_timeout to arrive whole."""
-        srv, config = self.server, self.server.model_server.config
-        if srv.draining and self._served:
-            self.close_connection = True  # a kept-alive connection ends at once when draining
-            return
-        srv.arm(self._conn, config.idle_timeout)
-        try:
-            begun = self.rfile.peek(1)
-        except OSError:
-            begun = b""
+        srv, config, begun = self.server, self.server.model_server.config, b""
+        if not (srv.draining and self._served):  # a kept-alive connection ends at once when draining
+            srv.arm(self._conn, config.idle_timeout)
+            with _suppress(OSError):
+                begun = self.rfile.peek(1)
         if not begun:
             self.close_connection = True
             return
@@ -7678,18 +7674,18 @@ class _Transport(BaseHTTPRequestHandler):
         self._send(status, _json_bytes(obj), "application/json", headers)
 
     def _send(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-        headers = headers or {}
-        self._status = status
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in headers.items():
-            self.send_header(k, v)
-        if self.close_connection and "Connection" not in headers:
-            self.send_header("Connection", "close")  # so a kept-alive client does not send into a closed socket
-        self.end_headers()
+        # Connection: close, so a kept-alive client does not send into a closed socket.
+        close = {"Connection": "close"} if self.close_connection else {}
+        self._head(status, {"Content-Type": content_type, "Content-Length": str(len(data)), **(headers or {}), **close})
         if self.command != "HEAD":
             self.wfile.write(data)
+
+    def _head(self, status: int, headers: dict[str, str]) -> None:
+        self._status = status
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
 
     def _send_error(self, exc: APIError) -> None:
         if self._status:  # headers already went out
@@ -7782,18 +7778,9 @@ class _Transport(BaseHTTPRequestHandler):
     def _stream_headers(self, instance: str | None) -> None:
         if self._status:  # sent already, before a keepalive
             return
-        self._status = 200
-        self.send_response(200)
-        self.send_header("Content-Type", self._dialect.content_type)
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("X-Accel-Buffering", "no")
-        if self.request_version == "HTTP/1.0":
-            self.send_header("Connection", "close")
-        else:
-            self.send_header("Transfer-Encoding", "chunked")
-        if instance:
-            self.send_header("X-Lllms-Instance", instance)
-        self.end_headers()
+        headers = {"Content-Type": self._dialect.content_type, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        framing = {"Connection": "close"} if self.request_version == "HTTP/1.0" else {"Transfer-Encoding": "chunked"}
+        self._head(200, {**headers, **framing, **({"X-Lllms-Instance": instance} if instance else {})})
 
 
 # ---- 8b. the handler: authentication, routes, endpoints
@@ -7810,11 +7797,6 @@ def _prefers_html(accept: str) -> bool:
     return ranks.get("text/html", 0) > 0 and ranks.get("text/html", 0) >= ranks.get("application/json", 0)
 
 
-def _strip_paths(text: str) -> str:
-    """Text with each absolute path cut to its last component."""
-    return re.sub(r"(?:/[^/\s'\":]+)+/([^/\s'\":]+)", r"\1", text)
-
-
 class _Handler(_Transport):
     """The API: authentication, CORS, routing through the dialect table, and the server's own endpoints."""
 
@@ -7824,6 +7806,7 @@ class _Handler(_Transport):
         "/health": {"GET": "_get_health"},
         "/metrics": {"GET": "_get_metrics"},
     }
+    _EXPOSED = "X-Request-Id, X-Lllms-Instance, X-Lllms-Node, X-Conversation-Key, X-Lllms-Tools-Left-Out, Retry-After"
 
     def _handle(self) -> None:
         method, path = self.command, self.path.split("?", 1)[0]
@@ -7940,10 +7923,9 @@ class _Handler(_Transport):
     def _cors_origin(self) -> str | None:
         allowed = self.server.model_server.config.cors_origins
         origin = self.headers.get("Origin")
-        if not allowed or origin is None:
+        # Never echo anything but a plain origin back into a header.
+        if not allowed or origin is None or not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]{1,255}", origin):
             return None
-        if not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]{1,255}", origin):
-            return None  # never echo anything but a plain origin back into a header
         return origin if origin in allowed or "*" in allowed else None
 
     def _options(self, routes: dict[str, Any] | None) -> None:
@@ -7951,15 +7933,12 @@ class _Handler(_Transport):
         if routes is None:
             raise NotFound(f"no such endpoint: OPTIONS {self.path}", code="not_found")
         allow = ", ".join([*routes, *(["HEAD"] if "GET" in routes else []), "OPTIONS"])
-        self._status = 204
-        self.send_response(204)
-        self.send_header("Allow", allow)
+        headers = {"Allow": allow}
         if self._cors_origin() is not None:
-            self.send_header("Access-Control-Allow-Methods", allow)
-            self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type, X-Request-Id, X-Api-Key")
-            self.send_header("Access-Control-Max-Age", "600")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+            headers["Access-Control-Allow-Methods"] = allow
+            headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, X-Request-Id, X-Api-Key"
+            headers["Access-Control-Max-Age"] = "600"
+        self._head(204, {**headers, "Content-Length": "0"})
 
     def end_headers(self) -> None:
         # Every response, errors included, carries its request id (and CORS headers for allowed origins).
@@ -7973,10 +7952,7 @@ class _Handler(_Transport):
         origin = self._cors_origin() if self.headers is not None else None
         if origin is not None:
             self.send_header("Access-Control-Allow-Origin", origin)
-            exposed = (
-                "X-Request-Id, X-Lllms-Instance, X-Lllms-Node, X-Conversation-Key, X-Lllms-Tools-Left-Out, Retry-After"
-            )
-            self.send_header("Access-Control-Expose-Headers", exposed)
+            self.send_header("Access-Control-Expose-Headers", self._EXPOSED)
             self.send_header("Vary", "Origin")
         super().end_headers()
 
@@ -7988,10 +7964,10 @@ class _Handler(_Transport):
             return self._send(200, _DASHBOARD.encode(), "text/html; charset=utf-8", headers)
         status = self.server.model_server.status()
         if not self.server.api_keys:
-            # Without keys, anyone may look: show no file system paths, just file names.
+            # Without keys, anyone may look: show no file system paths, just file names (an error's paths too).
             for m in status["models"].values():
                 m["file"] = os.path.basename(m["file"]) if m["file"] else None
-                m["error"] = _strip_paths(m["error"]) if m["error"] else None
+                m["error"] = re.sub(r"(?:/[^/\s'\":]+)+/([^/\s'\":]+)", r"\1", m["error"]) if m["error"] else None
         self._send_json(200, status)
 
     def _get_health(self) -> None:
@@ -8143,11 +8119,8 @@ class HTTPServer:
         env_keys = [k.strip() for k in os.environ.get("LLLMS_API_KEY", "").split(",") if k.strip()]
         self._httpd.api_keys = [*model_server.config.api_keys, *env_keys]
         if not self._httpd.api_keys and host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
-            log.warning(
-                "!!! listening on %s with no api_keys: anyone who can reach this address can use every model. "
-                "Set api_keys in the config or LLLMS_API_KEY. !!!",
-                host,
-            )
+            line = "!!! listening on %s with no api_keys: anyone who can reach this address can use every model. "
+            log.warning(line + "Set api_keys in the config or LLLMS_API_KEY. !!!", host)
         self._thread: threading.Thread | None = None
 
     @property
@@ -8231,7 +8204,7 @@ def _list_models_dir(config: ServerConfig) -> int:
     for m in config.models.values():
         users.setdefault(os.path.abspath(_model_path(m, config.models_dir)), []).append(m.id)
     print(f"models_dir: {root}")
-    found = False
+    lines = []
     for dirpath, _, files in sorted(os.walk(root)):
         for name in sorted(files):
             if name.endswith((".lllms.json", ".lock", ".break")):
@@ -8239,10 +8212,8 @@ def _list_models_dir(config: ServerConfig) -> int:
             path, part = os.path.join(dirpath, name), name.endswith(".part")
             state = "partial download" if part else f"sha256 {_sidecar(path, os.stat(path)).get('sha256') or '-'}"
             models = ", ".join(users.get(os.path.abspath(path.removesuffix(".part")), [])) or "-"
-            print(f"{os.path.getsize(path):>14,d}  {os.path.relpath(path, root)}  {state}  models: {models}")
-            found = True
-    if not found:
-        print("(empty)")
+            lines.append(f"{os.path.getsize(path):>14,d}  {os.path.relpath(path, root)}  {state}  models: {models}")
+    print("\n".join(lines) or "(empty)")
     return 0
 
 
@@ -8506,10 +8477,8 @@ async function sampleMetrics() {
   try {
     const res = await fetch("/metrics", { headers: auth(), cache: "no-store" });
     if (res.ok) {
-      total = 0;
-      for (const m of (await res.text()).matchAll(/^lllms_completion_tokens_total(?:\{[^}]*\})?\s+(\S+)/gm)) {
-        total += Number(m[1]);
-      }
+      const found = (await res.text()).matchAll(/^lllms_completion_tokens_total(?:\{[^}]*\})?\s+(\S+)/gm);
+      total = [...found].reduce((sum, m) => sum + Number(m[1]), 0);
     }
   } catch (err) { /* no metrics: show n/a */ }
   const t = performance.now() / 1000;
@@ -8534,14 +8503,11 @@ function render(s, now) {
   $("dash").hidden = $("summary").hidden = false;
   $("node").hidden = !s.node;
   $("node").textContent = s.node ? "node " + s.node : "";
-  $("version").textContent = num(s.version);
-  $("state").textContent = num(s.state);
-  $("state").setAttribute("data-state", s.state || "");
-  $("uptime").textContent = duration(s.uptime);
   const c = s.concurrency || {};
-  $("queued").textContent = num(c.queued);
-  $("running").textContent = num(c.running);
-  $("limit").textContent = c.limit == null ? "unlimited" : String(c.limit);
+  const texts = { version: num(s.version), state: num(s.state), uptime: duration(s.uptime), queued: num(c.queued),
+    running: num(c.running), limit: c.limit == null ? "unlimited" : String(c.limit) };
+  for (const [id, text] of Object.entries(texts)) $(id).textContent = text;
+  $("state").setAttribute("data-state", s.state || "");
   const models = s.models || {}, byModel = {};
   for (const inst of s.instances || []) (byModel[inst.model] = byModel[inst.model] || []).push(inst);
   const ids = [...new Set([...Object.keys(models), ...Object.keys(byModel)])];
