@@ -6606,8 +6606,7 @@ class CompletionStream:
         queue_deadline = None if config.queue_timeout is None else now + config.queue_timeout
         self._queue_deadline = min((d for d in (queue_deadline, self._deadline) if d is not None), default=None)
         self._ticket = pool.enqueue(request.model.id, request.key())
-        self._started = False
-        self._gen = self._run()
+        self._started, self._gen = False, self._run()
 
     @property
     def text(self) -> str:
@@ -6815,9 +6814,8 @@ class ModelServer:
             if f.thread is None:
                 self._pool.retry_model(model.id)
                 f.restart()
-                f.thread = threading.Thread(
-                    target=self._prepare_run, args=(model, load), name=f"lllms-prepare-{model.id}", daemon=True
-                )
+                name = f"lllms-prepare-{model.id}"
+                f.thread = threading.Thread(target=self._prepare_run, args=(model, load), name=name, daemon=True)
                 f.thread.start()
             thread = f.thread
         if block:
@@ -7512,8 +7510,7 @@ class _Transport(BaseHTTPRequestHandler):
         super().setup()
         # One small write per token: without NODELAY, Nagle + delayed ACK can stall a stream by 40 ms a token.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._conn = self.server.conns[self.connection]
-        self._served = False
+        self._conn, self._served = self.server.conns[self.connection], False
 
     def handle_one_request(self) -> None:
         """Wait up to idle_timeout for a request to begin, then give it read_timeout to arrive whole."""
@@ -7921,8 +7918,7 @@ class _Handler(_Transport):
             raise InvalidRequest(why, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}, status=401)
 
     def _cors_origin(self) -> str | None:
-        allowed = self.server.model_server.config.cors_origins
-        origin = self.headers.get("Origin")
+        allowed, origin = self.server.model_server.config.cors_origins, self.headers.get("Origin")
         # Never echo anything but a plain origin back into a header.
         if not allowed or origin is None or not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]{1,255}", origin):
             return None
@@ -8299,8 +8295,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "list":
         return _list_models_dir(config)
-    ms = ModelServer(config, progress=_ProgressPrinter())
-    stop = threading.Event()
+    ms, stop = ModelServer(config, progress=_ProgressPrinter()), threading.Event()
 
     def on_signal(*_: Any) -> None:
         if stop.is_set():  # a second signal: cut the drain short
@@ -8431,12 +8426,9 @@ const auth = (key = sessionStorage.getItem(KEY)) => (key ? { Authorization: "Bea
 function schedule(ms) { clearTimeout(timer); timer = setTimeout(poll, ms); }
 
 async function poll() {
-  if (!waitingForKey) {
-    try { await refresh(); $("error").hidden = true; } catch (err) {
-      $("error").textContent = "Cannot read the status: " + err.message;
-      $("error").hidden = false;
-    }
-  }
+  const err = waitingForKey ? null : await refresh().then(() => null, (e) => e);
+  $("error").textContent = err ? "Cannot read the status: " + err.message : "";
+  $("error").hidden = !err;
   schedule(POLL_MS);
 }
 
@@ -8456,8 +8448,7 @@ function askForKey(sentKey, body) {
   sessionStorage.removeItem(KEY);
   for (const id of ["dash", "summary", "node"]) $(id).hidden = true;
   $("models").replaceChildren();  // no model data stays on the page without a key
-  const message = body && body.error && body.error.message;
-  $("auth-error").textContent = sentKey ? message || "The key was refused." : "";
+  $("auth-error").textContent = sentKey ? body?.error?.message || "The key was refused." : "";
   $("auth").hidden = false;
   $("key").focus();
 }
