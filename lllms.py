@@ -6749,9 +6749,8 @@ class ModelServer:
         self.responses = _ResponseStore(self.config.stored_responses)  # the Responses API's stored results
         self._progress = progress
         self._files = {m.id: _ModelFile(_model_path(m, self.config.models_dir)) for m in self.config.models.values()}
-        self._files_lock = threading.Lock()
         self._metadata: dict[str, dict[str, Any]] = {}  # GGUF metadata by model id, read on first use
-        self._cancel_downloads, self._pool = threading.Event(), _Pool(self.config)
+        self._files_lock, self._cancel_downloads, self._pool = threading.Lock(), threading.Event(), _Pool(self.config)
         self._state = "starting"  # then ready; draining once stop() begins (new requests get 503), then stopped
 
     def start(self) -> ModelServer:
