@@ -6987,8 +6987,7 @@ class ModelServer:
     def pull(self, name: str, report: Callable[[dict[str, Any]], None], cancel: threading.Event) -> ModelConfig:
         """Download a model by hf.co/ name or https URL (resuming a part file), and serve it from now on under that
         name, or for a URL its file name (Ollama's pull). `report` gets Ollama's progress objects."""
-        hf = _HF_NAME.fullmatch(name)
-        if not hf and not name.startswith("https://"):
+        if not (hf := _HF_NAME.fullmatch(name)) and not name.startswith("https://"):
             raise InvalidRequest("pull takes an hf.co/USER/REPO[:QUANT] name or an https:// URL", param="model")
         if not hf and not self.config.pull_private_urls:
             _public_host(typing.cast(str, urlsplit(name).hostname))
@@ -7377,8 +7376,7 @@ def _json_int(text: str) -> int:
 
 
 def _json_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
+    if not math.isfinite(value := float(text)):
         raise ValueError(f"the number {text[:30]}{'...' if len(text) > 30 else ''} is out of range")
     return value
 
@@ -7414,8 +7412,7 @@ _MAX_JSON_CONTAINERS = 100_000
 def _check_body_limits(body: dict[str, Any], config: ServerConfig) -> None:
     """400 for a body nested too deep, with too many messages, too much text, or text that is not Unicode."""
     for key in ("messages", "prompt", "input"):
-        items = body.get(key)
-        if isinstance(items, list) and len(items) > config.max_messages:
+        if isinstance(items := body.get(key), list) and len(items) > config.max_messages:
             why = f"'{key}' holds {len(items)} items; the limit is max_messages ({config.max_messages})"
             raise InvalidRequest(why, param=key, code="too_many_messages")
     chars = _text_sizes(body, config)
@@ -7641,8 +7638,7 @@ class _Transport(BaseHTTPRequestHandler):
 
     def _exactly(self, length: int) -> Iterator[bytes]:
         while length > 0:
-            piece = self.rfile.read(min(length, 1 << 20))
-            if not piece:
+            if not (piece := self.rfile.read(min(length, 1 << 20))):
                 self.close_connection = True
                 if self._conn.cut == "timeout":
                     raise TimeoutError
@@ -7808,8 +7804,7 @@ class _Handler(_Transport):
         method, path = self.command, self.path.split("?", 1)[0]
         path = ("/openai" + path if path.startswith("/v1/") else path).rstrip("/") or "/"
         self._t0 = time.monotonic()
-        given_id = self.headers.get("X-Request-Id")
-        if given_id and re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", given_id):
+        if (given_id := self.headers.get("X-Request-Id")) and re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", given_id):
             self._request_id = given_id
         if method != "POST":
             self.server.arm(self._conn, None)  # the request is in: what follows is not bounded by read_timeout
@@ -7868,8 +7863,7 @@ class _Handler(_Transport):
         if method not in routes:
             why = f"{method} is not allowed on {path}"
             raise InvalidRequest(why, code="method_not_allowed", headers={"Allow": ", ".join(routes)}, status=405)
-        target = routes[method]
-        if isinstance(target, _Admin):
+        if isinstance(target := routes[method], _Admin):
             self._may_manage()
             target = target.call
         if isinstance(target, str):
@@ -7903,8 +7897,7 @@ class _Handler(_Transport):
 
     def _authenticate(self) -> None:
         """A 401 unless the request carries a configured key, or none is configured."""
-        keys = self.server.api_keys
-        if not keys:
+        if not (keys := self.server.api_keys):
             return
         scheme, _, given = self.headers.get("Authorization", "").partition(" ")
         if "x-api-key" in self.headers:  # Anthropic's clients send the key there
@@ -7966,8 +7959,7 @@ class _Handler(_Transport):
         self._send_json(200, status)
 
     def _get_health(self) -> None:
-        state = self.server.model_server.state
-        if state != "ready":
+        if (state := self.server.model_server.state) != "ready":
             raise Unavailable(f"the server is {state}", code=state, headers={"Retry-After": "1"})
         self._send_json(200, {"status": "ok"})
 
