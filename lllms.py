@@ -8428,9 +8428,8 @@ async function refresh() {
   const res = await fetch("/", { headers: { Accept: "application/json", ...auth() }, cache: "no-store" });
   if (res.status === 401) return askForKey(sentKey, await res.json().catch(() => null));
   if (!res.ok) throw new Error("HTTP " + res.status);
-  const status = await res.json();
   const date = Date.parse(res.headers.get("Date") || "");  // the server's clock, for "12 s ago"
-  render(status, isNaN(date) ? Date.now() / 1000 : date / 1000);
+  render(await res.json(), isNaN(date) ? Date.now() / 1000 : date / 1000);
   await sampleMetrics();
 }
 
