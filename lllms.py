@@ -6843,8 +6843,7 @@ class CompletionStream:
         queue_deadline = None if config.queue_timeout is None else now + config.queue_timeout
         self._queue_deadline = min((d for d in (queue_deadline, self._deadline) if d is not None), default=None)
         self._ticket = pool.enqueue(request.model.id, request.key())
-        self._started = False
-        self._gen = self._run()
+        self._started, self._gen = False, self._run()
 
     @property
     def text(self) -> str:
@@ -6987,9 +6986,8 @@ class ModelServer:
         self.responses = _ResponseStore(self.config.stored_responses)  # the Responses API's stored results
         self._progress = progress
         self._files = {m.id: _ModelFile(_model_path(m, self.config.models_dir)) for m in self.config.models.values()}
-        self._files_lock = threading.Lock()
         self._metadata: dict[str, dict[str, Any]] = {}  # GGUF metadata by model id, read on first use
-        self._cancel_downloads, self._pool = threading.Event(), _Pool(self.config)
+        self._files_lock, self._cancel_downloads, self._pool = threading.Lock(), threading.Event(), _Pool(self.config)
         self._state = "starting"  # then ready; draining once stop() begins (new requests get 503), then stopped
 
     def start(self) -> ModelServer:
@@ -7052,9 +7050,8 @@ class ModelServer:
             if f.thread is None:
                 self._pool.retry_model(model.id)
                 f.restart()
-                f.thread = threading.Thread(
-                    target=self._prepare_run, args=(model, load), name=f"lllms-prepare-{model.id}", daemon=True
-                )
+                name = f"lllms-prepare-{model.id}"
+                f.thread = threading.Thread(target=self._prepare_run, args=(model, load), name=name, daemon=True)
                 f.thread.start()
             thread = f.thread
         if block:
@@ -7234,8 +7231,7 @@ class ModelServer:
     def pull(self, name: str, report: Callable[[dict[str, Any]], None], cancel: threading.Event) -> ModelConfig:
         """Download a model by hf.co/ name or https URL (resuming a part file), and serve it from now on under that
         name, or for a URL its file name (Ollama's pull). `report` gets Ollama's progress objects."""
-        hf = _HF_NAME.fullmatch(name)
-        if not hf and not name.startswith("https://"):
+        if not (hf := _HF_NAME.fullmatch(name)) and not name.startswith("https://"):
             raise InvalidRequest("pull takes an hf.co/USER/REPO[:QUANT] name or an https:// URL", param="model")
         if not hf and not self.config.pull_private_urls:
             _public_host(typing.cast(str, urlsplit(name).hostname))
@@ -7626,8 +7622,7 @@ def _json_int(text: str) -> int:
 
 
 def _json_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
+    if not math.isfinite(value := float(text)):
         raise ValueError(f"the number {text[:30]}{'...' if len(text) > 30 else ''} is out of range")
     return value
 
@@ -7664,8 +7659,7 @@ _MAX_JSON_CONTAINERS = 100_000
 def _check_body_limits(body: dict[str, Any], config: ServerConfig) -> None:
     """400 for a body nested too deep, with too many messages, too much text, or text that is not Unicode."""
     for key in ("messages", "prompt", "input"):
-        items = body.get(key)
-        if isinstance(items, list) and len(items) > config.max_messages:
+        if isinstance(items := body.get(key), list) and len(items) > config.max_messages:
             why = f"'{key}' holds {len(items)} items; the limit is max_messages ({config.max_messages})"
             raise InvalidRequest(why, param=key, code="too_many_messages")
     chars = _text_sizes(body, config)
@@ -7761,20 +7755,15 @@ class _Transport(BaseHTTPRequestHandler):
         super().setup()
         # One small write per token: without NODELAY, Nagle + delayed ACK can stall a stream by 40 ms a token.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._conn = self.server.conns[self.connection]
-        self._served = False
+        self._conn, self._served = self.server.conns[self.connection], False
 
     def handle_one_request(self) -> None:
         """Wait up to idle_timeout for a request to begin, then give it read_timeout to arrive whole."""
-        srv, config = self.server, self.server.model_server.config
-        if srv.draining and self._served:
-            self.close_connection = True  # a kept-alive connection ends at once when draining
-            return
-        srv.arm(self._conn, config.idle_timeout)
-        try:
-            begun = self.rfile.peek(1)
-        except OSError:
-            begun = b""
+        srv, config, begun = self.server, self.server.model_server.config, b""
+        if not (srv.draining and self._served):  # a kept-alive connection ends at once when draining
+            srv.arm(self._conn, config.idle_timeout)
+            with _suppress(OSError):
+                begun = self.rfile.peek(1)
         if not begun:
             self.close_connection = True
             return
@@ -7898,8 +7887,7 @@ class _Transport(BaseHTTPRequestHandler):
 
     def _exactly(self, length: int) -> Iterator[bytes]:
         while length > 0:
-            piece = self.rfile.read(min(length, 1 << 20))
-            if not piece:
+            if not (piece := self.rfile.read(min(length, 1 << 20))):
                 self.close_connection = True
                 if self._conn.cut == "timeout":
                     raise TimeoutError
@@ -7927,18 +7915,18 @@ class _Transport(BaseHTTPRequestHandler):
         self._send(status, _json_bytes(obj), "application/json", headers)
 
     def _send(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-        headers = headers or {}
-        self._status = status
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(data)))
-        for k, v in headers.items():
-            self.send_header(k, v)
-        if self.close_connection and "Connection" not in headers:
-            self.send_header("Connection", "close")  # so a kept-alive client does not send into a closed socket
-        self.end_headers()
+        # Connection: close, so a kept-alive client does not send into a closed socket.
+        close = {"Connection": "close"} if self.close_connection else {}
+        self._head(status, {"Content-Type": content_type, "Content-Length": str(len(data)), **(headers or {}), **close})
         if self.command != "HEAD":
             self.wfile.write(data)
+
+    def _head(self, status: int, headers: dict[str, str]) -> None:
+        self._status = status
+        self.send_response(status)
+        for k, v in headers.items():
+            self.send_header(k, v)
+        self.end_headers()
 
     def _send_error(self, exc: APIError) -> None:
         if self._status:  # headers already went out
@@ -8031,18 +8019,9 @@ class _Transport(BaseHTTPRequestHandler):
     def _stream_headers(self, instance: str | None) -> None:
         if self._status:  # sent already, before a keepalive
             return
-        self._status = 200
-        self.send_response(200)
-        self.send_header("Content-Type", self._dialect.content_type)
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("X-Accel-Buffering", "no")
-        if self.request_version == "HTTP/1.0":
-            self.send_header("Connection", "close")
-        else:
-            self.send_header("Transfer-Encoding", "chunked")
-        if instance:
-            self.send_header("X-Lllms-Instance", instance)
-        self.end_headers()
+        headers = {"Content-Type": self._dialect.content_type, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        framing = {"Connection": "close"} if self.request_version == "HTTP/1.0" else {"Transfer-Encoding": "chunked"}
+        self._head(200, {**headers, **framing, **({"X-Lllms-Instance": instance} if instance else {})})
 
 
 # ---- 8b. the handler: authentication, routes, endpoints
@@ -8059,11 +8038,6 @@ def _prefers_html(accept: str) -> bool:
     return ranks.get("text/html", 0) > 0 and ranks.get("text/html", 0) >= ranks.get("application/json", 0)
 
 
-def _strip_paths(text: str) -> str:
-    """Text with each absolute path cut to its last component."""
-    return re.sub(r"(?:/[^/\s'\":]+)+/([^/\s'\":]+)", r"\1", text)
-
-
 class _Handler(_Transport):
     """The API: authentication, CORS, routing through the dialect table, and the server's own endpoints."""
 
@@ -8073,13 +8047,13 @@ class _Handler(_Transport):
         "/health": {"GET": "_get_health"},
         "/metrics": {"GET": "_get_metrics"},
     }
+    _EXPOSED = "X-Request-Id, X-Lllms-Instance, X-Lllms-Node, X-Conversation-Key, X-Lllms-Tools-Left-Out, Retry-After"
 
     def _handle(self) -> None:
         method, path = self.command, self.path.split("?", 1)[0]
         path = ("/openai" + path if path.startswith("/v1/") else path).rstrip("/") or "/"
         self._t0 = time.monotonic()
-        given_id = self.headers.get("X-Request-Id")
-        if given_id and re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", given_id):
+        if (given_id := self.headers.get("X-Request-Id")) and re.fullmatch(r"[A-Za-z0-9._:-]{1,128}", given_id):
             self._request_id = given_id
         if method != "POST":
             self.server.arm(self._conn, None)  # the request is in: what follows is not bounded by read_timeout
@@ -8138,8 +8112,7 @@ class _Handler(_Transport):
         if method not in routes:
             why = f"{method} is not allowed on {path}"
             raise InvalidRequest(why, code="method_not_allowed", headers={"Allow": ", ".join(routes)}, status=405)
-        target = routes[method]
-        if isinstance(target, _Admin):
+        if isinstance(target := routes[method], _Admin):
             self._may_manage()
             target = target.call
         if isinstance(target, str):
@@ -8173,8 +8146,7 @@ class _Handler(_Transport):
 
     def _authenticate(self) -> None:
         """A 401 unless the request carries a configured key, or none is configured."""
-        keys = self.server.api_keys
-        if not keys:
+        if not (keys := self.server.api_keys):
             return
         scheme, _, given = self.headers.get("Authorization", "").partition(" ")
         if "x-api-key" in self.headers:  # Anthropic's clients send the key there
@@ -8187,12 +8159,10 @@ class _Handler(_Transport):
             raise InvalidRequest(why, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}, status=401)
 
     def _cors_origin(self) -> str | None:
-        allowed = self.server.model_server.config.cors_origins
-        origin = self.headers.get("Origin")
-        if not allowed or origin is None:
+        allowed, origin = self.server.model_server.config.cors_origins, self.headers.get("Origin")
+        # Never echo anything but a plain origin back into a header.
+        if not allowed or origin is None or not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]{1,255}", origin):
             return None
-        if not re.fullmatch(r"https?://[A-Za-z0-9.\[\]:-]{1,255}", origin):
-            return None  # never echo anything but a plain origin back into a header
         return origin if origin in allowed or "*" in allowed else None
 
     def _options(self, routes: dict[str, Any] | None) -> None:
@@ -8200,15 +8170,12 @@ class _Handler(_Transport):
         if routes is None:
             raise NotFound(f"no such endpoint: OPTIONS {self.path}", code="not_found")
         allow = ", ".join([*routes, *(["HEAD"] if "GET" in routes else []), "OPTIONS"])
-        self._status = 204
-        self.send_response(204)
-        self.send_header("Allow", allow)
+        headers = {"Allow": allow}
         if self._cors_origin() is not None:
-            self.send_header("Access-Control-Allow-Methods", allow)
-            self.send_header("Access-Control-Allow-Headers", "Authorization, Content-Type, X-Request-Id, X-Api-Key")
-            self.send_header("Access-Control-Max-Age", "600")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
+            headers["Access-Control-Allow-Methods"] = allow
+            headers["Access-Control-Allow-Headers"] = "Authorization, Content-Type, X-Request-Id, X-Api-Key"
+            headers["Access-Control-Max-Age"] = "600"
+        self._head(204, {**headers, "Content-Length": "0"})
 
     def end_headers(self) -> None:
         # Every response, errors included, carries its request id (and CORS headers for allowed origins).
@@ -8222,10 +8189,7 @@ class _Handler(_Transport):
         origin = self._cors_origin() if self.headers is not None else None
         if origin is not None:
             self.send_header("Access-Control-Allow-Origin", origin)
-            exposed = (
-                "X-Request-Id, X-Lllms-Instance, X-Lllms-Node, X-Conversation-Key, X-Lllms-Tools-Left-Out, Retry-After"
-            )
-            self.send_header("Access-Control-Expose-Headers", exposed)
+            self.send_header("Access-Control-Expose-Headers", self._EXPOSED)
             self.send_header("Vary", "Origin")
         super().end_headers()
 
@@ -8237,15 +8201,14 @@ class _Handler(_Transport):
             return self._send(200, _DASHBOARD.encode(), "text/html; charset=utf-8", headers)
         status = self.server.model_server.status()
         if not self.server.api_keys:
-            # Without keys, anyone may look: show no file system paths, just file names.
+            # Without keys, anyone may look: show no file system paths, just file names (an error's paths too).
             for m in status["models"].values():
                 m["file"] = os.path.basename(m["file"]) if m["file"] else None
-                m["error"] = _strip_paths(m["error"]) if m["error"] else None
+                m["error"] = re.sub(r"(?:/[^/\s'\":]+)+/([^/\s'\":]+)", r"\1", m["error"]) if m["error"] else None
         self._send_json(200, status)
 
     def _get_health(self) -> None:
-        state = self.server.model_server.state
-        if state != "ready":
+        if (state := self.server.model_server.state) != "ready":
             raise Unavailable(f"the server is {state}", code=state, headers={"Retry-After": "1"})
         self._send_json(200, {"status": "ok"})
 
@@ -8392,11 +8355,8 @@ class HTTPServer:
         env_keys = [k.strip() for k in os.environ.get("LLLMS_API_KEY", "").split(",") if k.strip()]
         self._httpd.api_keys = [*model_server.config.api_keys, *env_keys]
         if not self._httpd.api_keys and host not in ("127.0.0.1", "localhost", "::1") and not host.startswith("127."):
-            log.warning(
-                "!!! listening on %s with no api_keys: anyone who can reach this address can use every model. "
-                "Set api_keys in the config or LLLMS_API_KEY. !!!",
-                host,
-            )
+            line = "!!! listening on %s with no api_keys: anyone who can reach this address can use every model. "
+            log.warning(line + "Set api_keys in the config or LLLMS_API_KEY. !!!", host)
         self._thread: threading.Thread | None = None
 
     @property
@@ -8480,7 +8440,7 @@ def _list_models_dir(config: ServerConfig) -> int:
     for m in config.models.values():
         users.setdefault(os.path.abspath(_model_path(m, config.models_dir)), []).append(m.id)
     print(f"models_dir: {root}")
-    found = False
+    lines = []
     for dirpath, _, files in sorted(os.walk(root)):
         for name in sorted(files):
             if name.endswith((".lllms.json", ".lock", ".break")):
@@ -8488,10 +8448,8 @@ def _list_models_dir(config: ServerConfig) -> int:
             path, part = os.path.join(dirpath, name), name.endswith(".part")
             state = "partial download" if part else f"sha256 {_sidecar(path, os.stat(path)).get('sha256') or '-'}"
             models = ", ".join(users.get(os.path.abspath(path.removesuffix(".part")), [])) or "-"
-            print(f"{os.path.getsize(path):>14,d}  {os.path.relpath(path, root)}  {state}  models: {models}")
-            found = True
-    if not found:
-        print("(empty)")
+            lines.append(f"{os.path.getsize(path):>14,d}  {os.path.relpath(path, root)}  {state}  models: {models}")
+    print("\n".join(lines) or "(empty)")
     return 0
 
 
@@ -8585,8 +8543,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.command == "list":
         return _list_models_dir(config)
-    ms = ModelServer(config, progress=_ProgressPrinter())
-    stop = threading.Event()
+    ms, stop = ModelServer(config, progress=_ProgressPrinter()), threading.Event()
 
     def on_signal(*_: Any) -> None:
         if stop.is_set():  # a second signal: cut the drain short
@@ -8717,12 +8674,9 @@ const auth = (key = sessionStorage.getItem(KEY)) => (key ? { Authorization: "Bea
 function schedule(ms) { clearTimeout(timer); timer = setTimeout(poll, ms); }
 
 async function poll() {
-  if (!waitingForKey) {
-    try { await refresh(); $("error").hidden = true; } catch (err) {
-      $("error").textContent = "Cannot read the status: " + err.message;
-      $("error").hidden = false;
-    }
-  }
+  const err = waitingForKey ? null : await refresh().then(() => null, (e) => e);
+  $("error").textContent = err ? "Cannot read the status: " + err.message : "";
+  $("error").hidden = !err;
   schedule(POLL_MS);
 }
 
@@ -8731,9 +8685,8 @@ async function refresh() {
   const res = await fetch("/", { headers: { Accept: "application/json", ...auth() }, cache: "no-store" });
   if (res.status === 401) return askForKey(sentKey, await res.json().catch(() => null));
   if (!res.ok) throw new Error("HTTP " + res.status);
-  const status = await res.json();
   const date = Date.parse(res.headers.get("Date") || "");  // the server's clock, for "12 s ago"
-  render(status, isNaN(date) ? Date.now() / 1000 : date / 1000);
+  render(await res.json(), isNaN(date) ? Date.now() / 1000 : date / 1000);
   await sampleMetrics();
 }
 
@@ -8742,8 +8695,7 @@ function askForKey(sentKey, body) {
   sessionStorage.removeItem(KEY);
   for (const id of ["dash", "summary", "node"]) $(id).hidden = true;
   $("models").replaceChildren();  // no model data stays on the page without a key
-  const message = body && body.error && body.error.message;
-  $("auth-error").textContent = sentKey ? message || "The key was refused." : "";
+  $("auth-error").textContent = sentKey ? body?.error?.message || "The key was refused." : "";
   $("auth").hidden = false;
   $("key").focus();
 }
@@ -8763,10 +8715,8 @@ async function sampleMetrics() {
   try {
     const res = await fetch("/metrics", { headers: auth(), cache: "no-store" });
     if (res.ok) {
-      total = 0;
-      for (const m of (await res.text()).matchAll(/^lllms_completion_tokens_total(?:\{[^}]*\})?\s+(\S+)/gm)) {
-        total += Number(m[1]);
-      }
+      const found = (await res.text()).matchAll(/^lllms_completion_tokens_total(?:\{[^}]*\})?\s+(\S+)/gm);
+      total = [...found].reduce((sum, m) => sum + Number(m[1]), 0);
     }
   } catch (err) { /* no metrics: show n/a */ }
   const t = performance.now() / 1000;
@@ -8791,14 +8741,11 @@ function render(s, now) {
   $("dash").hidden = $("summary").hidden = false;
   $("node").hidden = !s.node;
   $("node").textContent = s.node ? "node " + s.node : "";
-  $("version").textContent = num(s.version);
-  $("state").textContent = num(s.state);
-  $("state").setAttribute("data-state", s.state || "");
-  $("uptime").textContent = duration(s.uptime);
   const c = s.concurrency || {};
-  $("queued").textContent = num(c.queued);
-  $("running").textContent = num(c.running);
-  $("limit").textContent = c.limit == null ? "unlimited" : String(c.limit);
+  const texts = { version: num(s.version), state: num(s.state), uptime: duration(s.uptime), queued: num(c.queued),
+    running: num(c.running), limit: c.limit == null ? "unlimited" : String(c.limit) };
+  for (const [id, text] of Object.entries(texts)) $(id).textContent = text;
+  $("state").setAttribute("data-state", s.state || "");
   const models = s.models || {}, byModel = {};
   for (const inst of s.instances || []) (byModel[inst.model] = byModel[inst.model] || []).push(inst);
   const ids = [...new Set([...Object.keys(models), ...Object.keys(byModel)])];
