@@ -30,6 +30,14 @@ random-weight bert reranker conftest.py writes (or --model), against llama-serve
 --llama-server. The servers run one at a time, taking turns each round; each batch size is posted RERANK_REPEATS
 times per round, and the report gives the median documents per second and the ratio.
 
+Scenario "vision": images through a vision projector (a random-weight one conftest.py writes for the model, heavy
+enough that encoding an image takes measurable time; or --mmproj), on lllms and, with --llama-server, on
+llama-server --mmproj with the same files, one server at a time, taking turns each round: (a) an image's cost, the
+time to first token of a chat with a new image minus that of the same chat without it; (b) the longest gap between
+tokens of a text stream while another request's new image is encoded and evaluated, beside that stream's median
+gap; (c) a later turn's time to first token when the conversation's image is cached, and when it is not (the same
+turn with an image the server has not seen).
+
 Scenario "memory": lllms' resident memory (VmRSS) after max_instances conversations at once, with max_instances 1
 and 4, beside one conversation's KV cache as the GGUF's metadata sizes it.
 
@@ -38,6 +46,7 @@ and 4, beside one conversation's KV cache as the GGUF's metadata sizes it.
     python examples/benchmark.py --scenario conversations  # 32 tokens per turn; --rounds does not apply
     python examples/benchmark.py --scenario concurrent [--llama-server PATH] [--rounds N]
     python examples/benchmark.py --scenario rerank [--llama-server PATH] [--rounds N]
+    python examples/benchmark.py --scenario vision [--llama-server PATH] [--rounds N] [--mmproj FILE]
     python examples/benchmark.py --scenario memory         # 64 tokens per conversation; --rounds does not apply
     python examples/benchmark.py --scenario scale-out      # needs haproxy; --rounds does not apply
 
@@ -48,6 +57,7 @@ default model), and gguf for "memory"; the HTTP client is the standard library's
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import http.client
 import json
@@ -1433,6 +1443,163 @@ def print_rerank(result: dict[str, Any]) -> None:
         print(f"{n:>6} " + " ".join(f"{by[n]:>13.1f}" for by in rows.values()) + ratio)
 
 
+# ---- scenario "vision": an image's cost, a stream's gaps while an image is encoded, a later turn with the image cached
+
+VISION_CONTEXT = 2048
+
+
+def vision_projector(model_path: str) -> str:
+    """A random-weight projector for the model: 64 tokens an image, from a 16-block ViT of width 768 over 64x64
+    (encoding a patch costs about what evaluating a token of SmolLM2-135M does)."""
+    from conftest import make_tiny_mmproj
+
+    dst = Path(tempfile.mkdtemp(prefix="lllms-bench-")) / "mmproj-bench.gguf"
+    return make_tiny_mmproj(dst, model_path, image_size=64, width=768, layers=16)
+
+
+def encode_ms(model_path: str, mmproj: str, n_threads: int, repeats: int = 5) -> float:
+    """libmtmd's encode of one 64x64 image, in this process, median of `repeats` (n_threads threads)."""
+    import ctypes
+
+    import llama_cpp
+    import llama_cpp.mtmd_cpp as mt
+
+    from conftest import make_png
+
+    llama_cpp.llama_backend_init()
+    model = llama_cpp.llama_model_load_from_file(model_path.encode(), llama_cpp.llama_model_default_params())
+    params = mt.mtmd_context_params_default()
+    params.use_gpu, params.n_threads, params.print_timings, params.warmup = False, n_threads, False, False
+    ctx, png, chunks = (
+        mt.mtmd_init_from_file(mmproj.encode(), model, params),
+        make_png(64, 64),
+        mt.mtmd_input_chunks_init(),
+    )
+    bitmap = mt.mtmd_helper_bitmap_init_from_buf(
+        ctx, (ctypes.c_uint8 * len(png)).from_buffer_copy(png), len(png), False
+    )
+    text = mt.mtmd_input_text(b"<__media__>", 11, False, True)
+    mt.mtmd_tokenize(ctx, chunks, ctypes.byref(text), (mt.mtmd_bitmap_p_ctypes * 1)(bitmap), 1)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mt.mtmd_encode_chunk(ctx, mt.mtmd_input_chunks_get(chunks, 0))
+        times.append((time.perf_counter() - t0) * 1000)
+    mt.mtmd_input_chunks_free(chunks)
+    mt.mtmd_bitmap_free(bitmap)
+    mt.mtmd_free(ctx)
+    llama_cpp.llama_model_free(model)
+    return round(statistics.median(times), 1)
+
+
+def image_chat(text: str, seed: int | None, history: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """A user message with a new random image (seed) or none, after `history`."""
+    from conftest import make_png
+
+    content: list[dict[str, Any]] = [{"type": "text", "text": text}]
+    if seed is not None:
+        url = "data:image/png;base64," + base64.b64encode(make_png(64, 64, seed)).decode()
+        content.insert(0, {"type": "image_url", "image_url": {"url": url}})
+    return [*(history or []), {"role": "user", "content": content}]
+
+
+def stream_times(port: int, messages: list[dict[str, Any]], max_tokens: int, started: threading.Event) -> list[float]:
+    """Stream a chat with EOS banned; the time each piece of text came (perf_counter)."""
+    body = {"model": MODEL_ID, "messages": messages, "max_tokens": max_tokens, "temperature": 0, "stream": True}
+    body["logit_bias"] = {"2": -100}  # SmolLM2's <|im_end|>
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+    times: list[float] = []
+    try:
+        conn.request("POST", "/v1/chat/completions", body=json.dumps(body).encode(), headers=_JSON_HEADERS)
+        resp = conn.getresponse()
+        while (line := resp.readline()) and not line.startswith(b"data: [DONE]"):
+            if line.startswith(b"data: ") and (json.loads(line[6:])["choices"] or [{}])[0].get("delta", {}).get(
+                "content"
+            ):
+                times.append(time.perf_counter())
+                started.set()
+    finally:
+        conn.close()
+    return times
+
+
+def vision_round(port: int, seed: int) -> dict[str, float]:
+    """(a), (b) and (c) once, each with images this server has not seen (seeds from `seed` on)."""
+    ask = "Describe this picture in one sentence."
+
+    def ttft(messages: list[dict[str, Any]]) -> float:
+        return post_openai(port, "/v1/chat/completions", {**_chat_body(messages), "stream": True}).ttft
+
+    cost = ttft(image_chat(ask, seed)) - ttft(image_chat(ask + f" ({seed})", None))
+    started = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        stream = pool.submit(stream_times, port, image_chat("Tell a long story.", None), 160, started)
+        started.wait(600)
+        time.sleep(0.3)  # a few tokens in
+        t0 = time.perf_counter()
+        first = post_openai(port, "/v1/chat/completions", {**_chat_body(image_chat(ask, seed + 1)), "stream": True})
+        t1 = t0 + first.seconds
+        times = stream.result()
+    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    during = [b - a for a, b in zip(times, times[1:], strict=False) if b > t0 and a < t1]
+    history = image_chat(ask, seed + 2)
+    said = post_openai(port, "/v1/chat/completions", _chat_body(history)).text
+    later = [*history, {"role": "assistant", "content": said}, {"role": "user", "content": "What colours?"}]
+    cached = ttft(later)
+    cold = ttft([*image_chat(ask, seed + 3), *later[1:]])
+    return {
+        "image_ms": cost * 1000,
+        "gap_ms": max(during, default=0) * 1000,
+        "median_gap_ms": statistics.median(gaps) * 1000,
+        "cached_ms": cached * 1000,
+        "cold_ms": cold * 1000,
+    }
+
+
+def _chat_body(messages: list[dict[str, Any]]) -> dict[str, Any]:
+    return {"model": MODEL_ID, "messages": messages, "max_tokens": 8, "temperature": 0}
+
+
+def scenario_vision(args: argparse.Namespace) -> dict[str, Any]:
+    n_threads, mmproj = os.cpu_count() or 1, args.mmproj or vision_projector(args.model)
+    model = {"task": "text-completion", "file": args.model, "mmproj": mmproj, "context_size": VISION_CONTEXT}
+    model |= {"max_instances": 2, "device": {"cpu_threads": n_threads}}
+    servers = {"lllms": lambda: lllms_config_server({"models": {MODEL_ID: model}})}
+    if args.llama_server:
+        command = llama_server(args.llama_server, args.model, 2, n_threads, VISION_CONTEXT)
+        servers["llama-server"] = lambda: subprocess_server(
+            "llama-server", lambda port: [*command(port), "--mmproj", mmproj], "/health"
+        )
+    rounds: dict[str, list[dict[str, float]]] = {name: [] for name in servers}
+    for r in range(args.rounds):
+        for name in list(servers)[r % len(servers) :] + list(servers)[: r % len(servers)]:
+            with servers[name]() as (port, _, _):
+                post_openai(port, "/v1/chat/completions", _chat_body(image_chat("Hi", 10_000 + r)))  # warm-up
+                rounds[name].append(vision_round(port, 100 * r))
+    rows = {name: {k: round(statistics.median(x[k] for x in rs), 1) for k in rs[0]} for name, rs in rounds.items()}
+    settings = {"model": args.model, "mmproj": mmproj, "max_tokens": 8, "context_size": VISION_CONTEXT}
+    encode = {n: encode_ms(args.model, mmproj, n) for n in sorted({max(1, n_threads // 2), n_threads})}
+    settings |= {"n_threads": n_threads, "encode_ms_by_threads": encode}
+    return {"scenario": "vision", "settings": settings, "ms": rows, "rounds": args.rounds}
+
+
+def print_vision(result: dict[str, Any]) -> None:
+    rows = result["ms"]
+    projector, encode = Path(result["settings"]["mmproj"]).name, result["settings"]["encode_ms_by_threads"]
+    print(f"vision: medians over {result['rounds']} rounds, milliseconds; projector {projector}")
+    print("libmtmd's encode of one image: " + ", ".join(f"{ms} ms on {n} threads" for n, ms in encode.items()))
+    labels = {
+        "image_ms": "(a) a new image's cost (TTFT with it - without)",
+        "gap_ms": "(b) longest token gap while an image is encoded",
+        "median_gap_ms": "    that stream's median token gap",
+        "cached_ms": "(c) later turn's TTFT, image cached",
+        "cold_ms": "    the same turn, image not cached",
+    }
+    print(f"{'':50}" + "".join(f"{name:>14}" for name in rows))
+    for key, label in labels.items():
+        print(f"{label:50}" + "".join(f"{by[key]:>14.1f}" for by in rows.values()))
+
+
 SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Callable[[dict[str, Any]], None]]] = {
     "stream": (scenario_stream, print_stream),
     "conversations": (scenario_conversations, print_conversations),
@@ -1441,6 +1608,7 @@ SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Calla
     "concurrent": (scenario_concurrent, print_concurrent),
     "memory": (scenario_memory, print_memory),
     "rerank": (scenario_rerank, print_rerank),
+    "vision": (scenario_vision, print_vision),
     "scale-out": (scenario_scale_out, print_scale_out),
 }
 DEFAULT_MAX_TOKENS = {
@@ -1451,6 +1619,7 @@ DEFAULT_MAX_TOKENS = {
     "concurrent": 256,
     "memory": 64,
     "rerank": 1,
+    "vision": 8,
     "scale-out": CONV_MAX_TOKENS,
 }
 
@@ -1504,7 +1673,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="stream, turns, features, concurrent: timed rounds")
     ap.add_argument("--scenario", choices=sorted(SCENARIOS), default="stream")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
-    ap.add_argument("--llama-server", metavar="PATH", help="concurrent, rerank: also run llama.cpp's llama-server")
+    ap.add_argument("--llama-server", metavar="PATH", help="concurrent, rerank, vision: also run llama-server")
+    ap.add_argument("--mmproj", metavar="FILE", help="vision: the projector (default: a random-weight one)")
     ap.add_argument(
         "--haproxy", default=shutil.which("haproxy") or "/usr/sbin/haproxy", help="scale-out: the haproxy binary"
     )
