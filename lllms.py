@@ -38,13 +38,13 @@ Data flows one way: HTTP -> dialect -> Request -> ModelServer -> pool -> engine.
      frame -> _write_chunk
   -> at the end, or when the client goes: the lease ends with _Pool.release, with the context the instance holds.
 
-Threads: the serve loop (lllms-http), which also cuts connections past their deadlines; one thread per
-connection (lllms-conn), which runs its requests through to the engine and writes their output; the ttl reaper
-(lllms-ttl); a thread per model file being prepared (lllms-prepare-*) and per instance loaded in the background
-(lllms-load-*); one decode thread per llama-cpp model (lllms-decode-*), the only one that touches its context,
-and one for all embedding and rerank decodes (lllms-embed); gpt4all's native call runs on a worker (lllms-gpt4all)
-whose callbacks feed the consumer; a stream whose prompt takes long to evaluate gets keepalives from a thread of its
-own (lllms-keepalive). Native compute steps take turns on the cores through _CORES, first come first served.
+Threads: the serve loop (lllms-http), which also cuts connections past their deadlines; one thread per connection
+(lllms-conn), which runs its requests through to the engine and writes their output; the ttl reaper (lllms-ttl); a
+thread per model file being prepared (lllms-prepare-*) and per instance loaded in the background (lllms-load-*); one
+decode thread per llama-cpp model (lllms-decode-*), the only one that touches its context, and one for embedding and
+rerank decodes and image encodes (lllms-embed); gpt4all's native call runs on a worker (lllms-gpt4all) whose
+callbacks feed the consumer; a stream whose prompt takes long to evaluate gets keepalives from a thread of its own
+(lllms-keepalive). Native compute steps take turns on the cores through _CORES, first come first served.
 
 Locks: ModelServer._files_lock may be held while taking _Pool.cond, and LlamaCppEngine._decoders_lock (held through
 a model's load) while taking _Decoder.cond; every other lock (_Pool.cond otherwise, _StateCache.lock,
@@ -1973,55 +1973,56 @@ class _Vision:
         p = mt.mtmd_context_params_default()
         # Half the cores: an image encodes beside the running streams' decodes instead of stalling them.
         p.use_gpu, p.n_threads, p.print_timings, p.warmup = model.gpu, max(1, model.threads // 2), False, False
-        p.media_marker = self.marker = _IMAGE_MARKER.encode()
+        p.media_marker = _IMAGE_MARKER.encode()
         self.mt, self.ptr, self.n_embd = mt, mt.mtmd_init_from_file(path.encode(), model.ptr, p), model.n_embd
         if not self.ptr or mt.mtmd_decode_use_mrope(self.ptr) or not mt.mtmd_support_vision(self.ptr):
-            self.ptr = self.ptr and mt.mtmd_free(self.ptr)
+            self.close()
             why = f"model '{model.id}': mmproj {path} is not a vision projector for this model that lllms can place"
             raise Unavailable(why + " (M-RoPE models are not supported yet)", code="model_load_failed")
 
     def tokenize(self, text: str, images: list[_Image], add_bos: bool) -> tuple[list[int], dict[int, Any], Any]:
-        """A prompt's tokens, an image's positions as its ids; each image chunk by its first position; and the
-        chunks, which the caller frees (free) once done with them."""
-        mt, bitmaps, digests = self.mt, [], collections.Counter[bytes]()
-        if text.count(_IMAGE_MARKER) != len(images):
-            why = f"the text holds {text.count(_IMAGE_MARKER)} image markers ({_IMAGE_MARKER}) for {len(images)} images"
-            raise InvalidRequest(why, param=images[0].where if images else "messages")
+        """A prompt's tokens, an image's positions as its ids; each image chunk (and its size) by its first
+        position; and the chunks, which the caller frees (free) once done with them."""
+        mt, bitmaps, seen, where = self.mt, [], collections.Counter[bytes](), images[0].where
+        if (marks := text.count(_IMAGE_MARKER)) != len(images):
+            raise InvalidRequest(
+                f"the text holds {marks} image markers ({_IMAGE_MARKER}) for {len(images)} images", param=where
+            )
         chunks, raw = mt.mtmd_input_chunks_init(), text.encode()
         try:
             for image in images:
                 buf = (ctypes.c_uint8 * len(image.data)).from_buffer_copy(image.data)
-                bitmaps.append(mt.mtmd_helper_bitmap_init_from_buf(self.ptr, buf, len(image.data), False))
-                if not bitmaps[-1]:
+                bitmaps.append(bitmap := mt.mtmd_helper_bitmap_init_from_buf(self.ptr, buf, len(image.data), False))
+                if not bitmap:
                     raise InvalidRequest(f"'{image.where}': the image is corrupt or truncated", param=image.where)
-                pixels = ctypes.string_at(mt.mtmd_bitmap_get_data(bitmaps[-1]), mt.mtmd_bitmap_get_n_bytes(bitmaps[-1]))
-                mt.mtmd_bitmap_set_id(bitmaps[-1], hashlib.sha256(pixels).hexdigest().encode())
-            inp = mt.mtmd_input_text(raw, len(raw), add_bos, True)
-            arr = (mt.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
+                pixels = ctypes.string_at(mt.mtmd_bitmap_get_data(bitmap), mt.mtmd_bitmap_get_n_bytes(bitmap))
+                mt.mtmd_bitmap_set_id(bitmap, hashlib.sha256(pixels).hexdigest().encode())
+            inp, arr = (
+                mt.mtmd_input_text(raw, len(raw), add_bos, True),
+                (mt.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps),
+            )
             if mt.mtmd_tokenize(self.ptr, chunks, ctypes.byref(inp), arr, len(bitmaps)) != 0:
-                raise InvalidRequest("libmtmd could not place the images in the prompt", param=images[0].where)
+                raise InvalidRequest("libmtmd could not place the images in the prompt", param=where)
+            tokens: list[int] = []
+            media: dict[int, tuple[Any, int]] = {}
+            for chunk in (mt.mtmd_input_chunks_get(chunks, i) for i in range(mt.mtmd_input_chunks_size(chunks))):
+                if mt.mtmd_input_chunk_get_type(chunk) == mt.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    ids = mt.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n := ctypes.c_size_t()))
+                    tokens += ids[: n.value]
+                    continue
+                seen[key := mt.mtmd_input_chunk_get_id(chunk)] += 1  # an image's slices differ by their count
+                base = int.from_bytes(hashlib.sha256(key + b"%d" % seen[key]).digest()[:5], "big") << 20
+                media[len(tokens)] = (chunk, mt.mtmd_input_chunk_get_n_tokens(chunk))
+                tokens += [-(base + k + 1) for k in range(media[len(tokens)][1])]
+            if tokens[-1] < 0:  # llama.cpp gives no logits for an image's positions
+                raise InvalidRequest("the prompt ends with an image: it needs text after it", param=images[-1].where)
+            return tokens, media, chunks
         except BaseException:
             self.free(chunks)
             raise
         finally:
-            for bitmap in bitmaps:
-                mt.mtmd_bitmap_free(bitmap) if bitmap else None
-        tokens: list[int] = []
-        media: dict[int, tuple[Any, int]] = {}
-        for i in range(mt.mtmd_input_chunks_size(chunks)):
-            chunk, n = mt.mtmd_input_chunks_get(chunks, i), ctypes.c_size_t()
-            if mt.mtmd_input_chunk_get_type(chunk) == mt.MTMD_INPUT_CHUNK_TYPE_TEXT:
-                ids = mt.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(n))
-                tokens += ids[: n.value]
-                continue
-            digests[key := mt.mtmd_input_chunk_get_id(chunk)] += 1  # an image's slices differ by their count
-            base = int.from_bytes(hashlib.sha256(key + b"%d" % digests[key]).digest()[:5], "big") << 20
-            media[len(tokens)] = (chunk, mt.mtmd_input_chunk_get_n_tokens(chunk))
-            tokens += [-(base + k + 1) for k in range(media[len(tokens)][1])]
-        if tokens[-1] < 0:  # llama.cpp gives no logits for an image's positions
-            self.free(chunks)
-            raise InvalidRequest("the prompt ends with an image: it needs text after it", param=images[-1].where)
-        return tokens, media, chunks
+            for bitmap in filter(None, bitmaps):
+                mt.mtmd_bitmap_free(bitmap)
 
     def encode(self, chunk: Any) -> concurrent.futures.Future:
         """An image chunk's embeddings, computed on the encode thread."""
@@ -2037,25 +2038,17 @@ class _Vision:
 
     def decode(self, ctx: Any, chunk: Any, embd: Any, pos: int, seq: int, n_batch: int) -> None:
         """Evaluate an encoded image into a sequence from pos on."""
-        n_past = ctypes.c_int32(pos)
+        args, no_callback = (self.ptr, ctx, chunk, embd, pos, seq, n_batch), self.mt.mtmd_helper_post_decode_callback()
         with _CORES:
-            rc = self.mt.mtmd_helper_decode_image_chunk(
-                self.ptr,
-                ctx,
-                chunk,
-                embd,
-                pos,
-                seq,
-                n_batch,
-                ctypes.byref(n_past),
-                self.mt.mtmd_helper_post_decode_callback(),
-                None,
-            )
+            rc = self.mt.mtmd_helper_decode_image_chunk(*args, ctypes.byref(ctypes.c_int32(pos)), no_callback, None)
         if rc != 0:
             raise EngineError(f"decoding an image failed ({rc}): out of context memory, or a backend error")
 
     def free(self, chunks: Any) -> None:
         self.mt.mtmd_input_chunks_free(chunks)
+
+    def close(self) -> None:
+        self.ptr = self.ptr and self.mt.mtmd_free(self.ptr)
 
 
 class _Sampler:
@@ -2426,6 +2419,8 @@ class _Decoder:
                 self._fail(EngineError(f"the engine failed: {exc}"))
         self.batch.free()
         self.lc.llama_free(self.ctx)
+        if self.vision is not None:
+            self.vision.close()
         self.lc.llama_model_free(self.model.ptr)
 
     def _step(self) -> None:
@@ -4720,9 +4715,8 @@ def _image_size(data: bytes) -> tuple[int, int] | None:
     if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
         return struct.unpack("<HH", data[6:10])
     if data[:2] == b"BM" and len(data) >= 26:
-        return abs(int.from_bytes(data[18:22], "little", signed=True)), abs(
-            int.from_bytes(data[22:26], "little", signed=True)
-        )
+        width, height = struct.unpack("<ii", data[18:26])  # a negative height: rows top to bottom
+        return width, abs(height)
     i = 2 if data[:2] == b"\xff\xd8" else len(data)  # a JPEG: its segments up to the frame header
     while i + 9 <= len(data) and data[i] == 0xFF:
         if 0xC0 <= data[i + 1] <= 0xCF and data[i + 1] not in (0xC4, 0xC8, 0xCC):
@@ -4740,9 +4734,9 @@ def _load_image(image: _Image, config: ServerConfig) -> None:
         image.data = _fetch_image(image.url, where, config)
     if len(image.data) > config.max_image_bytes:
         raise InvalidRequest(f"'{where}': the image is over max_image_bytes ({config.max_image_bytes})", param=where)
-    if (size := _image_size(image.data)) is None:
-        raise InvalidRequest(f"'{where}': not a PNG, JPEG, GIF or BMP image", param=where)
-    if not 0 < size[0] * size[1] <= config.max_image_pixels:
+    if (size := _image_size(image.data)) is None or min(size) <= 0:
+        raise InvalidRequest(f"'{where}': not a readable PNG, JPEG, GIF or BMP image", param=where)
+    if size[0] * size[1] > config.max_image_pixels:
         why = f"the image is {size[0]}x{size[1]} pixels; the limit is max_image_pixels ({config.max_image_pixels})"
         raise InvalidRequest(f"'{where}': {why}", param=where)
 
