@@ -7290,7 +7290,9 @@ class ModelServer:
         status = {"value": value, **({"error": error} if error else {}), **({"progress": f.info()} if f.info() else {})}
         meta = {} if model.context_size else self.metadata(model_id)
         room = model.context_size or meta.get(f"{meta.get('general.architecture')}.context_length")
-        tools = ["tools"] if self.can_use_tools(model) else []
+        tools = (["tools"] if self.can_use_tools(model) else []) + (
+            ["vision"] if model.mmproj or model.mmproj_file else []
+        )
         caps = ["embedding"] if model.task == "embedding" else ["completion", *tools]
         info = {"status": status, "context_length": room, "max_model_len": room, "task": model.task}
         return {**info, "engine": model.engine, "capabilities": caps}

@@ -7825,6 +7825,7 @@ def test_an_image_reaches_the_model_in_every_dialect(vision_server: lllms.HTTPSe
     assert chats[0].prompt_eval_count == chats[1].prompt_eval_count + IMAGE_TOKENS
     gens = [llama.generate(model="eye", prompt=text, options=options, **extra) for extra in ({"images": [a]}, {})]
     assert gens[0].prompt_eval_count == gens[1].prompt_eval_count + IMAGE_TOKENS
+    assert "vision" in llama.show("eye").capabilities and "vision" not in llama.show("smol").capabilities
 
 
 def test_a_repeated_image_is_cached_and_a_different_one_is_not(eye: openai.OpenAI) -> None:
