@@ -1473,7 +1473,7 @@ class Engine:
 
 
 def _text_only(model: ModelConfig, where: str) -> InvalidRequest:
-    why = f"model '{model.id}' reads text only: it has no mmproj (a vision projector)"
+    why = f"model '{model.id}' reads text only: it has no mmproj (a vision projector) to read images"
     return InvalidRequest(f"'{where}': {why}", param=where, code="images_not_supported")
 
 
