@@ -4795,8 +4795,7 @@ def _content_parts(content: Any, where: str, kinds: tuple[str, ...]) -> list[dic
 
 
 def _content_text(content: Any, where: str, kinds: tuple[str, ...] = ("text",), images: list | None = None) -> str:
-    """The text of content whose parts are of these kinds; an image part is a marker there, its image added to
-    `images`."""
+    """The text of content whose parts are of these kinds; an image part is a marker, its image added to `images`."""
     if isinstance(content, str):
         return content
     parts = _content_parts(content, where, kinds)
@@ -4898,12 +4897,7 @@ _SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)} - {"logpro
     key for key, name in _KEY_ALIASES.items() if name in ("max_tokens", "repeat_last_n")
 }
 # Spec parameters no engine can honour: a 400 unless they have their neutral value.
-_UNSUPPORTED: dict[str, Any] = {
-    "modalities": (None, ["text"]),
-    "audio": (None,),
-    "web_search_options": (None,),
-    "verbosity": (None,),
-}
+_UNSUPPORTED = {"modalities": (None, ["text"]), "audio": (None,), "web_search_options": (None,), "verbosity": (None,)}
 # Known fields that change nothing here, with the values the spec allows (others: a 400); unknown ones are ignored.
 _NEUTRAL_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "user": ("a string", lambda v: isinstance(v, str)),
@@ -5931,11 +5925,10 @@ def _responses_choice(choice: Any, names: list[Any]) -> Any:
             return {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": listed}}
         return {"type": kind, kind: {"name": f"{namespace}.{name}" if namespace else name}}
     if kind == "allowed_tools":
-        listed = [
-            {"type": t.get("type"), t.get("type"): {"name": t.get("name")}}
-            for t in choice.get("tools") or []
-            if isinstance(t, dict) and t.get("type") in ("function", "custom")
+        tools = [
+            t for t in choice.get("tools") or () if isinstance(t, dict) and t.get("type") in ("function", "custom")
         ]
+        listed = [{"type": t["type"], t["type"]: {"name": t.get("name")}} for t in tools]
         return {"type": kind, "allowed_tools": {"mode": choice.get("mode"), "tools": listed}}
     raise InvalidRequest(f"'tool_choice': lllms cannot run {kind} tools", param="tool_choice")
 
