@@ -5634,7 +5634,7 @@ def _suffix(completion_id: str) -> str:
 
 _ANTHROPIC_SAMPLING = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k"}
 _ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
-_ANTHROPIC_TOOL_KEYS = {"name": "name", "description": "description", "parameters": "input_schema"}
+_ANTHROPIC_TOOL_KEYS = (("name", "name"), ("description", "description"), ("parameters", "input_schema"))
 _ANTHROPIC_UNSUPPORTED = {
     "mcp_servers": "MCP servers are not available",
     "container": "code execution containers are not available",
@@ -5707,9 +5707,7 @@ def _anthropic_tools(body: dict[str, Any], strict: bool) -> tuple[Any, Any, bool
         hosted_search = any(isinstance(t, dict) and str(t.get("type")).startswith("tool_search") for t in tools)
         loaded = _loaded_tools(body.get("messages") or [])
         shown = [t for _, t in kept if hosted_search or not t.get("defer_loading") or t.get("name") in loaded]
-        tools = [
-            {"type": "function", "function": {k: t.get(f) for k, f in _ANTHROPIC_TOOL_KEYS.items()}} for t in shown
-        ]
+        tools = [{"type": "function", "function": {k: t.get(f) for k, f in _ANTHROPIC_TOOL_KEYS}} for t in shown]
     choice = body.get("tool_choice")
     kind = _object(choice, "tool_choice").get("type") if choice is not None else "auto"
     if kind == "tool":
@@ -6078,8 +6076,7 @@ class _ResponsesCall:
         if ch is not None and body.get("store") is not False:
             said = {"tool_calls": [t.openai() for t in ch.tool_calls]} if ch.tool_calls else {}
             said |= {"reasoning_content": ch.reasoning} if ch.reasoning else {}
-            reply = {"role": "assistant", "content": ch.text, **said}
-            self.store.put(out, [*self.history, reply])
+            self.store.put(out, [*self.history, {"role": "assistant", "content": ch.text, **said}])
         return out
 
     def events(self, s: CompletionStream) -> Iterator[dict[str, Any]]:
