@@ -4642,8 +4642,7 @@ def _named_grammar(model: ModelConfig, grammar: str) -> str | dict[str, Any]:
     if "::=" in grammar:
         return grammar
     grammars = {"json": {"type": "object"}, **model.grammars}
-    named = grammars.get(grammar)
-    if named is None:
+    if (named := grammars.get(grammar)) is None:
         why = f"'grammar' is neither GBNF nor one of model '{model.id}''s grammars: {', '.join(sorted(grammars))}"
         raise InvalidRequest(why, param="grammar")
     return named
@@ -4781,9 +4780,7 @@ def _content_parts(content: Any, where: str, kinds: tuple[str, ...]) -> list[dic
     for j, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind not in kinds:
-            what = (
-                "not a content part" if not kind else "an image goes in user content" if kind in _IMAGE_PARTS else None
-            )
+            what = "not a content part" if not kind else "an image goes in user content" if kind in _IMAGE_PARTS else ""
             what = what or "lllms reads text and images only (no audio or documents)"
             raise InvalidRequest(f"'{where}[{j}]' ({kind}): {what}; expected {', '.join(kinds)}", param=where)
         if kind in _TEXT_PARTS and not isinstance(_part_text(part), str):
@@ -4792,8 +4789,7 @@ def _content_parts(content: Any, where: str, kinds: tuple[str, ...]) -> list[dic
 
 
 def _content_text(content: Any, where: str, kinds: tuple[str, ...] = ("text",), images: list | None = None) -> str:
-    """The text of content whose parts are of these kinds; an image part is a marker there, its image added to
-    `images`."""
+    """The text of content whose parts are of these kinds; an image part is a marker, its image added to `images`."""
     if isinstance(content, str):
         return content
     parts = _content_parts(content, where, kinds)
@@ -4812,11 +4808,8 @@ def _parse_tool_calls(calls: Any, where: str) -> list[ToolCall]:
         key = "input" if custom else "arguments"
         fields = (fn.get("name"), fn.get(key, ""), c.get("id", "")) if isinstance(fn, dict) else (None,)
         if not all(isinstance(x, str) for x in fields):
-            raise InvalidRequest(
-                f"'{where}.tool_calls[{j}]' must be {{id, type: 'function', function: {{name, arguments}}}} or "
-                "{id, type: 'custom', custom: {name, input}}",
-                param=f"{where}.tool_calls",
-            )
+            why = "{id, type: 'function', function: {name, arguments}} or {id, type: 'custom', custom: {name, input}}"
+            raise InvalidRequest(f"'{where}.tool_calls[{j}]' must be {why}", param=f"{where}.tool_calls")
         args = json.dumps(fn.get(key, ""), ensure_ascii=False) if custom else fn.get(key, "")
         out.append(ToolCall(c.get("id", ""), fn["name"], args, custom))
     return out
@@ -4840,10 +4833,8 @@ def _parse_messages(messages: Any) -> list[dict[str, Any]]:
         content = "" if m.get("content") is None and role in ("assistant", "function") else m.get("content")
         kinds = ("text", "refusal") if role == "assistant" else ("text", *_IMAGE_PARTS) if role == "user" else ("text",)
         images = [x for x in m.get("images") or () if isinstance(x, _Image)]  # read by another dialect
-        msg: dict[str, Any] = {
-            "role": {"developer": "system", "function": "tool"}.get(role, role),
-            "content": _content_text(content, f"{where}.content", kinds, images),
-        }
+        text = _content_text(content, f"{where}.content", kinds, images)
+        msg: dict[str, Any] = {"role": {"developer": "system", "function": "tool"}.get(role, role), "content": text}
         msg |= {"images": images} if images else {}
         if calls:
             msg["tool_calls"] = _parse_tool_calls(calls, where)
@@ -4900,12 +4891,7 @@ _SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)} - {"logpro
     key for key, name in _KEY_ALIASES.items() if name in ("max_tokens", "repeat_last_n")
 }
 # Spec parameters no engine can honour: a 400 unless they have their neutral value.
-_UNSUPPORTED: dict[str, Any] = {
-    "modalities": (None, ["text"]),
-    "audio": (None,),
-    "web_search_options": (None,),
-    "verbosity": (None,),
-}
+_UNSUPPORTED = {"modalities": (None, ["text"]), "audio": (None,), "web_search_options": (None,), "verbosity": (None,)}
 # Known fields that change nothing here, with the values the spec allows (others: a 400); unknown ones are ignored.
 _NEUTRAL_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "user": ("a string", lambda v: isinstance(v, str)),
@@ -4948,13 +4934,11 @@ def _int_param(value: Any, param: str, lo: int, hi: int) -> int:
 
 
 def _int_field(body: dict[str, Any], key: str, lo: int, hi: int) -> int | None:
-    value = body.get(key)
-    return None if value is None else _int_param(value, key, lo, hi)
+    return None if body.get(key) is None else _int_param(body[key], key, lo, hi)
 
 
 def _str_field(body: dict[str, Any], key: str) -> str | None:
-    value = body.get(key)
-    return None if value is None else _string(value, key)
+    return None if body.get(key) is None else _string(body[key], key)
 
 
 def _bool_field(body: dict[str, Any], key: str, default: bool = False) -> bool:
@@ -5058,8 +5042,7 @@ def _completion_fields(body: dict[str, Any], params: SamplingParams, n: int, str
     params.logprobs = _int_field(body, "logprobs", 0, 5)
     prompts, echo = _prompt_list(body.get("prompt")), _bool_field(body, "echo")
     suffix = _str_field(body, "suffix") or None
-    # best_of 0 (the spec allows it) means no extra candidates, as leaving it out does.
-    best_of = _int_field(body, "best_of", 0, 20) or n
+    best_of = _int_field(body, "best_of", 0, 20) or n  # 0 (the spec allows it): no extra candidates, as when left out
     if best_of < n:
         raise InvalidRequest("'best_of' must be at least 'n'", param="best_of")
     if best_of > n and stream:
@@ -5645,7 +5628,7 @@ def _suffix(completion_id: str) -> str:
 
 _ANTHROPIC_SAMPLING = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k"}
 _ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
-_ANTHROPIC_TOOL_KEYS = {"name": "name", "description": "description", "parameters": "input_schema"}
+_ANTHROPIC_TOOL_KEYS = (("name", "name"), ("description", "description"), ("parameters", "input_schema"))
 _ANTHROPIC_UNSUPPORTED = {
     "mcp_servers": "MCP servers are not available",
     "container": "code execution containers are not available",
@@ -5718,9 +5701,7 @@ def _anthropic_tools(body: dict[str, Any], strict: bool) -> tuple[Any, Any, bool
         hosted_search = any(isinstance(t, dict) and str(t.get("type")).startswith("tool_search") for t in tools)
         loaded = _loaded_tools(body.get("messages") or [])
         shown = [t for _, t in kept if hosted_search or not t.get("defer_loading") or t.get("name") in loaded]
-        tools = [
-            {"type": "function", "function": {k: t.get(f) for k, f in _ANTHROPIC_TOOL_KEYS.items()}} for t in shown
-        ]
+        tools = [{"type": "function", "function": {k: t.get(f) for k, f in _ANTHROPIC_TOOL_KEYS}} for t in shown]
     choice = body.get("tool_choice")
     kind = _object(choice, "tool_choice").get("type") if choice is not None else "auto"
     if kind == "tool":
@@ -5756,19 +5737,11 @@ def anthropic_request(body: dict[str, Any], config: ServerConfig, count: bool = 
     if (fmt := output.get("format")) is not None:  # structured output: {"type": "json_schema", "schema": {...}}
         schema = _object(_object(fmt, "output_config.format").get("schema"), "output_config.format.schema")
     tools, choice, parallel, left_out = _anthropic_tools(body, (model.hosted_tools or config.hosted_tools) == "refuse")
+    plan, stream = _tool_plan(tools, choice, parallel, messages), _bool_field(body, "stream") and not count
+    think = {"enabled": True, "disabled": False}.get(thinking.get("type", ""))
+    fields = {"json_schema": schema, "schema_param": "output_config", "think_budget": budget, "think_param": "thinking"}
     return Request(
-        "chat",
-        model,
-        params,
-        messages=messages,
-        tools=_tool_plan(tools, choice, parallel, messages),
-        left_out=left_out,
-        json_schema=schema,
-        schema_param="output_config",
-        stream=_bool_field(body, "stream") and not count,
-        think={"enabled": True, "disabled": False}.get(thinking.get("type", "")),
-        think_budget=budget,
-        think_param="thinking",
+        "chat", model, params, messages=messages, tools=plan, left_out=left_out, stream=stream, think=think, **fields
     ).check()
 
 
@@ -5944,11 +5917,10 @@ def _responses_choice(choice: Any, names: list[Any]) -> Any:
             return {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": listed}}
         return {"type": kind, kind: {"name": f"{namespace}.{name}" if namespace else name}}
     if kind == "allowed_tools":
-        listed = [
-            {"type": t.get("type"), t.get("type"): {"name": t.get("name")}}
-            for t in choice.get("tools") or []
-            if isinstance(t, dict) and t.get("type") in ("function", "custom")
+        tools = [
+            t for t in choice.get("tools") or () if isinstance(t, dict) and t.get("type") in ("function", "custom")
         ]
+        listed = [{"type": t["type"], t["type"]: {"name": t.get("name")}} for t in tools]
         return {"type": kind, "allowed_tools": {"mode": choice.get("mode"), "tools": listed}}
     raise InvalidRequest(f"'tool_choice': lllms cannot run {kind} tools", param="tool_choice")
 
@@ -6039,20 +6011,13 @@ class _ResponsesCall:
         system = [{"role": "system", "content": _string(instructions, "instructions")}] if instructions else []
         tools, choice, paths, left_out = _responses_tools(body, (model.hosted_tools or config.hosted_tools) == "refuse")
         self.history += _responses_input(body.get("input"))
-        messages = _parse_messages(system + self.history)
+        messages, params = _parse_messages(system + self.history), _dialect_params(body, _RESPONSES_SAMPLING)
+        plan = _tool_plan(tools, choice, body.get("parallel_tool_calls"), messages, paths)
+        schema, stream = _text_format(body.get("text")), _bool_field(body, "stream")
+        fields = {"json_schema": schema, "schema_param": "text.format", "stream": stream, "think_param": "reasoning"}
+        think = {"think": None if effort is None else effort != "none", "effort": None if effort == "none" else effort}
         return Request(
-            "chat",
-            model,
-            _dialect_params(body, _RESPONSES_SAMPLING),
-            messages=messages,
-            tools=_tool_plan(tools, choice, body.get("parallel_tool_calls"), messages, paths),
-            left_out=left_out,
-            json_schema=_text_format(body.get("text")),
-            schema_param="text.format",
-            stream=_bool_field(body, "stream"),
-            think=None if effort is None else effort != "none",
-            effort=None if effort == "none" else effort,
-            think_param="reasoning",
+            "chat", model, params, messages=messages, tools=plan, left_out=left_out, **fields, **think
         ).check()
 
     def _items(self, ch: Choice, status: str = "completed") -> list[dict[str, Any]]:
@@ -6105,14 +6070,12 @@ class _ResponsesCall:
         if ch is not None and body.get("store") is not False:
             said = {"tool_calls": [t.openai() for t in ch.tool_calls]} if ch.tool_calls else {}
             said |= {"reasoning_content": ch.reasoning} if ch.reasoning else {}
-            reply = {"role": "assistant", "content": ch.text, **said}
-            self.store.put(out, [*self.history, reply])
+            self.store.put(out, [*self.history, {"role": "assistant", "content": ch.text, **said}])
         return out
 
     def events(self, s: CompletionStream) -> Iterator[dict[str, Any]]:
         """The Responses stream: the response's lifecycle, each output item's events, every one numbered."""
-        chunks, seq = _started(s), itertools.count()
-        req = s.request
+        chunks, seq, req = _started(s), itertools.count(), s.request
 
         def event(kind: str, **fields: Any) -> dict[str, Any]:
             return {"type": kind, "sequence_number": next(seq), **fields}
@@ -6217,9 +6180,7 @@ def _ollama_options(body: dict[str, Any], model: ModelConfig) -> SamplingParams:
 
 def _ollama_format(value: Any) -> dict[str, Any] | None:
     """The JSON schema of Ollama's format: "json", or a schema."""
-    if value in (None, ""):
-        return None
-    return {"type": "object"} if value == "json" else _object(value, "format")
+    return None if value in (None, "") else {"type": "object"} if value == "json" else _object(value, "format")
 
 
 def _ollama_images(images: Any, where: str) -> list[_Image]:
@@ -6238,10 +6199,8 @@ def _ollama_messages(messages: Any) -> list[dict[str, Any]]:
         m = _object(m, f"messages[{i}]")
         msg = {k: m[k] for k in ("role", "content") if k in m}
         if m.get("images") is not None:  # base64 images, placed before the text as Ollama does
-            msg["images"] = _ollama_images(m["images"], f"messages[{i}].images")
-            msg["content"] = _IMAGE_MARKER * len(msg["images"]) + _string(
-                m.get("content", ""), f"messages[{i}].content"
-            )
+            images = msg["images"] = _ollama_images(m["images"], f"messages[{i}].images")
+            msg["content"] = _IMAGE_MARKER * len(images) + _string(m.get("content", ""), f"messages[{i}].content")
         if m.get("thinking"):
             msg["reasoning_content"] = m["thinking"]
         if m.get("tool_calls"):
