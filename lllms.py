@@ -2411,9 +2411,9 @@ class _Decoder:
                 except BaseException as exc:
                     box.put((False, exc))
             try:
-                before = (len(self.jobs), sum(j.pos < 0 for j in self.jobs), self.decodes)
+                before = self._progress()
                 self._step()
-                self.seen = wakes if before == (len(self.jobs), sum(j.pos < 0 for j in self.jobs), self.decodes) else -1
+                self.seen = wakes if before == self._progress() else -1
             except BaseException as exc:  # a bug here must not leave consumers waiting for ever
                 log.exception("%s: the decode loop failed", self.config.id)
                 self._fail(EngineError(f"the engine failed: {exc}"))
@@ -2422,6 +2422,10 @@ class _Decoder:
         if self.vision is not None:
             self.vision.close()
         self.lc.llama_model_free(self.model.ptr)
+
+    def _progress(self) -> tuple[int, ...]:
+        """What a step can change: jobs, begun, ended, and decodes run. A step that changed none waits for a wake."""
+        return len(self.jobs), sum(j.pos < 0 for j in self.jobs), sum(j.ended for j in self.jobs), self.decodes
 
     def _step(self) -> None:
         """One step: the next token of every generating sequence, and prompt chunks, in as few llama_decode calls as

@@ -7943,7 +7943,7 @@ def test_bad_images_are_400s_naming_the_part_and_the_server_goes_on(
     cases = [
         ({"type": "image_url", "image_url": {"url": _data_url(png[: len(png) // 2])}}, "eye", "corrupt or truncated"),
         ({"type": "image_url", "image_url": {"url": _data_url(wide)}}, "eye", "corrupt or truncated"),
-        ({"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGVsbG8="}}, "eye", "not a PNG"),
+        ({"type": "image_url", "image_url": {"url": "data:text/plain;base64,aGVsbG8="}}, "eye", "not a readable PNG"),
         ({"type": "image_url", "image_url": {"url": "data:image/png;base64,not base64!"}}, "eye", "not base64"),
         ({"type": "image_url", "image_url": {"url": _data_url(big)}}, "eye", "max_image_bytes"),
         ({"type": "image_url", "image_url": {"url": _data_url(huge)}}, "eye", "max_image_pixels"),
