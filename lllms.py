@@ -1368,9 +1368,8 @@ _SAMPLING_DEFAULTS = SamplingParams(
 )
 
 _StopCheck = Callable[[], bool] | None
-# gpt4all's callbacks for a prompt token, and for a generated token with its bytes: answering False ends the call.
-_OnToken = Callable[[int], bool]
-_OnPiece = Callable[[int, bytes | None], bool]
+_OnToken = Callable[[int], bool]  # gpt4all's callback for a prompt token: answering False ends the call
+_OnPiece = Callable[[int, bytes | None], bool]  # and for a generated token, with its bytes
 
 # With tools, a model answers in one JSON shape, which the llama.cpp engine enforces by grammar, so that calls are
 # always well-formed and any chat model can call tools, whatever its template knows:
@@ -1479,9 +1478,7 @@ def _text_only(model: ModelConfig, where: str) -> InvalidRequest:
 
 def _close(chunks: Iterator[Chunk]) -> None:
     """Close a chunk iterator that can be closed (generators, engine streams): that stops its generation."""
-    close = getattr(chunks, "close", None)
-    if close is not None:
-        close()
+    getattr(chunks, "close", lambda: None)()
 
 
 class _StopMatcher:
@@ -1500,12 +1497,8 @@ class _StopMatcher:
             at, self.matched = min(hits)
             out, self.rest, self.pending = self.pending[:at], self.pending[at + len(self.matched) :], ""
             return out, True
-        hold = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.pending)), hold, -1):
-                if self.pending.endswith(s[:n]):
-                    hold = n
-                    break
+        # Hold back the longest tail that is the start of a stop sequence.
+        hold = max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
         cut = len(self.pending) - hold
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out, False
@@ -1533,8 +1526,7 @@ class _Thoughts:
         self.state = "thinking" if inside else "head"  # head: the reply may still open with the start tag
         self.held = ""  # in the head: what may still become the start tag
         self.ends = _StopMatcher([self.end])
-        self.tokens = 0
-        self.closed = False
+        self.tokens, self.closed = 0, False
 
     def due(self) -> bool:
         """Whether the budget is spent and the closing text is still to come."""
@@ -1632,8 +1624,7 @@ class _ChatTemplate:
             trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
         )
         env.filters["tojson"] = lambda x, ensure_ascii=False, **kw: json.dumps(x, ensure_ascii=ensure_ascii, **kw)
-        env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-        env.globals["raise_exception"] = raise_exception
+        env.globals.update(strftime_now=lambda fmt: time.strftime(fmt), raise_exception=raise_exception)
         self.template, self.source, self.bos, self.eos = env.from_string(source), source, bos, eos
 
     def render(self, messages: list[dict[str, Any]], generation_prompt: bool = True, **variables: Any) -> str:
@@ -1645,8 +1636,7 @@ class _ChatTemplate:
             raise InvalidRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from None
 
 
-# The tags around a reasoning model's thinking: most write <think>; gpt-oss's harmony format thinks in its analysis
-# channel, and answers in its final channel.
+# Reasoning tags: most models write <think>; gpt-oss (harmony) thinks in its analysis channel, answers in its final one.
 _THINK_TAGS = ("<think>", "</think>")
 _HARMONY_TAGS = ("<|channel|>analysis<|message|>", "<|end|><|start|>assistant<|channel|>final<|message|>")
 
@@ -1782,10 +1772,8 @@ def _threads(dev: DeviceConfig) -> int:
 # ---- 4b. llama.cpp: a model's instances are sequences of one context, stepped together by a decode thread
 
 
-# Spill a context only when a prompt would throw away at least this many of its tokens, and restore a saved
-# state only when it saves at least this many more tokens than the instance's own context already does.
-_MIN_SPILL_TOKENS = 32
-_MIN_RESTORE_GAIN = 16
+_MIN_SPILL_TOKENS = 32  # spill a context only when a prompt would throw away at least this many of its tokens
+_MIN_RESTORE_GAIN = 16  # restore a saved state only when it saves this many more tokens than the context's own
 
 _FORCE_BIAS = 1e4  # what logit_bias +100 adds: beats any real logit, stays finite
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
@@ -1878,8 +1866,7 @@ class _LlamaModel:
         size = 1024
         while True:
             buf = ctypes.create_string_buffer(size)
-            n = self.lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)
-            if n < size:
+            if (n := self.lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)) < size:
                 return None if n < 0 else buf.value.decode("utf-8", errors="replace")
             size = n + 1
 
@@ -1890,8 +1877,7 @@ class _LlamaModel:
         size = len(raw) + 2
         while True:
             buf = (self.lc.llama_token * size)()
-            n = self.lc.llama_tokenize(self.vocab, raw, len(raw), buf, size, add_bos, special)
-            if n >= 0:
+            if (n := self.lc.llama_tokenize(self.vocab, raw, len(raw), buf, size, add_bos, special)) >= 0:
                 return buf[:n]
             size = -n
 
@@ -1902,8 +1888,7 @@ class _LlamaModel:
         size = 64
         while True:
             buf = ctypes.create_string_buffer(size)
-            n = self.lc.llama_token_to_piece(self.vocab, token, buf, size, 0, special)
-            if n >= 0:
+            if (n := self.lc.llama_token_to_piece(self.vocab, token, buf, size, 0, special)) >= 0:
                 return buf.raw[:n]
             size = -n
 
@@ -2125,9 +2110,7 @@ class _Sampler:
     def _run(self, rows: Any, ids: Any, logits: Any, *samplers: Any) -> Any:
         """Fill `rows` with these tokens and logits, then apply the samplers to them; returns their token array."""
         lc = self.lc
-        rows.id[:] = ids
-        rows.logit[:] = logits
-        rows.p[:] = 0
+        rows.id[:], rows.logit[:], rows.p[:] = ids, logits, 0
         data = rows.ctypes.data_as(lc.llama_token_data_p)
         arr = lc.llama_token_data_array(data=data, size=len(rows), selected=-1, sorted=False)
         for sampler in samplers:
@@ -2200,10 +2183,8 @@ def _logprob(model: _LlamaModel, logits: Any, token: int, top: int | None) -> tu
     alts = None
     if top:
         ids = np.argpartition(logits, -top)[-top:]
-        ids, alts = ids[np.argsort(-logits[ids])], []
-        for t in ids:
-            raw = model.piece(int(t))
-            alts.append((raw.decode("utf-8", errors="replace"), raw, max(float(logits[t]) - lse, _MIN_LOGPROB)))
+        raws = [(model.piece(int(t)), float(logits[t])) for t in ids[np.argsort(-logits[ids])]]
+        alts = [(raw.decode("utf-8", errors="replace"), raw, max(x - lse, _MIN_LOGPROB)) for raw, x in raws]
     return max(float(logits[token]) - lse, _MIN_LOGPROB), alts
 
 
@@ -2261,8 +2242,7 @@ class _Job:
             self.finish("length")
 
     def sample(self, row: Any) -> None:
-        """The next token from this sequence's logits (or the next of a thinking budget's closing text): its text
-        goes out, or the choice finishes."""
+        """The next token from `row` (or of a thinking budget's closing text): its text goes out, or the choice ends."""
         th = self.thoughts
         if th is not None and th.due():
             self.forced.extend(self.model.tokenize(th.closing(), add_bos=False))
@@ -2312,17 +2292,16 @@ class _Job:
         self.done.set()
 
 
-# From this many tokens a batch on, llama.cpp's CPU kernels round differently (measured on 0.3.36's build).
-_BIG_BATCH = 64
+_BIG_BATCH = 64  # from this many tokens a batch on, llama.cpp's CPU kernels round differently (0.3.36's build)
+_Part = tuple[_Job, list[int], bool]  # a job's tokens to evaluate, and whether all want logits (else from its last)
 
 
 class _Decoder:
-    """A llama-cpp model's one context and the thread that decodes it. Each instance of the model is a sequence;
-    every step evaluates the next token of every running sequence, and chunks of new prompts, together (_step).
-    A request's further choices run beside its instance's in sequences no instance holds: there is one more
-    sequence than max_instances, so they always find one in the end. llama.cpp evaluates only consecutive
-    sequences in one pass over the weights, so a conversation that starts apart from the running ones is moved
-    next to them (_place)."""
+    """A llama-cpp model's one context and the thread that decodes it. Each instance of the model is a sequence; every
+    step evaluates the next token of every running sequence, and chunks of new prompts, together (_step). A request's
+    further choices run beside its instance's in sequences no instance holds: there is one more sequence than
+    max_instances, so they always find one in the end. llama.cpp evaluates only consecutive sequences in one pass over
+    the weights, so a conversation that starts apart from the running ones is moved next to them (_place)."""
 
     def __init__(self, lc: Any, model: ModelConfig, path: str, mmproj: str | None, state_cache: Any) -> None:
         self.lc, self.config, self.cache = lc, model, state_cache
@@ -2429,11 +2408,10 @@ class _Decoder:
         self.lc.llama_model_free(self.model.ptr)
 
     def _step(self) -> None:
-        """One step: the next token of every generating sequence, and prompt chunks, in as few llama_decode calls as
-        it can. llama.cpp's kernels round differently from 64 tokens a batch on, but the same below it, whatever the
-        batch holds: so the generating tokens and the short chunks (under 64 tokens) share decodes below 64, and
-        the long chunks decode apart. A prompt is always cut into the same chunks from where its cache ends, so a
-        reply never depends on who else is being served."""
+        """One step: the next token of every generating sequence, and prompt chunks, in as few decodes as it can.
+        llama.cpp's kernels round differently from 64 tokens a batch on, the same below, whatever the batch holds: so
+        generating tokens and short chunks (under 64 tokens) share decodes below 64, and long chunks decode apart. A
+        prompt is always cut into the same chunks from where its cache ends: no reply depends on who else is served."""
         for job in [j for j in self.jobs if j.ended]:
             self._drop(job)
         for job in [j for j in self.jobs if j.pos < 0]:
@@ -2442,10 +2420,8 @@ class _Decoder:
         for job in running:
             if job.should_stop is not None and job.should_stop():
                 job.finish("length")
-        decodes: list[list[tuple[_Job, list[int], bool]]] = [
-            [(j, [j.next], True) for j in running if j.next is not None and not j.ended]
-        ]
-        big: list[tuple[_Job, list[int], bool]] = []
+        decodes: list[list[_Part]] = [[(j, [j.next], True) for j in running if j.next is not None and not j.ended]]
+        big: list[_Part] = []
         for job in (j for j in running if j.next is None and not j.ended):
             if job.pos in job.media:
                 self._image(job)
@@ -2466,7 +2442,7 @@ class _Decoder:
         for parts in [*decodes, big]:
             self._decode([part for part in parts if not part[0].ended])
 
-    def _decode(self, parts: list[tuple[_Job, list[int], bool]]) -> None:
+    def _decode(self, parts: list[_Part]) -> None:
         """Evaluate tokens of these jobs' sequences (with logits, or not); then each job takes its logits rows."""
         if not parts:
             return
@@ -3083,8 +3059,7 @@ class LlamaCppEngine(Engine):
 
     def close(self) -> None:
         if self._embedder is not None:  # first: it may sit on the shared weights, freed with the last sequence
-            model, ctx, batch, _ = self._embedder
-            self._embedder = None
+            (model, ctx, batch, _), self._embedder = self._embedder, None
             batch.free()
             _llama_cpp().llama_free(ctx)
             if self.model.task != "text-completion":
@@ -3231,9 +3206,8 @@ class LlamaCppEngine(Engine):
                     last_n = shared.n_ctx if p.repeat_last_n == -1 else min(p.repeat_last_n, shared.n_ctx)
                     max_new = room if p.max_tokens is None else min(p.max_tokens, room)
                     sampler = _Sampler(lc, shared.model, p, last_n)  # raises on a bad grammar or bias
-                    logged = pieces if p.logprobs is not None else []
-                    extra = {"should_stop": should_stop, "echo": echo, "pieces": logged, "thoughts": thoughts}
-                    extra["media"] = media
+                    extra = {"should_stop": should_stop, "echo": echo, "thoughts": thoughts, "media": media}
+                    extra["pieces"] = pieces if p.logprobs is not None else []
                     group.append(_Job(shared.model, i, tokens, p, out, max_new=max_new, sampler=sampler, **extra))
                     jobs.append(group[-1])
                 leader = group[-1] if g == groups - 1 else group[0]
