@@ -1693,9 +1693,8 @@ class _StateCache:
     tokens they hold. Shared by a model's instances, so a conversation can come back on any of them."""
 
     def __init__(self, limit: int) -> None:
-        self.limit = limit
+        self.limit, self.lock = limit, threading.Lock()
         self.entries: collections.OrderedDict[tuple[int, ...], Any] = collections.OrderedDict()
-        self.lock = threading.Lock()
         self.saved = self.restored = 0
 
     def put(self, tokens: tuple[int, ...], state: Any) -> None:
@@ -1779,11 +1778,13 @@ _FORCE_BIAS = 1e4  # what logit_bias +100 adds: beats any real logit, stays fini
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 
 
-def _check_ids(tokens: Sequence[int], n_vocab: int, where: str, param: str) -> None:
+def _check_ids(tokens: Sequence[int], n_vocab: int, where: str, param: str) -> list[int]:
+    """The token ids as a list, once each is known to be in the vocabulary."""
     bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
     if bad is not None:
         why = f"{where}: token id {bad} is not in the model's vocabulary (0..{n_vocab - 1})"
         raise InvalidRequest(why, param=param)
+    return list(tokens)
 
 
 def _cpu_has_amx() -> bool:
@@ -1895,9 +1896,7 @@ class _LlamaModel:
     def text(self, tokens: Sequence[int], special: bool = True) -> str:
         return b"".join(self.piece(t, special) for t in tokens if t >= 0).decode("utf-8", errors="replace")  # no images
 
-    def context(
-        self, n_ctx: int, n_batch: int, n_seq: int = 1, pooling: int | None = None, unified: bool = False
-    ) -> Any:
+    def context(self, n_ctx: int, n_batch: int, n_seq: int, pooling: int | None = None, unified: bool = False) -> Any:
         """A new llama.cpp context (an embedding one with `pooling`) of n_seq sequences with n_ctx cells each.
         Each sequence has a KV stream of its own: a token attends to its own sequence's cells only, not to every
         sequence's (a unified cache made 8 generating sequences' steps ~15% slower). llama.cpp cuts a batch into
@@ -3109,18 +3108,15 @@ class LlamaCppEngine(Engine):
             chunks.append(owner)
             return tokens, None, rendered, media
         prompt, model = req.prompts[group], self._text_model().model
-        if isinstance(prompt, str):
-            tokens = model.tokenize(prompt)
-        else:
-            _check_ids(prompt, model.n_vocab, "'prompt'", "prompt")
-            tokens = list(prompt)
+        text = prompt if isinstance(prompt, str) else None
+        tokens = model.tokenize(text) if text is not None else _check_ids(prompt, model.n_vocab, "'prompt'", "prompt")
         if req.suffix is not None:  # never with echo: openai_request refuses that pair
             tokens = self._infill(tokens, req.suffix)
         if not tokens:  # an empty prompt: nothing to sample from, so start from BOS
             if model.bos < 0:
                 raise InvalidRequest("the prompt is empty", param="prompt", code="empty_prompt")
             tokens = [model.bos]
-        return tokens, prompt if isinstance(prompt, str) else None, "", {}
+        return tokens, text, "", {}
 
     def _infill(self, prefix: list[int], suffix: str) -> list[int]:
         """Fill-in-the-middle: the model's FIM tokens around prefix and suffix (as llama.cpp's server does)."""
@@ -3175,8 +3171,7 @@ class LlamaCppEngine(Engine):
 
     def pieces(self, tokens: list[int]) -> list[bytes]:
         model = self._vocab()
-        _check_ids(tokens, model.n_vocab, "'tokens'", "tokens")
-        return [model.piece(t, special=True) for t in tokens]
+        return [model.piece(t, special=True) for t in _check_ids(tokens, model.n_vocab, "'tokens'", "tokens")]
 
     # -- generation
 
@@ -3258,20 +3253,24 @@ class LlamaCppEngine(Engine):
         ctx = model.context(n_ctx, n_ctx, self._RERANK_SEQS if rerank else 1, pooling=pooling, unified=rerank)
         return model, ctx, _Batch(lc, n_ctx), n_ctx
 
+    def _pooled(self, seqs: list[list[int]]) -> list[Any]:
+        """Token sequences that fit the context together, decoded as sequences of their own: their pooled outputs."""
+        lc, (model, ctx, batch, _) = _llama_cpp(), typing.cast(tuple, self._embedder)
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        batch.clear()
+        for seq, tokens in enumerate(seqs):
+            for pos, t in enumerate(tokens):
+                batch.add(t, pos, seq, True)
+        _EMBED_THREAD.submit(model.decode, ctx, batch.ptr).result()
+        return [lc.llama_get_embeddings_seq(ctx, seq) for seq in range(len(seqs))]
+
     def _embed_tokens(self, tokens: list[int]) -> list[float]:
         """One pooled, normalised vector for a token sequence that fits the context."""
         import numpy as np
 
-        lc, (model, ctx, batch, _) = _llama_cpp(), typing.cast(tuple, self._embedder)
-        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
-        batch.clear()
-        for i, t in enumerate(tokens):
-            batch.add(t, i, 0, True)
-        _EMBED_THREAD.submit(model.decode, ctx, batch.ptr).result()
-        ptr = lc.llama_get_embeddings_seq(ctx, 0)
-        if not ptr:
+        if not (ptr := self._pooled([tokens])[0]):
             raise EngineError(f"model '{self.model.id}' gave no pooled embedding", code="engine_error")
-        return _l2_normalised(np.ctypeslib.as_array(ptr, shape=(model.n_embd,)))
+        return _l2_normalised(np.ctypeslib.as_array(ptr, shape=(typing.cast(tuple, self._embedder)[0].n_embd,)))
 
     def embed(
         self, texts: list[str] | list[list[int]], dimensions: int | None = None, long_inputs: str | None = None
@@ -3290,8 +3289,7 @@ class LlamaCppEngine(Engine):
             if isinstance(item, str):
                 tokens = model.tokenize(item, special=False, add_bos=True)
             else:
-                _check_ids(item, model.n_vocab, f"input[{i}]", "input")
-                tokens = list(item)
+                tokens = _check_ids(item, model.n_vocab, f"input[{i}]", "input")
             if not tokens:
                 raise InvalidRequest(f"input[{i}] is empty", param="input")
             if len(tokens) > n_ctx and mode == "error":
@@ -3328,19 +3326,11 @@ class LlamaCppEngine(Engine):
 
     def _scores(self, pairs: list[list[int]]) -> list[float]:
         """Each pair's relevance, the sigmoid of the head's logit: pairs share decodes, each its own sequence."""
-        lc, (model, ctx, batch, n_ctx) = _llama_cpp(), typing.cast(tuple, self._embedder)
-        scores: list[float] = []
+        n_ctx, scores = typing.cast(tuple, self._embedder)[3], []
         while len(scores) < len(pairs):
-            lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
-            batch.clear()
-            first = i = len(scores)
-            while i < len(pairs) and i - first < self._RERANK_SEQS and batch.ptr.n_tokens + len(pairs[i]) <= n_ctx:
-                for pos, t in enumerate(pairs[i]):
-                    batch.add(t, pos, i - first, True)
-                i += 1
-            _EMBED_THREAD.submit(model.decode, ctx, batch.ptr).result()
-            for seq in range(i - first):
-                logit = lc.llama_get_embeddings_seq(ctx, seq)[0]
+            group = pairs[len(scores) : len(scores) + self._RERANK_SEQS]
+            group = group[: sum(n <= n_ctx for n in itertools.accumulate(map(len, group)))]  # those that fit a batch
+            for logit in (ptr[0] for ptr in self._pooled(group)):
                 scores.append(1 / (1 + math.exp(-logit)) if -500 < logit < 500 else float(logit > 0))
         return scores
 
