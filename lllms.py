@@ -1511,8 +1511,7 @@ class _StopMatcher:
         """At the end of generation: the text still held back, with `text` (the decoder's last bytes), and whether
         those completed a stop sequence (then the text stops before it)."""
         tail, stopped = self.feed(text)
-        tail, self.pending = tail + self.pending, ""
-        return tail, stopped
+        return tail + self.flush(), stopped
 
 
 class _Thoughts:
@@ -3090,10 +3089,8 @@ class LlamaCppEngine(Engine):
         job = _Job(shared.model, 0, tokens, SamplingParams(), out)
         job.owner = self
         shared.run([job])
-        job.done.wait()
-        while not out.empty():
-            if isinstance(item := out.get(), BaseException):
-                raise item
+        for _ in self._stream(shared, [job], out, []):  # its one chunk, once the prompt is evaluated, or its error
+            pass
 
     def _prompt(self, req: Request, group: int, chunks: list[Any]) -> tuple[list[int], str | None, str, dict]:
         """A choice group's prompt tokens, its text when the request gave text, the chat template's text, and its
