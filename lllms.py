@@ -1368,9 +1368,8 @@ _SAMPLING_DEFAULTS = SamplingParams(
 )
 
 _StopCheck = Callable[[], bool] | None
-# gpt4all's callbacks for a prompt token, and for a generated token with its bytes: answering False ends the call.
-_OnToken = Callable[[int], bool]
-_OnPiece = Callable[[int, bytes | None], bool]
+_OnToken = Callable[[int], bool]  # gpt4all's callback for a prompt token: answering False ends the call
+_OnPiece = Callable[[int, bytes | None], bool]  # and for a generated token, with its bytes
 
 # With tools, a model answers in one JSON shape, which the llama.cpp engine enforces by grammar, so that calls are
 # always well-formed and any chat model can call tools, whatever its template knows:
@@ -1479,9 +1478,7 @@ def _text_only(model: ModelConfig, where: str) -> InvalidRequest:
 
 def _close(chunks: Iterator[Chunk]) -> None:
     """Close a chunk iterator that can be closed (generators, engine streams): that stops its generation."""
-    close = getattr(chunks, "close", None)
-    if close is not None:
-        close()
+    getattr(chunks, "close", lambda: None)()
 
 
 class _StopMatcher:
@@ -1500,12 +1497,8 @@ class _StopMatcher:
             at, self.matched = min(hits)
             out, self.rest, self.pending = self.pending[:at], self.pending[at + len(self.matched) :], ""
             return out, True
-        hold = 0
-        for s in self.stops:
-            for n in range(min(len(s) - 1, len(self.pending)), hold, -1):
-                if self.pending.endswith(s[:n]):
-                    hold = n
-                    break
+        # Hold back the longest tail that is the start of a stop sequence.
+        hold = max((n for s in self.stops for n in range(1, len(s)) if self.pending.endswith(s[:n])), default=0)
         cut = len(self.pending) - hold
         out, self.pending = self.pending[:cut], self.pending[cut:]
         return out, False
@@ -1518,8 +1511,7 @@ class _StopMatcher:
         """At the end of generation: the text still held back, with `text` (the decoder's last bytes), and whether
         those completed a stop sequence (then the text stops before it)."""
         tail, stopped = self.feed(text)
-        tail, self.pending = tail + self.pending, ""
-        return tail, stopped
+        return tail + self.flush(), stopped
 
 
 class _Thoughts:
@@ -1533,8 +1525,7 @@ class _Thoughts:
         self.state = "thinking" if inside else "head"  # head: the reply may still open with the start tag
         self.held = ""  # in the head: what may still become the start tag
         self.ends = _StopMatcher([self.end])
-        self.tokens = 0
-        self.closed = False
+        self.tokens, self.closed = 0, False
 
     def due(self) -> bool:
         """Whether the budget is spent and the closing text is still to come."""
@@ -1632,8 +1623,7 @@ class _ChatTemplate:
             trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
         )
         env.filters["tojson"] = lambda x, ensure_ascii=False, **kw: json.dumps(x, ensure_ascii=ensure_ascii, **kw)
-        env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-        env.globals["raise_exception"] = raise_exception
+        env.globals.update(strftime_now=lambda fmt: time.strftime(fmt), raise_exception=raise_exception)
         self.template, self.source, self.bos, self.eos = env.from_string(source), source, bos, eos
 
     def render(self, messages: list[dict[str, Any]], generation_prompt: bool = True, **variables: Any) -> str:
@@ -1645,8 +1635,7 @@ class _ChatTemplate:
             raise InvalidRequest(f"the model's chat template rejected the messages: {exc}", param="messages") from None
 
 
-# The tags around a reasoning model's thinking: most write <think>; gpt-oss's harmony format thinks in its analysis
-# channel, and answers in its final channel.
+# Reasoning tags: most models write <think>; gpt-oss (harmony) thinks in its analysis channel, answers in its final one.
 _THINK_TAGS = ("<think>", "</think>")
 _HARMONY_TAGS = ("<|channel|>analysis<|message|>", "<|end|><|start|>assistant<|channel|>final<|message|>")
 
@@ -1703,9 +1692,8 @@ class _StateCache:
     tokens they hold. Shared by a model's instances, so a conversation can come back on any of them."""
 
     def __init__(self, limit: int) -> None:
-        self.limit = limit
+        self.limit, self.lock = limit, threading.Lock()
         self.entries: collections.OrderedDict[tuple[int, ...], Any] = collections.OrderedDict()
-        self.lock = threading.Lock()
         self.saved = self.restored = 0
 
     def put(self, tokens: tuple[int, ...], state: Any) -> None:
@@ -1782,20 +1770,20 @@ def _threads(dev: DeviceConfig) -> int:
 # ---- 4b. llama.cpp: a model's instances are sequences of one context, stepped together by a decode thread
 
 
-# Spill a context only when a prompt would throw away at least this many of its tokens, and restore a saved
-# state only when it saves at least this many more tokens than the instance's own context already does.
-_MIN_SPILL_TOKENS = 32
-_MIN_RESTORE_GAIN = 16
+_MIN_SPILL_TOKENS = 32  # spill a context only when a prompt would throw away at least this many of its tokens
+_MIN_RESTORE_GAIN = 16  # restore a saved state only when it saves this many more tokens than the context's own
 
 _FORCE_BIAS = 1e4  # what logit_bias +100 adds: beats any real logit, stays finite
 _MIN_LOGPROB = -9999.0  # JSON has no -inf
 
 
-def _check_ids(tokens: Sequence[int], n_vocab: int, where: str, param: str) -> None:
+def _check_ids(tokens: Sequence[int], n_vocab: int, where: str, param: str) -> list[int]:
+    """The token ids as a list, once each is known to be in the vocabulary."""
     bad = next((t for t in tokens if not 0 <= t < n_vocab), None)
     if bad is not None:
         why = f"{where}: token id {bad} is not in the model's vocabulary (0..{n_vocab - 1})"
         raise InvalidRequest(why, param=param)
+    return list(tokens)
 
 
 def _cpu_has_amx() -> bool:
@@ -1878,8 +1866,7 @@ class _LlamaModel:
         size = 1024
         while True:
             buf = ctypes.create_string_buffer(size)
-            n = self.lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)
-            if n < size:
+            if (n := self.lc.llama_model_meta_val_str(self.ptr, key.encode(), buf, size)) < size:
                 return None if n < 0 else buf.value.decode("utf-8", errors="replace")
             size = n + 1
 
@@ -1890,8 +1877,7 @@ class _LlamaModel:
         size = len(raw) + 2
         while True:
             buf = (self.lc.llama_token * size)()
-            n = self.lc.llama_tokenize(self.vocab, raw, len(raw), buf, size, add_bos, special)
-            if n >= 0:
+            if (n := self.lc.llama_tokenize(self.vocab, raw, len(raw), buf, size, add_bos, special)) >= 0:
                 return buf[:n]
             size = -n
 
@@ -1902,17 +1888,14 @@ class _LlamaModel:
         size = 64
         while True:
             buf = ctypes.create_string_buffer(size)
-            n = self.lc.llama_token_to_piece(self.vocab, token, buf, size, 0, special)
-            if n >= 0:
+            if (n := self.lc.llama_token_to_piece(self.vocab, token, buf, size, 0, special)) >= 0:
                 return buf.raw[:n]
             size = -n
 
     def text(self, tokens: Sequence[int], special: bool = True) -> str:
         return b"".join(self.piece(t, special) for t in tokens if t >= 0).decode("utf-8", errors="replace")  # no images
 
-    def context(
-        self, n_ctx: int, n_batch: int, n_seq: int = 1, pooling: int | None = None, unified: bool = False
-    ) -> Any:
+    def context(self, n_ctx: int, n_batch: int, n_seq: int, pooling: int | None = None, unified: bool = False) -> Any:
         """A new llama.cpp context (an embedding one with `pooling`) of n_seq sequences with n_ctx cells each.
         Each sequence has a KV stream of its own: a token attends to its own sequence's cells only, not to every
         sequence's (a unified cache made 8 generating sequences' steps ~15% slower). llama.cpp cuts a batch into
@@ -2118,9 +2101,7 @@ class _Sampler:
     def _run(self, rows: Any, ids: Any, logits: Any, *samplers: Any) -> Any:
         """Fill `rows` with these tokens and logits, then apply the samplers to them; returns their token array."""
         lc = self.lc
-        rows.id[:] = ids
-        rows.logit[:] = logits
-        rows.p[:] = 0
+        rows.id[:], rows.logit[:], rows.p[:] = ids, logits, 0
         data = rows.ctypes.data_as(lc.llama_token_data_p)
         arr = lc.llama_token_data_array(data=data, size=len(rows), selected=-1, sorted=False)
         for sampler in samplers:
@@ -2193,10 +2174,8 @@ def _logprob(model: _LlamaModel, logits: Any, token: int, top: int | None) -> tu
     alts = None
     if top:
         ids = np.argpartition(logits, -top)[-top:]
-        ids, alts = ids[np.argsort(-logits[ids])], []
-        for t in ids:
-            raw = model.piece(int(t))
-            alts.append((raw.decode("utf-8", errors="replace"), raw, max(float(logits[t]) - lse, _MIN_LOGPROB)))
+        raws = [(model.piece(int(t)), float(logits[t])) for t in ids[np.argsort(-logits[ids])]]
+        alts = [(raw.decode("utf-8", errors="replace"), raw, max(x - lse, _MIN_LOGPROB)) for raw, x in raws]
     return max(float(logits[token]) - lse, _MIN_LOGPROB), alts
 
 
@@ -2254,8 +2233,7 @@ class _Job:
             self.finish("length")
 
     def sample(self, row: Any) -> None:
-        """The next token from this sequence's logits (or the next of a thinking budget's closing text): its text
-        goes out, or the choice finishes."""
+        """The next token from `row` (or of a thinking budget's closing text): its text goes out, or the choice ends."""
         th = self.thoughts
         if th is not None and th.due():
             self.forced.extend(self.model.tokenize(th.closing(), add_bos=False))
@@ -2305,17 +2283,16 @@ class _Job:
         self.done.set()
 
 
-# From this many tokens a batch on, llama.cpp's CPU kernels round differently (measured on 0.3.36's build).
-_BIG_BATCH = 64
+_BIG_BATCH = 64  # from this many tokens a batch on, llama.cpp's CPU kernels round differently (0.3.36's build)
+_Part = tuple[_Job, list[int], bool]  # a job's tokens to evaluate, and whether all want logits (else from its last)
 
 
 class _Decoder:
-    """A llama-cpp model's one context and the thread that decodes it. Each instance of the model is a sequence;
-    every step evaluates the next token of every running sequence, and chunks of new prompts, together (_step).
-    A request's further choices run beside its instance's in sequences no instance holds: there is one more
-    sequence than max_instances, so they always find one in the end. llama.cpp evaluates only consecutive
-    sequences in one pass over the weights, so a conversation that starts apart from the running ones is moved
-    next to them (_place)."""
+    """A llama-cpp model's one context and the thread that decodes it. Each instance of the model is a sequence; every
+    step evaluates the next token of every running sequence, and chunks of new prompts, together (_step). A request's
+    further choices run beside its instance's in sequences no instance holds: there is one more sequence than
+    max_instances, so they always find one in the end. llama.cpp evaluates only consecutive sequences in one pass over
+    the weights, so a conversation that starts apart from the running ones is moved next to them (_place)."""
 
     def __init__(self, lc: Any, model: ModelConfig, path: str, mmproj: str | None, state_cache: Any) -> None:
         self.lc, self.config, self.cache = lc, model, state_cache
@@ -2428,11 +2405,10 @@ class _Decoder:
         return len(self.jobs), sum(j.pos < 0 for j in self.jobs), sum(j.ended for j in self.jobs), self.decodes
 
     def _step(self) -> None:
-        """One step: the next token of every generating sequence, and prompt chunks, in as few llama_decode calls as
-        it can. llama.cpp's kernels round differently from 64 tokens a batch on, but the same below it, whatever the
-        batch holds: so the generating tokens and the short chunks (under 64 tokens) share decodes below 64, and
-        the long chunks decode apart. A prompt is always cut into the same chunks from where its cache ends, so a
-        reply never depends on who else is being served."""
+        """One step: the next token of every generating sequence, and prompt chunks, in as few decodes as it can.
+        llama.cpp's kernels round differently from 64 tokens a batch on, the same below, whatever the batch holds: so
+        generating tokens and short chunks (under 64 tokens) share decodes below 64, and long chunks decode apart. A
+        prompt is always cut into the same chunks from where its cache ends: no reply depends on who else is served."""
         for job in [j for j in self.jobs if j.ended]:
             self._drop(job)
         for job in [j for j in self.jobs if j.pos < 0]:
@@ -2441,10 +2417,8 @@ class _Decoder:
         for job in running:
             if job.should_stop is not None and job.should_stop():
                 job.finish("length")
-        decodes: list[list[tuple[_Job, list[int], bool]]] = [
-            [(j, [j.next], True) for j in running if j.next is not None and not j.ended]
-        ]
-        big: list[tuple[_Job, list[int], bool]] = []
+        decodes: list[list[_Part]] = [[(j, [j.next], True) for j in running if j.next is not None and not j.ended]]
+        big: list[_Part] = []
         for job in (j for j in running if j.next is None and not j.ended):
             if job.pos in job.media:
                 self._image(job)
@@ -2465,7 +2439,7 @@ class _Decoder:
         for parts in [*decodes, big]:
             self._decode([part for part in parts if not part[0].ended])
 
-    def _decode(self, parts: list[tuple[_Job, list[int], bool]]) -> None:
+    def _decode(self, parts: list[_Part]) -> None:
         """Evaluate tokens of these jobs' sequences (with logits, or not); then each job takes its logits rows."""
         if not parts:
             return
@@ -3082,8 +3056,7 @@ class LlamaCppEngine(Engine):
 
     def close(self) -> None:
         if self._embedder is not None:  # first: it may sit on the shared weights, freed with the last sequence
-            model, ctx, batch, _ = self._embedder
-            self._embedder = None
+            (model, ctx, batch, _), self._embedder = self._embedder, None
             batch.free()
             _llama_cpp().llama_free(ctx)
             if self.model.task != "text-completion":
@@ -3115,10 +3088,8 @@ class LlamaCppEngine(Engine):
         job = _Job(shared.model, 0, tokens, SamplingParams(), out)
         job.owner = self
         shared.run([job])
-        job.done.wait()
-        while not out.empty():
-            if isinstance(item := out.get(), BaseException):
-                raise item
+        for _ in self._stream(shared, [job], out, []):  # its one chunk, once the prompt is evaluated, or its error
+            pass
 
     def _prompt(self, req: Request, group: int, chunks: list[Any]) -> tuple[list[int], str | None, str, dict]:
         """A choice group's prompt tokens, its text when the request gave text, the chat template's text, and its
@@ -3133,18 +3104,15 @@ class LlamaCppEngine(Engine):
             chunks.append(owner)
             return tokens, None, rendered, media
         prompt, model = req.prompts[group], self._text_model().model
-        if isinstance(prompt, str):
-            tokens = model.tokenize(prompt)
-        else:
-            _check_ids(prompt, model.n_vocab, "'prompt'", "prompt")
-            tokens = list(prompt)
+        text = prompt if isinstance(prompt, str) else None
+        tokens = model.tokenize(text) if text is not None else _check_ids(prompt, model.n_vocab, "'prompt'", "prompt")
         if req.suffix is not None:  # never with echo: openai_request refuses that pair
             tokens = self._infill(tokens, req.suffix)
         if not tokens:  # an empty prompt: nothing to sample from, so start from BOS
             if model.bos < 0:
                 raise InvalidRequest("the prompt is empty", param="prompt", code="empty_prompt")
             tokens = [model.bos]
-        return tokens, prompt if isinstance(prompt, str) else None, "", {}
+        return tokens, text, "", {}
 
     def _infill(self, prefix: list[int], suffix: str) -> list[int]:
         """Fill-in-the-middle: the model's FIM tokens around prefix and suffix (as llama.cpp's server does)."""
@@ -3199,8 +3167,7 @@ class LlamaCppEngine(Engine):
 
     def pieces(self, tokens: list[int]) -> list[bytes]:
         model = self._vocab()
-        _check_ids(tokens, model.n_vocab, "'tokens'", "tokens")
-        return [model.piece(t, special=True) for t in tokens]
+        return [model.piece(t, special=True) for t in _check_ids(tokens, model.n_vocab, "'tokens'", "tokens")]
 
     # -- generation
 
@@ -3230,9 +3197,8 @@ class LlamaCppEngine(Engine):
                     last_n = shared.n_ctx if p.repeat_last_n == -1 else min(p.repeat_last_n, shared.n_ctx)
                     max_new = room if p.max_tokens is None else min(p.max_tokens, room)
                     sampler = _Sampler(lc, shared.model, p, last_n)  # raises on a bad grammar or bias
-                    logged = pieces if p.logprobs is not None else []
-                    extra = {"should_stop": should_stop, "echo": echo, "pieces": logged, "thoughts": thoughts}
-                    extra["media"] = media
+                    extra = {"should_stop": should_stop, "echo": echo, "thoughts": thoughts, "media": media}
+                    extra["pieces"] = pieces if p.logprobs is not None else []
                     group.append(_Job(shared.model, i, tokens, p, out, max_new=max_new, sampler=sampler, **extra))
                     jobs.append(group[-1])
                 leader = group[-1] if g == groups - 1 else group[0]
@@ -3283,20 +3249,24 @@ class LlamaCppEngine(Engine):
         ctx = model.context(n_ctx, n_ctx, self._RERANK_SEQS if rerank else 1, pooling=pooling, unified=rerank)
         return model, ctx, _Batch(lc, n_ctx), n_ctx
 
+    def _pooled(self, seqs: list[list[int]]) -> list[Any]:
+        """Token sequences that fit the context together, decoded as sequences of their own: their pooled outputs."""
+        lc, (model, ctx, batch, _) = _llama_cpp(), typing.cast(tuple, self._embedder)
+        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+        batch.clear()
+        for seq, tokens in enumerate(seqs):
+            for pos, t in enumerate(tokens):
+                batch.add(t, pos, seq, True)
+        _EMBED_THREAD.submit(model.decode, ctx, batch.ptr).result()
+        return [lc.llama_get_embeddings_seq(ctx, seq) for seq in range(len(seqs))]
+
     def _embed_tokens(self, tokens: list[int]) -> list[float]:
         """One pooled, normalised vector for a token sequence that fits the context."""
         import numpy as np
 
-        lc, (model, ctx, batch, _) = _llama_cpp(), typing.cast(tuple, self._embedder)
-        lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
-        batch.clear()
-        for i, t in enumerate(tokens):
-            batch.add(t, i, 0, True)
-        _EMBED_THREAD.submit(model.decode, ctx, batch.ptr).result()
-        ptr = lc.llama_get_embeddings_seq(ctx, 0)
-        if not ptr:
+        if not (ptr := self._pooled([tokens])[0]):
             raise EngineError(f"model '{self.model.id}' gave no pooled embedding", code="engine_error")
-        return _l2_normalised(np.ctypeslib.as_array(ptr, shape=(model.n_embd,)))
+        return _l2_normalised(np.ctypeslib.as_array(ptr, shape=(typing.cast(tuple, self._embedder)[0].n_embd,)))
 
     def embed(
         self, texts: list[str] | list[list[int]], dimensions: int | None = None, long_inputs: str | None = None
@@ -3315,8 +3285,7 @@ class LlamaCppEngine(Engine):
             if isinstance(item, str):
                 tokens = model.tokenize(item, special=False, add_bos=True)
             else:
-                _check_ids(item, model.n_vocab, f"input[{i}]", "input")
-                tokens = list(item)
+                tokens = _check_ids(item, model.n_vocab, f"input[{i}]", "input")
             if not tokens:
                 raise InvalidRequest(f"input[{i}] is empty", param="input")
             if len(tokens) > n_ctx and mode == "error":
@@ -3353,19 +3322,11 @@ class LlamaCppEngine(Engine):
 
     def _scores(self, pairs: list[list[int]]) -> list[float]:
         """Each pair's relevance, the sigmoid of the head's logit: pairs share decodes, each its own sequence."""
-        lc, (model, ctx, batch, n_ctx) = _llama_cpp(), typing.cast(tuple, self._embedder)
-        scores: list[float] = []
+        n_ctx, scores = typing.cast(tuple, self._embedder)[3], []
         while len(scores) < len(pairs):
-            lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
-            batch.clear()
-            first = i = len(scores)
-            while i < len(pairs) and i - first < self._RERANK_SEQS and batch.ptr.n_tokens + len(pairs[i]) <= n_ctx:
-                for pos, t in enumerate(pairs[i]):
-                    batch.add(t, pos, i - first, True)
-                i += 1
-            _EMBED_THREAD.submit(model.decode, ctx, batch.ptr).result()
-            for seq in range(i - first):
-                logit = lc.llama_get_embeddings_seq(ctx, seq)[0]
+            group = pairs[len(scores) : len(scores) + self._RERANK_SEQS]
+            group = group[: sum(n <= n_ctx for n in itertools.accumulate(map(len, group)))]  # those that fit a batch
+            for logit in (ptr[0] for ptr in self._pooled(group)):
                 scores.append(1 / (1 + math.exp(-logit)) if -500 < logit < 500 else float(logit > 0))
         return scores
 
