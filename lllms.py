@@ -7572,7 +7572,8 @@ def _parse_body(raw: bytes, config: ServerConfig) -> dict[str, Any]:
 
 
 _JSON_SCALARS = {int, float, bool, type(None)}
-_BASE64_DATA = re.compile(r"(data:[\w.+-]+/[\w.+-]+;base64,)?[A-Za-z0-9+/]+={0,2}")
+# An image's data: a base64 data: URL, or base64 that opens as a PNG, JPEG, GIF or BMP does.
+_BASE64_DATA = re.compile(r"(data:[\w.+-]+/[\w.+-]+;base64,|(?=iVBORw0KGgo|/9j/|R0lGOD|Qk))[A-Za-z0-9+/]+={0,2}")
 _MAX_JSON_CONTAINERS = 100_000
 
 

@@ -8060,3 +8060,21 @@ def test_mmproj_comes_from_a_url_an_hf_manifest_or_the_command_line(
     finally:
         proc.terminate()
         proc.wait(60)
+
+
+def test_image_data_does_not_count_as_text(smollm2: str, tiny_mmproj: str) -> None:
+    """max_request_chars bounds text for the model; an image's base64 (a data: URL, Anthropic's and Ollama's bare
+    base64) is bounded by max_body_bytes and max_image_bytes instead, while a long text still counts."""
+    eye = {"task": "text-completion", "file": smollm2, "mmproj": tiny_mmproj, "context_size": 512}
+    config = {"max_request_chars": 4000, "models": {"eye": eye}}
+    png = make_png(seed=3)  # about 6,500 characters of base64
+    with lllms.start_http_server(config, host="127.0.0.1", port=0) as server:
+        chat = {"model": "eye", "messages": _openai_image(png), "max_tokens": 1}
+        assert http_request(server, "POST", "/v1/chat/completions", chat).status == 200
+        message = {"role": "user", "content": "Hi", "images": [base64.b64encode(png).decode()]}
+        body = {"model": "eye", "messages": [message], "stream": False, "options": {"num_predict": 1}}
+        assert http_request(server, "POST", "/api/chat", body).status == 200
+        status, reply, _ = http_request(
+            server, "POST", "/api/chat", {**body, "messages": [{"role": "user", "content": "x" * 4001}]}
+        )
+        assert status == 400 and reply["error"]
