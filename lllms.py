@@ -20,18 +20,16 @@ Sections, each built on the ones before it, each helper before its first user:
                    (anthropic_request), OpenAI Responses (_ResponsesCall) and Ollama (_OllamaCall). 6h _DIALECTS,
                    the dialect table: each dialect's routes, their calls, its error envelope and stream framing.
   7. ModelServer   the embedded API: request() checks a body, submit() runs it; CompletionStream.
-  8. HTTP          8a _Transport (the stdlib hooks, limits, bodies, framing, keepalives), 8b _Handler (keys,
-                   routing through _DIALECTS, the server's own endpoints), 8c _HTTPD (connections, deadlines) and
-                   HTTPServer.
+  8. HTTP          8a _Transport (the stdlib hooks, limits, bodies, framing, keepalives), 8b _Handler (keys, routing
+                   through _DIALECTS, the server's own endpoints), 8c _HTTPD (connections, deadlines) and HTTPServer.
   9. CLI           main().
  10. the dashboard page, as data.
 
 Data flows one way: HTTP -> dialect -> Request -> ModelServer -> pool -> engine. One streamed chat request:
   _Handler._handle -> _route, _dispatch (via _DIALECTS) -> _serve -> _read_json (_parse_body) -> _chat_key
   -> the route's _Run: openai_request (_parse_messages, _tool_plan, ...) -> Request.check (Engine.check, grammar)
-  -> ModelServer.submit -> CompletionStream() -> _Pool.enqueue
-  -> _Transport._send_stream (_first_event), iterating chat_chunks(stream) -> CompletionStream._run -> _Pool.lease
-     (_Pool.wait, and _Pool._load for a new instance)
+  -> ModelServer.submit -> CompletionStream() -> _Pool.enqueue -> _Transport._send_stream (_first_event), iterating
+     chat_chunks(stream) -> CompletionStream._run -> _Pool.lease (_Pool.wait, and _Pool._load for a new instance)
   -> LlamaCppEngine.run (a _Job per choice, each with its _Sampler) -> _Decoder.run; on the decode thread,
      _Decoder._step (_begin, _reuse) -> _decode -> _Job.sample, one Chunk per token into the job's queue
   -> LlamaCppEngine._stream -> CompletionStream._record (_ReplyParser for tools) -> chat_chunks -> the dialect's
@@ -211,9 +209,8 @@ class DeviceConfig:
     gpu: bool | Literal["auto"] = "auto"  # "auto": offload when the engine build can
     gpu_layers: int | None = _bound(None, 0)  # None: all layers when offloading
     cpu_threads: int | None = _bound(None, 1)  # None: all cores; never more than the cores
-    # Weight repacking into extra CPU buffers (llama.cpp's AMX/AVX repack). "auto": off on CPUs with AMX,
-    # where llama-cpp-python 0.3.36's AMX path segfaults on prompts longer than one token.
-    repack: bool | Literal["auto"] = "auto"
+    # "auto": off on CPUs with AMX, where llama-cpp-python 0.3.36's AMX path segfaults on prompts longer than one token.
+    repack: bool | Literal["auto"] = "auto"  # weight repacking into extra CPU buffers (llama.cpp's AMX/AVX repack)
 
 
 @dataclass
@@ -259,19 +256,16 @@ class ModelConfig:
     verify: Literal["sha256", "size", "none"] = "sha256"  # how deeply a file already in place is checked at start
     token: str | None = None  # bearer token for huggingface.co downloads; default: $HF_TOKEN
     long_inputs: Literal["error", "truncate", "mean"] = "error"  # embedding inputs longer than the context
-    # A gpt4all-style chat format, used instead of the model's template: %1 is the user's message, %2 the reply.
-    prompt_template: str | None = None
+    prompt_template: str | None = None  # gpt4all-style, overriding the template: %1 the user's message, %2 the reply
     system_template: str | None = None  # with prompt_template: a system message, %1 its content
-    # Grammars requests may name in `grammar`: a GBNF string, or a JSON schema (an object).
-    grammars: dict[str, str | dict[str, Any]] = field(default_factory=dict)
+    grammars: dict[str, str | dict[str, Any]] = field(default_factory=dict)  # named by `grammar`: GBNF or JSON schema
     max_tokens_limit: int | None = _bound(None, 1)  # a request's max_tokens above it is a 400; None: the context
     # Reasoning: None finds <think> tags (or harmony's analysis channel) in the chat template; false: the model never
     # thinks; true: it thinks between <think> and </think>; {"start": ..., "end": ...}: between these tags.
     reasoning: bool | dict[str, str] | None = None
     effort_budgets: dict[str, float] = field(default_factory=dict)  # each effort level's share of max_tokens
-    # Built-in tools (web_search, file_search, ...) a request offers: left out of the prompt and named in a header,
-    # or refused with a 400; None: the server's hosted_tools.
-    hosted_tools: Literal["leave_out", "refuse"] | None = None
+    # Built-in tools (web_search, ...) a request offers: left out of the prompt and named in a header, or refused (400)
+    hosted_tools: Literal["leave_out", "refuse"] | None = None  # None: the server's hosted_tools
     mmproj: str | None = None  # llama-cpp: a vision projector's GGUF (a path, URL or hf.co/ name); images need one
     max_images: int = _bound(8, 1)  # images in one request; beyond it, 400
     mmproj_file: str | None = field(default=None, metadata={"internal": True})  # where it is, once in place
@@ -388,8 +382,7 @@ def _canonical_key(key: str) -> str:
     return _KEY_ALIASES.get(snake, snake)
 
 
-# Each plain config type: its name in errors, and the check a value must pass.
-_PLAIN_TYPES: dict[Any, tuple[str, Callable[[Any], bool]]] = {
+_PLAIN_TYPES: dict[Any, tuple[str, Callable[[Any], bool]]] = {  # each type's name in errors, and its value check
     str: ("a string", lambda v: isinstance(v, str)),
     int: ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
     float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)),
@@ -543,10 +536,8 @@ class SamplingParams:
     presence_penalty: float | None = _bound(None, -2.0, 2.0)
     seed: int | None = _bound(None, -(2**63), 2**64 - 1)
     stop: list[str] | None = None
-    # Additive biases by token id; -100 bans a token and +100 makes the +100 tokens the only choices.
-    logit_bias: dict[int, float] | None = None
-    # Report each token's logprob and this many alternatives; None: no logprobs.
-    logprobs: int | None = _bound(None, 0, 20)
+    logit_bias: dict[int, float] | None = None  # token id: added bias; -100 bans it, +100 tokens are the only choices
+    logprobs: int | None = _bound(None, 0, 20)  # each token's logprob and this many alternatives; None: no logprobs
     grammar: str | None = None  # GBNF the output must match
 
     @classmethod
@@ -590,7 +581,6 @@ class SamplingParams:
 
 
 # ==== 3. model store: paths, download, checksum
-#
 # A model given by url lives at url_path(url, models_dir). fetch() makes it present: a file already there that
 # checks out is used with no network access; otherwise one thread in one process downloads it (threads share an
 # entry in _inflight, processes take {dest}.lock) while the others wait and then check again. A download streams to
@@ -667,8 +657,7 @@ def _hf_endpoint() -> str:
 
 
 def _auth_headers(url: str, token: str | None = None) -> dict[str, str]:
-    """Authorization for the Hub ($HF_ENDPOINT's host too), from `token` or $HF_TOKEN; other hosts, and plain http
-    to the Hub, get none."""
+    """Authorization: `token` or $HF_TOKEN, for the Hub (https only) and $HF_ENDPOINT's host; none for other hosts."""
     parts, mirror = urlsplit(url), urlsplit(_hf_endpoint())
     if (parts.scheme != "https" or parts.hostname not in _HF_HOSTS) and parts[:2] != mirror[:2]:
         return {}
@@ -768,7 +757,6 @@ class _RedirectHandler(urllib.request.HTTPRedirectHandler):
         # 308 is 307 for a GET; Python 3.10's urllib does not know 308.
         new = super().redirect_request(req, fp, 307 if code == 308 else code, msg, headers, newurl)
         a, b = urlsplit(req.full_url), urlsplit(new.full_url)
-        # Credentials stay only on the same host and port, and never go from https to http.
         if a.hostname != b.hostname or a.port != b.port or (a.scheme == "https" and b.scheme != "https"):
             for key in [k for k in new.headers if k.lower() in ("authorization", "cookie")]:
                 del new.headers[key]
@@ -779,8 +767,7 @@ def _network_error(exc: BaseException, url: str, stall_timeout: float) -> Downlo
     """A DownloadError saying what went wrong on the wire; permanent when a retry would meet the same answer."""
     host = urlsplit(url).hostname or url
     if isinstance(exc, urllib.error.HTTPError):
-        # exc.url may be a signed CDN URL after a redirect: name the configured one instead.
-        what = f"HTTP {exc.code} {exc.reason} from {url}"
+        what = f"HTTP {exc.code} {exc.reason} from {url}"  # configured url: exc.url may be a redirect's signed CDN URL
         if exc.code in (401, 403):
             hint = "the server refused to serve it without credentials"
             if host in _HF_HOSTS:
@@ -966,9 +953,8 @@ def download(
         why = f"sha256 mismatch for {url}: expected {sha256.lower()}, got {digest}; the download was deleted"
         raise DownloadError(why, permanent=True, code="model_checksum_mismatch")
     try:
-        # The data reaches the disk before the rename does, so a crash leaves a whole file or none.
         with open(part, "rb") as f:
-            os.fsync(f.fileno())
+            os.fsync(f.fileno())  # data reaches the disk before the rename: a crash leaves a whole file or none
         os.replace(part, dest)
     except OSError as exc:
         raise DownloadError(f"cannot move {part} to {dest}: {exc}", permanent=True) from None
@@ -1066,8 +1052,7 @@ def fetch(
         except OSError as exc:
             raise DownloadError(f"cannot download {url} to {dest}: {exc}", permanent=True) from None
         with _lock(dest, lock_poll, cancel):
-            # Another process may have finished it while we waited for the lock.
-            if not verify_file(dest, sha256=sha256, mode=verify):
+            if not verify_file(dest, sha256=sha256, mode=verify):  # another process may have finished it meanwhile
                 if os.path.exists(dest):
                     log.warning("%s does not match its sha256 %s; downloading it again", dest, sha256)
                 download(url, dest, sha256=sha256, cancel=cancel, **options)
@@ -1172,8 +1157,7 @@ def _model_files(model: ModelConfig, models_dir: str, network: bool = False) -> 
 
 
 def _mmproj_source(model: ModelConfig, models_dir: str, network: bool = False) -> tuple[str | None, str] | None:
-    """(url, path) of a model's mmproj: its own, a path (url None), URL or hf.co/ name; else the one its hf.co/
-    name brings, if any."""
+    """(url, path) of a model's mmproj: its own path (url None), URL or hf.co/ name, else its hf.co/ name's if any."""
     name, models_dir = model.mmproj or model.url, os.path.expanduser(models_dir)
     if name is not None and _HF_NAME.fullmatch(name):
         files = _hf_files(name, models_dir, model.token, network)
@@ -1234,7 +1218,6 @@ class _ModelFile:
 
 
 # ---- 3f. GGUF metadata, read from a file's header without loading the model
-
 
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _GGUF_STRING, _GGUF_ARRAY = 8, 9
