@@ -1384,9 +1384,8 @@ class Engine:
         """Evaluate leading context so requests that start with it reuse it."""
 
     def run(self, req: Request, should_stop: _StopCheck = None) -> Iterator[Chunk]:
-        """Every choice of a request, each chunk with its choice's index and each choice's last with its usage.
-        `should_stop` is polled between tokens (True ends a choice with finish_reason "length"); a request the
-        engine refuses raises here, before the first chunk. Closing the iterator stops generation."""
+        """Every choice's chunks (with its index; its last with usage): closing them stops generation. `should_stop` is
+        polled between tokens: True ends a choice ("length"). A refused request raises here, before any chunk."""
         raise NotImplementedError
 
     def context_info(self) -> tuple[int, str]:
@@ -1475,8 +1474,7 @@ class _StopMatcher:
     def feed(self, text: str) -> tuple[str, bool]:
         """Return (text safe to emit, whether a stop sequence matched)."""
         self.pending += text
-        hits = [(i, s) for s in self.stops if (i := self.pending.find(s)) >= 0]
-        if hits:
+        if hits := [(i, s) for s in self.stops if (i := self.pending.find(s)) >= 0]:
             at, self.matched = min(hits)
             out, self.rest, self.pending = self.pending[:at], self.pending[at + len(self.matched) :], ""
             return out, True
@@ -1498,10 +1496,9 @@ class _StopMatcher:
 
 
 class _Thoughts:
-    """A reply split into its reasoning and its answer as it streams, by the model's reasoning tags, which appear in
-    neither: the reasoning is what the tags enclose (from the first token, when the generation prompt opened the
-    block; a reply that never closes it is all reasoning), the answer what follows. The engine counts `tokens`
-    while it thinks; past `budget`, it makes the model write `closing()`: the budget message, then the end tag."""
+    """A streaming reply split by the model's reasoning tags (in neither part) into reasoning, what they enclose (from
+    the first token if the generation prompt opened the block; all of it if never closed), and answer, what follows. The
+    engine counts thinking `tokens`; past `budget` it forces `closing()`: the budget message, then the end tag."""
 
     def __init__(self, tags: tuple[str, str], inside: bool, budget: int | None, message: str | None) -> None:
         (self.start, self.end), self.budget, self.message = tags, budget, message or ""
@@ -1610,8 +1607,7 @@ class _ChatTemplate:
         self.template, self.source, self.bos, self.eos = env.from_string(source), source, bos, eos
 
     def render(self, messages: list[dict[str, Any]], generation_prompt: bool = True, **variables: Any) -> str:
-        try:
-            # tools and documents as transformers passes them when a request has none (tools are in the messages).
+        try:  # tools and documents as transformers passes them when a request has none (tools are in the messages)
             fixed = {"add_generation_prompt": generation_prompt, "bos_token": self.bos, "eos_token": self.eos}
             return self.template.render({**variables, "messages": messages, **fixed, "tools": None, "documents": None})
         except Exception as exc:  # templates raise their own errors for bad role orders
@@ -1624,9 +1620,8 @@ _HARMONY_TAGS = ("<|channel|>analysis<|message|>", "<|end|><|start|>assistant<|c
 
 
 def _thoughts(req: Request, template: Any, prompt: str, room: int) -> _Thoughts | None:
-    """How a reply to this request thinks: between the model's reasoning tags (its config's, else those its chat
-    template writes), from its first token when the rendered prompt opened the block. None for a model that does not
-    think; a 400 naming the field when the request asks such a model to."""
+    """How a reply thinks: between the model's reasoning tags (its config's, else its chat template's), from its first
+    token if the prompt opened the block. None for a non-thinking model (a 400 naming the field if asked to)."""
     declared, source = req.model.reasoning, getattr(template, "source", "")
     tags = (declared["start"], declared["end"]) if isinstance(declared, dict) else None
     if tags is None and declared is not False:
@@ -1662,8 +1657,7 @@ def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
     if type(a) is not type(b):  # a tuple key against a list prompt
         a, b = tuple(a), tuple(b)
     n, i, step = min(len(a), len(b)), 0, 256
-    # Compare in blocks first: histories are long and mostly equal.
-    while i + step <= n and a[i : i + step] == b[i : i + step]:
+    while i + step <= n and a[i : i + step] == b[i : i + step]:  # in blocks first: histories are long, mostly equal
         i += step
     while i < n and a[i] == b[i]:
         i += 1
@@ -1879,10 +1873,9 @@ class _LlamaModel:
         return b"".join(self.piece(t, special) for t in tokens if t >= 0).decode("utf-8", errors="replace")  # no images
 
     def context(self, n_ctx: int, n_batch: int, n_seq: int, pooling: int | None = None, unified: bool = False) -> Any:
-        """A new llama.cpp context (an embedding one with `pooling`) of n_seq sequences with n_ctx cells each.
-        Each sequence has a KV stream of its own: a token attends to its own sequence's cells only, not to every
-        sequence's (a unified cache made 8 generating sequences' steps ~15% slower). llama.cpp cuts a batch into
-        ubatches of consecutive sequences with as many tokens each. `unified`: the sequences share n_ctx cells."""
+        """A llama.cpp context (embeddings: `pooling`) of n_seq sequences of n_ctx cells, each with its own KV stream: a
+        token attends to its sequence's cells only (a unified cache slowed 8 generating sequences ~15%). llama.cpp cuts
+        a batch into ubatches of consecutive sequences, as many tokens each. `unified`: they share n_ctx cells."""
         p = self.lc.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx * (1 if unified else n_seq), n_batch, n_batch, n_seq
         p.kv_unified = unified
@@ -1928,9 +1921,8 @@ class _Batch:
 
 
 class _Vision:
-    """A model's multimodal projector, through libmtmd (llama_cpp.mtmd_cpp): images to chunks of a prompt, each
-    image's chunk to embeddings on the encode thread. An image's positions get ids of their own, negative, from a hash
-    of its pixels: the context cache then tells one image from another, as it tells tokens apart."""
+    """A multimodal projector (libmtmd, llama_cpp.mtmd_cpp): images to prompt chunks, embedded on the encode thread. An
+    image's positions get negative ids from its pixels' hash: the context cache tells images apart like tokens."""
 
     def __init__(self, model: _LlamaModel, path: str) -> None:
         import llama_cpp.mtmd_cpp as mt
@@ -1951,9 +1943,8 @@ class _Vision:
         position; and the chunks, which the caller frees (free) once done with them."""
         mt, bitmaps, seen, where = self.mt, [], collections.Counter[bytes](), images[0].where
         if (marks := text.count(_IMAGE_MARKER)) != len(images):
-            raise InvalidRequest(
-                f"the text holds {marks} image markers ({_IMAGE_MARKER}) for {len(images)} images", param=where
-            )
+            why = f"the text holds {marks} image markers ({_IMAGE_MARKER}) for {len(images)} images"
+            raise InvalidRequest(why, param=where)
         chunks, raw = mt.mtmd_input_chunks_init(), text.encode()
         try:
             for image in images:
@@ -1963,10 +1954,8 @@ class _Vision:
                     raise InvalidRequest(f"'{image.where}': the image is corrupt or truncated", param=image.where)
                 pixels = ctypes.string_at(mt.mtmd_bitmap_get_data(bitmap), mt.mtmd_bitmap_get_n_bytes(bitmap))
                 mt.mtmd_bitmap_set_id(bitmap, hashlib.sha256(pixels).hexdigest().encode())
-            inp, arr = (
-                mt.mtmd_input_text(raw, len(raw), add_bos, True),
-                (mt.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps),
-            )
+            inp = mt.mtmd_input_text(raw, len(raw), add_bos, True)
+            arr = (mt.mtmd_bitmap_p_ctypes * len(bitmaps))(*bitmaps)
             if mt.mtmd_tokenize(self.ptr, chunks, ctypes.byref(inp), arr, len(bitmaps)) != 0:
                 raise InvalidRequest("libmtmd could not place the images in the prompt", param=where)
             tokens: list[int] = []
@@ -2031,9 +2020,8 @@ class _Sampler:
         self.pre = self.post = self.grammar = self.bias = None
         neutral = (p.repeat_penalty, p.frequency_penalty, p.presence_penalty) == (1.0, 0.0, 0.0)
         self.greedy = p.temperature <= 0 and p.grammar is None and neutral
-        # -100 bans; +100 beats any logit yet stays finite, so several +100 tokens compete on their logits.
         bias = {}
-        if p.logit_bias:
+        if p.logit_bias:  # -100 bans; +100 beats any logit, stays finite: several +100 tokens compete on their logits
             bias = {t: -math.inf if b <= -100 else _FORCE_BIAS if b >= 100 else b for t, b in p.logit_bias.items()}
             _check_ids(list(bias), n_vocab, "'logit_bias'", "logit_bias")
             self.bias = (np.array(list(bias), dtype=np.intc), np.array(list(bias.values()), dtype=np.single))
@@ -2067,8 +2055,7 @@ class _Sampler:
                 raise InvalidRequest(why, param="grammar")
         if p.temperature <= 0:
             self.post = self._chain([lc.llama_sampler_init_greedy()])
-        else:
-            # seed 0 is a real seed; 0xFFFFFFFF would mean "random" to llama.cpp.
+        else:  # seed 0 is a real seed; 0xFFFFFFFF would mean "random" to llama.cpp
             seed = random.getrandbits(32) % 0xFFFFFFFF if p.seed is None else p.seed % 0xFFFFFFFF
             draw = [lc.llama_sampler_init_top_k(p.top_k), lc.llama_sampler_init_top_p(p.top_p, 1)]
             draw += [lc.llama_sampler_init_min_p(p.min_p, 1), lc.llama_sampler_init_temp(p.temperature)]
@@ -2461,8 +2448,7 @@ class _Decoder:
             job.prompt_done()
 
     def _image(self, job: _Job) -> None:
-        """An image's turn in a job's prompt: encoded on the encode thread while the other sequences step on, then
-        evaluated into the job's sequence in a decode of its own."""
+        """A prompt's image: encoded on the encode thread as other jobs step, then decoded alone into its sequence."""
         (chunk, n), vision = job.media[job.pos], typing.cast(_Vision, self.vision)
         if (encoding := job.encodings.get(job.pos)) is None:
             encoding = job.encodings[job.pos] = vision.encode(chunk)
@@ -2719,10 +2705,9 @@ _MAX_REPEAT = 1000  # a grammar that counts further overflows llama.cpp's gramma
 
 
 def _plain_schema(schema: Any, param: str, path: str = "$") -> Any:
-    """A schema with what every JSON value satisfies spelled as {}: `true`, annotations alone, string property
-    names. An upper bound past _MAX_REPEAT on a string's length or an array's items is left out: counting that far
-    would crash llama.cpp's grammar parser, and a reply that long would not fit a context anyway. A keyword the
-    grammar could not enforce is a 400 naming its path."""
+    """A schema with what every JSON value satisfies spelled as {}: `true`, annotations alone, string property names. A
+    maxLength or maxItems past _MAX_REPEAT is left out: counting so far crashes llama.cpp's grammar parser, and no
+    context fits so long a reply anyway. A keyword the grammar could not enforce is a 400 naming its path."""
     if schema is True:
         return {}
     if schema is False:
@@ -3029,8 +3014,7 @@ class LlamaCppEngine(Engine):
             return
         key = (id(self.model), self.path)
         with self._decoders_lock:
-            shared = self._decoders.get(key)
-            if shared is None:
+            if (shared := self._decoders.get(key)) is None:
                 mmproj = self.model.mmproj_file
                 shared = self._decoders[key] = _Decoder(lc, self.model, self.path, mmproj, self.state_cache)
             shared.users += 1
@@ -3071,8 +3055,7 @@ class LlamaCppEngine(Engine):
         job = _Job(shared.model, 0, tokens, SamplingParams(), out)
         job.owner = self
         shared.run([job])
-        for _ in self._stream(shared, [job], out, []):  # its one chunk, once the prompt is evaluated, or its error
-            pass
+        list(self._stream(shared, [job], out, []))  # its one chunk, once the prompt is evaluated, or its error
 
     def _prompt(self, req: Request, group: int, chunks: list[Any]) -> tuple[list[int], str | None, str, dict]:
         """A choice group's prompt tokens, its text when the request gave text, the chat template's text, and its
@@ -3367,9 +3350,8 @@ def _capturing_stderr(call: Callable[..., Any], *args: Any, **kwargs: Any) -> tu
 
 
 class _Gpt4AllShim:
-    """The one place that touches gpt4all's private internals, so an upgrade is checked here. An instance holds
-    one model's prompt context and calls `llmodel_prompt` directly: LLModel.prompt_model would force context
-    shifting on and merge tokens in its UTF-8 decoder."""
+    """gpt4all's private internals, in one place to check on upgrades. An instance holds a prompt context and calls
+    `llmodel_prompt` itself: LLModel.prompt_model forces context shifting on and merges tokens in its UTF-8 decoder."""
 
     N_BATCH = 128  # gpt4all's prompt batch limit (LLMODEL_MAX_PROMPT_BATCH)
 
@@ -3502,8 +3484,7 @@ class _Gpt4AllRun:
         if token < 0:
             self.error = (piece or b"").decode("utf-8", errors="replace")
             return False
-        # The token is in the context whatever we answer: gpt4all evaluates a token before reporting it.
-        self.generated += 1
+        self.generated += 1  # in the context whatever we answer: gpt4all evaluates a token before reporting it
         self.started.set()
         try:
             text = self.decoder.decode(piece or b"")
@@ -3544,8 +3525,7 @@ class _Gpt4AllRun:
         if finish not in ("stop", "think"):
             tail, reasoning, stopped = _reply_end(self.decoder, self.thoughts, self.stops)
             finish = "stop" if stopped else finish
-        if finish is None:
-            # gpt4all ended on its own: an end-of-turn token, or a full context (shifting is off).
+        if finish is None:  # gpt4all ended on its own: an end-of-turn token, or a full context (shifting is off)
             full = self.kept + len(self.prompt_ids) + self.generated >= self.native.n_ctx - 1
             finish = "length" if self.prompt_aborted or full or self.max_new == 0 else "stop"
         thought = self.thoughts.tokens if self.thoughts else 0
@@ -3779,8 +3759,7 @@ class Gpt4AllEngine(Engine):
         should_stop: _StopCheck = None,
         req: Request | None = None,
     ) -> Iterator[Chunk]:
-        """The reply to a chat (`req` gives its reasoning switches); a prompt that does not fit raises here, before
-        the first chunk."""
+        """A chat's reply (`req`: its reasoning switches); a prompt that does not fit raises here, before any chunk."""
         self._need_text_model()
         text = self._render(messages, True, **(req.template_vars() if req else {}))
         thoughts = _thoughts(req, self._template, text, self.n_ctx) if req else None
@@ -3841,8 +3820,7 @@ class Gpt4AllEngine(Engine):
             max_new = self.n_ctx if p.max_tokens is None else p.max_tokens
         run = self._run = _Gpt4AllRun(native, text[pos:], p, should_stop, max_new, thoughts)
         run.started.wait()
-        if run.generated == 0:
-            # The call ended before generating: the prompt was refused, cut short, or only fed.
+        if run.generated == 0:  # the call ended before generating: the prompt was refused, cut short, or only fed
             run.thread.join()
             self._settle(run)
             if run.failure is not None:
@@ -3899,8 +3877,7 @@ class Gpt4AllEngine(Engine):
             return
         native = typing.cast(_Gpt4AllShim, self._native)
         fed_all = run.prompt_ids and not run.prompt_aborted and run.error is None and run.failure is None
-        if not fed_all:
-            # Nothing or part of the text went in: keep only the spans that were there before.
+        if not fed_all:  # nothing or part of the text went in: keep only the spans that were there before
             if not native.rewind(run.kept):
                 self._spans = []
             return
