@@ -3992,13 +3992,12 @@ class _Ticket:
 
 @dataclass
 class _Lease:
-    """An instance held for one request, and what goes back with it: whether it is still sound, what its context
-    holds now (None: as before; "" when it is not sound), the prompt tokens it reused."""
+    """An instance held for one request, and what goes back with it."""
 
     instance: _Instance
-    sound: bool = True
-    context_key: str | None = None
-    cached_tokens: int = 0
+    sound: bool = True  # whether it is still sound
+    context_key: str | None = None  # what its context holds now; None: as before, "" when it is not sound
+    cached_tokens: int = 0  # the prompt tokens it reused
 
 
 def _shutting_down() -> Unavailable:
@@ -4104,9 +4103,8 @@ class _Pool:
 
     @contextlib.contextmanager
     def lease(self, ticket: _Ticket, cancel: Any, deadline: float | None, ttl: float | None) -> Iterator[_Lease]:
-        """Wait for the ticket's instance, and give it back when the block ends, with the idle `ttl` (None: its
-        model's). It is kept after a client error (an APIError below 500) or an early close, disposed after any
-        other failure, which reaches the client as an EngineError."""
+        """Wait for the ticket's instance, given back after the block with idle `ttl` (None: its model's): kept after a
+        client error (APIError below 500) or an early close, disposed after any other failure (then an EngineError)."""
         lease = _Lease(self.wait(ticket, cancel, deadline))
         try:
             yield lease
@@ -4161,11 +4159,10 @@ class _Pool:
                 self.state_caches[model.id] = _StateCache(model.state_cache_bytes)
 
     def unload(self, model_id: str, leave: bool = False) -> None:
-        """Free a model's instances: idle ones now, busy ones as their requests end. With `leave`, the model leaves
-        the pool: what is queued for it is still served, by instances that go once done."""
+        """Free a model's instances: idle ones now, busy ones as their requests end; `leave`: it leaves the pool."""
         with self.cond:
             if leave:
-                self._leaving.add(model_id)
+                self._leaving.add(model_id)  # what is queued for it is still served, by instances that go once done
             insts = self.instances.get(model_id, [])
             for inst in insts:
                 inst.retired = True
@@ -4263,15 +4260,13 @@ class _Pool:
             ticket.ready.set()
 
     def _choose(self, ticket: _Ticket) -> _Instance | None:
-        """The instance for a ticket, marked busy (or a new one, loading); None when the model is saturated. Lock held.
-        First choice: the idle one sharing the longest useful history; then an empty idle one, a new one while under
-        max_instances, and last the least recently used idle one, whose conversation it displaces."""
+        """A ticket's instance, marked busy (or a new one, loading); None when the model is saturated. Lock held."""
         model, insts = self.models[ticket.model_id], self.instances[ticket.model_id]
         idle = [i for i in insts if i.state == "idle"]
         shared = [(_common_prefix(i.context_key, ticket.key), i) for i in idle]
         useful = [(n, i) for n, i in shared if _useful_prefix(ticket.key, n)]
         empty = [i for i in idle if not i.context_key]
-        if useful:
+        if useful:  # first choice: the idle one sharing the longest useful history
             best = max(useful, key=lambda s: (s[0], -s[1].last_used))[1]
         elif empty:
             best = min(empty, key=lambda i: i.last_used)
@@ -4280,7 +4275,7 @@ class _Pool:
             best.retired = model.id in self._leaving
             insts.append(best)
             return best
-        elif idle:
+        elif idle:  # last, the least recently used, whose conversation it displaces
             best = min(idle, key=lambda i: i.last_used)
         else:
             return None
@@ -4324,8 +4319,7 @@ class _Pool:
                     inst.context_key = _history_key(model.preload.messages or [], model.preload.prefix or "")
                 inst.context_tokens, inst.preview = info
                 self._errors.pop(model.id, None)
-                # Flip state in the same critical section, so no other request can grab a fresh instance
-                # between "loaded" and "taken by the request that created it".
+                # Flipped under the same lock: no other request can grab a fresh instance before the one that made it.
                 inst.state = "busy" if busy else "idle"
                 if not busy:
                     self._dispatch()
@@ -4336,10 +4330,9 @@ class _Pool:
             raise _shutting_down()
 
     def _take(self, doomed: list[_Instance]) -> list[_Instance]:
-        """Take instances out of the pool, gone (a load still under way sees this and frees what it loaded); the
-        caller closes them once it lets go of the lock. Lock held."""
+        """Take instances out of the pool, gone; the caller closes them once it lets go of the lock. Lock held."""
         for inst in doomed:
-            inst.state = "gone"
+            inst.state = "gone"  # a load still under way sees this and frees what it loaded
             if inst in self.instances[inst.model.id]:
                 self.instances[inst.model.id].remove(inst)
         return doomed
@@ -4418,12 +4411,11 @@ def _history_key(messages: list[dict[str, Any]], text: str = "") -> str:
 
 @dataclass
 class ToolCall:
-    """A call of a tool, in a conversation's history or in a reply; `arguments` is JSON text, as the model wrote
-    it (cut short when generation stopped inside it)."""
+    """A call of a tool, in a conversation's history or in a reply."""
 
     id: str
     name: str  # a namespace's member is "namespace.name"
-    arguments: str = ""
+    arguments: str = ""  # JSON text, as the model wrote it (cut short when generation stopped inside it)
     custom: bool = False  # a custom tool's call: `arguments` is a JSON string, the tool's free-text input
 
     def openai(self) -> dict[str, Any]:
@@ -4523,10 +4515,9 @@ class Request:
         return self
 
     def template_vars(self) -> dict[str, Any]:
-        """The variables the chat template reads for this request: reasoning's switch under the names templates
-        use (Qwen3's enable_thinking, gpt-oss's reasoning_effort, ...), then the caller's own."""
-        switch = {} if self.think is None else {"enable_thinking": self.think, "thinking": self.think}
-        effort = {} if self.effort is None else {"reasoning_effort": self.effort}
+        """The chat template's variables: reasoning's switch under the names templates use, then the caller's own."""
+        switch = {} if self.think is None else {"enable_thinking": self.think, "thinking": self.think}  # Qwen3's, ...
+        effort = {} if self.effort is None else {"reasoning_effort": self.effort}  # gpt-oss's
         return {**switch, **effort, **self.template_kwargs}
 
     def thinking_budget(self, room: int) -> int | None:
@@ -4632,8 +4623,7 @@ def _part_image(part: dict[str, Any], where: str) -> _Image:
 
 
 def _image_size(data: bytes) -> tuple[int, int] | None:
-    """A PNG's, JPEG's, GIF's or BMP's width and height, read from its header before it is decoded; None: none of
-    these (what libmtmd decodes, less the rare formats)."""
+    """Width and height of a PNG, JPEG, GIF or BMP (libmtmd's formats but rare ones), from its header; None: others."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
         return struct.unpack(">II", data[16:24])
     if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
@@ -4666,8 +4656,7 @@ def _load_image(image: _Image, config: ServerConfig) -> None:
 
 
 def _fetch_image(url: str, where: str, config: ServerConfig) -> bytes:
-    """An image URL's bytes, up to max_image_bytes and one more; http(s) only, at every redirect, and from public
-    addresses only unless image_urls is "any"."""
+    """An image URL's bytes, up to max_image_bytes + 1: http(s), public addresses only unless image_urls is "any"."""
 
     def check(target: str) -> None:
         parts = urlsplit(target)
@@ -4676,7 +4665,7 @@ def _fetch_image(url: str, where: str, config: ServerConfig) -> bytes:
         if config.image_urls == "public":
             _public_host(parts.hostname or "", where, 'image_urls "any"', 400)
 
-    class Redirects(urllib.request.HTTPRedirectHandler):
+    class Redirects(urllib.request.HTTPRedirectHandler):  # every redirect is checked too
         def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
             check(newurl)
             return super().redirect_request(req, fp, code, msg, headers, newurl)
@@ -4963,7 +4952,7 @@ def _reasoning_fields(body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _completion_fields(body: dict[str, Any], params: SamplingParams, n: int, stream: bool) -> dict[str, Any]:
-    """A legacy completion body's own fields, as Request keywords (logprobs go into params)."""
+    """A legacy completion body's own fields, as Request keywords (logprobs into params; max_tokens: the spec's 16)."""
     params.logprobs = _int_field(body, "logprobs", 0, 5)
     prompts, echo = _prompt_list(body.get("prompt")), _bool_field(body, "echo")
     suffix = _str_field(body, "suffix") or None
@@ -4972,7 +4961,6 @@ def _completion_fields(body: dict[str, Any], params: SamplingParams, n: int, str
         raise InvalidRequest("'best_of' must be at least 'n'", param="best_of")
     if best_of > n and stream:
         raise InvalidRequest("'best_of' cannot be used with stream", param="best_of")
-    # max_tokens_default: the spec's, for legacy completions.
     return {"max_tokens_default": 16, "prompts": prompts, "echo": echo, "suffix": suffix, "best_of": best_of}
 
 
@@ -4988,15 +4976,14 @@ _FIELDS = {
 
 
 def _keywords(kind: str, params: SamplingParams | None, keywords: dict[str, Any]) -> dict[str, Any]:
-    """An embedded caller's keywords and SamplingParams as body fields: None is left out, camelCase is taken, and
-    a name the kind does not know is a 400 (over HTTP, unknown fields are ignored, as OpenAI does)."""
+    """An embedded caller's keywords and SamplingParams as body fields (None dropped, camelCase taken; unknown: 400)."""
     body = {k: v for k, v in dataclasses.asdict(params).items() if v is not None} if params else {}
     if kind == "chat" and "logprobs" in body:
         body["logprobs"], body["top_logprobs"] = True, body["logprobs"]
     for key, value in keywords.items():
         name = _canonical_key(key)
         if name not in _FIELDS[kind] and (kind in ("embedding", "rerank") or name not in _SAMPLING_KEYS):
-            raise InvalidRequest(f"unknown parameter '{key}'", param=key)
+            raise InvalidRequest(f"unknown parameter '{key}'", param=key)  # over HTTP, ignored (as OpenAI does)
         if value is not None:
             body[name] = value
     return body
@@ -5133,8 +5120,7 @@ def embedding_response(e: Embeddings, req: Request) -> dict[str, Any]:
 
 
 def rerank_request(body: dict[str, Any], config: ServerConfig) -> Request:
-    """A rerank body, as Jina's and Cohere's APIs (and llama-server's and vLLM's /v1/rerank) take it, as a Request.
-    `truncate` (as Hugging Face's TEI has it) overrides the model's long_inputs: true truncates, false refuses."""
+    """A rerank body, as Jina's and Cohere's APIs (and llama-server's and vLLM's /v1/rerank) take it, as a Request."""
     model = _model_of(_only_model(body, config), config, "rerank")
     query, docs, top_n = body.get("query"), body.get("documents"), body.get("top_n")
     if not isinstance(query, str) or not query.strip():
@@ -5155,14 +5141,13 @@ def rerank_request(body: dict[str, Any], config: ServerConfig) -> Request:
 
 
 def rerank_response(r: Ranking, req: Request) -> dict[str, Any]:
-    """The best first, the top_n of them, each with its index (and text); `long_inputs` names the documents longer
-    than the context, and what was done with them."""
+    """The best first, the top_n of them, each with its index (and text), and any `long_inputs`."""
     order = sorted(range(len(r.scores)), key=lambda i: -r.scores[i])[: req.top_n]
     text = (lambda i: {"document": {"text": req.prompts[i]}}) if req.return_documents else (lambda i: {})
     results = [{"index": i, "relevance_score": r.scores[i], **text(i)} for i in order]
     usage = {"prompt_tokens": r.usage.prompt_tokens, "total_tokens": r.usage.prompt_tokens}
     out = {"object": "list", "model": r.model, "results": results, "usage": usage}
-    if r.long:
+    if r.long:  # the documents longer than the context, and what was done with them
         out["long_inputs"] = {"mode": req.long_inputs or req.model.long_inputs, "documents": r.long}
     return out
 
@@ -5216,9 +5201,8 @@ def _tool_function(tool: Any, where: str) -> dict[str, Any]:
 
 @dataclass
 class _ToolPlan:
-    """What a request's tools and tool_choice ask of the model. "none" answers in text, in the tool shape all the
-    same, when the history holds tool calls: the model then sees the conversation as it was (a cache hit) and does
-    not copy a call's JSON into its answer."""
+    """What a request's tools and tool_choice ask. "none", with tool calls in the history, still answers in the tool
+    shape: the model sees the conversation as it was (a cache hit) and copies no call's JSON into its answer."""
 
     functions: list[dict[str, Any]]  # every tool of the request, described to the model
     callable: list[str]  # the names it may call
@@ -5471,8 +5455,7 @@ def _format_schema(response_format: Any) -> dict[str, Any] | None:
 
 # ---- 6d. the dialects' shared parts
 #
-# Every other dialect translates its body into the same Request, and reads the same Completion or CompletionStream
-# back. Their sampling parameters go through SamplingParams under their own names, so errors name what was sent.
+# Every other dialect translates its body into the same Request and reads the same Completion or CompletionStream back.
 
 
 def _dialect_params(body: dict[str, Any], names: dict[str, str]) -> SamplingParams:
@@ -5496,10 +5479,9 @@ def _refuse(body: dict[str, Any], fields: dict[str, str], engine: str) -> None:
 
 
 def _leave_out(tools: list[Any], own: tuple[str, ...], strict: bool) -> tuple[list[tuple[int, Any]], list[str]]:
-    """A request's tools (with their indices) without the built-in ones the server cannot run (web_search,
-    file_search, ...), and these ones' names. Agents offer them with every request, so they are left out, and the
-    caller told, rather than refused; `strict` (hosted_tools: "refuse") makes them a 400. `own`: the tool types the
-    dialect translates (a tool without a type is its first)."""
+    """A request's tools (with indices) less the built-in ones the server cannot run (web_search, file_search, ...), and
+    their names. Agents offer these with every request: left out, the caller told, not refused; `strict` (hosted_tools:
+    "refuse") makes them a 400. `own`: the tool types the dialect translates (the first for an untyped tool)."""
     kept, left = [], []
     for i, t in enumerate(tools):
         kind = t.get("type", own[0]) if isinstance(t, dict) else None
@@ -5515,9 +5497,8 @@ def _leave_out(tools: list[Any], own: tuple[str, ...], strict: bool) -> tuple[li
 
 
 def _started(s: CompletionStream) -> Iterator[Chunk]:
-    """The stream's chunks, the first taken at once: a dialect that opens with an event of its own calls this
-    first, so that errors before any output still get a plain status."""
-    first = next(s, None)
+    """The stream's chunks, the first taken at once: a dialect that opens with an event of its own calls this first."""
+    first = next(s, None)  # so that errors before any output still get a plain status
     return iter(()) if first is None else itertools.chain([first], s)
 
 
@@ -5663,11 +5644,9 @@ def anthropic_request(body: dict[str, Any], config: ServerConfig, count: bool = 
         schema = _object(_object(fmt, "output_config.format").get("schema"), "output_config.format.schema")
     tools, choice, parallel, left_out = _anthropic_tools(body, (model.hosted_tools or config.hosted_tools) == "refuse")
     plan, stream = _tool_plan(tools, choice, parallel, messages), _bool_field(body, "stream") and not count
-    think = {"enabled": True, "disabled": False}.get(thinking.get("type", ""))
     fields = {"json_schema": schema, "schema_param": "output_config", "think_budget": budget, "think_param": "thinking"}
-    return Request(
-        "chat", model, params, messages=messages, tools=plan, left_out=left_out, stream=stream, think=think, **fields
-    ).check()
+    fields |= {"think": {"enabled": True, "disabled": False}.get(thinking.get("type", "")), "stream": stream}
+    return Request("chat", model, params, messages=messages, tools=plan, left_out=left_out, **fields).check()
 
 
 def _anthropic_usage(u: Usage) -> dict[str, int]:
@@ -5706,8 +5685,7 @@ def anthropic_response(c: Completion, req: Request) -> dict[str, Any]:
 
 
 def anthropic_events(s: CompletionStream) -> Iterator[dict[str, Any]]:
-    """Anthropic's stream: message_start, each content block's start, deltas and stop, message_delta (the stop
-    reason and usage), message_stop. The prompt's token counts come with message_delta."""
+    """Anthropic's stream: message_start, each content block's start, deltas and stop, message_delta, message_stop."""
     chunks = _started(s)
     message = {"id": "msg_" + _suffix(s.id), "type": "message", "role": "assistant", "model": s.model, "content": []}
     start = {**message, "stop_reason": None, "stop_sequence": None, "usage": _anthropic_usage(Usage())}
@@ -5727,7 +5705,7 @@ def anthropic_events(s: CompletionStream) -> Iterator[dict[str, Any]]:
                 delta = {"type": "signature_delta", "signature": _signature(text)}
                 yield {"type": "content_block_delta", "index": index, "delta": delta}
             yield {"type": "content_block_stop", "index": index}
-    usage = _anthropic_usage(s.usage or Usage())
+    usage = _anthropic_usage(s.usage or Usage())  # message_delta has the stop reason and usage, prompt tokens included
     yield {"type": "message_delta", "delta": _anthropic_stop(s.choices.get(0) or Chunk("", "stop")), "usage": usage}
     yield {"type": "message_stop"}
 
@@ -5751,11 +5729,10 @@ _RESPONSES_UNSUPPORTED = {
 
 
 class _ResponseStore:
-    """Stored responses and their conversations, for previous_response_id and GET /v1/responses/{id}: the `size`
-    most recently used, in memory (lost on restart)."""
+    """Stored responses and their conversations, for previous_response_id and GET /v1/responses/{id}, in memory."""
 
     def __init__(self, size: int) -> None:
-        self.size, self.lock = size, threading.Lock()
+        self.size, self.lock = size, threading.Lock()  # the `size` most recently used are kept (lost on restart)
         self.items = collections.OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]]()
 
     def get(self, response_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -5851,11 +5828,10 @@ def _responses_choice(choice: Any, names: list[Any]) -> Any:
 
 
 def _responses_tools(body: dict[str, Any], strict: bool) -> tuple[Any, Any, list[str] | None, list[str]]:
-    """Function, custom and namespace tools, and tool_choice, in Chat Completions' shapes, with where each tool was
-    given; built-in tools are left out (their names come last)."""
+    """Function, custom and namespace tools, and tool_choice, in Chat's shapes, with where each tool was given."""
     tools, paths, left = body.get("tools"), None, []
     if isinstance(tools, list):
-        kept, left = _leave_out(tools, ("function", "custom", "namespace"), strict)
+        kept, left = _leave_out(tools, ("function", "custom", "namespace"), strict)  # built-in ones: names come last
         tools, paths = [], []
         for i, t in kept:
             if not isinstance(t, dict) or t.get("type") != "namespace":
@@ -5938,12 +5914,10 @@ class _ResponsesCall:
         self.history += _responses_input(body.get("input"))
         messages, params = _parse_messages(system + self.history), _dialect_params(body, _RESPONSES_SAMPLING)
         plan = _tool_plan(tools, choice, body.get("parallel_tool_calls"), messages, paths)
-        schema, stream = _text_format(body.get("text")), _bool_field(body, "stream")
-        fields = {"json_schema": schema, "schema_param": "text.format", "stream": stream, "think_param": "reasoning"}
+        fields = {"json_schema": _text_format(body.get("text")), "schema_param": "text.format", "left_out": left_out}
+        fields |= {"stream": _bool_field(body, "stream"), "think_param": "reasoning"}
         think = {"think": None if effort is None else effort != "none", "effort": None if effort == "none" else effort}
-        return Request(
-            "chat", model, params, messages=messages, tools=plan, left_out=left_out, **fields, **think
-        ).check()
+        return Request("chat", model, params, messages=messages, tools=plan, **fields, **think).check()
 
     def _items(self, ch: Choice, status: str = "completed") -> list[dict[str, Any]]:
         items = [self._reasoning_item(ch.reasoning, status)] if ch.reasoning else []
@@ -6152,8 +6126,7 @@ class _OllamaCall:
         self.first: int | None = None  # when the first text came
 
     def request(self, body: dict[str, Any], config: ServerConfig) -> Request | dict[str, Any]:
-        """The Request; or, for a call with nothing to say (no prompt, no messages), the model loaded (unloaded
-        with keep_alive 0) and Ollama's answer to that."""
+        """The Request; with no prompt or messages, the model loaded (keep_alive 0: unloaded) and Ollama's answer."""
         model = _ollama_model(body, config, "chat")
         if body.get("messages" if self.kind == "chat" else "prompt") in (None, "", []) and not body.get("suffix"):
             unload = _keep_alive(body.get("keep_alive")) == 0
@@ -6256,9 +6229,8 @@ def ollama_details(meta: dict[str, Any]) -> dict[str, Any]:
 
 # ---- 6h. the dialect table: each dialect's routes, how its calls run, its errors and stream framing
 #
-# A route that runs a model is a _Run: its body becomes a Request, its result or stream the dialect's objects, and
-# its body names the conversation (the affinity key a load balancer hashes; examples/haproxy/lllms.cfg). Other
-# routes are functions of the ModelServer (and the route's argument, or a POST's body) that return a JSON object.
+# A route that runs a model is a _Run, its body naming the conversation (the affinity key a load balancer hashes;
+# examples/haproxy/lllms.cfg); others are functions of the ModelServer (and the route's argument, or a POST's body).
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -6329,23 +6301,20 @@ def _responses_key(body: dict[str, Any]) -> str | None:
 
 @dataclass(frozen=True)
 class _Run:
-    """A route that runs a model. `request` turns its body into a Request; `response` and `events` turn the result
-    or the stream into the dialect's objects. A dialect that keeps state across those steps (ids, timings) gives
-    `call` instead: made for each call from the ModelServer and the conversation's key, it has the three methods."""
+    """A route that runs a model; a dialect that keeps state across its steps (ids, timings) gives `call` instead."""
 
-    request: Callable[[dict[str, Any], ServerConfig], Request] | None = None
-    response: Callable[[Any, Request], dict[str, Any]] | None = None
-    events: Callable[[CompletionStream], Iterator[dict[str, Any]]] | None = None
+    request: Callable[[dict[str, Any], ServerConfig], Request] | None = None  # its body into a Request
+    response: Callable[[Any, Request], dict[str, Any]] | None = None  # the result into the dialect's objects
+    events: Callable[[CompletionStream], Iterator[dict[str, Any]]] | None = None  # the stream into them
     key: Callable[[dict[str, Any]], str | None] = lambda body: None  # the conversation's affinity key
-    call: Callable[[ModelServer, str | None], Any] | None = None
+    call: Callable[[ModelServer, str | None], Any] | None = None  # made per call from (ModelServer, key); has all three
 
 
 @dataclass(frozen=True)
 class _Admin:
-    """A route that manages models (pulls URLs, writes and deletes files): only clients manage_models allows may
-    call it. `call` is a function of the ModelServer, the route's argument and the body, or a _Handler method."""
+    """A route that manages models (pulls URLs, writes and deletes files), only for clients manage_models allows."""
 
-    call: Callable[..., Any] | str
+    call: Callable[..., Any] | str  # of the ModelServer, the route's argument and the body; or a _Handler method
 
 
 @dataclass(frozen=True)
