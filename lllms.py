@@ -6667,11 +6667,9 @@ class Ranking:
 
 class CompletionStream:
     """Chunks of a completion as they are generated. Iterate it to the end, or close it (`with`) to stop early.
-
     Creating it queues the request (a full queue fails at once); iterating takes the instance, given back when the
     stream ends or closes. Chunks carry their choice's `index`; with tools, their text is the reply's content and
-    `tool_calls` the call deltas. The last chunk carries the usage of all choices.
-    """
+    `tool_calls` the call deltas. The last chunk carries the usage of all choices."""
 
     def __init__(self, request: Request, pool: _Pool, meter: _Metrics, cancel: Any, config: ServerConfig) -> None:
         self.request = request
@@ -6808,20 +6806,18 @@ class CompletionStream:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    def __del__(self) -> None:
-        # A stream dropped unread must not keep its place in the queue, or an instance.
+    def __del__(self) -> None:  # a stream dropped unread must not keep its place in the queue, or an instance
         with _suppress(Exception):
             self.close()
 
 
 class ModelServer:
-    """Loads models into a pool of engine instances and serves completions; no HTTP involved.
+    """Loads models into a pool of engine instances and serves completions; no HTTP involved. `chat`, `complete` and
+    `embed` take OpenAI's body fields as keywords and check them exactly as the HTTP API does; `request` and `submit`
+    are the same two steps for a body given whole.
 
     with ModelServer({"models": {...}}) as server:
         print(server.chat("smollm2", [{"role": "user", "content": "Hi"}]).text)
-
-    `chat`, `complete` and `embed` take OpenAI's body fields as keywords and check them exactly as the HTTP API
-    does; `request` and `submit` are the same two steps for a body given whole.
     """
 
     def __init__(self, config: ConfigSource, progress: Callable[[str, int, int | None], None] | None = None) -> None:
@@ -7143,9 +7139,8 @@ class ModelServer:
         status = {"value": value, **({"error": error} if error else {}), **({"progress": f.info()} if f.info() else {})}
         meta = {} if model.context_size else self.metadata(model_id)
         room = model.context_size or meta.get(f"{meta.get('general.architecture')}.context_length")
-        tools = (["tools"] if self.can_use_tools(model) else []) + (
-            ["vision"] if model.mmproj or model.mmproj_file else []
-        )
+        tools = ["tools"] if self.can_use_tools(model) else []
+        tools += ["vision"] if model.mmproj or model.mmproj_file else []
         caps = ["embedding"] if model.task == "embedding" else ["completion", *tools]
         info = {"status": status, "context_length": room, "max_model_len": room, "task": model.task}
         return {**info, "engine": model.engine, "capabilities": caps}
@@ -7182,10 +7177,9 @@ class ModelServer:
         return openai_request(kind, body, self.config)
 
     def submit(self, req: Request, cancel: Any = None) -> Completion | CompletionStream | Embeddings | Ranking:
-        """Run a request: a stream when it asks for one, else the finished completion, embeddings or ranking.
-        `cancel` (anything with `is_set()`) abandons it: it leaves the queue, or generation stops at the next token.
-        Its `timeout` (default: config `request_timeout`): waiting past it is a 503, generating past it ends the text.
-        """
+        """Run a request: a stream when it asks for one, else the finished completion, embeddings or ranking. `cancel`
+        (anything with `is_set()`) abandons it: it leaves the queue, or generation stops at the next token. Its
+        `timeout` (default: config `request_timeout`): waiting past it is a 503, generating past it ends the text."""
         if self._state == "starting":
             raise Unavailable("the server is not started", code="starting", headers={"Retry-After": "1"})
         req.check()
@@ -7520,8 +7514,7 @@ def _check_body_limits(body: dict[str, Any], config: ServerConfig) -> None:
 
 
 def _text_sizes(body: dict[str, Any], config: ServerConfig) -> dict[str, int]:
-    """Characters of text under each top-level key; 400 for nesting past max_json_depth, a flood of containers,
-    or a string that is not Unicode."""
+    """Text characters per top-level key; 400 for nesting past max_json_depth, too many containers, invalid Unicode."""
     chars = dict.fromkeys(body, 0)
 
     def text(value: str, top: str) -> None:
@@ -7570,8 +7563,7 @@ class _ClientWatch:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock, self.gone = sock, False
-        # poll(), not select(): select fails for descriptors above 1024.
-        self._poll = select.poll()
+        self._poll = select.poll()  # not select(): it fails for descriptors above 1024
         self._poll.register(sock.fileno(), select.POLLIN | select.POLLHUP | select.POLLERR)
 
     def is_set(self) -> bool:
@@ -7918,8 +7910,7 @@ class _Handler(_Transport):
         try:
             if method == "OPTIONS":
                 return self._options(routes)
-            # Every route but the health check and the dashboard page (which holds no data) needs a key, unknown
-            # ones too, so routes are not revealed.
+            # All routes but /health and the data-free dashboard page need a key, unknown ones too, to hide which exist.
             public = path == "/health" or (path == "/" and _prefers_html(self.headers.get("Accept", "")))
             if not public or method not in ("GET", "HEAD"):
                 self._authenticate()
@@ -8144,8 +8135,7 @@ class _HTTPD(ThreadingHTTPServer):
         with _suppress(OSError):
             sock.setblocking(False)
             sock.send(head.encode() + body)
-            # Read what already came, so closing doesn't reset the connection before the client reads the 503.
-            sock.recv(1 << 16)
+            sock.recv(1 << 16)  # read what came, so closing doesn't reset the connection before the 503 is read
         super().shutdown_request(sock)
 
     def shutdown_request(self, request: Any) -> None:
@@ -8304,13 +8294,14 @@ def _list_models_dir(config: ServerConfig) -> int:
 
 
 def _add_models(raw: dict[str, Any], specs: list[str], engine: str | None, mmproj: str | None = None) -> dict[str, Any]:
-    """Models named on the command line, added to a config: the id is the file name without .gguf, the task read
-    from the GGUF header; a URL is downloaded first (resumable, checked), with a progress bar on a terminal. Their
-    text models read images through `mmproj`."""
+    """The command line's models, added to a config: id the file name less .gguf, task from the GGUF header; a URL is
+    downloaded first (resumable, checked, with a progress bar on a terminal). Text models read images via `mmproj`."""
     if not isinstance(raw, dict) or not isinstance(raw.setdefault("models", {}), dict):
         raise ConfigError("the config must be an object, and its 'models' an object")
     models = raw["models"]
     models_dir = os.path.expanduser(raw.get("models_dir") or raw.get("modelsPath") or _default_models_dir())
+    if mmproj and not (re.match(r"https?://", mmproj) or _HF_NAME.fullmatch(mmproj)):
+        mmproj = os.path.abspath(mmproj)
     for spec in specs:
         url = spec if re.match(r"https?://", spec, re.IGNORECASE) or _HF_NAME.fullmatch(spec) else None
         files = _hf_files(spec, models_dir) if url and _HF_NAME.fullmatch(spec) else [(url, "", None)] if url else []
@@ -8330,9 +8321,7 @@ def _add_models(raw: dict[str, Any], specs: list[str], engine: str | None, mmpro
             raise ConfigError(f"--model {spec}: {exc.message}") from None
         models[model_id] |= {"url": url} if url else {}
         if mmproj and models[model_id]["task"] == "text-completion":
-            models[model_id]["mmproj"] = (
-                mmproj if re.match(r"https?://", mmproj) or _HF_NAME.fullmatch(mmproj) else os.path.abspath(mmproj)
-            )
+            models[model_id]["mmproj"] = mmproj
     return raw
 
 
@@ -8360,9 +8349,8 @@ def main(argv: list[str] | None = None) -> int:
     sources = "serve a GGUF file, or download one from a URL (repeatable); its id is the file name without .gguf"
     ap.add_argument("--model", action="append", default=[], metavar="FILE_OR_URL", help=sources)
     ap.add_argument("--engine", choices=sorted(_ENGINES), help="engine for --model models (default: llama-cpp)")
-    ap.add_argument(
-        "--mmproj", metavar="FILE_OR_URL", help="a vision projector for the --model models: they read images"
-    )
+    vision = "a vision projector for the --model models: they read images"
+    ap.add_argument("--mmproj", metavar="FILE_OR_URL", help=vision)
     ap.add_argument("--host", help="listen address (default: config listen.host or 127.0.0.1)")
     ap.add_argument("--port", type=int, help="listen port (default: config listen.port or 3000)")
     ap.add_argument("--node-id", help="this node's name behind a load balancer (default: config node_id)")
