@@ -2264,7 +2264,7 @@ class _Decoder:
     max_instances, so they always find one in the end. llama.cpp evaluates only consecutive sequences in one pass over
     the weights, so a conversation that starts apart from the running ones is moved next to them (_place)."""
 
-    def __init__(self, lc: Any, model: ModelConfig, path: str, mmproj: str | None, state_cache: Any) -> None:
+    def __init__(self, lc: Any, model: ModelConfig, path: str, state_cache: _StateCache | None) -> None:
         self.lc, self.config, self.cache = lc, model, state_cache
         self.model = m = _LlamaModel(lc, model, path)
         self.n_ctx = model.context_size or m.n_ctx_train  # per sequence
@@ -2279,7 +2279,7 @@ class _Decoder:
         self.seen = -1  # the wakes a step that changed nothing saw: wait for the next (jobs all wait for their images)
         try:
             self.template = _chat_template(model, m.meta("tokenizer.chat_template"), m.text([m.bos]), m.text([m.eos]))
-            self.vision = _Vision(m, mmproj) if mmproj else None
+            self.vision = _Vision(m, model.mmproj_file) if model.mmproj_file else None
             self.ctx = self._new_context()
         except BaseException:
             self.lc.llama_model_free(m.ptr)
@@ -3015,8 +3015,7 @@ class LlamaCppEngine(Engine):
         key = (id(self.model), self.path)
         with self._decoders_lock:
             if (shared := self._decoders.get(key)) is None:
-                mmproj = self.model.mmproj_file
-                shared = self._decoders[key] = _Decoder(lc, self.model, self.path, mmproj, self.state_cache)
+                shared = self._decoders[key] = _Decoder(lc, self.model, self.path, self.state_cache)
             shared.users += 1
         shared.take_seq(self)
         self.shared = shared
@@ -4596,8 +4595,12 @@ class _Image:
     url: str | None = None
 
 
-def _image(where: str, url: Any = None, data: Any = None) -> _Image:
-    """An image from a data: or http(s) URL, or from base64 data; a 400 naming the part otherwise."""
+def _part_image(part: dict[str, Any], where: str) -> _Image:
+    """An image part in any dialect (OpenAI's image_url, Responses' input_image, Anthropic's image block, Ollama's
+    base64): a data: or http(s) URL, or base64 data; a 400 naming the part otherwise."""
+    source = _object(part.get("source"), f"{where}.source") if part["type"] == "image" else part
+    url, data = source.get("url") if source.get("type") == "url" else part.get("image_url"), source.get("data")
+    url = url.get("url") if isinstance(url, dict) else url
     if isinstance(url, str) and re.match(r"https?://", url, re.IGNORECASE):
         return _Image(where, url=url)
     if url is not None:
@@ -4611,26 +4614,12 @@ def _image(where: str, url: Any = None, data: Any = None) -> _Image:
         raise InvalidRequest(f"'{where}': the image data is not base64", param=where) from None
 
 
-def _part_image(part: dict[str, Any], where: str) -> _Image:
-    """An image part in any dialect: OpenAI's image_url, Responses' input_image, Anthropic's image block."""
-    if part["type"] == "image":
-        source = _object(part.get("source"), f"{where}.source")
-        return (
-            _image(where, source.get("url")) if source.get("type") == "url" else _image(where, None, source.get("data"))
-        )
-    url = part.get("image_url")
-    return _image(where, url.get("url") if isinstance(url, dict) else url)
-
-
 def _image_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height of a PNG, JPEG, GIF or BMP (libmtmd's formats but rare ones), from its header; None: others."""
+    """Width and height of a PNG, JPEG or GIF (libmtmd's formats but rare ones), from its header; None: others."""
     if data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) >= 24:
         return struct.unpack(">II", data[16:24])
     if data[:6] in (b"GIF87a", b"GIF89a") and len(data) >= 10:
         return struct.unpack("<HH", data[6:10])
-    if data[:2] == b"BM" and len(data) >= 26:
-        width, height = struct.unpack("<ii", data[18:26])  # a negative height: rows top to bottom
-        return width, abs(height)
     i = 2 if data[:2] == b"\xff\xd8" else len(data)  # a JPEG: its segments up to the frame header
     while i + 9 <= len(data) and data[i] == 0xFF:
         if 0xC0 <= data[i + 1] <= 0xCF and data[i + 1] not in (0xC4, 0xC8, 0xCC):
@@ -4649,21 +4638,19 @@ def _load_image(image: _Image, config: ServerConfig) -> None:
     if len(image.data) > config.max_image_bytes:
         raise InvalidRequest(f"'{where}': the image is over max_image_bytes ({config.max_image_bytes})", param=where)
     if (size := _image_size(image.data)) is None or min(size) <= 0:
-        raise InvalidRequest(f"'{where}': not a readable PNG, JPEG, GIF or BMP image", param=where)
+        raise InvalidRequest(f"'{where}': not a readable PNG, JPEG or GIF image", param=where)
     if size[0] * size[1] > config.max_image_pixels:
         why = f"the image is {size[0]}x{size[1]} pixels; the limit is max_image_pixels ({config.max_image_pixels})"
         raise InvalidRequest(f"'{where}': {why}", param=where)
 
 
 def _fetch_image(url: str, where: str, config: ServerConfig) -> bytes:
-    """An image URL's bytes, up to max_image_bytes + 1: http(s), public addresses only unless image_urls is "any"."""
+    """An image URL's bytes, up to max_image_bytes + 1, from public addresses only unless image_urls is "any" (urllib
+    itself refuses a redirect to another scheme than http(s))."""
 
     def check(target: str) -> None:
-        parts = urlsplit(target)
-        if parts.scheme.lower() not in ("http", "https"):
-            raise InvalidRequest(f"'{where}': images are fetched over http(s) only, not {target[:40]!r}", param=where)
         if config.image_urls == "public":
-            _public_host(parts.hostname or "", where, 'image_urls "any"', 400)
+            _public_host(urlsplit(target).hostname or "", where, 'image_urls "any"', 400)
 
     class Redirects(urllib.request.HTTPRedirectHandler):  # every redirect is checked too
         def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
@@ -6085,7 +6072,7 @@ def _ollama_format(value: Any) -> dict[str, Any] | None:
 def _ollama_images(images: Any, where: str) -> list[_Image]:
     if not isinstance(images, list):
         raise InvalidRequest(f"'{where}' must be a list of base64 images", param=where)
-    return [_image(f"{where}[{j}]", None, data) for j, data in enumerate(images)]
+    return [_part_image({"type": "image", "source": {"data": data}}, f"{where}[{j}]") for j, data in enumerate(images)]
 
 
 def _ollama_messages(messages: Any) -> list[dict[str, Any]]:
@@ -6928,13 +6915,13 @@ class ModelServer:
                 # The first part of a split GGUF last: f.path ends as the file llama.cpp loads the others from.
                 for url, f.path, sha256 in reversed(_model_files(model, self.config.models_dir, network=True)):
                     self._fetch(url, f.path, sha256=sha256, headers=_auth_headers(url, model.token), **options)
-            if (mmproj := _mmproj_source(model, self.config.models_dir, network=True)) is not None:
-                if (url := mmproj[0]) is not None:  # a URL: fetched, or found in place
-                    headers = _auth_headers(url, model.token)
-                    self._fetch(url, mmproj[1], verify=model.verify, headers=headers, cancel=self._cancel_downloads)
-                elif not os.path.isfile(mmproj[1]):
-                    raise Unavailable(f"model '{model.id}': mmproj not found: {mmproj[1]}", code="model_not_ready")
-                model.mmproj_file = mmproj[1]
+            url, mmproj = _mmproj_source(model, self.config.models_dir, network=True) or (None, None)
+            if url is not None:  # fetched, or found in place and checked
+                headers, cancel = _auth_headers(url, model.token), self._cancel_downloads
+                self._fetch(url, mmproj, verify=model.verify, headers=headers, cancel=cancel)
+            elif mmproj is not None and not os.path.isfile(mmproj):
+                raise Unavailable(f"model '{model.id}': mmproj not found: {mmproj}", code="model_not_ready")
+            model.mmproj_file = mmproj
         except Exception as exc:
             error = exc if isinstance(exc, APIError) else Unavailable(f"model '{model.id}': {exc}")
             with self._files_lock:
