@@ -1940,7 +1940,7 @@ class _Vision:
 
     def tokenize(self, text: str, images: list[_Image], add_bos: bool) -> tuple[list[int], dict[int, Any], Any]:
         """A prompt's tokens, an image's positions as its ids; each image chunk (and its size) by its first
-        position; and the chunks, which the caller frees (free) once done with them."""
+        position; and the chunks, which the caller frees (mtmd_input_chunks_free) once done with them."""
         mt, bitmaps, seen, where = self.mt, [], collections.Counter[bytes](), images[0].where
         if (marks := text.count(_IMAGE_MARKER)) != len(images):
             why = f"the text holds {marks} image markers ({_IMAGE_MARKER}) for {len(images)} images"
@@ -1973,7 +1973,7 @@ class _Vision:
                 raise InvalidRequest("the prompt ends with an image: it needs text after it", param=images[-1].where)
             return tokens, media, chunks
         except BaseException:
-            self.free(chunks)
+            mt.mtmd_input_chunks_free(chunks)
             raise
         finally:
             for bitmap in filter(None, bitmaps):
@@ -1998,9 +1998,6 @@ class _Vision:
             rc = self.mt.mtmd_helper_decode_image_chunk(*args, ctypes.byref(ctypes.c_int32(pos)), no_callback, None)
         if rc != 0:
             raise EngineError(f"decoding an image failed ({rc}): out of context memory, or a backend error")
-
-    def free(self, chunks: Any) -> None:
-        self.mt.mtmd_input_chunks_free(chunks)
 
     def close(self) -> None:
         self.ptr = self.ptr and self.mt.mtmd_free(self.ptr)
@@ -3183,7 +3180,7 @@ class LlamaCppEngine(Engine):
         """Free a request's image chunks once no encode is using them."""
         concurrent.futures.wait([f for job in jobs for f in job.encodings.values()])
         for owner in chunks:
-            typing.cast(_Vision, shared.vision).free(owner)
+            typing.cast(_Vision, shared.vision).mt.mtmd_input_chunks_free(owner)
 
     @classmethod
     def _stream(cls, shared: _Decoder, jobs: list[_Job], out: queue.SimpleQueue, chunks: list) -> Iterator[Chunk]:
@@ -5928,31 +5925,20 @@ class _ResponsesCall:
         body, ch = self.body, c.choices[0] if c is not None else None
         if ch is not None and ch.finish_reason == "length":
             status = "incomplete"
-        out = {
-            "id": self.id,
-            "object": "response",
-            "created_at": self.created,
-            "status": status,
-            "error": None,
-            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None,
-            "instructions": body.get("instructions"),
-            "max_output_tokens": body.get("max_output_tokens"),
-            "model": req.model.id,
-            "output": self._items(ch, status) if ch is not None else [],
-            "parallel_tool_calls": body.get("parallel_tool_calls", True) is not False,
-            "previous_response_id": body.get("previous_response_id"),
-            "reasoning": {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None},
-            "store": body.get("store") is not False,
-            "temperature": req.params.temperature,
+        out = {"id": self.id, "object": "response", "created_at": self.created, "status": status, "error": None}
+        out["incomplete_details"] = {"reason": "max_output_tokens"} if status == "incomplete" else None
+        out |= {k: body.get(k) for k in ("instructions", "max_output_tokens", "previous_response_id", "user")}
+        out |= {"model": req.model.id, "output": self._items(ch, status) if ch is not None else []}
+        out["parallel_tool_calls"] = body.get("parallel_tool_calls", True) is not False
+        out["reasoning"] = {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None}
+        out |= {"store": body.get("store") is not False, "temperature": req.params.temperature}
+        out |= {
             "text": {"format": (body.get("text") or {}).get("format") or {"type": "text"}},
-            "tool_choice": body.get("tool_choice") or "auto",
-            "tools": body.get("tools") or [],
-            "top_p": req.params.top_p,
             "truncation": "disabled",
-            "usage": _responses_usage(c.usage) if c is not None else None,
-            "user": body.get("user"),
-            "metadata": body.get("metadata") or {},
         }
+        out |= {"tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or []}
+        out["top_p"] = req.params.top_p
+        out |= {"usage": _responses_usage(c.usage) if c is not None else None, "metadata": body.get("metadata") or {}}
         if ch is not None and body.get("store") is not False:
             said = {"tool_calls": [t.openai() for t in ch.tool_calls]} if ch.tool_calls else {}
             said |= {"reasoning_content": ch.reasoning} if ch.reasoning else {}
@@ -7482,8 +7468,8 @@ def _parse_body(raw: bytes, config: ServerConfig) -> dict[str, Any]:
 
 
 _JSON_SCALARS = {int, float, bool, type(None)}
-# An image's data: a base64 data: URL, or base64 that opens as a PNG, JPEG, GIF or BMP does.
-_BASE64_DATA = re.compile(r"(data:[\w.+-]+/[\w.+-]+;base64,|(?=iVBORw0KGgo|/9j/|R0lGOD|Qk))[A-Za-z0-9+/]+={0,2}")
+# An image's data: a base64 data: URL, or base64 that opens as a PNG, JPEG or GIF does.
+_BASE64_DATA = re.compile(r"(data:[\w.+-]+/[\w.+-]+;base64,|(?=iVBORw0KGgo|/9j/|R0lGOD))[A-Za-z0-9+/]+={0,2}")
 _MAX_JSON_CONTAINERS = 100_000
 
 
