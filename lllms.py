@@ -1169,8 +1169,7 @@ def _mmproj_source(model: ModelConfig, models_dir: str, network: bool = False) -
         return None
     if re.match(r"https?://", name, re.IGNORECASE):
         return _normalize_url(name), url_path(_normalize_url(name), models_dir)
-    path = os.path.expanduser(name)
-    return None, path if os.path.isabs(path) else os.path.join(models_dir, path)
+    return None, os.path.join(models_dir, os.path.expanduser(name))  # an absolute path stays as it is
 
 
 def _model_path(model: ModelConfig, models_dir: str) -> str:
@@ -1418,7 +1417,8 @@ class Engine:
             if not cls.vision:
                 raise InvalidRequest(f"'{where}': the {m.engine} engine cannot read images", param=where)
             if m.mmproj is None and not _HF_NAME.fullmatch(m.url or ""):  # an hf.co/ name may bring one
-                raise _text_only(m, where)
+                why = f"'{where}': model '{m.id}' reads text only: it has no mmproj (a vision projector) to read images"
+                raise InvalidRequest(why, param=where, code="images_not_supported")
             if len(images) > m.max_images:
                 why = f"{len(images)} images; model '{m.id}' takes up to {m.max_images} (max_images)"
                 raise InvalidRequest(why, param=images[m.max_images].where, code="too_many_images")
@@ -1451,11 +1451,6 @@ class Engine:
     def prompt(self, req: Request) -> str:
         """The text a checked chat request gives the model: its template's output, generation prompt included."""
         raise NotImplementedError
-
-
-def _text_only(model: ModelConfig, where: str) -> InvalidRequest:
-    why = f"model '{model.id}' reads text only: it has no mmproj (a vision projector) to read images"
-    return InvalidRequest(f"'{where}': {why}", param=where, code="images_not_supported")
 
 
 def _close(chunks: Iterator[Chunk]) -> None:
@@ -1943,8 +1938,7 @@ class _Vision:
         position; and the chunks, which the caller frees (mtmd_input_chunks_free) once done with them."""
         mt, bitmaps, seen, where = self.mt, [], collections.Counter[bytes](), images[0].where
         if (marks := text.count(_IMAGE_MARKER)) != len(images):
-            why = f"the text holds {marks} image markers ({_IMAGE_MARKER}) for {len(images)} images"
-            raise InvalidRequest(why, param=where)
+            raise InvalidRequest(f"{marks} {_IMAGE_MARKER} markers in the text for {len(images)} images", param=where)
         chunks, raw = mt.mtmd_input_chunks_init(), text.encode()
         try:
             for image in images:
@@ -2272,8 +2266,7 @@ class _Decoder:
         self.jobs: list[_Job] = []
         self.calls: list[tuple[Callable[[], Any], queue.SimpleQueue[Any]]] = []
         self.cond = threading.Condition()
-        self.users, self.closing, self.wakes, self.decodes = 0, False, 0, 0
-        self.seen = -1  # the wakes a step that changed nothing saw: wait for the next (jobs all wait for their images)
+        self.users, self.closing, self.wakes, self.decodes, self.seen = 0, False, 0, 0, -1
         try:
             self.template = _chat_template(model, m.meta("tokenizer.chat_template"), m.text([m.bos]), m.text([m.eos]))
             self.vision = _Vision(m, model.mmproj_file) if model.mmproj_file else None
@@ -2357,7 +2350,7 @@ class _Decoder:
             try:
                 before = self._progress()
                 self._step()
-                self.seen = wakes if before == self._progress() else -1
+                self.seen = wakes if before == self._progress() else -1  # nothing changed: wait for a wake
             except BaseException as exc:  # a bug here must not leave consumers waiting for ever
                 log.exception("%s: the decode loop failed", self.config.id)
                 self._fail(EngineError(f"the engine failed: {exc}"))
@@ -2453,7 +2446,6 @@ class _Decoder:
         if not encoding.done():
             return
         if (error := encoding.exception()) is not None:
-            self.decodes += 1
             return job.release(error)
         n_batch, seq = self.chunk + self.n_seq, typing.cast(int, job.seq)
         if self._decoded(lambda: vision.decode(self.ctx, chunk, encoding.result(), job.pos, seq, n_batch)):
@@ -3061,7 +3053,8 @@ class LlamaCppEngine(Engine):
             if not (images := [image for m in req.messages for image in m.get("images", ())]):
                 return shared.model.tokenize(rendered), None, rendered, {}
             if (vision := shared.vision) is None:
-                raise _text_only(self.model, images[0].where)
+                why = f"'{images[0].where}': model '{self.model.id}' reads text only: its Hub repo names no mmproj"
+                raise InvalidRequest(why, param=images[0].where, code="images_not_supported")
             tokens, media, owner = vision.tokenize(rendered, images, shared.model.needs_bos(rendered))
             chunks.append(owner)
             return tokens, None, rendered, media
@@ -4626,12 +4619,29 @@ def _image_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _load_image(image: _Image, config: ServerConfig) -> None:
-    """Fetch an image's URL where image_urls allows it; a 400 for an image too large, in bytes or in pixels."""
+    """Fetch an image's URL where image_urls allows it: up to max_image_bytes + 1, from public addresses only (at each
+    redirect; urllib refuses a redirect to other schemes) unless "any". A 400 for an image too large (bytes, pixels)."""
     where = image.where
+
+    def check(target: str) -> None:
+        if config.image_urls == "public":
+            _public_host(urlsplit(target).hostname or "", where, 'image_urls "any"', 400)
+
+    class Redirects(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
+            check(newurl)
+            return super().redirect_request(req, fp, code, msg, headers, newurl)
+
     if image.url is not None and not image.data:
         if config.image_urls == "off":
             raise InvalidRequest(f"'{where}': image URLs are off here (image_urls); send a data: URL", param=where)
-        image.data = _fetch_image(image.url, where, config)
+        check(image.url)
+        request = urllib.request.Request(image.url, headers={"User-Agent": f"lllms/{__version__}"})
+        try:
+            with urllib.request.build_opener(Redirects).open(request, timeout=config.image_url_timeout) as response:
+                image.data = response.read(config.max_image_bytes + 1)
+        except (OSError, ValueError, http.client.HTTPException) as exc:
+            raise InvalidRequest(f"'{where}': cannot fetch {image.url}: {exc}", param=where) from None
     if len(image.data) > config.max_image_bytes:
         raise InvalidRequest(f"'{where}': the image is over max_image_bytes ({config.max_image_bytes})", param=where)
     if (size := _image_size(image.data)) is None or min(size) <= 0:
@@ -4639,28 +4649,6 @@ def _load_image(image: _Image, config: ServerConfig) -> None:
     if size[0] * size[1] > config.max_image_pixels:
         why = f"the image is {size[0]}x{size[1]} pixels; the limit is max_image_pixels ({config.max_image_pixels})"
         raise InvalidRequest(f"'{where}': {why}", param=where)
-
-
-def _fetch_image(url: str, where: str, config: ServerConfig) -> bytes:
-    """An image URL's bytes, up to max_image_bytes + 1, from public addresses only unless image_urls is "any" (urllib
-    itself refuses a redirect to another scheme than http(s))."""
-
-    def check(target: str) -> None:
-        if config.image_urls == "public":
-            _public_host(urlsplit(target).hostname or "", where, 'image_urls "any"', 400)
-
-    class Redirects(urllib.request.HTTPRedirectHandler):  # every redirect is checked too
-        def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
-            check(newurl)
-            return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-    check(url)
-    request = urllib.request.Request(url, headers={"User-Agent": f"lllms/{__version__}"})
-    try:
-        with urllib.request.build_opener(Redirects).open(request, timeout=config.image_url_timeout) as response:
-            return response.read(config.max_image_bytes + 1)
-    except (OSError, ValueError, http.client.HTTPException) as exc:
-        raise InvalidRequest(f"'{where}': cannot fetch {url}: {exc}", param=where) from None
 
 
 def _part_text(part: dict[str, Any]) -> Any:
@@ -5568,9 +5556,8 @@ def _anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
                 prefix = "Error: " if b.get("is_error") else ""
                 out.append({"role": "tool", "tool_call_id": b.get("tool_use_id"), "content": prefix + result})
             if (texts := [b for b in blocks if b["type"] != "tool_result"]) or not blocks:
-                images: list[_Image] = []
-                out.append({"role": "user", "content": _content_text(texts, where, ("text", "image"), images)})
-                out[-1] |= {"images": images}
+                out.append({"role": "user", "images": []})
+                out[-1]["content"] = _content_text(texts, where, ("text", "image"), out[-1]["images"])
         elif role == "system":  # a system message mid-conversation (Claude Code sends them)
             out.append({"role": "system", "content": _content_text(m.get("content"), where)})
         else:
@@ -5750,8 +5737,7 @@ def _responses_input(items: Any) -> list[dict[str, Any]]:
     for i, item in enumerate(items):
         kind, where = _object(item, f"input[{i}]").get("type", "message"), f"input[{i}]"
         if kind == "message":
-            images: list[_Image] = []
-            content = _content_text(item.get("content"), f"{where}.content", (*_TEXT_PARTS, "input_image"), images)
+            content = _content_text(item.get("content"), f"{where}.content", _TEXT_PARTS + _IMAGE_PARTS, images := [])
             out.append({"role": item.get("role"), "content": content, "images": images})
         elif kind in ("function_call", "custom_tool_call"):
             name, namespace = item.get("name"), item.get("namespace")
@@ -6875,6 +6861,17 @@ class ModelServer:
 
     def _prepare_run(self, model: ModelConfig, load: bool) -> None:
         f = self._files[model.id]
+
+        def progress(done: int, total: int | None) -> None:
+            f.progress(done, total)
+            self.meter.count_download(model.id, done)
+            if self._progress is not None:
+                try:
+                    self._progress(model.id, done, total)
+                except Exception:  # a broken callback must not fail the download
+                    log.exception("the progress callback failed")
+
+        options = {"verify": model.verify, "progress": progress, "cancel": self._cancel_downloads}
         try:
             if model.url is None:
                 if not os.path.isfile(f.path):
@@ -6887,24 +6884,12 @@ class ModelServer:
                     with self._files_lock:
                         f.state = "downloading"
                     log.info("downloading %s for model %s to %s", model.url, model.id, f.path)
-
-                def progress(done: int, total: int | None) -> None:
-                    f.progress(done, total)
-                    self.meter.count_download(model.id, done)
-                    if self._progress is not None:
-                        try:
-                            self._progress(model.id, done, total)
-                        except Exception:  # a broken callback must not fail the download
-                            log.exception("the progress callback failed")
-
-                options = {"verify": model.verify, "progress": progress, "cancel": self._cancel_downloads}
                 # The first part of a split GGUF last: f.path ends as the file llama.cpp loads the others from.
                 for url, f.path, sha256 in reversed(_model_files(model, self.config.models_dir, network=True)):
                     self._fetch(url, f.path, sha256=sha256, headers=_auth_headers(url, model.token), **options)
             url, mmproj = _mmproj_source(model, self.config.models_dir, network=True) or (None, None)
             if url is not None:  # fetched, or found in place and checked
-                headers, cancel = _auth_headers(url, model.token), self._cancel_downloads
-                self._fetch(url, mmproj, verify=model.verify, headers=headers, cancel=cancel)
+                self._fetch(url, mmproj, headers=_auth_headers(url, model.token), **options)
             elif mmproj is not None and not os.path.isfile(mmproj):
                 raise Unavailable(f"model '{model.id}': mmproj not found: {mmproj}", code="model_not_ready")
             model.mmproj_file = mmproj
