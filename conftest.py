@@ -195,6 +195,20 @@ def _zeros(n: int) -> np.ndarray:
     return np.zeros(n, dtype=np.float32)
 
 
+def _add_encoder_layers(
+    w: gguf.GGUFWriter, rng: np.random.Generator, blk: str, n_embd: int, n_ff: int, attn_out: str
+) -> None:
+    """An encoder block's linear layers, weights and biases: attention's q, k, v and output (named `attn_out`),
+    then the feed-forward up and down. The caller adds the block's norms, named as its architecture names them."""
+    for name in ("attn_q", "attn_k", "attn_v", attn_out):
+        w.add_tensor(f"{blk}.{name}.weight", _weight(rng, n_embd, n_embd))
+        w.add_tensor(f"{blk}.{name}.bias", _bias(rng, n_embd))
+    w.add_tensor(f"{blk}.ffn_up.weight", _weight(rng, n_ff, n_embd))
+    w.add_tensor(f"{blk}.ffn_up.bias", _bias(rng, n_ff))
+    w.add_tensor(f"{blk}.ffn_down.weight", _weight(rng, n_embd, n_ff))
+    w.add_tensor(f"{blk}.ffn_down.bias", _bias(rng, n_embd))
+
+
 def _write(writer: gguf.GGUFWriter) -> None:
     """Flush header, metadata and tensors of ``writer`` to disk and close it."""
     assert writer.path is not None
@@ -324,15 +338,9 @@ def make_tiny_bert(path: str | Path, seed: int = 0, *, rerank: bool = False) -> 
     w.add_tensor("token_embd_norm.bias", _zeros(n_embd))
     for i in range(BERT_N_LAYER):
         blk = f"blk.{i}"
-        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            w.add_tensor(f"{blk}.{name}.weight", _weight(rng, n_embd, n_embd))
-            w.add_tensor(f"{blk}.{name}.bias", _bias(rng, n_embd))
+        _add_encoder_layers(w, rng, blk, n_embd, n_ff, "attn_output")
         w.add_tensor(f"{blk}.attn_output_norm.weight", _ones(n_embd))
         w.add_tensor(f"{blk}.attn_output_norm.bias", _zeros(n_embd))
-        w.add_tensor(f"{blk}.ffn_up.weight", _weight(rng, n_ff, n_embd))
-        w.add_tensor(f"{blk}.ffn_up.bias", _bias(rng, n_ff))
-        w.add_tensor(f"{blk}.ffn_down.weight", _weight(rng, n_embd, n_ff))
-        w.add_tensor(f"{blk}.ffn_down.bias", _bias(rng, n_embd))
         w.add_tensor(f"{blk}.layer_output_norm.weight", _ones(n_embd))
         w.add_tensor(f"{blk}.layer_output_norm.bias", _zeros(n_embd))
     if rerank:  # the pooler (a dense layer on [CLS], then tanh) and the classifier giving the one score
@@ -393,16 +401,10 @@ def make_tiny_mmproj(
     w.add_tensor("v.pre_ln.bias", _zeros(n_embd))
     for i in range(n_layer):
         blk = f"v.blk.{i}"
-        for name in ("attn_q", "attn_k", "attn_v", "attn_out"):
-            w.add_tensor(f"{blk}.{name}.weight", _weight(rng, n_embd, n_embd))
-            w.add_tensor(f"{blk}.{name}.bias", _bias(rng, n_embd))
+        _add_encoder_layers(w, rng, blk, n_embd, n_ff, "attn_out")
         for name in ("ln1", "ln2"):
             w.add_tensor(f"{blk}.{name}.weight", _ones(n_embd))
             w.add_tensor(f"{blk}.{name}.bias", _zeros(n_embd))
-        w.add_tensor(f"{blk}.ffn_up.weight", _weight(rng, n_ff, n_embd))
-        w.add_tensor(f"{blk}.ffn_up.bias", _bias(rng, n_ff))
-        w.add_tensor(f"{blk}.ffn_down.weight", _weight(rng, n_embd, n_ff))
-        w.add_tensor(f"{blk}.ffn_down.bias", _bias(rng, n_embd))
     w.add_tensor("mm.0.weight", _weight(rng, n_hidden, n_embd))
     w.add_tensor("mm.0.bias", _bias(rng, n_hidden))
     w.add_tensor("mm.2.weight", _weight(rng, n_text, n_hidden))
