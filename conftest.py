@@ -23,6 +23,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -442,6 +443,17 @@ def find_smollm2() -> str:
     if not found:
         raise FileNotFoundError(f"{SMOLLM2_FILENAME} not found under {root}")
     return str(found[0])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """The default models_dir (under $XDG_CACHE_HOME), home of disk caches and stored Responses, is new each run."""
+    os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="lllms-test-home-")
+
+
+@pytest.fixture(autouse=True)
+def own_models_dir(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test has a default models_dir of its own: no conversation state or stored Response carries over."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("home")))
 
 
 @pytest.fixture(scope="session")

@@ -40,15 +40,16 @@ Threads: the serve loop (lllms-http), which also cuts connections past their dea
 (lllms-conn), which runs its requests through to the engine and writes their output; the ttl reaper (lllms-ttl); a
 thread per model file being prepared (lllms-prepare-*) and per instance loaded in the background (lllms-load-*); one
 decode thread per llama-cpp model (lllms-decode-*), the only one that touches its context, and one for embedding and
-rerank decodes and image encodes (lllms-embed); gpt4all's native call runs on a worker (lllms-gpt4all) whose
-callbacks feed the consumer; a stream whose prompt takes long to evaluate gets keepalives from a thread of its own
-(lllms-keepalive). Native compute steps take turns on the cores through _CORES, first come first served.
+rerank decodes and image encodes (lllms-embed); one writes the disk cache (lllms-kv-write); gpt4all's native call
+runs on a worker (lllms-gpt4all) whose callbacks feed the consumer; a stream whose prompt takes long to evaluate
+gets keepalives from a thread of its own (lllms-keepalive). Native compute steps take turns on the cores through
+_CORES, first come first served.
 
 Locks: ModelServer._files_lock may be held while taking _Pool.cond, and LlamaCppEngine._decoders_lock (held through
 a model's load) while taking _Decoder.cond; every other lock (_Pool.cond otherwise, _StateCache.lock,
-_Metrics._lock, _HTTPD.conns_lock, _inflight_lock, _Decoder.cond, _CORES, _ResponseStore.lock, and _stderr_lock,
-held through a gpt4all load) is a leaf, never held while taking another. Only _CORES is held while an engine
-computes. ModelServer._files_lock is also held while a model's GGUF metadata is read.
+_DiskTier.lock, _Metrics._lock, _HTTPD.conns_lock, _inflight_lock, _Decoder.cond, _CORES, _ResponseStore.lock, and
+_stderr_lock, held through a gpt4all load) is a leaf, never held while taking another. Only _CORES is held while an
+engine computes. ModelServer._files_lock is also held while a model's GGUF metadata is read.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ import secrets
 import select
 import signal
 import socket
+import sqlite3
 import ssl
 import struct
 import sys
@@ -347,7 +349,10 @@ class ServerConfig:
     idle_timeout: float = _bound(30.0, above=True)  # seconds a keep-alive connection may wait for its next request
     read_timeout: float = _bound(30.0, above=True)  # seconds to receive a request's headers and body, once begun
     shutdown_grace: float = _bound(30.0, 0)  # seconds SIGTERM lets running requests finish before they are cut short
-    stored_responses: int = _bound(1000, 0)  # Responses API results kept in memory for previous_response_id
+    stored_responses: int = _bound(1000, 0)  # Responses API results kept for previous_response_id (LRU)
+    responses_db: str | None = None  # their SQLite file; None: {models_dir}/responses.sqlite3 (":memory:": none)
+    disk_cache_bytes: int = _bound(4 << 30, 0)  # disk for conversations' KV states, kept across restarts; 0: none
+    disk_cache_dir: str | None = None  # where they go; None: {models_dir}/kv-cache
     node_id: str | None = None  # this node's name behind a load balancer: the X-Lllms-Node header, status, metrics
     drain_delay: float = _bound(0.0, 0)  # seconds a stopping server keeps answering 503 before it stops listening
     hosted_tools: Literal["leave_out", "refuse"] = "leave_out"  # built-in tools a request offers (see ModelConfig)
@@ -703,6 +708,20 @@ def _write_atomically(path: str, data: bytes) -> None:
         with _suppress(OSError):
             os.remove(tmp)
         raise
+
+
+def _file_identity(path: str) -> str:
+    """What tells a file's contents from another's, cheaply: its sha256 if known, else its size, mtime and a hash of
+    its first and last MiB."""
+    st = os.stat(path)
+    if digest := _sidecar(path, st).get("sha256"):
+        return str(digest)
+    hasher = hashlib.sha256()
+    with open(path, "rb") as f:
+        hasher.update(f.read(1 << 20))
+        f.seek(max(st.st_size - (1 << 20), 0))
+        hasher.update(f.read())
+    return f"{st.st_size}:{st.st_mtime_ns}:{hasher.hexdigest()}"
 
 
 def _write_sidecar(path: str, digest: str, *, url: str | None = None) -> None:
@@ -1659,38 +1678,182 @@ def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
     return i
 
 
-class _StateCache:
-    """KV states of conversations pushed out of their instance, in RAM up to a byte budget (LRU), keyed by the
-    tokens they hold. Shared by a model's instances, so a conversation can come back on any of them."""
+_DISK_QUEUE_BYTES = 1 << 30  # states waiting for the disk tier's writer; beyond it, a slow disk misses some
 
-    def __init__(self, limit: int) -> None:
-        self.limit, self.lock = limit, threading.Lock()
+
+class _DiskTier:
+    """Conversations' KV states on disk, so that they outlive a restart: a file each in `folder`, the least recently
+    used deleted beyond `limit` bytes. A file is a JSON header line (the layout its state fits, its tokens, the
+    state's size and sha256), then the state. One thread writes them, atomically, so that no decode step waits for the
+    disk; request threads read them. The headers are indexed on first use, not at start."""
+
+    FORMAT = "lllms-kv-1"
+
+    def __init__(self, folder: str, limit: int) -> None:
+        self.folder, self.limit, self.lock = folder, limit, threading.Lock()
+        self.index: collections.OrderedDict[str, tuple[str, tuple[int, ...], int]] | None = (
+            None  # name: layout, tokens, size
+        )
+        self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lllms-kv-write")
+        self.queued = 0  # bytes of states waiting for the writer: a slow disk skips states rather than pile them up
+
+    def _entries(self) -> collections.OrderedDict[str, tuple[str, tuple[int, ...], int]]:
+        """The index (under the lock), oldest first; on first use, read from the headers in the folder."""
+        if self.index is None:
+            self.index, found = collections.OrderedDict(), []
+            with _suppress(OSError), os.scandir(self.folder) as entries:
+                found = sorted((e.stat().st_mtime, e.name) for e in entries if e.name.endswith((".kv", ".tmp")))
+            for mtime, name in found:
+                if name.endswith(".tmp"):  # a write cut short, once no writer can still be finishing it
+                    if mtime < time.time() - 3600:
+                        self._discard(name)
+                elif (entry := self._read(name)) is not None:
+                    self.index[name] = entry[0]["layout"], tuple(entry[0]["tokens"]), entry[2]
+        return self.index
+
+    def _read(self, name: str, state: bool = False) -> tuple[dict[str, Any], bytes, int] | None:
+        """An entry's header, its state (with `state`) and its size, once they check out. One truncated, damaged or
+        not written by lllms is deleted with a warning: the request evaluates its prompt instead."""
+        path = os.path.join(self.folder, name)
+        try:
+            with open(path, "rb") as f:
+                head = json.loads(f.readline(1 << 26))
+                size, start = os.fstat(f.fileno()).st_size, f.tell()
+                data = f.read() if state else b""
+            ok = head.get("format") == self.FORMAT and size - start == head["bytes"]
+            ok = ok and isinstance(head["tokens"], list) and isinstance(head["layout"], str)
+            if ok and (not state or hashlib.sha256(data).hexdigest() == head["sha256"]):
+                return head, data, size
+            why = "truncated or damaged"
+        except FileNotFoundError:  # deleted by another server sharing the folder
+            return None
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            why = f"unreadable ({exc})"
+        log.warning("disk cache: %s is %s; deleted", path, why)
+        self._discard(name)
+        return None
+
+    def _discard(self, name: str) -> None:
+        with _suppress(OSError):
+            os.remove(os.path.join(self.folder, name))
+
+    def get(self, layout: str, prompt: list[int], longer_than: int) -> tuple[tuple[int, ...], bytes] | None:
+        """The state of `layout` sharing the longest prefix with prompt, if longer than longer_than, read, checked."""
+        with self.lock:
+            index = self._entries()
+            shared = {n: _common_prefix(t, prompt) for n, (lay, t, _) in index.items() if lay == layout}
+            name = max(shared, key=shared.__getitem__, default=None)
+            if name is None or shared[name] <= longer_than:
+                return None
+            index.move_to_end(name)
+        if (entry := self._read(name, state=True)) is None or entry[0]["layout"] != layout:
+            with self.lock:
+                self._entries().pop(name, None)
+            return None
+        with _suppress(OSError):
+            os.utime(os.path.join(self.folder, name))  # its place in the LRU order, for the next start
+        return tuple(entry[0]["tokens"]), entry[1]
+
+    def put(self, layout: str, tokens: tuple[int, ...], state: Any) -> None:
+        """Queue a state for the writer (from the decode thread: this never waits for the disk)."""
+        with self.lock:
+            if len(state) > self.limit or self.queued and self.queued + len(state) > _DISK_QUEUE_BYTES:
+                return
+            self.queued += len(state)
+        try:
+            self.writer.submit(self._write, layout, tokens, state)
+        except RuntimeError:  # closed: the server has stopped
+            with self.lock:
+                self.queued -= len(state)
+
+    def _write(self, layout: str, tokens: tuple[int, ...], state: Any) -> None:
+        name = hashlib.sha256(f"{layout}{tokens}".encode()).hexdigest()[:40] + ".kv"
+        head = {"format": self.FORMAT, "layout": layout, "tokens": tokens, "bytes": len(state)}
+        data = json.dumps({**head, "sha256": hashlib.sha256(state).hexdigest()}).encode() + b"\n" + bytes(state)
+        try:
+            _write_atomically(os.path.join(self.folder, name), data)
+        except OSError as exc:
+            return log.warning("disk cache: cannot write %s: %s", name, exc)
+        finally:
+            with self.lock:
+                self.queued -= len(state)
+        with self.lock:
+            index = self._entries()
+            index[name] = layout, tokens, len(data)
+            index.move_to_end(name)
+            # A longer history supersedes its own prefixes; then the least recently used go, down to the limit.
+            doomed = {n for n, (lay, t, _) in index.items() if lay == layout and t == tokens[: len(t)] and n != name}
+            total = sum(size for n, (_, _, size) in index.items() if n not in doomed)
+            for n, (_, _, size) in index.items():
+                if total > self.limit and n not in doomed:
+                    doomed.add(n)
+                    total -= size
+            for n in doomed:
+                del index[n]
+        for n in doomed:
+            self._discard(n)
+
+    def close(self) -> None:
+        """Write the states queued so far (a stopping server's), then no more."""
+        self.writer.shutdown(wait=True)
+
+
+class _StateCache:
+    """KV states of conversations pushed out of their instance, in RAM up to a byte budget (LRU), and on disk below
+    it, keyed by the tokens they hold. Shared by a model's instances, so that a conversation can come back on any of
+    them. `layout` (set by bind) names the model file and the context settings the states fit."""
+
+    def __init__(self, limit: int, disk: _DiskTier | None = None) -> None:
+        self.limit, self.disk, self.layout, self.lock = limit, disk, "", threading.Lock()
         self.entries: collections.OrderedDict[tuple[int, ...], Any] = collections.OrderedDict()
         self.saved = self.restored = 0
 
-    def put(self, tokens: tuple[int, ...], state: Any) -> None:
-        if len(state) > self.limit:
-            return
+    def bind(self, layout: str) -> None:
+        """States from now on fit this layout; those kept for another (a model file replaced) go."""
         with self.lock:
+            if layout != self.layout:
+                self.entries.clear()
+                self.layout = layout
+
+    def put(self, tokens: tuple[int, ...], state: Any) -> None:
+        if self.disk is not None:
+            self.disk.put(self.layout, tokens, state)
+        with self.lock:
+            self.saved += 1
+            if len(state) > self.limit:
+                return
             # A longer history supersedes its own prefixes.
             for key in [k for k in self.entries if len(k) <= len(tokens) and tokens[: len(k)] == k]:
                 del self.entries[key]
             self.entries[tokens] = state
-            self.saved += 1
             size = sum(len(s) for s in self.entries.values())
             while size > self.limit:
                 size -= len(self.entries.popitem(last=False)[1])
 
-    def best(self, prompt: list[int], longer_than: int) -> tuple[tuple[int, ...], Any] | None:
-        """The saved state sharing the longest prefix with prompt, if that prefix is longer than longer_than."""
+    def fetch(self, prompt: list[int], longer_than: int) -> tuple[tuple[int, ...], Any] | None:
+        """From disk, the state sharing the longest prefix with prompt, if longer than longer_than and than any in
+        RAM: read on the request's thread, so that no decode step waits for the disk."""
+        if self.disk is None:
+            return None
         with self.lock:
-            shared = {key: _common_prefix(key, prompt) for key in self.entries if len(key) > longer_than}
+            longer_than = max([longer_than, *(_common_prefix(key, prompt) for key in self.entries)])
+        return self.disk.get(self.layout, prompt, longer_than)
+
+    def best(
+        self, prompt: list[int], longer_than: int, fetched: tuple | None = None
+    ) -> tuple[tuple[int, ...], Any] | None:
+        """The saved state (or `fetched`) sharing the longest prefix with prompt, if that prefix is longer than
+        longer_than."""
+        with self.lock:
+            found = {key: state for key, state in [*self.entries.items(), *([fetched] if fetched else [])]}
+            shared = {key: _common_prefix(key, prompt) for key in found if len(key) > longer_than}
             best = max(shared, key=shared.__getitem__, default=None)
             if best is None or shared[best] <= longer_than:
                 return None
-            self.entries.move_to_end(best)
+            if best in self.entries:
+                self.entries.move_to_end(best)
             self.restored += 1
-            return best, self.entries[best]
+            return best, found[best]
 
     def info(self) -> dict[str, int]:
         with self.lock:
@@ -2158,6 +2321,7 @@ class _Job:
     pieces: list[tuple[str, bytes]] = dataclasses.field(default_factory=list)
     thoughts: _Thoughts | None = None  # a reasoning model's: splits the reply, and ends its thinking at the budget
     media: dict[int, tuple[Any, int]] = dataclasses.field(default_factory=dict)  # image chunks (and sizes) by position
+    stored: tuple[tuple[int, ...], Any] | None = None  # a state read from disk for its prompt, until it begins
 
     def __post_init__(self) -> None:
         self.forced: collections.deque[int] = collections.deque()  # tokens to write next, sampled or not
@@ -2271,6 +2435,12 @@ class _Decoder:
             self.template = _chat_template(model, m.meta("tokenizer.chat_template"), m.text([m.bos]), m.text([m.eos]))
             self.vision = _Vision(m, model.mmproj_file) if model.mmproj_file else None
             self.ctx = self._new_context()
+            if state_cache is not None:  # its states fit this model file, projector and KV cache layout only
+                p, files = (
+                    lc.llama_context_default_params(),
+                    [_file_identity(f) for f in (path, model.mmproj_file) if f],
+                )
+                state_cache.bind(json.dumps([lc.__version__, files, p.type_k, p.type_v, int(p.flash_attn_type)]))
         except BaseException:
             self.lc.llama_model_free(m.ptr)
             raise
@@ -2291,12 +2461,20 @@ class _Decoder:
             self.owners[self.owners.index(None)] = owner
 
     def give_seq(self, owner: object) -> None:
-        self.call(lambda: self._free(self.owners.index(owner)))
+        """Free an instance's sequence, once what it holds is in the state cache for the conversation's return."""
+        self.call(lambda: self._free(self._spill(self.owners.index(owner))))
 
     def held_by(self, owner: object) -> list[int]:
         """The tokens an instance's sequence holds."""
         with self.cond:
             return self.held[self.owners.index(owner)]
+
+    def fetch(self, prompt: list[int]) -> tuple[tuple[int, ...], Any] | None:
+        """A state on disk that gives the prompt more than any sequence holds, read on the request's thread."""
+        if self.cache is None:
+            return None
+        held = max(_common_prefix(list(h), prompt) for h in self.held)  # list(): a snapshot, as the decode thread steps
+        return self.cache.fetch(prompt, min(held, len(prompt) - 1) + _MIN_RESTORE_GAIN)
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the decode thread between two steps (the context is not thread-safe); its result."""
@@ -2476,7 +2654,8 @@ class _Decoder:
             job.pos = self.keep(job.seq, last)  # the sibling's evaluated prompt
             job.usage.cached_tokens, job.echoed = parent.usage.cached_tokens, parent.echoed
         elif job.evaluate:
-            job.pos = job.usage.cached_tokens = self._reuse(job.seq, job.prompt, job.echoed is not None)
+            job.pos = job.usage.cached_tokens = self._reuse(job.seq, job.prompt, job.echoed is not None, job.stored)
+            job.stored = None
         else:
             job.pos = 0  # only counted (max_tokens 0): what the sequence holds stays
         if not job.evaluate:
@@ -2484,20 +2663,21 @@ class _Decoder:
         elif job.pos == last:
             job.next = job.prompt[-1]
 
-    def _reuse(self, seq: int, prompt: list[int], fresh: bool) -> int:
+    def _reuse(self, seq: int, prompt: list[int], fresh: bool, stored: tuple | None) -> int:
         """Make the sequence hold the longest prefix of the prompt it can have without evaluating it: its own,
-        another sequence's (a preload, a shared system prompt), or a state the cache kept. Its length.
+        another sequence's (a preload, a shared system prompt), or a state the cache kept (or `stored`, read from disk
+        for it). Its length.
         The prompt's last token is always evaluated again, in a decode under 64 tokens as when it was new."""
         held, last = self.held[seq], len(prompt) - 1
         if fresh:  # echo with logprobs: every position's logits are needed
             return self.keep(seq, 0)
         common = _common_prefix(held, prompt)
         own = min(common, last)
-        if self.cache is not None and len(held) - own >= _MIN_SPILL_TOKENS and common < len(prompt):
-            self.cache.put(tuple(held), self._save(seq))  # a conversation this prompt would clobber
+        if len(held) - own >= _MIN_SPILL_TOKENS and common < len(prompt):
+            self._spill(seq)  # a conversation this prompt would clobber
         shared = [(min(_common_prefix(h, prompt), last), s) for s, h in enumerate(self.held) if s != seq and h]
         best, source = max(shared, default=(0, -1))
-        found = self.cache.best(prompt, max(own, best) + _MIN_RESTORE_GAIN) if self.cache is not None else None
+        found = self.cache.best(prompt, max(own, best) + _MIN_RESTORE_GAIN, stored) if self.cache is not None else None
         if found is not None and self._restore(seq, *found):
             return self.keep(seq, min(_common_prefix(found[0], prompt), last))
         if best >= own + _MIN_RESTORE_GAIN and self._copy(source, seq):
@@ -2509,6 +2689,12 @@ class _Decoder:
         self.lc.llama_memory_seq_rm(self.lc.llama_get_memory(self.ctx), seq, n, -1)
         del self.held[seq][n:]
         return n
+
+    def _spill(self, seq: int) -> int:
+        """Put what a sequence holds in the state cache, unless it is short; the sequence."""
+        if self.cache is not None and len(self.held[seq]) >= _MIN_SPILL_TOKENS:
+            self.cache.put(tuple(self.held[seq]), self._save(seq))
+        return seq
 
     def _save(self, seq: int) -> Any:
         size = self.lc.llama_state_seq_get_size(self.ctx, seq)
@@ -3143,6 +3329,7 @@ class LlamaCppEngine(Engine):
                     param = "messages" if req.kind == "chat" else "prompt"
                     raise InvalidRequest(why, param=param, code="context_length_exceeded")
                 pieces = self._prompt_pieces(tokens, text) if req.echo else []
+                stored = None if req.echo else shared.fetch(tokens)
                 echo = (text if text is not None else "".join(t for t, _ in pieces)) if req.echo else None
                 room, group = shared.n_ctx - len(tokens), []
                 for i in range(g * req.best_of, (g + 1) * req.best_of):
@@ -3153,6 +3340,7 @@ class LlamaCppEngine(Engine):
                     max_new = room if p.max_tokens is None else min(p.max_tokens, room)
                     sampler = _Sampler(lc, shared.model, p, last_n)  # raises on a bad grammar or bias
                     extra = {"should_stop": should_stop, "echo": echo, "thoughts": thoughts, "media": media}
+                    extra["stored"] = stored
                     extra["pieces"] = pieces if p.logprobs is not None else []
                     group.append(_Job(shared.model, i, tokens, p, out, max_new=max_new, sampler=sampler, **extra))
                     jobs.append(group[-1])
@@ -4001,14 +4189,16 @@ class _Pool:
         self._paths: dict[str, str] = {}  # model files in place, ready to load
         self._errors: dict[str, str] = {}  # why a model cannot serve now, for status
         self._failed: dict[str, APIError] = {}  # models whose file could not be prepared, until they are retried
-        self.models = dict(config.models)  # those it serves: a model removed from the config drains here
+        self.models: dict[str, ModelConfig] = {}  # those it serves: a model removed from the config drains here
         self._leaving: set[str] = set()  # models removed: their instances go once their requests end
-        self.instances: dict[str, list[_Instance]] = {m: [] for m in config.models}
-        self.state_caches = {
-            m.id: _StateCache(m.state_cache_bytes) for m in config.models.values() if m.state_cache_bytes
-        }
+        self.instances: dict[str, list[_Instance]] = {}
         self.queue: collections.deque[_Ticket] = collections.deque()
         self.running, self.cond = 0, threading.Condition()
+        folder = config.disk_cache_dir or os.path.join(config.models_dir, "kv-cache")
+        self.disk = _DiskTier(folder, config.disk_cache_bytes) if config.disk_cache_bytes else None
+        self.state_caches: dict[str, _StateCache] = {}
+        for model in config.models.values():
+            self.add(model)
         self.stopping = False
         self.service_time = 1.0  # moving average of seconds an instance is held, for Retry-After
         self.abort = threading.Event()  # set when stop()'s grace is over: running generations end at once
@@ -4036,7 +4226,9 @@ class _Pool:
             doomed = self._take([i for insts in self.instances.values() for i in insts if i.state != "busy"])
             self.cond.notify_all()
         for inst in doomed:
-            self._close(inst)
+            self._close(inst)  # each conversation's context goes to the state cache, and so to disk
+        if self.disk is not None:
+            self.disk.close()
         self._reaper.join(timeout=5)
 
     # -- queueing
@@ -4144,8 +4336,8 @@ class _Pool:
             self.models[model.id] = model
             self._leaving.discard(model.id)
             self.instances.setdefault(model.id, [])
-            if model.state_cache_bytes:
-                self.state_caches[model.id] = _StateCache(model.state_cache_bytes)
+            if model.state_cache_bytes or self.disk is not None:
+                self.state_caches[model.id] = _StateCache(model.state_cache_bytes, self.disk)
 
     def unload(self, model_id: str, leave: bool = False) -> None:
         """Free a model's instances: idle ones now, busy ones as their requests end; `leave`: it leaves the pool."""
@@ -5700,29 +5892,63 @@ _RESPONSES_UNSUPPORTED = {
 
 
 class _ResponseStore:
-    """Stored responses and their conversations, for previous_response_id and GET /v1/responses/{id}, in memory."""
+    """Stored responses and the conversations they end, for previous_response_id and GET /v1/responses/{id}, in a
+    SQLite file (WAL mode): each is written when it completes, so it outlives a restart, a kill -9 and a power loss.
+    The `size` most recently used are kept. A file SQLite cannot read is moved aside, and a new one started."""
 
-    def __init__(self, size: int) -> None:
-        self.size, self.lock = size, threading.Lock()  # the `size` most recently used are kept (lost on restart)
-        self.items = collections.OrderedDict[str, tuple[dict[str, Any], list[dict[str, Any]]]]()
+    def __init__(self, path: str, size: int) -> None:
+        self.size, self.lock = size, threading.Lock()
+        self.db = self._open(path if size else ":memory:")
+
+    @classmethod
+    def _open(cls, path: str) -> sqlite3.Connection:
+        try:
+            if path != ":memory:":
+                os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+            db = sqlite3.connect(path, check_same_thread=False)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("CREATE TABLE IF NOT EXISTS responses (id TEXT PRIMARY KEY, used INT, response, messages)")
+            if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+                raise sqlite3.DatabaseError("the integrity check failed")
+            return db
+        except (sqlite3.OperationalError, OSError) as exc:  # can't open it (a read-only folder, say): kept in memory
+            log.warning("stored responses: cannot open %s (%s); keeping them in memory", path, exc)
+        except sqlite3.DatabaseError as exc:
+            aside = f"{path}.damaged-{int(time.time())}"
+            log.warning("stored responses: %s is damaged (%s); moved to %s, starting a new one", path, exc, aside)
+            with _suppress(OSError):
+                for suffix in ("", "-wal", "-shm"):
+                    os.replace(path + suffix, aside + suffix)
+            if not os.path.exists(path):
+                return cls._open(path)
+        return sqlite3.connect(":memory:", check_same_thread=False)
 
     def get(self, response_id: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """A stored response and the conversation it ends; 404 if there is none."""
-        with self.lock:
-            if response_id not in self.items:
+        with self.lock, self.db:
+            row = self.db.execute("SELECT response, messages FROM responses WHERE id = ?", (response_id,)).fetchone()
+            if row is None:
                 raise NotFound(f"no stored response with id '{response_id}'", param="response_id")
-            self.items.move_to_end(response_id)
-            return self.items[response_id]
+            self.db.execute("UPDATE responses SET used = ? WHERE id = ?", (time.time_ns(), response_id))
+        return json.loads(row[0]), json.loads(row[1], object_hook=self._image)
+
+    @staticmethod
+    def _image(item: Any) -> Any:
+        """An image in a stored conversation, to JSON and back."""
+        if isinstance(item, _Image):
+            return {"where": item.where, "image": base64.b64encode(item.data).decode(), "url": item.url}
+        return _Image(item["where"], base64.b64decode(item["image"]), item["url"]) if "image" in item else item
 
     def put(self, response: dict[str, Any], messages: list[dict[str, Any]]) -> None:
-        with self.lock:
-            self.items[response["id"]] = response, messages
-            while len(self.items) > self.size:
-                self.items.popitem(last=False)
+        row = (response["id"], time.time_ns(), json.dumps(response), json.dumps(messages, default=self._image))
+        with self.lock, self.db:
+            self.db.execute("INSERT OR REPLACE INTO responses VALUES (?, ?, ?, ?)", row)
+            keep = "SELECT id FROM responses ORDER BY used DESC LIMIT ?"
+            self.db.execute(f"DELETE FROM responses WHERE id NOT IN ({keep})", (self.size,))
 
     def delete(self, response_id: str) -> None:
-        with self.lock:
-            if self.items.pop(response_id, None) is None:
+        with self.lock, self.db:
+            if not self.db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount:
                 raise NotFound(f"no stored response with id '{response_id}'", param="response_id")
 
 
@@ -6785,7 +7011,8 @@ class ModelServer:
         self._add_registered(self.config.models)
         self.created = int(time.time())
         self.meter = _Metrics()  # counters and histograms for /metrics; the HTTP layer adds its own
-        self.responses = _ResponseStore(self.config.stored_responses)  # the Responses API's stored results
+        db = self.config.responses_db or os.path.join(self.config.models_dir, "responses.sqlite3")
+        self.responses = _ResponseStore(db, self.config.stored_responses)  # the Responses API's stored results
         self._progress = progress
         self._files = {m.id: _ModelFile(_model_path(m, self.config.models_dir)) for m in self.config.models.values()}
         self._metadata: dict[str, dict[str, Any]] = {}  # GGUF metadata by model id, read on first use

@@ -8078,3 +8078,188 @@ def test_image_data_does_not_count_as_text(smollm2: str, tiny_mmproj: str) -> No
             server, "POST", "/api/chat", {**body, "messages": [{"role": "user", "content": "x" * 4001}]}
         )
         assert status == 400 and reply["error"]
+
+
+# ==== surviving restarts: conversations' contexts in a disk cache, stored Responses in SQLite
+
+
+class _Node:
+    """The CLI server on one config file, started, stopped (SIGTERM) and killed (-9) as a deploy or a crash would."""
+
+    def __init__(self, config: dict[str, Any], tmp_path: Any) -> None:
+        self.models_dir = tmp_path / "models"
+        self.kv = self.models_dir / "kv-cache"
+        self.cfg = tmp_path / "models.json"
+        self.cfg.write_text(json.dumps({"models_dir": str(self.models_dir), **config}))
+        self.port, self.proc, self.out = free_port(), None, ""
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> _Node:
+        self.proc = _cli(["--config", str(self.cfg)], self.port)
+        _wait_healthy(self.proc, self.url)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        rc = self.proc.wait(60)
+        self.out += self.proc.stdout.read() if self.proc.stdout else ""
+        return rc
+
+    def chat(self, messages: list[dict[str, Any]], **body: Any) -> dict[str, Any]:
+        body = {"model": "smol", "messages": messages, "max_tokens": 24, "temperature": 0, **body}
+        status, payload, _ = http_request(self.url, "POST", "/v1/chat/completions", body)
+        assert status == 200, payload
+        return payload
+
+    def sdk(self) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key="x", max_retries=0, timeout=120)
+
+
+@pytest.fixture
+def node(tmp_path: Any) -> Iterator[Callable[[dict[str, Any]], _Node]]:
+    nodes: list[_Node] = []
+    yield lambda config: nodes.append(_Node(config, tmp_path)) or nodes[-1]
+    for n in nodes:
+        if n.proc is not None and n.proc.poll() is None:
+            n.proc.kill()
+            n.proc.wait()
+
+
+QUESTION = (
+    "Here is a list of fruits with their colours: apple is red, banana is yellow, cherry is dark red, grape is purple,"
+    " kiwi is brown outside and green inside, lemon is yellow, lime is green, mango is orange, orange is orange, pear"
+    " is green, plum is purple, raspberry is red, strawberry is red, blueberry is blue. Which fruits are red?"
+)
+
+
+def _turn(history: list[dict[str, Any]], reply: Any, question: str) -> list[dict[str, Any]]:
+    """The history, a reply (an HTTP payload or a Completion) and the next question."""
+    said = reply.text if isinstance(reply, lllms.Completion) else reply["choices"][0]["message"]["content"]
+    return [*history, {"role": "assistant", "content": said}, {"role": "user", "content": question}]
+
+
+def test_a_conversation_continues_from_disk_after_a_sigterm_restart_but_never_on_another_model_file(
+    smollm2: str, smollm2_g4a: str, node: Callable[[dict[str, Any]], _Node], tmp_path: Any
+) -> None:
+    """SIGTERM writes every live conversation's context to the disk cache; the restarted server's next turn starts
+    from it. A different GGUF put under the same file name never restores what the old one left."""
+    model = tmp_path / "smol.gguf"
+    shutil.copy(smollm2, model)
+    n = node(smol_config(str(model), context_size=1024))
+    history = [{"role": "user", "content": QUESTION}]
+    first = n.start().chat(history)
+    assert n.stop() == 0 and len(list(n.kv.glob("*.kv"))) == 1
+    history = _turn(history, first, "And which are yellow?")
+    second = n.start().chat(history)
+    held = first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"]
+    assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0.9 * held, (first["usage"], second["usage"])
+    assert n.stop() == 0
+
+    shutil.copy(smollm2_g4a, model)  # the same vocabulary, so only the file's identity tells them apart
+    third = n.start().chat(_turn(history, second, "And which are green?"))
+    assert third["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert n.stop() == 0
+
+
+def test_stored_responses_survive_a_sigterm_restart_and_a_kill_9(
+    smollm2: str, node: Callable[[dict[str, Any]], _Node]
+) -> None:
+    """Each completed response is in SQLite before the client has it: retrievable and continuable after a restart
+    and after a crash. `store: false` ones are never written."""
+    n = node(smol_config(smollm2)).start()
+    kw: dict[str, Any] = {"model": "smol", "max_output_tokens": 8, "temperature": 0}
+    r1 = n.sdk().responses.create(**kw, input="Name a fruit.")
+    unstored = n.sdk().responses.create(**kw, input="Name a fruit.", store=False)
+    assert n.stop() == 0
+
+    n.start()
+    assert n.sdk().responses.retrieve(r1.id).output_text == r1.output_text
+    with pytest.raises(openai.NotFoundError):
+        n.sdk().responses.retrieve(unstored.id)
+    r2 = n.sdk().responses.create(**kw, previous_response_id=r1.id, input="And a vegetable?")
+    assert r1.usage is not None and r2.usage is not None
+    assert r2.usage.input_tokens > r1.usage.input_tokens + r1.usage.output_tokens  # the first exchange is in it
+    assert n.stop(signal.SIGKILL) == -signal.SIGKILL
+
+    n.start()
+    assert n.sdk().responses.retrieve(r2.id).output_text == r2.output_text
+    r3 = n.sdk().responses.create(**kw, previous_response_id=r2.id, input="And a nut?")
+    assert r3.usage is not None and r3.usage.input_tokens > r2.usage.input_tokens + r2.usage.output_tokens
+    assert n.stop() == 0
+
+
+def test_damaged_cache_entries_and_database_never_stop_the_server(
+    smollm2: str, node: Callable[[dict[str, Any]], _Node]
+) -> None:
+    """A cache entry cut short, one with overwritten bytes and a database overwritten with junk: the server starts,
+    each is dropped with a warning (the database moved aside), and the requests that would have used them work."""
+    n = node(smol_config(smollm2, max_instances=1)).start()
+    other = "Count from one to twenty in words, then say which of those numbers are even and which are odd."
+    talks = [[{"role": "user", "content": q}] for q in (QUESTION, other)]  # sharing only the template's opening
+    replies = [n.chat(talk) for talk in talks]  # the first is written to disk when the second takes its instance
+    old = n.sdk().responses.create(model="smol", input="Name a fruit.", max_output_tokens=8)
+    assert n.stop() == 0
+    entries = sorted(n.kv.glob("*.kv"))
+    assert len(entries) == 2
+    data = entries[0].read_bytes()
+    entries[0].write_bytes(data[: len(data) // 2])
+    data = bytearray(entries[1].read_bytes())
+    data[-4096:] = os.urandom(4096)
+    entries[1].write_bytes(bytes(data))
+    db = n.models_dir / "responses.sqlite3"
+    db.write_bytes(b"not a database " * 1000)
+
+    n.start()
+    for talk, reply in zip(talks, replies, strict=True):
+        again = n.chat(_turn(talk, reply, "Which are yellow?"))
+        assert again["usage"]["prompt_tokens_details"]["cached_tokens"] < reply["usage"]["prompt_tokens"] // 2
+    assert not any(e.exists() for e in entries)
+    with pytest.raises(openai.NotFoundError):
+        n.sdk().responses.retrieve(old.id)
+    new = n.sdk().responses.create(model="smol", input="Name a fruit.", max_output_tokens=8)
+    assert n.sdk().responses.retrieve(new.id).output_text == new.output_text
+    assert n.stop() == 0
+    assert list(n.models_dir.glob("responses.sqlite3.damaged-*"))
+    for path in [*entries, db]:
+        assert str(path) in n.out and "damaged" in n.out
+
+
+def test_a_write_cut_short_by_a_kill_is_never_used(smollm2: str, tmp_path: Any) -> None:
+    """An entry is written to a temporary file, synced and renamed: a kill mid-write leaves only the temporary file,
+    which is never read, and is deleted once it is old."""
+    config = {**smol_config(smollm2), "models_dir": str(tmp_path)}
+    history = [{"role": "user", "content": QUESTION}]
+    with lllms.ModelServer(config) as ms:
+        first = ms.chat("smol", history, max_tokens=16, temperature=0)
+    (entry,) = (tmp_path / "kv-cache").glob("*.kv")
+    data = entry.read_bytes()
+    entry.unlink()
+    stale, fresh = tmp_path / "kv-cache" / f"{entry.name}.1.2.tmp", tmp_path / "kv-cache" / f"{entry.name}.3.4.tmp"
+    for tmp in (stale, fresh):
+        tmp.write_bytes(data[: len(data) * 3 // 4])
+    os.utime(stale, (time.time() - 7200,) * 2)
+    with lllms.ModelServer(config) as ms:
+        history = _turn(history, first, "And which are yellow?")
+        second = ms.chat("smol", history, max_tokens=4, temperature=0)
+    assert second.usage.cached_tokens == 0
+    assert not stale.exists() and fresh.exists()  # a fresh one may still be being written by another server
+
+
+def test_the_disk_cache_keeps_within_its_bound_dropping_the_least_recently_used(smollm2: str, tmp_path: Any) -> None:
+    """Many conversations through one instance, each written to disk as the next takes its place: the folder never
+    holds more than disk_cache_bytes, and what it drops first is the oldest."""
+    config = {**smol_config(smollm2, max_instances=1), "models_dir": str(tmp_path), "disk_cache_bytes": 6 << 20}
+    talks = [[{"role": "user", "content": f"Say the number {i} in words, then count to ten."}] for i in range(12)]
+    with lllms.ModelServer(config) as ms:
+        replies = [ms.chat("smol", talk, max_tokens=16, temperature=0) for talk in talks]
+    sizes = [p.stat().st_size for p in (tmp_path / "kv-cache").iterdir()]
+    assert 2 <= len(sizes) < len(talks) and sum(sizes) <= 6 << 20
+    with lllms.ModelServer(config) as ms:
+        cached = []
+        for i in (0, -1):
+            history = _turn(talks[i], replies[i], "Again, please.")
+            cached.append(ms.chat("smol", history, max_tokens=1).usage.cached_tokens)
+    first, last = cached
+    u = replies[-1].usage
+    assert last >= 0.9 * (u.prompt_tokens + u.completion_tokens) and first < last / 2, cached

