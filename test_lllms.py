@@ -8195,10 +8195,14 @@ def test_damaged_cache_entries_and_database_never_stop_the_server(
     """A cache entry cut short, one with overwritten bytes and a database overwritten with junk: the server starts,
     each is dropped with a warning (the database moved aside), and the requests that would have used them work."""
     n = node(smol_config(smollm2, max_instances=1)).start()
+    old = n.sdk().responses.create(model="smol", input="Name a fruit.", max_output_tokens=8)
+    assert n.stop() == 0
+    for entry in n.kv.glob("*.kv"):  # that response's conversation: no request below continues it
+        entry.unlink()
+    n.start()
     other = "Count from one to twenty in words, then say which of those numbers are even and which are odd."
     talks = [[{"role": "user", "content": q}] for q in (QUESTION, other)]  # sharing only the template's opening
     replies = [n.chat(talk) for talk in talks]  # the first is written to disk when the second takes its instance
-    old = n.sdk().responses.create(model="smol", input="Name a fruit.", max_output_tokens=8)
     assert n.stop() == 0
     entries = sorted(n.kv.glob("*.kv"))
     assert len(entries) == 2
@@ -8249,12 +8253,12 @@ def test_a_write_cut_short_by_a_kill_is_never_used(smollm2: str, tmp_path: Any) 
 def test_the_disk_cache_keeps_within_its_bound_dropping_the_least_recently_used(smollm2: str, tmp_path: Any) -> None:
     """Many conversations through one instance, each written to disk as the next takes its place: the folder never
     holds more than disk_cache_bytes, and what it drops first is the oldest."""
-    config = {**smol_config(smollm2, max_instances=1), "models_dir": str(tmp_path), "disk_cache_bytes": 6 << 20}
-    talks = [[{"role": "user", "content": f"Say the number {i} in words, then count to ten."}] for i in range(12)]
+    config = {**smol_config(smollm2, max_instances=1), "models_dir": str(tmp_path), "disk_cache_bytes": 12 << 20}
+    talks = [[{"role": "user", "content": f"Conversation number {i}. {QUESTION}"}] for i in range(12)]  # ~3 MiB each
     with lllms.ModelServer(config) as ms:
         replies = [ms.chat("smol", talk, max_tokens=16, temperature=0) for talk in talks]
     sizes = [p.stat().st_size for p in (tmp_path / "kv-cache").iterdir()]
-    assert 2 <= len(sizes) < len(talks) and sum(sizes) <= 6 << 20
+    assert 2 <= len(sizes) < len(talks) and sum(sizes) <= 12 << 20
     with lllms.ModelServer(config) as ms:
         cached = []
         for i in (0, -1):
