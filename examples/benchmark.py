@@ -41,7 +41,7 @@ turn with an image the server has not seen).
 Scenario "restart": a conversation with a ~2,000-token history, restarted between its turns. lllms serves the first
 turn, stops on SIGTERM and starts again on the same models_dir; the report gives the median time to first token of
 the next turn with the disk cache (the default) and with it off (disk_cache_bytes 0), the sides taking turns each
-round, and the time from starting the process to /health answering 200 with the cache full and empty.
+round, and the time from starting the process to /health answering 200, with that entry on disk and with none.
 
 Scenario "memory": lllms' resident memory (VmRSS) after max_instances conversations at once, with max_instances 1
 and 4, beside one conversation's KV cache as the GGUF's metadata sizes it.
