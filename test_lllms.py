@@ -8133,7 +8133,7 @@ QUESTION = (
 )
 
 
-def _turn(history: list[dict[str, Any]], reply: Any, question: str) -> list[dict[str, Any]]:
+def _next_turn(history: list[dict[str, Any]], reply: Any, question: str) -> list[dict[str, Any]]:
     """The history, a reply (an HTTP payload or a Completion) and the next question."""
     said = reply.text if isinstance(reply, lllms.Completion) else reply["choices"][0]["message"]["content"]
     return [*history, {"role": "assistant", "content": said}, {"role": "user", "content": question}]
@@ -8150,14 +8150,14 @@ def test_a_conversation_continues_from_disk_after_a_sigterm_restart_but_never_on
     history = [{"role": "user", "content": QUESTION}]
     first = n.start().chat(history)
     assert n.stop() == 0 and len(list(n.kv.glob("*.kv"))) == 1
-    history = _turn(history, first, "And which are yellow?")
+    history = _next_turn(history, first, "And which are yellow?")
     second = n.start().chat(history)
     held = first["usage"]["prompt_tokens"] + first["usage"]["completion_tokens"]
     assert second["usage"]["prompt_tokens_details"]["cached_tokens"] >= 0.9 * held, (first["usage"], second["usage"])
     assert n.stop() == 0
 
     shutil.copy(smollm2_g4a, model)  # the same vocabulary, so only the file's identity tells them apart
-    third = n.start().chat(_turn(history, second, "And which are green?"))
+    third = n.start().chat(_next_turn(history, second, "And which are green?"))
     assert third["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert n.stop() == 0
 
@@ -8216,7 +8216,7 @@ def test_damaged_cache_entries_and_database_never_stop_the_server(
 
     n.start()
     for talk, reply in zip(talks, replies, strict=True):
-        again = n.chat(_turn(talk, reply, "Which are yellow?"))
+        again = n.chat(_next_turn(talk, reply, "Which are yellow?"))
         assert again["usage"]["prompt_tokens_details"]["cached_tokens"] < reply["usage"]["prompt_tokens"] // 2
     assert not any(e.exists() for e in entries)
     with pytest.raises(openai.NotFoundError):
@@ -8244,7 +8244,7 @@ def test_a_write_cut_short_by_a_kill_is_never_used(smollm2: str, tmp_path: Any) 
         tmp.write_bytes(data[: len(data) * 3 // 4])
     os.utime(stale, (time.time() - 7200,) * 2)
     with lllms.ModelServer(config) as ms:
-        history = _turn(history, first, "And which are yellow?")
+        history = _next_turn(history, first, "And which are yellow?")
         second = ms.chat("smol", history, max_tokens=4, temperature=0)
     assert second.usage.cached_tokens == 0
     assert not stale.exists() and fresh.exists()  # a fresh one may still be being written by another server
@@ -8262,7 +8262,7 @@ def test_the_disk_cache_keeps_within_its_bound_dropping_the_least_recently_used(
     with lllms.ModelServer(config) as ms:
         cached = []
         for i in (0, -1):
-            history = _turn(talks[i], replies[i], "Again, please.")
+            history = _next_turn(talks[i], replies[i], "Again, please.")
             cached.append(ms.chat("smol", history, max_tokens=1).usage.cached_tokens)
     first, last = cached
     u = replies[-1].usage
