@@ -1922,11 +1922,9 @@ def _check_ids(tokens: Sequence[int], n_vocab: int, where: str, param: str) -> l
 
 
 def _cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            return " amx_int8" in f.read()
-    except OSError:
-        return False
+    with _suppress(OSError), open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+        return " amx_int8" in f.read()
+    return False
 
 
 class _LlamaShim:
@@ -2031,9 +2029,8 @@ class _LlamaModel:
         return b"".join(self.piece(t, special) for t in tokens if t >= 0).decode("utf-8", errors="replace")  # no images
 
     def context(self, n_ctx: int, n_batch: int, n_seq: int, pooling: int | None = None, unified: bool = False) -> Any:
-        """A llama.cpp context (embeddings: `pooling`) of n_seq sequences of n_ctx cells, each with its own KV stream: a
-        token attends to its sequence's cells only (a unified cache slowed 8 generating sequences ~15%). llama.cpp cuts
-        a batch into ubatches of consecutive sequences, as many tokens each. `unified`: they share n_ctx cells."""
+        """A context (embeddings: `pooling`) of n_seq sequences of n_ctx cells, each its own KV stream (a unified cache
+        slowed 8 generating sequences ~15%; `unified`: they share n_ctx cells); ubatches hold consecutive sequences."""
         p = self.lc.llama_context_default_params()
         p.n_ctx, p.n_batch, p.n_ubatch, p.n_seq_max = n_ctx * (1 if unified else n_seq), n_batch, n_batch, n_seq
         p.kv_unified = unified
@@ -2079,8 +2076,7 @@ class _Batch:
 
 
 class _Vision:
-    """A multimodal projector (libmtmd, llama_cpp.mtmd_cpp): images to prompt chunks, embedded on the encode thread. An
-    image's positions get negative ids from its pixels' hash: the context cache tells images apart like tokens."""
+    """libmtmd: images to prompt chunks, encoded on the encode thread; pixel-hashed ids let the cache match them."""
 
     def __init__(self, model: _LlamaModel, path: str) -> None:
         import llama_cpp.mtmd_cpp as mt
@@ -2097,8 +2093,7 @@ class _Vision:
             raise Unavailable(why + " (M-RoPE models are not supported yet)", code="model_load_failed")
 
     def tokenize(self, text: str, images: list[_Image], add_bos: bool) -> tuple[list[int], dict[int, Any], Any]:
-        """A prompt's tokens, an image's positions as its ids; each image chunk (and its size) by its first
-        position; and the chunks, which the caller frees (mtmd_input_chunks_free) once done with them."""
+        """The tokens (an image's positions: its ids), each image chunk and size by position, and the chunks to free."""
         mt, bitmaps, seen, where = self.mt, [], collections.Counter[bytes](), images[0].where
         if (marks := text.count(_IMAGE_MARKER)) != len(images):
             raise InvalidRequest(f"{marks} {_IMAGE_MARKER} markers in the text for {len(images)} images", param=where)
@@ -2161,11 +2156,9 @@ class _Vision:
 
 
 class _Sampler:
-    """llama.cpp's samplers, stage by stage over our own candidate array: bias and penalties, then greedy or
-    top-k/top-p/min-p/temperature/seeded draw. As in llama.cpp's server, a grammar checks the drawn token and
-    constrains the whole array only when it rejects it (near full speed); when grammar and bias leave no token,
-    `sample` says so, where llama.cpp would abort the process. Plain greedy sampling (no grammar, no penalties)
-    is numpy's first argmax after the bias, as llama.cpp's greedy stage picks it, at a tenth of the cost."""
+    """llama.cpp's samplers over our own candidate array: bias and penalties, then greedy or a top-k/p/min-p/temperature
+    draw. As in llama.cpp's server, the grammar constrains the array only when it rejects the drawn token; when no token
+    is left, `sample` says so (llama.cpp would abort). Plain greedy: numpy's first argmax, 10x faster."""
 
     def __init__(self, llama_cpp: Any, model: _LlamaModel, p: SamplingParams, last_n: int) -> None:
         import numpy as np
@@ -2233,8 +2226,7 @@ class _Sampler:
         return arr
 
     def sample(self, logits: Any, free: bool = False) -> int | None:
-        """The next token for these logits (accepted by every stage), or None when no token is allowed. `free`: the
-        grammar waits (a reasoning model thinks before the constrained answer)."""
+        """The next token, accepted by every stage, or None if none is allowed. `free`: the grammar waits (thinking)."""
         import numpy as np
 
         if self.greedy:
@@ -2259,9 +2251,8 @@ class _Sampler:
         return token
 
     def close(self) -> None:
-        for sampler in (self.pre, self.post, self.grammar):
-            if sampler:
-                self.lc.llama_sampler_free(sampler)
+        for sampler in filter(None, (self.pre, self.post, self.grammar)):
+            self.lc.llama_sampler_free(sampler)
         self.pre = self.post = self.grammar = None
 
 
@@ -2303,7 +2294,7 @@ def _logprob(model: _LlamaModel, logits: Any, token: int, top: int | None) -> tu
     return max(float(logits[token]) - lse, _MIN_LOGPROB), alts
 
 
-@dataclasses.dataclass(eq=False)  # compared by identity: the decode thread finds jobs in lists
+@dataclass(eq=False)  # compared by identity: the decode thread finds jobs in lists
 class _Job:
     """One choice generating in a sequence of a shared context. The decode thread steps it; chunks go to `out`."""
 
@@ -2317,10 +2308,9 @@ class _Job:
     sampler: _Sampler | None = None
     should_stop: _StopCheck = None
     echo: str | None = None  # the prompt's text, to send first
-    # With echo and logprobs: each prompt token's text and bytes.
-    pieces: list[tuple[str, bytes]] = dataclasses.field(default_factory=list)
+    pieces: list[tuple[str, bytes]] = field(default_factory=list)  # echo with logprobs: each prompt token's text, bytes
     thoughts: _Thoughts | None = None  # a reasoning model's: splits the reply, and ends its thinking at the budget
-    media: dict[int, tuple[Any, int]] = dataclasses.field(default_factory=dict)  # image chunks (and sizes) by position
+    media: dict[int, tuple[Any, int]] = field(default_factory=dict)  # image chunks (and sizes) by position
     stored: tuple[tuple[int, ...], Any] | None = None  # a state read from disk for its prompt, until it begins
 
     def __post_init__(self) -> None:
@@ -2340,10 +2330,6 @@ class _Job:
         self.decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.stops = _StopMatcher(self.p.stop or [])
         self.marks = _LogprobMarks() if self.p.logprobs is not None else None
-
-    @property
-    def prefilling(self) -> bool:
-        return self.pos >= 0 and self.next is None and not self.ended
 
     def logits(self, row: Any) -> None:
         """A prefill row's logits (echo with logprobs): the logprob of the prompt token it predicts."""
@@ -2413,42 +2399,36 @@ _Part = tuple[_Job, list[int], bool]  # a job's tokens to evaluate, and whether 
 
 
 class _Decoder:
-    """A llama-cpp model's one context and the thread that decodes it. Each instance of the model is a sequence; every
-    step evaluates the next token of every running sequence, and chunks of new prompts, together (_step). A request's
-    further choices run beside its instance's in sequences no instance holds: there is one more sequence than
-    max_instances, so they always find one in the end. llama.cpp evaluates only consecutive sequences in one pass over
-    the weights, so a conversation that starts apart from the running ones is moved next to them (_place)."""
+    """A llama-cpp model's one context and its decode thread. Each instance is a sequence; a step evaluates every
+    running sequence's next token and new prompts' chunks together. Further choices borrow sequences no instance holds
+    (there is one more than max_instances). One pass over the weights takes only consecutive sequences: see _place."""
 
     def __init__(self, lc: Any, model: ModelConfig, path: str, state_cache: _StateCache | None) -> None:
         self.lc, self.config, self.cache = lc, model, state_cache
         self.model = m = _LlamaModel(lc, model, path)
         self.n_ctx = model.context_size or m.n_ctx_train  # per sequence
         self.n_seq, self.chunk = model.max_instances + 1, model.prefill_chunk
+        self.n_batch = self.chunk + self.n_seq  # a step's most tokens: a prompt chunk, and every sequence's next one
         self.held: list[list[int]] = [[] for _ in range(self.n_seq)]  # the tokens each sequence holds
         self.owners: list[object | None] = [None] * self.n_seq  # each sequence's instance or further choice
         self.waiting = 0  # instances waiting for a sequence: they come before further choices
         self.jobs: list[_Job] = []
-        self.calls: list[tuple[Callable[[], Any], queue.SimpleQueue[Any]]] = []
+        self.calls: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self.cond = threading.Condition()
         self.users, self.closing, self.wakes, self.decodes, self.seen = 0, False, 0, 0, -1
         try:
             self.template = _chat_template(model, m.meta("tokenizer.chat_template"), m.text([m.bos]), m.text([m.eos]))
             self.vision = _Vision(m, model.mmproj_file) if model.mmproj_file else None
-            self.ctx = self._new_context()
+            self.ctx = m.context(self.n_ctx, self.n_batch, self.n_seq)
             if state_cache is not None:  # its states fit this model file, projector and KV cache layout only
-                p, files = (
-                    lc.llama_context_default_params(),
-                    [_file_identity(f) for f in (path, model.mmproj_file) if f],
-                )
+                p = lc.llama_context_default_params()
+                files = [_file_identity(f) for f in (path, model.mmproj_file) if f]
                 state_cache.bind(json.dumps([lc.__version__, files, p.type_k, p.type_v, int(p.flash_attn_type)]))
         except BaseException:
             self.lc.llama_model_free(m.ptr)
             raise
-        self.batch = _Batch(lc, self.chunk + self.n_seq)
+        self.batch = _Batch(lc, self.n_batch)
         threading.Thread(target=self._loop, name=f"lllms-decode-{model.id}", daemon=True).start()
-
-    def _new_context(self) -> Any:
-        return self.model.context(self.n_ctx, self.chunk + self.n_seq, self.n_seq)
 
     # -- called from request threads
 
@@ -2478,14 +2458,11 @@ class _Decoder:
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run fn on the decode thread between two steps (the context is not thread-safe); its result."""
-        box: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        future: concurrent.futures.Future = concurrent.futures.Future()
         with self.cond:
-            self.calls.append((fn, box))
+            self.calls.append((fn, future))
             self.cond.notify_all()
-        ok, value = box.get()
-        if not ok:
-            raise value
-        return value
+        return future.result()
 
     def run(self, jobs: list[_Job]) -> None:
         with self.cond:
@@ -2520,11 +2497,11 @@ class _Decoder:
                 calls, self.calls, wakes = self.calls, [], self.wakes
                 if self.closing and not calls and not self.jobs:
                     break
-            for fn, box in calls:
+            for fn, future in calls:
                 try:
-                    box.put((True, fn()))
+                    future.set_result(fn())
                 except BaseException as exc:
-                    box.put((False, exc))
+                    future.set_exception(exc)
             try:
                 before = self._progress()
                 self._step()
@@ -2543,10 +2520,9 @@ class _Decoder:
         return len(self.jobs), sum(j.pos < 0 for j in self.jobs), sum(j.ended for j in self.jobs), self.decodes
 
     def _step(self) -> None:
-        """One step: the next token of every generating sequence, and prompt chunks, in as few decodes as it can.
-        llama.cpp's kernels round differently from 64 tokens a batch on, the same below, whatever the batch holds: so
-        generating tokens and short chunks (under 64 tokens) share decodes below 64, and long chunks decode apart. A
-        prompt is always cut into the same chunks from where its cache ends: no reply depends on who else is served."""
+        """One step: every generating sequence's next token and prompt chunks, in few decodes. llama.cpp's kernels round
+        differently from 64 tokens a batch on: generating tokens and short chunks share decodes under 64, long chunks
+        decode apart, and a prompt is cut the same from where its cache ends: no reply depends on who else is served."""
         for job in [j for j in self.jobs if j.ended]:
             self._drop(job)
         for job in [j for j in self.jobs if j.pos < 0]:
@@ -2567,7 +2543,7 @@ class _Decoder:
             tokens = job.prompt[job.pos : end]
             part = (job, tokens, job.echoed is not None)
             if len(tokens) >= _BIG_BATCH:
-                if sum(len(t) for _, t, _ in big) + len(tokens) <= self.chunk + self.n_seq:
+                if sum(len(t) for _, t, _ in big) + len(tokens) <= self.n_batch:
                     big.append(part)
                 continue
             small = next((d for d in decodes if sum(len(t) for _, t, _ in d) + len(tokens) < _BIG_BATCH), None)
@@ -2625,15 +2601,13 @@ class _Decoder:
             return
         if (error := encoding.exception()) is not None:
             return job.release(error)
-        n_batch, seq = self.chunk + self.n_seq, typing.cast(int, job.seq)
-        if self._decoded(lambda: vision.decode(self.ctx, chunk, encoding.result(), job.pos, seq, n_batch)):
+        seq = typing.cast(int, job.seq)
+        if self._decoded(lambda: vision.decode(self.ctx, chunk, encoding.result(), job.pos, seq, self.n_batch)):
             self._advance(job, job.prompt[job.pos : job.pos + n])
 
     def _rows(self, rows: list[tuple[_Job, int, int]]) -> None:
         """Each job takes its logits rows: a prompt token's logprob, or the next token."""
-        for job, i, pos in rows:
-            if job.ended:
-                continue
+        for job, i, pos in (r for r in rows if not r[0].ended):  # a job that fails here lets go of its later rows
             try:
                 row = self.model.logits(self.ctx, i)
                 job.logits(row) if pos < len(job.prompt) - 1 else job.sample(row)
@@ -2643,8 +2617,8 @@ class _Decoder:
     def _begin(self, job: _Job) -> None:
         """Start a job once its sequence (and, for a sibling choice, the prompt it copies) is ready."""
         parent = job.parent
-        if parent is not None and not parent.done.is_set() and (parent.pos < 0 or parent.prefilling):
-            return
+        if parent is not None and not parent.done.is_set() and parent.next is None and not parent.ended:
+            return  # the sibling has not begun, or is still evaluating its prompt
         job.seq = self.owners.index(job.owner) if job.owner is not None else self._borrow(job)
         if job.seq is None:
             return
@@ -2664,10 +2638,8 @@ class _Decoder:
             job.next = job.prompt[-1]
 
     def _reuse(self, seq: int, prompt: list[int], fresh: bool, stored: tuple | None) -> int:
-        """Make the sequence hold the longest prefix of the prompt it can have without evaluating it: its own,
-        another sequence's (a preload, a shared system prompt), or a state the cache kept (or `stored`, read from disk
-        for it). Its length.
-        The prompt's last token is always evaluated again, in a decode under 64 tokens as when it was new."""
+        """Make the sequence hold the longest prompt prefix it can without evaluating: its own, another sequence's, or a
+        cached state (or `stored`, read from disk for it); its length. The last token is always evaluated again."""
         held, last = self.held[seq], len(prompt) - 1
         if fresh:  # echo with logprobs: every position's logits are needed
             return self.keep(seq, 0)
@@ -2703,9 +2675,8 @@ class _Decoder:
         return buf if n == size else bytes(buf)[:n]
 
     def _copy(self, source: int, seq: int) -> bool:
-        """Make a sequence hold what another holds. Each has a KV stream of its own (llama_memory_seq_cp would copy
-        the whole stream, and only at the next decode): copy the source's cells through its saved state."""
-        return self._restore(seq, tuple(self.held[typing.cast(int, source)]), self._save(typing.cast(int, source)))
+        """Make a sequence hold what another holds via its saved state (llama_memory_seq_cp copies a whole stream)."""
+        return self._restore(seq, tuple(self.held[source]), self._save(source))
 
     def _borrow(self, job: _Job) -> int | None:
         """The lowest sequence that no instance holds or waits for, lent to a further choice; None: none yet."""
@@ -2723,8 +2694,7 @@ class _Decoder:
             self.cond.notify_all()
 
     def _place(self, job: _Job) -> None:
-        """Move a starting job's sequence into a gap between the running sequences, or next to them, swapping
-        contents with whichever sequence is there: one pass over the weights then steps them all."""
+        """Swap a starting job's sequence into a gap beside the running ones: one pass over the weights steps all."""
         seq = typing.cast(int, job.seq)
         running = {j.seq for j in self.jobs if j.pos >= 0} - {seq}  # ended ones too, until dropped
         if not job.evaluate or not running or {seq - 1, seq + 1} & running:
@@ -2761,7 +2731,7 @@ class _Decoder:
                 job.release(error)
             self._drop(job)
         self.lc.llama_free(self.ctx)
-        self.ctx = self._new_context()
+        self.ctx = self.model.context(self.n_ctx, self.n_batch, self.n_seq)
         for held in self.held:
             held.clear()
 
