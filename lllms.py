@@ -2761,14 +2761,11 @@ def _digits_between(x: str, y: str) -> str:
 
 def _naturals_between(lo: int, hi: int | None) -> str:
     """GBNF for the integers from lo >= 0 to hi (None: no end), written without leading zeros."""
-    alts, short = [], len(str(lo))
-    for width in range(short, (short if hi is None else len(str(hi))) + 1):
-        a = max(lo, 10 ** (width - 1) if width > 1 else 0)
-        b = 10**width - 1 if hi is None else min(hi, 10**width - 1)
-        if a <= b:
-            alts.append(_digits_between(str(a), str(b)))
+    top = 10 ** len(str(lo)) - 1 if hi is None else hi  # no end: lo's width here, the longer numbers below
+    cuts = [10**w for w in range(len(str(lo)), len(str(top)))]  # where the width grows
+    alts = [_digits_between(str(a), str(b - 1)) for a, b in zip([lo, *cuts], [*cuts, top + 1], strict=True)]
     if hi is None:  # every number with more digits than lo
-        alts.append(f"[1-9]{' [0-9]' * short} [0-9]*")
+        alts.append(f"[1-9]{' [0-9]' * len(str(lo))} [0-9]*")
     return f"({' | '.join(alts)})"
 
 
@@ -2776,10 +2773,8 @@ def _integers_between(lo: int | None, hi: int | None) -> str:
     """GBNF for the JSON integers from lo to hi (None: unbounded on that side)."""
     alts = []
     if lo is None or lo < 0:  # negatives: "-" and a magnitude
-        top = None if lo is None else -lo
         bottom = 1 if hi is None or hi >= 0 else -hi
-        if top is None or bottom <= top:
-            alts.append(f'"-" {_naturals_between(bottom, top)}')
+        alts.append(f'"-" {_naturals_between(bottom, None if lo is None else -lo)}')
     if hi is None or hi >= 0:
         alts.append(_naturals_between(max(lo or 0, 0), hi))
     return f"({' | '.join(alts)})"
@@ -2788,8 +2783,7 @@ def _integers_between(lo: int | None, hi: int | None) -> str:
 def _int_bounds(schema: dict[str, Any], param: str) -> tuple[int | None, int | None]:
     """An integer schema's inclusive bounds."""
     for key in _INT_BOUNDS:
-        v = schema.get(key)
-        if key in schema and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+        if key in schema and not _PLAIN_TYPES[float][1](schema[key]):  # a finite number
             raise InvalidRequest(f"'{param}': {key} must be a number", param=param)
     lows = [math.ceil(schema["minimum"])] if "minimum" in schema else []
     lows += [math.floor(schema["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in schema else []
@@ -2802,8 +2796,7 @@ def _int_bounds(schema: dict[str, Any], param: str) -> tuple[int | None, int | N
 
 
 def _number_range(schema: dict[str, Any]) -> str | None:
-    """GBNF for an integer schema's bounds, or a number schema's from one whole number to another, at least 0: the
-    integers up to the top one with any fraction, and the top one itself. None for other bounds."""
+    """GBNF for an integer schema's bounds, or a number schema's between whole numbers, from 0 up; else None."""
     if schema.get("type") == "integer":
         return _integers_between(*_int_bounds(schema, "response_format"))
     lo, hi = schema.get("minimum"), schema.get("maximum")
@@ -2815,14 +2808,12 @@ def _number_range(schema: dict[str, Any]) -> str | None:
     return f'({below}"{hi}" ("." "0"+)?)'
 
 
-@functools.cache
-def _converter_class() -> Any:
+def _schema_converter() -> Any:
+    """llama-cpp-python's schema converter, plus number ranges, which it leaves out."""
     _llama_cpp()  # the version check _LlamaShim's converter helpers rely on
     from llama_cpp.llama_grammar import RESERVED_NAMES, SchemaConverter
 
     class _Converter(SchemaConverter):
-        """llama-cpp-python's converter, plus number ranges, which it leaves out."""
-
         def visit(self, schema: Any, name: str) -> Any:
             bounded = isinstance(schema, dict) and any(k in schema for k in _INT_BOUNDS)
             if bounded and (grammar := _number_range(schema)):
@@ -2830,29 +2821,22 @@ def _converter_class() -> Any:
                 return _LlamaShim.add_rule(self, rule, f"{grammar} space")
             return super().visit(schema, name)
 
-    return _Converter
+    return _Converter(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
 
 
-def _schema_converter() -> Any:
-    return _converter_class()(prop_order={}, allow_fetch=False, dotall=False, raw_pattern=False)
-
-
-# Keywords llama-cpp-python's schema converter would skip without a word: a schema using them is refused rather
-# than half enforced. Bounds are enforced for integers (by lllms' own rule), not for other numbers.
+# Keywords llama-cpp-python's converter would skip without a word, refused rather than half enforced (as are bounds
+# _number_range cannot write).
 _UNENFORCED_KEYWORDS = set(
     "multipleOf uniqueItems minProperties maxProperties patternProperties propertyNames dependentRequired "
     "dependentSchemas if then else not contains minContains maxContains unevaluatedProperties unevaluatedItems".split()
 )
-
 _ANNOTATIONS = {"description", "title", "default", "examples", "$comment", "deprecated", "readOnly", "writeOnly"}
-
 _MAX_REPEAT = 1000  # a grammar that counts further overflows llama.cpp's grammar parser (it crashed at 100,000)
 
 
 def _plain_schema(schema: Any, param: str, path: str = "$") -> Any:
-    """A schema with what every JSON value satisfies spelled as {}: `true`, annotations alone, string property names. A
-    maxLength or maxItems past _MAX_REPEAT is left out: counting so far crashes llama.cpp's grammar parser, and no
-    context fits so long a reply anyway. A keyword the grammar could not enforce is a 400 naming its path."""
+    """A schema with what any JSON value satisfies as {} (`true`, bare annotations, string property names), and any
+    maxLength or maxItems past _MAX_REPEAT left out (no reply is so long). Unenforceable keywords: a 400 naming them."""
     if schema is True:
         return {}
     if schema is False:
@@ -2881,8 +2865,7 @@ def _plain_schema(schema: Any, param: str, path: str = "$") -> Any:
 
 
 def _formatted(conv: Any) -> str:
-    """The converter's grammar, with JSON strings' control characters excluded (as upstream llama.cpp has it):
-    this converter lets a raw newline into a string, which no JSON parser accepts."""
+    """The converter's grammar, with control characters kept out of JSON strings as upstream has it (no raw newline)."""
     return conv.format_grammar().replace('char ::= [^"\\\\] |', 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |')
 
 
@@ -2892,8 +2875,7 @@ def _visit_schema(conv: Any, schema: Any, name: str, param: str) -> str:
         raise InvalidRequest(f"'{param}' must be a JSON schema object", param=param)
     schema = _plain_schema(schema, param)
     try:
-        schema = conv.resolve_refs(json.loads(json.dumps(schema)), name)  # a copy: resolving rewrites it
-        return conv.visit(schema, name)
+        return conv.visit(conv.resolve_refs(json.loads(json.dumps(schema)), name), name)  # resolving rewrites: a copy
     except RecursionError:
         raise InvalidRequest(f"'{param}' is nested too deeply", param=param) from None
     except Exception as exc:  # the converter raises plain errors for schemas it can't express
@@ -2930,14 +2912,8 @@ def _gbnf_char(c: int) -> str:
     return chr(c) if chr(c).isascii() and chr(c).isalnum() else f"\\x{c:02X}" if c < 0x100 else f"\\U{c:08X}"
 
 
-def _gbnf_literal(text: str) -> str:
-    inner = "".join(ch if ch.isascii() and ch.isprintable() and ch not in '"\\' else _gbnf_char(ord(ch)) for ch in text)
-    return f'"{inner}"'
-
-
 class _TextGrammar:
-    """GBNF for a custom tool's free-text input as the model writes it, inside a JSON string: any text, or text a
-    regex or a Lark grammar allows, each character as JSON writes it. Regexes are read by Python's own parser."""
+    """GBNF for a custom tool's free-text input in a JSON string: any text, or text a regex or Lark grammar allows."""
 
     def __init__(self, conv: Any, prefix: str, where: str, name: str) -> None:
         self.conv, self.prefix, self.where, self.name = conv, prefix, where, name
@@ -2955,7 +2931,10 @@ class _TextGrammar:
         return _LlamaShim.add_rule(self.conv, f"{self.prefix}-input", f'"\\"" {body} "\\""')
 
     def literal(self, text: str) -> str:
-        return _gbnf_literal(json.dumps(text, ensure_ascii=False)[1:-1])
+        """A GBNF string of the text as JSON writes it, with all but printable ASCII escaped."""
+        text = json.dumps(text, ensure_ascii=False)[1:-1]
+        inner = "".join(c if c.isascii() and c.isprintable() and c not in '"\\' else _gbnf_char(ord(c)) for c in text)
+        return f'"{inner}"'
 
     def charset(self, ranges: list[tuple[int, int]], negate: bool) -> str:
         """A rule for one character of a set, raw where JSON allows it, else escaped."""
@@ -3016,15 +2995,14 @@ class _TextGrammar:
         negate, out = False, []
         for op, av in items:
             op = str(op)
-            av = str(av) if op == "CATEGORY" else av
             if op == "NEGATE":
                 negate = True
             elif op in ("LITERAL", "RANGE"):
                 out.append((av, av) if op == "LITERAL" else av)
-            elif op == "CATEGORY" and av in _REGEX_CLASSES:
-                out += _REGEX_CLASSES[av]
-            elif op == "CATEGORY" and len(items) == 1 and av.replace("_NOT", "") in _REGEX_CLASSES:
-                out, negate = _REGEX_CLASSES[av.replace("_NOT", "")], True
+            elif op == "CATEGORY" and str(av) in _REGEX_CLASSES:
+                out += _REGEX_CLASSES[str(av)]
+            elif op == "CATEGORY" and len(items) == 1 and (cls := str(av).replace("_NOT", "")) in _REGEX_CLASSES:
+                out, negate = _REGEX_CLASSES[cls], True
             else:
                 self.refuse(f"the regex has a class item ({op.lower()} {av}) a grammar cannot enforce")
         return out, negate
@@ -3035,7 +3013,6 @@ class _TextGrammar:
         bodies: dict[str, str] = {}
         last = None
         for line in source.splitlines():
-            head = re.match(r"\s*[?!]?(\w+)(\.-?\d+)?\s*:(?!:)(.*)", line)
             text = line.strip()
             if not text or text.startswith("//"):
                 continue
@@ -3045,9 +3022,8 @@ class _TextGrammar:
                 self.refuse(f"the Lark directive {text.split()[0]} cannot be enforced")
             elif text.startswith("|") and last is not None:
                 bodies[last] += " " + text
-            elif head is not None:
-                last = head.group(1)
-                bodies[last] = head.group(3)
+            elif head := re.match(r"\s*[?!]?(\w+)(\.-?\d+)?\s*:(?!:)(.*)", line):
+                bodies[last := head.group(1)] = head.group(3)
             else:
                 self.refuse(f"cannot read the Lark line {text[:60]!r}")
         if "start" not in bodies:
@@ -3118,9 +3094,7 @@ def _tool_grammar(plan_json: str) -> str:
     roots = []
     if plan.callable:
         calls = []
-        for i, fn in enumerate(plan.functions):
-            if fn["name"] not in plan.callable:
-                continue
+        for i, fn in ((i, fn) for i, fn in enumerate(plan.functions) if fn["name"] in plan.callable):
             where = plan.paths[i] if plan.paths else f"tools[{i}]"
             if "format" in fn:  # a custom tool: a JSON string, of the text its format allows
                 args = _TextGrammar(conv, f"tool-{i}", f"{where}.custom.format", fn["name"]).input(fn["format"])
@@ -3252,10 +3226,7 @@ class LlamaCppEngine(Engine):
         return out
 
     def context_info(self) -> tuple[int, str]:
-        if self.shared is None:
-            return 0, ""
-        held = self.shared.held_by(self)
-        return len(held), self.shared.model.text(held[:48])[:80]
+        return (0, "") if self.shared is None else (len(self.shared.held_by(self)), self.context_text(48)[:80])
 
     def context_text(self, limit: int | None = None) -> str:
         """The text the context holds (its first `limit` tokens), special tokens included."""
@@ -3309,8 +3280,7 @@ class LlamaCppEngine(Engine):
                     last_n = shared.n_ctx if p.repeat_last_n == -1 else min(p.repeat_last_n, shared.n_ctx)
                     max_new = room if p.max_tokens is None else min(p.max_tokens, room)
                     sampler = _Sampler(lc, shared.model, p, last_n)  # raises on a bad grammar or bias
-                    extra = {"should_stop": should_stop, "echo": echo, "thoughts": thoughts, "media": media}
-                    extra["stored"] = stored
+                    extra = dict(should_stop=should_stop, echo=echo, thoughts=thoughts, media=media, stored=stored)
                     extra["pieces"] = pieces if p.logprobs is not None else []
                     group.append(_Job(shared.model, i, tokens, p, out, max_new=max_new, sampler=sampler, **extra))
                     jobs.append(group[-1])
@@ -3408,8 +3378,7 @@ class LlamaCppEngine(Engine):
                 vectors.append(self._embed_tokens(tokens[:n_ctx]))
                 total += min(len(tokens), n_ctx)
                 continue
-            # The mean over context-sized windows, weighted by their length. Each window keeps the sequence's own
-            # first and last special tokens ([CLS] and [SEP] for BERT).
+            # The length-weighted mean of context-sized windows, each with the sequence's first and last special tokens
             head = tokens[:1] if tokens[0] == model.bos else []
             tail = tokens[-1:] if tokens[-1] in {model.eos, model.sep} else []
             body, step = tokens[len(head) : len(tokens) - len(tail)], n_ctx - len(head) - len(tail)
