@@ -4523,7 +4523,6 @@ def _history_key(messages: list[dict[str, Any]], text: str = "") -> str:
 
 
 # ==== 6. requests: one model for every API dialect, and the OpenAI dialect
-#
 # A dialect turns its JSON body into a Request (openai_request for OpenAI's), and a Completion, CompletionStream or
 # Embeddings back into its own shapes. Request.check() holds what every dialect shares: the model's defaults and
 # limits, named grammars, tools, and what the model's engine can do.
@@ -4641,8 +4640,7 @@ class Request:
         return {**switch, **effort, **self.template_kwargs}
 
     def thinking_budget(self, room: int) -> int | None:
-        """Thinking tokens allowed: none when reasoning is off, else the request's budget, else its effort's share
-        of max_tokens (or of the room left in the context); None: no limit."""
+        """Thinking tokens: 0 when off, else the budget, else the effort's share of max_tokens (or room); None: all."""
         if self.think is False:
             return 0
         if self.think_budget is not None or self.effort is None:
@@ -4686,7 +4684,6 @@ def _named_grammar(model: ModelConfig, grammar: str) -> str | dict[str, Any]:
 
 # ---- 6a. the OpenAI dialect: request bodies in
 
-
 _CHAT_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
 
 
@@ -4717,8 +4714,7 @@ class _Image:
 
 
 def _part_image(part: dict[str, Any], where: str) -> _Image:
-    """An image part in any dialect (OpenAI's image_url, Responses' input_image, Anthropic's image block, Ollama's
-    base64): a data: or http(s) URL, or base64 data; a 400 naming the part otherwise."""
+    """An image part in any dialect: a data: or http(s) URL, or base64 data (Anthropic's, Ollama's); else a 400."""
     source = _object(part.get("source"), f"{where}.source") if part["type"] == "image" else part
     url, data = source.get("url") if source.get("type") == "url" else part.get("image_url"), source.get("data")
     url = url.get("url") if isinstance(url, dict) else url
@@ -4788,8 +4784,7 @@ def _part_text(part: dict[str, Any]) -> Any:
 
 
 def _content_parts(content: Any, where: str, kinds: tuple[str, ...]) -> list[dict[str, Any]]:
-    """Content in any dialect as a list of parts (a string is one text part), each of a type the dialect allows
-    there: a 400 names the first that is not, and a text part whose text is not a string."""
+    """Content as a list of parts (a string: one text part) of these kinds; a 400 names a wrong one, or non-str text."""
     if isinstance(content, str):
         return [{"type": "text", "text": content}]
     if not isinstance(content, list):
@@ -4807,8 +4802,6 @@ def _content_parts(content: Any, where: str, kinds: tuple[str, ...]) -> list[dic
 
 def _content_text(content: Any, where: str, kinds: tuple[str, ...] = ("text",), images: list | None = None) -> str:
     """The text of content whose parts are of these kinds; an image part is a marker, its image added to `images`."""
-    if isinstance(content, str):
-        return content
     parts = _content_parts(content, where, kinds)
     images = [] if images is None else images
     images += [_part_image(p, f"{where}[{j}]") for j, p in enumerate(parts) if p["type"] in _IMAGE_PARTS]
@@ -4978,8 +4971,7 @@ def _model_of(body: dict[str, Any], config: ServerConfig, kind: str) -> ModelCon
     name = body.get("model")
     if not isinstance(name, str) or not name:
         raise InvalidRequest("'model' is required and must be a string", param="model")
-    model = config.models.get(name)
-    if model is None:
+    if (model := config.models.get(name)) is None:
         raise NotFound(f"the model '{name}' does not exist", param="model", code="model_not_found")
     if kind in ("chat", "completion") and model.task != "text-completion":
         raise InvalidRequest(f"model '{name}' is an embedding model", param="model", code="wrong_task")
@@ -5040,8 +5032,7 @@ def _chat_fields(body: dict[str, Any], params: SamplingParams, n: int) -> dict[s
 
 
 def _reasoning_fields(body: dict[str, Any]) -> dict[str, Any]:
-    """A chat body's reasoning switches, as Request keywords: reasoning_effort ("none" turns thinking off), the
-    thinking budget and its message under llama-server's names, and chat_template_kwargs (enable_thinking)."""
+    """Reasoning switches, as Request keywords: reasoning_effort ("none": off), thinking_budget_*, template kwargs."""
     effort = _str_field(body, "reasoning_effort")
     variables = _object(body.get("chat_template_kwargs") or {}, "chat_template_kwargs")
     budget = _int_field(body, "thinking_budget_tokens", 0, 2**31)
@@ -5116,14 +5107,11 @@ def _completion_logprobs(entries: list[TokenLogprob] | None, offset: int) -> dic
     """The legacy shape; text offsets count from `offset`, where these tokens start in the choice's text."""
     if entries is None:
         return None
-    ends = list(itertools.accumulate((len(t.text) for t in entries), initial=offset))
-    return {
-        "tokens": [t.text for t in entries],
-        # The spec wants numbers: a prompt's first token, which nothing predicts, gets 0 where OpenAI sends null.
-        "token_logprobs": [t.logprob if t.logprob is not None else 0.0 for t in entries],
-        "top_logprobs": [{a: lp for a, _, lp in t.top or ()} for t in entries],
-        "text_offset": ends[:-1],
-    }
+    offsets = list(itertools.accumulate((len(t.text) for t in entries), initial=offset))[:-1]
+    # The spec wants numbers: a prompt's first token, which nothing predicts, gets 0 where OpenAI sends null.
+    lps = [t.logprob if t.logprob is not None else 0.0 for t in entries]
+    tops = [{a: lp for a, _, lp in t.top or ()} for t in entries]
+    return {"tokens": [t.text for t in entries], "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 def _finish(reason: str | None, req: Request) -> str | None:
@@ -5132,13 +5120,10 @@ def _finish(reason: str | None, req: Request) -> str | None:
 
 def _call_delta(d: dict[str, Any], req: Request) -> dict[str, Any]:
     """A call delta in OpenAI's shape: id, type and name only in a call's first delta; a custom call comes whole."""
-    if "custom" in d:
-        return ToolCall(d["id"], d["name"], d["arguments"], custom=True).openai() | {"index": d["index"]}
+    if "custom" in d or "id" in d and not req.legacy_functions:
+        return {"index": d["index"]} | ToolCall(d["id"], d["name"], d["arguments"], custom="custom" in d).openai()
     fn = {"name": d["name"], "arguments": d["arguments"]} if "id" in d else {"arguments": d["arguments"]}
-    if req.legacy_functions:
-        return fn
-    head = {"id": d["id"], "type": "function"} if "id" in d else {}
-    return {"index": d["index"], **head, "function": fn}
+    return fn if req.legacy_functions else {"index": d["index"], "function": fn}
 
 
 def chat_response(c: Completion, req: Request) -> dict[str, Any]:
@@ -5150,10 +5135,7 @@ def chat_response(c: Completion, req: Request) -> dict[str, Any]:
         if ch.tool_calls:
             message["content"] = ch.text or None
             calls = [c.openai() for c in ch.tool_calls]
-            if req.legacy_functions:
-                message["function_call"] = calls[0]["function"]
-            else:
-                message["tool_calls"] = calls
+            message |= {"function_call": calls[0]["function"]} if req.legacy_functions else {"tool_calls": calls}
         choice = {"index": ch.index, "message": message, "logprobs": _chat_logprobs(ch.logprobs)}
         choices.append({**choice, "finish_reason": _finish(ch.finish_reason, req)})
     head = {"id": c.id, "object": "chat.completion", "created": c.created, "model": c.model}
@@ -5178,10 +5160,8 @@ def chat_chunks(s: CompletionStream) -> Iterator[dict[str, Any]]:
     for ch in s:
         delta: dict[str, Any] = {} if ch.index in started else {"role": "assistant", "content": ""}
         started.add(ch.index)
-        if ch.text:
-            delta["content"] = ch.text
-        if ch.reasoning:
-            delta["reasoning_content"] = ch.reasoning
+        delta |= {"content": ch.text} if ch.text else {}
+        delta |= {"reasoning_content": ch.reasoning} if ch.reasoning else {}
         if ch.tool_calls and req.legacy_functions:  # one call at most: the deprecated API has no parallel calls
             delta["function_call"] = _call_delta(ch.tool_calls[0], req)
         elif ch.tool_calls:
@@ -5257,7 +5237,6 @@ def rerank_response(r: Ranking, req: Request) -> dict[str, Any]:
 
 # ---- 6c. tools and structured output, for any chat model: the tool prompt, and a parser for the reply
 
-
 _TOOL_NAME = r"([A-Za-z0-9_-]{1,64}\.)?[A-Za-z0-9_-]{1,64}"  # "namespace.name" for a namespace's members
 
 
@@ -5304,8 +5283,8 @@ def _tool_function(tool: Any, where: str) -> dict[str, Any]:
 
 @dataclass
 class _ToolPlan:
-    """What a request's tools and tool_choice ask. "none", with tool calls in the history, still answers in the tool
-    shape: the model sees the conversation as it was (a cache hit) and copies no call's JSON into its answer."""
+    """What tools and tool_choice ask. "none", with calls in the history, keeps the tool shape: the model sees the
+    conversation as it was (a cache hit) and copies no call's JSON into its answer."""
 
     functions: list[dict[str, Any]]  # every tool of the request, described to the model
     callable: list[str]  # the names it may call
@@ -5322,8 +5301,7 @@ def _choice_names(choice: Any, names: list[str]) -> tuple[list[str], str] | None
     """The tools a tool_choice object allows, and whether one must be called; None for a malformed choice."""
     kind = choice.get("type") if isinstance(choice, dict) else None
     if kind == "allowed_tools":
-        allowed = choice.get("allowed_tools")
-        allowed = allowed if isinstance(allowed, dict) else {}
+        allowed = choice["allowed_tools"] if isinstance(choice.get("allowed_tools"), dict) else {}
         tools, mode = allowed.get("tools"), allowed.get("mode")
         if not isinstance(tools, list) or mode not in ("auto", "required"):
             return None
@@ -5343,8 +5321,7 @@ def _choice_names(choice: Any, names: list[str]) -> tuple[list[str], str] | None
 def _tool_plan(
     tools: Any, tool_choice: Any, parallel: Any, messages: list[dict[str, Any]], paths: list[str] | None = None
 ) -> _ToolPlan | None:
-    """Validate tools, tool_choice and parallel_tool_calls; None when the reply is plain text. `paths` says where
-    each tool was given, when a dialect flattened them (a namespace's members)."""
+    """Validate tools, tool_choice and parallel_tool_calls; None: plain text. `paths`: where each tool was given."""
     if parallel is not None and not isinstance(parallel, bool):
         raise InvalidRequest("'parallel_tool_calls' must be a boolean", param="parallel_tool_calls")
     history = any(m.get("tool_calls") for m in messages)
@@ -5367,8 +5344,7 @@ def _tool_plan(
         return _ToolPlan(functions, [], "none", False, paths) if history else None
     if choice in ("auto", "required"):
         return _ToolPlan(functions, names, choice, parallel is not False, paths)
-    allowed = _choice_names(choice, names)
-    if allowed is None:
+    if (allowed := _choice_names(choice, names)) is None:
         one = '{"type": "function", "function": {"name": ...}}, {"type": "custom", "custom": {"name": ...}}'
         some = '{"type": "allowed_tools", "allowed_tools": {"mode": ..., "tools": [...]}}'
         raise InvalidRequest(f"'tool_choice' must be 'none', 'auto', 'required', {one} or {some}", param="tool_choice")
@@ -5398,8 +5374,7 @@ def _call_json(call: ToolCall) -> str:
 
 
 def _tool_messages(messages: list[dict[str, Any]], plan: _ToolPlan | None) -> list[dict[str, Any]]:
-    """Messages for the chat template: tool instructions in the system message, calls and replies written as
-    the model writes them, and tool results as user messages (templates rarely know a 'tool' role)."""
+    """Messages for the template: tool instructions in the system message, calls and replies in the model's shape."""
     names = {}
     out: list[dict[str, Any]] = []
     for i, m in enumerate(messages):
@@ -5413,7 +5388,7 @@ def _tool_messages(messages: list[dict[str, Any]], plan: _ToolPlan | None) -> li
             content = _RESPONSE_OPEN + json.dumps(content, ensure_ascii=False) + "}"
         elif role == "tool":
             name = names.get(m.get("tool_call_id")) or "a tool"
-            role, content = "user", f"Result of {name}: {content}"
+            role, content = "user", f"Result of {name}: {content}"  # templates rarely know a 'tool' role
             if i and messages[i - 1]["role"] == "tool":  # consecutive results merge into one user message
                 out[-1]["content"] += "\n" + content
                 continue
@@ -5496,10 +5471,9 @@ class _ReplyParser:
             self.buf += ch
             high = len(self.buf) == 6 and self.buf[1] == "u" and self.buf[2:4].lower() in ("d8", "d9", "da", "db")
             if (self.buf[1] != "u" or len(self.buf) == 6) and not high or len(self.buf) == 12:
-                try:
+                decoded = "\ufffd"
+                with _suppress(ValueError):
                     decoded = json.loads(f'"{self.buf}"')
-                except ValueError:
-                    decoded = "\ufffd"
                 content.append(decoded.encode("utf-8", "replace").decode("utf-8"))  # no lone surrogates
                 self.buf = ""
         elif ch == "\\":
@@ -5548,17 +5522,14 @@ def _format_schema(response_format: Any) -> dict[str, Any] | None:
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             why = "'response_format.json_schema' must be an object with a 'name' and a 'schema'"
             raise InvalidRequest(why, param="response_format")
-        schema = spec.get("schema", {})
-        if not isinstance(schema, dict):
+        if not isinstance(schema := spec.get("schema", {}), dict):
             raise InvalidRequest("'response_format.json_schema.schema' must be an object", param="response_format")
         return schema
     shapes = '{"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}}'
     raise InvalidRequest(f"'response_format' must be {shapes}", param="response_format")
 
 
-# ---- 6d. the dialects' shared parts
-#
-# Every other dialect translates its body into the same Request and reads the same Completion or CompletionStream back.
+# ---- 6d. the dialects' shared parts: every other dialect builds the same Request and reads the same results back
 
 
 def _dialect_params(body: dict[str, Any], names: dict[str, str]) -> SamplingParams:
@@ -5582,9 +5553,8 @@ def _refuse(body: dict[str, Any], fields: dict[str, str], engine: str) -> None:
 
 
 def _leave_out(tools: list[Any], own: tuple[str, ...], strict: bool) -> tuple[list[tuple[int, Any]], list[str]]:
-    """A request's tools (with indices) less the built-in ones the server cannot run (web_search, file_search, ...), and
-    their names. Agents offer these with every request: left out, the caller told, not refused; `strict` (hosted_tools:
-    "refuse") makes them a 400. `own`: the tool types the dialect translates (the first for an untyped tool)."""
+    """Tools (with indices) less the hosted ones (web_search, ...), and their names: agents send these always, so they
+    are left out, not refused, unless `strict` (hosted_tools "refuse"). `own`: the types read, the first by default."""
     kept, left = [], []
     for i, t in enumerate(tools):
         kind = t.get("type", own[0]) if isinstance(t, dict) else None
@@ -5606,17 +5576,14 @@ def _started(s: CompletionStream) -> Iterator[Chunk]:
 
 
 def _blocks(chunks: Iterator[Chunk]) -> Iterator[tuple[str, int, str | ToolCall, str]]:
-    """A one-choice stream as the blocks of its output, for dialects that frame each apart: its reasoning, its text
-    and each call. ("start", i, kind, ""), then ("delta", i, kind, piece) for each piece of its text or arguments,
-    then ("stop", i, kind, its whole text or arguments); `kind` is "reasoning", "text", or the call."""
+    """A one-choice stream as blocks (kind: "reasoning", "text", or a ToolCall): ("start", i, kind, ""), a ("delta", i,
+    kind, piece) per piece of text or arguments, then ("stop", i, kind, the whole text or arguments)."""
     index, kind, text = -1, "", ""  # the open block
     for ch in chunks:
-        texts = [(k, t) for k, t in (("reasoning", ch.reasoning), ("text", ch.text)) if t]
-        calls = [
-            (ToolCall(d["id"], d["name"], custom="custom" in d) if "id" in d else kind, d["arguments"])
-            for d in ch.tool_calls or ()
-        ]
-        for k, piece in [*texts, *calls]:
+        pieces = [(k, t) for k, t in (("reasoning", ch.reasoning), ("text", ch.text)) if t]
+        for d in ch.tool_calls or ():
+            pieces.append((ToolCall(d["id"], d["name"], custom="custom" in d) if "id" in d else kind, d["arguments"]))
+        for k, piece in pieces:
             if k != kind:
                 if index >= 0:
                     yield "stop", index, kind, text
