@@ -5604,6 +5604,7 @@ def _suffix(completion_id: str) -> str:
 
 _ANTHROPIC_SAMPLING = {"max_tokens": "max_tokens", "temperature": "temperature", "top_p": "top_p", "top_k": "top_k"}
 _ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
+_ANTHROPIC_DELTAS = {"text": ("text_delta", "text"), "reasoning": ("thinking_delta", "thinking")}
 _ANTHROPIC_TOOL_KEYS = (("name", "name"), ("description", "description"), ("parameters", "input_schema"))
 _ANTHROPIC_UNSUPPORTED = {
     "mcp_servers": "MCP servers are not available",
@@ -5612,8 +5613,7 @@ _ANTHROPIC_UNSUPPORTED = {
 
 
 def _tool_result_text(content: Any, where: str) -> str:
-    """A tool_result's content as text. `tool_reference` blocks, a client-side tool search's answer, name the
-    deferred tools it loads: they join the prompt's tools (see _anthropic_tools), and the result names them."""
+    """A tool_result's content as text, naming the deferred tools its tool_reference blocks load (_anthropic_tools)."""
     parts = _content_parts(content, where, ("text", "tool_reference"))
     names = [_string(p.get("tool_name"), f"{where}.tool_name") for p in parts if p["type"] == "tool_reference"]
     text = "".join(p["text"] for p in parts if p["type"] == "text")
@@ -5664,9 +5664,8 @@ def _anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _anthropic_tools(body: dict[str, Any], strict: bool) -> tuple[Any, Any, bool | None, list[str]]:
-    """tools, tool_choice and parallel_tool_calls in OpenAI's shapes; Anthropic's own tools (web_search_..., bash_...)
-    are left out, and named last. A deferred tool (defer_loading) is shown once a client-side tool search has loaded
-    it; with the API's own tool search, which lllms cannot run, every one is."""
+    """tools, tool_choice and parallel_tool_calls in OpenAI's shapes, Anthropic's own tools left out and named last. A
+    deferred tool is shown once a client-side tool search loaded it; with the API's own (not run here), every one is."""
     tools, left = body.get("tools"), []
     if isinstance(tools, list):
         kept, left = _leave_out(tools, ("custom",), strict)
@@ -5763,12 +5762,8 @@ def anthropic_events(s: CompletionStream) -> Iterator[dict[str, Any]]:
         if step == "start":
             yield {"type": "content_block_start", "index": index, "content_block": _anthropic_block(kind, "")}
         elif step == "delta":
-            delta = {"type": "text_delta", "text": text}
-            if kind == "reasoning":
-                delta = {"type": "thinking_delta", "thinking": text}
-            elif isinstance(kind, ToolCall):
-                delta = {"type": "input_json_delta", "partial_json": text}
-            yield {"type": "content_block_delta", "index": index, "delta": delta}
+            name, key = ("input_json_delta", "partial_json") if isinstance(kind, ToolCall) else _ANTHROPIC_DELTAS[kind]
+            yield {"type": "content_block_delta", "index": index, "delta": {"type": name, key: text}}
         else:
             if kind == "reasoning":
                 delta = {"type": "signature_delta", "signature": _signature(text)}
@@ -5798,9 +5793,8 @@ _RESPONSES_UNSUPPORTED = {
 
 
 class _ResponseStore:
-    """Stored responses and the conversations they end, for previous_response_id and GET /v1/responses/{id}, in a
-    SQLite file (WAL mode): each is written when it completes, so it outlives a restart, a kill -9 and a power loss.
-    The `size` most recently used are kept. A file SQLite cannot read is moved aside, and a new one started."""
+    """Stored responses and their conversations in SQLite (WAL), each written as it completes: they outlive a restart,
+    a kill -9, a power loss. The `size` most recently used are kept; an unreadable file is moved aside for a new one."""
 
     def __init__(self, path: str, size: int) -> None:
         self.size, self.lock = size, threading.Lock()
@@ -5878,10 +5872,9 @@ def _responses_input(items: Any) -> list[dict[str, Any]]:
             said = json.dumps(item.get("input"), ensure_ascii=False) if custom else item.get("arguments")
             call = ToolCall(item.get("call_id"), name, said, custom).openai()
             last = out[-1] if out else {}
-            if last.get("role") == "assistant" and last.get("tool_calls") is not None and not last["content"]:
-                out[-1]["tool_calls"].append(call)
-            else:
-                out.append({"role": "assistant", "content": "", "tool_calls": [call]})
+            if not (last.get("role") == "assistant" and last.get("tool_calls") is not None and not last["content"]):
+                out.append({"role": "assistant", "content": "", "tool_calls": []})
+            out[-1]["tool_calls"].append(call)
         elif kind == "reasoning":
             parts = item.get("content") if isinstance(item.get("content"), list) else []
             thought += "".join(p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str))
@@ -5914,16 +5907,15 @@ def _responses_choice(choice: Any, names: list[Any]) -> Any:
     if not isinstance(choice, dict):
         return choice
     kind, name, namespace = choice.get("type"), choice.get("name"), choice.get("namespace")
-    if kind in ("function", "custom"):
+    kinds = ("function", "custom")
+    if kind in kinds:
         members = [m for m in names if isinstance(m, str) and m.startswith(f"{name}.")]
         if kind == "function" and namespace is None and members:
             listed = [{"type": "function", "function": {"name": m}} for m in members]
             return {"type": "allowed_tools", "allowed_tools": {"mode": "required", "tools": listed}}
         return {"type": kind, kind: {"name": f"{namespace}.{name}" if namespace else name}}
     if kind == "allowed_tools":
-        tools = [
-            t for t in choice.get("tools") or () if isinstance(t, dict) and t.get("type") in ("function", "custom")
-        ]
+        tools = [t for t in choice.get("tools") or () if isinstance(t, dict) and t.get("type") in kinds]
         listed = [{"type": t["type"], t["type"]: {"name": t.get("name")}} for t in tools]
         return {"type": kind, "allowed_tools": {"mode": choice.get("mode"), "tools": listed}}
     raise InvalidRequest(f"'tool_choice': lllms cannot run {kind} tools", param="tool_choice")
@@ -6041,8 +6033,7 @@ class _ResponsesCall:
     def response(self, c: Completion | None, req: Request, status: str = "completed") -> dict[str, Any]:
         """The response object; with the finished completion, stored with its conversation."""
         body, ch = self.body, c.choices[0] if c is not None else None
-        if ch is not None and ch.finish_reason == "length":
-            status = "incomplete"
+        status = "incomplete" if ch is not None and ch.finish_reason == "length" else status
         out = {"id": self.id, "object": "response", "created_at": self.created, "status": status, "error": None}
         out["incomplete_details"] = {"reason": "max_output_tokens"} if status == "incomplete" else None
         out |= {k: body.get(k) for k in ("instructions", "max_output_tokens", "previous_response_id", "user")}
@@ -6050,12 +6041,9 @@ class _ResponsesCall:
         out["parallel_tool_calls"] = body.get("parallel_tool_calls", True) is not False
         out["reasoning"] = {"effort": (body.get("reasoning") or {}).get("effort"), "summary": None}
         out |= {"store": body.get("store") is not False, "temperature": req.params.temperature}
-        out |= {
-            "text": {"format": (body.get("text") or {}).get("format") or {"type": "text"}},
-            "truncation": "disabled",
-        }
-        out |= {"tool_choice": body.get("tool_choice") or "auto", "tools": body.get("tools") or []}
-        out["top_p"] = req.params.top_p
+        out["text"] = {"format": (body.get("text") or {}).get("format") or {"type": "text"}}
+        out |= {"truncation": "disabled", "tool_choice": body.get("tool_choice") or "auto"}
+        out |= {"tools": body.get("tools") or [], "top_p": req.params.top_p}
         out |= {"usage": _responses_usage(c.usage) if c is not None else None, "metadata": body.get("metadata") or {}}
         if ch is not None and body.get("store") is not False:
             said = {"tool_calls": [t.openai() for t in ch.tool_calls]} if ch.tool_calls else {}
@@ -6184,7 +6172,7 @@ def _ollama_messages(messages: Any) -> list[dict[str, Any]]:
     if not isinstance(messages, list):
         raise InvalidRequest("'messages' must be a list", param="messages")
     out: list[dict[str, Any]] = []
-    calls: list[tuple[str, str]] = []  # (id, name) of every call so far
+    calls: list[ToolCall] = []  # every call so far
     for i, m in enumerate(messages):
         m = _object(m, f"messages[{i}]")
         msg = {k: m[k] for k in ("role", "content") if k in m}
@@ -6194,16 +6182,14 @@ def _ollama_messages(messages: Any) -> list[dict[str, Any]]:
         if m.get("thinking"):
             msg["reasoning_content"] = m["thinking"]
         if m.get("tool_calls"):
-            msg["tool_calls"] = []
             for j, c in enumerate(m["tool_calls"] if isinstance(m["tool_calls"], list) else [None]):
                 fn = _object(_object(c, f"messages[{i}].tool_calls[{j}]").get("function"), "function")
-                call_id = c.get("id") or f"call_{i}_{j}"
-                calls.append((call_id, fn.get("name")))
                 args = fn.get("arguments", {})
-                arguments = args if isinstance(args, str) else json.dumps(args)
-                msg["tool_calls"].append(ToolCall(call_id, fn.get("name"), arguments).openai())
+                args = args if isinstance(args, str) else json.dumps(args)
+                calls.append(ToolCall(c.get("id") or f"call_{i}_{j}", fn.get("name"), args))
+                msg.setdefault("tool_calls", []).append(calls[-1].openai())
         if m.get("role") == "tool":
-            named = [cid for cid, name in calls if name == m.get("tool_name")] or [cid for cid, _ in calls]
+            named = [c.id for c in calls if c.name == m.get("tool_name")] or [c.id for c in calls]
             msg["tool_call_id"] = named[-1] if named else ""
         out.append(msg)
     return _parse_messages(out)
@@ -6222,9 +6208,7 @@ class _OllamaCall:
         if body.get("messages" if self.kind == "chat" else "prompt") in (None, "", []) and not body.get("suffix"):
             unload = _keep_alive(body.get("keep_alive")) == 0
             self.ms.unload(model.id) if unload else self.ms.load(model.id)
-            said = {"response": ""} if self.kind == "generate" else {"message": {"role": "assistant", "content": ""}}
-            head = {"model": model.id, "created_at": _iso(time.time())}
-            return {**head, **said, "done": True, "done_reason": "unload" if unload else "load"}
+            return {**self._piece(model.id, ""), "done": True, "done_reason": "unload" if unload else "load"}
         _refuse(body, _OLLAMA_UNSUPPORTED, model.engine)
         params, stream = _ollama_options(body, model), body.get("stream", True)
         if not isinstance(stream, bool):
@@ -6244,12 +6228,11 @@ class _OllamaCall:
             images = _ollama_images(body["images"], "images") if body.get("images") is not None else []
             user = {"role": "user", "content": _IMAGE_MARKER * len(images) + _string(body["prompt"], "prompt")}
             fields["messages"] = _parse_messages([*system, {**user, "images": images}])
-        schema, keep = _ollama_format(body.get("format")), _keep_alive(body.get("keep_alive"))
-        think = _ollama_think(body.get("think"))
-        return Request(**fields, json_schema=schema, schema_param="format", keep_alive=keep, **think).check()
+        fields |= {"json_schema": _ollama_format(body.get("format")), "keep_alive": _keep_alive(body.get("keep_alive"))}
+        return Request(**fields, schema_param="format", **_ollama_think(body.get("think"))).check()
 
-    def _piece(self, req: Request, text: str, calls: Any = None, thinking: str | None = None) -> dict[str, Any]:
-        head = {"model": req.model.id, "created_at": _iso(time.time())}
+    def _piece(self, model_id: str, text: str, calls: Any = None, thinking: str | None = None) -> dict[str, Any]:
+        head = {"model": model_id, "created_at": _iso(time.time())}
         said = {"thinking": thinking} if thinking else {}
         if self.kind == "generate":
             return {**head, "response": text, **said, "done": False}
@@ -6265,7 +6248,7 @@ class _OllamaCall:
         done = {"done": True, "done_reason": reason, "total_duration": now - self.t0, "load_duration": 0}
         evals = {"prompt_eval_count": usage.prompt_tokens, "prompt_eval_duration": first - self.t0}
         evals |= {"eval_count": usage.completion_tokens, "eval_duration": now - first}
-        return {**self._piece(req, ch.text, ch.tool_calls, ch.reasoning), **done, **evals}
+        return {**self._piece(req.model.id, ch.text, ch.tool_calls, ch.reasoning), **done, **evals}
 
     def response(self, c: Completion, req: Request) -> dict[str, Any]:
         self.first = self.t0 + int((c.ttft or 0) * 1e9)
@@ -6277,7 +6260,7 @@ class _OllamaCall:
         for ch in _started(s):
             self.first = self.first or time.monotonic_ns()
             if ch.text or ch.reasoning:
-                yield self._piece(req, ch.text, thinking=ch.reasoning)
+                yield self._piece(req.model.id, ch.text, thinking=ch.reasoning)
             finish = ch.finish_reason or finish
         calls = s.choices[0].tool_calls if 0 in s.choices else []
         yield self._done(req, s.usage or Usage(), Choice(0, finish_reason=finish, tool_calls=calls))
@@ -6285,11 +6268,10 @@ class _OllamaCall:
 
 def _ollama_think(think: Any) -> dict[str, Any]:
     """Ollama's think, as Request keywords: true or false, or an effort level."""
-    if think is None or isinstance(think, bool):
-        return {"think": think, "think_param": "think"}
-    if not isinstance(think, str):
+    if think is not None and not isinstance(think, bool | str):
         raise InvalidRequest("'think' must be true, false, or low, medium or high", param="think")
-    return {"think": True, "effort": think, "think_param": "think"}
+    said = {"think": True, "effort": think} if isinstance(think, str) else {"think": think}
+    return {**said, "think_param": "think"}
 
 
 def _iso(t: float) -> str:
@@ -6320,8 +6302,7 @@ def ollama_details(meta: dict[str, Any]) -> dict[str, Any]:
 
 # ---- 6h. the dialect table: each dialect's routes, how its calls run, its errors and stream framing
 #
-# A route that runs a model is a _Run, its body naming the conversation (the affinity key a load balancer hashes;
-# examples/haproxy/lllms.cfg); others are functions of the ModelServer (and the route's argument, or a POST's body).
+# A route that runs a model is a _Run, keyed for a load balancer (examples/haproxy/lllms.cfg); others, functions.
 
 
 def _json_bytes(obj: Any) -> bytes:
@@ -6332,14 +6313,8 @@ def _named_event(event: dict[str, Any]) -> bytes:
     return b"event: " + event["type"].encode() + b"\ndata: " + _json_bytes(event) + b"\n\n"
 
 
-_ANTHROPIC_ERRORS = {
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    503: "overloaded_error",
-}
+_ANTHROPIC_ERRORS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+_ANTHROPIC_ERRORS |= {413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
 
 
 def _anthropic_error(exc: APIError) -> tuple[int, Any]:
@@ -6514,8 +6489,7 @@ def _ollama_progress(body: dict[str, Any], work: Callable[[Callable[[dict], None
 
 
 def _ollama_create(ms: ModelServer, body: dict[str, Any]) -> Any:
-    """POST /api/create: a model from an uploaded GGUF blob (`files`) or another model (`from`), with a Jinja
-    `template` and `parameters` as model config; what has no model config here is a 400 that names it."""
+    """POST /api/create: a model from an uploaded GGUF (`files`) or a model (`from`), its template and parameters."""
     name = _ollama_name(body)
     for key in ("quantize", "adapters", "messages", "system"):
         if body.get(key):
@@ -6541,8 +6515,7 @@ def _ollama_create(ms: ModelServer, body: dict[str, Any]) -> Any:
         raw["context_size"] = params.pop("num_ctx")
     for key in params.keys() - _OLLAMA_OPTIONS.keys():
         raise InvalidRequest(f"'parameters.{key}' has no model setting in lllms", param=f"parameters.{key}")
-    defaults = {_OLLAMA_OPTIONS[k]: v for k, v in params.items()}
-    raw["completion_defaults"] = {**raw.get("completion_defaults", {}), **defaults}
+    raw["completion_defaults"] = raw.get("completion_defaults", {}) | {_OLLAMA_OPTIONS[k]: v for k, v in params.items()}
     return _ollama_progress(body, lambda report, cancel: ms.add_model(name, raw))
 
 
@@ -6584,10 +6557,9 @@ def _tokenize(ms: ModelServer, body: dict[str, Any]) -> dict[str, Any]:
 
 
 def _utf8_or_bytes(raw: bytes) -> str | list[int]:
-    try:
+    with _suppress(UnicodeDecodeError):
         return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return list(raw)
+    return list(raw)
 
 
 def _detokenize(ms: ModelServer, body: dict[str, Any]) -> dict[str, Any]:
@@ -6602,6 +6574,10 @@ def _apply_template(ms: ModelServer, body: dict[str, Any]) -> dict[str, Any]:
     """The exact text a chat request (the same body) gives the model, generation prompt included."""
     req = openai_request("chat", _only_model(body, ms.config), ms.config)
     return {"prompt": ms.use(req.model.id, lambda e: e.prompt(req))}
+
+
+def _openai_post(kind: str, *rest: Any) -> dict[str, _Run]:
+    return {"POST": _Run(functools.partial(openai_request, kind), *rest)}
 
 
 _OPENAI = "/openai/v1"
@@ -6664,15 +6640,9 @@ _DIALECTS = {  # the first whose prefix a path starts with speaks for it; OpenAI
     "openai": _Dialect(
         f"{_OPENAI}/",
         {
-            f"{_OPENAI}/chat/completions": {
-                "POST": _Run(functools.partial(openai_request, "chat"), chat_response, chat_chunks, _chat_key)
-            },
-            f"{_OPENAI}/completions": {
-                "POST": _Run(
-                    functools.partial(openai_request, "completion"), completion_response, completion_chunks, _prompt_key
-                )
-            },
-            f"{_OPENAI}/embeddings": {"POST": _Run(functools.partial(openai_request, "embedding"), embedding_response)},
+            f"{_OPENAI}/chat/completions": _openai_post("chat", chat_response, chat_chunks, _chat_key),
+            f"{_OPENAI}/completions": _openai_post("completion", completion_response, completion_chunks, _prompt_key),
+            f"{_OPENAI}/embeddings": _openai_post("embedding", embedding_response),
             f"{_OPENAI}/models": {
                 "GET": lambda ms: {"object": "list", "data": [_openai_model(ms, m.id) for m in ms.models()]}
             },
