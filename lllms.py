@@ -6727,10 +6727,9 @@ class Ranking:
 
 
 class CompletionStream:
-    """Chunks of a completion as they are generated. Iterate it to the end, or close it (`with`) to stop early.
-    Creating it queues the request (a full queue fails at once); iterating takes the instance, given back when the
-    stream ends or closes. Chunks carry their choice's `index`; with tools, their text is the reply's content and
-    `tool_calls` the call deltas. The last chunk carries the usage of all choices."""
+    """A completion's chunks as generated: iterate to the end, or close it (`with`) to stop early. Creating it queues
+    the request (a full queue fails at once); iterating holds an instance until it ends or closes. Chunks carry their
+    choice's `index`; with tools, text is the reply's content and `tool_calls` call deltas; the last has all usage."""
 
     def __init__(self, request: Request, pool: _Pool, meter: _Metrics, cancel: Any, config: ServerConfig) -> None:
         self.request = request
@@ -6873,9 +6872,8 @@ class CompletionStream:
 
 
 class ModelServer:
-    """Loads models into a pool of engine instances and serves completions; no HTTP involved. `chat`, `complete` and
-    `embed` take OpenAI's body fields as keywords and check them exactly as the HTTP API does; `request` and `submit`
-    are the same two steps for a body given whole.
+    """Serves completions from a pool of engine instances, no HTTP involved. `chat`, `complete` and `embed` take
+    OpenAI's body fields as keywords, checked as the HTTP API does; `request` then `submit` do so for a whole body.
 
     with ModelServer({"models": {...}}) as server:
         print(server.chat("smollm2", [{"role": "user", "content": "Hi"}]).text)
@@ -6943,8 +6941,7 @@ class ModelServer:
             return False
 
     def _prepare(self, model: ModelConfig, block: bool, load: bool = True) -> None:
-        """Make the model's file ready, or join the preparation under way; a model that failed retries after a
-        back-off (raising its error until then)."""
+        """Ready the model's file, or join its preparation; a failed model raises its error until its back-off ends."""
         f = self._files[model.id]
         with self._files_lock:
             if f.state == "ready":
@@ -7040,8 +7037,7 @@ class ModelServer:
         return models
 
     def _add_registered(self, models: dict[str, ModelConfig]) -> dict[str, ModelConfig]:
-        """Add the registry's models to the config's `models`, whose own come first; self._added keeps the raw
-        config of each model added at run time, by id."""
+        """Add the registry's models to `models`, whose own come first; self._added keeps their raw configs, by id."""
         added = {}
         for model_id, raw in self._read_registry().items():
             try:
@@ -7059,8 +7055,7 @@ class ModelServer:
         return load_config({"models_dir": self.config.models_dir, "models": {model_id: raw}}).models[model_id]
 
     def _save_registry(self, model_id: str, raw: dict[str, Any] | None) -> None:
-        """Add (or with None, remove) one model in the registry file, under the lock downloads take, so nodes
-        sharing models_dir merge their changes rather than overwrite them."""
+        """Add (None: remove) a registry entry under the download lock: nodes sharing models_dir merge their edits."""
         path = self._registry()
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with _lock(path, 0.1, threading.Event()):
@@ -7096,9 +7091,8 @@ class ModelServer:
             self._prepare(model, block=block, load=False)
 
     def reconfigure(self, config: ConfigSource) -> None:
-        """Take the config and the registry again (lllms serve does on SIGHUP): new models are served, removed ones
-        drain (what is queued or running finishes) and go, changed ones reload once their running requests end.
-        The config's models come before the registry's. Other settings take a restart."""
+        """Reread config and registry (lllms serve does on SIGHUP): add new models, drain and drop removed ones, reload
+        changed ones once their requests end; the config's models come first. Other settings take a restart."""
         new = self._add_registered(load_config(config).models)
         for model_id, model in new.items():
             old = self.config.models.get(model_id)
@@ -7112,8 +7106,7 @@ class ModelServer:
             self._pool.unload(model_id, leave=True)
 
     def remove_model(self, model_id: str) -> None:
-        """Stop serving a model added at run time: its requests finish, its instances go, and so does its file,
-        unless another model uses it."""
+        """Stop serving a model added at run time once its requests end; its file goes unless another model uses it."""
         if model_id not in self._added:
             where = "is in the config file" if model_id in self.config.models else "does not exist"
             raise (InvalidRequest if model_id in self.config.models else NotFound)(f"the model '{model_id}' {where}")
@@ -7270,9 +7263,8 @@ class ModelServer:
     def complete(
         self, model: str, prompt: Any, *, params: SamplingParams | None = None, cancel: Any = None, **body: Any
     ) -> Completion | CompletionStream:
-        """Continue a prompt: a string, a list of strings, token ids, or a list of those (each prompt gets `n`
-        choices, numbered prompt by prompt). Keywords are OpenAI's completion fields: `best_of`, `echo`,
-        `suffix`, ... `max_tokens` defaults to 16, as OpenAI's does."""
+        """Continue a prompt: a string, token ids, or a list of either (each gets `n` choices, in prompt order).
+        Keywords are OpenAI's completion fields (`best_of`, `echo`, `suffix`, ...); `max_tokens` defaults to 16."""
         body = {"model": model, "prompt": prompt, **_keywords("completion", params, body)}
         return typing.cast(Completion | CompletionStream, self.submit(self.request("completion", body), cancel))
 
@@ -7536,7 +7528,7 @@ def _json_constant(name: str) -> Any:
 
 
 def _parse_body(raw: bytes, config: ServerConfig) -> dict[str, Any]:
-    """A request body as a JSON object within the limits of config; a 400 naming what is wrong otherwise."""
+    """The body as a JSON object within config's limits (depth, messages, text, Unicode); else a 400 saying why."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -7551,18 +7543,6 @@ def _parse_body(raw: bytes, config: ServerConfig) -> dict[str, Any]:
         raise InvalidRequest(f"the request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", code="invalid_json")
-    _check_body_limits(body, config)
-    return body
-
-
-_JSON_SCALARS = {int, float, bool, type(None)}
-# An image's data: a base64 data: URL, or base64 that opens as a PNG, JPEG or GIF does.
-_BASE64_DATA = re.compile(r"(data:[\w.+-]+/[\w.+-]+;base64,|(?=iVBORw0KGgo|/9j/|R0lGOD))[A-Za-z0-9+/]+={0,2}")
-_MAX_JSON_CONTAINERS = 100_000
-
-
-def _check_body_limits(body: dict[str, Any], config: ServerConfig) -> None:
-    """400 for a body nested too deep, with too many messages, too much text, or text that is not Unicode."""
     for key in ("messages", "prompt", "input"):
         if isinstance(items := body.get(key), list) and len(items) > config.max_messages:
             why = f"'{key}' holds {len(items)} items; the limit is max_messages ({config.max_messages})"
@@ -7572,6 +7552,13 @@ def _check_body_limits(body: dict[str, Any], config: ServerConfig) -> None:
     if total > limit:
         why = f"the request holds {total} characters of text; the limit is max_request_chars ({limit})"
         raise InvalidRequest(why, param=max(chars, key=lambda k: chars[k]), code="request_too_large")
+    return body
+
+
+_JSON_SCALARS = {int, float, bool, type(None)}
+# An image's data: a base64 data: URL, or base64 that opens as a PNG, JPEG or GIF does.
+_BASE64_DATA = re.compile(r"(data:[\w.+-]+/[\w.+-]+;base64,|(?=iVBORw0KGgo|/9j/|R0lGOD))[A-Za-z0-9+/]+={0,2}")
+_MAX_JSON_CONTAINERS = 100_000
 
 
 def _text_sizes(body: dict[str, Any], config: ServerConfig) -> dict[str, int]:
@@ -7589,8 +7576,7 @@ def _text_sizes(body: dict[str, Any], config: ServerConfig) -> dict[str, int]:
                 why = f"'{top}' holds a string that is not valid Unicode (a lone surrogate escape)"
                 raise InvalidRequest(why, param=top, code="invalid_json") from None
 
-    # Containers only go on the stack (with their nesting level and top-level key): a loop, not recursion, and
-    # nothing kept per number, so a body of millions of numbers costs little.
+    # A loop, not recursion, stacking only containers (with level and top-level key): millions of numbers cost little.
     # Each top-level value starts out in a list of its own, one level up, which is not counted as a container.
     stack: list[tuple[Any, int, str]] = [([value], 1, key) for key, value in body.items()]
     containers = -len(stack)
@@ -7643,9 +7629,8 @@ def _too_large(length: int | str, limit: int) -> InvalidRequest:
 
 
 class _Transport(BaseHTTPRequestHandler):
-    """HTTP/1.1 as lllms speaks it, kept apart from what it serves: the stdlib's hooks, deadlines and limits on
-    headers and bodies, JSON bodies in, and JSON, chunked streams and keepalives out, each in the framing of the
-    request's dialect. _Handler adds authentication, routes and endpoints."""
+    """HTTP/1.1 apart from what it serves: stdlib hooks, deadlines, header and body limits, JSON bodies in, and JSON,
+    chunked streams and keepalives out in the request dialect's framing. _Handler adds auth, routes and endpoints."""
 
     protocol_version, server_version = "HTTP/1.1", f"lllms/{__version__}"
     server: _HTTPD
@@ -7693,8 +7678,7 @@ class _Transport(BaseHTTPRequestHandler):
             self.command, self.requestline, self.request_version = "", "", ""
             self.send_error(414, None, f"the request line is longer than max_header_bytes ({limit})")
             return False
-        rfile = self.rfile
-        self.rfile = _HeaderReader(rfile, limit - len(self.raw_requestline), config.max_headers)
+        rfile, self.rfile = self.rfile, _HeaderReader(self.rfile, limit - len(self.raw_requestline), config.max_headers)
         try:
             ok = super().parse_request()
         finally:
@@ -7764,8 +7748,7 @@ class _Transport(BaseHTTPRequestHandler):
         length = int(lengths.pop()) if lengths else 0
         if limit is not None and length > limit:
             self.close_connection = True  # the unread body would poison keep-alive
-            # Read and drop a moderate excess so the client gets to read the 413 instead of a broken pipe.
-            # (Not when the client awaits "100 Continue": it has sent nothing.)
+            # Drop a moderate excess so the client reads the 413, not a broken pipe (none if it awaits 100 Continue).
             left = length if length <= 4 * limit and not self._expect_continue else 0
             while left > 0 and (got := self.rfile.read(min(left, 1 << 16))):
                 left -= len(got)
@@ -7850,23 +7833,10 @@ class _Transport(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _send_stream(self, stream: CompletionStream, events: Iterator[dict[str, Any]]) -> None:
-        """A completion's stream. A queued request gets its headers early and keepalives, so proxies and clients
-        don't time out; its errors then come as error events."""
-        interval, wire = self.server.model_server.config.keepalive_interval, self._dialect
-
-        def first() -> Any:
-            while not stream.wait_ready(interval if (left := stream.waiting_left()) is None else min(interval, left)):
-                if stream.waiting_left() == 0:
-                    break  # out of time or cancelled: taking the first event raises the 503 for it
-                if wire.keepalive:
-                    self._stream_headers(stream.instance_id)
-                    self._write_chunk(wire.keepalive)
-            event = self._first_event(stream, events, interval)  # the prompt's evaluation; errors surface here
-            self._stream_headers(stream.instance_id)
-            return event
-
+        """A completion's stream. While it waits for an instance and for its prompt's evaluation, it gets its headers
+        early and keepalives, so proxies and clients don't time out; its errors then come as error events."""
         try:
-            self._send_events(first, events)
+            self._send_events(lambda: self._first_event(stream, events), events)
         finally:
             stream.close()
 
@@ -7894,11 +7864,10 @@ class _Transport(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError, TimeoutError):
             self.close_connection = True  # client left: closing the stream stops generation
 
-    def _first_event(self, stream: CompletionStream, events: Iterator[dict[str, Any]], interval: float) -> Any:
-        """The first event, which comes once the prompt is evaluated. A long evaluation gets its headers and then
-        keepalives every `interval`, from a second thread, as a queued request does, so that proxies and clients
-        with an idle timeout keep the connection. Only one thread writes at a time."""
-        lock, done = threading.Lock(), threading.Event()
+    def _first_event(self, stream: CompletionStream, events: Iterator[dict[str, Any]]) -> Any:
+        """The first event, once an instance is free and the prompt evaluated (errors surface here); meanwhile a second
+        thread sends headers, then keepalives every keepalive_interval. Only one thread writes at a time."""
+        interval, lock, done = self.server.model_server.config.keepalive_interval, threading.Lock(), threading.Event()
 
         def beat() -> None:
             while not done.wait(interval):
@@ -7912,12 +7881,14 @@ class _Transport(BaseHTTPRequestHandler):
         if self._dialect.keepalive:
             beater.start()
         try:
-            return next(events, None)
+            event = next(events, None)
         finally:
             with lock:
                 done.set()
             if beater.is_alive():
                 beater.join()
+        self._stream_headers(stream.instance_id)
+        return event
 
     def _stream_headers(self, instance: str | None) -> None:
         if self._status:  # sent already, before a keepalive
@@ -8480,7 +8451,6 @@ _DASHBOARD_CSP = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
     "img-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-
 
 _DASHBOARD = r"""<!doctype html>
 <html lang="en">
