@@ -5851,6 +5851,10 @@ class _ResponseStore:
             if not self.db.execute("DELETE FROM responses WHERE id = ?", (response_id,)).rowcount:
                 raise NotFound(f"no stored response with id '{response_id}'", param="response_id")
 
+    def close(self) -> None:
+        with self.lock:
+            self.db.close()
+
 
 def _responses_input(items: Any) -> list[dict[str, Any]]:
     """Input items as OpenAI-shaped chat messages: consecutive function calls are one assistant message."""
@@ -6917,6 +6921,7 @@ class ModelServer:
             self._cancel_downloads.set()  # a part file stays, and resumes on the next start
             log.info("draining: waiting up to %gs for %d running requests", grace, self._pool.running)
             self._pool.stop(grace)
+            self.responses.close()  # every response that ran is in it
             self._pool.abort.wait(until - time.monotonic())
             self._state = "stopped"
 
