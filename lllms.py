@@ -276,9 +276,7 @@ class ModelConfig:
 
     def _check_reasoning(self, path: str) -> None:
         tags = self.reasoning
-        if isinstance(tags, dict) and not (
-            set(tags) == {"start", "end"} and all(isinstance(t, str) and t for t in tags.values())
-        ):
+        if isinstance(tags, dict) and (set(tags) != {"start", "end"} or not all(tags.values())):  # _coerce made all str
             raise ConfigError(f'{path}.reasoning: must be true, false, or {{"start": tag, "end": tag}}')
         for level, share in self.effort_budgets.items():
             if level not in _EFFORT_BUDGETS or not 0 <= share <= 1:
@@ -402,10 +400,7 @@ def _type_name(tp: Any) -> str:
         return " or ".join(json.dumps(a) for a in typing.get_args(tp))
     if typing.get_origin(tp) in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
-    if dataclasses.is_dataclass(tp):
-        return "an object"
-    plain = _PLAIN_TYPES.get(typing.get_origin(tp) or tp)
-    return str(tp) if plain is None else plain[0]
+    return "an object" if dataclasses.is_dataclass(tp) else _PLAIN_TYPES[typing.get_origin(tp) or tp][0]
 
 
 def _coerce(value: Any, tp: Any, path: str) -> Any:
@@ -581,23 +576,19 @@ class SamplingParams:
 
     def merged_over(self, defaults: SamplingParams) -> SamplingParams:
         """These params, falling back to `defaults` field by field (0 and 0.0 count as set)."""
-        given = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-        return dataclasses.replace(defaults, **{name: v for name, v in given.items() if v is not None})
+        return dataclasses.replace(defaults, **{k: v for k, v in dataclasses.asdict(self).items() if v is not None})
 
 
 # ==== 3. model store: paths, download, checksum
-# A model given by url lives at url_path(url, models_dir). fetch() makes it present: a file already there that
-# checks out is used with no network access; otherwise one thread in one process downloads it (threads share an
-# entry in _inflight, processes take {dest}.lock) while the others wait and then check again. A download streams to
-# {dest}.part, resumes it with Range after a restart, a dropped connection or a stall, hashes as it goes, and is
-# renamed into place only once its sha256 matches. {dest}.lllms.json caches the file's sha256 for later starts.
+# A url model lives at url_path(url, models_dir). fetch() uses a file there that checks out, with no network access;
+# else one thread of one process downloads it (threads share an _inflight entry, processes take {dest}.lock) while the
+# rest wait, then check again. A download streams to {dest}.part, resumes it with Range after a restart, a drop or a
+# stall, hashes as it goes, and is renamed into place once its sha256 matches; {dest}.lllms.json caches the sha256.
 
 _HF_HOSTS = ("huggingface.co", "hf.co")
 _READ_SIZE = 1 << 18  # read1() returns after one recv at most, so cancel and progress stay responsive
 _PROGRESS_INTERVAL = 0.25
 _MAX_RETRY_DELAY = 120.0
-_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", re.IGNORECASE)
-_UNSATISFIED_RANGE = re.compile(r"bytes\s+\*/(\d+)", re.IGNORECASE)
 
 
 class DownloadError(Unavailable):
@@ -629,8 +620,7 @@ def _normalize_url(url: str) -> str:
 
 
 def url_path(url: str, models_dir: str) -> str:
-    """Where a URL's file lives in models_dir, never outside it (else ConfigError), whatever its query: {host}/{path},
-    but huggingface.co/{org}/{repo}/resolve|blob/{rev}/{path} -> huggingface/{org}/{repo}-{rev}/{path}"""
+    """{host}/{path} in models_dir (whatever the query), or huggingface/{org}/{repo}-{rev}/{path}; never outside it."""
     parts = urlsplit(url)
     if not parts.hostname:
         raise ConfigError(f"url {url!r} has no host")
@@ -644,8 +634,7 @@ def url_path(url: str, models_dir: str) -> str:
     else:
         segs = [parts.hostname, *segs]
     for seg in segs:
-        # Each decoded segment stays one directory: no dot segment (nor a doubly encoded one, %252e%252e: harmless
-        # here, but nobody means it), slash, backslash, control character or drive letter.
+        # One directory per decoded segment: no dot segment (nor %252e%252e), slash, backslash, control char or drive.
         if unquote(seg) in (".", "..") or re.search(r"^[A-Za-z]:|[/\\\x00-\x1f\x7f]", seg):
             raise ConfigError(f"url {url!r} would escape models_dir: path segment {seg!r}")
     # Checked lexically: a symlink the user made inside models_dir (to another disk, say) is theirs to make.
@@ -711,8 +700,7 @@ def _write_atomically(path: str, data: bytes) -> None:
 
 
 def _file_identity(path: str) -> str:
-    """What tells a file's contents from another's, cheaply: its sha256 if known, else its size, mtime and a hash of
-    its first and last MiB."""
+    """A cheap id of a file's contents: its sha256 if known, else size, mtime and a hash of the first and last MiB."""
     st = os.stat(path)
     if digest := _sidecar(path, st).get("sha256"):
         return str(digest)
@@ -737,8 +725,7 @@ def _write_sidecar(path: str, digest: str, *, url: str | None = None) -> None:
 def verify_file(
     path: str, *, sha256: str | None, size: int | None = None, mode: Literal["sha256", "size", "none"] = "sha256"
 ) -> bool:
-    """Whether the file at path can be used as is: mode "sha256", its sha256 (cached in the sidecar) matches;
-    "size", its size matches `size` or its sidecar's; "none", it exists. With nothing to compare, existing is enough."""
+    """Whether path is usable as is: by `mode`, its sha256 (cached in the sidecar) or size matches, or it exists."""
     if mode not in ("sha256", "size", "none"):
         raise ConfigError(f"verify mode must be 'sha256', 'size' or 'none', got {mode!r}")
     if not os.path.isfile(path):
@@ -750,8 +737,7 @@ def verify_file(
         return False
     if mode == "size":
         # Without a size, the sidecar still knows the size the file had when it was downloaded or hashed.
-        recorded = _sidecar(path).get("size") if size is None else size
-        return recorded in (None, st.st_size)
+        return size is not None or _sidecar(path).get("size") in (None, st.st_size)
     if sha256 is None:
         return True
     digest = _sidecar(path, st).get("sha256")
@@ -767,8 +753,7 @@ def verify_file(
 
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
-    """Follows redirects keeping Range but dropping credentials on a change of host: urllib would send a
-    huggingface.co token on to the CDN serving the file (whose signed URL needs none)."""
+    """Redirects keep Range but drop credentials on a change of host: urllib would send the Hub's token to its CDN."""
 
     http_error_308 = urllib.request.HTTPRedirectHandler.http_error_302
 
@@ -788,9 +773,8 @@ def _network_error(exc: BaseException, url: str, stall_timeout: float) -> Downlo
     if isinstance(exc, urllib.error.HTTPError):
         what = f"HTTP {exc.code} {exc.reason} from {url}"  # configured url: exc.url may be a redirect's signed CDN URL
         if exc.code in (401, 403):
-            hint = "the server refused to serve it without credentials"
-            if host in _HF_HOSTS:
-                hint = "a private or gated model needs a token (HF_TOKEN) whose account accepted its terms"
+            hf = "a private or gated model needs a token (HF_TOKEN) whose account accepted its terms"
+            hint = hf if host in _HF_HOSTS else "the server refused to serve it without credentials"
             return DownloadError(f"{what}; {hint}", permanent=True)
         if exc.code in (404, 410):
             return DownloadError(what + "; check the url", permanent=True)
@@ -862,7 +846,7 @@ class _Transfer:
             if exc.code != 416 or not self.done:
                 raise _network_error(exc, self.url, self.stall_timeout) from None
             # 416 to our Range: the part is whole already (we died between its last byte and the rename), or stale.
-            m = _UNSATISFIED_RANGE.fullmatch(exc.headers.get("Content-Range", "").strip())
+            m = re.fullmatch(r"bytes\s+\*/(\d+)", exc.headers.get("Content-Range", "").strip(), re.IGNORECASE)
             if m and int(m[1]) == self.done:
                 self.total = self.done
                 return
@@ -872,7 +856,7 @@ class _Transfer:
         with response:
             if response.status == 206:
                 content_range = response.headers.get("Content-Range") or ""
-                m = _CONTENT_RANGE.fullmatch(content_range.strip())
+                m = re.fullmatch(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", content_range.strip(), re.IGNORECASE)
                 total = None if not m or m[3] == "*" else int(m[3])
                 if not m or int(m[1]) != self.done or (None not in (total, self.total) and total != self.total):
                     # Bytes from elsewhere in the file, or from a file that changed size: the part cannot take them.
@@ -932,9 +916,8 @@ def download(
     progress: Callable[[int, int | None], None] | None = None,
     cancel: threading.Event | None = None,
 ) -> None:
-    """Download url to dest through {dest}.part (resuming one), renamed into place once its sha256 matches.
-    `attempts` counts tries in a row that add nothing, with exponential backoff; one that gets further resumes at once.
-    Callers that might race on dest hold its lock (fetch does)."""
+    """Download url to dest through {dest}.part (resumed). `attempts`: tries in a row that add nothing, with exponential
+    backoff (one that gets further resumes at once). Callers that might race on dest hold its lock (fetch does)."""
     url, part = _normalize_url(url), dest + ".part"
     cancel = cancel or threading.Event()  # an event nobody sets
     try:
@@ -985,10 +968,9 @@ def download(
 
 @contextlib.contextmanager
 def _lock(dest: str, poll: float, cancel: threading.Event) -> Iterator[None]:
-    """Hold {dest}.lock, waiting while another process holds it. The OS drops the lock when its process dies, so
-    none is ever stale. The file names its holder, for the log."""
-    path, announced = dest + ".lock", False
-    while True:
+    """Hold {dest}.lock, waiting while another process does; the OS drops it when its holder dies, so none is stale."""
+    path = dest + ".lock"
+    for tries in itertools.count():
         try:
             fd = os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
         except PermissionError:  # another user's lock file: a read-only descriptor locks it all the same
@@ -1007,13 +989,12 @@ def _lock(dest: str, poll: float, cancel: threading.Event) -> Iterator[None]:
                 os.ftruncate(fd, 0)
                 os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}".encode())
             break
-        holder = ""
-        with _suppress(OSError):
-            holder = os.read(fd, 200).decode("utf-8", "replace")
-        os.close(fd)
-        if not announced:
+        if not tries:
+            holder = ""
+            with _suppress(OSError):
+                holder = os.read(fd, 200).decode("utf-8", "replace")
             log.info("waiting for %s: %s is downloading it", dest, holder or "another process")
-            announced = True
+        os.close(fd)
         if cancel.wait(poll):
             raise _DownloadCancelled(dest)
     try:
@@ -1046,9 +1027,7 @@ def fetch(
     lock_poll: float = 0.5,
     **options: Any,
 ) -> str:
-    """Make dest a checked copy of url and return its absolute path; `options` go to download. One thread of one
-    process downloads while the rest wait, then check the file against their own sha256 (cheap, by its sidecar).
-    A permanent failure is shared with the waiting threads; after any other, the next one tries itself."""
+    """Make dest a checked copy of url; return its absolute path. Waiting threads share only a permanent failure."""
     dest = os.path.abspath(dest)
     cancel = cancel or threading.Event()  # an event nobody sets
     while True:
@@ -1106,12 +1085,9 @@ def _hf_get(url: str, token: str | None) -> Any:
 
 
 def _hf_resolve(repo: str, tag: str, token: str | None) -> list[dict[str, Any]]:
-    """The files of a repo's GGUF for a quant tag, as llama.cpp and Ollama pick it: the Hub's manifest names it
-    (its default for "latest"); else the file tree's GGUF whose name has the tag (Q4_K_M by default). A split
-    GGUF's parts come in order. Each file: {"path", "sha256", "size"}, from the tree's LFS entries."""
-    base = _hf_endpoint()
-    manifest = _hf_get(f"{base}/v2/{repo}/manifests/{tag}", token)
-    tree = _hf_get(f"{base}/api/models/{repo}/tree/main?recursive=true", token)
+    """{"path", "sha256", "size"} of a repo's GGUF for a tag (a split one's parts in order), as llama.cpp picks it."""
+    manifest = _hf_get(f"{_hf_endpoint()}/v2/{repo}/manifests/{tag}", token)
+    tree = _hf_get(f"{_hf_endpoint()}/api/models/{repo}/tree/main?recursive=true", token)
     if not isinstance(tree, list):
         raise DownloadError(f"the Hugging Face repo {repo} does not exist, or needs HF_TOKEN", permanent=True)
     lfs = {e["path"]: e.get("lfs") or {} for e in tree if isinstance(e, dict) and str(e.get("path")).endswith(".gguf")}
@@ -1136,8 +1112,7 @@ def _hf_resolve(repo: str, tag: str, token: str | None) -> list[dict[str, Any]]:
 
 
 def _hf_files(name: str, models_dir: str, token: str | None = None, network: bool = True) -> list[tuple[str, str, str]]:
-    """(url, path, sha256) of each file an hf.co/USER/REPO[:QUANT] name stands for. What the Hub said is kept beside
-    the files, so a later start needs no network; without `network` and nothing kept, []."""
+    """(url, path, sha256) of an hf.co/ name's files; the Hub's answer is kept for later starts ([]: offline, none)."""
     if (m := _HF_NAME.fullmatch(name)) is None:
         raise ConfigError(f"{name!r} is not a Hugging Face name: hf.co/USER/REPO[:QUANT]")
     repo, tag = m.group(1), m.group(2) or "latest"
@@ -1167,8 +1142,7 @@ def _public_host(host: str, param: str = "model", setting: str = "pull_private_u
 
 
 def _model_files(model: ModelConfig, models_dir: str, network: bool = False) -> list[tuple[str, str, str | None]]:
-    """(url, path, sha256) of each file a url model downloads (a split GGUF has several); [] for an hf.co/ name
-    not yet resolved when `network` is off."""
+    """(url, path, sha256) of each file a url model downloads; [] for an unresolved hf.co/ name without `network`."""
     url = typing.cast(str, model.url)
     if _HF_NAME.fullmatch(url):
         return _hf_files(url, os.path.expanduser(models_dir), model.token, network)  # type: ignore[return-value]
@@ -1192,12 +1166,10 @@ def _mmproj_source(model: ModelConfig, models_dir: str, network: bool = False) -
 
 
 def _model_path(model: ModelConfig, models_dir: str) -> str:
-    """Where a model's file is: its `file` (absolute or under models_dir), or its url's place under models_dir (the
-    first part of a split GGUF, which llama.cpp loads the others from)."""
+    """Its `file` (absolute or in models_dir), else its url's place (a split GGUF's first part: it loads the rest)."""
     models_dir = os.path.expanduser(models_dir)
     if model.file is not None:
-        path = os.path.expanduser(model.file)
-        return path if os.path.isabs(path) else os.path.join(models_dir, path)
+        return os.path.join(models_dir, os.path.expanduser(model.file))  # an absolute path stays as it is
     files = _model_files(model, models_dir)
     return files[0][1] if files else os.path.join(models_dir, "huggingface", "unresolved", str(model.url))
 
@@ -1206,8 +1178,7 @@ class _ModelFile:
     """Where one model's file stands, as status shows it: unprepared, downloading, ready or error."""
 
     def __init__(self, path: str) -> None:
-        self.path, self.failures = path, 0
-        self.retry_at = 0.0  # monotonic time before which a failed model is not retried
+        self.path, self.failures, self.retry_at = path, 0, 0.0  # retry_at: when a failed model may retry (monotonic)
         self.thread: threading.Thread | None = None
         self.restart()
 
@@ -1216,8 +1187,7 @@ class _ModelFile:
         self.state, self.done = "unprepared", 0
         self.error: str | None = None
         self.total: int | None = None
-        self.speed = 0.0  # bytes/s, smoothed
-        self._last = (0.0, 0)  # time and bytes at the last progress call
+        self.speed, self._last = 0.0, (0.0, 0)  # bytes/s, smoothed; time and bytes at the last progress call
 
     def progress(self, done: int, total: int | None) -> None:
         now = time.monotonic()
@@ -1254,8 +1224,7 @@ class _GgufHeader:
             self._scalar("<Q")  # tensor count
             for _ in range(self._scalar("<Q")):
                 key = self._string()
-                keep = wanted(key)
-                value = self._value(self._scalar("<I"), keep)
+                value = self._value(self._scalar("<I"), keep := wanted(key))
                 if keep:
                     self.values[key] = value
 
@@ -1291,8 +1260,7 @@ _ENCODER_ARCHS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "moder
 
 
 def _file_entry(path: str) -> dict[str, Any]:
-    """The config of a model found at run time, from its GGUF's header: its task, and for a chat model room for a
-    chat and a second one, whatever it was trained for."""
+    """A found model's config, from its GGUF header: its task; a chat model gets room for two 4096-token chats."""
     try:
         meta = _GgufHeader(path, lambda key: key == "general.architecture" or key.endswith(".pooling_type")).values
     except (OSError, ValueError) as exc:
