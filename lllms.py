@@ -3412,8 +3412,7 @@ _stderr_lock = threading.Lock()
 
 
 def _capturing_stderr(call: Callable[..., Any], *args: Any, **kwargs: Any) -> tuple[Any, str]:
-    """What `call` returned or raised, and what native code wrote to fd 2 meanwhile (gpt4all reports load failures
-    only there); that text is then written on to the real stderr, so nothing another thread wrote is lost."""
+    """What `call` returns or raises, and what native code writes to fd 2 meanwhile (gpt4all's load errors), echoed."""
     with _stderr_lock, tempfile.TemporaryFile() as file:
         with _suppress(Exception):
             sys.stderr.flush()
@@ -3492,9 +3491,7 @@ class _Gpt4AllShim:
 
 
 class _Gpt4AllRun:
-    """One native prompt call on a worker thread: feeds `text` after the tokens the context keeps, then generates.
-    The callbacks make every decision (stop sequence, max_tokens, should_stop, consumer gone) and answer False to
-    end generation: gpt4all has no other way to stop. Chunks wait in a queue of BUFFER items for the consumer."""
+    """A native prompt call on a worker thread, whose callbacks stop generation by answering False (gpt4all's way)."""
 
     BUFFER = 8
 
@@ -3508,20 +3505,16 @@ class _Gpt4AllRun:
         thoughts: _Thoughts | None = None,
     ) -> None:
         self.native, self.text, self.params, self.should_stop, self.max_new = native, text, params, should_stop, max_new
-        self.thoughts = thoughts
-        # After a thinking budget, the text fed is the end tag the engine wrote in the reply: it counts as output.
-        self.fed_in_reply = thoughts is not None and thoughts.closed
-        self.kept = native.n_past
+        self.thoughts, self.kept = thoughts, native.n_past
+        self.fed_in_reply = thoughts is not None and thoughts.closed  # the text fed is an end tag the reply holds
         self.prompt_ids: list[int] = []
         self.pieces: list[tuple[str, int]] = []  # generated text, one entry per token (or per completed character)
         self.pending = 0  # generated tokens holding an incomplete UTF-8 character
-        self.generated = 0
-        self.callbacks = 0  # response callbacks received, for tests
+        self.generated, self.callbacks = 0, 0  # callbacks: response callbacks received, for tests
         self.error: str | None = None  # text gpt4all reported with token id -1
         self.failure: Exception | None = None  # an exception inside a callback
-        self.prompt_aborted = False
         self.finish: str | None = None
-        self.ended = False  # the consumer has taken the last item
+        self.prompt_aborted, self.ended = False, False  # ended: the consumer has taken the last item
         self.started = threading.Event()  # set at the first generated token, or when the native call is over
         self.cancelled = threading.Event()
         self.out: queue.Queue[Chunk | Exception] = queue.Queue(self.BUFFER)
@@ -3571,8 +3564,7 @@ class _Gpt4AllRun:
         self.generated += 1  # in the context whatever we answer: gpt4all evaluates a token before reporting it
         self.started.set()
         try:
-            text = self.decoder.decode(piece or b"")
-            if text:
+            if text := self.decoder.decode(piece or b""):
                 self.pieces.append((text, self.pending + 1))
                 self.pending = 0
             else:
@@ -3644,9 +3636,8 @@ _GPT2_BYTES |= {chr(256 + i): b for i, b in enumerate(b for b in range(256) if b
 
 
 class Gpt4AllEngine(Engine):
-    """gpt4all: one `gpt4all.GPT4All` per instance (or `Embed4All` for embedding models). gpt4all 2.8 has no
-    tokenizer and no stop control beyond the token callback, so this engine tracks its context as text spans with
-    token counts, and runs the native prompt call on a worker thread whose callbacks decide when to stop."""
+    """gpt4all: a `gpt4all.GPT4All` (`Embed4All` to embed) per instance. gpt4all 2.8 has no tokenizer and stops only
+    through its token callback: the context is tracked as (text, tokens) spans, and prompt calls run on a thread."""
 
     _DEFAULT_CTX = 2048
     _EMBEDDING_ARCHES = ("bert", "nomic-bert")  # gpt4all 2.8 embeds with these and completes with the others
@@ -3679,8 +3670,7 @@ class Gpt4AllEngine(Engine):
         # "auto" stays on the CPU: gpt4all's Kompute backend fails on many machines and has no cheap probe.
         kwargs: dict[str, Any] = {"model_path": folder, "allow_download": False, "n_threads": _threads(dev)}
         kwargs |= {"device": "gpu" if dev.gpu is True else "cpu", "n_ctx": n_ctx}
-        if dev.gpu_layers is not None:
-            kwargs["ngl"] = dev.gpu_layers
+        kwargs |= {"ngl": dev.gpu_layers} if dev.gpu_layers is not None else {}
         cls = gpt4all.Embed4All if self.model.task == "embedding" else gpt4all.GPT4All
         # A failed load does not raise, but set_thread_count then does; a ValueError off the CPU is init_gpu's.
         obj, printed = _capturing_stderr(cls, name, **kwargs)
@@ -3725,8 +3715,7 @@ class Gpt4AllEngine(Engine):
 
         self.bos_text, eos_text = text_of("tokenizer.ggml.bos_token_id"), text_of("tokenizer.ggml.eos_token_id")
         # llama.cpp's default when the key is missing: SentencePiece vocabularies add BOS, BPE ones do not.
-        add_bos = meta.get("tokenizer.ggml.add_bos_token", meta.get("tokenizer.ggml.model") == "llama")
-        self.add_bos = bool(add_bos) and bool(self.bos_text)
+        self.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", self._vocab[2] == "llama")) and bool(self.bos_text)
         # Unknown, control and user-defined tokens: the ones llama.cpp matches as text when parsing specials.
         self._specials = {i: t for i, (t, k) in enumerate(zip(tokens, types, strict=False)) if k in (2, 3, 4) and t}
         if self._specials:
@@ -3739,9 +3728,8 @@ class Gpt4AllEngine(Engine):
 
     def close(self) -> None:
         self._settle(self._run)
-        for obj in (self._gpt, self._embedder):
-            if obj is not None:
-                obj.close()
+        if obj := self._gpt or self._embedder:  # whichever the model's task loaded
+            obj.close()
         self._gpt = self._embedder = self._native = None
         self._spans = []
 
@@ -3782,8 +3770,7 @@ class Gpt4AllEngine(Engine):
         return ids[1:] if self.add_bos and not add_special else ids
 
     def pieces(self, tokens: list[int]) -> list[bytes]:
-        """From the GGUF's vocabulary: GPT-2's byte-level BPE maps each byte to a printable character, and
-        SentencePiece writes spaces as U+2581 and bytes as <0xNN>."""
+        """From the GGUF's vocabulary, undoing GPT-2's bytes-as-characters and SentencePiece's U+2581 and <0xNN>."""
         self._need_text_model()
         vocab, types, kind = self._vocab
         _check_ids(tokens, len(vocab), "'tokens'", "tokens")
@@ -3799,10 +3786,7 @@ class Gpt4AllEngine(Engine):
         return out
 
     def preload(self, messages: list[dict[str, Any]] | None, prefix: str | None) -> None:
-        if self._gpt is None:
-            return
-        text = self._render(messages, generation_prompt=False) if messages else prefix or ""
-        if not text:
+        if self._gpt is None or not (text := self._render(messages, generation_prompt=False) if messages else prefix):
             return
         try:
             stream = self._start(text, SamplingParams(), "prefix", None, max_new=0)
@@ -3858,16 +3842,14 @@ class Gpt4AllEngine(Engine):
     # -- context reuse
 
     def _split(self, text: str, ids: list[int], bos_added: bool) -> list[tuple[str, int]]:
-        """Fed text as spans cut at its special tokens, whose token positions are known without a tokenizer;
-        special tokens tokenize on their own, so cutting there changes nothing when a later request re-feeds."""
+        """Fed text as spans cut at its special tokens: known positions, and they tokenize alone (a safe cut)."""
         hits = list(self._special_re.finditer(text)) if self._special_re is not None else []
         positions = [i for i in range(1 if bos_added else 0, len(ids)) if ids[i] in self._specials]
         pairs = list(zip(hits, positions, strict=False))
         if len(hits) != len(positions) or any(self._specials[ids[i]] != h.group() for h, i in pairs):
             return [(text, len(ids))]
         cuts = [cut for h, i in pairs for cut in ((h.start(), i), (h.end(), i + 1))]
-        spans = []
-        t0 = k0 = 0
+        spans, t0, k0 = [], 0, 0
         for t1, k1 in [*cuts, (len(text), len(ids))]:
             if t1 > t0:
                 spans.append((text[t0:t1], k1 - k0))
@@ -3890,8 +3872,7 @@ class Gpt4AllEngine(Engine):
             raise InvalidRequest(f"'{param}' must not be empty", param=param)
         native = typing.cast(_Gpt4AllShim, self._native)
         self._settle(self._run)
-        # Keep the longest run of held spans the text starts with, always leaving something to feed, since
-        # generation samples from the logits of the last fed token.
+        # Keep the held spans the text starts with, but never all of it: generation samples the last fed token's logits.
         pos = held = 0
         for piece, _ in self._spans:
             if pos + len(piece) >= len(text) or not text.startswith(piece, pos):
@@ -3911,16 +3892,14 @@ class Gpt4AllEngine(Engine):
                 raise run.failure
             if run.error is not None and "context window" not in run.error:
                 raise Unavailable(f"model '{self.model.id}': gpt4all refused the prompt: {run.error}")
-            # gpt4all reports a text longer than the context as an error, and a text that does not fit after the
-            # kept context not at all, without a word (shifting is off). The whole prompt is then too long as well.
+            # Too long: gpt4all errs past the context, and silently feeds nothing past the room the kept context leaves.
             if run.error is not None or not run.prompt_ids:
                 why = f"prompt is too long: it does not fit the context of model '{self.model.id}'"
                 raise InvalidRequest(f"{why} ({self.n_ctx} tokens)", param=param, code="context_length_exceeded")
         return self._stream(run)
 
     def _stream(self, run: _Gpt4AllRun) -> Iterator[Chunk]:
-        """The run's chunks. Closing (or dropping) this stream ends generation and waits for the native call to
-        return, so the engine is never handed to the next request mid-generation."""
+        """The run's chunks; closing it ends generation and waits for the native call: no request gets a busy engine."""
         try:
             chunk = run.take()
             while not run.ended:
@@ -3934,8 +3913,7 @@ class Gpt4AllEngine(Engine):
             yield chunk
 
     def _after_thinking(self, run: _Gpt4AllRun, spent: Usage) -> Iterator[Chunk]:
-        """The thinking budget is spent: a second native call feeds the end tag after what the context holds and
-        generates the answer; its usage adds to the first's."""
+        """Past the thinking budget: a second native call feeds the end tag and generates the answer; usages add up."""
         thoughts = typing.cast(_Thoughts, run.thoughts)
         closing = thoughts.closing()
         reasoning, text = thoughts.feed(closing)
@@ -3947,9 +3925,8 @@ class Gpt4AllEngine(Engine):
         chunks = self._start(held + closing, run.params, "messages", run.should_stop, thoughts=thoughts, max_new=left)
         try:
             for ch in chunks:
-                if ch.usage is not None:  # the second call's prompt is the end tag after the first's context
-                    u, end_tag = ch.usage, ch.usage.prompt_tokens - ch.usage.cached_tokens
-                    completion = spent.completion_tokens + end_tag + u.completion_tokens
+                if (u := ch.usage) is not None:  # its prompt is the end tag after the first call's context: output
+                    completion = spent.completion_tokens + u.prompt_tokens - u.cached_tokens + u.completion_tokens
                     ch.usage = Usage(spent.prompt_tokens, completion, spent.cached_tokens, thoughts.tokens)
                 yield ch
         finally:
@@ -3971,8 +3948,7 @@ class Gpt4AllEngine(Engine):
             self._spans = []
             native.rewind(0)
             return
-        self._spans += self._split(run.text, run.prompt_ids, bos_added=run.kept == 0 and self.add_bos)
-        self._spans += run.pieces
+        self._spans += [*self._split(run.text, run.prompt_ids, bos_added=run.kept == 0 and self.add_bos), *run.pieces]
         if run.pending:  # an unfinished character at the end: text that no prompt can match
             self._spans.append(("\ufffd", run.pending))
 
@@ -3981,9 +3957,8 @@ class Gpt4AllEngine(Engine):
     def embed(
         self, texts: list[str] | list[list[int]], dimensions: int | None = None, long_inputs: str | None = None
     ) -> tuple[list[list[float]], int]:
-        """Inputs longer than the model's context are refused by default (`long_inputs: "error"`), like the
-        llama-cpp engine and OpenAI do; "truncate" and "mean" use gpt4all's own long-text modes. Only inputs long
-        enough to possibly overflow are embedded alone to measure them (every token covers at least one byte)."""
+        """Long inputs are refused by default (long_inputs "error"), as by llama-cpp and OpenAI; "truncate" and "mean"
+        use gpt4all's modes; inputs that may overflow (a token covers a byte or more) are embedded alone to measure."""
         if self._embedder is None:
             raise InvalidRequest(f"model '{self.model.id}' is not an embedding model", param="model", code="wrong_task")
         for i, text in enumerate(texts):
@@ -4043,8 +4018,7 @@ class _Instance:
     """An engine in the pool, with what its context holds so chats return to it."""
 
     def __init__(self, model: ModelConfig) -> None:
-        self.id = f"{model.id}#{next(_instance_ids)}"
-        self.model = model
+        self.id, self.model = f"{model.id}#{next(_instance_ids)}", model
         self.engine: Engine | None = None
         self.state = "loading"  # loading -> idle <-> busy; gone when disposed
         self.created = time.time()
@@ -4178,8 +4152,7 @@ class _Pool:
             raise
         if ticket.error is not None:
             raise ticket.error
-        inst = ticket.instance
-        if inst is None:
+        if (inst := ticket.instance) is None:
             raise _shutting_down()
         if inst.state == "loading":
             try:
@@ -4223,8 +4196,7 @@ class _Pool:
             except Exception as exc:
                 log.error("%s", exc)
                 with self.cond:
-                    for rest in reserved[i + 1 :]:
-                        self.instances[model.id].remove(rest)
+                    self._take(reserved[i + 1 :])
                 break
         with self.cond:
             self._dispatch()
@@ -4465,8 +4437,7 @@ class _Pool:
     # -- status
 
     def state_cache_info(self, model_id: str) -> dict[str, int] | None:
-        cache = self.state_caches.get(model_id)
-        return None if cache is None else cache.info()
+        return cache.info() if (cache := self.state_caches.get(model_id)) is not None else None
 
     def snapshot(self) -> tuple[dict[str, dict[str, int]], list[dict[str, Any]], int, int]:
         with self.cond:
@@ -4475,8 +4446,7 @@ class _Pool:
                 states = {s: sum(i.state == s for i in insts) for s in ("idle", "busy", "loading")}
                 queued = sum(t.model_id == model_id for t in self.queue)
                 counts[model_id] = {"total": len(insts), **states, "queued": queued}
-            infos = [i.info() for insts in self.instances.values() for i in insts]
-            return counts, infos, self.running, len(self.queue)
+            return counts, [i.info() for insts in self.instances.values() for i in insts], self.running, len(self.queue)
 
 
 def _useful_prefix(key: str, n: int) -> bool:
