@@ -7323,6 +7323,7 @@ class ModelServer:
 _BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _METRICS: dict[str, tuple[str, str]] = {
     "lllms_up": ("gauge", "1 when the server takes requests, 0 while it starts or drains"),
+    "lllms_node_info": ("gauge", "1, labelled with this node's node_id"),
     "lllms_http_requests_total": ("counter", "HTTP requests answered, by endpoint, method and status"),
     "lllms_http_request_duration_seconds": ("histogram", "Seconds from a request's headers to its last byte"),
     "lllms_time_to_first_token_seconds": ("histogram", "Seconds from a completion request to its first chunk"),

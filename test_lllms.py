@@ -4558,6 +4558,7 @@ def test_metrics_count_requests_tokens_and_times(tiny_server: lllms.HTTPServer) 
     # The streamed request repeated the first one's prompt on an instance that held it.
     assert moved(after, before, "lllms_cached_prompt_tokens_total", model="tiny") > 0
     assert after[("lllms_up", ())] == 1 and after[("lllms_queue_length", ())] == 0
+    assert after[("lllms_node_info", (("node", ""),))] == 1  # labelled with node_id, here none
     assert after[("lllms_requests_running", ())] == 0
     assert after[("lllms_instances", (("model", "tiny"), ("state", "busy")))] == 0
     assert after[("lllms_instances", (("model", "tiny"), ("state", "idle")))] >= 1
