@@ -6078,9 +6078,10 @@ def _keep_alive(value: Any) -> float | None:
     """Ollama's keep_alive in seconds: a number, or a duration such as "5m" or "1h30m"; negative keeps for ever."""
     if value is None:
         return None
-    if isinstance(value, str) and (m := re.fullmatch(r"(-?)((?:[0-9.]+(?:ns|us|ms|s|m|h))+|[0-9.]+)", value)):
+    num = r"(?:\d+\.?\d*|\.\d+)"  # "1", "1.", "1.5", ".5"; not "." or "1.2.3"
+    if isinstance(value, str) and (m := re.fullmatch(rf"(-?)((?:{num}(?:ns|us|ms|s|m|h))+|{num})", value)):
         units = {"ns": 1e-9, "us": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600, "": 1}
-        seconds = sum(float(n) * units[u] for n, u in re.findall(r"([0-9.]+)(ns|us|ms|s|m|h|)", m.group(2)))
+        seconds = sum(float(n) * units[u] for n, u in re.findall(rf"({num})(ns|us|ms|s|m|h|)", m.group(2)))
         value = -seconds if m.group(1) else seconds
     if not _PLAIN_TYPES[float][1](value):
         raise InvalidRequest("'keep_alive' must be a number of seconds or a duration such as '5m'", param="keep_alive")

@@ -5911,6 +5911,10 @@ def test_ollama_refusals_are_status_errors_with_ollama_s_body(
     status, body, headers = http_request(http_server, "POST", "/api/generate", {"model": "nope", "prompt": "hi"})
     assert status == 404 and headers["Content-Type"].startswith("application/json")
     assert_ollama_error(body)
+    for keep_alive in (".", "1.2.3m", "5x"):  # not durations: a 400 naming keep_alive, never a 500
+        body = {"model": "smol", "prompt": "hi", "keep_alive": keep_alive}
+        status, body, _ = http_request(http_server, "POST", "/api/generate", body)
+        assert status == 400 and "keep_alive" in body["error"], (keep_alive, body)
 
 
 def test_ollama_keep_alive_zero_unloads_the_model(tiny_llama: str) -> None:
