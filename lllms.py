@@ -232,6 +232,7 @@ class PreloadConfig:
 
 # The share of a reply's max_tokens each reasoning effort may think for, unless a model's effort_budgets says.
 _EFFORT_BUDGETS = {"minimal": 1 / 16, "low": 1 / 4, "medium": 1 / 2, "high": 3 / 4}
+_SPEC_TUNING = {"ngram": 3, "min_draft": 2, "max_draft": 16}  # speculative's settings (integers 1-32) and defaults
 _MODEL_ID = re.compile(r"[A-Za-z0-9_.:-]+(/[A-Za-z0-9_.:-]+)*")  # a model's id: hf.co/ names keep their slashes
 
 
@@ -270,6 +271,9 @@ class ModelConfig:
     hosted_tools: Literal["leave_out", "refuse"] | None = None  # None: the server's hosted_tools
     mmproj: str | None = None  # llama-cpp: a vision projector's GGUF (a path, URL or hf.co/ name); images need one
     max_images: int = _bound(8, 1)  # images in one request; beyond it, 400
+    # llama-cpp: n-gram speculative decoding: "auto" (on, adapting per sequence), false, or tuning settings
+    speculative: bool | Literal["auto"] | dict[str, int] = "auto"
+    kv_cache_type: Literal["f16", "q8_0", "q4_0"] = "f16"  # llama-cpp: the KV cache's number format, K and V
     mmproj_file: str | None = field(default=None, metadata={"internal": True})  # where it is, once in place
     id: str = field(default="", metadata={"internal": True})
     defaults: SamplingParams = field(default=None, metadata={"internal": True})  # type: ignore[assignment]
@@ -283,6 +287,16 @@ class ModelConfig:
                 levels = ", ".join(_EFFORT_BUDGETS)
                 raise ConfigError(f"{path}.effort_budgets.{level}: the levels are {levels}, each a share from 0 to 1")
         self.effort_budgets = {**_EFFORT_BUDGETS, **self.effort_budgets}
+
+    def _check_decoding(self, path: str) -> None:
+        if self.kv_cache_type != "f16" and self.engine != "llama-cpp":
+            raise ConfigError(f"{path}.kv_cache_type: only the llama-cpp engine quantizes its KV cache")
+        spec = self.speculative
+        if spec not in (True, False, "auto") and not (
+            isinstance(spec, dict)
+            and all(k in _SPEC_TUNING and type(v) is int and 1 <= v <= 32 for k, v in spec.items())
+        ):
+            raise ConfigError(f'{path}.speculative: must be "auto", false, or an object of {", ".join(_SPEC_TUNING)}')
 
     def _check(self, path: str) -> None:
         if self.file is None and self.url is None:
@@ -315,6 +329,7 @@ class ModelConfig:
             if not name or (isinstance(grammar, str) and not grammar.strip()):
                 raise ConfigError(f"{path}.grammars.{name}: needs a name and a non-empty grammar")
         self._check_reasoning(path)
+        self._check_decoding(path)
         default, limit = self.defaults.max_tokens, self.max_tokens_limit
         if None not in (default, limit) and default > limit:
             raise ConfigError(f"{path}.completion_defaults.max_tokens: {default} is above max_tokens_limit {limit}")
@@ -1286,6 +1301,8 @@ class Usage:
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens whose evaluation was reused from the instance's context
     reasoning_tokens: int = 0  # completion tokens the model thought in
+    accepted_tokens: int = 0  # drafted (speculative) tokens the model then produced
+    rejected_tokens: int = 0  # drafted tokens it did not
 
     @property
     def total_tokens(self) -> int:
@@ -1295,6 +1312,8 @@ class Usage:
         """Count another choice's tokens in; its prompt too unless that was counted already."""
         self.completion_tokens += other.completion_tokens
         self.reasoning_tokens += other.reasoning_tokens
+        self.accepted_tokens += other.accepted_tokens
+        self.rejected_tokens += other.rejected_tokens
         if prompt:
             self.prompt_tokens += other.prompt_tokens
             self.cached_tokens += other.cached_tokens
@@ -1353,6 +1372,7 @@ class Engine:
     grammars = False  # can constrain output by grammar: tools, response_format, grammar
     logprobs = False  # can report token logprobs: logprobs, best_of
     vision = False  # can read images, given a model's mmproj
+    speculative = False  # can draft tokens from a predicted output: prediction
 
     def __init__(self, model: ModelConfig, path: str, state_cache: _StateCache | None = None) -> None:
         self.model, self.path = model, path
@@ -1396,6 +1416,7 @@ class Engine:
             "tools": not cls.grammars and req.tools is not None and req.tools.mode != "none",
             "response_format": not cls.grammars and req.json_schema is not None,
             "best_of": not cls.logprobs and req.best_of > req.n,
+            "prediction": not cls.speculative and req.prediction is not None,
         }
         for name in (name for name, refused in unable.items() if refused):
             raise InvalidRequest(f"'{name}' is not supported by the {req.model.engine} engine", param=name)
@@ -1996,7 +2017,9 @@ class _LlamaModel:
     def text(self, tokens: Sequence[int], special: bool = True) -> str:
         return b"".join(self.piece(t, special) for t in tokens if t >= 0).decode("utf-8", errors="replace")  # no images
 
-    def context(self, n_ctx: int, n_batch: int, n_seq: int, pooling: int | None = None, unified: bool = False) -> Any:
+    def context(
+        self, n_ctx: int, n_batch: int, n_seq: int, pooling: int | None = None, unified: bool = False, kv: str = "f16"
+    ) -> Any:
         """A context (embeddings: `pooling`) of n_seq sequences of n_ctx cells, each its own KV stream (a unified cache
         slowed 8 generating sequences ~15%; `unified`: they share n_ctx cells); ubatches hold consecutive sequences."""
         p = self.lc.llama_context_default_params()
@@ -2004,6 +2027,9 @@ class _LlamaModel:
         p.kv_unified = unified
         p.n_threads = p.n_threads_batch = self.threads
         p.n_outputs_max = p.n_outputs_max_per_seq = n_batch
+        if kv != "f16":  # llama.cpp quantizes the V cache only with flash attention
+            p.type_k = p.type_v = getattr(self.lc, f"GGML_TYPE_{kv.upper()}")
+            p.flash_attn_type = self.lc.LLAMA_FLASH_ATTN_TYPE_ENABLED
         if pooling is not None:
             p.embeddings, p.pooling_type = True, pooling
         ctx = self.lc.llama_init_from_model(self.ptr, p)
@@ -2262,6 +2288,38 @@ def _logprob(model: _LlamaModel, logits: Any, token: int, top: int | None) -> tu
     return max(float(logits[token]) - lse, _MIN_LOGPROB), alts
 
 
+class _Drafter:
+    """N-gram speculation for one choice: after the last `ngram` tokens, it proposes the tokens that followed their
+    latest earlier occurrence in the prompt, a predicted output or the reply so far. Drafts grow while they are
+    accepted and shrink when not; a choice whose drafts keep failing stops drafting for a while, doubling each time."""
+
+    def __init__(self, tokens: list[int], predicted: list[int], tuning: dict[str, int]) -> None:
+        self.n, self.least, self.most = tuning["ngram"], tuning["min_draft"], tuning["max_draft"]
+        self.length, self.fails, self.rest = self.least, 0, 0
+        self.source: list[int] = []  # the tokens drafts are copied from: the predicted output, then the history
+        self.index: dict[tuple[int, ...], int] = {}  # each n-gram's latest end in source
+        for t in [*predicted, *tokens]:
+            self.add(t)
+
+    def add(self, token: int) -> None:
+        """A token of the history: the n-gram it ends is now findable, its follower next in source."""
+        if len(self.source) >= self.n:
+            self.index[tuple(self.source[-self.n :])] = len(self.source)
+        self.source.append(token)
+
+    def draft(self, room: int) -> list[int]:
+        if self.rest:
+            self.rest -= 1
+            return []
+        at = self.index.get(tuple(self.source[-self.n :]))
+        return [] if at is None else self.source[at : at + min(self.length, room)]
+
+    def verified(self, drafted: int, accepted: int) -> None:
+        self.length = min(self.length * 2, self.most) if accepted == drafted else max(accepted, self.least)
+        self.fails = 0 if accepted else self.fails + 1
+        self.rest = 2**self.fails if self.fails >= 2 else 0
+
+
 @dataclass(eq=False)  # compared by identity: the decode thread finds jobs in lists
 class _Job:
     """One choice generating in a sequence of a shared context. The decode thread steps it; chunks go to `out`."""
@@ -2280,6 +2338,7 @@ class _Job:
     thoughts: _Thoughts | None = None  # a reasoning model's: splits the reply, and ends its thinking at the budget
     media: dict[int, tuple[Any, int]] = field(default_factory=dict)  # image chunks (and sizes) by position
     stored: tuple[tuple[int, ...], Any] | None = None  # a state read from disk for its prompt, until it begins
+    drafter: _Drafter | None = None  # speculation's, when on
 
     def __post_init__(self) -> None:
         self.forced: collections.deque[int] = collections.deque()  # tokens to write next, sampled or not
@@ -2341,6 +2400,13 @@ class _Job:
         if self.usage.completion_tokens >= self.max_new:
             return self.finish("length")
         self.next = token
+        if self.drafter is not None:
+            self.drafter.add(token)
+
+    def draft(self, room: int) -> list[int]:
+        """Tokens to evaluate after `next` in the same decode, each checked there against what the model samples."""
+        room = min(room, self.max_new - self.usage.completion_tokens - 1)
+        return [] if self.drafter is None or self.forced or room < 1 else self.drafter.draft(room)
 
     def finish(self, reason: str, stopped: bool = False) -> None:
         tail, reasoning = "", None
@@ -2387,11 +2453,12 @@ class _Decoder:
         try:
             self.template = _chat_template(model, m.meta("tokenizer.chat_template"), m.text([m.bos]), m.text([m.eos]))
             self.vision = _Vision(m, model.mmproj_file) if model.mmproj_file else None
-            self.ctx = m.context(self.n_ctx, self.n_batch, self.n_seq)
+            self.ctx = m.context(self.n_ctx, self.n_batch, self.n_seq, kv=model.kv_cache_type)
             if state_cache is not None:  # its states fit this model file, projector and KV cache layout only
                 p = lc.llama_context_default_params()
                 files = [_file_identity(f) for f in (path, model.mmproj_file) if f]
-                state_cache.bind(json.dumps([lc.__version__, files, p.type_k, p.type_v, int(p.flash_attn_type)]))
+                layout = [lc.__version__, files, model.kv_cache_type, p.type_k, p.type_v, int(p.flash_attn_type)]
+                state_cache.bind(json.dumps(layout))
         except BaseException:
             self.lc.llama_model_free(m.ptr)
             raise
@@ -2499,7 +2566,12 @@ class _Decoder:
         for job in running:
             if job.should_stop is not None and job.should_stop():
                 job.finish("length")
-        decodes: list[list[_Part]] = [[(j, [j.next], True) for j in running if j.next is not None and not j.ended]]
+        steps = [j for j in running if j.next is not None and not j.ended]
+        room, decodes = _BIG_BATCH - 1 - len(steps), [[]]  # drafts fill a decode up to where the arithmetic changes
+        for job in steps:
+            draft = job.draft(room)
+            room -= len(draft)
+            decodes[0].append((job, [typing.cast(int, job.next), *draft], True))
         big: list[_Part] = []
         for job in (j for j in running if j.next is None and not j.ended):
             if job.pos in job.media:
@@ -2528,16 +2600,23 @@ class _Decoder:
         batch, rows = self.batch, []
         batch.clear()
         for job, tokens, logits in sorted(parts, key=lambda part: typing.cast(int, part[0].seq)):
-            for pos, token in enumerate(tokens, job.pos):
+            for k, (pos, token) in enumerate(enumerate(tokens, job.pos)):
                 want = logits or pos >= len(job.prompt) - 1  # a prompt's last token, and every one after, sample
                 i = batch.add(token, pos, typing.cast(int, job.seq), want)
-                rows.extend([(job, i, pos)] if want else [])
+                then = tokens[k + 1] if pos >= len(job.prompt) - 1 and k + 1 < len(tokens) else None  # a draft's
+                rows.extend([(job, i, pos, then)] if want else [])
         if not self._decoded(lambda: self.model.decode(self.ctx, batch.ptr)):
             return
         self._rows([r for r in rows if r[2] < len(r[0].prompt) - 1])  # echoed prompt tokens' logprobs first
+        drafts = [(job, job.pos, len(tokens) - 1) for job, tokens, _ in parts if job.next is not None and tokens[1:]]
         for job, tokens, _ in parts:
             self._advance(job, tokens)
         self._rows([r for r in rows if r[2] >= len(r[0].prompt) - 1])
+        for job, start, drafted in drafts:
+            accepted = job.pos - start - 1
+            job.usage.accepted_tokens += accepted
+            job.usage.rejected_tokens += drafted - accepted
+            typing.cast(_Drafter, job.drafter).verified(drafted, accepted)
 
     def _decoded(self, decode: Callable[[], None]) -> bool:
         """Run a decode; False if it failed, which leaves the context in an unknown state: it is rebuilt."""
@@ -2573,14 +2652,19 @@ class _Decoder:
         if self._decoded(lambda: vision.decode(self.ctx, chunk, encoding.result(), job.pos, seq, self.n_batch)):
             self._advance(job, job.prompt[job.pos : job.pos + n])
 
-    def _rows(self, rows: list[tuple[_Job, int, int]]) -> None:
-        """Each job takes its logits rows: a prompt token's logprob, or the next token."""
-        for job, i, pos in (r for r in rows if not r[0].ended):  # a job that fails here lets go of its later rows
+    def _rows(self, rows: list[tuple[_Job, int, int, int | None]]) -> None:
+        """Each job takes its logits rows: a prompt token's logprob, or the next token. A drafted token after a row
+        stands if it is the token sampled there; else it and the rest of its draft are dropped from the sequence."""
+        for job, i, pos, then in rows:
+            if job.ended or pos >= job.pos:  # ended, or past a rejected draft token
+                continue
             try:
                 row = self.model.logits(self.ctx, i)
                 job.logits(row) if pos < len(job.prompt) - 1 else job.sample(row)
             except Exception as exc:
                 job.release(exc if isinstance(exc, APIError) else EngineError(f"the engine failed: {exc}"))
+            if then is not None and (job.ended or job.next != then):
+                job.pos = self.keep(typing.cast(int, job.seq), pos + 1)
 
     def _begin(self, job: _Job) -> None:
         """Start a job once its sequence (and, for a sibling choice, the prompt it copies) is ready."""
@@ -2699,7 +2783,7 @@ class _Decoder:
                 job.release(error)
             self._drop(job)
         self.lc.llama_free(self.ctx)
-        self.ctx = self.model.context(self.n_ctx, self.n_batch, self.n_seq)
+        self.ctx = self.model.context(self.n_ctx, self.n_batch, self.n_seq, kv=self.config.kv_cache_type)
         for held in self.held:
             held.clear()
 
@@ -3084,7 +3168,7 @@ class LlamaCppEngine(Engine):
     """llama-cpp-python's public C API. The instances of a model are sequences of one context, stepped together
     by its decode thread (_Decoder); embeddings get a context of their own, made on demand."""
 
-    grammars = logprobs = vision = True
+    grammars = logprobs = vision = speculative = True
     _RERANK_SEQS = 16  # query-document pairs scored in one decode, as sequences of their own
     _decoders: dict[tuple[int, str], _Decoder] = {}  # per model config and file, shared by its instances
     _decoders_lock = threading.Lock()
@@ -3249,6 +3333,7 @@ class LlamaCppEngine(Engine):
                     max_new = room if p.max_tokens is None else min(p.max_tokens, room)
                     sampler = _Sampler(lc, shared.model, p, last_n)  # raises on a bad grammar or bias
                     extra = dict(should_stop=should_stop, echo=echo, thoughts=thoughts, media=media, stored=stored)
+                    extra["drafter"] = self._drafter(shared, req, tokens)
                     extra["pieces"] = pieces if p.logprobs is not None else []
                     group.append(_Job(shared.model, i, tokens, p, out, max_new=max_new, sampler=sampler, **extra))
                     jobs.append(group[-1])
@@ -3263,6 +3348,13 @@ class LlamaCppEngine(Engine):
             raise
         shared.run(jobs)
         return self._stream(shared, jobs, out, chunks)
+
+    def _drafter(self, shared: _Decoder, req: Request, tokens: list[int]) -> _Drafter | None:
+        spec = self.model.speculative
+        if spec is False:
+            return None
+        predicted = shared.model.tokenize(req.prediction, add_bos=False) if req.prediction else []
+        return _Drafter(tokens, predicted, {**_SPEC_TUNING, **(spec if isinstance(spec, dict) else {})})
 
     @staticmethod
     def _free(shared: _Decoder, jobs: list[_Job], chunks: list[Any]) -> None:
@@ -4527,6 +4619,7 @@ class Request:
     template_kwargs: dict[str, Any] = field(default_factory=dict)  # more variables for the chat template
     think_param: str = "reasoning_effort"  # the field that asked, which a 400 about it names
     left_out: list[str] = field(default_factory=list)  # built-in tools offered that the model was not shown
+    prediction: str | None = None  # text the reply is expected to repeat much of: a source of speculative drafts
     checked: bool = False  # check() has run: every dialect's parser ends with it, and submit() runs it if not
 
     def check(self) -> Request:
@@ -4849,7 +4942,6 @@ _NEUTRAL_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
         "an object of strings",
         lambda v: v is None or isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
     ),
-    "prediction": ("an object", lambda v: v is None or isinstance(v, dict)),
     "moderation": ("an object", lambda v: v is None or isinstance(v, dict)),
     "prompt_cache_options": ("an object", lambda v: v is None or isinstance(v, dict)),
     "store": ("a boolean", lambda v: v is None or isinstance(v, bool)),
@@ -4966,6 +5058,10 @@ def _chat_fields(body: dict[str, Any], params: SamplingParams, n: int) -> dict[s
     messages = _parse_messages(body.get("messages"))
     plan = _tool_plan(tools, choice, False if legacy else body.get("parallel_tool_calls"), messages)
     fields = {"messages": messages, "legacy_functions": legacy, "tools": plan, "best_of": n}
+    predicted = _object(body.get("prediction") or {"type": "content", "content": ""}, "prediction")
+    if predicted.get("type") != "content":
+        raise InvalidRequest('\'prediction\' must be {"type": "content", "content": ...}', param="prediction")
+    fields["prediction"] = _content_text(predicted.get("content"), "prediction.content") or None
     return {**fields, "json_schema": _format_schema(body.get("response_format")), **_reasoning_fields(body)}
 
 
@@ -4998,7 +5094,15 @@ def _completion_fields(body: dict[str, Any], params: SamplingParams, n: int, str
 
 # The fields of each kind of OpenAI body besides the sampling parameters; embedded callers may pass nothing else.
 _FIELDS = {
-    "chat": {*_NEUTRAL_FIELDS, *_UNSUPPORTED, "tools", "tool_choice", "parallel_tool_calls", "response_format"}
+    "chat": {
+        *_NEUTRAL_FIELDS,
+        *_UNSUPPORTED,
+        "prediction",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "response_format",
+    }
     | {"functions", "function_call", "logprobs", "top_logprobs", "n", "stream", "stream_options", "timeout"}
     | {"reasoning_effort", "thinking_budget_tokens", "thinking_budget_message", "chat_template_kwargs"},
     "completion": {"user", "logprobs", "best_of", "echo", "suffix", "n", "stream", "stream_options", "timeout"},
@@ -5027,7 +5131,8 @@ def _keywords(kind: str, params: SamplingParams | None, keywords: dict[str, Any]
 def _usage_json(u: Usage) -> dict[str, Any]:
     head = {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "total_tokens": u.total_tokens}
     details = {"prompt_tokens_details": {"cached_tokens": u.cached_tokens}}
-    return {**head, **details, "completion_tokens_details": {"reasoning_tokens": u.reasoning_tokens}}
+    out = {"reasoning_tokens": u.reasoning_tokens, "accepted_prediction_tokens": u.accepted_tokens}
+    return {**head, **details, "completion_tokens_details": {**out, "rejected_prediction_tokens": u.rejected_tokens}}
 
 
 def _chat_logprobs(entries: list[TokenLogprob] | None) -> dict[str, Any] | None:
@@ -7336,6 +7441,10 @@ _METRICS: dict[str, tuple[str, str]] = {
     "lllms_prompt_tokens_total": ("counter", "Prompt tokens of finished requests"),
     "lllms_completion_tokens_total": ("counter", "Generated tokens"),
     "lllms_cached_prompt_tokens_total": ("counter", "Prompt tokens reused from an instance's context, not evaluated"),
+    "lllms_draft_tokens_total": (
+        "counter",
+        "Tokens drafted by speculative decoding, by whether the model accepted them",
+    ),
     "lllms_download_bytes_total": ("counter", "Bytes of model files downloaded"),
 }
 _Labels = tuple[tuple[str, str], ...]
@@ -7367,6 +7476,8 @@ class _Metrics:
             self.inc("lllms_prompt_tokens_total", {"model": model_id}, usage.prompt_tokens)
             self.inc("lllms_completion_tokens_total", {"model": model_id}, usage.completion_tokens)
             self.inc("lllms_cached_prompt_tokens_total", {"model": model_id}, usage.cached_tokens)
+            for result, n in (("accepted", usage.accepted_tokens), ("rejected", usage.rejected_tokens)):
+                self.inc("lllms_draft_tokens_total", {"model": model_id, "result": result}, n)
 
     def count_download(self, model_id: str, done: int) -> None:
         """A download reached `done` bytes; a smaller count than before means it started over."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import collections
+import concurrent.futures
 import hashlib
 import http.client
 import itertools
@@ -8272,3 +8273,90 @@ def test_the_disk_cache_keeps_within_its_bound_dropping_the_least_recently_used(
     first, last = cached
     u = replies[-1].usage
     assert last >= 0.9 * (u.prompt_tokens + u.completion_tokens) and first < last / 2, cached
+
+
+# ==== speculative decoding: drafts from the prompt, a predicted output and the reply, verified exactly
+
+EDIT_CODE = (
+    "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n\n\n"
+    "def mul(a, b):\n    return a * b\n\n\ndef div(a, b):\n    return a / b\n"
+)
+EDIT = [{"role": "user", "content": f"Repeat this code, renaming add to plus:\n\n{EDIT_CODE}"}]
+
+
+def _both(smollm2: str, **model: Any) -> dict[str, Any]:
+    """SmolLM2 twice: "on" with speculation (the default), "off" without; 3 instances each, 512 tokens apiece."""
+    on = {"task": "text-completion", "file": smollm2, "context_size": 512, "max_instances": 3, **model}
+    return {"models": {"on": on, "off": {**on, "speculative": False}}}
+
+
+SPEC_CASES: dict[str, dict[str, Any]] = {
+    "temperature 0": {"temperature": 0},
+    "a seed": {"temperature": 0.9, "seed": 11},
+    "a grammar": {"temperature": 0, "grammar": 'root ::= "def " [a-z]+ "(a, b):\\n    return a " [-+*/] " b\\n"'},
+    "logit_bias": {"temperature": 0, "logit_bias": {"1349": -100, "3468": 5}},
+    "stop strings": {"temperature": 0, "stop": ["def mul"]},
+    "penalties": {"temperature": 0, "frequency_penalty": 0.5, "presence_penalty": 0.3},
+}
+
+
+@pytest.mark.parametrize("case", SPEC_CASES)
+def test_speculation_writes_exactly_what_one_token_at_a_time_writes_alone_and_beside_others(
+    smollm2: str, case: str
+) -> None:
+    """Drafted tokens are kept only where the sampler, fed the same logits in the same order, picks them: the text is
+    byte-identical with speculation on and off, whether the request runs alone or while other sequences step."""
+    params = {"max_tokens": 96, **SPEC_CASES[case]}
+    others = [[{"role": "user", "content": f"Count from {i} to {i + 30}, one number a line."}] for i in (1, 40)]
+    with lllms.ModelServer(_both(smollm2)) as ms:
+        off = ms.chat("off", EDIT, **params)
+        alone = ms.chat("on", EDIT, **params)
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            busy = [pool.submit(ms.chat, "on", m, max_tokens=64, temperature=0) for m in others]
+            beside = ms.chat("on", EDIT, **params)
+            [f.result() for f in busy]
+    assert alone.text == off.text and beside.text == off.text, (off.text, alone.text, beside.text)
+    assert alone.usage.completion_tokens == off.usage.completion_tokens
+    assert off.usage.accepted_tokens == off.usage.rejected_tokens == 0
+    if case == "temperature 0":  # copying code: drafts were made, and most were right
+        assert alone.usage.accepted_tokens >= 20, alone.usage
+
+
+def test_a_predicted_output_is_drafted_from_and_usage_and_metrics_count_the_drafts(smollm2: str, tmp_path: Any) -> None:
+    """OpenAI's `prediction` is a draft source: a reply that repeats it is mostly accepted drafts, with the same text.
+    usage's completion_tokens_details and /metrics report the accepted and rejected counts."""
+    question = [{"role": "user", "content": "Write a short poem about the sea."}]
+    with lllms.start_http_server({**_both(smollm2), "models_dir": str(tmp_path)}, port=0) as server:
+        sdk = _sdk(server)
+        plain = sdk.chat.completions.create(model="off", messages=question, max_tokens=48, temperature=0)
+        text = plain.choices[0].message.content or ""
+        predicted = sdk.chat.completions.create(
+            model="on", messages=question, max_tokens=48, temperature=0, prediction={"type": "content", "content": text}
+        )
+        assert predicted.choices[0].message.content == text
+        details = predicted.usage.completion_tokens_details  # type: ignore[union-attr]
+        assert details.accepted_prediction_tokens >= 0.8 * predicted.usage.completion_tokens  # type: ignore
+        assert plain.usage.completion_tokens_details.accepted_prediction_tokens == 0  # type: ignore[union-attr]
+        status, text_metrics, _ = http_request(server.url, "GET", "/metrics")
+        counts = parse_metrics(text_metrics)
+        accepted = counts[("lllms_draft_tokens_total", (("model", "on"), ("result", "accepted")))]
+        assert status == 200 and accepted >= details.accepted_prediction_tokens
+        status, body, _ = http_request(
+            server.url, "POST", "/v1/chat/completions", {"model": "on", "messages": question, "prediction": "x"}
+        )
+        assert status == 400 and body["error"]["param"] == "prediction"
+
+
+def test_speculative_and_kv_cache_type_settings_are_checked_and_a_quantized_cache_serves(smollm2: str) -> None:
+    """`speculative` is "auto", false or tuning settings; `kv_cache_type` f16, q8_0 or q4_0, on llama-cpp only."""
+    for bad in ({"speculative": "always"}, {"speculative": {"ngram": 0}}, {"speculative": {"draft": 4}}):
+        with pytest.raises(lllms.ConfigError, match="speculative"):
+            lllms.ModelServer(smol_config(smollm2, **bad))
+    with pytest.raises(lllms.ConfigError, match="kv_cache_type"):
+        lllms.ModelServer(smol_config(smollm2, kv_cache_type="q2_k"))
+    with pytest.raises(lllms.ConfigError, match="kv_cache_type"):
+        lllms.ModelServer(smol_config(smollm2, engine="gpt4all", kv_cache_type="q8_0"))
+    config = smol_config(smollm2, kv_cache_type="q8_0", speculative={"ngram": 2, "max_draft": 8})
+    with lllms.ModelServer(config) as ms:
+        reply = ms.chat("smol", EDIT, max_tokens=48, temperature=0)
+    assert reply.usage.completion_tokens == 48 and "def" in reply.text and reply.usage.accepted_tokens > 0
