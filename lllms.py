@@ -1359,8 +1359,7 @@ _StopCheck = Callable[[], bool] | None
 _OnToken = Callable[[int], bool]  # gpt4all's callback for a prompt token: answering False ends the call
 _OnPiece = Callable[[int, bytes | None], bool]  # and for a generated token, with its bytes
 
-# With tools, a model answers in one JSON shape, which the llama.cpp engine enforces by grammar, so that calls are
-# always well-formed and any chat model can call tools, whatever its template knows:
+# With tools, a model answers in one JSON shape, enforced by grammar, so any chat model makes well-formed calls:
 #   {"tool_calls": [{"name": "get_weather", "arguments": {...}}, ...]}   or   {"response": "plain text"}
 _TOOL_CALLS_OPEN = '{"tool_calls": ['
 _RESPONSE_OPEN = '{"response": '
@@ -1375,8 +1374,7 @@ class Engine:
     speculative = False  # can draft tokens from a predicted output: prediction
 
     def __init__(self, model: ModelConfig, path: str, state_cache: _StateCache | None = None) -> None:
-        self.model, self.path = model, path
-        self.state_cache = state_cache  # shared by the model's instances; engines that can't save state ignore it
+        self.model, self.path, self.state_cache = model, path, state_cache  # engines that can't save state ignore it
 
     def load(self) -> None:
         """Load the model; raise on failure."""
@@ -1400,8 +1398,7 @@ class Engine:
 
     @classmethod
     def grammar(cls, req: Request) -> str | None:
-        """The GBNF a checked request's output must match: its grammar, or one compiled from its JSON schema or
-        tools. An engine without grammars has none (check() refused them); a schema it cannot compile is a 400."""
+        """The GBNF the output must match: the request's, or compiled from its schema or tools (else a 400)."""
         return None
 
     @classmethod
@@ -1434,13 +1431,11 @@ class Engine:
     def embed(
         self, texts: list[str] | list[list[int]], dimensions: int | None = None, long_inputs: str | None = None
     ) -> tuple[list[list[float]], int]:
-        """Normalised vectors, one per input (text or token ids), and the tokens read. Long inputs follow the
-        request's `long_inputs`, else the model's; `dimensions` shortens vectors where the model allows it."""
+        """Unit vectors, one per input (text or token ids), and the tokens read; `long_inputs` overrides the model's."""
         raise NotImplementedError
 
     def rerank(self, query: str, docs: list[str], long_inputs: str | None = None) -> tuple[list[float], int, list[int]]:
-        """Each document's relevance to the query (0 to 1), each pair scored on its own; the tokens read; and the
-        documents longer than the context, which `long_inputs` (else the model's) decided."""
+        """Each document's relevance (0 to 1, pairs scored apart), the tokens read, and the documents too long."""
         raise InvalidRequest(f"model '{self.model.id}' is not a reranker", param="model", code="wrong_task")
 
     def _too_long(self, what: str, param: str) -> InvalidRequest:
@@ -1491,17 +1486,10 @@ class _StopMatcher:
         out, self.pending = self.pending, ""
         return out
 
-    def end(self, text: str) -> tuple[str, bool]:
-        """At the end of generation: the text still held back, with `text` (the decoder's last bytes), and whether
-        those completed a stop sequence (then the text stops before it)."""
-        tail, stopped = self.feed(text)
-        return tail + self.flush(), stopped
-
 
 class _Thoughts:
-    """A streaming reply split by the model's reasoning tags (in neither part) into reasoning, what they enclose (from
-    the first token if the generation prompt opened the block; all of it if never closed), and answer, what follows. The
-    engine counts thinking `tokens`; past `budget` it forces `closing()`: the budget message, then the end tag."""
+    """A streaming reply split by reasoning tags (in neither part) into reasoning (from the first token if the prompt
+    opened the block; all if never closed) and answer. Past `budget` thinking tokens the engine forces `closing()`."""
 
     def __init__(self, tags: tuple[str, str], inside: bool, budget: int | None, message: str | None) -> None:
         (self.start, self.end), self.budget, self.message = tags, budget, message or ""
@@ -1546,15 +1534,15 @@ class _Thoughts:
 def _reply_end(
     decoder: codecs.IncrementalDecoder, thoughts: _Thoughts | None, stops: _StopMatcher
 ) -> tuple[str, str | None, bool]:
-    """At the end of a reply: the answer still held back, with the decoder's last bytes (less a stop sequence they
-    complete), the reasoning still held back, and whether a stop sequence ended it. A tag cut short is text."""
+    """At a reply's end: the answer and reasoning still held back (with the decoder's last bytes), and whether a stop
+    sequence ended it (the answer stops before it). A tag cut short is text."""
     tail, reasoning = decoder.decode(b"", final=True), None
     if thoughts is not None:
         reasoning, tail = thoughts.feed(tail)
         more, held = thoughts.flush()
         reasoning, tail = (reasoning + more) or None, tail + held
-    tail, stopped = stops.end(tail)
-    return tail, reasoning, stopped
+    tail, stopped = stops.feed(tail)
+    return tail + stops.flush(), reasoning, stopped
 
 
 class _PromptTemplate:
@@ -1634,8 +1622,7 @@ def _thoughts(req: Request, template: Any, prompt: str, room: int) -> _Thoughts 
         if req.think:
             raise InvalidRequest(f"'{req.think_param}': model '{req.model.id}' does not think", param=req.think_param)
         return None
-    inside = prompt.rstrip().endswith(tags[0].rstrip())
-    return _Thoughts(tags, inside, req.thinking_budget(room), req.think_message)
+    return _Thoughts(tags, prompt.rstrip().endswith(tags[0].rstrip()), req.thinking_budget(room), req.think_message)
 
 
 def _chat_template(model: ModelConfig, source: str | None, bos: str, eos: str) -> _ChatTemplate | _PromptTemplate:
@@ -1668,41 +1655,37 @@ def _common_prefix(a: Sequence[Any], b: Sequence[Any]) -> int:
 
 
 _DISK_QUEUE_BYTES = 1 << 30  # states waiting for the disk tier's writer; beyond it, a slow disk misses some
+_DiskIndex = collections.OrderedDict[str, tuple[str, tuple[int, ...], int]]  # file name: layout, tokens, size
+_Saved = tuple[tuple[int, ...], Any]  # a KV state's tokens, and the state
 
 
 class _DiskTier:
-    """Conversations' KV states on disk, so that they outlive a restart: a file each in `folder`, the least recently
-    used deleted beyond `limit` bytes. A file is a JSON header line (the layout its state fits, its tokens, the
-    state's size and sha256), then the state. One thread writes them, atomically, so that no decode step waits for the
-    disk; request threads read them. The headers are indexed on first use, not at start."""
+    """Conversations' KV states on disk, to outlive a restart: a file each (a JSON header line, then the state), LRU
+    beyond `limit` bytes, written atomically by one thread (no decode step waits for the disk), indexed on first use."""
 
     FORMAT = "lllms-kv-1"
 
     def __init__(self, folder: str, limit: int) -> None:
         self.folder, self.limit, self.lock = folder, limit, threading.Lock()
-        self.index: collections.OrderedDict[str, tuple[str, tuple[int, ...], int]] | None = (
-            None  # name: layout, tokens, size
-        )
+        self.index: _DiskIndex | None = None
         self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lllms-kv-write")
         self.queued = 0  # bytes of states waiting for the writer: a slow disk skips states rather than pile them up
 
-    def _entries(self) -> collections.OrderedDict[str, tuple[str, tuple[int, ...], int]]:
+    def _entries(self) -> _DiskIndex:
         """The index (under the lock), oldest first; on first use, read from the headers in the folder."""
         if self.index is None:
             self.index, found = collections.OrderedDict(), []
             with _suppress(OSError), os.scandir(self.folder) as entries:
                 found = sorted((e.stat().st_mtime, e.name) for e in entries if e.name.endswith((".kv", ".tmp")))
             for mtime, name in found:
-                if name.endswith(".tmp"):  # a write cut short, once no writer can still be finishing it
-                    if mtime < time.time() - 3600:
-                        self._discard(name)
-                elif (entry := self._read(name)) is not None:
+                if name.endswith(".kv") and (entry := self._read(name)) is not None:
                     self.index[name] = entry[0]["layout"], tuple(entry[0]["tokens"]), entry[2]
+                elif name.endswith(".tmp") and mtime < time.time() - 3600:  # cut short, and no writer is finishing it
+                    self._discard(name)
         return self.index
 
     def _read(self, name: str, state: bool = False) -> tuple[dict[str, Any], bytes, int] | None:
-        """An entry's header, its state (with `state`) and its size, once they check out. One truncated, damaged or
-        not written by lllms is deleted with a warning: the request evaluates its prompt instead."""
+        """An entry's header, its state (with `state`) and its size, if it checks out; else it is deleted, warned of."""
         path = os.path.join(self.folder, name)
         try:
             with open(path, "rb") as f:
@@ -1726,7 +1709,7 @@ class _DiskTier:
         with _suppress(OSError):
             os.remove(os.path.join(self.folder, name))
 
-    def get(self, layout: str, prompt: list[int], longer_than: int) -> tuple[tuple[int, ...], bytes] | None:
+    def get(self, layout: str, prompt: list[int], longer_than: int) -> _Saved | None:
         """The state of `layout` sharing the longest prefix with prompt, if longer than longer_than, read, checked."""
         with self.lock:
             index = self._entries()
@@ -1748,12 +1731,9 @@ class _DiskTier:
         with self.lock:
             if len(state) > self.limit or self.queued and self.queued + len(state) > _DISK_QUEUE_BYTES:
                 return
-            self.queued += len(state)
-        try:
-            self.writer.submit(self._write, layout, tokens, state)
-        except RuntimeError:  # closed: the server has stopped
-            with self.lock:
-                self.queued -= len(state)
+            with _suppress(RuntimeError):  # closed: the server has stopped
+                self.writer.submit(self._write, layout, tokens, state)
+                self.queued += len(state)
 
     def _write(self, layout: str, tokens: tuple[int, ...], state: Any) -> None:
         name = hashlib.sha256(f"{layout}{tokens}".encode()).hexdigest()[:40] + ".kv"
@@ -1771,14 +1751,11 @@ class _DiskTier:
             index[name] = layout, tokens, len(data)
             index.move_to_end(name)
             # A longer history supersedes its own prefixes; then the least recently used go, down to the limit.
-            doomed = {n for n, (lay, t, _) in index.items() if lay == layout and t == tokens[: len(t)] and n != name}
-            total = sum(size for n, (_, _, size) in index.items() if n not in doomed)
-            for n, (_, _, size) in index.items():
-                if total > self.limit and n not in doomed:
-                    doomed.add(n)
-                    total -= size
+            doomed = [n for n, (lay, t, _) in index.items() if lay == layout and t == tokens[: len(t)] and n != name]
             for n in doomed:
                 del index[n]
+            while sum(size for _, _, size in index.values()) > self.limit:
+                doomed.append(index.popitem(last=False)[0])
         for n in doomed:
             self._discard(n)
 
@@ -1788,9 +1765,8 @@ class _DiskTier:
 
 
 class _StateCache:
-    """KV states of conversations pushed out of their instance, in RAM up to a byte budget (LRU), and on disk below
-    it, keyed by the tokens they hold. Shared by a model's instances, so that a conversation can come back on any of
-    them. `layout` (set by bind) names the model file and the context settings the states fit."""
+    """KV states of conversations pushed out of their instance, keyed by their tokens: in RAM up to `limit` bytes (LRU),
+    on disk below. Shared by a model's instances; `layout` (see bind) names the model file and context settings."""
 
     def __init__(self, limit: int, disk: _DiskTier | None = None) -> None:
         self.limit, self.disk, self.layout, self.lock = limit, disk, "", threading.Lock()
@@ -1819,22 +1795,18 @@ class _StateCache:
             while size > self.limit:
                 size -= len(self.entries.popitem(last=False)[1])
 
-    def fetch(self, prompt: list[int], longer_than: int) -> tuple[tuple[int, ...], Any] | None:
-        """From disk, the state sharing the longest prefix with prompt, if longer than longer_than and than any in
-        RAM: read on the request's thread, so that no decode step waits for the disk."""
+    def fetch(self, prompt: list[int], longer_than: int) -> _Saved | None:
+        """From disk, on the request's thread: the state sharing more of prompt than longer_than and any in RAM."""
         if self.disk is None:
             return None
         with self.lock:
             longer_than = max([longer_than, *(_common_prefix(key, prompt) for key in self.entries)])
         return self.disk.get(self.layout, prompt, longer_than)
 
-    def best(
-        self, prompt: list[int], longer_than: int, fetched: tuple | None = None
-    ) -> tuple[tuple[int, ...], Any] | None:
-        """The saved state (or `fetched`) sharing the longest prefix with prompt, if that prefix is longer than
-        longer_than."""
+    def best(self, prompt: list[int], longer_than: int, fetched: _Saved | None = None) -> _Saved | None:
+        """The saved state (or `fetched`) sharing the longest prefix with prompt, if longer than longer_than."""
         with self.lock:
-            found = {key: state for key, state in [*self.entries.items(), *([fetched] if fetched else [])]}
+            found = dict([*self.entries.items(), *([fetched] if fetched else [])])
             shared = {key: _common_prefix(key, prompt) for key in found if len(key) > longer_than}
             best = max(shared, key=shared.__getitem__, default=None)
             if best is None or shared[best] <= longer_than:
@@ -1861,8 +1833,7 @@ class _Turns:
     """A lock granted in the order it was asked for (threading.Lock may hand it straight back to its releaser)."""
 
     def __init__(self) -> None:
-        self.cond = threading.Condition()
-        self.tickets = self.serving = 0
+        self.cond, self.tickets, self.serving = threading.Condition(), 0, 0
 
     def acquire(self) -> None:
         with self.cond:
@@ -1877,8 +1848,7 @@ class _Turns:
     __enter__, __exit__ = acquire, release
 
 
-# Every native compute step (a llama.cpp decode, a gpt4all token) holds this: engines running at once take
-# turns on all the cores instead of oversubscribing them, which slows everything by 10-100x.
+# Held by each native compute step: engines take turns on all the cores (oversubscribing them is 10-100x slower).
 _CORES = _Turns()
 # Embedding and rerank decodes run on one thread: llama.cpp's OpenMP keeps a team of spinning workers for each
 # thread that decodes, and a team per connection thread fought the last one for the cores (rerank ~1.8x slower).
