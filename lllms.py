@@ -232,7 +232,7 @@ class PreloadConfig:
 
 # The share of a reply's max_tokens each reasoning effort may think for, unless a model's effort_budgets says.
 _EFFORT_BUDGETS = {"minimal": 1 / 16, "low": 1 / 4, "medium": 1 / 2, "high": 3 / 4}
-_SPEC_TUNING = {"ngram": 3, "min_draft": 2, "max_draft": 16}  # speculative's settings (integers 1-32) and defaults
+_SPEC_TUNING = {"ngram": 3, "max_draft": 16}  # speculative's settings (integers 1-32) and defaults
 _MODEL_ID = re.compile(r"[A-Za-z0-9_.:-]+(/[A-Za-z0-9_.:-]+)*")  # a model's id: hf.co/ names keep their slashes
 
 
@@ -2259,13 +2259,14 @@ def _logprob(model: _LlamaModel, logits: Any, token: int, top: int | None) -> tu
 
 
 class _Drafter:
-    """N-gram speculation for one choice: after the last `ngram` tokens, it proposes the tokens that followed their
-    latest earlier occurrence in the prompt, a predicted output or the reply so far. Drafts grow while they are
-    accepted and shrink when not; a choice whose drafts keep failing stops drafting for a while, doubling each time."""
+    """N-gram speculation for one choice: after its last `ngram` tokens, it drafts the tokens that followed their latest
+    earlier occurrence in the prompt, a predicted output or the reply so far. The k-th drafted token earns its place in
+    a decode while p^k, the chance that it and all before it are accepted, beats its cost (a share of a step, more when
+    more sequences step); p is the recent per-token acceptance rate. It drifts back to a prior of 2/3 while no draft is
+    tried, so a choice whose drafts failed stops drafting, and tries again later."""
 
     def __init__(self, tokens: list[int], predicted: list[int], tuning: dict[str, int]) -> None:
-        self.n, self.least, self.most = tuning["ngram"], tuning["min_draft"], tuning["max_draft"]
-        self.length, self.fails, self.rest = self.least, 0, 0
+        self.n, self.most, self.hits, self.trials = tuning["ngram"], tuning["max_draft"], 2.0, 3.0
         self.source: list[int] = []  # the tokens drafts are copied from: the predicted output, then the history
         self.index: dict[tuple[int, ...], int] = {}  # each n-gram's latest end in source
         for t in [*predicted, *tokens]:
@@ -2277,17 +2278,16 @@ class _Drafter:
             self.index[tuple(self.source[-self.n :])] = len(self.source)
         self.source.append(token)
 
-    def draft(self, room: int) -> list[int]:
-        if self.rest:
-            self.rest -= 1
+    def draft(self, room: int, cost: float) -> list[int]:
+        if (at := self.index.get(tuple(self.source[-self.n :]))) is None:
             return []
-        at = self.index.get(tuple(self.source[-self.n :]))
-        return [] if at is None else self.source[at : at + min(self.length, room)]
+        k = min(room, self.most, int(math.log(cost) / math.log(self.hits / self.trials)))
+        if k < 1:
+            self.hits, self.trials = 0.9 * self.hits + 0.2, 0.9 * self.trials + 0.3
+        return self.source[at : at + k]
 
     def verified(self, drafted: int, accepted: int) -> None:
-        self.length = min(self.length * 2, self.most) if accepted == drafted else max(accepted, self.least)
-        self.fails = 0 if accepted else self.fails + 1
-        self.rest = 2**self.fails if self.fails >= 2 else 0
+        self.hits, self.trials = 0.8 * self.hits + accepted, 0.8 * self.trials + accepted + (accepted < drafted)
 
 
 @dataclass(eq=False)  # compared by identity: the decode thread finds jobs in lists
@@ -2373,10 +2373,10 @@ class _Job:
         if self.drafter is not None:
             self.drafter.add(token)
 
-    def draft(self, room: int) -> list[int]:
+    def draft(self, room: int, cost: float) -> list[int]:
         """Tokens to evaluate after `next` in the same decode, each checked there against what the model samples."""
         room = min(room, self.max_new - self.usage.completion_tokens - 1)
-        return [] if self.drafter is None or self.forced or room < 1 else self.drafter.draft(room)
+        return [] if self.drafter is None or self.forced or room < 1 else self.drafter.draft(room, cost)
 
     def finish(self, reason: str, stopped: bool = False) -> None:
         tail, reasoning = "", None
@@ -2398,6 +2398,7 @@ class _Job:
         self.done.set()
 
 
+_DRAFT_COST = 0.43  # a drafted token's cost, as a share of a one-token step: 1/2.3 on a 2-core CPU
 _BIG_BATCH = 64  # from this many tokens a batch on, llama.cpp's CPU kernels round differently (0.3.36's build)
 _Part = tuple[_Job, list[int], bool]  # a job's tokens to evaluate, and whether all want logits (else from its last)
 
@@ -2538,8 +2539,10 @@ class _Decoder:
                 job.finish("length")
         steps = [j for j in running if j.next is not None and not j.ended]
         room, decodes = _BIG_BATCH - 1 - len(steps), [[]]  # drafts fill a decode up to where the arithmetic changes
+        c = 0.05 if self.model.gpu else _DRAFT_COST
+        cost = len(steps) * c / (1 + (len(steps) - 1) * c)  # a token's share of the step: the batch gains it all
         for job in steps:
-            draft = job.draft(room)
+            draft = job.draft(room, cost)
             room -= len(draft)
             decodes[0].append((job, [typing.cast(int, job.next), *draft], True))
         big: list[_Part] = []
@@ -2733,6 +2736,8 @@ class _Decoder:
 
     def _restore(self, seq: int, tokens: tuple[int, ...], state: Any) -> bool:
         self.keep(seq, 0)
+        if len(tokens) > self.n_ctx:  # saved by a server with a larger context_size
+            return False
         src = state if isinstance(state, ctypes.Array) else (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
         if self.lc.llama_state_seq_set_data(self.ctx, src, len(state), seq) == 0:
             log.warning("%s: restoring a saved context failed; evaluating the prompt instead", self.config.id)
