@@ -692,8 +692,7 @@ def _sidecar(path: str, st: os.stat_result | None = None) -> dict[str, Any]:
             data = json.load(f)
     except (OSError, ValueError):
         return {}
-    if not isinstance(data, dict):
-        return {}
+    data = data if isinstance(data, dict) else {}
     stale = st is not None and (data.get("size"), data.get("mtime_ns")) != (st.st_size, st.st_mtime_ns)
     return {} if stale else data
 
@@ -719,9 +718,8 @@ def _file_identity(path: str) -> str:
     st = os.stat(path)
     if digest := _sidecar(path, st).get("sha256"):
         return str(digest)
-    hasher = hashlib.sha256()
     with open(path, "rb") as f:
-        hasher.update(f.read(1 << 20))
+        hasher = hashlib.sha256(f.read(1 << 20))
         f.seek(max(st.st_size - (1 << 20), 0))
         hasher.update(f.read())
     return f"{st.st_size}:{st.st_mtime_ns}:{hasher.hexdigest()}"
@@ -757,10 +755,8 @@ def verify_file(
         return True
     digest = _sidecar(path, st).get("sha256")
     if not re.fullmatch(r"[0-9a-f]{64}", str(digest)):
-        hasher = hashlib.sha256()
-        _hash_into(path, hasher)
-        digest = hasher.hexdigest()
-        _write_sidecar(path, digest)
+        _hash_into(path, hasher := hashlib.sha256())
+        _write_sidecar(path, digest := hasher.hexdigest())
     return digest == sha256.lower()
 
 
@@ -770,10 +766,9 @@ def verify_file(
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
     """Redirects keep Range but drop credentials on a change of host: urllib would send the Hub's token to its CDN."""
 
-    http_error_308 = urllib.request.HTTPRedirectHandler.http_error_302
+    http_error_308 = urllib.request.HTTPRedirectHandler.http_error_302  # 3.10's urllib lacks 308 (a 307 for a GET)
 
     def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
-        # 308 is 307 for a GET; Python 3.10's urllib does not know 308.
         new = super().redirect_request(req, fp, 307 if code == 308 else code, msg, headers, newurl)
         a, b = urlsplit(req.full_url), urlsplit(new.full_url)
         if a.hostname != b.hostname or a.port != b.port or (a.scheme == "https" and b.scheme != "https"):
@@ -870,13 +865,12 @@ class _Transfer:
             raise _network_error(exc, self.url, self.stall_timeout) from None
         with response:
             if response.status == 206:
-                content_range = response.headers.get("Content-Range") or ""
-                m = re.fullmatch(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", content_range.strip(), re.IGNORECASE)
+                header = response.headers.get("Content-Range") or ""
+                m = re.fullmatch(r"bytes\s+(\d+)-(\d+)/(\d+|\*)", header.strip(), re.IGNORECASE)
                 total = None if not m or m[3] == "*" else int(m[3])
                 if not m or int(m[1]) != self.done or (None not in (total, self.total) and total != self.total):
                     # Bytes from elsewhere in the file, or from a file that changed size: the part cannot take them.
-                    asked = f"asked for bytes from {self.done}, got Content-Range {content_range!r}"
-                    self.start_over(f"{self.url}: {asked}")
+                    self.start_over(f"{self.url}: asked for bytes from {self.done}, got Content-Range {header!r}")
             elif response.status == 200:
                 if self.done:
                     log.info("%s: the server ignored Range; downloading from the start", self.url)
@@ -1020,11 +1014,9 @@ def _lock(dest: str, poll: float, cancel: threading.Event) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
-@dataclass
-class _Flight:
-    """A download in progress in this process; other threads wanting the same file wait on `done`."""
+class _Flight(threading.Event):
+    """A download in progress in this process, set when it ends; other threads wanting the same file wait for it."""
 
-    done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
 
@@ -1051,11 +1043,10 @@ def fetch(
                 flight = _inflight[dest] = _Flight()
                 break
         log.info("waiting for %s: another thread is downloading it", dest)
-        while not flight.done.wait(0.1):
+        while not flight.wait(0.1):
             if cancel.is_set():
                 raise _DownloadCancelled(url)
-        err = flight.error
-        if isinstance(err, DownloadError) and err.permanent and not isinstance(err, _DownloadCancelled):
+        if isinstance(err := flight.error, DownloadError) and err.permanent and not isinstance(err, _DownloadCancelled):
             raise DownloadError(err.message, permanent=True, code=err.code or "model_download_failed") from err
     try:
         if verify_file(dest, sha256=sha256, mode=verify):
@@ -1075,7 +1066,7 @@ def fetch(
     finally:
         with _inflight_lock:
             del _inflight[dest]
-        flight.done.set()
+        flight.set()
     return dest
 
 
@@ -1244,8 +1235,7 @@ class _GgufHeader:
                     self.values[key] = value
 
     def _take(self, n: int) -> bytes:
-        out = self._f.read(n)
-        if len(out) < n:
+        if len(out := self._f.read(n)) < n:
             raise ValueError("truncated GGUF header")
         return out
 
