@@ -5882,11 +5882,10 @@ def _responses_input(items: Any) -> list[dict[str, Any]]:
             name = f"{namespace}.{name}" if isinstance(namespace, str) and isinstance(name, str) else name
             custom = kind == "custom_tool_call"
             said = json.dumps(item.get("input"), ensure_ascii=False) if custom else item.get("arguments")
-            call = ToolCall(item.get("call_id"), name, said, custom).openai()
             last = out[-1] if out else {}
             if not (last.get("role") == "assistant" and last.get("tool_calls") is not None and not last["content"]):
                 out.append({"role": "assistant", "content": "", "tool_calls": []})
-            out[-1]["tool_calls"].append(call)
+            out[-1]["tool_calls"].append(ToolCall(item.get("call_id"), name, said, custom).openai())
         elif kind == "reasoning":
             parts = item.get("content") if isinstance(item.get("content"), list) else []
             thought += "".join(p["text"] for p in parts if isinstance(p, dict) and isinstance(p.get("text"), str))
@@ -5982,26 +5981,15 @@ class _ResponsesCall:
 
     def __init__(self, ms: ModelServer, key: str | None) -> None:
         self.store, self.body, self.history = ms.responses, {}, []
-        self.key = key  # the conversation's affinity key, which the id carries for a load balancer
         self.created, self.token = int(time.time()), secrets.token_hex(12)
-
-    @property
-    def id(self) -> str:
-        return f"resp_{self.key}_{self.token}" if self.key else f"resp_{self.token}"
-
-    @staticmethod
-    def key_of(response_id: str) -> str | None:
-        """The affinity key an id carries (see `id`), or None."""
-        held = re.fullmatch(r"resp_([0-9]+)_[0-9a-f]+", response_id)
-        return held.group(1) if held else None
+        self.id = f"resp_{key}_{self.token}" if key else f"resp_{self.token}"  # the affinity key, for a load balancer
 
     def request(self, body: dict[str, Any], config: ServerConfig) -> Request:
         model = _model_of(body, config, "chat")
         reasoning = _object(body.get("reasoning") or {}, "reasoning")
         for key in set(reasoning) - {"effort", "summary", "generate_summary"}:
             raise InvalidRequest(f"'reasoning.{key}' is not supported by the {model.engine} engine", param="reasoning")
-        effort = reasoning.get("effort")
-        if effort is not None and not isinstance(effort, str):
+        if (effort := reasoning.get("effort")) is not None and not isinstance(effort, str):
             raise InvalidRequest("'reasoning.effort' must be a string", param="reasoning")
         include = body.get("include")
         if isinstance(include, list) and all(i == "reasoning.encrypted_content" for i in include):
@@ -6122,9 +6110,8 @@ class _ResponsesCall:
 
 _OLLAMA_VERSION = "0.12.0"  # the Ollama API these routes follow, for clients that check it
 # Ollama's options: each sets the sampling parameter of its name, but num_predict sets max_tokens.
-_OLLAMA_OPTIONS = {k: k for k in ("temperature", "top_p", "top_k", "min_p", "num_predict", "stop", "seed")}
-_OLLAMA_OPTIONS |= {k: k for k in ("repeat_penalty", "repeat_last_n", "presence_penalty", "frequency_penalty")}
-_OLLAMA_OPTIONS["num_predict"] = "max_tokens"
+_OLLAMA_OPTIONS = {k: k for k in "temperature top_p top_k min_p stop seed repeat_penalty repeat_last_n".split()}
+_OLLAMA_OPTIONS |= {k: k for k in ("presence_penalty", "frequency_penalty")} | {"num_predict": "max_tokens"}
 _OLLAMA_UNSUPPORTED = {
     "template": "prompts use the model's own chat template",
     "context": "continue a conversation with /api/chat",
@@ -6192,8 +6179,7 @@ def _ollama_messages(messages: Any) -> list[dict[str, Any]]:
         if m.get("images") is not None:  # base64 images, placed before the text as Ollama does
             images = msg["images"] = _ollama_images(m["images"], f"messages[{i}].images")
             msg["content"] = _IMAGE_MARKER * len(images) + _string(m.get("content", ""), f"messages[{i}].content")
-        if m.get("thinking"):
-            msg["reasoning_content"] = m["thinking"]
+        msg |= {"reasoning_content": m["thinking"]} if m.get("thinking") else {}
         if m.get("tool_calls"):
             for j, c in enumerate(m["tool_calls"] if isinstance(m["tool_calls"], list) else [None]):
                 fn = _object(_object(c, f"messages[{i}].tool_calls[{j}]").get("function"), "function")
@@ -6242,7 +6228,10 @@ class _OllamaCall:
             user = {"role": "user", "content": _IMAGE_MARKER * len(images) + _string(body["prompt"], "prompt")}
             fields["messages"] = _parse_messages([*system, {**user, "images": images}])
         fields |= {"json_schema": _ollama_format(body.get("format")), "keep_alive": _keep_alive(body.get("keep_alive"))}
-        return Request(**fields, schema_param="format", **_ollama_think(body.get("think"))).check()
+        if (think := body.get("think")) is not None and not isinstance(think, bool | str):  # or an effort level
+            raise InvalidRequest("'think' must be true, false, or low, medium or high", param="think")
+        fields |= {"think": True, "effort": think} if isinstance(think, str) else {"think": think}
+        return Request(**fields, schema_param="format", think_param="think").check()
 
     def _piece(self, model_id: str, text: str, calls: Any = None, thinking: str | None = None) -> dict[str, Any]:
         head = {"model": model_id, "created_at": _iso(time.time())}
@@ -6279,14 +6268,6 @@ class _OllamaCall:
         yield self._done(req, s.usage or Usage(), Choice(0, finish_reason=finish, tool_calls=calls))
 
 
-def _ollama_think(think: Any) -> dict[str, Any]:
-    """Ollama's think, as Request keywords: true or false, or an effort level."""
-    if think is not None and not isinstance(think, bool | str):
-        raise InvalidRequest("'think' must be true, false, or low, medium or high", param="think")
-    said = {"think": True, "effort": think} if isinstance(think, str) else {"think": think}
-    return {**said, "think_param": "think"}
-
-
 def _iso(t: float) -> str:
     return datetime.datetime.fromtimestamp(t, datetime.timezone.utc).isoformat().replace("+00:00", "Z")
 
@@ -6314,7 +6295,6 @@ def ollama_details(meta: dict[str, Any]) -> dict[str, Any]:
 
 
 # ---- 6h. the dialect table: each dialect's routes, how its calls run, its errors and stream framing
-#
 # A route that runs a model is a _Run, keyed for a load balancer (examples/haproxy/lllms.cfg); others, functions.
 
 
@@ -6371,8 +6351,8 @@ def _anthropic_key(body: dict[str, Any]) -> str | None:
 def _responses_key(body: dict[str, Any]) -> str | None:
     """A continued conversation keeps the key its first response was routed by, which its id carries."""
     previous = body.get("previous_response_id")
-    if isinstance(previous, str) and (key := _ResponsesCall.key_of(previous)) is not None:
-        return key
+    if isinstance(previous, str) and (held := re.fullmatch(r"resp_([0-9]+)_[0-9a-f]+", previous)):
+        return held.group(1)
     items = body.get("input")
     lead = items[0] if isinstance(items, list) and items and isinstance(items[0], dict) else {}
     return _crc_key(body.get("instructions"), items if isinstance(items, str) else lead.get("content"))
@@ -6418,8 +6398,7 @@ def _openai_model(ms: ModelServer, model_id: str) -> dict[str, Any]:
 
 def _loaded(ms: ModelServer, body: dict[str, Any], load: bool) -> dict[str, Any]:
     """llama-server's router: POST /models/load and /models/unload with {"model": id}."""
-    model = _model_of(body, ms.config, "any")
-    ms.load(model.id) if load else ms.unload(model.id)
+    (ms.load if load else ms.unload)(_model_of(body, ms.config, "any").id)
     return {"success": True}
 
 
@@ -6452,8 +6431,7 @@ def _ollama_ps(ms: ModelServer) -> dict[str, Any]:
         expires = [i["expires"] for i in instances if i["model"] == m.id and i["state"] != "gone"]
         if expires:
             until = None if None in expires else _iso(max(expires))
-            extra = {"expires_at": until, "size_vram": 0, "context_length": m.context_size}
-            out.append({**_ollama_entry(ms, m), **extra})
+            out.append({**_ollama_entry(ms, m), "expires_at": until, "size_vram": 0, "context_length": m.context_size})
     return {"models": out}
 
 
@@ -6579,8 +6557,7 @@ def _detokenize(ms: ModelServer, body: dict[str, Any]) -> dict[str, Any]:
     model, tokens = _model_of(_only_model(body, ms.config), ms.config, "any"), body.get("tokens")
     if not _is_ids(tokens):
         raise InvalidRequest("'tokens' must be a list of token ids", param="tokens")
-    raw = ms.use(model.id, lambda e: b"".join(e.pieces(tokens)))
-    return {"content": raw.decode("utf-8", errors="replace")}
+    return {"content": ms.use(model.id, lambda e: b"".join(e.pieces(tokens))).decode("utf-8", errors="replace")}
 
 
 def _apply_template(ms: ModelServer, body: dict[str, Any]) -> dict[str, Any]:
@@ -6594,15 +6571,14 @@ def _openai_post(kind: str, *rest: Any) -> dict[str, _Run]:
 
 
 _OPENAI = "/openai/v1"
+_MESSAGES = f"{_OPENAI}/messages"  # Anthropic's Messages API
 _RERANK = {"POST": _Run(rerank_request, rerank_response)}
 _DIALECTS = {  # the first whose prefix a path starts with speaks for it; OpenAI for any other
     "anthropic": _Dialect(
-        f"{_OPENAI}/messages",
+        _MESSAGES,
         {
-            f"{_OPENAI}/messages": {
-                "POST": _Run(anthropic_request, anthropic_response, anthropic_events, _anthropic_key)
-            },
-            f"{_OPENAI}/messages/count_tokens": {
+            _MESSAGES: {"POST": _Run(anthropic_request, anthropic_response, anthropic_events, _anthropic_key)},
+            f"{_MESSAGES}/count_tokens": {
                 "POST": _Run(functools.partial(anthropic_request, count=True), anthropic_count)
             },
         },
@@ -6615,7 +6591,7 @@ _DIALECTS = {  # the first whose prefix a path starts with speaks for it; OpenAI
     "responses": _Dialect(
         f"{_OPENAI}/responses",
         {
-            f"{_OPENAI}/responses": {"POST": _Run(key=_responses_key, call=lambda ms, key: _ResponsesCall(ms, key))},
+            f"{_OPENAI}/responses": {"POST": _Run(key=_responses_key, call=_ResponsesCall)},
             f"{_OPENAI}/responses/{{id}}": {
                 "GET": lambda ms, response_id: ms.responses.get(response_id)[0],
                 "DELETE": _deleted_response,
