@@ -6716,9 +6716,8 @@ class Ranking:
 
 
 class CompletionStream:
-    """A completion's chunks as generated: iterate to the end, or close it (`with`) to stop early. Creating it queues
-    the request (a full queue fails at once); iterating holds an instance until it ends or closes. Chunks carry their
-    choice's `index`; with tools, text is the reply's content and `tool_calls` call deltas; the last has all usage."""
+    """A completion's chunks as generated; close it (`with`) to stop early. Creating it queues the request (a full
+    queue fails at once). Chunks carry their choice's `index`; with tools, text is content and `tool_calls` deltas."""
 
     def __init__(self, request: Request, pool: _Pool, meter: _Metrics, cancel: Any, config: ServerConfig) -> None:
         self.request = request
@@ -6862,11 +6861,8 @@ class CompletionStream:
 
 class ModelServer:
     """Serves completions from a pool of engine instances, no HTTP involved. `chat`, `complete` and `embed` take
-    OpenAI's body fields as keywords, checked as the HTTP API does; `request` then `submit` do so for a whole body.
-
-    with ModelServer({"models": {...}}) as server:
-        print(server.chat("smollm2", [{"role": "user", "content": "Hi"}]).text)
-    """
+    OpenAI's body fields as keywords, checked as the HTTP API does; `request` then `submit` do so for a whole body:
+    `with ModelServer({"models": {...}}) as server: print(server.chat("smollm2", messages).text)`."""
 
     def __init__(self, config: ConfigSource, progress: Callable[[str, int, int | None], None] | None = None) -> None:
         """`progress(model_id, bytes_done, bytes_total)` is called while model files download."""
@@ -6883,8 +6879,7 @@ class ModelServer:
         self._state = "starting"  # then ready; draining once stop() begins (new requests get 503), then stopped
 
     def start(self) -> ModelServer:
-        """Check model files (no network), load min_instances, and download url models now ("blocking"), in the
-        background ("async") or on their first request, as their `prepare` says. Idempotent."""
+        """Check model files, load min_instances, get url models as `prepare` says (now, async, later). Idempotent."""
         if self._state != "starting":
             return self
         for model in self.config.models.values():
@@ -7116,8 +7111,7 @@ class ModelServer:
                         os.remove(name)
 
     def pull(self, name: str, report: Callable[[dict[str, Any]], None], cancel: threading.Event) -> ModelConfig:
-        """Download a model by hf.co/ name or https URL (resuming a part file), and serve it from now on under that
-        name, or for a URL its file name (Ollama's pull). `report` gets Ollama's progress objects."""
+        """Ollama's pull: download an hf.co/ name or https URL (resuming), serve it under that name or the file's."""
         if not (hf := _HF_NAME.fullmatch(name)) and not name.startswith("https://"):
             raise InvalidRequest("pull takes an hf.co/USER/REPO[:QUANT] name or an https:// URL", param="model")
         if not hf and not self.config.pull_private_urls:
@@ -7173,8 +7167,7 @@ class ModelServer:
                 os.remove(part)
 
     def describe(self, model_id: str) -> dict[str, Any]:
-        """What model lists add to a model: its status (loaded, loading, unloaded, downloading with progress, or
-        failed with the error), context length, task, engine and capabilities."""
+        """What model lists add: status (with progress or error), context length, task, engine and capabilities."""
         model, f = self.config.models[model_id], self._files[model_id]
         states = {i["state"] for i in self._pool.snapshot()[1] if i["model"] == model_id}
         error = self._pool.error(model_id) or (f.error if f.state == "error" else None)
@@ -7221,9 +7214,8 @@ class ModelServer:
         return openai_request(kind, body, self.config)
 
     def submit(self, req: Request, cancel: Any = None) -> Completion | CompletionStream | Embeddings | Ranking:
-        """Run a request: a stream when it asks for one, else the finished completion, embeddings or ranking. `cancel`
-        (anything with `is_set()`) abandons it: it leaves the queue, or generation stops at the next token. Its
-        `timeout` (default: config `request_timeout`): waiting past it is a 503, generating past it ends the text."""
+        """Run a request: a stream if it asks, else its result. `cancel` (anything with `is_set()`) abandons it at the
+        next token, or in the queue; past its `timeout` (default: request_timeout) waiting is a 503, generating ends."""
         if self._state == "starting":
             raise Unavailable("the server is not started", code="starting", headers={"Retry-After": "1"})
         req.check()
@@ -7290,8 +7282,7 @@ class ModelServer:
         timeout: float | None = None,
         keep_alive: float | None = None,
     ) -> Any:
-        """`work` done on an instance of the model, once one is free (waiting in the queue as requests do): the
-        way to its vocabulary, template and embedder."""
+        """`work` done on a free instance of the model, queued as requests are: to reach its vocabulary or template."""
         if self._state == "starting":
             raise Unavailable("the server is not started", code="starting", headers={"Retry-After": "1"})
         if not self._pool.has_file(model_id):
@@ -7318,8 +7309,7 @@ class ModelServer:
         with self._files_lock:
             if model_id not in self._metadata and os.path.isfile(path):
                 with _suppress(OSError, ValueError):
-                    header = _GgufHeader(path, lambda key: not key.startswith("tokenizer.ggml."))
-                    self._metadata[model_id] = header.values
+                    self._metadata[model_id] = _GgufHeader(path, lambda k: not k.startswith("tokenizer.ggml.")).values
             return self._metadata.get(model_id, {})
 
     def file_stat(self, model_id: str) -> tuple[int, float]:
@@ -7688,8 +7678,7 @@ class _Transport(BaseHTTPRequestHandler):
         return ok
 
     def handle_expect_100(self) -> bool:
-        # "100 Continue" waits until the headers pass every check, just before the body is read; a refusal
-        # before then is the final answer, and the client need not send its body.
+        # _body sends "100 Continue" once the headers pass every check: a refusal before then spares the body.
         self._expect_continue = True
         return True
 
@@ -7812,11 +7801,10 @@ class _Transport(BaseHTTPRequestHandler):
         self.end_headers()
 
     def _send_error(self, exc: APIError) -> None:
+        if self._status or self._unread_body():
+            self.close_connection = True
         if self._status:  # headers already went out
-            self.close_connection = True
             return
-        if self._unread_body():
-            self.close_connection = True
         try:
             self._send_json(*self._dialect.error(exc), exc.headers)
         except (BrokenPipeError, ConnectionResetError):
@@ -7829,17 +7817,8 @@ class _Transport(BaseHTTPRequestHandler):
             self.wfile.write(data)
         self.wfile.flush()
 
-    def _send_stream(self, stream: CompletionStream, events: Iterator[dict[str, Any]]) -> None:
-        """A completion's stream. While it waits for an instance and for its prompt's evaluation, it gets its headers
-        early and keepalives, so proxies and clients don't time out; its errors then come as error events."""
-        try:
-            self._send_events(lambda: self._first_event(stream, events), events)
-        finally:
-            stream.close()
-
     def _send_events(self, first: Callable[[], Any], events: Iterator[Any]) -> None:
-        """Stream `first()` and then `events` in the dialect's framing. An error before the first event is raised,
-        for a plain error status, unless headers went out already; any later one becomes an error event."""
+        """Stream `first()`, then `events`: an error before the headers is raised (for its status), later an event."""
         wire = self._dialect
         try:
             event = first()
@@ -7928,9 +7907,7 @@ class _Handler(_Transport):
             self._request_id = given_id
         if method != "POST":
             self.server.arm(self._conn, None)  # the request is in: what follows is not bounded by read_timeout
-            if self._unread_body():
-                self.close_connection = True
-        if self.server.draining:
+        if self.server.draining or (method != "POST" and self._unread_body()):
             self.close_connection = True
         # The dialect a path speaks, for its errors too (an unknown /v1/messages/x is answered as Anthropic).
         self._dialect = next((d for d in _DIALECTS.values() if path.startswith(d.prefix)), _DIALECTS["openai"])
@@ -7998,8 +7975,7 @@ class _Handler(_Transport):
             self._send_json(200, result)
 
     def _may_manage(self) -> None:
-        """Managing models fetches URLs and deletes files: by default only clients on this machine may (with a key,
-        where keys are set); manage_models may allow any client with a key, or no one."""
+        """Managing models fetches URLs and deletes files: only clients manage_models allows (default: this machine)."""
         rule, local = self.server.model_server.config.manage_models, self.client_address[0]
         why = "managing models is turned off (manage_models: off)" if rule == "off" else None
         if rule == "loopback" and not ipaddress.ip_address(local.removeprefix("::ffff:")).is_loopback:
@@ -8056,8 +8032,7 @@ class _Handler(_Transport):
             self.send_header("X-Conversation-Key", self._conversation_key)
         if self._left_out:
             self.send_header("X-Lllms-Tools-Left-Out", ", ".join(self._left_out))
-        origin = self._cors_origin() if self.headers is not None else None
-        if origin is not None:
+        if self.headers is not None and (origin := self._cors_origin()) is not None:
             self.send_header("Access-Control-Allow-Origin", origin)
             self.send_header("Access-Control-Expose-Headers", self._EXPOSED)
             self.send_header("Vary", "Origin")
@@ -8099,8 +8074,10 @@ class _Handler(_Transport):
         for tool in self.server.first_left_out(self.client_address[0], agent, req.left_out):
             log.info("left out the %s tool (lllms cannot run it) for %s, %s", tool, self.client_address[0], agent)
         result = ms.submit(req, cancel=_ClientWatch(self.connection))
-        if isinstance(result, CompletionStream):
-            return self._send_stream(result, call.events(result))
+        if isinstance(result, CompletionStream):  # headers and keepalives go out early: see _first_event
+            with result:
+                events = call.events(result)
+                return self._send_events(lambda: self._first_event(result, events), events)
         instance = getattr(result, "instance_id", None)
         self._send_json(200, call.response(result, req), {"X-Lllms-Instance": instance} if instance else None)
 
@@ -8184,8 +8161,7 @@ class _HTTPD(ThreadingHTTPServer):
         self.cut_waiting("timeout", time.monotonic())
 
     def cut_waiting(self, why: str = "shutdown", by: float = math.inf) -> None:
-        """Cut the reading side of connections owing data by `by`, ending the read blocking their thread: the serve
-        loop cuts those past their deadline; a drain cuts all that owe data, so they get a 503 and don't hold it up."""
+        """Cut the reading side of connections owing data by `by` (late, or all in a drain), freeing their threads."""
         with self.conns_lock:
             for conn in self.conns.values():
                 if conn.deadline is not None and conn.deadline <= by:
@@ -8241,8 +8217,7 @@ class HTTPServer:
         return self
 
     def stop(self, grace: float = 10.0) -> None:
-        """Drain, then stop: new requests get 503 and idle connections close while running requests finish
-        (for up to `grace` seconds); then the model server frees its instances and every connection ends."""
+        """Drain: new requests get 503 while running ones finish (for up to `grace` seconds), then everything ends."""
         self._httpd.draining = True
         self._httpd.cut_waiting()
         # A balancer sees /health fail within drain_delay; until then, new requests get a 503 it can retry elsewhere.
