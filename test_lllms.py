@@ -7553,7 +7553,8 @@ def test_a_thinking_conversation_reuses_its_context_up_to_what_the_template_drop
     conversation, thinking and answer."""
     messages: list[dict[str, Any]] = []
     previous = None
-    for question in ("Explain gravity.", "And magnetism?", "Which is stronger?", "Give an example."):
+    # A question no other test asks: the disk cache holds their conversations, and would give this one more.
+    for question in ("Explain how gravity works.", "And magnetism?", "Which is stronger?", "Give an example."):
         messages.append({"role": "user", "content": question})
         r = thinking_client.chat.completions.create(
             model=model, messages=messages, temperature=0, max_tokens=40, extra_body={"thinking_budget_tokens": 8}
