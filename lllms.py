@@ -3490,8 +3490,7 @@ def _capturing_stderr(call: Callable[..., Any], *args: Any, **kwargs: Any) -> tu
 
 
 class _Gpt4AllShim:
-    """gpt4all's private internals, in one place to check on upgrades. An instance holds a prompt context and calls
-    `llmodel_prompt` itself: LLModel.prompt_model forces context shifting on and merges tokens in its UTF-8 decoder."""
+    """gpt4all internals, in one place. Calls llmodel_prompt: prompt_model forces context shifting and merges tokens."""
 
     N_BATCH = 128  # gpt4all's prompt batch limit (LLMODEL_MAX_PROMPT_BATCH)
 
@@ -3534,9 +3533,8 @@ class _Gpt4AllShim:
     def prompt(self, text: str, p: SamplingParams, n_predict: int, on_prompt: _OnToken, on_response: _OnPiece) -> None:
         """Feed `text` after the first `n_past` tokens, then generate up to `n_predict`; blocks."""
         ctx, p = self._ctx, p.merged_over(_SAMPLING_DEFAULTS)
-        greedy, ctx.n_predict = p.temperature == 0, n_predict
-        ctx.n_batch = self.N_BATCH  # set again each call: the native side may have lowered it
-        ctx.temp, ctx.top_k = (1.0, 1) if greedy else (p.temperature, p.top_k)
+        ctx.n_predict, ctx.n_batch = n_predict, self.N_BATCH  # n_batch again each call: the native side may lower it
+        ctx.temp, ctx.top_k = (1.0, 1) if p.temperature == 0 else (p.temperature, p.top_k)
         ctx.top_p, ctx.min_p, ctx.repeat_penalty = p.top_p, p.min_p, p.repeat_penalty
         ctx.repeat_last_n = self.n_ctx if p.repeat_last_n == -1 else p.repeat_last_n
         callbacks = self._lib.PromptCallback(on_prompt), self._lib.ResponseCallback(on_response)
@@ -3607,11 +3605,10 @@ class _Gpt4AllRun:
     def _on_prompt(self, token: int) -> bool:
         self.prompt_ids.append(token)
         try:
-            stop = self.cancelled.is_set() or (self.should_stop is not None and self.should_stop())
+            self.prompt_aborted = self.cancelled.is_set() or (self.should_stop is not None and self.should_stop())
         except Exception as exc:  # an exception must not cross the C callback
-            self.failure, stop = exc, True
-        self.prompt_aborted = stop
-        return not stop
+            self.failure, self.prompt_aborted = exc, True
+        return not self.prompt_aborted
 
     def _on_response(self, token: int, piece: bytes | None) -> bool:
         self.callbacks += 1
@@ -3621,11 +3618,10 @@ class _Gpt4AllRun:
         self.generated += 1  # in the context whatever we answer: gpt4all evaluates a token before reporting it
         self.started.set()
         try:
+            self.pending += 1
             if text := self.decoder.decode(piece or b""):
-                self.pieces.append((text, self.pending + 1))
+                self.pieces.append((text, self.pending))
                 self.pending = 0
-            else:
-                self.pending += 1
             if self.finish is not None or self.cancelled.is_set():
                 return False
             reasoning = None
@@ -3693,8 +3689,7 @@ _GPT2_BYTES |= {chr(256 + i): b for i, b in enumerate(b for b in range(256) if b
 
 
 class Gpt4AllEngine(Engine):
-    """gpt4all: a `gpt4all.GPT4All` (`Embed4All` to embed) per instance. gpt4all 2.8 has no tokenizer and stops only
-    through its token callback: the context is tracked as (text, tokens) spans, and prompt calls run on a thread."""
+    """A GPT4All (Embed4All to embed) per instance. gpt4all 2.8 has no tokenizer: context is kept as (text, tokens)."""
 
     _DEFAULT_CTX = 2048
     _EMBEDDING_ARCHES = ("bert", "nomic-bert")  # gpt4all 2.8 embeds with these and completes with the others
@@ -3765,12 +3760,8 @@ class Gpt4AllEngine(Engine):
         tokens: list[str] = meta.get("tokenizer.ggml.tokens") or []
         types: list[int] = meta.get("tokenizer.ggml.token_type") or []
         self._vocab = (tokens, types, meta.get("tokenizer.ggml.model", ""))
-
-        def text_of(key: str) -> str:
-            i = meta.get(key)
-            return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else ""
-
-        self.bos_text, eos_text = text_of("tokenizer.ggml.bos_token_id"), text_of("tokenizer.ggml.eos_token_id")
+        ends = meta.get("tokenizer.ggml.bos_token_id"), meta.get("tokenizer.ggml.eos_token_id")
+        self.bos_text, eos_text = (tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else "" for i in ends)
         # llama.cpp's default when the key is missing: SentencePiece vocabularies add BOS, BPE ones do not.
         self.add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", self._vocab[2] == "llama")) and bool(self.bos_text)
         # Unknown, control and user-defined tokens: the ones llama.cpp matches as text when parsing specials.
@@ -3813,8 +3804,7 @@ class Gpt4AllEngine(Engine):
         return self._render(req.messages, True, **req.template_vars())
 
     def tokenize(self, text: str, add_special: bool, parse_special: bool) -> list[int]:
-        """gpt4all 2.8 has no tokenizer: the text is fed anew to the context (a later request may reuse it), and the
-        prompt callback names each token. gpt4all adds the BOS itself, and always reads special tokens."""
+        """No tokenizer in gpt4all: the text is fed (later requests may reuse it); the prompt callback names each id."""
         self._need_text_model()
         if not parse_special:
             raise InvalidRequest("'parse_special' false is not supported by the gpt4all engine", param="parse_special")
@@ -3846,11 +3836,10 @@ class Gpt4AllEngine(Engine):
         if self._gpt is None or not (text := self._render(messages, generation_prompt=False) if messages else prefix):
             return
         try:
-            stream = self._start(text, SamplingParams(), "prefix", None, max_new=0)
+            list(self._start(text, SamplingParams(), "prefix", None, max_new=0))
         except InvalidRequest:
             why = f"model '{self.model.id}': preload is longer than the context"
             raise Unavailable(why, code="preload_too_long") from None
-        list(stream)
 
     def run(self, req: Request, should_stop: _StopCheck = None) -> Iterator[Chunk]:
         """The choices one after another; the instance keeps the last one's context."""
@@ -3923,8 +3912,7 @@ class Gpt4AllEngine(Engine):
         max_new: int | None = None,
     ) -> Iterator[Chunk]:
         """Feed the text and generate; returns once the prompt is evaluated, so one that does not fit raises here."""
-        if self.add_bos and text.startswith(self.bos_text):
-            text = text[len(self.bos_text) :]  # gpt4all adds BOS itself: never a second one
+        text = text.removeprefix(self.bos_text) if self.add_bos else text  # gpt4all adds BOS itself: never a second one
         if not text and not self.add_bos:
             raise InvalidRequest(f"'{param}' must not be empty", param=param)
         native = typing.cast(_Gpt4AllShim, self._native)
@@ -4014,8 +4002,7 @@ class Gpt4AllEngine(Engine):
     def embed(
         self, texts: list[str] | list[list[int]], dimensions: int | None = None, long_inputs: str | None = None
     ) -> tuple[list[list[float]], int]:
-        """Long inputs are refused by default (long_inputs "error"), as by llama-cpp and OpenAI; "truncate" and "mean"
-        use gpt4all's modes; inputs that may overflow (a token covers a byte or more) are embedded alone to measure."""
+        """Inputs that may overflow are embedded alone, to measure; long_inputs "truncate" and "mean" are gpt4all's."""
         if self._embedder is None:
             raise InvalidRequest(f"model '{self.model.id}' is not an embedding model", param="model", code="wrong_task")
         for i, text in enumerate(texts):
@@ -4029,17 +4016,16 @@ class Gpt4AllEngine(Engine):
         fits = [mode != "error" or len(t.encode("utf-8")) + 32 <= self._embed_limit for t in strs]
         batches = [[i for i, ok in enumerate(fits) if ok]] if any(fits) else []
         batches += [[i] for i, ok in enumerate(fits) if not ok]
-        vectors: list[list[float]] = [[] for _ in texts]
+        vectors: dict[int, list[float]] = {}
         total = 0
         for batch in batches:
             vecs, n = self._embed_call([strs[i] for i in batch], dimensions, mode)
             if not fits[batch[0]] and n > self._embed_limit:
                 what = f"input[{batch[0]}] is longer than the model's embedding context of {self._embed_limit} tokens"
                 raise self._too_long(what, "input")
-            for i, v in zip(batch, vecs, strict=True):
-                vectors[i] = _l2_normalised(v)
+            vectors.update(zip(batch, map(_l2_normalised, vecs), strict=True))
             total += n
-        return vectors, total
+        return [vectors[i] for i in range(len(texts))], total
 
     def _embed_call(self, texts: list[str], dimensions: int | None, mode: str) -> tuple[list[list[float]], int]:
         kw = {"dimensionality": dimensions, "long_text_mode": "truncate" if mode == "truncate" else "mean"}
@@ -4221,8 +4207,7 @@ class _Pool:
 
     @contextlib.contextmanager
     def lease(self, ticket: _Ticket, cancel: Any, deadline: float | None, ttl: float | None) -> Iterator[_Lease]:
-        """Wait for the ticket's instance, given back after the block with idle `ttl` (None: its model's): kept after a
-        client error (APIError below 500) or an early close, disposed after any other failure (then an EngineError)."""
+        """The ticket's instance for the block, then released with idle `ttl` (None: its model's), or disposed."""
         lease = _Lease(self.wait(ticket, cancel, deadline))
         try:
             yield lease
@@ -4349,9 +4334,9 @@ class _Pool:
             insts = self.instances[inst.model.id]
             spare = inst.ttl == 0 and len(insts) > inst.model.min_instances
             dispose = not ok or self.stopping or inst.retired or spare
-            inst.state = "gone" if dispose else "idle"
-            if dispose and inst in insts:
-                insts.remove(inst)
+            inst.state = "idle"
+            if dispose:
+                self._take([inst])
             self._dispatch()
             self.cond.notify_all()
             if dispose and not self.stopping and not inst.retired:
@@ -4361,8 +4346,6 @@ class _Pool:
 
     def _dispatch(self) -> None:
         """Hand free instances (or room for new ones) to waiting tickets, oldest first. Lock held."""
-        if self.stopping:
-            return
         for ticket in list(self.queue):
             if self.running >= self.config.concurrency:
                 return
@@ -4427,8 +4410,7 @@ class _Pool:
         with _suppress(Exception):
             info = engine.context_info()
         with self.cond:
-            orphan = self.stopping or inst not in self.instances[model.id]
-            if orphan:
+            if orphan := self.stopping or inst not in self.instances[model.id]:
                 inst.state = "gone"
             else:
                 inst.engine = engine
@@ -4475,19 +4457,14 @@ class _Pool:
                 if self.stopping:
                     return
                 now = time.monotonic()
-                doomed: list[_Instance] = []
-                next_due = math.inf
+                spare: list[_Instance] = []  # idle beyond min_instances
                 for insts in filter(None, self.instances.values()):
                     idle = sorted((i for i in insts if i.state == "idle"), key=lambda i: i.last_used)
-                    for inst in idle[: max(len(insts) - insts[0].model.min_instances, 0)]:
-                        due = inst.last_used + inst.ttl
-                        if due <= now:
-                            doomed.append(inst)
-                        else:
-                            next_due = min(next_due, due)
-                self._take(doomed)
+                    spare += idle[: max(len(insts) - insts[0].model.min_instances, 0)]
+                doomed = self._take([i for i in spare if i.last_used + i.ttl <= now])
                 if not doomed:
-                    self.cond.wait(None if next_due == math.inf else max(0.01, next_due - now))
+                    due = min((i.last_used + i.ttl for i in spare), default=math.inf)
+                    self.cond.wait(None if due == math.inf else max(0.01, due - now))
             for inst in doomed:
                 self._close(inst)
 
@@ -4498,11 +4475,10 @@ class _Pool:
 
     def snapshot(self) -> tuple[dict[str, dict[str, int]], list[dict[str, Any]], int, int]:
         with self.cond:
-            counts = {}
+            counts, queued = {}, collections.Counter(t.model_id for t in self.queue)
             for model_id, insts in self.instances.items():
                 states = {s: sum(i.state == s for i in insts) for s in ("idle", "busy", "loading")}
-                queued = sum(t.model_id == model_id for t in self.queue)
-                counts[model_id] = {"total": len(insts), **states, "queued": queued}
+                counts[model_id] = {"total": len(insts), **states, "queued": queued[model_id]}
             return counts, [i.info() for insts in self.instances.values() for i in insts], self.running, len(self.queue)
 
 
