@@ -5221,8 +5221,6 @@ def rerank_response(r: Ranking, req: Request) -> dict[str, Any]:
 
 # ---- 6c. tools and structured output, for any chat model: the tool prompt, and a parser for the reply
 
-_TOOL_NAME = r"([A-Za-z0-9_-]{1,64}\.)?[A-Za-z0-9_-]{1,64}"  # "namespace.name" for a namespace's members
-
 
 def _custom_format(fmt: Any, where: str, name: str) -> dict[str, Any]:
     """A custom tool's input format: free text, or text a regex or a Lark grammar allows (Chat's shape)."""
@@ -5252,7 +5250,7 @@ def _tool_function(tool: Any, where: str) -> dict[str, Any]:
     fn = tool.get(kind)
     if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
         raise InvalidRequest(f"'{where}.{kind}' must be an object with a 'name'", param=f"{where}.{kind}")
-    if not re.fullmatch(_TOOL_NAME, fn["name"]):
+    if not re.fullmatch(r"([A-Za-z0-9_-]{1,64}\.)?[A-Za-z0-9_-]{1,64}", fn["name"]):  # "namespace.name": a member
         why = f"'{where}.{kind}.name' must be 1-64 letters, digits, underscores or dashes"
         raise InvalidRequest(why, param=f"{where}.{kind}")
     for key, types_, what in (("parameters", dict, "a JSON schema object"), ("description", str, "a string")):
@@ -5267,18 +5265,13 @@ def _tool_function(tool: Any, where: str) -> dict[str, Any]:
 
 @dataclass
 class _ToolPlan:
-    """What tools and tool_choice ask. "none", with calls in the history, keeps the tool shape: the model sees the
-    conversation as it was (a cache hit) and copies no call's JSON into its answer."""
+    """What tools and tool_choice ask. "none" with a call history keeps the shape: a cache hit, and no copied JSON."""
 
     functions: list[dict[str, Any]]  # every tool of the request, described to the model
     callable: list[str]  # the names it may call
     mode: Literal["auto", "required", "none"]
     parallel: bool
     paths: list[str] = field(default_factory=list)  # where each function was given, for errors ("tools[4].tools[1]")
-
-    def custom(self, name: str) -> bool:
-        """Whether a name is a custom tool's, whose input is free text."""
-        return any(f["name"] == name and "format" in f for f in self.functions)
 
 
 def _choice_names(choice: Any, names: list[str]) -> tuple[list[str], str] | None:
@@ -5387,8 +5380,7 @@ def _tool_messages(messages: list[dict[str, Any]], plan: _ToolPlan | None) -> li
 
 
 class _ReplyParser:
-    """Reads a tool-enabled reply as it streams: content from {"response": ...}, call deltas from tool_calls.
-    The grammar fixes every literal but the arguments' own JSON, so this tracks only string escapes and nesting."""
+    """Reads a streamed tool reply into content and call deltas; the grammar fixes all but the arguments' own JSON."""
 
     def __init__(self, plan: _ToolPlan) -> None:
         # With tool_choice "none" only text comes: a reply shaped like a call is passed on as text.
@@ -5397,7 +5389,7 @@ class _ReplyParser:
         self.buf = ""  # undecided head, or a pending escape inside the response string
         self.expect = ""  # a literal still to skip
         self.calls: list[ToolCall] = []
-        self.depth, self.in_string, self.escaped = 0, False, False
+        self.depth, self.in_string, self.escaped = 0, False, False  # the arguments' nesting and string escapes
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
         """Content text, and call deltas ({index, id?, name?, arguments})."""
@@ -5417,8 +5409,7 @@ class _ReplyParser:
             if not ch.isspace() or ch == self.expect[0]:
                 self.expect = self.expect[1:] if ch == self.expect[0] else ""
             return
-        state = self.state
-        if state == "head":
+        if self.state == "head":
             self.buf += ch
             if self.buf == _TOOL_CALLS_OPEN and _TOOL_CALLS_OPEN in self.heads:
                 self.state, self.buf, self.expect = "call", "", '{"name": "'
@@ -5427,28 +5418,30 @@ class _ReplyParser:
             elif not any(head.startswith(self.buf) for head in self.heads):
                 content.append(self.buf)  # not the tool shape (no grammar held it): pass it on as it is
                 self.state, self.buf = "plain", ""
-        elif state == "plain":
+        elif self.state == "plain":
             content.append(ch)
-        elif state == "text":
+        elif self.state == "text":
             self._text(ch, content)
-        elif state == "call":
+        elif self.state == "call":
             self._name(ch, deltas)
-        elif state == "arguments":
+        elif self.state == "arguments":
             self._arguments(ch, deltas)
-        elif state == "between":
+        elif self.state == "between":
             if ch == ",":
                 self.state, self.expect = "call", '{"name": "'
             elif ch == "]":
                 self.state = "done"
 
     def _name(self, ch: str, deltas: list[dict[str, Any]]) -> None:
-        self.buf += ch
-        if ch == '"':
-            call = ToolCall("call_" + secrets.token_hex(12), self.buf[:-1], custom=self.plan.custom(self.buf[:-1]))
-            self.calls.append(call)
-            if not call.custom:  # a custom call's text comes whole, in one delta at its end
-                deltas.append({"index": len(self.calls) - 1, "id": call.id, "name": call.name, "arguments": ""})
-            self.state, self.buf, self.expect = "arguments", "", ', "arguments": '
+        if ch != '"':
+            self.buf += ch
+            return
+        custom = any(f["name"] == self.buf and "format" in f for f in self.plan.functions)  # free-text input
+        call = ToolCall("call_" + secrets.token_hex(12), self.buf, custom=custom)
+        self.calls.append(call)
+        if not custom:  # a custom call's text comes whole, in one delta at its end
+            deltas.append({"index": len(self.calls) - 1, "id": call.id, "name": call.name, "arguments": ""})
+        self.state, self.buf, self.expect = "arguments", "", ', "arguments": '
 
     def _text(self, ch: str, content: list[str]) -> None:
         if self.buf:
@@ -5488,10 +5481,9 @@ class _ReplyParser:
         self.calls[-1].arguments += ch
         if self.calls[-1].custom:
             return
-        if deltas and deltas[-1]["index"] == len(self.calls) - 1:  # one arguments fragment per call per chunk
-            deltas[-1]["arguments"] += ch
-        else:
-            deltas.append({"index": len(self.calls) - 1, "arguments": ch})
+        if not deltas or deltas[-1]["index"] != len(self.calls) - 1:  # one arguments fragment per call per chunk
+            deltas.append({"index": len(self.calls) - 1, "arguments": ""})
+        deltas[-1]["arguments"] += ch
 
 
 def _format_schema(response_format: Any) -> dict[str, Any] | None:
@@ -5518,15 +5510,11 @@ def _format_schema(response_format: Any) -> dict[str, Any] | None:
 
 def _dialect_params(body: dict[str, Any], names: dict[str, str]) -> SamplingParams:
     """A body's sampling parameters, under the dialect's names (theirs -> ours); a 400 names the dialect's key."""
-    out = SamplingParams()
-    for theirs, ours in names.items():
-        if body.get(theirs) is None:
-            continue
-        try:
-            setattr(out, ours, getattr(SamplingParams.from_dict({ours: body[theirs]}), ours))
-        except InvalidRequest as exc:
-            raise InvalidRequest(exc.message.replace(f"'{ours}'", f"'{theirs}'"), param=theirs) from None
-    return out
+    try:
+        return SamplingParams.from_dict({ours: body.get(theirs) for theirs, ours in names.items()})
+    except InvalidRequest as exc:  # from_dict names our key: the first bad one, in the dialect's order
+        theirs = next(k for k, ours in names.items() if ours == exc.param)
+        raise InvalidRequest(exc.message.replace(f"'{exc.param}'", f"'{theirs}'"), param=theirs) from None
 
 
 def _refuse(body: dict[str, Any], fields: dict[str, str], engine: str) -> None:
@@ -5537,11 +5525,10 @@ def _refuse(body: dict[str, Any], fields: dict[str, str], engine: str) -> None:
 
 
 def _leave_out(tools: list[Any], own: tuple[str, ...], strict: bool) -> tuple[list[tuple[int, Any]], list[str]]:
-    """Tools (with indices) less the hosted ones (web_search, ...), and their names: agents send these always, so they
-    are left out, not refused, unless `strict` (hosted_tools "refuse"). `own`: the types read, the first by default."""
+    """Tools (indexed) less hosted ones (web_search...), and their names: agents always send these; `strict` refuses."""
     kept, left = [], []
     for i, t in enumerate(tools):
-        kind = t.get("type", own[0]) if isinstance(t, dict) else None
+        kind = t.get("type", own[0]) if isinstance(t, dict) else None  # `own`: the types read, the first by default
         if isinstance(kind, str) and kind not in own:
             name = t["name"] if isinstance(t.get("name"), str) else kind
             left.append(name if re.fullmatch(r"[\w.-]{1,64}", name) else f"tools[{i}]")
@@ -5560,9 +5547,8 @@ def _started(s: CompletionStream) -> Iterator[Chunk]:
 
 
 def _blocks(chunks: Iterator[Chunk]) -> Iterator[tuple[str, int, str | ToolCall, str]]:
-    """A one-choice stream as blocks (kind: "reasoning", "text", or a ToolCall): ("start", i, kind, ""), a ("delta", i,
-    kind, piece) per piece of text or arguments, then ("stop", i, kind, the whole text or arguments)."""
-    index, kind, text = -1, "", ""  # the open block
+    """One choice's blocks: ("start", i, kind, ""), ("delta", i, kind, piece) per piece, ("stop", i, kind, whole)."""
+    index, kind, text = -1, "", ""  # the open block: its kind ("reasoning", "text" or a ToolCall) and text so far
     for ch in chunks:
         pieces = [(k, t) for k, t in (("reasoning", ch.reasoning), ("text", ch.text)) if t]
         for d in ch.tool_calls or ():
@@ -5578,10 +5564,6 @@ def _blocks(chunks: Iterator[Chunk]) -> Iterator[tuple[str, int, str | ToolCall,
                 yield "delta", index, kind, piece
     if index >= 0:
         yield "stop", index, kind, text
-
-
-def _suffix(completion_id: str) -> str:
-    return completion_id.split("-", 1)[-1]
 
 
 # ---- 6e. the Anthropic Messages dialect
@@ -5622,11 +5604,8 @@ def _anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
         where = f"messages[{i}].content"
         if role == "assistant":
             blocks = _content_parts(m.get("content"), where, ("text", "tool_use", "thinking", "redacted_thinking"))
-            calls = [
-                ToolCall(_string(b.get("id"), f"{where}.id"), b.get("name"), json.dumps(b.get("input", {}))).openai()
-                for b in blocks
-                if b["type"] == "tool_use"
-            ]
+            uses = [(_string(b.get("id"), f"{where}.id"), b) for b in blocks if b["type"] == "tool_use"]
+            calls = [ToolCall(id_, b.get("name"), json.dumps(b.get("input", {}))).openai() for id_, b in uses]
             text = "".join(b["text"] for b in blocks if b["type"] == "text")
             thought = "".join(str(b.get("thinking", "")) for b in blocks if b["type"] == "thinking")
             extra = {**({"tool_calls": calls} if calls else {}), **({"reasoning_content": thought} if thought else {})}
@@ -5648,16 +5627,14 @@ def _anthropic_messages(body: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def _anthropic_tools(body: dict[str, Any], strict: bool) -> tuple[Any, Any, bool | None, list[str]]:
-    """tools, tool_choice and parallel_tool_calls in OpenAI's shapes, Anthropic's own tools left out and named last. A
-    deferred tool is shown once a client-side tool search loaded it; with the API's own (not run here), every one is."""
+    """tools, tool_choice and parallel_tool_calls in OpenAI's shapes, Anthropic's own tools left out and named last."""
     tools, left = body.get("tools"), []
     if isinstance(tools, list):
         kept, left = _leave_out(tools, ("custom",), strict)
-        for i, t in kept:
-            if not isinstance(t, dict):
-                raise InvalidRequest(f"'tools[{i}]' must be an object", param="tools")
+        if bad := [i for i, t in kept if not isinstance(t, dict)]:
+            raise InvalidRequest(f"'tools[{bad[0]}]' must be an object", param="tools")
         hosted_search = any(isinstance(t, dict) and str(t.get("type")).startswith("tool_search") for t in tools)
-        loaded = _loaded_tools(body.get("messages") or [])
+        loaded = _loaded_tools(body.get("messages") or [])  # deferred: shown once loaded (all, with a hosted search)
         shown = [t for _, t in kept if hosted_search or not t.get("defer_loading") or t.get("name") in loaded]
         tools = [{"type": "function", "function": {k: t.get(f) for k, f in _ANTHROPIC_TOOL_KEYS}} for t in shown]
     choice = body.get("tool_choice")
@@ -5677,8 +5654,7 @@ def _anthropic_tools(body: dict[str, Any], strict: bool) -> tuple[Any, Any, bool
 def anthropic_request(body: dict[str, Any], config: ServerConfig, count: bool = False) -> Request:
     """An Anthropic Messages body (or, with `count`, a count_tokens body) as a Request."""
     model = _model_of(body, config, "chat")
-    # "adaptive" lets the model decide whether to think: one that cannot, doesn't. Claude Code always sends it.
-    thinking = _object(body.get("thinking") or {}, "thinking")
+    thinking = _object(body.get("thinking") or {}, "thinking")  # "adaptive" (Claude Code's): the model decides
     if thinking.get("type") not in (None, "enabled", "disabled", "adaptive"):
         raise InvalidRequest("'thinking.type' must be enabled, disabled or adaptive", param="thinking")
     budget = thinking.get("budget_tokens") if thinking.get("type") == "enabled" else None
@@ -5732,15 +5708,15 @@ def anthropic_response(c: Completion, req: Request) -> dict[str, Any]:
     content = [_anthropic_block("reasoning", ch.reasoning)] if ch.reasoning else []
     content += [_anthropic_block("text", ch.text)] if ch.text or not ch.tool_calls else []
     content += [_anthropic_block(call, "") for call in ch.tool_calls]
-    head = {"id": "msg_" + _suffix(c.id), "type": "message", "role": "assistant", "model": c.model}
+    head = {"id": "msg_" + c.id.split("-", 1)[-1], "type": "message", "role": "assistant", "model": c.model}
     return {**head, "content": content, **_anthropic_stop(ch), "usage": _anthropic_usage(c.usage)}
 
 
 def anthropic_events(s: CompletionStream) -> Iterator[dict[str, Any]]:
     """Anthropic's stream: message_start, each content block's start, deltas and stop, message_delta, message_stop."""
     chunks = _started(s)
-    message = {"id": "msg_" + _suffix(s.id), "type": "message", "role": "assistant", "model": s.model, "content": []}
-    start = {**message, "stop_reason": None, "stop_sequence": None, "usage": _anthropic_usage(Usage())}
+    head = {"id": "msg_" + s.id.split("-", 1)[-1], "type": "message", "role": "assistant", "model": s.model}
+    start = {**head, "content": [], "stop_reason": None, "stop_sequence": None, "usage": _anthropic_usage(Usage())}
     yield {"type": "message_start", "message": start}
     for step, index, kind, text in _blocks(chunks):
         if step == "start":
