@@ -52,7 +52,8 @@ gives each stream's decode tok/s (tokens after the first, over the time after th
 the ratio of lllms to lllms without speculation, and whether the two gave the same text.
 
 Scenario "memory": lllms' resident memory (VmRSS) after max_instances conversations at once, with max_instances 1
-and 4, beside one conversation's KV cache as the GGUF's metadata sizes it.
+and 4, beside one conversation's KV cache as the GGUF's metadata sizes it; with --kv-cache-type f16,q8_0 (say), for
+each type, with each one's growth per extra conversation beside the first's.
 
     python examples/benchmark.py                          # SmolLM2-135M-Instruct, 256 tokens, 5 rounds
     python examples/benchmark.py --model my.gguf --max-tokens 128 --rounds 9 --json
@@ -60,7 +61,7 @@ and 4, beside one conversation's KV cache as the GGUF's metadata sizes it.
     python examples/benchmark.py --scenario concurrent [--llama-server PATH] [--rounds N]
     python examples/benchmark.py --scenario rerank [--llama-server PATH] [--rounds N]
     python examples/benchmark.py --scenario vision [--llama-server PATH] [--rounds N] [--mmproj FILE]
-    python examples/benchmark.py --scenario memory         # 64 tokens per conversation; --rounds does not apply
+    python examples/benchmark.py --scenario memory [--kv-cache-type f16,q8_0,q4_0]  # --rounds does not apply
     python examples/benchmark.py --scenario restart [--rounds N]
     python examples/benchmark.py --scenario speculative [--llama-server PATH] [--rounds N]
     python examples/benchmark.py --scenario scale-out      # needs haproxy; --rounds does not apply
@@ -1222,11 +1223,12 @@ def rss_bytes(pid: int) -> int:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
 
 
-def scenario_memory(args: argparse.Namespace) -> dict[str, Any]:
+def memory_rows(args: argparse.Namespace, kv_cache_type: str) -> list[dict[str, Any]]:
     """lllms' RSS after max_instances conversations at once, for each of MEM_INSTANCES."""
     rows = []
     for n in MEM_INSTANCES:
         model = {"task": "text-completion", "file": args.model, "context_size": MEM_CONTEXT_SIZE, "max_instances": n}
+        model["kv_cache_type"] = kv_cache_type
         with lllms_config_server({"concurrency": 8, "models": {MODEL_ID: model}}) as (port, _, pid):
             before = rss_bytes(pid)
 
@@ -1246,9 +1248,17 @@ def scenario_memory(args: argparse.Namespace) -> dict[str, Any]:
                     "completion_tokens": [(t.usage or {}).get("completion_tokens") for t in turns],
                 }
             )
-    kv = kv_cache_bytes(args.model, MEM_CONTEXT_SIZE)
+    return rows
+
+
+def scenario_memory(args: argparse.Namespace) -> dict[str, Any]:
+    """memory_rows for each --kv-cache-type; the first type's in full, the others' growth beside it."""
+    types = args.kv_cache_type.split(",")
     extra = MEM_INSTANCES[-1] - MEM_INSTANCES[0]
-    growth = (rows[-1]["rss_bytes"] - rows[0]["rss_bytes"]) / extra
+    runs = {kv_type: memory_rows(args, kv_type) for kv_type in types}
+    growths = {t: round((r[-1]["rss_bytes"] - r[0]["rss_bytes"]) / extra) for t, r in runs.items()}
+    rows, growth = runs[types[0]], growths[types[0]]
+    kv = kv_cache_bytes(args.model, MEM_CONTEXT_SIZE)
     settings = {"model": args.model, "max_tokens": args.max_tokens, "context_size": MEM_CONTEXT_SIZE}
     return {
         "scenario": "memory",
@@ -1257,6 +1267,7 @@ def scenario_memory(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache": kv,
         "rss_growth_per_conversation_bytes": round(growth),
         "ratio": round(growth / kv["bytes"], 3),
+        "growth_by_kv_cache_type": {t: {"bytes": g, "vs_first": round(g / growth, 3)} for t, g in growths.items()},
     }
 
 
@@ -1286,6 +1297,11 @@ def print_memory(result: dict[str, Any]) -> None:
         f"({kv['n_embd_k_gqa']} + {kv['n_embd_v_gqa']}) x 2 bytes (f16) = {kv['bytes'] / mib:.1f} MiB"
     )
     print(f"ratio: {result['ratio']:.2f}  (RSS growth / KV cache per conversation)")
+    for kv_type, g in result["growth_by_kv_cache_type"].items():
+        print(
+            f"kv_cache_type {kv_type}: RSS growth per extra conversation {g['bytes'] / mib:.1f} MiB, "
+            f"{g['vs_first']:.2f}x the first type's"
+        )
 
 
 # ---- scenario "restart": a later turn's time to first token after a restart, with and without the disk cache
@@ -1864,6 +1880,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--llama-server", metavar="PATH", help="concurrent, rerank, vision, speculative: also run llama-server"
     )
+    ap.add_argument("--kv-cache-type", default="f16", help="memory: kv_cache_type values, comma-separated (f16,q8_0)")
     ap.add_argument("--mmproj", metavar="FILE", help="vision: the projector (default: a random-weight one)")
     ap.add_argument(
         "--haproxy", default=shutil.which("haproxy") or "/usr/sbin/haproxy", help="scale-out: the haproxy binary"
