@@ -2618,8 +2618,9 @@ class _Decoder:
     def _rows(self, rows: list[tuple[_Job, int, int, int | None]]) -> None:
         """Each job takes its logits rows: a prompt token's logprob, or the next token. A drafted token after a row
         stands if it is the token sampled there; else it and the rest of its draft are dropped from the sequence."""
+        cut: set[_Job] = set()  # jobs whose draft was rejected: their later rows are of dropped tokens
         for job, i, pos, then in rows:
-            if job.ended or pos >= job.pos:  # ended, or past a rejected draft token
+            if job.ended or job in cut:
                 continue
             try:
                 row = self.model.logits(self.ctx, i)
@@ -2628,6 +2629,7 @@ class _Decoder:
                 job.release(exc if isinstance(exc, APIError) else EngineError(f"the engine failed: {exc}"))
             if then is not None and (job.ended or job.next != then):
                 job.pos = self.keep(typing.cast(int, job.seq), pos + 1)
+                cut.add(job)
 
     def _begin(self, job: _Job) -> None:
         """Start a job once its sequence (and, for a sibling choice, the prompt it copies) is ready."""

@@ -1372,7 +1372,8 @@ def print_restart(result: dict[str, Any]) -> None:
 
 SPEC_CONTEXT_SIZE = 4096
 SPEC_CLIENTS = 8
-SPEC_NGRAM_MOD = ("--spec-type", "ngram-mod", "--draft-min", "4", "--draft-max", "16", "--spec-ngram-size-n", "8")
+SPEC_NGRAM_MOD = ("--spec-type", "ngram-mod", "--spec-ngram-mod-n-min", "4", "--spec-ngram-mod-n-max", "16")
+SPEC_NGRAM_MOD += ("--spec-ngram-mod-n-match", "8")  # the best setting on this machine: drafts of 4-16, match 8
 SPEC_RECORD = (
     "Customer record: the customer is Margaret Okonkwo-Lindqvist, senior procurement officer at Halvorsen & Tembe "
     "Logistics AS. Reach her at margaret.okonkwo-lindqvist@halvorsen-tembe.example.no or +47 22 94 18 07 (office), "
