@@ -2249,11 +2249,10 @@ def _logprob(model: _LlamaModel, logits: Any, token: int, top: int | None) -> tu
 
 
 class _Drafter:
-    """N-gram speculation for one choice: after its last `ngram` tokens, it drafts the tokens that followed their latest
-    earlier occurrence in the prompt, a predicted output or the reply so far. The k-th drafted token earns its place in
-    a decode while p^k, the chance that it and all before it are accepted, beats its cost (a share of a step, more when
-    more sequences step); p is the recent per-token acceptance rate. It drifts back to a prior of 2/3 while no draft is
-    tried, so a choice whose drafts failed stops drafting, and tries again later."""
+    """N-gram speculation for one choice, from its prompt, a predicted output and its reply so far. The k-th drafted
+    token earns its place in a decode while p^k, the chance that all up to it are accepted, beats its cost (a share of
+    a step); p, the recent per-token acceptance rate, drifts back to 2/3 while nothing is drafted: a choice whose
+    drafts failed stops drafting, and tries again later."""
 
     def __init__(self, tokens: list[int], predicted: list[int], tuning: dict[str, int]) -> None:
         self.n, self.most, self.hits, self.trials = tuning["ngram"], tuning["max_draft"], 2.0, 3.0
@@ -2366,11 +2365,6 @@ class _Job:
         self.next = token
         if self.drafter is not None:
             self.drafter.add(token)
-
-    def draft(self, room: int, cost: float) -> list[int]:
-        """Tokens to evaluate after `next` in the same decode, each checked there against what the model samples."""
-        room = min(room, self.max_new - self.usage.completion_tokens - 1)
-        return [] if self.drafter is None or self.forced or room < 1 else self.drafter.draft(room, cost)
 
     def finish(self, reason: str, stopped: bool = False) -> None:
         tail, reasoning = "", None
@@ -2535,8 +2529,9 @@ class _Decoder:
         room, decodes = _BIG_BATCH - 1 - len(steps), [[]]  # drafts fill a decode up to where the arithmetic changes
         c = 0.05 if self.model.gpu else _DRAFT_COST
         cost = len(steps) * c / (1 + (len(steps) - 1) * c)  # a token's share of the step: the batch gains it all
-        for job in steps:
-            draft = job.draft(room, cost)
+        for job in steps:  # drafts: tokens to evaluate after `next`, each checked against what the model samples
+            left = min(room, job.max_new - job.usage.completion_tokens - 1)
+            draft = job.drafter.draft(left, cost) if job.drafter and not job.forced and left > 0 else []
             room -= len(draft)
             decodes[0].append((job, [typing.cast(int, job.next), *draft], True))
         big: list[_Part] = []
