@@ -8328,6 +8328,18 @@ def test_speculation_writes_exactly_what_one_token_at_a_time_writes_alone_and_be
         assert alone.usage.accepted_tokens >= 20, alone.usage
 
 
+def test_with_a_quantized_kv_cache_speculation_is_exact_past_256_tokens(smollm2: str) -> None:
+    """With q8_0 K and V (flash attention on), a token decoded alone and one decoded with its draft get bit-identical
+    logits at any length, so a long conversation's reply is the same with speculation on and off."""
+    code = "\n\n".join(f"def f{i}(a, b):\n    return a * {i} + b" for i in range(30))
+    long = [{"role": "user", "content": f"Repeat this code exactly:\n\n{code}"}]
+    with lllms.ModelServer(_both(smollm2, context_size=1024, kv_cache_type="q8_0")) as ms:
+        off = ms.chat("off", long, max_tokens=96, temperature=0)
+        on = ms.chat("on", long, max_tokens=96, temperature=0)
+    assert off.usage.prompt_tokens > 300 and on.text == off.text, (off.text, on.text)
+    assert on.usage.accepted_tokens > 0
+
+
 def test_a_predicted_output_is_drafted_from_and_usage_and_metrics_count_the_drafts(smollm2: str, tmp_path: Any) -> None:
     """OpenAI's `prediction` is a draft source: a reply that repeats it is mostly accepted drafts, with the same text.
     usage's completion_tokens_details and /metrics report the accepted and rejected counts."""
