@@ -1246,6 +1246,9 @@ def memory_rows(args: argparse.Namespace, kv_cache_type: str) -> list[dict[str, 
                     "rss_bytes": rss_bytes(pid),
                     "instances_used": len({t.instance for t in turns}),
                     "completion_tokens": [(t.usage or {}).get("completion_tokens") for t in turns],
+                    "decode_tok_s": [
+                        ((t.usage or {}).get("completion_tokens", 1) - 1) / (t.seconds - t.ttft) for t in turns
+                    ],
                 }
             )
     return rows
@@ -1257,6 +1260,7 @@ def scenario_memory(args: argparse.Namespace) -> dict[str, Any]:
     extra = MEM_INSTANCES[-1] - MEM_INSTANCES[0]
     runs = {kv_type: memory_rows(args, kv_type) for kv_type in types}
     growths = {t: round((r[-1]["rss_bytes"] - r[0]["rss_bytes"]) / extra) for t, r in runs.items()}
+    speeds = {t: round(r[0]["decode_tok_s"][0], 1) for t, r in runs.items()}  # one conversation alone
     rows, growth = runs[types[0]], growths[types[0]]
     kv = kv_cache_bytes(args.model, MEM_CONTEXT_SIZE)
     settings = {"model": args.model, "max_tokens": args.max_tokens, "context_size": MEM_CONTEXT_SIZE}
@@ -1267,7 +1271,9 @@ def scenario_memory(args: argparse.Namespace) -> dict[str, Any]:
         "kv_cache": kv,
         "rss_growth_per_conversation_bytes": round(growth),
         "ratio": round(growth / kv["bytes"], 3),
-        "growth_by_kv_cache_type": {t: {"bytes": g, "vs_first": round(g / growth, 3)} for t, g in growths.items()},
+        "growth_by_kv_cache_type": {
+            t: {"bytes": g, "vs_first": round(g / growth, 3), "decode_tok_s": speeds[t]} for t, g in growths.items()
+        },
     }
 
 
@@ -1300,7 +1306,7 @@ def print_memory(result: dict[str, Any]) -> None:
     for kv_type, g in result["growth_by_kv_cache_type"].items():
         print(
             f"kv_cache_type {kv_type}: RSS growth per extra conversation {g['bytes'] / mib:.1f} MiB, "
-            f"{g['vs_first']:.2f}x the first type's"
+            f"{g['vs_first']:.2f}x the first type's; one conversation alone decoded {g['decode_tok_s']} tok/s"
         )
 
 
