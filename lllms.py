@@ -70,6 +70,7 @@ import hashlib
 import hmac
 import http.client
 import importlib.util
+import io
 import ipaddress
 import itertools
 import json
@@ -292,10 +293,10 @@ class ModelConfig:
         if self.kv_cache_type != "f16" and self.engine != "llama-cpp":
             raise ConfigError(f"{path}.kv_cache_type: only the llama-cpp engine quantizes its KV cache")
         spec = self.speculative
-        if spec not in (True, False, "auto") and not (
-            isinstance(spec, dict)
-            and all(k in _SPEC_TUNING and type(v) is int and 1 <= v <= 32 for k, v in spec.items())
-        ):
+        ok = isinstance(spec, dict) and all(
+            k in _SPEC_TUNING and type(v) is int and 0 < v <= 32 for k, v in spec.items()
+        )
+        if spec not in (True, False, "auto") and not ok:
             raise ConfigError(f'{path}.speculative: must be "auto", false, or an object of {", ".join(_SPEC_TUNING)}')
 
     def _check(self, path: str) -> None:
@@ -2249,10 +2250,9 @@ def _logprob(model: _LlamaModel, logits: Any, token: int, top: int | None) -> tu
 
 
 class _Drafter:
-    """N-gram speculation for one choice, from its prompt, a predicted output and its reply so far. The k-th drafted
-    token earns its place in a decode while p^k, the chance that all up to it are accepted, beats its cost (a share of
-    a step); p, the recent per-token acceptance rate, drifts back to 2/3 while nothing is drafted: a choice whose
-    drafts failed stops drafting, and tries again later."""
+    """N-gram speculation for one choice, from its prompt, a predicted output and its reply so far. The k-th token is
+    drafted while p^k, the chance that all up to it are accepted, beats its cost (a share of a step). p, the recent
+    acceptance rate, drifts back to 2/3 while nothing is drafted: failing drafts stop, and are tried again later."""
 
     def __init__(self, tokens: list[int], predicted: list[int], tuning: dict[str, int]) -> None:
         self.n, self.most, self.hits, self.trials = tuning["ngram"], tuning["max_draft"], 2.0, 3.0
@@ -2615,8 +2615,7 @@ class _Decoder:
             self._advance(job, job.prompt[job.pos : job.pos + n])
 
     def _rows(self, rows: list[tuple[_Job, int, int, int | None]]) -> None:
-        """Each job takes its logits rows: a prompt token's logprob, or the next token. A drafted token after a row
-        stands if it is the token sampled there; else it and the rest of its draft are dropped from the sequence."""
+        """Each job takes its rows: a prompt token's logprob, or the next token; a drafted token stands if sampled."""
         cut: set[_Job] = set()  # jobs whose draft was rejected: their later rows are of dropped tokens
         for job, i, pos, then in rows:
             if job.ended or job in cut:
@@ -7742,9 +7741,10 @@ class _Transport(BaseHTTPRequestHandler):
     def _send(self, status: int, data: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
         # Connection: close, so a kept-alive client does not send into a closed socket.
         close = {"Connection": "close"} if self.close_connection else {}
+        wire, self.wfile = self.wfile, io.BytesIO()  # the head and the body in one write, which a client reads at once
         self._head(status, {"Content-Type": content_type, "Content-Length": str(len(data)), **(headers or {}), **close})
-        if self.command != "HEAD":
-            self.wfile.write(data)
+        head, self.wfile = typing.cast(io.BytesIO, self.wfile).getvalue(), wire
+        self.wfile.write(head + (data if self.command != "HEAD" else b""))
 
     def _head(self, status: int, headers: dict[str, str]) -> None:
         self._status = status
