@@ -46,9 +46,9 @@ gets keepalives from a thread of its own (lllms-keepalive). Native compute steps
 _CORES, first come first served.
 
 Locks: ModelServer._files_lock may be held while taking _Pool.cond, and LlamaCppEngine._decoders_lock (held through
-a model's load) while taking _Decoder.cond; every other lock (_Pool.cond otherwise, _StateCache.lock,
-_DiskTier.lock, _Metrics._lock, _HTTPD.conns_lock, _inflight_lock, _Decoder.cond, _CORES, _ResponseStore.lock, and
-_stderr_lock, held through a gpt4all load) is a leaf, never held while taking another. Only _CORES is held while an
+a model's load) while taking _Decoder.cond; every other lock (_Pool.cond otherwise, _StateCache.lock, _DiskTier.lock
+and .queue_lock, _Metrics._lock, _HTTPD.conns_lock, _inflight_lock, _Decoder.cond, _CORES, _ResponseStore.lock,
+and _stderr_lock, held through a gpt4all load) is a leaf, never held while taking another. Only _CORES is held while an
 engine computes. ModelServer._files_lock is also held while a model's GGUF metadata is read.
 """
 
@@ -1660,7 +1660,8 @@ class _DiskTier:
         self.folder, self.limit, self.lock = folder, limit, threading.Lock()
         self.index: _DiskIndex | None = None
         self.writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lllms-kv-write")
-        self.queued = 0  # bytes of states waiting for the writer: a slow disk skips states rather than pile them up
+        # Bytes waiting for the writer, under their own lock: the decode thread never waits on a request's indexing.
+        self.queued, self.queue_lock = 0, threading.Lock()
 
     def _entries(self) -> _DiskIndex:
         """The index (under the lock), oldest first; on first use, read from the headers in the folder."""
@@ -1719,7 +1720,7 @@ class _DiskTier:
 
     def put(self, layout: str, tokens: tuple[int, ...], state: Any) -> None:
         """Queue a state for the writer (from the decode thread: this never waits for the disk)."""
-        with self.lock:
+        with self.queue_lock:
             if len(state) > self.limit or self.queued and self.queued + len(state) > _DISK_QUEUE_BYTES:
                 return
             with _suppress(RuntimeError):  # closed: the server has stopped
@@ -1735,7 +1736,7 @@ class _DiskTier:
         except OSError as exc:
             return log.warning("disk cache: cannot write %s: %s", name, exc)
         finally:
-            with self.lock:
+            with self.queue_lock:
                 self.queued -= len(state)
         with self.lock:
             index = self._entries()
