@@ -2258,27 +2258,30 @@ class _Drafter:
     def __init__(self, tokens: list[int], predicted: list[int], tuning: dict[str, int]) -> None:
         self.n, self.most, self.hits, self.trials = tuning["ngram"], tuning["max_draft"], 2.0, 3.0
         self.source: list[int] = []  # the tokens drafts are copied from: the predicted output, then the history
-        self.index: dict[tuple[int, ...], int] = {}  # each n-gram's latest end in source
+        self.index: dict[tuple[int, ...], list[int]] = {}  # each n-gram's ends in source
         for t in [*predicted, *tokens]:
             self.add(t)
 
     def add(self, token: int) -> None:
-        """A token of the history: the n-grams it ends (of n and 2n tokens) are now findable, followed by `token`."""
-        for n in (self.n, 2 * self.n):
-            if len(self.source) >= n:
-                self.index[tuple(self.source[-n:])] = len(self.source)
+        """A token of the history: the n-gram it ends is now findable, followed by `token`."""
+        if len(self.source) >= self.n:
+            self.index.setdefault(tuple(self.source[-self.n :]), []).append(len(self.source))
         self.source.append(token)
 
     def draft(self, room: int, cost: float) -> list[int]:
-        """What followed the latest match of the last 2n tokens, else the last n; no longer than a match under 8."""
-        at = self.index.get(tuple(self.source[-2 * self.n :]), self.index.get(tuple(self.source[-self.n :])))
-        if at is None:
+        """What followed the one of the last n tokens' 8 latest matches that matches furthest back (the latest of
+        equals: a line repeating words inside itself copies the line before); no longer than a match under 8."""
+        src = self.source
+        ends = self.index.get(tuple(src[-self.n :]), [])[-8:]
+        if not ends:
             return []
-        same = next((i for i in range(8) if at <= i or self.source[at - 1 - i] != self.source[-1 - i]), self.most)
-        k = min(room, same, self.most, int(math.log(cost) / math.log(min(self.hits / self.trials, 0.999))))
+        back = lambda end: next((i for i in range(32) if end <= i or src[end - 1 - i] != src[-1 - i]), 32)  # noqa: E731
+        same, at = max((back(end), end) for end in ends)
+        p = min(self.hits / self.trials, 0.999)
+        k = min(room, same if same < 8 else self.most, self.most, int(math.log(cost) / math.log(p)))
         if k < 1:
             self.hits, self.trials = 0.9 * self.hits + 0.2, 0.9 * self.trials + 0.3
-        return self.source[at : at + k]
+        return src[at : at + k]
 
     def verified(self, drafted: int, accepted: int) -> None:
         self.hits, self.trials = 0.8 * self.hits + accepted, 0.8 * self.trials + accepted + (accepted < drafted)
