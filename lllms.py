@@ -596,10 +596,9 @@ class SamplingParams:
 
 
 # ==== 3. model store: paths, download, checksum
-# A url model lives at url_path(url, models_dir). fetch() uses a file there that checks out, with no network access;
-# else one thread of one process downloads it (threads share an _inflight entry, processes take {dest}.lock) while the
-# rest wait, then check again. A download streams to {dest}.part, resumes it with Range after a restart, a drop or a
-# stall, hashes as it goes, and is renamed into place once its sha256 matches; {dest}.lllms.json caches the sha256.
+# A url model lives at url_path(url, models_dir). fetch() uses a file there that checks out, without the network; else
+# one thread of one process downloads it while the rest wait, then check again. A download streams to {dest}.part,
+# resumes it with Range after a restart, a drop or a stall, and is renamed into place once its sha256 matches.
 
 _HF_HOSTS = ("huggingface.co", "hf.co")
 _READ_SIZE = 1 << 18  # read1() returns after one recv at most, so cancel and progress stay responsive
@@ -622,7 +621,7 @@ class _DownloadCancelled(DownloadError):
         super().__init__(f"download of {url} cancelled", permanent=True, code="model_download_cancelled")
 
 
-# ---- 3a. where files go
+# ---- 3a. where files go, and their checksums, cached beside them
 
 
 def _normalize_url(url: str) -> str:
@@ -645,8 +644,7 @@ def url_path(url: str, models_dir: str) -> str:
         raise ConfigError(f"url {url!r} does not name a file")
     if parts.hostname in _HF_HOSTS and len(segs) >= 5 and segs[2] in ("resolve", "blob"):
         org, repo, _, rev, *rest = segs
-        # A revision such as refs/pr/1 arrives as one percent-encoded segment; keep it one directory.
-        segs = ["huggingface", org, f"{repo}-{rev.replace('/', '--')}", *rest]
+        segs = ["huggingface", org, f"{repo}-{rev.replace('/', '--')}", *rest]  # refs%2Fpr%2F1: one directory
     else:
         segs = [parts.hostname, *segs]
     for seg in segs:
@@ -662,7 +660,6 @@ def url_path(url: str, models_dir: str) -> str:
 
 
 def _hf_endpoint() -> str:
-    """The Hugging Face Hub, or the mirror $HF_ENDPOINT names."""
     return (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
 
 
@@ -673,9 +670,6 @@ def _auth_headers(url: str, token: str | None = None) -> dict[str, str]:
         return {}
     token = (token or os.environ.get("HF_TOKEN") or "").strip()
     return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-# ---- 3b. checksums, cached beside the file
 
 
 def _hash_into(path: str, hasher: Any) -> int:
@@ -742,16 +736,13 @@ def verify_file(
     """Whether path is usable as is: by `mode`, its sha256 (cached in the sidecar) or size matches, or it exists."""
     if mode not in ("sha256", "size", "none"):
         raise ConfigError(f"verify mode must be 'sha256', 'size' or 'none', got {mode!r}")
-    if not os.path.isfile(path):
-        return False
+    if mode == "none" or not os.path.isfile(path):
+        return os.path.isfile(path)
     st = os.stat(path)
-    if mode == "none":
-        return True
     if size is not None and st.st_size != size:
         return False
     if mode == "size":
-        # Without a size, the sidecar still knows the size the file had when it was downloaded or hashed.
-        return size is not None or _sidecar(path).get("size") in (None, st.st_size)
+        return size is not None or _sidecar(path).get("size") in (None, st.st_size)  # or the size its sidecar knows
     if sha256 is None:
         return True
     digest = _sidecar(path, st).get("sha256")
@@ -761,7 +752,7 @@ def verify_file(
     return digest == sha256.lower()
 
 
-# ---- 3c. download: one file, resumable, checked
+# ---- 3b. download: one file, resumable and checked; one downloader per file (threads share a flight, processes lock)
 
 
 class _RedirectHandler(urllib.request.HTTPRedirectHandler):
@@ -791,25 +782,20 @@ def _network_error(exc: BaseException, url: str, stall_timeout: float) -> Downlo
             return DownloadError(what + "; check the url", permanent=True)
         if 300 <= exc.code < 400:  # urllib gave up on a redirect loop, or a redirect without a Location
             return DownloadError(f"{what}: too many redirects, or one with no Location", permanent=True)
-        retry_after = None
+        error = DownloadError(what, permanent=400 <= exc.code < 500 and exc.code not in (408, 425, 429))
         with _suppress(TypeError, ValueError):  # none, or an HTTP date: rare enough to treat as "soon"
-            retry_after = min(float(exc.headers.get("Retry-After")), _MAX_RETRY_DELAY)
-        permanent = 400 <= exc.code < 500 and exc.code not in (408, 425, 429)
-        return DownloadError(what, permanent=permanent, retry_after=retry_after)
+            error.retry_after = min(float(exc.headers.get("Retry-After")), _MAX_RETRY_DELAY)
+        return error
     if isinstance(exc, urllib.error.URLError):
-        if not isinstance(exc.reason, BaseException):  # "unknown url type" and the like
-            return DownloadError(f"cannot download {url}: {exc.reason}", permanent=True)
-        exc = exc.reason
+        exc = exc.reason  # the socket's error, or text such as "unknown url type"; ValueError: a malformed URL
     if isinstance(exc, TimeoutError):
         return DownloadError(f"download of {url} stalled: no data for {stall_timeout:g}s")
     if isinstance(exc, ConnectionRefusedError):
         return DownloadError(f"cannot connect to {host} for {url}: connection refused")
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return DownloadError(f"cannot download {url}: {exc.verify_message or exc}", permanent=True)
     if isinstance(exc, socket.gaierror):
         return DownloadError(f"cannot resolve {host} for {url}: {exc.strerror or exc}")
-    if isinstance(exc, ValueError):  # a malformed URL
-        return DownloadError(f"cannot download {url}: {exc}", permanent=True)
+    if isinstance(exc, (ssl.SSLCertVerificationError, ValueError)) or not isinstance(exc, BaseException):
+        return DownloadError(f"cannot download {url}: {getattr(exc, 'verify_message', None) or exc}", permanent=True)
     if isinstance(exc, (OSError, http.client.HTTPException)):
         return DownloadError(f"download of {url} failed: {type(exc).__name__}: {exc}")
     raise exc
@@ -826,11 +812,10 @@ class _Transfer:
     progress: Callable[[int, int | None], None] | None
     cancel: threading.Event
     total: int | None = None  # the file's size, once a response tells it
-    reported: float = 0.0
 
     def __post_init__(self) -> None:
         self.headers = {"User-Agent": f"lllms/{__version__}", "Accept-Encoding": "identity", **self.headers}
-        self.opener, self.hasher = urllib.request.build_opener(_RedirectHandler), hashlib.sha256()
+        self.opener, self.hasher, self.reported = urllib.request.build_opener(_RedirectHandler), hashlib.sha256(), 0.0
         # Hash what an earlier run left, once; what arrives from now on streams into the same hasher.
         self.done = _hash_into(self.part, self.hasher) if os.path.exists(self.part) else 0
 
@@ -973,9 +958,6 @@ def download(
     _write_sidecar(dest, digest, url=url)
 
 
-# ---- 3d. one downloader per file: threads share a flight, processes take a lock the kernel releases
-
-
 @contextlib.contextmanager
 def _lock(dest: str, poll: float, cancel: threading.Event) -> Iterator[None]:
     """Hold {dest}.lock, waiting while another process does; the OS drops it when its holder dies, so none is stale."""
@@ -1071,7 +1053,7 @@ def fetch(
     return dest
 
 
-# ---- 3e. Hugging Face names: hf.co/USER/REPO[:QUANT] (or hf://...) resolved to files through the Hub's API
+# ---- 3c. Hugging Face names: hf.co/USER/REPO[:QUANT] (or hf://...) resolved to files through the Hub's API
 
 _HF_NAME = re.compile(r"(?:hf\.co/|hf://|huggingface\.co/)([\w.-]+/[\w.-]+?)(?::([\w.-]+))?", re.IGNORECASE)
 _SPLIT_GGUF = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$")
@@ -1212,10 +1194,9 @@ class _ModelFile:
         return {"bytes": self.done, "total": self.total, "percent": pct, "speed": round(self.speed), "eta": eta}
 
 
-# ---- 3f. GGUF metadata, read from a file's header without loading the model
+# ---- 3d. GGUF metadata, read from a file's header without loading the model
 
 _GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
 
 
 class _GgufHeader:
@@ -1247,10 +1228,10 @@ class _GgufHeader:
         return self._take(self._scalar("<Q")).decode("utf-8", errors="replace")
 
     def _value(self, kind: int, keep: bool) -> Any:
-        """The next value; one not kept may come back undecoded."""
-        if kind == _GGUF_STRING:
+        """The next value of type `kind` (8: a string, 9: an array); one not kept may come back undecoded."""
+        if kind == 8:
             return self._string() if keep else self._take(self._scalar("<Q"))
-        if kind == _GGUF_ARRAY:
+        if kind == 9:
             sub, n = self._scalar("<I"), self._scalar("<Q")
             if sub in _GGUF_SCALARS:  # one unpack for the whole array
                 fmt = f"<{n}{_GGUF_SCALARS[sub][1]}"
@@ -1259,10 +1240,6 @@ class _GgufHeader:
         if kind not in _GGUF_SCALARS:
             raise ValueError(f"unknown GGUF value type {kind}")
         return self._scalar(_GGUF_SCALARS[kind])
-
-
-# Architectures that only embed: a GGUF of one is served as an embedding model.
-_ENCODER_ARCHS = {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "modern-bert", "neo-bert", "t5encoder"}
 
 
 def _file_entry(path: str) -> dict[str, Any]:
@@ -1274,8 +1251,8 @@ def _file_entry(path: str) -> dict[str, Any]:
     arch = meta.get("general.architecture")
     if meta.get(f"{arch}.pooling_type") == 4:  # rank pooling: a classification head scores query-document pairs
         return {"task": "rerank"}
-    if arch in _ENCODER_ARCHS:
-        return {"task": "embedding"}
+    if arch in {"bert", "nomic-bert", "nomic-bert-moe", "jina-bert-v2", "modern-bert", "neo-bert", "t5encoder"}:
+        return {"task": "embedding"}  # an architecture that only embeds
     return {"task": "text-completion", "context_size": 4096, "max_instances": 2}
 
 
