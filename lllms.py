@@ -4557,8 +4557,11 @@ class Request:
             why = f"'max_tokens' is {p.max_tokens}, above the limit of {limit} for model '{m.id}'"
             raise InvalidRequest(why, param="max_tokens", code="max_tokens_exceeded")
         engine.check(self)
-        if p.grammar is not None:  # GBNF, or the name of one of the model's grammars: GBNF, or a JSON schema
-            named = _named_grammar(m, p.grammar)
+        if p.grammar is not None:  # GBNF, or the name of one of the model's grammars (or 'json'): GBNF or a JSON schema
+            grammars = {"json": {"type": "object"}, **m.grammars}
+            if (named := p.grammar if "::=" in p.grammar else grammars.get(p.grammar)) is None:
+                why = f"'grammar' is neither GBNF nor one of model '{m.id}''s grammars: {', '.join(sorted(grammars))}"
+                raise InvalidRequest(why, param="grammar")
             if self.json_schema is not None:
                 raise InvalidRequest("give 'grammar' or 'response_format', not both", param="grammar")
             p.grammar, self.json_schema = (named, None) if isinstance(named, str) else (None, named)
@@ -4624,20 +4627,12 @@ class Request:
         return prompt + ("" if reply is None else reply[len(prompt) :] if self.echo else reply)
 
 
-def _named_grammar(model: ModelConfig, grammar: str) -> str | dict[str, Any]:
-    """A request's `grammar`: GBNF, or the name of one of the model's grammars (or 'json'): GBNF or a JSON schema."""
-    if "::=" in grammar:
-        return grammar
-    grammars = {"json": {"type": "object"}, **model.grammars}
-    if (named := grammars.get(grammar)) is None:
-        why = f"'grammar' is neither GBNF nor one of model '{model.id}''s grammars: {', '.join(sorted(grammars))}"
-        raise InvalidRequest(why, param="grammar")
-    return named
-
-
 # ---- 6a. the OpenAI dialect: request bodies in
 
 _CHAT_ROLES = {"system", "developer", "user", "assistant", "tool", "function"}
+_TEXT_PARTS = ("text", "input_text", "output_text", "refusal")  # the content parts that carry text, in any dialect
+_IMAGE_PARTS = ("image_url", "input_image", "image")  # OpenAI's, Responses' and Anthropic's image parts
+_IMAGE_MARKER = "<__media__>"  # where an image goes in a prompt's text: libmtmd's default marker
 
 
 def _object(value: Any, where: str) -> dict[str, Any]:
@@ -4650,11 +4645,6 @@ def _string(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise InvalidRequest(f"'{where}' must be a string", param=where)
     return value
-
-
-_TEXT_PARTS = ("text", "input_text", "output_text", "refusal")  # the content parts that carry text, in any dialect
-_IMAGE_PARTS = ("image_url", "input_image", "image")  # OpenAI's, Responses' and Anthropic's image parts
-_IMAGE_MARKER = "<__media__>"  # where an image goes in a prompt's text: libmtmd's default marker
 
 
 @dataclass
@@ -4699,15 +4689,14 @@ def _image_size(data: bytes) -> tuple[int, int] | None:
 
 
 def _load_image(image: _Image, config: ServerConfig) -> None:
-    """Fetch an image's URL where image_urls allows it: up to max_image_bytes + 1, from public addresses only (at each
-    redirect; urllib refuses a redirect to other schemes) unless "any". A 400 for an image too large (bytes, pixels)."""
+    """Fetch an image's URL where image_urls allows, up to max_image_bytes + 1; a 400 if too large (bytes, pixels)."""
     where = image.where
 
-    def check(target: str) -> None:
+    def check(target: str) -> None:  # public addresses only, at each redirect, unless "any"
         if config.image_urls == "public":
             _public_host(urlsplit(target).hostname or "", where, 'image_urls "any"', 400)
 
-    class Redirects(urllib.request.HTTPRedirectHandler):
+    class Redirects(urllib.request.HTTPRedirectHandler):  # urllib refuses a redirect to other schemes
         def redirect_request(self, req: Any, fp: Any, code: int, msg: str, headers: Any, newurl: str) -> Any:
             check(newurl)
             return super().redirect_request(req, fp, code, msg, headers, newurl)
@@ -4850,9 +4839,8 @@ def _prompt_list(prompt: Any, param: str = "prompt") -> list[str] | list[list[in
 
 
 # Body fields that are sampling parameters: SamplingParams' own, and their aliases (logprobs differs per API).
-_SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)} - {"logprobs"} | {
-    key for key, name in _KEY_ALIASES.items() if name in ("max_tokens", "repeat_last_n")
-}
+_SAMPLING_KEYS = {f.name for f in dataclasses.fields(SamplingParams)} - {"logprobs"}
+_SAMPLING_KEYS |= {key for key, name in _KEY_ALIASES.items() if name in ("max_tokens", "repeat_last_n")}
 # Spec parameters no engine can honour: a 400 unless they have their neutral value.
 _UNSUPPORTED = {"modalities": (None, ["text"]), "audio": (None,), "web_search_options": (None,), "verbosity": (None,)}
 # Known fields that change nothing here, with the values the spec allows (others: a 400); unknown ones are ignored.
@@ -4873,16 +4861,15 @@ _NEUTRAL_FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     ),
     "prompt_cache_retention": ("in_memory or 24h", lambda v: v in (None, "in_memory", "24h")),
 }
-
-
-def _check_fields(body: dict[str, Any], kind: str, model: ModelConfig) -> None:
-    """The neutral and unsupported fields of the kind's spec: only `user` exists outside chat."""
-    for key, (allowed, ok) in _NEUTRAL_FIELDS.items():
-        if key in body and (kind == "chat" or key == "user") and not ok(body[key]):
-            raise InvalidRequest(f"'{key}' must be {allowed}", param=key)
-    for key, neutral in _UNSUPPORTED.items():
-        if key in body and kind == "chat" and body[key] not in neutral:
-            raise InvalidRequest(f"'{key}' is not supported by the {model.engine} engine", param=key)
+# The fields of each kind of OpenAI body besides the sampling parameters; embedded callers may pass nothing else.
+_FIELDS = {
+    "chat": {*_NEUTRAL_FIELDS, *_UNSUPPORTED, "prediction", "tools", "tool_choice", "parallel_tool_calls"}
+    | {"response_format", "functions", "function_call", "logprobs", "top_logprobs", "n", "stream", "stream_options"}
+    | {"timeout", "reasoning_effort", "thinking_budget_tokens", "thinking_budget_message", "chat_template_kwargs"},
+    "completion": {"user", "logprobs", "best_of", "echo", "suffix", "n", "stream", "stream_options", "timeout"},
+    "embedding": {"user", "dimensions", "encoding_format", "timeout"},
+    "rerank": {"top_n", "return_documents", "truncate"},
+}
 
 
 def _int_param(value: Any, param: str, lo: int, hi: int) -> int:
@@ -4933,23 +4920,17 @@ def _model_of(body: dict[str, Any], config: ServerConfig, kind: str) -> ModelCon
     return model
 
 
-def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
-    stream = _bool_field(body, "stream")
-    opts = None if body.get("stream_options") is None else _object(body["stream_options"], "stream_options")
-    if opts is not None and not stream:
-        raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
-    usage = (opts or {}).get("include_usage")
-    if usage is not None and not isinstance(usage, bool):
-        raise InvalidRequest("'stream_options.include_usage' must be a boolean", param="stream_options")
-    return stream, bool(usage)
-
-
 def openai_request(
     kind: Literal["chat", "completion", "embedding"], body: dict[str, Any], config: ServerConfig
 ) -> Request:
     """An OpenAI chat, completion or embedding body as a Request, every known field checked (400 naming it)."""
     model = _model_of(body, config, kind)
-    _check_fields(body, kind, model)
+    for key, (allowed, ok) in _NEUTRAL_FIELDS.items():  # the neutral and unsupported fields: only `user` outside chat
+        if key in body and (kind == "chat" or key == "user") and not ok(body[key]):
+            raise InvalidRequest(f"'{key}' must be {allowed}", param=key)
+    for key, neutral in _UNSUPPORTED.items():
+        if key in body and kind == "chat" and body[key] not in neutral:
+            raise InvalidRequest(f"'{key}' is not supported by the {model.engine} engine", param=key)
     timeout = body.get("timeout")  # lllms' own: seconds for the whole request
     if timeout is not None and not (_PLAIN_TYPES[float][1](timeout) and timeout > 0):
         raise InvalidRequest("'timeout' must be a positive number of seconds", param="timeout")
@@ -4963,10 +4944,16 @@ def openai_request(
     if body.get("max_tokens") is not None and body.get("max_completion_tokens") is not None:
         raise InvalidRequest("give 'max_tokens' or 'max_completion_tokens', not both", param="max_completion_tokens")
     params = SamplingParams.from_dict({k: v for k, v in body.items() if k in _SAMPLING_KEYS})
-    stream, usage = _stream_flags(body)
+    stream = _bool_field(body, "stream")
+    opts = None if body.get("stream_options") is None else _object(body["stream_options"], "stream_options")
+    if opts is not None and not stream:
+        raise InvalidRequest("'stream_options' is only allowed when 'stream' is true", param="stream_options")
+    if (usage := (opts or {}).get("include_usage")) is not None and not isinstance(usage, bool):
+        raise InvalidRequest("'stream_options.include_usage' must be a boolean", param="stream_options")
     n = _int_field(body, "n", 1, 128) or 1
     fields = _chat_fields(body, params, n) if kind == "chat" else _completion_fields(body, params, n, stream)
-    return Request(kind, model, params, n=n, stream=stream, include_usage=usage, timeout=timeout, **fields).check()
+    fields |= {"n": n, "stream": stream, "include_usage": usage is True, "timeout": timeout}
+    return Request(kind, model, params, **fields).check()
 
 
 def _chat_fields(body: dict[str, Any], params: SamplingParams, n: int) -> dict[str, Any]:
@@ -5012,25 +4999,6 @@ def _completion_fields(body: dict[str, Any], params: SamplingParams, n: int, str
     if best_of > n and stream:
         raise InvalidRequest("'best_of' cannot be used with stream", param="best_of")
     return {"max_tokens_default": 16, "prompts": prompts, "echo": echo, "suffix": suffix, "best_of": best_of}
-
-
-# The fields of each kind of OpenAI body besides the sampling parameters; embedded callers may pass nothing else.
-_FIELDS = {
-    "chat": {
-        *_NEUTRAL_FIELDS,
-        *_UNSUPPORTED,
-        "prediction",
-        "tools",
-        "tool_choice",
-        "parallel_tool_calls",
-        "response_format",
-    }
-    | {"functions", "function_call", "logprobs", "top_logprobs", "n", "stream", "stream_options", "timeout"}
-    | {"reasoning_effort", "thinking_budget_tokens", "thinking_budget_message", "chat_template_kwargs"},
-    "completion": {"user", "logprobs", "best_of", "echo", "suffix", "n", "stream", "stream_options", "timeout"},
-    "embedding": {"user", "dimensions", "encoding_format", "timeout"},
-    "rerank": {"top_n", "return_documents", "truncate"},
-}
 
 
 def _keywords(kind: str, params: SamplingParams | None, keywords: dict[str, Any]) -> dict[str, Any]:
@@ -5553,6 +5521,8 @@ _ANTHROPIC_SAMPLING = {"max_tokens": "max_tokens", "temperature": "temperature",
 _ANTHROPIC_STOP = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use"}
 _ANTHROPIC_DELTAS = {"text": ("text_delta", "text"), "reasoning": ("thinking_delta", "thinking")}
 _ANTHROPIC_TOOL_KEYS = (("name", "name"), ("description", "description"), ("parameters", "input_schema"))
+_ANTHROPIC_ERRORS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
+_ANTHROPIC_ERRORS |= {413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
 _ANTHROPIC_UNSUPPORTED = {
     "mcp_servers": "MCP servers are not available",
     "container": "code execution containers are not available",
@@ -5734,11 +5704,10 @@ _RESPONSES_UNSUPPORTED = {
 
 
 class _ResponseStore:
-    """Stored responses and their conversations in SQLite (WAL), each written as it completes: they outlive a restart,
-    a kill -9, a power loss. The `size` most recently used are kept; an unreadable file is moved aside for a new one."""
+    """Stored responses and their conversations in SQLite (WAL), each written as it completes, to outlive a kill -9."""
 
     def __init__(self, path: str, size: int) -> None:
-        self.size, self.lock = size, threading.Lock()
+        self.size, self.lock = size, threading.Lock()  # the `size` most recently used are kept
         self.db = self._open(path if size else ":memory:")
 
     @classmethod
@@ -6089,11 +6058,6 @@ def _ollama_options(body: dict[str, Any], model: ModelConfig) -> SamplingParams:
     return _dialect_params(options, _OLLAMA_OPTIONS)
 
 
-def _ollama_format(value: Any) -> dict[str, Any] | None:
-    """The JSON schema of Ollama's format: "json", or a schema."""
-    return None if value in (None, "") else {"type": "object"} if value == "json" else _object(value, "format")
-
-
 def _ollama_images(images: Any, where: str) -> list[_Image]:
     if not isinstance(images, list):
         raise InvalidRequest(f"'{where}' must be a list of base64 images", param=where)
@@ -6160,7 +6124,9 @@ class _OllamaCall:
             images = _ollama_images(body["images"], "images") if body.get("images") is not None else []
             user = {"role": "user", "content": _IMAGE_MARKER * len(images) + _string(body["prompt"], "prompt")}
             fields["messages"] = _parse_messages([*system, {**user, "images": images}])
-        fields |= {"json_schema": _ollama_format(body.get("format")), "keep_alive": _keep_alive(body.get("keep_alive"))}
+        fmt = body.get("format")  # the JSON schema: "json", or a schema
+        schema = None if fmt in (None, "") else {"type": "object"} if fmt == "json" else _object(fmt, "format")
+        fields |= {"json_schema": schema, "keep_alive": _keep_alive(body.get("keep_alive"))}
         if (think := body.get("think")) is not None and not isinstance(think, bool | str):  # or an effort level
             raise InvalidRequest("'think' must be true, false, or low, medium or high", param="think")
         fields |= {"think": True, "effort": think} if isinstance(think, str) else {"think": think}
@@ -6239,26 +6205,20 @@ def _named_event(event: dict[str, Any]) -> bytes:
     return b"event: " + event["type"].encode() + b"\ndata: " + _json_bytes(event) + b"\n\n"
 
 
-_ANTHROPIC_ERRORS = {401: "authentication_error", 403: "permission_error", 404: "not_found_error"}
-_ANTHROPIC_ERRORS |= {413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error"}
-
-
 def _anthropic_error(exc: APIError) -> tuple[int, Any]:
     """Anthropic's envelope; "the server cannot take it now" is its 529, overloaded."""
     kind = _ANTHROPIC_ERRORS.get(exc.status, "invalid_request_error" if exc.status < 500 else "api_error")
     return 529 if exc.status == 503 else exc.status, {"type": "error", "error": {"type": kind, "message": exc.message}}
 
 
-def _lead_text(value: Any) -> str | None:
-    """Text that starts a conversation, as HAProxy's json_query reads it: a string, or a list's first part's text."""
-    if isinstance(value, list) and value and isinstance(value[0], dict):
-        value = value[0].get("text", value[0].get("content"))
-    return value if isinstance(value, str) else None
-
-
 def _crc_key(*texts: Any) -> str | None:
     """The CRC-32 (zlib's, as HAProxy's crc32) of the texts that open a conversation, which no later turn changes."""
-    found = [t for t in map(_lead_text, texts) if t is not None]
+    found: list[str] = []
+    for text in texts:  # a string, or a list's first part's text, as HAProxy's json_query reads it
+        if isinstance(text, list) and text and isinstance(text[0], dict):
+            text = text[0].get("text", text[0].get("content"))
+        if isinstance(text, str):
+            found.append(text)
     return str(zlib.crc32("".join(found).encode())) if found else None
 
 
@@ -6376,8 +6336,7 @@ def _ollama_name(body: dict[str, Any], key: str = "model") -> str:
 
 
 def _ollama_progress(body: dict[str, Any], work: Callable[[Callable[[dict], None], threading.Event], Any]) -> Any:
-    """Ollama's progress: unless `stream` is false, the lines `work` reports as it goes, then "success" (an error
-    after the first line is an error line; a client that leaves cancels the work); else one object at the end."""
+    """Ollama's progress: the lines `work` reports as it goes, then "success"; `stream` false: one object at the end."""
     if body.get("stream") is False:
         work(lambda event: None, threading.Event())
         return {"status": "success"}
@@ -6403,10 +6362,10 @@ def _ollama_progress(body: dict[str, Any], work: Callable[[Callable[[dict], None
                 if event is None:
                     return
                 if isinstance(event, APIError):
-                    raise event
+                    raise event  # after the first line, an error line
                 yield event
         finally:
-            cancel.set()
+            cancel.set()  # a client that left cancels the work
 
     threading.Thread(target=run, name="lllms-manage", daemon=True).start()
     return lines()
@@ -6444,8 +6403,7 @@ def _ollama_create(ms: ModelServer, body: dict[str, Any]) -> Any:
 
 
 def _ollama_pull(ms: ModelServer, body: dict[str, Any]) -> Any:
-    name = body.get("model", body.get("name"))
-    if not isinstance(name, str):
+    if not isinstance(name := body.get("model", body.get("name")), str):
         raise InvalidRequest("'model' is required: an hf.co/USER/REPO[:QUANT] name or an https:// URL", param="model")
     return _ollama_progress(body, functools.partial(ms.pull, name))
 
