@@ -275,6 +275,8 @@ class ModelConfig:
     # llama-cpp: n-gram speculative decoding: "auto" (on, adapting per sequence), false, or tuning settings
     speculative: bool | Literal["auto"] | dict[str, int] = "auto"
     kv_cache_type: Literal["f16", "q8_0", "q4_0"] = "f16"  # llama-cpp: the KV cache's number format, K and V
+    draft_model: str | None = None  # llama-cpp: a smaller GGUF of the same vocabulary (a path or URL) drafting for it
+    draft_file: str | None = field(default=None, metadata={"internal": True})  # where it is, once in place
     mmproj_file: str | None = field(default=None, metadata={"internal": True})  # where it is, once in place
     id: str = field(default="", metadata={"internal": True})
     defaults: SamplingParams = field(default=None, metadata={"internal": True})  # type: ignore[assignment]
@@ -298,6 +300,8 @@ class ModelConfig:
         )
         if spec not in (True, False, "auto") and not ok:
             raise ConfigError(f'{path}.speculative: must be "auto", false, or an object of {", ".join(_SPEC_TUNING)}')
+        if self.draft_model is not None and (self.engine != "llama-cpp" or self.task != "text-completion" or not spec):
+            raise ConfigError(f"{path}.draft_model: only llama-cpp text-completion models speculating use one")
 
     def _check(self, path: str) -> None:
         if self.file is None and self.url is None:
@@ -1138,7 +1142,14 @@ def _model_files(model: ModelConfig, models_dir: str, network: bool = False) -> 
     return [(_normalize_url(url), url_path(_normalize_url(url), os.path.expanduser(models_dir)), model.sha256)]
 
 
-def _mmproj_source(model: ModelConfig, models_dir: str, network: bool = False) -> tuple[str | None, str] | None:
+def _file_source(name: str | None, models_dir: str) -> tuple[str | None, str | None]:
+    """(url, path) of a file named by its URL, or its path (url None: absolute, or in models_dir); else (None, None)."""
+    if name is not None and re.match(r"https?://", name, re.IGNORECASE):
+        return _normalize_url(name), url_path(_normalize_url(name), os.path.expanduser(models_dir))
+    return None, name and os.path.join(os.path.expanduser(models_dir), os.path.expanduser(name))
+
+
+def _mmproj_source(model: ModelConfig, models_dir: str, network: bool = False) -> tuple[str | None, str | None]:
     """(url, path) of a model's mmproj: its own path (url None), URL or hf.co/ name, else its hf.co/ name's if any."""
     name, models_dir = model.mmproj or model.url, os.path.expanduser(models_dir)
     if name is not None and _HF_NAME.fullmatch(name):
@@ -1146,12 +1157,8 @@ def _mmproj_source(model: ModelConfig, models_dir: str, network: bool = False) -
         found = [(url, path) for url, path, _ in files[1:] if "mmproj" in os.path.basename(path).lower()]
         if not found and model.mmproj and files:
             raise DownloadError(f"the Hugging Face repo of {name} names no mmproj in its manifest", permanent=True)
-        return found[0] if found else None
-    if model.mmproj is None:
-        return None
-    if re.match(r"https?://", name, re.IGNORECASE):
-        return _normalize_url(name), url_path(_normalize_url(name), models_dir)
-    return None, os.path.join(models_dir, os.path.expanduser(name))  # an absolute path stays as it is
+        return found[0] if found else (None, None)
+    return _file_source(model.mmproj, models_dir)
 
 
 def _model_path(model: ModelConfig, models_dir: str) -> str:
@@ -2008,6 +2015,66 @@ class _Batch:
         self.lc.llama_batch_free(self.ptr)
 
 
+class _DraftModel:
+    """A smaller model of the same vocabulary, drafting for a _Decoder's sequences: its greedy choices while it is at
+    least 75% sure of each. Its context's sequences follow the model's, catching up a chunk a step."""
+
+    def __init__(self, lc: Any, config: ModelConfig, model: _LlamaModel, n_ctx: int, n_batch: int, n_seq: int) -> None:
+        self.lc, self.n_batch, path = lc, n_batch, typing.cast(str, config.draft_file)
+        self.model = d = _LlamaModel(lc, config, path)
+        try:
+            mine, theirs = ([lc.llama_vocab_get_text(m.vocab, t) for t in range(m.n_vocab)] for m in (d, model))
+            if mine != theirs:
+                t = next((t for t, (a, b) in enumerate(zip(mine, theirs, strict=False)) if a != b), len(mine))
+                a, b = ((v[t:] or [b"nothing"])[0].decode(errors="replace") for v in (mine, theirs))
+                why = f"draft_model {path} has another vocabulary: its token {t} is {a!r}, the model's {b!r}"
+                raise Unavailable(f"model '{config.id}': {why}", code="model_load_failed")
+            self.ctx = d.context(n_ctx, n_batch, n_seq)
+        except BaseException:
+            lc.llama_model_free(d.ptr)
+            raise
+        self.batch, self.held = _Batch(lc, n_batch), [[] for _ in range(n_seq)]
+
+    def draft(self, wants: dict[int, tuple[list[int], int]]) -> dict[int, list[int]]:
+        """Drafts of up to k tokens for sequences that hold these tokens ({seq: (tokens, k)}), one decode a token."""
+        import numpy as np
+
+        b, rows, out = self.batch, {}, {seq: [] for seq in wants}
+        b.clear()
+        for seq, (tokens, _) in sorted(wants.items()):  # consecutive sequences: one pass over the weights
+            n = self.keep(seq, min(_common_prefix(self.held[seq], tokens), len(tokens) - 1))
+            rest = tokens[n : n + self.n_batch - b.ptr.n_tokens]  # a long catch-up goes on next step
+            rows |= (
+                {seq: [b.add(t, pos, seq, pos == len(tokens) - 1) for pos, t in enumerate(rest, n)][-1]} if rest else {}
+            )
+            self.held[seq].extend(rest)
+        rows = {seq: i for seq, i in rows.items() if len(self.held[seq]) == len(wants[seq][0])}
+        while b.ptr.n_tokens:
+            self.model.decode(self.ctx, b.ptr)
+            b.clear()
+            for seq, i in list(rows.items()):
+                del rows[seq]
+                row = self.model.logits(self.ctx, i)
+                top = int(row.argmax())
+                if float(np.exp(row - row[top]).sum()) > 1 / 0.75:  # under 75% sure: no more
+                    continue
+                out[seq].append(top)
+                if len(out[seq]) < wants[seq][1]:
+                    rows[seq] = b.add(top, len(self.held[seq]), seq, True)
+                    self.held[seq].append(top)
+        return out
+
+    def keep(self, seq: int, n: int) -> int:
+        self.lc.llama_memory_seq_rm(self.lc.llama_get_memory(self.ctx), seq, n, -1)
+        del self.held[seq][n:]
+        return n
+
+    def close(self) -> None:
+        self.batch.free()
+        self.lc.llama_free(self.ctx)
+        self.lc.llama_model_free(self.model.ptr)
+
+
 class _Vision:
     """libmtmd: images to prompt chunks, encoded on the encode thread; pixel-hashed ids let the cache match them."""
 
@@ -2390,6 +2457,7 @@ class _Decoder:
         self.calls: list[tuple[Callable[[], Any], concurrent.futures.Future]] = []
         self.cond = threading.Condition()
         self.users, self.closing, self.wakes, self.decodes, self.seen = 0, False, 0, 0, -1
+        self.drafts: _DraftModel | None = None
         try:
             self.template = _chat_template(model, m.meta("tokenizer.chat_template"), m.text([m.bos]), m.text([m.eos]))
             self.vision = _Vision(m, model.mmproj_file) if model.mmproj_file else None
@@ -2399,7 +2467,11 @@ class _Decoder:
                 files = [_file_identity(f) for f in (path, model.mmproj_file) if f]
                 layout = [lc.__version__, files, model.kv_cache_type, p.type_k, p.type_v, int(p.flash_attn_type)]
                 state_cache.bind(json.dumps(layout))
+            if model.draft_file:
+                self.drafts = _DraftModel(lc, model, m, self.n_ctx, self.n_batch, self.n_seq)
         except BaseException:
+            if hasattr(self, "ctx"):
+                self.lc.llama_free(self.ctx)
             self.lc.llama_model_free(m.ptr)
             raise
         self.batch = _Batch(lc, self.n_batch)
@@ -2486,8 +2558,9 @@ class _Decoder:
                 self._fail(EngineError(f"the engine failed: {exc}"))
         self.batch.free()
         self.lc.llama_free(self.ctx)
-        if self.vision is not None:
-            self.vision.close()
+        for other in (self.vision, self.drafts):
+            if other is not None:
+                other.close()
         self.lc.llama_model_free(self.model.ptr)
 
     def _progress(self) -> tuple[int, ...]:
@@ -2510,11 +2583,22 @@ class _Decoder:
         room, decodes = _BIG_BATCH - 1 - len(steps), [[]]  # drafts fill a decode up to where the arithmetic changes
         c = 0.05 if self.model.gpu else _DRAFT_COST
         cost = len(steps) * c / (1 + (len(steps) - 1) * c)  # a token's share of the step: the batch gains it all
+        wants: dict[int, tuple[list[int], int]] = {}  # sequences the draft model drafts for, if any
         for job in steps:  # drafts: tokens to evaluate after `next`, each checked against what the model samples
             left = min(room, job.max_new - job.usage.completion_tokens - 1)
-            draft = job.drafter.draft(left, cost) if job.drafter and not job.forced and left > 0 else []
+            speculate = job.drafter is not None and not job.forced and left > 0
+            draft = typing.cast(_Drafter, job.drafter).draft(left, cost) if speculate else []
+            if speculate and not draft and self.drafts is not None and not job.media:
+                seq = typing.cast(int, job.seq)
+                wants[seq] = ([*self.held[seq], typing.cast(int, job.next)], min(left, job.drafter.most))
             room -= len(draft)
             decodes[0].append((job, [typing.cast(int, job.next), *draft], True))
+        if self.drafts is not None and wants and room >= len(wants):
+            drafted = self.drafts.draft(
+                {seq: (tokens, min(k, room // len(wants))) for seq, (tokens, k) in wants.items()}
+            )
+            for job, tokens, _ in decodes[0]:
+                tokens.extend(drafted.get(typing.cast(int, job.seq), []))
         big: list[_Part] = []
         for job in (j for j in running if j.next is None and not j.ended):
             if job.pos in job.media:
@@ -6863,12 +6947,14 @@ class ModelServer:
                 # The first part of a split GGUF last: f.path ends as the file llama.cpp loads the others from.
                 for url, f.path, sha256 in reversed(_model_files(model, self.config.models_dir, network=True)):
                     self._fetch(url, f.path, sha256=sha256, headers=_auth_headers(url, model.token), **options)
-            url, mmproj = _mmproj_source(model, self.config.models_dir, network=True) or (None, None)
-            if url is not None:  # fetched, or found in place and checked
-                self._fetch(url, mmproj, headers=_auth_headers(url, model.token), **options)
-            elif mmproj is not None and not os.path.isfile(mmproj):
-                raise Unavailable(f"model '{model.id}': mmproj not found: {mmproj}", code="model_not_ready")
-            model.mmproj_file = mmproj
+            draft = _file_source(model.draft_model, self.config.models_dir)
+            sides = {"mmproj": _mmproj_source(model, self.config.models_dir, network=True), "draft_model": draft}
+            for key, (url, side) in sides.items():
+                if url is not None:  # fetched, or found in place and checked
+                    self._fetch(url, side, headers=_auth_headers(url, model.token), **options)
+                elif side is not None and not os.path.isfile(side):
+                    raise Unavailable(f"model '{model.id}': {key} not found: {side}", code="model_not_ready")
+            model.mmproj_file, model.draft_file = sides["mmproj"][1], draft[1]
         except Exception as exc:
             error = exc if isinstance(exc, APIError) else Unavailable(f"model '{model.id}': {exc}")
             with self._files_lock:

@@ -8379,3 +8379,36 @@ def test_speculative_and_kv_cache_type_settings_are_checked_and_a_quantized_cach
         reply = ms.chat("smol", EDIT, max_tokens=48, temperature=0)
     assert reply.usage.completion_tokens == 48 and "def" in reply.text
     assert reply.usage.accepted_tokens + reply.usage.rejected_tokens > 0  # it drafted, with its own settings
+
+
+POEM = [{"role": "user", "content": "Write a short poem about the sea."}]
+
+
+def test_a_draft_model_drafts_exactly_and_one_of_another_vocabulary_is_refused_at_load(
+    smollm2: str, tiny_llama: str
+) -> None:
+    """`draft_model` drafts where n-grams find nothing: its greedy choices while it is sure of them, each checked as
+    n-gram drafts are, so the text is the same with and without it. One of another vocabulary fails the load."""
+    model = {"task": "text-completion", "file": smollm2, "context_size": 512, "max_instances": 3}
+    on = {**model, "draft_model": smollm2, "speculative": {"ngram": 32}}  # 32-grams never match: the model drafts
+    config = {"models": {"on": on, "off": {**model, "speculative": False}, "bad": {**on, "draft_model": tiny_llama}}}
+    others = [[{"role": "user", "content": f"Count from {i} to {i + 30}, one number a line."}] for i in (1, 40)]
+    with lllms.ModelServer(config) as ms:
+        for params in ({"temperature": 0}, {"temperature": 0.9, "seed": 5}, {"temperature": 0, "stop": ["sea,"]}):
+            off = ms.chat("off", POEM, max_tokens=96, **params)
+            alone = ms.chat("on", POEM, max_tokens=96, **params)
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                busy = [pool.submit(ms.chat, "on", m, max_tokens=64, temperature=0) for m in others]
+                beside = ms.chat("on", POEM, max_tokens=96, **params)
+                [f.result() for f in busy]
+            assert alone.text == off.text and beside.text == off.text, (params, off.text, alone.text, beside.text)
+            if params == {"temperature": 0}:  # drafting itself, the model is right whenever it is sure
+                assert alone.usage.accepted_tokens >= 30 and alone.usage.rejected_tokens <= 5, alone.usage
+        with pytest.raises(lllms.APIError, match=f"draft_model {re.escape(tiny_llama)} has another vocabulary"):
+            ms.chat("bad", POEM, max_tokens=8)
+    for bad in ({"engine": "gpt4all"}, {"speculative": False}):
+        with pytest.raises(lllms.ConfigError, match="draft_model"):
+            lllms.ModelServer(smol_config(smollm2, draft_model=smollm2, **bad))
+    with lllms.ModelServer(smol_config(smollm2, draft_model="missing.gguf")) as ms:
+        with pytest.raises(lllms.APIError, match="draft_model not found"):
+            ms.chat("smol", POEM, max_tokens=8)
