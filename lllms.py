@@ -6695,9 +6695,8 @@ class CompletionStream:
     queue fails at once). Chunks carry their choice's `index`; with tools, text is content and `tool_calls` deltas."""
 
     def __init__(self, request: Request, pool: _Pool, meter: _Metrics, cancel: Any, config: ServerConfig) -> None:
-        self.request = request
         self.id = f"{'chatcmpl' if request.kind == 'chat' else 'cmpl'}-{secrets.token_urlsafe(12)}"
-        self.model, self.created = request.model.id, int(time.time())
+        self.request, self.model, self.created = request, request.model.id, int(time.time())
         self.choices: dict[int, Choice] = {}
         self.usage: Usage | None = None
         self.instance_id: str | None = None  # which instance served it, once known
@@ -6721,16 +6720,6 @@ class CompletionStream:
     @property
     def finish_reason(self) -> str | None:
         return self.choices[0].finish_reason if 0 in self.choices else None
-
-    def wait_ready(self, timeout: float | None = None) -> bool:
-        """Whether an instance is free for this request (True at once if iteration has begun)."""
-        return self._started or self._ticket.ready.wait(timeout)
-
-    def waiting_left(self) -> float | None:
-        """Seconds this queued request may still wait (None: no limit); 0 once cancelled or out of time."""
-        if self._cancel is not None and self._cancel.is_set():
-            return 0.0
-        return None if self._queue_deadline is None else max(0.0, self._queue_deadline - time.monotonic())
 
     def _should_stop(self) -> bool:
         if (self._cancel is not None and self._cancel.is_set()) or self._pool.abort.is_set():
@@ -6971,7 +6960,6 @@ class ModelServer:
         self._pool.file_ready(model, f.path, load=load or self._state != "starting")
 
     def _fetch(self, url: str, path: str, **options: Any) -> None:
-        """fetch() with the config's download attempts and stall timeout."""
         c = self.config
         fetch(url, path, attempts=c.download_attempts, stall_timeout=c.download_stall_timeout, **options)
 
@@ -7011,11 +6999,6 @@ class ModelServer:
         self._added = added
         return models
 
-    def _model_config(self, model_id: str, raw: dict[str, Any]) -> ModelConfig:
-        if model_id in self.config.models and model_id not in self._added:
-            raise ConfigError(f"the model '{model_id}' is in the config file")
-        return load_config({"models_dir": self.config.models_dir, "models": {model_id: raw}}).models[model_id]
-
     def _save_registry(self, model_id: str, raw: dict[str, Any] | None) -> None:
         """Add (None: remove) a registry entry under the download lock: nodes sharing models_dir merge their edits."""
         path = self._registry()
@@ -7034,7 +7017,9 @@ class ModelServer:
 
     def add_model(self, model_id: str, raw: dict[str, Any]) -> ModelConfig:
         """Serve a model from now on, and after restarts: `raw` is its config, as in the config file."""
-        model = self._model_config(model_id, raw)
+        if model_id in self.config.models and model_id not in self._added:
+            raise ConfigError(f"the model '{model_id}' is in the config file")
+        model = load_config({"models_dir": self.config.models_dir, "models": {model_id: raw}}).models[model_id]
         self._save_registry(model_id, raw)
         self._added[model_id] = raw
         self._install(model, block=True)
@@ -7214,8 +7199,7 @@ class ModelServer:
         cancel: Any = None,
         **body: Any,
     ) -> Completion | CompletionStream:
-        """Chat with a model. Keywords are OpenAI's chat fields (temperature=0, tools=[...], stream=True, ...);
-        sampling settings may also come as `params`. The reply's calls are in `tool_calls`."""
+        """Chat with a model; keywords are OpenAI's chat fields (tools=[...], stream=True, ...) or sampling `params`."""
         body = {"model": model, "messages": messages, **_keywords("chat", params, body)}
         return typing.cast(Completion | CompletionStream, self.submit(self.request("chat", body), cancel))
 
@@ -7228,8 +7212,7 @@ class ModelServer:
         return typing.cast(Completion | CompletionStream, self.submit(self.request("completion", body), cancel))
 
     def embed(self, model: str, input: Any, *, cancel: Any = None, **body: Any) -> Embeddings:
-        """Normalised embedding vectors, one per input: a string, or the model's token ids (or a list of either).
-        `dimensions`, `timeout` and `cancel` as in the HTTP API; cancel and timeout bound the wait in the queue."""
+        """Normalised vectors, one per input: a string or token ids (or a list of either); keywords as over HTTP."""
         req = self.request("embedding", {"model": model, "input": input, **_keywords("embedding", None, body)})
         return typing.cast(Embeddings, self.submit(req, cancel))
 
@@ -7390,8 +7373,7 @@ class _Metrics:
     def count_download(self, model_id: str, done: int) -> None:
         """A download reached `done` bytes; a smaller count than before means it started over."""
         with self._lock:
-            last = self._downloaded.get(model_id, 0)
-            self._downloaded[model_id] = done
+            last, self._downloaded[model_id] = self._downloaded.get(model_id, 0), done
         self.inc("lllms_download_bytes_total", {"model": model_id}, done - last if done >= last else done)
 
     def render(self, gauges: dict[str, list[tuple[dict[str, str], float]]]) -> str:
@@ -7432,14 +7414,8 @@ def _number(v: float) -> str:
 # ---- 8a. transport: limits, bodies, framing
 
 
-_STDLIB_ERROR_CODES = {
-    400: "bad_request",
-    405: "method_not_allowed",
-    408: "request_timeout",
-    414: "uri_too_long",
-    431: "headers_too_large",
-    503: "shutting_down",
-}
+_STDLIB_ERROR_CODES = {400: "bad_request", 405: "method_not_allowed", 414: "uri_too_long", 431: "headers_too_large"}
+_STDLIB_ERROR_CODES |= {408: "request_timeout", 503: "shutting_down"}  # for a connection the server cut
 
 
 class _HeaderReader:
@@ -7464,13 +7440,6 @@ class _HeaderReader:
         if self._lines > self._max_lines:
             raise http.client.HTTPException(f"the request has more than max_headers ({self._max_lines}) headers")
         return line
-
-
-def _is_json_type(content_type: str) -> bool:
-    """Whether a Content-Type is JSON in UTF-8: application/json, with no charset or a UTF-8 one."""
-    mime, *params = (p.strip().lower() for p in content_type.split(";"))
-    charsets = [p.partition("=")[2].strip('"') for p in params if p.startswith("charset=")]
-    return mime == "application/json" and all(c in ("utf-8", "utf8") for c in charsets)
 
 
 def _json_int(text: str) -> int:
@@ -7593,8 +7562,7 @@ def _too_large(length: int | str, limit: int) -> InvalidRequest:
 
 
 class _Transport(BaseHTTPRequestHandler):
-    """HTTP/1.1 apart from what it serves: stdlib hooks, deadlines, header and body limits, JSON bodies in, and JSON,
-    chunked streams and keepalives out in the request dialect's framing. _Handler adds auth, routes and endpoints."""
+    """HTTP/1.1 apart from what it serves: deadlines, limits, JSON bodies in, dialect framing out; see _Handler."""
 
     protocol_version, server_version = "HTTP/1.1", f"lllms/{__version__}"
     server: _HTTPD
@@ -7689,8 +7657,10 @@ class _Transport(BaseHTTPRequestHandler):
         return not self._body_read and (bool(self.headers.get("Transfer-Encoding")) or length not in ("", "0"))
 
     def _read_json(self) -> dict[str, Any]:
-        ctype = self.headers.get("Content-Type")
-        if ctype is not None and not _is_json_type(ctype) and self._dialect.json_bodies:
+        ctype = self.headers.get("Content-Type", "application/json")  # a body without one is taken as JSON
+        mime, *params = (p.strip().lower() for p in ctype.split(";"))
+        utf8 = all(p.partition("=")[2].strip('"') in ("utf-8", "utf8") for p in params if p.startswith("charset="))
+        if (mime != "application/json" or not utf8) and self._dialect.json_bodies:
             why = f"Content-Type must be application/json (UTF-8), got {ctype[:100]!r}"
             raise InvalidRequest(why, code="unsupported_media_type", status=415)
         config = self.server.model_server.config
@@ -7819,8 +7789,7 @@ class _Transport(BaseHTTPRequestHandler):
             self.close_connection = True  # client left: closing the stream stops generation
 
     def _first_event(self, stream: CompletionStream, events: Iterator[dict[str, Any]]) -> Any:
-        """The first event, once an instance is free and the prompt evaluated (errors surface here); meanwhile a second
-        thread sends headers, then keepalives every keepalive_interval. Only one thread writes at a time."""
+        """The first event (errors surface here); meanwhile another thread sends headers, then keepalives."""
         interval, lock, done = self.server.model_server.config.keepalive_interval, threading.Lock(), threading.Event()
 
         def beat() -> None:
@@ -7977,8 +7946,7 @@ class _Handler(_Transport):
             scheme, given = "bearer", self.headers["x-api-key"]
         given_b = given.strip().encode("utf-8", errors="replace")
         # Compare against every key, in constant time, so timing reveals neither a key nor which one matched.
-        matches = [hmac.compare_digest(given_b, key.encode("utf-8")) for key in keys]
-        if scheme.lower() != "bearer" or not any(matches):
+        if scheme.lower() != "bearer" or not any([hmac.compare_digest(given_b, key.encode("utf-8")) for key in keys]):
             why = "a valid API key is required: send 'Authorization: Bearer <key>'"
             raise InvalidRequest(why, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}, status=401)
 
@@ -7990,7 +7958,6 @@ class _Handler(_Transport):
         return origin if origin in allowed or "*" in allowed else None
 
     def _options(self, routes: dict[str, Any] | None) -> None:
-        """OPTIONS: the route's methods in Allow, and for a CORS preflight from an allowed origin, CORS's headers."""
         if routes is None:
             raise NotFound(f"no such endpoint: OPTIONS {self.path}", code="not_found")
         allow = ", ".join([*routes, *(["HEAD"] if "GET" in routes else []), "OPTIONS"])
@@ -8080,9 +8047,8 @@ class _HTTPD(ThreadingHTTPServer):
     api_keys: list[str]
 
     def __init__(self, address: tuple[str, int], model_server: ModelServer) -> None:
-        self.model_server = model_server
+        self.model_server, self.conns_lock, self.draining = model_server, threading.Lock(), False
         self.conns: dict[socket.socket, _Conn] = {}
-        self.conns_lock, self.draining = threading.Lock(), False
         self.left_out_seen: set[tuple[str, str, str]] = set()  # (client, user agent, tool) already logged
         super().__init__(address, _Handler)
 
@@ -8096,31 +8062,25 @@ class _HTTPD(ThreadingHTTPServer):
             return new
 
     def process_request(self, request: Any, client_address: Any) -> None:
+        limit = self.model_server.config.max_connections
         with self.conns_lock:
-            if len(self.conns) < self.model_server.config.max_connections:
+            if len(self.conns) < limit:
                 args = (request, client_address)
                 thread = threading.Thread(target=self.process_request_thread, args=args, name="lllms-conn", daemon=True)
                 self.conns[request] = _Conn(request, thread)
                 thread.start()
                 return
-        self._refuse(request)
-
-    def _refuse(self, sock: socket.socket) -> None:
-        """A 503 without a thread: written if the socket takes it at once, never waited for."""
+        # Refused with a 503 without a thread: written if the socket takes it at once, never waited for.
         self.model_server.meter.inc("lllms_http_connections_refused_total", {})
-        limit = self.model_server.config.max_connections
         exc = Unavailable(f"the server is busy: {limit} connections are open", code="too_many_connections")
         body = json.dumps(exc.envelope()).encode()
-        head = (
-            "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nRetry-After: 1\r\nConnection: close\r\n"
-            f"X-Request-Id: {secrets.token_hex(8)}\r\n\r\n"
-        )
+        head = f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        head += f"Retry-After: 1\r\nConnection: close\r\nX-Request-Id: {secrets.token_hex(8)}\r\n\r\n"
         with _suppress(OSError):
-            sock.setblocking(False)
-            sock.send(head.encode() + body)
-            sock.recv(1 << 16)  # read what came, so closing doesn't reset the connection before the 503 is read
-        super().shutdown_request(sock)
+            request.setblocking(False)
+            request.send(head.encode() + body)
+            request.recv(1 << 16)  # read what came, so closing doesn't reset the connection before the 503 is read
+        super().shutdown_request(request)
 
     def shutdown_request(self, request: Any) -> None:
         with self.conns_lock:
@@ -8276,8 +8236,7 @@ def _list_models_dir(config: ServerConfig) -> int:
 
 
 def _add_models(raw: dict[str, Any], specs: list[str], engine: str | None, mmproj: str | None = None) -> dict[str, Any]:
-    """The command line's models, added to a config: id the file name less .gguf, task from the GGUF header; a URL is
-    downloaded first (resumable, checked, with a progress bar on a terminal). Text models read images via `mmproj`."""
+    """The command line's models added to a config: id the file name less .gguf, task from the GGUF; URLs downloaded."""
     if not isinstance(raw, dict) or not isinstance(raw.setdefault("models", {}), dict):
         raise ConfigError("the config must be an object, and its 'models' an object")
     models = raw["models"]
@@ -8308,7 +8267,6 @@ def _add_models(raw: dict[str, Any], specs: list[str], engine: str | None, mmpro
 
 
 def _serve_until(stop: threading.Event, ms: ModelServer, read: Callable[[], ServerConfig]) -> None:
-    """Serve until `stop` is set, taking the config again on each SIGHUP."""
     reread = threading.Event()
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda *_: reread.set())
