@@ -11,9 +11,10 @@ Sections, each built on the ones before it, each helper before its first user:
   3. model store   where model files live, resumable checked downloads, one downloader per file, GGUF headers.
   4. engines       4a the contract: Engine (load, run, embed, check, grammar, ...), Chunk and Usage, chat templates,
                    and what both engines share. 4b llama.cpp: LlamaCppEngine, whose instances are sequences of one
-                   context per model, stepped together by a _Decoder, and the JSON-schema-to-GBNF compiler its
-                   grammars come from. 4c gpt4all: Gpt4AllEngine. Each binding's private internals sit in one shim
-                   (_LlamaShim, _Gpt4AllShim), version-checked at import. 4d _ENGINES, the engine table.
+                   context per model, stepped together by a _Decoder, which also checks drafts (a _Drafter's n-grams,
+                   a _DraftModel's guesses), and the JSON-schema-to-GBNF compiler its grammars come from. 4c gpt4all:
+                   Gpt4AllEngine. Each binding's private internals sit in one shim (_LlamaShim, _Gpt4AllShim),
+                   version-checked at import. 4d _ENGINES, the engine table.
   5. pool          _Pool: instances per model, one FIFO queue, routing each conversation to its context; lease().
   6. requests      Request, the one model of a request, built once by each dialect, and the dialects that
                    translate into it and out of its results: OpenAI's (openai_request), Anthropic Messages
@@ -2044,11 +2045,10 @@ class _DraftModel:
         for seq, (tokens, _) in sorted(wants.items()):  # consecutive sequences: one pass over the weights
             n = self.keep(seq, min(_common_prefix(self.held[seq], tokens), len(tokens) - 1))
             rest = tokens[n : n + self.n_batch - b.ptr.n_tokens]  # a long catch-up goes on next step
-            rows |= (
-                {seq: [b.add(t, pos, seq, pos == len(tokens) - 1) for pos, t in enumerate(rest, n)][-1]} if rest else {}
-            )
+            for pos, token in enumerate(rest, n):
+                rows[seq] = b.add(token, pos, seq, pos == len(tokens) - 1)
             self.held[seq].extend(rest)
-        rows = {seq: i for seq, i in rows.items() if len(self.held[seq]) == len(wants[seq][0])}
+        rows = {seq: i for seq, i in rows.items() if len(self.held[seq]) == len(wants[seq][0])}  # caught up: a row
         while b.ptr.n_tokens:
             self.model.decode(self.ctx, b.ptr)
             b.clear()
