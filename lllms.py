@@ -40,8 +40,9 @@ Data flows one way: HTTP -> dialect -> Request -> ModelServer -> pool -> engine.
 Threads: the serve loop (lllms-http), which also cuts connections past their deadlines; one thread per connection
 (lllms-conn), which runs its requests through to the engine and writes their output; the ttl reaper (lllms-ttl); a
 thread per model file being prepared (lllms-prepare-*) and per instance loaded in the background (lllms-load-*); one
-decode thread per llama-cpp model (lllms-decode-*), the only one that touches its context, and one for embedding and
-rerank decodes and image encodes (lllms-embed); one writes the disk cache (lllms-kv-write); gpt4all's native call
+decode thread per llama-cpp model (lllms-decode-*), the only one that touches its context, which hands each decode to
+the one thread that runs every llama.cpp decode (lllms-compute); image encodes run on lllms-encode, beside the
+decodes; one writes the disk cache (lllms-kv-write); gpt4all's native call
 runs on a worker (lllms-gpt4all) whose callbacks feed the consumer; a stream whose prompt takes long to evaluate
 gets keepalives from a thread of its own (lllms-keepalive). Native compute steps take turns on the cores through
 _CORES, first come first served.
@@ -1827,9 +1828,21 @@ class _Turns:
 
 # Held by each native compute step: engines take turns on all the cores (oversubscribing them is 10-100x slower).
 _CORES = _Turns()
-# Embedding and rerank decodes run on one thread: llama.cpp's OpenMP keeps a team of spinning workers for each
-# thread that decodes, and a team per connection thread fought the last one for the cores (rerank ~1.8x slower).
-_EMBED_THREAD = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lllms-embed")
+# Every llama.cpp decode runs on one thread: OpenMP keeps a team of workers for each thread that computes, and once
+# teams outnumber the cores it stops spinning at barriers (two models' decode threads: each 2.5x slower; a team per
+# connection thread made reranks 1.8x slower). Image encodes run beside the decodes on a thread of their own.
+_COMPUTE = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lllms-compute")
+_ENCODE_THREAD = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lllms-encode")
+
+
+def _compute(fn: Callable[..., int], *args: Any) -> int:
+    """A native llama.cpp call run on the compute thread, in its turn on the cores: its return code."""
+
+    def run() -> int:
+        with _CORES:
+            return fn(*args)
+
+    return _COMPUTE.submit(run).result()
 
 
 def _threads(dev: DeviceConfig) -> int:
@@ -1985,9 +1998,7 @@ class _LlamaModel:
         return ctx
 
     def decode(self, ctx: Any, batch: Any) -> None:
-        with _CORES:
-            rc = self.lc.llama_decode(ctx, batch)
-        if rc != 0:
+        if (rc := _compute(self.lc.llama_decode, ctx, batch)) != 0:
             raise EngineError(f"llama_decode failed ({rc}): out of context memory, or a backend error")
 
     def logits(self, ctx: Any, row: int) -> Any:
@@ -2141,13 +2152,14 @@ class _Vision:
             ctypes.memmove(out, self.mt.mtmd_get_output_embd(self.ptr), ctypes.sizeof(out))
             return out
 
-        return _EMBED_THREAD.submit(run)
+        return _ENCODE_THREAD.submit(run)
 
     def decode(self, ctx: Any, chunk: Any, embd: Any, pos: int, seq: int, n_batch: int) -> None:
         """Evaluate an encoded image into a sequence from pos on."""
         args, no_callback = (self.ptr, ctx, chunk, embd, pos, seq, n_batch), self.mt.mtmd_helper_post_decode_callback()
-        with _CORES:
-            rc = self.mt.mtmd_helper_decode_image_chunk(*args, ctypes.byref(ctypes.c_int32(pos)), no_callback, None)
+        rc = _compute(
+            self.mt.mtmd_helper_decode_image_chunk, *args, ctypes.byref(ctypes.c_int32(pos)), no_callback, None
+        )
         if rc != 0:
             raise EngineError(f"decoding an image failed ({rc}): out of context memory, or a backend error")
 
@@ -3430,7 +3442,7 @@ class LlamaCppEngine(Engine):
         for seq, tokens in enumerate(seqs):
             for pos, t in enumerate(tokens):
                 batch.add(t, pos, seq, True)
-        _EMBED_THREAD.submit(model.decode, ctx, batch.ptr).result()
+        model.decode(ctx, batch.ptr)
         return [lc.llama_get_embeddings_seq(ctx, seq) for seq in range(len(seqs))]
 
     def _embed_tokens(self, tokens: list[int]) -> list[float]:
