@@ -2446,7 +2446,9 @@ class _Job:
         self.done.set()
 
 
-_DRAFT_COST = 0.55  # a drafted token's cost, as a share of a one-token step (SmolLM2 on 2 cores: 14 ms + 7.7 a token)
+# A drafted token's cost, as a share of a one-token step: SmolLM2 on 2 cores, 0.55-0.7 (9-14 ms a step, 6.6-7.7 more
+# a token); offline runs over real replies found 0.55 best at either. Above the prior's 2/3, nothing would draft.
+_DRAFT_COST = 0.55
 _BIG_BATCH = 64  # from this many tokens a batch on, llama.cpp's CPU kernels round differently (0.3.36's build)
 _Part = tuple[_Job, list[int], bool]  # a job's tokens to evaluate, and whether all want logits (else from its last)
 
