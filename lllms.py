@@ -2327,17 +2327,14 @@ class _Drafter:
     def draft(self, room: int, cost: float) -> list[int]:
         """What followed the one of the last n tokens' 8 latest matches that matches furthest back (the latest of
         equals: a line repeating words inside itself copies the line before); no longer than a match under 8."""
-        src = self.source
-        ends = self.index.get(tuple(src[-self.n :]), [])[-8:]
-        if not ends:
-            return []
-        back = lambda end: next((i for i in range(32) if end <= i or src[end - 1 - i] != src[-1 - i]), 32)  # noqa: E731
-        same, at = max((back(end), end) for end in ends)
-        p = min(self.hits / self.trials, 0.999)
-        k = min(room, same if same < 8 else self.most, self.most, int(math.log(cost) / math.log(p)))
-        if k < 1:
+        k = min(room, self.most, int(math.log(cost) / math.log(min(self.hits / self.trials, 0.999))))
+        if k < 1:  # not worth it now (as with many sequences stepping): nothing is looked up
             self.hits, self.trials = 0.9 * self.hits + 0.2, 0.9 * self.trials + 0.3
-        return src[at : at + k]
+            return []
+        src = self.source
+        back = lambda end: next((i for i in range(32) if end <= i or src[end - 1 - i] != src[-1 - i]), 32)  # noqa: E731
+        same, at = max(((back(end), end) for end in self.index.get(tuple(src[-self.n :]), [])[-8:]), default=(0, 0))
+        return src[at : at + min(k, same if same < 8 else k)]
 
     def verified(self, drafted: int, accepted: int) -> None:
         self.hits, self.trials = 0.8 * self.hits + accepted, 0.8 * self.trials + accepted + (accepted < drafted)
