@@ -1732,8 +1732,11 @@ class _DiskTier:
             doomed = [n for n, (lay, t, _) in index.items() if lay == layout and t == tokens[: len(t)] and n != name]
             for n in doomed:
                 del index[n]
-            while sum(size for _, _, size in index.values()) > self.limit:
-                doomed.append(index.popitem(last=False)[0])
+            total = sum(size for _, _, size in index.values())
+            while total > self.limit:
+                n, (_, _, size) = index.popitem(last=False)
+                doomed.append(n)
+                total -= size
         for n in doomed:
             self._discard(n)
 
