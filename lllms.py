@@ -302,7 +302,9 @@ class ModelConfig:
         )
         if spec not in (True, False, "auto") and not ok:
             raise ConfigError(f'{path}.speculative: must be "auto", false, or an object of {", ".join(_SPEC_TUNING)}')
-        if self.draft_model is not None and (self.engine != "llama-cpp" or self.task != "text-completion" or not spec):
+        if self.draft_model is not None and (
+            self.engine != "llama-cpp" or self.task != "text-completion" or spec is False
+        ):
             raise ConfigError(f"{path}.draft_model: only llama-cpp text-completion models speculating use one")
 
     def _check(self, path: str) -> None:

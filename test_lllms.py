@@ -8411,6 +8411,7 @@ def test_a_draft_model_drafts_exactly_and_one_of_another_vocabulary_is_refused_a
     for bad in ({"engine": "gpt4all"}, {"speculative": False}):
         with pytest.raises(lllms.ConfigError, match="draft_model"):
             lllms.ModelServer(smol_config(smollm2, draft_model=smollm2, **bad))
+    lllms.ModelServer(smol_config(smollm2, draft_model=smollm2, speculative={})).stop()  # tuning left at defaults
     with lllms.ModelServer(smol_config(smollm2, draft_model="missing.gguf")) as ms:
         with pytest.raises(lllms.APIError, match="draft_model not found"):
             ms.chat("smol", POEM, max_tokens=8)
